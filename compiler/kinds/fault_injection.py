@@ -1,0 +1,110 @@
+"""FaultInjection: delays, aborts and bandwidth limits injected at a destination's inbound.
+
+Inbound: configures the ``destinations`` data planes, for requests from the ``sources``.
+Destinations must name ``kuma.io/protocol`` (http, http2 or grpc), as Kuma requires.
+
+Valid::
+
+    apiVersion: kuma.io/v1alpha1
+    kind: FaultInjection
+    mesh: default
+    metadata: {name: benigno-chaos}
+    spec:
+      sources: [{match: {kuma.io/service: magnanimo}}]
+      destinations: [{match: {kuma.io/service: benigno, kuma.io/protocol: http}}]
+      conf:
+        delay: {percentage: 10, value: 100ms}
+        abort: {percentage: 1, httpStatus: 503}
+
+Invalid (no fault)::
+
+    conf: {}
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from compiler.kinds._base import PROTOCOL_TAG, Duration, Finding, KindDef, Selector, Spec, check_selectors
+
+_BANDWIDTH = re.compile(r"^\s*(\d+)\s*(kbps|mbps|gbps)\s*$")
+_UNIT_BPS = {"kbps": 1000, "mbps": 1000_000, "gbps": 1000_000_000}
+
+
+def bandwidth_bps(text: str) -> int:
+    m = _BANDWIDTH.match(text)
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)) * _UNIT_BPS[m.group(2)]
+
+
+class Delay(Spec):
+    percentage: float | None = None
+    value: Duration | None = None
+
+
+class Abort(Spec):
+    percentage: float | None = None
+    http_status: int | None = None
+
+
+class Bandwidth(Spec):
+    percentage: float | None = None
+    limit: str | None = None
+    """Bandwidth such as ``100kbps``, ``10mbps`` or ``1gbps``."""
+
+
+class Conf(Spec):
+    delay: Delay | None = None
+    abort: Abort | None = None
+    response_bandwidth: Bandwidth | None = None
+
+
+class FaultInjectionSpec(Spec):
+    sources: list[Selector] | None = None
+    destinations: list[Selector] | None = None
+    conf: Conf | None = None
+
+
+def _percentage(path: tuple[str, ...], value: float | None) -> Iterator[Finding]:
+    if value is None:
+        yield Finding((*path, "percentage"), "E1003", "cannot be empty")
+    elif not 0 <= value <= 100:
+        yield Finding((*path, "percentage"), "E1005", "has to be in [0.0 - 100.0] range")
+
+
+def check(spec: FaultInjectionSpec) -> Iterator[Finding]:
+    yield from check_selectors("sources", spec.sources, require_service=False)
+    yield from check_selectors("destinations", spec.destinations, require_service=False)
+    for i, sel in enumerate(spec.destinations or []):
+        match = sel.match or {}
+        if PROTOCOL_TAG not in match:
+            yield Finding(("destinations", i, "match"), "E1007", "protocol must be specified")
+        elif match[PROTOCOL_TAG] not in ("http", "http2", "grpc", "*"):
+            yield Finding(
+                ("destinations", i, "match", PROTOCOL_TAG), "E1007", "must be one of the [http, http2, grpc]"
+            )
+    c = spec.conf
+    if c is None or (c.delay is None and c.abort is None and c.response_bandwidth is None):
+        yield Finding(("conf",), "E1003", "must have at least one of the faults configured")
+        return
+    if c.delay is not None:
+        yield from _percentage(("conf", "delay"), c.delay.percentage)
+        if c.delay.value is None:
+            yield Finding(("conf", "delay", "value"), "E1003", "cannot be empty")
+    if c.abort is not None:
+        yield from _percentage(("conf", "abort"), c.abort.percentage)
+        if c.abort.http_status is None:
+            yield Finding(("conf", "abort", "httpStatus"), "E1003", "cannot be empty")
+        elif not 100 <= c.abort.http_status <= 599:
+            yield Finding(("conf", "abort", "httpStatus"), "E1005", "http status code is incorrect")
+    if c.response_bandwidth is not None:
+        yield from _percentage(("conf", "responseBandwidth"), c.response_bandwidth.percentage)
+        if c.response_bandwidth.limit is None:
+            yield Finding(("conf", "responseBandwidth", "limit"), "E1003", "cannot be empty")
+        elif not _BANDWIDTH.match(c.response_bandwidth.limit):
+            yield Finding(("conf", "responseBandwidth", "limit"), "E1005", "has to be in kbps/mbps/gbps units")
+
+
+KIND = KindDef("FaultInjection", "kuma.io/v1alpha1", FaultInjectionSpec, check, "inbound", __doc__ or "")

@@ -1,0 +1,108 @@
+"""HealthCheck: active health checking of a destination's endpoints by the sources' data planes.
+
+An endpoint that fails ``unhealthyThreshold`` checks in a row gets no traffic until it passes
+``healthyThreshold`` checks; when fewer than ``healthyPanicThreshold`` percent of endpoints are
+healthy, traffic goes to all of them (Envoy's panic mode).
+
+Valid::
+
+    apiVersion: kuma.io/v1alpha1
+    kind: HealthCheck
+    mesh: default
+    metadata: {name: benigno-health}
+    spec:
+      sources: [{match: {kuma.io/service: '*'}}]
+      destinations: [{match: {kuma.io/service: benigno}}]
+      conf: {interval: 10s, timeout: 2s, unhealthyThreshold: 3, healthyThreshold: 1, http: {path: /health}}
+
+Invalid (``tcp`` and ``http`` together, E1011)::
+
+    conf: {interval: 10s, timeout: 2s, unhealthyThreshold: 3, healthyThreshold: 1, tcp: {}, http: {path: /}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from compiler.kinds._base import Duration, Finding, KindDef, Selector, Spec, check_selectors
+
+
+class Header(Spec):
+    key: str | None = None
+    value: str | None = None
+
+
+class HeaderToAdd(Spec):
+    header: Header | None = None
+    append: bool | None = None
+
+
+class HttpCheck(Spec):
+    path: str | None = None
+    request_headers_to_add: list[HeaderToAdd] = []
+    expected_statuses: list[int] = []
+
+
+class TcpCheck(Spec):
+    send: str | None = None
+    receive: list[str] = []
+
+
+class Conf(Spec):
+    interval: Duration | None = None
+    timeout: Duration | None = None
+    unhealthy_threshold: int | None = None
+    healthy_threshold: int | None = None
+    initial_jitter: Duration | None = None
+    interval_jitter: Duration | None = None
+    interval_jitter_percent: int | None = None
+    healthy_panic_threshold: float | None = None
+    fail_traffic_on_panic: bool | None = None
+    no_traffic_interval: Duration | None = None
+    event_log_path: str | None = None
+    always_log_health_check_failures: bool | None = None
+    reuse_connection: bool | None = None
+    tcp: TcpCheck | None = None
+    http: HttpCheck | None = None
+
+
+class HealthCheckSpec(Spec):
+    sources: list[Selector] | None = None
+    destinations: list[Selector] | None = None
+    conf: Conf | None = None
+
+
+def check(spec: HealthCheckSpec) -> Iterator[Finding]:
+    yield from check_selectors("sources", spec.sources)
+    yield from check_selectors("destinations", spec.destinations, only_service=True)
+    c = spec.conf
+    if c is None:
+        yield Finding(("conf",), "E1003", "has to be defined")
+        return
+    for name in ("interval", "timeout", "unhealthyThreshold", "healthyThreshold"):
+        value = getattr(c, _snake(name))
+        if value is None or value <= 0:
+            yield Finding(("conf", name), "E1005", "must have a positive value")
+    for name in ("initialJitter", "intervalJitter", "noTrafficInterval"):
+        value = getattr(c, _snake(name))
+        if value is not None and value <= 0:
+            yield Finding(("conf", name), "E1005", "must have a positive value")
+    if c.interval_jitter_percent is not None and not 0 <= c.interval_jitter_percent <= 100:
+        yield Finding(("conf", "intervalJitterPercent"), "E1005", "has to be in [0 - 100] range")
+    if c.healthy_panic_threshold is not None and not 0 <= c.healthy_panic_threshold <= 100:
+        yield Finding(("conf", "healthyPanicThreshold"), "E1005", "has to be in [0.0 - 100.0] range")
+    if c.http is not None:
+        if not c.http.path:
+            yield Finding(("conf", "http", "path"), "E1005", "has to be defined and cannot be empty")
+        for i, s in enumerate(c.http.expected_statuses):
+            if not 100 <= s <= 599:
+                yield Finding(("conf", "http", "expectedStatuses", i), "E1005", "must be in range [100, 600)")
+    if c.http is not None and c.tcp is not None:
+        yield Finding(("conf",), "E1011", "http and tcp cannot be defined at the same time")
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + ch.lower() if ch.isupper() else ch for ch in name)
+
+
+KIND = KindDef("HealthCheck", "kuma.io/v1alpha1", HealthCheckSpec, check, "outbound", __doc__ or "")

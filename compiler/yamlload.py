@@ -1,0 +1,315 @@
+"""YAML 1.2 loading with one semantics and two speeds (DESIGN §3).
+
+* ``load_fast`` reads every file with libyaml (PyYAML's C parser) into plain data. Scalars are
+  resolved by the YAML 1.2 core-schema table below, not PyYAML's 1.1 rules (``yes`` stays a
+  string, ``010`` is ten), and duplicate keys, explicit tags and aliases beyond a budget raise.
+* ``load_positions`` reads a file with ruamel.yaml's composer, which keeps start and end marks on
+  every node, resolves scalars with the *same* table and reports every duplicate key. It runs
+  only for files that need positions (a finding to locate) or that the fast path refused.
+
+Whatever the fast path accepts, the slow path accepts with equal data (a hypothesis test holds
+them to it); a file the fast path refuses is always re-read slowly, so its diagnostics come from
+the position-keeping parser.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from compiler.diagnostics import Diagnostic, Loc, Span
+
+__all__ = ["MAX_FILE_BYTES", "MAX_NODES", "Positions", "load_fast", "load_positions"]
+
+MAX_FILE_BYTES = 4 * 1024 * 1024
+"""A policy file larger than this is refused (E0004) before it is parsed."""
+MAX_NODES = 200_000
+"""Nodes a file may expand to through aliases (the billion-laughs bound)."""
+
+_STR = "tag:yaml.org,2002:str"
+_RESOLVERS: list[tuple[str, re.Pattern[str]]] = [
+    ("null", re.compile(r"^(?:~|null|Null|NULL|)$")),
+    ("bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")),
+    ("int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")),
+    (
+        "float",
+        re.compile(
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
+    ),
+]
+
+
+def resolve_plain(text: str) -> Any:
+    """The YAML 1.2 core schema for a plain (unquoted, untagged) scalar."""
+    for kind, rx in _RESOLVERS:
+        if rx.match(text):
+            if kind == "null":
+                return None
+            if kind == "bool":
+                return text.lower() == "true"
+            if kind == "int":
+                if text.startswith("0o"):
+                    return int(text[2:], 8)
+                if text.startswith("0x"):
+                    return int(text[2:], 16)
+                return int(text, 10)
+            low = text.lower()
+            if low.endswith("inf"):
+                return -math.inf if low.startswith("-") else math.inf
+            if low.endswith("nan"):
+                return math.nan
+            return float(text)
+    return text
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _Dup(Exception):
+    pass
+
+
+# --- fast path: libyaml -------------------------------------------------------------------------
+
+
+class _Resolver12(yaml.resolver.BaseResolver):
+    """Tags every plain scalar as ``str``; ``_FastLoader`` resolves it with the 1.2 table."""
+
+
+class _FastConstructor(yaml.constructor.BaseConstructor):
+    def construct_document(self, node: Any) -> Any:
+        self._budget = MAX_NODES
+        return self._build(node)
+
+    def _build(self, node: Any) -> Any:
+        self._budget -= 1
+        if self._budget < 0:
+            raise _TooBig
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag != _STR:
+                raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag} is not allowed", node.start_mark)
+            return resolve_plain(node.value) if node.style is None else node.value
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != "tag:yaml.org,2002:seq":
+                raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag} is not allowed", node.start_mark)
+            return [self._build(n) for n in node.value]
+        if node.tag != "tag:yaml.org,2002:map":
+            raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag} is not allowed", node.start_mark)
+        out: dict[Any, Any] = {}
+        for k, v in node.value:
+            key = self._build(k)
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a scalar", k.start_mark)
+            if key in out:
+                raise _Dup
+            out[key] = self._build(v)
+        return out
+
+
+class _FastLoader(yaml.CParser, _FastConstructor, _Resolver12):  # type: ignore[misc]
+    def __init__(self, stream: bytes) -> None:
+        yaml.CParser.__init__(self, stream)
+        _FastConstructor.__init__(self)
+        _Resolver12.__init__(self)
+
+
+def load_fast(data: bytes) -> list[Any] | None:
+    """Every document of a file as plain data, or None when the file needs the careful path."""
+    if len(data) > MAX_FILE_BYTES:
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    loader = _FastLoader(data)
+    try:
+        docs = []
+        while loader.check_node():
+            docs.append(loader.construct_document(loader.get_node()))
+        return docs
+    except (yaml.YAMLError, _TooBig, _Dup, RecursionError, ValueError):
+        return None
+    finally:
+        loader.dispose()
+
+
+# --- slow path: ruamel composer with marks ------------------------------------------------------
+
+
+def _span(node: Node) -> Span:
+    s, e = node.start_mark, node.end_mark
+    return Span(s.line + 1, s.column + 1, e.line + 1, e.column + 1)
+
+
+@dataclass
+class Positions:
+    """One file as composed nodes: data for checks, spans for diagnostics."""
+
+    file: str
+    docs: list[Node]
+
+    def locate(self, loc: Loc) -> Span:
+        """The span of the key or value at ``loc.path``, else of its nearest ancestor."""
+        if loc.doc >= len(self.docs):
+            return Span()
+        node = self.docs[loc.doc]
+        key_node: Node | None = None
+        for i, step in enumerate(loc.path):
+            nxt = _child(node, step)
+            if nxt is None:
+                # A missing key: point at the parent's key (or the parent) that should hold it.
+                return _span(key_node) if key_node is not None else _span(node)
+            key_node, node = nxt
+            if loc.on_key and i == len(loc.path) - 1:
+                return _span(key_node)
+        if isinstance(node, MappingNode | SequenceNode) and key_node is not None and not loc.on_key:
+            return _span(key_node)
+        return _span(node)
+
+
+def _child(node: Node, step: str | int) -> tuple[Node, Node] | None:
+    if isinstance(node, MappingNode):
+        found = None
+        for k, v in node.value:
+            if isinstance(k, ScalarNode) and (k.value == step or str(step) == k.value):
+                found = (k, v)  # the last one wins, as in the data
+        return found
+    if isinstance(node, SequenceNode) and isinstance(step, int) and 0 <= step < len(node.value):
+        item = node.value[step]
+        return item, item
+    return None
+
+
+def _scalar(node: ScalarNode) -> Any:
+    if node.style is None and node.tag in (
+        None,
+        "tag:yaml.org,2002:null",
+        "tag:yaml.org,2002:bool",
+        "tag:yaml.org,2002:int",
+        "tag:yaml.org,2002:float",
+        "tag:yaml.org,2002:str",
+        "tag:yaml.org,2002:timestamp",
+        "tag:yaml.org,2002:merge",
+        "tag:yaml.org,2002:value",
+    ):
+        return resolve_plain(node.value)
+    return node.value
+
+
+class _Builder:
+    """Node tree -> plain data, collecting duplicate keys and bounding alias expansion."""
+
+    def __init__(self, file: str, doc: int) -> None:
+        self.file, self.doc = file, doc
+        self.budget = MAX_NODES
+        self.findings: list[Diagnostic] = []
+        self.bad_tag = False
+
+    def build(self, node: Node, path: tuple[str | int, ...] = ()) -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _TooBig
+        tag = str(node.tag) if node.tag is not None else None
+        if isinstance(node, ScalarNode):
+            if tag is not None and not tag.startswith("tag:yaml.org,2002:") and tag != "!":
+                self._tag(node, path, tag)
+            return _scalar(node)
+        if isinstance(node, SequenceNode):
+            if tag is not None and tag not in ("tag:yaml.org,2002:seq",):
+                self._tag(node, path, tag)
+            return [self.build(n, (*path, i)) for i, n in enumerate(node.value)]
+        if tag is not None and tag not in ("tag:yaml.org,2002:map",):
+            self._tag(node, path, tag)
+        out: dict[Any, Any] = {}
+        first: dict[Any, Node] = {}
+        assert isinstance(node, MappingNode)
+        for k, v in node.value:
+            key = self.build(k, path)
+            if isinstance(key, list | dict):
+                self.findings.append(
+                    Diagnostic("E1002", "a mapping key must be a scalar", Loc(self.file, self.doc), _span(k))
+                )
+                continue
+            if key in first:
+                prev = _span(first[key])
+                self.findings.append(
+                    Diagnostic(
+                        "E0002",
+                        f"duplicate key {key!r} (first at line {prev.line}); remove one of them",
+                        Loc(self.file, self.doc),
+                        _span(k),
+                    )
+                )
+            else:
+                first[key] = k
+            out[key] = self.build(v, (*path, str(key)))
+        return out
+
+    def _tag(self, node: Node, path: tuple[str | int, ...], tag: str) -> None:
+        self.findings.append(
+            Diagnostic("E1002", f"explicit tag {tag} is not allowed in policy YAML", Loc(self.file, self.doc), _span(node))
+        )
+
+
+def load_positions(file: str, data: bytes) -> tuple[Positions | None, list[Any], list[Diagnostic]]:
+    """Compose a file keeping marks; returns positions, the documents' data and YAML findings."""
+    if len(data) > MAX_FILE_BYTES:
+        return None, [], [_whole(file, "E0004", f"file is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        msg = f"byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8"
+        return None, [], [Diagnostic("E0003", msg, Loc(file), Span(line, col, line, col + 1))]
+    y = YAML(typ="rt")
+    y.allow_duplicate_keys = True
+    nodes: list[Node] = []
+    try:
+        nodes.extend(_compose_all(y, text))
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+        problem = (e.problem or "syntax error").strip()
+        ctx = f" ({e.context.strip()})" if e.context else ""
+        diag = Diagnostic("E0001", f"YAML syntax: {problem}{ctx}", Loc(file), Span(line, col, line, col + 1))
+        return None, [], [diag]
+    except (YAMLError, RecursionError, ValueError) as e:
+        return None, [], [_whole(file, "E0001", f"YAML error: {e}")]
+    docs: list[Any] = []
+    findings: list[Diagnostic] = []
+    for i, node in enumerate(nodes):
+        b = _Builder(file, i)
+        try:
+            docs.append(b.build(node))
+        except (_TooBig, RecursionError):
+            findings.append(
+                Diagnostic(
+                    "E0004",
+                    f"document expands to more than {MAX_NODES} nodes (alias bomb?); remove the aliases",
+                    Loc(file, i),
+                    _span(node),
+                )
+            )
+            docs.append(None)
+        findings.extend(b.findings)
+    return Positions(file, nodes), docs, findings
+
+
+def _compose_all(y: YAML, text: str) -> Iterator[Node]:
+    yield from y.compose_all(text)
+
+
+def _whole(file: str, code: str, message: str) -> Diagnostic:
+    return Diagnostic(code, message, Loc(file), Span(1, 1, 1, 1))

@@ -1,0 +1,491 @@
+"""The bundle contract between the compiler and the data plane (DESIGN §4).
+
+A bundle is fully resolved policy: defaults filled in, durations in integer milliseconds,
+selectors already matched. The sidecar never re-interprets policy text, so everything here is
+plain data that the engine can precompile into lookup tables on load.
+
+Two bundle types exist:
+
+* ``MeshBundle`` (one per mesh, sent to every data plane): the catalog, mesh settings and, per
+  destination, the outbound config that a source without a specific policy gets.
+* ``ServiceBundle`` (one per service and one per gateway): the inbound rules of that service and
+  the outbound config for every destination that some policy names this service as a source of.
+
+Rules that depend on tags are kept as ordered ``Rule`` lists (most specific first). The data
+plane takes the first rule whose ``when`` tags its own instance carries and whose ``peer`` tags
+the other side carries (outbound: the chosen destination subset; inbound: the caller).
+
+This module imports only pydantic and the standard library: it is loaded by the sidecar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "AnyBundle",
+    "BackOff",
+    "BundleError",
+    "CatalogService",
+    "CircuitBreakerConf",
+    "Destination",
+    "Detectors",
+    "FaultInjectionConf",
+    "GatewayBackend",
+    "GatewayConf",
+    "GatewayFilter",
+    "GatewayListener",
+    "GatewayMatch",
+    "GatewayRule",
+    "HeaderChange",
+    "HeaderOps",
+    "HealthCheckConf",
+    "HttpHealthCheck",
+    "HttpRoute",
+    "Inbound",
+    "LoadBalancer",
+    "LoggingBackend",
+    "MeshBundle",
+    "Mtls",
+    "RateLimitConf",
+    "RetryConf",
+    "RouteConf",
+    "Rule",
+    "ServiceBundle",
+    "Split",
+    "StringMatch",
+    "TcpHealthCheck",
+    "TimeoutConf",
+    "TrafficLogConf",
+    "bundle_digest",
+    "canonical_json",
+    "load_bundle",
+]
+
+BUNDLE_FORMAT = 1
+"""The only format this runtime understands; a sidecar NACKs any other."""
+
+MAX_BUNDLE_BYTES = 16 * 1024 * 1024
+"""A push larger than this is refused before it is parsed."""
+
+
+class BundleError(ValueError):
+    """A bundle that must not be applied; the message is the NACK reason."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Tags = dict[str, str]
+"""Tag name -> value; ``*`` as a value matches any value."""
+
+T = TypeVar("T")
+
+
+class Rule(_Frozen, Generic[T]):
+    """One candidate config, valid where both tag conditions hold.
+
+    Lists of rules are ordered most specific first and end, when the kind is configured at all,
+    with an unconditional rule, so a lookup always finds an answer.
+    """
+
+    when: Tags = Field(default_factory=dict, description="Tags the local instance must carry.")
+    peer: Tags = Field(
+        default_factory=dict,
+        description="Tags the other side must carry: the destination subset (outbound) or the caller (inbound).",
+    )
+    conf: T
+
+
+# --- outbound: routing -------------------------------------------------------------------------
+
+
+class StringMatch(_Frozen):
+    """How a request attribute is compared."""
+
+    kind: Literal["exact", "prefix", "regex"]
+    value: str
+
+
+class HeaderChange(_Frozen):
+    name: str
+    value: str
+    append: bool = False
+
+
+class HeaderOps(_Frozen):
+    add: tuple[HeaderChange, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+class Split(_Frozen):
+    """A weighted target: a service and the subset tags its endpoints must carry."""
+
+    weight: int = Field(ge=0)
+    service: str
+    tags: Tags = Field(default_factory=dict)
+
+
+class HttpMatch(_Frozen):
+    method: StringMatch | None = None
+    path: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+
+
+class PathRewrite(_Frozen):
+    prefix: str | None = Field(default=None, description="Replaces the matched path prefix.")
+    regex: str | None = None
+    substitution: str | None = None
+
+
+class HostRewrite(_Frozen):
+    value: str | None = None
+    from_path_regex: str | None = None
+    from_path_substitution: str | None = None
+
+
+class HttpModify(_Frozen):
+    path: PathRewrite | None = None
+    host: HostRewrite | None = None
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+
+
+class HttpRoute(_Frozen):
+    """An ordered ``http`` entry of a TrafficRoute: first match wins."""
+
+    match: HttpMatch
+    modify: HttpModify | None = None
+    split: tuple[Split, ...]
+
+
+class LoadBalancer(_Frozen):
+    type: Literal["round_robin", "least_request", "ring_hash", "random", "maglev"] = "round_robin"
+    choice_count: int = 2
+    hash_function: Literal["XX_HASH", "MURMUR_HASH_2"] = "XX_HASH"
+    min_ring_size: int = 1024
+    max_ring_size: int = 8388608
+
+
+class RouteConf(_Frozen):
+    """Where requests to a destination go; the default is the whole service, round robin."""
+
+    split: tuple[Split, ...]
+    http: tuple[HttpRoute, ...] = ()
+    load_balancer: LoadBalancer = LoadBalancer()
+
+
+# --- outbound: resilience ----------------------------------------------------------------------
+
+
+class HttpHealthCheck(_Frozen):
+    path: str = "/"
+    request_headers: tuple[HeaderChange, ...] = ()
+    expected_statuses: tuple[int, ...] = ()
+
+
+class TcpHealthCheck(_Frozen):
+    send: str | None = Field(default=None, description="Base64 payload to send.")
+    receive: tuple[str, ...] = ()
+
+
+class HealthCheckConf(_Frozen):
+    interval_ms: int
+    timeout_ms: int
+    unhealthy_threshold: int
+    healthy_threshold: int
+    initial_jitter_ms: int = 0
+    interval_jitter_ms: int = 0
+    interval_jitter_percent: int = 0
+    healthy_panic_threshold: float = 50.0
+    fail_traffic_on_panic: bool = False
+    no_traffic_interval_ms: int = 60000
+    reuse_connection: bool = True
+    http: HttpHealthCheck | None = None
+    tcp: TcpHealthCheck | None = None
+
+
+class Consecutive(_Frozen):
+    consecutive: int = 5
+
+
+class StandardDeviation(_Frozen):
+    request_volume: int = 100
+    minimum_hosts: int = 5
+    factor: float = 1.9
+
+
+class FailurePercentage(_Frozen):
+    request_volume: int = 50
+    minimum_hosts: int = 5
+    threshold: int = 85
+
+
+class Detectors(_Frozen):
+    total_errors: Consecutive | None = None
+    gateway_errors: Consecutive | None = None
+    local_errors: Consecutive | None = None
+    standard_deviation: StandardDeviation | None = None
+    failure: FailurePercentage | None = None
+
+
+class Thresholds(_Frozen):
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+class CircuitBreakerConf(_Frozen):
+    interval_ms: int = 10000
+    base_ejection_time_ms: int = 30000
+    max_ejection_percent: int = 10
+    split_external_and_local_errors: bool = False
+    thresholds: Thresholds = Thresholds()
+    detectors: Detectors = Detectors()
+
+
+class BackOff(_Frozen):
+    base_interval_ms: int
+    max_interval_ms: int
+
+
+class HttpRetry(_Frozen):
+    num_retries: int = 5
+    per_try_timeout_ms: int = 0
+    back_off: BackOff | None = None
+    retriable_status_codes: tuple[int, ...] = ()
+    retriable_methods: tuple[str, ...] = ()
+    retry_on: tuple[str, ...] = ()
+
+
+class TcpRetry(_Frozen):
+    max_connect_attempts: int
+
+
+class RetryConf(_Frozen):
+    http: HttpRetry | None = None
+    grpc: HttpRetry | None = None
+    tcp: TcpRetry | None = None
+
+
+class TimeoutConf(_Frozen):
+    """Kuma's ``timeout-all-default`` values unless a Timeout policy says otherwise."""
+
+    connect_timeout_ms: int = 5000
+    tcp_idle_timeout_ms: int = 3600000
+    http_request_timeout_ms: int = 15000
+    http_idle_timeout_ms: int = 3600000
+    http_stream_idle_timeout_ms: int = 1800000
+    http_max_stream_duration_ms: int = 0
+
+
+class LoggingBackend(_Frozen):
+    name: str
+    type: Literal["file", "tcp"]
+    format: str | None = None
+    path: str | None = None
+    address: str | None = None
+
+
+class TrafficLogConf(_Frozen):
+    backend: LoggingBackend
+
+
+class Destination(_Frozen):
+    """The full outbound config for one destination service, each kind as an ordered rule list."""
+
+    route: tuple[Rule[RouteConf], ...]
+    timeout: tuple[Rule[TimeoutConf], ...]
+    retry: tuple[Rule[RetryConf], ...] = ()
+    circuit_breaker: tuple[Rule[CircuitBreakerConf], ...] = ()
+    health_check: tuple[Rule[HealthCheckConf], ...] = ()
+    traffic_log: tuple[Rule[TrafficLogConf], ...] = ()
+
+
+# --- inbound -----------------------------------------------------------------------------------
+
+
+class FaultDelay(_Frozen):
+    percentage: float
+    value_ms: int
+
+
+class FaultAbort(_Frozen):
+    percentage: float
+    http_status: int
+
+
+class FaultBandwidth(_Frozen):
+    percentage: float
+    limit_bps: int = Field(description="Bits per second.")
+
+
+class FaultInjectionConf(_Frozen):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+    response_bandwidth: FaultBandwidth | None = None
+
+
+class RateLimitConf(_Frozen):
+    requests: int
+    interval_ms: int
+    status: int = 429
+    headers: tuple[HeaderChange, ...] = ()
+
+
+class Inbound(_Frozen):
+    """Inbound rules: ``peer`` matches the caller, ``when`` this instance's own tags."""
+
+    permissions: tuple[Rule[None], ...] = Field(
+        default=(), description="Any matching rule allows the caller (permissions add up)."
+    )
+    rate_limit: tuple[Rule[RateLimitConf], ...] = ()
+    fault_injection: tuple[Rule[FaultInjectionConf], ...] = ()
+
+
+# --- gateway -----------------------------------------------------------------------------------
+
+
+class GatewayMatch(_Frozen):
+    path: StringMatch | None = None
+    method: str | None = None
+    headers: tuple[tuple[str, Literal["exact", "regex", "present", "absent"], str], ...] = ()
+    query: tuple[tuple[str, Literal["exact", "regex"], str], ...] = ()
+
+
+class GatewayFilter(_Frozen):
+    type: Literal["request_header", "response_header", "mirror", "redirect", "rewrite"]
+    set: tuple[HeaderChange, ...] = ()
+    add: tuple[HeaderChange, ...] = ()
+    remove: tuple[str, ...] = ()
+    mirror: Split | None = None
+    mirror_percentage: float = 100.0
+    redirect_scheme: str | None = None
+    redirect_hostname: str | None = None
+    redirect_port: int | None = None
+    redirect_status: int = 302
+    redirect_path: str | None = None
+    rewrite_full: str | None = None
+    rewrite_prefix: str | None = None
+    host_to_backend_hostname: bool = False
+
+
+class GatewayBackend(_Frozen):
+    weight: int
+    service: str
+    tags: Tags = Field(default_factory=dict)
+
+
+class GatewayRule(_Frozen):
+    """One rule; rules are sorted by specificity so the first match wins."""
+
+    hostnames: tuple[str, ...] = ()
+    matches: tuple[GatewayMatch, ...]
+    filters: tuple[GatewayFilter, ...] = ()
+    backends: tuple[GatewayBackend, ...] = ()
+
+
+class GatewayListener(_Frozen):
+    port: int
+    protocol: Literal["HTTP", "HTTPS", "TCP", "TLS"]
+    hostname: str = "*"
+    tags: Tags = Field(default_factory=dict)
+    connection_limit: int | None = None
+    rules: tuple[GatewayRule, ...] = ()
+    tcp_backends: tuple[GatewayBackend, ...] = ()
+
+
+class GatewayConf(_Frozen):
+    tags: Tags = Field(default_factory=dict)
+    listeners: tuple[GatewayListener, ...]
+
+
+# --- bundles -----------------------------------------------------------------------------------
+
+
+class CatalogService(_Frozen):
+    port: int
+    protocol: Literal["http", "tcp"]
+    subsets: tuple[Tags, ...] = ()
+    gateway: bool = False
+
+
+class Mtls(_Frozen):
+    enabled: bool = False
+    mode: Literal["STRICT", "PERMISSIVE"] = "STRICT"
+    backend: str | None = None
+    backend_type: Literal["builtin", "provided"] | None = None
+    cert_rotation_ms: int = 86400000
+
+
+class MeshBundle(_Frozen):
+    """Sent to every data plane of the mesh."""
+
+    format: Literal[1] = 1
+    type: Literal["mesh"] = "mesh"
+    mesh: str
+    mtls: Mtls = Mtls()
+    passthrough: bool = True
+    logging: tuple[LoggingBackend, ...] = ()
+    services: dict[str, CatalogService]
+    destinations: dict[str, Destination]
+
+
+class ServiceBundle(_Frozen):
+    """Sent to the data planes of one service (or one gateway)."""
+
+    format: Literal[1] = 1
+    type: Literal["service"] = "service"
+    mesh: str
+    service: str
+    inbound: Inbound = Inbound()
+    outbound: dict[str, Destination] = Field(default_factory=dict)
+    gateway: GatewayConf | None = None
+
+
+AnyBundle = Annotated[MeshBundle | ServiceBundle, Field(discriminator="type")]
+_ADAPTER: TypeAdapter[MeshBundle | ServiceBundle] = TypeAdapter(AnyBundle)
+
+
+def canonical_json(data: Any) -> bytes:
+    """Sorted keys, fixed separators, UTF-8: the same data always gives the same bytes."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def bundle_bytes(bundle: MeshBundle | ServiceBundle) -> bytes:
+    return canonical_json(bundle.model_dump(mode="json"))
+
+
+def bundle_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_bundle(data: bytes, expected_digest: str | None = None) -> MeshBundle | ServiceBundle:
+    """Parse and check pushed or stored bytes; raise ``BundleError`` with the NACK reason."""
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise BundleError(f"bundle is {len(data)} bytes, over the {MAX_BUNDLE_BYTES} byte limit")
+    if expected_digest is not None and bundle_digest(data) != expected_digest:
+        raise BundleError(f"digest mismatch: body hashes to {bundle_digest(data)}, not {expected_digest}")
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"bundle is not JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise BundleError("bundle is not a JSON object")
+    if raw.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"unknown bundle format {raw.get('format')!r}; this data plane knows {BUNDLE_FORMAT}")
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValueError as e:
+        raise BundleError(f"bundle does not match the schema: {e}") from e
+
+
+def bundle_json_schema() -> dict[str, Any]:
+    return _ADAPTER.json_schema()

@@ -1,0 +1,87 @@
+"""Control-plane <-> data-plane protocol messages (DESIGN §5): HTTP/JSON.
+
+Data planes call the control plane (register, heartbeat, deregister); the control plane calls each
+data plane's admin API (``PUT /bundle``, ``PUT /endpoints``). Both sides import these models, so
+this module depends on pydantic and the standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "HDR_BUNDLE_ROLE",
+    "HDR_DIGEST",
+    "HDR_GENERATION",
+    "HDR_SIGNATURE",
+    "Ack",
+    "Endpoint",
+    "EndpointSet",
+    "Heartbeat",
+    "Nack",
+    "Registration",
+    "RegistrationReply",
+]
+
+HDR_DIGEST = "X-Meshc-Digest"
+"""sha256 hex of the pushed body; the data plane recomputes it."""
+HDR_GENERATION = "X-Meshc-Generation"
+"""Monotonic push generation; an older one than the last accepted is a replay."""
+HDR_SIGNATURE = "X-Meshc-Signature"
+"""Ed25519 signature over (digest, generation, target service), once security lands."""
+HDR_BUNDLE_ROLE = "X-Meshc-Bundle-Role"
+"""``mesh`` or ``service``: which slot of the data plane the pushed bundle fills."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Endpoint(_Msg):
+    address: str = Field(description="host:port of the instance's inbound listener.")
+    tags: dict[str, str] = Field(default_factory=dict)
+    healthy: bool = True
+
+
+class EndpointSet(_Msg):
+    """Body of ``PUT /endpoints``: every instance of every service this data plane routes to."""
+
+    generation: int
+    services: dict[str, list[Endpoint]]
+
+
+class Registration(_Msg):
+    """Body of ``POST /api/v1/register``."""
+
+    service: str
+    tags: dict[str, str] = Field(default_factory=dict)
+    kind: Literal["sidecar", "gateway"] = "sidecar"
+    inbound_address: str | None = None
+    admin_address: str
+    mesh: str = "default"
+    instance: str | None = Field(default=None, description="Stable instance name; derived when absent.")
+    csr_pem: str | None = None
+
+
+class RegistrationReply(_Msg):
+    instance: str
+    heartbeat_interval_ms: int
+    certificate_pem: str | None = None
+    ca_pem: str | None = None
+    signing_key: str | None = Field(default=None, description="Control plane's Ed25519 public key (hex).")
+
+
+class Heartbeat(_Msg):
+    instance: str
+    running: dict[str, str] = Field(default_factory=dict, description="slot (mesh|service) -> running digest")
+    endpoints_generation: int = 0
+
+
+class Ack(_Msg):
+    ack: str
+
+
+class Nack(_Msg):
+    nack: str
