@@ -35,29 +35,77 @@ def _catalog(*codes: Code) -> dict[str, Code]:
 
 CODES: dict[str, Code] = _catalog(
     Code("E0001", "yaml-syntax", "The file is not valid YAML; the parser's message says where it stopped."),
-    Code("E0002", "duplicate-key", "A mapping has the same key twice; YAML 1.2 forbids it and the value would be lost."),
+    Code(
+        "E0002",
+        "duplicate-key",
+        "A mapping has the same key twice; YAML 1.2 forbids it and the value would be lost.",
+    ),
     Code("E0003", "not-utf8", "The file is not UTF-8 text."),
     Code("E0004", "resource-limit", "The file is too large, or expands too many aliases, to be read safely."),
     Code("E0005", "not-a-mapping", "A YAML document must be a mapping with `kind` (or `type`) and a spec."),
-    Code("E0006", "unknown-kind", "The document has no `kind`/`type`, or names a kind or apiVersion meshc does not know."),
+    Code(
+        "E0006",
+        "unknown-kind",
+        "The document has no `kind`/`type`, or names a kind or apiVersion meshc does not know.",
+    ),
     Code("E0007", "missing-name", "The document has no name (`metadata.name` or `name`) or no `mesh`."),
-    Code("E1001", "unknown-key", "A key that the kind does not define; Kuma would ignore it silently, meshc rejects it."),
-    Code("E1002", "wrong-type", "A value of the wrong type (a list where a mapping is expected, text for a number...)."),
+    Code(
+        "E1001",
+        "unknown-key",
+        "A key that the kind does not define; Kuma would ignore it silently, meshc rejects it.",
+    ),
+    Code(
+        "E1002",
+        "wrong-type",
+        "A value of the wrong type (a list where a mapping is expected, text for a number...).",
+    ),
     Code("E1003", "missing-field", "A field that must be present is missing."),
     Code("E1004", "null-value", "A key with no value where the kind needs one."),
     Code("E1005", "invalid-value", "A value outside what the field allows (Kuma's validator rules)."),
-    Code("E1006", "bad-duration", "A duration that does not parse; use Go syntax such as `300ms`, `5s`, `1m30s`, `1h`."),
+    Code(
+        "E1006",
+        "bad-duration",
+        "A duration that does not parse; use Go syntax such as `300ms`, `5s`, `1m30s`, `1h`.",
+    ),
     Code("E1007", "bad-selector", "A selector with a bad tag name or value, or without a mandatory tag."),
-    Code("E1008", "split-and-destination", "`split` and `destination` are both set; a route takes exactly one of them."),
-    Code("E1009", "bad-weights", "All split weights are zero, or a weight is negative: no traffic could be routed."),
-    Code("E1010", "rewrite-without-prefix", "`rewritePrefix`/`replacePrefixMatch` needs a path prefix match to replace."),
+    Code(
+        "E1008",
+        "split-and-destination",
+        "`split` and `destination` are both set; a route takes exactly one of them.",
+    ),
+    Code(
+        "E1009",
+        "bad-weights",
+        "All split weights are zero, or a weight is negative: no traffic could be routed.",
+    ),
+    Code(
+        "E1010",
+        "rewrite-without-prefix",
+        "`rewritePrefix`/`replacePrefixMatch` needs a path prefix match to replace.",
+    ),
     Code("E1011", "healthcheck-tcp-and-http", "A HealthCheck sets both `tcp` and `http`; choose one."),
     Code("E1012", "choice-count", "`leastRequest.choiceCount` must be at least 2."),
-    Code("E2001", "unknown-service", "A selector or target names a `kuma.io/service` that no Service or MeshGateway declares."),
-    Code("E2002", "unknown-subset", "Tags that none of the service's declared subsets carry: no instance could match."),
+    Code(
+        "E2001",
+        "unknown-service",
+        "A selector or target names a `kuma.io/service` that no Service or MeshGateway declares.",
+    ),
+    Code(
+        "E2002",
+        "unknown-subset",
+        "Tags that none of the service's declared subsets carry: no instance could match.",
+    ),
     Code("E2003", "unknown-mesh", "The document names a mesh that no Mesh document declares."),
-    Code("E2004", "gateway-unknown-backend", "A MeshGatewayRoute backend names a service that is not in the mesh."),
-    Code("E2005", "unknown-log-backend", "A TrafficLog names a backend that the Mesh's `logging.backends` does not define."),
+    Code(
+        "E2004",
+        "gateway-unknown-backend",
+        "A MeshGatewayRoute backend names a service that is not in the mesh.",
+    ),
+    Code(
+        "E2005",
+        "unknown-log-backend",
+        "A TrafficLog names a backend that the Mesh's `logging.backends` does not define.",
+    ),
     Code("E3001", "duplicate-name", "Two documents of the same kind and mesh have the same name."),
     Code(
         "E3002",
@@ -66,9 +114,19 @@ CODES: dict[str, Code] = _catalog(
         "Kuma would pick the newest; Git has no such clock, so make one more specific or merge them.",
     ),
     Code("E3003", "duplicate-gateway-match", "Two gateway routes on the same listener have the same match."),
-    Code("W1001", "selector-matches-nothing", "A selector that matches no declared service: the policy does nothing."),
-    Code("W1002", "shadowed-match", "An `http` match that an earlier entry always catches first: it is never used."),
-    Code("W2001", "permissions-without-mtls", "TrafficPermissions take effect only when the Mesh enables mTLS."),
+    Code(
+        "W1001",
+        "selector-matches-nothing",
+        "A selector that matches no declared service: the policy does nothing.",
+    ),
+    Code(
+        "W1002",
+        "shadowed-match",
+        "An `http` match that an earlier entry always catches first: it is never used.",
+    ),
+    Code(
+        "W2001", "permissions-without-mtls", "TrafficPermissions take effect only when the Mesh enables mTLS."
+    ),
     Code(
         "W2002",
         "unreachable-service",

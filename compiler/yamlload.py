@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+import yaml.cyaml
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -98,14 +99,20 @@ class _FastConstructor(yaml.constructor.BaseConstructor):
             raise _TooBig
         if isinstance(node, yaml.ScalarNode):
             if node.tag != _STR:
-                raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag} is not allowed", node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"tag {node.tag} is not allowed", node.start_mark
+                )
             return resolve_plain(node.value) if node.style is None else node.value
         if isinstance(node, yaml.SequenceNode):
             if node.tag != "tag:yaml.org,2002:seq":
-                raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag} is not allowed", node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"tag {node.tag} is not allowed", node.start_mark
+                )
             return [self._build(n) for n in node.value]
         if node.tag != "tag:yaml.org,2002:map":
-            raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag} is not allowed", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"tag {node.tag} is not allowed", node.start_mark
+            )
         out: dict[Any, Any] = {}
         for k, v in node.value:
             key = self._build(k)
@@ -117,9 +124,9 @@ class _FastConstructor(yaml.constructor.BaseConstructor):
         return out
 
 
-class _FastLoader(yaml.CParser, _FastConstructor, _Resolver12):  # type: ignore[misc]
+class _FastLoader(yaml.cyaml.CParser, _FastConstructor, _Resolver12):  # type: ignore[misc]
     def __init__(self, stream: bytes) -> None:
-        yaml.CParser.__init__(self, stream)
+        yaml.cyaml.CParser.__init__(self, stream)
         _FastConstructor.__init__(self)
         _Resolver12.__init__(self)
 
@@ -258,7 +265,12 @@ class _Builder:
 
     def _tag(self, node: Node, path: tuple[str | int, ...], tag: str) -> None:
         self.findings.append(
-            Diagnostic("E1002", f"explicit tag {tag} is not allowed in policy YAML", Loc(self.file, self.doc), _span(node))
+            Diagnostic(
+                "E1002",
+                f"explicit tag {tag} is not allowed in policy YAML",
+                Loc(self.file, self.doc),
+                _span(node),
+            )
         )
 
 

@@ -480,7 +480,9 @@ def load_bundle(data: bytes, expected_digest: str | None = None) -> MeshBundle |
     if not isinstance(raw, dict):
         raise BundleError("bundle is not a JSON object")
     if raw.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"unknown bundle format {raw.get('format')!r}; this data plane knows {BUNDLE_FORMAT}")
+        raise BundleError(
+            f"unknown bundle format {raw.get('format')!r}; this data plane knows {BUNDLE_FORMAT}"
+        )
     try:
         return _ADAPTER.validate_python(raw)
     except ValueError as e:

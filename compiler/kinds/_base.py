@@ -53,12 +53,25 @@ class Spec(BaseModel):
     )
 
 
-_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "μs": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_DURATION = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h|d)")
+_UNIT_MS = {
+    "ns": 1e-6,
+    "us": 1e-3,
+    "µs": 1e-3,
+    "μs": 1e-3,
+    "ms": 1.0,
+    "s": 1e3,
+    "m": 60e3,
+    "h": 3600e3,
+    "d": 86400e3,
+}
 
 
 def parse_duration(text: str) -> int:
-    """Go ``time.ParseDuration`` syntax to whole milliseconds (a positive sub-ms value is 1 ms)."""
+    """Go ``time.ParseDuration`` syntax (plus Kuma's ``d`` for days) to whole milliseconds.
+
+    A positive value below a millisecond becomes 1 ms, so it never turns into "zero".
+    """
     s = text.strip()
     if s in ("0", "+0", "-0"):
         return 0
@@ -84,7 +97,9 @@ def _duration(value: Any) -> Any:
         return value
     if isinstance(value, int | float):
         raise PydanticCustomError(
-            "duration", "duration {value} has no unit; write it as e.g. '{value}s' or '{value}ms'", {"value": value}
+            "duration",
+            "duration {value} has no unit; write it as e.g. '{value}s' or '{value}ms'",
+            {"value": value},
         )
     if isinstance(value, str):
         try:
@@ -92,13 +107,15 @@ def _duration(value: Any) -> Any:
         except ValueError:
             raise PydanticCustomError(
                 "duration",
-                "{value!r} is not a duration; use Go syntax such as 300ms, 5s, 1m30s or 1h",
+                "'{value}' is not a duration; use Go syntax such as 300ms, 5s, 1m30s or 1h",
                 {"value": value},
             ) from None
     return value
 
 
-Duration = Annotated[int, BeforeValidator(_duration), Field(json_schema_extra={"type": "string", "format": "duration"})]
+Duration = Annotated[
+    int, BeforeValidator(_duration), Field(json_schema_extra={"type": "string", "format": "duration"})
+]
 """A Go duration string in YAML; integer milliseconds after validation."""
 
 TagMap = dict[str, str | None]
@@ -136,7 +153,10 @@ def tag_findings(path: Path, match: Mapping[str, str | None]) -> Iterator[Findin
         p = (*path, name)
         if not _TAG_NAME.match(name):
             yield Finding(
-                p, "E1007", "tag name must consist of alphanumeric characters, dots, dashes, slashes and underscores", True
+                p,
+                "E1007",
+                "tag name must consist of alphanumeric characters, dots, dashes, slashes and underscores",
+                True,
             )
         if value is None or value == "":
             yield Finding(p, "E1007", "tag value must be non-empty")

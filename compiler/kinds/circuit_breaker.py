@@ -86,7 +86,9 @@ def check(spec: CircuitBreakerSpec) -> Iterator[Finding]:
         if all(getattr(d, n) is None for n in type(d).model_fields):
             yield Finding(("conf", "detectors"), "E1005", "can't be empty")
         if d.failure is not None and d.failure.threshold is not None and not 0 <= d.failure.threshold <= 100:
-            yield Finding(("conf", "detectors", "failure", "threshold"), "E1005", "has to be in [0.0 - 100.0] range")
+            yield Finding(
+                ("conf", "detectors", "failure", "threshold"), "E1005", "has to be in [0.0 - 100.0] range"
+            )
     if c.thresholds is not None:
         t = c.thresholds
         if all(getattr(t, n) is None for n in type(t).model_fields):

@@ -104,7 +104,9 @@ def check(spec: FaultInjectionSpec) -> Iterator[Finding]:
         if c.response_bandwidth.limit is None:
             yield Finding(("conf", "responseBandwidth", "limit"), "E1003", "cannot be empty")
         elif not _BANDWIDTH.match(c.response_bandwidth.limit):
-            yield Finding(("conf", "responseBandwidth", "limit"), "E1005", "has to be in kbps/mbps/gbps units")
+            yield Finding(
+                ("conf", "responseBandwidth", "limit"), "E1005", "has to be in kbps/mbps/gbps units"
+            )
 
 
 KIND = KindDef("FaultInjection", "kuma.io/v1alpha1", FaultInjectionSpec, check, "inbound", __doc__ or "")

@@ -41,7 +41,7 @@ class CaCert(Spec):
 
 
 class MtlsBackendConf(Spec):
-    caCert: CaCert | None = None  # noqa: N815 - Kuma's spelling
+    caCert: CaCert | None = None
     cert: dict[str, Any] | None = None
     key: dict[str, Any] | None = None
 
@@ -115,20 +115,28 @@ def check(spec: MeshSpec) -> Iterator[Finding]:
     if spec.mtls is not None:
         names = [b.name for b in spec.mtls.backends]
         if spec.mtls.enabled_backend and spec.mtls.enabled_backend not in names:
-            yield Finding(("mtls", "enabledBackend"), "E1005", f"has to be set to one of the backends: {names}")
+            yield Finding(
+                ("mtls", "enabledBackend"), "E1005", f"has to be set to one of the backends: {names}"
+            )
         for i, n in enumerate(names):
             if n in names[:i]:
                 yield Finding(("mtls", "backends", i, "name"), "E1005", f"backend name {n!r} is used twice")
     if spec.logging is not None:
         names = [b.name for b in spec.logging.backends]
         if spec.logging.default_backend and spec.logging.default_backend not in names:
-            yield Finding(("logging", "defaultBackend"), "E1005", f"has to be set to one of the backends: {names}")
+            yield Finding(
+                ("logging", "defaultBackend"), "E1005", f"has to be set to one of the backends: {names}"
+            )
         for i, b in enumerate(spec.logging.backends):
             conf = b.conf or LoggingBackendConf()
             if b.type == "file" and not conf.path:
-                yield Finding(("logging", "backends", i, "conf", "path"), "E1003", "a file backend needs a path")
+                yield Finding(
+                    ("logging", "backends", i, "conf", "path"), "E1003", "a file backend needs a path"
+                )
             if b.type == "tcp" and not conf.address:
-                yield Finding(("logging", "backends", i, "conf", "address"), "E1003", "a tcp backend needs an address")
+                yield Finding(
+                    ("logging", "backends", i, "conf", "address"), "E1003", "a tcp backend needs an address"
+                )
 
 
 KIND = KindDef("Mesh", "kuma.io/v1alpha1", MeshSpec, check, "none", __doc__ or "")

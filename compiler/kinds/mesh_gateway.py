@@ -83,7 +83,9 @@ def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
     else:
         yield from check_selectors("selectors", spec.selectors)
         services = {(s.match or {}).get(SERVICE_TAG) for s in spec.selectors}
-        if len(spec.selectors) > 1 and any(lst.cross_mesh for lst in (spec.conf.listeners or []) if spec.conf):
+        if len(spec.selectors) > 1 and any(
+            lst.cross_mesh for lst in (spec.conf.listeners or []) if spec.conf
+        ):
             yield Finding(("selectors", 1), "E1005", "there can be at most one selector")
         elif len(services) > 1:
             yield Finding(("selectors", 1), "E1005", "every selector must name the same gateway service")
@@ -115,12 +117,22 @@ def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
                 yield Finding((*p, "tls", "mode"), "E1003", "cannot be empty")
             elif proto == "HTTPS" and mode == "PASSTHROUGH":
                 yield Finding((*p, "tls", "mode"), "E1005", "mode is not supported on HTTPS listeners")
-            if mode in ("TERMINATE", "") and not tls.certificates and (lst.tls is not None or proto == "HTTPS"):
+            if (
+                mode in ("TERMINATE", "")
+                and not tls.certificates
+                and (lst.tls is not None or proto == "HTTPS")
+            ):
                 if lst.tls is not None and mode == "":
                     pass
                 else:
-                    yield Finding((*p, "tls", "certificates"), "E1003", "cannot be empty in TLS termination mode")
-        if lst.resources and lst.resources.connection_limit is not None and lst.resources.connection_limit < 0:
+                    yield Finding(
+                        (*p, "tls", "certificates"), "E1003", "cannot be empty in TLS termination mode"
+                    )
+        if (
+            lst.resources
+            and lst.resources.connection_limit is not None
+            and lst.resources.connection_limit < 0
+        ):
             yield Finding((*p, "resources", "connectionLimit"), "E1005", "must not be negative")
         if lst.port is not None:
             seen.setdefault(lst.port, []).append((i, proto, lst.hostname or "*"))
@@ -128,9 +140,13 @@ def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
         protos = {e[1] for e in entries}
         for i, _proto, host in entries:
             if len(protos) > 1:
-                yield Finding(("conf", "listeners", i), "E1005", "protocol conflicts with other listeners on this port")
+                yield Finding(
+                    ("conf", "listeners", i), "E1005", "protocol conflicts with other listeners on this port"
+                )
             if [e[2] for e in entries].count(host) > 1:
-                yield Finding(("conf", "listeners", i), "E1005", "multiple listeners for hostname on this port")
+                yield Finding(
+                    ("conf", "listeners", i), "E1005", "multiple listeners for hostname on this port"
+                )
 
 
 KIND = KindDef("MeshGateway", "kuma.io/v1alpha1", MeshGatewaySpec, check, "none", __doc__ or "")

@@ -194,7 +194,9 @@ def _rule(path: Path, r: Rule) -> Iterator[Finding]:
     host_rewrite = any(f.rewrite is not None and f.rewrite.host_to_backend_hostname for f in filters)
     for i, f in enumerate(filters):
         p = (*path, "filters", i)
-        set_ = [n for n in ("request_header", "response_header", "mirror", "redirect", "rewrite") if getattr(f, n)]
+        set_ = [
+            n for n in ("request_header", "response_header", "mirror", "redirect", "rewrite") if getattr(f, n)
+        ]
         if not set_ and not any(n in f.model_fields_set for n in type(f).model_fields):
             yield Finding(p, "E1003", "cannot be empty")
         for name in ("request_header", "response_header"):
@@ -227,7 +229,11 @@ def _rule(path: Path, r: Rule) -> Iterator[Finding]:
             if rd.status_code is not None and not 300 <= rd.status_code <= 308:
                 yield Finding((*p, "redirect", "status_code"), "E1005", "must be in the range [300, 308]")
         if f.rewrite is not None and f.rewrite.replace_prefix_match is not None:
-            prefixes = [m for m in r.matches or [] if m.path is not None and (m.path.match or "PREFIX").upper() == "PREFIX"]
+            prefixes = [
+                m
+                for m in r.matches or []
+                if m.path is not None and (m.path.match or "PREFIX").upper() == "PREFIX"
+            ]
             if not r.matches or len(prefixes) != len(r.matches):
                 yield Finding(
                     (*p, "rewrite", "replacePrefixMatch"),

@@ -69,12 +69,18 @@ def check(spec: RateLimitSpec) -> Iterator[Finding]:
             yield Finding(("conf", "http", "interval"), "E1003", "interval must be set")
         if h.on_rate_limit is not None:
             if h.on_rate_limit.status is not None and not 100 <= h.on_rate_limit.status <= 599:
-                yield Finding(("conf", "http", "onRateLimit", "status"), "E1005", "must be an HTTP status code")
+                yield Finding(
+                    ("conf", "http", "onRateLimit", "status"), "E1005", "must be an HTTP status code"
+                )
             for i, hd in enumerate(h.on_rate_limit.headers):
                 if not hd.key:
-                    yield Finding(("conf", "http", "onRateLimit", "headers", i, "key"), "E1003", "key must be set")
+                    yield Finding(
+                        ("conf", "http", "onRateLimit", "headers", i, "key"), "E1003", "key must be set"
+                    )
                 if not hd.value:
-                    yield Finding(("conf", "http", "onRateLimit", "headers", i, "value"), "E1003", "value must be set")
+                    yield Finding(
+                        ("conf", "http", "onRateLimit", "headers", i, "value"), "E1003", "value must be set"
+                    )
 
 
 KIND = KindDef("RateLimit", "kuma.io/v1alpha1", RateLimitSpec, check, "inbound", __doc__ or "")

@@ -122,10 +122,14 @@ def check(spec: RetrySpec) -> Iterator[Finding]:
                 yield Finding((*p, "retriableMethods", i), "E1005", "field cannot be empty")
         for i, r in enumerate(h.retry_on or []):
             if r not in HTTP_RETRY_ON:
-                yield Finding((*p, "retryOn", i), "E1005", f"unknown retryOn value; use one of {sorted(HTTP_RETRY_ON)}")
+                yield Finding(
+                    (*p, "retryOn", i), "E1005", f"unknown retryOn value; use one of {sorted(HTTP_RETRY_ON)}"
+                )
             elif r == "retriable_status_codes" and not h.retriable_status_codes:
                 yield Finding(
-                    (*p, "retryOn", i), "E1005", "retriableStatusCodes cannot be empty when this option is specified"
+                    (*p, "retryOn", i),
+                    "E1005",
+                    "retriableStatusCodes cannot be empty when this option is specified",
                 )
         yield from _repeated((*p, "retryOn"), h.retry_on or [])
     if c.grpc is not None:
@@ -136,7 +140,9 @@ def check(spec: RetrySpec) -> Iterator[Finding]:
         yield from _common(p, g)
         for i, r in enumerate(g.retry_on or []):
             if r not in GRPC_RETRY_ON:
-                yield Finding((*p, "retryOn", i), "E1005", f"unknown retryOn value; use one of {sorted(GRPC_RETRY_ON)}")
+                yield Finding(
+                    (*p, "retryOn", i), "E1005", f"unknown retryOn value; use one of {sorted(GRPC_RETRY_ON)}"
+                )
     if c.tcp is not None and (c.tcp.max_connect_attempts is None or c.tcp.max_connect_attempts <= 0):
         yield Finding(("conf", "tcp", "maxConnectAttempts"), "E1005", "has to be greater than 0")
 

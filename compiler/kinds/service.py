@@ -42,7 +42,9 @@ def check(spec: ServiceSpec) -> Iterator[Finding]:
         if not subset:
             yield Finding(("subsets", i), "E1005", "a subset needs at least one tag")
         if "kuma.io/service" in subset:
-            yield Finding(("subsets", i, "kuma.io/service"), "E1005", "a subset must not set kuma.io/service", True)
+            yield Finding(
+                ("subsets", i, "kuma.io/service"), "E1005", "a subset must not set kuma.io/service", True
+            )
         yield from tag_findings(("subsets", i), dict(subset))
         if subset in spec.subsets[:i]:
             yield Finding(("subsets", i), "E1005", "this subset is declared twice")

@@ -35,4 +35,6 @@ def check(spec: TrafficPermissionSpec) -> Iterator[Finding]:
     yield from check_selectors("destinations", spec.destinations, require_service=False)
 
 
-KIND = KindDef("TrafficPermission", "kuma.io/v1alpha1", TrafficPermissionSpec, check, "inbound", __doc__ or "")
+KIND = KindDef(
+    "TrafficPermission", "kuma.io/v1alpha1", TrafficPermissionSpec, check, "inbound", __doc__ or ""
+)

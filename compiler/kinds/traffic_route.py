@@ -170,9 +170,13 @@ def _destination(path: Path, dest: TagMap) -> Iterator[Finding]:
 def _string_match(path: Path, m: StringMatch | None, name: str) -> Iterator[Finding]:
     if m is None:
         return
-    set_ = [(k, v) for k, v in (("prefix", m.prefix), ("exact", m.exact), ("regex", m.regex)) if v is not None]
+    set_ = [
+        (k, v) for k, v in (("prefix", m.prefix), ("exact", m.exact), ("regex", m.regex)) if v is not None
+    ]
     if not set_:
-        yield Finding(path, "E1003", f'{name} cannot be empty. Available options: "exact", "prefix" or "regex"')
+        yield Finding(
+            path, "E1003", f'{name} cannot be empty. Available options: "exact", "prefix" or "regex"'
+        )
     for k, v in set_:
         if v == "":
             yield Finding((*path, k), "E1005", "cannot be empty")
@@ -188,7 +192,9 @@ def _header_ops(path: Path, ops: HeaderOps | None) -> Iterator[Finding]:
         if not add.name:
             yield Finding((*p, "name"), "E1005", "cannot be empty")
         elif add.name.lower() in _FORBIDDEN_HEADERS or add.name.startswith(":"):
-            yield Finding((*p, "name"), "E1005", "host header and HTTP/2 pseudo-headers are not allowed to be modified")
+            yield Finding(
+                (*p, "name"), "E1005", "host header and HTTP/2 pseudo-headers are not allowed to be modified"
+            )
         if not add.value:
             yield Finding((*p, "value"), "E1005", "cannot be empty")
     for i, rm in enumerate(ops.remove):
@@ -196,7 +202,9 @@ def _header_ops(path: Path, ops: HeaderOps | None) -> Iterator[Finding]:
         if not rm.name:
             yield Finding((*p, "name"), "E1005", "cannot be empty")
         elif rm.name.lower() in _FORBIDDEN_HEADERS or rm.name.startswith(":"):
-            yield Finding((*p, "name"), "E1005", "host header and HTTP/2 pseudo-headers are not allowed to be modified")
+            yield Finding(
+                (*p, "name"), "E1005", "host header and HTTP/2 pseudo-headers are not allowed to be modified"
+            )
 
 
 def _http(path: Path, h: Http) -> Iterator[Finding]:
@@ -258,7 +266,9 @@ def check(spec: TrafficRouteSpec) -> Iterator[Finding]:
     yield from check_selectors("sources", spec.sources)
     yield from check_selectors("destinations", spec.destinations, only_service=True)
     conf = spec.conf
-    if conf is None or (conf.split is None and conf.destination is None and not conf.http and not conf.load_balancer):
+    if conf is None or (
+        conf.split is None and conf.destination is None and not conf.http and not conf.load_balancer
+    ):
         yield Finding(("conf",), "E1003", "cannot be empty")
         return
     yield from _route_target(("conf",), conf.split, conf.destination)
@@ -272,13 +282,22 @@ def check(spec: TrafficRouteSpec) -> Iterator[Finding]:
                 "E1012",
                 "value must be greater than or equal to 2",
             )
-        if lb.ring_hash is not None and lb.ring_hash.hash_function not in (None, "", "XX_HASH", "MURMUR_HASH_2"):
+        if lb.ring_hash is not None and lb.ring_hash.hash_function not in (
+            None,
+            "",
+            "XX_HASH",
+            "MURMUR_HASH_2",
+        ):
             yield Finding(
                 ("conf", "loadBalancer", "ringHash", "hashFunction"),
                 "E1005",
                 "must have a valid hash function (XX_HASH or MURMUR_HASH_2)",
             )
-        chosen = [n for n in ("round_robin", "least_request", "ring_hash", "random", "maglev") if getattr(lb, n) is not None]
+        chosen = [
+            n
+            for n in ("round_robin", "least_request", "ring_hash", "random", "maglev")
+            if getattr(lb, n) is not None
+        ]
         if len(chosen) > 1:
             yield Finding(("conf", "loadBalancer"), "E1005", "choose one load balancer")
 

@@ -1,0 +1,1 @@
+"""The meshc compiler: policy repo -> diagnostics, bundles and releases; plans, control plane, CLI."""

@@ -1,0 +1,220 @@
+"""Gateways: MeshGateway listeners with the MeshGatewayRoute rules that attach to them.
+
+A route attaches to every listener whose tags (the gateway service, the gateway's tags and the
+listener's tags) carry the route's selector tags. Each (rule, match) becomes one bundle rule,
+sorted as Kuma sorts them: exact path, then longer prefixes, then regex, then rules with a
+method, more headers and more query parameters. Two rules with the same match on one listener
+are an error (E3003): one of them could never be reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compiler.catalog import Catalog, check_tags, selector_service
+from compiler.diagnostics import Diagnostic
+from compiler.kinds import mesh_gateway_route as mgr
+from compiler.kinds._base import SERVICE_TAG
+from compiler.parse import Doc
+from runtime import bundle as b
+
+__all__ = ["GatewayBuild", "build_gateways"]
+
+
+@dataclass
+class GatewayBuild:
+    service: str
+    conf: b.GatewayConf
+    docs: list[Doc]
+
+
+def _matches_tags(selector: dict[str, str | None], tags: dict[str, str]) -> bool:
+    return all(k in tags and (v == "*" or tags[k] == v) for k, v in selector.items())
+
+
+def _backend(x: mgr.Backend) -> b.GatewayBackend:
+    dest = x.destination or {}
+    return b.GatewayBackend(
+        weight=1 if x.weight is None else x.weight,
+        service=selector_service(dest),
+        tags={k: v for k, v in dest.items() if k != SERVICE_TAG and v is not None},
+    )
+
+
+def _headers(f: mgr.HeaderFilter) -> dict[str, tuple[b.HeaderChange, ...]]:
+    return {
+        "set": tuple(b.HeaderChange(name=h.name or "", value=h.value or "") for h in f.set or []),
+        "add": tuple(
+            b.HeaderChange(name=h.name or "", value=h.value or "", append=True) for h in f.add or []
+        ),
+    }
+
+
+def _filter(f: mgr.Filter) -> b.GatewayFilter:
+    if f.request_header is not None:
+        return b.GatewayFilter(
+            type="request_header", remove=tuple(f.request_header.remove or ()), **_headers(f.request_header)
+        )
+    if f.response_header is not None:
+        return b.GatewayFilter(
+            type="response_header",
+            remove=tuple(f.response_header.remove or ()),
+            **_headers(f.response_header),
+        )
+    if f.mirror is not None:
+        assert f.mirror.backend is not None
+        mb = _backend(f.mirror.backend)
+        return b.GatewayFilter(
+            type="mirror",
+            mirror=b.Split(weight=mb.weight, service=mb.service, tags=mb.tags),
+            mirror_percentage=100.0 if f.mirror.percentage is None else f.mirror.percentage,
+        )
+    if f.redirect is not None:
+        r = f.redirect
+        return b.GatewayFilter(
+            type="redirect",
+            redirect_scheme=r.scheme or None,
+            redirect_hostname=r.hostname or None,
+            redirect_port=r.port,
+            redirect_status=r.status_code or 302,
+            redirect_path=(r.path or {}).get("replaceFull") or (r.path or {}).get("replace_full"),
+        )
+    rw = f.rewrite or mgr.Rewrite()
+    return b.GatewayFilter(
+        type="rewrite",
+        rewrite_full=rw.replace_full,
+        rewrite_prefix=rw.replace_prefix_match,
+        host_to_backend_hostname=bool(rw.host_to_backend_hostname),
+    )
+
+
+def _match(m: mgr.Match) -> b.GatewayMatch:
+    path = None
+    if m.path is not None and m.path.value:
+        kind = {"EXACT": "exact", "PREFIX": "prefix", "REGEX": "regex"}[(m.path.match or "PREFIX").upper()]
+        path = b.StringMatch(kind=kind, value=m.path.value)  # type: ignore[arg-type]
+    return b.GatewayMatch(
+        path=path,
+        method=m.method.upper() if m.method else None,
+        headers=tuple(
+            (h.name or "", (h.match or "EXACT").lower(), h.value or "")  # type: ignore[misc]
+            for h in m.headers or []
+        ),
+        query=tuple(
+            (q.name or "", (q.match or "EXACT").lower(), q.value or "") for q in m.query_parameters or []
+        ),  # type: ignore[misc]
+    )
+
+
+def _sort_key(r: b.GatewayRule) -> tuple[int, int, int, int, int]:
+    m = r.matches[0]
+    order = {"exact": 0, "prefix": 1, "regex": 2}
+    kind = order[m.path.kind] if m.path else 3
+    plen = -len(m.path.value) if m.path else 0
+    return (kind, plen, 0 if m.method else 1, -len(m.headers), -len(m.query))
+
+
+def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[GatewayBuild], list[Diagnostic]]:
+    findings: list[Diagnostic] = []
+    gateways = [d for d in docs if d.kind == "MeshGateway"]
+    routes = [d for d in docs if d.kind == "MeshGatewayRoute"]
+    attached: set[int] = set()
+    out: list[GatewayBuild] = []
+    for gw in gateways:
+        sels = gw.spec.selectors or []
+        service = selector_service(dict(sels[0].match or {})) if sels else "*"
+        if service == "*" or cat.service(mesh, service) is None or cat.service(mesh, service).doc is not gw:  # type: ignore[union-attr]
+            continue
+        used = [gw]
+        listeners = []
+        for li, lst in enumerate(gw.spec.conf.listeners if gw.spec.conf else []):
+            tags = {SERVICE_TAG: service, **(gw.spec.tags or {}), **(lst.tags or {})}
+            rules: list[tuple[b.GatewayRule, Doc, tuple[object, ...]]] = []
+            tcp: list[b.GatewayBackend] = []
+            for r in routes:
+                if not any(_matches_tags(dict(s.match or {}), tags) for s in r.spec.selectors or []):
+                    continue
+                attached.add(id(r))
+                used.append(r)
+                conf = r.spec.conf
+                if conf.http is not None:
+                    hostnames = tuple(conf.http.hostnames or ())
+                    for ri, rule in enumerate(conf.http.rules or []):
+                        filters = tuple(_filter(f) for f in rule.filters or [])
+                        backends = tuple(_backend(x) for x in rule.backends or [])
+                        for mi, m in enumerate(rule.matches or []):
+                            br = b.GatewayRule(
+                                hostnames=hostnames, matches=(_match(m),), filters=filters, backends=backends
+                            )
+                            rules.append((br, r, ("conf", "http", "rules", ri, "matches", mi)))
+                if conf.tcp is not None:
+                    for tr in conf.tcp.rules or []:
+                        tcp.extend(_backend(x) for x in tr.backends or [])
+            seen: dict[tuple[object, ...], tuple[Doc, tuple[object, ...]]] = {}
+            for br, r, path in rules:
+                key = (br.hostnames, br.matches)
+                if key in seen:
+                    first_doc, first_path = seen[key]
+                    findings.append(
+                        Diagnostic(
+                            "E3003",
+                            f"this match is already routed on listener {li} of MeshGateway {gw.name!r} "
+                            f"by {first_doc.kind} {first_doc.name!r}; this rule can never be reached",
+                            r.loc(path),  # type: ignore[arg-type]
+                            related_locs=((first_doc.loc(first_path), "the first rule with this match"),),  # type: ignore[arg-type]
+                        )
+                    )
+                else:
+                    seen[key] = (r, path)
+            ordered = sorted((x[0] for x in rules), key=_sort_key)
+            listeners.append(
+                b.GatewayListener(
+                    port=lst.port or 0,
+                    protocol=(lst.protocol or "HTTP").upper(),  # type: ignore[arg-type]
+                    hostname=lst.hostname or "*",
+                    tags=dict(lst.tags or {}),
+                    connection_limit=lst.resources.connection_limit if lst.resources else None,
+                    rules=tuple(ordered),
+                    tcp_backends=tuple(tcp),
+                )
+            )
+        out.append(
+            GatewayBuild(
+                service, b.GatewayConf(tags=dict(gw.spec.tags or {}), listeners=tuple(listeners)), used
+            )
+        )
+    for r in routes:
+        conf = r.spec.conf
+        if id(r) not in attached:
+            findings.append(
+                Diagnostic(
+                    "W1001",
+                    "no MeshGateway listener carries these tags: this route is attached to nothing",
+                    r.loc(("selectors",)),
+                )
+            )
+        for ri, rule in enumerate((conf.http.rules or []) if conf.http else []):
+            for bi, x in enumerate(rule.backends or []):
+                findings.extend(
+                    _backend_ref(cat, r, ("conf", "http", "rules", ri, "backends", bi, "destination"), x)
+                )
+            for fi, f in enumerate(rule.filters or []):
+                if f.mirror is not None and f.mirror.backend is not None:
+                    p = ("conf", "http", "rules", ri, "filters", fi, "mirror", "backend", "destination")
+                    findings.extend(_backend_ref(cat, r, p, f.mirror.backend))
+        for ti, tr in enumerate((conf.tcp.rules or []) if conf.tcp else []):
+            for bi, x in enumerate(tr.backends or []):
+                findings.extend(
+                    _backend_ref(cat, r, ("conf", "tcp", "rules", ti, "backends", bi, "destination"), x)
+                )
+    return out, findings
+
+
+def _backend_ref(cat: Catalog, r: Doc, path: tuple[str | int, ...], x: mgr.Backend) -> list[Diagnostic]:
+    found = list(check_tags(cat, r, path, x.destination or {}, role="backend"))
+    return [
+        Diagnostic("E2004", f"gateway backend: {d.message}", d.loc, related_locs=d.related_locs)
+        if d.code == "E2001"
+        else d
+        for d in found
+    ]

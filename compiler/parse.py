@@ -1,0 +1,307 @@
+"""Parse: YAML documents -> typed policy documents, with findings for everything that is wrong.
+
+Both of Kuma's forms are read: Kubernetes (``apiVersion``, ``kind``, ``mesh``, ``metadata``,
+``spec``) and universal (``type``, ``name``, ``mesh``, fields at top level). The spec is
+validated by the kind's pydantic model (types, unknown keys) and then by the kind's own
+checks (Kuma's validator rules). Findings carry key paths, never positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from compiler.diagnostics import Diagnostic, Loc, Path
+from compiler.kinds import REGISTRY, KindDef
+
+__all__ = ["Doc", "parse_documents"]
+
+_K8S_TOP = {"apiVersion", "kind", "mesh", "metadata", "spec"}
+_META = {
+    "name",
+    "namespace",
+    "labels",
+    "annotations",
+    "creationTimestamp",
+    "generation",
+    "uid",
+    "resourceVersion",
+}
+_API_VERSIONS = {"kuma.io/v1alpha1", "meshc/v1alpha1"}
+
+
+@dataclass(frozen=True)
+class Doc:
+    """One valid policy document."""
+
+    file: str
+    index: int
+    kind: str
+    mesh: str
+    name: str
+    spec: Any
+    prefix: Path
+
+    def loc(self, path: Path = (), on_key: bool = False) -> Loc:
+        return Loc(self.file, self.index, (*self.prefix, *path), on_key)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind} {self.mesh}/{self.name}"
+
+
+def _diag(code: str, msg: str, file: str, index: int, path: Path = (), on_key: bool = False) -> Diagnostic:
+    return Diagnostic(code, msg, Loc(file, index, path, on_key))
+
+
+def parse_documents(file: str, docs: Iterable[Any]) -> tuple[list[Doc], list[Diagnostic]]:
+    out: list[Doc] = []
+    findings: list[Diagnostic] = []
+    for index, raw in enumerate(docs):
+        if raw is None:
+            continue  # an empty document (a trailing `---`) is allowed
+        doc, errs = _parse_one(file, index, raw)
+        findings.extend(errs)
+        if doc is not None:
+            out.append(doc)
+    return out, findings
+
+
+def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagnostic]]:
+    if not isinstance(raw, dict):
+        return None, [
+            _diag("E0005", f"a policy document must be a mapping, not {_typename(raw)}", file, index)
+        ]
+    errs: list[Diagnostic] = []
+    if "kind" in raw or "apiVersion" in raw:
+        kind, prefix = raw.get("kind"), ("spec",)
+        api = raw.get("apiVersion")
+        kdef = REGISTRY.get(kind) if isinstance(kind, str) else None
+        if kind is None:
+            return None, [
+                _diag("E0006", "the document has no `kind`; add e.g. `kind: TrafficRoute`", file, index)
+            ]
+        if kdef is None:
+            return None, [_unknown_kind(kind, file, index, ("kind",))]
+        if api != kdef.api_version:
+            errs.append(
+                _diag(
+                    "E0006",
+                    f"apiVersion {api!r} does not serve kind {kind}; use `apiVersion: {kdef.api_version}`",
+                    file,
+                    index,
+                    ("apiVersion",) if "apiVersion" in raw else (),
+                )
+            )
+        for key in raw:
+            if key not in _K8S_TOP:
+                errs.append(
+                    _diag(
+                        "E1001",
+                        f"unknown key {key!r} at the top level; the spec goes under `spec`",
+                        file,
+                        index,
+                        (key,),
+                        True,
+                    )
+                )
+        meta = raw.get("metadata")
+        name = None
+        if not isinstance(meta, dict):
+            errs.append(_diag("E0007", "`metadata.name` is missing", file, index, ("metadata",)))
+        else:
+            name = meta.get("name")
+            for key in meta:
+                if key not in _META:
+                    errs.append(
+                        _diag("E1001", f"unknown metadata key {key!r}", file, index, ("metadata", key), True)
+                    )
+            if not isinstance(name, str) or not name:
+                errs.append(
+                    _diag(
+                        "E0007",
+                        "`metadata.name` must be a non-empty string",
+                        file,
+                        index,
+                        ("metadata", "name"),
+                    )
+                )
+        spec_raw = raw.get("spec", {})
+        if spec_raw is None:
+            spec_raw = {}
+    elif "type" in raw:
+        kind, prefix = raw.get("type"), ()
+        kdef = REGISTRY.get(kind) if isinstance(kind, str) else None
+        if kdef is None:
+            return None, [_unknown_kind(kind, file, index, ("type",))]
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            errs.append(_diag("E0007", "`name` must be a non-empty string", file, index, ("name",)))
+        spec_raw = {k: v for k, v in raw.items() if k not in ("type", "name", "mesh")}
+    else:
+        return None, [_diag("E0006", "the document has no `kind` (or universal `type`)", file, index)]
+    if kdef.kind == "Mesh":
+        mesh = name if isinstance(name, str) else ""
+        if "mesh" in raw:
+            errs.append(
+                _diag(
+                    "E1001", "a Mesh has no `mesh` field; its name is the mesh", file, index, ("mesh",), True
+                )
+            )
+    else:
+        mesh = raw.get("mesh")
+        if not isinstance(mesh, str) or not mesh:
+            errs.append(
+                _diag(
+                    "E0007",
+                    "mesh: cannot be empty; add `mesh: default`",
+                    file,
+                    index,
+                    ("mesh",) if "mesh" in raw else (),
+                )
+            )
+    if not isinstance(spec_raw, dict):
+        errs.append(
+            _diag("E1002", f"`spec` must be a mapping, not {_typename(spec_raw)}", file, index, prefix)
+        )
+        return None, errs
+    try:
+        spec = kdef.spec.model_validate(spec_raw)
+    except ValidationError as e:
+        errs.extend(_pydantic(e, file, index, prefix, spec_raw))
+        return None, errs
+    for f in kdef.check(spec):
+        errs.append(_diag(f.code, f.message, file, index, (*prefix, *f.path), f.on_key))
+    if any(d.severity == "error" for d in errs):
+        return None, errs
+    assert isinstance(name, str) and isinstance(mesh, str)
+    return Doc(file, index, kdef.kind, mesh, name, spec, prefix), errs
+
+
+def _unknown_kind(kind: Any, file: str, index: int, path: Path) -> Diagnostic:
+    known = ", ".join(sorted(REGISTRY))
+    return _diag("E0006", f"unknown kind {kind!r}; meshc knows {known}", file, index, path)
+
+
+def _typename(v: Any) -> str:
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a boolean",
+    }.get(type(v), "null" if v is None else type(v).__name__)
+
+
+def _lookup(data: Any, path: Path) -> Any:
+    for step in path:
+        if (isinstance(data, dict) and step in data) or (isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data)):
+            data = data[step]
+        else:
+            return None
+    return data
+
+
+def _pydantic(e: ValidationError, file: str, index: int, prefix: Path, spec_raw: Any) -> list[Diagnostic]:
+    out = []
+    seen: set[tuple[Path, str]] = set()
+    for err in e.errors(include_url=False):
+        loc = err["loc"]
+        on_key = False
+        path: list[str | int] = []
+        for step in loc:
+            if step == "[key]":
+                on_key = True
+                continue
+            if (
+                (isinstance(step, str)
+                and step.startswith("function-"))
+                or step in ("str", "int", "float", "bool")
+            ):
+                continue
+            path.append(step)
+        typ = err["type"]
+        value = err.get("input")
+        actual = _lookup(spec_raw, tuple(path))
+        if typ == "extra_forbidden":
+            code, msg, on_key = "E1001", f"unknown key {path[-1]!r}{_did_you_mean(e, path)}", True
+        elif typ == "missing":
+            code, msg = "E1003", f"`{path[-1]}` is required"
+        elif typ == "duration":
+            code, msg = "E1006", err["msg"]
+        elif typ == "literal_error":
+            code, msg = "E1005", f"{value!r} is not allowed: {err['msg'].lower()}"
+        elif value is None or (actual is None and _present(spec_raw, tuple(path))):
+            code, msg = (
+                "E1004",
+                f"`{path[-1] if path else 'spec'}` has no value; give it one or remove the key",
+            )
+        elif (
+            typ.endswith("_type")
+            or typ.endswith("_parsing")
+            or typ in ("model_type", "dict_type", "list_type")
+        ):
+            code, msg = "E1002", f"wrong type: {err['msg'].lower()}, got {_typename(value)}"
+        else:
+            code, msg = "E1005", err["msg"]
+        key = (tuple(path), code)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(_diag(code, msg, file, index, (*prefix, *path), on_key))
+    return out
+
+
+def _present(data: Any, path: Path) -> bool:
+    if not path:
+        return True
+    parent = _lookup(data, path[:-1])
+    return isinstance(parent, dict) and path[-1] in parent
+
+
+def _did_you_mean(e: ValidationError, path: list[str | int]) -> str:
+    import difflib
+
+    name = str(path[-1])
+    candidates: list[str] = []
+    model = getattr(e, "title", "")
+    del model
+    for kdef in REGISTRY.values():
+        candidates.extend(_field_names(kdef))
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _field_names(kdef: KindDef) -> list[str]:
+    names: list[str] = []
+    stack: list[Any] = [kdef.spec]
+    seen: set[Any] = set()
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        for fname, f in m.model_fields.items():
+            from pydantic.alias_generators import to_camel
+
+            names.append(to_camel(fname))
+            for arg in _model_args(f.annotation):
+                stack.append(arg)
+    return names
+
+
+def _model_args(t: Any) -> list[Any]:
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    out = []
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        out.append(t)
+    for a in get_args(t):
+        out.extend(_model_args(a))
+    return out

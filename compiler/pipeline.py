@@ -1,0 +1,180 @@
+"""The compiler pipeline: load -> parse -> resolve -> check -> build, as pure functions.
+
+``compile_sources`` takes files already read (a ``SourceSet``) and returns a ``CompileResult``:
+located diagnostics, and, when there is no error, the canonical bytes of every bundle and the
+release. Reading files (``source``) and writing output (``output``) are the I/O edges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compiler import convert
+from compiler.build import build_mesh
+from compiler.catalog import build_catalog
+from compiler.checks import check_all
+from compiler.diagnostics import Diagnostic, Related, Span
+from compiler.gateway import build_gateways
+from compiler.parse import Doc, parse_documents
+from compiler.resolve import conflict_diagnostics, index_policies
+from compiler.source import SourceFile, SourceSet, read_policy_dir
+from compiler.yamlload import Positions, load_fast, load_positions
+from runtime import bundle as b
+
+__all__ = ["CompileResult", "ParsedFile", "compile_dir", "compile_sources", "parse_file"]
+
+
+@dataclass
+class ParsedFile:
+    """One file after parsing; cached by blob id in the incremental compiler."""
+
+    file: SourceFile
+    docs: list[Doc]
+    findings: list[Diagnostic]
+    documents: int
+    positions: Positions | None = None
+
+
+@dataclass
+class CompileResult:
+    diagnostics: list[Diagnostic]
+    files: int
+    documents: int
+    bundles: dict[str, bytes] = field(default_factory=dict)
+    """Bundle key (``<mesh>`` or ``<mesh>/<service>``) -> canonical JSON bytes."""
+    release: dict[str, Any] = field(default_factory=dict)
+    release_id: str = ""
+    commit: str | None = None
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for d in self.diagnostics if d.severity == "error")
+
+    @property
+    def warnings(self) -> int:
+        return sum(1 for d in self.diagnostics if d.severity == "warning")
+
+    @property
+    def digests(self) -> dict[str, str]:
+        return dict(self.release.get("bundles", {}))
+
+
+def parse_file(f: SourceFile) -> ParsedFile:
+    data = load_fast(f.data)
+    positions = None
+    findings: list[Diagnostic] = []
+    if data is None:
+        positions, data, findings = load_positions(f.path, f.data)
+    docs, more = parse_documents(f.path, data)
+    return ParsedFile(f, docs, findings + more, len(data), positions)
+
+
+def compile_dir(policy_dir: str | Path, ref: str | None = None) -> CompileResult:
+    return compile_sources(read_policy_dir(policy_dir, ref))
+
+
+def compile_sources(src: SourceSet) -> CompileResult:
+    return compile_parsed(src, [parse_file(f) for f in src.files])
+
+
+def compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
+    docs = [d for p in parsed for d in p.docs]
+    findings = [d for p in parsed for d in p.findings]
+    cat, cat_findings = build_catalog(docs)
+    findings.extend(cat_findings)
+    findings.extend(check_all(docs, cat))
+    bundles: dict[str, bytes] = {}
+    provenance: dict[str, list[Doc]] = {}
+    for mesh in cat.meshes.values():
+        mesh_docs = [d for d in docs if d.mesh == mesh.name]
+        logging = convert.logging_backends(mesh.doc.spec if mesh.doc else None)
+        idx = index_policies(mesh_docs, {mesh.name: logging})
+        gateways, gw_findings = build_gateways(cat, mesh.name, mesh_docs)
+        findings.extend(gw_findings)
+
+        def keep(key: str, bundle: b.MeshBundle | b.ServiceBundle, used: list[Doc]) -> None:
+            bundles[key] = b.bundle_bytes(bundle)
+            provenance[key] = used
+
+        build_mesh(mesh, idx, gateways, logging, keep)
+        findings.extend(conflict_diagnostics(idx))
+    diagnostics = locate_all(parsed, findings)
+    result = CompileResult(diagnostics, len(src.files), sum(p.documents for p in parsed), commit=src.commit)
+    if result.errors:
+        return result
+    result.bundles = dict(sorted(bundles.items()))
+    digests = {k: b.bundle_digest(v) for k, v in result.bundles.items()}
+    lines = {p.file.path: _doc_lines(p.file.data) for p in parsed}
+    result.release = {
+        "format": 1,
+        "commit": src.commit,
+        "bundles": digests,
+        "provenance": {
+            k: sorted(
+                {(d.kind, d.name, d.file, _line(lines, d)): None for d in provenance[k]},
+            )
+            for k in result.bundles
+        },
+    }
+    result.release["provenance"] = {
+        k: [{"kind": kind, "name": name, "file": file, "line": line} for kind, name, file, line in v]
+        for k, v in result.release["provenance"].items()
+    }
+    result.release_id = src.commit or hashlib.sha256(b.canonical_json(digests)).hexdigest()
+    return result
+
+
+_DOC_START = re.compile(rb"^---", re.M)
+
+
+def _doc_lines(data: bytes) -> list[int]:
+    """The first line of each document, from its ``---`` separators (cheap; no re-parse)."""
+    starts = [1]
+    for m in _DOC_START.finditer(data):
+        line = data.count(b"\n", 0, m.start()) + 1
+        if data[: m.start()].strip() == b"" or line == 1:
+            starts[0] = line + 1
+        else:
+            starts.append(line + 1)
+    return starts
+
+
+def _line(lines: dict[str, list[int]], d: Doc) -> int:
+    ls = lines.get(d.file, [1])
+    return ls[d.index] if d.index < len(ls) else ls[-1]
+
+
+def locate_all(parsed: list[ParsedFile], findings: list[Diagnostic]) -> list[Diagnostic]:
+    """Give every finding a span, re-reading with positions only the files that have findings."""
+    by_path = {p.file.path: p for p in parsed}
+    cache: dict[str, Positions | None] = {}
+
+    def positions(path: str) -> Positions | None:
+        if path not in cache:
+            p = by_path.get(path)
+            if p is None:
+                cache[path] = None
+            elif p.positions is not None:
+                cache[path] = p.positions
+            else:
+                cache[path] = load_positions(path, p.file.data)[0]
+        return cache[path]
+
+    out = []
+    for d in findings:
+        span = d.span
+        if span is None:
+            pos = positions(d.loc.file)
+            span = pos.locate(d.loc) if pos is not None else Span()
+        related = list(d.related)
+        for loc, msg in d.related_locs:
+            pos = positions(loc.file)
+            s = pos.locate(loc) if pos is not None else Span()
+            related.append(Related(loc.file, s.line, s.column, msg))
+        out.append(Diagnostic(d.code, d.message, d.loc, span, tuple(related)))
+    out.sort(key=Diagnostic.sort_key)
+    return out

@@ -1,0 +1,185 @@
+"""Resolve: Kuma's precedence per policy kind and (source, destination) pair (DESIGN §3).
+
+Every (source selector, destination selector) pair of a policy becomes an ``Entry`` with a rank
+(exact tag matches, then wildcard matches, Kuma's ``TagSelectorRank``). For a pair of services the
+matching entries are sorted most specific first and kept as tag-conditioned ``Rule``s up to the
+first unconditional one. Two policies of one kind with equal rank whose conditions can hold for
+the same instance are a conflict (E3002): Kuma would pick the newest, Git has no such clock.
+TrafficPermissions are never ranked: they add up.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from compiler import convert
+from compiler.catalog import extra_tags, selector_service
+from compiler.diagnostics import Diagnostic, Path
+from compiler.kinds._base import PROTOCOL_TAG, Selector
+from compiler.parse import Doc
+from runtime import bundle as b
+
+__all__ = ["INBOUND", "OUTBOUND", "Entry", "PolicyIndex", "index_policies"]
+
+OUTBOUND = ("TrafficRoute", "Timeout", "Retry", "CircuitBreaker", "HealthCheck", "TrafficLog")
+INBOUND = ("TrafficPermission", "RateLimit", "FaultInjection")
+_PERMISSION_CONF: None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    doc: Doc
+    src: str
+    dst: str
+    when: tuple[tuple[str, str], ...]
+    peer: tuple[tuple[str, str], ...]
+    rank: tuple[int, int]
+    conf: Any
+    path: Path
+
+
+@dataclass
+class PolicyIndex:
+    """Entries per kind, keyed by (source service, destination service); ``*`` is a key too."""
+
+    by_kind: dict[str, dict[tuple[str, str], list[Entry]]] = field(default_factory=dict)
+    sources: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    """Outbound kinds: source service -> destinations it names (``*`` included)."""
+    by_dst: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
+    """Inbound kinds: destination service (or ``*``) -> entries."""
+    conflicts: dict[frozenset[int], tuple[Entry, Entry]] = field(default_factory=dict)
+
+    def entries(self, kind: str, keys: Iterable[tuple[str, str]]) -> list[Entry]:
+        table = self.by_kind.get(kind, {})
+        out: list[Entry] = []
+        for k in keys:
+            out.extend(table.get(k, ()))
+        return out
+
+    def ranked(self, kind: str, entries: list[Entry]) -> list[Entry]:
+        """Most specific first, up to the first unconditional entry; records conflicts."""
+        entries.sort(key=lambda e: (-e.rank[0], -e.rank[1], e.doc.file, e.doc.index))
+        out: list[Entry] = []
+        for i, e in enumerate(entries):
+            for prev in out:
+                if (
+                    prev.rank == e.rank
+                    and prev.doc is not e.doc
+                    and _compatible(prev.when, e.when)
+                    and _compatible(prev.peer, e.peer)
+                ):
+                    key = frozenset((id(prev.doc), id(e.doc)))
+                    self.conflicts.setdefault(key, (prev, e))
+            out.append(e)
+            if not e.when and not e.peer:
+                # Equal-rank unconditional entries further on still conflict with this one.
+                for later in entries[i + 1 :]:
+                    if later.rank != e.rank:
+                        break
+                    if later.doc is not e.doc and not later.when and not later.peer:
+                        self.conflicts.setdefault(frozenset((id(e.doc), id(later.doc))), (e, later))
+                break
+        return out
+
+
+def _compatible(a: tuple[tuple[str, str], ...], b_: tuple[tuple[str, str], ...]) -> bool:
+    da = dict(a)
+    return all(k not in da or da[k] == v or "*" in (da[k], v) for k, v in b_)
+
+
+def _rank(*selectors: dict[str, str | None]) -> tuple[int, int]:
+    exact = wild = 0
+    for s in selectors:
+        for v in s.values():
+            if v == "*":
+                wild += 1
+            else:
+                exact += 1
+    return exact, wild
+
+
+def _tags(sel: Selector) -> dict[str, str | None]:
+    return dict(sel.match or {})
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "TrafficRoute": convert.route_conf,
+    "Timeout": convert.timeout_conf,
+    "Retry": convert.retry_conf,
+    "CircuitBreaker": convert.circuit_breaker_conf,
+    "HealthCheck": convert.health_check_conf,
+    "FaultInjection": convert.fault_injection_conf,
+    "RateLimit": convert.rate_limit_conf,
+}
+
+
+def index_policies(docs: list[Doc], log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> PolicyIndex:
+    idx = PolicyIndex()
+    for d in docs:
+        if d.kind not in OUTBOUND and d.kind not in INBOUND:
+            continue
+        conf = _conf(d, log_backends)
+        if conf is None and d.kind != "TrafficPermission":
+            continue
+        table = idx.by_kind.setdefault(d.kind, {})
+        for si, s in enumerate(d.spec.sources or []):
+            st = _tags(s)
+            for di, t in enumerate(d.spec.destinations or []):
+                dt = _tags(t)
+                src, dst = selector_service(st), selector_service(dt)
+                if d.kind in OUTBOUND:
+                    when, peer = extra_tags(st), extra_tags(dt)
+                    idx.sources[src].add(dst)
+                    path: Path = ("sources", si, "match")
+                else:
+                    when = extra_tags(dt)
+                    peer = {k: v for k, v in st.items() if k != PROTOCOL_TAG and v is not None and v != "*"}
+                    path = ("destinations", di, "match")
+                e = Entry(
+                    d,
+                    src,
+                    dst,
+                    tuple(sorted(when.items())),
+                    tuple(sorted(peer.items())),
+                    _rank(st, dt),
+                    conf,
+                    path,
+                )
+                table.setdefault((src, dst), []).append(e)
+                idx.by_dst.setdefault(d.kind, {}).setdefault(dst, []).append(e)
+    return idx
+
+
+def _conf(d: Doc, log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> Any:
+    if d.kind == "TrafficPermission":
+        return None
+    if d.kind == "TrafficLog":
+        backends = log_backends.get(d.mesh, ())
+        name = d.spec.conf.backend if d.spec.conf else None
+        chosen = (
+            next((x for x in backends if x.name == name), None)
+            if name
+            else (backends[0] if backends else None)
+        )
+        return b.TrafficLogConf(backend=chosen) if chosen is not None else None
+    return _CONVERT[d.kind](d.spec)
+
+
+def conflict_diagnostics(idx: PolicyIndex) -> list[Diagnostic]:
+    out = []
+    for first, second in idx.conflicts.values():
+        a, z = sorted((first, second), key=lambda e: (e.doc.file, e.doc.index))
+        pair = f"{z.src} -> {z.dst}" if z.doc.kind in OUTBOUND else f"{z.src} -> {z.dst}"
+        out.append(
+            Diagnostic(
+                "E3002",
+                f"{z.doc.kind} {z.doc.name!r} and {a.doc.name!r} both apply to {pair} with equal specificity; "
+                "Kuma would pick the newer one. Make one selector more specific, or merge them",
+                z.doc.loc(z.path),
+                related_locs=((a.doc.loc(a.path), f"{a.doc.kind} {a.doc.name!r} is here"),),
+            )
+        )
+    return out
