@@ -29,7 +29,7 @@ class Built:
 
 
 def _rules(entries: list[Entry], default: Any = None) -> tuple[b.Rule[Any], ...]:
-    rules = [b.Rule(when=dict(e.when), peer=dict(e.peer), conf=e.conf) for e in entries]
+    rules: list[b.Rule[Any]] = [b.Rule(when=dict(e.when), peer=dict(e.peer), conf=e.conf) for e in entries]
     if default is not None and (not rules or rules[-1].when or rules[-1].peer):
         rules.append(b.Rule(conf=default))
     return tuple(rules)
@@ -104,7 +104,7 @@ def build_mesh(
         passthrough=passthrough,
         logging=logging,
         services={
-            n: b.CatalogService(port=s.port, protocol=s.protocol, subsets=tuple(s.subsets), gateway=s.gateway)  # type: ignore[arg-type]
+            n: b.CatalogService(port=s.port, protocol=s.protocol, subsets=tuple(s.subsets), gateway=s.gateway)
             for n, s in services.items()
         },
         destinations={d: bld.destination("*", d, mesh_used) for d in destinations},

@@ -47,6 +47,16 @@ def _add_diag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="warnings fail too (exit 1)")
 
 
+def _add_compile_args(p: argparse.ArgumentParser) -> None:
+    _add_diag_args(p)
+    p.add_argument("--out", default="out", help="output directory (default: out)")
+
+
+def _add_schemas_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="schemas", help="output directory (default: schemas)")
+    p.add_argument("--check", action="store_true", help="only check that they are up to date")
+
+
 def _run_validate(args: argparse.Namespace) -> int:
     from compiler.commands import validate
 
@@ -76,13 +86,13 @@ def _run_schemas(args: argparse.Namespace) -> int:
 def _run_sidecar(args: argparse.Namespace) -> int:
     from runtime.cli import sidecar_main
 
-    return sidecar_main(args.rest)
+    return int(sidecar_main(args.rest))
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
     from runtime.cli import gateway_main
 
-    return gateway_main(args.rest)
+    return int(gateway_main(args.rest))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,10 +120,7 @@ def _parser() -> argparse.ArgumentParser:
             "Compile DIR (or DIR at --ref) into OUT/bundles/<sha256>.json (one per mesh, one per\n"
             "service and gateway; written once, never changed) and OUT/releases/<id>.json (the\n"
             "`bundles` map and the provenance of each). A compile with errors writes nothing.",
-            lambda p: (
-                _add_diag_args(p),
-                p.add_argument("--out", default="out", help="output directory (default: out)"),
-            ),
+            _add_compile_args,
             _run_compile,
         ),
         (
@@ -121,10 +128,7 @@ def _parser() -> argparse.ArgumentParser:
             "regenerate the JSON Schemas in schemas/",
             "Write a JSON Schema per policy kind and one for the bundle, generated from the models.\n"
             "Editors use them through a `# yaml-language-server: $schema=...` first line.",
-            lambda p: (
-                p.add_argument("--out", default="schemas", help="output directory (default: schemas)"),
-                p.add_argument("--check", action="store_true", help="only check that they are up to date"),
-            ),
+            _add_schemas_args,
             _run_schemas,
         ),
     ]

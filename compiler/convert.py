@@ -105,7 +105,7 @@ def _lb(lb: traffic_route.LoadBalancer | None) -> b.LoadBalancer:
         fn = rh.hash_function if rh.hash_function in ("XX_HASH", "MURMUR_HASH_2") else "XX_HASH"
         return b.LoadBalancer(
             type="ring_hash",
-            hash_function=fn,  # type: ignore[arg-type]
+            hash_function=fn,
             min_ring_size=rh.min_ring_size or 1024,
             max_ring_size=rh.max_ring_size or 8388608,
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compiler.catalog import Catalog, check_tags, selector_service
-from compiler.diagnostics import Diagnostic
+from compiler.diagnostics import Diagnostic, Path
 from compiler.kinds import mesh_gateway_route as mgr
 from compiler.kinds._base import SERVICE_TAG
 from compiler.parse import Doc
@@ -92,17 +92,14 @@ def _match(m: mgr.Match) -> b.GatewayMatch:
     path = None
     if m.path is not None and m.path.value:
         kind = {"EXACT": "exact", "PREFIX": "prefix", "REGEX": "regex"}[(m.path.match or "PREFIX").upper()]
-        path = b.StringMatch(kind=kind, value=m.path.value)  # type: ignore[arg-type]
+        path = b.StringMatch(kind=kind, value=m.path.value)
     return b.GatewayMatch(
         path=path,
         method=m.method.upper() if m.method else None,
-        headers=tuple(
-            (h.name or "", (h.match or "EXACT").lower(), h.value or "")  # type: ignore[misc]
-            for h in m.headers or []
-        ),
+        headers=tuple((h.name or "", (h.match or "EXACT").lower(), h.value or "") for h in m.headers or []),
         query=tuple(
             (q.name or "", (q.match or "EXACT").lower(), q.value or "") for q in m.query_parameters or []
-        ),  # type: ignore[misc]
+        ),
     )
 
 
@@ -129,7 +126,7 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
         listeners = []
         for li, lst in enumerate(gw.spec.conf.listeners if gw.spec.conf else []):
             tags = {SERVICE_TAG: service, **(gw.spec.tags or {}), **(lst.tags or {})}
-            rules: list[tuple[b.GatewayRule, Doc, tuple[object, ...]]] = []
+            rules: list[tuple[b.GatewayRule, Doc, Path]] = []
             tcp: list[b.GatewayBackend] = []
             for r in routes:
                 if not any(_matches_tags(dict(s.match or {}), tags) for s in r.spec.selectors or []):
@@ -150,7 +147,7 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                 if conf.tcp is not None:
                     for tr in conf.tcp.rules or []:
                         tcp.extend(_backend(x) for x in tr.backends or [])
-            seen: dict[tuple[object, ...], tuple[Doc, tuple[object, ...]]] = {}
+            seen: dict[tuple[object, ...], tuple[Doc, Path]] = {}
             for br, r, path in rules:
                 key = (br.hostnames, br.matches)
                 if key in seen:
@@ -160,8 +157,8 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                             "E3003",
                             f"this match is already routed on listener {li} of MeshGateway {gw.name!r} "
                             f"by {first_doc.kind} {first_doc.name!r}; this rule can never be reached",
-                            r.loc(path),  # type: ignore[arg-type]
-                            related_locs=((first_doc.loc(first_path), "the first rule with this match"),),  # type: ignore[arg-type]
+                            r.loc(path),
+                            related_locs=((first_doc.loc(first_path), "the first rule with this match"),),
                         )
                     )
                 else:
@@ -170,7 +167,7 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
             listeners.append(
                 b.GatewayListener(
                     port=lst.port or 0,
-                    protocol=(lst.protocol or "HTTP").upper(),  # type: ignore[arg-type]
+                    protocol=(lst.protocol or "HTTP").upper(),
                     hostname=lst.hostname or "*",
                     tags=dict(lst.tags or {}),
                     connection_limit=lst.resources.connection_limit if lst.resources else None,

@@ -47,7 +47,7 @@ def _kind_schema(k: KindDef) -> dict[str, Any]:
     }
     if k.kind != "Mesh":
         k8s["properties"]["mesh"] = name_field
-    universal = {
+    universal: dict[str, Any] = {
         "type": "object",
         "required": ["type", "name"] + ([] if k.kind == "Mesh" else ["mesh"]),
         "properties": {"type": {"const": k.kind}, "name": name_field},

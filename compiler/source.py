@@ -108,9 +108,9 @@ def _read_git(repo: Path, root: Path, ref: str) -> SourceSet:
     for item in listing.split(b"\0"):
         if not item:
             continue
-        meta, path = item.split(b"\t", 1)
+        meta, raw_path = item.split(b"\t", 1)
         _mode, typ, blob = meta.decode().split()
-        p = path.decode()
+        p = raw_path.decode()
         parts = p.split("/")
         if typ != "blob" or not p.endswith(_SUFFIXES) or any(x.startswith(".") for x in parts):
             continue
@@ -124,10 +124,9 @@ def _read_git(repo: Path, root: Path, ref: str) -> SourceSet:
     pos = 0
     for path, blob in entries:
         nl = out.index(b"\n", pos)
-        header = out[pos:nl].split()
-        size = int(header[2])
-        data = out[nl + 1 : nl + 1 + size]
+        size = int(out[pos:nl].split()[2])
+        content = out[nl + 1 : nl + 1 + size]
         pos = nl + 1 + size + 1
-        files.append(SourceFile(path, data, blob))
+        files.append(SourceFile(path, content, blob))
     files.sort(key=lambda f: f.path)
     return SourceSet(tuple(files), commit, repo)

@@ -25,6 +25,8 @@ import yaml.cyaml
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.resolver import VersionedResolver
+from ruamel.yaml.tag import Tag
 
 from compiler.diagnostics import Diagnostic, Loc, Span
 
@@ -36,6 +38,15 @@ MAX_NODES = 200_000
 """Nodes a file may expand to through aliases (the billion-laughs bound)."""
 
 _STR = "tag:yaml.org,2002:str"
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
+_PLAIN = "!meshc/plain"
+"""What both loaders' resolvers call an untagged plain scalar, resolved later by ``resolve_plain``.
+
+Only untagged plain scalars go through the 1.2 table; quoted scalars, the non-specific ``!`` tag
+and an explicit ``!!str`` are text. Any other explicit tag (``!!int``, ``!!binary``, ``!custom``)
+is refused by the fast path and reported (E1002) by the slow one.
+"""
 _RESOLVERS: list[tuple[str, re.Pattern[str]]] = [
     ("null", re.compile(r"^(?:~|null|Null|NULL|)$")),
     ("bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")),
@@ -63,7 +74,10 @@ def resolve_plain(text: str) -> Any:
                     return int(text[2:], 8)
                 if text.startswith("0x"):
                     return int(text[2:], 16)
-                return int(text, 10)
+                try:
+                    return int(text, 10)
+                except ValueError:  # longer than Python's int-parsing limit: keep it as text
+                    return text
             low = text.lower()
             if low.endswith("inf"):
                 return -math.inf if low.startswith("-") else math.inf
@@ -85,7 +99,16 @@ class _Dup(Exception):
 
 
 class _Resolver12(yaml.resolver.BaseResolver):
-    """Tags every plain scalar as ``str``; ``_FastLoader`` resolves it with the 1.2 table."""
+    """Tags every untagged plain scalar ``_PLAIN``; ``_FastLoader`` resolves it with the 1.2 table.
+
+    libyaml reports a plain scalar's style as ``''`` (PyYAML's Python parser says ``None``), so the
+    style cannot tell plain from tagged: the resolver, called only for untagged nodes, can.
+    """
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0]:
+            return _PLAIN
+        return super().resolve(kind, value, implicit)
 
 
 class _FastConstructor(yaml.constructor.BaseConstructor):
@@ -98,18 +121,20 @@ class _FastConstructor(yaml.constructor.BaseConstructor):
         if self._budget < 0:
             raise _TooBig
         if isinstance(node, yaml.ScalarNode):
+            if node.tag == _PLAIN:
+                return resolve_plain(node.value)
             if node.tag != _STR:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"tag {node.tag} is not allowed", node.start_mark
                 )
-            return resolve_plain(node.value) if node.style is None else node.value
+            return node.value
         if isinstance(node, yaml.SequenceNode):
-            if node.tag != "tag:yaml.org,2002:seq":
+            if node.tag != _SEQ:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"tag {node.tag} is not allowed", node.start_mark
                 )
             return [self._build(n) for n in node.value]
-        if node.tag != "tag:yaml.org,2002:map":
+        if node.tag != _MAP:
             raise yaml.constructor.ConstructorError(
                 None, None, f"tag {node.tag} is not allowed", node.start_mark
             )
@@ -124,9 +149,9 @@ class _FastConstructor(yaml.constructor.BaseConstructor):
         return out
 
 
-class _FastLoader(yaml.cyaml.CParser, _FastConstructor, _Resolver12):  # type: ignore[misc]
+class _FastLoader(yaml.cyaml.CParser, _FastConstructor, _Resolver12):  # type: ignore[misc,name-defined]
     def __init__(self, stream: bytes) -> None:
-        yaml.cyaml.CParser.__init__(self, stream)
+        yaml.cyaml.CParser.__init__(self, stream)  # type: ignore[attr-defined]
         _FastConstructor.__init__(self)
         _Resolver12.__init__(self)
 
@@ -198,20 +223,13 @@ def _child(node: Node, step: str | int) -> tuple[Node, Node] | None:
     return None
 
 
-def _scalar(node: ScalarNode) -> Any:
-    if node.style is None and node.tag in (
-        None,
-        "tag:yaml.org,2002:null",
-        "tag:yaml.org,2002:bool",
-        "tag:yaml.org,2002:int",
-        "tag:yaml.org,2002:float",
-        "tag:yaml.org,2002:str",
-        "tag:yaml.org,2002:timestamp",
-        "tag:yaml.org,2002:merge",
-        "tag:yaml.org,2002:value",
-    ):
-        return resolve_plain(node.value)
-    return node.value
+class _PlainResolver(VersionedResolver):  # type: ignore[misc]
+    """ruamel's resolver, except that an untagged plain scalar is tagged ``_PLAIN`` (see above)."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is ScalarNode and implicit[0]:
+            return Tag(suffix=_PLAIN)
+        return super().resolve(kind, value, implicit)
 
 
 class _Builder:
@@ -229,15 +247,17 @@ class _Builder:
             raise _TooBig
         tag = str(node.tag) if node.tag is not None else None
         if isinstance(node, ScalarNode):
-            if tag is not None and not tag.startswith("tag:yaml.org,2002:") and tag != "!":
-                self._tag(node, path, tag)
-            return _scalar(node)
+            if tag == _PLAIN:
+                return resolve_plain(node.value)
+            if tag not in (_STR, "!"):
+                self._tag(node, path, str(tag))
+            return node.value
         if isinstance(node, SequenceNode):
-            if tag is not None and tag not in ("tag:yaml.org,2002:seq",):
-                self._tag(node, path, tag)
+            if tag not in (_SEQ, "!"):
+                self._tag(node, path, str(tag))
             return [self.build(n, (*path, i)) for i, n in enumerate(node.value)]
-        if tag is not None and tag not in ("tag:yaml.org,2002:map",):
-            self._tag(node, path, tag)
+        if tag not in (_MAP, "!"):
+            self._tag(node, path, str(tag))
         out: dict[Any, Any] = {}
         first: dict[Any, Node] = {}
         assert isinstance(node, MappingNode)
@@ -286,6 +306,7 @@ def load_positions(file: str, data: bytes) -> tuple[Positions | None, list[Any],
         msg = f"byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8"
         return None, [], [Diagnostic("E0003", msg, Loc(file), Span(line, col, line, col + 1))]
     y = YAML(typ="rt")
+    y.Resolver = _PlainResolver
     y.allow_duplicate_keys = True
     nodes: list[Node] = []
     try:
