@@ -1,0 +1,95 @@
+"""The admin API of a data plane (loopback by default; DESIGN §5).
+
+``PUT /bundle``     body = the bundle's exact bytes; headers ``X-Meshc-Digest`` (required),
+                    ``X-Meshc-Generation`` (default 0) and ``X-Meshc-Bundle-Role`` (``mesh`` or
+                    ``service``; taken from the bundle when absent). 200 ``{"ack": digest}`` or
+                    ``{"nack": reason}`` with 400 (bad JSON, schema, format, digest, role, cannot be
+                    compiled), 409 (stale generation), 413 (oversize) or 500 (state dir).
+``PUT /endpoints``  body = ``protocol.EndpointSet``; 200 ``{"ack": sha256 of the body}`` or NACK.
+``GET /ready``      200 when both bundles are loaded and the process is not draining, else 503.
+``GET /config``     running bundles (digest, generation, content), endpoints, host states.
+``GET /metrics``    Prometheus text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from runtime.bundle import MAX_BUNDLE_BYTES
+from runtime.metrics import CONTENT_TYPE
+from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION
+
+if TYPE_CHECKING:
+    from runtime.server import DataPlane
+
+__all__ = ["handle"]
+
+_MAX_ENDPOINTS = 16 * 1024 * 1024
+
+
+def _json(status: int, body: Any) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+
+
+async def _read_capped(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The body, or None when it is (or claims to be) larger than ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+async def handle(plane: DataPlane, request: web.BaseRequest) -> web.StreamResponse:
+    path, method = request.path, request.method
+    if path == "/bundle" and method == "PUT":
+        body = await _read_capped(request, MAX_BUNDLE_BYTES)
+        if body is None:
+            status, reply = plane._nack(
+                request.headers.get(HDR_BUNDLE_ROLE) or "bundle",
+                413,
+                f"bundle is over the {MAX_BUNDLE_BYTES} byte limit",
+            )
+            resp = _json(status, reply)
+            resp.force_close()
+            return resp
+        try:
+            generation = int(request.headers.get(HDR_GENERATION, "0"))
+        except ValueError:
+            status, reply = plane._nack("bundle", 400, f"{HDR_GENERATION} is not an integer")
+            return _json(status, reply)
+        status, reply = await plane.push_bundle(
+            body, request.headers.get(HDR_DIGEST), generation, request.headers.get(HDR_BUNDLE_ROLE)
+        )
+        return _json(status, reply)
+    if path == "/endpoints" and method == "PUT":
+        body = await _read_capped(request, _MAX_ENDPOINTS)
+        if body is None:
+            status, reply = plane._nack(
+                "endpoints", 413, f"endpoint set is over the {_MAX_ENDPOINTS} byte limit"
+            )
+            resp = _json(status, reply)
+            resp.force_close()
+            return resp
+        status, reply = await plane.push_endpoints(body)
+        return _json(status, reply)
+    if method not in ("GET", "HEAD"):
+        return _json(405, {"error": f"{method} {path} is not supported"})
+    if path == "/ready":
+        ready = plane.ready
+        return _json(200 if ready else 503, {"ready": ready, "draining": plane.draining})
+    if path == "/config":
+        return _json(200, plane.config())
+    if path == "/metrics":
+        return web.Response(body=plane.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    return _json(404, {"error": f"no such admin path {path}"})

@@ -1,0 +1,112 @@
+"""Command lines of the data plane: ``meshc sidecar`` and ``meshc gateway``.
+
+``compiler/cli.py`` hands its ``sidecar`` / ``gateway`` subcommands over to ``sidecar_main`` and
+``gateway_main`` (lazy import: the data plane loads no compiler module); ``python -m
+runtime.sidecar`` and ``python -m runtime.gateway`` run the same functions. Exit codes: 0 after a
+clean drain, 2 when the data plane cannot start (usage, unreadable files, unbindable address).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["gateway_main", "sidecar_main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin", default="127.0.0.1:15002", help="admin API address (default %(default)s)")
+    p.add_argument("--state-dir", type=Path, help="where accepted bundles and endpoints are kept")
+    p.add_argument("--control-plane", metavar="URL", help="register and heartbeat with this control plane")
+    p.add_argument("--bundle", type=Path, help="a bundle file to start with (service or mesh bundle)")
+    p.add_argument("--mesh-bundle", type=Path, help="the mesh bundle file to start with")
+    p.add_argument("--endpoints", type=Path, help="an endpoint set (JSON, as PUT /endpoints) to start with")
+    p.add_argument("--mesh", default="default", help="mesh name to register in (default %(default)s)")
+    p.add_argument(
+        "--drain-seconds", type=float, default=10.0, help="longest wait for in-flight requests on SIGTERM"
+    )
+
+
+def _tags(values: list[str]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--tag {value!r} is not key=value")
+        tags[key] = val
+    return tags
+
+
+def _run(kind: str, argv: list[str]) -> int:
+    from runtime.server import Options, parse_addr, run
+
+    p = _Parser(prog=f"meshc {kind}", description=f"Run a meshc {kind} data plane.")
+    if kind == "sidecar":
+        p.add_argument("--service", required=True, help="the service this instance belongs to")
+        p.add_argument("--tag", action="append", default=[], metavar="K=V", help="instance tag (repeatable)")
+        p.add_argument("--app", help="host:port where the local app listens")
+        p.add_argument("--inbound", help="address for mesh traffic to the app")
+        p.add_argument("--outbound", help="address the app uses as HTTP_PROXY")
+    else:
+        p.add_argument("--service", help="the gateway's service (default: from its bundle)")
+        p.add_argument("--tag", action="append", default=[], metavar="K=V", help="instance tag (repeatable)")
+        p.add_argument(
+            "--listen",
+            action="append",
+            default=[],
+            metavar="HOST:PORT",
+            help="address for a listener: the one with this port, else the next unbound one (repeatable)",
+        )
+    _common(p)
+    try:
+        ns = p.parse_args(argv)
+        opts = Options(
+            kind="sidecar" if kind == "sidecar" else "gateway",
+            service=ns.service,
+            tags=_tags(ns.tag),
+            admin=parse_addr(ns.admin),
+            state_dir=ns.state_dir,
+            control_plane=ns.control_plane,
+            bundle=ns.bundle,
+            mesh_bundle=ns.mesh_bundle,
+            endpoints=ns.endpoints,
+            drain_s=ns.drain_seconds,
+            mesh=ns.mesh,
+        )
+        if kind == "sidecar":
+            opts.app = ns.app
+            opts.inbound = parse_addr(ns.inbound) if ns.inbound else None
+            opts.outbound = parse_addr(ns.outbound) if ns.outbound else None
+            if opts.inbound is not None and not opts.app:
+                raise _UsageError("--inbound needs --app")
+            if opts.app:
+                parse_addr(opts.app)
+        else:
+            opts.listen = [parse_addr(a) for a in ns.listen]
+    except (_UsageError, ValueError) as e:
+        print(f"meshc {kind}: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    return run(opts)
+
+
+def sidecar_main(argv: list[str]) -> int:
+    """``meshc sidecar ...``: run a sidecar until SIGTERM; the process exit code."""
+    return _run("sidecar", argv)
+
+
+def gateway_main(argv: list[str]) -> int:
+    """``meshc gateway ...``: run an ingress gateway until SIGTERM; the process exit code."""
+    return _run("gateway", argv)

@@ -1,0 +1,99 @@
+"""The data plane's control-plane client: register, heartbeat, deregister (DESIGN §5).
+
+``POST {URL}/api/v1/register`` (``Registration`` -> ``RegistrationReply``), then every
+``heartbeat_interval_ms`` ``POST /api/v1/heartbeat`` (``Heartbeat``); a 404 on a heartbeat means
+the control plane forgot the instance, so it registers again. ``POST /api/v1/deregister``
+``{"instance": ...}`` on a clean exit, after draining. A control plane that is down or answers
+errors is retried with capped, jittered exponential backoff; the data plane keeps serving its
+last-known-good state meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import sys
+from collections.abc import Callable
+
+import aiohttp
+
+from runtime.protocol import Heartbeat, Registration, RegistrationReply
+
+__all__ = ["Registrar"]
+
+_MAX_BACKOFF_S = 30.0
+
+
+class Registrar:
+    def __init__(
+        self,
+        url: str,
+        registration: Callable[[], Registration],
+        heartbeat: Callable[[str], Heartbeat],
+        on_registered: Callable[[RegistrationReply], None] | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._registration = registration
+        self._heartbeat = heartbeat
+        self._on_registered = on_registered
+        self.instance: str | None = None
+        self.reply: RegistrationReply | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+
+    def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        assert self._session is not None
+        async with self._session.post(
+            f"{self.url}{path}", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
+            return resp.status, await resp.read()
+
+    async def _run(self) -> None:
+        backoff = 0.25
+        while True:
+            try:
+                if self.reply is None:
+                    status, body = await self._post(
+                        "/api/v1/register", self._registration().model_dump_json().encode()
+                    )
+                    if status != 200:
+                        raise OSError(f"register answered {status}: {body[:200]!r}")
+                    self.reply = RegistrationReply.model_validate_json(body)
+                    self.instance = self.reply.instance
+                    if self._on_registered is not None:
+                        self._on_registered(self.reply)
+                    backoff = 0.25
+                await asyncio.sleep(self.reply.heartbeat_interval_ms / 1000.0)
+                status, body = await self._post(
+                    "/api/v1/heartbeat", self._heartbeat(self.reply.instance).model_dump_json().encode()
+                )
+                if status == 404:
+                    self.reply = None
+                elif status != 200:
+                    raise OSError(f"heartbeat answered {status}")
+                backoff = 0.25
+            except asyncio.CancelledError:
+                raise
+            except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as e:
+                print(f"meshc: control plane {self.url}: {e}; retrying", file=sys.stderr, flush=True)
+                await asyncio.sleep(backoff * (0.5 + self._rng.random()))
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def stop(self, deregister: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if deregister and self.instance is not None:
+            with contextlib.suppress(OSError, aiohttp.ClientError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._post("/api/v1/deregister", json.dumps({"instance": self.instance}).encode())
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,470 @@
+"""One data plane process: state, pushes, listeners, lifecycle (sidecar and gateway modes).
+
+Start-up order makes the last-known-good state answer first: the state dir (and any bundle or
+endpoint files on the command line) is loaded and compiled before a single listener is bound.
+A push is parsed and checked, compiled into a new snapshot, written to the state dir, and only
+then swapped in; any failure on the way is a NACK that changes nothing. SIGTERM stops the
+listeners, lets in-flight requests and tunnels finish (bounded by ``--drain-seconds``),
+deregisters and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aiohttp import web
+
+from runtime.bundle import (
+    MAX_BUNDLE_BYTES,
+    BundleError,
+    MeshBundle,
+    ServiceBundle,
+    bundle_digest,
+    load_bundle,
+)
+from runtime.engine import Engine, Snapshot
+from runtime.healthcheck import HealthChecker
+from runtime.metrics import Metrics
+from runtime.protocol import EndpointSet, Heartbeat, Registration, RegistrationReply
+from runtime.proxy import HttpProxy
+from runtime.registration import Registrar
+from runtime.state import Slot, StateDir, StoredState
+from runtime.tcp import OutboundSniffer, TcpProxy
+
+__all__ = ["Addr", "DataPlane", "Options", "StartupError", "parse_addr", "serve"]
+
+Addr = tuple[str, int]
+MAX_ENDPOINTS_BYTES = 16 * 1024 * 1024
+
+
+class StartupError(Exception):
+    """The data plane cannot start (exit code 2)."""
+
+
+def parse_addr(value: str, default_host: str = "127.0.0.1") -> Addr:
+    """``host:port``, ``[v6]:port`` or ``:port`` / ``port`` (on ``default_host``)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, port = value[1:].partition("]:")
+    elif value.isdigit():
+        host, port = default_host, value
+    else:
+        host, _, port = value.rpartition(":")
+        host = host or default_host
+    if not port.isdigit() or not host:
+        raise ValueError(f"{value!r} is not host:port")
+    return host, int(port)
+
+
+def _fmt(addr: Addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+@dataclass
+class Options:
+    kind: Literal["sidecar", "gateway"] = "sidecar"
+    service: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    app: str | None = None
+    inbound: Addr | None = None
+    outbound: Addr | None = None
+    admin: Addr = ("127.0.0.1", 0)
+    listen: list[Addr] = field(default_factory=list)
+    state_dir: Path | None = None
+    control_plane: str | None = None
+    bundle: Path | None = None
+    mesh_bundle: Path | None = None
+    endpoints: Path | None = None
+    drain_s: float = 10.0
+    mesh: str = "default"
+
+
+def _bind(addr: Addr) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class DataPlane:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.metrics = Metrics()
+        self.service = opts.service or ""
+        self.engine = Engine(self.service, opts.tags)
+        self.slots: dict[str, Slot] = {}
+        self.endpoints: EndpointSet | None = None
+        self.instance: str | None = None
+        self.state = StateDir(opts.state_dir) if opts.state_dir else None
+        self.draining = False
+        self.listening: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+        self._runners: list[web.BaseRunner] = []
+        self._servers: list[asyncio.base_events.Server] = []
+        self._admin_runner: web.ServerRunner | None = None
+        self.http = HttpProxy(self.engine, self.metrics, app_address=opts.app)
+        self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app)
+        self.health = HealthChecker(self.metrics)
+        self.registrar: Registrar | None = None
+        self._bg: asyncio.Future[None] | None = None
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _initial_state(self) -> None:
+        stored = self.state.load() if self.state else StoredState()
+        slots = dict(stored.slots)
+        for path in (self.opts.mesh_bundle, self.opts.bundle):
+            if path is None:
+                continue
+            try:
+                data = path.read_bytes()
+                stem = path.stem
+                expected = stem if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) else None
+                bundle = load_bundle(data, expected)
+            except (OSError, BundleError) as e:
+                raise StartupError(f"cannot load bundle {path}: {e}") from e
+            role: str = bundle.type
+            # A pushed bundle (generation > 0) in the state dir is newer than a file given at start.
+            if role not in slots or slots[role].generation == 0:
+                slots[role] = Slot(data, bundle_digest(data), 0, bundle)
+        endpoints = stored.endpoints
+        if self.opts.endpoints is not None:
+            try:
+                from_file = EndpointSet.model_validate_json(self.opts.endpoints.read_bytes())
+            except (OSError, ValueError) as e:
+                raise StartupError(f"cannot load endpoints {self.opts.endpoints}: {e}") from e
+            if endpoints is None or from_file.generation >= endpoints.generation:
+                endpoints = from_file
+        svc = slots.get("service")
+        if not self.service:
+            if svc is not None:
+                assert isinstance(svc.bundle, ServiceBundle)
+                self.service = svc.bundle.service
+            else:
+                raise StartupError("--service is required without a service bundle")
+            self.engine.service = self.service
+            self.engine.tags["kuma.io/service"] = self.service
+            self.http.service = self.service
+        try:
+            snap = self._build(slots, endpoints)
+        except BundleError as e:
+            raise StartupError(f"stored or given configuration cannot be enforced: {e}") from e
+        self.engine.install(snap)
+        changed = slots != stored.slots or endpoints != stored.endpoints
+        self.slots, self.endpoints, self.instance = slots, endpoints, stored.instance
+        for role, slot in slots.items():
+            self.metrics.set_bundle(role, slot.digest)
+            self.metrics.reloads.labels(role, "loaded").inc()
+        if endpoints is not None:
+            self.metrics.endpoints_generation.set(endpoints.generation)
+        if changed and self.state is not None:
+            self.state.save(self.service, self._stored())
+
+    def _build(self, slots: dict[str, Slot], endpoints: EndpointSet | None) -> Snapshot:
+        mesh = slots["mesh"].bundle if "mesh" in slots else None
+        svc = slots["service"].bundle if "service" in slots else None
+        assert mesh is None or isinstance(mesh, MeshBundle)
+        assert svc is None or isinstance(svc, ServiceBundle)
+        return self.engine.build(mesh, svc, endpoints)
+
+    def _stored(self) -> StoredState:
+        return StoredState(dict(self.slots), self.endpoints, self.instance)
+
+    async def start(self) -> None:
+        self._initial_state()
+        await self.http.start()
+        self.health.reconcile(self.engine.snapshot)
+        loop = asyncio.get_running_loop()
+        opts = self.opts
+        admin_runner = web.ServerRunner(web.Server(self._admin, access_log=None), handle_signals=False)
+        await admin_runner.setup()
+        self._admin_runner = admin_runner
+        try:
+            sock = _bind(opts.admin)
+            await web.SockSite(admin_runner, sock).start()
+            self.listening["admin"] = _fmt(sock.getsockname()[:2])
+            if opts.kind == "sidecar":
+                if opts.inbound is not None:
+                    await self._start_inbound(opts.inbound)
+                if opts.outbound is not None:
+                    runner = await self._runner(self.http.outbound)
+                    sock = _bind(opts.outbound)
+                    factory = runner.server
+                    assert factory is not None
+                    server = await loop.create_server(lambda: OutboundSniffer(factory, self.tcp), sock=sock)
+                    self._servers.append(server)
+                    self.listening["outbound"] = _fmt(sock.getsockname()[:2])
+                    self.http.own_addresses.add(sock.getsockname()[:2])
+            else:
+                await self._start_gateway()
+        except OSError as e:
+            raise StartupError(f"cannot listen: {e}") from e
+        if opts.control_plane:
+            self.registrar = Registrar(
+                opts.control_plane, self._registration, self._heartbeat, self._registered
+            )
+            self.registrar.start()
+        print(json.dumps({"event": "listening", "service": self.service, **self.listening}), flush=True)
+
+    async def _runner(self, handler: Any) -> web.ServerRunner:
+        runner = web.ServerRunner(
+            web.Server(handler, access_log=None, keepalive_timeout=75.0),
+            handle_signals=False,
+            shutdown_timeout=self.opts.drain_s,
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        return runner
+
+    async def _start_inbound(self, addr: Addr) -> None:
+        if self.opts.app is None:
+            raise StartupError("--inbound needs --app")
+        mesh = self.engine.snapshot.mesh
+        catalog = mesh.services.get(self.service) if mesh else None
+        sock = _bind(addr)
+        if catalog is not None and catalog.protocol == "tcp":
+            self._servers.append(await asyncio.start_server(self.tcp.inbound_connection, sock=sock))
+        else:
+            runner = await self._runner(self.http.inbound)
+            await web.SockSite(runner, sock).start()
+        self.listening["inbound"] = _fmt(sock.getsockname()[:2])
+
+    async def _start_gateway(self) -> None:
+        svc = self.slots.get("service")
+        gw = svc.bundle.gateway if svc is not None and isinstance(svc.bundle, ServiceBundle) else None
+        if gw is None:
+            raise StartupError("gateway mode needs a service bundle with a gateway section")
+        listeners = list(gw.listeners)
+        by_port = {lst.port: lst for lst in listeners}
+        wanted = self.opts.listen or [("127.0.0.1", lst.port) for lst in listeners]
+        unmatched = iter([lst for lst in listeners if lst.port not in {p for _, p in wanted}])
+        for addr in wanted:
+            listener = by_port.get(addr[1]) or next(unmatched, None)
+            if listener is None:
+                raise StartupError(f"no gateway listener left for --listen {_fmt(addr)}")
+            sock = _bind(addr)
+            port = listener.port
+            if listener.protocol == "TCP":
+                self._servers.append(await asyncio.start_server(self.tcp.gateway_handler(port), sock=sock))
+            else:
+
+                async def handler(request: web.BaseRequest, port: int = port) -> web.StreamResponse:
+                    return await self.http.gateway(request, port)
+
+                runner = await self._runner(handler)
+                await web.SockSite(runner, sock).start()
+            self.listening[f"listener:{port}"] = _fmt(sock.getsockname()[:2])
+
+    # -- control plane ----------------------------------------------------------------------
+
+    def _registration(self) -> Registration:
+        return Registration(
+            service=self.service,
+            tags=self.opts.tags,
+            kind=self.opts.kind,
+            inbound_address=self.listening.get("inbound"),
+            admin_address=self.listening["admin"],
+            mesh=self.opts.mesh,
+            instance=self.instance,
+        )
+
+    def _heartbeat(self, instance: str) -> Heartbeat:
+        return Heartbeat(
+            instance=instance,
+            running={r: s.digest for r, s in self.slots.items()},
+            endpoints_generation=self.endpoints.generation if self.endpoints else 0,
+        )
+
+    def _registered(self, reply: RegistrationReply) -> None:
+        if reply.instance != self.instance:
+            self.instance = reply.instance
+            if self.state is not None:
+                self._bg = asyncio.ensure_future(self._persist_quietly())
+
+    async def _persist_quietly(self) -> None:
+        async with self._lock:
+            with contextlib.suppress(OSError):
+                await self._persist()
+
+    async def _persist(self) -> None:
+        if self.state is not None:
+            await asyncio.to_thread(self.state.save, self.service, self._stored())
+
+    # -- pushes -----------------------------------------------------------------------------
+
+    async def push_bundle(
+        self, body: bytes, digest: str | None, generation: int, role: str | None
+    ) -> tuple[int, dict[str, str]]:
+        if not digest:
+            return self._nack("bundle", 400, "missing X-Meshc-Digest header")
+        if role not in (None, "mesh", "service"):
+            return self._nack("bundle", 400, f"unknown bundle role {role!r}")
+        try:
+            bundle = (
+                await asyncio.to_thread(load_bundle, body, digest)
+                if len(body) > 256 * 1024
+                else load_bundle(body, digest)
+            )
+        except BundleError as e:
+            return self._nack(role or "bundle", 413 if len(body) > MAX_BUNDLE_BYTES else 400, str(e))
+        kind = bundle.type
+        if role is not None and role != kind:
+            return self._nack(kind, 400, f"pushed as the {role} bundle but it is a {kind} bundle")
+        async with self._lock:
+            current = self.slots.get(kind)
+            if current is not None and generation < current.generation:
+                return self._nack(kind, 409, f"stale generation {generation}; running {current.generation}")
+            if current is not None and current.digest == digest:
+                if generation > current.generation:
+                    self.slots[kind] = Slot(current.data, digest, generation, current.bundle)
+                    await self._persist()
+                return 200, {"ack": digest}
+            slots = {**self.slots, kind: Slot(body, digest, generation, bundle)}
+            try:
+                snap = self._build(slots, self.endpoints)
+            except BundleError as e:
+                return self._nack(kind, 400, str(e))
+            old = self.slots
+            self.slots = slots
+            try:
+                await self._persist()
+            except OSError as e:
+                self.slots = old
+                return self._nack(kind, 500, f"cannot store the bundle in the state dir: {e}")
+            self._install(snap)
+            self.metrics.set_bundle(kind, digest)
+            self.metrics.reloads.labels(kind, "ack").inc()
+            return 200, {"ack": digest}
+
+    async def push_endpoints(self, body: bytes) -> tuple[int, dict[str, str]]:
+        try:
+            endpoints = EndpointSet.model_validate_json(body)
+        except ValueError as e:
+            return self._nack("endpoints", 400, f"endpoint set does not match the schema: {e}")
+        async with self._lock:
+            current = self.endpoints
+            if current is not None and endpoints.generation < current.generation:
+                return self._nack(
+                    "endpoints", 409, f"stale generation {endpoints.generation}; running {current.generation}"
+                )
+            try:
+                snap = self._build(self.slots, endpoints)
+            except BundleError as e:
+                return self._nack("endpoints", 400, str(e))
+            self.endpoints = endpoints
+            try:
+                await self._persist()
+            except OSError as e:
+                self.endpoints = current
+                return self._nack("endpoints", 500, f"cannot store the endpoints in the state dir: {e}")
+            self._install(snap)
+            self.metrics.endpoints_generation.set(endpoints.generation)
+            self.metrics.reloads.labels("endpoints", "ack").inc()
+            return 200, {"ack": hashlib.sha256(body).hexdigest()}
+
+    def _install(self, snap: Snapshot) -> None:
+        self.engine.install(snap)
+        self.health.reconcile(snap)
+
+    def _nack(self, kind: str, status: int, reason: str) -> tuple[int, dict[str, str]]:
+        self.metrics.reloads.labels(kind, "nack").inc()
+        print(f"meshc: NACK {kind}: {reason}", file=sys.stderr, flush=True)
+        return status, {"nack": reason}
+
+    # -- admin API --------------------------------------------------------------------------
+
+    async def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
+        from runtime.admin import handle
+
+        return await handle(self, request)
+
+    def config(self) -> dict[str, Any]:
+        now = self.engine.clock()
+        return {
+            "service": self.service,
+            "kind": self.opts.kind,
+            "tags": self.opts.tags,
+            "instance": self.instance,
+            "listening": self.listening,
+            "ready": self.ready,
+            "draining": self.draining,
+            "bundles": {
+                role: {"digest": s.digest, "generation": s.generation, "bundle": json.loads(s.data)}
+                for role, s in sorted(self.slots.items())
+            },
+            "endpoints": self.endpoints.model_dump(mode="json") if self.endpoints else None,
+            "hosts": {
+                h.address: {
+                    "healthy": h.hc_healthy,
+                    "control_plane_healthy": h.cp_healthy,
+                    "ejected": h.is_ejected(now),
+                    "ejections": h.ejections,
+                    "active": h.active,
+                }
+                for h in self.engine.registry.hosts.values()
+            },
+        }
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.snapshot.ready and not self.draining
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def drain_and_stop(self) -> None:
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.drain_s
+        for server in self._servers:
+            server.close()
+        await asyncio.gather(*(r.cleanup() for r in self._runners), self.tcp.drain(deadline))
+        if self.registrar is not None:
+            await self.registrar.stop(deregister=True)
+        await self.health.close()
+        await self.http.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+
+
+async def serve(opts: Options) -> int:
+    plane = DataPlane(opts)
+    try:
+        await plane.start()
+    except StartupError as e:
+        print(f"meshc: {e}", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            await plane.drain_and_stop()
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(json.dumps({"event": "draining", "service": plane.service}), flush=True)
+    await plane.drain_and_stop()
+    print(json.dumps({"event": "stopped", "service": plane.service}), flush=True)
+    return 0
+
+
+def run(opts: Options) -> int:
+    """Run a data plane until SIGTERM/SIGINT; the exit code."""
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(opts))

@@ -1,0 +1,131 @@
+"""Last-known-good state on disk, so a restarted data plane serves before anything else answers.
+
+Layout of ``--state-dir``::
+
+    bundles/<sha256>.json   the exact bytes of each accepted bundle (written once)
+    state.json              {"format": 1, "service": ..., "slots": {"mesh"|"service":
+                             {"digest", "generation"}}, "endpoints": EndpointSet | null,
+                             "instance": registered instance name | null}
+
+Every file is written to a temporary name, fsynced and renamed over the old one, bundles before
+``state.json``, so a crash at any point leaves the previous or the new state, never a mix.
+Bundle files no longer named by ``state.json`` are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.bundle import BundleError, MeshBundle, ServiceBundle, load_bundle
+from runtime.protocol import EndpointSet
+
+__all__ = ["STATE_FORMAT", "Slot", "StateDir", "StoredState"]
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Slot:
+    """An accepted bundle: its exact bytes, digest, push generation and parsed model."""
+
+    data: bytes
+    digest: str
+    generation: int
+    bundle: MeshBundle | ServiceBundle
+
+
+@dataclass
+class StoredState:
+    slots: dict[str, Slot] = field(default_factory=dict)
+    endpoints: EndpointSet | None = None
+    instance: str | None = None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class StateDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.bundles = path / "bundles"
+
+    def load(self) -> StoredState:
+        """Read the last accepted state; anything unreadable is skipped with a warning."""
+        out = StoredState()
+        try:
+            raw = json.loads((self.path / "state.json").read_bytes())
+        except FileNotFoundError:
+            return out
+        except (OSError, ValueError) as e:
+            _warn(f"ignoring unreadable {self.path / 'state.json'}: {e}")
+            return out
+        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
+            _warn(f"ignoring {self.path / 'state.json'}: unknown format")
+            return out
+        for role, info in (raw.get("slots") or {}).items():
+            try:
+                digest = str(info["digest"])
+                data = (self.bundles / f"{digest}.json").read_bytes()
+                out.slots[role] = Slot(
+                    data, digest, int(info.get("generation", 0)), load_bundle(data, digest)
+                )
+            except (OSError, KeyError, TypeError, ValueError, BundleError) as e:
+                _warn(f"ignoring stored {role} bundle: {e}")
+        if raw.get("endpoints") is not None:
+            try:
+                out.endpoints = EndpointSet.model_validate(raw["endpoints"])
+            except ValueError as e:
+                _warn(f"ignoring stored endpoints: {e}")
+        instance = raw.get("instance")
+        out.instance = instance if isinstance(instance, str) else None
+        return out
+
+    def save(self, service: str, state: StoredState) -> None:
+        """Persist ``state`` atomically (blocking: call it from a worker thread)."""
+        self.bundles.mkdir(parents=True, exist_ok=True)
+        for slot in state.slots.values():
+            path = self.bundles / f"{slot.digest}.json"
+            if not path.exists():
+                _write_atomic(path, slot.data)
+        _fsync_dir(self.bundles)
+        doc: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "service": service,
+            "slots": {
+                r: {"digest": s.digest, "generation": s.generation} for r, s in sorted(state.slots.items())
+            },
+            "endpoints": state.endpoints.model_dump(mode="json") if state.endpoints else None,
+            "instance": state.instance,
+        }
+        _write_atomic(self.path / "state.json", json.dumps(doc, sort_keys=True).encode())
+        _fsync_dir(self.path)
+        keep = {f"{s.digest}.json" for s in state.slots.values()}
+        for old in self.bundles.glob("*.json"):
+            if old.name not in keep:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+
+
+def _warn(message: str) -> None:
+    print(f"meshc: {message}", file=sys.stderr, flush=True)

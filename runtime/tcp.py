@@ -1,0 +1,299 @@
+"""L4 byte moving: TCP services, ``CONNECT`` tunnels and the outbound listener's protocol sniffer.
+
+The outbound listener accepts both plain HTTP (handed to aiohttp) and ``CONNECT host:port``:
+the first bytes of a connection decide. A ``CONNECT`` to a mesh TCP service is split per
+connection by the destination's weighted split and tunnelled to the chosen endpoint (whose
+inbound listener pipes it to its app); one to a host outside the mesh passes through when the
+Mesh allows it and is refused with 403 and a reason header otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from runtime._hosts import Host, Outcome
+from runtime.engine import Engine, Target
+from runtime.metrics import Metrics
+
+__all__ = ["OutboundSniffer", "TcpProxy"]
+
+_CHUNK = 64 * 1024
+_StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+_MAX_HEAD = 64 * 1024
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle_s: float | None) -> None:
+    try:
+        while True:
+            async with asyncio.timeout(idle_s):
+                data = await reader.read(_CHUNK)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, RuntimeError):
+            if writer.can_write_eof():
+                writer.write_eof()
+
+
+async def _splice(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+    idle_s: float | None,
+) -> None:
+    """Copy both ways until both sides are done (or idle too long), then close both."""
+    try:
+        await asyncio.gather(_pipe(a_reader, b_writer, idle_s), _pipe(b_reader, a_writer, idle_s))
+    finally:
+        for w in (a_writer, b_writer):
+            w.close()
+        for w in (a_writer, b_writer):
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await w.wait_closed()
+
+
+def _http_error(status: int, reason: str) -> bytes:
+    body = reason.encode()
+    phrase = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway", 503: "Service Unavailable"}.get(
+        status, "Error"
+    )
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nx-meshc-reason: {reason}\r\ncontent-type: text/plain\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+class TcpProxy:
+    """Tunnels and TCP listeners of one data plane; tracks live tunnels for draining."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, *, app_address: str | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.app_address = app_address
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while self.tasks and loop.time() < deadline:
+            await asyncio.wait(set(self.tasks), timeout=max(0.0, deadline - loop.time()))
+        for task in list(self.tasks):
+            task.cancel()
+
+    def _count(self, direction: str, source: str, dest: str, subset: str, result: str) -> None:
+        self.metrics.tcp_connections.labels(direction, source, dest, subset, result).inc()
+
+    async def _connect_target(
+        self, target: Target
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        engine = self.engine
+        tried: list[Host] = []
+        for _ in range(target.tcp_connect_attempts):
+            host = target.pick(engine.clock(), engine.rng, None, tried)
+            if host is None:
+                return None
+            tried.append(host)
+            try:
+                async with asyncio.timeout(target.connect_timeout_s):
+                    conn = await asyncio.open_connection(host.host, host.port)
+            except TimeoutError:
+                outcome = Outcome.TIMEOUT
+            except OSError:
+                outcome = Outcome.CONNECT_FAILURE
+            else:
+                target.report(host, Outcome.OK, engine.clock())
+                return conn
+            if target.report(host, outcome, engine.clock()):
+                self.metrics.ejections.labels(target.service, host.address).inc()
+        return None
+
+    async def to_target(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        target: Target | None,
+        direction: str,
+        source: str,
+        dest: str,
+        established: bytes = b"",
+    ) -> None:
+        """Connect to one of the target's hosts and splice; ``established`` is sent on success."""
+        if target is None or target.active >= target.max_active:
+            reason = "no healthy upstream" if target is None else "upstream connection limit reached"
+            if established:
+                writer.write(_http_error(503, reason))
+            writer.close()
+            self._count(direction, source, dest, "", "refused")
+            return
+        target.active += 1
+        try:
+            conn = await self._connect_target(target)
+            if conn is None:
+                if established:
+                    writer.write(_http_error(503, "no healthy upstream"))
+                writer.close()
+                self._count(direction, source, dest, target.subset, "connect_failure")
+                return
+            self._count(direction, source, dest, target.subset, "connected")
+            if established:
+                writer.write(established)
+            await _splice(reader, writer, conn[0], conn[1], target.tcp_idle_timeout_s)
+        finally:
+            target.active -= 1
+
+    async def to_address(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: tuple[str, int],
+        direction: str,
+        source: str,
+        dest: str,
+        established: bytes = b"",
+    ) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                conn = await asyncio.open_connection(*address)
+        except (OSError, TimeoutError):
+            if established:
+                writer.write(_http_error(502, f"cannot connect to {address[0]}:{address[1]}"))
+            writer.close()
+            self._count(direction, source, dest, "", "connect_failure")
+            return
+        self._count(direction, source, dest, "", "connected")
+        if established:
+            writer.write(established)
+        await _splice(reader, writer, conn[0], conn[1], 3600.0)
+
+    # -- listeners --------------------------------------------------------------------------
+
+    async def inbound_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Inbound listener of a TCP service: pipe to the app."""
+        assert self.app_address is not None
+        host, _, port = self.app_address.rpartition(":")
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        await self.to_address(reader, writer, (host, int(port)), "inbound", "", self.engine.service)
+
+    def gateway_handler(self, port: int) -> _StreamHandler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            listener = self.engine.snapshot.gateway.get(port)
+            wheel = listener.tcp_wheel if listener is not None else None
+            target = wheel.choose(self.engine.rng) if wheel is not None else None
+            await self.to_target(
+                reader, writer, target, "gateway", self.engine.service, target.service if target else ""
+            )
+
+        return handle
+
+    async def connect_request(self, head: bytes, rest: bytes, transport: asyncio.Transport) -> None:
+        """Serve one ``CONNECT`` whose request head (through the blank line) is ``head``."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_CHUNK, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if rest:
+            reader.feed_data(rest)
+        transport.resume_reading()
+        source = self.engine.service
+        try:
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            _method, authority, _version = line.split(" ", 2)
+            name, _, port_s = authority.rpartition(":")
+            name = name.strip("[]").lower()
+            port = int(port_s)
+        except ValueError:
+            writer.write(_http_error(400, "malformed CONNECT request"))
+            writer.close()
+            return
+        ok = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+        snap = self.engine.snapshot
+        dest = snap.destination(name)
+        if dest is not None:
+            if dest.protocol != "tcp":
+                writer.write(_http_error(400, f"{name} is an HTTP mesh service; send plain HTTP requests"))
+                writer.close()
+                return
+            target = dest.wheel.choose(self.engine.rng)
+            await self.to_target(reader, writer, target, "outbound", source, name, ok)
+            return
+        if not snap.passthrough:
+            mesh = snap.mesh.mesh if snap.mesh else "?"
+            reason = f"passthrough disabled by Mesh {mesh}: {name} is not a mesh service"
+            if snap.mesh is None:
+                reason = "no configuration yet"
+            writer.write(_http_error(403, reason))
+            writer.close()
+            self._count("outbound", source, name, "", "refused")
+            return
+        await self.to_address(reader, writer, (name, port), "outbound", source, name, ok)
+
+
+class OutboundSniffer(asyncio.Protocol):
+    """First bytes decide: ``CONNECT`` is tunnelled here, anything else goes to aiohttp."""
+
+    def __init__(self, http_factory: Callable[[], asyncio.Protocol], tcp: TcpProxy) -> None:
+        self._http_factory = http_factory
+        self._tcp = tcp
+        self._transport: asyncio.Transport | None = None
+        self._buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert self._transport is not None
+        buf = self._buf + data
+        probe = buf[:8]
+        if not b"CONNECT ".startswith(probe) and not probe.startswith(b"CONNECT "):
+            self._handoff(buf)
+            return
+        if len(buf) < 8:
+            self._buf = buf
+            return
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > _MAX_HEAD:
+                self._transport.write(_http_error(400, "request head too large"))
+                self._transport.close()
+                return
+            self._buf = buf
+            return
+        self._buf = b""
+        self._transport.pause_reading()
+        self._tcp._track(self._tunnel(buf[: end + 4], buf[end + 4 :]))
+
+    async def _tunnel(self, head: bytes, rest: bytes) -> None:
+        assert self._transport is not None
+        await self._tcp.connect_request(head, rest, self._transport)
+
+    def _handoff(self, buf: bytes) -> None:
+        assert self._transport is not None
+        proto = self._http_factory()
+        self._transport.set_protocol(proto)
+        proto.connection_made(self._transport)
+        proto.data_received(buf)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
