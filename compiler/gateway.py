@@ -91,7 +91,7 @@ def _filter(f: mgr.Filter) -> b.GatewayFilter:
 def _match(m: mgr.Match) -> b.GatewayMatch:
     path = None
     if m.path is not None and m.path.value:
-        kind = {"EXACT": "exact", "PREFIX": "prefix", "REGEX": "regex"}[(m.path.match or "PREFIX").upper()]
+        kind = {"EXACT": "exact", "PREFIX": "prefix", "REGEX": "regex"}[(m.path.match or "EXACT").upper()]
         path = b.StringMatch(kind=kind, value=m.path.value)
     return b.GatewayMatch(
         path=path,

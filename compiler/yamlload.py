@@ -287,7 +287,8 @@ class _Builder:
         self.findings.append(
             Diagnostic(
                 "E1002",
-                f"explicit tag {tag} is not allowed in policy YAML",
+                f"explicit tag {tag.replace('tag:yaml.org,2002:', '!!')} is not allowed in policy YAML; "
+                "remove it",
                 Loc(self.file, self.doc),
                 _span(node),
             )

@@ -164,7 +164,8 @@ def tag_findings(path: Path, match: Mapping[str, str | None]) -> Iterator[Findin
             yield Finding(
                 p,
                 "E1007",
-                'tag value must consist of alphanumeric characters, dots, dashes, slashes and underscores or be "*"',
+                "tag value must consist of alphanumeric characters, dots, dashes, slashes and underscores"
+                ' or be "*"',
             )
 
 

@@ -20,7 +20,9 @@ Valid (the seed's ``/route1`` ingress, prefix stripped)::
 
 Invalid (``replacePrefixMatch`` without a prefix match, E1010)::
 
-    rules: [{matches: [{path: {match: EXACT, value: /a}}], filters: [{rewrite: {replacePrefixMatch: /}}], ...}]
+    rules:
+      - matches: [{path: {match: EXACT, value: /a}}]
+        filters: [{rewrite: {replacePrefixMatch: /}}]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from compiler.kinds._base import SERVICE_TAG, Finding, KindDef, Selector, Spec, 
 
 class PathMatch(Spec):
     match: str | None = None
+    """``EXACT`` (the default, as in Kuma's proto enum), ``PREFIX`` or ``REGEX``."""
     value: str | None = None
 
 
@@ -152,14 +155,15 @@ def _match(path: Path, m: Match) -> Iterator[Finding]:
     if m.path is None and m.method is None and not m.headers and not m.query_parameters:
         yield Finding(path, "E1003", "cannot be empty")
     if m.path is not None:
-        kind = (m.path.match or "PREFIX").upper()
+        kind = (m.path.match or "EXACT").upper()
         v = m.path.value
+        vp = (*path, "path", "value")
         if not v:
-            yield Finding((*path, "value"), "E1005", "cannot be empty")
+            yield Finding(vp, "E1005", "cannot be empty")
         elif kind in ("EXACT", "PREFIX") and not v.startswith("/"):
-            yield Finding((*path, "value"), "E1005", "must be an absolute path")
+            yield Finding(vp, "E1005", "must be an absolute path")
         elif kind == "PREFIX" and len(v) > 1 and v.endswith("/"):
-            yield Finding((*path, "value"), "E1005", "must be an absolute path without a trailing slash")
+            yield Finding(vp, "E1005", "must be an absolute path without a trailing slash")
         if kind not in ("EXACT", "PREFIX", "REGEX"):
             yield Finding((*path, "path", "match"), "E1005", "must be EXACT, PREFIX or REGEX")
     for i, h in enumerate(m.headers or []):
@@ -211,7 +215,8 @@ def _rule(path: Path, r: Rule) -> Iterator[Finding]:
                             yield Finding(
                                 (*p, name, "set", j),
                                 "E1005",
-                                "cannot modify 'host' header, when route has set 'rewrite.host_to_backend_hostname' option",
+                                "cannot modify 'host' header, when route has set "
+                                "'rewrite.host_to_backend_hostname' option",
                             )
         if f.mirror is not None:
             if f.mirror.backend is None:
@@ -232,7 +237,7 @@ def _rule(path: Path, r: Rule) -> Iterator[Finding]:
             prefixes = [
                 m
                 for m in r.matches or []
-                if m.path is not None and (m.path.match or "PREFIX").upper() == "PREFIX"
+                if m.path is not None and (m.path.match or "EXACT").upper() == "PREFIX"
             ]
             if not r.matches or len(prefixes) != len(r.matches):
                 yield Finding(
