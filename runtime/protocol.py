@@ -23,6 +23,9 @@ __all__ = [
     "Nack",
     "Registration",
     "RegistrationReply",
+    "push_message",
+    "spiffe_uri",
+    "tag_uri",
 ]
 
 HDR_DIGEST = "X-Meshc-Digest"
@@ -33,6 +36,21 @@ HDR_SIGNATURE = "X-Meshc-Signature"
 """Ed25519 signature over (digest, generation, target service), once security lands."""
 HDR_BUNDLE_ROLE = "X-Meshc-Bundle-Role"
 """``mesh`` or ``service``: which slot of the data plane the pushed bundle fills."""
+
+
+def push_message(digest: str, generation: int, service: str) -> bytes:
+    """The exact bytes a push signature covers (DESIGN §6): digest, generation, target service."""
+    return f"meshc-push/v1\n{digest}\n{generation}\n{service}".encode()
+
+
+def spiffe_uri(mesh: str, service: str) -> str:
+    """The URI SAN that names a data plane's service in its certificate."""
+    return f"spiffe://{mesh}/{service}"
+
+
+def tag_uri(name: str, value: str) -> str:
+    """The URI SAN for one of the instance's tags (Kuma's ``kuma://<tag>/<value>``)."""
+    return f"kuma://{name}/{value}"
 
 
 class _Msg(BaseModel):

@@ -1,0 +1,177 @@
+"""The mesh CA, bootstrap tokens and the push-signing key (DESIGN §6). Keys live in the control
+plane's state dir (mode 0600) and never go into Git, bundles or logs.
+
+* ``builtin`` backend: an ECDSA P-256 CA generated on first start and kept in the state dir.
+* ``provided`` backend: a CA certificate and key loaded from files.
+
+Data plane certificates are short-lived and name the service (``spiffe://<mesh>/<service>``) and
+the instance's tags (``kuma://<tag>/<value>``): the CA takes the identity from the registration
+(authenticated by a bootstrap token or the current certificate), never from the CSR's text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from runtime.protocol import push_message, spiffe_uri, tag_uri
+
+__all__ = ["CAError", "MeshCA", "PushSigner", "TokenIssuer"]
+
+
+class CAError(Exception):
+    """The CA cannot be loaded or cannot issue (bad CSR, unreadable provided files)."""
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@dataclass
+class MeshCA:
+    mesh: str
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @property
+    def cert_pem(self) -> str:
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    @classmethod
+    def builtin(cls, state_dir: Path, mesh: str, validity_days: int = 3650) -> MeshCA:
+        """Load the mesh's CA from the state dir, generating it on first use."""
+        key_path, cert_path = state_dir / f"ca-{mesh}.key", state_dir / f"ca-{mesh}.crt"
+        if key_path.exists() and cert_path.exists():
+            return cls.provided(cert_path, key_path, mesh)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshc {mesh} CA")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=validity_days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{mesh}")]), False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(key_path, _pem_key(key))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cls(mesh, key, cert)
+
+    @classmethod
+    def provided(cls, cert_path: Path, key_path: Path, mesh: str) -> MeshCA:
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (OSError, ValueError) as e:
+            raise CAError(f"cannot load the CA from {cert_path} and {key_path}: {e}") from e
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CAError(f"{key_path}: the CA key must be an EC key")
+        return cls(mesh, key, cert)
+
+    def issue(self, csr_pem: str, service: str, tags: dict[str, str], ttl: dt.timedelta) -> str:
+        """Sign a short-lived certificate for (service, tags); the CSR only supplies the key."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except ValueError as e:
+            raise CAError(f"not a CSR: {e}") from e
+        if not csr.is_signature_valid:
+            raise CAError("the CSR's signature does not verify")
+        uris = [x509.UniformResourceIdentifier(spiffe_uri(self.mesh, service))]
+        uris += [
+            x509.UniformResourceIdentifier(tag_uri(k, v))
+            for k, v in sorted(tags.items())
+            if k != "kuma.io/service"
+        ]
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service[:64])]))
+            .issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + ttl)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                False,
+            )
+            .add_extension(x509.SubjectAlternativeName(uris), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class TokenIssuer:
+    """Per-service bootstrap tokens: ``<service>.<hmac-sha256(secret, service)>``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        path = state_dir / "token.secret"
+        if not path.exists():
+            _write_private(path, secrets.token_bytes(32))
+        self._secret = path.read_bytes()
+
+    def mint(self, service: str) -> str:
+        mac = hmac.new(self._secret, service.encode(), hashlib.sha256).hexdigest()
+        return f"{service}.{mac}"
+
+    def check(self, token: str, service: str) -> bool:
+        return hmac.compare_digest(token.encode(), self.mint(service).encode())
+
+
+class PushSigner:
+    """The control plane's Ed25519 key; data planes trust its public half from bootstrap."""
+
+    def __init__(self, state_dir: Path) -> None:
+        path = state_dir / "push-signing.key"
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, ed25519.Ed25519PrivateKey):
+                raise CAError(f"{path}: not an Ed25519 key")
+        else:
+            key = ed25519.Ed25519PrivateKey.generate()
+            _write_private(path, _pem_key(key))
+        self._key = key
+
+    @property
+    def public_key_hex(self) -> str:
+        return (
+            self._key.public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            .hex()
+        )
+
+    def sign(self, digest: str, generation: int, service: str) -> str:
+        return self._key.sign(push_message(digest, generation, service)).hex()
