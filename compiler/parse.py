@@ -8,11 +8,15 @@ checks (Kuma's validator rules). Findings carry key paths, never positions.
 
 from __future__ import annotations
 
+import copy
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
 from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY, KindDef
@@ -77,7 +81,8 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
         ]
     errs: list[Diagnostic] = []
     if "kind" in raw or "apiVersion" in raw:
-        kind, prefix = raw.get("kind"), ("spec",)
+        prefix: Path = ("spec",)
+        kind = raw.get("kind")
         api = raw.get("apiVersion")
         kdef = REGISTRY.get(kind) if isinstance(kind, str) else None
         if kind is None:
@@ -143,6 +148,7 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
         spec_raw = {k: v for k, v in raw.items() if k not in ("type", "name", "mesh")}
     else:
         return None, [_diag("E0006", "the document has no `kind` (or universal `type`)", file, index)]
+    mesh: Any
     if kdef.kind == "Mesh":
         mesh = name if isinstance(name, str) else ""
         if "mesh" in raw:
@@ -171,7 +177,14 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
     try:
         spec = kdef.spec.model_validate(spec_raw)
     except ValidationError as e:
-        errs.extend(_pydantic(e, file, index, prefix, spec_raw))
+        errs.extend(_pydantic(e, file, index, prefix, spec_raw, kdef))
+        # Report Kuma's rules too (one run shows every problem): validate again without what
+        # was wrong, and keep the findings that the removal itself cannot have caused.
+        salvaged, removed = _salvage(kdef, spec_raw, e)
+        if salvaged is not None:
+            for f in kdef.check(salvaged):
+                if not any(_related(f.path, r) for r in removed):
+                    errs.append(_diag(f.code, f.message, file, index, (*prefix, *f.path), f.on_key))
         return None, errs
     for f in kdef.check(spec):
         errs.append(_diag(f.code, f.message, file, index, (*prefix, *f.path), f.on_key))
@@ -199,36 +212,85 @@ def _typename(v: Any) -> str:
 
 def _lookup(data: Any, path: Path) -> Any:
     for step in path:
-        if (isinstance(data, dict) and step in data) or (isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data)):
+        if isinstance(data, dict) and step in data:
+            data = data[step]
+        elif isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data):
             data = data[step]
         else:
             return None
     return data
 
 
-def _pydantic(e: ValidationError, file: str, index: int, prefix: Path, spec_raw: Any) -> list[Diagnostic]:
+_TYPE_STEPS = ("str", "int", "float", "bool", "list", "dict", "none")
+
+
+def _error_path(loc: tuple[str | int, ...]) -> tuple[Path, bool]:
+    """A pydantic error location as a key path (union and validator steps dropped)."""
+    on_key = False
+    path: list[str | int] = []
+    for step in loc:
+        if step == "[key]":
+            on_key = True
+            continue
+        if isinstance(step, str) and (step.startswith("function-") or step in _TYPE_STEPS):
+            continue
+        path.append(step)
+    return tuple(path), on_key
+
+
+def _related(a: Path, b: Path) -> bool:
+    """Whether one path is the other or inside it."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+_SALVAGE_ROUNDS = 8
+
+
+def _salvage(kdef: KindDef, spec_raw: dict[str, Any], e: ValidationError) -> tuple[Any, list[Path]]:
+    """The spec validated again without its unknown keys and wrongly typed values, if possible.
+
+    Unknown keys are dropped as Kuma drops them, so Kuma's rules still apply as Kuma applies them.
+    A wrong value is removed (the field becomes unset, or its list empty); the paths removed that
+    way are returned, so that findings the removal causes (``has to be defined``) are not shown.
+    """
+    data = copy.deepcopy(spec_raw)
+    removed: list[Path] = []
+    for _ in range(_SALVAGE_ROUNDS):
+        for err in e.errors(include_url=False):
+            path, _ = _error_path(err["loc"])
+            if not path or err["type"] == "missing":
+                return None, removed
+            parent = _lookup(data, path[:-1])
+            if isinstance(parent, list):  # a bad item: drop the whole list
+                path = path[:-1]
+                parent = _lookup(data, path[:-1])
+                if not path:
+                    return None, removed
+            if isinstance(parent, dict) and path[-1] in parent:
+                del parent[path[-1]]
+            if err["type"] != "extra_forbidden":
+                removed.append(path)
+        try:
+            return kdef.spec.model_validate(data), removed
+        except ValidationError as again:
+            e = again
+    return None, removed
+
+
+def _pydantic(
+    e: ValidationError, file: str, index: int, prefix: Path, spec_raw: Any, kdef: KindDef
+) -> list[Diagnostic]:
     out = []
     seen: set[tuple[Path, str]] = set()
     for err in e.errors(include_url=False):
-        loc = err["loc"]
-        on_key = False
-        path: list[str | int] = []
-        for step in loc:
-            if step == "[key]":
-                on_key = True
-                continue
-            if (
-                (isinstance(step, str)
-                and step.startswith("function-"))
-                or step in ("str", "int", "float", "bool")
-            ):
-                continue
-            path.append(step)
+        tpath, on_key = _error_path(err["loc"])
+        path = list(tpath)
         typ = err["type"]
         value = err.get("input")
         actual = _lookup(spec_raw, tuple(path))
         if typ == "extra_forbidden":
-            code, msg, on_key = "E1001", f"unknown key {path[-1]!r}{_did_you_mean(e, path)}", True
+            code, msg, on_key = "E1001", f"unknown key {path[-1]!r}{_did_you_mean(kdef, tpath)}", True
         elif typ == "missing":
             code, msg = "E1003", f"`{path[-1]}` is required"
         elif typ == "duration":
@@ -263,45 +325,65 @@ def _present(data: Any, path: Path) -> bool:
     return isinstance(parent, dict) and path[-1] in parent
 
 
-def _did_you_mean(e: ValidationError, path: list[str | int]) -> str:
-    import difflib
-
+def _did_you_mean(kdef: KindDef, path: Path) -> str:
+    """A hint for an unknown key: the closest field of the object it is in, or the list of them."""
     name = str(path[-1])
-    candidates: list[str] = []
-    model = getattr(e, "title", "")
-    del model
-    for kdef in REGISTRY.values():
-        candidates.extend(_field_names(kdef))
-    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.75)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    fields = _fields_at(kdef.spec, path[:-1])
+    if not fields:
+        return ""
+    by_lower = {f.lower().replace("_", ""): f for f in fields}
+    close = by_lower.get(name.lower().replace("_", "").replace("-", ""))
+    if close is None:
+        found = difflib.get_close_matches(name, fields, n=1, cutoff=0.7)
+        close = found[0] if found else None
+    if close is not None and close != name:
+        return f"; did you mean {close!r}?"
+    return f"; expected one of: {', '.join(fields)}"
 
 
-def _field_names(kdef: KindDef) -> list[str]:
+def _fields_at(model: type[BaseModel], path: Path) -> list[str]:
+    """The keys (camelCase spelling) of the object at ``path`` inside ``model``'s data."""
+    types: list[Any] = [model]
+    for step in path:
+        nxt: list[Any] = []
+        for t in types:
+            for m in _model_args(t):
+                field = _field_by_key(m, step) if isinstance(step, str) else None
+                if field is not None:
+                    nxt.append(field)
+            nxt.extend(_container_items(t, step))
+        types = nxt
     names: list[str] = []
-    stack: list[Any] = [kdef.spec]
-    seen: set[Any] = set()
-    while stack:
-        m = stack.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        for fname, f in m.model_fields.items():
-            from pydantic.alias_generators import to_camel
-
-            names.append(to_camel(fname))
-            for arg in _model_args(f.annotation):
-                stack.append(arg)
+    for t in types:
+        for m in _model_args(t):
+            names.extend(to_camel(f) for f in m.model_fields if to_camel(f) not in names)
     return names
 
 
-def _model_args(t: Any) -> list[Any]:
-    from typing import get_args
+def _field_by_key(m: type[BaseModel], key: str) -> Any:
+    for fname, f in m.model_fields.items():
+        if key in (fname, to_camel(fname)):
+            return f.annotation
+    return None
 
-    from pydantic import BaseModel
 
-    out = []
+def _container_items(t: Any, step: str | int) -> list[Any]:
+    """Element types one step down a list (int step) or a dict (str step), through unions."""
+    origin = get_origin(t)
+    args = get_args(t)
+    if origin is list and isinstance(step, int):
+        return list(args[:1])
+    if origin is dict and isinstance(step, str):
+        return list(args[1:2])
+    if origin in (Union, UnionType):
+        return [x for a in args for x in _container_items(a, step)]
+    return []
+
+
+def _model_args(t: Any) -> list[type[BaseModel]]:
+    """The models in a type, through ``Optional``/unions (not through containers)."""
     if isinstance(t, type) and issubclass(t, BaseModel):
-        out.append(t)
-    for a in get_args(t):
-        out.extend(_model_args(a))
-    return out
+        return [t]
+    if get_origin(t) in (Union, UnionType):
+        return [m for a in get_args(t) for m in _model_args(a)]
+    return []

@@ -108,7 +108,7 @@ class _Resolver12(yaml.resolver.BaseResolver):
     def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
         if kind is yaml.ScalarNode and implicit[0]:
             return _PLAIN
-        return super().resolve(kind, value, implicit)
+        return super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
 
 
 class _FastConstructor(yaml.constructor.BaseConstructor):
@@ -207,7 +207,13 @@ class Positions:
                 return _span(key_node)
         if isinstance(node, MappingNode | SequenceNode) and key_node is not None and not loc.on_key:
             return _span(key_node)
+        if _empty(node) and key_node is not None and key_node is not node:
+            return _span(key_node)  # `key:` with no value: the empty scalar starts on the next line
         return _span(node)
+
+
+def _empty(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.value == "" and node.style is None
 
 
 def _child(node: Node, step: str | int) -> tuple[Node, Node] | None:
@@ -223,7 +229,7 @@ def _child(node: Node, step: str | int) -> tuple[Node, Node] | None:
     return None
 
 
-class _PlainResolver(VersionedResolver):  # type: ignore[misc]
+class _PlainResolver(VersionedResolver):
     """ruamel's resolver, except that an untagged plain scalar is tagged ``_PLAIN`` (see above)."""
 
     def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:

@@ -94,6 +94,12 @@ def check(spec: HealthCheckSpec) -> Iterator[Finding]:
     if c.http is not None:
         if not c.http.path:
             yield Finding(("conf", "http", "path"), "E1005", "has to be defined and cannot be empty")
+        for i, h in enumerate(c.http.request_headers_to_add):
+            p = ("conf", "http", "requestHeadersToAdd", i)
+            if h.header is None:
+                yield Finding((*p, "header"), "E1003", "has to be defined")
+            elif not h.header.key:
+                yield Finding((*p, "header", "key"), "E1005", "cannot be empty")
         for i, s in enumerate(c.http.expected_statuses):
             if not 100 <= s <= 599:
                 yield Finding(("conf", "http", "expectedStatuses", i), "E1005", "must be in range [100, 600)")

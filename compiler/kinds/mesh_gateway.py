@@ -83,9 +83,8 @@ def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
     else:
         yield from check_selectors("selectors", spec.selectors)
         services = {(s.match or {}).get(SERVICE_TAG) for s in spec.selectors}
-        if len(spec.selectors) > 1 and any(
-            lst.cross_mesh for lst in (spec.conf.listeners or []) if spec.conf
-        ):
+        listeners = (spec.conf.listeners if spec.conf else None) or []
+        if len(spec.selectors) > 1 and any(lst.cross_mesh for lst in listeners):
             yield Finding(("selectors", 1), "E1005", "there can be at most one selector")
         elif len(services) > 1:
             yield Finding(("selectors", 1), "E1005", "every selector must name the same gateway service")
@@ -136,6 +135,18 @@ def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
             yield Finding((*p, "resources", "connectionLimit"), "E1005", "must not be negative")
         if lst.port is not None:
             seen.setdefault(lst.port, []).append((i, proto, lst.hostname or "*"))
+    limits: dict[int, dict[int, int]] = {}
+    for i, lst in enumerate(spec.conf.listeners):
+        if lst.port is not None and lst.resources and lst.resources.connection_limit is not None:
+            limits.setdefault(lst.port, {})[i] = lst.resources.connection_limit
+    for by_listener in limits.values():
+        if len(set(by_listener.values())) > 1:
+            for i in by_listener:
+                yield Finding(
+                    ("conf", "listeners", i, "resources", "connectionLimit"),
+                    "E1005",
+                    "conflicting values for this port; listeners on one port share one connection limit",
+                )
     for entries in seen.values():
         protos = {e[1] for e in entries}
         for i, _proto, host in entries:

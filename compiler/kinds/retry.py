@@ -40,6 +40,7 @@ HTTP_RETRY_ON = {
     "retriable_headers",
     "http3_post_connect_failure",
 }
+HTTP_METHODS = {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"}
 GRPC_RETRY_ON = {"cancelled", "deadline_exceeded", "internal", "resource_exhausted", "unavailable"}
 
 
@@ -118,8 +119,12 @@ def check(spec: RetrySpec) -> Iterator[Finding]:
             yield Finding(p, "E1005", "field cannot be empty")
         yield from _common(p, h)
         for i, m in enumerate(h.retriable_methods or []):
-            if not m:
+            if not m or m == "NONE":
                 yield Finding((*p, "retriableMethods", i), "E1005", "field cannot be empty")
+            elif m not in HTTP_METHODS:
+                yield Finding(
+                    (*p, "retriableMethods", i), "E1005", f"unknown method; use one of {sorted(HTTP_METHODS)}"
+                )
         for i, r in enumerate(h.retry_on or []):
             if r not in HTTP_RETRY_ON:
                 yield Finding(
