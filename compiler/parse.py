@@ -212,12 +212,12 @@ def _typename(v: Any) -> str:
 
 def _lookup(data: Any, path: Path) -> Any:
     for step in path:
-        if isinstance(data, dict) and step in data:
+        if isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data):
             data = data[step]
-        elif isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data):
-            data = data[step]
-        else:
+        elif not isinstance(data, dict) or step not in data:
             return None
+        else:
+            data = data[step]
     return data
 
 
