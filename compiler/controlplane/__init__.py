@@ -1,0 +1,16 @@
+"""The control plane: watch policies, compile, push changed bundles, track data planes, serve a GUI.
+
+Small modules, each owning one thing:
+
+* ``watcher``: change events from the work tree (watchfiles, debounced) or a Git ref (polled).
+* ``release``: the current good release; a failed compile keeps it and records its diagnostics.
+* ``registry``: data planes that registered, their heartbeats, Online/Offline.
+* ``endpoints``: the endpoint set of a mesh, derived from the registry.
+* ``generation``: push generation numbers that keep growing across restarts.
+* ``pusher``: per data plane reconciliation (endpoints, mesh bundle, service bundle), ACK/NACK.
+* ``status``: the per data plane sync view (SYNCED / STALE / NOT SENT).
+* ``metrics``: the control plane's Prometheus metrics.
+* ``traffic``: the live traffic split, scraped from the data planes' metrics.
+* ``api`` and ``gui``: the HTTP API under ``/api/`` and the dashboard at ``/gui``.
+* ``server``: wires them together.
+"""

@@ -1,0 +1,293 @@
+"""The control plane's HTTP API (aiohttp): the data plane protocol, JSON views, metrics, the GUI.
+
+Data plane protocol (DESIGN §5): ``POST /api/v1/register`` (``Registration`` ->
+``RegistrationReply``), ``POST /api/v1/heartbeat`` (``Heartbeat``; 404 for an unknown instance,
+which makes the data plane register again), ``POST /api/v1/deregister`` (``{"instance"}``).
+
+Views (GET, JSON): ``/api/v1/status`` (per data plane sync, what ``meshc status`` prints),
+``/api/v1/overview``, ``/api/v1/services``, ``/api/v1/policies``, ``/api/v1/diagnostics``,
+``/api/v1/traffic``, ``/api/v1/release``, ``/api/v1/rollouts``, and ``/api/v1/dashboard`` (all of
+them at once). ``/metrics`` is Prometheus text; ``/gui`` the dashboard; ``/healthz`` liveness.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from compiler.controlplane.metrics import CONTENT_TYPE
+from compiler.controlplane.status import dataplane_row
+from compiler.controlplane.traffic import configured_routes
+from runtime.protocol import Heartbeat, Registration, RegistrationReply
+
+if TYPE_CHECKING:
+    from compiler.controlplane.server import ControlPlane
+
+__all__ = ["dashboard_data", "make_app"]
+
+_PROTOCOL = ("/api/v1/register", "/api/v1/heartbeat", "/api/v1/deregister")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, indent=1, sort_keys=False).encode(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+# --- views --------------------------------------------------------------------------------------
+
+
+def status_data(cp: ControlPlane) -> dict[str, Any]:
+    now = time.time()
+    rows = [
+        dataplane_row(dp, cp.pusher.syncs.get(dp.instance), now)
+        for dp in sorted(cp.registry.dataplanes.values(), key=lambda d: (d.mesh, d.service, d.instance))
+    ]
+    rel = cp.releases.current
+    return {
+        "release": rel.id if rel else None,
+        "commit": rel.commit if rel else None,
+        "digests": rel.digests if rel else {},
+        "dataplanes": rows,
+    }
+
+
+def services_data(cp: ControlPlane) -> list[dict[str, Any]]:
+    rel = cp.releases.current
+    out: list[dict[str, Any]] = []
+    if rel is None:
+        return out
+    for key, data in sorted(rel.bundles.items()):
+        if "/" in key:
+            continue
+        doc = json.loads(data)
+        for name, svc in sorted((doc.get("services") or {}).items()):
+            instances = [
+                dp for dp in cp.registry.dataplanes.values() if dp.mesh == key and dp.service == name
+            ]
+            subsets = []
+            for tags in svc.get("subsets") or []:
+                match = [dp for dp in instances if all(dp.tags.get(k) == v for k, v in tags.items())]
+                subsets.append(
+                    {
+                        "tags": tags,
+                        "instances": len(match),
+                        "online": sum(1 for dp in match if dp.online),
+                    }
+                )
+            out.append(
+                {
+                    "mesh": key,
+                    "service": name,
+                    "port": svc.get("port"),
+                    "protocol": svc.get("protocol"),
+                    "gateway": bool(svc.get("gateway")),
+                    "subsets": subsets,
+                    "instances": len(instances),
+                    "online": sum(1 for dp in instances if dp.online),
+                    "digest": rel.digests.get(f"{key}/{name}"),
+                }
+            )
+    return out
+
+
+def policies_data(cp: ControlPlane) -> list[dict[str, Any]]:
+    rel = cp.releases.current
+    if rel is None:
+        return []
+    seen: dict[tuple[str, str, str, int], list[str]] = {}
+    for key, items in rel.provenance.items():
+        for p in items:
+            seen.setdefault((p["kind"], p["name"], p["file"], int(p["line"])), []).append(key)
+    return [
+        {"kind": k, "name": n, "file": f, "line": line, "bundles": sorted(b)}
+        for (k, n, f, line), b in sorted(seen.items(), key=lambda x: (x[0][0], x[0][1]))
+    ]
+
+
+def diagnostics_data(cp: ControlPlane) -> dict[str, Any]:
+    last = cp.releases.last
+    return {
+        "last": last.as_json() if last else None,
+        "history": [
+            {k: v for k, v in r.as_json().items() if k != "diagnostics"}
+            for r in reversed(cp.releases.history)
+        ][:20],
+    }
+
+
+def overview_data(cp: ControlPlane) -> dict[str, Any]:
+    rel = cp.releases.current
+    dps = list(cp.registry.dataplanes.values())
+    st = status_data(cp)["dataplanes"]
+    meshes = sorted({k for k in (rel.digests if rel else {}) if "/" not in k} | cp.registry.meshes())
+    last = cp.releases.last
+    cfg = cp.config
+    return {
+        "meshes": [
+            {
+                "name": m,
+                "services": sum(1 for k in (rel.digests if rel else {}) if k.startswith(f"{m}/")),
+                "dataplanes": sum(1 for d in dps if d.mesh == m),
+                "online": sum(1 for d in dps if d.mesh == m and d.online),
+            }
+            for m in meshes
+        ],
+        "release": rel.id if rel else None,
+        "commit": rel.commit if rel else None,
+        "release_applied_at": rel.applied_at if rel else None,
+        "policies": len(policies_data(cp)),
+        "dataplanes": len(dps),
+        "online": sum(1 for d in dps if d.online),
+        "synced": sum(1 for r in st if r["status"] == "SYNCED"),
+        "last_compile_ok": last.ok if last else None,
+        "source": f"{cfg.ref} (Git)" if cfg.ref else f"{cfg.policy_dir} (work tree)",
+        "incremental": cp.compiler.incremental,
+        "started_at": cp.started_at,
+        "now": time.time(),
+    }
+
+
+async def traffic_data(cp: ControlPlane) -> dict[str, Any]:
+    await cp.traffic.scrape()
+    return cp.traffic.annotate(configured_routes(cp.releases.current))
+
+
+async def dashboard_data(cp: ControlPlane) -> dict[str, Any]:
+    return {
+        "overview": overview_data(cp),
+        "services": services_data(cp),
+        "traffic": await traffic_data(cp),
+        "dataplanes": status_data(cp)["dataplanes"],
+        "policies": policies_data(cp),
+        "diagnostics": diagnostics_data(cp),
+        "rollouts": [r.as_json() for r in reversed(cp.pusher.rollouts)][:10],
+    }
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+def make_app(cp: ControlPlane) -> web.Application:
+    Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = cp.config.token
+        if token and request.path not in _PROTOCOL and request.path != "/healthz":
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            given = given or request.query.get("token", "") or request.cookies.get("meshc_token", "")
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return _json({"error": "a token is required (Authorization: Bearer ...)"}, 401)
+        return await handler(request)
+
+    app = web.Application(middlewares=[auth], client_max_size=1024 * 1024)
+
+    async def register(request: web.Request) -> web.Response:
+        try:
+            reg = Registration.model_validate_json(await request.read())
+        except ValidationError as e:
+            return _json({"error": f"bad registration: {e.errors(include_url=False)}"}, 400)
+        dp = cp.registry.register(reg)
+        reply = RegistrationReply(
+            instance=dp.instance, heartbeat_interval_ms=int(cp.config.heartbeat_interval_s * 1000)
+        )
+        return web.Response(body=reply.model_dump_json().encode(), content_type="application/json")
+
+    async def heartbeat(request: web.Request) -> web.Response:
+        try:
+            hb = Heartbeat.model_validate_json(await request.read())
+        except ValidationError as e:
+            return _json({"error": f"bad heartbeat: {e.errors(include_url=False)}"}, 400)
+        if cp.registry.heartbeat(hb) is None:
+            return _json({"error": f"unknown instance {hb.instance!r}; register again"}, 404)
+        return _json({"ok": True})
+
+    async def deregister(request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.read())
+            instance = str(body["instance"])
+        except (ValueError, KeyError, TypeError):
+            return _json({"error": 'expected {"instance": NAME}'}, 400)
+        found = cp.registry.deregister(instance)
+        return _json({"ok": found}, 200 if found else 404)
+
+    async def get_status(_: web.Request) -> web.Response:
+        return _json(status_data(cp))
+
+    async def get_overview(_: web.Request) -> web.Response:
+        return _json(overview_data(cp))
+
+    async def get_services(_: web.Request) -> web.Response:
+        return _json({"services": services_data(cp)})
+
+    async def get_policies(_: web.Request) -> web.Response:
+        return _json({"policies": policies_data(cp)})
+
+    async def get_diagnostics(_: web.Request) -> web.Response:
+        return _json(diagnostics_data(cp))
+
+    async def get_traffic(_: web.Request) -> web.Response:
+        return _json(await traffic_data(cp))
+
+    async def get_release(_: web.Request) -> web.Response:
+        rel = cp.releases.current
+        if rel is None:
+            return _json({"error": "no release compiled yet"}, 404)
+        return _json({"id": rel.id, **rel.record})
+
+    async def get_rollouts(_: web.Request) -> web.Response:
+        return _json({"rollouts": [r.as_json() for r in reversed(cp.pusher.rollouts)]})
+
+    async def get_dashboard(_: web.Request) -> web.Response:
+        return _json(await dashboard_data(cp))
+
+    async def get_fragments(_: web.Request) -> web.Response:
+        from compiler.controlplane.gui import render_sections
+
+        return _json(render_sections(await dashboard_data(cp)))
+
+    async def get_gui(request: web.Request) -> web.Response:
+        from compiler.controlplane.gui import render_page
+
+        resp = web.Response(text=render_page(await dashboard_data(cp)), content_type="text/html")
+        if cp.config.token and request.query.get("token"):
+            resp.set_cookie("meshc_token", request.query["token"], httponly=True, samesite="Strict")
+        return resp
+
+    async def get_metrics(_: web.Request) -> web.Response:
+        return web.Response(body=cp.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return _json({"ok": True, "release": cp.releases.current.id if cp.releases.current else None})
+
+    async def root(_: web.Request) -> web.Response:
+        raise web.HTTPFound("/gui")
+
+    app.router.add_post("/api/v1/register", register)
+    app.router.add_post("/api/v1/heartbeat", heartbeat)
+    app.router.add_post("/api/v1/deregister", deregister)
+    app.router.add_get("/api/v1/status", get_status)
+    app.router.add_get("/api/v1/overview", get_overview)
+    app.router.add_get("/api/v1/services", get_services)
+    app.router.add_get("/api/v1/policies", get_policies)
+    app.router.add_get("/api/v1/diagnostics", get_diagnostics)
+    app.router.add_get("/api/v1/traffic", get_traffic)
+    app.router.add_get("/api/v1/release", get_release)
+    app.router.add_get("/api/v1/rollouts", get_rollouts)
+    app.router.add_get("/api/v1/dashboard", get_dashboard)
+    app.router.add_get("/api/v1/dashboard/fragments", get_fragments)
+    app.router.add_get("/gui", get_gui)
+    app.router.add_get("/gui/", get_gui)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", root)
+    return app

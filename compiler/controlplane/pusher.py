@@ -1,0 +1,420 @@
+"""Pushing to data planes: per data plane reconciliation of three slots, in make-before-break order.
+
+Each data plane has three slots, pushed in this order so that nothing ever routes to what the data
+plane does not know yet: ``endpoints`` (the mesh's endpoint set, ``PUT /endpoints``), ``mesh`` (the
+mesh bundle, catalog and default routes) and ``service`` (its own service or gateway bundle, the
+routes that use them; both ``PUT /bundle``). A slot is pushed only when its desired digest differs
+from the one the data plane acknowledged, so a commit that changes one service's bundle sends one
+bundle to that service's data planes and nothing to the others.
+
+One task per data plane waits for its slots to become dirty and reconciles them; a semaphore bounds
+the pushes in flight across all data planes. A transport error is retried with capped exponential
+backoff; a NACK is recorded and the same bytes are not sent again (they would be refused again),
+and the later slots wait, since they may depend on what was refused. Heartbeats report what a
+data plane runs: a data plane that restarted from an older state is pushed again, and one that
+already runs the desired digest (a control plane restart) counts as SYNCED without a push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+from compiler.controlplane.endpoints import endpoint_services, endpoints_digest
+from compiler.controlplane.generation import Generations
+from compiler.controlplane.metrics import ControlPlaneMetrics
+from compiler.controlplane.registry import DataPlane, Registry
+from compiler.controlplane.release import ReleaseState
+from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, Endpoint, EndpointSet
+
+__all__ = ["SLOTS", "DataPlaneSync", "Pusher", "Rollout", "SlotState"]
+
+SLOTS = ("endpoints", "mesh", "service")
+Result = Literal["ack", "nack", "error"]
+
+
+@dataclass
+class SlotState:
+    desired: str | None = None
+    desired_since: float | None = None
+    """When the change that made ``desired`` was seen; set only for policy changes (measured)."""
+    inflight: str | None = None
+    sent: str | None = None
+    acked: str | None = None
+    generation: int | None = None
+    """Generation of the last push of this slot."""
+    last_ack_at: float | None = None
+    nack: str | None = None
+    nack_digest: str | None = None
+    last_nack_at: float | None = None
+    error: str | None = None
+    mismatches: int = 0
+
+    @property
+    def status(self) -> str:
+        if self.desired is None:
+            return "-"
+        if self.acked == self.desired:
+            return "SYNCED"
+        if self.sent == self.desired:
+            return "STALE"
+        return "NOT SENT"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "desired": self.desired,
+            "acked": self.acked,
+            "sent": self.sent,
+            "inflight": self.inflight is not None,
+            "generation": self.generation,
+            "last_ack_at": self.last_ack_at,
+            "nack": self.nack,
+            "last_nack_at": self.last_nack_at,
+            "error": self.error,
+        }
+
+
+@dataclass
+class DataPlaneSync:
+    instance: str
+    slots: dict[str, SlotState] = field(default_factory=lambda: {s: SlotState() for s in SLOTS})
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Rollout:
+    """One compiled change and the ACKs it needs (for the propagation benchmark and the GUI)."""
+
+    release: str
+    seen_at: float
+    changed: tuple[str, ...]
+    targets: int
+    pending: set[tuple[str, str]]
+    acked: int = 0
+    nacked: int = 0
+    completed_at: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "release": self.release,
+            "seen_at": self.seen_at,
+            "changed": list(self.changed),
+            "targets": self.targets,
+            "acked": self.acked,
+            "nacked": self.nacked,
+            "pending": len(self.pending),
+            "completed_at": self.completed_at,
+            "duration_s": None if self.completed_at is None else self.completed_at - self.seen_at,
+        }
+
+
+class Pusher:
+    def __init__(
+        self,
+        registry: Registry,
+        releases: ReleaseState,
+        metrics: ControlPlaneMetrics,
+        generations: Generations,
+        *,
+        concurrency: int = 32,
+        timeout_s: float = 5.0,
+        max_backoff_s: float = 5.0,
+        endpoints_hold_s: float = 0.0,
+    ) -> None:
+        self.registry = registry
+        self.releases = releases
+        self.metrics = metrics
+        self.generations = generations
+        self.syncs: dict[str, DataPlaneSync] = {}
+        self.rollouts: deque[Rollout] = deque(maxlen=100)
+        self._sem = asyncio.Semaphore(concurrency)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(2.0, timeout_s))
+        self._max_backoff_s = max_backoff_s
+        self._hold_until = time.time() + endpoints_hold_s
+        self._eps: dict[str, tuple[dict[str, list[Endpoint]], str]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._concurrency = concurrency
+        registry.subscribe(self._on_registry)
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(limit=self._concurrency, force_close=False),
+            trust_env=False,
+        )
+        for dp in list(self.registry.dataplanes.values()):
+            self._track(dp, push=not dp.restored)
+
+    async def close(self) -> None:
+        tasks = [s.task for s in self.syncs.values() if s.task is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._session is not None:
+            await self._session.close()
+
+    # --- desired state ------------------------------------------------------------------------
+
+    def _mesh_endpoints(self, mesh: str) -> tuple[dict[str, list[Endpoint]], str]:
+        cached = self._eps.get(mesh)
+        if cached is None:
+            services = endpoint_services(self.registry, mesh)
+            cached = self._eps[mesh] = (services, endpoints_digest(services))
+        return cached
+
+    def _desired(self, dp: DataPlane) -> dict[str, str | None]:
+        rel = self.releases.current
+        digests = rel.digests if rel else {}
+        return {
+            "endpoints": self._mesh_endpoints(dp.mesh)[1],
+            "mesh": digests.get(dp.mesh),
+            "service": digests.get(f"{dp.mesh}/{dp.service}"),
+        }
+
+    def _refresh(self, sync: DataPlaneSync, dp: DataPlane, seen_at: float | None) -> list[str]:
+        changed = []
+        for slot, want in self._desired(dp).items():
+            st = sync.slots[slot]
+            if st.desired != want:
+                st.desired = want
+                st.desired_since = seen_at if slot != "endpoints" else None
+                changed.append(slot)
+        if changed:
+            sync.dirty.set()
+        return changed
+
+    def _track(self, dp: DataPlane, push: bool = True) -> DataPlaneSync:
+        sync = self.syncs.get(dp.instance)
+        if sync is None:
+            sync = self.syncs[dp.instance] = DataPlaneSync(dp.instance)
+            sync.task = asyncio.ensure_future(self._worker(sync))
+        self._refresh(sync, dp, None)
+        if not push:
+            sync.dirty.clear()
+        return sync
+
+    def on_release(self, changed: set[str], seen_at: float) -> None:
+        """A new release is current: refresh every data plane's desired digests."""
+        rel = self.releases.current
+        if rel is None:
+            return
+        pending: set[tuple[str, str]] = set()
+        for sync in self.syncs.values():
+            dp = self.registry.dataplanes.get(sync.instance)
+            if dp is None:
+                continue
+            for slot in self._refresh(sync, dp, seen_at):
+                if dp.online and slot != "endpoints":
+                    pending.add((dp.instance, slot))
+        ro = Rollout(rel.id, seen_at, tuple(sorted(changed)), len(pending), pending)
+        if not pending:
+            ro.completed_at = time.time()
+        self.rollouts.append(ro)
+
+    def _on_registry(self, event: str, dp: DataPlane) -> None:
+        if event == "heartbeat":
+            self._on_heartbeat(dp)
+            return
+        if event in ("registered", "online", "offline", "deregistered"):
+            before = self._eps.pop(dp.mesh, None)
+            after = self._mesh_endpoints(dp.mesh)
+            if before is None or before[1] != after[1]:
+                for sync in self.syncs.values():
+                    other = self.registry.dataplanes.get(sync.instance)
+                    if other is not None and other.mesh == dp.mesh:
+                        self._refresh(sync, other, None)
+        if event == "deregistered":
+            gone = self.syncs.pop(dp.instance, None)
+            if gone is not None and gone.task is not None:
+                gone.task.cancel()
+            return
+        if event == "registered":
+            old = self.syncs.pop(dp.instance, None)
+            if old is not None and old.task is not None:
+                old.task.cancel()
+            self._track(dp)
+        elif event == "online":
+            sync = self._track(dp)
+            sync.dirty.set()
+
+    def _on_heartbeat(self, dp: DataPlane) -> None:
+        sync = self.syncs.get(dp.instance)
+        if sync is None:
+            sync = self._track(dp)
+        for slot in ("mesh", "service"):
+            st = sync.slots[slot]
+            running = dp.running.get(slot)
+            if running is None or st.inflight is not None:
+                continue
+            if st.acked is None and running == st.desired:
+                st.acked = running
+                st.last_ack_at = time.time()
+                self._rollout_done(dp.instance, slot, ok=True)
+                st.mismatches = 0
+            elif st.acked is not None and running != st.acked:
+                st.mismatches += 1
+                if st.mismatches >= 2:
+                    st.acked = running
+                    st.mismatches = 0
+                    sync.dirty.set()
+            else:
+                st.mismatches = 0
+        if dp.endpoints_generation is not None:
+            st = sync.slots["endpoints"]
+            if dp.endpoints_generation == 0 and st.acked is not None and st.inflight is None:
+                st.acked = None
+            if st.desired is not None and st.acked != st.desired:
+                sync.dirty.set()
+        elif any(s.acked != s.desired for s in sync.slots.values()):
+            sync.dirty.set()
+
+    # --- pushing ------------------------------------------------------------------------------
+
+    async def _worker(self, sync: DataPlaneSync) -> None:
+        backoff = 0.1
+        while True:
+            await sync.dirty.wait()
+            sync.dirty.clear()
+            dp = self.registry.dataplanes.get(sync.instance)
+            if dp is None:
+                return
+            if not dp.online:
+                continue
+            retry_in = await self._reconcile(sync, dp)
+            if retry_in is None:
+                backoff = 0.1
+                continue
+            wait = backoff if retry_in <= 0 else retry_in
+            if retry_in <= 0:
+                backoff = min(backoff * 2, self._max_backoff_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sync.dirty.wait(), wait)
+            sync.dirty.set()
+
+    async def _reconcile(self, sync: DataPlaneSync, dp: DataPlane) -> float | None:
+        """Push what differs; None when done, else seconds to wait (0: backoff) before retrying."""
+        self._refresh(sync, dp, None)
+        sync.dirty.clear()
+        retry_in: float | None = None
+        for slot in SLOTS:
+            st = sync.slots[slot]
+            want = st.desired
+            if want is None or want == st.acked or want == st.nack_digest:
+                if want is not None and want == st.nack_digest:
+                    return None
+                continue
+            if slot == "endpoints":
+                now = time.time()
+                if now < self._hold_until and dp.restored is False and dp.endpoints_generation != 0:
+                    retry_in = self._hold_until - now
+                    continue
+                services, digest = self._mesh_endpoints(dp.mesh)
+                if digest != want:
+                    sync.dirty.set()
+                    return None
+                gen = self.generations.next()
+                body = EndpointSet(generation=gen, services=services).model_dump_json().encode()
+                result, reason = await self._put(
+                    dp, "/endpoints", body, {HDR_GENERATION: str(gen)}, st, want, gen
+                )
+            else:
+                rel = self.releases.current
+                key = dp.mesh if slot == "mesh" else f"{dp.mesh}/{dp.service}"
+                data = rel.bundles.get(key) if rel else None
+                if rel is None or data is None or rel.digests.get(key) != want:
+                    sync.dirty.set()
+                    return None
+                gen = self.generations.next()
+                headers = {HDR_DIGEST: want, HDR_GENERATION: str(gen), HDR_BUNDLE_ROLE: slot}
+                result, reason = await self._put(dp, "/bundle", data, headers, st, want, gen)
+            self.metrics.pushes.labels(slot, result).inc()
+            now = time.time()
+            if result == "ack":
+                st.acked = want
+                st.last_ack_at = now
+                st.error = None
+                st.mismatches = 0
+                if st.desired_since is not None and slot != "endpoints":
+                    self.metrics.propagation.labels(slot).observe(max(0.0, now - st.desired_since))
+                    st.desired_since = None
+                self._rollout_done(dp.instance, slot, ok=True)
+            elif result == "nack":
+                st.nack, st.nack_digest, st.last_nack_at = reason, want, now
+                print(f"meshc: {dp.instance} NACKed the {slot} push {want[:12]}: {reason}", flush=True)
+                self._rollout_done(dp.instance, slot, ok=False)
+                return None
+            else:
+                st.error = reason
+                return 0.0
+            if st.desired != want:
+                return 0.0
+        return retry_in
+
+    async def _put(
+        self,
+        dp: DataPlane,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        st: SlotState,
+        want: str,
+        gen: int,
+    ) -> tuple[Result, str]:
+        assert self._session is not None
+        st.inflight = st.sent = want
+        st.generation = gen
+        try:
+            async with (
+                self._sem,
+                self._session.put(
+                    f"http://{dp.admin_address}{path}",
+                    data=body,
+                    headers={"Content-Type": "application/json", **headers},
+                ) as resp,
+            ):
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            return "error", f"{type(e).__name__}: {e}"[:300]
+        finally:
+            st.inflight = None
+        if status == 200:
+            return "ack", ""
+        if 400 <= status < 500:
+            reason = raw.decode(errors="replace")[:500]
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                reason = str(json.loads(raw).get("nack", reason))
+            return "nack", f"{status}: {reason}"
+        return "error", f"HTTP {status}: {raw[:200].decode(errors='replace')}"
+
+    def _rollout_done(self, instance: str, slot: str, *, ok: bool) -> None:
+        now = time.time()
+        for ro in self.rollouts:
+            if (instance, slot) in ro.pending:
+                ro.pending.discard((instance, slot))
+                if ok:
+                    ro.acked += 1
+                else:
+                    ro.nacked += 1
+                if not ro.pending and ro.completed_at is None:
+                    ro.completed_at = now
+
+    def forget_offline(self, dp: DataPlane) -> None:
+        """An Offline data plane no longer holds up a rollout."""
+        for ro in self.rollouts:
+            for slot in SLOTS:
+                if (dp.instance, slot) in ro.pending:
+                    ro.pending.discard((dp.instance, slot))
+                    if not ro.pending and ro.completed_at is None:
+                        ro.completed_at = time.time()

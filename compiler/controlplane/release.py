@@ -1,0 +1,151 @@
+"""The current good release and the record of the last compiles.
+
+A successful compile replaces the release and names the bundle keys whose digest changed; a failed
+one keeps the current release untouched (nothing is pushed) and records its diagnostics, which
+the log, the API and the GUI show. Compiling goes through ``Compiler``, the one seam to the
+incremental compiler: it is used when ``compiler.incremental`` exists, else every change
+recompiles the whole set (fine for small repositories).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from compiler.pipeline import CompileResult, compile_sources
+from compiler.report import render
+from compiler.source import SourceSet
+
+__all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState"]
+
+
+class Compiler:
+    """``compile(src) -> CompileResult``; incremental when the incremental compiler is available."""
+
+    def __init__(self) -> None:
+        self._inc: Any = None
+        try:
+            mod = importlib.import_module("compiler.incremental")
+            self._inc = mod.IncrementalCompiler()
+        except (ImportError, AttributeError, TypeError):
+            self._inc = None
+
+    @property
+    def incremental(self) -> bool:
+        return self._inc is not None
+
+    def compile(self, src: SourceSet) -> CompileResult:
+        if self._inc is not None:
+            out = self._inc.update(src)
+            result = out[0] if isinstance(out, tuple) else getattr(out, "result", out)
+            if isinstance(result, CompileResult):
+                return result
+        return compile_sources(src)
+
+
+@dataclass(frozen=True)
+class Release:
+    id: str
+    commit: str | None
+    bundles: dict[str, bytes]
+    """Bundle key (``<mesh>`` or ``<mesh>/<service>``) -> canonical bytes."""
+    digests: dict[str, str]
+    provenance: dict[str, list[dict[str, Any]]]
+    record: dict[str, Any]
+    """The release document as written to ``releases/<id>.json``."""
+    applied_at: float
+    seen_at: float
+    """When the change that produced it was seen (for propagation time)."""
+
+
+@dataclass(frozen=True)
+class CompileRecord:
+    at: float
+    ok: bool
+    trigger: str
+    commit: str | None
+    duration_s: float
+    diagnostics: list[dict[str, Any]]
+    summary: dict[str, int]
+    release_id: str | None
+    changed: tuple[str, ...] = ()
+    error: str | None = None
+    """Set when the sources could not be read at all."""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "ok": self.ok,
+            "trigger": self.trigger,
+            "commit": self.commit,
+            "duration_s": round(self.duration_s, 6),
+            "diagnostics": self.diagnostics,
+            "summary": self.summary,
+            "release": self.release_id,
+            "changed": list(self.changed),
+            "error": self.error,
+        }
+
+
+@dataclass
+class ReleaseState:
+    current: Release | None = None
+    last: CompileRecord | None = None
+    history: deque[CompileRecord] = field(default_factory=lambda: deque(maxlen=50))
+
+    def apply(
+        self, result: CompileResult, *, seen_at: float, trigger: str, duration_s: float
+    ) -> set[str] | None:
+        """Adopt ``result`` if it compiled; returns the changed bundle keys, or None on failure."""
+        summary = {
+            "files": result.files,
+            "documents": result.documents,
+            "errors": result.errors,
+            "warnings": result.warnings,
+        }
+        diags = json.loads(render("json", result.diagnostics, summary))["diagnostics"]
+        now = time.time()
+        if result.errors or not result.release:
+            self._record(CompileRecord(now, False, trigger, result.commit, duration_s, diags, summary, None))
+            return None
+        old = self.current.digests if self.current else {}
+        digests = result.digests
+        changed = {k for k in set(old) | set(digests) if old.get(k) != digests.get(k)}
+        self.current = Release(
+            id=result.release_id,
+            commit=result.commit,
+            bundles=dict(result.bundles),
+            digests=digests,
+            provenance=dict(result.release.get("provenance", {})),
+            record=result.release,
+            applied_at=now,
+            seen_at=seen_at,
+        )
+        self._record(
+            CompileRecord(
+                now,
+                True,
+                trigger,
+                result.commit,
+                duration_s,
+                diags,
+                summary,
+                result.release_id,
+                tuple(sorted(changed)),
+            )
+        )
+        return changed
+
+    def fail(self, error: str, *, trigger: str) -> None:
+        """The sources could not be read (a bad ref, an unreadable file): keep the release."""
+        self._record(
+            CompileRecord(time.time(), False, trigger, None, 0.0, [], {}, None, error=error),
+        )
+
+    def _record(self, rec: CompileRecord) -> None:
+        self.last = rec
+        self.history.append(rec)

@@ -1,0 +1,242 @@
+"""The control plane process: compile on start, follow changes, push, serve the API and the GUI.
+
+``ControlPlane`` wires the parts together: a watcher feeds changes into one compile loop (changes
+that arrive while a compile runs are coalesced into the next one, stamped with the earliest
+change's time); a successful compile becomes the current release, is written to ``out/`` and
+handed to the pusher; a failed one is logged and recorded, and nothing is pushed. A sweeper marks
+data planes Offline when their heartbeats stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from compiler.controlplane.generation import Generations
+from compiler.controlplane.metrics import ControlPlaneMetrics
+from compiler.controlplane.pusher import Pusher
+from compiler.controlplane.registry import Registry
+from compiler.controlplane.release import Compiler, ReleaseState
+from compiler.controlplane.status import overall_status
+from compiler.controlplane.traffic import TrafficView
+from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
+from compiler.source import SourceError, read_policy_dir
+
+__all__ = ["Config", "ControlPlane"]
+
+
+@dataclass
+class Config:
+    policy_dir: Path
+    out: Path
+    host: str = "127.0.0.1"
+    port: int = 5681
+    ref: str | None = None
+    repo: Path | None = None
+    fetch_interval_s: float | None = None
+    poll_interval_s: float = 0.2
+    state_dir: Path | None = None
+    heartbeat_interval_s: float = 1.0
+    missed_heartbeats: int = 3
+    concurrency: int = 32
+    token: str | None = None
+    watch: bool = True
+    quiet: bool = False
+
+
+class ControlPlane:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.metrics = ControlPlaneMetrics()
+        self.releases = ReleaseState()
+        self.compiler = Compiler()
+        self.registry = Registry(
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            missed=config.missed_heartbeats,
+            state_dir=config.state_dir,
+        )
+        hold = 0.0 if self.registry.restored else config.heartbeat_interval_s * config.missed_heartbeats
+        self.pusher = Pusher(
+            self.registry,
+            self.releases,
+            self.metrics,
+            Generations(config.state_dir),
+            concurrency=config.concurrency,
+            endpoints_hold_s=hold,
+        )
+        self.traffic = TrafficView(self.registry)
+        self.registry.subscribe(self._on_registry)
+        self._stop = asyncio.Event()
+        self._changes: asyncio.Queue[Change] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._compile_lock = asyncio.Lock()
+        self._git: GitRefWatcher | None = None
+        if config.ref is not None:
+            self._git = GitRefWatcher(
+                config.repo or config.policy_dir,
+                config.ref,
+                poll_interval_s=config.poll_interval_s,
+                fetch_interval_s=config.fetch_interval_s,
+            )
+
+    def log(self, msg: str) -> None:
+        if not self.config.quiet:
+            print(f"meshc controlplane: {msg}", file=sys.stderr, flush=True)
+
+    def _on_registry(self, event: str, dp: object) -> None:
+        from compiler.controlplane.registry import DataPlane
+
+        assert isinstance(dp, DataPlane)
+        if event in ("registered", "deregistered", "offline", "online"):
+            where = f" inbound {dp.inbound_address}" if dp.inbound_address else ""
+            self.log(f"{dp.kind} {dp.instance} ({dp.service}{where}) {event}")
+        if event == "offline":
+            self.pusher.forget_offline(dp)
+        if event != "heartbeat":
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        dps = list(self.registry.dataplanes.values())
+        self.metrics.dataplanes.labels("online").set(sum(1 for d in dps if d.online))
+        self.metrics.dataplanes.labels("offline").set(sum(1 for d in dps if not d.online))
+        counts = {"SYNCED": 0, "STALE": 0, "NOT SENT": 0}
+        for d in dps:
+            counts[overall_status(self.pusher.syncs.get(d.instance))] += 1
+        for k, v in counts.items():
+            self.metrics.sync.labels(k).set(v)
+
+    # --- compiling ----------------------------------------------------------------------------
+
+    async def compile_once(self, change: Change) -> bool:
+        """Read and compile; on success adopt, write and push. Returns whether it compiled."""
+        async with self._compile_lock:
+            ref = change.commit or self.config.ref
+            t0 = time.perf_counter()
+            try:
+                src = await asyncio.to_thread(read_policy_dir, self.config.policy_dir, ref)
+                result = await asyncio.to_thread(self.compiler.compile, src)
+            except SourceError as e:
+                self.releases.fail(str(e), trigger=change.reason)
+                self.metrics.compiles.labels("failed").inc()
+                self.log(f"cannot read policies ({change.reason}): {e}; keeping the current release")
+                return False
+            took = time.perf_counter() - t0
+            self.metrics.compile_seconds.observe(took)
+            changed = self.releases.apply(
+                result, seen_at=change.seen_at, trigger=change.reason, duration_s=took
+            )
+            if changed is None:
+                self.metrics.compiles.labels("failed").inc()
+                rec = self.releases.last
+                n = rec.summary.get("errors", 0) if rec else 0
+                self.log(
+                    f"compile failed ({change.reason}): {n} error(s); "
+                    "keeping the current release, pushing nothing"
+                )
+                for d in (rec.diagnostics if rec else [])[:20]:
+                    self.log(
+                        f"  {d['file']}:{d['line']}:{d['column']}: {d['severity']} {d['code']} {d['message']}"
+                    )
+                return False
+            self.metrics.compiles.labels("ok").inc()
+            rel = self.releases.current
+            assert rel is not None
+            self.metrics.set_release(rel.id)
+            self.pusher.on_release(changed, change.seen_at)
+            self._update_gauges()
+            self.log(
+                f"release {rel.id[:12]} ({change.reason}): {len(rel.bundles)} bundle(s), "
+                f"{len(changed)} changed, compiled in {took * 1000:.0f} ms"
+            )
+            await asyncio.to_thread(self._write, result)
+            return True
+
+    def _write(self, result: object) -> None:
+        from compiler.output import OutputError, write_release
+        from compiler.pipeline import CompileResult
+
+        assert isinstance(result, CompileResult)
+        try:
+            write_release(result, self.config.out)
+        except OutputError as e:
+            self.log(f"cannot write the release to {self.config.out}: {e}")
+
+    async def _compile_loop(self) -> None:
+        while True:
+            change = await self._changes.get()
+            while not self._changes.empty():
+                nxt = self._changes.get_nowait()
+                change = Change(min(change.seen_at, nxt.seen_at), nxt.reason, nxt.commit or change.commit)
+            await self.compile_once(change)
+
+    async def _watch(self) -> None:
+        if self._git is not None:
+            current = self.releases.current.commit if self.releases.current else None
+            last = self.releases.last
+            current = current or (last.commit if last else None)
+            async for ch in self._git.changes(self._stop, current):
+                self._changes.put_nowait(ch)
+        else:
+            watcher = WorkTreeWatcher(self.config.policy_dir)
+            async for ch in watcher.changes(self._stop):
+                self._changes.put_nowait(ch)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s / 2)
+            self.registry.sweep()
+            self._update_gauges()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from compiler.controlplane.api import make_app
+
+        commit = None
+        if self._git is not None:
+            commit = await self._git.resolve()
+            if commit is None:
+                raise SourceError(f"{self.config.ref}: no such revision in {self._git.repo}")
+        await self.compile_once(Change(time.time(), "start", commit))
+        await self.pusher.start()
+        app = make_app(self)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        await site.start()
+        self._tasks.append(asyncio.ensure_future(self._compile_loop()))
+        self._tasks.append(asyncio.ensure_future(self._sweep()))
+        if self.config.watch:
+            self._tasks.append(asyncio.ensure_future(self._watch()))
+        mode = f"following {self.config.ref}" if self._git else f"watching {self.config.policy_dir}"
+        self.log(f"listening on http://{self.config.host}:{self.config.port} ({mode}); GUI at /gui")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.pusher.close()
+        await self.traffic.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()

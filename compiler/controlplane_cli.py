@@ -1,0 +1,284 @@
+"""``meshc controlplane``, ``meshc status`` and ``meshc demo`` (registered by ``compiler.cli``).
+
+Each command imports its machinery only when it runs, so ``meshc --help`` stays fast and
+``meshc sidecar`` never loads the control plane.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["parse_listen", "register"]
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+DEFAULT_CP = "http://127.0.0.1:5681"
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+_CP_DESC = """\
+Run the control plane: compile DIR on start, then follow changes and push what changed.
+
+Sources: by default the work tree of DIR is watched (changes settle for 50-100 ms, then one
+compile); with --ref REV the policies are read from that Git ref instead, and each new commit on
+it is compiled (--fetch-interval also runs `git fetch`; follow `origin/main` then). A compile with
+errors keeps the current release: nothing is pushed, and the diagnostics show in the log, the API
+and the GUI. A good release is written to OUT (bundles/<sha256>.json, releases/<id>.json), and
+only the bundles whose digest changed are pushed: a service's bundle to that service's data
+planes, the mesh bundle to all, endpoints before the routes that use them.
+
+Data planes (`meshc sidecar|gateway --control-plane URL`) register, heartbeat and deregister here;
+they go Offline after 3 missed heartbeats. The API is under /api/v1/, Prometheus metrics at
+/metrics, the dashboard at /gui. It listens on loopback unless told otherwise, and any other
+address needs --token (or MESHC_CONTROLPLANE_TOKEN) for the API and the GUI.
+"""
+
+_CP_EPILOG = """\
+examples:
+  meshc controlplane policies/ --out out/                       # follow the work tree
+  meshc controlplane --repo . --ref main --out out/ --listen 127.0.0.1:5681   # GitOps mode
+exit codes: 0 stopped cleanly (SIGINT/SIGTERM); 2 could not start (address in use, no such
+directory or revision, bad arguments).
+"""
+
+_STATUS_DESC = """\
+Show every data plane the control plane knows, like `istioctl proxy-status`: its state
+(Online/Offline), per slot (EDS = endpoints, MESH = mesh bundle, SERVICE-BUNDLE = its own bundle)
+SYNCED (acknowledged the current digest), STALE (sent, not acknowledged: in flight, NACKed, or the
+data plane did not answer) or NOT SENT, the digest it runs, when it was last seen, its last ACK
+and its last NACK reason.
+"""
+
+_DEMO_DESC = """\
+Run the seed scenario on 127.0.0.1: the control plane on DIR, stand-ins for magnanimo and
+benigno v1 and v2 (each on its own free port, with its sidecar) and the ingress gateway.
+Then:  curl http://127.0.0.1:8080/route1/hw2   (90% "Hello World, Benigno: ...", 10% the canary)
+Edit the TrafficRoute's weights and save: the split follows. Ctrl-C stops every process.
+"""
+
+
+def parse_listen(value: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, str(default_port)
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def _positive(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from e
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def _run_controlplane(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from compiler.controlplane.server import Config, ControlPlane
+    from compiler.source import SourceError
+
+    try:
+        host, port = parse_listen(args.listen, 5681)
+    except argparse.ArgumentTypeError as e:
+        print(f"meshc: --listen {e}", file=sys.stderr)
+        return EXIT_ERROR
+    token = args.token or os.environ.get("MESHC_CONTROLPLANE_TOKEN") or None
+    if host not in _LOOPBACK and not token:
+        print(
+            f"meshc: listening on {host} (not loopback) needs --token or MESHC_CONTROLPLANE_TOKEN",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    repo = Path(args.repo)
+    policy_dir = Path(args.policy_dir)
+    if not policy_dir.is_absolute():
+        policy_dir = repo / policy_dir
+    if args.ref is None and not policy_dir.is_dir():
+        print(f"meshc: {policy_dir}: not a directory", file=sys.stderr)
+        return EXIT_ERROR
+    out = Path(args.out)
+    state_dir = Path(args.state_dir) if args.state_dir else out / ".controlplane"
+    config = Config(
+        policy_dir=policy_dir,
+        out=out,
+        host=host,
+        port=port,
+        ref=args.ref,
+        repo=repo,
+        fetch_interval_s=args.fetch_interval,
+        poll_interval_s=args.poll_interval,
+        state_dir=state_dir,
+        heartbeat_interval_s=args.heartbeat_interval,
+        concurrency=args.concurrency,
+        token=token,
+    )
+
+    async def main() -> int:
+        cp = ControlPlane(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, cp.request_stop)
+        try:
+            await cp.start()
+        except OSError as e:
+            await cp.stop()
+            print(f"meshc: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_ERROR
+        except SourceError as e:
+            await cp.stop()
+            print(f"meshc: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        try:
+            await cp._stop.wait()
+        finally:
+            await cp.stop()
+        cp.log("stopped")
+        return EXIT_OK
+
+    return asyncio.run(main())
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    req = urllib.request.Request(url.rstrip("/") + "/api/v1/status")
+    token = os.environ.get("MESHC_CONTROLPLANE_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=timeout) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from compiler.controlplane.status import render_table
+
+    try:
+        data = fetch_status(args.control_plane)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        print(f"meshc: cannot reach the control plane at {args.control_plane}: {reason}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    rows = data.get("dataplanes", [])
+    rel = data.get("release")
+    commit = f" commit {data['commit'][:12]}" if data.get("commit") else ""
+    print(f"release {rel[:12] if rel else '(none)'}{commit}")
+    if rows:
+        print(render_table(rows))
+    else:
+        print("no data plane registered")
+    return EXIT_OK
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from compiler.demo import run_demo
+
+    return run_demo(args)
+
+
+def register(sub: Any) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "controlplane",
+        help="watch policies (work tree or Git ref), push changed bundles, registry, API and GUI",
+        description=_CP_DESC,
+        epilog=_CP_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument(
+        "policy_dir",
+        metavar="DIR",
+        nargs="?",
+        default="policies",
+        help="the policy directory, relative to --repo (default: policies)",
+    )
+    p.add_argument(
+        "--repo", default=".", help="the Git repository (or plain directory) holding DIR (default: .)"
+    )
+    p.add_argument("--ref", metavar="REV", help="follow this Git ref (branch, tag) instead of the work tree")
+    p.add_argument(
+        "--fetch-interval",
+        metavar="S",
+        type=_positive,
+        help="with --ref: run `git fetch` every S seconds (follow a remote-tracking ref such as origin/main)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        metavar="S",
+        type=_positive,
+        default=0.2,
+        help="with --ref: how often to look for a new commit (default: 0.2)",
+    )
+    p.add_argument("--out", default="out", help="where releases and bundles are written (default: out)")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:5681",
+        metavar="HOST:PORT",
+        help="API, metrics and GUI address (default: 127.0.0.1:5681)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="registry and generation state kept across restarts (default: OUT/.controlplane)",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        metavar="S",
+        type=_positive,
+        default=1.0,
+        help="heartbeat interval asked of data planes; Offline after 3 missed (default: 1)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=32, metavar="N", help="pushes in flight at most (default: 32)"
+    )
+    p.add_argument("--token", help="required for the API and GUI (needed when not listening on loopback)")
+    p.set_defaults(run=_run_controlplane)
+
+    s = sub.add_parser(
+        "status",
+        help="per-proxy sync status from the control plane (like istioctl proxy-status)",
+        description=_STATUS_DESC,
+        epilog="exit codes: 0 shown; 2 the control plane cannot be reached.",
+        formatter_class=fmt,
+    )
+    s.add_argument(
+        "--control-plane",
+        default=DEFAULT_CP,
+        metavar="URL",
+        help=f"control plane URL (default: {DEFAULT_CP})",
+    )
+    s.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    s.set_defaults(run=_run_status)
+
+    d = sub.add_parser(
+        "demo",
+        help="run the seed scenario locally: control plane, apps, sidecars, gateway",
+        description=_DEMO_DESC,
+        epilog="exit codes: 0 stopped with Ctrl-C; 2 could not start (a port in use, a process failed).",
+        formatter_class=fmt,
+    )
+    d.add_argument(
+        "policy_dir",
+        metavar="DIR",
+        nargs="?",
+        default="policies",
+        help="the policy directory (default: policies)",
+    )
+    d.add_argument("--gateway-port", type=int, default=8080, help="the gateway's port (default: 8080)")
+    d.add_argument("--cp-port", type=int, default=5681, help="the control plane's port (default: 5681)")
+    d.add_argument("--work-dir", help="where out/, state and logs go (default: a new temporary directory)")
+    d.set_defaults(run=_run_demo)
