@@ -20,6 +20,7 @@ from pydantic.alias_generators import to_camel
 
 from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY, KindDef
+from compiler.kinds._base import Finding
 
 __all__ = ["Doc", "parse_documents"]
 
@@ -86,8 +87,18 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
         api = raw.get("apiVersion")
         kdef = REGISTRY.get(kind) if isinstance(kind, str) else None
         if kind is None:
+            # Point at the apiVersion line: `kind` belongs beside it.
+            where: Path = ("apiVersion",) if "apiVersion" in raw else ("kind",)
+            what = "no value" if "kind" in raw else "no `kind`"
             return None, [
-                _diag("E0006", "the document has no `kind`; add e.g. `kind: TrafficRoute`", file, index)
+                _diag(
+                    "E0006",
+                    f"the document has {what}; add e.g. `kind: TrafficRoute`",
+                    file,
+                    index,
+                    where,
+                    True,
+                )
             ]
         if kdef is None:
             return None, [_unknown_kind(kind, file, index, ("kind",))]
@@ -116,7 +127,10 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
         meta = raw.get("metadata")
         name = None
         if not isinstance(meta, dict):
-            errs.append(_diag("E0007", "`metadata.name` is missing", file, index, ("metadata",)))
+            where = ("metadata",) if "metadata" in raw else ("kind",)
+            errs.append(
+                _diag("E0007", "`metadata.name` is missing; add `metadata: {name: ...}`", file, index, where)
+            )
         else:
             name = meta.get("name")
             for key in meta:
@@ -144,10 +158,21 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
             return None, [_unknown_kind(kind, file, index, ("type",))]
         name = raw.get("name")
         if not isinstance(name, str) or not name:
-            errs.append(_diag("E0007", "`name` must be a non-empty string", file, index, ("name",)))
+            where = ("name",) if "name" in raw else ("type",)
+            errs.append(_diag("E0007", "`name` must be a non-empty string", file, index, where))
         spec_raw = {k: v for k, v in raw.items() if k not in ("type", "name", "mesh")}
     else:
-        return None, [_diag("E0006", "the document has no `kind` (or universal `type`)", file, index)]
+        first = next(iter(raw), None)
+        return None, [
+            _diag(
+                "E0006",
+                "the document has no `kind` (or universal `type`); add e.g. `kind: TrafficRoute`",
+                file,
+                index,
+                (first,) if isinstance(first, str | int) else (),
+                True,
+            )
+        ]
     mesh: Any
     if kdef.kind == "Mesh":
         mesh = name if isinstance(name, str) else ""
@@ -166,7 +191,7 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
                     "mesh: cannot be empty; add `mesh: default`",
                     file,
                     index,
-                    ("mesh",) if "mesh" in raw else (),
+                    ("mesh",) if "mesh" in raw else (("kind",) if prefix else ("type",)),
                 )
             )
     if not isinstance(spec_raw, dict):
@@ -180,18 +205,33 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
         errs.extend(_pydantic(e, file, index, prefix, spec_raw, kdef))
         # Report Kuma's rules too (one run shows every problem): validate again without what
         # was wrong, and keep the findings that the removal itself cannot have caused.
-        salvaged, removed = _salvage(kdef, spec_raw, e)
+        salvaged, removed, unknown = _salvage(kdef, spec_raw, e)
         if salvaged is not None:
             for f in kdef.check(salvaged):
-                if not any(_related(f.path, r) for r in removed):
-                    errs.append(_diag(f.code, f.message, file, index, (*prefix, *f.path), f.on_key))
+                if any(_related(f.path, r) for r in removed):
+                    continue
+                if f.code == "E1003" and any(
+                    u[: len(f.path)] == f.path or u[:-1] == f.path[:-1] for u in unknown
+                ):
+                    continue  # "x is missing" beside an unknown key: most likely x misspelled
+                errs.append(_finding(f, spec_raw, file, index, prefix))
         return None, errs
     for f in kdef.check(spec):
-        errs.append(_diag(f.code, f.message, file, index, (*prefix, *f.path), f.on_key))
+        errs.append(_finding(f, spec_raw, file, index, prefix))
     if any(d.severity == "error" for d in errs):
         return None, errs
     assert isinstance(name, str) and isinstance(mesh, str)
     return Doc(file, index, kdef.kind, mesh, name, spec, prefix), errs
+
+
+def _finding(f: Finding, spec_raw: Any, file: str, index: int, prefix: Path) -> Diagnostic:
+    """A kind check's finding; "must be defined" on a key that is there with no value is E1004."""
+    if f.code == "E1003" and f.path and _present(spec_raw, f.path) and _lookup(spec_raw, f.path) is None:
+        key = f.path[-1]
+        return _diag(
+            "E1004", f"`{key}` has no value ({f.message}); give it one", file, index, (*prefix, *f.path)
+        )
+    return _diag(f.code, f.message, file, index, (*prefix, *f.path), f.on_key)
 
 
 def _unknown_kind(kind: Any, file: str, index: int, path: Path) -> Diagnostic:
@@ -247,35 +287,38 @@ def _related(a: Path, b: Path) -> bool:
 _SALVAGE_ROUNDS = 8
 
 
-def _salvage(kdef: KindDef, spec_raw: dict[str, Any], e: ValidationError) -> tuple[Any, list[Path]]:
+def _salvage(
+    kdef: KindDef, spec_raw: dict[str, Any], e: ValidationError
+) -> tuple[Any, list[Path], list[Path]]:
     """The spec validated again without its unknown keys and wrongly typed values, if possible.
 
     Unknown keys are dropped as Kuma drops them, so Kuma's rules still apply as Kuma applies them.
     A wrong value is removed (the field becomes unset, or its list empty); the paths removed that
-    way are returned, so that findings the removal causes (``has to be defined``) are not shown.
+    way are returned, so that findings the removal causes (``has to be defined``) are not shown,
+    and so are the unknown keys.
     """
     data = copy.deepcopy(spec_raw)
     removed: list[Path] = []
+    unknown: list[Path] = []
     for _ in range(_SALVAGE_ROUNDS):
         for err in e.errors(include_url=False):
             path, _ = _error_path(err["loc"])
             if not path or err["type"] == "missing":
-                return None, removed
+                return None, removed, unknown
             parent = _lookup(data, path[:-1])
             if isinstance(parent, list):  # a bad item: drop the whole list
                 path = path[:-1]
                 parent = _lookup(data, path[:-1])
                 if not path:
-                    return None, removed
+                    return None, removed, unknown
             if isinstance(parent, dict) and path[-1] in parent:
                 del parent[path[-1]]
-            if err["type"] != "extra_forbidden":
-                removed.append(path)
+            (unknown if err["type"] == "extra_forbidden" else removed).append(path)
         try:
-            return kdef.spec.model_validate(data), removed
+            return kdef.spec.model_validate(data), removed, unknown
         except ValidationError as again:
             e = again
-    return None, removed
+    return None, removed, unknown
 
 
 def _pydantic(

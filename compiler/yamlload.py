@@ -88,7 +88,10 @@ def resolve_plain(text: str) -> Any:
 
 
 class _TooBig(Exception):
-    pass
+    def __init__(self) -> None:
+        super().__init__()
+        self.key: Any = None
+        """The innermost mapping key whose value was being expanded (where to point)."""
 
 
 class _Dup(Exception):
@@ -286,7 +289,12 @@ class _Builder:
                 )
             else:
                 first[key] = k
-            out[key] = self.build(v, (*path, str(key)))
+            try:
+                out[key] = self.build(v, (*path, str(key)))
+            except _TooBig as e:
+                if e.key is None:
+                    e.key = k
+                raise
         return out
 
     def _tag(self, node: Node, path: tuple[str | int, ...], tag: str) -> None:
@@ -320,6 +328,8 @@ def load_positions(file: str, data: bytes) -> tuple[Positions | None, list[Any],
         nodes.extend(_compose_all(y, text))
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
+        if e.context_mark is not None and (mark is None or mark.index >= len(text.rstrip())):
+            mark = e.context_mark  # "found the end of the file": point at what is left open
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
         problem = (e.problem or "syntax error").strip()
         ctx = f" ({e.context.strip()})" if e.context else ""
@@ -333,13 +343,15 @@ def load_positions(file: str, data: bytes) -> tuple[Positions | None, list[Any],
         b = _Builder(file, i)
         try:
             docs.append(b.build(node))
-        except (_TooBig, RecursionError):
+        except (_TooBig, RecursionError) as e:
+            where = e.key if isinstance(e, _TooBig) and e.key is not None else node
             findings.append(
                 Diagnostic(
                     "E0004",
-                    f"document expands to more than {MAX_NODES} nodes (alias bomb?); remove the aliases",
+                    f"document expands to more than {MAX_NODES} nodes through aliases (an alias bomb?); "
+                    "remove the aliases",
                     Loc(file, i),
-                    _span(node),
+                    _span(where),
                 )
             )
             docs.append(None)

@@ -104,7 +104,12 @@ def check(spec: HealthCheckSpec) -> Iterator[Finding]:
             if not 100 <= s <= 599:
                 yield Finding(("conf", "http", "expectedStatuses", i), "E1005", "must be in range [100, 600)")
     if c.http is not None and c.tcp is not None:
-        yield Finding(("conf",), "E1011", "http and tcp cannot be defined at the same time")
+        yield Finding(
+            ("conf", "http"),
+            "E1011",
+            "http and tcp cannot be defined at the same time; keep one of them",
+            True,
+        )
 
 
 def _snake(name: str) -> str:

@@ -139,7 +139,12 @@ _FORBIDDEN_HEADERS = {"host"}
 
 def _route_target(path: Path, split: list[SplitEntry] | None, dest: TagMap | None) -> Iterator[Finding]:
     if split is not None and dest is not None:
-        yield Finding(path, "E1008", '"split" cannot be defined at the same time as "destination"')
+        yield Finding(
+            (*path, "destination"),
+            "E1008",
+            '"split" cannot be defined at the same time as "destination"; keep one of them',
+            True,
+        )
         return
     if split is None and dest is None:
         yield Finding(path, "E1003", 'requires either "destination" or "split"')
