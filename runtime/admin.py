@@ -35,19 +35,26 @@ def _json(status: int, body: Any) -> web.Response:
 
 
 async def _read_capped(request: web.BaseRequest, limit: int) -> bytes | None:
-    """The body, or None when it is (or claims to be) larger than ``limit``."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
+    """The body, or None when it is larger than ``limit``.
+
+    An oversize body is read and dropped (up to 4x the limit) rather than left unread, so the
+    client sees the NACK instead of a connection reset in the middle of its upload.
+    """
     chunks: list[bytes] = []
     size = 0
+    over = request.content_length is not None and request.content_length > limit
     while True:
         chunk = await request.content.readany()
         if not chunk:
-            return b"".join(chunks)
+            return None if over else b"".join(chunks)
         size += len(chunk)
         if size > limit:
-            return None
-        chunks.append(chunk)
+            over = True
+            chunks.clear()
+            if size > 4 * limit:
+                return None
+        elif not over:
+            chunks.append(chunk)
 
 
 async def handle(plane: DataPlane, request: web.BaseRequest) -> web.StreamResponse:

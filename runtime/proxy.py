@@ -351,7 +351,7 @@ class HttpProxy:
                     can_retry
                     and retry is not None
                     and retries < retry.num_retries
-                    and not overall
+                    and not (overall and outcome == Outcome.TIMEOUT)
                     and target.retries_active < target.max_retries
                     and (
                         (up is None and retry.retriable_failure(outcome))

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runtime_harness import Plane, TcpEcho, Upstream  # noqa: E402
+from runtime_harness import Plane, TcpEcho, Upstream
 
 
 @pytest.fixture

@@ -178,9 +178,7 @@ def simple_destination(
     timeout: TimeoutConf | None = None,
     **kinds: Any,
 ) -> Destination:
-    route = RouteConf(
-        split=tuple(Split(weight=w, service=service, tags=t) for w, t in (split or [(1, {})]))
-    )
+    route = RouteConf(split=tuple(Split(weight=w, service=service, tags=t) for w, t in (split or [(1, {})])))
     return Destination(
         route=(Rule[RouteConf](conf=route),),
         timeout=(Rule[TimeoutConf](conf=timeout or TimeoutConf()),),
@@ -197,7 +195,9 @@ def mesh_bundle(
         "benigno": CatalogService(port=5000, protocol="http", subsets=({"version": "v1"}, {"version": "v2"})),
         "magnanimo": CatalogService(port=4000, protocol="http"),
     }
-    return MeshBundle(mesh="default", passthrough=passthrough, services=services, destinations=destinations or {})
+    return MeshBundle(
+        mesh="default", passthrough=passthrough, services=services, destinations=destinations or {}
+    )
 
 
 def service_bundle(service: str, inbound: Inbound | None = None, **kw: Any) -> ServiceBundle:
@@ -310,13 +310,18 @@ class Plane:
         generation: int = 1,
         role: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        headers = {HDR_DIGEST: digest if digest is not None else bundle_digest(data), HDR_GENERATION: str(generation)}
+        headers = {
+            HDR_DIGEST: digest if digest is not None else bundle_digest(data),
+            HDR_GENERATION: str(generation),
+        }
         if role:
             headers[HDR_BUNDLE_ROLE] = role
         status, body = self.admin_request("PUT", "/bundle", data, headers)
         return status, json.loads(body)
 
-    def push_bundle(self, bundle: MeshBundle | ServiceBundle, generation: int = 1) -> tuple[int, dict[str, Any]]:
+    def push_bundle(
+        self, bundle: MeshBundle | ServiceBundle, generation: int = 1
+    ) -> tuple[int, dict[str, Any]]:
         return self.push(bundle_bytes(bundle), generation=generation, role=bundle.type)
 
     def push_endpoints(self, eps: EndpointSet) -> tuple[int, dict[str, Any]]:

@@ -30,13 +30,13 @@ from runtime.bundle import (
     GatewayRule,
     HealthCheckConf,
     HttpMatch,
+    HttpModify,
     HttpRetry,
     HttpRoute,
     Inbound,
     LoadBalancer,
     MeshBundle,
     PathRewrite,
-    HttpModify,
     RateLimitConf,
     RetryConf,
     RouteConf,
@@ -69,12 +69,15 @@ def _svc(name: str = "magnanimo", **kw: object) -> ServiceBundle:
 
 def _eps(**services: list[tuple[str, dict[str, str]]]) -> EndpointSet:
     return EndpointSet(
-        generation=1, services={s: [Endpoint(address=a, tags=t) for a, t in eps] for s, eps in services.items()}
+        generation=1,
+        services={s: [Endpoint(address=a, tags=t) for a, t in eps] for s, eps in services.items()},
     )
 
 
 def _dest(route: RouteConf, **kinds: object) -> Destination:
-    return Destination(route=(Rule[RouteConf](conf=route),), timeout=(Rule[TimeoutConf](conf=TimeoutConf()),), **kinds)  # type: ignore[arg-type]
+    return Destination(
+        route=(Rule[RouteConf](conf=route),), timeout=(Rule[TimeoutConf](conf=TimeoutConf()),), **kinds
+    )  # type: ignore[arg-type]
 
 
 V1V2 = {
@@ -87,7 +90,9 @@ def _engine(seed: int = 1, tags: dict[str, str] | None = None) -> tuple[Engine, 
     return Engine("magnanimo", tags or {}, rng=random.Random(seed), clock=clock), clock
 
 
-def _install(engine: Engine, mesh: MeshBundle, svc: ServiceBundle | None = None, eps: EndpointSet | None = None) -> None:
+def _install(
+    engine: Engine, mesh: MeshBundle, svc: ServiceBundle | None = None, eps: EndpointSet | None = None
+) -> None:
     engine.install(engine.build(mesh, svc or _svc(), eps or _eps(**V1V2)))
 
 
@@ -159,9 +164,12 @@ def test_http_route_first_match_wins_and_rewrites_prefix() -> None:
 
 def test_tag_conditioned_rules_use_local_tags() -> None:
     v2_only = Rule[RouteConf](
-        when={"version": "v2"}, conf=RouteConf(split=(Split(weight=1, service="benigno", tags={"version": "v2"}),))
+        when={"version": "v2"},
+        conf=RouteConf(split=(Split(weight=1, service="benigno", tags={"version": "v2"}),)),
     )
-    default = Rule[RouteConf](conf=RouteConf(split=(Split(weight=1, service="benigno", tags={"version": "v1"}),)))
+    default = Rule[RouteConf](
+        conf=RouteConf(split=(Split(weight=1, service="benigno", tags={"version": "v1"}),))
+    )
     dest = Destination(route=(v2_only, default), timeout=(Rule[TimeoutConf](conf=TimeoutConf()),))
     for tags, subset in (({"version": "v2"}, "version=v2"), ({"version": "v1"}, "version=v1")):
         engine, _ = _engine(tags=tags)
@@ -206,7 +214,9 @@ def _cb(consecutive: int = 3, pct: int = 50, base_ms: int = 1000) -> CircuitBrea
 def test_ejection_after_consecutive_5xx_and_return_after_base_time_times_n() -> None:
     engine, clock = _engine()
     route = RouteConf(split=(Split(weight=1, service="benigno"),))
-    _install(engine, _mesh({"benigno": _dest(route, circuit_breaker=(Rule[CircuitBreakerConf](conf=_cb()),))}))
+    _install(
+        engine, _mesh({"benigno": _dest(route, circuit_breaker=(Rule[CircuitBreakerConf](conf=_cb()),))})
+    )
     target = engine.snapshot.destination("benigno").wheel.items[0]  # type: ignore[union-attr]
     bad = target.hosts[0]
     assert not target.report(bad, Outcome.HTTP_5XX, clock())
@@ -241,7 +251,9 @@ def test_panic_threshold_spreads_over_all_hosts() -> None:
     hc = HealthCheckConf(interval_ms=1000, timeout_ms=100, unhealthy_threshold=1, healthy_threshold=1)
     eps = _eps(benigno=[(f"10.0.0.{i}:80", {}) for i in range(1, 5)])
     route = RouteConf(split=(Split(weight=1, service="benigno"),))
-    _install(engine, _mesh({"benigno": _dest(route, health_check=(Rule[HealthCheckConf](conf=hc),))}), eps=eps)
+    _install(
+        engine, _mesh({"benigno": _dest(route, health_check=(Rule[HealthCheckConf](conf=hc),))}), eps=eps
+    )
     target = engine.snapshot.destination("benigno").wheel.items[0]  # type: ignore[union-attr]
     hosts = target.hosts
     assert hosts[0].health_result(False, hc)
@@ -273,7 +285,9 @@ def test_endpoints_marked_unhealthy_by_control_plane_are_skipped() -> None:
 
 def test_least_request_prefers_idle_hosts() -> None:
     engine, clock = _engine()
-    route = RouteConf(split=(Split(weight=1, service="benigno"),), load_balancer=LoadBalancer(type="least_request"))
+    route = RouteConf(
+        split=(Split(weight=1, service="benigno"),), load_balancer=LoadBalancer(type="least_request")
+    )
     _install(engine, _mesh({"benigno": _dest(route)}))
     target = engine.snapshot.destination("benigno").wheel.items[0]  # type: ignore[union-attr]
     target.hosts[0].active = 5
@@ -285,7 +299,9 @@ def test_ring_hash_is_sticky_and_random_spreads() -> None:
     engine, clock = _engine()
     eps = _eps(benigno=[(f"10.0.0.{i}:80", {}) for i in range(1, 6)])
     for lb_type in ("ring_hash", "random"):
-        route = RouteConf(split=(Split(weight=1, service="benigno"),), load_balancer=LoadBalancer(type=lb_type))
+        route = RouteConf(
+            split=(Split(weight=1, service="benigno"),), load_balancer=LoadBalancer(type=lb_type)
+        )
         _install(engine, _mesh({"benigno": _dest(route)}), eps=eps)
         target = engine.snapshot.destination("benigno").wheel.items[0]  # type: ignore[union-attr]
         if lb_type == "ring_hash":
@@ -337,11 +353,14 @@ def test_inbound_rules_by_caller_and_permissions() -> None:
     inbound = Inbound(
         permissions=(Rule[None](peer={"kuma.io/service": "magnanimo"}, conf=None),),
         rate_limit=(
-            Rule[RateLimitConf](peer={"kuma.io/service": "magnanimo"}, conf=RateLimitConf(requests=1, interval_ms=1000)),
+            Rule[RateLimitConf](
+                peer={"kuma.io/service": "magnanimo"}, conf=RateLimitConf(requests=1, interval_ms=1000)
+            ),
         ),
         fault_injection=(
             Rule[FaultInjectionConf](
-                when={"version": "v2"}, conf=FaultInjectionConf(abort=FaultAbort(percentage=100, http_status=500))
+                when={"version": "v2"},
+                conf=FaultInjectionConf(abort=FaultAbort(percentage=100, http_status=500)),
             ),
         ),
     )
@@ -380,7 +399,9 @@ def test_bad_bundles_do_not_compile() -> None:
 def test_hosts_keep_state_across_endpoint_reloads() -> None:
     engine, clock = _engine()
     route = RouteConf(split=(Split(weight=1, service="benigno"),))
-    mesh = _mesh({"benigno": _dest(route, circuit_breaker=(Rule[CircuitBreakerConf](conf=_cb(consecutive=1)),))})
+    mesh = _mesh(
+        {"benigno": _dest(route, circuit_breaker=(Rule[CircuitBreakerConf](conf=_cb(consecutive=1)),))}
+    )
     _install(engine, mesh)
     target = engine.snapshot.destination("benigno").wheel.items[0]  # type: ignore[union-attr]
     assert target.report(target.hosts[0], Outcome.HTTP_5XX, clock())
@@ -410,7 +431,8 @@ def test_gateway_routes_match_rewrite_and_redirect() -> None:
     )
     gw = GatewayConf(listeners=(GatewayListener(port=8080, protocol="HTTP", rules=rules),))
     mesh = _mesh(
-        benigno=CatalogService(port=5000, protocol="http"), magnanimo=CatalogService(port=4000, protocol="http")
+        benigno=CatalogService(port=5000, protocol="http"),
+        magnanimo=CatalogService(port=4000, protocol="http"),
     )
     engine.install(engine.build(mesh, ServiceBundle(mesh="default", service="edge", gateway=gw), None))
     listener = engine.snapshot.gateway[8080]
@@ -433,7 +455,11 @@ def test_tcp_retry_and_timeouts_compile() -> None:
         RouteConf(split=(Split(weight=1, service="db"),)),
         retry=(Rule[RetryConf](conf=RetryConf(tcp={"max_connect_attempts": 3})),),  # type: ignore[arg-type]
     )
-    _install(engine, _mesh({"db": dest}, db=CatalogService(port=5432, protocol="tcp")), eps=_eps(db=[("10.0.0.9:5432", {})]))
+    _install(
+        engine,
+        _mesh({"db": dest}, db=CatalogService(port=5432, protocol="tcp")),
+        eps=_eps(db=[("10.0.0.9:5432", {})]),
+    )
     table = engine.snapshot.destination("db")
     assert table is not None and table.protocol == "tcp"
     assert table.wheel.items[0].tcp_connect_attempts == 3

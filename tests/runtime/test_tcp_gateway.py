@@ -1,0 +1,255 @@
+"""TCP services (CONNECT split, inbound L4), gateway mode, control-plane registration, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from runtime_harness import (
+    REPO,
+    Plane,
+    ProxyClient,
+    connect_tunnel,
+    endpoint_set,
+    mesh_bundle,
+    read_line,
+    service_bundle,
+    simple_destination,
+    wait_until,
+    write_bundle,
+)
+
+from runtime.bundle import (
+    CatalogService,
+    GatewayBackend,
+    GatewayConf,
+    GatewayFilter,
+    GatewayListener,
+    GatewayMatch,
+    GatewayRule,
+    HeaderChange,
+    StringMatch,
+)
+
+DB = {"db": CatalogService(port=5432, protocol="tcp", subsets=({"version": "a"}, {"version": "b"}))}
+
+
+def _tcp_mesh(split: list[tuple[int, dict[str, str]]]) -> Any:
+    return mesh_bundle(services=DB, destinations={"db": simple_destination("db", split)})
+
+
+def _outbound(plane: Callable[..., Plane], tmp_path: Path, mesh: Any, eps: dict[str, Any]) -> Plane:
+    ep_file = tmp_path / "eps.json"
+    ep_file.write_text(endpoint_set(1, eps).model_dump_json())
+    return plane(
+        "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--mesh-bundle", write_bundle(tmp_path, mesh),
+        "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+        "--endpoints", ep_file,
+    )  # fmt: skip
+
+
+def test_tcp_split_per_connection(plane: Callable[..., Plane], tcp_echo: Any, tmp_path: Path) -> None:
+    a, b = tcp_echo("a"), tcp_echo("b")
+    mesh = _tcp_mesh([(90, {"version": "a"}), (10, {"version": "b"})])
+    sidecar = _outbound(
+        plane, tmp_path, mesh, {"db": [(a.address, {"version": "a"}), (b.address, {"version": "b"})]}
+    )
+    n = 600
+    names: Counter[str] = Counter()
+    for i in range(n):
+        sock, head = connect_tunnel(sidecar.outbound, "db:5432")  # type: ignore[arg-type]
+        assert head.startswith(b"HTTP/1.1 200"), head
+        line, rest = read_line(sock, head.partition(b"\r\n\r\n")[2])
+        names[line.decode()] += 1
+        sock.sendall(f"ping {i}\n".encode())
+        echo, _ = read_line(sock, rest)
+        assert echo == f"ping {i}".encode()
+        sock.close()
+    p = names["b"] / n
+    assert abs(p - 0.1) <= 5.3 * math.sqrt(0.09 / n), names
+
+
+def test_tcp_through_an_inbound_sidecar(plane: Callable[..., Plane], tcp_echo: Any, tmp_path: Path) -> None:
+    app = tcp_echo("db-app")
+    mesh = _tcp_mesh([(1, {})])
+    inbound = plane(
+        "--service", "db", "--app", app.address, "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--mesh-bundle", write_bundle(tmp_path, mesh), "--bundle", write_bundle(tmp_path, service_bundle("db")),
+    )  # fmt: skip
+    addr = f"127.0.0.1:{inbound.inbound[1]}"  # type: ignore[index]
+    sidecar = _outbound(plane, tmp_path, mesh, {"db": [(addr, {})]})
+    sock, head = connect_tunnel(sidecar.outbound, "db.mesh:5432")  # type: ignore[arg-type]
+    line, rest = read_line(sock, head.partition(b"\r\n\r\n")[2])
+    assert line == b"db-app"
+    sock.sendall(b"x" * 300_000 + b"\n")
+    echo, _ = read_line(sock, rest)
+    sock.close()
+    assert len(echo) == 300_000
+
+
+def test_gateway_routes_rewrites_filters_and_redirects(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    magnanimo, v1, v2 = upstream("magnanimo"), upstream("v1"), upstream("v2")
+    rules = (
+        GatewayRule(
+            matches=(GatewayMatch(path=StringMatch(kind="exact", value="/old")),),
+            filters=(GatewayFilter(type="redirect", redirect_path="/new", redirect_status=301),),
+        ),
+        GatewayRule(
+            matches=(GatewayMatch(path=StringMatch(kind="prefix", value="/route1")),),
+            filters=(
+                GatewayFilter(type="rewrite", rewrite_prefix="/"),
+                GatewayFilter(type="request_header", set=(HeaderChange(name="x-gw", value="edge"),)),
+                GatewayFilter(type="response_header", add=(HeaderChange(name="x-from", value="gateway"),)),
+            ),
+            backends=(GatewayBackend(weight=1, service="magnanimo"),),
+        ),
+        GatewayRule(
+            matches=(GatewayMatch(path=StringMatch(kind="regex", value="/b/.*")),),
+            backends=(
+                GatewayBackend(weight=1, service="benigno", tags={"version": "v1"}),
+                GatewayBackend(weight=1, service="benigno", tags={"version": "v2"}),
+            ),
+        ),
+    )
+    gw = GatewayConf(listeners=(GatewayListener(port=8080, protocol="HTTP", rules=rules),))
+    bundle = service_bundle("edge", gateway=gw)
+    ep_file = tmp_path / "eps.json"
+    ep_file.write_text(
+        endpoint_set(
+            1,
+            {
+                "magnanimo": [(magnanimo.address, {})],
+                "benigno": [(v1.address, {"version": "v1"}), (v2.address, {"version": "v2"})],
+            },
+        ).model_dump_json()
+    )
+    gateway = plane(
+        "--bundle", write_bundle(tmp_path, bundle), "--mesh-bundle", write_bundle(tmp_path, mesh_bundle()),
+        "--endpoints", ep_file, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        module="runtime.gateway",
+    )  # fmt: skip
+    listen = gateway.listening["listener:8080"].rpartition(":")
+    client = ProxyClient((listen[0], int(listen[2])))
+    status, headers, body = client.get("/route1/hw2?x=1")
+    assert status == 200 and json.loads(body)["path"] == "/hw2?x=1" and headers["x-from"] == "gateway"
+    assert magnanimo.seen_headers[-1]["x-gw"] == "edge"
+    assert client.get("/route1")[0] == 200 and json.loads(client.get("/route1")[2])["path"] == "/"
+    status, headers, _ = client.get("/old?q=2")
+    assert status == 301 and headers["location"].endswith("/new?q=2")
+    assert client.get("/route10")[0] == 404
+    names = Counter(client.name("/b/x") for _ in range(400))
+    assert abs(names["v2"] / 400 - 0.5) <= 5.3 * math.sqrt(0.25 / 400), names
+
+
+class _FakeControlPlane:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        cp = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                cp.calls.append((self.path, body))
+                reply = b"{}"
+                if self.path == "/api/v1/register":
+                    reply = json.dumps({"instance": "magnanimo-1", "heartbeat_interval_ms": 50}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply)))
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(reply)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.calls]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_registers_heartbeats_and_deregisters(plane: Callable[..., Plane], tmp_path: Path) -> None:
+    cp = _FakeControlPlane()
+    try:
+        sidecar = plane(
+            "--service", "magnanimo", "--tag", "version=v1", "--outbound", "127.0.0.1:0",
+            "--admin", "127.0.0.1:0", "--control-plane", cp.url, "--state-dir", tmp_path / "s",
+            "--mesh-bundle", write_bundle(tmp_path, mesh_bundle()),
+            "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+        )  # fmt: skip
+        wait_until(lambda: cp.paths().count("/api/v1/heartbeat") >= 2, "heartbeats")
+        path, reg = cp.calls[0]
+        assert path == "/api/v1/register"
+        assert reg["service"] == "magnanimo" and reg["tags"] == {"version": "v1"}
+        assert reg["admin_address"] == sidecar.listening["admin"]
+        beat = next(b for p, b in cp.calls if p == "/api/v1/heartbeat")
+        assert beat["instance"] == "magnanimo-1" and set(beat["running"]) == {"mesh", "service"}
+        assert sidecar.terminate() == 0
+        assert cp.calls[-1] == ("/api/v1/deregister", {"instance": "magnanimo-1"})
+    finally:
+        cp.close()
+
+
+def test_serves_while_control_plane_is_down(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    app = upstream("v1")
+    ep_file = tmp_path / "eps.json"
+    ep_file.write_text(endpoint_set(1, {"benigno": [(app.address, {"version": "v1"})]}).model_dump_json())
+    sidecar = plane(
+        "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--control-plane", "http://127.0.0.1:9", "--endpoints", ep_file,
+        "--mesh-bundle", write_bundle(tmp_path, mesh_bundle()),
+        "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+    )  # fmt: skip
+    assert sidecar.ready()
+    assert ProxyClient(sidecar.outbound).name("http://benigno/x") == "v1"  # type: ignore[arg-type]
+    wait_until(lambda: "retrying" in sidecar.stderr(), "a logged registration retry")
+    assert sidecar.terminate() == 0
+
+
+def test_cli_usage_errors_exit_2_and_imports_stay_lean() -> None:
+    code = (
+        "import sys\n"
+        "from runtime.cli import sidecar_main, gateway_main\n"
+        "assert sidecar_main(['--tag', 'oops']) == 2\n"
+        "assert sidecar_main(['--service', 's', '--tag', 'novalue']) == 2\n"
+        "assert sidecar_main(['--service', 's', '--inbound', '127.0.0.1:1']) == 2\n"
+        "assert gateway_main(['--listen', 'nonsense']) == 2\n"
+        "import runtime.server\n"
+        "assert not [m for m in sys.modules if m == 'compiler' or m.startswith('compiler.')]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_idle_sidecar_rss_stays_under_60_mb(plane: Callable[..., Plane], tmp_path: Path) -> None:
+    sidecar = plane(
+        "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--mesh-bundle", write_bundle(tmp_path, mesh_bundle()),
+        "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+    )  # fmt: skip
+    status = Path(f"/proc/{sidecar.pid()}/status").read_text()
+    rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+    assert rss_kb < 60 * 1024, f"idle RSS {rss_kb} kB"
