@@ -86,7 +86,7 @@ def test_injected_delay_and_abort(plane: Callable[..., Plane], upstream: Any, tm
     assert status == 200 and json.loads(body)["name"] == "benigno-v1"
     assert elapsed >= 0.4  # a lower bound only: the delay cannot be skipped
     before = app.total()
-    status, headers, body = client.get("/hw2", {"x-meshc-source-service": "aborted"})
+    status, _headers, body = client.get("/hw2", {"x-meshc-source-service": "aborted"})
     assert (status, body, app.total()) == (418, b"fault filter abort", before)
 
 

@@ -117,7 +117,7 @@ def test_round_robin_when_no_route_applies(
 def test_http_route_match_rewrite_and_header_changes(
     plane: Callable[..., Plane], upstream: Any, tmp_path: Path
 ) -> None:
-    a, b, eps = _two(upstream)
+    _a, b, eps = _two(upstream)
     route = RouteConf(
         split=(Split(weight=1, service="benigno", tags=V1),),
         http=(
@@ -147,7 +147,7 @@ def test_http_route_match_rewrite_and_header_changes(
 def test_ejection_after_consecutive_5xx_and_return(
     plane: Callable[..., Plane], upstream: Any, tmp_path: Path
 ) -> None:
-    a, b, eps = _two(upstream)
+    a, _b, eps = _two(upstream)
     cb = CircuitBreakerConf(
         base_ejection_time_ms=4000,
         max_ejection_percent=50,
@@ -177,7 +177,7 @@ def test_ejection_after_consecutive_5xx_and_return(
 def test_retry_succeeds_on_the_other_endpoint(
     plane: Callable[..., Plane], upstream: Any, tmp_path: Path
 ) -> None:
-    a, b, eps = _two(upstream)
+    a, _b, eps = _two(upstream)
     a.status = 503
     retry = RetryConf(
         http=HttpRetry(
@@ -204,7 +204,7 @@ def test_timeout_answers_504_instead_of_hanging(
     dest = simple_destination("benigno", timeout=TimeoutConf(http_request_timeout_ms=300))
     sidecar = _start(plane, tmp_path, {"benigno": [(a.address, V1)]}, {"benigno": dest})
     client = ProxyClient(sidecar.outbound)  # type: ignore[arg-type]
-    status, headers, body = client.get("http://benigno/hang")
+    status, headers, _body = client.get("http://benigno/hang")
     assert status == 504 and headers["x-meshc-reason"] == "upstream request timeout"
     a.release.set()
     assert client.name("http://benigno/fine") == "slow"
@@ -213,7 +213,7 @@ def test_timeout_answers_504_instead_of_hanging(
 def test_no_traffic_to_a_host_failing_its_health_check(
     plane: Callable[..., Plane], upstream: Any, tmp_path: Path
 ) -> None:
-    a, b, eps = _two(upstream)
+    a, _b, eps = _two(upstream)
     a.health_status = 503
     hc = HealthCheckConf(
         interval_ms=100,
@@ -240,7 +240,7 @@ def test_split_target_without_endpoints_is_no_healthy_upstream(
     a = upstream("v1")
     dest = simple_destination("benigno", [(1, {"version": "v3"})])
     sidecar = _start(plane, tmp_path, {"benigno": [(a.address, V1)]}, {"benigno": dest})
-    status, headers, body = ProxyClient(sidecar.outbound).get("http://benigno/x")  # type: ignore[arg-type]
+    status, _headers, body = ProxyClient(sidecar.outbound).get("http://benigno/x")  # type: ignore[arg-type]
     assert (status, body) == (503, b"no healthy upstream")
 
 

@@ -83,7 +83,8 @@ def test_tcp_through_an_inbound_sidecar(plane: Callable[..., Plane], tcp_echo: A
     mesh = _tcp_mesh([(1, {})])
     inbound = plane(
         "--service", "db", "--app", app.address, "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--mesh-bundle", write_bundle(tmp_path, mesh), "--bundle", write_bundle(tmp_path, service_bundle("db")),
+        "--mesh-bundle", write_bundle(tmp_path, mesh),
+        "--bundle", write_bundle(tmp_path, service_bundle("db")),
     )  # fmt: skip
     addr = f"127.0.0.1:{inbound.inbound[1]}"  # type: ignore[index]
     sidecar = _outbound(plane, tmp_path, mesh, {"db": [(addr, {})]})
