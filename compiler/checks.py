@@ -130,17 +130,14 @@ def _permissions(docs: list[Doc], cat: Catalog) -> Iterator[Diagnostic]:
                     Loc(p.file, p.index, ("kind",) if p.prefix else ("type",)),
                 )
             continue
+        # The services some permission lets callers into (``*``: all of them), computed once.
+        named = {
+            (sel.match or {}).get("kuma.io/service", "*") for p in perms for sel in p.spec.destinations or []
+        }
         for svc in mesh.services.values():
             if svc.gateway:
                 continue
-            allowed = False
-            for p in perms:
-                for sel in p.spec.destinations or []:
-                    m = sel.match or {}
-                    name = m.get("kuma.io/service", "*")
-                    if name in ("*", svc.name):
-                        allowed = True
-            if not allowed:
+            if "*" not in named and svc.name not in named:
                 yield Diagnostic(
                     "W2002",
                     f"mTLS is on and no TrafficPermission lets any caller reach {svc.name!r}: "

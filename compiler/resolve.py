@@ -10,9 +10,11 @@ TrafficPermissions are never ranked: they add up.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from compiler import convert
@@ -40,14 +42,24 @@ class Entry:
     conf: Any
     path: Path
 
+    @cached_property
+    def rule_json(self) -> str:
+        """This entry as a bundle ``Rule``, in canonical JSON (serialized once, shared by bundles)."""
+        conf = self.conf.model_dump(mode="json") if self.conf is not None else None
+        return _canon({"when": dict(self.when), "peer": dict(self.peer), "conf": conf})
+
+
+_canon = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
 
 @dataclass
 class PolicyIndex:
     """Entries per kind, keyed by (source service, destination service); ``*`` is a key too."""
 
     by_kind: dict[str, dict[tuple[str, str], list[Entry]]] = field(default_factory=dict)
-    sources: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    """Outbound kinds: source service -> destinations it names (``*`` included)."""
+    sources: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
+    """Outbound kinds: source service -> destinations it names (``*`` included), with the number
+    of entries that name each (so that removing a document's entries keeps it exact)."""
     by_dst: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
     """Inbound kinds: destination service (or ``*``) -> entries."""
     conflicts: dict[frozenset[int], tuple[Entry, Entry]] = field(default_factory=dict)
@@ -132,7 +144,8 @@ def index_policies(docs: list[Doc], log_backends: dict[str, tuple[b.LoggingBacke
                 src, dst = selector_service(st), selector_service(dt)
                 if d.kind in OUTBOUND:
                     when, peer = extra_tags(st), extra_tags(dt)
-                    idx.sources[src].add(dst)
+                    named = idx.sources[src]
+                    named[dst] = named.get(dst, 0) + 1
                     path: Path = ("sources", si, "match")
                 else:
                     when = extra_tags(dt)
