@@ -14,6 +14,7 @@ import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from compiler.pipeline import CompileResult, compile_sources
@@ -24,15 +25,31 @@ __all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState"]
 
 
 class Compiler:
-    """``compile(src) -> CompileResult``; incremental when the incremental compiler is available."""
+    """``compile(src) -> CompileResult``; incremental when the incremental compiler is available.
 
-    def __init__(self) -> None:
+    ``compiler.incremental.IncrementalCompiler(out=...)`` is used when it exists: its ``update``
+    returns an object whose ``result`` is the ``CompileResult`` (and it writes the release to
+    ``out`` itself, so ``writes_output`` tells the caller not to).
+    """
+
+    def __init__(self, out: Path | None = None) -> None:
         self._inc: Any = None
+        self.writes_output = False
         try:
             mod = importlib.import_module("compiler.incremental")
-            self._inc = mod.IncrementalCompiler()
-        except (ImportError, AttributeError, TypeError):
-            self._inc = None
+        except ImportError:
+            return
+        cls = getattr(mod, "IncrementalCompiler", None)
+        if cls is None:
+            return
+        try:
+            self._inc = cls(out=out) if out is not None else cls()
+            self.writes_output = out is not None
+        except TypeError:
+            try:
+                self._inc = cls()
+            except TypeError:
+                self._inc = None
 
     @property
     def incremental(self) -> bool:

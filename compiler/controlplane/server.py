@@ -56,7 +56,7 @@ class ControlPlane:
         self.started_at = time.time()
         self.metrics = ControlPlaneMetrics()
         self.releases = ReleaseState()
-        self.compiler = Compiler()
+        self.compiler = Compiler(config.out)
         self.registry = Registry(
             heartbeat_interval_s=config.heartbeat_interval_s,
             missed=config.missed_heartbeats,
@@ -128,6 +128,11 @@ class ControlPlane:
                 self.metrics.compiles.labels("failed").inc()
                 self.log(f"cannot read policies ({change.reason}): {e}; keeping the current release")
                 return False
+            except Exception as e:  # a compiler bug must not stop the control plane
+                self.releases.fail(f"internal error: {type(e).__name__}: {e}", trigger=change.reason)
+                self.metrics.compiles.labels("failed").inc()
+                self.log(f"internal error compiling ({change.reason}): {e!r}; keeping the current release")
+                return False
             took = time.perf_counter() - t0
             self.metrics.compile_seconds.observe(took)
             changed = self.releases.apply(
@@ -156,7 +161,8 @@ class ControlPlane:
                 f"release {rel.id[:12]} ({change.reason}): {len(rel.bundles)} bundle(s), "
                 f"{len(changed)} changed, compiled in {took * 1000:.0f} ms"
             )
-            await asyncio.to_thread(self._write, result)
+            if not self.compiler.writes_output:
+                await asyncio.to_thread(self._write, result)
             return True
 
     def _write(self, result: object) -> None:

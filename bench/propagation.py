@@ -1,0 +1,490 @@
+"""Propagation benchmark (issue 5 item 8): not a test, a measurement.
+
+Phase 1, propagation: a 1,000-service repo (``bench/compile.py``'s generator: per service a
+Service, a TrafficRoute to the next service, a TrafficPermission, a Retry and a Timeout from any
+source, one file per service); the control plane follows its work tree; **100 real sidecar
+processes** (``meshc sidecar``, 10 instances of each of 10 services, with inbound, outbound and
+admin listeners) register with it. Then one file is changed at a time and the time from the write
+to the last ACK of every affected data plane is taken from the control plane's rollout record
+(``/api/v1/rollouts``: wall-clock ``completed_at`` minus the bench's own write time). Two kinds of
+one-file change alternate:
+
+* ``route``: a TrafficRoute's weights: one service bundle changes, pushed to that service's 10
+  sidecars;
+* ``mesh``: a Timeout for any source: the mesh bundle (and the caller's service bundle) change,
+  pushed to all 100 sidecars.
+
+Phase 2, memory: a 10,000-service repo and 100 registered data planes; the control plane's RSS
+once all are SYNCED. The data planes here are **stub admin servers sharing one process** (they
+register, heartbeat, check each pushed bundle's digest and ACK), because 100 real sidecars each
+parsing a ~7 MB mesh bundle would not fit 2 cores in reasonable time; the control plane does the
+same work either way.
+
+    .venv/bin/python bench/propagation.py              # full run (several minutes)
+    .venv/bin/python bench/propagation.py --quick      # 200 services, 20 sidecars, 6 changes
+
+Writes ``bench/results/propagation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "propagation.json"
+TARGET_P99_S = 1.0
+
+sys.path.insert(0, str(ROOT))
+from compiler.demo import Proc, free_port  # noqa: E402
+
+
+def _gen() -> Any:
+    spec = importlib.util.spec_from_file_location("_compile_bench", HERE / "compile.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _get(url: str, timeout: float = 10.0) -> Any:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait(cond: Any, timeout: float, what: str, procs: list[Proc] = (), poll: float = 0.05) -> None:  # type: ignore[assignment]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if cond():
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited while waiting for {what}:\n{p.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+def _rss_mib(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _controlplane(work: Path, repo: Path, port: int) -> Proc:
+    p = Proc(
+        "controlplane",
+        [
+            sys.executable,
+            "-m",
+            "compiler.cli",
+            "controlplane",
+            str(repo),
+            "--out",
+            str(work / "out"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--heartbeat-interval",
+            "1",
+        ],
+        work / "controlplane.log",
+        _env(),
+    )
+    p.start()
+    return p
+
+
+def _synced(cp: str, n: int) -> bool:
+    rows = _get(f"{cp}/api/v1/status")["dataplanes"]
+    return len(rows) >= n and sum(1 for r in rows if r["status"] == "SYNCED" and r["state"] == "Online") >= n
+
+
+def _stop(procs: list[Proc]) -> None:
+    for p in procs:
+        p.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for p in procs:
+        if not p.wait(max(0.1, deadline - time.monotonic())):
+            p.signal(signal.SIGKILL)
+            p.wait(5)
+
+
+# --- phase 1 -------------------------------------------------------------------------------------
+
+
+def phase_propagation(n_services: int, n_sidecars: int, n_changes: int, work: Path) -> dict[str, Any]:
+    gen = _gen()
+    repo = work / "repo"
+    gen.generate(repo, n_services)
+    port = free_port()
+    cp = f"http://127.0.0.1:{port}"
+    procs: list[Proc] = []
+    cpp = _controlplane(work, repo, port)
+    procs.append(cpp)
+    try:
+        t0 = time.monotonic()
+        _wait(lambda: _get(f"{cp}/healthz")["release"] is not None, 600, "the first compile", procs)
+        first_compile_s = time.monotonic() - t0
+        n_svc = max(1, n_sidecars // 10)
+        dead_app = free_port()  # nothing listens there: no traffic is sent in this benchmark
+        t1 = time.monotonic()
+        for k in range(n_sidecars):
+            i = k % n_svc
+            name = gen.service_name(i)
+            p = Proc(
+                f"sidecar-{k}",
+                [
+                    sys.executable,
+                    "-m",
+                    "compiler.cli",
+                    "sidecar",
+                    "--service",
+                    name,
+                    "--tag",
+                    f"version=v{1 + k // n_svc % 2}",
+                    "--app",
+                    f"127.0.0.1:{dead_app}",
+                    "--inbound",
+                    f"127.0.0.1:{free_port()}",
+                    "--outbound",
+                    f"127.0.0.1:{free_port()}",
+                    "--admin",
+                    f"127.0.0.1:{free_port()}",
+                    "--state-dir",
+                    str(work / "state" / str(k)),
+                    "--control-plane",
+                    cp,
+                    "--drain-seconds",
+                    "0.5",
+                ],
+                work / "logs" / f"sidecar-{k}.log",
+                _env(),
+            )
+            (work / "logs").mkdir(exist_ok=True)
+            p.start()
+            procs.append(p)
+        _wait(lambda: _synced(cp, n_sidecars), 900, f"{n_sidecars} sidecars SYNCED", procs, poll=0.5)
+        converge_s = time.monotonic() - t1
+        rss_1k = _rss_mib(cpp.pid or 0)
+        sidecar_rss = sorted(_rss_mib(p.pid or 0)["VmRSS"] for p in procs[1:])
+
+        samples: list[dict[str, Any]] = []
+        for c in range(n_changes):
+            kind = "route" if c % 2 == 0 else "mesh"
+            i = (c // 2) % n_svc
+            path = gen.service_path(repo, i)
+            text = path.read_text()
+            if kind == "route":
+                w = 10 + (c * 7) % 80
+                text = re.sub(
+                    r"weight: \d+\n(\s+destination:\n\s+kuma.io/service: \S+\n\s+version: v1)",
+                    f"weight: {w}\\n\\1",
+                    text,
+                    count=1,
+                )
+                text = re.sub(
+                    r"weight: \d+\n(\s+destination:\n\s+kuma.io/service: \S+\n\s+version: v2)",
+                    f"weight: {100 - w}\\n\\1",
+                    text,
+                    count=1,
+                )
+            else:
+                text = re.sub(r"requestTimeout: \d+s", f"requestTimeout: {20 + c}s", text)
+            before = _get(f"{cp}/api/v1/status")["release"]
+            t_write = time.time()
+            path.write_text(text)
+
+            def done(before: str = before) -> bool:
+                ros = _get(f"{cp}/api/v1/rollouts")["rollouts"]
+                return bool(ros) and ros[0]["release"] != before and ros[0]["completed_at"] is not None
+
+            _wait(done, 300, f"change {c} to reach every affected data plane", procs, poll=0.01)
+            ro = _get(f"{cp}/api/v1/rollouts")["rollouts"][0]
+            last = _get(f"{cp}/api/v1/diagnostics")["last"]
+            samples.append(
+                {
+                    "kind": kind,
+                    "file": path.name,
+                    "changed_bundles": ro["changed"],
+                    "affected_acks": ro["targets"],
+                    "acked": ro["acked"],
+                    "nacked": ro["nacked"],
+                    "change_to_all_acks_s": round(ro["completed_at"] - t_write, 4),
+                    "detect_s": round(ro["seen_at"] - t_write, 4),
+                    "compile_s": last["duration_s"],
+                    "seen_to_all_acks_s": round(ro["completed_at"] - ro["seen_at"], 4),
+                }
+            )
+            s = samples[-1]
+            print(
+                f"  change {c:2d} {kind:5s} {s['file']}: {s['affected_acks']:3d} ACKs "
+                f"in {s['change_to_all_acks_s'] * 1000:7.1f} ms (detect {s['detect_s'] * 1000:.0f}, "
+                f"compile {s['compile_s'] * 1000:.0f})",
+                flush=True,
+            )
+        metrics = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{cp}/metrics").read()
+        hist = [
+            line
+            for line in metrics.decode().splitlines()
+            if line.startswith("meshc_controlplane_propagation_seconds_bucket")
+        ]
+        status = _get(f"{cp}/api/v1/status")
+        all_synced = all(r["status"] == "SYNCED" for r in status["dataplanes"])
+    finally:
+        _stop(procs[1:])
+        _stop(procs[:1])
+
+    def summary(kind: str | None) -> dict[str, Any]:
+        xs = [s for s in samples if kind is None or s["kind"] == kind]
+        v = [s["change_to_all_acks_s"] for s in xs]
+        return {
+            "changes": len(xs),
+            "p50_s": round(_pct(v, 0.5), 4),
+            "p99_s": round(_pct(v, 0.99), 4),
+            "max_s": round(max(v), 4) if v else None,
+            "compile_p50_s": round(_pct([s["compile_s"] for s in xs], 0.5), 4),
+            "push_p50_s": round(
+                _pct([s["change_to_all_acks_s"] - s["detect_s"] - s["compile_s"] for s in xs], 0.5), 4
+            ),
+            "affected_acks": sorted({s["affected_acks"] for s in xs}),
+        }
+
+    return {
+        "services": n_services,
+        "sidecars": n_sidecars,
+        "sidecar_kind": "real sidecar processes (meshc sidecar), one process each",
+        "first_compile_s": round(first_compile_s, 2),
+        "sidecars_start_to_all_synced_s": round(converge_s, 2),
+        "controlplane_rss_mib": rss_1k,
+        "sidecar_rss_mib": {
+            "min": sidecar_rss[0],
+            "median": sidecar_rss[len(sidecar_rss) // 2],
+            "max": sidecar_rss[-1],
+        },
+        "all": summary(None),
+        "route": summary("route"),
+        "mesh": summary("mesh"),
+        "all_synced_at_end": all_synced,
+        "propagation_histogram": hist,
+        "samples": samples,
+    }
+
+
+# --- phase 2 -------------------------------------------------------------------------------------
+
+
+async def _stub_dataplanes(cp: str, n: int, services: list[str]) -> None:
+    """n stub data planes: register, heartbeat, check digests and ACK every push."""
+    import aiohttp
+    from aiohttp import web
+
+    from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, Heartbeat, Registration
+
+    running: list[dict[str, str]] = [{} for _ in range(n)]
+    eps_gen = [0] * n
+    runners = []
+    ports = []
+    for k in range(n):
+
+        async def bundle(request: web.Request, k: int = k) -> web.Response:
+            body = await request.read()
+            digest = hashlib.sha256(body).hexdigest()
+            if digest != request.headers.get(HDR_DIGEST):
+                return web.json_response({"nack": "digest mismatch"}, status=400)
+            running[k][request.headers.get(HDR_BUNDLE_ROLE, "service")] = digest
+            return web.json_response({"ack": digest})
+
+        async def endpoints(request: web.Request, k: int = k) -> web.Response:
+            body = await request.read()
+            eps_gen[k] = int(json.loads(body)["generation"])
+            return web.json_response({"ack": hashlib.sha256(body).hexdigest()})
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_put("/bundle", bundle)
+        app.router.add_put("/endpoints", endpoints)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        ports.append(port)
+    async with aiohttp.ClientSession(trust_env=False) as s:
+        names = []
+        for k in range(n):
+            reg = Registration(
+                service=services[k % len(services)],
+                tags={"version": f"v{1 + k % 2}"},
+                inbound_address=f"127.0.0.1:{free_port()}",
+                admin_address=f"127.0.0.1:{ports[k]}",
+            )
+            async with s.post(f"{cp}/api/v1/register", data=reg.model_dump_json()) as r:
+                names.append((await r.json())["instance"])
+        while True:
+            await asyncio.sleep(1.0)
+            for k, name in enumerate(names):
+                hb = Heartbeat(instance=name, running=running[k], endpoints_generation=eps_gen[k])
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json()) as r:
+                        await r.read()
+
+
+def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, Any]:
+    gen = _gen()
+    repo = work / "repo"
+    gen.generate(repo, n_services)
+    port = free_port()
+    cp = f"http://127.0.0.1:{port}"
+    cpp = _controlplane(work, repo, port)
+    procs = [cpp]
+    try:
+        t0 = time.monotonic()
+        _wait(
+            lambda: _get(f"{cp}/healthz")["release"] is not None, 1800, "the first compile", procs, poll=0.5
+        )
+        first_compile_s = time.monotonic() - t0
+        rss_before = _rss_mib(cpp.pid or 0)
+        services = [gen.service_name(i) for i in range(10)]
+        stub = Proc(
+            "stubs",
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--stubs",
+                str(n_dataplanes),
+                "--cp",
+                cp,
+                "--stub-services",
+                ",".join(services),
+            ],
+            work / "stubs.log",
+            _env(),
+        )
+        stub.start()
+        procs.append(stub)
+        t1 = time.monotonic()
+        _wait(
+            lambda: _synced(cp, n_dataplanes), 900, f"{n_dataplanes} stub data planes SYNCED", procs, poll=0.5
+        )
+        sync_s = time.monotonic() - t1
+        rss_after = _rss_mib(cpp.pid or 0)
+        rel = _get(f"{cp}/api/v1/release")
+        mesh_bundle = work / "out" / "bundles" / f"{rel['bundles']['default']}.json"
+        mesh_bytes = mesh_bundle.stat().st_size if mesh_bundle.exists() else None
+    finally:
+        _stop(procs[1:])
+        _stop(procs[:1])
+    return {
+        "services": n_services,
+        "dataplanes": n_dataplanes,
+        "dataplane_kind": "stub admin servers sharing one process (register, heartbeat, digest check, ACK)",
+        "first_compile_s": round(first_compile_s, 2),
+        "all_synced_s": round(sync_s, 2),
+        "mesh_bundle_bytes": mesh_bytes,
+        "controlplane_rss_mib_after_compile": rss_before,
+        "controlplane_rss_mib_with_dataplanes": rss_after,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="200 services, 20 sidecars, 6 changes, 2,000 for RSS")
+    p.add_argument("--services", type=int, default=1000)
+    p.add_argument("--sidecars", type=int, default=100)
+    p.add_argument("--changes", type=int, default=30)
+    p.add_argument("--rss-services", type=int, default=10000)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--stubs", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--cp", help=argparse.SUPPRESS)
+    p.add_argument("--stub-services", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.stubs:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_stub_dataplanes(args.cp, args.stubs, args.stub_services.split(",")))
+        return 0
+    if args.quick:
+        args.services, args.sidecars, args.changes, args.rss_services = 200, 20, 6, 2000
+    out: dict[str, Any] = {
+        "benchmark": "propagation",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "target": {"p99_change_to_all_acks_s": TARGET_P99_S},
+    }
+    with tempfile.TemporaryDirectory(prefix="meshc-bench-prop-") as tmp:
+        print(
+            f"phase 1: {args.services} services, {args.sidecars} real sidecars, "
+            f"{args.changes} one-file changes",
+            flush=True,
+        )
+        out["propagation"] = phase_propagation(args.services, args.sidecars, args.changes, Path(tmp) / "p1")
+        pr = out["propagation"]
+        for k in ("route", "mesh", "all"):
+            s = pr[k]
+            print(
+                f"  {k:5s}: p50 {s['p50_s'] * 1000:.0f} ms, p99 {s['p99_s'] * 1000:.0f} ms "
+                f"(compile p50 {s['compile_p50_s'] * 1000:.0f} ms, push p50 {s['push_p50_s'] * 1000:.0f} ms; "
+                f"ACKs {s['affected_acks']})",
+                flush=True,
+            )
+        print(
+            f"  control plane RSS {pr['controlplane_rss_mib']} MiB with {args.sidecars} sidecars", flush=True
+        )
+        if not args.skip_memory:
+            print(
+                f"phase 2: control plane RSS with {args.rss_services} services "
+                f"and {args.sidecars} data planes",
+                flush=True,
+            )
+            out["memory"] = phase_memory(args.rss_services, args.sidecars, Path(tmp) / "p2")
+            print(f"  {out['memory']}", flush=True)
+    out["verdict"] = {
+        "p99_s": pr["all"]["p99_s"],
+        "meets_target": pr["all"]["p99_s"] <= TARGET_P99_S,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
