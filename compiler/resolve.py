@@ -73,7 +73,8 @@ class PolicyIndex:
 
     def ranked(self, kind: str, entries: list[Entry]) -> list[Entry]:
         """Most specific first, up to the first unconditional entry; records conflicts."""
-        entries.sort(key=lambda e: (-e.rank[0], -e.rank[1], e.doc.file, e.doc.index))
+        # Equal ranks that do not conflict are disjoint: order them by content, not by file name.
+        entries.sort(key=lambda e: (-e.rank[0], -e.rank[1], e.rule_json, e.doc.file, e.doc.index))
         out: list[Entry] = []
         for i, e in enumerate(entries):
             for prev in out:
