@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -53,12 +54,43 @@ class PortInUse(Exception):
     pass
 
 
+_HANDED_OUT: set[int] = set()
+_RNG = random.Random()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now."""
+    """A port that is free right now, below the OS's ephemeral range.
+
+    Ports handed out by ``bind(0)`` come from the ephemeral range, which every outgoing
+    connection also draws from: with hundreds of listeners to start, a port picked early could be
+    taken by a client's connection before its listener binds it. Below that range only listeners
+    compete; a port is never handed out twice by this process.
+    """
+    lo, _ = _ephemeral_range()
+    start = 20000 if lo > 25000 else 1024
+    for _ in range(1000):
+        port = _RNG.randrange(start, lo)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        got: int = s.getsockname()[1]
+        return got
 
 
 def check_port(port: int, what: str, flag: str, host: str = "127.0.0.1") -> None:

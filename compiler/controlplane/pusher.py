@@ -306,19 +306,21 @@ class Pusher:
         """Push what differs; None when done, else seconds to wait (0: backoff) before retrying."""
         self._refresh(sync, dp, None)
         sync.dirty.clear()
-        retry_in: float | None = None
         for slot in SLOTS:
             st = sync.slots[slot]
             want = st.desired
-            if want is None or want == st.acked or want == st.nack_digest:
-                if want is not None and want == st.nack_digest:
-                    return None
+            if want is not None and want == st.nack_digest:
+                return None  # refused: the later slots may depend on it; wait for a new digest
+            if want is None or want == st.acked:
                 continue
             if slot == "endpoints":
                 now = time.time()
-                if now < self._hold_until and dp.restored is False and dp.endpoints_generation != 0:
-                    retry_in = self._hold_until - now
-                    continue
+                if now < self._hold_until and not dp.restored and dp.endpoints_generation != 0:
+                    # Just (re)started without a saved registry: the set is still filling up, and
+                    # a data plane that runs endpoints (or has not said yet) keeps them until it is
+                    # complete. Routes wait too (make-before-break). A heartbeat or the hold's end
+                    # wakes this up.
+                    return self._hold_until - now
                 services, digest = self._mesh_endpoints(dp.mesh)
                 if digest != want:
                     sync.dirty.set()
@@ -359,7 +361,7 @@ class Pusher:
                 return 0.0
             if st.desired != want:
                 return 0.0
-        return retry_in
+        return None
 
     async def _put(
         self,
