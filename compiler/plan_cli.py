@@ -9,13 +9,17 @@ files the two sides share (all but the edited ones) are parsed once.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import sys
+from dataclasses import replace
 from typing import Any
 
-from compiler.pipeline import CompileResult, ParsedFile, compile_parsed, parse_file
+from compiler.pipeline import CompileResult, ParsedFile, compile_parsed, parse_files
+from compiler.plan import Plan, make_plan
 from compiler.source import SourceError, SourceSet, read_policy_dir
 
-__all__ = ["compile_pair", "register", "run"]
+__all__ = ["Planner", "compile_pair", "register", "run"]
 
 EXIT_OK, EXIT_CHANGES, EXIT_ERROR = 0, 1, 2
 
@@ -79,27 +83,99 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-class _ParseCache:
-    """Parsed files by Git blob id: a file both sides share is parsed once."""
+class Planner:
+    """Compiles the two sides of plans; keeps state between calls, so a long-lived process plans warm.
 
-    def __init__(self) -> None:
-        self._by_blob: dict[str, ParsedFile] = {}
+    * Results are kept by the content of the side (every path and Git blob id): a base planned
+      again is not recompiled.
+    * When ``compiler.incremental.IncrementalCompiler`` exists it compiles the sides: the head is
+      then an incremental step from the base (only the files that differ are re-parsed, only the
+      bundles they can affect rebuilt). It gets no output directory: a plan writes nothing.
+    * Otherwise files are parsed once per Git blob id (a file both sides share is parsed once)
+      and each side is compiled from the parsed files.
+    """
+
+    def __init__(self, incremental: bool = True) -> None:
+        self._inc: Any = _incremental_compiler() if incremental else None
+        self._parsed: dict[str, ParsedFile] = {}
+        self._results: dict[str, CompileResult] = {}
+
+    @property
+    def incremental(self) -> bool:
+        return self._inc is not None
 
     def compile(self, src: SourceSet) -> CompileResult:
-        parsed = []
-        for f in src.files:
-            p = self._by_blob.get(f.blob)
-            if p is None or p.file.path != f.path:
-                # Diagnostics carry the path: a renamed file with the same blob is parsed again.
-                p = parse_file(f)
-                self._by_blob[f.blob] = p
-            parsed.append(p)
-        return compile_parsed(src, parsed)
+        key = _content_key(src)
+        hit = self._results.get(key)
+        if hit is not None:
+            return replace(hit, commit=src.commit, release_id=src.commit or hit.release_id)
+        result = None
+        if self._inc is not None:
+            result = _from_incremental(self._inc, src)
+        if result is None:
+            result = self._compile_parsed(src)
+        self._results.clear()  # two sides are all a plan needs; keep memory flat
+        self._results[key] = result
+        return result
+
+    def _compile_parsed(self, src: SourceSet) -> CompileResult:
+        # Diagnostics carry the path: a renamed file with the same blob is parsed again.
+        missing = [f for f in src.files if (p := self._parsed.get(f.blob)) is None or p.file.path != f.path]
+        for p in parse_files(missing):
+            self._parsed[p.file.blob] = p
+        live = {f.blob for f in src.files}
+        result = compile_parsed(src, [self._parsed[f.blob] for f in src.files])
+        if len(self._parsed) > 2 * len(live) + 64:
+            self._parsed = {k: v for k, v in self._parsed.items() if k in live}
+        return result
+
+    def plan(
+        self, base: SourceSet, head: SourceSet, base_label: str = "base", head_label: str = "head"
+    ) -> tuple[CompileResult, CompileResult, Plan | None]:
+        """Compile both sides; the plan is ``None`` when either side has errors."""
+        b = self.compile(base)
+        h = self.compile(head)
+        if b.errors or h.errors:
+            return b, h, None
+        return b, h, make_plan(b, h, base_label, head_label)
+
+
+def _content_key(src: SourceSet) -> str:
+    h = hashlib.sha256()
+    for f in src.files:
+        h.update(f.path.encode() + b"\0" + f.blob.encode() + b"\n")
+    return h.hexdigest()
+
+
+def _incremental_compiler() -> Any:
+    try:
+        mod = importlib.import_module("compiler.incremental")
+    except ImportError:
+        return None
+    cls = getattr(mod, "IncrementalCompiler", None)
+    if cls is None:
+        return None
+    try:
+        return cls()
+    except TypeError:
+        return None
+
+
+def _from_incremental(inc: Any, src: SourceSet) -> CompileResult | None:
+    out = inc.update(src)
+    result = out[0] if isinstance(out, tuple) else getattr(out, "result", out)
+    if not isinstance(result, CompileResult):
+        return None
+    # The compiler's next step may reuse its dicts: keep a copy of what the plan reads.
+    release = dict(result.release)
+    if "bundles" in release:
+        release["bundles"] = dict(release["bundles"])
+    return replace(result, bundles=dict(result.bundles), release=release)
 
 
 def compile_pair(base: SourceSet, head: SourceSet) -> tuple[CompileResult, CompileResult]:
-    cache = _ParseCache()
-    return cache.compile(base), cache.compile(head)
+    planner = Planner()
+    return planner.compile(base), planner.compile(head)
 
 
 def _diagnostics(side: str, label: str, result: CompileResult, fmt: str) -> None:
@@ -121,7 +197,7 @@ def _diagnostics(side: str, label: str, result: CompileResult, fmt: str) -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    from compiler.plan import make_plan, render
+    from compiler.plan import render
 
     base_label = args.base
     head_label = args.head or "work tree"
@@ -131,15 +207,14 @@ def run(args: argparse.Namespace) -> int:
     except SourceError as e:
         print(f"meshc: {e}", file=sys.stderr)
         return EXIT_ERROR
-    base, head = compile_pair(base_src, head_src)
+    base, head, plan = Planner().plan(base_src, head_src, base_label, head_label)
     failed = False
     for side, label, result in (("base", base_label, base), ("head", head_label, head)):
         if result.errors:
             _diagnostics(side, label, result, args.format)
             failed = True
-    if failed:
+    if failed or plan is None:
         return EXIT_ERROR
-    plan = make_plan(base, head, base_label, head_label)
     print(render(args.format, plan))
     if args.exit_code and plan.has_changes:
         return EXIT_CHANGES
