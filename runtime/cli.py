@@ -9,6 +9,7 @@ clean drain, 2 when the data plane cannot start (usage, unreadable files, unbind
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="default", help="mesh name to register in (default %(default)s)")
     p.add_argument(
         "--drain-seconds", type=float, default=10.0, help="longest wait for in-flight requests on SIGTERM"
+    )
+    p.add_argument(
+        "--dataplane",
+        choices=("fast", "aiohttp"),
+        default=os.environ.get("MESHC_DATAPLANE", "aiohttp"),
+        help="HTTP forwarding layer: asyncio Protocols + httptools, or aiohttp (default %(default)s; "
+        "env MESHC_DATAPLANE)",
     )
 
 
@@ -82,6 +90,7 @@ def _run(kind: str, argv: list[str]) -> int:
             mesh_bundle=ns.mesh_bundle,
             endpoints=ns.endpoints,
             drain_s=ns.drain_seconds,
+            dataplane=ns.dataplane,
             mesh=ns.mesh,
         )
         if kind == "sidecar":

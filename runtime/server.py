@@ -32,6 +32,7 @@ from runtime.bundle import (
     load_bundle,
 )
 from runtime.engine import Engine, Snapshot
+from runtime.fastproxy import FastHttp
 from runtime.healthcheck import HealthChecker
 from runtime.metrics import Metrics
 from runtime.protocol import EndpointSet, Heartbeat, Registration, RegistrationReply
@@ -85,6 +86,7 @@ class Options:
     mesh_bundle: Path | None = None
     endpoints: Path | None = None
     drain_s: float = 10.0
+    dataplane: Literal["fast", "aiohttp"] = "aiohttp"
     mesh: str = "default"
 
 
@@ -115,6 +117,11 @@ class DataPlane:
         self._servers: list[asyncio.base_events.Server] = []
         self._admin_runner: web.ServerRunner | None = None
         self.http = HttpProxy(self.engine, self.metrics, app_address=opts.app)
+        self.fast: FastHttp | None = None
+        if opts.dataplane == "fast":  # the HTTP listeners on runtime.fastproxy instead of aiohttp
+            self.fast = FastHttp(
+                self.engine, self.metrics, app_address=opts.app, own_addresses=self.http.own_addresses
+            )
         self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app)
         self.health = HealthChecker(self.metrics)
         self.registrar: Registrar | None = None
@@ -199,9 +206,11 @@ class DataPlane:
                 if opts.inbound is not None:
                     await self._start_inbound(opts.inbound)
                 if opts.outbound is not None:
-                    runner = await self._runner(self.http.outbound)
+                    if self.fast is not None:
+                        factory: Any = self.fast.factory("outbound")
+                    else:
+                        factory = (await self._runner(self.http.outbound)).server
                     sock = _bind(opts.outbound)
-                    factory = runner.server
                     assert factory is not None
                     server = await loop.create_server(lambda: OutboundSniffer(factory, self.tcp), sock=sock)
                     self._servers.append(server)
@@ -216,7 +225,7 @@ class DataPlane:
                 opts.control_plane, self._registration, self._heartbeat, self._registered
             )
             self.registrar.start()
-        print(json.dumps({"event": "listening", "service": self.service, **self.listening}), flush=True)
+        _emit({"event": "listening", "service": self.service, **self.listening})
 
     async def _runner(self, handler: Any) -> web.ServerRunner:
         runner = web.ServerRunner(
@@ -236,6 +245,9 @@ class DataPlane:
         sock = _bind(addr)
         if catalog is not None and catalog.protocol == "tcp":
             self._servers.append(await asyncio.start_server(self.tcp.inbound_connection, sock=sock))
+        elif self.fast is not None:
+            loop = asyncio.get_running_loop()
+            self._servers.append(await loop.create_server(self.fast.factory("inbound"), sock=sock))
         else:
             runner = await self._runner(self.http.inbound)
             await web.SockSite(runner, sock).start()
@@ -258,6 +270,9 @@ class DataPlane:
             port = listener.port
             if listener.protocol == "TCP":
                 self._servers.append(await asyncio.start_server(self.tcp.gateway_handler(port), sock=sock))
+            elif self.fast is not None:
+                loop = asyncio.get_running_loop()
+                self._servers.append(await loop.create_server(self.fast.factory("gateway", port), sock=sock))
             else:
 
                 async def handler(request: web.BaseRequest, port: int = port) -> web.StreamResponse:
@@ -429,11 +444,14 @@ class DataPlane:
         deadline = loop.time() + self.opts.drain_s
         for server in self._servers:
             server.close()
-        await asyncio.gather(*(r.cleanup() for r in self._runners), self.tcp.drain(deadline))
+        fast = [self.fast.drain(deadline)] if self.fast is not None else []
+        await asyncio.gather(*(r.cleanup() for r in self._runners), self.tcp.drain(deadline), *fast)
         if self.registrar is not None:
             await self.registrar.stop(deregister=True)
         await self.health.close()
         await self.http.close()
+        if self.fast is not None:
+            await self.fast.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
 
@@ -452,10 +470,16 @@ async def serve(opts: Options) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print(json.dumps({"event": "draining", "service": plane.service}), flush=True)
+    _emit({"event": "draining", "service": plane.service})
     await plane.drain_and_stop()
-    print(json.dumps({"event": "stopped", "service": plane.service}), flush=True)
+    _emit({"event": "stopped", "service": plane.service})
     return 0
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    """One JSON event line on stdout; a closed stdout must not stop a drain."""
+    with contextlib.suppress(OSError, ValueError):
+        print(json.dumps(doc), flush=True)
 
 
 def run(opts: Options) -> int:
