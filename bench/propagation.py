@@ -149,7 +149,9 @@ def _stop(procs: list[Proc]) -> None:
 # --- phase 1 -------------------------------------------------------------------------------------
 
 
-def phase_propagation(n_services: int, n_sidecars: int, n_changes: int, work: Path) -> dict[str, Any]:
+def phase_propagation(
+    n_services: int, n_sidecars: int, n_changes: int, work: Path, stub: bool = False
+) -> dict[str, Any]:
     gen = _gen()
     repo = work / "repo"
     gen.generate(repo, n_services)
@@ -163,47 +165,71 @@ def phase_propagation(n_services: int, n_sidecars: int, n_changes: int, work: Pa
         _wait(lambda: _get(f"{cp}/healthz")["release"] is not None, 600, "the first compile", procs)
         first_compile_s = time.monotonic() - t0
         n_svc = max(1, n_sidecars // 10)
-        dead_app = free_port()  # nothing listens there: no traffic is sent in this benchmark
-        t1 = time.monotonic()
-        for k in range(n_sidecars):
-            i = k % n_svc
-            name = gen.service_name(i)
+        if stub:
             p = Proc(
-                f"sidecar-{k}",
+                "stubs",
                 [
                     sys.executable,
-                    "-m",
-                    "compiler.cli",
-                    "sidecar",
-                    "--service",
-                    name,
-                    "--tag",
-                    f"version=v{1 + k // n_svc % 2}",
-                    "--app",
-                    f"127.0.0.1:{dead_app}",
-                    "--inbound",
-                    f"127.0.0.1:{free_port()}",
-                    "--outbound",
-                    f"127.0.0.1:{free_port()}",
-                    "--admin",
-                    f"127.0.0.1:{free_port()}",
-                    "--state-dir",
-                    str(work / "state" / str(k)),
-                    "--control-plane",
+                    str(Path(__file__).resolve()),
+                    "--stubs",
+                    str(n_sidecars),
+                    "--cp",
                     cp,
-                    "--drain-seconds",
-                    "0.5",
+                    "--stub-services",
+                    ",".join(gen.service_name(i) for i in range(n_svc)),
                 ],
-                work / "logs" / f"sidecar-{k}.log",
+                work / "stubs.log",
                 _env(),
             )
-            (work / "logs").mkdir(exist_ok=True)
             p.start()
             procs.append(p)
+        else:
+            dead_app = free_port()  # nothing listens there: no traffic is sent in this benchmark
+            t1 = time.monotonic()
+            for k in range(n_sidecars):
+                i = k % n_svc
+                name = gen.service_name(i)
+                p = Proc(
+                    f"sidecar-{k}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "compiler.cli",
+                        "sidecar",
+                        "--service",
+                        name,
+                        "--tag",
+                        f"version=v{1 + k // n_svc % 2}",
+                        "--app",
+                        f"127.0.0.1:{dead_app}",
+                        "--inbound",
+                        f"127.0.0.1:{free_port()}",
+                        "--outbound",
+                        f"127.0.0.1:{free_port()}",
+                        "--admin",
+                        f"127.0.0.1:{free_port()}",
+                        "--state-dir",
+                        str(work / "state" / str(k)),
+                        "--control-plane",
+                        cp,
+                        "--drain-seconds",
+                        "0.5",
+                    ],
+                    work / "logs" / f"sidecar-{k}.log",
+                    _env(),
+                )
+                (work / "logs").mkdir(exist_ok=True)
+                p.start()
+                procs.append(p)
         _wait(lambda: _synced(cp, n_sidecars), 900, f"{n_sidecars} sidecars SYNCED", procs, poll=0.5)
         converge_s = time.monotonic() - t1
         rss_1k = _rss_mib(cpp.pid or 0)
         sidecar_rss = sorted(_rss_mib(p.pid or 0)["VmRSS"] for p in procs[1:])
+        sidecar_rss_summary = (
+            {"min": sidecar_rss[0], "median": sidecar_rss[len(sidecar_rss) // 2], "max": sidecar_rss[-1]}
+            if not stub
+            else {"stub_process_total": sidecar_rss[0]}
+        )
 
         samples: list[dict[str, Any]] = []
         for c in range(n_changes):
@@ -289,15 +315,13 @@ def phase_propagation(n_services: int, n_sidecars: int, n_changes: int, work: Pa
     return {
         "services": n_services,
         "sidecars": n_sidecars,
-        "sidecar_kind": "real sidecar processes (meshc sidecar), one process each",
+        "sidecar_kind": "stub admin servers sharing one process (digest check + ACK)"
+        if stub
+        else "real sidecar processes (meshc sidecar), one process each",
         "first_compile_s": round(first_compile_s, 2),
         "sidecars_start_to_all_synced_s": round(converge_s, 2),
         "controlplane_rss_mib": rss_1k,
-        "sidecar_rss_mib": {
-            "min": sidecar_rss[0],
-            "median": sidecar_rss[len(sidecar_rss) // 2],
-            "max": sidecar_rss[-1],
-        },
+        "sidecar_rss_mib": sidecar_rss_summary,
         "all": summary(None),
         "route": summary("route"),
         "mesh": summary("mesh"),
@@ -429,7 +453,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sidecars", type=int, default=100)
     p.add_argument("--changes", type=int, default=30)
     p.add_argument("--rss-services", type=int, default=10000)
-    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-memory", action="store_true", help="skip phase 2 (RSS with 10,000 services)")
+    p.add_argument(
+        "--dataplanes",
+        choices=("real", "stub", "both"),
+        default="both",
+        help="phase 1 with real sidecar processes, stub admin servers in one process, or both",
+    )
     p.add_argument("--stubs", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cp", help=argparse.SUPPRESS)
     p.add_argument("--stub-services", help=argparse.SUPPRESS)
@@ -438,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_stub_dataplanes(args.cp, args.stubs, args.stub_services.split(",")))
         return 0
+
+    def interrupted(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     if args.quick:
         args.services, args.sidecars, args.changes, args.rss_services = 200, 20, 6, 2000
     out: dict[str, Any] = {
@@ -450,24 +486,27 @@ def main(argv: list[str] | None = None) -> int:
         "target": {"p99_change_to_all_acks_s": TARGET_P99_S},
     }
     with tempfile.TemporaryDirectory(prefix="meshc-bench-prop-") as tmp:
-        print(
-            f"phase 1: {args.services} services, {args.sidecars} real sidecars, "
-            f"{args.changes} one-file changes",
-            flush=True,
-        )
-        out["propagation"] = phase_propagation(args.services, args.sidecars, args.changes, Path(tmp) / "p1")
-        pr = out["propagation"]
-        for k in ("route", "mesh", "all"):
-            s = pr[k]
+        modes = ("real", "stub") if args.dataplanes == "both" else (args.dataplanes,)
+        for mode in modes:
+            key = "propagation" if mode == "real" else "propagation_stub"
             print(
-                f"  {k:5s}: p50 {s['p50_s'] * 1000:.0f} ms, p99 {s['p99_s'] * 1000:.0f} ms "
-                f"(compile p50 {s['compile_p50_s'] * 1000:.0f} ms, push p50 {s['push_p50_s'] * 1000:.0f} ms; "
-                f"ACKs {s['affected_acks']})",
+                f"phase 1 ({mode}): {args.services} services, {args.sidecars} "
+                f"{'real sidecars' if mode == 'real' else 'stub data planes in one process'}, "
+                f"{args.changes} one-file changes",
                 flush=True,
             )
-        print(
-            f"  control plane RSS {pr['controlplane_rss_mib']} MiB with {args.sidecars} sidecars", flush=True
-        )
+            pr = out[key] = phase_propagation(
+                args.services, args.sidecars, args.changes, Path(tmp) / key, stub=mode == "stub"
+            )
+            for k in ("route", "mesh", "all"):
+                s = pr[k]
+                print(
+                    f"  {k:5s}: p50 {s['p50_s'] * 1000:.0f} ms, p99 {s['p99_s'] * 1000:.0f} ms "
+                    f"(compile p50 {s['compile_p50_s'] * 1000:.0f} ms, "
+                    f"push p50 {s['push_p50_s'] * 1000:.0f} ms; ACKs {s['affected_acks']})",
+                    flush=True,
+                )
+            print(f"  control plane RSS {pr['controlplane_rss_mib']} MiB", flush=True)
         if not args.skip_memory:
             print(
                 f"phase 2: control plane RSS with {args.rss_services} services "
@@ -477,8 +516,9 @@ def main(argv: list[str] | None = None) -> int:
             out["memory"] = phase_memory(args.rss_services, args.sidecars, Path(tmp) / "p2")
             print(f"  {out['memory']}", flush=True)
     out["verdict"] = {
-        "p99_s": pr["all"]["p99_s"],
-        "meets_target": pr["all"]["p99_s"] <= TARGET_P99_S,
+        k: {"p99_s": out[k]["all"]["p99_s"], "meets_target": out[k]["all"]["p99_s"] <= TARGET_P99_S}
+        for k in ("propagation", "propagation_stub")
+        if k in out
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")

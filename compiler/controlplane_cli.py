@@ -143,9 +143,16 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         try:
             await cp._stop.wait()
         finally:
-            await cp.stop()
+            try:
+                await asyncio.wait_for(cp.stop(), 15.0)
+            except TimeoutError:
+                cp.log("shutdown took over 15 s; exiting anyway")
         cp.log("stopped")
-        return EXIT_OK
+        # Exit now: asyncio.run would wait for worker threads (a compile in progress, the file
+        # watcher's thread) that have nothing left to deliver.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
 
     return asyncio.run(main())
 

@@ -401,6 +401,7 @@ class Pusher:
         return "error", f"HTTP {status}: {raw[:200].decode(errors='replace')}"
 
     def _rollout_done(self, instance: str, slot: str, *, ok: bool) -> None:
+        """An ACK (or a NACK, which also stops the later slots of that data plane)."""
         now = time.time()
         for ro in self.rollouts:
             if (instance, slot) in ro.pending:
@@ -409,11 +410,12 @@ class Pusher:
                     ro.acked += 1
                 else:
                     ro.nacked += 1
+                    ro.pending -= {(instance, s) for s in SLOTS}
                 if not ro.pending and ro.completed_at is None:
                     ro.completed_at = now
 
     def forget_offline(self, dp: DataPlane) -> None:
-        """An Offline data plane no longer holds up a rollout."""
+        """An Offline or deregistered data plane no longer holds up a rollout."""
         for ro in self.rollouts:
             for slot in SLOTS:
                 if (dp.instance, slot) in ro.pending:

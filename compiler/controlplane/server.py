@@ -98,7 +98,7 @@ class ControlPlane:
         if event in ("registered", "deregistered", "offline", "online"):
             where = f" inbound {dp.inbound_address}" if dp.inbound_address else ""
             self.log(f"{dp.kind} {dp.instance} ({dp.service}{where}) {event}")
-        if event == "offline":
+        if event in ("offline", "deregistered"):
             self.pusher.forget_offline(dp)
         if event != "heartbeat":
             self._update_gauges()

@@ -160,9 +160,7 @@ def test_push_order_only_changed_bundles_nack_watcher_and_offline(tmp_path: Path
 
                 async def synced() -> bool:
                     rows = await _rows(s, cp)
-                    return (
-                        rows[names["mag"]]["status"] == "SYNCED" and rows[names["ben"]]["status"] == "SYNCED"
-                    )
+                    return all(rows[names[k]]["status"] == "SYNCED" for k in ("mag", "ben"))
 
                 await _until(synced, 30, "magnanimo and benigno SYNCED")
                 # make-before-break: endpoints, then the mesh bundle, then the service bundle
