@@ -35,6 +35,7 @@ HASH_KEY_HEADER = "x-meshc-hash-key"
 """The key ringHash balancing hashes (the path when absent)."""
 
 _CHUNK = 64 * 1024
+_SMALL_BODY = 16 * 1024
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -440,16 +441,27 @@ class HttpProxy:
         bps: int = 0,
         gw_route: GatewayRoute | None = None,
     ) -> web.StreamResponse:
-        """Stream the upstream response back with bounded memory."""
-        resp = web.StreamResponse(status=up.status, reason=up.reason)
-        out = resp.headers
-        for k, v in _clean_headers(up.headers).items():
-            out.add(k, v)
+        """Relay the upstream response: small bodies in one write, larger ones streamed."""
+        out: CIMultiDict[str] = _clean_headers(up.headers)
         if ops is not None:
             _apply_ops(out, ops)
         if gw_route is not None:
             for f in gw_route.response_headers:
                 _gateway_header_filter(out, f.set, f.add, f.remove)
+        length = up.content_length
+        if bps == 0 and length is not None and length <= _SMALL_BODY and request.method != "HEAD":
+            # Headers and body leave in one send: half the system calls of streaming.
+            try:
+                body = await up.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                up.close()
+                return web.Response(
+                    status=502,
+                    text="upstream reset before the body ended",
+                    headers={REASON_HEADER: "upstream reset"},
+                )
+            return web.Response(status=up.status, reason=up.reason, body=body, headers=out)
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=out)
         try:
             await resp.prepare(request)
             if bps > 0:
