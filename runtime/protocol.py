@@ -3,6 +3,29 @@
 Data planes call the control plane (register, heartbeat, deregister); the control plane calls each
 data plane's admin API (``PUT /bundle``, ``PUT /endpoints``). Both sides import these models, so
 this module depends on pydantic and the standard library only.
+
+Data plane -> control plane (``runtime/registration.py``; ``--control-plane URL``):
+
+* ``POST {URL}/api/v1/register`` body ``Registration`` -> 200 ``RegistrationReply``. The data
+  plane sends the instance name it was given before (kept in its state dir) so a restart keeps it.
+* every ``heartbeat_interval_ms``: ``POST {URL}/api/v1/heartbeat`` body ``Heartbeat`` (running
+  digest per slot, endpoint generation) -> 200; a 404 makes the data plane register again.
+* on a clean exit, after draining: ``POST {URL}/api/v1/deregister`` body ``{"instance": name}``.
+* a control plane that is down or answers an error is retried with jittered exponential backoff
+  (0.25 s doubling to 30 s); the data plane keeps serving its last-known-good state meanwhile.
+
+Control plane -> data plane admin API (``runtime/admin.py``, loopback by default):
+
+* ``PUT /bundle``: body = the bundle's exact bytes; ``HDR_DIGEST`` required, ``HDR_GENERATION``
+  (default 0), ``HDR_BUNDLE_ROLE`` (``mesh``/``service``, else taken from the bundle's ``type``).
+  200 ``Ack(ack=digest)`` or ``Nack(nack=reason)`` with 400 (not JSON, schema, unknown format,
+  digest mismatch, role mismatch, another service's bundle, cannot be compiled), 409 (generation
+  older than the running one for that slot), 413 (over ``bundle.MAX_BUNDLE_BYTES``) or 500 (state
+  dir not writable). Re-pushing the running digest is acknowledged again and changes nothing.
+* ``PUT /endpoints``: body ``EndpointSet`` -> 200 ``Ack(ack=sha256 hex of the body)`` or a NACK
+  (400 schema or bad address, 409 older generation, 413 over 16 MiB).
+* ``GET /ready`` (200 once both bundles are loaded and not draining, else 503), ``GET /config``,
+  ``GET /metrics``.
 """
 
 from __future__ import annotations
