@@ -13,7 +13,7 @@ from compiler.diagnostics import Diagnostic, Loc
 from compiler.kinds import traffic_route as tr
 from compiler.parse import Doc
 
-__all__ = ["check_all"]
+__all__ = ["check_all", "check_doc", "check_permissions"]
 
 _SELECTOR_KINDS = {
     "TrafficRoute",
@@ -30,15 +30,25 @@ _SELECTOR_KINDS = {
 
 def check_all(docs: list[Doc], cat: Catalog) -> Iterator[Diagnostic]:
     for d in docs:
-        if d.mesh not in cat.meshes:
-            continue
-        if d.kind in _SELECTOR_KINDS:
-            yield from _selectors(d, cat)
-        if d.kind == "TrafficRoute":
-            yield from _route_targets(d, cat)
-            yield from _shadowed(d)
-        if d.kind == "TrafficLog":
-            yield from _log_backend(d, cat)
+        yield from check_doc(d, cat)
+    yield from check_permissions(docs, cat)
+
+
+def check_doc(d: Doc, cat: Catalog) -> Iterator[Diagnostic]:
+    """The checks of one document against the catalog (the incremental compiler caches them)."""
+    if d.mesh not in cat.meshes:
+        return
+    if d.kind in _SELECTOR_KINDS:
+        yield from _selectors(d, cat)
+    if d.kind == "TrafficRoute":
+        yield from _route_targets(d, cat)
+        yield from _shadowed(d)
+    if d.kind == "TrafficLog":
+        yield from _log_backend(d, cat)
+
+
+def check_permissions(docs: list[Doc], cat: Catalog) -> Iterator[Diagnostic]:
+    """The checks that need every TrafficPermission of a mesh (other kinds in ``docs`` are skipped)."""
     yield from _permissions(docs, cat)
 
 
