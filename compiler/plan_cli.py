@@ -106,16 +106,18 @@ class Planner:
 
     def compile(self, src: SourceSet) -> CompileResult:
         key = _content_key(src)
-        hit = self._results.get(key)
+        hit = self._results.pop(key, None)
         if hit is not None:
+            self._results[key] = hit  # most recently used last
             return replace(hit, commit=src.commit, release_id=src.commit or hit.release_id)
         result = None
         if self._inc is not None:
             result = _from_incremental(self._inc, src)
         if result is None:
             result = self._compile_parsed(src)
-        self._results.clear()  # two sides are all a plan needs; keep memory flat
         self._results[key] = result
+        while len(self._results) > 2:  # two sides are all a plan needs; keep memory flat
+            del self._results[next(iter(self._results))]
         return result
 
     def _compile_parsed(self, src: SourceSet) -> CompileResult:
