@@ -192,7 +192,7 @@ def _catalog_json(s: ServiceInfo) -> str:
     if out is None:
         model = b.CatalogService(
             port=s.port,
-            protocol=s.protocol,  # type: ignore[arg-type]
+            protocol=s.protocol,
             subsets=tuple(s.subsets),
             gateway=s.gateway,
         )

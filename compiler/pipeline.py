@@ -37,9 +37,12 @@ __all__ = [
     "compile_dir",
     "compile_parsed",
     "compile_sources",
+    "doc_lines",
+    "finish",
     "locate_all",
     "parse_file",
     "parse_files",
+    "provenance",
 ]
 
 
@@ -192,7 +195,7 @@ def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
     findings.extend(cat_findings)
     findings.extend(check_all(docs, cat))
     bundles: dict[str, bytes] = {}
-    provenance: dict[str, list[Doc]] = {}
+    provenance_docs: dict[str, list[Doc]] = {}
     for mesh in cat.meshes.values():
         mesh_docs = [d for d in docs if d.mesh == mesh.name]
         logging = convert.logging_backends(mesh.doc.spec if mesh.doc else None)
@@ -202,7 +205,7 @@ def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
 
         def keep(key: str, data: bytes, used: list[Doc]) -> None:
             bundles[key] = data
-            provenance[key] = used
+            provenance_docs[key] = used
 
         build_mesh(mesh, idx, gateways, logging, keep)
         findings.extend(conflict_diagnostics(idx))
@@ -210,32 +213,42 @@ def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
     result = CompileResult(diagnostics, len(src.files), sum(p.documents for p in parsed), commit=src.commit)
     if result.errors:
         return result
-    result.bundles = dict(sorted(bundles.items()))
-    digests = {k: b.bundle_digest(v) for k, v in result.bundles.items()}
-    lines = {p.file.path: _doc_lines(p.file.data) for p in parsed}
+    lines = {p.file.path: doc_lines(p.file.data) for p in parsed}
+    digests = {k: b.bundle_digest(v) for k, v in bundles.items()}
+    prov = {k: provenance(used, lines) for k, used in provenance_docs.items()}
+    return finish(result, bundles, digests, prov)
+
+
+def provenance(used: list[Doc], lines: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """The release's provenance of one bundle: the documents that shaped it, sorted, once each."""
+    keys = sorted({(d.kind, d.name, d.file, _line(lines, d)) for d in used})
+    return [{"kind": kind, "name": name, "file": file, "line": line} for kind, name, file, line in keys]
+
+
+def finish(
+    result: CompileResult,
+    bundles: dict[str, bytes],
+    digests: dict[str, str],
+    prov: dict[str, list[dict[str, Any]]],
+) -> CompileResult:
+    """Fill in an error-free result's bundles and release (keys sorted, as the release lists them)."""
+    keys = sorted(bundles)
+    result.bundles = {k: bundles[k] for k in keys}
+    ordered = {k: digests[k] for k in keys}
     result.release = {
         "format": 1,
-        "commit": src.commit,
-        "bundles": digests,
-        "provenance": {
-            k: sorted(
-                {(d.kind, d.name, d.file, _line(lines, d)): None for d in provenance[k]},
-            )
-            for k in result.bundles
-        },
+        "commit": result.commit,
+        "bundles": ordered,
+        "provenance": {k: prov[k] for k in keys},
     }
-    result.release["provenance"] = {
-        k: [{"kind": kind, "name": name, "file": file, "line": line} for kind, name, file, line in v]
-        for k, v in result.release["provenance"].items()
-    }
-    result.release_id = src.commit or hashlib.sha256(b.canonical_json(digests)).hexdigest()
+    result.release_id = result.commit or hashlib.sha256(b.canonical_json(ordered)).hexdigest()
     return result
 
 
 _DOC_START = re.compile(rb"^---", re.M)
 
 
-def _doc_lines(data: bytes) -> list[int]:
+def doc_lines(data: bytes) -> list[int]:
     """The first line of each document, from its ``---`` separators (cheap; no re-parse)."""
     starts = [1]
     for m in _DOC_START.finditer(data):
@@ -252,10 +265,17 @@ def _line(lines: dict[str, list[int]], d: Doc) -> int:
     return ls[d.index] if d.index < len(ls) else ls[-1]
 
 
-def locate_all(parsed: list[ParsedFile], findings: list[Diagnostic]) -> list[Diagnostic]:
-    """Give every finding a span, re-reading with positions only the files that have findings."""
+def locate_all(
+    parsed: list[ParsedFile],
+    findings: list[Diagnostic],
+    positions_cache: dict[tuple[str, str], Positions | None] | None = None,
+) -> list[Diagnostic]:
+    """Give every finding a span, re-reading with positions only the files that have findings.
+
+    ``positions_cache`` (path and blob id -> positions) lets a long-lived caller keep them."""
     by_path = {p.file.path: p for p in parsed}
     cache: dict[str, Positions | None] = {}
+    kept = positions_cache if positions_cache is not None else {}
 
     def positions(path: str) -> Positions | None:
         if path not in cache:
@@ -265,7 +285,10 @@ def locate_all(parsed: list[ParsedFile], findings: list[Diagnostic]) -> list[Dia
             elif p.positions is not None:
                 cache[path] = p.positions
             else:
-                cache[path] = load_positions(path, p.file.data)[0]
+                key = (path, p.file.blob)
+                if key not in kept:
+                    kept[key] = load_positions(path, p.file.data)[0]
+                cache[path] = kept[key]
         return cache[path]
 
     out = []

@@ -63,6 +63,69 @@ class PolicyIndex:
     by_dst: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
     """Inbound kinds: destination service (or ``*``) -> entries."""
     conflicts: dict[frozenset[int], tuple[Entry, Entry]] = field(default_factory=dict)
+    by_doc: dict[int, tuple[Doc, list[Entry]]] = field(default_factory=dict)
+    """``id(doc)`` -> the document and its entries (what ``remove`` takes out again)."""
+
+    def add(self, d: Doc, log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> list[Entry]:
+        """Index one document's (source, destination) pairs; returns its entries."""
+        if d.kind not in OUTBOUND and d.kind not in INBOUND:
+            return []
+        conf = _conf(d, log_backends)
+        if conf is None and d.kind != "TrafficPermission":
+            return []
+        table = self.by_kind.setdefault(d.kind, {})
+        inbound = self.by_dst.setdefault(d.kind, {})
+        out: list[Entry] = []
+        for si, s in enumerate(d.spec.sources or []):
+            st = _tags(s)
+            for di, t in enumerate(d.spec.destinations or []):
+                dt = _tags(t)
+                src, dst = selector_service(st), selector_service(dt)
+                if d.kind in OUTBOUND:
+                    when, peer = extra_tags(st), extra_tags(dt)
+                    named = self.sources[src]
+                    named[dst] = named.get(dst, 0) + 1
+                    path: Path = ("sources", si, "match")
+                else:
+                    when = extra_tags(dt)
+                    peer = {k: v for k, v in st.items() if k != PROTOCOL_TAG and v is not None and v != "*"}
+                    path = ("destinations", di, "match")
+                e = Entry(
+                    d,
+                    src,
+                    dst,
+                    tuple(sorted(when.items())),
+                    tuple(sorted(peer.items())),
+                    _rank(st, dt),
+                    conf,
+                    path,
+                )
+                table.setdefault((src, dst), []).append(e)
+                inbound.setdefault(dst, []).append(e)
+                out.append(e)
+        self.by_doc[id(d)] = (d, out)
+        return out
+
+    def remove(self, d: Doc) -> list[Entry]:
+        """Take out what ``add`` put in for this document; returns its entries."""
+        _, entries = self.by_doc.pop(id(d), (d, []))
+        for e in entries:
+            kind = e.doc.kind
+            for lst, key, table in (
+                (self.by_kind[kind][(e.src, e.dst)], (e.src, e.dst), self.by_kind[kind]),
+                (self.by_dst[kind][e.dst], e.dst, self.by_dst[kind]),
+            ):
+                lst[:] = [x for x in lst if x is not e]
+                if not lst:
+                    del table[key]  # type: ignore[arg-type]
+            if kind in OUTBOUND:
+                named = self.sources[e.src]
+                named[e.dst] -= 1
+                if not named[e.dst]:
+                    del named[e.dst]
+                if not named:
+                    del self.sources[e.src]
+        return entries
 
     def entries(self, kind: str, keys: Iterable[tuple[str, str]]) -> list[Entry]:
         table = self.by_kind.get(kind, {})
@@ -132,38 +195,7 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
 def index_policies(docs: list[Doc], log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> PolicyIndex:
     idx = PolicyIndex()
     for d in docs:
-        if d.kind not in OUTBOUND and d.kind not in INBOUND:
-            continue
-        conf = _conf(d, log_backends)
-        if conf is None and d.kind != "TrafficPermission":
-            continue
-        table = idx.by_kind.setdefault(d.kind, {})
-        for si, s in enumerate(d.spec.sources or []):
-            st = _tags(s)
-            for di, t in enumerate(d.spec.destinations or []):
-                dt = _tags(t)
-                src, dst = selector_service(st), selector_service(dt)
-                if d.kind in OUTBOUND:
-                    when, peer = extra_tags(st), extra_tags(dt)
-                    named = idx.sources[src]
-                    named[dst] = named.get(dst, 0) + 1
-                    path: Path = ("sources", si, "match")
-                else:
-                    when = extra_tags(dt)
-                    peer = {k: v for k, v in st.items() if k != PROTOCOL_TAG and v is not None and v != "*"}
-                    path = ("destinations", di, "match")
-                e = Entry(
-                    d,
-                    src,
-                    dst,
-                    tuple(sorted(when.items())),
-                    tuple(sorted(peer.items())),
-                    _rank(st, dt),
-                    conf,
-                    path,
-                )
-                table.setdefault((src, dst), []).append(e)
-                idx.by_dst.setdefault(d.kind, {}).setdefault(dst, []).append(e)
+        idx.add(d, log_backends)
     return idx
 
 
