@@ -315,3 +315,22 @@ def test_100mb_response_streams_with_bounded_memory(
     status = Path(f"/proc/{sidecar.pid()}/status").read_text()
     peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
     assert peak_kb < 150 * 1024, f"sidecar peaked at {peak_kb} kB while streaming 100 MB"
+
+
+def test_traffic_log_writes_json_lines(plane: Callable[..., Plane], upstream: Any, tmp_path: Path) -> None:
+    from runtime.bundle import LoggingBackend, TrafficLogConf
+
+    a = upstream("v1")
+    log = tmp_path / "access.log"
+    conf = TrafficLogConf(backend=LoggingBackend(name="file", type="file", path=str(log)))
+    dest = simple_destination("benigno", traffic_log=(Rule[TrafficLogConf](conf=conf),))
+    sidecar = _start(plane, tmp_path, {"benigno": [(a.address, V1)]}, {"benigno": dest})
+    assert ProxyClient(sidecar.outbound).get("http://benigno/logged")[0] == 200  # type: ignore[arg-type]
+    line = wait_until(lambda: log.exists() and log.read_text().strip(), "an access log line")
+    entry = json.loads(line.splitlines()[0])
+    assert (entry["destination_service"], entry["path"], entry["response_code"]) == (
+        "benigno",
+        "/logged",
+        200,
+    )
+    assert entry["upstream"] == a.address
