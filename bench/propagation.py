@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -261,7 +262,7 @@ def phase_propagation(
                 ros = _get(f"{cp}/api/v1/rollouts")["rollouts"]
                 return bool(ros) and ros[0]["release"] != before and ros[0]["completed_at"] is not None
 
-            _wait(done, 300, f"change {c} to reach every affected data plane", procs, poll=0.01)
+            _wait(done, 600, f"change {c} to reach every affected data plane", procs, poll=0.01)
             ro = _get(f"{cp}/api/v1/rollouts")["rollouts"][0]
             last = _get(f"{cp}/api/v1/diagnostics")["last"]
             samples.append(
@@ -485,36 +486,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "target": {"p99_change_to_all_acks_s": TARGET_P99_S},
     }
-    with tempfile.TemporaryDirectory(prefix="meshc-bench-prop-") as tmp:
-        modes = ("real", "stub") if args.dataplanes == "both" else (args.dataplanes,)
-        for mode in modes:
-            key = "propagation" if mode == "real" else "propagation_stub"
-            print(
-                f"phase 1 ({mode}): {args.services} services, {args.sidecars} "
-                f"{'real sidecars' if mode == 'real' else 'stub data planes in one process'}, "
-                f"{args.changes} one-file changes",
-                flush=True,
-            )
-            pr = out[key] = phase_propagation(
-                args.services, args.sidecars, args.changes, Path(tmp) / key, stub=mode == "stub"
-            )
-            for k in ("route", "mesh", "all"):
-                s = pr[k]
-                print(
-                    f"  {k:5s}: p50 {s['p50_s'] * 1000:.0f} ms, p99 {s['p99_s'] * 1000:.0f} ms "
-                    f"(compile p50 {s['compile_p50_s'] * 1000:.0f} ms, "
-                    f"push p50 {s['push_p50_s'] * 1000:.0f} ms; ACKs {s['affected_acks']})",
-                    flush=True,
-                )
-            print(f"  control plane RSS {pr['controlplane_rss_mib']} MiB", flush=True)
-        if not args.skip_memory:
-            print(
-                f"phase 2: control plane RSS with {args.rss_services} services "
-                f"and {args.sidecars} data planes",
-                flush=True,
-            )
-            out["memory"] = phase_memory(args.rss_services, args.sidecars, Path(tmp) / "p2")
-            print(f"  {out['memory']}", flush=True)
+    tmp = tempfile.mkdtemp(prefix="meshc-bench-prop-")
+    try:
+        _phases(args, out, tmp)
+    except BaseException:
+        print(f"bench failed; logs kept in {tmp}", file=sys.stderr, flush=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     out["verdict"] = {
         k: {"p99_s": out[k]["all"]["p99_s"], "meets_target": out[k]["all"]["p99_s"] <= TARGET_P99_S}
         for k in ("propagation", "propagation_stub")
@@ -524,6 +502,37 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {RESULTS}")
     return 0
+
+
+def _phases(args: argparse.Namespace, out: dict[str, Any], tmp: str) -> None:
+    modes = ("real", "stub") if args.dataplanes == "both" else (args.dataplanes,)
+    for mode in modes:
+        key = "propagation" if mode == "real" else "propagation_stub"
+        print(
+            f"phase 1 ({mode}): {args.services} services, {args.sidecars} "
+            f"{'real sidecars' if mode == 'real' else 'stub data planes in one process'}, "
+            f"{args.changes} one-file changes",
+            flush=True,
+        )
+        pr = out[key] = phase_propagation(
+            args.services, args.sidecars, args.changes, Path(tmp) / key, stub=mode == "stub"
+        )
+        for k in ("route", "mesh", "all"):
+            s = pr[k]
+            print(
+                f"  {k:5s}: p50 {s['p50_s'] * 1000:.0f} ms, p99 {s['p99_s'] * 1000:.0f} ms "
+                f"(compile p50 {s['compile_p50_s'] * 1000:.0f} ms, "
+                f"push p50 {s['push_p50_s'] * 1000:.0f} ms; ACKs {s['affected_acks']})",
+                flush=True,
+            )
+        print(f"  control plane RSS {pr['controlplane_rss_mib']} MiB", flush=True)
+    if not args.skip_memory:
+        print(
+            f"phase 2: control plane RSS with {args.rss_services} services and {args.sidecars} data planes",
+            flush=True,
+        )
+        out["memory"] = phase_memory(args.rss_services, args.sidecars, Path(tmp) / "p2")
+        print(f"  {out['memory']}", flush=True)
 
 
 if __name__ == "__main__":

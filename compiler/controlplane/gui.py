@@ -93,6 +93,10 @@ def _bar(parts: list[tuple[str, float]]) -> str:
     return f'<div class="bar">{segs}</div>'
 
 
+def _subset_name(subset: str) -> str:
+    return "all instances" if subset in ("*", "") else subset
+
+
 def _traffic(d: dict[str, Any]) -> str:
     t = d["traffic"]
     rows = []
@@ -101,14 +105,18 @@ def _traffic(d: dict[str, Any]) -> str:
             src = f"{r['source']} {r.get('listener', '')} {r.get('path', '')}"
         else:
             src = "any source" if r["source"] == "*" else r["source"]
-        conf = [(s["subset"] if r["kind"] != "gateway" else s["service"], s["share"]) for s in r["split"]]
+        conf = [
+            (_subset_name(s["subset"]) if r["kind"] != "gateway" else s["service"], s["share"])
+            for s in r["split"]
+        ]
         conf_txt = " &nbsp; ".join(f'<span class="split">{_e(n)} <b>{_pct(x)}</b></span>' for n, x in conf)
         obs = r.get("observed") or {}
         subs = obs.get("subsets") or {}
         if subs:
-            obs_parts = [(k, v["share"]) for k, v in subs.items()]
+            obs_parts = [(_subset_name(k), v["share"]) for k, v in subs.items()]
             obs_txt = " &nbsp; ".join(
-                f'<span class="split">{_e(k)} <b>{_pct(v["share"])}</b> ({v["requests"]})</span>'
+                f'<span class="split">{_e(_subset_name(k))} <b>{_pct(v["share"])}</b> '
+                f"({v['requests']})</span>"
                 for k, v in subs.items()
             )
             obs_html = _bar(obs_parts) + obs_txt

@@ -126,7 +126,7 @@ class Pusher:
         generations: Generations,
         *,
         concurrency: int = 32,
-        timeout_s: float = 5.0,
+        timeout_s: float = 10.0,
         max_backoff_s: float = 5.0,
         endpoints_hold_s: float = 0.0,
     ) -> None:
@@ -137,6 +137,7 @@ class Pusher:
         self.syncs: dict[str, DataPlaneSync] = {}
         self.rollouts: deque[Rollout] = deque(maxlen=100)
         self._sem = asyncio.Semaphore(concurrency)
+        self._timeout_s = timeout_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(2.0, timeout_s))
         self._max_backoff_s = max_backoff_s
         self._hold_until = time.time() + endpoints_hold_s
@@ -265,9 +266,16 @@ class Pusher:
             elif st.acked is not None and running != st.acked:
                 st.mismatches += 1
                 if st.mismatches >= 2:
+                    # it runs something else than we thought: a restart from older state, or a
+                    # push whose ACK we missed (timed out) but which it applied
                     st.acked = running
                     st.mismatches = 0
-                    sync.dirty.set()
+                    if running == st.desired:
+                        st.last_ack_at = time.time()
+                        st.error = None
+                        self._rollout_done(dp.instance, slot, ok=True)
+                    else:
+                        sync.dirty.set()
             else:
                 st.mismatches = 0
         if dp.endpoints_generation is not None:
@@ -383,6 +391,7 @@ class Pusher:
                     f"http://{dp.admin_address}{path}",
                     data=body,
                     headers={"Content-Type": "application/json", **headers},
+                    timeout=self._push_timeout(len(body)),
                 ) as resp,
             ):
                 raw = await resp.read()
@@ -399,6 +408,12 @@ class Pusher:
                 reason = str(json.loads(raw).get("nack", reason))
             return "nack", f"{status}: {reason}"
         return "error", f"HTTP {status}: {raw[:200].decode(errors='replace')}"
+
+    def _push_timeout(self, size: int) -> aiohttp.ClientTimeout:
+        """The base timeout plus 10 s per MB: a data plane parses and compiles what it is sent
+        before it answers, and many of them on one busy host take their time."""
+        total = self._timeout_s + 10.0 * size / 1_000_000
+        return aiohttp.ClientTimeout(total=total, connect=min(2.0, self._timeout_s))
 
     def _rollout_done(self, instance: str, slot: str, *, ok: bool) -> None:
         """An ACK (or a NACK, which also stops the later slots of that data plane)."""
