@@ -111,6 +111,9 @@ class _Resolver12(yaml.resolver.BaseResolver):
     def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
         if kind is yaml.ScalarNode and implicit[0]:
             return _PLAIN
+        if kind is yaml.ScalarNode and not implicit[1]:
+            # A bare `!` with no value: libyaml and ruamel disagree on it; refuse it here.
+            return "!meshc/unresolved"
         return super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
 
 
@@ -159,9 +162,19 @@ class _FastLoader(yaml.cyaml.CParser, _FastConstructor, _Resolver12):  # type: i
         _Resolver12.__init__(self)
 
 
+_DIVERGENT = re.compile(
+    rb"\t|\?|^%|[|>][0-9+-]*#|[&*][A-Za-z0-9_-]*[:%@`]|\xc2\x85|\xe2\x80[\xa8\xa9]|\xef\xbb\xbf", re.M
+)
+"""Bytes around which libyaml (YAML 1.1) and ruamel (1.2) read input differently (found by the
+property tests): tabs, ``?`` (complex keys, plain scalars starting with ``?``), directives, a block
+scalar header run into a comment, an anchor or alias name that libyaml ends at ``:`` (ruamel reads
+on), the 1.1-only line breaks NEL, LS and PS, and byte order marks. A file with any of them takes
+the careful path, which decides; it costs speed only for the rare file that has one."""
+
+
 def load_fast(data: bytes) -> list[Any] | None:
     """Every document of a file as plain data, or None when the file needs the careful path."""
-    if len(data) > MAX_FILE_BYTES:
+    if len(data) > MAX_FILE_BYTES or _DIVERGENT.search(data):
         return None
     try:
         data.decode("utf-8")
@@ -260,6 +273,8 @@ class _Builder:
                 return resolve_plain(node.value)
             if tag not in (_STR, "!"):
                 self._tag(node, path, str(tag))
+            if node.style == ">":  # ruamel marks folds with BEL to round-trip them
+                return str(node.value).replace("\a", "")
             return node.value
         if isinstance(node, SequenceNode):
             if tag not in (_SEQ, "!"):
