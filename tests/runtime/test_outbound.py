@@ -149,7 +149,7 @@ def test_ejection_after_consecutive_5xx_and_return(
 ) -> None:
     a, _b, eps = _two(upstream)
     cb = CircuitBreakerConf(
-        base_ejection_time_ms=4000,
+        base_ejection_time_ms=6000,
         max_ejection_percent=50,
         detectors=Detectors(total_errors=Consecutive(consecutive=3)),
     )
