@@ -98,7 +98,9 @@ class Rule(_Frozen, Generic[T]):
     when: Tags = Field(default_factory=dict, description="Tags the local instance must carry.")
     peer: Tags = Field(
         default_factory=dict,
-        description="Tags the other side must carry: the destination subset (outbound) or the caller (inbound).",
+        description=(
+            "Tags the other side must carry: the destination subset (outbound) or the caller (inbound)."
+        ),
     )
     conf: T
 
