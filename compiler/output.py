@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from compiler.pipeline import CompileResult
 from runtime.bundle import bundle_digest, canonical_json
 
-__all__ = ["OutputError", "write_release"]
+__all__ = ["OutputError", "write_bundles", "write_release"]
 
 
 class OutputError(Exception):
@@ -57,3 +58,32 @@ def write_release(result: CompileResult, out: str | Path) -> tuple[int, int]:
     except OSError as e:
         raise OutputError(f"{out}: {e.strerror or e}") from e
     return written, kept
+
+
+def write_bundles(result: CompileResult, out: str | Path, keys: Iterable[str]) -> int:
+    """Write the bundles of ``keys`` that are not in ``out`` yet, then the release (the incremental
+    compiler's write: the other bundles of the release are already there). Returns bundles written."""
+    if result.errors:
+        raise OutputError("a compile with errors writes nothing")
+    root = Path(out)
+    written = 0
+    try:
+        (root / "bundles").mkdir(parents=True, exist_ok=True)
+        (root / "releases").mkdir(parents=True, exist_ok=True)
+        for key in keys:
+            data = result.bundles[key]
+            digest = bundle_digest(data)
+            path = root / "bundles" / f"{digest}.json"
+            if path.exists():
+                if bundle_digest(path.read_bytes()) != digest:
+                    raise OutputError(
+                        f"{path}: content does not match its name; remove the file and compile again"
+                    )
+                continue
+            _atomic_write(path, data)
+            written += 1
+        release = root / "releases" / f"{result.release_id}.json"
+        _atomic_write(release, canonical_json(result.release) + b"\n")
+    except OSError as e:
+        raise OutputError(f"{out}: {e.strerror or e}") from e
+    return written

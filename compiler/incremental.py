@@ -1,0 +1,516 @@
+"""Incremental compile (issue 3 item 5): a compiler that keeps state between compiles.
+
+``IncrementalCompiler.update(source_set)`` gives the same ``CompileResult`` a cold
+``compile_sources(source_set)`` gives, byte for byte (a hypothesis test holds it to that), while
+doing only the work the change needs:
+
+* files are re-parsed only when their Git blob id changed (``ParseCache`` also keeps parsed data
+  across runs of the CLI);
+* documents that parse equal to before (same content, same line) keep their identity, so an edit
+  to one document of a file touches only that document;
+* a changed policy document is taken out of and put back into the per-mesh ``PolicyIndex``, and
+  only the bundles its (source, destination) pairs reach are rebuilt: the source's service
+  bundle, or for a wildcard source the mesh bundle and every service bundle that names the
+  destination; inbound kinds reach their destination's bundle;
+* a change to the catalog itself (a ``Mesh``, ``Service`` or ``MeshGateway`` document) rebuilds
+  every bundle of the compile (still without re-parsing), since it can change any bundle's
+  destinations and every check against the catalog;
+* checks of a document against the catalog are cached per document while the catalog is
+  unchanged; conflicts are kept per bundle and merged in the cold compile's order;
+* with ``out``, only bundles whose bytes are not yet in the output directory are written, then
+  the release.
+
+``Update.changed`` lists the bundle keys whose digest differs from the last error-free result
+(what a control plane must push), ``Update.removed`` the keys that are gone, ``Update.rebuilt``
+the bundles this update rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compiler import convert
+from compiler.build import MeshBuilder
+from compiler.catalog import Catalog, MeshInfo, build_catalog
+from compiler.checks import check_doc, check_permissions
+from compiler.diagnostics import Diagnostic
+from compiler.gateway import GatewayBuild, build_gateways
+from compiler.parse import Doc
+from compiler.pipeline import (
+    CompileResult,
+    ParsedFile,
+    _parsed,
+    doc_lines,
+    finish,
+    locate_all,
+    no_gc,
+    parse_files,
+    provenance,
+)
+from compiler.resolve import INBOUND, OUTBOUND, Entry, PolicyIndex, conflict_diagnostics
+from compiler.source import SourceFile, SourceSet
+from compiler.yamlload import Positions
+from runtime import bundle as b
+
+__all__ = ["CACHE_FORMAT", "IncrementalCompiler", "ParseCache", "Update"]
+
+_CATALOG_KINDS = frozenset({"Mesh", "Service", "MeshGateway"})
+
+
+@dataclass
+class Update:
+    """What one ``IncrementalCompiler.update`` did."""
+
+    result: CompileResult
+    changed: list[str] = field(default_factory=list)
+    """Bundle keys added or whose bytes changed since the last error-free result (sorted)."""
+    removed: list[str] = field(default_factory=list)
+    """Bundle keys of the last error-free result that are gone."""
+    rebuilt: list[str] = field(default_factory=list)
+    """Bundles rebuilt by this update (a superset of ``changed`` that exist)."""
+    parsed: int = 0
+    """Files parsed by this update (the others were reused by blob id)."""
+    written: int = 0
+    """Bundle files written to ``out`` (those whose bytes were not there yet)."""
+    full: bool = False
+    """Whether every bundle was rebuilt (first compile, or the catalog changed)."""
+
+
+@dataclass
+class _Mesh:
+    info: MeshInfo
+    idx: PolicyIndex
+    logging: tuple[b.LoggingBackend, ...]
+    gateways: list[GatewayBuild]
+    gw_findings: list[Diagnostic]
+    builder: MeshBuilder
+    keys: list[str] = field(default_factory=list)
+    """The bundle keys of the mesh in the cold compile's order."""
+
+
+class IncrementalCompiler:
+    """Keeps parsed files, the policy index and built bundles between compiles.
+
+    ``update(src)`` compiles a new ``SourceSet`` (a whole policy directory, as
+    ``read_policy_dir`` reads it) and returns an ``Update``; ``update(src).result`` equals
+    ``compile_sources(src)``. With ``out`` it also writes the new bundles and the release, as
+    ``write_release`` would. Not thread-safe: call it from one thread (or under a lock).
+    """
+
+    def __init__(
+        self, out: str | Path | None = None, *, cache: ParseCache | None = None, jobs: int | None = None
+    ) -> None:
+        self.out = Path(out) if out is not None else None
+        self.cache = cache
+        self.jobs = jobs
+        self.result: CompileResult | None = None
+        self._files: dict[str, ParsedFile] = {}
+        self._lines: dict[str, list[int]] = {}
+        self._positions: dict[tuple[str, str], Positions | None] = {}
+        self._catalog: Catalog | None = None
+        self._meshes: dict[str, _Mesh] = {}
+        self._checks: dict[int, list[Diagnostic]] = {}
+        self._bundles: dict[str, bytes] = {}
+        self._digests: dict[str, str] = {}
+        self._prov: dict[str, list[dict[str, Any]]] = {}
+        self._conflicts: dict[str, dict[frozenset[int], tuple[Entry, Entry]]] = {}
+        self._published: dict[str, str] = {}
+        self._commit: str | None = None
+        self._cat_findings: list[Diagnostic] | None = None
+        self._perm_findings: list[Diagnostic] | None = None
+
+    # --- public ---------------------------------------------------------------------------------
+
+    def update(self, src: SourceSet) -> Update:
+        with no_gc():
+            return self._update(src)
+
+    # --- files and documents --------------------------------------------------------------------
+
+    def _parse(self, files: list[SourceFile]) -> list[ParsedFile]:
+        if self.cache is None:
+            return parse_files(files, self.jobs)
+        out: dict[int, ParsedFile] = {}
+        missing: list[tuple[int, SourceFile]] = []
+        for i, f in enumerate(files):
+            data = self.cache.get(f.blob)
+            if data is None:
+                missing.append((i, f))
+            else:
+                out[i] = _parsed(f, data)
+        loaded: list[list[Any] | None] = []
+        fresh = parse_files([f for _, f in missing], self.jobs, loaded)
+        for (i, f), p, data in zip(missing, fresh, loaded, strict=True):
+            out[i] = p
+            self.cache.put(f.blob, data)
+        return [out[i] for i in range(len(files))]
+
+    def _update(self, src: SourceSet) -> Update:
+        old_files = self._files
+        new_files: dict[str, ParsedFile] = {}
+        todo: list[SourceFile] = []
+        for f in src.files:
+            p = old_files.get(f.path)
+            if p is not None and p.file.blob == f.blob:
+                new_files[f.path] = p
+            else:
+                todo.append(f)
+        added: list[Doc] = []
+        removed: list[Doc] = []
+        for f, p in zip(todo, self._parse(todo), strict=True):
+            lines = doc_lines(f.data)
+            old = old_files.get(f.path)
+            if old is not None:
+                p = self._keep_equal(old, p, self._lines.get(f.path, []), lines, removed, added)
+            else:
+                added.extend(p.docs)
+            new_files[f.path] = p
+            self._lines[f.path] = lines
+        for path, p in old_files.items():
+            if path not in new_files:
+                removed.extend(p.docs)
+                self._lines.pop(path, None)
+        self._files = new_files
+        parsed = [new_files[f.path] for f in src.files]
+        unchanged = not todo and len(new_files) == len(old_files)
+        if unchanged and self.result is not None and src.commit == self._commit:
+            return Update(self.result)
+        self._commit = src.commit
+        full = self._catalog is None or any(d.kind in _CATALOG_KINDS for d in (*added, *removed))
+        docs = [d for p in parsed for d in p.docs]
+        rebuilt = self._rebuild_all(docs) if full else self._rebuild_some(docs, added, removed)
+        # Catalog findings (duplicate names, unknown meshes) depend on each document's identity
+        # only: an edit in place (same kind, mesh, name and position) keeps them.
+        if full or self._cat_findings is None or _identities(added) != _identities(removed):
+            self._cat_findings = build_catalog(docs)[1]
+        if (
+            full
+            or self._perm_findings is None
+            or any(d.kind == "TrafficPermission" for d in (*added, *removed))
+        ):
+            assert self._catalog is not None
+            perms = [d for d in docs if d.kind == "TrafficPermission"]
+            self._perm_findings = list(check_permissions(perms, self._catalog))
+        return self._result(src, parsed, docs, rebuilt, full, len(todo))
+
+    @staticmethod
+    def _keep_equal(
+        old: ParsedFile,
+        new: ParsedFile,
+        old_lines: list[int],
+        new_lines: list[int],
+        removed: list[Doc],
+        added: list[Doc],
+    ) -> ParsedFile:
+        """Keep the old ``Doc`` objects that parse equal and sit on the same line."""
+        before = {(d.index, _line(old_lines, d.index)): d for d in old.docs}
+        docs = []
+        for d in new.docs:
+            prev = before.get((d.index, _line(new_lines, d.index)))
+            if prev is not None and prev == d:
+                docs.append(prev)
+                del before[(d.index, _line(new_lines, d.index))]
+            else:
+                docs.append(d)
+                added.append(d)
+        removed.extend(before.values())
+        return ParsedFile(new.file, docs, new.findings, new.documents, new.positions)
+
+    # --- building -------------------------------------------------------------------------------
+
+    def _rebuild_all(self, docs: list[Doc]) -> list[str]:
+        cat, _ = build_catalog(docs)
+        self._catalog = cat
+        self._checks = {id(d): list(check_doc(d, cat)) for d in docs}
+        self._meshes = {}
+        self._conflicts = {}
+        bundles: dict[str, bytes] = {}
+        prov: dict[str, list[dict[str, Any]]] = {}
+        digests: dict[str, str] = {}
+        rebuilt = []
+        for mesh in cat.meshes.values():
+            mesh_docs = [d for d in docs if d.mesh == mesh.name]
+            logging = convert.logging_backends(mesh.doc.spec if mesh.doc else None)
+            idx = PolicyIndex()
+            for d in mesh_docs:
+                idx.add(d, {mesh.name: logging})
+            gateways, gw_findings = build_gateways(cat, mesh.name, mesh_docs)
+            m = _Mesh(mesh, idx, logging, gateways, gw_findings, MeshBuilder(mesh, idx, gateways, logging))
+            self._meshes[mesh.name] = m
+            m.keys = m.builder.bundle_keys()
+            for key in m.keys:
+                data = self._build(m, key, prov)
+                bundles[key] = data
+                digests[key] = self._digests[key] if self._bundles.get(key) == data else b.bundle_digest(data)
+                rebuilt.append(key)
+        self._prov = prov
+        self._bundles = bundles
+        self._digests = digests
+        return rebuilt
+
+    def _build(self, m: _Mesh, key: str, prov: dict[str, list[dict[str, Any]]]) -> bytes:
+        m.idx.conflicts = {}
+        data, used = m.builder.build(key)
+        self._conflicts[key] = m.idx.conflicts
+        prov[key] = provenance(used, self._lines)
+        return data
+
+    def _rebuild_some(self, docs: list[Doc], added: list[Doc], removed: list[Doc]) -> list[str]:
+        cat = self._catalog
+        assert cat is not None
+        for d in removed:
+            self._checks.pop(id(d), None)
+        for d in added:
+            self._checks[id(d)] = list(check_doc(d, cat))
+        affected: dict[str, set[str]] = {}
+        for d in removed:
+            m = self._meshes.get(d.mesh)
+            if m is not None:
+                affected.setdefault(d.mesh, set()).update(self._reach(m, m.idx.by_doc.get(id(d), (d, []))[1]))
+                m.idx.remove(d)
+        for d in added:
+            m = self._meshes.get(d.mesh)
+            if m is not None:
+                entries = m.idx.add(d, {d.mesh: m.logging})
+                affected.setdefault(d.mesh, set()).update(self._reach(m, entries))
+        for name in {d.mesh for d in (*added, *removed) if d.kind == "MeshGatewayRoute"}:
+            m = self._meshes.get(name)
+            if m is None:
+                continue
+            mesh_docs = [d for d in docs if d.mesh == name]
+            m.gateways, m.gw_findings = build_gateways(cat, name, mesh_docs)
+            m.builder = MeshBuilder(m.info, m.idx, m.gateways, m.logging)
+            affected.setdefault(name, set()).update(f"{name}/{g}" for g in m.builder.gateways)
+        rebuilt = []
+        for name, keys in affected.items():
+            m = self._meshes[name]
+            for key in keys:
+                data = self._build(m, key, self._prov)
+                if self._bundles.get(key) != data:
+                    self._bundles[key] = data
+                    self._digests[key] = b.bundle_digest(data)
+                rebuilt.append(key)
+        return sorted(rebuilt)
+
+    @staticmethod
+    def _reach(m: _Mesh, entries: Iterable[Entry]) -> set[str]:
+        """The bundle keys whose content these entries can change."""
+        mesh = m.info.name
+        services = m.builder.services
+        out: set[str] = set()
+        for e in entries:
+            if e.doc.kind in OUTBOUND:
+                if e.src != "*":
+                    if e.src in services:
+                        out.add(f"{mesh}/{e.src}")
+                    continue
+                out.add(mesh)
+                if e.dst == "*":
+                    out.update(f"{mesh}/{s}" for s in services)
+                else:
+                    out.update(
+                        f"{mesh}/{s}"
+                        for s, named in m.idx.sources.items()
+                        if s in services and (e.dst in named or "*" in named)
+                    )
+            elif e.doc.kind in INBOUND:
+                if e.dst == "*":
+                    out.update(f"{mesh}/{s}" for s, info in services.items() if not info.gateway)
+                elif e.dst in services:
+                    out.add(f"{mesh}/{e.dst}")
+        return out
+
+    # --- the result -----------------------------------------------------------------------------
+
+    def _result(
+        self,
+        src: SourceSet,
+        parsed: list[ParsedFile],
+        docs: list[Doc],
+        rebuilt: list[str],
+        full: bool,
+        n_parsed: int,
+    ) -> Update:
+        cat = self._catalog
+        assert cat is not None
+        findings = [d for p in parsed for d in p.findings]
+        findings.extend(self._cat_findings or ())
+        checks = self._checks
+        for d in docs:
+            findings.extend(checks[id(d)])
+        findings.extend(self._perm_findings or ())
+        for m in self._meshes.values():
+            findings.extend(m.gw_findings)
+            merged: dict[frozenset[int], tuple[Entry, Entry]] = {}
+            for key in m.keys:
+                for k, v in self._conflicts.get(key, {}).items():
+                    merged.setdefault(k, v)
+            m.idx.conflicts = merged
+            findings.extend(conflict_diagnostics(m.idx))
+        live = {(p.file.path, p.file.blob) for p in parsed}
+        for gone in [k for k in self._positions if k not in live]:
+            del self._positions[gone]
+        diagnostics = locate_all(parsed, findings, self._positions)
+        result = CompileResult(
+            diagnostics, len(src.files), sum(p.documents for p in parsed), commit=src.commit
+        )
+        upd = Update(result, rebuilt=rebuilt, parsed=n_parsed, full=full)
+        if not result.errors:
+            finish(result, self._bundles, self._digests, self._prov)
+            new = result.digests
+            upd.changed = sorted(k for k, v in new.items() if self._published.get(k) != v)
+            upd.removed = sorted(k for k in self._published if k not in new)
+            self._published = new
+            if self.out is not None:
+                upd.written = self._write(result, upd.changed)
+        self.result = result
+        return upd
+
+    def _write(self, result: CompileResult, keys: list[str]) -> int:
+        from compiler.output import write_bundles
+
+        return write_bundles(result, self.out or Path("."), keys)
+
+
+def _identities(docs: list[Doc]) -> list[tuple[str, str, str, str, int, tuple[str | int, ...]]]:
+    return sorted((d.kind, d.mesh, d.name, d.file, d.index, d.prefix) for d in docs)
+
+
+def _line(lines: list[int], index: int) -> int:
+    return lines[index] if index < len(lines) else (lines[-1] if lines else 1)
+
+
+# --- the CLI's parse cache ----------------------------------------------------------------------
+
+CACHE_FORMAT = "meshc-parse-cache/1"
+
+
+def _loader_fingerprint() -> str:
+    """What the cached data depends on: this format and the YAML loader's source."""
+    import compiler.yamlload as y
+
+    h = hashlib.sha256(CACHE_FORMAT.encode())
+    try:
+        h.update(Path(y.__file__).read_bytes())
+    except OSError:
+        h.update(b"?")
+    return h.hexdigest()
+
+
+def _plain_json(v: Any) -> bool:
+    """Whether ``v`` survives a JSON round trip unchanged (str keys, no NaN/inf, no tuples)."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            if not all(type(k) is str for k in x):
+                return False
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, float):
+            if x != x or x in (float("inf"), float("-inf")):
+                return False
+        elif x is not None and type(x) not in (str, int, bool):
+            return False
+    return True
+
+
+class ParseCache:
+    """The loader's plain data per Git blob id, kept as JSON under the user's cache directory.
+
+    JSON, never pickle: the file is read back as data only. A header names the format and a
+    fingerprint of the YAML loader, and a sha256 covers the body; a cache that is corrupt, from
+    another format or another loader, is ignored with a warning on stderr (and rewritten).
+    Only data that survives a JSON round trip unchanged is stored.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._data: dict[str, Any] = {}
+        self._used: set[str] = set()
+        self._dirty = False
+        self._fingerprint = _loader_fingerprint()
+        self._load()
+
+    @classmethod
+    def for_dir(cls, policy_dir: str | Path) -> ParseCache:
+        """The cache file of one policy directory, under ``platformdirs.user_cache_dir("meshc")``."""
+        import platformdirs
+
+        root = Path(os.environ.get("MESHC_CACHE_DIR") or platformdirs.user_cache_dir("meshc"))
+        key = hashlib.sha256(str(Path(policy_dir).resolve()).encode()).hexdigest()[:24]
+        return cls(root / f"parse-{key}.json")
+
+    def _warn(self, why: str) -> None:
+        print(f"meshc: warning: ignoring the parse cache {self.path}: {why}", file=sys.stderr)
+
+    def _load(self) -> None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self._warn(e.strerror or str(e))
+            return
+        try:
+            head, _, body = raw.partition(b"\n")
+            header = json.loads(head)
+            if not isinstance(header, dict) or header.get("format") != CACHE_FORMAT:
+                self._warn("not a meshc parse cache of this version")
+                return
+            if header.get("loader") != self._fingerprint:
+                self._warn("written by another version of the YAML loader")
+                return
+            if header.get("sha256") != hashlib.sha256(body).hexdigest():
+                self._warn("its checksum does not match (corrupt)")
+                return
+            data = json.loads(body)
+            if not isinstance(data, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) for k, v in data.items()
+            ):
+                self._warn("unexpected content")
+                return
+        except (ValueError, UnicodeDecodeError):
+            self._warn("not valid JSON (corrupt)")
+            return
+        self._data = data
+
+    def get(self, blob: str) -> list[Any] | None:
+        v = self._data.get(blob)
+        if v is not None:
+            self._used.add(blob)
+        return v
+
+    def put(self, blob: str, data: list[Any] | None) -> None:
+        if data is not None and _plain_json(data):
+            self._data[blob] = data
+            self._used.add(blob)
+            self._dirty = True
+
+    def save(self) -> None:
+        """Write the entries used since loading (others are dropped), if anything changed."""
+        if not self._dirty and set(self._data) == self._used:
+            return
+        kept = {k: self._data[k] for k in sorted(self._used) if k in self._data}
+        body = json.dumps(kept, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        header = json.dumps(
+            {"format": CACHE_FORMAT, "loader": self._fingerprint, "sha256": hashlib.sha256(body).hexdigest()}
+        ).encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(header + b"\n" + body)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            print(
+                f"meshc: warning: cannot write the parse cache {self.path}: {e.strerror or e}",
+                file=sys.stderr,
+            )
