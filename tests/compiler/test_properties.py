@@ -85,7 +85,7 @@ def policy_sets(draw: st.DrawFn) -> list[dict[str, Any]]:
 
     for j, (src, dst) in enumerate(pick_pairs()):
         conf: dict[str, Any]
-        if subsets[dst] and draw(st.booleans()):
+        if len(subsets[dst]) > 0 and draw(st.booleans()):
             weights = draw(
                 st.lists(st.integers(0, 100), min_size=len(subsets[dst]), max_size=len(subsets[dst]))
             )
