@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from compiler.pipeline import CompileResult, compile_dir
+from compiler.pipeline import CompileResult
 from compiler.report import default_format, render
-from compiler.source import SourceError
+from compiler.source import SourceError, read_policy_dir
 
 __all__ = ["compile_cmd", "run_compile", "validate"]
 
@@ -15,11 +15,14 @@ EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
 
 def run_compile(args: argparse.Namespace) -> CompileResult | None:
+    from compiler.incremental import compile_cached
+
     try:
-        return compile_dir(args.policy_dir, args.ref)
+        src = read_policy_dir(args.policy_dir, args.ref)
     except SourceError as e:
         print(f"meshc: {e}", file=sys.stderr)
         return None
+    return compile_cached(src, args.policy_dir)
 
 
 def _report(args: argparse.Namespace, result: CompileResult) -> int:

@@ -47,6 +47,8 @@ from compiler.pipeline import (
     CompileResult,
     ParsedFile,
     _parsed,
+    compile_parsed,
+    compile_sources,
     doc_lines,
     finish,
     locate_all,
@@ -59,7 +61,7 @@ from compiler.source import SourceFile, SourceSet
 from compiler.yamlload import Positions
 from runtime import bundle as b
 
-__all__ = ["CACHE_FORMAT", "IncrementalCompiler", "ParseCache", "Update"]
+__all__ = ["CACHE_FORMAT", "IncrementalCompiler", "ParseCache", "Update", "compile_cached", "parse_cached"]
 
 _CATALOG_KINDS = frozenset({"Mesh", "Service", "MeshGateway"})
 
@@ -137,20 +139,7 @@ class IncrementalCompiler:
     def _parse(self, files: list[SourceFile]) -> list[ParsedFile]:
         if self.cache is None:
             return parse_files(files, self.jobs)
-        out: dict[int, ParsedFile] = {}
-        missing: list[tuple[int, SourceFile]] = []
-        for i, f in enumerate(files):
-            data = self.cache.get(f.blob)
-            if data is None:
-                missing.append((i, f))
-            else:
-                out[i] = _parsed(f, data)
-        loaded: list[list[Any] | None] = []
-        fresh = parse_files([f for _, f in missing], self.jobs, loaded)
-        for (i, f), p, data in zip(missing, fresh, loaded, strict=True):
-            out[i] = p
-            self.cache.put(f.blob, data)
-        return [out[i] for i in range(len(files))]
+        return parse_cached(files, self.cache, self.jobs)
 
     def _update(self, src: SourceSet) -> Update:
         old_files = self._files
@@ -377,6 +366,36 @@ class IncrementalCompiler:
         from compiler.output import write_bundles
 
         return write_bundles(result, self.out or Path("."), keys)
+
+
+def parse_cached(files: list[SourceFile], cache: ParseCache, jobs: int | None = None) -> list[ParsedFile]:
+    """``parse_files`` with the YAML loader's output taken from (and added to) ``cache``."""
+    out: dict[int, ParsedFile] = {}
+    missing: list[tuple[int, SourceFile]] = []
+    for i, f in enumerate(files):
+        data = cache.get(f.blob)
+        if data is None:
+            missing.append((i, f))
+        else:
+            out[i] = _parsed(f, data)
+    loaded: list[list[Any] | None] = []
+    fresh = parse_files([f for _, f in missing], jobs, loaded)
+    for (i, f), p, data in zip(missing, fresh, loaded, strict=True):
+        out[i] = p
+        cache.put(f.blob, data)
+    return [out[i] for i in range(len(files))]
+
+
+def compile_cached(src: SourceSet, policy_dir: str | Path) -> CompileResult:
+    """``compile_sources`` for the CLI, reusing parsed files across runs through the user's cache
+    directory (``MESHC_NO_CACHE=1`` turns it off; ``MESHC_CACHE_DIR`` moves it)."""
+    if os.environ.get("MESHC_NO_CACHE"):
+        return compile_sources(src)
+    cache = ParseCache.for_dir(policy_dir)
+    with no_gc():
+        result = compile_parsed(src, parse_cached(list(src.files), cache))
+    cache.save()
+    return result
 
 
 def _identities(docs: list[Doc]) -> list[tuple[str, str, str, str, int, tuple[str | int, ...]]]:
