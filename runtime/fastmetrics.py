@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from runtime.metrics import Metrics
 
-__all__ = ["BUCKETS", "RequestStats"]
+__all__ = ["BUCKETS", "RequestStats", "Series"]
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """The same buckets as ``runtime.metrics`` (the histogram must not change shape between paths)."""
@@ -26,22 +26,38 @@ _REQ_LABELS = ["direction", "source_service", "destination_service", "destinatio
 _DUR_LABELS = ["direction", "source_service", "destination_service"]
 _MAX_SERIES = 10_000
 
-_CountKey = tuple[str, str, str, str, int]
-_DurKey = tuple[str, str, str]
+_SeriesKey = tuple[str, str, str, str]
 
 
 def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
+class Series:
+    """The counts of one (direction, source, destination, subset): by code, and a histogram."""
+
+    __slots__ = ("codes", "hist")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, int] = {}
+        self.hist = [0.0] * (len(BUCKETS) + 2)
+        """A count per bucket (the last one is +Inf), then the sum of seconds."""
+
+    def add(self, code: int, seconds: float) -> None:
+        codes = self.codes
+        codes[code] = codes.get(code, 0) + 1
+        hist = self.hist
+        hist[bisect_left(BUCKETS, seconds)] += 1
+        hist[-1] += seconds
+
+
 class RequestStats(Collector):
     """Aggregated request counts and latency histograms, rendered when collected."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
-        self.counts: dict[_CountKey, int] = {}
-        self.durations: dict[_DurKey, list[float]] = {}
-        """Per key: a count per bucket (the last one is +Inf), then the sum of seconds."""
+        self.series: dict[_SeriesKey, Series] = {}
         self._metrics = metrics
+        self._overflow = Series()
 
     def install(self) -> None:
         """Replace the two request metrics of ``self._metrics``'s registry with this collector."""
@@ -52,33 +68,35 @@ class RequestStats(Collector):
         m.registry.unregister(m.duration)
         m.registry.register(self)
 
+    def get(self, direction: str, source: str, dest: str, subset: str) -> Series:
+        """The series for these labels (callers may keep it: it is the same object from then on)."""
+        key = (direction, source, dest, subset)
+        found = self.series.get(key)
+        if found is None:
+            if len(self.series) >= _MAX_SERIES:
+                return self._overflow  # counted nowhere rather than without bound
+            found = self.series[key] = Series()
+        return found
+
     def record(self, direction: str, source: str, dest: str, subset: str, code: int, seconds: float) -> None:
-        key = (direction, source, dest, subset, code)
-        counts = self.counts
-        n = counts.get(key)
-        if n is None:
-            if len(counts) >= _MAX_SERIES and key not in counts:
-                return
-            n = 0
-        counts[key] = n + 1
-        dkey = (direction, source, dest)
-        hist = self.durations.get(dkey)
-        if hist is None:
-            if len(self.durations) >= _MAX_SERIES:
-                return
-            hist = self.durations[dkey] = [0.0] * (len(BUCKETS) + 2)
-        hist[bisect_left(BUCKETS, seconds)] += 1
-        hist[-1] += seconds
+        self.get(direction, source, dest, subset).add(code, seconds)
 
     # -- rendering --------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
         n = len(BUCKETS) + 1
         bounds = [*BUCKETS, float("inf")]
-        counts: dict[tuple[str, ...], float] = {
-            (d, s, t, sub, str(code)): float(c) for (d, s, t, sub, code), c in self.counts.items()
-        }
-        hists: dict[tuple[str, ...], list[float]] = {k: list(h) for k, h in self.durations.items()}
+        counts: dict[tuple[str, ...], float] = {}
+        hists: dict[tuple[str, ...], list[float]] = {}
+        for (d, src, t, sub), series in list(self.series.items()):
+            for code, cnt in list(series.codes.items()):
+                counts[(d, src, t, sub, str(code))] = float(cnt)
+            h = hists.get((d, src, t))
+            if h is None:
+                hists[(d, src, t)] = list(series.hist)
+            else:
+                for i, v in enumerate(series.hist):
+                    h[i] += v
         m = self._metrics
         if m is not None:
             for fam in m.requests.collect():

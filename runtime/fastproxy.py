@@ -15,8 +15,10 @@ module only moves bytes, with no coroutine, task or policy object per request:
   leaves in one ``writev``.
 * Back-pressure both ways: a transport whose write buffer fills pauses reading on the other side
   (``pause_writing`` / ``resume_writing``); nothing is queued beyond one read.
-* Timers are loop timers (``call_later``): the per-try / request timeout up to the response
-  head (504), retry backoff, fault delay; a sweep every few seconds closes idle connections.
+* The per-try / request timeout up to the response head (504) costs no loop timer per request:
+  the connection notes its deadline and joins ``FastHttp.timed``, which one 25 ms tick scans
+  while it is not empty. Retry backoff and fault delays use loop timers; a sweep every few
+  seconds closes idle connections.
 * A connection whose exchange failed half way is never reused: an upstream that closes mid-body
   makes the client connection close before the body is complete (the client sees a truncated
   message, never a hang); a client that goes away closes the upstream connection.
@@ -42,7 +44,7 @@ from runtime._lb import RingHash
 from runtime._policy import MAX_RETRY_BODY
 from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
 from runtime.engine import Engine, GatewayRoute, Target
-from runtime.fastmetrics import RequestStats
+from runtime.fastmetrics import RequestStats, Series
 from runtime.metrics import Metrics
 
 __all__ = ["ClientConn", "FastHttp", "Pool", "Upstream"]
@@ -69,6 +71,7 @@ _P_UPGRADE = 8  # an Upgrade request waits for its 101
 _KEEPALIVE_S = 75.0
 _UPSTREAM_IDLE_S = 30.0
 _SWEEP_S = 5.0
+_TICK_S = 0.025
 _MAX_IDLE_PER_HOST = 256
 _PASSTHROUGH_CONNECT_S = 5.0
 _PASSTHROUGH_TIMEOUT_S = 15.0
@@ -351,7 +354,9 @@ class ClientConn(asyncio.Protocol):
         "closed",
         "continued",
         "deadline",
+        "deadline_at",
         "dest",
+        "dirty",
         "early",
         "go_args",
         "gw_route",
@@ -375,6 +380,7 @@ class ClientConn(asyncio.Protocol):
         "resp_started",
         "retries",
         "sending",
+        "series",
         "slow",
         "slow_end",
         "slow_rate",
@@ -424,6 +430,7 @@ class ClientConn(asyncio.Protocol):
         self.key: str | None = None
         self.head_out = b""
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline_at = 0.0
         self.deadline: float | None = None
         self.attempt = 0
         self.go_args: tuple[str, str, int, float | None] = ("", "", 0, None)
@@ -436,6 +443,8 @@ class ClientConn(asyncio.Protocol):
         self.status = 0
         self.sending = False
         self.continued = False
+        self.dirty = False
+        self.series: Series | None = None
         self.resp_started = False
         self.resp_chunked = False
         self.resp_ops: HeaderOps | None = None
@@ -564,20 +573,21 @@ class ClientConn(asyncio.Protocol):
 
     def _begin(self, req: h1.Request) -> None:
         self.t0 = time.perf_counter()
-        self.target = None
-        self.host = None
-        self.tried = None
-        self.passthrough = None
-        self.retries = 0
-        self.stale_retried = False
         self.status = 0
         self.sending = False
-        self.continued = False
         self.resp_started = False
         self.resp_chunked = False
-        self.resp_ops = None
-        self.gw_route = None
         self.subset = ""
+        if self.dirty:
+            # Fields only the rarer paths (retries, rewrites, gateway, passthrough) set.
+            self.dirty = False
+            self.tried = None
+            self.passthrough = None
+            self.retries = 0
+            self.stale_retried = False
+            self.continued = False
+            self.resp_ops = None
+            self.gw_route = None
         if self.plane.draining:
             self.close_after = True
         if req.method == "CONNECT":
@@ -666,6 +676,7 @@ class ClientConn(asyncio.Protocol):
             headers = list(headers)
             _apply_ops(headers, modify.request_headers)
             self.resp_ops = modify.response_headers
+            self.dirty = True
         self.head_out = self._head(req, path_qs, host, headers, plane.service_b)
         self._to_target(req, target)
 
@@ -698,9 +709,11 @@ class ClientConn(asyncio.Protocol):
                 url = b"/" + url
         self.head_out = self._head(req, url, req.host, req.headers, None)
         self.passthrough = (name, port)
-        self.deadline = self.plane.loop.time() + _PASSTHROUGH_TIMEOUT_S
+        self.dirty = True
+        now = self.plane.loop.time()
+        self.deadline = now + _PASSTHROUGH_TIMEOUT_S
         self.can_retry = False
-        self._go(f"{name}:{port}", name, port, _PASSTHROUGH_TIMEOUT_S, _PASSTHROUGH_CONNECT_S)
+        self._go(f"{name}:{port}", name, port, _PASSTHROUGH_TIMEOUT_S, _PASSTHROUGH_CONNECT_S, now)
 
     def _inbound(self, req: h1.Request) -> None:
         plane = self.plane
@@ -751,7 +764,7 @@ class ClientConn(asyncio.Protocol):
     def _inbound_go(self) -> None:
         plane = self.plane
         host, port = plane.app
-        self._go(plane.app_key, host, port, None, _INBOUND_CONNECT_S)
+        self._go(plane.app_key, host, port, None, _INBOUND_CONNECT_S, 0.0)
 
     def _gateway(self, req: h1.Request) -> None:
         plane = self.plane
@@ -794,6 +807,7 @@ class ClientConn(asyncio.Protocol):
         new_path = route.rewrite(path, prefix)
         path_qs = quote(new_path, safe=_PATH_SAFE).encode("latin-1") + (b"?" + raw_qs if raw_qs else b"")
         self.gw_route = route
+        self.dirty = True
         self.head_out = self._head(req, path_qs, req.host, headers, plane.service_b)
         self._to_target(req, target)
 
@@ -830,6 +844,16 @@ class ClientConn(asyncio.Protocol):
         """Send to one of the target's hosts with its timeouts, retries and ejection."""
         self.dest = target.service
         self.subset = target.subset
+        plane = self.plane
+        by_target = plane.series_by_target[self.kind]
+        series = by_target.get(target)
+        if series is None:
+            if len(by_target) > 4096:
+                by_target.clear()  # old snapshots' targets; the series live on in the stats
+            series = by_target[target] = plane.stats.get(
+                _DIRECTION[self.kind], self.source, target.service, target.subset
+            )
+        self.series = series
         if target.active >= target.max_active:
             self.plane.metrics.overflow.labels(target.service).inc()
             self._reply(503, "upstream connection limit reached")
@@ -845,16 +869,17 @@ class ClientConn(asyncio.Protocol):
                 can_retry = False
         self.can_retry = can_retry
         timeout = target.request_timeout_s
-        self.deadline = self.plane.loop.time() + timeout if timeout else None
+        now = plane.loop.time()
+        self.deadline = now + timeout if timeout else None
         if type(target.balancer) is RingHash:
             self.key = req.header_map().get(HASH_KEY_HEADER) or _path_of(req.url)
         else:
             self.key = None
         target.active += 1
         self.target = target
-        self._attempt()
+        self._attempt(now)
 
-    def _attempt(self) -> None:
+    def _attempt(self, now: float) -> None:
         target = self.target
         assert target is not None
         engine = self.plane.engine
@@ -869,18 +894,21 @@ class ClientConn(asyncio.Protocol):
         deadline = self.deadline
         self.overall = False
         if deadline is not None:
-            left = deadline - self.plane.loop.time()
+            left = deadline - now
             if try_timeout is None or left <= try_timeout:
                 try_timeout, self.overall = max(left, 0.0), True
-        self._go(host.address, host.host, host.port, try_timeout, target.connect_timeout_s)
+        self._go(host.address, host.host, host.port, try_timeout, target.connect_timeout_s, now)
 
-    def _go(self, key: str, host: str, port: int, try_timeout: float | None, connect_s: float | None) -> None:
+    def _go(
+        self, key: str, host: str, port: int, try_timeout: float | None, connect_s: float | None, now: float
+    ) -> None:
         self.attempt += 1
         self.go_args = (key, host, port, connect_s)
         self.try_timeout = try_timeout
         plane = self.plane
         if try_timeout is not None:
-            self.timer = plane.loop.call_later(try_timeout, self._on_timeout, self.attempt)
+            self.deadline_at = now + try_timeout
+            plane.time(self)
         req = self.req
         assert req is not None
         up = plane.pool.take(key) if req.upgrade is None else None
@@ -939,12 +967,16 @@ class ClientConn(asyncio.Protocol):
             up.paused = True
             tr.pause_reading()
         if req.expect_continue and not req.complete and not self.continued and not req.http10:
-            self.continued = True
+            self.continued = self.dirty = True
             assert self.transport is not None
             self.transport.write(_CONTINUE)
-        self.resume(_P_WAIT)
+        if self.paused:
+            self.resume(_P_WAIT)
 
     def _cancel_timer(self) -> None:
+        if self.deadline_at:
+            self.deadline_at = 0.0
+            self.plane.timed.discard(self)
         timer = self.timer
         if timer is not None:
             timer.cancel()
@@ -968,7 +1000,6 @@ class ClientConn(asyncio.Protocol):
     def _on_timeout(self, attempt: int) -> None:
         if attempt != self.attempt or self.resp_started or self.req is None:
             return
-        self.timer = None
         self.attempt += 1
         self._detach(False)
         self._failed(Outcome.TIMEOUT, None)
@@ -985,6 +1016,7 @@ class ClientConn(asyncio.Protocol):
                     self.plane.metrics.ejections.labels(target.service, host.address).inc()
                 if self.tried is None:
                     self.tried = [host]
+                    self.dirty = True
                 else:
                     self.tried.append(host)
             if self._retry(outcome, 0):
@@ -1027,6 +1059,7 @@ class ClientConn(asyncio.Protocol):
         elif not retry.retriable_failure(outcome):
             return False
         self.retries += 1
+        self.dirty = True
         self.plane.metrics.retries.labels(target.service, target.subset).inc()
         target.retries_active += 1
         self.backing_off = True
@@ -1046,10 +1079,11 @@ class ClientConn(asyncio.Protocol):
         if target is not None:
             target.retries_active -= 1
         deadline = self.deadline
-        if deadline is not None and self.plane.loop.time() >= deadline:
+        now = self.plane.loop.time()
+        if deadline is not None and now >= deadline:
             self._reply(504, "upstream request timeout")
             return
-        self._attempt()
+        self._attempt(now)
 
     # -- responses --------------------------------------------------------------------------
 
@@ -1060,9 +1094,15 @@ class ClientConn(asyncio.Protocol):
         status = resp.status
         target = self.target
         host = self.host
-        if target is not None and host is not None:
-            outcome = self.plane.engine.outcome_for_status(status)
+        if (
+            target is not None
+            and host is not None
+            and (status >= 500 or host.consecutive_5xx or host.consecutive_gateway or host.consecutive_local)
+        ):
+            # (A success on a host with no failure streak changes nothing in the outlier
+            # detector, so that common case skips the call.)
             engine = self.plane.engine
+            outcome = engine.outcome_for_status(status)
             if target.report(host, outcome, engine.clock()):
                 self.plane.metrics.ejections.labels(target.service, host.address).inc()
             if outcome != Outcome.OK and self._retry(outcome, status):
@@ -1070,6 +1110,7 @@ class ClientConn(asyncio.Protocol):
                 self.host = None
                 if self.tried is None:
                     self.tried = [host]
+                    self.dirty = True
                 else:
                     self.tried.append(host)
                 self._detach(True)  # discard mode: the connection pools itself once drained
@@ -1169,9 +1210,9 @@ class ClientConn(asyncio.Protocol):
             ):
                 # A kept-alive connection the upstream had closed: replay on a fresh one. Not
                 # an upstream failure, so it is neither reported nor counted as a retry.
-                self.stale_retried = True
+                self.stale_retried = self.dirty = True
                 key, host, port, connect_s = self.go_args
-                self._go(key, host, port, self.try_timeout, connect_s)
+                self._go(key, host, port, self.try_timeout, connect_s, self.plane.loop.time())
                 return
             self.attempt += 1
             self._failed(Outcome.CONNECT_FAILURE, exc)
@@ -1219,6 +1260,7 @@ class ClientConn(asyncio.Protocol):
         self.plane.stats.record(
             _DIRECTION[self.kind], self.source, self.dest, self.subset, 101, time.perf_counter() - self.t0
         )
+        self.series = None
         if rest:
             self.out.append(rest)
         self.flush()
@@ -1314,7 +1356,12 @@ class ClientConn(asyncio.Protocol):
         self.flush()
         plane = self.plane
         elapsed = time.perf_counter() - self.t0
-        plane.stats.record(_DIRECTION[self.kind], self.source, self.dest, self.subset, self.status, elapsed)
+        series = self.series
+        if series is None:
+            series = plane.stats.get(_DIRECTION[self.kind], self.source, self.dest, self.subset)
+        else:
+            self.series = None
+        series.add(self.status, elapsed)
         target = self.target
         if target is not None:
             if target.log is not None:
@@ -1358,8 +1405,9 @@ class ClientConn(asyncio.Protocol):
             tr.write(h1.reply(err.status, err.reason, close=True))
             tr.close()
             return
-        self.idle_since = plane.loop.time()
-        self.resume(_P_WAIT | _P_UPSTREAM)
+        self.idle_since = plane.now
+        if self.paused:
+            self.resume(_P_WAIT | _P_UPSTREAM)
 
     def _log(self, conf: TrafficLogConf, req: h1.Request, elapsed: float) -> None:
         target = self.target
@@ -1485,6 +1533,11 @@ class FastHttp:
         self.drained: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self.timed: set[ClientConn] = set()
+        self.now = 0.0
+        """Loop time, refreshed by the ticks: good enough for idle bookkeeping."""
+        self.series_by_target: tuple[dict[Target, Series], ...] = ({}, {}, {})
+        self._ticker: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._service_b: tuple[str, bytes] = ("", b"")
 
@@ -1493,6 +1546,7 @@ class FastHttp:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
+            self.now = loop.time()
             self._sweeper = loop.call_later(_SWEEP_S, self._sweep)
         return loop
 
@@ -1531,18 +1585,35 @@ class FastHttp:
             return
         client.connected(attempt, up)
 
+    def time(self, conn: ClientConn) -> None:
+        """Watch ``conn.deadline_at`` (a per-try deadline) from the 25 ms tick."""
+        self.timed.add(conn)
+        if self._ticker is None:
+            self._ticker = self.loop.call_later(_TICK_S, self._tick)
+
+    def _tick(self) -> None:
+        loop = self.loop
+        now = self.now = loop.time()
+        due = [c for c in self.timed if c.deadline_at <= now]
+        for conn in due:
+            self.timed.discard(conn)
+            if conn.deadline_at:
+                conn.deadline_at = 0.0
+                conn._on_timeout(conn.attempt)
+        self._ticker = loop.call_later(_TICK_S, self._tick) if self.timed else None
+
     def release(self, up: Upstream, reusable: bool) -> None:
         if reusable and not up.closed and not self.draining:
             if up.paused and up.transport is not None:
                 up.paused = False
                 up.transport.resume_reading()
-            self.pool.put(up, self.loop.time())
+            self.pool.put(up, self.now)
         else:
             up.close()
 
     def _sweep(self) -> None:
         loop = self.loop
-        now = loop.time()
+        now = self.now = loop.time()
         self.pool.sweep(now - _UPSTREAM_IDLE_S)
         limit = now - _KEEPALIVE_S
         for conn in [c for c in self.conns if c.req is None and not c.tunnel and c.idle_since < limit]:
@@ -1569,6 +1640,8 @@ class FastHttp:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()

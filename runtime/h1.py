@@ -62,6 +62,7 @@ class H1Error(Exception):
 
 # How a request header is handled: kept in the forwarded list (absent from the table), dropped
 # (hop-by-hop) or taken out into a field.
+_KEEP = -1
 _DROP, _HOST, _LENGTH, _TE, _CONNECTION, _XFF, _XFP, _SOURCE, _EXPECT, _UPGRADE = range(10)
 
 _REQUEST_HEADERS: dict[bytes, int] = {
@@ -95,6 +96,31 @@ _RESPONSE_HEADERS: dict[bytes, int] = {
     b"trailers": _DROP,
     b"upgrade": _UPGRADE,
 }
+
+
+def _exact(table: dict[bytes, int], kept: tuple[bytes, ...]) -> dict[bytes, int]:
+    """The table under its usual spellings, plus common end-to-end names: no ``lower()`` for them."""
+    out: dict[bytes, int] = {}
+    for name in (*table, *kept):
+        kind = table.get(name, _KEEP)
+        for spelling in (name, b"-".join(p.capitalize() for p in name.split(b"-"))):
+            out[spelling] = kind
+    return out
+
+
+_REQUEST_EXACT = _exact(
+    _REQUEST_HEADERS,
+    (b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"content-type", b"cookie",
+     b"authorization", b"referer", b"origin", b"cache-control", b"if-none-match", b"if-modified-since"),
+)  # fmt: skip
+_RESPONSE_EXACT = _exact(
+    _RESPONSE_HEADERS,
+    (b"server", b"date", b"content-type", b"cache-control", b"etag", b"last-modified", b"vary",
+     b"set-cookie", b"expires", b"location", b"content-encoding", b"accept-ranges", b"age"),
+)  # fmt: skip
+_REQUEST_EXACT[b"ETag"] = _RESPONSE_EXACT[b"ETag"] = _KEEP
+
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
 
 _METHODS: dict[bytes, str] = {}
 
@@ -232,8 +258,10 @@ class RequestReader:
         n = req.nbytes = req.nbytes + len(name) + len(value) + 4
         if n > MAX_HEADER_BYTES or len(req.headers) >= MAX_HEADERS:
             raise H1Error(431, "request header fields too large")
-        kind = _REQUEST_HEADERS.get(name.lower())
+        kind = _REQUEST_EXACT.get(name)
         if kind is None:
+            kind = _REQUEST_HEADERS.get(name.lower(), _KEEP)
+        if kind == _KEEP:
             req.headers.append((name, value))
         elif kind == _HOST:
             if req.host is not None:
@@ -244,9 +272,10 @@ class RequestReader:
         elif kind == _TE:
             req.chunked = True  # llhttp refuses a request whose coding does not end in chunked
         elif kind == _CONNECTION:
-            tokens = connection_tokens(value)
-            if tokens:
-                req.conn_tokens = (req.conn_tokens or []) + tokens
+            if value not in _PLAIN_CONNECTION:
+                tokens = connection_tokens(value)
+                if tokens:
+                    req.conn_tokens = (req.conn_tokens or []) + tokens
         elif kind == _XFF:
             req.xff = value if req.xff is None else req.xff + b", " + value
         elif kind == _XFP:
@@ -355,20 +384,21 @@ class ResponseReader:
         resp.reason = resp.reason + reason if resp.reason else reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        resp = self._resp
-        if len(resp.headers) >= MAX_HEADERS * 2:
-            raise H1Error(502, "upstream response has too many headers")
-        kind = _RESPONSE_HEADERS.get(name.lower())
+        resp = self._resp  # (its head is bounded by the bytes ``feed`` lets in)
+        kind = _RESPONSE_EXACT.get(name)
         if kind is None:
+            kind = _RESPONSE_HEADERS.get(name.lower(), _KEEP)
+        if kind == _KEEP:
             resp.headers.append((name, value))
         elif kind == _LENGTH:
             resp.length = value
         elif kind == _TE:
             resp.chunked = value.rstrip().lower().endswith(b"chunked")
         elif kind == _CONNECTION:
-            tokens = connection_tokens(value)
-            if tokens:
-                self._conn_tokens = (self._conn_tokens or []) + tokens
+            if value not in _PLAIN_CONNECTION:
+                tokens = connection_tokens(value)
+                if tokens:
+                    self._conn_tokens = (self._conn_tokens or []) + tokens
         elif kind == _UPGRADE:
             resp.upgrade = value
 
