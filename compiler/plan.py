@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -149,14 +150,23 @@ def make_plan(
     """Compare two successful compiles. Only bundles whose digests differ are decoded."""
     if base.errors or head.errors:
         raise ValueError("make_plan needs two compiles without errors")
-    before, after = base.digests, head.digests
-    decoded: dict[tuple[str, str], Any] = {}
+    with _no_gc():
+        return _make_plan(base, head, base_label, head_label)
 
-    def bundle(side: CompileResult, tag: str, key: str) -> Any:
-        if (tag, key) not in decoded:
-            raw = side.bundles.get(key)
-            decoded[tag, key] = _loads(raw) if raw is not None else None
-        return decoded[tag, key]
+
+def _make_plan(base: CompileResult, head: CompileResult, base_label: str, head_label: str) -> Plan:
+    before, after = base.digests, head.digests
+    views: dict[tuple[int, str], _MeshView | None] = {}
+
+    def mesh_view(side: CompileResult, mesh: str) -> _MeshView | None:
+        if (id(side), mesh) not in views:
+            raw = side.bundles.get(mesh)
+            views[id(side), mesh] = _MeshView(raw) if raw is not None else None
+        return views[id(side), mesh]
+
+    def default_dest(side: CompileResult, mesh: str, dest: str) -> Mapping[str, Any] | None:
+        view = mesh_view(side, mesh)
+        return view.destination(dest) if view is not None else None
 
     changes = []
     for key in sorted(set(before) | set(after)):
@@ -170,16 +180,23 @@ def make_plan(
         if a is None:
             changes.append(Change(key, _type_of(key, base, head), "delete", b, None))
             continue
-        old, new = bundle(base, "b", key), bundle(head, "a", key)
+        if "/" not in key:
+            vb, va = mesh_view(base, key), mesh_view(head, key)
+            assert vb is not None and va is not None
+            old, new = _pruned_mesh_pair(vb, va)
+            deltas = tuple(bundle_deltas(old, new))
+            changes.append(Change(key, "mesh", "update", b, a, deltas))
+            continue
+        old, new = json.loads(base.bundles[key]), json.loads(head.bundles[key])
         mesh = str(old.get("mesh", key.split("/", 1)[0]))
         deltas = tuple(
             bundle_deltas(
                 old,
                 new,
-                # The mesh bundle is large: decoded only when a service gains or loses its own
-                # outbound entry for a destination (then the mesh default is what it had/gets).
-                mesh_before=partial(bundle, base, "b", mesh),
-                mesh_after=partial(bundle, head, "a", mesh),
+                # The mesh default for a destination is looked up (one slice of the large mesh
+                # bundle decoded) only when a service gains or loses its own entry for it.
+                mesh_before=partial(default_dest, base, mesh),
+                mesh_after=partial(default_dest, head, mesh),
             )
         )
         changes.append(Change(key, _type_from(new), "update", b, a, deltas))
@@ -188,6 +205,105 @@ def make_plan(
         Side(head_label, head.commit, head.release_id),
         tuple(changes),
     )
+
+
+_DESTS = b'"destinations":{'
+_DEST_MARK = b'":{"circuit_breaker":'
+_DESTS_END = b'},"format":'
+
+
+def _split_mesh(raw: bytes) -> tuple[dict[str, bytes], bytes] | None:
+    """A canonical mesh bundle cut, without decoding it, into one JSON slice per destination and
+    the rest of the bundle (with ``"destinations":{}``); ``None`` when the layout is not the one
+    expected (then the caller decodes the whole bundle).
+
+    Canonical JSON sorts keys: a Destination object starts with ``{"circuit_breaker":`` and
+    ``"format"`` follows ``"destinations"``. A false cut can only make a slice invalid JSON (its
+    decode fails and the caller falls back) or split one unchanged destination in two equal parts.
+    """
+    i = raw.find(_DESTS)
+    if i < 0:
+        return None
+    open_ = i + len(_DESTS) - 1
+    end = raw.find(_DESTS_END, open_)
+    if raw[open_ + 1 : open_ + 2] == b"}":
+        return {}, raw
+    if end < 0:
+        return None
+    marks: list[tuple[int, int]] = []
+    j = raw.find(_DEST_MARK, open_, end)
+    while j >= 0:
+        marks.append((raw.rfind(b'"', open_, j), j))
+        j = raw.find(_DEST_MARK, j + 1, end)
+    if not marks or marks[0][0] != open_ + 1:
+        return None
+    slices: dict[str, bytes] = {}
+    for n, (k, j) in enumerate(marks):
+        last = n + 1 == len(marks)
+        stop = end if last else marks[n + 1][0] - 1
+        if raw[stop : stop + 1] != (b"}" if last else b","):
+            return None
+        slices[raw[k + 1 : j].decode()] = raw[j + 2 : stop]
+    return slices, raw[:open_] + b"{}" + raw[end + 1 :]
+
+
+class _MeshView:
+    """A mesh bundle's bytes, decoded only as far as a plan needs."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._split = _split_mesh(raw)
+        self._full: dict[str, Any] | None = None
+
+    def full(self) -> dict[str, Any]:
+        if self._full is None:
+            self._full = json.loads(self.raw)
+        return self._full
+
+    def slices(self) -> dict[str, bytes] | None:
+        return self._split[0] if self._split is not None else None
+
+    def rest(self) -> dict[str, Any]:
+        """The bundle with an empty ``destinations`` map."""
+        if self._split is None:
+            return {**self.full(), "destinations": {}}
+        out: dict[str, Any] = json.loads(self._split[1])
+        out["destinations"] = {}
+        return out
+
+    def destination(self, name: str) -> Mapping[str, Any] | None:
+        if self._split is not None:
+            piece = self._split[0].get(name)
+            if piece is None:
+                return None
+            try:
+                value = json.loads(piece)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                return value
+        found = (self.full().get("destinations") or {}).get(name)
+        return found if isinstance(found, dict) else None
+
+
+def _pruned_mesh_pair(vb: _MeshView, va: _MeshView) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both mesh bundles with only the destinations that differ (compared as bytes) decoded."""
+    sb, sa = vb.slices(), va.slices()
+    if sb is not None and sa is not None:
+        try:
+            old, new = vb.rest(), va.rest()
+            for name in sorted(sb.keys() | sa.keys()):
+                x, y = sb.get(name), sa.get(name)
+                if x == y:
+                    continue
+                if x is not None:
+                    old["destinations"][name] = json.loads(x)
+                if y is not None:
+                    new["destinations"][name] = json.loads(y)
+            return old, new
+        except ValueError:
+            pass
+    return vb.full(), va.full()
 
 
 def _type_from(bundle: Mapping[str, Any]) -> Literal["mesh", "service", "gateway"]:
@@ -202,23 +318,29 @@ def _type_of(key: str, base: CompileResult, head: CompileResult) -> Literal["mes
     raw = head.bundles.get(key) or base.bundles.get(key)
     if raw is None:
         return "service"
-    # Cheap: a gateway bundle's "gateway" key is not null; avoid a full decode for no-ops.
-    return "service" if b'"gateway":null' in raw else "gateway"
+    # Cheap, no decode: canonical JSON sorts keys, so "gateway" comes right after "format".
+    head_bytes = raw[:128]
+    if b'"gateway":' not in head_bytes:
+        head_bytes = raw
+    return "service" if b'"gateway":null' in head_bytes else "gateway"
 
 
-def _loads(raw: bytes) -> Any:
-    """``json.loads`` without the cyclic GC: decoding a 10,000-service mesh bundle creates millions
-    of objects, and collections triggered on the way cost several times the decode itself."""
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic GC while planning: decoding a 10,000-service mesh bundle and recording 10,000
+    changes allocate millions of objects (none in cycles that matter), and the collections they
+    trigger walk the whole heap of the compiled sides, costing several times the work itself."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return json.loads(raw)
+        yield
     finally:
         if enabled:
             gc.enable()
 
 
-MeshLookup = Callable[[], Mapping[str, Any] | None]
+MeshLookup = Callable[[str], Mapping[str, Any] | None]
+"""Destination name -> the mesh bundle's default outbound config for it."""
 
 
 def bundle_deltas(
@@ -229,8 +351,8 @@ def bundle_deltas(
 ) -> Iterator[Delta]:
     """The semantic deltas between two decoded bundles of the same key.
 
-    ``mesh_before``/``mesh_after`` return the decoded mesh bundle of each side (called only when
-    needed): a destination without a service-specific entry gets the mesh default.
+    ``mesh_before``/``mesh_after`` give each side's mesh default for a destination (called only
+    when needed): a destination without a service-specific entry gets the mesh default.
     """
     if new.get("type") == "mesh" or old.get("type") == "mesh":
         yield from _mesh_deltas(old, new)
@@ -241,8 +363,7 @@ def bundle_deltas(
     out_b, out_a = old.get("outbound") or {}, new.get("outbound") or {}
 
     def default(lookup: MeshLookup | None, dest: str) -> Mapping[str, Any]:
-        mesh = lookup() if lookup is not None else None
-        return ((mesh or {}).get("destinations") or {}).get(dest) or {}
+        return (lookup(dest) if lookup is not None else None) or {}
 
     for dest in sorted(set(out_b) | set(out_a)):
         eff_b, eff_a = out_b.get(dest), out_a.get(dest)

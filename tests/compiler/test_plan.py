@@ -244,3 +244,22 @@ def test_plan_help_is_real(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--base REV" in out and "--exit-code" in out and "exit codes:" in out
+
+
+def test_mesh_bundle_slices_match_a_full_decode() -> None:
+    from compiler.plan import _MeshView, _pruned_mesh_pair, _split_mesh
+
+    raw = compile_dir(REPO / "policies").bundles["default"]
+    cut = _split_mesh(raw)
+    assert cut is not None
+    slices, rest = cut
+    full = json.loads(raw)
+    assert {k: json.loads(v) for k, v in slices.items()} == full["destinations"]
+    assert json.loads(rest) == {**full, "destinations": {}}
+    # A layout it does not know (no destinations marker) falls back to a full decode.
+    odd = raw.replace(b'"circuit_breaker"', b'"a_new_first_field":1,"circuit_breaker"')
+    assert _split_mesh(odd) is None
+    view = _MeshView(odd)
+    assert view.destination("benigno") == json.loads(odd)["destinations"]["benigno"]
+    old, new = _pruned_mesh_pair(_MeshView(raw), _MeshView(raw))
+    assert old["destinations"] == {} == new["destinations"]
