@@ -202,7 +202,7 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
     try:
         spec = kdef.spec.model_validate(spec_raw)
     except ValidationError as e:
-        errs.extend(_pydantic(e, file, index, prefix, spec_raw, kdef))
+        errs.extend(_pydantic(e, raw, file, index, prefix, spec_raw, kdef))
         # Report Kuma's rules too (one run shows every problem): validate again without what
         # was wrong, and keep the findings that the removal itself cannot have caused.
         salvaged, removed, unknown = _salvage(kdef, spec_raw, e)
@@ -214,24 +214,44 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
                     u[: len(f.path)] == f.path or u[:-1] == f.path[:-1] for u in unknown
                 ):
                     continue  # "x is missing" beside an unknown key: most likely x misspelled
-                errs.append(_finding(f, spec_raw, file, index, prefix))
+                errs.append(_finding(f, raw, spec_raw, file, index, prefix))
         return None, errs
     for f in kdef.check(spec):
-        errs.append(_finding(f, spec_raw, file, index, prefix))
+        errs.append(_finding(f, raw, spec_raw, file, index, prefix))
     if any(d.severity == "error" for d in errs):
         return None, errs
     assert isinstance(name, str) and isinstance(mesh, str)
     return Doc(file, index, kdef.kind, mesh, name, spec, prefix), errs
 
 
-def _finding(f: Finding, spec_raw: Any, file: str, index: int, prefix: Path) -> Diagnostic:
-    """A kind check's finding; "must be defined" on a key that is there with no value is E1004."""
-    if f.code == "E1003" and f.path and _present(spec_raw, f.path) and _lookup(spec_raw, f.path) is None:
+def _finding(
+    f: Finding, raw: dict[Any, Any], spec_raw: Any, file: str, index: int, prefix: Path
+) -> Diagnostic:
+    """A kind check's finding, located; "must be defined" on a key with no value is E1004."""
+    if not _present(spec_raw, f.path):
+        # A missing key is shown at the object that should hold it: name the key in the message.
+        msg = f"`{_dotted(f.path)}`: {f.message}" if f.path else f.message
+        return _diag(f.code, msg, file, index, _anchor(raw, (*prefix, *f.path), prefix))
+    if f.code == "E1003" and f.path and _lookup(spec_raw, f.path) is None:
         key = f.path[-1]
         return _diag(
             "E1004", f"`{key}` has no value ({f.message}); give it one", file, index, (*prefix, *f.path)
         )
     return _diag(f.code, f.message, file, index, (*prefix, *f.path), f.on_key)
+
+
+def _anchor(raw: dict[Any, Any], path: Path, prefix: Path) -> Path:
+    """``path``, unless even its top-level key is missing: then the kind (or type), not line 1."""
+    if path and path[0] in raw:
+        return path
+    return ("kind",) if prefix else ("type",)
+
+
+def _dotted(path: Path) -> str:
+    out = ""
+    for step in path:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out
 
 
 def _unknown_kind(kind: Any, file: str, index: int, path: Path) -> Diagnostic:
@@ -322,7 +342,7 @@ def _salvage(
 
 
 def _pydantic(
-    e: ValidationError, file: str, index: int, prefix: Path, spec_raw: Any, kdef: KindDef
+    e: ValidationError, raw: dict[Any, Any], file: str, index: int, prefix: Path, spec_raw: Any, kdef: KindDef
 ) -> list[Diagnostic]:
     out = []
     seen: set[tuple[Path, str]] = set()
@@ -357,7 +377,7 @@ def _pydantic(
         if key in seen:
             continue
         seen.add(key)
-        out.append(_diag(code, msg, file, index, (*prefix, *path), on_key))
+        out.append(_diag(code, msg, file, index, _anchor(raw, (*prefix, *path), prefix), on_key))
     return out
 
 
