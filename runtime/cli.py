@@ -40,7 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataplane",
         choices=("fast", "aiohttp"),
-        default=os.environ.get("MESHC_DATAPLANE", "aiohttp"),
+        default=os.environ.get("MESHC_DATAPLANE", "fast"),
         help="HTTP forwarding layer: asyncio Protocols + httptools, or aiohttp (default %(default)s; "
         "env MESHC_DATAPLANE)",
     )
