@@ -183,10 +183,10 @@ def test_duplicate_keys_all_reported(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def _limited_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The CLI in a subprocess that may use at most 1 GiB of address space and 60 s."""
+    """The CLI in a subprocess that may use at most 2 GiB of address space and 60 s."""
 
     def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
     return subprocess.run(
         [
