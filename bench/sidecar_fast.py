@@ -11,6 +11,9 @@ All on 127.0.0.1, in one run, each proxy doing the same 90/10 split over two ups
   against the same client straight to the app); saturation with ``wrk -t1 -c16`` and the proxy's
   CPU microseconds per request from ``/proc/<pid>/stat`` utime+stime deltas (and how busy its
   core was: a proxy below ~100% was not the bottleneck);
+* a calibration reference: the bare asyncio Protocol + httptools proxy shape that
+  performance.md section 7 measured at ~73% of nginx (no policy, no metrics); when this run's
+  ratio for it is far from that, the machine was contended and absolute figures are off;
 * two sidecars (client -> outbound -> inbound -> app) per data path at a constant 1,000 rps with
   ``bench/_load.py rate`` (latency from each request's *scheduled* send time), added p50/p90/p99
   over direct.
@@ -254,6 +257,58 @@ def _sidecar(procs: Procs, args: list[str]) -> tuple[subprocess.Popen[bytes], di
     return proc, _json_line(proc)
 
 
+# --- a calibration reference: the bare proxy shape of performance.md section 7 ---------------------
+
+_RAW_PROXY = """
+import asyncio, random, sys, httptools, uvloop
+UPS = [("127.0.0.1", int(p)) for p in sys.argv[2:4]]
+class Up(asyncio.Protocol):
+    def __init__(self, client):
+        self.client = client; self.p = httptools.HttpResponseParser(self); self.t = None; self.waiting = []
+    def connection_made(self, t):
+        self.t = t
+        for d in self.waiting: t.write(d)
+    def data_received(self, d): self.p.feed_data(d)
+    def on_status(self, s): self.reason = s; self.h = []
+    def on_header(self, n, v):
+        if n.lower() not in (b"connection", b"keep-alive"): self.h.append(n + b": " + v)
+    def on_headers_complete(self):
+        code, head = self.p.get_status_code(), b"\\r\\n".join(self.h)
+        self.out = [b"HTTP/1.1 %d %s\\r\\n%s\\r\\n\\r\\n" % (code, self.reason, head)]
+    def on_body(self, b): self.out.append(b)
+    def on_message_complete(self): self.client.t.writelines(self.out)
+class Client(asyncio.Protocol):
+    def __init__(self): self.p = httptools.HttpRequestParser(self); self.ups = {}
+    def connection_made(self, t): self.t = t
+    def data_received(self, d): self.p.feed_data(d)
+    def on_url(self, u): self.url = u; self.h = []
+    def on_header(self, n, v): self.h.append(n + b": " + v)
+    def on_headers_complete(self):
+        i = 0 if random.random() < 0.9 else 1
+        head = b"%s %s HTTP/1.1\\r\\n%s\\r\\n\\r\\n" % (self.p.get_method(), self.url, b"\\r\\n".join(self.h))
+        up = self.ups.get(i)
+        if up is None:
+            up = self.ups[i] = Up(self); up.waiting.append(head)
+            loop = asyncio.get_running_loop()
+            loop.create_task(loop.create_connection(lambda: up, *UPS[i]))
+        elif up.t is None: up.waiting.append(head)
+        else: up.t.write(head)
+async def main():
+    srv = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", int(sys.argv[1]))
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
+def _raw_proxy(procs: Procs, tmp: Path, v1: int, v2: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    script = tmp / "rawproxy.py"
+    script.write_text(_RAW_PROXY)
+    proc = procs.start([PY, str(script), str(port), str(v1), str(v2)], PROXY_CPU)
+    _wait_port(port)
+    return proc, port
+
+
 # --- measurements --------------------------------------------------------------------------------
 
 
@@ -402,6 +457,9 @@ def main(argv: list[str]) -> int:
         proc, port = _nginx_proxy(procs, tmp, v1, v2)
         results["nginx"] = measure_proxy("nginx", port, "/", "benigno", proc.pid, ns.duration)
         procs.stop(proc)
+        proc, port = _raw_proxy(procs, tmp, v1, v2)
+        results["raw_reference"] = measure_proxy("raw_reference", port, "/", "benigno", proc.pid, ns.duration)
+        procs.stop(proc)
 
         print(f"== {ns.rate} rps constant rate: direct and two sidecars", flush=True)
         _rate(v1, "/", "benigno", ns.rate, 2)
@@ -465,7 +523,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _summary(results: dict[str, Any]) -> dict[str, Any]:
     direct = results["direct"]
     out: dict[str, Any] = {}
-    for name in ("aiohttp", "fast", "nginx"):
+    for name in ("aiohttp", "fast", "nginx", "raw_reference"):
         res = results[name]
         sat = res["saturation"]
         out[name] = {
@@ -491,6 +549,17 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
             q: round(chains[path][f"{q}_ms"] - chains["direct"][f"{q}_ms"], 3) for q in ("p50", "p90", "p99")
         }
         out[path]["two_sidecars_errors"] = chains[path].get("errors")
+    out["calibration"] = {
+        "raw_reference_saturation_ratio_to_nginx": out["raw_reference"]["saturation_ratio_to_nginx"],
+        "published_raw_to_nginx": round(68 / 93, 3),
+        "fast_saturation_ratio_to_raw_reference": _ratio(
+            results["fast"]["saturation"]["rps"], results["raw_reference"]["saturation"]["rps"]
+        ),
+        "fast_cpu_ratio_to_raw_reference": _ratio(
+            results["fast"]["saturation"].get("cpu_us_per_request"),
+            results["raw_reference"]["saturation"].get("cpu_us_per_request"),
+        ),
+    }
     fast = out["fast"]
     t = TARGETS
     sat_ratio, cpu_ratio = fast["saturation_ratio_to_nginx"] or 0.0, fast["cpu_ratio_to_nginx"] or 99.0
