@@ -125,6 +125,10 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         token=token,
     )
 
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
+
     async def main() -> int:
         cp = ControlPlane(config)
         loop = asyncio.get_running_loop()

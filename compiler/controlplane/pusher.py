@@ -314,6 +314,7 @@ class Pusher:
         """Push what differs; None when done, else seconds to wait (0: backoff) before retrying."""
         self._refresh(sync, dp, None)
         sync.dirty.clear()
+        hold_retry: float | None = None
         for slot in SLOTS:
             st = sync.slots[slot]
             want = st.desired
@@ -324,11 +325,15 @@ class Pusher:
             if slot == "endpoints":
                 now = time.time()
                 if now < self._hold_until and not dp.restored and dp.endpoints_generation != 0:
-                    # Just (re)started without a saved registry: the set is still filling up, and
-                    # a data plane that runs endpoints (or has not said yet) keeps them until it is
-                    # complete. Routes wait too (make-before-break). A heartbeat or the hold's end
-                    # wakes this up.
-                    return self._hold_until - now
+                    # Just (re)started without a saved registry, the set is still filling up as
+                    # data planes re-register: one that already runs endpoints keeps them until
+                    # the hold ends (its bundles still go); one that has not said yet (no
+                    # heartbeat so far) gets nothing before it does, since routes must not arrive
+                    # before the endpoints they use. A heartbeat or the hold's end wakes this up.
+                    if dp.endpoints_generation is None:
+                        return self._hold_until - now
+                    hold_retry = self._hold_until - now
+                    continue
                 services, digest = self._mesh_endpoints(dp.mesh)
                 if digest != want:
                     sync.dirty.set()
@@ -369,7 +374,7 @@ class Pusher:
                 return 0.0
             if st.desired != want:
                 return 0.0
-        return None
+        return hold_retry
 
     async def _put(
         self,

@@ -62,7 +62,12 @@ class ControlPlane:
             missed=config.missed_heartbeats,
             state_dir=config.state_dir,
         )
-        hold = 0.0 if self.registry.restored else config.heartbeat_interval_s * config.missed_heartbeats
+        # Without a saved registry, a restarted control plane waits this long before it pushes an
+        # endpoint set to data planes that already run one: they re-register within their
+        # registration backoff (at most 45 s), and an early, partial set would drop the others.
+        hold = (
+            0.0 if self.registry.restored else config.heartbeat_interval_s * config.missed_heartbeats + 45.0
+        )
         self.pusher = Pusher(
             self.registry,
             self.releases,

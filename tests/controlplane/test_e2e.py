@@ -9,6 +9,8 @@ and its restart. Every wait polls with a generous deadline; nothing asserts on t
 from __future__ import annotations
 
 import json
+import shutil
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -225,3 +227,31 @@ def _cp_up(mesh: DemoMesh) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_restart_without_saved_state_sidecars_re_register(mesh: DemoMesh, policy_repo: Path) -> None:
+    """The registry is lost: data planes re-register (their heartbeat gets 404), nothing is
+    dropped meanwhile, and the endpoint set is only replaced once it is complete again."""
+    head = git(policy_repo, "rev-parse", "HEAD")
+    mesh.kill("controlplane")
+    mesh.forget("controlplane")
+    shutil.rmtree(mesh.work_dir / "controlplane-state")
+    restarted = time.time()
+    mesh.start_controlplane()
+    mesh.wait_until(lambda: _cp_up(mesh), 60, "the control plane to answer")
+    t = drive(f"{mesh.gateway_url}/route1/hw2", 500)
+    assert t.failed == 0 and t.n == 500, t
+
+    def re_registered() -> bool:
+        rows = mesh.status()["dataplanes"]
+        return len(rows) == 4 and all(
+            r["registered_at"] >= restarted and r["state"] == "Online" for r in rows
+        )
+
+    mesh.wait_until(re_registered, 90, "every data plane to register again")
+    mesh.wait_until(lambda: _all_synced(mesh) and mesh.status()["commit"] == head, 120, "all SYNCED again")
+    assert _running_matches_release(mesh)
+    eps = _admin_config(mesh.instances["magnanimo"].admin)["endpoints"]["services"]
+    assert len(eps["benigno"]) == 2 and len(eps["magnanimo"]) == 1
+    t = drive(f"{mesh.gateway_url}/route1/hw2", 500)
+    assert t.failed == 0 and t.n == 500, t
