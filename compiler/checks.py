@@ -121,8 +121,9 @@ def _log_backend(d: Doc, cat: Catalog) -> Iterator[Diagnostic]:
     if (name and name not in backends) or (not name and not backends):
         yield Diagnostic(
             "E2005",
-            f"logging backend {name!r} is not defined by Mesh {d.mesh!r} (defined: {', '.join(backends) or 'none'})",
-            d.loc(("conf", "backend") if name else ()),
+            f"logging backend {name!r} is not defined by Mesh {d.mesh!r} "
+            f"(defined: {', '.join(backends) or 'none'})",
+            d.loc(("conf", "backend") if name else ("conf",)),
         )
 
 
