@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from compiler.diagnostics import CODES, Diagnostic
 
@@ -78,6 +79,11 @@ def _github(diags: list[Diagnostic], summary: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def _uri(path: str) -> str:
+    """A relative path as a SARIF ``uri-reference`` (RFC 3986): spaces, commas, colons... escaped."""
+    return quote(path, safe="/")
+
+
 def _sarif(diags: list[Diagnostic], summary: dict[str, int]) -> str:
     used = sorted({d.code for d in diags})
     rules = [
@@ -102,7 +108,7 @@ def _sarif(diags: list[Diagnostic], summary: dict[str, int]) -> str:
             "locations": [
                 {
                     "physicalLocation": {
-                        "artifactLocation": {"uri": d.file, "uriBaseId": "%SRCROOT%"},
+                        "artifactLocation": {"uri": _uri(d.file), "uriBaseId": "%SRCROOT%"},
                         "region": {
                             "startLine": line,
                             "startColumn": col,
@@ -118,7 +124,7 @@ def _sarif(diags: list[Diagnostic], summary: dict[str, int]) -> str:
                 {
                     "id": i,
                     "physicalLocation": {
-                        "artifactLocation": {"uri": r.file, "uriBaseId": "%SRCROOT%"},
+                        "artifactLocation": {"uri": _uri(r.file), "uriBaseId": "%SRCROOT%"},
                         "region": {"startLine": r.line, "startColumn": r.column},
                     },
                     "message": {"text": r.message},
