@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler import convert
-from compiler.build import MeshBuilder
+from compiler.build import MeshBuilder, canon
 from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_doc, check_permissions
 from compiler.diagnostics import Diagnostic
@@ -82,6 +82,9 @@ class Update:
     written: int = 0
     """Bundle files written to ``out`` (those whose bytes were not there yet)."""
     full: bool = False
+    release_bytes: bytes = b""
+    """The release as ``write_release`` writes it (canonical JSON and a newline), when error-free;
+    assembled from per-bundle fragments kept between updates."""
     """Whether every bundle was rebuilt (first compile, or the catalog changed)."""
 
 
@@ -122,6 +125,9 @@ class IncrementalCompiler:
         self._bundles: dict[str, bytes] = {}
         self._digests: dict[str, str] = {}
         self._prov: dict[str, list[dict[str, Any]]] = {}
+        self._prov_json: dict[str, str] = {}
+        self._key_json: dict[str, str] = {}
+        self._release = b""
         self._conflicts: dict[str, dict[frozenset[int], tuple[Entry, Entry]]] = {}
         self._published: dict[str, str] = {}
         self._commit: str | None = None
@@ -170,7 +176,7 @@ class IncrementalCompiler:
         parsed = [new_files[f.path] for f in src.files]
         unchanged = not todo and len(new_files) == len(old_files)
         if unchanged and self.result is not None and src.commit == self._commit:
-            return Update(self.result)
+            return Update(self.result, release_bytes=self._release if not self.result.errors else b"")
         self._commit = src.commit
         full = self._catalog is None or any(d.kind in _CATALOG_KINDS for d in (*added, *removed))
         docs = [d for p in parsed for d in p.docs]
@@ -220,6 +226,7 @@ class IncrementalCompiler:
         self._checks = {id(d): list(check_doc(d, cat)) for d in docs}
         self._meshes = {}
         self._conflicts = {}
+        self._prov_json = {}
         bundles: dict[str, bytes] = {}
         prov: dict[str, list[dict[str, Any]]] = {}
         digests: dict[str, str] = {}
@@ -249,6 +256,7 @@ class IncrementalCompiler:
         data, used = m.builder.build(key)
         self._conflicts[key] = m.idx.conflicts
         prov[key] = provenance(used, self._lines)
+        self._prov_json[key] = canon(prov[key])
         return data
 
     def _rebuild_some(self, docs: list[Doc], added: list[Doc], removed: list[Doc]) -> list[str]:
@@ -357,15 +365,30 @@ class IncrementalCompiler:
             upd.changed = sorted(k for k, v in new.items() if self._published.get(k) != v)
             upd.removed = sorted(k for k in self._published if k not in new)
             self._published = new
+            upd.release_bytes = self._release = self._release_bytes(result)
             if self.out is not None:
-                upd.written = self._write(result, upd.changed)
+                upd.written = self._write(result, upd.changed, upd.release_bytes)
         self.result = result
         return upd
 
-    def _write(self, result: CompileResult, keys: list[str]) -> int:
+    def _release_bytes(self, result: CompileResult) -> bytes:
+        """``canonical_json(result.release) + b"\\n"``, from cached fragments (keys sorted)."""
+        kj = self._key_json
+        for k in result.bundles:
+            if k not in kj:
+                kj[k] = canon(k)
+        digests = ",".join([f'{kj[k]}:"{d}"' for k, d in result.release["bundles"].items()])
+        prov = ",".join([f"{kj[k]}:{self._prov_json[k]}" for k in result.bundles])
+        text = (
+            f'{{"bundles":{{{digests}}},"commit":{canon(result.commit)},'
+            f'"format":{result.release["format"]},"provenance":{{{prov}}}}}\n'
+        )
+        return text.encode()
+
+    def _write(self, result: CompileResult, keys: list[str], release: bytes) -> int:
         from compiler.output import write_bundles
 
-        return write_bundles(result, self.out or Path("."), keys)
+        return write_bundles(result, self.out or Path("."), keys, release)
 
 
 def parse_cached(files: list[SourceFile], cache: ParseCache, jobs: int | None = None) -> list[ParsedFile]:

@@ -60,9 +60,12 @@ def write_release(result: CompileResult, out: str | Path) -> tuple[int, int]:
     return written, kept
 
 
-def write_bundles(result: CompileResult, out: str | Path, keys: Iterable[str]) -> int:
+def write_bundles(
+    result: CompileResult, out: str | Path, keys: Iterable[str], release: bytes | None = None
+) -> int:
     """Write the bundles of ``keys`` that are not in ``out`` yet, then the release (the incremental
-    compiler's write: the other bundles of the release are already there). Returns bundles written."""
+    compiler's write: the other bundles of the release are already there). ``release`` is the release
+    file's bytes when the caller has them already. Returns the number of bundles written."""
     if result.errors:
         raise OutputError("a compile with errors writes nothing")
     root = Path(out)
@@ -82,8 +85,8 @@ def write_bundles(result: CompileResult, out: str | Path, keys: Iterable[str]) -
                 continue
             _atomic_write(path, data)
             written += 1
-        release = root / "releases" / f"{result.release_id}.json"
-        _atomic_write(release, canonical_json(result.release) + b"\n")
+        path = root / "releases" / f"{result.release_id}.json"
+        _atomic_write(path, release if release is not None else canonical_json(result.release) + b"\n")
     except OSError as e:
         raise OutputError(f"{out}: {e.strerror or e}") from e
     return written
