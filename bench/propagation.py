@@ -109,7 +109,18 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _token(work: Path, service: str) -> str:
+    """A bootstrap token for ``service`` (DESIGN §6), from the control plane's state dir."""
+    try:
+        from compiler.ca import TokenIssuer
+    except ImportError:  # pragma: no cover - before security landed
+        return ""
+    return TokenIssuer(work / "cp-state").mint(service)
+
+
 def _controlplane(work: Path, repo: Path, port: int) -> Proc:
+    work.mkdir(parents=True, exist_ok=True)
+    _token(work, "-")  # create the token secret before the control plane starts
     p = Proc(
         "controlplane",
         [
@@ -124,6 +135,8 @@ def _controlplane(work: Path, repo: Path, port: int) -> Proc:
             f"127.0.0.1:{port}",
             "--heartbeat-interval",
             "1",
+            "--state-dir",
+            str(work / "cp-state"),
         ],
         work / "controlplane.log",
         _env(),
@@ -166,6 +179,7 @@ def phase_propagation(
         _wait(lambda: _get(f"{cp}/healthz")["release"] is not None, 600, "the first compile", procs)
         first_compile_s = time.monotonic() - t0
         n_svc = max(1, n_sidecars // 10)
+        t1 = time.monotonic()
         if stub:
             p = Proc(
                 "stubs",
@@ -178,6 +192,8 @@ def phase_propagation(
                     cp,
                     "--stub-services",
                     ",".join(gen.service_name(i) for i in range(n_svc)),
+                    "--stub-work",
+                    str(work),
                 ],
                 work / "stubs.log",
                 _env(),
@@ -186,7 +202,6 @@ def phase_propagation(
             procs.append(p)
         else:
             dead_app = free_port()  # nothing listens there: no traffic is sent in this benchmark
-            t1 = time.monotonic()
             for k in range(n_sidecars):
                 i = k % n_svc
                 name = gen.service_name(i)
@@ -217,7 +232,7 @@ def phase_propagation(
                         "0.5",
                     ],
                     work / "logs" / f"sidecar-{k}.log",
-                    _env(),
+                    {**_env(), "MESHC_TOKEN": _token(work, name)},
                 )
                 (work / "logs").mkdir(exist_ok=True)
                 p.start()
@@ -335,7 +350,7 @@ def phase_propagation(
 # --- phase 2 -------------------------------------------------------------------------------------
 
 
-async def _stub_dataplanes(cp: str, n: int, services: list[str]) -> None:
+async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path) -> None:
     """n stub data planes: register, heartbeat, check digests and ACK every push."""
     import aiohttp
     from aiohttp import web
@@ -379,15 +394,26 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str]) -> None:
                 inbound_address=f"127.0.0.1:{free_port()}",
                 admin_address=f"127.0.0.1:{ports[k]}",
             )
-            async with s.post(f"{cp}/api/v1/register", data=reg.model_dump_json()) as r:
-                names.append((await r.json())["instance"])
+            token = _token(work, reg.service)
+            async with s.post(
+                f"{cp}/api/v1/register",
+                data=reg.model_dump_json(),
+                headers={"Authorization": f"Bearer {token}"} if token else {},
+            ) as r:
+                reply = await r.json()
+                if r.status != 200:
+                    raise SystemExit(f"registration refused: {reply}")
+                names.append(reply["instance"])
+
+        async def beat(k: int, name: str) -> None:
+            hb = Heartbeat(instance=name, running=running[k], endpoints_generation=eps_gen[k])
+            with contextlib.suppress(aiohttp.ClientError):
+                async with s.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json()) as r:
+                    await r.read()
+
         while True:
             await asyncio.sleep(1.0)
-            for k, name in enumerate(names):
-                hb = Heartbeat(instance=name, running=running[k], endpoints_generation=eps_gen[k])
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with s.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json()) as r:
-                        await r.read()
+            await asyncio.gather(*(beat(k, name) for k, name in enumerate(names)))
 
 
 def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, Any]:
@@ -417,6 +443,8 @@ def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, An
                 cp,
                 "--stub-services",
                 ",".join(services),
+                "--stub-work",
+                str(work),
             ],
             work / "stubs.log",
             _env(),
@@ -464,10 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stubs", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cp", help=argparse.SUPPRESS)
     p.add_argument("--stub-services", help=argparse.SUPPRESS)
+    p.add_argument("--stub-work", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.stubs:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_stub_dataplanes(args.cp, args.stubs, args.stub_services.split(",")))
+            asyncio.run(
+                _stub_dataplanes(args.cp, args.stubs, args.stub_services.split(","), Path(args.stub_work))
+            )
         return 0
 
     def interrupted(_sig: int, _frame: object) -> None:
