@@ -912,7 +912,7 @@ def render_markdown(plan: Plan) -> str:
         out.append("")
         out.append(f"- before: `{c.before or _ABSENT}`")
         out.append(f"- after: `{c.after or _ABSENT}`")
-        out.extend(f"- {_md(d.scope)}: {_md(_delta_text(d))}" for d in c.deltas)
+        out.extend(f"- {_md(line)}" for line in _scope_lines(c.deltas))
         out.append("")
     out += ["</details>", ""]
     return "\n".join(out)
