@@ -218,11 +218,12 @@ def conflict_diagnostics(idx: PolicyIndex) -> list[Diagnostic]:
     out = []
     for first, second in idx.conflicts.values():
         a, z = sorted((first, second), key=lambda e: (e.doc.file, e.doc.index))
-        pair = f"{z.src} -> {z.dst}" if z.doc.kind in OUTBOUND else f"{z.src} -> {z.dst}"
+        pair = f"{z.src} -> {z.dst}"
         out.append(
             Diagnostic(
                 "E3002",
-                f"{z.doc.kind} {z.doc.name!r} and {a.doc.name!r} both apply to {pair} with equal specificity; "
+                f"{z.doc.kind} {z.doc.name!r} and {a.doc.name!r} both apply to {pair} "
+                "with equal specificity; "
                 "Kuma would pick the newer one. Make one selector more specific, or merge them",
                 z.doc.loc(z.path),
                 related_locs=((a.doc.loc(a.path), f"{a.doc.kind} {a.doc.name!r} is here"),),
