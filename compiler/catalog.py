@@ -38,6 +38,9 @@ class MeshInfo:
 @dataclass
 class Catalog:
     meshes: dict[str, MeshInfo]
+    broken: frozenset[tuple[str, str, str]] = frozenset()
+    """(kind, mesh, name) declared by catalog documents that did not validate: references to them
+    are not reported again (their own diagnostics say what is wrong)."""
 
     def service(self, mesh: str, name: str) -> ServiceInfo | None:
         m = self.meshes.get(mesh)
@@ -54,8 +57,11 @@ def extra_tags(tags: Mapping[str, str | None]) -> dict[str, str]:
     return {k: v for k, v in tags.items() if k not in (SERVICE_TAG, PROTOCOL_TAG) and isinstance(v, str)}
 
 
-def build_catalog(docs: list[Doc]) -> tuple[Catalog, list[Diagnostic]]:
+def build_catalog(
+    docs: list[Doc], declared: Iterable[tuple[str, str, str]] = ()
+) -> tuple[Catalog, list[Diagnostic]]:
     findings: list[Diagnostic] = []
+    broken = frozenset(declared)
     meshes: dict[str, MeshInfo] = {}
     seen: dict[tuple[str, str, str], Doc] = {}
     for d in docs:
@@ -75,7 +81,7 @@ def build_catalog(docs: list[Doc]) -> tuple[Catalog, list[Diagnostic]]:
         if d.kind == "Mesh" and d.name not in meshes:
             meshes[d.name] = MeshInfo(d.name, d)
     for d in docs:
-        if d.kind != "Mesh" and d.mesh not in meshes:
+        if d.kind != "Mesh" and d.mesh not in meshes and ("Mesh", d.mesh, d.mesh) not in broken:
             known = ", ".join(sorted(meshes)) or "none"
             findings.append(
                 Diagnostic(
@@ -104,7 +110,7 @@ def build_catalog(docs: list[Doc]) -> tuple[Catalog, list[Diagnostic]]:
                         ServiceInfo(name, ports[0] if ports else 80, "http", [tags] if tags else [], d, True),
                         findings,
                     )
-    return Catalog(meshes), findings
+    return Catalog(meshes, broken), findings
 
 
 def _add(mesh: MeshInfo, info: ServiceInfo, findings: list[Diagnostic]) -> None:
@@ -156,6 +162,8 @@ def check_tags(
             )
         return
     svc = mesh.services.get(name)
+    if svc is None and ("Service", doc.mesh, name) in cat.broken:
+        return
     if svc is None:
         yield Diagnostic(
             "E2001",

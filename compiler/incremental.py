@@ -42,13 +42,14 @@ from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_doc, check_permissions
 from compiler.diagnostics import Diagnostic
 from compiler.gateway import GatewayBuild, build_gateways
-from compiler.parse import Doc
+from compiler.parse import Declared, Doc
 from compiler.pipeline import (
     CompileResult,
     ParsedFile,
     _parsed,
     compile_parsed,
     compile_sources,
+    declared_of,
     doc_lines,
     finish,
     locate_all,
@@ -133,6 +134,7 @@ class IncrementalCompiler:
         self._commit: str | None = None
         self._cat_findings: list[Diagnostic] | None = None
         self._perm_findings: list[Diagnostic] | None = None
+        self._declared: list[Declared] = []
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -178,13 +180,19 @@ class IncrementalCompiler:
         if unchanged and self.result is not None and src.commit == self._commit:
             return Update(self.result, release_bytes=self._release if not self.result.errors else b"")
         self._commit = src.commit
-        full = self._catalog is None or any(d.kind in _CATALOG_KINDS for d in (*added, *removed))
+        declared = declared_of(parsed)
+        full = (
+            self._catalog is None
+            or declared != self._declared
+            or any(d.kind in _CATALOG_KINDS for d in (*added, *removed))
+        )
+        self._declared = declared
         docs = [d for p in parsed for d in p.docs]
         rebuilt = self._rebuild_all(docs) if full else self._rebuild_some(docs, added, removed)
         # Catalog findings (duplicate names, unknown meshes) depend on each document's identity
         # only: an edit in place (same kind, mesh, name and position) keeps them.
         if full or self._cat_findings is None or _identities(added) != _identities(removed):
-            self._cat_findings = build_catalog(docs)[1]
+            self._cat_findings = build_catalog(docs, declared)[1]
         if (
             full
             or self._perm_findings is None
@@ -216,12 +224,12 @@ class IncrementalCompiler:
                 docs.append(d)
                 added.append(d)
         removed.extend(before.values())
-        return ParsedFile(new.file, docs, new.findings, new.documents, new.positions)
+        return ParsedFile(new.file, docs, new.findings, new.documents, new.positions, new.declared)
 
     # --- building -------------------------------------------------------------------------------
 
     def _rebuild_all(self, docs: list[Doc]) -> list[str]:
-        cat, _ = build_catalog(docs)
+        cat, _ = build_catalog(docs, self._declared)
         self._catalog = cat
         self._checks = {id(d): list(check_doc(d, cat)) for d in docs}
         self._meshes = {}

@@ -22,7 +22,7 @@ from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY, KindDef
 from compiler.kinds._base import Finding
 
-__all__ = ["Doc", "parse_documents"]
+__all__ = ["Declared", "Doc", "parse_documents"]
 
 _K8S_TOP = {"apiVersion", "kind", "mesh", "metadata", "spec"}
 _META = {
@@ -62,9 +62,20 @@ def _diag(code: str, msg: str, file: str, index: int, path: Path = (), on_key: b
     return Diagnostic(code, msg, Loc(file, index, path, on_key))
 
 
-def parse_documents(file: str, docs: Iterable[Any]) -> tuple[list[Doc], list[Diagnostic]]:
+Declared = tuple[str, str, str]
+"""(kind, mesh, name) of a catalog document that exists but did not validate."""
+_CATALOG_KINDS = ("Mesh", "Service", "MeshGateway")
+
+
+def parse_documents(file: str, docs: Iterable[Any]) -> tuple[list[Doc], list[Diagnostic], list[Declared]]:
+    """Valid documents, findings, and the names that invalid catalog documents declare.
+
+    The declared names let the catalog stay quiet about references to a Mesh or Service that is
+    only broken, not missing: its own diagnostics say what is wrong, once.
+    """
     out: list[Doc] = []
     findings: list[Diagnostic] = []
+    declared: list[Declared] = []
     for index, raw in enumerate(docs):
         if raw is None:
             continue  # an empty document (a trailing `---`) is allowed
@@ -72,7 +83,32 @@ def parse_documents(file: str, docs: Iterable[Any]) -> tuple[list[Doc], list[Dia
         findings.extend(errs)
         if doc is not None:
             out.append(doc)
-    return out, findings
+        elif (ident := _declared(raw)) is not None:
+            declared.append(ident)
+    return out, findings, declared
+
+
+def _declared(raw: Any) -> Declared | None:
+    if not isinstance(raw, dict):
+        return None
+    kind = raw.get("kind", raw.get("type"))
+    if kind not in _CATALOG_KINDS:
+        return None
+    meta = raw.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else raw.get("name")
+    if kind == "MeshGateway":
+        # A gateway declares the service its selector names.
+        name = None
+        spec = raw.get("spec") if "spec" in raw else raw
+        sels = spec.get("selectors") if isinstance(spec, dict) else None
+        if isinstance(sels, list) and sels and isinstance(sels[0], dict):
+            match = sels[0].get("match")
+            name = match.get("kuma.io/service") if isinstance(match, dict) else None
+        kind = "Service"
+    mesh = name if raw.get("kind", raw.get("type")) == "Mesh" else raw.get("mesh")
+    if isinstance(name, str) and name and isinstance(mesh, str) and mesh:
+        return (kind, mesh, name)
+    return None
 
 
 def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagnostic]]:

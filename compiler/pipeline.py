@@ -25,7 +25,7 @@ from compiler.catalog import build_catalog
 from compiler.checks import check_all
 from compiler.diagnostics import Diagnostic, Related, Span
 from compiler.gateway import build_gateways
-from compiler.parse import Doc, parse_documents
+from compiler.parse import Declared, Doc, parse_documents
 from compiler.resolve import conflict_diagnostics, index_policies
 from compiler.source import SourceFile, SourceSet, read_policy_dir
 from compiler.yamlload import Positions, load_fast, load_positions
@@ -55,6 +55,8 @@ class ParsedFile:
     findings: list[Diagnostic]
     documents: int
     positions: Positions | None = None
+    declared: list[Declared] = field(default_factory=list)
+    """Catalog names declared by documents that did not validate (see ``parse_documents``)."""
 
 
 @dataclass
@@ -91,8 +93,8 @@ def _parsed(f: SourceFile, data: list[Any] | None) -> ParsedFile:
     findings: list[Diagnostic] = []
     if data is None:
         positions, data, findings = load_positions(f.path, f.data)
-    docs, more = parse_documents(f.path, data)
-    return ParsedFile(f, docs, findings + more, len(data), positions)
+    docs, more, declared = parse_documents(f.path, data)
+    return ParsedFile(f, docs, findings + more, len(data), positions, declared)
 
 
 PARALLEL_MIN_BYTES = 1 << 20
@@ -191,6 +193,10 @@ def compile_sources(src: SourceSet) -> CompileResult:
         return compile_parsed(src, parse_files(src.files))
 
 
+def declared_of(parsed: list[ParsedFile]) -> list[Declared]:
+    return [x for p in parsed for x in p.declared]
+
+
 def compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
     with no_gc():
         return _compile_parsed(src, parsed)
@@ -199,7 +205,7 @@ def compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
 def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
     docs = [d for p in parsed for d in p.docs]
     findings = [d for p in parsed for d in p.findings]
-    cat, cat_findings = build_catalog(docs)
+    cat, cat_findings = build_catalog(docs, declared_of(parsed))
     findings.extend(cat_findings)
     findings.extend(check_all(docs, cat))
     bundles: dict[str, bytes] = {}
