@@ -8,9 +8,13 @@ with Ed25519 and a data plane accepts only what verifies against the key it got 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
+import os
 import ssl
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
@@ -21,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from runtime.protocol import push_message, spiffe_uri, tag_uri
+from runtime.protocol import HDR_CLIENT_CERT, HDR_PROOF, auth_message, push_message, spiffe_uri, tag_uri
 
 __all__ = [
     "Identity",
@@ -98,22 +102,56 @@ class Identity:
     key: ec.EllipticCurvePrivateKey
     cert_pem: str
     ca_pem: str
+    _cert: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     def not_after(self) -> dt.datetime:
-        return x509.load_pem_x509_certificate(self.cert_pem.encode()).not_valid_after_utc
+        return self.certificate.not_valid_after_utc
+
+    def not_before(self) -> dt.datetime:
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        cert = self._cert
+        if cert is None:
+            cert = self._cert = x509.load_pem_x509_certificate(self.cert_pem.encode())
+        return cert
+
+    @property
+    def serial(self) -> int:
+        return int(self.certificate.serial_number)
 
     def _load(self, ctx: ssl.SSLContext) -> None:
         key_pem = self.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        # ssl only loads from files: write to a private temp dir and remove at once.
-        with tempfile.TemporaryDirectory(prefix="meshc-id-") as d:
-            cert_path, key_path = Path(d) / "cert.pem", Path(d) / "key.pem"
-            key_path.touch(mode=0o600)
-            key_path.write_bytes(key_pem)
-            cert_path.write_text(self.cert_pem)
-            ctx.load_cert_chain(cert_path, key_path)
+        # ssl only loads a key from a file: an anonymous memory file (memfd) keeps it off disk.
+        memfd = getattr(os, "memfd_create", None)
+        if memfd is not None and Path("/proc/self/fd").is_dir():
+            kfd, cfd = memfd("meshc-key", os.MFD_CLOEXEC), memfd("meshc-cert", os.MFD_CLOEXEC)
+            try:
+                os.write(kfd, key_pem)
+                os.write(cfd, self.cert_pem.encode())
+                ctx.load_cert_chain(f"/proc/self/fd/{cfd}", f"/proc/self/fd/{kfd}")
+            finally:
+                os.close(kfd)
+                os.close(cfd)
+        else:  # pragma: no cover - not Linux: a private temp dir, removed at once
+            with tempfile.TemporaryDirectory(prefix="meshc-id-") as d:
+                cert_path, key_path = Path(d) / "cert.pem", Path(d) / "key.pem"
+                key_path.touch(mode=0o600)
+                key_path.write_bytes(key_pem)
+                cert_path.write_text(self.cert_pem)
+                ctx.load_cert_chain(cert_path, key_path)
         ctx.load_verify_locations(cadata=self.ca_pem)
+
+    def proof_headers(self, path: str, body: bytes, now: float | None = None) -> dict[str, str]:
+        """Headers that authenticate a control-plane call with this certificate (DESIGN §6)."""
+        ts = int(time.time() if now is None else now)
+        msg = auth_message(ts, path, hashlib.sha256(body).hexdigest())
+        sig = self.key.sign(msg, ec.ECDSA(hashes.SHA256()))
+        der = self.certificate.public_bytes(serialization.Encoding.DER)
+        return {HDR_CLIENT_CERT: base64.b64encode(der).decode(), HDR_PROOF: f"{ts}.{sig.hex()}"}
 
 
 def server_context(identity: Identity, require_client_cert: bool = True) -> ssl.SSLContext:

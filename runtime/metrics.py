@@ -70,6 +70,29 @@ class Metrics:
         self.endpoints_generation = Gauge(
             "meshc_endpoints_generation", "Generation of the running endpoint set.", registry=r
         )
+        self.inbound_connections = Counter(
+            "meshc_inbound_connections",
+            "Inbound connections by transport (mtls, plaintext) and result (accepted, refused, "
+            "handshake_failed, no_certificate).",
+            ["tls", "result"],
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "meshc_certificate_expiry_timestamp_seconds",
+            "When this data plane's mesh certificate expires (0: none yet).",
+            registry=r,
+        )
+        self.certificate_rotations = Counter(
+            "meshc_certificate_rotations",
+            "Mesh certificates obtained (registration and renewals).",
+            registry=r,
+        )
+        self.push_rejections = Counter(
+            "meshc_push_rejections",
+            "Pushes refused by the signature check (unsigned, bad_signature, untrusted).",
+            ["kind", "reason"],
+            registry=r,
+        )
         self._req_children: dict[tuple[str, str, str, str, int], MetricWrapperBase] = {}
         self._dur_children: dict[tuple[str, str, str], MetricWrapperBase] = {}
         self._digests: dict[str, str] = {}

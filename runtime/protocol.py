@@ -11,6 +11,13 @@ Data plane -> control plane (``runtime/registration.py``; ``--control-plane URL`
 * every ``heartbeat_interval_ms``: ``POST {URL}/api/v1/heartbeat`` body ``Heartbeat`` (running
   digest per slot, endpoint generation) -> 200; a 404 makes the data plane register again.
 * on a clean exit, after draining: ``POST {URL}/api/v1/deregister`` body ``{"instance": name}``.
+* before its certificate expires (at 2/3 of its lifetime): ``POST {URL}/api/v1/certificate`` body
+  ``CertificateRequest`` -> 200 ``CertificateReply`` (404: unknown instance, register again).
+* authentication (DESIGN §6) of register, certificate and deregister: the bootstrap token
+  (``Authorization: Bearer <token>``, ``meshc token --service NAME``) or the current certificate:
+  ``HDR_CLIENT_CERT`` (base64 DER) and ``HDR_PROOF`` (``<unix seconds>.<hex ECDSA signature over
+  auth_message(...)>`` by the certificate's key). The identity comes from the authenticated
+  service, never from the CSR's text; a data plane's key never leaves its process.
 * a control plane that is down or answers an error is retried with jittered exponential backoff
   (0.25 s doubling to 30 s); the data plane keeps serving its last-known-good state meanwhile.
 
@@ -24,6 +31,10 @@ Control plane -> data plane admin API (``runtime/admin.py``, loopback by default
   dir not writable). Re-pushing the running digest is acknowledged again and changes nothing.
 * ``PUT /endpoints``: body ``EndpointSet`` -> 200 ``Ack(ack=sha256 hex of the body)`` or a NACK
   (400 schema or bad address, 409 older generation, 413 over 16 MiB).
+* with a trusted control plane key (from registration, ``--trust-key``, or kept in the state dir)
+  every push carries ``HDR_SIGNATURE``: Ed25519 over ``push_message(digest, generation, service)``
+  (for endpoints the digest is the sha256 hex of the body). Unsigned, forged or another
+  service's pushes are NACKed with 403; older generations with 409.
 * ``GET /ready`` (200 once both bundles are loaded and not draining, else 503), ``GET /config``,
   ``GET /metrics``.
 """
@@ -36,16 +47,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "HDR_BUNDLE_ROLE",
+    "HDR_CLIENT_CERT",
     "HDR_DIGEST",
     "HDR_GENERATION",
+    "HDR_PROOF",
     "HDR_SIGNATURE",
     "Ack",
+    "CertificateReply",
+    "CertificateRequest",
     "Endpoint",
     "EndpointSet",
     "Heartbeat",
     "Nack",
     "Registration",
     "RegistrationReply",
+    "auth_message",
     "push_message",
     "spiffe_uri",
     "tag_uri",
@@ -57,6 +73,10 @@ HDR_GENERATION = "X-Meshc-Generation"
 """Monotonic push generation; an older one than the last accepted is a replay."""
 HDR_SIGNATURE = "X-Meshc-Signature"
 """Ed25519 signature over (digest, generation, target service), once security lands."""
+HDR_CLIENT_CERT = "X-Meshc-Client-Cert"
+"""A data plane's current certificate (base64 DER) authenticating a control-plane call."""
+HDR_PROOF = "X-Meshc-Proof"
+"""``<unix seconds>.<hex signature>``: the certificate's key signed ``auth_message``."""
 HDR_BUNDLE_ROLE = "X-Meshc-Bundle-Role"
 """``mesh`` or ``service``: which slot of the data plane the pushed bundle fills."""
 
@@ -64,6 +84,11 @@ HDR_BUNDLE_ROLE = "X-Meshc-Bundle-Role"
 def push_message(digest: str, generation: int, service: str) -> bytes:
     """The exact bytes a push signature covers (DESIGN §6): digest, generation, target service."""
     return f"meshc-push/v1\n{digest}\n{generation}\n{service}".encode()
+
+
+def auth_message(timestamp: int, path: str, body_sha256: str) -> bytes:
+    """The exact bytes a data plane signs to authenticate a call with its certificate's key."""
+    return f"meshc-auth/v1\n{timestamp}\n{path}\n{body_sha256}".encode()
 
 
 def spiffe_uri(mesh: str, service: str) -> str:
@@ -112,6 +137,19 @@ class RegistrationReply(_Msg):
     certificate_pem: str | None = None
     ca_pem: str | None = None
     signing_key: str | None = Field(default=None, description="Control plane's Ed25519 public key (hex).")
+
+
+class CertificateRequest(_Msg):
+    """Body of ``POST /api/v1/certificate``: a rotation, authenticated like a registration."""
+
+    instance: str
+    csr_pem: str
+
+
+class CertificateReply(_Msg):
+    certificate_pem: str
+    ca_pem: str
+    signing_key: str = Field(description="Control plane's Ed25519 public key (hex).")
 
 
 class Heartbeat(_Msg):
