@@ -274,7 +274,7 @@ class RateLimit:
 class InboundTable:
     """Inbound rules with the ``when`` side already matched against this instance's tags."""
 
-    __slots__ = ("_cache", "faults", "permissions", "rate_limits")
+    __slots__ = ("_cache", "_peer_cache", "faults", "permissions", "rate_limits")
 
     def __init__(
         self,
@@ -286,6 +286,7 @@ class InboundTable:
         self.rate_limits = rate_limits
         self.faults = faults
         self._cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
+        self._peer_cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
 
     def for_caller(self, caller_service: str) -> tuple[RateLimit | None, Fault | None, bool]:
         """(rate limit, fault, permitted) for a caller named by its service; cached per name."""
@@ -300,6 +301,22 @@ class InboundTable:
         )
         if len(self._cache) < 4096:
             self._cache[caller_service] = result
+        return result
+
+    def for_peer(self, peer: Mapping[str, str]) -> tuple[RateLimit | None, Fault | None, bool]:
+        """(rate limit, fault, permitted) for a caller named by all its tags (its certificate's
+        identity under mTLS, so permissions can match a subset such as ``version: v1``)."""
+        key = "\0".join(f"{k}={v}" for k, v in sorted(peer.items()))
+        hit = self._peer_cache.get(key)
+        if hit is not None:
+            return hit
+        result = (
+            next((rl for p, rl in self.rate_limits if tags_match(p, peer)), None),
+            next((f for p, f in self.faults if tags_match(p, peer)), None),
+            any(tags_match(p, peer) for p in self.permissions),
+        )
+        if len(self._peer_cache) < 4096:
+            self._peer_cache[key] = result
         return result
 
 
