@@ -6,6 +6,9 @@
                     ``{"nack": reason}`` with 400 (bad JSON, schema, format, digest, role, cannot be
                     compiled), 409 (stale generation), 413 (oversize) or 500 (state dir).
 ``PUT /endpoints``  body = ``protocol.EndpointSet``; 200 ``{"ack": sha256 of the body}`` or NACK.
+                    Both need ``X-Meshc-Signature`` (Ed25519 by the trusted control plane key over
+                    digest, generation and this service; DESIGN §6) unless ``--insecure-admin``:
+                    403 when unsigned, forged or signed for another service; 409 when older.
 ``GET /ready``      200 when both bundles are loaded and the process is not draining, else 503.
 ``GET /config``     running bundles (digest, generation, content), endpoints, host states.
 ``GET /metrics``    Prometheus text.
@@ -20,7 +23,7 @@ from aiohttp import web
 
 from runtime.bundle import MAX_BUNDLE_BYTES
 from runtime.metrics import CONTENT_TYPE
-from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION
+from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE
 
 if TYPE_CHECKING:
     from runtime.server import DataPlane
@@ -76,7 +79,11 @@ async def handle(plane: DataPlane, request: web.BaseRequest) -> web.StreamRespon
             status, reply = plane._nack("bundle", 400, f"{HDR_GENERATION} is not an integer")
             return _json(status, reply)
         status, reply = await plane.push_bundle(
-            body, request.headers.get(HDR_DIGEST), generation, request.headers.get(HDR_BUNDLE_ROLE)
+            body,
+            request.headers.get(HDR_DIGEST),
+            generation,
+            request.headers.get(HDR_BUNDLE_ROLE),
+            request.headers.get(HDR_SIGNATURE),
         )
         return _json(status, reply)
     if path == "/endpoints" and method == "PUT":
@@ -88,7 +95,13 @@ async def handle(plane: DataPlane, request: web.BaseRequest) -> web.StreamRespon
             resp = _json(status, reply)
             resp.force_close()
             return resp
-        status, reply = await plane.push_endpoints(body)
+        gen_header = request.headers.get(HDR_GENERATION)
+        try:
+            gen = int(gen_header) if gen_header is not None else None
+        except ValueError:
+            status, reply = plane._nack("endpoints", 400, f"{HDR_GENERATION} is not an integer")
+            return _json(status, reply)
+        status, reply = await plane.push_endpoints(body, gen, request.headers.get(HDR_SIGNATURE))
         return _json(status, reply)
     if method not in ("GET", "HEAD"):
         return _json(405, {"error": f"{method} {path} is not supported"})

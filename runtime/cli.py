@@ -44,6 +44,34 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="HTTP forwarding layer: asyncio Protocols + httptools, or aiohttp (default %(default)s; "
         "env MESHC_DATAPLANE)",
     )
+    sec = p.add_argument_group(
+        "security (DESIGN §6)",
+        "Pushes to the admin API must be signed by the control plane: its key comes with the first "
+        "registration and is kept in the state dir. Without a control plane, give the key with "
+        "--trust-key, or --insecure-admin to accept unsigned pushes (development only). The "
+        "mesh key and certificate stay in memory; with mTLS on they are renewed at 2/3 of their life.",
+    )
+    sec.add_argument(
+        "--token",
+        default=os.environ.get("MESHC_TOKEN"),
+        help="bootstrap token for the first registration (`meshc token --service NAME`; env MESHC_TOKEN, "
+        "which keeps it out of the process list)",
+    )
+    sec.add_argument(
+        "--trust-key",
+        metavar="HEX",
+        help="the control plane's Ed25519 public key that pushes must be signed with",
+    )
+    sec.add_argument(
+        "--insecure-admin",
+        action="store_true",
+        help="accept unsigned pushes on the admin API (no control plane; never in production)",
+    )
+    sec.add_argument(
+        "--admin-allow-remote",
+        action="store_true",
+        help="allow --admin on a non-loopback address (it still needs signed pushes)",
+    )
 
 
 def _tags(values: list[str]) -> dict[str, str]:
@@ -92,7 +120,15 @@ def _run(kind: str, argv: list[str]) -> int:
             drain_s=ns.drain_seconds,
             dataplane=ns.dataplane,
             mesh=ns.mesh,
+            token=ns.token or None,
+            trust_key=ns.trust_key,
+            insecure_admin=ns.insecure_admin,
+            admin_allow_remote=ns.admin_allow_remote,
         )
+        if ns.trust_key is not None and (
+            len(ns.trust_key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in ns.trust_key)
+        ):
+            raise _UsageError("--trust-key must be 64 hex digits (an Ed25519 public key)")
         if kind == "sidecar":
             opts.app = ns.app
             opts.inbound = parse_addr(ns.inbound) if ns.inbound else None

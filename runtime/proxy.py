@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +24,7 @@ from runtime._policy import MAX_RETRY_BODY
 from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
 from runtime.engine import Engine, GatewayRoute, Route, Snapshot, Target
 from runtime.metrics import Metrics
+from runtime.security import DENIED_HEADER, Credentials, PeerCache
 
 __all__ = ["HASH_KEY_HEADER", "REASON_HEADER", "SOURCE_HEADER", "HttpProxy", "split_host"]
 
@@ -132,6 +133,8 @@ class HttpProxy:
         self.own_addresses = set(own_addresses)
         self.session: aiohttp.ClientSession | None = None
         self.access_log = _AccessLog()
+        self.creds = Credentials()
+        self.peers = PeerCache()
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
@@ -311,6 +314,16 @@ class HttpProxy:
         deadline = loop.time() + target.request_timeout_s if target.request_timeout_s else None
         key = request.headers.get(HASH_KEY_HEADER) or request.path
         timeout = self._timeout(target.connect_timeout_s, target.stream_idle_timeout_s)
+        scheme, tls = "http", cast(Any, True)  # ssl=True: aiohttp's default (ignored for http://)
+        mtls = self.engine.snapshot.mesh.mtls if self.engine.snapshot.mesh is not None else None
+        if mtls is not None and mtls.enabled:
+            ctx = self.creds.client_ctx
+            if ctx is not None:
+                scheme, tls = "https", ctx  # a rotation swaps the context: new pooled connections
+            elif mtls.mode == "STRICT":
+                return self._reply(
+                    t0, 503, "mTLS is on and this data plane has no certificate yet", direction, source, dest
+                )
         tried: list[Host] = []
         retries = 0
         target.active += 1
@@ -333,11 +346,12 @@ class HttpProxy:
                     async with asyncio.timeout(try_timeout):
                         up = await self.session.request(
                             request.method,
-                            URL(f"http://{host.address}{path_qs}", encoded=True),
+                            URL(f"{scheme}://{host.address}{path_qs}", encoded=True),
                             headers=headers,
                             data=body,
                             allow_redirects=False,
                             timeout=timeout,
+                            ssl=tls,
                         )
                     outcome = engine.outcome_for_status(up.status)
                 except TimeoutError:
@@ -489,9 +503,20 @@ class HttpProxy:
         t0 = time.perf_counter()
         snap = self.engine.snapshot
         caller = request.headers.get(SOURCE_HEADER, "")
-        rate_limit, fault, _permitted = snap.inbound.for_caller(caller)
-        # Permissions are enforced once mTLS names the caller (the security issue); until then
-        # the header is only a metrics label, as in Kuma.
+        is_tls, peer = self.peers.of(request.transport)
+        if is_tls:
+            # mTLS: the caller is the peer certificate's identity, never the header (DESIGN §6).
+            mesh = snap.mesh.mesh if snap.mesh is not None else None
+            if peer is None or (mesh is not None and peer.mesh != mesh):
+                why = "peer certificate names no identity in this mesh"
+                return self._deny(t0, why, caller or "unknown")
+            caller = peer.service
+            rate_limit, fault, permitted = snap.inbound.for_peer(peer.tags)
+            if not permitted:
+                return self._deny(t0, f"no TrafficPermission allows {caller}", caller)
+        else:
+            # Plaintext (mTLS off, or PERMISSIVE): the header is only a metrics label, as in Kuma.
+            rate_limit, fault, _permitted = snap.inbound.for_caller(caller)
         if rate_limit is not None and not rate_limit.bucket.take(self.engine.clock()):
             conf = rate_limit.conf
             return self._reply(
@@ -506,6 +531,8 @@ class HttpProxy:
                 return self._reply(t0, abort, "fault filter abort", "inbound", caller, self.service)
         assert self.session is not None and self.app_address is not None
         headers = _clean_headers(request.headers)
+        if is_tls:
+            headers[SOURCE_HEADER] = caller
         try:
             up = await self.session.request(
                 request.method,
@@ -531,6 +558,11 @@ class HttpProxy:
         finally:
             up.release()
         self.metrics.request("inbound", caller, self.service, "", resp.status, time.perf_counter() - t0)
+        return resp
+
+    def _deny(self, t0: float, reason: str, caller: str) -> web.Response:
+        resp = self._reply(t0, 403, reason, "inbound", caller, self.service)
+        resp.headers[DENIED_HEADER] = reason
         return resp
 
     # -- gateway ----------------------------------------------------------------------------

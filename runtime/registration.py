@@ -6,6 +6,10 @@ the control plane forgot the instance, so it registers again. ``POST /api/v1/der
 ``{"instance": ...}`` on a clean exit, after draining. A control plane that is down or answers
 errors is retried with capped, jittered exponential backoff; the data plane keeps serving its
 last-known-good state meanwhile.
+
+Register, certificate renewal (``POST /api/v1/certificate``) and deregister are authenticated
+(DESIGN §6) by ``auth(path, body, use_token)``: the current certificate's proof, or the bootstrap
+token the first time and whenever the control plane refused the certificate (401/403).
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from collections.abc import Callable
 
 import aiohttp
 
-from runtime.protocol import Heartbeat, Registration, RegistrationReply
+from runtime.protocol import (
+    CertificateReply,
+    CertificateRequest,
+    Heartbeat,
+    Registration,
+    RegistrationReply,
+)
 
 __all__ = ["Registrar"]
 
@@ -33,6 +43,7 @@ class Registrar:
         registration: Callable[[], Registration],
         heartbeat: Callable[[str], Heartbeat],
         on_registered: Callable[[RegistrationReply], None] | None = None,
+        auth: Callable[[str, bytes, bool], dict[str, str]] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self._registration = registration
@@ -43,17 +54,39 @@ class Registrar:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        self._auth = auth
+        self._use_token = False
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
         self._task = asyncio.ensure_future(self._run())
 
-    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def _post(self, path: str, body: bytes, authenticate: bool = False) -> tuple[int, bytes]:
         assert self._session is not None
-        async with self._session.post(
-            f"{self.url}{path}", data=body, headers={"Content-Type": "application/json"}
-        ) as resp:
-            return resp.status, await resp.read()
+        headers = {"Content-Type": "application/json"}
+        if authenticate and self._auth is not None:
+            headers.update(self._auth(path, body, self._use_token))
+        async with self._session.post(f"{self.url}{path}", data=body, headers=headers) as resp:
+            status, data = resp.status, await resp.read()
+        if authenticate and status in (401, 403):
+            # The certificate was refused (a new CA, an expired certificate): the token next time.
+            self._use_token = not self._use_token
+        elif authenticate and status == 200:
+            self._use_token = False
+        return status, data
+
+    async def renew(self, csr_pem: str) -> CertificateReply | None:
+        """A new certificate for ``csr_pem``; None when the control plane forgot this instance
+        (the registration loop then registers again, which issues one)."""
+        if self.instance is None or self._session is None:
+            return None
+        body = CertificateRequest(instance=self.instance, csr_pem=csr_pem).model_dump_json().encode()
+        status, data = await self._post("/api/v1/certificate", body, authenticate=True)
+        if status == 404:
+            return None  # the next heartbeat gets a 404 too and registers again
+        if status != 200:
+            raise OSError(f"certificate renewal answered {status}: {data[:200]!r}")
+        return CertificateReply.model_validate_json(data)
 
     async def _run(self) -> None:
         backoff = 0.25
@@ -61,7 +94,7 @@ class Registrar:
             try:
                 if self.reply is None:
                     status, body = await self._post(
-                        "/api/v1/register", self._registration().model_dump_json().encode()
+                        "/api/v1/register", self._registration().model_dump_json().encode(), True
                     )
                     if status != 200:
                         raise OSError(f"register answered {status}: {body[:200]!r}")
@@ -94,6 +127,8 @@ class Registrar:
         if deregister and self.instance is not None:
             with contextlib.suppress(OSError, aiohttp.ClientError, TimeoutError):
                 async with asyncio.timeout(2.0):
-                    await self._post("/api/v1/deregister", json.dumps({"instance": self.instance}).encode())
+                    await self._post(
+                        "/api/v1/deregister", json.dumps({"instance": self.instance}).encode(), True
+                    )
         if self._session is not None:
             await self._session.close()

@@ -14,9 +14,11 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,9 +37,15 @@ from runtime.engine import Engine, Snapshot
 from runtime.fastproxy import FastHttp
 from runtime.healthcheck import HealthChecker
 from runtime.metrics import Metrics
-from runtime.protocol import EndpointSet, Heartbeat, Registration, RegistrationReply
+from runtime.protocol import (
+    EndpointSet,
+    Heartbeat,
+    Registration,
+    RegistrationReply,
+)
 from runtime.proxy import HttpProxy
 from runtime.registration import Registrar
+from runtime.security import MtlsListener, PushTrust
 from runtime.state import Slot, StateDir, StoredState
 from runtime.tcp import OutboundSniffer, TcpProxy
 
@@ -88,6 +96,21 @@ class Options:
     drain_s: float = 10.0
     dataplane: Literal["fast", "aiohttp"] = "aiohttp"
     mesh: str = "default"
+    token: str | None = None
+    """Bootstrap token for the first registration (``meshc token --service NAME``)."""
+    trust_key: str | None = None
+    """The control plane's Ed25519 public key (hex) when it is known in advance."""
+    insecure_admin: bool = False
+    """Accept unsigned pushes (no control plane; bundles fed by hand)."""
+    admin_allow_remote: bool = False
+    """Allow the admin API on a non-loopback address."""
+
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith(_LOOPBACK) or host == "::1"
 
 
 def _bind(addr: Addr) -> socket.socket:
@@ -126,6 +149,19 @@ class DataPlane:
         self.health = HealthChecker(self.metrics)
         self.registrar: Registrar | None = None
         self._bg: asyncio.Future[None] | None = None
+        # DESIGN §6: one identity shared by every forwarding layer; the key stays in memory.
+        self.creds = self.http.creds
+        self.tcp.creds = self.creds
+        if self.fast is not None:
+            self.fast.creds = self.creds
+        self.creds.listeners.append(self._on_new_certificate)
+        self.trust = PushTrust(opts.state_dir, opts.trust_key, opts.insecure_admin)
+        self._mtls_listeners: list[MtlsListener] = []
+        self._rotation: asyncio.Task[None] | None = None
+        self._mtls_seen: tuple[bool, str | None, str | None] | None = None
+        self._wake = asyncio.Event()
+        self._renew_now = False
+        self._last_renewal = 0.0
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -169,6 +205,7 @@ class DataPlane:
         except BundleError as e:
             raise StartupError(f"stored or given configuration cannot be enforced: {e}") from e
         self.engine.install(snap)
+        self._watch_mtls(snap)
         changed = slots != stored.slots or endpoints != stored.endpoints
         self.slots, self.endpoints, self.instance = slots, endpoints, stored.instance
         for role, slot in slots.items():
@@ -195,6 +232,16 @@ class DataPlane:
         self.health.reconcile(self.engine.snapshot)
         loop = asyncio.get_running_loop()
         opts = self.opts
+        if not is_loopback(opts.admin[0]) and not opts.admin_allow_remote:
+            raise StartupError(
+                f"the admin API may only listen on loopback (asked {_fmt(opts.admin)}); "
+                "--admin-allow-remote overrides this"
+            )
+        if not opts.control_plane and self.trust.key is None and not opts.insecure_admin:
+            _warn(
+                "no control plane and no trusted key: the admin API refuses every push "
+                "(--trust-key HEX, or --insecure-admin to accept unsigned pushes)"
+            )
         admin_runner = web.ServerRunner(web.Server(self._admin, access_log=None), handle_signals=False)
         await admin_runner.setup()
         self._admin_runner = admin_runner
@@ -222,9 +269,14 @@ class DataPlane:
             raise StartupError(f"cannot listen: {e}") from e
         if opts.control_plane:
             self.registrar = Registrar(
-                opts.control_plane, self._registration, self._heartbeat, self._registered
+                opts.control_plane,
+                self._registration,
+                self._heartbeat,
+                self._registered,
+                auth=self._auth_headers,
             )
             self.registrar.start()
+            self._rotation = asyncio.ensure_future(self._rotate_loop())
         _emit({"event": "listening", "service": self.service, **self.listening})
 
     async def _runner(self, handler: Any) -> web.ServerRunner:
@@ -243,15 +295,29 @@ class DataPlane:
         mesh = self.engine.snapshot.mesh
         catalog = mesh.services.get(self.service) if mesh else None
         sock = _bind(addr)
+        # Every inbound listener accepts through MtlsListener: it looks at each connection's first
+        # byte and hands it over with TLS or in plaintext as the running Mesh's mTLS mode says.
+        factory: Any
         if catalog is not None and catalog.protocol == "tcp":
-            self._servers.append(await asyncio.start_server(self.tcp.inbound_connection, sock=sock))
+
+            def factory() -> asyncio.BaseProtocol:
+                return asyncio.StreamReaderProtocol(asyncio.StreamReader(), self.tcp.inbound_connection)
+
         elif self.fast is not None:
-            loop = asyncio.get_running_loop()
-            self._servers.append(await loop.create_server(self.fast.factory("inbound"), sock=sock))
+            factory = self.fast.factory("inbound")
         else:
-            runner = await self._runner(self.http.inbound)
-            await web.SockSite(runner, sock).start()
+            factory = (await self._runner(self.http.inbound)).server
+        listener = MtlsListener(sock, factory, self._current_mtls, self.creds, self._count_inbound)
+        listener.start()
+        self._mtls_listeners.append(listener)
         self.listening["inbound"] = _fmt(sock.getsockname()[:2])
+
+    def _current_mtls(self) -> Any:
+        mesh = self.engine.snapshot.mesh
+        return mesh.mtls if mesh is not None else None
+
+    def _count_inbound(self, tls: str, result: str) -> None:
+        self.metrics.inbound_connections.labels(tls, result).inc()
 
     async def _start_gateway(self) -> None:
         svc = self.slots.get("service")
@@ -293,6 +359,7 @@ class DataPlane:
             admin_address=self.listening["admin"],
             mesh=self.opts.mesh,
             instance=self.instance,
+            csr_pem=self.creds.csr(self.opts.mesh, self.service, self.opts.tags),
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
@@ -303,10 +370,91 @@ class DataPlane:
         )
 
     def _registered(self, reply: RegistrationReply) -> None:
+        self._adopt(reply.certificate_pem, reply.ca_pem, reply.signing_key)
         if reply.instance != self.instance:
             self.instance = reply.instance
             if self.state is not None:
                 self._bg = asyncio.ensure_future(self._persist_quietly())
+
+    def _adopt(self, cert_pem: str | None, ca_pem: str | None, signing_key: str | None) -> None:
+        self.trust.adopt(signing_key)
+        if cert_pem and ca_pem:
+            self.creds.install(cert_pem, ca_pem)
+
+    def _on_new_certificate(self) -> None:
+        ident = self.creds.identity
+        if ident is None:
+            return
+        self.metrics.certificate_expiry.set(ident.not_after().timestamp())
+        self.metrics.certificate_rotations.inc()
+        if self.fast is not None:
+            self.fast.on_new_certificate()
+        self._wake.set()  # reschedule the renewal for the new certificate
+        _emit(
+            {
+                "event": "certificate",
+                "service": self.service,
+                "serial": format(ident.serial, "x"),
+                "not_after": ident.not_after().isoformat(),
+            }
+        )
+
+    def _auth_headers(self, path: str, body: bytes, use_token: bool) -> dict[str, str]:
+        """Authenticate a control-plane call: the current certificate, else the bootstrap token."""
+        ident = self.creds.identity
+        if ident is not None and self.creds.valid and not use_token:
+            return ident.proof_headers(path, body)
+        token = self.opts.token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def _rotate_loop(self) -> None:
+        """Renew the certificate at 2/3 of its lifetime (at once when the Mesh's mTLS backend
+        changed); retry with backoff while the control plane cannot answer. New connections use
+        the new certificate; open ones keep theirs (nothing is dropped)."""
+        backoff = 0.25
+        while True:
+            self._wake.clear()
+            at = self.creds.renew_at()
+            if at is None:
+                await self._wake.wait()
+                continue
+            # Never more often than once a second, whatever the certificate says.
+            delay = max(0.0 if self._renew_now else at - time.time(), self._last_renewal + 1.0 - time.time())
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                if self._wake.is_set():
+                    continue
+            self._renew_now = False
+            self._last_renewal = time.time()
+            registrar = self.registrar
+            if registrar is None or registrar.instance is None:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            csr = self.creds.csr(self.opts.mesh, self.service, self.opts.tags)
+            try:
+                reply = await registrar.renew(csr)
+            except (OSError, ValueError, TimeoutError) as e:
+                _warn(f"certificate renewal failed: {e}; retrying")
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 0.25
+            if reply is not None:  # None: unknown instance; the registrar registers again
+                self._adopt(reply.certificate_pem, reply.ca_pem, reply.signing_key)
+
+    def _watch_mtls(self, snap: Snapshot) -> None:
+        """A new Mesh mTLS backend needs a certificate from its CA: renew at once."""
+        mesh = snap.mesh
+        now = (mesh.mtls.enabled, mesh.mtls.backend, mesh.mtls.backend_type) if mesh is not None else None
+        before, self._mtls_seen = self._mtls_seen, now
+        if before is not None and now is not None and before != now:
+            if self.fast is not None:
+                self.fast.on_new_certificate()  # pooled connections were made for the old mode
+            if self.creds.identity is not None:
+                self._renew_now = True
+                self._wake.set()
 
     async def _persist_quietly(self) -> None:
         async with self._lock:
@@ -320,10 +468,22 @@ class DataPlane:
     # -- pushes -----------------------------------------------------------------------------
 
     async def push_bundle(
-        self, body: bytes, digest: str | None, generation: int, role: str | None
+        self,
+        body: bytes,
+        digest: str | None,
+        generation: int,
+        role: str | None,
+        signature: str | None = None,
     ) -> tuple[int, dict[str, str]]:
         if not digest:
             return self._nack("bundle", 400, "missing X-Meshc-Digest header")
+        # Only the control plane may change this data plane (DESIGN §6): the signature covers the
+        # claimed digest (checked against the body below), the generation and this service.
+        refused = self.trust.check(signature, digest, generation, self.service)
+        if refused is not None:
+            why = _reason_label(signature, self.trust.key)
+            self.metrics.push_rejections.labels(role or "bundle", why).inc()
+            return self._nack(role or "bundle", 403, refused)
         if role not in (None, "mesh", "service"):
             return self._nack("bundle", 400, f"unknown bundle role {role!r}")
         try:
@@ -363,11 +523,25 @@ class DataPlane:
             self.metrics.reloads.labels(kind, "ack").inc()
             return 200, {"ack": digest}
 
-    async def push_endpoints(self, body: bytes) -> tuple[int, dict[str, str]]:
+    async def push_endpoints(
+        self, body: bytes, generation: int | None = None, signature: str | None = None
+    ) -> tuple[int, dict[str, str]]:
+        if not self.trust.insecure:
+            if generation is None:
+                return self._nack("endpoints", 400, "missing X-Meshc-Generation header")
+            refused = self.trust.check(signature, hashlib.sha256(body).hexdigest(), generation, self.service)
+            if refused is not None:
+                why = _reason_label(signature, self.trust.key)
+                self.metrics.push_rejections.labels("endpoints", why).inc()
+                return self._nack("endpoints", 403, refused)
         try:
             endpoints = EndpointSet.model_validate_json(body)
         except ValueError as e:
             return self._nack("endpoints", 400, f"endpoint set does not match the schema: {e}")
+        if generation is not None and endpoints.generation != generation and not self.trust.insecure:
+            return self._nack(
+                "endpoints", 400, f"X-Meshc-Generation {generation} is not the body's {endpoints.generation}"
+            )
         async with self._lock:
             current = self.endpoints
             if current is not None and endpoints.generation < current.generation:
@@ -392,6 +566,7 @@ class DataPlane:
     def _install(self, snap: Snapshot) -> None:
         self.engine.install(snap)
         self.health.reconcile(snap)
+        self._watch_mtls(snap)
 
     def _nack(self, kind: str, status: int, reason: str) -> tuple[int, dict[str, str]]:
         self.metrics.reloads.labels(kind, "nack").inc()
@@ -415,6 +590,9 @@ class DataPlane:
             "listening": self.listening,
             "ready": self.ready,
             "draining": self.draining,
+            "certificate": self.creds.describe(),
+            "trusted_control_plane_key": self.trust.key,
+            "insecure_admin": self.trust.insecure,
             "bundles": {
                 role: {"digest": s.digest, "generation": s.generation, "bundle": json.loads(s.data)}
                 for role, s in sorted(self.slots.items())
@@ -444,6 +622,10 @@ class DataPlane:
         deadline = loop.time() + self.opts.drain_s
         for server in self._servers:
             server.close()
+        for listener in self._mtls_listeners:
+            listener.close()
+        if self._rotation is not None:
+            self._rotation.cancel()
         fast = [self.fast.drain(deadline)] if self.fast is not None else []
         await asyncio.gather(*(r.cleanup() for r in self._runners), self.tcp.drain(deadline), *fast)
         if self.registrar is not None:
@@ -474,6 +656,16 @@ async def serve(opts: Options) -> int:
     await plane.drain_and_stop()
     _emit({"event": "stopped", "service": plane.service})
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"meshc: {message}", file=sys.stderr, flush=True)
+
+
+def _reason_label(signature: str | None, key: str | None) -> str:
+    if key is None:
+        return "untrusted"
+    return "unsigned" if not signature else "bad_signature"
 
 
 def _emit(doc: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from runtime._hosts import Host, Outcome
 from runtime.engine import Engine, Target
 from runtime.metrics import Metrics
+from runtime.security import Credentials, PeerCache
 
 __all__ = ["OutboundSniffer", "TcpProxy"]
 
@@ -79,6 +80,8 @@ class TcpProxy:
         self.metrics = metrics
         self.app_address = app_address
         self.tasks: set[asyncio.Task[None]] = set()
+        self.creds = Credentials()
+        self.peers = PeerCache()
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -100,6 +103,10 @@ class TcpProxy:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         engine = self.engine
         tried: list[Host] = []
+        mesh = engine.snapshot.mesh
+        ssl_ctx = self.creds.client_ctx if mesh is not None and mesh.mtls.enabled else None
+        if ssl_ctx is None and mesh is not None and mesh.mtls.enabled and mesh.mtls.mode == "STRICT":
+            return None  # no certificate yet: a STRICT peer would refuse plaintext
         for _ in range(target.tcp_connect_attempts):
             host = target.pick(engine.clock(), engine.rng, None, tried)
             if host is None:
@@ -107,7 +114,12 @@ class TcpProxy:
             tried.append(host)
             try:
                 async with asyncio.timeout(target.connect_timeout_s):
-                    conn = await asyncio.open_connection(host.host, host.port)
+                    if ssl_ctx is not None:
+                        conn = await asyncio.open_connection(
+                            host.host, host.port, ssl=ssl_ctx, server_hostname=host.host
+                        )
+                    else:
+                        conn = await asyncio.open_connection(host.host, host.port)
             except TimeoutError:
                 outcome = Outcome.TIMEOUT
             except OSError:
@@ -187,7 +199,18 @@ class TcpProxy:
         if task is not None:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        await self.to_address(reader, writer, (host, int(port)), "inbound", "", self.engine.service)
+        source = ""
+        is_tls, peer = self.peers.of(writer.transport)
+        if is_tls:  # mTLS: the peer certificate's identity must be allowed by a TrafficPermission
+            snap = self.engine.snapshot
+            mesh = snap.mesh.mesh if snap.mesh is not None else None
+            allowed = peer is not None and peer.mesh == mesh and snap.inbound.for_peer(peer.tags)[2]
+            source = peer.service if peer is not None else "unknown"
+            if not allowed:
+                self._count("inbound", source, self.engine.service, "", "denied")
+                writer.close()
+                return
+        await self.to_address(reader, writer, (host, int(port)), "inbound", source, self.engine.service)
 
     def gateway_handler(self, port: int) -> _StreamHandler:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
