@@ -35,7 +35,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import quote, unquote
 
 from runtime import h1
@@ -46,11 +46,18 @@ from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
 from runtime.engine import Engine, GatewayRoute, Target
 from runtime.fastmetrics import RequestStats, Series
 from runtime.metrics import Metrics
+from runtime.security import DENIED_HEADER, Credentials, PeerCache
+
+if TYPE_CHECKING:
+    from runtime.identity import PeerIdentity
 
 __all__ = ["ClientConn", "FastHttp", "Pool", "Upstream"]
 
 REASON_HEADER = "x-meshc-reason"
 SOURCE_HEADER = b"x-meshc-source-service"
+_TLS_KEY = "tls|"
+"""Pool key prefix of mutual-TLS connections to peer data planes."""
+_NO_TLS: tuple[bool, PeerIdentity | None] = (False, None)
 HASH_KEY_HEADER = "x-meshc-hash-key"
 
 OUTBOUND, INBOUND, GATEWAY = 0, 1, 2
@@ -391,6 +398,7 @@ class ClientConn(asyncio.Protocol):
         "t0",
         "target",
         "timer",
+        "tls_peer",
         "transport",
         "tried",
         "try_timeout",
@@ -452,6 +460,7 @@ class ClientConn(asyncio.Protocol):
         self.slow: deque[bytes] | None = None
         self.slow_rate = 0.0
         self.slow_end = False
+        self.tls_peer: tuple[bool, PeerIdentity | None] = _NO_TLS
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -459,6 +468,8 @@ class ClientConn(asyncio.Protocol):
         self.transport = tr = cast(asyncio.Transport, transport)
         peer = tr.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if peer else b"unknown"
+        if self.kind == INBOUND:  # mTLS: the caller's identity, read once per connection
+            self.tls_peer = self.plane.peers.of(tr)
         self.idle_since = self.plane.loop.time()
         self.plane.conns.add(self)
         if self.plane.draining:
@@ -728,13 +739,28 @@ class ClientConn(asyncio.Protocol):
         self.source = caller
         self.dest = engine.service
         snap = engine.snapshot
-        rate_limit, fault, _permitted = snap.inbound.for_caller(caller)
-        # Permissions are enforced once mTLS names the caller (the security issue), as in Kuma.
+        is_tls, peer = self.tls_peer
+        source_b: bytes | None = None
+        if is_tls:
+            # mTLS: the caller is the peer certificate's identity, never the header (DESIGN §6).
+            mesh = snap.mesh
+            if peer is None or (mesh is not None and peer.mesh != mesh.mesh):
+                self._deny("peer certificate names no identity in this mesh")
+                return
+            caller = self.source = peer.service
+            source_b = caller.encode("latin-1")
+            rate_limit, fault, permitted = snap.inbound.for_peer(peer.tags)
+            if not permitted:
+                self._deny(f"no TrafficPermission allows {caller}")
+                return
+        else:
+            # Plaintext (mTLS off, or PERMISSIVE): the header is only a metrics label, as in Kuma.
+            rate_limit, fault, _permitted = snap.inbound.for_caller(caller)
         if rate_limit is not None and not rate_limit.bucket.take(engine.clock()):
             conf = rate_limit.conf
             self._reply(conf.status, "local_rate_limited", headers=[(h.name, h.value) for h in conf.headers])
             return
-        self.head_out = self._head(req, req.url, req.host, req.headers, None)
+        self.head_out = self._head(req, req.url, req.host, req.headers, source_b)
         self.can_retry = False
         self.deadline = None
         if fault is not None:
@@ -760,6 +786,9 @@ class ClientConn(asyncio.Protocol):
             self._reply(abort, "fault filter abort")
             return
         self._inbound_go()
+
+    def _deny(self, reason: str) -> None:
+        self._reply(403, reason, headers=[(DENIED_HEADER, reason)])
 
     def _inbound_go(self) -> None:
         plane = self.plane
@@ -897,7 +926,16 @@ class ClientConn(asyncio.Protocol):
             left = deadline - now
             if try_timeout is None or left <= try_timeout:
                 try_timeout, self.overall = max(left, 0.0), True
-        self._go(host.address, host.host, host.port, try_timeout, target.connect_timeout_s, now)
+        key = host.address
+        mesh = self.plane.engine.snapshot.mesh
+        if mesh is not None and mesh.mtls.enabled:
+            # Peer hops are mutual TLS; pooled under their own key, so keep-alive reuses them.
+            if self.plane.creds.client_ctx is not None:
+                key = _TLS_KEY + key
+            elif mesh.mtls.mode == "STRICT":
+                self._reply(503, "mTLS is on and this data plane has no certificate yet")
+                return
+        self._go(key, host.host, host.port, try_timeout, target.connect_timeout_s, now)
 
     def _go(
         self, key: str, host: str, port: int, try_timeout: float | None, connect_s: float | None, now: float
@@ -1525,6 +1563,8 @@ class FastHttp:
         else:
             self.app = ("", 0)
         self.pool = Pool()
+        self.creds = Credentials()
+        self.peers = PeerCache()
         self.conns: set[ClientConn] = set()
         self.hosts: dict[bytes, tuple[str, int | None]] = {}
         self.sources: dict[bytes, str] = {}
@@ -1576,7 +1616,15 @@ class FastHttp:
     ) -> None:
         try:
             async with asyncio.timeout(timeout):
-                _, up = await self.loop.create_connection(lambda: Upstream(self, key), host, port)
+                if key.startswith(_TLS_KEY):
+                    ctx = self.creds.client_ctx
+                    if ctx is None:
+                        raise OSError("no mesh certificate")
+                    _, up = await self.loop.create_connection(
+                        lambda: Upstream(self, key), host, port, ssl=ctx, server_hostname=host
+                    )
+                else:
+                    _, up = await self.loop.create_connection(lambda: Upstream(self, key), host, port)
         except TimeoutError:
             client.connect_failed(attempt, Outcome.TIMEOUT, None)
             return
@@ -1584,6 +1632,9 @@ class FastHttp:
             client.connect_failed(attempt, Outcome.CONNECT_FAILURE, e)
             return
         client.connected(attempt, up)
+
+    def on_new_certificate(self) -> None:
+        """A new certificate or mTLS mode: new connections use it; pooled ones stay usable."""
 
     def time(self, conn: ClientConn) -> None:
         """Watch ``conn.deadline_at`` (a per-try deadline) from the 25 ms tick."""
