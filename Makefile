@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck unit bench clean
+.PHONY: test demo lint typecheck unit bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/compile.py
+	$(BIN)/python bench/sidecar.py
+	$(BIN)/python bench/sidecar_fast.py
+	$(BIN)/python bench/propagation.py
+
+docs: $(STAMP)
+	$(BIN)/python -m compiler.docgen
+	$(BIN)/meshc schemas
 
 clean:
 	rm -rf $(VENV) out .mypy_cache .ruff_cache .pytest_cache
