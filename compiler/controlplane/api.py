@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["dashboard_data", "make_app"]
 
-_PROTOCOL = ("/api/v1/register", "/api/v1/heartbeat", "/api/v1/deregister")
+_PROTOCOL = ("/api/v1/register", "/api/v1/heartbeat", "/api/v1/deregister", "/api/v1/certificate")
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -192,13 +192,28 @@ def make_app(cp: ControlPlane) -> web.Application:
     app = web.Application(middlewares=[auth], client_max_size=1024 * 1024)
 
     async def register(request: web.Request) -> web.Response:
+        from compiler.controlplane.security import AuthError
+
+        body = await request.read()
         try:
-            reg = Registration.model_validate_json(await request.read())
+            reg = Registration.model_validate_json(body)
         except ValidationError as e:
             return _json({"error": f"bad registration: {e.errors(include_url=False)}"}, 400)
+        # DESIGN §6: the token or the current certificate names the service; the certificate
+        # issued for the CSR takes its identity from there (and the tags), never from the CSR.
+        try:
+            cp.security.authorize_registration(request.headers, request.path, body, reg)
+            issued = cp.security.issue(reg.mesh, reg.service, reg.tags, reg.csr_pem) if reg.csr_pem else None
+        except AuthError as e:
+            cp.log(f"registration of {reg.service!r} refused: {e.reason}")
+            return _json({"error": e.reason}, e.status)
         dp = cp.registry.register(reg)
         reply = RegistrationReply(
-            instance=dp.instance, heartbeat_interval_ms=int(cp.config.heartbeat_interval_s * 1000)
+            instance=dp.instance,
+            heartbeat_interval_ms=int(cp.config.heartbeat_interval_s * 1000),
+            certificate_pem=issued[0] if issued else None,
+            ca_pem=issued[1] if issued else None,
+            signing_key=cp.security.public_key_hex,
         )
         return web.Response(body=reply.model_dump_json().encode(), content_type="application/json")
 
@@ -212,11 +227,20 @@ def make_app(cp: ControlPlane) -> web.Application:
         return _json({"ok": True})
 
     async def deregister(request: web.Request) -> web.Response:
+        from compiler.controlplane.security import AuthError
+
+        raw = await request.read()
         try:
-            body = json.loads(await request.read())
+            body = json.loads(raw)
             instance = str(body["instance"])
         except (ValueError, KeyError, TypeError):
             return _json({"error": 'expected {"instance": NAME}'}, 400)
+        known = cp.registry.dataplanes.get(instance)
+        if known is not None:
+            try:
+                cp.security.authenticate(request.headers, request.path, raw, known.service, known.mesh)
+            except AuthError as e:
+                return _json({"error": e.reason}, e.status)
         found = cp.registry.deregister(instance)
         return _json({"ok": found}, 200 if found else 404)
 
@@ -275,6 +299,7 @@ def make_app(cp: ControlPlane) -> web.Application:
     app.router.add_post("/api/v1/register", register)
     app.router.add_post("/api/v1/heartbeat", heartbeat)
     app.router.add_post("/api/v1/deregister", deregister)
+    app.router.add_post("/api/v1/certificate", cp.security.handle_certificate)
     app.router.add_get("/api/v1/status", get_status)
     app.router.add_get("/api/v1/overview", get_overview)
     app.router.add_get("/api/v1/services", get_services)
