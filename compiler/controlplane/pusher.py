@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +34,14 @@ from compiler.controlplane.generation import Generations
 from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.registry import DataPlane, Registry
 from compiler.controlplane.release import ReleaseState
-from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, Endpoint, EndpointSet
+from runtime.protocol import (
+    HDR_BUNDLE_ROLE,
+    HDR_DIGEST,
+    HDR_GENERATION,
+    HDR_SIGNATURE,
+    Endpoint,
+    EndpointSet,
+)
 
 __all__ = ["SLOTS", "DataPlaneSync", "Pusher", "Rollout", "SlotState"]
 
@@ -144,6 +153,8 @@ class Pusher:
         self._eps: dict[str, tuple[dict[str, list[Endpoint]], str]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._concurrency = concurrency
+        self.signer: Callable[[str, int, str], str] | None = None
+        """Signs every push (DESIGN §6); set by the control plane."""
         registry.subscribe(self._on_registry)
 
     async def start(self) -> None:
@@ -389,6 +400,10 @@ class Pusher:
         assert self._session is not None
         st.inflight = st.sent = want
         st.generation = gen
+        if self.signer is not None:
+            # DESIGN §6: (digest, generation, target service); for endpoints, the body's digest.
+            digest = headers.get(HDR_DIGEST) or hashlib.sha256(body).hexdigest()
+            headers = {**headers, HDR_SIGNATURE: self.signer(digest, gen, dp.service)}
         try:
             async with (
                 self._sem,

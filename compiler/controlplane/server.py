@@ -23,6 +23,7 @@ from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.pusher import Pusher
 from compiler.controlplane.registry import Registry
 from compiler.controlplane.release import Compiler, ReleaseState
+from compiler.controlplane.security import Security
 from compiler.controlplane.status import overall_status
 from compiler.controlplane.traffic import TrafficView
 from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
@@ -47,6 +48,10 @@ class Config:
     concurrency: int = 32
     token: str | None = None
     watch: bool = True
+    registration_auth: bool = True
+    """Registration needs a bootstrap token or the current certificate (DESIGN §6)."""
+    secrets_dir: Path | None = None
+    """Where the CAs, the token secret and the push-signing key live (default: ``state_dir``)."""
     quiet: bool = False
 
 
@@ -76,6 +81,11 @@ class ControlPlane:
             concurrency=config.concurrency,
             endpoints_hold_s=hold,
         )
+        # DESIGN §6: mesh CAs, authenticated registration, certificates, signed pushes.
+        self.security = Security(
+            self, config.secrets_dir or config.state_dir, require_auth=config.registration_auth
+        )
+        self.pusher.signer = self.security.sign
         self.traffic = TrafficView(self.registry)
         self.registry.subscribe(self._on_registry)
         self._stop = asyncio.Event()
@@ -239,6 +249,7 @@ class ControlPlane:
                 await t
         await self.pusher.close()
         await self.traffic.close()
+        self.security.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
