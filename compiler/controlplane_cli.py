@@ -1,4 +1,5 @@
-"""``meshc controlplane``, ``meshc status`` and ``meshc demo`` (registered by ``compiler.cli``).
+"""``meshc controlplane``, ``meshc status``, ``meshc token`` and ``meshc demo`` (registered by
+``compiler.cli``).
 
 Each command imports its machinery only when it runs, so ``meshc --help`` stays fast and
 ``meshc sidecar`` never loads the control plane.
@@ -35,7 +36,16 @@ planes, the mesh bundle to all, endpoints before the routes that use them.
 Data planes (`meshc sidecar|gateway --control-plane URL`) register, heartbeat and deregister here;
 they go Offline after 3 missed heartbeats. The API is under /api/v1/, Prometheus metrics at
 /metrics, the dashboard at /gui. It listens on loopback unless told otherwise, and any other
-address needs --token (or MESHC_CONTROLPLANE_TOKEN) for the API and the GUI.
+address needs --token (or MESHC_CONTROLPLANE_TOKEN) for the API and the GUI (Authorization: Bearer;
+the data plane protocol under /api/v1/ is authenticated by bootstrap tokens and certificates).
+
+Security (DESIGN §6): one CA per mesh as the Mesh's mtls backend says (builtin: generated into the
+state dir, key mode 0600; provided: conf.cert.file / conf.key.file on this machine). A data plane
+registers with a bootstrap token (`meshc token --service NAME`) the first time and with its
+current certificate after that; it gets a certificate for its CSR (TTL: the Mesh's
+dpCert.rotation.expiration), the CA bundle and this control plane's push-signing key. Every push
+is signed over (digest, generation, target service). Keep the state dir: it holds the CAs, the
+token secret and the signing key that data planes trust.
 """
 
 _CP_EPILOG = """\
@@ -110,6 +120,12 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     out = Path(args.out)
     state_dir = Path(args.state_dir) if args.state_dir else out / ".controlplane"
+    if args.insecure_registration:
+        print(
+            "meshc: --insecure-registration: any process that reaches the API may register as any "
+            "service and get its certificate",
+            file=sys.stderr,
+        )
     config = Config(
         policy_dir=policy_dir,
         out=out,
@@ -123,6 +139,8 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval,
         concurrency=args.concurrency,
         token=token,
+        registration_auth=not args.insecure_registration,
+        secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
     )
 
     import faulthandler
@@ -159,6 +177,19 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         os._exit(EXIT_OK)
 
     return asyncio.run(main())
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    from compiler.ca import TokenIssuer
+
+    state_dir = Path(args.state_dir) if args.state_dir else Path(args.out) / ".controlplane"
+    try:
+        token = TokenIssuer(state_dir).mint(args.service)
+    except OSError as e:
+        print(f"meshc: cannot read or create the token secret in {state_dir}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print(token)
+    return EXIT_OK
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -256,8 +287,43 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--concurrency", type=int, default=32, metavar="N", help="pushes in flight at most (default: 32)"
     )
-    p.add_argument("--token", help="required for the API and GUI (needed when not listening on loopback)")
+    p.add_argument(
+        "--token",
+        help="required for the API and GUI (needed when not listening on loopback)",
+    )
+    p.add_argument(
+        "--secrets-dir",
+        metavar="DIR",
+        help="where the mesh CAs, the bootstrap-token secret and the push-signing key are kept "
+        "(mode 0600; default: the state dir)",
+    )
+    p.add_argument(
+        "--insecure-registration",
+        action="store_true",
+        help="let data planes register without a bootstrap token or certificate (development only)",
+    )
     p.set_defaults(run=_run_controlplane)
+
+    t = sub.add_parser(
+        "token",
+        help="mint a data plane bootstrap token for a service",
+        description="Print the bootstrap token a data plane of SERVICE registers with the first time "
+        "(`meshc sidecar --token`, or env MESHC_TOKEN). Tokens are per service: HMAC-SHA256 of the "
+        "name under a secret kept in the control plane's state dir (created with mode 0600), so "
+        "this command must see the same state dir as `meshc controlplane`. After the first "
+        "registration a data plane authenticates with its certificate.",
+        epilog="exit codes: 0 printed; 2 the state dir cannot be read or written.",
+        formatter_class=fmt,
+    )
+    t.add_argument("--service", required=True, help="the service the token is for")
+    t.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="the control plane's --secrets-dir, or its state dir when it has none "
+        "(default: OUT/.controlplane)",
+    )
+    t.add_argument("--out", default="out", help="the control plane's --out (default: out)")
+    t.set_defaults(run=_run_token)
 
     s = sub.add_parser(
         "status",
