@@ -210,6 +210,7 @@ class DemoMesh:
         for spec in APPS:
             self.instances[spec.name] = Instance(spec, free_port(), free_port(), free_port(), free_port())
         self.gateway_admin = free_port()
+        self.token("-")  # the token secret exists before the control plane starts: no race
 
     @property
     def cp_url(self) -> str:
@@ -249,6 +250,8 @@ class DemoMesh:
                 str(self.work_dir / "out"),
                 "--state-dir",
                 str(self.work_dir / "controlplane-state"),
+                "--secrets-dir",
+                str(self.secrets_dir),
                 "--listen",
                 f"127.0.0.1:{self.cp_port}",
                 *self.cp_args,
@@ -269,6 +272,18 @@ class DemoMesh:
         )
         p.start()
         return p
+
+    @property
+    def secrets_dir(self) -> Path:
+        """The control plane's CAs, token secret and signing key: kept apart from its state, so a
+        control plane restarted without its registry is still the one the data planes trust."""
+        return self.work_dir / "controlplane-secrets"
+
+    def token(self, service: str) -> str:
+        """The bootstrap token of ``service`` (``meshc token``), handed over in MESHC_TOKEN."""
+        from compiler.ca import TokenIssuer
+
+        return TokenIssuer(self.secrets_dir).mint(service)
 
     def start_sidecar(self, name: str) -> Proc:
         inst = self.instances[name]
@@ -295,6 +310,7 @@ class DemoMesh:
                 "--drain-seconds",
                 str(self.drain_s),
             ),
+            self._env(MESHC_TOKEN=self.token(inst.spec.service)),
         )
         p.start()
         return p
@@ -339,6 +355,7 @@ class DemoMesh:
                 str(self.drain_s),
                 *bundles,
             ),
+            self._env(MESHC_TOKEN=self.token("edge-gateway")),
         )
         p.start()
         return p
