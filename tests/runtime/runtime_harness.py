@@ -230,6 +230,8 @@ class Plane:
     """A data plane process (``python -m runtime.sidecar`` or ``runtime.gateway``)."""
 
     def __init__(self, args: list[str], workdir: Path, module: str = "runtime.sidecar") -> None:
+        if "--control-plane" not in args and "--trust-key" not in args:
+            args = [*args, "--insecure-admin"]  # these tests push unsigned bundles by hand
         self.stderr_path = workdir / f"stderr-{os.getpid()}-{time.monotonic_ns()}.log"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
