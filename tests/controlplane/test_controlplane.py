@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from cp_harness import REPO
 
+from compiler.ca import TokenIssuer
 from compiler.controlplane.generation import Generations
 from compiler.controlplane.server import Config, ControlPlane
 from compiler.demo import free_port
@@ -104,9 +105,14 @@ def _copy_policies(tmp_path: Path) -> Path:
     return d
 
 
-async def _register(session: aiohttp.ClientSession, cp: str, fp: FakePlane) -> str:
-    async with session.post(f"{cp}/api/v1/register", data=fp.registration().model_dump_json()) as r:
-        assert r.status == 200
+async def _register(session: aiohttp.ClientSession, cp: str, fp: FakePlane, state_dir: Path) -> str:
+    token = TokenIssuer(state_dir).mint(fp.service)  # the bootstrap token (DESIGN §6)
+    async with session.post(
+        f"{cp}/api/v1/register",
+        data=fp.registration().model_dump_json(),
+        headers={"Authorization": f"Bearer {token}"},
+    ) as r:
+        assert r.status == 200, await r.text()
         name: str = (await r.json())["instance"]
         return name
 
@@ -135,7 +141,10 @@ def test_push_order_only_changed_bundles_nack_watcher_and_offline(tmp_path: Path
             state_dir=tmp_path / "state",
             heartbeat_interval_s=0.2,
             quiet=True,
+            registration_auth=False,  # fake data planes; authentication is tests/security's
         )
+        assert cfg.state_dir is not None
+        TokenIssuer(cfg.state_dir)  # the token secret exists before the control plane starts
         cp_obj = ControlPlane(cfg)
         await cp_obj.start()
         cp = f"http://127.0.0.1:{cfg.port}"
@@ -147,7 +156,7 @@ def test_push_order_only_changed_bundles_nack_watcher_and_offline(tmp_path: Path
         beating = True
         async with aiohttp.ClientSession(trust_env=False) as s:
             for key, fp in (("mag", mag), ("ben", ben), ("bad", bad)):
-                names[key] = await _register(s, cp, fp)
+                names[key] = await _register(s, cp, fp, cfg.state_dir)
 
             async def beat() -> None:
                 while beating:
@@ -187,11 +196,11 @@ def test_push_order_only_changed_bundles_nack_watcher_and_offline(tmp_path: Path
                 )
 
                 async def new_release() -> bool:
+                    rel = cp_obj.releases.current  # read before the status: no stale SYNCED
+                    if rel is None or rel.id == old_release:
+                        return False
                     rows = await _rows(s, cp)
-                    rel = cp_obj.releases.current
-                    return (
-                        rel is not None and rel.id != old_release and rows[names["mag"]]["status"] == "SYNCED"
-                    )
+                    return bool(rows[names["mag"]]["status"] == "SYNCED")
 
                 await _until(new_release, 30, "the edit to be compiled and pushed")
                 assert [p[0] for p in mag.pushes[n_mag:]] == ["service"]
