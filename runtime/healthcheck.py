@@ -11,6 +11,8 @@ import asyncio
 import base64
 import contextlib
 import random
+import ssl
+from collections.abc import Callable
 
 import aiohttp
 
@@ -30,6 +32,8 @@ class HealthChecker:
         self.rng = rng or random.Random()
         self._tasks: dict[_Key, tuple[asyncio.Task[None], HealthCheckConf]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.tls: Callable[[], ssl.SSLContext | None] = lambda: None
+        """The mTLS client context when the Mesh has mTLS on (checks go to peer inbounds)."""
 
     def reconcile(self, snapshot: Snapshot) -> None:
         wanted = snapshot.health_checks()
@@ -94,8 +98,10 @@ class HealthChecker:
             for h in conf.http.request_headers:
                 headers[h.name] = h.value
             expected = conf.http.expected_statuses
+        ctx = self.tls()
         async with self._session.get(
-            f"http://{host.address}{path}",
+            f"{'https' if ctx is not None else 'http'}://{host.address}{path}",
+            ssl=ctx if ctx is not None else True,
             headers=headers,
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=conf.timeout_ms / 1000.0),
@@ -106,7 +112,13 @@ class HealthChecker:
             return resp.status in expected if expected else resp.status == 200
 
     async def _tcp(self, host: Host, conf: HealthCheckConf) -> bool:
-        reader, writer = await asyncio.open_connection(host.host, host.port)
+        ctx = self.tls()
+        if ctx is not None:
+            reader, writer = await asyncio.open_connection(
+                host.host, host.port, ssl=ctx, server_hostname=host.host
+            )
+        else:
+            reader, writer = await asyncio.open_connection(host.host, host.port)
         try:
             tcp = conf.tcp
             if tcp is not None and tcp.send:

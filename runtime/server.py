@@ -17,6 +17,7 @@ import json
 import random
 import signal
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -155,6 +156,7 @@ class DataPlane:
         if self.fast is not None:
             self.fast.creds = self.creds
         self.creds.listeners.append(self._on_new_certificate)
+        self.health.tls = self._peer_tls
         self.trust = PushTrust(opts.state_dir, opts.trust_key, opts.insecure_admin)
         self._mtls_listeners: list[MtlsListener] = []
         self._rotation: asyncio.Task[None] | None = None
@@ -315,6 +317,11 @@ class DataPlane:
     def _current_mtls(self) -> Any:
         mesh = self.engine.snapshot.mesh
         return mesh.mtls if mesh is not None else None
+
+    def _peer_tls(self) -> ssl.SSLContext | None:
+        """The mTLS client context for peer hops when the Mesh has mTLS on, else None."""
+        mesh = self.engine.snapshot.mesh
+        return self.creds.client_ctx if mesh is not None and mesh.mtls.enabled else None
 
     def _count_inbound(self, tls: str, result: str) -> None:
         self.metrics.inbound_connections.labels(tls, result).inc()
