@@ -91,6 +91,18 @@ spec:
 """
 
 
+HEALTH_CHECK = """\
+apiVersion: kuma.io/v1alpha1
+kind: HealthCheck
+mesh: default
+metadata: {name: benigno-health}
+spec:
+  sources: [{match: {kuma.io/service: magnanimo, version: v1}}]
+  destinations: [{match: {kuma.io/service: benigno}}]
+  conf: {interval: 1s, timeout: 5s, unhealthyThreshold: 1, healthyThreshold: 1, http: {path: /health}}
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,6 +115,7 @@ def write_policies(d: Path, mode: str = "STRICT", ttl: str = "6s") -> None:
     (d / "mesh.yaml").write_text(MESH.format(mode=mode, ttl=ttl))
     (d / "services.yaml").write_text(SERVICES)
     (d / "permission.yaml").write_text(PERMISSION.format(name="magnanimo-v1-to-benigno", version="v1"))
+    (d / "health-check.yaml").write_text(HEALTH_CHECK)
 
 
 def meshc(*args: str) -> subprocess.CompletedProcess[str]:

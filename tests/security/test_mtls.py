@@ -25,6 +25,12 @@ def test_sidecar_to_sidecar_mtls_and_tag_permission(secure_mesh: SecureMesh) -> 
     status, headers, body = ProxyClient(v2.outbound).get("http://benigno:5000/hello")
     assert status == 403, body
     assert headers["x-meshc-denied"] == "no TrafficPermission allows magnanimo"
+    # Active health checks go over mTLS too (STRICT would refuse them otherwise).
+    wait_until(
+        lambda: metric_value(v1.metrics(), "meshc_health_checks_total", result="success") >= 1,
+        "a successful health check over mTLS",
+    )
+    assert metric_value(v1.metrics(), "meshc_health_checks_total", result="failure") == 0
     benigno = secure_mesh.planes["benigno"].metrics()
     assert metric_value(benigno, "meshc_inbound_connections_total", tls="mtls", result="accepted") >= 2
     assert metric_value(benigno, "meshc_inbound_connections_total", tls="plaintext", result="accepted") == 0
