@@ -62,7 +62,24 @@ _RESOLVERS: list[tuple[str, re.Pattern[str]]] = [
 
 
 def resolve_plain(text: str) -> Any:
-    """The YAML 1.2 core schema for a plain (unquoted, untagged) scalar."""
+    """The YAML 1.2 core schema for a plain (unquoted, untagged) scalar (memoised: policy files
+    repeat the same keys and values thousands of times, and the results are immutable)."""
+    try:
+        return _RESOLVED[text]
+    except KeyError:
+        pass
+    value = _resolve_plain(text)
+    if len(_RESOLVED) >= _RESOLVED_MAX:
+        _RESOLVED.clear()
+    _RESOLVED[text] = value
+    return value
+
+
+_RESOLVED: dict[str, Any] = {}
+_RESOLVED_MAX = 1 << 16
+
+
+def _resolve_plain(text: str) -> Any:
     for kind, rx in _RESOLVERS:
         if rx.match(text):
             if kind == "null":
@@ -145,13 +162,24 @@ class _FastConstructor(yaml.constructor.BaseConstructor):
                 None, None, f"tag {node.tag} is not allowed", node.start_mark
             )
         out: dict[Any, Any] = {}
+        scalar, resolve = yaml.ScalarNode, resolve_plain
         for k, v in node.value:
-            key = self._build(k)
+            # Plain scalars (nearly every key and most values) are resolved inline: this loop is
+            # the hot path of a cold compile. Collections recurse and check the node budget.
+            if k.__class__ is scalar and k.tag == _PLAIN:
+                self._budget -= 1
+                key = resolve(k.value)
+            else:
+                key = self._build(k)
             if not isinstance(key, str | int | float | bool) and key is not None:
                 raise yaml.constructor.ConstructorError(None, None, "a key must be a scalar", k.start_mark)
             if key in out:
                 raise _Dup
-            out[key] = self._build(v)
+            if v.__class__ is scalar and v.tag == _PLAIN:
+                self._budget -= 1
+                out[key] = resolve(v.value)
+            else:
+                out[key] = self._build(v)
         return out
 
 
