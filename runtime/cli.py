@@ -49,7 +49,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "Pushes to the admin API must be signed by the control plane: its key comes with the first "
         "registration and is kept in the state dir. Without a control plane, give the key with "
         "--trust-key, or --insecure-admin to accept unsigned pushes (development only). The "
-        "mesh key and certificate stay in memory; with mTLS on they are renewed at 2/3 of their life.",
+        "mesh key and certificate stay in memory and are renewed at 2/3 of their life.",
     )
     sec.add_argument(
         "--token",

@@ -174,3 +174,10 @@ def test_an_instance_name_cannot_be_taken_over_by_another_service(tmp_path: Path
     token = {"Authorization": f"Bearer {sec.tokens.mint('magnanimo')}"}
     with pytest.raises(AuthError, match="belongs to another service"):
         sec.authorize_registration(token, "/api/v1/register", body, reg)
+
+
+def test_admin_api_refuses_a_non_loopback_address_unless_allowed(capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.cli import sidecar_main
+
+    assert sidecar_main(["--service", "benigno", "--admin", "0.0.0.0:0", "--insecure-admin"]) == 2
+    assert "--admin-allow-remote" in capsys.readouterr().err
