@@ -24,7 +24,7 @@ from runtime._policy import MAX_RETRY_BODY
 from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
 from runtime.engine import Engine, GatewayRoute, Route, Snapshot, Target
 from runtime.metrics import Metrics
-from runtime.security import DENIED_HEADER, Credentials, PeerCache
+from runtime.security import DENIED_HEADER, Credentials, PeerCache, wrong_peer
 
 __all__ = ["HASH_KEY_HEADER", "REASON_HEADER", "SOURCE_HEADER", "HttpProxy", "split_host"]
 
@@ -115,6 +115,26 @@ class _AccessLog:
         self._files.clear()
 
 
+class _MeshConnector(aiohttp.TCPConnector):
+    """A new mTLS connection must reach the service it was opened for (the request's
+    ``server_hostname``): the server's SPIFFE identity is checked before a byte of the request
+    is sent, as Envoy does in Kuma. Pooled connections are keyed by that name too."""
+
+    def __init__(self, peers: PeerCache, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._peers = peers
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, proto = await super()._wrap_create_connection(*args, **kwargs)
+        want = getattr(kwargs.get("req"), "server_hostname", None)
+        if kwargs.get("ssl") and want:
+            why = wrong_peer(self._peers, transport, want)
+            if why is not None:
+                transport.close()
+                raise aiohttp.ClientConnectionError(why)
+        return transport, proto
+
+
 class HttpProxy:
     """The handlers of one data plane's HTTP listeners."""
 
@@ -138,7 +158,9 @@ class HttpProxy:
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=10)
+        connector = _MeshConnector(
+            self.peers, limit=0, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=10
+        )
         self.session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -314,12 +336,14 @@ class HttpProxy:
         deadline = loop.time() + target.request_timeout_s if target.request_timeout_s else None
         key = request.headers.get(HASH_KEY_HEADER) or request.path
         timeout = self._timeout(target.connect_timeout_s, target.stream_idle_timeout_s)
+        peer_name: str | None = None
         scheme, tls = "http", cast(Any, True)  # ssl=True: aiohttp's default (ignored for http://)
         mtls = self.engine.snapshot.mesh.mtls if self.engine.snapshot.mesh is not None else None
         if mtls is not None and mtls.enabled:
             ctx = self.creds.client_ctx
             if ctx is not None:
                 scheme, tls = "https", ctx  # a rotation swaps the context: new pooled connections
+                peer_name = dest  # checked against the server's SPIFFE identity (_MeshConnector)
             elif mtls.mode == "STRICT":
                 return self._reply(
                     t0, 503, "mTLS is on and this data plane has no certificate yet", direction, source, dest
@@ -352,6 +376,7 @@ class HttpProxy:
                             allow_redirects=False,
                             timeout=timeout,
                             ssl=tls,
+                            server_hostname=peer_name,
                         )
                     outcome = engine.outcome_for_status(up.status)
                 except TimeoutError:

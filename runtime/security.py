@@ -48,6 +48,7 @@ __all__ = [
     "MtlsListener",
     "PeerCache",
     "PushTrust",
+    "wrong_peer",
 ]
 
 DENIED_HEADER = "x-meshc-denied"
@@ -175,6 +176,18 @@ class PeerCache:
 
 
 _MISSING: Any = object()
+
+
+def wrong_peer(peers: PeerCache, transport: Any, service: str) -> str | None:
+    """Why an mTLS connection to an endpoint of ``service`` is not one (None: it is). The client
+    side checks the server's SPIFFE identity as Envoy does in Kuma, so an address taken over by
+    another workload of the mesh does not receive that service's traffic."""
+    _, peer = peers.of(transport)
+    if peer is None:
+        return f"the peer presented no mesh identity (expected {service})"
+    if peer.service != service:
+        return f"the peer is {peer.service}, not {service}"
+    return None
 
 
 # --- pushes ----------------------------------------------------------------------------------
