@@ -46,7 +46,7 @@ from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
 from runtime.engine import Engine, GatewayRoute, Target
 from runtime.fastmetrics import RequestStats, Series
 from runtime.metrics import Metrics
-from runtime.security import DENIED_HEADER, Credentials, PeerCache
+from runtime.security import DENIED_HEADER, Credentials, PeerCache, wrong_peer
 
 if TYPE_CHECKING:
     from runtime.identity import PeerIdentity
@@ -1623,6 +1623,10 @@ class FastHttp:
                     _, up = await self.loop.create_connection(
                         lambda: Upstream(self, key), host, port, ssl=ctx, server_hostname=host
                     )
+                    why = wrong_peer(self.peers, up.transport, client.dest)
+                    if why is not None:
+                        up.close()
+                        raise OSError(why)
                 else:
                     _, up = await self.loop.create_connection(lambda: Upstream(self, key), host, port)
         except TimeoutError:
