@@ -4,12 +4,14 @@ with real control plane and sidecar processes on 127.0.0.1 (see ``secure_mesh``)
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import threading
 
 from secure_mesh import ProxyClient, SecureMesh, metric_value, tls_get, wait_until
 
-from compiler.ca import MeshCA
+from compiler.ca import MeshCA, PushSigner
+from runtime.protocol import HDR_GENERATION, HDR_SIGNATURE
 
 
 def test_sidecar_to_sidecar_mtls_and_tag_permission(secure_mesh: SecureMesh) -> None:
@@ -159,3 +161,32 @@ def test_rotation_under_continuous_load_drops_nothing(secure_mesh: SecureMesh) -
     assert failures == [], failures[:5]
     assert done[0] > 0
     assert all(len(s) >= 3 for s in serials.values()), serials
+
+
+def test_outbound_checks_the_server_is_the_service_it_meant(secure_mesh: SecureMesh) -> None:
+    """An endpoint address served by another workload of the mesh (here magnanimo v2 listed as
+    benigno) gets no traffic relayed: the client side checks the server's SPIFFE identity."""
+    v1 = secure_mesh.planes["magnanimo-v1"]
+    v2 = secure_mesh.planes["magnanimo-v2"]
+    assert v1.outbound is not None
+    signer = PushSigner(secure_mesh.cp.secrets)  # the control plane's key: a signed, valid push
+    running = v1.config()["endpoints"]
+
+    def push(services: dict[str, object], generation: int) -> None:
+        body = json.dumps({"generation": generation, "services": services}).encode()
+        sig = signer.sign(hashlib.sha256(body).hexdigest(), generation, "magnanimo")
+        headers = {HDR_GENERATION: str(generation), HDR_SIGNATURE: sig}
+        status, reply = v1.admin_request("PUT", "/endpoints", body, headers)
+        assert status == 200, reply
+
+    wrong = {"benigno": [{"address": v2.listening["inbound"], "tags": {"version": "v1"}, "healthy": True}]}
+    push(wrong, running["generation"] + 1)
+    try:
+        hits = secure_mesh.app.total()
+        status, _, body = ProxyClient(v1.outbound).get("http://benigno:5000/hijacked")
+        assert status == 503, (status, body)
+        assert secure_mesh.app.total() == hits
+    finally:
+        push(running["services"], running["generation"] + 2)
+    status, _, _ = ProxyClient(v1.outbound).get("http://benigno:5000/back")
+    assert status == 200
