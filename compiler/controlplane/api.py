@@ -2,7 +2,10 @@
 
 Data plane protocol (DESIGN §5): ``POST /api/v1/register`` (``Registration`` ->
 ``RegistrationReply``), ``POST /api/v1/heartbeat`` (``Heartbeat``; 404 for an unknown instance,
-which makes the data plane register again), ``POST /api/v1/deregister`` (``{"instance"}``).
+which makes the data plane register again), ``POST /api/v1/deregister`` (``{"instance"}``),
+``POST /api/v1/certificate`` (a renewal: ``CertificateRequest`` -> ``CertificateReply``). Register,
+renewal and deregistration are authenticated by a bootstrap token or the current certificate and
+answer 401/403 otherwise (``compiler.controlplane.security``, DESIGN §6).
 
 Views (GET, JSON): ``/api/v1/status`` (per data plane sync, what ``meshc status`` prints),
 ``/api/v1/overview``, ``/api/v1/services``, ``/api/v1/policies``, ``/api/v1/diagnostics``,
