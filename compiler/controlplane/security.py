@@ -43,7 +43,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from compiler.ca import CAError, MeshCA, PushSigner, TokenIssuer
-from runtime.identity import peer_identity
 from runtime.protocol import (
     HDR_CLIENT_CERT,
     HDR_PROOF,
@@ -51,6 +50,7 @@ from runtime.protocol import (
     CertificateRequest,
     Registration,
     auth_message,
+    spiffe_uri,
 )
 
 if TYPE_CHECKING:
@@ -252,8 +252,7 @@ class Security:
         when = dt.datetime.fromtimestamp(now, dt.UTC)
         if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
             raise AuthError(403, "the certificate has expired")
-        peer = peer_identity(der)
-        if peer is None or peer.mesh != mesh or peer.service != service:
+        if _spiffe_id(cert) != spiffe_uri(mesh, service):
             raise AuthError(403, f"the certificate does not name service {service!r} of mesh {mesh!r}")
         pub = cert.public_key()
         if not isinstance(pub, ec.EllipticCurvePublicKey):
@@ -316,6 +315,16 @@ def _error(status: int, reason: str) -> web.Response:
     return web.Response(
         status=status, body=json.dumps({"error": reason}).encode(), content_type="application/json"
     )
+
+
+def _spiffe_id(cert: x509.Certificate) -> str | None:
+    """The certificate's ``spiffe://<mesh>/<service>`` URI SAN (the data plane's identity)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+    return uris[0] if len(uris) == 1 else None
 
 
 def _safe_name(mesh: str) -> bool:
