@@ -315,28 +315,9 @@ class DemoMesh:
         p.start()
         return p
 
-    def _gateway_bundles(self, timeout: float = 60.0) -> list[str]:
-        """``--bundle``/``--mesh-bundle`` from the control plane's release: the gateway binds its
-        listeners from its bundle at start, so it starts from the files the release wrote."""
-        found: list[str] = []
-
-        def ready() -> bool:
-            try:
-                rel = self.api("/api/v1/release")
-            except (OSError, ValueError):
-                return False
-            mesh, gw = rel["bundles"].get("default"), rel["bundles"].get("default/edge-gateway")
-            files = [self.work_dir / "out" / "bundles" / f"{d}.json" for d in (gw, mesh) if d]
-            if len(files) == 2 and all(f.exists() for f in files):
-                found[:] = ["--bundle", str(files[0]), "--mesh-bundle", str(files[1])]
-                return True
-            return False
-
-        self.wait_until(ready, timeout, "the control plane's first release")
-        return found
-
     def start_gateway(self) -> Proc:
-        bundles = self._gateway_bundles()
+        """The gateway starts with no bundle: it binds its listener when the control plane pushes
+        its first gateway bundle (and serves from its state dir after a restart)."""
         p = self._proc(
             "gateway",
             self._meshc(
@@ -353,7 +334,6 @@ class DemoMesh:
                 self.cp_url,
                 "--drain-seconds",
                 str(self.drain_s),
-                *bundles,
             ),
             self._env(MESHC_TOKEN=self.token("edge-gateway")),
         )

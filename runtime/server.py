@@ -136,6 +136,8 @@ class DataPlane:
         self.state = StateDir(opts.state_dir) if opts.state_dir else None
         self.draining = False
         self.listening: dict[str, str] = {}
+        self._gateway_ports: set[int] = set()  # gateway listeners bound so far
+        self._listen_used: set[int] = set()  # indexes of --listen addresses bound so far
         self._lock = asyncio.Lock()
         self._runners: list[web.BaseRunner] = []
         self._servers: list[asyncio.base_events.Server] = []
@@ -330,15 +332,39 @@ class DataPlane:
         svc = self.slots.get("service")
         gw = svc.bundle.gateway if svc is not None and isinstance(svc.bundle, ServiceBundle) else None
         if gw is None:
+            # With a control plane (or a key to verify pushes with), the listeners are bound when
+            # the first gateway bundle arrives; without one nothing could ever configure them.
+            if self.opts.control_plane or self.trust.key is not None or self.trust.insecure:
+                return
             raise StartupError("gateway mode needs a service bundle with a gateway section")
-        listeners = list(gw.listeners)
+        await self._bind_gateway(strict=True)
+
+    async def _bind_gateway(self, strict: bool = False) -> bool:
+        """Bind every listener of the running gateway section not bound yet (at start, on the first
+        bundle, on a reload that adds a port). ``--listen`` addresses go to the listener with their
+        port, else to the next unbound one; without ``--listen``, each listener on 127.0.0.1:port.
+        An address with no listener left is an error at start and waits for a later bundle after.
+        True when something was bound."""
+        svc = self.slots.get("service")
+        gw = svc.bundle.gateway if svc is not None and isinstance(svc.bundle, ServiceBundle) else None
+        if gw is None:
+            return False
+        listeners = [lst for lst in gw.listeners if lst.port not in self._gateway_ports]
+        if self.opts.listen:
+            wanted = [a for i, a in enumerate(self.opts.listen) if i not in self._listen_used]
+            indexes = [i for i in range(len(self.opts.listen)) if i not in self._listen_used]
+        else:
+            wanted = [("127.0.0.1", lst.port) for lst in listeners]
+            indexes = [-1] * len(wanted)
         by_port = {lst.port: lst for lst in listeners}
-        wanted = self.opts.listen or [("127.0.0.1", lst.port) for lst in listeners]
         unmatched = iter([lst for lst in listeners if lst.port not in {p for _, p in wanted}])
-        for addr in wanted:
-            listener = by_port.get(addr[1]) or next(unmatched, None)
+        bound = False
+        for index, addr in zip(indexes, wanted, strict=True):
+            listener = by_port.pop(addr[1], None) or next(unmatched, None)
             if listener is None:
-                raise StartupError(f"no gateway listener left for --listen {_fmt(addr)}")
+                if strict:
+                    raise StartupError(f"no gateway listener left for --listen {_fmt(addr)}")
+                continue
             sock = _bind(addr)
             port = listener.port
             if listener.protocol == "TCP":
@@ -353,7 +379,25 @@ class DataPlane:
 
                 runner = await self._runner(handler)
                 await web.SockSite(runner, sock).start()
+            self._gateway_ports.add(port)
+            if index >= 0:
+                self._listen_used.add(index)
             self.listening[f"listener:{port}"] = _fmt(sock.getsockname()[:2])
+            bound = True
+        return bound
+
+    async def _rebind_gateway(self) -> None:
+        """After a pushed bundle: bind the listeners it adds; a failure is logged, not a NACK
+        (the bundle itself is valid and already running)."""
+        if self.opts.kind != "gateway" or self.draining:
+            return
+        try:
+            bound = await self._bind_gateway()
+        except OSError as e:
+            _warn(f"cannot bind a gateway listener: {e}")
+            return
+        if bound:
+            _emit({"event": "listening", "service": self.service, **self.listening})
 
     # -- control plane ----------------------------------------------------------------------
 
@@ -528,6 +572,8 @@ class DataPlane:
             self._install(snap)
             self.metrics.set_bundle(kind, digest)
             self.metrics.reloads.labels(kind, "ack").inc()
+            if kind == "service":
+                await self._rebind_gateway()
             return 200, {"ack": digest}
 
     async def push_endpoints(

@@ -153,6 +153,70 @@ def test_gateway_routes_rewrites_filters_and_redirects(
     assert abs(names["v2"] / 400 - 0.5) <= 5.3 * math.sqrt(0.25 / 400), names
 
 
+def test_gateway_starts_without_a_bundle_and_binds_pushed_listeners(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    """``meshc gateway --control-plane URL`` with nothing on disk: no listener until the first
+    gateway bundle arrives; a reload that adds a listener binds it too."""
+    magnanimo, benigno = upstream("magnanimo"), upstream("benigno")
+    cp = _FakeControlPlane()
+    try:
+        gateway = plane(
+            "--service", "edge", "--control-plane", cp.url, "--insecure-admin", "--admin", "127.0.0.1:0",
+            "--state-dir", tmp_path / "s", "--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
+            module="runtime.gateway",
+        )  # fmt: skip
+        assert not [k for k in gateway.listening if k.startswith("listener:")]
+        assert not gateway.ready()
+
+        def rule(prefix: str, service: str) -> GatewayRule:
+            return GatewayRule(
+                matches=(GatewayMatch(path=StringMatch(kind="prefix", value=prefix)),),
+                backends=(GatewayBackend(weight=1, service=service),),
+            )
+
+        first = GatewayListener(port=8080, protocol="HTTP", rules=(rule("/m", "magnanimo"),))
+        second = GatewayListener(port=9090, protocol="HTTP", rules=(rule("/b", "benigno"),))
+        eps = {"magnanimo": [(magnanimo.address, {})], "benigno": [(benigno.address, {})]}
+        assert gateway.push_endpoints(endpoint_set(1, eps))[0] == 200
+        assert gateway.push_bundle(mesh_bundle(), generation=1)[0] == 200
+        bundle = service_bundle("edge", gateway=GatewayConf(listeners=(first,)))
+        assert gateway.push_bundle(bundle, generation=1)[0] == 200
+        listening = gateway.config()["listening"]
+        assert set(listening) == {"admin", "listener:8080"}, listening
+        host, _, port = listening["listener:8080"].rpartition(":")
+        assert ProxyClient((host, int(port))).name("/m/x") == "magnanimo"
+
+        bundle = service_bundle("edge", gateway=GatewayConf(listeners=(first, second)))
+        assert gateway.push_bundle(bundle, generation=2)[0] == 200
+        listening = gateway.config()["listening"]
+        assert set(listening) == {"admin", "listener:8080", "listener:9090"}, listening
+        host, _, port = listening["listener:9090"].rpartition(":")
+        assert ProxyClient((host, int(port))).name("/b/y") == "benigno"
+        assert ProxyClient((host, int(port))).get("/m/x")[0] == 404  # each port has its own rules
+        assert gateway.terminate() == 0
+
+        # Restarted from its state dir: both listeners are bound before anything answers.
+        again = plane(
+            "--service", "edge", "--control-plane", cp.url, "--insecure-admin", "--admin", "127.0.0.1:0",
+            "--state-dir", tmp_path / "s", "--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0",
+            module="runtime.gateway",
+        )  # fmt: skip
+        assert {"listener:8080", "listener:9090"} <= set(again.listening)
+    finally:
+        cp.close()
+
+
+def test_gateway_without_bundle_or_control_plane_refuses_to_start(
+    plane: Callable[..., Plane], tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.gateway", "--service", "edge", "--admin", "127.0.0.1:0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "needs a service bundle with a gateway section" in proc.stderr
+
+
 class _FakeControlPlane:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
