@@ -19,23 +19,34 @@ Results go to ``bench/results/sidecar.json``. Every process started here is kill
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _procs import (  # noqa: E402
+    CLIENT_CPU,
+    LOAD,
+    PY,
+    Procs,
+    endpoints_file,
+    ensure_tools,
+)
+from _procs import cpu_s as _cpu_s  # noqa: E402
+from _procs import free_port as _free_port  # noqa: E402
+from _procs import json_line as _json_line  # noqa: E402
+from _procs import rss_mb as _rss_mb  # noqa: E402
+from _procs import wait_port as _wait_port  # noqa: E402
 
 from runtime.bundle import (  # noqa: E402
     CatalogService,
@@ -49,129 +60,6 @@ from runtime.bundle import (  # noqa: E402
     bundle_bytes,
     bundle_digest,
 )
-
-PY = sys.executable
-LOAD = str(REPO / "bench" / "_load.py")
-PROXY_CPU = 0
-CLIENT_CPU = 1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class Procs:
-    """Every process this benchmark starts, killed by PID at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, args: list[str], cpu: int | None = PROXY_CPU, **kw: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, **kw)
-        self.procs.append(proc)
-        if cpu is not None:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(proc.pid, {cpu})
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            for pid in [*_descendants(proc.pid), proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def _cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        for p in [pid, *_descendants(pid)]:
-            try:
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
-def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        for p in [pid, *_descendants(pid)]:
-            try:
-                status = Path(f"/proc/{p}/status").read_text()
-            except OSError:
-                continue
-            m = re.search(r"VmRSS:\s+(\d+)", status)
-            total += int(m.group(1)) if m else 0
-    return total / 1024.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, deadline: float = 30.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def _json_line(proc: subprocess.Popen[bytes], deadline: float = 60.0) -> dict[str, Any]:
-    assert proc.stdout is not None
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"process {proc.pid} exited {proc.poll()}")
-        try:
-            doc: dict[str, Any] = json.loads(line)
-            return doc
-        except ValueError:
-            continue
-    raise RuntimeError("no JSON line in time")
-
-
-def ensure_tools(install: bool) -> dict[str, str | None]:
-    wanted = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"}
-    missing = [pkg for pkg, binary in wanted.items() if shutil.which(binary) is None]
-    if missing and install and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
-        if subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-            subprocess.run(cmd, env=env, capture_output=True, timeout=600)
-    return {name: shutil.which(binary) for name, binary in wanted.items()}
-
 
 # --- configurations ------------------------------------------------------------------------------
 
@@ -207,18 +95,7 @@ def _bundles(tmp: Path) -> tuple[Path, Path, Path, Path]:
 
 
 def _endpoints(tmp: Path, name: str, v1: str, v2: str) -> Path:
-    path = tmp / f"{name}.json"
-    doc = {
-        "generation": 1,
-        "services": {
-            "benigno": [
-                {"address": v1, "tags": {"version": "v1"}},
-                {"address": v2, "tags": {"version": "v2"}},
-            ]
-        },
-    }
-    path.write_text(json.dumps(doc))
-    return path
+    return endpoints_file(tmp / f"{name}.json", v1, v2)
 
 
 def _sidecar(procs: Procs, args: list[str]) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
@@ -364,7 +241,7 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     duration = 3.0 if ns.quick else ns.duration
     rates = [int(r) for r in ns.rates.split(",") if r]
-    tools = ensure_tools(not ns.no_install)
+    tools = ensure_tools(not ns.no_install, {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk"})
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="meshc-bench-"))
     results: dict[str, Any] = {}

@@ -34,7 +34,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +44,22 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _procs import (  # noqa: E402
+    CLIENT_CPU,
+    LOAD,
+    PROXY_CPU,
+    PY,
+    Procs,
+    endpoints_file,
+    rss_mb,
+)
+from _procs import cpu_s as _cpu_s  # noqa: E402
+from _procs import ensure_tools as _ensure_tools  # noqa: E402
+from _procs import free_port as _free_port  # noqa: E402
+from _procs import json_line as _json_line  # noqa: E402
+from _procs import wait_port as _wait_port  # noqa: E402
 
 from runtime.bundle import (  # noqa: E402
     CatalogService,
@@ -59,11 +74,6 @@ from runtime.bundle import (  # noqa: E402
     bundle_digest,
 )
 
-PY = sys.executable
-LOAD = str(REPO / "bench" / "_load.py")
-PROXY_CPU = 0
-CLIENT_CPU = 1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = 1024
 TARGETS = {
     "saturation_ratio_to_nginx_min": 0.5,
@@ -75,92 +85,6 @@ TARGETS = {
 
 
 # --- processes -----------------------------------------------------------------------------------
-
-
-class Procs:
-    """Every process this benchmark starts, killed by PID at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, args: list[str], cpu: int | None, **kw: Any) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, **kw)
-        self.procs.append(proc)
-        if cpu is not None:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(proc.pid, {cpu})
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
-
-
-def _cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    m = re.search(r"VmRSS:\s+(\d+)", status)
-    return int(m.group(1)) / 1024.0 if m else 0.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, deadline: float = 30.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def _json_line(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    while True:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"process {proc.pid} exited {proc.poll()}")
-        with contextlib.suppress(ValueError):
-            doc: dict[str, Any] = json.loads(line)
-            return doc
-
-
-def ensure_tools(install: bool) -> dict[str, str | None]:
-    wanted = {"nginx": "nginx", "wrk": "wrk"}
-    missing = [pkg for pkg, binary in wanted.items() if shutil.which(binary) is None]
-    if missing and install and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
-        if subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-            subprocess.run(cmd, env=env, capture_output=True, timeout=600)
-    return {name: shutil.which(binary) for name, binary in wanted.items()}
 
 
 _NGINX_HEAD = """worker_processes 1;
@@ -242,12 +166,15 @@ def _bundles(tmp: Path) -> dict[str, Path]:
 
 
 def _endpoints(tmp: Path, name: str, v1: str, v2: str) -> Path:
-    path = tmp / f"{name}.json"
-    services = {
-        "benigno": [{"address": v1, "tags": {"version": "v1"}}, {"address": v2, "tags": {"version": "v2"}}]
-    }
-    path.write_text(json.dumps({"generation": 1, "services": services}))
-    return path
+    return endpoints_file(tmp / f"{name}.json", v1, v2)
+
+
+def ensure_tools(install: bool) -> dict[str, str | None]:
+    return _ensure_tools(install, {"nginx": "nginx", "wrk": "wrk"})
+
+
+def _rss_mb(pid: int) -> float:
+    return rss_mb([pid])
 
 
 def _sidecar(procs: Procs, args: list[str]) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
