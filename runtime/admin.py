@@ -19,8 +19,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
+from runtime._http import AdminRequest, AdminResponse, BodyTooLarge
 from runtime.bundle import MAX_BUNDLE_BYTES
 from runtime.metrics import CONTENT_TYPE
 from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE
@@ -33,57 +32,43 @@ __all__ = ["handle"]
 _MAX_ENDPOINTS = 16 * 1024 * 1024
 
 
-def _json(status: int, body: Any) -> web.Response:
-    return web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json")
+def _json(status: int, body: Any) -> AdminResponse:
+    return AdminResponse(status, json.dumps(body).encode())
 
 
-async def _read_capped(request: web.BaseRequest, limit: int) -> bytes | None:
-    """The body, or None when it is larger than ``limit``.
-
-    An oversize body is read and dropped (up to 4x the limit) rather than left unread, so the
-    client sees the NACK instead of a connection reset in the middle of its upload.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    over = request.content_length is not None and request.content_length > limit
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            return None if over else b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            over = True
-            chunks.clear()
-            if size > 4 * limit:
-                return None
-        elif not over:
-            chunks.append(chunk)
+async def _read_capped(request: AdminRequest, limit: int) -> bytes | None:
+    """The body, or None when it is larger than ``limit`` (read and dropped up to 4x the limit,
+    so the client sees the NACK instead of a connection reset in the middle of its upload)."""
+    try:
+        return await request.read(limit)
+    except BodyTooLarge:
+        return None
 
 
-async def handle(plane: DataPlane, request: web.BaseRequest) -> web.StreamResponse:
+async def handle(plane: DataPlane, request: AdminRequest) -> AdminResponse:
     path, method = request.path, request.method
     if path == "/bundle" and method == "PUT":
         body = await _read_capped(request, MAX_BUNDLE_BYTES)
         if body is None:
             status, reply = plane._nack(
-                request.headers.get(HDR_BUNDLE_ROLE) or "bundle",
+                request.headers.get(HDR_BUNDLE_ROLE.lower()) or "bundle",
                 413,
                 f"bundle is over the {MAX_BUNDLE_BYTES} byte limit",
             )
             resp = _json(status, reply)
-            resp.force_close()
+            resp.close = True
             return resp
         try:
-            generation = int(request.headers.get(HDR_GENERATION, "0"))
+            generation = int(request.headers.get(HDR_GENERATION.lower(), "0"))
         except ValueError:
             status, reply = plane._nack("bundle", 400, f"{HDR_GENERATION} is not an integer")
             return _json(status, reply)
         status, reply = await plane.push_bundle(
             body,
-            request.headers.get(HDR_DIGEST),
+            request.headers.get(HDR_DIGEST.lower()),
             generation,
-            request.headers.get(HDR_BUNDLE_ROLE),
-            request.headers.get(HDR_SIGNATURE),
+            request.headers.get(HDR_BUNDLE_ROLE.lower()),
+            request.headers.get(HDR_SIGNATURE.lower()),
         )
         return _json(status, reply)
     if path == "/endpoints" and method == "PUT":
@@ -93,15 +78,15 @@ async def handle(plane: DataPlane, request: web.BaseRequest) -> web.StreamRespon
                 "endpoints", 413, f"endpoint set is over the {_MAX_ENDPOINTS} byte limit"
             )
             resp = _json(status, reply)
-            resp.force_close()
+            resp.close = True
             return resp
-        gen_header = request.headers.get(HDR_GENERATION)
+        gen_header = request.headers.get(HDR_GENERATION.lower())
         try:
             gen = int(gen_header) if gen_header is not None else None
         except ValueError:
             status, reply = plane._nack("endpoints", 400, f"{HDR_GENERATION} is not an integer")
             return _json(status, reply)
-        status, reply = await plane.push_endpoints(body, gen, request.headers.get(HDR_SIGNATURE))
+        status, reply = await plane.push_endpoints(body, gen, request.headers.get(HDR_SIGNATURE.lower()))
         return _json(status, reply)
     if method not in ("GET", "HEAD"):
         return _json(405, {"error": f"{method} {path} is not supported"})
@@ -111,5 +96,5 @@ async def handle(plane: DataPlane, request: web.BaseRequest) -> web.StreamRespon
     if path == "/config":
         return _json(200, plane.config())
     if path == "/metrics":
-        return web.Response(body=plane.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return AdminResponse(200, plane.metrics.render(), CONTENT_TYPE)
     return _json(404, {"error": f"no such admin path {path}"})

@@ -12,14 +12,17 @@ import base64
 import contextlib
 import random
 import ssl
+import sys
 from collections.abc import Callable
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from runtime._hosts import Host
 from runtime.bundle import HealthCheckConf
 from runtime.engine import Snapshot
 from runtime.metrics import Metrics
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["HealthChecker"]
 
@@ -81,10 +84,16 @@ class HealthChecker:
                 if conf.http is not None or conf.tcp is None:
                     return await self._http(host, conf)
                 return await self._tcp(host, conf)
-        except (TimeoutError, OSError, aiohttp.ClientError, ValueError):
+        except (TimeoutError, OSError, ValueError):
             return False
+        except Exception as e:
+            if _client_error(e):
+                return False
+            raise
 
     async def _http(self, host: Host, conf: HealthCheckConf) -> bool:
+        import aiohttp  # only once a Mesh asks for HTTP health checks: ~11 MB a fast path saves
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=False),
@@ -135,3 +144,8 @@ class HealthChecker:
             return True
         finally:
             writer.close()
+
+
+def _client_error(e: Exception) -> bool:
+    aiohttp = sys.modules.get("aiohttp")
+    return aiohttp is not None and isinstance(e, aiohttp.ClientError)

@@ -21,8 +21,7 @@ import random
 import sys
 from collections.abc import Callable
 
-import aiohttp
-
+from runtime._http import post
 from runtime.protocol import (
     CertificateReply,
     CertificateRequest,
@@ -51,23 +50,21 @@ class Registrar:
         self._on_registered = on_registered
         self.instance: str | None = None
         self.reply: RegistrationReply | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._started = False
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
         self._auth = auth
         self._use_token = False
 
     def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
+        self._started = True
         self._task = asyncio.ensure_future(self._run())
 
     async def _post(self, path: str, body: bytes, authenticate: bool = False) -> tuple[int, bytes]:
-        assert self._session is not None
         headers = {"Content-Type": "application/json"}
         if authenticate and self._auth is not None:
             headers.update(self._auth(path, body, self._use_token))
-        async with self._session.post(f"{self.url}{path}", data=body, headers=headers) as resp:
-            status, data = resp.status, await resp.read()
+        status, data = await post(self.url, path, body, headers, timeout=5.0)
         if authenticate and status in (401, 403):
             # The certificate was refused (a new CA, an expired certificate): the token next time.
             self._use_token = not self._use_token
@@ -78,7 +75,7 @@ class Registrar:
     async def renew(self, csr_pem: str) -> CertificateReply | None:
         """A new certificate for ``csr_pem``; None when the control plane forgot this instance
         (the registration loop then registers again, which issues one)."""
-        if self.instance is None or self._session is None:
+        if self.instance is None or not self._started:
             return None
         body = CertificateRequest(instance=self.instance, csr_pem=csr_pem).model_dump_json().encode()
         status, data = await self._post("/api/v1/certificate", body, authenticate=True)
@@ -114,7 +111,7 @@ class Registrar:
                 backoff = 0.25
             except asyncio.CancelledError:
                 raise
-            except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as e:
+            except (OSError, TimeoutError, ValueError) as e:
                 print(f"meshc: control plane {self.url}: {e}; retrying", file=sys.stderr, flush=True)
                 await asyncio.sleep(backoff * (0.5 + self._rng.random()))
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
@@ -125,10 +122,9 @@ class Registrar:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if deregister and self.instance is not None:
-            with contextlib.suppress(OSError, aiohttp.ClientError, TimeoutError):
+            with contextlib.suppress(OSError, TimeoutError, ValueError):
                 async with asyncio.timeout(2.0):
                     await self._post(
                         "/api/v1/deregister", json.dumps({"instance": self.instance}).encode(), True
                     )
-        if self._session is not None:
-            await self._session.close()
+        self._started = False

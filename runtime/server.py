@@ -22,9 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any, Literal
 
 from runtime.bundle import (
     MAX_BUNDLE_BYTES,
@@ -44,11 +42,16 @@ from runtime.protocol import (
     Registration,
     RegistrationReply,
 )
-from runtime.proxy import HttpProxy
 from runtime.registration import Registrar
-from runtime.security import MtlsListener, PushTrust
+from runtime.security import Credentials, MtlsListener, PushTrust
 from runtime.state import Slot, StateDir, StoredState
 from runtime.tcp import OutboundSniffer, TcpProxy
+
+if TYPE_CHECKING:  # aiohttp only for --dataplane aiohttp: ~11 MB of RSS a fast path does without
+    from aiohttp import web
+
+    from runtime._http import AdminRequest, AdminResponse
+    from runtime.proxy import HttpProxy
 
 __all__ = ["Addr", "DataPlane", "Options", "StartupError", "parse_addr", "serve"]
 
@@ -141,19 +144,26 @@ class DataPlane:
         self._lock = asyncio.Lock()
         self._runners: list[web.BaseRunner] = []
         self._servers: list[asyncio.base_events.Server] = []
-        self._admin_runner: web.ServerRunner | None = None
-        self.http = HttpProxy(self.engine, self.metrics, app_address=opts.app)
+        self._admin_server: asyncio.Server | None = None
+        self.own_addresses: set[Addr] = set()  # the outbound listener: never a destination
+        # DESIGN §6: one identity shared by every forwarding layer; the key stays in memory.
+        self.creds = Credentials()
+        self.http: HttpProxy | None = None
         self.fast: FastHttp | None = None
         if opts.dataplane == "fast":  # the HTTP listeners on runtime.fastproxy instead of aiohttp
             self.fast = FastHttp(
-                self.engine, self.metrics, app_address=opts.app, own_addresses=self.http.own_addresses
+                self.engine, self.metrics, app_address=opts.app, own_addresses=self.own_addresses
             )
+        else:
+            from runtime.proxy import HttpProxy
+
+            self.http = HttpProxy(self.engine, self.metrics, app_address=opts.app)
+            self.http.own_addresses = self.own_addresses
+            self.http.creds = self.creds
         self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app)
         self.health = HealthChecker(self.metrics)
         self.registrar: Registrar | None = None
         self._bg: asyncio.Future[None] | None = None
-        # DESIGN §6: one identity shared by every forwarding layer; the key stays in memory.
-        self.creds = self.http.creds
         self.tcp.creds = self.creds
         if self.fast is not None:
             self.fast.creds = self.creds
@@ -203,7 +213,8 @@ class DataPlane:
                 raise StartupError("--service is required without a service bundle")
             self.engine.service = self.service
             self.engine.tags["kuma.io/service"] = self.service
-            self.http.service = self.service
+            if self.http is not None:
+                self.http.service = self.service
         try:
             snap = self._build(slots, endpoints)
         except BundleError as e:
@@ -232,7 +243,8 @@ class DataPlane:
 
     async def start(self) -> None:
         self._initial_state()
-        await self.http.start()
+        if self.http is not None:
+            await self.http.start()
         self.health.reconcile(self.engine.snapshot)
         loop = asyncio.get_running_loop()
         opts = self.opts
@@ -246,12 +258,11 @@ class DataPlane:
                 "no control plane and no trusted key: the admin API refuses every push "
                 "(--trust-key HEX, or --insecure-admin to accept unsigned pushes)"
             )
-        admin_runner = web.ServerRunner(web.Server(self._admin, access_log=None), handle_signals=False)
-        await admin_runner.setup()
-        self._admin_runner = admin_runner
         try:
+            from runtime._http import serve_admin
+
             sock = _bind(opts.admin)
-            await web.SockSite(admin_runner, sock).start()
+            self._admin_server = await serve_admin(sock, self._admin)
             self.listening["admin"] = _fmt(sock.getsockname()[:2])
             if opts.kind == "sidecar":
                 if opts.inbound is not None:
@@ -260,13 +271,14 @@ class DataPlane:
                     if self.fast is not None:
                         factory: Any = self.fast.factory("outbound")
                     else:
+                        assert self.http is not None
                         factory = (await self._runner(self.http.outbound)).server
                     sock = _bind(opts.outbound)
                     assert factory is not None
                     server = await loop.create_server(lambda: OutboundSniffer(factory, self.tcp), sock=sock)
                     self._servers.append(server)
                     self.listening["outbound"] = _fmt(sock.getsockname()[:2])
-                    self.http.own_addresses.add(sock.getsockname()[:2])
+                    self.own_addresses.add(sock.getsockname()[:2])
             else:
                 await self._start_gateway()
         except OSError as e:
@@ -284,6 +296,8 @@ class DataPlane:
         _emit({"event": "listening", "service": self.service, **self.listening})
 
     async def _runner(self, handler: Any) -> web.ServerRunner:
+        from aiohttp import web
+
         runner = web.ServerRunner(
             web.Server(handler, access_log=None, keepalive_timeout=75.0),
             handle_signals=False,
@@ -310,6 +324,7 @@ class DataPlane:
         elif self.fast is not None:
             factory = self.fast.factory("inbound")
         else:
+            assert self.http is not None
             factory = (await self._runner(self.http.inbound)).server
         listener = MtlsListener(sock, factory, self._current_mtls, self.creds, self._count_inbound)
         listener.start()
@@ -373,9 +388,14 @@ class DataPlane:
                 loop = asyncio.get_running_loop()
                 self._servers.append(await loop.create_server(self.fast.factory("gateway", port), sock=sock))
             else:
+                from aiohttp import web
 
-                async def handler(request: web.BaseRequest, port: int = port) -> web.StreamResponse:
-                    return await self.http.gateway(request, port)
+                assert self.http is not None
+
+                async def handler(
+                    request: web.BaseRequest, port: int = port, http: HttpProxy = self.http
+                ) -> web.StreamResponse:
+                    return await http.gateway(request, port)
 
                 runner = await self._runner(handler)
                 await web.SockSite(runner, sock).start()
@@ -628,7 +648,7 @@ class DataPlane:
 
     # -- admin API --------------------------------------------------------------------------
 
-    async def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _admin(self, request: AdminRequest) -> AdminResponse:
         from runtime.admin import handle
 
         return await handle(self, request)
@@ -684,11 +704,12 @@ class DataPlane:
         if self.registrar is not None:
             await self.registrar.stop(deregister=True)
         await self.health.close()
-        await self.http.close()
+        if self.http is not None:
+            await self.http.close()
         if self.fast is not None:
             await self.fast.close()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        if self._admin_server is not None:
+            self._admin_server.close()
 
 
 async def serve(opts: Options) -> int:

@@ -318,3 +318,31 @@ def test_idle_sidecar_rss_stays_under_60_mb(plane: Callable[..., Plane], tmp_pat
     status = Path(f"/proc/{sidecar.pid()}/status").read_text()
     rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
     assert rss_kb < 60 * 1024, f"idle RSS {rss_kb} kB"
+
+
+def test_idle_registered_sidecar_rss_stays_under_60_mb_without_aiohttp(
+    plane: Callable[..., Plane], tmp_path: Path
+) -> None:
+    """With a control plane (registered, heartbeating, pushed to over the admin API), the fast
+    path's sidecar loads no aiohttp: the admin API and the control-plane client are plain asyncio."""
+    cp = _FakeControlPlane()
+    try:
+        sidecar = plane(
+            "--service", "magnanimo", "--app", "127.0.0.1:9", "--inbound", "127.0.0.1:0",
+            "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--control-plane", cp.url,
+            "--insecure-admin", "--state-dir", tmp_path / "s",
+            "--mesh-bundle", write_bundle(tmp_path, mesh_bundle()),
+            "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+        )  # fmt: skip
+        wait_until(lambda: cp.paths().count("/api/v1/heartbeat") >= 2, "heartbeats")
+        assert sidecar.push_endpoints(endpoint_set(2, {"benigno": [("127.0.0.1:9", {})]}))[0] == 200
+        assert sidecar.ready() and "meshc_" in sidecar.metrics()
+        maps = Path(f"/proc/{sidecar.pid()}/maps").read_text()
+        assert "aiohttp" not in maps and "multidict" not in maps, "aiohttp was loaded"
+        status = Path(f"/proc/{sidecar.pid()}/status").read_text()
+        rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+        assert rss_kb < 60 * 1024, f"idle RSS {rss_kb} kB"
+        assert sidecar.terminate() == 0
+        assert cp.calls[-1] == ("/api/v1/deregister", {"instance": "magnanimo-1"})
+    finally:
+        cp.close()
