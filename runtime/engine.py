@@ -349,6 +349,7 @@ class GatewayRoute:
     __slots__ = (
         "_hostnames",
         "_matches",
+        "mirrors",
         "redirect",
         "request_headers",
         "response_headers",
@@ -357,7 +358,11 @@ class GatewayRoute:
         "wheel",
     )
 
-    def __init__(self, rule: GatewayRule, wheel: Wheel[Target]) -> None:
+    def __init__(
+        self, rule: GatewayRule, wheel: Wheel[Target], mirrors: tuple[tuple[float, Target], ...] = ()
+    ) -> None:
+        self.mirrors = mirrors
+        """(percentage, target) of each ``mirror`` filter: a copy of the request, answer ignored."""
         self._hostnames = tuple(_host_matcher(h) for h in rule.hostnames)
         matches: list[_CompiledMatch] = []
         for m in rule.matches:
@@ -388,7 +393,6 @@ class GatewayRoute:
                 self.request_headers += (f,)
             elif f.type == "response_header":
                 self.response_headers += (f,)
-            # mirror: not supported yet (traffic is not duplicated); see the runtime README.
 
     def match(
         self, host: str, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]
@@ -662,7 +666,13 @@ class Engine:
                     continue  # TLS termination arrives with the security issue
                 g_routes = tuple(
                     GatewayRoute(
-                        rule, Wheel([(b.weight, target(b.service, b.tags, None)) for b in rule.backends])
+                        rule,
+                        Wheel([(b.weight, target(b.service, b.tags, None)) for b in rule.backends]),
+                        tuple(
+                            (f.mirror_percentage, target(f.mirror.service, f.mirror.tags, None))
+                            for f in rule.filters
+                            if f.type == "mirror" and f.mirror is not None
+                        ),
                     )
                     for rule in listener.rules
                 )

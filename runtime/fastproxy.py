@@ -838,6 +838,15 @@ class ClientConn(asyncio.Protocol):
         self.gw_route = route
         self.dirty = True
         self.head_out = self._head(req, path_qs, req.host, headers, plane.service_b)
+        if route.mirrors and not req.has_body and req.upgrade is None:
+            # Fire and forget, as Envoy's request mirror policy: the Host gets "-shadow" and the
+            # mirror's answer (or failure) never touches this exchange. Requests with a body are
+            # not mirrored (the body streams to the backend and is not kept).
+            for percentage, mirror in route.mirrors:
+                if percentage >= 100.0 or engine.rng.random() * 100.0 < percentage:
+                    shadow = (req.host or b"").split(b":", 1)[0] + b"-shadow"
+                    head = self._head(req, path_qs, shadow, headers, plane.service_b)
+                    plane.mirror(mirror, head[:-2] + b"connection: close\r\n\r\n")
         self._to_target(req, target)
 
     def _head(
@@ -1636,6 +1645,36 @@ class FastHttp:
             client.connect_failed(attempt, Outcome.CONNECT_FAILURE, e)
             return
         client.connected(attempt, up)
+
+    def mirror(self, target: Target, head: bytes) -> None:
+        """Send a bodyless request to one of ``target``'s hosts and drop the answer."""
+        host = target.pick(self.loop.time(), self.engine.rng)
+        if host is None:
+            return
+        self.metrics.mirrors.labels(target.service).inc()
+        task = self.loop.create_task(self._mirror(target, host.address, head))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _mirror(self, target: Target, address: str, head: bytes) -> None:
+        name, _, port = address.rpartition(":")
+        name = name.strip("[]")
+        mesh = self.engine.snapshot.mesh
+        ctx = self.creds.client_ctx if mesh is not None and mesh.mtls.enabled else None
+        with contextlib.suppress(OSError, TimeoutError, ValueError):
+            async with asyncio.timeout(target.request_timeout_s or 15.0):
+                if mesh is not None and mesh.mtls.enabled and ctx is None:
+                    return  # no certificate yet: the peer would refuse plaintext
+                reader, writer = await asyncio.open_connection(
+                    name, int(port), ssl=ctx, server_hostname=name if ctx is not None else None
+                )
+                try:
+                    if ctx is None or wrong_peer(self.peers, writer.transport, target.service) is None:
+                        writer.write(head)
+                        while await reader.read(65536):
+                            pass
+                finally:
+                    writer.close()
 
     def on_new_certificate(self) -> None:
         """A new certificate or mTLS mode: new connections use it; pooled ones stay usable."""

@@ -49,6 +49,12 @@ class Metrics:
             ["destination_service", "host", "result"],
             registry=r,
         )
+        self.mirrors = Counter(
+            "meshc_gateway_mirrors",
+            "Copies of gateway requests sent to a mirror backend (the decision, before any I/O).",
+            ["destination_service"],
+            registry=r,
+        )
         self.overflow = Counter(
             "meshc_upstream_overflow",
             "Requests refused at once by a connection limit.",

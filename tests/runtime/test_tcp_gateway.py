@@ -20,6 +20,7 @@ from runtime_harness import (
     connect_tunnel,
     endpoint_set,
     mesh_bundle,
+    metric_value,
     read_line,
     service_bundle,
     simple_destination,
@@ -36,6 +37,7 @@ from runtime.bundle import (
     GatewayMatch,
     GatewayRule,
     HeaderChange,
+    Split,
     StringMatch,
 )
 
@@ -215,6 +217,50 @@ def test_gateway_without_bundle_or_control_plane_refuses_to_start(
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "needs a service bundle with a gateway section" in proc.stderr
+
+
+def test_gateway_mirror_copies_requests_at_the_percentage_and_never_changes_the_answer(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    main, shadow = upstream("main"), upstream("shadow")
+    shadow.status = 500  # the mirror's answer must not reach the client
+
+    def rule(prefix: str, percentage: float) -> GatewayRule:
+        mirror = Split(weight=1, service="shadow")
+        return GatewayRule(
+            matches=(GatewayMatch(path=StringMatch(kind="prefix", value=prefix)),),
+            filters=(GatewayFilter(type="mirror", mirror=mirror, mirror_percentage=percentage),),
+            backends=(GatewayBackend(weight=1, service="main"),),
+        )
+
+    gw = GatewayConf(
+        listeners=(GatewayListener(port=8080, protocol="HTTP", rules=(rule("/all", 100), rule("/half", 50))),)
+    )
+    ep_file = tmp_path / "eps.json"
+    ep_file.write_text(
+        endpoint_set(1, {"main": [(main.address, {})], "shadow": [(shadow.address, {})]}).model_dump_json()
+    )
+    gateway = plane(
+        "--bundle", write_bundle(tmp_path, service_bundle("edge", gateway=gw)),
+        "--mesh-bundle", write_bundle(tmp_path, mesh_bundle()), "--endpoints", ep_file,
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", module="runtime.gateway",
+    )  # fmt: skip
+    host, _, port = gateway.listening["listener:8080"].rpartition(":")
+    client = ProxyClient((host, int(port)))
+    for i in range(20):
+        status, _, body = client.get(f"/all/{i}")
+        assert status == 200 and json.loads(body)["name"] == "main"
+    wait_until(lambda: shadow.total() >= 20, "20 mirrored requests")
+    assert shadow.seen_headers[-1]["host"].endswith("-shadow")
+    n = 1000
+    for i in range(n):
+        assert client.get(f"/half/{i}")[0] == 200
+    # The decision is counted before the copy is sent: every counted copy arrives.
+    mirrored = metric_value(gateway.metrics(), "meshc_gateway_mirrors_total", destination_service="shadow")
+    wait_until(lambda: shadow.total() >= mirrored, f"{mirrored} mirrored requests")
+    half = mirrored - 20
+    assert abs(half / n - 0.5) <= 5.3 * math.sqrt(0.25 / n), half
+    assert main.total() == 20 + n
 
 
 class _FakeControlPlane:
