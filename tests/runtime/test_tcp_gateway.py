@@ -179,7 +179,10 @@ def test_gateway_starts_without_a_bundle_and_binds_pushed_listeners(
 
         first = GatewayListener(port=8080, protocol="HTTP", rules=(rule("/m", "magnanimo"),))
         second = GatewayListener(port=9090, protocol="HTTP", rules=(rule("/b", "benigno"),))
-        eps = {"magnanimo": [(magnanimo.address, {})], "benigno": [(benigno.address, {})]}
+        eps: dict[str, list[tuple[str, dict[str, str]]]] = {
+            "magnanimo": [(magnanimo.address, {})],
+            "benigno": [(benigno.address, {})],
+        }
         assert gateway.push_endpoints(endpoint_set(1, eps))[0] == 200
         assert gateway.push_bundle(mesh_bundle(), generation=1)[0] == 200
         bundle = service_bundle("edge", gateway=GatewayConf(listeners=(first,)))
