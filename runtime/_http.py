@@ -211,6 +211,10 @@ async def serve_admin(
                     return
         except (ConnectionError, OSError):
             return
+        except asyncio.CancelledError:
+            # The loop is closing (after the drain): end quietly. A cancelled connection task
+            # makes asyncio's start_server callback print a traceback on Python 3.11.
+            return
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
