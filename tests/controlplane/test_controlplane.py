@@ -335,3 +335,12 @@ def test_status_table_and_json(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def test_generations_are_never_issued_ahead_of_the_clock(tmp_path: Path) -> None:
+    """A control plane restarted without its state relies on the clock alone: generations issued
+    by an earlier run (with state) must not lie in its future, or its pushes look like replays."""
+    Generations(tmp_path).next()
+    reloaded = Generations(tmp_path).next()
+    stateless = Generations(None).next()
+    assert stateless > reloaded
