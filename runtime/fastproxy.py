@@ -141,6 +141,10 @@ def _query_map(qs: str) -> dict[str, str]:
     return out
 
 
+_LINGER_S = 2.0
+"""How long an error answer's connection keeps draining the client's bytes before it closes."""
+
+
 class _AccessLog:
     """JSON lines to the file a TrafficLog backend names (as the aiohttp path writes them)."""
 
@@ -403,6 +407,7 @@ class ClientConn(asyncio.Protocol):
         "tried",
         "try_timeout",
         "tunnel",
+        "lingering",
         "up",
         "write_paused",
     )
@@ -423,6 +428,7 @@ class ClientConn(asyncio.Protocol):
         self.close_after = False
         self.idle_since = 0.0
         self.tunnel = False
+        self.lingering = False
         self.early = b""
         self.bad: h1.H1Error | None = None
         # The exchange in flight (reset by ``_begin``).
@@ -476,6 +482,8 @@ class ClientConn(asyncio.Protocol):
             tr.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # the rest of a refused request: read and dropped until the client is done
         if self.tunnel:
             up = self.up
             if up is not None and up.transport is not None:
@@ -495,7 +503,7 @@ class ClientConn(asyncio.Protocol):
             self.flush()
 
     def eof_received(self) -> bool:
-        if self.req is None:
+        if self.lingering or self.req is None:
             return False
         self.close_after = True  # half-closed: answer what is in flight, then close
         return True
@@ -1518,7 +1526,25 @@ class ClientConn(asyncio.Protocol):
         self.close_after = True
         if self.transport is not None:
             self.transport.write(h1.reply(err.status, err.reason, close=True))
-            self.transport.close()
+            self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Close after an error answer without losing it (nginx's lingering close).
+
+        The client may still be sending the refused request; closing with unread bytes makes the
+        kernel send a reset, which can destroy the answer before the client reads it. So: send
+        FIN after the answer, read and drop what still comes, and close when the client closes
+        or after a short grace period.
+        """
+        tr = self.transport
+        if tr is None:
+            return
+        if not tr.can_write_eof():  # TLS: no half-close
+            tr.close()
+            return
+        self.lingering = True
+        tr.write_eof()
+        asyncio.get_running_loop().call_later(_LINGER_S, tr.close)
 
     def _upgrade_request(self, rest: bytes) -> None:
         """The parser stopped after an Upgrade or CONNECT head; ``rest`` is the bytes after it."""
