@@ -31,17 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, unquote
 
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._lb import RingHash
 from runtime._policy import MAX_RETRY_BODY
+from runtime.accesslog import AccessLog
 from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
 from runtime.engine import Engine, GatewayRoute, Target
 from runtime.fastmetrics import RequestStats, Series
@@ -143,30 +143,6 @@ def _query_map(qs: str) -> dict[str, str]:
 
 _LINGER_S = 2.0
 """How long an error answer's connection keeps draining the client's bytes before it closes."""
-
-
-class _AccessLog:
-    """JSON lines to the file a TrafficLog backend names (as the aiohttp path writes them)."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, IO[str]] = {}
-
-    def write(self, conf: TrafficLogConf, entry: dict[str, Any]) -> None:
-        backend = conf.backend
-        if backend.type != "file" or not backend.path:
-            return
-        f = self._files.get(backend.path)
-        if f is None:
-            try:
-                f = self._files[backend.path] = open(backend.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-            except OSError:
-                return
-        f.write(json.dumps(entry, separators=(",", ":")) + "\n")
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
 
 
 class Pool:
@@ -376,6 +352,7 @@ class ClientConn(asyncio.Protocol):
         "idle_since",
         "key",
         "kind",
+        "lingering",
         "out",
         "overall",
         "passthrough",
@@ -407,7 +384,6 @@ class ClientConn(asyncio.Protocol):
         "tried",
         "try_timeout",
         "tunnel",
-        "lingering",
         "up",
         "write_paused",
     )
@@ -1603,7 +1579,7 @@ class FastHttp:
         self.conns: set[ClientConn] = set()
         self.hosts: dict[bytes, tuple[str, int | None]] = {}
         self.sources: dict[bytes, str] = {}
-        self.access_log = _AccessLog()
+        self.access_log = AccessLog()
         self.draining = False
         self.drained: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()

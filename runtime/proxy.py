@@ -8,11 +8,10 @@ only streams bytes, applies timeouts and reports outcomes back to the engine.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -21,6 +20,7 @@ from yarl import URL
 
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY
+from runtime.accesslog import AccessLog
 from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
 from runtime.engine import Engine, GatewayRoute, Route, Snapshot, Target
 from runtime.metrics import Metrics
@@ -91,30 +91,6 @@ def _add_changes(headers: CIMultiDict[str], changes: Iterable[HeaderChange], for
             headers[change.name] = change.value
 
 
-class _AccessLog:
-    """JSON lines to the file a TrafficLog backend names (tcp backends are not written yet)."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, IO[str]] = {}
-
-    def write(self, conf: TrafficLogConf, entry: dict[str, Any]) -> None:
-        backend = conf.backend
-        if backend.type != "file" or not backend.path:
-            return
-        f = self._files.get(backend.path)
-        if f is None:
-            try:
-                f = self._files[backend.path] = open(backend.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-            except OSError:
-                return
-        f.write(json.dumps(entry, separators=(",", ":")) + "\n")
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
 class _MeshConnector(aiohttp.TCPConnector):
     """A new mTLS connection must reach the service it was opened for (the request's
     ``server_hostname``): the server's SPIFFE identity is checked before a byte of the request
@@ -152,7 +128,7 @@ class HttpProxy:
         self.app_address = app_address
         self.own_addresses = set(own_addresses)
         self.session: aiohttp.ClientSession | None = None
-        self.access_log = _AccessLog()
+        self.access_log = AccessLog()
         self.creds = Credentials()
         self.peers = PeerCache()
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
