@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import http
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -49,6 +49,24 @@ _MAX_HEAD_FED = MAX_URL + MAX_HEADER_BYTES + 16 * 1024
 
 LAST_CHUNK = b"0\r\n\r\n"
 CRLF = b"\r\n"
+
+
+def _feed(parser: Any, data: bytes, status: int, what: str) -> int:
+    """``feed_data`` with httptools' exceptions turned into ``H1Error(status)``; returns the
+    offset after an Upgrade / CONNECT / 101 head, else -1. A callback's own ``H1Error`` (size
+    limits, smuggling checks) passes through unchanged."""
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade as e:
+        return int(e.args[0])
+    except httptools.HttpParserCallbackError as e:
+        cause = e.__context__
+        if cause is not None:
+            raise cause from None
+        raise H1Error(status, str(e)) from None
+    except httptools.HttpParserError as e:
+        raise H1Error(status, f"malformed {what}: {e}") from None
+    return -1
 
 
 class H1Error(Exception):
@@ -221,19 +239,9 @@ class RequestReader:
         Raises ``H1Error`` for a message that cannot be accepted; the connection must then be
         answered (when nothing was answered for that request yet) and closed.
         """
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            return int(e.args[0])
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, H1Error):
-                raise cause from None
-            if cause is not None:
-                raise cause from None
-            raise H1Error(400, str(e)) from None
-        except httptools.HttpParserError as e:
-            raise H1Error(400, f"malformed request: {e}") from None
+        offset = _feed(self._parser, data, 400, "request")
+        if offset >= 0:
+            return offset
         if self._in_head:
             self._fed += len(data)
             if self._fed > _MAX_HEAD_FED:
@@ -354,19 +362,9 @@ class ResponseReader:
 
     def feed(self, data: bytes) -> int:
         """Parse ``data``; -1, or the offset of the bytes after a 101 head. Raises ``H1Error``."""
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            return int(e.args[0])
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, H1Error):
-                raise cause from None
-            if cause is not None:
-                raise cause from None
-            raise H1Error(502, str(e)) from None
-        except httptools.HttpParserError as e:
-            raise H1Error(502, f"malformed response: {e}") from None
+        offset = _feed(self._parser, data, 502, "response")
+        if offset >= 0:
+            return offset
         if self._in_head:
             self._fed += len(data)
             if self._fed > _MAX_HEAD_FED:
