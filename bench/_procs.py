@@ -16,6 +16,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.bundle import (
+    CatalogService,
+    Destination,
+    MeshBundle,
+    RouteConf,
+    Rule,
+    ServiceBundle,
+    Split,
+    TimeoutConf,
+    bundle_bytes,
+    bundle_digest,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 LOAD = str(REPO / "bench" / "_load.py")
@@ -148,3 +163,34 @@ def endpoints_file(path: Path, v1: str, v2: str) -> Path:
     }
     path.write_text(json.dumps({"generation": 1, "services": services}))
     return path
+
+
+def canary_bundles(tmp: Path) -> dict[str, Path]:
+    """The seed's 90/10 canary as bundle files: ``mesh``, ``magnanimo`` and ``benigno``."""
+    split = (
+        Split(weight=90, service="benigno", tags={"version": "v1"}),
+        Split(weight=10, service="benigno", tags={"version": "v2"}),
+    )
+    dest = Destination(
+        route=(Rule[RouteConf](conf=RouteConf(split=split)),),
+        timeout=(Rule[TimeoutConf](conf=TimeoutConf()),),
+    )
+    mesh = MeshBundle(
+        mesh="default",
+        services={
+            "benigno": CatalogService(port=5000, protocol="http"),
+            "magnanimo": CatalogService(port=4000, protocol="http"),
+        },
+        destinations={"benigno": dest},
+    )
+    out = {}
+    for key, bundle in (
+        ("mesh", mesh),
+        ("magnanimo", ServiceBundle(mesh="default", service="magnanimo")),
+        ("benigno", ServiceBundle(mesh="default", service="benigno")),
+    ):
+        data = bundle_bytes(bundle)
+        path = tmp / f"{bundle_digest(data)}.json"
+        path.write_bytes(data)
+        out[key] = path
+    return out

@@ -39,6 +39,7 @@ from _procs import (  # noqa: E402
     LOAD,
     PY,
     Procs,
+    canary_bundles,
     endpoints_file,
     ensure_tools,
 )
@@ -48,50 +49,12 @@ from _procs import json_line as _json_line  # noqa: E402
 from _procs import rss_mb as _rss_mb  # noqa: E402
 from _procs import wait_port as _wait_port  # noqa: E402
 
-from runtime.bundle import (  # noqa: E402
-    CatalogService,
-    Destination,
-    MeshBundle,
-    RouteConf,
-    Rule,
-    ServiceBundle,
-    Split,
-    TimeoutConf,
-    bundle_bytes,
-    bundle_digest,
-)
-
 # --- configurations ------------------------------------------------------------------------------
 
 
 def _bundles(tmp: Path) -> tuple[Path, Path, Path, Path]:
-    split = (
-        Split(weight=90, service="benigno", tags={"version": "v1"}),
-        Split(weight=10, service="benigno", tags={"version": "v2"}),
-    )
-    dest = Destination(
-        route=(Rule[RouteConf](conf=RouteConf(split=split)),),
-        timeout=(Rule[TimeoutConf](conf=TimeoutConf()),),
-    )
-    mesh = MeshBundle(
-        mesh="default",
-        services={
-            "benigno": CatalogService(port=5000, protocol="http"),
-            "magnanimo": CatalogService(port=4000, protocol="http"),
-        },
-        destinations={"benigno": dest},
-    )
-    paths = []
-    for bundle in (
-        mesh,
-        ServiceBundle(mesh="default", service="magnanimo"),
-        ServiceBundle(mesh="default", service="benigno"),
-    ):
-        data = bundle_bytes(bundle)
-        path = tmp / f"{bundle_digest(data)}.json"
-        path.write_bytes(data)
-        paths.append(path)
-    return paths[0], paths[1], paths[2], tmp
+    b = canary_bundles(tmp)
+    return b["mesh"], b["magnanimo"], b["benigno"], tmp
 
 
 def _endpoints(tmp: Path, name: str, v1: str, v2: str) -> Path:

@@ -52,6 +52,7 @@ from _procs import (  # noqa: E402
     PROXY_CPU,
     PY,
     Procs,
+    canary_bundles,
     endpoints_file,
     rss_mb,
 )
@@ -60,19 +61,6 @@ from _procs import ensure_tools as _ensure_tools  # noqa: E402
 from _procs import free_port as _free_port  # noqa: E402
 from _procs import json_line as _json_line  # noqa: E402
 from _procs import wait_port as _wait_port  # noqa: E402
-
-from runtime.bundle import (  # noqa: E402
-    CatalogService,
-    Destination,
-    MeshBundle,
-    RouteConf,
-    Rule,
-    ServiceBundle,
-    Split,
-    TimeoutConf,
-    bundle_bytes,
-    bundle_digest,
-)
 
 BODY = 1024
 TARGETS = {
@@ -136,33 +124,7 @@ def _nginx_proxy(procs: Procs, tmp: Path, v1: int, v2: int) -> tuple[subprocess.
 
 
 def _bundles(tmp: Path) -> dict[str, Path]:
-    split = (
-        Split(weight=90, service="benigno", tags={"version": "v1"}),
-        Split(weight=10, service="benigno", tags={"version": "v2"}),
-    )
-    dest = Destination(
-        route=(Rule[RouteConf](conf=RouteConf(split=split)),),
-        timeout=(Rule[TimeoutConf](conf=TimeoutConf()),),
-    )
-    mesh = MeshBundle(
-        mesh="default",
-        services={
-            "benigno": CatalogService(port=5000, protocol="http"),
-            "magnanimo": CatalogService(port=4000, protocol="http"),
-        },
-        destinations={"benigno": dest},
-    )
-    out = {}
-    for key, bundle in (
-        ("mesh", mesh),
-        ("magnanimo", ServiceBundle(mesh="default", service="magnanimo")),
-        ("benigno", ServiceBundle(mesh="default", service="benigno")),
-    ):
-        data = bundle_bytes(bundle)
-        path = tmp / f"{bundle_digest(data)}.json"
-        path.write_bytes(data)
-        out[key] = path
-    return out
+    return canary_bundles(tmp)
 
 
 def _endpoints(tmp: Path, name: str, v1: str, v2: str) -> Path:
