@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,7 +95,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port(port: int, what: str, flag: str, host: str = "127.0.0.1") -> None:
+    """Refuse a port some process listens on, as the real listener would.
+
+    asyncio's ``create_server`` sets ``SO_REUSEADDR`` (on POSIX), so a previous run's connections
+    in TIME_WAIT do not stop it from binding: this check binds the same way, or a restart right
+    after Ctrl-C would be refused for a minute although nothing listens.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if os.name == "posix":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -466,7 +475,10 @@ def run_demo(args: argparse.Namespace) -> int:
     except PortInUse as e:
         print(f"meshc demo: {e}", file=sys.stderr)
         return EXIT_ERROR
+    # A temporary work dir holds the CA key, the token secret and the push-signing key: it goes
+    # when the demo stops. One given with --work-dir is the user's, and stays.
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="meshc-demo-"))
+    keep_work = bool(args.work_dir)
     mesh = DemoMesh(
         policy_dir.resolve(), work.resolve(), cp_port=args.cp_port, gateway_port=args.gateway_port
     )
@@ -513,10 +525,29 @@ def run_demo(args: argparse.Namespace) -> int:
         mesh.stop_all()
         stopping.set()
         print("meshc demo: all processes stopped", flush=True)
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"meshc demo: removed {work} (keep it with --work-dir DIR)", flush=True)
     return code
 
 
+def meshc_command() -> str:
+    """How the user can run ``meshc`` from their shell: bare when it is on PATH, else the path of
+    this interpreter's script (``.venv/bin/meshc`` after ``make demo``), relative when shorter."""
+    script = Path(sys.executable).parent / "meshc"
+    on_path = shutil.which("meshc")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "meshc"
+    if not script.exists():
+        return f"{sys.executable} -m compiler.cli"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def _banner(mesh: DemoMesh, policy_dir: Path) -> None:
+    meshc = meshc_command()
     lines = [
         "",
         "meshc demo is running: the seed scenario on 127.0.0.1",
@@ -533,11 +564,12 @@ def _banner(mesh: DemoMesh, policy_dir: Path) -> None:
         "Try:",
         f"  curl {mesh.gateway_url}/route1/hw2   # 9 in 10: Hello World, Benigno: ...; 1 in 10: the canary",
         f"  for i in $(seq 20); do curl -s {mesh.gateway_url}/route1/hw2; echo; done",
-        f"  meshc status --control-plane {mesh.cp_url}",
-        f"  open {mesh.cp_url}/gui                   # the dashboard",
+        f"  {meshc} status --control-plane {mesh.cp_url}",
+        f"  {mesh.cp_url}/gui    # the dashboard: open it in a browser",
+        f"  {mesh.cp_url}/api/v1/    # the API index (OpenAPI at /api/v1/openapi.json)",
         f"  edit {policy_dir}/traffic-route.yaml (weights 50/50) and save: the split follows, no restart",
-        "",
-        "Ctrl-C stops everything.",
-        "",
     ]
+    if meshc != "meshc":
+        lines.append(f"  (to run `meshc` bare: source {Path(sys.executable).parent / 'activate'})")
+    lines += ["", "Ctrl-C stops everything.", ""]
     print("\n".join(lines), flush=True)
