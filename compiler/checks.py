@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from compiler.catalog import Catalog, check_tags
+from compiler.denied import check_denied
 from compiler.diagnostics import Diagnostic, Loc
 from compiler.kinds import traffic_route as tr
 from compiler.parse import Doc
@@ -32,6 +33,7 @@ def check_all(docs: list[Doc], cat: Catalog) -> Iterator[Diagnostic]:
     for d in docs:
         yield from check_doc(d, cat)
     yield from check_permissions(docs, cat)
+    yield from check_denied(docs, cat)
 
 
 def check_doc(d: Doc, cat: Catalog) -> Iterator[Diagnostic]:

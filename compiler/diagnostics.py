@@ -132,6 +132,15 @@ CODES: dict[str, Code] = _catalog(
         "unreachable-service",
         "mTLS is on and no TrafficPermission lets any caller reach this service: all its traffic is denied.",
     ),
+    Code(
+        "W2003",
+        "traffic-denied-by-permissions",
+        "mTLS is on and the TrafficPermissions deny traffic this policy makes or shapes: a HealthCheck "
+        "whose sources may not call the destination (its checks are refused with 403 and count as "
+        "failures, as in Kuma, where health checks pass the inbound RBAC like any call), or a policy "
+        "whose every named source is denied (it can never take effect). The finding names the "
+        "permissions that cover the destination.",
+    ),
 )
 
 

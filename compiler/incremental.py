@@ -40,6 +40,7 @@ from compiler import convert
 from compiler.build import MeshBuilder, canon
 from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_doc, check_permissions
+from compiler.denied import SHAPING_KINDS, check_denied
 from compiler.diagnostics import Diagnostic
 from compiler.gateway import GatewayBuild, build_gateways
 from compiler.parse import Declared, Doc
@@ -65,6 +66,7 @@ from runtime import bundle as b
 __all__ = ["CACHE_FORMAT", "IncrementalCompiler", "ParseCache", "Update", "compile_cached", "parse_cached"]
 
 _CATALOG_KINDS = frozenset({"Mesh", "Service", "MeshGateway"})
+_DENIED_INPUTS = SHAPING_KINDS | {"TrafficPermission"}
 
 
 @dataclass
@@ -134,6 +136,7 @@ class IncrementalCompiler:
         self._commit: str | None = None
         self._cat_findings: list[Diagnostic] | None = None
         self._perm_findings: list[Diagnostic] | None = None
+        self._denied_findings: list[Diagnostic] | None = None
         self._declared: list[Declared] = []
 
     # --- public ---------------------------------------------------------------------------------
@@ -201,6 +204,14 @@ class IncrementalCompiler:
             assert self._catalog is not None
             perms = [d for d in docs if d.kind == "TrafficPermission"]
             self._perm_findings = list(check_permissions(perms, self._catalog))
+        if (
+            full
+            or self._denied_findings is None
+            or any(d.kind in _DENIED_INPUTS for d in (*added, *removed))
+        ):
+            assert self._catalog is not None
+            relevant = [d for d in docs if d.kind in _DENIED_INPUTS]
+            self._denied_findings = list(check_denied(relevant, self._catalog))
         return self._result(src, parsed, docs, rebuilt, full, len(todo))
 
     @staticmethod
@@ -351,6 +362,7 @@ class IncrementalCompiler:
         for d in docs:
             findings.extend(checks[id(d)])
         findings.extend(self._perm_findings or ())
+        findings.extend(self._denied_findings or ())
         for m in self._meshes.values():
             findings.extend(m.gw_findings)
             merged: dict[frozenset[int], tuple[Entry, Entry]] = {}

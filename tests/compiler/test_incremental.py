@@ -288,3 +288,27 @@ def test_bundles_round_trip_through_the_contract_models() -> None:
     policies = compile_sources(read_policy_dir(ROOT / "policies"))
     for data in [*result.bundles.values(), *policies.bundles.values()]:
         assert b.bundle_bytes(b.load_bundle(data)) == data
+
+
+def test_denied_health_checks_follow_edits_of_either_side() -> None:
+    """W2003 needs the HealthCheck and the permissions: an edit to either one updates it."""
+    files = {f.path: f.data for f in read_policy_dir(ROOT / "policies").files}
+    hc = "policies/benigno-health-check.yaml"
+    inc = IncrementalCompiler()
+    assert not [d for d in inc.update(source_set(files)).result.diagnostics if d.code == "W2003"]
+    files[hc] = files[hc].replace(b"kuma.io/service: magnanimo", b'kuma.io/service: "*"')
+    found = [d for d in inc.update(source_set(files)).result.diagnostics if d.code == "W2003"]
+    assert [(d.file, d.span.line if d.span else 0) for d in found] == [(hc, 11)]
+    assert "'benigno', 'edge-gateway'" in found[0].message and "magnanimo-to-benigno" in found[0].message
+    files["policies/allow-checks.yaml"] = b"""\
+apiVersion: kuma.io/v1alpha1
+kind: TrafficPermission
+mesh: default
+metadata: {name: checks-to-benigno}
+spec:
+  sources: [{match: {kuma.io/service: "*"}}]
+  destinations: [{match: {kuma.io/service: benigno}}]
+"""
+    upd = inc.update(source_set(files)).result
+    assert not [d for d in upd.diagnostics if d.code == "W2003"]
+    assert_same(upd, compile_sources(source_set(files)))
