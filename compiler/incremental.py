@@ -204,11 +204,7 @@ class IncrementalCompiler:
             assert self._catalog is not None
             perms = [d for d in docs if d.kind == "TrafficPermission"]
             self._perm_findings = list(check_permissions(perms, self._catalog))
-        if (
-            full
-            or self._denied_findings is None
-            or any(d.kind in _DENIED_INPUTS for d in (*added, *removed))
-        ):
+        if full or self._denied_findings is None or any(d.kind in _DENIED_INPUTS for d in (*added, *removed)):
             assert self._catalog is not None
             relevant = [d for d in docs if d.kind in _DENIED_INPUTS]
             self._denied_findings = list(check_denied(relevant, self._catalog))
