@@ -9,6 +9,7 @@ command could not do its job. They never depend on the output format.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -179,9 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_ERROR
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `meshc status | head -1`: the reader is gone. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and exit as a closed pipe does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

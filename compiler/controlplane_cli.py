@@ -204,7 +204,7 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from compiler.controlplane.status import render_table
+    from compiler.controlplane.status_table import render_table
 
     try:
         data = fetch_status(args.control_plane)
@@ -220,7 +220,7 @@ def _run_status(args: argparse.Namespace) -> int:
     commit = f" commit {data['commit'][:12]}" if data.get("commit") else ""
     print(f"release {rel[:12] if rel else '(none)'}{commit}")
     if rows:
-        print(render_table(rows))
+        print(render_table(rows, wide=args.output == "wide"))
     else:
         print("no data plane registered")
     return EXIT_OK
@@ -339,6 +339,13 @@ def register(sub: Any) -> None:
         help=f"control plane URL (default: {DEFAULT_CP})",
     )
     s.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    s.add_argument(
+        "-o",
+        "--output",
+        choices=("wide",),
+        help="wide: add the kind, each slot's state (EDS, MESH, SERVICE-BUNDLE), the admin and "
+        "inbound addresses, the last ACK and the last NACK (the default fits 100 columns)",
+    )
     s.set_defaults(run=_run_status)
 
     d = sub.add_parser(

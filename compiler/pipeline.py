@@ -263,7 +263,8 @@ _DOC_START = re.compile(rb"^---", re.M)
 
 
 def doc_lines(data: bytes) -> list[int]:
-    """The first line of each document, from its ``---`` separators (cheap; no re-parse)."""
+    """The first content line of each document (past its ``---``, comments and blank lines), from
+    its separators (cheap; no re-parse): where a reader looks for the policy, not its modeline."""
     starts = [1]
     for m in _DOC_START.finditer(data):
         line = data.count(b"\n", 0, m.start()) + 1
@@ -271,7 +272,15 @@ def doc_lines(data: bytes) -> list[int]:
             starts[0] = line + 1
         else:
             starts.append(line + 1)
-    return starts
+    lines = data.split(b"\n")
+    out = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] - 1 if i + 1 < len(starts) else len(lines)
+        n = start
+        while n < end and (not lines[n - 1].strip() or lines[n - 1].lstrip().startswith(b"#")):
+            n += 1
+        out.append(n if n <= len(lines) and lines[n - 1].strip() else start)
+    return out
 
 
 def _line(lines: dict[str, list[int]], d: Doc) -> int:

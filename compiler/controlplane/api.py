@@ -11,6 +11,8 @@ Views (GET, JSON): ``/api/v1/status`` (per data plane sync, what ``meshc status`
 ``/api/v1/overview``, ``/api/v1/services``, ``/api/v1/policies``, ``/api/v1/diagnostics``,
 ``/api/v1/traffic``, ``/api/v1/release``, ``/api/v1/rollouts``, and ``/api/v1/dashboard`` (all of
 them at once). ``/metrics`` is Prometheus text; ``/gui`` the dashboard; ``/healthz`` liveness.
+``/api/v1/`` lists every endpoint and ``/api/v1/openapi.json`` describes them
+(``compiler.controlplane.openapi``, the one table of them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from compiler.controlplane import openapi
 from compiler.controlplane.metrics import CONTENT_TYPE
 from compiler.controlplane.status import dataplane_row
 from compiler.controlplane.traffic import configured_routes
@@ -161,7 +164,8 @@ def overview_data(cp: ControlPlane) -> dict[str, Any]:
 
 async def traffic_data(cp: ControlPlane) -> dict[str, Any]:
     await cp.traffic.scrape()
-    return cp.traffic.annotate(configured_routes(cp.releases.current))
+    rel = cp.releases.current
+    return cp.traffic.annotate(configured_routes(rel), since=rel.applied_at if rel else 0.0)
 
 
 async def dashboard_data(cp: ControlPlane) -> dict[str, Any]:
@@ -299,6 +303,19 @@ def make_app(cp: ControlPlane) -> web.Application:
     async def root(_: web.Request) -> web.Response:
         raise web.HTTPFound("/gui")
 
+    async def get_index(_: web.Request) -> web.Response:
+        return _json(openapi.index())
+
+    async def get_openapi(_: web.Request) -> web.Response:
+        return _json(openapi.openapi_document())
+
+    async def favicon(_: web.Request) -> web.Response:
+        from compiler.controlplane.gui import FAVICON_SVG
+
+        return web.Response(
+            text=FAVICON_SVG, content_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+        )
+
     app.router.add_post("/api/v1/register", register)
     app.router.add_post("/api/v1/heartbeat", heartbeat)
     app.router.add_post("/api/v1/deregister", deregister)
@@ -318,4 +335,7 @@ def make_app(cp: ControlPlane) -> web.Application:
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", root)
+    app.router.add_get("/api/v1/", get_index)
+    app.router.add_get("/api/v1/openapi.json", get_openapi)
+    app.router.add_get("/favicon.ico", favicon)
     return app

@@ -12,7 +12,16 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
-__all__ = ["SECTIONS", "render_page", "render_sections"]
+__all__ = ["FAVICON_SVG", "SECTIONS", "render_page", "render_sections"]
+
+FAVICON_SVG = (
+    "<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'>"
+    "<rect width='16' height='16' rx='3' fill='#1d2b3a'/>"
+    "<g stroke='#8bbc21' stroke-width='1.5'><path d='M4 4L12 12M12 4L4 12M4 4L12 4M4 12L12 12'/></g>"
+    "<g fill='#2f7ed8'><circle cx='4' cy='4' r='2'/><circle cx='12' cy='4' r='2'/>"
+    "<circle cx='4' cy='12' r='2'/><circle cx='12' cy='12' r='2'/></g></svg>"
+)
+"""The dashboard's icon (served at ``/favicon.ico``): a little mesh."""
 
 
 def _e(v: Any) -> str:
@@ -104,7 +113,7 @@ def _traffic(d: dict[str, Any]) -> str:
         if r["kind"] == "gateway":
             src = f"{r['source']} {r.get('listener', '')} {r.get('path', '')}"
         else:
-            src = "any source" if r["source"] == "*" else r["source"]
+            src = "any source without a TrafficRoute" if r["source"] == "*" else r["source"]
         conf = [
             (_subset_name(s["subset"]) if r["kind"] != "gateway" else s["service"], s["share"])
             for s in r["split"]
@@ -131,8 +140,12 @@ def _traffic(d: dict[str, Any]) -> str:
                 obs_html,
             ]
         )
-    window = t.get("window_s") or 0
-    note = f"observed over the last {window:.0f}s" if window else "observed since the proxies started"
+    window, since = t.get("window_s") or 0, t.get("since")
+    if since is None:
+        note = "observed: collecting since the current release began (two scrapes needed)"
+    else:
+        at = time.strftime("%H:%M:%S", time.localtime(since))
+        note = f"observed over {window:.0f}s since {at}, all of it under the current release"
     return (
         _table(["Kind", "Source", "Destination", "Configured split", "Observed split"], rows, "traffic")
         + f'<p class="meta">{_e(note)}; counts of 2xx responses from the data planes\' metrics.</p>'
@@ -267,7 +280,8 @@ margin:12px 0;box-shadow:0 1px 2px rgba(0,0,0,.08)} h2{font-size:15px;margin:4px
 table{border-collapse:collapse;width:100%;font-size:13px} th,td{text-align:left;padding:5px 8px;
 border-bottom:1px solid #eee;vertical-align:top} th{background:#fafafa;font-weight:600}
 code{font-size:12px;background:#f0f0f0;padding:0 3px;border-radius:3px}
-.badge{display:inline-block;padding:1px 6px;border-radius:9px;font-size:11px;background:#ddd}
+.badge{display:inline-block;white-space:nowrap;padding:1px 6px;border-radius:9px;font-size:11px;
+background:#ddd}
 .badge.ok{background:#d4f4dd;color:#17602c}.badge.bad{background:#fbd5d5;color:#8a1414}
 .badge.warn{background:#fff1c2;color:#7a5a00}.ok{color:#17602c}.bad{color:#8a1414}
 .cards{display:flex;gap:10px;flex-wrap:wrap}.card{border:1px solid #e3e3e3;border-radius:6px;
@@ -309,6 +323,7 @@ def render_page(d: dict[str, Any]) -> str:
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        "<link rel=icon href='/favicon.ico' type='image/svg+xml'>"
         f"<title>meshc control plane</title><style>{_CSS}</style></head>"
         '<body data-refreshes="0"><header><h1>meshc control plane</h1>'
         '<span class="live" id="live">live</span></header>'

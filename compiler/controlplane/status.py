@@ -3,7 +3,8 @@
 A slot is SYNCED when the data plane acknowledged the digest the current release wants, STALE
 when that digest was sent but not acknowledged (in flight, refused, or the data plane did not
 answer), and NOT SENT when it was not sent yet. A data plane is as bad as its worst slot; one
-whose mesh has no bundle in the current release is NOT SENT.
+whose mesh has no bundle in the current release is NOT SENT. The text table is
+``status_table`` (light, for the CLI).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from compiler.controlplane.pusher import SLOTS, DataPlaneSync
 from compiler.controlplane.registry import DataPlane
 
-__all__ = ["dataplane_row", "overall_status", "render_table"]
+__all__ = ["dataplane_row", "overall_status"]
 
 _RANK = {"SYNCED": 0, "-": 0, "NOT SENT": 1, "STALE": 2}
 
@@ -46,63 +47,3 @@ def dataplane_row(dp: DataPlane, sync: DataPlaneSync | None, now: float | None =
         }
     )
     return row
-
-
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.0f}h"
-
-
-def render_table(rows: list[dict[str, Any]], now: float | None = None) -> str:
-    """``meshc status`` text: one line per data plane, like ``istioctl proxy-status``."""
-    now = time.time() if now is None else now
-    head = [
-        "NAME",
-        "SERVICE",
-        "TAGS",
-        "KIND",
-        "STATE",
-        "EDS",
-        "MESH",
-        "SERVICE-BUNDLE",
-        "STATUS",
-        "DIGEST",
-        "SEEN",
-        "LAST ACK",
-        "LAST NACK",
-    ]
-    lines = [head]
-    for r in rows:
-        slots = r.get("slots") or {}
-
-        def st(slot: str, slots: dict[str, Any] = slots) -> str:
-            return str(slots.get(slot, {}).get("status", "NOT SENT"))
-
-        digest = (r.get("digest") or {}).get("service") or (r.get("digest") or {}).get("mesh") or "-"
-        ack = r.get("last_ack_at")
-        lines.append(
-            [
-                r["instance"],
-                r["service"],
-                ",".join(f"{k}={v}" for k, v in sorted(r.get("tags", {}).items())) or "-",
-                r["kind"],
-                r["state"],
-                st("endpoints"),
-                st("mesh"),
-                st("service"),
-                r["status"],
-                digest[:12],
-                _ago(r.get("last_seen_ago_s")),
-                _ago(now - ack) + " ago" if ack else "-",
-                (r.get("last_nack") or "-")[:60],
-            ]
-        )
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )

@@ -4,7 +4,9 @@
 The configured split is what a source's bundle says for a destination: the unconditional route
 rule of a service bundle's outbound entry (a specific TrafficRoute), else the mesh bundle's
 default for any source. The observed split counts ``meshc_requests_total`` by destination subset
-over the last ``window_s`` seconds (cumulative counts until two scrapes exist).
+between two scrapes of the current release, over at most the last ``window_s`` seconds: nothing is
+shown until two scrapes exist since the release began, so an edit's new split is never blended with
+the old one.
 """
 
 from __future__ import annotations
@@ -188,23 +190,25 @@ class TrafficView:
                 self._samples.popleft()
             self._scraped_at = time.time()
 
-    def observed(self) -> tuple[dict[Key, float], float]:
-        """Request counts per key over the window (and the window's length in seconds)."""
-        if not self._samples:
-            return {}, 0.0
-        t1, last = self._samples[-1]
-        if len(self._samples) == 1:
-            return dict(last), 0.0
-        t0, first = self._samples[0]
+    def observed(self, since: float = 0.0) -> tuple[dict[Key, float], float, float | None]:
+        """Request counts per key between the first sample taken at or after ``since`` (the
+        current release's start: traffic of an older release is never mixed in) and the last one,
+        within the window; with the length counted and when it starts (None: not enough samples
+        since ``since`` yet, so nothing is shown rather than cumulative counts)."""
+        usable = [(t, c) for t, c in self._samples if t >= since]
+        if len(usable) < 2:
+            return {}, 0.0, None
+        (t0, first), (t1, last) = usable[0], usable[-1]
         delta = {k: v - first.get(k, 0.0) for k, v in last.items()}
-        delta = {k: v for k, v in delta.items() if v > 0}
-        if not delta:
-            return dict(last), 0.0
-        return delta, t1 - t0
+        return {k: v for k, v in delta.items() if v > 0}, t1 - t0, t0
 
-    def annotate(self, routes: list[dict[str, Any]]) -> dict[str, Any]:
-        """Add ``observed`` shares to each configured route."""
-        counts, window = self.observed()
+    def annotate(self, routes: list[dict[str, Any]], since: float = 0.0) -> dict[str, Any]:
+        """Add ``observed`` shares to each configured route, counted since ``since``.
+
+        A default route (any source, no TrafficRoute) that sends everything to all instances of
+        one service says nothing a reader needs and never counts gateway traffic, so it is
+        left out unless traffic was seen on it."""
+        counts, window, start = self.observed(since)
         specific = {(r["source"], r["destination"]) for r in routes if r["kind"] == "route"}
         for r in routes:
             by_subset: dict[str, float] = {}
@@ -227,4 +231,20 @@ class TrafficView:
                 if total
                 else {},
             }
-        return {"window_s": round(window, 1), "routes": routes}
+        shown = [r for r in routes if not _trivial_default(r)]
+        return {
+            "window_s": round(window, 1),
+            "since": start,
+            "routes": shown,
+        }
+
+
+def _trivial_default(r: dict[str, Any]) -> bool:
+    split = r["split"]
+    return (
+        r["kind"] == "default"
+        and not r["http_rules"]
+        and len(split) <= 1
+        and all(s["subset"] == "*" for s in split)
+        and not r["observed"]["requests"]
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cp_harness import commit_file, drive, git, within_binomial
+from cp_harness import Tally, commit_file, drive, git, within_binomial
 
 from compiler.demo import DemoMesh
 
@@ -27,6 +27,12 @@ ROUTE = "policies/traffic-route.yaml"
 
 def _rows(mesh: DemoMesh) -> dict[str, dict[str, Any]]:
     return {r["instance"]: r for r in mesh.status()["dataplanes"]}
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as r:
+        return int(r.status), r.read()
 
 
 def _admin_config(admin_port: int) -> dict[str, Any]:
@@ -74,6 +80,35 @@ def test_status_shows_every_proxy_synced(mesh: DemoMesh) -> None:
     assert sorted(r["service"] for r in rows.values()) == ["benigno", "benigno", "edge-gateway", "magnanimo"]
     assert all(r["status"] == "SYNCED" and r["state"] == "Online" for r in rows.values()), rows
     assert _running_matches_release(mesh)
+
+
+def test_api_index_openapi_and_every_view_matches_it(mesh: DemoMesh) -> None:
+    """``/api/v1/`` lists the endpoints, ``/api/v1/openapi.json`` is a valid OpenAPI 3.1 document,
+    and every JSON view answers what that document says."""
+    from jsonschema import Draft202012Validator
+    from openapi_spec_validator import validate
+
+    index = mesh.api("/api/v1/")
+    doc = mesh.api("/api/v1/openapi.json")
+    validate(doc)  # raises on an invalid OpenAPI document
+    assert {(e["method"], e["path"]) for e in index["endpoints"]} == {
+        (m.upper(), p) for p, ops in doc["paths"].items() for m in ops
+    }
+    components = {"components": doc["components"]}
+    checked = 0
+    for path, ops in doc["paths"].items():
+        get = ops.get("get")
+        if not get or "application/json" not in get["responses"].get("200", {}).get("content", {}):
+            continue
+        schema = {**get["responses"]["200"]["content"]["application/json"]["schema"], **components}
+        Draft202012Validator(schema).validate(mesh.api(path))
+        checked += 1
+    assert checked >= 12
+    # every policy points at its document's first line, not the file's modeline
+    policies = mesh.api("/api/v1/policies")["policies"]
+    assert policies and all(p["line"] > 1 for p in policies), policies
+    code, body = _get(f"{mesh.cp_url}/favicon.ico")
+    assert code == 200 and body.startswith(b"<svg")
 
 
 def test_dashboard_in_headless_chromium(mesh: DemoMesh, tmp_path: Path) -> None:
@@ -142,9 +177,28 @@ def test_commit_to_50_50_reaches_every_sidecar_and_the_split_follows(
     for inst, row in _rows(mesh).items():
         if row["service"] != "magnanimo":
             assert row["slots"]["service"]["generation"] == old_gen[inst]
+    # the observed split starts with this release: two scrapes of it before the traffic
+    mesh.wait_until(lambda: mesh.api("/api/v1/traffic")["since"] is not None, 60, "two scrapes of it")
     t = drive(f"{mesh.gateway_url}/route1/hw2", 2000)
     assert t.failed == 0 and t.other == 0, t
     assert within_binomial(t, 0.5), f"canary share {t.canary_share:.4f} over {t.n} requests"
+    seen: list[int] = []
+
+    def observed_settles() -> bool:
+        routes = mesh.api("/api/v1/traffic")["routes"]
+        r = next(r for r in routes if r["kind"] == "route" and r["destination"] == "benigno")
+        seen.append(r["observed"]["requests"])
+        return len(seen) > 1 and seen[-1] == seen[-2] > 0 and r["observed"]["subsets"] is not None
+
+    mesh.wait_until(observed_settles, 60, "the observed split to count the traffic", poll=2.5)
+    routes = mesh.api("/api/v1/traffic")["routes"]
+    obs = next(r for r in routes if r["kind"] == "route" and r["destination"] == "benigno")["observed"]
+    # none of the 2,300 requests of the 90/10 release is counted in the 50/50 one
+    assert 0 < obs["requests"] <= 2000, obs
+    v2 = obs["subsets"].get("version=v2", {"requests": 0})["requests"]
+    assert within_binomial(Tally(v1=obs["requests"] - v2, v2=v2), 0.5), obs
+    # a default route to all instances of one service (gateway -> magnanimo) is not listed
+    assert not [r for r in routes if r["kind"] == "default" and r["destination"] == "magnanimo"], routes
 
 
 def test_broken_commit_changes_nothing_and_reports_diagnostics(mesh: DemoMesh, policy_repo: Path) -> None:
