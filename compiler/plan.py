@@ -64,7 +64,8 @@ class Delta:
     scope: str
     """What it is about: a destination service name, ``inbound``, ``mesh``, ``catalog`` or ``gateway``."""
     path: tuple[str, ...]
-    """Where in the normalised bundle (rule kind, condition, field...)."""
+    """Where in the normalised bundle (rule kind, condition, field...). An outbound rule with no
+    condition is the empty segment here (so the text reads ``benigno retries``), ``*`` in JSON."""
     before: Any
     """The old value (``None`` when absent); a short summary when a whole rule was added/removed."""
     after: Any
@@ -74,7 +75,7 @@ class Delta:
     def to_json(self) -> dict[str, Any]:
         return {
             "scope": self.scope,
-            "path": list(self.path),
+            "path": [seg or "*" for seg in self.path],
             "before": _jsonable(self.before),
             "after": _jsonable(self.after),
             "text": f"{self.scope} {_delta_text(self)}",

@@ -205,9 +205,13 @@ def run(args: argparse.Namespace) -> int:
     head_label = args.head or "work tree"
     try:
         base_src = read_policy_dir(args.policy_dir, args.base)
+    except SourceError as e:
+        print(f"meshc plan: --base {args.base}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
         head_src = read_policy_dir(args.policy_dir, args.head)
     except SourceError as e:
-        print(f"meshc: {e}", file=sys.stderr)
+        print(f"meshc plan: {'--head ' + args.head if args.head else 'the work tree'}: {e}", file=sys.stderr)
         return EXIT_ERROR
     base, head, plan = Planner().plan(base_src, head_src, base_label, head_label)
     failed = False

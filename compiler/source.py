@@ -82,7 +82,10 @@ def read_policy_dir(policy_dir: str | Path, ref: str | None = None) -> SourceSet
     repo = find_repo_root(root if root.exists() else root.parent)
     if ref is not None:
         if repo is None:
-            raise SourceError(f"{policy_dir}: --ref needs a Git repository, and this is not in one")
+            raise SourceError(
+                f"cannot read revision {ref!r}: {policy_dir} is not in a Git repository "
+                "(run it inside a clone, or check the work tree alone with `meshc validate DIR`)"
+            )
         return _read_git(repo, root, ref)
     base = repo if repo is not None else root
     files = []
@@ -101,7 +104,15 @@ def read_policy_dir(policy_dir: str | Path, ref: str | None = None) -> SourceSet
 
 
 def _read_git(repo: Path, root: Path, ref: str) -> SourceSet:
-    commit = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").decode().strip()
+    try:
+        commit = _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").decode().strip()
+    except SourceError as e:
+        if str(e) == "git is not installed":
+            raise
+        raise SourceError(
+            f"revision {ref!r} is not a commit in {repo}: check the name (`git branch -a`, "
+            "`git log --oneline`), or `git fetch` first if it is a remote branch"
+        ) from e
     rel = root.relative_to(repo).as_posix() if root != repo else ""
     listing = _git(repo, "ls-tree", "-r", "-z", "--full-tree", commit, "--", rel or ".")
     entries: list[tuple[str, str]] = []

@@ -130,7 +130,27 @@ def test_broken_base_exits_2(repo: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_unknown_revision_exits_2(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = plan(repo, capsys, "--base", "no-such-branch")
     assert code == 2 and out == ""
-    assert err.startswith("meshc: ")
+    # says which flag, what is wrong and what to do (not a bare `git rev-parse ...:`)
+    assert err.startswith("meshc plan: --base no-such-branch: revision 'no-such-branch' is not a commit")
+    assert "git fetch" in err and "rev-parse" not in err
+
+
+def test_plan_outside_git_names_the_base_not_ref(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    code, out, err = plan(tmp_path, capsys, "--base", "main")
+    assert code == 2 and out == ""
+    assert err.startswith("meshc plan: --base main: ") and "not in a Git repository" in err
+    assert "--ref" not in err
+
+
+def test_json_paths_have_no_empty_segment(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = repo / "policies" / "benigno-retry.yaml"
+    p.write_text(p.read_text().replace("numRetries: 2", "numRetries: 3"))
+    code, out, _ = plan(repo, capsys, "--base", "HEAD", "--format", "json")
+    assert code == 0
+    paths = [d["path"] for rc in json.loads(out)["resource_changes"] for d in rc["change"]["deltas"]]
+    assert ["retry", "*", "http", "num_retries"] in paths
+    assert all(seg for path in paths for seg in path), paths
 
 
 def test_add_service_is_create_in_json(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
