@@ -27,15 +27,39 @@ class _UsageError(Exception):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--admin", default="127.0.0.1:15002", help="admin API address (default %(default)s)")
-    p.add_argument("--state-dir", type=Path, help="where accepted bundles and endpoints are kept")
+    p.add_argument(
+        "--admin",
+        default="127.0.0.1:15002",
+        metavar="HOST:PORT",
+        help="admin API: pushes from the control plane, /config, /metrics, /ready "
+        "(default %(default)s; loopback only unless --admin-allow-remote)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where accepted bundles, endpoints and the trusted key are kept: a restart serves "
+        "from here while the control plane is down",
+    )
     p.add_argument("--control-plane", metavar="URL", help="register and heartbeat with this control plane")
-    p.add_argument("--bundle", type=Path, help="a bundle file to start with (service or mesh bundle)")
-    p.add_argument("--mesh-bundle", type=Path, help="the mesh bundle file to start with")
-    p.add_argument("--endpoints", type=Path, help="an endpoint set (JSON, as PUT /endpoints) to start with")
+    p.add_argument(
+        "--bundle", type=Path, metavar="FILE", help="a bundle file to start with (service or mesh bundle)"
+    )
+    p.add_argument("--mesh-bundle", type=Path, metavar="FILE", help="the mesh bundle file to start with")
+    p.add_argument(
+        "--endpoints",
+        type=Path,
+        metavar="FILE",
+        help="an endpoint set (JSON, as PUT /endpoints) to start with",
+    )
     p.add_argument("--mesh", default="default", help="mesh name to register in (default %(default)s)")
     p.add_argument(
-        "--drain-seconds", type=float, default=10.0, help="longest wait for in-flight requests on SIGTERM"
+        "--drain-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM: stop accepting, deregister, and wait at most S seconds for in-flight "
+        "requests (default %(default)s)",
     )
     p.add_argument(
         "--dataplane",
@@ -45,7 +69,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "env MESHC_DATAPLANE)",
     )
     sec = p.add_argument_group(
-        "security (DESIGN §6)",
+        "security",
         "Pushes to the admin API must be signed by the control plane: its key comes with the first "
         "registration and is kept in the state dir. Without a control plane, give the key with "
         "--trust-key, or --insecure-admin to accept unsigned pushes (development only). The "
@@ -74,6 +98,45 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+_DESCRIPTION = {
+    "sidecar": """\
+Run a sidecar: the data plane proxy beside one instance of a service. The app sends its calls to
+--outbound (as its HTTP proxy); calls from other services arrive at --inbound and go to --app.
+With --control-plane it registers (a bootstrap token the first time, its certificate after),
+receives signed bundles and endpoint sets on --admin, and heartbeats; when the control plane is
+down it keeps serving what it last accepted, and starts from --state-dir after a restart.
+Without a control plane, give --bundle/--mesh-bundle/--endpoints files.""",
+    "gateway": """\
+Run the ingress gateway: a data plane that serves the listeners of a MeshGateway and routes each
+request by its MeshGatewayRoutes to services in the mesh. With --control-plane it starts with no
+bundle and binds its listeners when the first gateway bundle arrives (or from --state-dir after a
+restart); a reload that adds a port binds it, one that drops a port closes it after draining.""",
+}
+
+_EPILOG = {
+    "sidecar": """\
+examples:
+  # benigno v1 beside its app on :5001, steered by a local control plane
+  MESHC_TOKEN=$(meshc token --service benigno) meshc sidecar --service benigno --tag version=v1 \\
+      --app 127.0.0.1:5001 --inbound 127.0.0.1:15001 --outbound 127.0.0.1:15101 \\
+      --admin 127.0.0.1:15201 --state-dir state/benigno-v1 --control-plane http://127.0.0.1:5681
+  # no control plane: compiled bundles from `meshc compile` and an endpoints file
+  meshc sidecar --service magnanimo --app 127.0.0.1:4001 --outbound 127.0.0.1:15100 \\
+      --bundle out/bundles/<magnanimo>.json --mesh-bundle out/bundles/<mesh>.json \\
+      --endpoints endpoints.json --insecure-admin
+
+exit codes: 0 stopped after a clean drain; 2 could not start (usage, unreadable file, address in use).""",
+    "gateway": """\
+examples:
+  # the seed's edge gateway; its bundle (listener :8080, /route1 -> magnanimo) comes by push
+  MESHC_TOKEN=$(meshc token --service edge-gateway) meshc gateway --service edge-gateway \\
+      --listen 127.0.0.1:8080 --admin 127.0.0.1:15300 --state-dir state/gateway \\
+      --control-plane http://127.0.0.1:5681
+
+exit codes: 0 stopped after a clean drain; 2 could not start (usage, unreadable file, address in use).""",
+}
+
+
 def _tags(values: list[str]) -> dict[str, str]:
     tags: dict[str, str] = {}
     for value in values:
@@ -87,15 +150,32 @@ def _tags(values: list[str]) -> dict[str, str]:
 def _run(kind: str, argv: list[str]) -> int:
     from runtime.server import Options, parse_addr, run
 
-    p = _Parser(prog=f"meshc {kind}", description=f"Run a meshc {kind} data plane.")
+    p = _Parser(
+        prog=f"meshc {kind}",
+        description=_DESCRIPTION[kind],
+        epilog=_EPILOG[kind],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     if kind == "sidecar":
         p.add_argument("--service", required=True, help="the service this instance belongs to")
         p.add_argument("--tag", action="append", default=[], metavar="K=V", help="instance tag (repeatable)")
-        p.add_argument("--app", help="host:port where the local app listens")
-        p.add_argument("--inbound", help="address for mesh traffic to the app")
-        p.add_argument("--outbound", help="address the app uses as HTTP_PROXY")
+        p.add_argument("--app", metavar="HOST:PORT", help="where the local app listens")
+        p.add_argument(
+            "--inbound",
+            metavar="HOST:PORT",
+            help="where other data planes reach this instance (mTLS when the mesh has it on); "
+            "registered as the instance's endpoint; needs --app",
+        )
+        p.add_argument(
+            "--outbound",
+            metavar="HOST:PORT",
+            help="the proxy the app sends its calls to (set HTTP_PROXY=http://HOST:PORT in the app)",
+        )
     else:
-        p.add_argument("--service", help="the gateway's service (default: from its bundle)")
+        p.add_argument(
+            "--service",
+            help="the gateway's kuma.io/service, as its MeshGateway selects it (default: from its bundle)",
+        )
         p.add_argument("--tag", action="append", default=[], metavar="K=V", help="instance tag (repeatable)")
         p.add_argument(
             "--listen",

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,20 @@ def test_formats_carry_the_same_findings(tmp_path: Path, capsys: pytest.CaptureF
     assert result["ruleId"] == "E2002"
     region = result["locations"][0]["physicalLocation"]["region"]
     assert (region["startLine"], region["startColumn"]) == (22, 20)
+
+
+@pytest.mark.parametrize("command", ["sidecar", "gateway"])
+def test_data_plane_help_explains_every_flag_with_examples(command: str) -> None:
+    out = meshc(command, "--help").stdout
+    usage, _, rest = out.partition("\n\n")
+    flags = sorted(set(re.findall(r"\[?(--[a-z-]+)", usage)) - {"--help"})
+    assert len(flags) >= 12, flags
+    lines = rest.splitlines()
+    for flag in flags:
+        i = next((n for n, ln in enumerate(lines) if ln.lstrip().startswith(flag)), None)
+        assert i is not None, f"{flag} is not explained"
+        after = lines[i].lstrip()[len(flag) :].split("  ", 1)
+        text = after[1].strip() if len(after) > 1 else lines[i + 1].strip()
+        assert len(text) >= 10, f"{flag}: {lines[i]!r}"
+    assert "examples:" in rest and f"meshc {command} --service" in rest
+    assert "exit codes:" in rest and "DESIGN" not in out
