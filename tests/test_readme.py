@@ -27,7 +27,8 @@ def _git(repo: Path, *args: str) -> None:
 
 
 def test_the_plan_example_is_what_the_50_50_edit_prints(tmp_path: Path) -> None:
-    block = re.search(r"```text\n\$ meshc plan policies/ --base origin/main --exit-code\n(.*?)```", README, re.S)
+    example = r"```text\n\$ meshc plan policies/ --base origin/main --exit-code\n(.*?)```"
+    block = re.search(example, README, re.S)
     assert block is not None, "the README's plan example is gone"
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "policies", repo / "policies")
@@ -36,7 +37,8 @@ def test_the_plan_example_is_what_the_50_50_edit_prints(tmp_path: Path) -> None:
     _git(repo, "commit", "-q", "-m", "seed")
     _git(repo, "update-ref", "refs/remotes/origin/main", "HEAD")
     route = repo / "policies" / "traffic-route.yaml"
-    route.write_text(route.read_text().replace("weight: 90", "weight: 50").replace("weight: 10", "weight: 50"))
+    text = route.read_text().replace("weight: 90", "weight: 50").replace("weight: 10", "weight: 50")
+    route.write_text(text)
     proc = subprocess.run(
         [sys.executable, "-m", "compiler.cli", "plan", "policies/", "--base", "origin/main", "--exit-code"],
         cwd=repo,
