@@ -17,17 +17,32 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from runtime._http import AdminRequest, AdminResponse, BodyTooLarge
 from runtime.bundle import MAX_BUNDLE_BYTES
-from runtime.metrics import CONTENT_TYPE
+from runtime.metrics import CONTENT_TYPE, Metrics
 from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE
+from runtime.pushes import Pushes
 
-if TYPE_CHECKING:
-    from runtime.server import DataPlane
+__all__ = ["AdminView", "handle"]
 
-__all__ = ["handle"]
+
+class AdminView(Protocol):
+    """What the admin API reads and writes (``runtime.server.DataPlane``), named here so that
+    this module does not import the server that serves it."""
+
+    @property
+    def pushes(self) -> Pushes: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def draining(self) -> bool: ...
+
+    def config(self) -> dict[str, Any]: ...
+
 
 _MAX_ENDPOINTS = 16 * 1024 * 1024
 
@@ -45,12 +60,12 @@ async def _read_capped(request: AdminRequest, limit: int) -> bytes | None:
         return None
 
 
-async def handle(plane: DataPlane, request: AdminRequest) -> AdminResponse:
+async def handle(plane: AdminView, request: AdminRequest) -> AdminResponse:
     path, method = request.path, request.method
     if path == "/bundle" and method == "PUT":
         body = await _read_capped(request, MAX_BUNDLE_BYTES)
         if body is None:
-            status, reply = plane._nack(
+            status, reply = plane.pushes.nack(
                 request.headers.get(HDR_BUNDLE_ROLE.lower()) or "bundle",
                 413,
                 f"bundle is over the {MAX_BUNDLE_BYTES} byte limit",
@@ -61,9 +76,9 @@ async def handle(plane: DataPlane, request: AdminRequest) -> AdminResponse:
         try:
             generation = int(request.headers.get(HDR_GENERATION.lower(), "0"))
         except ValueError:
-            status, reply = plane._nack("bundle", 400, f"{HDR_GENERATION} is not an integer")
+            status, reply = plane.pushes.nack("bundle", 400, f"{HDR_GENERATION} is not an integer")
             return _json(status, reply)
-        status, reply = await plane.push_bundle(
+        status, reply = await plane.pushes.push_bundle(
             body,
             request.headers.get(HDR_DIGEST.lower()),
             generation,
@@ -74,7 +89,7 @@ async def handle(plane: DataPlane, request: AdminRequest) -> AdminResponse:
     if path == "/endpoints" and method == "PUT":
         body = await _read_capped(request, _MAX_ENDPOINTS)
         if body is None:
-            status, reply = plane._nack(
+            status, reply = plane.pushes.nack(
                 "endpoints", 413, f"endpoint set is over the {_MAX_ENDPOINTS} byte limit"
             )
             resp = _json(status, reply)
@@ -84,9 +99,12 @@ async def handle(plane: DataPlane, request: AdminRequest) -> AdminResponse:
         try:
             gen = int(gen_header) if gen_header is not None else None
         except ValueError:
-            status, reply = plane._nack("endpoints", 400, f"{HDR_GENERATION} is not an integer")
+            why = f"{HDR_GENERATION} is not an integer"
+            status, reply = plane.pushes.nack("endpoints", 400, why)
             return _json(status, reply)
-        status, reply = await plane.push_endpoints(body, gen, request.headers.get(HDR_SIGNATURE.lower()))
+        status, reply = await plane.pushes.push_endpoints(
+            body, gen, request.headers.get(HDR_SIGNATURE.lower())
+        )
         return _json(status, reply)
     if method not in ("GET", "HEAD"):
         return _json(405, {"error": f"{method} {path} is not supported"})

@@ -1,9 +1,8 @@
-"""One data plane process: state, pushes, listeners, lifecycle (sidecar and gateway modes).
+"""One data plane process: its lifecycle (sidecar and gateway modes).
 
 Start-up order makes the last-known-good state answer first: the state dir (and any bundle or
-endpoint files on the command line) is loaded and compiled before a single listener is bound.
-A push is parsed and checked, compiled into a new snapshot, written to the state dir, and only
-then swapped in; any failure on the way is a NACK that changes nothing. SIGTERM stops the
+endpoint files on the command line) is loaded and compiled (``runtime.pushes``, which also
+applies every later push) before a single listener is bound. SIGTERM stops the
 listeners, lets in-flight requests and tunnels finish (bounded by ``--drain-seconds``),
 deregisters and returns 0.
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import random
 import signal
@@ -24,27 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from runtime.bundle import (
-    MAX_BUNDLE_BYTES,
-    BundleError,
-    MeshBundle,
-    ServiceBundle,
-    bundle_digest,
-    load_bundle,
-)
+from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastproxy import FastHttp
 from runtime.healthcheck import HealthChecker
 from runtime.metrics import Metrics
-from runtime.protocol import (
-    EndpointSet,
-    Heartbeat,
-    Registration,
-    RegistrationReply,
-)
+from runtime.protocol import Heartbeat, Registration, RegistrationReply
+from runtime.pushes import Pushes, StartupError
 from runtime.registration import Registrar
 from runtime.security import Credentials, MtlsListener, PushTrust
-from runtime.state import Slot, StateDir, StoredState
+from runtime.state import StateDir
 from runtime.tcp import OutboundSniffer, TcpProxy
 
 if TYPE_CHECKING:  # aiohttp only for --dataplane aiohttp: ~11 MB of RSS a fast path does without
@@ -57,10 +44,6 @@ __all__ = ["Addr", "DataPlane", "Options", "StartupError", "parse_addr", "serve"
 
 Addr = tuple[str, int]
 MAX_ENDPOINTS_BYTES = 16 * 1024 * 1024
-
-
-class StartupError(Exception):
-    """The data plane cannot start (exit code 2)."""
 
 
 def parse_addr(value: str, default_host: str = "127.0.0.1") -> Addr:
@@ -133,15 +116,10 @@ class DataPlane:
         self.metrics = Metrics()
         self.service = opts.service or ""
         self.engine = Engine(self.service, opts.tags)
-        self.slots: dict[str, Slot] = {}
-        self.endpoints: EndpointSet | None = None
-        self.instance: str | None = None
-        self.state = StateDir(opts.state_dir) if opts.state_dir else None
         self.draining = False
         self.listening: dict[str, str] = {}
         self._gateway_ports: set[int] = set()  # gateway listeners bound so far
         self._listen_used: set[int] = set()  # indexes of --listen addresses bound so far
-        self._lock = asyncio.Lock()
         self._runners: list[web.BaseRunner] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._admin_server: asyncio.Server | None = None
@@ -170,6 +148,14 @@ class DataPlane:
         self.creds.listeners.append(self._on_new_certificate)
         self.health.tls = self._peer_tls
         self.trust = PushTrust(opts.state_dir, opts.trust_key, opts.insecure_admin)
+        self.pushes = Pushes(
+            self.engine,
+            self.metrics,
+            StateDir(opts.state_dir) if opts.state_dir else None,
+            self.trust,
+            self._on_install,
+            self._rebind_gateway,
+        )
         self._mtls_listeners: list[MtlsListener] = []
         self._rotation: asyncio.Task[None] | None = None
         self._mtls_seen: tuple[bool, str | None, str | None] | None = None
@@ -179,75 +165,19 @@ class DataPlane:
 
     # -- start-up ---------------------------------------------------------------------------
 
-    def _initial_state(self) -> None:
-        stored = self.state.load() if self.state else StoredState()
-        slots = dict(stored.slots)
-        for path in (self.opts.mesh_bundle, self.opts.bundle):
-            if path is None:
-                continue
-            try:
-                data = path.read_bytes()
-                stem = path.stem
-                expected = stem if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) else None
-                bundle = load_bundle(data, expected)
-            except (OSError, BundleError) as e:
-                raise StartupError(f"cannot load bundle {path}: {e}") from e
-            role: str = bundle.type
-            # A pushed bundle (generation > 0) in the state dir is newer than a file given at start.
-            if role not in slots or slots[role].generation == 0:
-                slots[role] = Slot(data, bundle_digest(data), 0, bundle)
-        endpoints = stored.endpoints
-        if self.opts.endpoints is not None:
-            try:
-                from_file = EndpointSet.model_validate_json(self.opts.endpoints.read_bytes())
-            except (OSError, ValueError) as e:
-                raise StartupError(f"cannot load endpoints {self.opts.endpoints}: {e}") from e
-            if endpoints is None or from_file.generation >= endpoints.generation:
-                endpoints = from_file
-        svc = slots.get("service")
-        if not self.service:
-            if svc is not None:
-                assert isinstance(svc.bundle, ServiceBundle)
-                self.service = svc.bundle.service
-            else:
-                raise StartupError("--service is required without a service bundle")
-            self.engine.service = self.service
-            self.engine.tags["kuma.io/service"] = self.service
-            if self.http is not None:
-                self.http.service = self.service
-        try:
-            snap = self._build(slots, endpoints)
-        except BundleError as e:
-            raise StartupError(f"stored or given configuration cannot be enforced: {e}") from e
-        self.engine.install(snap)
+    def _on_install(self, snap: Snapshot) -> None:
+        self.health.reconcile(snap)
         self._watch_mtls(snap)
-        changed = slots != stored.slots or endpoints != stored.endpoints
-        self.slots, self.endpoints, self.instance = slots, endpoints, stored.instance
-        for role, slot in slots.items():
-            self.metrics.set_bundle(role, slot.digest)
-            self.metrics.reloads.labels(role, "loaded").inc()
-        if endpoints is not None:
-            self.metrics.endpoints_generation.set(endpoints.generation)
-        if changed and self.state is not None:
-            self.state.save(self.service, self._stored())
-
-    def _build(self, slots: dict[str, Slot], endpoints: EndpointSet | None) -> Snapshot:
-        mesh = slots["mesh"].bundle if "mesh" in slots else None
-        svc = slots["service"].bundle if "service" in slots else None
-        assert mesh is None or isinstance(mesh, MeshBundle)
-        assert svc is None or isinstance(svc, ServiceBundle)
-        return self.engine.build(mesh, svc, endpoints)
-
-    def _stored(self) -> StoredState:
-        return StoredState(dict(self.slots), self.endpoints, self.instance)
 
     async def start(self) -> None:
-        self._initial_state()
+        opts = self.opts
+        self.pushes.load(opts.mesh_bundle, opts.bundle, opts.endpoints)
+        self.service = self.engine.service
+        if self.http is not None:
+            self.http.service = self.service
         if self.http is not None:
             await self.http.start()
-        self.health.reconcile(self.engine.snapshot)
         loop = asyncio.get_running_loop()
-        opts = self.opts
         if not is_loopback(opts.admin[0]) and not opts.admin_allow_remote:
             raise StartupError(
                 f"the admin API may only listen on loopback (asked {_fmt(opts.admin)}); "
@@ -344,7 +274,7 @@ class DataPlane:
         self.metrics.inbound_connections.labels(tls, result).inc()
 
     async def _start_gateway(self) -> None:
-        svc = self.slots.get("service")
+        svc = self.pushes.slots.get("service")
         gw = svc.bundle.gateway if svc is not None and isinstance(svc.bundle, ServiceBundle) else None
         if gw is None:
             # With a control plane (or a key to verify pushes with), the listeners are bound when
@@ -360,7 +290,7 @@ class DataPlane:
         port, else to the next unbound one; without ``--listen``, each listener on 127.0.0.1:port.
         An address with no listener left is an error at start and waits for a later bundle after.
         True when something was bound."""
-        svc = self.slots.get("service")
+        svc = self.pushes.slots.get("service")
         gw = svc.bundle.gateway if svc is not None and isinstance(svc.bundle, ServiceBundle) else None
         if gw is None:
             return False
@@ -429,23 +359,23 @@ class DataPlane:
             inbound_address=self.listening.get("inbound"),
             admin_address=self.listening["admin"],
             mesh=self.opts.mesh,
-            instance=self.instance,
+            instance=self.pushes.instance,
             csr_pem=self.creds.csr(self.opts.mesh, self.service, self.opts.tags),
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
         return Heartbeat(
             instance=instance,
-            running={r: s.digest for r, s in self.slots.items()},
-            endpoints_generation=self.endpoints.generation if self.endpoints else 0,
+            running={r: s.digest for r, s in self.pushes.slots.items()},
+            endpoints_generation=self.pushes.endpoints.generation if self.pushes.endpoints else 0,
         )
 
     def _registered(self, reply: RegistrationReply) -> None:
         self._adopt(reply.certificate_pem, reply.ca_pem, reply.signing_key)
-        if reply.instance != self.instance:
-            self.instance = reply.instance
-            if self.state is not None:
-                self._bg = asyncio.ensure_future(self._persist_quietly())
+        if reply.instance != self.pushes.instance:
+            self.pushes.instance = reply.instance
+            if self.pushes.state is not None:
+                self._bg = asyncio.ensure_future(self.pushes.persist_quietly())
 
     def _adopt(self, cert_pem: str | None, ca_pem: str | None, signing_key: str | None) -> None:
         self.trust.adopt(signing_key)
@@ -527,125 +457,6 @@ class DataPlane:
                 self._renew_now = True
                 self._wake.set()
 
-    async def _persist_quietly(self) -> None:
-        async with self._lock:
-            with contextlib.suppress(OSError):
-                await self._persist()
-
-    async def _persist(self) -> None:
-        if self.state is not None:
-            await asyncio.to_thread(self.state.save, self.service, self._stored())
-
-    # -- pushes -----------------------------------------------------------------------------
-
-    async def push_bundle(
-        self,
-        body: bytes,
-        digest: str | None,
-        generation: int,
-        role: str | None,
-        signature: str | None = None,
-    ) -> tuple[int, dict[str, str]]:
-        if not digest:
-            return self._nack("bundle", 400, "missing X-Meshc-Digest header")
-        # Only the control plane may change this data plane (DESIGN §6): the signature covers the
-        # claimed digest (checked against the body below), the generation and this service.
-        refused = self.trust.check(signature, digest, generation, self.service)
-        if refused is not None:
-            why = _reason_label(signature, self.trust.key)
-            self.metrics.push_rejections.labels(role or "bundle", why).inc()
-            return self._nack(role or "bundle", 403, refused)
-        if role not in (None, "mesh", "service"):
-            return self._nack("bundle", 400, f"unknown bundle role {role!r}")
-        try:
-            bundle = (
-                await asyncio.to_thread(load_bundle, body, digest)
-                if len(body) > 256 * 1024
-                else load_bundle(body, digest)
-            )
-        except BundleError as e:
-            return self._nack(role or "bundle", 413 if len(body) > MAX_BUNDLE_BYTES else 400, str(e))
-        kind = bundle.type
-        if role is not None and role != kind:
-            return self._nack(kind, 400, f"pushed as the {role} bundle but it is a {kind} bundle")
-        async with self._lock:
-            current = self.slots.get(kind)
-            if current is not None and generation < current.generation:
-                return self._nack(kind, 409, f"stale generation {generation}; running {current.generation}")
-            if current is not None and current.digest == digest:
-                if generation > current.generation:
-                    self.slots[kind] = Slot(current.data, digest, generation, current.bundle)
-                    await self._persist()
-                return 200, {"ack": digest}
-            slots = {**self.slots, kind: Slot(body, digest, generation, bundle)}
-            try:
-                snap = self._build(slots, self.endpoints)
-            except BundleError as e:
-                return self._nack(kind, 400, str(e))
-            old = self.slots
-            self.slots = slots
-            try:
-                await self._persist()
-            except OSError as e:
-                self.slots = old
-                return self._nack(kind, 500, f"cannot store the bundle in the state dir: {e}")
-            self._install(snap)
-            self.metrics.set_bundle(kind, digest)
-            self.metrics.reloads.labels(kind, "ack").inc()
-            if kind == "service":
-                await self._rebind_gateway()
-            return 200, {"ack": digest}
-
-    async def push_endpoints(
-        self, body: bytes, generation: int | None = None, signature: str | None = None
-    ) -> tuple[int, dict[str, str]]:
-        if not self.trust.insecure:
-            if generation is None:
-                return self._nack("endpoints", 400, "missing X-Meshc-Generation header")
-            refused = self.trust.check(signature, hashlib.sha256(body).hexdigest(), generation, self.service)
-            if refused is not None:
-                why = _reason_label(signature, self.trust.key)
-                self.metrics.push_rejections.labels("endpoints", why).inc()
-                return self._nack("endpoints", 403, refused)
-        try:
-            endpoints = EndpointSet.model_validate_json(body)
-        except ValueError as e:
-            return self._nack("endpoints", 400, f"endpoint set does not match the schema: {e}")
-        if generation is not None and endpoints.generation != generation and not self.trust.insecure:
-            return self._nack(
-                "endpoints", 400, f"X-Meshc-Generation {generation} is not the body's {endpoints.generation}"
-            )
-        async with self._lock:
-            current = self.endpoints
-            if current is not None and endpoints.generation < current.generation:
-                return self._nack(
-                    "endpoints", 409, f"stale generation {endpoints.generation}; running {current.generation}"
-                )
-            try:
-                snap = self._build(self.slots, endpoints)
-            except BundleError as e:
-                return self._nack("endpoints", 400, str(e))
-            self.endpoints = endpoints
-            try:
-                await self._persist()
-            except OSError as e:
-                self.endpoints = current
-                return self._nack("endpoints", 500, f"cannot store the endpoints in the state dir: {e}")
-            self._install(snap)
-            self.metrics.endpoints_generation.set(endpoints.generation)
-            self.metrics.reloads.labels("endpoints", "ack").inc()
-            return 200, {"ack": hashlib.sha256(body).hexdigest()}
-
-    def _install(self, snap: Snapshot) -> None:
-        self.engine.install(snap)
-        self.health.reconcile(snap)
-        self._watch_mtls(snap)
-
-    def _nack(self, kind: str, status: int, reason: str) -> tuple[int, dict[str, str]]:
-        self.metrics.reloads.labels(kind, "nack").inc()
-        print(f"meshc: NACK {kind}: {reason}", file=sys.stderr, flush=True)
-        return status, {"nack": reason}
-
     # -- admin API --------------------------------------------------------------------------
 
     async def _admin(self, request: AdminRequest) -> AdminResponse:
@@ -655,11 +466,12 @@ class DataPlane:
 
     def config(self) -> dict[str, Any]:
         now = self.engine.clock()
+        endpoints = self.pushes.endpoints
         return {
             "service": self.service,
             "kind": self.opts.kind,
             "tags": self.opts.tags,
-            "instance": self.instance,
+            "instance": self.pushes.instance,
             "listening": self.listening,
             "ready": self.ready,
             "draining": self.draining,
@@ -668,9 +480,9 @@ class DataPlane:
             "insecure_admin": self.trust.insecure,
             "bundles": {
                 role: {"digest": s.digest, "generation": s.generation, "bundle": json.loads(s.data)}
-                for role, s in sorted(self.slots.items())
+                for role, s in sorted(self.pushes.slots.items())
             },
-            "endpoints": self.endpoints.model_dump(mode="json") if self.endpoints else None,
+            "endpoints": endpoints.model_dump(mode="json") if endpoints else None,
             "hosts": {
                 h.address: {
                     "healthy": h.hc_healthy,
@@ -734,12 +546,6 @@ async def serve(opts: Options) -> int:
 
 def _warn(message: str) -> None:
     print(f"meshc: {message}", file=sys.stderr, flush=True)
-
-
-def _reason_label(signature: str | None, key: str | None) -> str:
-    if key is None:
-        return "untrusted"
-    return "unsigned" if not signature else "bad_signature"
 
 
 def _emit(doc: dict[str, Any]) -> None:

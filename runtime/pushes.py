@@ -1,0 +1,248 @@
+"""The running configuration of a data plane and the only way it changes: a checked push.
+
+``Pushes`` owns the bundle slots, the endpoint set and the instance id, their copy in the state
+dir, and the admin API's two writes. A push is parsed and checked (signature, format, schema,
+digest, generation), compiled into a new snapshot, written to the state dir, and only then
+swapped in; any failure on the way is a NACK that changes nothing. The lifecycle around it
+(listeners, registration, drain) is ``runtime.server``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from runtime._match import SERVICE_TAG
+from runtime.bundle import (
+    MAX_BUNDLE_BYTES,
+    BundleError,
+    MeshBundle,
+    ServiceBundle,
+    bundle_digest,
+    load_bundle,
+)
+from runtime.engine import Engine, Snapshot
+from runtime.metrics import Metrics
+from runtime.protocol import EndpointSet
+from runtime.security import PushTrust
+from runtime.state import Slot, StateDir, StoredState
+
+__all__ = ["Pushes", "StartupError"]
+
+
+class StartupError(Exception):
+    """The data plane cannot start (exit code 2)."""
+
+
+class Pushes:
+    """Bundles and endpoints: loaded at start, replaced by signed pushes, kept on disk."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        state: StateDir | None,
+        trust: PushTrust,
+        on_install: Callable[[Snapshot], None],
+        on_service_bundle: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.state = state
+        self.trust = trust
+        self.slots: dict[str, Slot] = {}
+        self.endpoints: EndpointSet | None = None
+        self.instance: str | None = None
+        self._on_install = on_install
+        self._on_service_bundle = on_service_bundle
+        self._lock = asyncio.Lock()
+
+    def load(self, mesh_file: Path | None, service_file: Path | None, endpoints_file: Path | None) -> None:
+        """The last-known-good state (the state dir, then files given at start), compiled and
+        installed before a listener is bound; raises ``StartupError``."""
+        stored = self.state.load() if self.state else StoredState()
+        slots = dict(stored.slots)
+        for path in (mesh_file, service_file):
+            if path is None:
+                continue
+            try:
+                data = path.read_bytes()
+                stem = path.stem
+                expected = stem if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) else None
+                bundle = load_bundle(data, expected)
+            except (OSError, BundleError) as e:
+                raise StartupError(f"cannot load bundle {path}: {e}") from e
+            role: str = bundle.type
+            # A pushed bundle (generation > 0) in the state dir is newer than a file given at start.
+            if role not in slots or slots[role].generation == 0:
+                slots[role] = Slot(data, bundle_digest(data), 0, bundle)
+        endpoints = stored.endpoints
+        if endpoints_file is not None:
+            try:
+                from_file = EndpointSet.model_validate_json(endpoints_file.read_bytes())
+            except (OSError, ValueError) as e:
+                raise StartupError(f"cannot load endpoints {endpoints_file}: {e}") from e
+            if endpoints is None or from_file.generation >= endpoints.generation:
+                endpoints = from_file
+        svc = slots.get("service")
+        if not self.engine.service:
+            if svc is not None:
+                assert isinstance(svc.bundle, ServiceBundle)
+                self.engine.service = svc.bundle.service
+            else:
+                raise StartupError("--service is required without a service bundle")
+            self.engine.tags[SERVICE_TAG] = self.engine.service
+        try:
+            snap = self._build(slots, endpoints)
+        except BundleError as e:
+            raise StartupError(f"stored or given configuration cannot be enforced: {e}") from e
+        self.engine.install(snap)
+        self._on_install(snap)
+        changed = slots != stored.slots or endpoints != stored.endpoints
+        self.slots, self.endpoints, self.instance = slots, endpoints, stored.instance
+        for role, slot in slots.items():
+            self.metrics.set_bundle(role, slot.digest)
+            self.metrics.reloads.labels(role, "loaded").inc()
+        if endpoints is not None:
+            self.metrics.endpoints_generation.set(endpoints.generation)
+        if changed and self.state is not None:
+            self.state.save(self.engine.service, self._stored())
+
+    def _build(self, slots: dict[str, Slot], endpoints: EndpointSet | None) -> Snapshot:
+        mesh = slots["mesh"].bundle if "mesh" in slots else None
+        svc = slots["service"].bundle if "service" in slots else None
+        assert mesh is None or isinstance(mesh, MeshBundle)
+        assert svc is None or isinstance(svc, ServiceBundle)
+        return self.engine.build(mesh, svc, endpoints)
+
+    def _stored(self) -> StoredState:
+        return StoredState(dict(self.slots), self.endpoints, self.instance)
+
+    async def persist_quietly(self) -> None:
+        """Store the state (a new instance id); a failure waits for the next change."""
+        async with self._lock:
+            with contextlib.suppress(OSError):
+                await self._persist()
+
+    async def _persist(self) -> None:
+        if self.state is not None:
+            await asyncio.to_thread(self.state.save, self.engine.service, self._stored())
+
+    async def push_bundle(
+        self,
+        body: bytes,
+        digest: str | None,
+        generation: int,
+        role: str | None,
+        signature: str | None = None,
+    ) -> tuple[int, dict[str, str]]:
+        if not digest:
+            return self.nack("bundle", 400, "missing X-Meshc-Digest header")
+        # Only the control plane may change this data plane (DESIGN §6): the signature covers the
+        # claimed digest (checked against the body below), the generation and this service.
+        refused = self.trust.check(signature, digest, generation, self.engine.service)
+        if refused is not None:
+            why = _reason_label(signature, self.trust.key)
+            self.metrics.push_rejections.labels(role or "bundle", why).inc()
+            return self.nack(role or "bundle", 403, refused)
+        if role not in (None, "mesh", "service"):
+            return self.nack("bundle", 400, f"unknown bundle role {role!r}")
+        try:
+            bundle = (
+                await asyncio.to_thread(load_bundle, body, digest)
+                if len(body) > 256 * 1024
+                else load_bundle(body, digest)
+            )
+        except BundleError as e:
+            return self.nack(role or "bundle", 413 if len(body) > MAX_BUNDLE_BYTES else 400, str(e))
+        kind = bundle.type
+        if role is not None and role != kind:
+            return self.nack(kind, 400, f"pushed as the {role} bundle but it is a {kind} bundle")
+        async with self._lock:
+            current = self.slots.get(kind)
+            if current is not None and generation < current.generation:
+                return self.nack(kind, 409, f"stale generation {generation}; running {current.generation}")
+            if current is not None and current.digest == digest:
+                if generation > current.generation:
+                    self.slots[kind] = Slot(current.data, digest, generation, current.bundle)
+                    await self._persist()
+                return 200, {"ack": digest}
+            slots = {**self.slots, kind: Slot(body, digest, generation, bundle)}
+            try:
+                snap = self._build(slots, self.endpoints)
+            except BundleError as e:
+                return self.nack(kind, 400, str(e))
+            old = self.slots
+            self.slots = slots
+            try:
+                await self._persist()
+            except OSError as e:
+                self.slots = old
+                return self.nack(kind, 500, f"cannot store the bundle in the state dir: {e}")
+            self._install(snap)
+            self.metrics.set_bundle(kind, digest)
+            self.metrics.reloads.labels(kind, "ack").inc()
+            if kind == "service":
+                await self._on_service_bundle()
+            return 200, {"ack": digest}
+
+    async def push_endpoints(
+        self, body: bytes, generation: int | None = None, signature: str | None = None
+    ) -> tuple[int, dict[str, str]]:
+        if not self.trust.insecure:
+            if generation is None:
+                return self.nack("endpoints", 400, "missing X-Meshc-Generation header")
+            refused = self.trust.check(
+                signature, hashlib.sha256(body).hexdigest(), generation, self.engine.service
+            )
+            if refused is not None:
+                why = _reason_label(signature, self.trust.key)
+                self.metrics.push_rejections.labels("endpoints", why).inc()
+                return self.nack("endpoints", 403, refused)
+        try:
+            endpoints = EndpointSet.model_validate_json(body)
+        except ValueError as e:
+            return self.nack("endpoints", 400, f"endpoint set does not match the schema: {e}")
+        if generation is not None and endpoints.generation != generation and not self.trust.insecure:
+            return self.nack(
+                "endpoints", 400, f"X-Meshc-Generation {generation} is not the body's {endpoints.generation}"
+            )
+        async with self._lock:
+            current = self.endpoints
+            if current is not None and endpoints.generation < current.generation:
+                return self.nack(
+                    "endpoints", 409, f"stale generation {endpoints.generation}; running {current.generation}"
+                )
+            try:
+                snap = self._build(self.slots, endpoints)
+            except BundleError as e:
+                return self.nack("endpoints", 400, str(e))
+            self.endpoints = endpoints
+            try:
+                await self._persist()
+            except OSError as e:
+                self.endpoints = current
+                return self.nack("endpoints", 500, f"cannot store the endpoints in the state dir: {e}")
+            self._install(snap)
+            self.metrics.endpoints_generation.set(endpoints.generation)
+            self.metrics.reloads.labels("endpoints", "ack").inc()
+            return 200, {"ack": hashlib.sha256(body).hexdigest()}
+
+    def _install(self, snap: Snapshot) -> None:
+        self.engine.install(snap)
+        self._on_install(snap)
+
+    def nack(self, kind: str, status: int, reason: str) -> tuple[int, dict[str, str]]:
+        self.metrics.reloads.labels(kind, "nack").inc()
+        print(f"meshc: NACK {kind}: {reason}", file=sys.stderr, flush=True)
+        return status, {"nack": reason}
+
+
+def _reason_label(signature: str | None, key: str | None) -> str:
+    if key is None:
+        return "untrusted"
+    return "unsigned" if not signature else "bad_signature"
