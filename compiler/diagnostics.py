@@ -14,7 +14,7 @@ from typing import Literal
 
 __all__ = ["CODES", "Code", "Diagnostic", "Loc", "Path", "Related", "Severity", "Span"]
 
-Severity = Literal["error", "warning"]
+Severity = Literal["error", "warning", "info"]
 Path = tuple[str | int, ...]
 
 
@@ -26,7 +26,7 @@ class Code:
 
     @property
     def severity(self) -> Severity:
-        return "error" if self.code.startswith("E") else "warning"
+        return {"E": "error", "W": "warning"}.get(self.code[0], "info")
 
 
 def _catalog(*codes: Code) -> dict[str, Code]:
@@ -49,6 +49,41 @@ CODES: dict[str, Code] = _catalog(
         "The document has no `kind`/`type`, or names a kind or apiVersion meshc does not know.",
     ),
     Code("E0007", "missing-name", "The document has no name (`metadata.name` or `name`) or no `mesh`."),
+    Code(
+        "W0001",
+        "deprecated-ingress-api",
+        "An Ingress in `extensions/v1beta1` or `networking.k8s.io/v1beta1`, which Kubernetes 1.22 removed; "
+        "the message prints the same Ingress as `networking.k8s.io/v1`.",
+    ),
+    Code(
+        "I0001",
+        "kubernetes-kind-ignored",
+        "A Kubernetes object of a kind meshc does not read (ConfigMap, Job...); it is ignored, never an error.",
+    ),
+    Code(
+        "I1001",
+        "kubernetes-protocol-tcp",
+        "A Service port whose `appProtocol` (or annotation) meshc does not route at L7 (h2c, gRPC...) is "
+        "proxied per connection as `tcp`; a UDP port is not proxied.",
+    ),
+    Code(
+        "I2001",
+        "service-selects-no-workload",
+        "A Kubernetes Service selects no Deployment or StatefulSet of the policy directory: it is in the "
+        "catalog with no subsets, so routes cannot target its versions.",
+    ),
+    Code(
+        "E2006",
+        "ingress-unknown-backend",
+        "An Ingress backend names a Service (or a port of it) that no Kubernetes Service of the policy "
+        "directory declares.",
+    ),
+    Code(
+        "E2007",
+        "ingress-gateway",
+        "The gateway an Ingress attaches to is unknown: its `meshc.io/gateway` annotation names no "
+        "MeshGateway service, or the mesh has several MeshGateways and the annotation is missing.",
+    ),
     Code(
         "E1001",
         "unknown-key",

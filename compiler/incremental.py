@@ -43,6 +43,7 @@ from compiler.checks import check_doc, check_permissions
 from compiler.denied import SHAPING_KINDS, check_denied
 from compiler.diagnostics import Diagnostic
 from compiler.gateway import GatewayBuild, build_gateways
+from compiler.kube.derive import KubeExpander, is_kube
 from compiler.parse import Declared, Doc
 from compiler.pipeline import (
     CompileResult,
@@ -138,6 +139,8 @@ class IncrementalCompiler:
         self._perm_findings: list[Diagnostic] | None = None
         self._denied_findings: list[Diagnostic] | None = None
         self._declared: list[Declared] = []
+        self._kube = KubeExpander()
+        self._kube_findings: list[Diagnostic] = []
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -187,10 +190,10 @@ class IncrementalCompiler:
         full = (
             self._catalog is None
             or declared != self._declared
-            or any(d.kind in _CATALOG_KINDS for d in (*added, *removed))
+            or any(d.kind in _CATALOG_KINDS or is_kube(d) for d in (*added, *removed))
         )
         self._declared = declared
-        docs = [d for p in parsed for d in p.docs]
+        docs, self._kube_findings = self._kube.expand([d for p in parsed for d in p.docs])
         rebuilt = self._rebuild_all(docs) if full else self._rebuild_some(docs, added, removed)
         # Catalog findings (duplicate names, unknown meshes) depend on each document's identity
         # only: an edit in place (same kind, mesh, name and position) keeps them.
@@ -353,6 +356,7 @@ class IncrementalCompiler:
         cat = self._catalog
         assert cat is not None
         findings = [d for p in parsed for d in p.findings]
+        findings.extend(self._kube_findings)
         findings.extend(self._cat_findings or ())
         checks = self._checks
         for d in docs:

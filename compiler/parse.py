@@ -21,6 +21,7 @@ from pydantic.alias_generators import to_camel
 from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY, KindDef
 from compiler.kinds._base import Finding
+from compiler.kube import objects as kube
 
 __all__ = ["Declared", "Doc", "parse_documents"]
 
@@ -116,6 +117,12 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
         return None, [
             _diag("E0005", f"a policy document must be a mapping, not {_typename(raw)}", file, index)
         ]
+    if kube.is_kubernetes(raw, REGISTRY):
+        obj, found = kube.parse_object(file, index, raw)
+        if obj is None:
+            return None, found
+        kind_key = kube.KIND_PREFIX + obj.kind
+        return Doc(file, index, kind_key, "", obj.metadata.name, obj, ()), found
     errs: list[Diagnostic] = []
     if "kind" in raw or "apiVersion" in raw:
         prefix: Path = ("spec",)

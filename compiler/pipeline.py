@@ -25,6 +25,7 @@ from compiler.catalog import build_catalog
 from compiler.checks import check_all
 from compiler.diagnostics import Diagnostic, Related, Span
 from compiler.gateway import build_gateways
+from compiler.kube import derive as kube
 from compiler.parse import Declared, Doc, parse_documents
 from compiler.resolve import conflict_diagnostics, index_policies
 from compiler.source import SourceFile, SourceSet, read_policy_dir
@@ -203,8 +204,8 @@ def compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
 
 
 def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
-    docs = [d for p in parsed for d in p.docs]
-    findings = [d for p in parsed for d in p.findings]
+    docs, findings = kube.expand([d for p in parsed for d in p.docs])
+    findings.extend(d for p in parsed for d in p.findings)
     cat, cat_findings = build_catalog(docs, declared_of(parsed))
     findings.extend(cat_findings)
     findings.extend(check_all(docs, cat))

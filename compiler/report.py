@@ -70,13 +70,16 @@ def _github(diags: list[Diagnostic], summary: dict[str, int]) -> str:
     lines = []
     for d in diags:
         line, col, eline, ecol = _span(d)
-        level = "error" if d.severity == "error" else "warning"
+        level = {"error": "error", "warning": "warning"}.get(d.severity, "notice")
         msg = d.message + "".join(f"\n{r.file}:{r.line}:{r.column}: {r.message}" for r in d.related)
         lines.append(
             f"::{level} file={_escape(d.file, True)},line={line},col={col},endLine={eline},endColumn={ecol},"
             f"title={d.code}::{_escape(msg)}"
         )
     return "\n".join(lines)
+
+
+_SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
 
 
 def _uri(path: str) -> str:
@@ -93,7 +96,7 @@ def _sarif(diags: list[Diagnostic], summary: dict[str, int]) -> str:
             "shortDescription": {"text": CODES[c].title},
             "fullDescription": {"text": CODES[c].description},
             "helpUri": f"{_DOCS_URL}#{c.lower()}",
-            "defaultConfiguration": {"level": "error" if CODES[c].severity == "error" else "warning"},
+            "defaultConfiguration": {"level": _SARIF_LEVEL[CODES[c].severity]},
         }
         for c in used
     ]
@@ -103,7 +106,7 @@ def _sarif(diags: list[Diagnostic], summary: dict[str, int]) -> str:
         res: dict[str, Any] = {
             "ruleId": d.code,
             "ruleIndex": used.index(d.code),
-            "level": "error" if d.severity == "error" else "warning",
+            "level": _SARIF_LEVEL[d.severity],
             "message": {"text": d.message},
             "locations": [
                 {
