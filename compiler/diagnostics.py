@@ -18,6 +18,9 @@ Severity = Literal["error", "warning", "info"]
 Path = tuple[str | int, ...]
 
 
+_SEVERITY: dict[str, Severity] = {"E": "error", "W": "warning"}
+
+
 @dataclass(frozen=True)
 class Code:
     code: str
@@ -26,7 +29,7 @@ class Code:
 
     @property
     def severity(self) -> Severity:
-        return {"E": "error", "W": "warning"}.get(self.code[0], "info")
+        return _SEVERITY.get(self.code[0], "info")
 
 
 def _catalog(*codes: Code) -> dict[str, Code]:
@@ -58,7 +61,7 @@ CODES: dict[str, Code] = _catalog(
     Code(
         "I0001",
         "kubernetes-kind-ignored",
-        "A Kubernetes object of a kind meshc does not read (ConfigMap, Job...); it is ignored, never an error.",
+        "A Kubernetes object of a kind meshc does not read (ConfigMap, Job...): ignored, never an error.",
     ),
     Code(
         "I1001",

@@ -134,7 +134,9 @@ class _Derivation:
         for d in self.workloads:
             w: k.Workload = d.spec
             labels = w.spec.template.metadata.labels
-            if w.metadata.namespace == svc.metadata.namespace and all(labels.get(a) == b for a, b in sel.items()):
+            if w.metadata.namespace == svc.metadata.namespace and all(
+                labels.get(a) == b for a, b in sel.items()
+            ):
                 out.append(w)
         return out
 
@@ -203,7 +205,8 @@ class _Derivation:
             known = ", ".join(declared) or "none"
             self._note(
                 "E2007",
-                f"{GATEWAY_KEY} names {wanted!r}, which no MeshGateway of mesh {mesh!r} selects (declared: {known})",
+                f"{GATEWAY_KEY} names {wanted!r}, which no MeshGateway of mesh {mesh!r} selects "
+                f"(declared: {known})",
                 d,
                 ("metadata", "annotations", GATEWAY_KEY),
             )

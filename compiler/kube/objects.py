@@ -121,7 +121,9 @@ class Backend(_K):
     @property
     def target(self) -> tuple[str, int | str] | None:
         if self.service is not None:
-            port = self.service.port.number if self.service.port.number is not None else self.service.port.name
+            port = (
+                self.service.port.number if self.service.port.number is not None else self.service.port.name
+            )
             return (self.service.name, port) if port is not None else None
         if self.service_name is not None and self.service_port is not None:
             return self.service_name, self.service_port
