@@ -124,6 +124,17 @@ CODES: dict[str, Code] = _catalog(
     Code("E1011", "healthcheck-tcp-and-http", "A HealthCheck sets both `tcp` and `http`; choose one."),
     Code("E1012", "choice-count", "`leastRequest.choiceCount` must be at least 2."),
     Code(
+        "E1013",
+        "targetref-kind",
+        "A `targetRef` (or backend ref) names a kind that this place does not accept, or sets a field "
+        "that its kind does not take (Kuma's `ValidateTargetRef`).",
+    ),
+    Code(
+        "E1014",
+        "targetref-sections",
+        "A targetRef policy combines `to`, `from` and `rules` in a way Kuma forbids, or sets none of them.",
+    ),
+    Code(
         "E2001",
         "unknown-service",
         "A selector or target names a `kuma.io/service` that no Service or MeshGateway declares.",
@@ -161,6 +172,18 @@ CODES: dict[str, Code] = _catalog(
         "W1002",
         "shadowed-match",
         "An `http` match that an earlier entry always catches first: it is never used.",
+    ),
+    Code(
+        "W1003",
+        "targetref-not-compiled",
+        "A targetRef policy is valid but meshc does not compile this dialect into bundles yet: "
+        "it has no effect on the traffic until it does.",
+    ),
+    Code(
+        "W1004",
+        "no-effect-in-meshc",
+        "A kind meshc validates but can never enforce (MeshProxyPatch patches Envoy configuration; "
+        "meshc's proxies are not Envoy).",
     ),
     Code(
         "W2001", "permissions-without-mtls", "TrafficPermissions take effect only when the Mesh enables mTLS."

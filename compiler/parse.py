@@ -225,6 +225,9 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
                     "E1001", "a Mesh has no `mesh` field; its name is the mesh", file, index, ("mesh",), True
                 )
             )
+    elif kdef.dialect == "targetref" and prefix:
+        mesh, mesh_errs = _label_mesh(raw, file, index)
+        errs.extend(mesh_errs)
     else:
         mesh = raw.get("mesh")
         if not isinstance(mesh, str) or not mesh:
@@ -242,6 +245,10 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
             _diag("E1002", f"`spec` must be a mapping, not {_typename(spec_raw)}", file, index, prefix)
         )
         return None, errs
+    if kdef.max_name_length is not None and isinstance(name, str) and len(name) > kdef.max_name_length:
+        where = ("metadata", "name") if prefix else ("name",)
+        msg = f"must not be longer than {kdef.max_name_length} characters"
+        errs.append(_diag("E1005", msg, file, index, where))
     try:
         spec = kdef.spec.model_validate(spec_raw)
     except ValidationError as e:
@@ -265,6 +272,26 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
         return None, errs
     assert isinstance(name, str) and isinstance(mesh, str)
     return Doc(file, index, kdef.kind, mesh, name, spec, prefix), errs
+
+
+MESH_LABEL = "kuma.io/mesh"
+
+
+def _label_mesh(raw: dict[Any, Any], file: str, index: int) -> tuple[Any, list[Diagnostic]]:
+    """A targetRef kind's mesh: its ``kuma.io/mesh`` label, ``default`` without one (as Kuma has it)."""
+    errs = []
+    if "mesh" in raw:
+        msg = f"a {raw.get('kind')} has no top-level `mesh`; set the `{MESH_LABEL}` label in `metadata.labels`"
+        errs.append(_diag("E1001", msg, file, index, ("mesh",), True))
+    meta = raw.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, dict) or MESH_LABEL not in labels:
+        return "default", errs
+    mesh = labels[MESH_LABEL]
+    if not isinstance(mesh, str) or not mesh:
+        where: Path = ("metadata", "labels", MESH_LABEL)
+        errs.append(_diag("E0007", f"the `{MESH_LABEL}` label must name a mesh", file, index, where))
+    return mesh, errs
 
 
 def _finding(

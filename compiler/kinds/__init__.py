@@ -18,6 +18,7 @@ from compiler.kinds import (
     traffic_route,
 )
 from compiler.kinds._base import KindDef
+from compiler.kinds.targetref import KINDS as TARGETREF_KINDS
 
 __all__ = ["REGISTRY", "KindDef"]
 
@@ -37,5 +38,6 @@ REGISTRY: dict[str, KindDef] = {
         traffic_log.KIND,
         mesh_gateway.KIND,
         mesh_gateway_route.KIND,
+        *TARGETREF_KINDS,
     )
 }

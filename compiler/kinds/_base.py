@@ -133,7 +133,9 @@ class Finding(NamedTuple):
     on_key: bool = False
 
 
-Direction = Literal["outbound", "inbound", "none"]
+Direction = Literal["outbound", "inbound", "none", "targetref"]
+"""``targetref``: the top-level ``targetRef`` selects proxies; ``to`` is outbound, ``from``/``rules`` inbound."""
+Dialect = Literal["legacy", "targetref"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,14 @@ class KindDef:
     check: Callable[[Any], Iterable[Finding]]
     direction: Direction
     doc: str
+    dialect: Dialect = "legacy"
+    """``targetref`` kinds take their mesh from the ``kuma.io/mesh`` label (default ``default``)."""
+    max_name_length: int | None = None
+    """Kuma's limit on the resource name (MeshService: 63), checked at ``metadata.name``."""
+    compiled: bool = True
+    """False: validated only; ``compile`` says the kind does not shape bundles yet."""
+    no_effect: str | None = None
+    """Why the kind can never shape a meshc bundle (MeshProxyPatch patches Envoy)."""
 
 
 def tag_findings(path: Path, match: Mapping[str, str | None]) -> Iterator[Finding]:

@@ -1,0 +1,14 @@
+"""Kuma's current dialect: the targetRef policies (``kuma.io/v1alpha1``), one module per kind.
+
+Their models and validators are ports of Kuma v2.14.3's (see ``_common``); how policies of these
+kinds resolve and merge into bundles lives elsewhere and does not shape them.
+"""
+
+from __future__ import annotations
+
+from compiler.kinds._base import KindDef
+from compiler.kinds.targetref import mesh_timeout
+
+__all__ = ["KINDS"]
+
+KINDS: tuple[KindDef, ...] = (mesh_timeout.KIND,)
