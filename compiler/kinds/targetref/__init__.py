@@ -7,8 +7,18 @@ kinds resolve and merge into bundles lives elsewhere and does not shape them.
 from __future__ import annotations
 
 from compiler.kinds._base import KindDef
-from compiler.kinds.targetref import mesh_timeout
+from compiler.kinds.targetref import (
+    mesh_access_log,
+    mesh_circuit_breaker,
+    mesh_health_check,
+    mesh_timeout,
+)
 
 __all__ = ["KINDS"]
 
-KINDS: tuple[KindDef, ...] = (mesh_timeout.KIND,)
+KINDS: tuple[KindDef, ...] = (
+    mesh_access_log.KIND,
+    mesh_circuit_breaker.KIND,
+    mesh_health_check.KIND,
+    mesh_timeout.KIND,
+)

@@ -233,10 +233,10 @@ def status_code(path: Path, status: int) -> Found:
 
 
 def is_file_path(value: str) -> bool:
-    """govalidator's ``IsFilePath`` (its Unix and Windows forms), which Kuma uses for file paths."""
-    if re.match(r"^[a-zA-Z]:\\(?:[^\\/:*?\"<>|\r\n]+\\?)*$", value):
+    """govalidator's ``IsFilePath``: an absolute Unix path or a Windows ``C:\\`` path."""
+    if re.match(r'^[a-zA-Z]:\\(?:[^\\/:*?"<>|\r\n]+\\)*[^\\/:*?"<>|\r\n]*$', value):
         return True
-    return bool(re.match(r"^(/|\.{1,2}/)?[^\x00]*$", value)) and value != "" and "\x00" not in value
+    return bool(re.match(r"^(/[^/\x00]*)+/?$", value))
 
 
 def is_url(value: str) -> bool:
