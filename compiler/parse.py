@@ -455,7 +455,10 @@ def _present(data: Any, path: Path) -> bool:
     if not path:
         return True
     parent = _lookup(data, path[:-1])
-    return isinstance(parent, dict) and path[-1] in parent
+    step = path[-1]
+    if isinstance(parent, list):
+        return isinstance(step, int) and 0 <= step < len(parent)
+    return isinstance(parent, dict) and step in parent
 
 
 def _did_you_mean(kdef: KindDef, path: Path) -> str:

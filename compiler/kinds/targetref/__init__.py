@@ -11,6 +11,9 @@ from compiler.kinds.targetref import (
     mesh_access_log,
     mesh_circuit_breaker,
     mesh_health_check,
+    mesh_fault_injection,
+    mesh_rate_limit,
+    mesh_retry,
     mesh_timeout,
 )
 
@@ -20,5 +23,8 @@ KINDS: tuple[KindDef, ...] = (
     mesh_access_log.KIND,
     mesh_circuit_breaker.KIND,
     mesh_health_check.KIND,
+    mesh_fault_injection.KIND,
+    mesh_rate_limit.KIND,
+    mesh_retry.KIND,
     mesh_timeout.KIND,
 )
