@@ -12,8 +12,11 @@ from compiler.kinds.targetref import (
     mesh_circuit_breaker,
     mesh_health_check,
     mesh_fault_injection,
+    mesh_load_balancing_strategy,
     mesh_rate_limit,
     mesh_retry,
+    mesh_http_route,
+    mesh_tcp_route,
     mesh_timeout,
 )
 
@@ -24,7 +27,10 @@ KINDS: tuple[KindDef, ...] = (
     mesh_circuit_breaker.KIND,
     mesh_health_check.KIND,
     mesh_fault_injection.KIND,
+    mesh_load_balancing_strategy.KIND,
     mesh_rate_limit.KIND,
     mesh_retry.KIND,
+    mesh_http_route.KIND,
+    mesh_tcp_route.KIND,
     mesh_timeout.KIND,
 )
