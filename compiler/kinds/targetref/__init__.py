@@ -10,14 +10,16 @@ from compiler.kinds._base import KindDef
 from compiler.kinds.targetref import (
     mesh_access_log,
     mesh_circuit_breaker,
-    mesh_health_check,
     mesh_fault_injection,
+    mesh_health_check,
+    mesh_http_route,
     mesh_load_balancing_strategy,
     mesh_rate_limit,
     mesh_retry,
-    mesh_http_route,
     mesh_tcp_route,
     mesh_timeout,
+    mesh_tls,
+    mesh_traffic_permission,
 )
 
 __all__ = ["KINDS"]
@@ -25,12 +27,14 @@ __all__ = ["KINDS"]
 KINDS: tuple[KindDef, ...] = (
     mesh_access_log.KIND,
     mesh_circuit_breaker.KIND,
-    mesh_health_check.KIND,
     mesh_fault_injection.KIND,
+    mesh_health_check.KIND,
+    mesh_http_route.KIND,
     mesh_load_balancing_strategy.KIND,
     mesh_rate_limit.KIND,
     mesh_retry.KIND,
-    mesh_http_route.KIND,
     mesh_tcp_route.KIND,
     mesh_timeout.KIND,
+    mesh_tls.KIND,
+    mesh_traffic_permission.KIND,
 )
