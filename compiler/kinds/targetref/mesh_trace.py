@@ -1,0 +1,184 @@
+"""MeshTrace: where proxies send traces (Zipkin, Datadog, OpenTelemetry), sampling and span tags.
+
+A single top-level `default` (no `to`/`from`): at most one backend; `sampling.overall`,
+`client` and `random` are percentages (Kuma's default 100); each tag takes a `literal` or a
+request `header`.
+
+Valid::
+
+    apiVersion: kuma.io/v1alpha1
+    kind: MeshTrace
+    metadata: {name: tracing, labels: {kuma.io/mesh: default}}
+    spec:
+      default:
+        backends: [{type: Zipkin, zipkin: {url: "http://zipkin:9411/api/v2/spans"}}]
+        sampling: {overall: 10}
+
+Invalid (two backends)::
+
+    default: {backends: [{type: Zipkin, zipkin: {url: "http://a:9411"}}, {type: Zipkin, zipkin: {url: "http://b:9411"}}]}
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import Field
+
+from compiler.diagnostics import Path
+from compiler.kinds._base import Spec
+from compiler.kinds.targetref._common import (
+    BackendResourceRef,
+    Bool,
+    Found,
+    IntOrString,
+    KStr,
+    TargetRef,
+    at,
+    decimal_of,
+    is_url,
+    kind_def,
+    otel_endpoint_or_ref,
+    target_ref,
+)
+
+
+class Zipkin(Spec):
+    url: KStr = ""
+    """The collector's span endpoint."""
+    trace_id128bit: Bool = Field(default=False, validation_alias="traceId128bit", serialization_alias="traceId128bit")
+    api_version: KStr = ""
+    """``httpJson`` (default) or ``httpProto``."""
+    shared_span_context: Bool = False
+
+
+class Datadog(Spec):
+    url: KStr = ""
+    """``http://host:port`` of the Datadog agent (no path)."""
+    split_service: Bool = False
+
+
+class OpenTelemetry(Spec):
+    endpoint: KStr = ""
+    backend_ref: BackendResourceRef | None = None
+
+
+class Backend(Spec):
+    type: KStr = ""
+    """``Zipkin``, ``Datadog`` or ``OpenTelemetry``."""
+    zipkin: Zipkin | None = None
+    datadog: Datadog | None = None
+    open_telemetry: OpenTelemetry | None = None
+
+
+class Sampling(Spec):
+    overall: IntOrString | None = None
+    client: IntOrString | None = None
+    random: IntOrString | None = None
+
+
+class HeaderTag(Spec):
+    name: KStr = ""
+    default: KStr | None = None
+
+
+class Tag(Spec):
+    name: KStr = ""
+    literal: KStr | None = None
+    header: HeaderTag | None = None
+
+
+class Conf(Spec):
+    backends: list[Backend] | None = None
+    sampling: Sampling | None = None
+    tags: list[Tag] | None = None
+
+
+class MeshTraceSpec(Spec):
+    target_ref: TargetRef | None = None
+    """The proxies the policy applies to (default: the whole mesh)."""
+    default: Conf | None = None
+
+
+_TOP = ("Mesh", "MeshSubset", "MeshGateway", "MeshService", "MeshServiceSubset", "Dataplane")
+
+
+def _datadog(path: Path, url: str) -> Found:
+    p: Path = (*path, "url")
+    try:
+        u = urlsplit(url)
+        if not u.scheme or not (u.netloc or u.path.startswith("/")):
+            raise ValueError(url)
+        port = u.port if u.netloc else None
+    except ValueError:
+        if url.startswith(("http://", "https://")) and ":" in url.split("//", 1)[1]:
+            yield p, "port must be a valid (1-65535)"
+            return
+        yield p, "must be a valid url"
+        return
+    if u.scheme != "http":
+        yield p, "scheme must be http"
+    if port is None:
+        yield p, "port must be defined"
+    elif not 0 < port <= 65535:
+        yield p, "port must be a valid (1-65535)"
+    for name, set_ in (("user", "@" in u.netloc), ("path", u.path != ""), ("query", u.query != ""), ("fragment", u.fragment != "")):
+        if set_:
+            yield p, f"{name} must not be defined"
+
+
+def _backend(path: Path, b: Backend) -> Found:
+    if b.type == "Datadog":
+        if b.datadog is None:
+            yield (*path, "datadog"), "must be defined"
+        else:
+            yield from _datadog((*path, "datadog"), b.datadog.url)
+    elif b.type == "Zipkin":
+        if b.zipkin is None:
+            yield (*path, "zipkin"), "must be defined"
+        elif b.zipkin.url == "":
+            yield (*path, "zipkin", "url"), "must not be empty"
+        elif not is_url(b.zipkin.url):
+            yield (*path, "zipkin", "url"), "must be a valid url"
+    elif b.type == "OpenTelemetry":
+        if b.open_telemetry is None:
+            yield (*path, "openTelemetry"), "must be defined"
+        else:
+            o = b.open_telemetry
+            yield from at((*path, "openTelemetry"), otel_endpoint_or_ref(o.endpoint, o.backend_ref))
+    else:
+        yield (*path, "type"), f"unknown backend type {b.type!r}; use Zipkin, Datadog or OpenTelemetry"
+
+
+def _sampling(path: Path, value: int | str) -> Found:
+    dec = decimal_of(value)
+    if dec is None:
+        yield path, "string is not a number"
+        yield path, "must be between 0 and 100"
+    elif dec < 0 or dec > 100:
+        yield path, "must be between 0 and 100"
+
+
+def check(spec: MeshTraceSpec) -> Found:
+    if spec.target_ref is not None:
+        yield from at(("targetRef",), target_ref(spec.target_ref, _TOP))
+    c = spec.default or Conf()
+    bp: Path = ("default", "backends")
+    if c.backends is None:
+        yield bp, "must be defined"
+    elif len(c.backends) == 1:
+        yield from _backend((*bp, 0), c.backends[0])
+    elif len(c.backends) > 1:
+        yield bp, "must have zero or one backend defined"
+    for i, t in enumerate(c.tags or []):
+        if t.name == "":
+            yield ("default", "tags", i, "name"), "must not be empty"
+        if (t.header is not None) == (t.literal is not None):
+            yield ("default", "tags", i), "tag must have only one type defined: header, literal"
+    if (s := c.sampling) is not None:
+        for f, v in (("client", s.client), ("random", s.random), ("overall", s.overall)):
+            if v is not None:
+                yield from _sampling(("default", "sampling", f), v)
+
+
+KIND = kind_def("MeshTrace", MeshTraceSpec, check, __doc__ or "")
