@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from compiler.catalog import Catalog, check_tags
 from compiler.denied import check_denied
 from compiler.diagnostics import Diagnostic, Loc
+from compiler.kinds import REGISTRY
 from compiler.kinds import traffic_route as tr
 from compiler.parse import Doc
 
@@ -40,6 +41,7 @@ def check_doc(d: Doc, cat: Catalog) -> Iterator[Diagnostic]:
     """The checks of one document against the catalog (the incremental compiler caches them)."""
     if d.mesh not in cat.meshes:
         return
+    yield from _not_compiled(d)
     if d.kind in _SELECTOR_KINDS:
         yield from _selectors(d, cat)
     if d.kind == "TrafficRoute":
@@ -47,6 +49,20 @@ def check_doc(d: Doc, cat: Catalog) -> Iterator[Diagnostic]:
         yield from _shadowed(d)
     if d.kind == "TrafficLog":
         yield from _log_backend(d, cat)
+
+
+def _not_compiled(d: Doc) -> Iterator[Diagnostic]:
+    """A valid policy of a kind that does not shape bundles: say so where the kind is named."""
+    kdef = REGISTRY[d.kind]
+    where = Loc(d.file, d.index, ("kind",) if d.prefix else ("type",))
+    if kdef.no_effect is not None:
+        yield Diagnostic("W1004", f"{kdef.no_effect}; it is validated only", where)
+    elif not kdef.compiled:
+        msg = (
+            f"{d.kind} is valid, but meshc does not compile targetRef policies into bundles yet: "
+            "it has no effect on traffic (the legacy kinds do, meanwhile)"
+        )
+        yield Diagnostic("W1003", msg, where)
 
 
 def check_permissions(docs: list[Doc], cat: Catalog) -> Iterator[Diagnostic]:

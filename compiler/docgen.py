@@ -227,6 +227,13 @@ def policies_md() -> str:
         "Durations are Go duration strings (`300ms`, `5s`, `1m30s`, `1h`); a number without a unit is",
         "an error. A blank default means unset: the field has no effect unless given.",
         "",
+        "The targetRef kinds (`MeshTimeout`, `MeshHTTPRoute`...) are Kuma's current dialect: they have no",
+        "top-level `mesh`; the mesh is the `kuma.io/mesh` label in `metadata.labels` (none: `default`).",
+        "Their fields, defaults and validation messages are Kuma 2.14's. meshc treats every one as a",
+        "system-namespace policy (the repo is the operator's), so the top-level kinds Kuma allows there",
+        "(e.g. `MeshGateway`) are allowed. meshc validates them; it does not compile them into bundles",
+        "yet ([W1003](diagnostics.md#w1003)), and MeshProxyPatch never ([W1004](diagnostics.md#w1004)).",
+        "",
         "Editors complete and check these fields through the JSON Schemas in `schemas/policy/`: put",
         "`# yaml-language-server: $schema=<path to schemas/policy/KIND.schema.json>` as a file's first line.",
         "",
@@ -237,6 +244,7 @@ def policies_md() -> str:
         "outbound": "the `sources`' outbound traffic",
         "inbound": "the `destinations`' inbound traffic",
         "none": "the mesh",
+        "targetref": "the `targetRef`'s proxies (`to` outbound, `from`/`rules` inbound)",
     }
     for k in kinds:
         schema = f"schemas/policy/{k.kind.lower()}.schema.json"

@@ -281,7 +281,9 @@ def _label_mesh(raw: dict[Any, Any], file: str, index: int) -> tuple[Any, list[D
     """A targetRef kind's mesh: its ``kuma.io/mesh`` label, ``default`` without one (as Kuma has it)."""
     errs = []
     if "mesh" in raw:
-        msg = f"a {raw.get('kind')} has no top-level `mesh`; set the `{MESH_LABEL}` label in `metadata.labels`"
+        msg = (
+            f"a {raw.get('kind')} has no top-level `mesh`; set the `{MESH_LABEL}` label in `metadata.labels`"
+        )
         errs.append(_diag("E1001", msg, file, index, ("mesh",), True))
     meta = raw.get("metadata")
     labels = meta.get("labels") if isinstance(meta, dict) else None

@@ -24,9 +24,10 @@ def _kind_schema(k: KindDef) -> dict[str, Any]:
     spec_ref = {"$ref": "#/$defs/Spec"}
     defs["Spec"] = spec
     name_field = {"type": "string", "minLength": 1}
+    top_mesh = k.kind != "Mesh" and k.dialect == "legacy"  # targetRef kinds: the kuma.io/mesh label
     k8s: dict[str, Any] = {
         "type": "object",
-        "required": ["apiVersion", "kind", "metadata"] + ([] if k.kind == "Mesh" else ["mesh"]),
+        "required": ["apiVersion", "kind", "metadata"] + (["mesh"] if top_mesh else []),
         "properties": {
             "apiVersion": {"const": k.api_version},
             "kind": {"const": k.kind},
@@ -45,7 +46,7 @@ def _kind_schema(k: KindDef) -> dict[str, Any]:
         },
         "additionalProperties": False,
     }
-    if k.kind != "Mesh":
+    if top_mesh:
         k8s["properties"]["mesh"] = name_field
     universal: dict[str, Any] = {
         "type": "object",

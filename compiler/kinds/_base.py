@@ -134,7 +134,8 @@ class Finding(NamedTuple):
 
 
 Direction = Literal["outbound", "inbound", "none", "targetref"]
-"""``targetref``: the top-level ``targetRef`` selects proxies; ``to`` is outbound, ``from``/``rules`` inbound."""
+"""``targetref``: the top-level ``targetRef`` selects proxies; ``to`` is outbound, ``from``/``rules``
+inbound."""
 Dialect = Literal["legacy", "targetref"]
 
 

@@ -21,18 +21,18 @@ from compiler.diagnostics import Path
 from compiler.kinds._base import Finding, KindDef, Spec, parse_duration
 
 __all__ = [
+    "I32",
+    "U32",
     "BackendRef",
     "BackendResourceRef",
     "Bool",
     "Found",
     "GoDuration",
     "HeaderMatch",
-    "I32",
     "IntOrString",
     "KStr",
     "Match",
     "TargetRef",
-    "U32",
     "at",
     "findings",
     "kind_def",
@@ -291,7 +291,9 @@ def _spiffe_error(value: str) -> str | None:
     if td == "":
         return "trust domain is missing"
     if not re.fullmatch(r"[a-z0-9._\-]+", td):
-        return "trust domain characters are limited to lowercase letters, numbers, dots, dashes, and underscores"
+        return (
+            "trust domain characters are limited to lowercase letters, numbers, dots, dashes, and underscores"
+        )
     if "/" not in rest:
         return None
     for seg in path.split("/"):
@@ -321,11 +323,10 @@ def validate_match(match: Match) -> Found:
                 yield ("sni", "value"), v
 
 
-def matches_with_spiffe(
-    path: Path, matches: list[Match] | None, source_conditioned: Callable[[], Found]
-) -> Found:
+def matches_with_spiffe(path: Path, matches: list[Match] | None, source_conditioned: Found) -> Found:
     """Inbound ``rules[].matches`` (MeshTimeout, MeshRateLimit): each names a client; a SPIFFE match
-    limits the conf to what Envoy can condition on the client's identity."""
+    limits the conf to what Envoy can condition on the client's identity (``source_conditioned``,
+    a lazy generator, runs only then)."""
     has_spiffe = False
     for i, m in enumerate(matches or []):
         mp: Path = (*path, i)
@@ -339,9 +340,12 @@ def matches_with_spiffe(
             if t == "":
                 yield (*mp, "spiffeID", "type"), "must be set"
             elif t not in ("Exact", "Prefix"):
-                yield (*mp, "spiffeID", "type"), f'unrecognized type "{t}", supported values are: Exact, Prefix'
+                yield (
+                    (*mp, "spiffeID", "type"),
+                    f'unrecognized type "{t}", supported values are: Exact, Prefix',
+                )
     if has_spiffe:
-        yield from source_conditioned()
+        yield from source_conditioned
 
 
 def tags(path: Path, values: dict[str, str], *, selector: bool) -> Found:
@@ -351,16 +355,23 @@ def tags(path: Path, values: dict[str, str], *, selector: bool) -> Found:
         if key == "":
             yield path, "tag name must be non-empty"
         if not _TAG_NAME.match(key):
-            yield (*path, key), "tag name must consist of alphanumeric characters, dots, dashes, slashes and underscores"
+            yield (
+                (*path, key),
+                "tag name must consist of alphanumeric characters, dots, dashes, slashes and underscores",
+            )
         if value == "":
             yield (*path, key), "tag value must be non-empty"
         if selector and not _SELECTOR_VALUE.match(value):
             yield (
                 (*path, key),
-                'tag value must consist of alphanumeric characters, dots, dashes, slashes and underscores or be "*"',
+                "tag value must consist of alphanumeric characters, dots, dashes, slashes and underscores"
+                ' or be "*"',
             )
         if not selector and not _TAG_VALUE.match(value):
-            yield (*path, key), "tag value must consist of alphanumeric characters, dots, dashes and underscores"
+            yield (
+                (*path, key),
+                "tag value must consist of alphanumeric characters, dots, dashes and underscores",
+            )
 
 
 ALL_KINDS = (
@@ -398,13 +409,17 @@ def target_ref(
     name, mesh, ns, section = ref.name or "", ref.mesh or "", ref.namespace or "", ref.section_name or ""
     tag_map, labels, proxy = ref.tags or {}, ref.labels or {}, ref.proxy_types or []
 
-    def no(field: str, value: object) -> Found:
-        if value:
-            yield (field,), f"must not be set with kind {kind}"
+    def no(*fields: tuple[str, object]) -> Found:
+        for field, value in fields:
+            if value:
+                yield (field,), f"must not be set with kind {kind}"
 
     def named() -> Found:
         if name not in allowed_invalid_names and not _NAME.match(name):
-            yield ("name",), "invalid characters: must consist of lower case alphanumeric characters, '-', '.' and '_'."
+            yield (
+                ("name",),
+                "invalid characters: must consist of lower case alphanumeric characters, '-', '.' and '_'.",
+            )
 
     def proxy_types() -> Found:
         if ref.proxy_types is not None and not ref.proxy_types:
@@ -419,47 +434,43 @@ def target_ref(
     if kind == "Mesh":
         if name:
             yield ("name",), f"using name with kind {kind} is not yet supported"
-        for f, v in (("mesh", mesh), ("tags", tag_map), ("labels", labels), ("namespace", ns), ("sectionName", section)):
-            yield from no(f, v)
+        yield from no(
+            ("mesh", mesh), ("tags", tag_map), ("labels", labels), ("namespace", ns), ("sectionName", section)
+        )
         yield from proxy_types()
     elif kind == "Dataplane":
-        for f, v in (("tags", tag_map), ("mesh", mesh), ("proxyTypes", proxy)):
-            yield from no(f, v)
+        yield from no(("tags", tag_map), ("mesh", mesh), ("proxyTypes", proxy))
         if labels and (name or ns):
             yield ("labels",), "either labels or name and namespace must be specified"
         if not inbound and section:
             yield ("sectionName",), "can only be used with inbound policies"
     elif kind == "MeshSubset":
-        yield from no("name", name)
-        yield from no("mesh", mesh)
+        yield from no(("name", name))
+        yield from no(("mesh", mesh))
         yield from tags(("tags",), tag_map, selector=False)
-        for f, v in (("labels", labels), ("namespace", ns), ("sectionName", section)):
-            yield from no(f, v)
+        yield from no(("labels", labels), ("namespace", ns), ("sectionName", section))
         yield from proxy_types()
     elif kind in ("MeshService", "MeshHTTPRoute"):
         yield from named()
-        for f, v in (("mesh", mesh), ("tags", tag_map), ("proxyTypes", proxy)):
-            yield from no(f, v)
+        yield from no(("mesh", mesh), ("tags", tag_map), ("proxyTypes", proxy))
         if kind == "MeshHTTPRoute":
-            yield from no("sectionName", section)
+            yield from no(("sectionName", section))
         yield from name_or_labels("either labels or name and namespace must be specified")
     elif kind in ("MeshServiceSubset", "MeshGateway"):
         if not name:
             yield ("name",), f"must be set when kind is {kind}"
         yield from named()
-        yield from no("mesh", mesh)
-        yield from no("proxyTypes", proxy)
+        yield from no(("mesh", mesh))
+        yield from no(("proxyTypes", proxy))
         yield from tags(("tags",), tag_map, selector=True)
         if kind == "MeshGateway" and tag_map and not gateway_tags:
-            yield from no("tags", tag_map)
-        for f, v in (("labels", labels), ("namespace", ns), ("sectionName", section)):
-            yield from no(f, v)
+            yield from no(("tags", tag_map))
+        yield from no(("labels", labels), ("namespace", ns), ("sectionName", section))
     elif kind == "MeshExternalService":
         yield from named()
-        for f, v in (("mesh", mesh), ("tags", tag_map), ("proxyTypes", proxy)):
-            yield from no(f, v)
+        yield from no(("mesh", mesh), ("tags", tag_map), ("proxyTypes", proxy))
         yield from name_or_labels("either labels or name must be specified")
-        yield from no("sectionName", section)
+        yield from no(("sectionName", section))
     # MeshMultiZoneService: Kuma checks nothing beyond the kind.
 
 
@@ -531,10 +542,10 @@ def findings(found: Iterable[tuple[Path, str]]) -> Iterator[Finding]:
         yield Finding(path, _code(path, msg), msg)
 
 
-def kind_def(
-    kind: str, spec: type[Spec], check: Callable[[Any], Found], doc: str, **kw: Any
-) -> KindDef:
-    """A targetRef kind: ``kuma.io/v1alpha1``, mesh from the ``kuma.io/mesh`` label."""
+def kind_def(kind: str, spec: type[Spec], check: Callable[[Any], Found], doc: str, **kw: Any) -> KindDef:
+    """A targetRef kind: ``kuma.io/v1alpha1``, mesh from the ``kuma.io/mesh`` label; validated
+    only (``compiled=False``) until resolution builds bundles from it."""
+    kw.setdefault("compiled", False)
     return KindDef(
         kind,
         "kuma.io/v1alpha1",

@@ -209,14 +209,18 @@ def _default(path: Path, conf: Conf | None) -> Found:
 
 def check(spec: MeshAccessLogSpec) -> Found:
     to, frm, rules = spec.to or [], spec.from_ or [], spec.rules or []
-    yield from at(("targetRef",), target_ref(top(spec.target_ref), _TOP, gateway_tags=True, inbound=bool(rules or frm)))
+    yield from at(
+        ("targetRef",), target_ref(top(spec.target_ref), _TOP, gateway_tags=True, inbound=bool(rules or frm))
+    )
     if rules and (to or frm):
         yield (), "fields 'to' and 'from' must be empty when 'rules' is defined"
     if not rules and not to and not frm:
         yield (), "at least one of 'from', 'to' or 'rules' has to be defined"
     kind = top(spec.target_ref).kind
-    to_kinds = ("Mesh",) if kind == "MeshGateway" else (
-        "Mesh", "MeshService", "MeshExternalService", "MeshMultiZoneService", "MeshHTTPRoute"
+    to_kinds = (
+        ("Mesh",)
+        if kind == "MeshGateway"
+        else ("Mesh", "MeshService", "MeshExternalService", "MeshMultiZoneService", "MeshHTTPRoute")
     )
     for i, t in enumerate(to):
         yield from at(("to", i, "targetRef"), target_ref(t.target_ref, to_kinds))

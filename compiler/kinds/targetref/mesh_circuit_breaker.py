@@ -139,10 +139,23 @@ def _outlier(path: Path, o: OutlierDetection) -> Found:
     if d is None:
         yield dp, "must be defined"
         return
-    if all(x is None for x in (d.total_failures, d.gateway_failures, d.local_origin_failures, d.success_rate, d.failure_percentage)):
+    if all(
+        x is None
+        for x in (
+            d.total_failures,
+            d.gateway_failures,
+            d.local_origin_failures,
+            d.success_rate,
+            d.failure_percentage,
+        )
+    ):
         yield dp, "must have at least one defined: " + ", ".join(_DETECTORS)
         return
-    for f, c in (("totalFailures", d.total_failures), ("gatewayFailures", d.gateway_failures), ("localOriginFailures", d.local_origin_failures)):
+    for f, c in (
+        ("totalFailures", d.total_failures),
+        ("gatewayFailures", d.gateway_failures),
+        ("localOriginFailures", d.local_origin_failures),
+    ):
         if c is not None:
             yield from int_positive((*dp, f, "consecutive"), c.consecutive)
     if (s := d.success_rate) is not None:
@@ -181,7 +194,9 @@ def _default(path: Path, conf: Conf | None) -> Found:
 def check(spec: MeshCircuitBreakerSpec) -> Found:
     to, frm, rules = spec.to or [], spec.from_ or [], spec.rules or []
     if spec.target_ref is not None:
-        yield from at(("targetRef",), target_ref(spec.target_ref, _TOP, gateway_tags=True, inbound=bool(rules or frm)))
+        yield from at(
+            ("targetRef",), target_ref(spec.target_ref, _TOP, gateway_tags=True, inbound=bool(rules or frm))
+        )
     if not rules and not to and not frm:
         yield (), "at least one of 'from', 'to' or 'rules' has to be defined"
     if rules and (to or frm):

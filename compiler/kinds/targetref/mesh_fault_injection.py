@@ -129,7 +129,9 @@ def _default(path: Path, conf: Conf | None) -> Found:
 def check(spec: MeshFaultInjectionSpec) -> Found:
     to, frm, rules = spec.to or [], spec.from_ or [], spec.rules or []
     if spec.target_ref is not None:
-        yield from at(("targetRef",), target_ref(spec.target_ref, _TOP, gateway_tags=True, inbound=bool(rules or frm)))
+        yield from at(
+            ("targetRef",), target_ref(spec.target_ref, _TOP, gateway_tags=True, inbound=bool(rules or frm))
+        )
     ref = top(spec.target_ref)
     if frm and rules:
         yield (), "field 'from' must be empty when 'rules' is defined"

@@ -149,7 +149,11 @@ UNRESOLVED_BACKEND = "kuma.io/unresolved-backend"
 def _path(p: PathMatch) -> Found:
     if p.type == "PathPrefix" and p.value != "/":
         if p.value.endswith("/"):
-            yield ("value",), "does not need a trailing slash because only a `/`-separated prefix or an entire path is matched"
+            yield (
+                ("value",),
+                "does not need a trailing slash because only a `/`-separated prefix or an entire path "
+                "is matched",
+            )
         if not p.value.startswith("/"):
             yield ("value",), "must be an absolute path"
     elif p.type == "Exact" and not p.value.startswith("/"):
@@ -205,7 +209,9 @@ def _filters(top_kind: str, filters: list[Filter], matches: list[Match]) -> Foun
     for i, f in enumerate(filters):
         if f.type in ("RequestHeaderModifier", "ResponseHeaderModifier"):
             field = "requestHeaderModifier" if f.type == "RequestHeaderModifier" else "responseHeaderModifier"
-            mod = f.request_header_modifier if f.type == "RequestHeaderModifier" else f.response_header_modifier
+            mod = (
+                f.request_header_modifier if f.type == "RequestHeaderModifier" else f.response_header_modifier
+            )
             if mod is None:
                 yield (i, field), "must be defined"
             else:

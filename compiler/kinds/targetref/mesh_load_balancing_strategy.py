@@ -221,7 +221,10 @@ def _cross_zone(path: Path, cz: CrossZone, to: To) -> Found:
             yield (*fp, "to", "type"), "unrecognized type"
     if cz.failover_threshold is not None:
         yield from percentage(
-            (*path, "failoverThreshold", "percentage"), cz.failover_threshold.percentage, required=True, allow0=False
+            (*path, "failoverThreshold", "percentage"),
+            cz.failover_threshold.percentage,
+            required=True,
+            allow0=False,
         )
 
 
@@ -258,9 +261,15 @@ def _conf(path: Path, to: To) -> Found:
     yield from _hash_policies((*path, "hashPolicies"), c.hash_policies)
     if c.hash_policies is not None and (lb := c.load_balancer) is not None:
         if lb.ring_hash is not None and lb.ring_hash.hash_policies is not None:
-            yield (*path, "loadBalancer", "ringHash", "hashPolicies"), "hashPolicies already specified in the root level"
+            yield (
+                (*path, "loadBalancer", "ringHash", "hashPolicies"),
+                "hashPolicies already specified in the root level",
+            )
         if lb.maglev is not None and lb.maglev.hash_policies is not None:
-            yield (*path, "loadBalancer", "maglev", "hashPolicies"), "hashPolicies already specified in the root level"
+            yield (
+                (*path, "loadBalancer", "maglev", "hashPolicies"),
+                "hashPolicies already specified in the root level",
+            )
 
 
 def check(spec: MeshLoadBalancingStrategySpec) -> Found:
@@ -280,9 +289,12 @@ def check(spec: MeshLoadBalancingStrategySpec) -> Found:
             kinds = ("Mesh", "MeshService", "MeshMultiZoneService", "MeshHTTPRoute")
         yield from at((*p, "targetRef"), target_ref(t.target_ref, kinds, kinds_error=error))
         if t.target_ref.kind == "MeshExternalService" and kind != "Mesh":
-            yield (*p, "targetRef", "kind"), (
-                "kind MeshExternalService is only allowed with targetRef.kind: Mesh as it is configured "
-                "on the Zone Egress and shared by all clients in the mesh"
+            yield (
+                (*p, "targetRef", "kind"),
+                (
+                    "kind MeshExternalService is only allowed with targetRef.kind: Mesh as it is configured "
+                    "on the Zone Egress and shared by all clients in the mesh"
+                ),
             )
         yield from _conf((*p, "default"), t)
 

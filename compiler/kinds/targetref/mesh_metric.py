@@ -118,7 +118,10 @@ def _selectors(path: Path, selectors: list[Selector]) -> Found:
             except re.error:
                 yield (*path, i, "match"), "invalid regex"
         elif s.type not in ("Prefix", "Exact", "Contains"):
-            yield (*path, i, "type"), f"unrecognized type '{s.type}' - 'Regex', 'Prefix', 'Exact' are supported"
+            yield (
+                (*path, i, "type"),
+                f"unrecognized type '{s.type}' - 'Regex', 'Prefix', 'Exact' are supported",
+            )
 
 
 def _host_port(endpoint: str) -> Found:
@@ -157,7 +160,9 @@ def check(spec: MeshMetricSpec) -> Found:
                 yield (*bp, "openTelemetry"), "must be defined"
             else:
                 o = b.open_telemetry
-                yield from at((*bp, "openTelemetry"), otel_endpoint_or_ref(o.endpoint, o.backend_ref, _host_port))
+                yield from at(
+                    (*bp, "openTelemetry"), otel_endpoint_or_ref(o.endpoint, o.backend_ref, _host_port)
+                )
         else:
             yield bp, "unrecognized type"
 

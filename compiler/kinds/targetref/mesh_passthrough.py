@@ -101,9 +101,13 @@ def check(spec: MeshPassthroughSpec) -> Found:
         if m.port is not None:
             seen = port_protocol.get(m.port)
             if seen is not None and seen != m.protocol and m.protocol in _L7:
-                yield (*p, "port"), (
-                    "using the same port in multiple matches requires the same protocol for the following "
-                    "protocols: [grpc http http2]"
+                yield (
+                    (*p, "port"),
+                    (
+                        "using the same port in multiple matches requires the same protocol for the "
+                        "following "
+                        "protocols: [grpc http http2]"
+                    ),
                 )
             else:
                 port_protocol[m.port] = m.protocol
@@ -123,14 +127,20 @@ def check(spec: MeshPassthroughSpec) -> Found:
             if m.protocol in ("tcp", "mysql"):
                 yield (*p, "protocol"), f"protocol {m.protocol} is not supported for a domain"
             if re.match(r"^\*[^.]+", m.value):
-                yield (*p, "value"), "provided DNS has incorrect value, partial wildcard is currently not supported"
+                yield (
+                    (*p, "value"),
+                    "provided DNS has incorrect value, partial wildcard is currently not supported",
+                )
             if m.port is None and m.value.startswith("*") and m.protocol in _L7:
                 yield (*p, "port"), "wildcard domains doesn't work for all ports and layer 7 protocol"
             host = m.value[2:] if m.value.startswith("*.") else m.value
             if not host.startswith("*") and not _is_dns(host):
                 yield (*p, "value"), "provided DNS has incorrect value"
         else:
-            yield (*p, "type"), f"provided type {m.type} is not supported, one of Domain, IP, or CIDR is supported"
+            yield (
+                (*p, "type"),
+                f"provided type {m.type} is not supported, one of Domain, IP, or CIDR is supported",
+            )
 
 
 KIND = kind_def("MeshPassthrough", MeshPassthroughSpec, check, __doc__ or "")

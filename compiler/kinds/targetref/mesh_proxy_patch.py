@@ -209,7 +209,10 @@ def check(spec: MeshProxyPatchSpec) -> Found:
             if m is not None
         ]
         if len(set_) != 1:
-            msg = f"exactly one modification can be defined at a time. Currently, {len(set_)} modifications are defined"
+            msg = (
+                "exactly one modification can be defined at a time. "
+                f"Currently, {len(set_)} modifications are defined"
+            )
             yield (*path, i), msg
             continue
         field, m = set_[0]
@@ -224,5 +227,6 @@ KIND = kind_def(
     MeshProxyPatchSpec,
     check,
     __doc__ or "",
-    no_effect="MeshProxyPatch patches Envoy configuration; meshc's proxies are not Envoy, so it has no effect",
+    no_effect="MeshProxyPatch patches Envoy configuration; meshc's proxies are not Envoy, "
+    "so it has no effect",
 )

@@ -114,7 +114,10 @@ _GATEWAY = (
     "must not be defined when the scope includes a Gateway, select only proxyType Sidecar "
     "or select only gateways and use spec.to"
 )
-_SPIFFE = "can't be specified when matches contain spiffeID because this field cannot be conditioned on source identity"
+_SPIFFE = (
+    "can't be specified when matches contain spiffeID because this field cannot be conditioned on "
+    "source identity"
+)
 
 
 def _rate(path: Path, r: Rate) -> Found:
@@ -157,7 +160,9 @@ def check(spec: MeshRateLimitSpec) -> Found:
     if rules and (to or frm):
         yield (), "fields 'to' and 'from' must be empty when 'rules' is defined"
     if spec.target_ref is not None:
-        yield from at(("targetRef",), target_ref(spec.target_ref, _TOP, gateway_tags=True, inbound=bool(rules or frm)))
+        yield from at(
+            ("targetRef",), target_ref(spec.target_ref, _TOP, gateway_tags=True, inbound=bool(rules or frm))
+        )
     ref = top(spec.target_ref)
     if includes_gateways(ref) and rules:
         yield ("rules",), "must not be defined"
@@ -165,7 +170,9 @@ def check(spec: MeshRateLimitSpec) -> Found:
         yield ("rules",), "must not be defined"
     for i, r in enumerate(rules):
         p: Path = ("rules", i)
-        yield from matches_with_spiffe((*p, "matches"), r.matches, lambda r=r, p=p: _source_conditioned((*p, "default"), r.default))
+        yield from matches_with_spiffe(
+            (*p, "matches"), r.matches, _source_conditioned((*p, "default"), r.default)
+        )
         yield from _default((*p, "default"), r.default)
     if includes_gateways(ref) and frm:
         yield ("from",), _GATEWAY

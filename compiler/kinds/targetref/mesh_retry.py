@@ -37,13 +37,11 @@ from compiler.kinds.targetref._common import (
     HeaderMatch,
     KStr,
     TargetRef,
-    alias,
     at,
     kind_def,
     target_ref,
     top,
 )
-
 
 I64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
 
@@ -120,9 +118,18 @@ class MeshRetrySpec(Spec):
 
 _TOP = ("Mesh", "MeshSubset", "MeshGateway", "MeshService", "MeshServiceSubset", "MeshHTTPRoute", "Dataplane")
 _HTTP_RETRY_ON = {
-    "5xx", "GatewayError", "Reset", "Retriable4xx", "ConnectFailure", "EnvoyRatelimited", "RefusedStream",
+    "5xx",
+    "GatewayError",
+    "Reset",
+    "Retriable4xx",
+    "ConnectFailure",
+    "EnvoyRatelimited",
+    "RefusedStream",
     "Http3PostConnectFailure",
-    *(f"HttpMethod{m}" for m in ("Connect", "Delete", "Get", "Head", "Options", "Patch", "Post", "Put", "Trace")),
+    *(
+        f"HttpMethod{m}"
+        for m in ("Connect", "Delete", "Get", "Head", "Options", "Patch", "Post", "Put", "Trace")
+    ),
 }
 _GRPC_RETRY_ON = {"Canceled", "DeadlineExceeded", "Internal", "ResourceExhausted", "Unavailable"}
 _GO_STATUS = {s.value for s in HTTPStatus} | {306} - {103}
@@ -150,8 +157,16 @@ def _rate_limited(path: Path, r: RateLimitedBackOff) -> Found:
 def _http(path: Path, h: Http) -> Found:
     if all(
         v is None
-        for v in (h.num_retries, h.per_try_timeout, h.back_off, h.retry_on, h.retriable_request_headers,
-                  h.retriable_response_headers, h.rate_limited_back_off, h.host_selection)
+        for v in (
+            h.num_retries,
+            h.per_try_timeout,
+            h.back_off,
+            h.retry_on,
+            h.retriable_request_headers,
+            h.retriable_response_headers,
+            h.rate_limited_back_off,
+            h.host_selection,
+        )
     ):
         yield path, "must not be empty"
     if h.back_off is not None and h.back_off.base_interval is None and h.back_off.max_interval is None:
@@ -178,7 +193,9 @@ def _http(path: Path, h: Http) -> Found:
 
 
 def _grpc(path: Path, g: Grpc) -> Found:
-    if all(v is None for v in (g.num_retries, g.per_try_timeout, g.back_off, g.retry_on, g.rate_limited_back_off)):
+    if all(
+        v is None for v in (g.num_retries, g.per_try_timeout, g.back_off, g.retry_on, g.rate_limited_back_off)
+    ):
         yield path, "must not be empty"
     if g.back_off is not None and g.back_off.base_interval is None and g.back_off.max_interval is None:
         yield (*path, "backOff"), "must not be empty"

@@ -62,7 +62,11 @@ BACKEND_KINDS = ("MeshService", "MeshServiceSubset", "MeshExternalService", "Mes
 
 def to_kinds(top_kind: str) -> tuple[str, ...]:
     """What a route's ``to[].targetRef`` may name (MeshHTTPRoute shares this rule)."""
-    return ("Mesh",) if top_kind == "MeshGateway" else ("MeshService", "MeshExternalService", "MeshMultiZoneService")
+    return (
+        ("Mesh",)
+        if top_kind == "MeshGateway"
+        else ("MeshService", "MeshExternalService", "MeshMultiZoneService")
+    )
 
 
 def check(spec: MeshTCPRouteSpec) -> Found:

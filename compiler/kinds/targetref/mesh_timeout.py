@@ -28,8 +28,8 @@ from compiler.kinds.targetref._common import (
     Found,
     GoDuration,
     Match,
-    alias,
     TargetRef,
+    alias,
     at,
     duration_not_negative,
     duration_positive,
@@ -88,7 +88,10 @@ class MeshTimeoutSpec(Spec):
 
 
 _ROUTE = "can't be specified when top-level TargetRef is referencing MeshHTTPRoute"
-_SPIFFE = "can't be specified when matches contain spiffeID because this field cannot be conditioned on source identity"
+_SPIFFE = (
+    "can't be specified when matches contain spiffeID because this field cannot be conditioned on "
+    "source identity"
+)
 _TOP = ("Mesh", "MeshSubset", "Dataplane", "MeshGateway", "MeshService", "MeshServiceSubset", "MeshHTTPRoute")
 
 
@@ -102,7 +105,10 @@ def _default(path: Path, conf: Conf | None, top_kind: str) -> Found:
             if v is not None:
                 yield (*path, f), _ROUTE
         if c.http is not None:
-            for f, v in (("maxStreamDuration", c.http.max_stream_duration), ("maxConnectionDuration", c.http.max_connection_duration)):
+            for f, v in (
+                ("maxStreamDuration", c.http.max_stream_duration),
+                ("maxConnectionDuration", c.http.max_connection_duration),
+            ):
                 if v is not None:
                     yield (*path, "http", f), _ROUTE
     yield from duration_positive((*path, "connectionTimeout"), c.connection_timeout)
@@ -111,7 +117,10 @@ def _default(path: Path, conf: Conf | None, top_kind: str) -> Found:
     if h is None:
         return
     hp: Path = (*path, "http")
-    if all(v is None for v in (h.request_timeout, h.stream_idle_timeout, h.max_stream_duration, h.max_connection_duration)):
+    if all(
+        v is None
+        for v in (h.request_timeout, h.stream_idle_timeout, h.max_stream_duration, h.max_connection_duration)
+    ):
         yield hp, "at least one timeout in this section should be configured"
     for f, v in (
         ("requestTimeout", h.request_timeout),
@@ -141,7 +150,9 @@ def _source_conditioned(path: Path, conf: Conf | None) -> Found:
 def check(spec: MeshTimeoutSpec) -> Found:
     to, frm, rules = spec.to or [], spec.from_ or [], spec.rules or []
     if spec.target_ref is not None:
-        yield from at(("targetRef",), target_ref(spec.target_ref, _TOP, gateway_tags=True, inbound=bool(rules or frm)))
+        yield from at(
+            ("targetRef",), target_ref(spec.target_ref, _TOP, gateway_tags=True, inbound=bool(rules or frm))
+        )
     if rules and (to or frm):
         yield (), "fields 'to' and 'from' must be empty when 'rules' is defined"
     if not rules and not to and not frm:
@@ -163,7 +174,9 @@ def check(spec: MeshTimeoutSpec) -> Found:
         yield from _default(("to", i, "default"), t.default, kind)
     for i, r in enumerate(rules):
         p: Path = ("rules", i)
-        yield from matches_with_spiffe((*p, "matches"), r.matches, lambda r=r, p=p: _source_conditioned((*p, "default"), r.default))
+        yield from matches_with_spiffe(
+            (*p, "matches"), r.matches, _source_conditioned((*p, "default"), r.default)
+        )
         yield from _default((*p, "default"), r.default, kind)
 
 

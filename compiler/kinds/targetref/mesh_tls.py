@@ -82,7 +82,13 @@ def _version(path: Path, v: Version) -> Found:
             yield (*path, f), must_be_one_of(f, _VERSIONS)
         elif value != "TLSAuto":
             specific[f] = True
-    if v.min and v.max and specific.get("min") and specific.get("max") and _VERSIONS.index(v.min) > _VERSIONS.index(v.max):
+    if (
+        v.min
+        and v.max
+        and specific.get("min")
+        and specific.get("max")
+        and _VERSIONS.index(v.min) > _VERSIONS.index(v.max)
+    ):
         yield (*path, "min"), "min version must be lower than max"
 
 

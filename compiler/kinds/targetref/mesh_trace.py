@@ -46,7 +46,9 @@ from compiler.kinds.targetref._common import (
 class Zipkin(Spec):
     url: KStr = ""
     """The collector's span endpoint."""
-    trace_id128bit: Bool = Field(default=False, validation_alias="traceId128bit", serialization_alias="traceId128bit")
+    trace_id128bit: Bool = Field(
+        default=False, validation_alias="traceId128bit", serialization_alias="traceId128bit"
+    )
     api_version: KStr = ""
     """``httpJson`` (default) or ``httpProto``."""
     shared_span_context: Bool = False
@@ -122,7 +124,12 @@ def _datadog(path: Path, url: str) -> Found:
         yield p, "port must be defined"
     elif not 0 < port <= 65535:
         yield p, "port must be a valid (1-65535)"
-    for name, set_ in (("user", "@" in u.netloc), ("path", u.path != ""), ("query", u.query != ""), ("fragment", u.fragment != "")):
+    for name, set_ in (
+        ("user", "@" in u.netloc),
+        ("path", u.path != ""),
+        ("query", u.query != ""),
+        ("fragment", u.fragment != ""),
+    ):
         if set_:
             yield p, f"{name} must not be defined"
 

@@ -80,7 +80,11 @@ def check(spec: MeshTrafficPermissionSpec) -> Found:
         d = r.default or RuleConf()
         if not d.deny and not d.allow and not d.allow_with_shadow_deny:
             yield ("rules", i), "at least one of 'allow', 'allowWithShadowDeny', 'deny' has to be defined"
-        for field, ms in (("allow", d.allow), ("allowWithShadowDeny", d.allow_with_shadow_deny), ("deny", d.deny)):
+        for field, ms in (
+            ("allow", d.allow),
+            ("allowWithShadowDeny", d.allow_with_shadow_deny),
+            ("deny", d.deny),
+        ):
             for j, m in enumerate(ms or []):
                 yield from at(("rules", i, "default", field, j), validate_match(m))
     for i, f in enumerate(frm):
