@@ -183,6 +183,7 @@ class ClientConn(Exchange):
         self.sending = False
         self.resp_started = False
         self.resp_chunked = False
+        self.resp_bytes = 0
         self.subset = ""
         if self.dirty:
             # Fields only the rarer paths (retries, rewrites, gateway, passthrough) set.

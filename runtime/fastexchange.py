@@ -130,6 +130,7 @@ class Exchange(asyncio.Protocol):
         "queue",
         "reader",
         "req",
+        "resp_bytes",
         "resp_chunked",
         "resp_ops",
         "resp_started",
@@ -203,6 +204,7 @@ class Exchange(asyncio.Protocol):
         self.series: Series | None = None
         self.resp_started = False
         self.resp_chunked = False
+        self.resp_bytes = 0
         self.resp_ops: HeaderOps | None = None
         self.gw_route: GatewayRoute | None = None
         self.slow: deque[bytes] | None = None
@@ -572,6 +574,7 @@ class Exchange(asyncio.Protocol):
     def response_body(self, data: bytes) -> None:
         if not self.resp_started:
             return
+        self.resp_bytes += len(data)
         slow = self.slow
         if slow is not None:
             self._slow_body(data)
@@ -742,6 +745,7 @@ class Exchange(asyncio.Protocol):
         self.status = status
         self.resp_started = True
         self.resp_chunked = False
+        self.resp_bytes = len(body) if body else 0
         self.slow = None
         self.out.append(
             h1.reply(
@@ -768,7 +772,7 @@ class Exchange(asyncio.Protocol):
             series = plane.stats.get(_DIRECTION[self.kind], self.source, self.dest, self.subset)
         else:
             self.series = None
-        series.add(self.status, elapsed)
+        series.add(self.status, elapsed, req.body_bytes, self.resp_bytes)
         target = self.target
         if target is not None:
             if target.log is not None:

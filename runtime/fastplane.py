@@ -14,7 +14,7 @@ from typing import Protocol
 from runtime._hosts import Outcome
 from runtime.accesslog import AccessLog
 from runtime.engine import Engine, Target
-from runtime.fastmetrics import RequestStats, Series
+from runtime.fastmetrics import Series
 from runtime.fastpool import Pool, Upstream
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
@@ -62,8 +62,7 @@ class FastPlane:
     ) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.stats = RequestStats(metrics)
-        self.stats.install()
+        self.stats = metrics.stats
         self.own_addresses = own_addresses if own_addresses is not None else set()
         self.app_key = app_address or ""
         if app_address:

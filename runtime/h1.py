@@ -158,6 +158,7 @@ class Request:
 
     __slots__ = (
         "body",
+        "body_bytes",
         "chunked",
         "complete",
         "conn_tokens",
@@ -193,6 +194,8 @@ class Request:
         self.expect_continue = False
         self.upgrade: bytes | None = None
         self.nbytes = 0
+        self.body_bytes = 0
+        """Body bytes read so far (for the request-size metrics)."""
         self.complete = False
         self.body: list[bytes] = []
         """Body pieces read but not yet sent on (while no upstream is attached)."""
@@ -318,7 +321,9 @@ class RequestReader:
         self._sink.request_head(req)
 
     def on_body(self, data: bytes) -> None:
-        self._sink.request_body(self._req, data)
+        req = self._req
+        req.body_bytes += len(data)
+        self._sink.request_body(req, data)
 
     def on_message_complete(self) -> None:
         req = self._req

@@ -1,39 +1,27 @@
-"""Prometheus metrics of one data plane, Istio-style names and labels (DESIGN §7).
+"""Prometheus metrics of one data plane.
 
-``meshc_requests_total{direction, source_service, destination_service, destination_subset,
-response_code}`` counts every request a listener answered (``direction`` is ``outbound``,
-``inbound`` or ``gateway``); ``meshc_request_duration_seconds`` is its latency histogram.
-Labelled children are cached so recording a request costs two dict lookups.
+Requests are counted by ``runtime.fastmetrics.RequestStats`` (``self.stats``), for both data
+paths: ``meshc_requests_total`` / ``meshc_request_duration_seconds`` and Istio's standard
+``istio_*`` families, rendered from plain counters on scrape. The rest (retries, ejections,
+health checks, reloads, certificates...) are ordinary prometheus-client metrics.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from runtime.fastmetrics import Identity, RequestStats
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, identity: Identity | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter(
-            "meshc_requests",
-            "Requests answered, by source and destination service, subset and response code.",
-            ["direction", "source_service", "destination_service", "destination_subset", "response_code"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "meshc_request_duration_seconds",
-            "Time from request received to response complete.",
-            ["direction", "source_service", "destination_service"],
-            buckets=_BUCKETS,
-            registry=r,
-        )
+        self.stats = RequestStats(identity)
+        r.register(self.stats)
         self.retries = Counter(
             "meshc_retries", "Upstream retries.", ["destination_service", "destination_subset"], registry=r
         )
@@ -99,25 +87,20 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
-        self._req_children: dict[tuple[str, str, str, str, int], MetricWrapperBase] = {}
-        self._dur_children: dict[tuple[str, str, str], MetricWrapperBase] = {}
         self._digests: dict[str, str] = {}
 
-    def request(self, direction: str, source: str, dest: str, subset: str, code: int, seconds: float) -> None:
-        key = (direction, source, dest, subset, code)
-        child = self._req_children.get(key)
-        if child is None:
-            if len(self._req_children) > 10_000:
-                self._req_children.clear()
-            child = self._req_children[key] = self.requests.labels(direction, source, dest, subset, str(code))
-        child.inc()  # type: ignore[attr-defined]
-        dkey = (direction, source, dest)
-        hist = self._dur_children.get(dkey)
-        if hist is None:
-            if len(self._dur_children) > 10_000:
-                self._dur_children.clear()
-            hist = self._dur_children[dkey] = self.duration.labels(direction, source, dest)
-        hist.observe(seconds)  # type: ignore[attr-defined]
+    def request(
+        self,
+        direction: str,
+        source: str,
+        dest: str,
+        subset: str,
+        code: int,
+        seconds: float,
+        req_bytes: int = 0,
+        resp_bytes: int = 0,
+    ) -> None:
+        self.stats.record(direction, source, dest, subset, code, seconds, req_bytes, resp_bytes)
 
     def set_bundle(self, role: str, digest: str) -> None:
         old = self._digests.get(role)

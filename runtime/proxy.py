@@ -176,7 +176,9 @@ class HttpProxy:
         resp = web.Response(status=status, text=body if body is not None else reason)
         resp.headers[REASON_HEADER] = reason
         _add_changes(resp.headers, headers)
-        self.metrics.request(direction, source, dest, subset, status, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        sent = len((body if body is not None else reason).encode())
+        self.metrics.request(direction, source, dest, subset, status, elapsed, 0, sent)
         return resp
 
     # -- outbound ---------------------------------------------------------------------------
@@ -276,7 +278,9 @@ class HttpProxy:
             resp = await self._relay(request, up, None)
         finally:
             up.release()
-        self.metrics.request("outbound", self.service, name, "", resp.status, time.perf_counter() - t0)
+        self.metrics.request(
+            "outbound", self.service, name, "", resp.status, time.perf_counter() - t0, *_sizes(request, resp)
+        )
         return resp
 
     async def _to_target(
@@ -414,7 +418,9 @@ class HttpProxy:
                     if outcome == Outcome.OK:
                         host.active -= 1
                 elapsed = time.perf_counter() - t0
-                self.metrics.request(direction, source, dest, subset, resp.status, elapsed)
+                self.metrics.request(
+                    direction, source, dest, subset, resp.status, elapsed, *_sizes(request, resp)
+                )
                 if target.log is not None:
                     self._log(target.log, direction, source, target, request, resp.status, elapsed, host)
                 return resp
@@ -558,7 +564,9 @@ class HttpProxy:
             resp = await self._relay(request, up, None, bps)
         finally:
             up.release()
-        self.metrics.request("inbound", caller, self.service, "", resp.status, time.perf_counter() - t0)
+        self.metrics.request(
+            "inbound", caller, self.service, "", resp.status, time.perf_counter() - t0, *_sizes(request, resp)
+        )
         return resp
 
     def _deny(self, t0: float, reason: str, caller: str) -> web.Response:
@@ -634,3 +642,14 @@ async def _throttled_copy(up: aiohttp.ClientResponse, resp: web.StreamResponse, 
             break
         await resp.write(chunk)
         await asyncio.sleep(len(chunk) / rate)
+
+
+def _sizes(request: web.BaseRequest, resp: web.StreamResponse) -> tuple[int, int]:
+    """Request and response body sizes for the metrics (a chunked request counts 0: its size is
+    not known without buffering it)."""
+    if isinstance(resp, web.Response):
+        body = resp.body
+        sent = len(body) if isinstance(body, bytes | bytearray) else (resp.content_length or 0)
+    else:
+        sent = resp.body_length
+    return request.content_length or 0, sent

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
+from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
 from runtime.healthcheck import HealthChecker
 from runtime.metrics import Metrics
@@ -113,8 +114,8 @@ def _bind(addr: Addr) -> socket.socket:
 class DataPlane:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.metrics = Metrics()
         self.service = opts.service or ""
+        self.metrics = Metrics(Identity(self.service, opts.mesh, dict(opts.tags)))
         self.engine = Engine(self.service, opts.tags)
         self.draining = False
         self.listening: dict[str, str] = {}
@@ -168,6 +169,9 @@ class DataPlane:
     def _on_install(self, snap: Snapshot) -> None:
         self.health.reconcile(snap)
         self._watch_mtls(snap)
+        ident = self.metrics.stats.identity  # what the metrics say of this side
+        ident.service = self.engine.service
+        ident.mtls = snap.mesh is not None and snap.mesh.mtls.enabled
 
     async def start(self) -> None:
         opts = self.opts

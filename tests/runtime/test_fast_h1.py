@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from runtime import h1
-from runtime.fastmetrics import RequestStats
+from runtime.fastmetrics import Identity
 from runtime.metrics import Metrics
 
 
@@ -194,32 +195,71 @@ def test_reply_bytes() -> None:
 # --- metrics ---------------------------------------------------------------------------------------
 
 
-def test_request_stats_render_under_the_aiohttp_paths_names() -> None:
-    metrics = Metrics()
-    metrics.request("inbound", "web", "benigno", "", 200, 0.002)  # recorded the aiohttp way
-    stats = RequestStats(metrics)
-    stats.install()
-    stats.record("outbound", "web", "benigno", "version=v1", 200, 0.0004)
-    stats.record("outbound", "web", "benigno", "version=v1", 200, 0.003)
+# Istio's standard labels, as https://istio.io/latest/docs/reference/config/metrics/ lists them
+# (written out here, not imported, so that a change to the code cannot change what it is held to).
+ISTIO_STANDARD_LABELS = {
+    "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
+    "source_version", "source_canonical_service", "source_canonical_revision", "source_cluster",
+    "destination_workload", "destination_workload_namespace", "destination_principal",
+    "destination_app", "destination_version", "destination_service", "destination_service_name",
+    "destination_service_namespace", "destination_canonical_service",
+    "destination_canonical_revision", "destination_cluster", "request_protocol", "response_code",
+    "grpc_response_status", "response_flags", "connection_security_policy",
+}  # fmt: skip
+
+
+def _families(metrics: Metrics) -> dict[str, list[Any]]:
+    text = generate_latest(metrics.registry).decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_request_metrics_in_meshc_and_istio_vocabularies() -> None:
+    metrics = Metrics(Identity(service="web", mesh="default", tags={"version": "v3"}, mtls=True))
+    metrics.request("inbound", "magnanimo", "web", "", 200, 0.002, 10, 100)  # the aiohttp way
+    stats = metrics.stats
+    stats.record("outbound", "web", "benigno", "version=v1", 200, 0.0004, 0, 1500)
+    stats.record("outbound", "web", "benigno", "version=v1", 200, 0.003, 0, 20)
     stats.record("outbound", "web", "benigno", "version=v2", 503, 0.02)
-    stats.record("inbound", "web", "benigno", "", 200, 0.002)
+    stats.get("inbound", "magnanimo", "web", "").add(200, 0.002, 10, 100)  # the fast path's way
+    fams = _families(metrics)
+    for name in ("istio_requests", "istio_request_duration_milliseconds", "istio_request_bytes"):
+        for sample in fams[name]:
+            assert set(sample.labels) - {"le"} == ISTIO_STANDARD_LABELS, (name, sample.labels)
+    assert "istio_response_bytes" in fams
+    counts = {
+        (s.labels["reporter"], s.labels["destination_workload"], s.labels["response_code"]): s.value
+        for s in fams["istio_requests"]
+        if s.name == "istio_requests_total"
+    }
+    assert counts == {
+        ("source", "benigno-v1", "200"): 2.0,
+        ("source", "benigno-v2", "503"): 1.0,
+        ("destination", "web-v3", "200"): 2.0,
+    }
+    inbound = next(s for s in fams["istio_requests"] if s.labels["reporter"] == "destination")
+    assert inbound.labels["source_principal"] == "spiffe://default/magnanimo"
+    assert inbound.labels["connection_security_policy"] == "mutual_tls"
+    assert inbound.labels["destination_version"] == "v3" and inbound.labels["source_version"] == "unknown"
+    # bytes: the two 200 answers to web's outbound calls were 1500 and 20 bytes long
+    out_resp = {
+        s.labels["le"]: s.value
+        for s in fams["istio_response_bytes"]
+        if s.name.endswith("_bucket") and s.labels["destination_workload"] == "benigno-v1"
+    }
+    assert out_resp["100.0"] == 1.0 and out_resp["10000.0"] == 2.0
+    ms = {
+        s.labels["le"]: s.value
+        for s in fams["istio_request_duration_milliseconds"]
+        if s.name.endswith("_bucket") and s.labels["destination_workload"] == "benigno-v1"
+    }
+    assert ms["0.5"] == 1.0 and ms["5.0"] == 2.0 and ms["+Inf"] == 2.0
+    # meshc's own families: the new labels, and the histogram has response_code
+    own = [s for s in fams["meshc_requests"] if s.name == "meshc_requests_total"]
+    v2 = next(s for s in own if s.labels["destination_subset"] == "version=v2")
+    assert v2.labels["reporter"] == "source" and v2.labels["source_workload"] == "web-v3"
+    assert v2.labels["destination_version"] == "v2" and v2.labels["response_code"] == "503"
+    hist = [s for s in fams["meshc_request_duration_seconds"] if s.name.endswith("_count")]
+    assert {s.labels["response_code"] for s in hist} == {"200", "503"}
     text = generate_latest(metrics.registry).decode()
     assert text.count("# TYPE meshc_requests_total counter") == 1
-    assert text.count("# TYPE meshc_request_duration_seconds histogram") == 1
-    lines = set(text.splitlines())
-    assert (
-        'meshc_requests_total{destination_service="benigno",destination_subset="version=v1",'
-        'direction="outbound",response_code="200",source_service="web"} 2.0'
-    ) in lines
-    assert (
-        'meshc_requests_total{destination_service="benigno",destination_subset="",'
-        'direction="inbound",response_code="200",source_service="web"} 2.0'
-    ) in lines
-    out = 'destination_service="benigno",direction="outbound",'
-    assert f'meshc_request_duration_seconds_bucket{{{out}le="0.0005",source_service="web"}} 1.0' in lines
-    assert f'meshc_request_duration_seconds_bucket{{{out}le="0.005",source_service="web"}} 2.0' in lines
-    assert f'meshc_request_duration_seconds_bucket{{{out}le="+Inf",source_service="web"}} 3.0' in lines
-    assert f'meshc_request_duration_seconds_count{{{out}source_service="web"}} 3.0' in lines
-    inbound = 'destination_service="benigno",direction="inbound",'
-    assert f'meshc_request_duration_seconds_count{{{inbound}source_service="web"}} 2.0' in lines
-    assert f'meshc_request_duration_seconds_bucket{{{inbound}le="0.001",source_service="web"}} 0.0' in lines
+    assert text.count("# TYPE istio_requests_total counter") == 1

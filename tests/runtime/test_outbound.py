@@ -84,7 +84,13 @@ def test_split_90_10_within_binomial_bounds(
     sidecar = _start(plane, tmp_path, eps, {"benigno": dest})
     client = ProxyClient(sidecar.outbound)  # type: ignore[arg-type]
     n = 2000
-    counts = Counter(client.name("http://benigno:5000/hw2") for _ in range(n))
+    counts: Counter[str] = Counter()
+    body_bytes = 0
+    for _ in range(n):
+        status, _, body = client.get("http://benigno:5000/hw2")
+        assert status == 200, (status, body)
+        counts[json.loads(body)["name"]] += 1
+        body_bytes += len(body)
     p = counts["v2"] / n
     # |p - 0.1| > 5.3 sigma happens by chance less than once in 10^6 runs.
     assert abs(p - 0.1) <= 5.3 * math.sqrt(0.1 * 0.9 / n), counts
@@ -99,6 +105,13 @@ def test_split_90_10_within_binomial_bounds(
         )
         == counts["v2"]
     )
+    # the same requests in Istio's vocabulary, which Istio/Kiali dashboards read unchanged
+    istio = {"reporter": "source", "destination_service_name": "benigno", "response_code": "200"}
+    v2 = metric_value(text, "istio_requests_total", destination_version="v2", **istio)
+    assert v2 == counts["v2"] and metric_value(text, "istio_requests_total", **istio) == n
+    assert metric_value(text, "istio_response_bytes_count", **istio) == n
+    assert metric_value(text, "istio_response_bytes_sum", **istio) == body_bytes
+    assert metric_value(text, "istio_request_duration_milliseconds_count", **istio) == n
 
 
 def test_round_robin_when_no_route_applies(
