@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -107,3 +108,18 @@ def test_status_wide_over_http(fake_cp: str) -> None:
         check=True,
     ).stdout
     assert "ADMIN" in out.splitlines()[1] and "127.0.0.1:21999" in out
+
+
+def test_status_loads_no_compiler_stage(fake_cp: str) -> None:
+    """Building the parser and printing the table load the CLI modules only (it used to load
+    the whole compiler, 1.4 s of imports, for a table)."""
+    code = (
+        "import sys; from compiler.cli import main; "
+        f"main(['status', '--control-plane', {fake_cp!r}]); "
+        "print(sorted(m for m in sys.modules if m.startswith('compiler')), file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(ast.literal_eval(proc.stderr.strip().splitlines()[-1]))
+    assert "compiler.controlplane.status_table" in loaded  # the module that prints the table
+    heavy = {"compiler.pipeline", "compiler.plan", "compiler.parse", "compiler.controlplane.pusher"}
+    assert not loaded & heavy, sorted(loaded & heavy)
