@@ -118,7 +118,8 @@ def test_status_loads_no_compiler_stage(fake_cp: str) -> None:
         f"main(['status', '--control-plane', {fake_cp!r}]); "
         "print(sorted(m for m in sys.modules if m.startswith('compiler')), file=sys.stderr)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    argv = [sys.executable, "-c", code]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
     loaded = set(ast.literal_eval(proc.stderr.strip().splitlines()[-1]))
     assert "compiler.controlplane.status_table" in loaded  # the module that prints the table
     heavy = {"compiler.pipeline", "compiler.plan", "compiler.parse", "compiler.controlplane.pusher"}
