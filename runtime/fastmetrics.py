@@ -74,7 +74,6 @@ MESHC_LABELS = (
     "destination_version",
     "response_code",
 )
-_DUR_LABELS = MESHC_LABELS
 _MAX_SERIES = 10_000
 _N = len(BUCKETS) + 1  # duration counts, the last one +Inf
 _NB = len(BYTE_BUCKETS) + 1
@@ -229,36 +228,13 @@ class RequestStats(Collector):
         bounds = [*BUCKETS, float("inf")]
         ms_bounds = [b * 1000 for b in BUCKETS] + [float("inf")]
         byte_bounds = [float(b) for b in BYTE_BUCKETS] + [float("inf")]
-        requests = CounterMetricFamily(
-            "meshc_requests",
-            "Requests answered, by source and destination service, subset and response code.",
-            labels=list(MESHC_LABELS),
-        )
-        duration = HistogramMetricFamily(
-            "meshc_request_duration_seconds",
-            "Time from request received to response complete.",
-            labels=list(_DUR_LABELS),
-        )
-        i_requests = CounterMetricFamily(
-            "istio_requests",
-            "Requests handled by this proxy (Istio standard metric).",
-            labels=list(ISTIO_LABELS),
-        )
-        i_duration = HistogramMetricFamily(
-            "istio_request_duration_milliseconds",
-            "Request duration in milliseconds (Istio standard metric).",
-            labels=list(ISTIO_LABELS),
-        )
-        i_req_bytes = HistogramMetricFamily(
-            "istio_request_bytes",
-            "HTTP request body sizes (Istio standard metric).",
-            labels=list(ISTIO_LABELS),
-        )
-        i_resp_bytes = HistogramMetricFamily(
-            "istio_response_bytes",
-            "HTTP response body sizes (Istio standard metric).",
-            labels=list(ISTIO_LABELS),
-        )
+        m_names, i_names = list(MESHC_LABELS), list(ISTIO_LABELS)
+        requests = CounterMetricFamily("meshc_requests", _HELP["meshc_requests"], labels=m_names)
+        duration = _histogram("meshc_request_duration_seconds", m_names)
+        i_requests = CounterMetricFamily("istio_requests", _HELP["istio_requests"], labels=i_names)
+        i_duration = _histogram("istio_request_duration_milliseconds", i_names)
+        i_req_bytes = _histogram("istio_request_bytes", i_names)
+        i_resp_bytes = _histogram("istio_response_bytes", i_names)
         for (d, src, dst, sub), series in sorted(self.series.items()):
             istio, reporter = self._sides(d, src, dst, sub)
             for code, h in sorted(series.by_code.items()):
@@ -282,6 +258,20 @@ class RequestStats(Collector):
                 i_req_bytes.add_metric(ilabels, _cumulative(byte_bounds, h[_REQ:_REQ_SUM]), h[_REQ_SUM])
                 i_resp_bytes.add_metric(ilabels, _cumulative(byte_bounds, h[_RESP:_RESP_SUM]), h[_RESP_SUM])
         yield from (requests, duration, i_requests, i_duration, i_req_bytes, i_resp_bytes)
+
+
+_HELP = {
+    "meshc_requests": "Requests answered, by source and destination service, subset and response code.",
+    "meshc_request_duration_seconds": "Time from request received to response complete.",
+    "istio_requests": "Requests handled by this proxy (Istio standard metric).",
+    "istio_request_duration_milliseconds": "Request duration in milliseconds (Istio standard metric).",
+    "istio_request_bytes": "HTTP request body sizes (Istio standard metric).",
+    "istio_response_bytes": "HTTP response body sizes (Istio standard metric).",
+}
+
+
+def _histogram(name: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, _HELP[name], labels=labels)
 
 
 def _cumulative(bounds: list[float], counts: list[float]) -> list[tuple[str, float]]:

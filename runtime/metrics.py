@@ -89,19 +89,6 @@ class Metrics:
         )
         self._digests: dict[str, str] = {}
 
-    def request(
-        self,
-        direction: str,
-        source: str,
-        dest: str,
-        subset: str,
-        code: int,
-        seconds: float,
-        req_bytes: int = 0,
-        resp_bytes: int = 0,
-    ) -> None:
-        self.stats.record(direction, source, dest, subset, code, seconds, req_bytes, resp_bytes)
-
     def set_bundle(self, role: str, digest: str) -> None:
         old = self._digests.get(role)
         if old == digest:

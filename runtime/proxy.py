@@ -178,7 +178,7 @@ class HttpProxy:
         _add_changes(resp.headers, headers)
         elapsed = time.perf_counter() - t0
         sent = len((body if body is not None else reason).encode())
-        self.metrics.request(direction, source, dest, subset, status, elapsed, 0, sent)
+        self.metrics.stats.record(direction, source, dest, subset, status, elapsed, 0, sent)
         return resp
 
     # -- outbound ---------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class HttpProxy:
             resp = await self._relay(request, up, None)
         finally:
             up.release()
-        self.metrics.request(
+        self.metrics.stats.record(
             "outbound", self.service, name, "", resp.status, time.perf_counter() - t0, *_sizes(request, resp)
         )
         return resp
@@ -418,7 +418,7 @@ class HttpProxy:
                     if outcome == Outcome.OK:
                         host.active -= 1
                 elapsed = time.perf_counter() - t0
-                self.metrics.request(
+                self.metrics.stats.record(
                     direction, source, dest, subset, resp.status, elapsed, *_sizes(request, resp)
                 )
                 if target.log is not None:
@@ -564,7 +564,7 @@ class HttpProxy:
             resp = await self._relay(request, up, None, bps)
         finally:
             up.release()
-        self.metrics.request(
+        self.metrics.stats.record(
             "inbound", caller, self.service, "", resp.status, time.perf_counter() - t0, *_sizes(request, resp)
         )
         return resp

@@ -215,7 +215,7 @@ def _families(metrics: Metrics) -> dict[str, list[Any]]:
 
 def test_request_metrics_in_meshc_and_istio_vocabularies() -> None:
     metrics = Metrics(Identity(service="web", mesh="default", tags={"version": "v3"}, mtls=True))
-    metrics.request("inbound", "magnanimo", "web", "", 200, 0.002, 10, 100)  # the aiohttp way
+    metrics.stats.record("inbound", "magnanimo", "web", "", 200, 0.002, 10, 100)  # the aiohttp way
     stats = metrics.stats
     stats.record("outbound", "web", "benigno", "version=v1", 200, 0.0004, 0, 1500)
     stats.record("outbound", "web", "benigno", "version=v1", 200, 0.003, 0, 20)
