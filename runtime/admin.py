@@ -108,6 +108,8 @@ async def handle(plane: AdminView, request: AdminRequest) -> AdminResponse:
         return _json(status, reply)
     if method not in ("GET", "HEAD"):
         return _json(405, {"error": f"{method} {path} is not supported"})
+    if path == "/live":
+        return _json(200, {"live": True})  # the loop answers: what a liveness probe asks
     if path == "/ready":
         ready = plane.ready
         return _json(200 if ready else 503, {"ready": ready, "draining": plane.draining})

@@ -82,6 +82,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "which keeps it out of the process list)",
     )
     sec.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="read the bootstrap token from FILE (on Kubernetes: the projected service-account token, "
+        "which the control plane checks by TokenReview)",
+    )
+    sec.add_argument(
         "--trust-key",
         metavar="HEX",
         help="the control plane's Ed25519 public key that pushes must be signed with",
@@ -135,6 +142,15 @@ examples:
 
 exit codes: 0 stopped after a clean drain; 2 could not start (usage, unreadable file, address in use).""",
 }
+
+
+def _token_file(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError as e:
+        raise _UsageError(f"--token-file {path}: {e.strerror}") from None
 
 
 def _tags(values: list[str]) -> dict[str, str]:
@@ -200,7 +216,7 @@ def _run(kind: str, argv: list[str]) -> int:
             drain_s=ns.drain_seconds,
             dataplane=ns.dataplane,
             mesh=ns.mesh,
-            token=ns.token or None,
+            token=ns.token or _token_file(ns.token_file),
             trust_key=ns.trust_key,
             insecure_admin=ns.insecure_admin,
             admin_allow_remote=ns.admin_allow_remote,
