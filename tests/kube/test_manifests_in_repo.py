@@ -266,3 +266,14 @@ def test_incremental_compile_equals_cold_with_kubernetes_objects(seed: Path) -> 
         assert warm.diagnostics == cold.diagnostics
         assert warm.bundles == cold.bundles and warm.release == cold.release
     assert compile_sources(read_policy_dir(seed)).errors == 1  # v2 is gone: the route's v2 is unknown
+
+
+def test_readme_shows_what_validate_prints_on_the_seed() -> None:
+    from kube_harness import REPO, meshc
+
+    res = meshc("validate", "docs/kubernetes/seed")
+    assert res.returncode == 0
+    first = res.stdout.splitlines()[0]
+    shown = "docs/kubernetes/seed/ingress.yaml:2:13: warning W0001 extensions/v1beta1 Ingress was removed in"
+    assert first.startswith(shown)
+    assert shown in (REPO / "README.md").read_text()
