@@ -27,8 +27,7 @@ def test_the_twin_has_the_same_catalog() -> None:
 def test_every_legacy_policy_has_its_twin() -> None:
     legacy = {p.name for p in LEGACY.glob("*.yaml")} - set(CATALOG)
     twin = {p.name for p in TWIN.glob("*.yaml")} - set(CATALOG)
-    renamed = {"traffic-route.yaml": "route.yaml"}
-    assert {renamed.get(n, n) for n in legacy} == twin
+    assert legacy == twin
 
 
 def test_the_twin_validates() -> None:
