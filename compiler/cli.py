@@ -158,7 +158,12 @@ def _extend(sub: Any) -> None:
     """Subcommands that live in their own modules register here (plan, controlplane, status...)."""
     import importlib
 
-    for mod in ("compiler.plan_args", "compiler.controlplane_cli", "compiler.kube.cli", "compiler.migrate_cli"):
+    for mod in (
+        "compiler.plan_args",
+        "compiler.controlplane_cli",
+        "compiler.kube.cli",
+        "compiler.migrate_cli",
+    ):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
