@@ -19,9 +19,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from compiler import convert
+from pydantic import BaseModel
+
 from compiler.catalog import MeshInfo, ServiceInfo
 from compiler.gateway import GatewayBuild
+from compiler.kinds import REGISTRY, KindDef
+from compiler.kinds.mesh import mesh_settings
 from compiler.parse import Doc
 from compiler.resolve import Entry, PolicyIndex
 from runtime import bundle as b
@@ -45,22 +48,22 @@ class Built:
     provenance: dict[str, list[Doc]] = field(default_factory=dict)
 
 
-# Outbound kinds in the order of the Destination's keys when sorted (the JSON key order).
-_DEST_FIELDS: tuple[tuple[str, str], ...] = tuple(
-    sorted(
-        {
-            "route": "TrafficRoute",
-            "timeout": "Timeout",
-            "retry": "Retry",
-            "circuit_breaker": "CircuitBreaker",
-            "health_check": "HealthCheck",
-            "traffic_log": "TrafficLog",
-        }.items()
-    )
-)
-_TIMEOUT_DEFAULT = canon(
-    {"when": {}, "peer": {}, "conf": b.TimeoutConf().model_dump(mode="json")},
-)
+def _fields(direction: str) -> tuple[KindDef, ...]:
+    """The compiled kinds of one direction in the order of their bundle fields (the JSON key order)."""
+    kinds = [d for d in REGISTRY.values() if d.indexed and d.direction == direction]
+    return tuple(sorted(kinds, key=lambda d: d.bundle_field or ""))
+
+
+_OUTBOUND = _fields("outbound")
+_INBOUND = _fields("inbound")
+
+
+def _default_rule(conf: BaseModel) -> str:
+    return canon({"when": {}, "peer": {}, "conf": conf.model_dump(mode="json")})
+
+
+_CONST_DEFAULTS = {d.kind: _default_rule(d.default) for d in _OUTBOUND if isinstance(d.default, BaseModel)}
+"""The closing rule of kinds whose default does not depend on the destination, serialized once."""
 _EMPTY_INBOUND = canon(b.Inbound().model_dump(mode="json"))
 
 
@@ -69,6 +72,17 @@ def _rules(entries: list[Entry], default: str | None = None) -> str:
     parts = [e.rule_json for e in entries]
     if default is not None and (not entries or entries[-1].when or entries[-1].peer):
         parts.append(default)
+    return "[" + ",".join(parts) + "]"
+
+
+def _additive(entries: list[Entry]) -> str:
+    """Rules that add up: one per distinct (when, peer), in that order."""
+    seen: set[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]] = set()
+    parts = []
+    for e in sorted(entries, key=lambda e: (e.when, e.peer)):
+        if (e.when, e.peer) not in seen:
+            seen.add((e.when, e.peer))
+            parts.append(e.rule_json)
     return "[" + ",".join(parts) + "]"
 
 
@@ -86,56 +100,46 @@ class MeshBuilder:
         self.services: dict[str, ServiceInfo] = dict(sorted(mesh.services.items()))
         self.destinations = [n for n, s in self.services.items() if not s.gateway]
         self.gateways = {g.service: g for g in gateways}
-        self._default_route: dict[str, str] = {}
+        self._defaults: dict[tuple[str, str], str] = {}
 
     def bundle_keys(self) -> list[str]:
         """The bundle keys of this mesh: the mesh, then each service and gateway."""
         return [self.mesh.name, *(f"{self.mesh.name}/{n}" for n in self.services)]
 
-    def _route_default(self, dst: str) -> str:
-        s = self._default_route.get(dst)
+    def _default(self, kdef: KindDef, dst: str) -> str | None:
+        """The serialized unconditional rule closing ``dst``'s list of ``kdef``, if it has one."""
+        const = _CONST_DEFAULTS.get(kdef.kind)
+        if const is not None or kdef.default is None or isinstance(kdef.default, BaseModel):
+            return const
+        s = self._defaults.get((kdef.kind, dst))
         if s is None:
-            conf = convert.default_route(dst).model_dump(mode="json")
-            s = self._default_route[dst] = canon({"when": {}, "peer": {}, "conf": conf})
+            s = self._defaults[(kdef.kind, dst)] = _default_rule(kdef.default(dst))
         return s
 
     def destination(self, src: str, dst: str, used: list[Doc]) -> str:
         idx = self.idx
         keys = [(src, dst), (src, "*"), ("*", dst), ("*", "*")] if src != "*" else [("*", dst), ("*", "*")]
         parts = []
-        for name, kind in _DEST_FIELDS:
+        for kdef in _OUTBOUND:
+            kind = kdef.kind
             entries = idx.ranked(kind, idx.entries(kind, keys)) if kind in idx.by_kind else []
             used.extend([e.doc for e in entries])
-            default = None
-            if name == "route":
-                default = self._route_default(dst)
-            elif name == "timeout":
-                default = _TIMEOUT_DEFAULT
-            parts.append(f'"{name}":{_rules(entries, default)}')
+            parts.append(f'"{kdef.bundle_field}":{_rules(entries, self._default(kdef, dst))}')
         return "{" + ",".join(parts) + "}"
 
     def inbound(self, service: str, used: list[Doc]) -> str:
-        def entries(kind: str) -> list[Entry]:
-            table = self.idx.by_dst.get(kind, {})
-            out = [*table.get(service, ()), *table.get("*", ())]
-            used.extend([e.doc for e in out])
-            return out
-
-        perms = sorted(entries("TrafficPermission"), key=lambda e: (e.when, e.peer))
-        seen: set[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]] = set()
-        permissions = []
-        for e in perms:
-            if (e.when, e.peer) not in seen:
-                seen.add((e.when, e.peer))
-                permissions.append(e.rule_json)
-        rate_limit = _rules(self.idx.ranked("RateLimit", entries("RateLimit")))
-        fault = _rules(self.idx.ranked("FaultInjection", entries("FaultInjection")))
-        perms_json = "[" + ",".join(permissions) + "]"
-        return f'{{"fault_injection":{fault},"permissions":{perms_json},"rate_limit":{rate_limit}}}'
+        parts = []
+        for kdef in _INBOUND:
+            table = self.idx.by_dst.get(kdef.kind, {})
+            entries = [*table.get(service, ()), *table.get("*", ())]
+            used.extend([e.doc for e in entries])
+            rules = _additive(entries) if kdef.additive else _rules(self.idx.ranked(kdef.kind, entries))
+            parts.append(f'"{kdef.bundle_field}":{rules}')
+        return "{" + ",".join(parts) + "}"
 
     def mesh_bundle(self) -> tuple[bytes, list[Doc]]:
         mesh = self.mesh
-        mtls, passthrough = convert.mesh_settings(mesh.doc.spec if mesh.doc else None)
+        mtls, passthrough = mesh_settings(mesh.doc.spec if mesh.doc else None)
         used: list[Doc] = [mesh.doc] if mesh.doc else []
         used.extend(s.doc for s in self.services.values())
         services = json_object((n, _catalog_json(s)) for n, s in self.services.items())

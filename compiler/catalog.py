@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compiler.diagnostics import Diagnostic, Loc, Path
-from compiler.kinds._base import PROTOCOL_TAG, SERVICE_TAG
+from compiler.kinds.base import SERVICE_TAG, extra_tags, selector_service
 from compiler.parse import Doc
 
-__all__ = ["Catalog", "MeshInfo", "ServiceInfo", "build_catalog", "selector_service"]
+__all__ = ["Catalog", "MeshInfo", "ServiceInfo", "build_catalog"]
 
 
 @dataclass
@@ -45,16 +45,6 @@ class Catalog:
     def service(self, mesh: str, name: str) -> ServiceInfo | None:
         m = self.meshes.get(mesh)
         return m.services.get(name) if m else None
-
-
-def selector_service(tags: Mapping[str, str | None]) -> str:
-    """The service a selector names; ``*`` when it names none (legacy selectors without the tag)."""
-    v = tags.get(SERVICE_TAG)
-    return v if isinstance(v, str) and v else "*"
-
-
-def extra_tags(tags: Mapping[str, str | None]) -> dict[str, str]:
-    return {k: v for k, v in tags.items() if k not in (SERVICE_TAG, PROTOCOL_TAG) and isinstance(v, str)}
 
 
 def build_catalog(

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compiler.catalog import Catalog, check_tags, selector_service
+from compiler.catalog import Catalog, check_tags
 from compiler.diagnostics import Diagnostic, Path
 from compiler.kinds import mesh_gateway_route as mgr
-from compiler.kinds._base import SERVICE_TAG
+from compiler.kinds.base import SERVICE_TAG, selector_service
 from compiler.parse import Doc
 from runtime import bundle as b
 

@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler import convert
 from compiler.build import MeshBuilder, canon
 from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_doc, check_permissions
 from compiler.denied import SHAPING_KINDS, check_denied
 from compiler.diagnostics import Diagnostic
 from compiler.gateway import GatewayBuild, build_gateways
+from compiler.kinds.mesh import logging_backends
 from compiler.kube.derive import KubeExpander, is_kube
 from compiler.parse import Declared, Doc
 from compiler.pipeline import (
@@ -251,7 +251,7 @@ class IncrementalCompiler:
         rebuilt = []
         for mesh in cat.meshes.values():
             mesh_docs = [d for d in docs if d.mesh == mesh.name]
-            logging = convert.logging_backends(mesh.doc.spec if mesh.doc else None)
+            logging = logging_backends(mesh.doc.spec if mesh.doc else None)
             idx = PolicyIndex()
             for d in mesh_docs:
                 idx.add(d, {mesh.name: logging})

@@ -20,7 +20,7 @@ from pydantic.alias_generators import to_camel
 
 from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY, KindDef
-from compiler.kinds._base import Finding
+from compiler.kinds.base import Finding
 from compiler.kube import objects as kube
 
 __all__ = ["Declared", "Doc", "parse_documents"]

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler import convert
 from compiler.build import build_mesh
 from compiler.catalog import build_catalog
 from compiler.checks import check_all
 from compiler.diagnostics import Diagnostic, Related, Span
 from compiler.gateway import build_gateways
+from compiler.kinds.mesh import logging_backends
 from compiler.kube import derive as kube
 from compiler.parse import Declared, Doc, parse_documents
 from compiler.resolve import conflict_diagnostics, index_policies
@@ -213,7 +213,7 @@ def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
     provenance_docs: dict[str, list[Doc]] = {}
     for mesh in cat.meshes.values():
         mesh_docs = [d for d in docs if d.mesh == mesh.name]
-        logging = convert.logging_backends(mesh.doc.spec if mesh.doc else None)
+        logging = logging_backends(mesh.doc.spec if mesh.doc else None)
         idx = index_policies(mesh_docs, {mesh.name: logging})
         gateways, gw_findings = build_gateways(cat, mesh.name, mesh_docs)
         findings.extend(gw_findings)

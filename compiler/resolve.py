@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from compiler import convert
-from compiler.catalog import extra_tags, selector_service
 from compiler.diagnostics import Diagnostic, Path
-from compiler.kinds._base import PROTOCOL_TAG, Selector
+from compiler.kinds import REGISTRY
+from compiler.kinds.base import PROTOCOL_TAG, ConfContext, Selector, extra_tags, selector_service
 from compiler.parse import Doc
 from runtime import bundle as b
 
 __all__ = ["INBOUND", "OUTBOUND", "Entry", "PolicyIndex", "index_policies"]
 
-OUTBOUND = ("TrafficRoute", "Timeout", "Retry", "CircuitBreaker", "HealthCheck", "TrafficLog")
-INBOUND = ("TrafficPermission", "RateLimit", "FaultInjection")
-_PERMISSION_CONF: None = None
+OUTBOUND = frozenset(k for k, d in REGISTRY.items() if d.indexed and d.direction == "outbound")
+"""Kinds that configure the ``sources``' outbound side: rules keyed by (source, destination)."""
+INBOUND = frozenset(k for k, d in REGISTRY.items() if d.indexed and d.direction == "inbound")
+"""Kinds that configure the ``destinations``' inbound side: the caller is the rule's ``peer``."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,15 @@ class PolicyIndex:
 
     def add(self, d: Doc, log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> list[Entry]:
         """Index one document's (source, destination) pairs; returns its entries."""
-        if d.kind not in OUTBOUND and d.kind not in INBOUND:
+        kdef = REGISTRY.get(d.kind)
+        if kdef is None or not kdef.indexed:
             return []
-        conf = _conf(d, log_backends)
-        if conf is None and d.kind != "TrafficPermission":
-            return []
+        conf = None
+        if not kdef.additive:
+            assert kdef.to_conf is not None, f"{d.kind} has a bundle field and no to_conf"
+            conf = kdef.to_conf(d.spec, ConfContext(logging=log_backends.get(d.mesh, ())))
+            if conf is None:
+                return []
         table = self.by_kind.setdefault(d.kind, {})
         inbound = self.by_dst.setdefault(d.kind, {})
         out: list[Entry] = []
@@ -181,37 +185,11 @@ def _tags(sel: Selector) -> dict[str, str | None]:
     return dict(sel.match or {})
 
 
-_CONVERT: dict[str, Callable[[Any], Any]] = {
-    "TrafficRoute": convert.route_conf,
-    "Timeout": convert.timeout_conf,
-    "Retry": convert.retry_conf,
-    "CircuitBreaker": convert.circuit_breaker_conf,
-    "HealthCheck": convert.health_check_conf,
-    "FaultInjection": convert.fault_injection_conf,
-    "RateLimit": convert.rate_limit_conf,
-}
-
-
 def index_policies(docs: list[Doc], log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> PolicyIndex:
     idx = PolicyIndex()
     for d in docs:
         idx.add(d, log_backends)
     return idx
-
-
-def _conf(d: Doc, log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> Any:
-    if d.kind == "TrafficPermission":
-        return None
-    if d.kind == "TrafficLog":
-        backends = log_backends.get(d.mesh, ())
-        name = d.spec.conf.backend if d.spec.conf else None
-        chosen = (
-            next((x for x in backends if x.name == name), None)
-            if name
-            else (backends[0] if backends else None)
-        )
-        return b.TrafficLogConf(backend=chosen) if chosen is not None else None
-    return _CONVERT[d.kind](d.spec)
 
 
 def conflict_diagnostics(idx: PolicyIndex) -> list[Diagnostic]:

@@ -1,4 +1,17 @@
-"""The policy kinds meshc knows: an explicit registry, one module per kind (no discovery magic)."""
+"""The policy kinds meshc knows: an explicit registry, one module per kind (no discovery magic).
+
+Every stage asks the registry, never a table of its own: ``parse`` validates with ``spec`` and
+``check``, ``resolve`` indexes the ``compiled`` kinds by ``direction`` and converts with
+``to_conf``, ``build`` writes each one's rule list under ``bundle_field`` (closed by ``default``),
+``docgen``/``schemagen`` document ``doc`` and ``spec``.
+
+To add a kind: write ``compiler/kinds/<kind>.py`` with a ``KIND = KindDef(...)`` (see
+``compiler.kinds.base.KindDef``: only ``kind, api_version, spec, check, direction, doc`` are
+required; a kind with no ``bundle_field`` is validated and documented but compiles to nothing),
+import it here and add it to ``REGISTRY`` (the order is the order of ``docs/policies.md``).
+A legacy ``sources``/``destinations`` policy uses ``base.SelectorSpec`` and ``base.selector_kind``.
+A compiled kind gets a golden case in ``tests/compiler/kinds/cases/<Kind>.yaml``.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +30,10 @@ from compiler.kinds import (
     traffic_permission,
     traffic_route,
 )
-from compiler.kinds._base import KindDef
+from compiler.kinds.base import ConfContext, KindDef
 from compiler.kinds.targetref import KINDS as TARGETREF_KINDS
 
-__all__ = ["REGISTRY", "KindDef"]
+__all__ = ["REGISTRY", "ConfContext", "KindDef"]
 
 REGISTRY: dict[str, KindDef] = {
     k.kind: k

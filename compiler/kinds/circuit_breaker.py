@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from compiler.kinds._base import Duration, Finding, KindDef, Selector, Spec, check_selectors
+from compiler.kinds.base import ConfContext, Duration, Finding, SelectorSpec, Spec, or_default, selector_kind
+from runtime import bundle as b
 
 
 class Consecutive(Spec):
@@ -66,15 +67,11 @@ class Conf(Spec):
     thresholds: Thresholds | None = None
 
 
-class CircuitBreakerSpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class CircuitBreakerSpec(SelectorSpec):
     conf: Conf | None = None
 
 
-def check(spec: CircuitBreakerSpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources)
-    yield from check_selectors("destinations", spec.destinations, only_service=True)
+def check_conf(spec: CircuitBreakerSpec) -> Iterator[Finding]:
     c = spec.conf
     if c is None or (c.detectors is None and c.thresholds is None):
         yield Finding(("conf",), "E1003", "must have at least one of the detector or threshold configured")
@@ -95,4 +92,62 @@ def check(spec: CircuitBreakerSpec) -> Iterator[Finding]:
             yield Finding(("conf", "thresholds"), "E1005", "can't be empty")
 
 
-KIND = KindDef("CircuitBreaker", "kuma.io/v1alpha1", CircuitBreakerSpec, check, "outbound", __doc__ or "")
+def _consecutive(x: Consecutive | None) -> b.Consecutive | None:
+    return None if x is None else b.Consecutive(consecutive=or_default(x.consecutive, 5))
+
+
+def _detectors(det: Detectors | None) -> b.Detectors:
+    if det is None:
+        return b.Detectors()
+    sd = det.standard_deviation
+    fl = det.failure
+    return b.Detectors(
+        total_errors=_consecutive(det.total_errors),
+        gateway_errors=_consecutive(det.gateway_errors),
+        local_errors=_consecutive(det.local_errors),
+        standard_deviation=None
+        if sd is None
+        else b.StandardDeviation(
+            request_volume=or_default(sd.request_volume, 100),
+            minimum_hosts=or_default(sd.minimum_hosts, 5),
+            factor=or_default(sd.factor, 1.9),
+        ),
+        failure=None
+        if fl is None
+        else b.FailurePercentage(
+            request_volume=or_default(fl.request_volume, 50),
+            minimum_hosts=or_default(fl.minimum_hosts, 5),
+            threshold=or_default(fl.threshold, 85),
+        ),
+    )
+
+
+def to_conf(spec: CircuitBreakerSpec, ctx: ConfContext) -> b.CircuitBreakerConf:
+    c = spec.conf
+    assert c is not None
+    d = b.CircuitBreakerConf()
+    t = c.thresholds or Thresholds()
+    return b.CircuitBreakerConf(
+        interval_ms=or_default(c.interval, d.interval_ms),
+        base_ejection_time_ms=or_default(c.base_ejection_time, d.base_ejection_time_ms),
+        max_ejection_percent=or_default(c.max_ejection_percent, d.max_ejection_percent),
+        split_external_and_local_errors=bool(c.split_external_and_local_errors),
+        thresholds=b.Thresholds(
+            max_connections=or_default(t.max_connections, 1024),
+            max_pending_requests=or_default(t.max_pending_requests, 1024),
+            max_requests=or_default(t.max_requests, 1024),
+            max_retries=or_default(t.max_retries, 3),
+        ),
+        detectors=_detectors(c.detectors),
+    )
+
+
+KIND = selector_kind(
+    "CircuitBreaker",
+    CircuitBreakerSpec,
+    check_conf,
+    "outbound",
+    __doc__ or "",
+    bundle_field="circuit_breaker",
+    to_conf=to_conf,
+)

@@ -26,7 +26,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from compiler.kinds._base import PROTOCOL_TAG, Duration, Finding, KindDef, Selector, Spec, check_selectors
+from compiler.kinds.base import (
+    ANY_TAGS,
+    PROTOCOL_TAG,
+    ConfContext,
+    Duration,
+    Finding,
+    SelectorSpec,
+    Spec,
+    selector_kind,
+)
+from runtime import bundle as b
 
 _BANDWIDTH = re.compile(r"^\s*(\d+)\s*(kbps|mbps|gbps)\s*$")
 _UNIT_BPS = {"kbps": 1000, "mbps": 1000_000, "gbps": 1000_000_000}
@@ -61,9 +71,7 @@ class Conf(Spec):
     response_bandwidth: Bandwidth | None = None
 
 
-class FaultInjectionSpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class FaultInjectionSpec(SelectorSpec):
     conf: Conf | None = None
 
 
@@ -74,9 +82,7 @@ def _percentage(path: tuple[str, ...], value: float | None) -> Iterator[Finding]
         yield Finding((*path, "percentage"), "E1005", "has to be in [0.0 - 100.0] range")
 
 
-def check(spec: FaultInjectionSpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources, require_service=False)
-    yield from check_selectors("destinations", spec.destinations, require_service=False)
+def check_conf(spec: FaultInjectionSpec) -> Iterator[Finding]:
     for i, sel in enumerate(spec.destinations or []):
         match = sel.match or {}
         if PROTOCOL_TAG not in match:
@@ -109,4 +115,33 @@ def check(spec: FaultInjectionSpec) -> Iterator[Finding]:
             )
 
 
-KIND = KindDef("FaultInjection", "kuma.io/v1alpha1", FaultInjectionSpec, check, "inbound", __doc__ or "")
+def to_conf(spec: FaultInjectionSpec, ctx: ConfContext) -> b.FaultInjectionConf:
+    c = spec.conf
+    assert c is not None
+    return b.FaultInjectionConf(
+        delay=b.FaultDelay(percentage=c.delay.percentage or 0, value_ms=c.delay.value or 0)
+        if c.delay
+        else None,
+        abort=b.FaultAbort(percentage=c.abort.percentage or 0, http_status=c.abort.http_status or 503)
+        if c.abort
+        else None,
+        response_bandwidth=b.FaultBandwidth(
+            percentage=c.response_bandwidth.percentage or 0,
+            limit_bps=bandwidth_bps(c.response_bandwidth.limit or "0kbps"),
+        )
+        if c.response_bandwidth
+        else None,
+    )
+
+
+KIND = selector_kind(
+    "FaultInjection",
+    FaultInjectionSpec,
+    check_conf,
+    "inbound",
+    __doc__ or "",
+    sources=ANY_TAGS,
+    destinations=ANY_TAGS,
+    bundle_field="fault_injection",
+    to_conf=to_conf,
+)

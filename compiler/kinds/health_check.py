@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from compiler.kinds._base import Duration, Finding, KindDef, Selector, Spec, check_selectors
+from compiler.kinds.base import ConfContext, Duration, Finding, SelectorSpec, Spec, or_default, selector_kind
+from runtime import bundle as b
 
 
 class Header(Spec):
@@ -66,15 +67,11 @@ class Conf(Spec):
     http: HttpCheck | None = None
 
 
-class HealthCheckSpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class HealthCheckSpec(SelectorSpec):
     conf: Conf | None = None
 
 
-def check(spec: HealthCheckSpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources)
-    yield from check_selectors("destinations", spec.destinations, only_service=True)
+def check_conf(spec: HealthCheckSpec) -> Iterator[Finding]:
     c = spec.conf
     if c is None:
         yield Finding(("conf",), "E1003", "has to be defined")
@@ -116,4 +113,44 @@ def _snake(name: str) -> str:
     return "".join("_" + ch.lower() if ch.isupper() else ch for ch in name)
 
 
-KIND = KindDef("HealthCheck", "kuma.io/v1alpha1", HealthCheckSpec, check, "outbound", __doc__ or "")
+def to_conf(spec: HealthCheckSpec, ctx: ConfContext) -> b.HealthCheckConf:
+    c = spec.conf
+    assert c is not None and c.interval and c.timeout
+    http = None
+    if c.http is not None:
+        http = b.HttpHealthCheck(
+            path=c.http.path or "/",
+            request_headers=tuple(
+                b.HeaderChange(name=h.header.key or "", value=h.header.value or "", append=bool(h.append))
+                for h in c.http.request_headers_to_add
+                if h.header is not None
+            ),
+            expected_statuses=tuple(c.http.expected_statuses),
+        )
+    tcp = b.TcpHealthCheck(send=c.tcp.send, receive=tuple(c.tcp.receive)) if c.tcp is not None else None
+    return b.HealthCheckConf(
+        interval_ms=c.interval,
+        timeout_ms=c.timeout,
+        unhealthy_threshold=c.unhealthy_threshold or 1,
+        healthy_threshold=c.healthy_threshold or 1,
+        initial_jitter_ms=or_default(c.initial_jitter, 0),
+        interval_jitter_ms=or_default(c.interval_jitter, 0),
+        interval_jitter_percent=or_default(c.interval_jitter_percent, 0),
+        healthy_panic_threshold=or_default(c.healthy_panic_threshold, 50.0),
+        fail_traffic_on_panic=bool(c.fail_traffic_on_panic),
+        no_traffic_interval_ms=or_default(c.no_traffic_interval, 60000),
+        reuse_connection=or_default(c.reuse_connection, True),
+        http=http,
+        tcp=tcp,
+    )
+
+
+KIND = selector_kind(
+    "HealthCheck",
+    HealthCheckSpec,
+    check_conf,
+    "outbound",
+    __doc__ or "",
+    bundle_field="health_check",
+    to_conf=to_conf,
+)

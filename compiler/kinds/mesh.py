@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from compiler.kinds._base import Duration, Finding, KindDef, Spec
+from compiler.kinds.base import Duration, Finding, KindDef, Spec
+from runtime import bundle as b
 
 
 class Rotation(Spec):
@@ -137,6 +138,44 @@ def check(spec: MeshSpec) -> Iterator[Finding]:
                 yield Finding(
                     ("logging", "backends", i, "conf", "address"), "E1003", "a tcp backend needs an address"
                 )
+
+
+def logging_backends(spec: MeshSpec | None) -> tuple[b.LoggingBackend, ...]:
+    """The mesh's logging backends as bundles carry them (TrafficLog's ``to_conf`` picks one)."""
+    if spec is None or spec.logging is None:
+        return ()
+    return tuple(
+        b.LoggingBackend(
+            name=x.name,
+            type=x.type,
+            format=x.format,
+            path=x.conf.path if x.conf else None,
+            address=x.conf.address if x.conf else None,
+        )
+        for x in spec.logging.backends
+    )
+
+
+def mesh_settings(spec: MeshSpec | None) -> tuple[b.Mtls, bool]:
+    """The mesh bundle's mTLS settings and outbound passthrough (a mesh with no Mesh: Kuma's defaults)."""
+    if spec is None:
+        return b.Mtls(), True
+    mtls = b.Mtls()
+    if spec.mtls is not None and spec.mtls.enabled_backend:
+        be = next((x for x in spec.mtls.backends if x.name == spec.mtls.enabled_backend), None)
+        if be is not None:
+            rot = be.dp_cert.rotation.expiration if be.dp_cert and be.dp_cert.rotation else None
+            mtls = b.Mtls(
+                enabled=True,
+                mode=be.mode,
+                backend=be.name,
+                backend_type=be.type,
+                cert_rotation_ms=rot or 86400000,
+            )
+    passthrough = True
+    if spec.networking is not None and spec.networking.outbound is not None:
+        passthrough = spec.networking.outbound.passthrough
+    return mtls, passthrough
 
 
 KIND = KindDef("Mesh", "kuma.io/v1alpha1", MeshSpec, check, "none", __doc__ or "")

@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from compiler.kinds._base import SERVICE_TAG, Finding, KindDef, Selector, Spec, check_selectors, tag_findings
+from compiler.kinds.base import SERVICE_TAG, Finding, KindDef, Selector, Spec, check_selectors, tag_findings
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", re.IGNORECASE)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import SERVICE_TAG, Finding, KindDef, Selector, Spec, TagMap, check_selectors
+from compiler.kinds.base import SERVICE_TAG, Finding, KindDef, Selector, Spec, TagMap, check_selectors
 
 
 class PathMatch(Spec):

@@ -24,7 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from compiler.kinds._base import Duration, Finding, KindDef, Selector, Spec, check_selectors
+from compiler.kinds.base import (
+    ANY_TAGS,
+    ConfContext,
+    Duration,
+    Finding,
+    SelectorSpec,
+    Spec,
+    selector_kind,
+)
+from runtime import bundle as b
 
 
 class Header(Spec):
@@ -48,15 +57,11 @@ class Conf(Spec):
     http: Http | None = None
 
 
-class RateLimitSpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class RateLimitSpec(SelectorSpec):
     conf: Conf | None = None
 
 
-def check(spec: RateLimitSpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources, require_service=False)
-    yield from check_selectors("destinations", spec.destinations, require_service=False)
+def check_conf(spec: RateLimitSpec) -> Iterator[Finding]:
     c = spec.conf
     if c is None:
         yield Finding(("conf",), "E1003", "must have conf")
@@ -83,4 +88,32 @@ def check(spec: RateLimitSpec) -> Iterator[Finding]:
                     )
 
 
-KIND = KindDef("RateLimit", "kuma.io/v1alpha1", RateLimitSpec, check, "inbound", __doc__ or "")
+def to_conf(spec: RateLimitSpec, ctx: ConfContext) -> b.RateLimitConf | None:
+    """Kuma's RateLimit has only an HTTP section: without it the policy adds no rule."""
+    c = spec.conf
+    if c is None or c.http is None:
+        return None
+    h = c.http
+    on = h.on_rate_limit
+    return b.RateLimitConf(
+        requests=h.requests or 1,
+        interval_ms=h.interval or 1000,
+        status=(on.status if on and on.status else 429),
+        headers=tuple(
+            b.HeaderChange(name=x.key or "", value=x.value or "", append=bool(x.append))
+            for x in (on.headers if on else [])
+        ),
+    )
+
+
+KIND = selector_kind(
+    "RateLimit",
+    RateLimitSpec,
+    check_conf,
+    "inbound",
+    __doc__ or "",
+    sources=ANY_TAGS,
+    destinations=ANY_TAGS,
+    bundle_field="rate_limit",
+    to_conf=to_conf,
+)

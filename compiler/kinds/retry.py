@@ -26,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Duration, Finding, KindDef, Selector, Spec, check_selectors
+from compiler.kinds.base import ConfContext, Duration, Finding, SelectorSpec, Spec, or_default, selector_kind
+from runtime import bundle as b
 
 HTTP_RETRY_ON = {
     "all_5xx",
@@ -75,9 +76,7 @@ class Conf(Spec):
     tcp: TcpRetry | None = None
 
 
-class RetrySpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class RetrySpec(SelectorSpec):
     conf: Conf | None = None
 
 
@@ -104,9 +103,7 @@ def _repeated(path: Path, values: list[str]) -> Iterator[Finding]:
             yield Finding(path, "E1005", f"repeated value {v!r} at indexes {idx}")
 
 
-def check(spec: RetrySpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources)
-    yield from check_selectors("destinations", spec.destinations, only_service=True)
+def check_conf(spec: RetrySpec) -> Iterator[Finding]:
     c = spec.conf
     if c is None:
         yield Finding(("conf",), "E1003", "has to be defined")
@@ -152,4 +149,33 @@ def check(spec: RetrySpec) -> Iterator[Finding]:
         yield Finding(("conf", "tcp", "maxConnectAttempts"), "E1005", "has to be greater than 0")
 
 
-KIND = KindDef("Retry", "kuma.io/v1alpha1", RetrySpec, check, "outbound", __doc__ or "")
+def _http_retry(r: HttpRetry | GrpcRetry) -> b.HttpRetry:
+    back = None
+    if r.back_off is not None and r.back_off.base_interval is not None:
+        base = r.back_off.base_interval
+        back = b.BackOff(
+            base_interval_ms=base, max_interval_ms=or_default(r.back_off.max_interval, base * 10)
+        )
+    return b.HttpRetry(
+        num_retries=or_default(r.num_retries, 5),
+        per_try_timeout_ms=or_default(r.per_try_timeout, 0),
+        back_off=back,
+        retriable_status_codes=tuple(getattr(r, "retriable_status_codes", None) or ()),
+        retriable_methods=tuple(m.upper() for m in getattr(r, "retriable_methods", None) or ()),
+        retry_on=tuple(r.retry_on or ()),
+    )
+
+
+def to_conf(spec: RetrySpec, ctx: ConfContext) -> b.RetryConf:
+    c = spec.conf
+    assert c is not None
+    return b.RetryConf(
+        http=_http_retry(c.http) if c.http else None,
+        grpc=_http_retry(c.grpc) if c.grpc else None,
+        tcp=b.TcpRetry(max_connect_attempts=c.tcp.max_connect_attempts or 1) if c.tcp else None,
+    )
+
+
+KIND = selector_kind(
+    "Retry", RetrySpec, check_conf, "outbound", __doc__ or "", bundle_field="retry", to_conf=to_conf
+)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Literal
 
-from compiler.kinds._base import Finding, KindDef, Spec, tag_findings
+from compiler.kinds.base import Finding, KindDef, Spec, tag_findings
 
 
 class ServiceSpec(Spec):

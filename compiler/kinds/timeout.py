@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from compiler.kinds._base import Duration, Finding, KindDef, Selector, Spec, check_selectors
+from compiler.kinds.base import ConfContext, Duration, Finding, SelectorSpec, Spec, or_default, selector_kind
+from runtime import bundle as b
 
 
 class Tcp(Spec):
@@ -50,15 +51,11 @@ class Conf(Spec):
     """Deprecated in Kuma; accepted and ignored by the data plane."""
 
 
-class TimeoutSpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class TimeoutSpec(SelectorSpec):
     conf: Conf | None = None
 
 
-def check(spec: TimeoutSpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources)
-    yield from check_selectors("destinations", spec.destinations, only_service=True)
+def check_conf(spec: TimeoutSpec) -> Iterator[Finding]:
     c = spec.conf
     if c is None:
         yield Finding(("conf",), "E1003", "has to be defined")
@@ -68,4 +65,28 @@ def check(spec: TimeoutSpec) -> Iterator[Finding]:
             yield Finding(("conf", name), "E1003", "at least one timeout in section has to be defined")
 
 
-KIND = KindDef("Timeout", "kuma.io/v1alpha1", TimeoutSpec, check, "outbound", __doc__ or "")
+def to_conf(spec: TimeoutSpec, ctx: ConfContext) -> b.TimeoutConf:
+    c = spec.conf
+    assert c is not None
+    d = b.TimeoutConf()
+    http = c.http or Http()
+    return b.TimeoutConf(
+        connect_timeout_ms=or_default(c.connect_timeout, d.connect_timeout_ms),
+        tcp_idle_timeout_ms=or_default(c.tcp.idle_timeout if c.tcp else None, d.tcp_idle_timeout_ms),
+        http_request_timeout_ms=or_default(http.request_timeout, d.http_request_timeout_ms),
+        http_idle_timeout_ms=or_default(http.idle_timeout, d.http_idle_timeout_ms),
+        http_stream_idle_timeout_ms=or_default(http.stream_idle_timeout, d.http_stream_idle_timeout_ms),
+        http_max_stream_duration_ms=or_default(http.max_stream_duration, d.http_max_stream_duration_ms),
+    )
+
+
+KIND = selector_kind(
+    "Timeout",
+    TimeoutSpec,
+    check_conf,
+    "outbound",
+    __doc__ or "",
+    bundle_field="timeout",
+    to_conf=to_conf,
+    default=b.TimeoutConf(),
+)

@@ -18,9 +18,8 @@ Invalid (a backend the Mesh does not define, E2005)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-from compiler.kinds._base import Finding, KindDef, Selector, Spec, check_selectors
+from compiler.kinds.base import ConfContext, SelectorRules, SelectorSpec, Spec, selector_kind
+from runtime import bundle as b
 
 
 class Conf(Spec):
@@ -28,15 +27,27 @@ class Conf(Spec):
     """A name from the Mesh's ``logging.backends``; empty means the Mesh's default backend."""
 
 
-class TrafficLogSpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class TrafficLogSpec(SelectorSpec):
     conf: Conf | None = None
 
 
-def check(spec: TrafficLogSpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources)
-    yield from check_selectors("destinations", spec.destinations)
+def to_conf(spec: TrafficLogSpec, ctx: ConfContext) -> b.TrafficLogConf | None:
+    """The named backend, else the mesh's first; no rule when the mesh has none (E2005 said so)."""
+    name = spec.conf.backend if spec.conf else None
+    backends = ctx.logging
+    chosen = (
+        next((x for x in backends if x.name == name), None) if name else (backends[0] if backends else None)
+    )
+    return b.TrafficLogConf(backend=chosen) if chosen is not None else None
 
 
-KIND = KindDef("TrafficLog", "kuma.io/v1alpha1", TrafficLogSpec, check, "outbound", __doc__ or "")
+KIND = selector_kind(
+    "TrafficLog",
+    TrafficLogSpec,
+    None,
+    "outbound",
+    __doc__ or "",
+    destinations=SelectorRules(),
+    bundle_field="traffic_log",
+    to_conf=to_conf,
+)

@@ -20,21 +20,21 @@ Invalid (no sources)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-from compiler.kinds._base import Finding, KindDef, Selector, Spec, check_selectors
+from compiler.kinds.base import ANY_TAGS, SelectorSpec, selector_kind
 
 
-class TrafficPermissionSpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class TrafficPermissionSpec(SelectorSpec):
+    pass
 
 
-def check(spec: TrafficPermissionSpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources, require_service=False)
-    yield from check_selectors("destinations", spec.destinations, require_service=False)
-
-
-KIND = KindDef(
-    "TrafficPermission", "kuma.io/v1alpha1", TrafficPermissionSpec, check, "inbound", __doc__ or ""
+KIND = selector_kind(
+    "TrafficPermission",
+    TrafficPermissionSpec,
+    None,
+    "inbound",
+    __doc__ or "",
+    sources=ANY_TAGS,
+    destinations=ANY_TAGS,
+    bundle_field="permissions",
+    additive=True,
 )

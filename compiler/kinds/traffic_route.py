@@ -29,16 +29,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import (
+from compiler.kinds.base import (
     SERVICE_TAG,
+    ConfContext,
     Finding,
-    KindDef,
-    Selector,
+    SelectorSpec,
     Spec,
     TagMap,
-    check_selectors,
+    extra_tags,
+    selector_kind,
+    selector_service,
     tag_findings,
 )
+from runtime import bundle as b
 
 
 class StringMatch(Spec):
@@ -128,9 +131,7 @@ class Conf(Spec):
     http: list[Http] | None = None
 
 
-class TrafficRouteSpec(Spec):
-    sources: list[Selector] | None = None
-    destinations: list[Selector] | None = None
+class TrafficRouteSpec(SelectorSpec):
     conf: Conf | None = None
 
 
@@ -267,9 +268,7 @@ def _regex(path: Path, r: RegexRewrite) -> Iterator[Finding]:
         yield Finding((*path, "substitution"), "E1005", "cannot be empty")
 
 
-def check(spec: TrafficRouteSpec) -> Iterator[Finding]:
-    yield from check_selectors("sources", spec.sources)
-    yield from check_selectors("destinations", spec.destinations, only_service=True)
+def check_conf(spec: TrafficRouteSpec) -> Iterator[Finding]:
     conf = spec.conf
     if conf is None or (
         conf.split is None and conf.destination is None and not conf.http and not conf.load_balancer
@@ -307,4 +306,120 @@ def check(spec: TrafficRouteSpec) -> Iterator[Finding]:
             yield Finding(("conf", "loadBalancer"), "E1005", "choose one load balancer")
 
 
-KIND = KindDef("TrafficRoute", "kuma.io/v1alpha1", TrafficRouteSpec, check, "outbound", __doc__ or "")
+def split_of(entries: list[SplitEntry] | None, dest: dict[str, str | None] | None) -> tuple[b.Split, ...]:
+    if dest is not None:
+        return (b.Split(weight=100, service=selector_service(dest), tags=extra_tags(dest)),)
+    return tuple(
+        b.Split(
+            weight=e.weight or 0,
+            service=selector_service(e.destination or {}),
+            tags=extra_tags(e.destination or {}),
+        )
+        for e in entries or []
+    )
+
+
+def _sm(m: StringMatch | None) -> b.StringMatch | None:
+    if m is None:
+        return None
+    for kind in ("exact", "prefix", "regex"):
+        v = getattr(m, kind)
+        if v is not None:
+            return b.StringMatch(kind=kind, value=v)
+    return None
+
+
+def _ops(ops: HeaderOps | None) -> b.HeaderOps:
+    if ops is None:
+        return b.HeaderOps()
+    return b.HeaderOps(
+        add=tuple(b.HeaderChange(name=a.name or "", value=a.value or "", append=a.append) for a in ops.add),
+        remove=tuple(r.name or "" for r in ops.remove),
+    )
+
+
+def _modify(m: Modify | None) -> b.HttpModify | None:
+    if m is None:
+        return None
+    path = None
+    if m.path is not None:
+        path = b.PathRewrite(
+            prefix=m.path.rewrite_prefix,
+            regex=m.path.regex.pattern if m.path.regex else None,
+            substitution=m.path.regex.substitution if m.path.regex else None,
+        )
+    host = None
+    if m.host is not None:
+        host = b.HostRewrite(
+            value=m.host.value,
+            from_path_regex=m.host.from_path.pattern if m.host.from_path else None,
+            from_path_substitution=m.host.from_path.substitution if m.host.from_path else None,
+        )
+    return b.HttpModify(
+        path=path,
+        host=host,
+        request_headers=_ops(m.request_headers),
+        response_headers=_ops(m.response_headers),
+    )
+
+
+def _lb(lb: LoadBalancer | None) -> b.LoadBalancer:
+    if lb is None:
+        return b.LoadBalancer()
+    if lb.least_request is not None:
+        return b.LoadBalancer(type="least_request", choice_count=lb.least_request.choice_count)
+    if lb.ring_hash is not None:
+        rh = lb.ring_hash
+        fn = rh.hash_function if rh.hash_function in ("XX_HASH", "MURMUR_HASH_2") else "XX_HASH"
+        return b.LoadBalancer(
+            type="ring_hash",
+            hash_function=fn,
+            min_ring_size=rh.min_ring_size or 1024,
+            max_ring_size=rh.max_ring_size or 8388608,
+        )
+    if lb.random is not None:
+        return b.LoadBalancer(type="random")
+    if lb.maglev is not None:
+        return b.LoadBalancer(type="maglev")
+    return b.LoadBalancer()
+
+
+def to_conf(spec: TrafficRouteSpec, ctx: ConfContext) -> b.RouteConf:
+    c = spec.conf
+    assert c is not None
+    http = tuple(
+        b.HttpRoute(
+            match=b.HttpMatch(
+                method=_sm(h.match.method) if h.match else None,
+                path=_sm(h.match.path) if h.match else None,
+                headers=tuple(
+                    (name, sm)
+                    for name, m in sorted((h.match.headers or {}).items())
+                    if (sm := _sm(m)) is not None
+                )
+                if h.match
+                else (),
+            ),
+            modify=_modify(h.modify),
+            split=split_of(h.split, h.destination),
+        )
+        for h in c.http or []
+    )
+    return b.RouteConf(split=split_of(c.split, c.destination), http=http, load_balancer=_lb(c.load_balancer))
+
+
+def default_route(service: str) -> b.RouteConf:
+    """What a source with no TrafficRoute to ``service`` gets: all of it, any instance."""
+    return b.RouteConf(split=(b.Split(weight=100, service=service),))
+
+
+KIND = selector_kind(
+    "TrafficRoute",
+    TrafficRouteSpec,
+    check_conf,
+    "outbound",
+    __doc__ or "",
+    bundle_field="route",
+    to_conf=to_conf,
+    default=default_route,
+)

@@ -25,7 +25,7 @@ from ruamel.yaml import YAML
 
 from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY
-from compiler.kinds._base import PROTOCOL_TAG, SERVICE_TAG
+from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG
 from compiler.kube import objects as k
 from compiler.parse import Doc
 

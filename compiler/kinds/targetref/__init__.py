@@ -6,7 +6,7 @@ kinds resolve and merge into bundles lives elsewhere and does not shape them.
 
 from __future__ import annotations
 
-from compiler.kinds._base import KindDef
+from compiler.kinds.base import KindDef
 from compiler.kinds.targetref import (
     mesh_access_log,
     mesh_circuit_breaker,

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, BeforeValidator, Field, Strict, StrictInt, StrictStr
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Finding, KindDef, Spec, parse_duration
+from compiler.kinds.base import Finding, KindDef, Spec, parse_duration
 
 __all__ = [
     "I32",

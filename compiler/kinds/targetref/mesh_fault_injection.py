@@ -23,7 +23,7 @@ Invalid (a status code out of range)::
 from __future__ import annotations
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     I32,
     Found,

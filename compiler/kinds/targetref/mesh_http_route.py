@@ -31,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     I32,
     BackendRef,

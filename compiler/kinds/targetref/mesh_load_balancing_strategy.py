@@ -22,7 +22,7 @@ Invalid (an unknown failover type)::
 from __future__ import annotations
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     U32,
     Bool,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     U32,
     BackendResourceRef,

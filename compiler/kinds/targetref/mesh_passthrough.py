@@ -25,7 +25,7 @@ import ipaddress
 import re
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     U32,
     Found,

@@ -28,7 +28,7 @@ from typing import Annotated
 from pydantic import Field, Strict
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     I32,
     U32,

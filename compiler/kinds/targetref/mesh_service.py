@@ -20,7 +20,7 @@ Invalid (two selectors)::
 
 from __future__ import annotations
 
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import I32, Found, IntOrString, KStr, kind_def
 
 

@@ -20,7 +20,7 @@ Invalid (an unknown mode)::
 from __future__ import annotations
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     Found,
     KStr,

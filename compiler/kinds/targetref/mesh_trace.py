@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from pydantic import Field
 
 from compiler.diagnostics import Path
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     BackendResourceRef,
     Bool,

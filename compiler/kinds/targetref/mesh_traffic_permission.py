@@ -22,7 +22,7 @@ Invalid (no action)::
 
 from __future__ import annotations
 
-from compiler.kinds._base import Spec
+from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
     Found,
     KStr,

@@ -18,16 +18,30 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from compiler.diagnostics import Path
+from runtime import bundle as b
 
 __all__ = [
+    "ANY_TAGS",
+    "PROTOCOL_TAG",
     "SERVICE_TAG",
+    "ConfContext",
+    "Direction",
     "Duration",
     "Finding",
     "KindDef",
     "Selector",
+    "SelectorRules",
+    "SelectorSpec",
     "Spec",
+    "TagMap",
+    "ToConf",
     "check_selectors",
+    "extra_tags",
+    "or_default",
     "parse_duration",
+    "selector_kind",
+    "selector_service",
+    "tag_findings",
 ]
 
 SERVICE_TAG = "kuma.io/service"
@@ -134,21 +148,40 @@ class Finding(NamedTuple):
 
 
 Direction = Literal["outbound", "inbound", "none", "targetref"]
-"""``targetref``: the top-level ``targetRef`` selects proxies; ``to`` is outbound, ``from``/``rules``
-inbound."""
+"""Which data planes a kind configures: the ``sources``' outbound, the ``destinations``' inbound,
+or neither (the mesh, the catalog, gateways: built by their own stage). ``targetref``: the
+top-level ``targetRef`` selects proxies; ``to`` is outbound, ``from``/``rules`` inbound."""
 Dialect = Literal["legacy", "targetref"]
 
 
 @dataclass(frozen=True)
+class ConfContext:
+    """What a kind's ``to_conf`` may read besides its own spec: the policy's mesh."""
+
+    logging: tuple[b.LoggingBackend, ...] = ()
+    """The mesh's logging backends (``Mesh.spec.logging``), in order; the first is the default."""
+
+
+ToConf = Callable[[Any, ConfContext], BaseModel | None]
+"""Spec (checked, error-free) -> the bundle conf of one rule; ``None``: the policy adds no rule."""
+
+
+@dataclass(frozen=True)
 class KindDef:
-    """One kind, as the registry knows it."""
+    """One kind, as the registry knows it: everything a stage needs to know about it.
+
+    Only the first six fields are required; a kind with no ``bundle_field`` is parsed, checked
+    and documented but adds nothing to a bundle.
+    """
 
     kind: str
     api_version: str
     spec: type[Spec]
     check: Callable[[Any], Iterable[Finding]]
+    """Kuma's single-document validator: findings relative to the spec (see ``Finding``)."""
     direction: Direction
     doc: str
+    """The module docstring: the kind's user documentation (``docs/policies.md``)."""
     dialect: Dialect = "legacy"
     """``targetref`` kinds take their mesh from the ``kuma.io/mesh`` label (default ``default``)."""
     max_name_length: int | None = None
@@ -157,6 +190,79 @@ class KindDef:
     """False: validated only; ``compile`` says the kind does not shape bundles yet."""
     no_effect: str | None = None
     """Why the kind can never shape a meshc bundle (MeshProxyPatch patches Envoy)."""
+    bundle_field: str | None = None
+    """The key this kind's rule list fills: in ``runtime.bundle.Destination`` (outbound kinds) or
+    ``runtime.bundle.Inbound`` (inbound kinds)."""
+    to_conf: ToConf | None = None
+    """The bundle conf of a rule; unused by an ``additive`` kind (its rules carry no conf)."""
+    default: BaseModel | Callable[[str], BaseModel] | None = None
+    """The conf of the unconditional rule that closes a destination's list when no policy does,
+    or a function of the destination service giving it (outbound kinds only)."""
+    additive: bool = False
+    """Rules add up instead of the most specific winning (TrafficPermission): never ranked,
+    never in conflict, one conf-less rule per distinct (when, peer)."""
+
+    @property
+    def indexed(self) -> bool:
+        """Whether ``resolve`` indexes this kind's policies as rules of a bundle's ``bundle_field``."""
+        return self.direction in ("outbound", "inbound") and self.bundle_field is not None
+
+
+# --- the sources/destinations kinds (Kuma's legacy dialect) ---------------------------------------
+
+
+class SelectorSpec(Spec):
+    """The spec of a legacy connection policy: a (source, destination) selector pair per rule.
+
+    A kind adds its ``conf: Conf | None = None`` (TrafficPermission has none).
+    """
+
+    sources: list[Selector] | None = None
+    destinations: list[Selector] | None = None
+
+
+@dataclass(frozen=True)
+class SelectorRules:
+    """How strict a kind is about its selectors (the flags of ``check_selectors``)."""
+
+    require_service: bool = True
+    only_service: bool = False
+
+
+ANY_TAGS = SelectorRules(require_service=False)
+"""Selectors that may match by any tags, the service tag included or not (inbound kinds)."""
+
+
+def selector_kind(
+    kind: str,
+    spec: type[SelectorSpec],
+    check_conf: Callable[[Any], Iterable[Finding]] | None,
+    direction: Literal["outbound", "inbound"],
+    doc: str,
+    *,
+    sources: SelectorRules = SelectorRules(),
+    destinations: SelectorRules = SelectorRules(only_service=True),
+    **compiled: Any,
+) -> KindDef:
+    """A legacy connection policy: Kuma's selector checks, then the kind's own ``check_conf``, if any.
+
+    ``compiled`` is ``bundle_field``, ``to_conf``, ``default`` and ``additive`` of ``KindDef``.
+    """
+
+    def check(s: SelectorSpec) -> Iterator[Finding]:
+        yield from check_selectors(
+            "sources", s.sources, require_service=sources.require_service, only_service=sources.only_service
+        )
+        yield from check_selectors(
+            "destinations",
+            s.destinations,
+            require_service=destinations.require_service,
+            only_service=destinations.only_service,
+        )
+        if check_conf is not None:
+            yield from check_conf(s)
+
+    return KindDef(kind, "kuma.io/v1alpha1", spec, check, direction, doc, **compiled)
 
 
 def tag_findings(path: Path, match: Mapping[str, str | None]) -> Iterator[Finding]:
@@ -207,16 +313,17 @@ def check_selectors(
         yield from tag_findings(path, match)
 
 
-def check_required(spec: Any, *names: str) -> Iterator[Finding]:
-    for name in names:
-        if getattr(spec, name) is None:
-            yield Finding((to_camel(name),), "E1003", f"{to_camel(name)}: has to be defined")
+def selector_service(tags: Mapping[str, str | None]) -> str:
+    """The service a selector names; ``*`` when it names none (legacy selectors without the tag)."""
+    v = tags.get(SERVICE_TAG)
+    return v if isinstance(v, str) and v else "*"
 
 
-def selector_tags(sel: Selector) -> dict[str, str]:
-    """The selector as clean tags (null values dropped: they were reported already)."""
-    return {k: v for k, v in (sel.match or {}).items() if v is not None}
+def extra_tags(tags: Mapping[str, str | None]) -> dict[str, str]:
+    """The tags of a selector besides the service and protocol: a rule's conditions."""
+    return {k: v for k, v in tags.items() if k not in (SERVICE_TAG, PROTOCOL_TAG) and isinstance(v, str)}
 
 
-def nonempty(items: Iterable[Finding]) -> list[Finding]:
-    return list(items)
+def or_default(v: Any, default: Any) -> Any:
+    """``v``, or ``default`` where the spec leaves it unset."""
+    return default if v is None else v
