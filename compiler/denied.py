@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from compiler.catalog import Catalog, MeshInfo, selector_service
+from compiler.catalog import Catalog, MeshInfo
 from compiler.diagnostics import Diagnostic
+from compiler.kinds.base import selector_service
 from compiler.parse import Doc
 
 __all__ = ["SHAPING_KINDS", "check_denied"]
