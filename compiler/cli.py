@@ -155,22 +155,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _extend(sub: Any) -> None:
-    """Subcommands that live in their own modules register here (plan, controlplane, status...)."""
-    import importlib
+    """Subcommands that live in their own modules register here (plan, controlplane, status...).
 
-    for mod in (
-        "compiler.plan_args",
-        "compiler.controlplane_cli",
-        "compiler.kube.cli",
-        "compiler.migrate_cli",
-    ):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        m.register(sub)
+    Imported here, not at the top: ``meshc sidecar`` never builds this parser, so it loads none
+    of them.
+    """
+    from compiler import controlplane_cli, migrate_cli, plan_args
+    from compiler.kube import cli as kube_cli
+
+    plan_args.register(sub)
+    controlplane_cli.register(sub)
+    kube_cli.register(sub)
+    migrate_cli.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

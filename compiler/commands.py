@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from compiler.pipeline import CompileResult
 from compiler.report import default_format, render
+from compiler.result import CompileResult
 from compiler.source import SourceError, read_policy_dir
 
 __all__ = ["compile_cmd", "run_compile", "validate"]

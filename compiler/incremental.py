@@ -46,9 +46,7 @@ from compiler.kinds.mesh import logging_backends
 from compiler.kube.derive import KubeExpander, is_kube
 from compiler.parse import Declared, Doc
 from compiler.pipeline import (
-    CompileResult,
     ParsedFile,
-    _parsed,
     compile_parsed,
     compile_sources,
     declared_of,
@@ -57,9 +55,11 @@ from compiler.pipeline import (
     locate_all,
     no_gc,
     parse_files,
+    parsed_from,
     provenance,
 )
 from compiler.resolve import INBOUND, OUTBOUND, Entry, PolicyIndex, conflict_diagnostics
+from compiler.result import CompileResult
 from compiler.source import SourceFile, SourceSet
 from compiler.yamlload import Positions
 from runtime import bundle as b
@@ -420,7 +420,7 @@ def parse_cached(files: list[SourceFile], cache: ParseCache, jobs: int | None = 
         if data is None:
             missing.append((i, f))
         else:
-            out[i] = _parsed(f, data)
+            out[i] = parsed_from(f, data)
     loaded: list[list[Any] | None] = []
     fresh = parse_files([f for _, f in missing], jobs, loaded)
     for (i, f), p, data in zip(missing, fresh, loaded, strict=True):

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from compiler.pipeline import CompileResult
+from compiler.result import CompileResult
 from runtime.bundle import bundle_digest, canonical_json
 
 __all__ = ["OutputError", "write_bundles", "write_release"]

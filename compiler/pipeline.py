@@ -1,6 +1,7 @@
 """The compiler pipeline: load -> parse -> resolve -> check -> build, as pure functions.
 
-``compile_sources`` takes files already read (a ``SourceSet``) and returns a ``CompileResult``:
+``compile_sources`` takes files already read (a ``SourceSet``) and returns a ``CompileResult``
+(``compiler.result``):
 located diagnostics, and, when there is no error, the canonical bytes of every bundle and the
 release. Reading files (``source``) and writing output (``output``) are the I/O edges.
 """
@@ -28,12 +29,12 @@ from compiler.kinds.mesh import logging_backends
 from compiler.kube import derive as kube
 from compiler.parse import Declared, Doc, parse_documents
 from compiler.resolve import conflict_diagnostics, index_policies
+from compiler.result import CompileResult
 from compiler.source import SourceFile, SourceSet, read_policy_dir
 from compiler.yamlload import Positions, load_fast, load_positions
 from runtime import bundle as b
 
 __all__ = [
-    "CompileResult",
     "ParsedFile",
     "compile_dir",
     "compile_parsed",
@@ -43,6 +44,7 @@ __all__ = [
     "locate_all",
     "parse_file",
     "parse_files",
+    "parsed_from",
     "provenance",
 ]
 
@@ -60,35 +62,11 @@ class ParsedFile:
     """Catalog names declared by documents that did not validate (see ``parse_documents``)."""
 
 
-@dataclass
-class CompileResult:
-    diagnostics: list[Diagnostic]
-    files: int
-    documents: int
-    bundles: dict[str, bytes] = field(default_factory=dict)
-    """Bundle key (``<mesh>`` or ``<mesh>/<service>``) -> canonical JSON bytes."""
-    release: dict[str, Any] = field(default_factory=dict)
-    release_id: str = ""
-    commit: str | None = None
-
-    @property
-    def errors(self) -> int:
-        return sum(1 for d in self.diagnostics if d.severity == "error")
-
-    @property
-    def warnings(self) -> int:
-        return sum(1 for d in self.diagnostics if d.severity == "warning")
-
-    @property
-    def digests(self) -> dict[str, str]:
-        return dict(self.release.get("bundles", {}))
-
-
 def parse_file(f: SourceFile) -> ParsedFile:
-    return _parsed(f, load_fast(f.data))
+    return parsed_from(f, load_fast(f.data))
 
 
-def _parsed(f: SourceFile, data: list[Any] | None) -> ParsedFile:
+def parsed_from(f: SourceFile, data: list[Any] | None) -> ParsedFile:
     """A file from its fast-path data (None: the fast path refused it; read it carefully)."""
     positions = None
     findings: list[Diagnostic] = []
@@ -124,7 +102,7 @@ def parse_files(
     raws = _load_all(files, _jobs() if jobs is None else jobs)
     if loaded is not None:
         loaded.extend(raws)
-    return [_parsed(f, data) for f, data in zip(files, raws, strict=True)]
+    return [parsed_from(f, data) for f, data in zip(files, raws, strict=True)]
 
 
 def _load_all(files: Sequence[SourceFile], jobs: int) -> list[list[Any] | None]:

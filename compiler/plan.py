@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
-from compiler.pipeline import CompileResult
+from compiler.result import CompileResult
 
 __all__ = [
     "FORMAT_VERSION",

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import sys
 from dataclasses import replace
 from typing import Any
 
-from compiler.pipeline import CompileResult, ParsedFile, compile_parsed, parse_files
+from compiler.incremental import IncrementalCompiler
+from compiler.pipeline import ParsedFile, compile_parsed, parse_files
 from compiler.plan import Plan, make_plan
+from compiler.result import CompileResult
 from compiler.source import SourceError, SourceSet, read_policy_dir
 
 __all__ = ["Planner", "compile_pair", "run"]
@@ -32,15 +33,15 @@ class Planner:
 
     * Results are kept by the content of the side (every path and Git blob id): a base planned
       again is not recompiled.
-    * When ``compiler.incremental.IncrementalCompiler`` exists it compiles the sides: the head is
-      then an incremental step from the base (only the files that differ are re-parsed, only the
-      bundles they can affect rebuilt). It gets no output directory: a plan writes nothing.
-    * Otherwise files are parsed once per Git blob id (a file both sides share is parsed once)
-      and each side is compiled from the parsed files.
+    * ``IncrementalCompiler`` compiles the sides: the head is then an incremental step from the
+      base (only the files that differ are re-parsed, only the bundles they can affect rebuilt).
+      It gets no output directory: a plan writes nothing.
+    * With ``incremental=False`` files are parsed once per Git blob id (a file both sides share
+      is parsed once) and each side is compiled from the parsed files.
     """
 
     def __init__(self, incremental: bool = True) -> None:
-        self._inc: Any = _incremental_compiler() if incremental else None
+        self._inc = IncrementalCompiler() if incremental else None
         self._parsed: dict[str, ParsedFile] = {}
         self._results: dict[str, CompileResult] = {}
 
@@ -54,11 +55,8 @@ class Planner:
         if hit is not None:
             self._results[key] = hit  # most recently used last
             return replace(hit, commit=src.commit, release_id=src.commit or hit.release_id)
-        result = None
-        if self._inc is not None:
-            result = _from_incremental(self._inc, src)
-        if result is None:
-            result = self._compile_parsed(src)
+        inc = self._inc
+        result = _from_incremental(inc, src) if inc is not None else self._compile_parsed(src)
         self._results[key] = result
         while len(self._results) > 2:  # two sides are all a plan needs; keep memory flat
             del self._results[next(iter(self._results))]
@@ -93,25 +91,8 @@ def _content_key(src: SourceSet) -> str:
     return h.hexdigest()
 
 
-def _incremental_compiler() -> Any:
-    try:
-        mod = importlib.import_module("compiler.incremental")
-    except ImportError:
-        return None
-    cls = getattr(mod, "IncrementalCompiler", None)
-    if cls is None:
-        return None
-    try:
-        return cls()
-    except TypeError:
-        return None
-
-
-def _from_incremental(inc: Any, src: SourceSet) -> CompileResult | None:
-    out = inc.update(src)
-    result = out[0] if isinstance(out, tuple) else getattr(out, "result", out)
-    if not isinstance(result, CompileResult):
-        return None
+def _from_incremental(inc: IncrementalCompiler, src: SourceSet) -> CompileResult:
+    result = inc.update(src).result
     # The compiler's next step may reuse its dicts: keep a copy of what the plan reads.
     release = dict(result.release)
     if "bundles" in release:

@@ -1,8 +1,12 @@
-"""Import boundaries (DESIGN §2): runtime never imports compiler; `meshc sidecar` stays lean."""
+"""Import boundaries (DESIGN §2) that need a running interpreter.
+
+The static boundaries (runtime never imports compiler, no compiler stage imports the control
+plane, where aiohttp may be imported, no cycle between the control plane's server, API and
+security) are import-linter contracts in ``pyproject.toml``, checked by ``make lint``.
+"""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -12,38 +16,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "runtime").rglob("*.py")), ids=lambda p: p.name)
-def test_runtime_never_imports_compiler(path: Path) -> None:
-    bad = sorted(n for n in _imports(path) if n == "compiler" or n.startswith("compiler."))
-    assert not bad, f"{path.relative_to(REPO)} imports {bad}"
-
-
-def test_compiler_takes_only_contracts_and_entry_points_from_runtime() -> None:
-    allowed = {"runtime", "runtime.bundle", "runtime.protocol", "runtime.cli"}
-    for path in sorted((REPO / "compiler").rglob("*.py")):
-        used = {n for n in _imports(path) if n == "runtime" or n.startswith("runtime.")}
-        assert used <= allowed, f"{path.relative_to(REPO)} imports {sorted(used - allowed)} from runtime"
-
-
 def _modules_loaded(code: str) -> set[str]:
+    """The modules ``code`` imports; the code must run to its end (an ImportError fails the test)."""
     out = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", code],
+        [sys.executable, "-X", "importtime", "-c", code + "\nprint('ran to the end')\n"],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=120,
     )
+    assert out.returncode == 0 and "ran to the end" in out.stdout, out.stderr[-3000:]
     mods = set()
     for line in out.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -52,16 +34,20 @@ def _modules_loaded(code: str) -> set[str]:
 
 
 def test_sidecar_command_loads_no_compiler_module() -> None:
-    pytest.importorskip("runtime.cli", reason="the sidecar entry point has not landed")
     code = (
-        "import sys\n"
+        "import contextlib, io\n"
         "from compiler.cli import main\n"
-        "try:\n"
-        "    main(['sidecar', '--help'])\n"
-        "except SystemExit:\n"
-        "    pass\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        main(['sidecar', '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "assert out.getvalue().startswith('usage: meshc sidecar'), out.getvalue()[:200]\n"
     )
-    loaded = {m for m in _modules_loaded(code) if m == "compiler" or m.startswith("compiler.")}
+    mods = _modules_loaded(code)
+    assert "runtime.cli" in mods, "the sidecar's help did not come from runtime.cli"
+    loaded = {m for m in mods if m == "compiler" or m.startswith("compiler.")}
     assert loaded == {"compiler", "compiler.cli"}, loaded
 
 

@@ -12,5 +12,6 @@ Small modules, each owning one thing:
 * ``metrics``: the control plane's Prometheus metrics.
 * ``traffic``: the live traffic split, scraped from the data planes' metrics.
 * ``api`` and ``gui``: the HTTP API under ``/api/`` and the dashboard at ``/gui``.
-* ``server``: wires them together.
+* ``config``: the control plane's settings.
+* ``server``: wires them together (``api`` and ``security`` type it by a Protocol, never import it).
 """

@@ -21,21 +21,45 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from compiler.controlplane import openapi
-from compiler.controlplane.metrics import CONTENT_TYPE
+from compiler.controlplane.metrics import CONTENT_TYPE, ControlPlaneMetrics
+from compiler.controlplane.pusher import Pusher
+from compiler.controlplane.release import Compiler
+from compiler.controlplane.security import AuthError, Host, Security
 from compiler.controlplane.status import dataplane_row
-from compiler.controlplane.traffic import configured_routes
+from compiler.controlplane.traffic import TrafficView, configured_routes
 from runtime.protocol import Heartbeat, Registration, RegistrationReply
 
-if TYPE_CHECKING:
-    from compiler.controlplane.server import ControlPlane
 
-__all__ = ["dashboard_data", "make_app"]
+class ControlPlane(Host, Protocol):
+    """What the API reads of the control plane (``server.ControlPlane`` is one): typed by shape,
+    so this module does not import the server that serves it."""
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def metrics(self) -> ControlPlaneMetrics: ...
+
+    @property
+    def compiler(self) -> Compiler: ...
+
+    @property
+    def pusher(self) -> Pusher: ...
+
+    @property
+    def security(self) -> Security: ...
+
+    @property
+    def traffic(self) -> TrafficView: ...
+
+
+__all__ = ["ControlPlane", "dashboard_data", "make_app"]
 
 _PROTOCOL = ("/api/v1/register", "/api/v1/heartbeat", "/api/v1/deregister", "/api/v1/certificate")
 
@@ -199,7 +223,6 @@ def make_app(cp: ControlPlane) -> web.Application:
     app = web.Application(middlewares=[auth], client_max_size=1024 * 1024)
 
     async def register(request: web.Request) -> web.Response:
-        from compiler.controlplane.security import AuthError
 
         body = await request.read()
         try:
@@ -234,7 +257,6 @@ def make_app(cp: ControlPlane) -> web.Application:
         return _json({"ok": True})
 
     async def deregister(request: web.Request) -> web.Response:
-        from compiler.controlplane.security import AuthError
 
         raw = await request.read()
         try:

@@ -3,13 +3,11 @@
 A successful compile replaces the release and names the bundle keys whose digest changed; a failed
 one keeps the current release untouched (nothing is pushed) and records its diagnostics, which
 the log, the API and the GUI show. Compiling goes through ``Compiler``, the one seam to the
-incremental compiler: it is used when ``compiler.incremental`` exists, else every change
-recompiles the whole set (fine for small repositories).
+incremental compiler.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from collections import deque
@@ -17,51 +15,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler.pipeline import CompileResult, compile_sources
+from compiler.incremental import IncrementalCompiler
 from compiler.report import render
+from compiler.result import CompileResult
 from compiler.source import SourceSet
 
 __all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState"]
 
 
 class Compiler:
-    """``compile(src) -> CompileResult``; incremental when the incremental compiler is available.
+    """``compile(src) -> CompileResult``, incrementally: the one seam to ``IncrementalCompiler``.
 
-    ``compiler.incremental.IncrementalCompiler(out=...)`` is used when it exists: its ``update``
-    returns an object whose ``result`` is the ``CompileResult`` (and it writes the release to
-    ``out`` itself, so ``writes_output`` tells the caller not to).
+    With ``out`` it writes the bundles and the release itself (``writes_output``), so the caller
+    does not write them again.
     """
 
     def __init__(self, out: Path | None = None) -> None:
-        self._inc: Any = None
-        self.writes_output = False
-        try:
-            mod = importlib.import_module("compiler.incremental")
-        except ImportError:
-            return
-        cls = getattr(mod, "IncrementalCompiler", None)
-        if cls is None:
-            return
-        try:
-            self._inc = cls(out=out) if out is not None else cls()
-            self.writes_output = out is not None
-        except TypeError:
-            try:
-                self._inc = cls()
-            except TypeError:
-                self._inc = None
-
-    @property
-    def incremental(self) -> bool:
-        return self._inc is not None
+        self._inc = IncrementalCompiler(out=out)
+        self.writes_output = out is not None
+        self.incremental = True
+        """Always, now; the status API still reports it."""
 
     def compile(self, src: SourceSet) -> CompileResult:
-        if self._inc is not None:
-            out = self._inc.update(src)
-            result = out[0] if isinstance(out, tuple) else getattr(out, "result", out)
-            if isinstance(result, CompileResult):
-                return result
-        return compile_sources(src)
+        return self._inc.update(src).result
 
 
 @dataclass(frozen=True)

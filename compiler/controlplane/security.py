@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from cryptography import x509
@@ -43,6 +43,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from compiler.ca import CAError, MeshCA, PushSigner, TokenIssuer
+from compiler.controlplane.config import Config
+from compiler.controlplane.registry import Registry
+from compiler.controlplane.release import ReleaseState
 from runtime.protocol import (
     HDR_CLIENT_CERT,
     HDR_PROOF,
@@ -56,9 +59,7 @@ from runtime.protocol import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from compiler.controlplane.server import ControlPlane
-
-__all__ = ["AuthError", "Security"]
+__all__ = ["AuthError", "Host", "Security"]
 
 _PROOF_WINDOW_S = 300
 _DEFAULT_TTL_MS = 86_400_000
@@ -82,8 +83,24 @@ class _Backend:
     ttl_ms: int
 
 
+class Host(Protocol):
+    """What ``Security`` reads of the control plane (``server.ControlPlane`` is one): typed by
+    shape, so this module does not import the server that imports it."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def releases(self) -> ReleaseState: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    def log(self, msg: str) -> None: ...
+
+
 class Security:
-    def __init__(self, cp: ControlPlane, state_dir: Path | None, *, require_auth: bool = True) -> None:
+    def __init__(self, cp: Host, state_dir: Path | None, *, require_auth: bool = True) -> None:
         self._cp = cp
         self._tmp: Path | None = None
         if state_dir is None:  # in-process use without a state dir: keys live for this process only

@@ -13,11 +13,10 @@ import asyncio
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 
+from compiler.controlplane.config import Config
 from compiler.controlplane.generation import Generations
 from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.pusher import Pusher
@@ -30,29 +29,6 @@ from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
 from compiler.source import SourceError, read_policy_dir
 
 __all__ = ["Config", "ControlPlane"]
-
-
-@dataclass
-class Config:
-    policy_dir: Path
-    out: Path
-    host: str = "127.0.0.1"
-    port: int = 5681
-    ref: str | None = None
-    repo: Path | None = None
-    fetch_interval_s: float | None = None
-    poll_interval_s: float = 0.2
-    state_dir: Path | None = None
-    heartbeat_interval_s: float = 1.0
-    missed_heartbeats: int = 3
-    concurrency: int = 32
-    token: str | None = None
-    watch: bool = True
-    registration_auth: bool = True
-    """Registration needs a bootstrap token or the current certificate (DESIGN §6)."""
-    secrets_dir: Path | None = None
-    """Where the CAs, the token secret and the push-signing key live (default: ``state_dir``)."""
-    quiet: bool = False
 
 
 class ControlPlane:
@@ -182,7 +158,7 @@ class ControlPlane:
 
     def _write(self, result: object) -> None:
         from compiler.output import OutputError, write_release
-        from compiler.pipeline import CompileResult
+        from compiler.result import CompileResult
 
         assert isinstance(result, CompileResult)
         try:

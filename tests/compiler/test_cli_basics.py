@@ -6,7 +6,6 @@ call the CLI's entry point ``compiler.cli.main`` in process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import _parser, main
+from compiler.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
@@ -25,11 +24,10 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FORMATS = ("text", "json", "github", "sarif")
 
 
-def _subcommands() -> list[str]:
-    for action in _parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return sorted(action.choices)
-    raise AssertionError("meshc has no subcommands")
+SUBCOMMANDS = (
+    "validate", "compile", "schemas", "sidecar", "gateway", "plan", "controlplane", "token", "status", "demo",
+)  # fmt: skip
+"""Every subcommand, written out: a list read from the parser would shrink with a lost module."""
 
 
 def meshc(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -58,11 +56,11 @@ def test_top_level_help() -> None:
     assert proc.stdout.startswith("usage: meshc")
     for name in ("validate", "compile", "schemas", "exit codes"):
         assert name in proc.stdout
-    for name in _subcommands():
-        assert f"    {name}" in proc.stdout, f"`meshc --help` does not list {name}"
+    listed = re.findall(r"^    ([a-z]+)(?:  |$)", proc.stdout.split("options:")[0], re.MULTILINE)
+    assert sorted(listed) == sorted(SUBCOMMANDS), "`meshc --help` lists other commands than SUBCOMMANDS"
 
 
-@pytest.mark.parametrize("command", _subcommands())
+@pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_subcommand_help(command: str) -> None:
     proc = meshc(command, "--help")
     assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compiler.incremental import IncrementalCompiler, ParseCache
-from compiler.pipeline import CompileResult, compile_sources
+from compiler.pipeline import compile_sources
+from compiler.result import CompileResult
 from compiler.source import SourceFile, SourceSet, git_blob_id, read_policy_dir
 from runtime import bundle as b
 
