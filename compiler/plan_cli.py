@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import sys
 from dataclasses import replace
-from typing import Any
 
 from compiler.incremental import IncrementalCompiler
 from compiler.pipeline import ParsedFile, compile_parsed, parse_files
