@@ -1,0 +1,143 @@
+"""Kuma's targetRef precedence: which policy's ``default`` wins, and how they merge (pure functions).
+
+Kuma sorts the policies that select a proxy by their top-level ``targetRef`` kind (Mesh <
+MeshSubset < MeshGateway < MeshService < MeshServiceSubset < Dataplane < MeshHTTPRoute), then by
+origin (``kuma.io/origin``: global < zone) and role (``kuma.io/policy-role``: system < producer
+< consumer < workload-owner), then by name (``ByTargetRef.Less`` in Kuma's ``matchers``). The
+matching ``to``/``from`` items are taken in that order, each list's items by their own
+``targetRef`` kind (Mesh < MeshService < ...), and their ``default`` confs are merged lowest
+precedence first, as JSON merge patches (RFC 7386): maps key by key, lists replaced, ``null``
+removes, except that ``append*`` lists are concatenated. Where two policies differ only by name,
+the order is the name's alone: ``name_ties`` finds them so that a warning can name both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ORIGIN_LABEL",
+    "ROLE_LABEL",
+    "Ranked",
+    "in_order",
+    "merge_patch",
+    "merged",
+    "name_ties",
+    "policy_key",
+    "target_rank",
+]
+
+ORIGIN_LABEL = "kuma.io/origin"
+ROLE_LABEL = "kuma.io/policy-role"
+
+_TARGET_ORDER = {
+    "Mesh": 0,
+    "MeshSubset": 1,
+    "MeshGateway": 2,
+    "MeshService": 3,
+    "MeshExternalService": 3,
+    "MeshMultiZoneService": 3,
+    "MeshServiceSubset": 4,
+    "Dataplane": 5,
+    "MeshHTTPRoute": 6,
+}
+_ORIGIN_ORDER = {"global": 0, "zone": 1}
+_ROLE_ORDER = {"system": 0, "producer": 1, "consumer": 2, "workload-owner": 3}
+
+
+def target_rank(kind: str) -> int:
+    """A ``targetRef`` kind's place in Kuma's order (an unknown kind sorts last)."""
+    return _TARGET_ORDER.get(kind, len(_TARGET_ORDER))
+
+
+def policy_key(target_kind: str, labels: Mapping[str, str], name: str) -> tuple[int, int, int, str]:
+    """The sort key of a policy, lowest precedence first.
+
+    A policy without an origin label is the repository's own, a zone policy; without a role
+    label it is a system policy (universal: no namespace to make it a producer or consumer).
+    """
+    return (
+        target_rank(target_kind),
+        _ORIGIN_ORDER.get(labels.get(ORIGIN_LABEL, "zone"), 1),
+        _ROLE_ORDER.get(labels.get(ROLE_LABEL, "system"), 0),
+        name,
+    )
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, with Kuma's ``append*`` lists concatenated; inputs are not changed."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(key, str) and key.startswith("append") and isinstance(value, list):
+            before = out.get(key)
+            out[key] = [*(before if isinstance(before, list) else []), *value]
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def merged(defaults: Iterable[Any]) -> dict[str, Any]:
+    """The ``default`` confs, lowest precedence first, merged into one."""
+    out: dict[str, Any] = {}
+    for d in defaults:
+        out = merge_patch(out, d if isinstance(d, dict) else {})
+    return out
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One matching ``to``/``from`` item of one policy, with what orders it."""
+
+    key: tuple[int, int, int, str]
+    """``policy_key`` of its policy."""
+    item_rank: int
+    """``target_rank`` of the item's own ``targetRef``."""
+    default: Any
+    """Its ``default`` conf as written (camelCase keys)."""
+    policy: Any = None
+    """What the caller needs back (the document), not used for ordering."""
+
+    @property
+    def order(self) -> tuple[tuple[int, int, int, str], int]:
+        return (self.key, self.item_rank)
+
+
+def in_order(items: Iterable[Ranked]) -> list[Ranked]:
+    """Lowest precedence first: Kuma's policy order, then the items' own targetRef kind.
+
+    Stable: items of one policy keep their order in its list.
+    """
+    return sorted(items, key=lambda r: r.order)
+
+
+def name_ties(items: Sequence[Ranked]) -> list[tuple[Ranked, Ranked]]:
+    """Pairs of items of two policies whose order only their names decide, when both set something
+    the other sets too (a tie a reviewer should see: renaming one changes which wins)."""
+    out = []
+    for i, a in enumerate(items):
+        for b in items[i + 1 :]:
+            if (
+                a.key[:3] == b.key[:3]
+                and a.item_rank == b.item_rank
+                and a.policy is not b.policy
+                and a.key[3] != b.key[3]
+                and _overlap(a.default, b.default)
+            ):
+                out.append((a, b))
+    return out
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two patches set a common leaf (a map key both set to something that is not a map)."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return True
+    for k in a.keys() & b.keys():
+        if not (isinstance(a[k], dict) and isinstance(b[k], dict)) or _overlap(a[k], b[k]):
+            return True
+    return False

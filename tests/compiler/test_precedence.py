@@ -1,0 +1,91 @@
+"""Kuma's targetRef precedence and merge (``compiler.precedence``): order, JSON merge patch, ties."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from compiler.precedence import Ranked, in_order, merge_patch, merged, name_ties, policy_key
+
+# RFC 7386, appendix A: (target, patch, result).
+RFC_7386 = [
+    ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+    ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+    ({"a": "b"}, {"a": None}, {}),
+    ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+    ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+    ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+    ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+    ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+    (["a", "b"], ["c", "d"], ["c", "d"]),
+    ({"a": "b"}, ["c"], ["c"]),
+    ({"a": "foo"}, None, None),
+    ({"a": "foo"}, "bar", "bar"),
+    ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+    ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+    ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+]
+
+
+@pytest.mark.parametrize(("target", "patch", "result"), RFC_7386)
+def test_merge_patch_is_rfc_7386(target: Any, patch: Any, result: Any) -> None:
+    before = repr(target)
+    assert merge_patch(target, patch) == result
+    assert repr(target) == before, "the target was changed in place"
+
+
+def test_append_lists_are_concatenated_other_lists_replaced() -> None:
+    a = {"appendRules": [1], "rules": [1], "http": {"appendHeaders": ["x"]}}
+    b = {"appendRules": [2], "rules": [2], "http": {"appendHeaders": ["y"]}}
+    assert merge_patch(a, b) == {"appendRules": [1, 2], "rules": [2], "http": {"appendHeaders": ["x", "y"]}}
+
+
+def test_merged_applies_the_lowest_precedence_first() -> None:
+    low = {"connectionTimeout": "1s", "http": {"requestTimeout": "3s", "streamIdleTimeout": "1m"}}
+    high = {"http": {"requestTimeout": "5s"}}
+    assert merged([low, high]) == {
+        "connectionTimeout": "1s",
+        "http": {"requestTimeout": "5s", "streamIdleTimeout": "1m"},
+    }
+    assert merged([high, low])["http"]["requestTimeout"] == "3s"
+
+
+def test_policy_order_is_target_kind_then_origin_then_role_then_name() -> None:
+    keys = [
+        policy_key("MeshHTTPRoute", {}, "a"),
+        policy_key("MeshServiceSubset", {}, "a"),
+        policy_key("MeshService", {}, "z"),
+        policy_key("MeshService", {}, "a"),
+        policy_key("MeshService", {"kuma.io/policy-role": "consumer"}, "a"),
+        policy_key("MeshService", {"kuma.io/origin": "global"}, "z"),
+        policy_key("MeshSubset", {}, "a"),
+        policy_key("Mesh", {"kuma.io/policy-role": "workload-owner"}, "z"),
+        policy_key("Mesh", {}, "b"),
+    ]
+    ordered = sorted(keys)
+    assert [k[0] for k in ordered] == [0, 0, 1, 3, 3, 3, 3, 4, 6]
+    svc = [k for k in ordered if k[0] == 3]
+    # global before zone, then system before consumer, then by name.
+    assert svc == [(3, 0, 0, "z"), (3, 1, 0, "a"), (3, 1, 0, "z"), (3, 1, 2, "a")]
+    assert ordered[:2] == [(0, 1, 0, "b"), (0, 1, 3, "z")]
+
+
+def _item(kind: str, name: str, default: Any, item_kind: int = 0, policy: object | None = None) -> Ranked:
+    return Ranked(policy_key(kind, {}, name), item_kind, default, policy if policy is not None else name)
+
+
+def test_in_order_puts_policy_order_before_the_items_own_kind() -> None:
+    a = _item("Mesh", "a", {"x": 1}, item_kind=3)
+    b = _item("MeshService", "b", {"x": 2}, item_kind=0)
+    c = _item("Mesh", "a", {"x": 3}, item_kind=0, policy="a")
+    assert [r.default["x"] for r in in_order([b, a, c])] == [3, 1, 2]
+
+
+def test_name_ties_name_both_policies_only_when_they_set_the_same_thing() -> None:
+    a = _item("Mesh", "alpha", {"http": {"requestTimeout": "1s"}})
+    b = _item("Mesh", "beta", {"http": {"requestTimeout": "2s"}})
+    c = _item("Mesh", "gamma", {"http": {"idleTimeout": "2s"}})
+    d = _item("MeshService", "delta", {"http": {"requestTimeout": "9s"}})
+    ties = name_ties(in_order([d, c, b, a]))
+    assert [(x.policy, y.policy) for x, y in ties] == [("alpha", "beta")]
