@@ -75,6 +75,14 @@ def _rules(entries: list[Entry], default: str | None = None) -> str:
     return "[" + ",".join(parts) + "]"
 
 
+def _used(used: list[Doc], entries: list[Entry]) -> None:
+    """The documents behind these entries, for provenance (a merged targetRef rule has several)."""
+    used.extend([e.doc for e in entries])
+    for e in entries:
+        if e.also:
+            used.extend(e.also)
+
+
 def _additive(entries: list[Entry]) -> str:
     """Rules that add up: one per distinct (when, peer), in that order."""
     seen: set[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]] = set()
@@ -123,7 +131,7 @@ class MeshBuilder:
         for kdef in _OUTBOUND:
             kind = kdef.kind
             entries = idx.ranked(kind, idx.entries(kind, keys)) if kind in idx.by_kind else []
-            used.extend([e.doc for e in entries])
+            _used(used, entries)
             parts.append(f'"{kdef.bundle_field}":{_rules(entries, self._default(kdef, dst))}')
         return "{" + ",".join(parts) + "}"
 
@@ -132,7 +140,7 @@ class MeshBuilder:
         for kdef in _INBOUND:
             table = self.idx.by_dst.get(kdef.kind, {})
             entries = [*table.get(service, ()), *table.get("*", ())]
-            used.extend([e.doc for e in entries])
+            _used(used, entries)
             rules = _additive(entries) if kdef.additive else _rules(self.idx.ranked(kdef.kind, entries))
             parts.append(f'"{kdef.bundle_field}":{rules}')
         return "{" + ",".join(parts) + "}"

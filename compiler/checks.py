@@ -14,6 +14,7 @@ from compiler.diagnostics import Diagnostic, Loc
 from compiler.kinds import REGISTRY
 from compiler.kinds import traffic_route as tr
 from compiler.parse import Doc
+from compiler.resolve_targetref import allowed_services
 
 __all__ = ["check_all", "check_doc", "check_permissions"]
 
@@ -66,7 +67,7 @@ def _not_compiled(d: Doc) -> Iterator[Diagnostic]:
 
 
 def check_permissions(docs: list[Doc], cat: Catalog) -> Iterator[Diagnostic]:
-    """The checks that need every TrafficPermission of a mesh (other kinds in ``docs`` are skipped)."""
+    """The checks that need every TrafficPermission (and MeshTrafficPermission) of a mesh."""
     yield from _permissions(docs, cat)
 
 
@@ -163,6 +164,7 @@ def _permissions(docs: list[Doc], cat: Catalog) -> Iterator[Diagnostic]:
         named = {
             (sel.match or {}).get("kuma.io/service", "*") for p in perms for sel in p.spec.destinations or []
         }
+        named.update(allowed_services(d for d in docs if d.mesh == mesh_name))
         for svc in mesh.services.values():
             if svc.gateway:
                 continue

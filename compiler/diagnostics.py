@@ -164,6 +164,24 @@ CODES: dict[str, Code] = _catalog(
     ),
     Code("E3003", "duplicate-gateway-match", "Two gateway routes on the same listener have the same match."),
     Code(
+        "W3004",
+        "targetref-name-tie",
+        "Two targetRef policies set the same field for the same traffic and only their names decide "
+        "which wins (Kuma's last tie-break: the name that sorts later). Renaming one changes the result.",
+    ),
+    Code(
+        "W3005",
+        "dialects-overlap",
+        "A targetRef policy and a legacy policy of the same type configure the same traffic; as in Kuma, "
+        "the targetRef policy wins and the legacy one has no effect there.",
+    ),
+    Code(
+        "W3006",
+        "targetref-not-resolved",
+        "A part of a targetRef policy that meshc does not resolve into bundles yet (a targetRef kind, "
+        "a `rules` section, a route filter or match the bundle cannot express): it has no effect.",
+    ),
+    Code(
         "W1001",
         "selector-matches-nothing",
         "A selector that matches no declared service: the policy does nothing.",

@@ -16,6 +16,7 @@ from compiler.diagnostics import Diagnostic, Path
 from compiler.kinds import mesh_gateway_route as mgr
 from compiler.kinds.base import SERVICE_TAG, selector_service
 from compiler.parse import Doc
+from compiler.resolve_targetref import gateway_routes
 from runtime import bundle as b
 
 __all__ = ["GatewayBuild", "build_gateways"]
@@ -112,9 +113,9 @@ def _sort_key(r: b.GatewayRule) -> tuple[int, int, int, int, int]:
 
 
 def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[GatewayBuild], list[Diagnostic]]:
-    findings: list[Diagnostic] = []
     gateways = [d for d in docs if d.kind == "MeshGateway"]
-    routes = [d for d in docs if d.kind == "MeshGatewayRoute"]
+    translated, findings = gateway_routes(docs)
+    routes = [d for d in docs if d.kind == "MeshGatewayRoute"] + translated
     attached: set[int] = set()
     out: list[GatewayBuild] = []
     for gw in gateways:

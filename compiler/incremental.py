@@ -59,6 +59,7 @@ from compiler.pipeline import (
     provenance,
 )
 from compiler.resolve import INBOUND, OUTBOUND, Entry, PolicyIndex, conflict_diagnostics
+from compiler.resolve_targetref import TARGETREF_FIELDS, index_targetref, legacy_shadowed
 from compiler.result import CompileResult
 from compiler.source import SourceFile, SourceSet
 from compiler.yamlload import Positions
@@ -92,6 +93,12 @@ class Update:
     """Whether every bundle was rebuilt (first compile, or the catalog changed)."""
 
 
+def _reindex_all(d: Doc) -> bool:
+    """A document whose change rebuilds every bundle: the catalog, Kubernetes objects, and the
+    targetRef policies (merged across documents, so not indexed one document at a time)."""
+    return d.kind in _CATALOG_KINDS or d.kind in TARGETREF_FIELDS or is_kube(d)
+
+
 @dataclass
 class _Mesh:
     info: MeshInfo
@@ -102,6 +109,8 @@ class _Mesh:
     builder: MeshBuilder
     keys: list[str] = field(default_factory=list)
     """The bundle keys of the mesh in the cold compile's order."""
+    tr_findings: list[Diagnostic] = field(default_factory=list)
+    """What resolving its targetRef policies found (recomputed on every full rebuild)."""
 
 
 class IncrementalCompiler:
@@ -190,7 +199,10 @@ class IncrementalCompiler:
         full = (
             self._catalog is None
             or declared != self._declared
-            or any(d.kind in _CATALOG_KINDS or is_kube(d) for d in (*added, *removed))
+            or any(
+                d.kind in _CATALOG_KINDS or d.kind in TARGETREF_FIELDS or is_kube(d)
+                for d in (*added, *removed)
+            )
         )
         self._declared = declared
         docs, self._kube_findings = self._kube.expand([d for p in parsed for d in p.docs])
@@ -205,7 +217,7 @@ class IncrementalCompiler:
             or any(d.kind == "TrafficPermission" for d in (*added, *removed))
         ):
             assert self._catalog is not None
-            perms = [d for d in docs if d.kind == "TrafficPermission"]
+            perms = [d for d in docs if d.kind in ("TrafficPermission", "MeshTrafficPermission")]
             self._perm_findings = list(check_permissions(perms, self._catalog))
         if full or self._denied_findings is None or any(d.kind in _DENIED_INPUTS for d in (*added, *removed)):
             assert self._catalog is not None
@@ -256,7 +268,9 @@ class IncrementalCompiler:
             for d in mesh_docs:
                 idx.add(d, {mesh.name: logging})
             gateways, gw_findings = build_gateways(cat, mesh.name, mesh_docs)
+            tr_findings = index_targetref(idx, mesh_docs)
             m = _Mesh(mesh, idx, logging, gateways, gw_findings, MeshBuilder(mesh, idx, gateways, logging))
+            m.tr_findings = tr_findings
             self._meshes[mesh.name] = m
             m.keys = m.builder.bundle_keys()
             for key in m.keys:
@@ -365,6 +379,8 @@ class IncrementalCompiler:
         findings.extend(self._denied_findings or ())
         for m in self._meshes.values():
             findings.extend(m.gw_findings)
+            findings.extend(m.tr_findings)
+            findings.extend(legacy_shadowed(m.idx))
             merged: dict[frozenset[int], tuple[Entry, Entry]] = {}
             for key in m.keys:
                 for k, v in self._conflicts.get(key, {}).items():

@@ -50,6 +50,8 @@ class Doc:
     name: str
     spec: Any
     prefix: Path
+    labels: tuple[tuple[str, str], ...] = ()
+    """Its string labels (targetRef kinds: ``kuma.io/origin`` and ``kuma.io/policy-role`` order them)."""
 
     def loc(self, path: Path = (), on_key: bool = False) -> Loc:
         return Loc(self.file, self.index, (*self.prefix, *path), on_key)
@@ -271,7 +273,17 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
     if any(d.severity == "error" for d in errs):
         return None, errs
     assert isinstance(name, str) and isinstance(mesh, str)
-    return Doc(file, index, kdef.kind, mesh, name, spec, prefix), errs
+    labels = _labels(raw, prefix) if kdef.dialect == "targetref" else ()
+    return Doc(file, index, kdef.kind, mesh, name, spec, prefix, labels), errs
+
+
+def _labels(raw: dict[Any, Any], prefix: Path) -> tuple[tuple[str, str], ...]:
+    """``metadata.labels`` (Kubernetes form) or ``labels`` (universal form), the string ones."""
+    meta = raw.get("metadata") if prefix else raw
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, dict):
+        return ()
+    return tuple(sorted((k, v) for k, v in labels.items() if isinstance(k, str) and isinstance(v, str)))
 
 
 MESH_LABEL = "kuma.io/mesh"

@@ -29,6 +29,7 @@ from compiler.kinds.mesh import logging_backends
 from compiler.kube import derive as kube
 from compiler.parse import Declared, Doc, parse_documents
 from compiler.resolve import conflict_diagnostics, index_policies
+from compiler.resolve_targetref import index_targetref, legacy_shadowed
 from compiler.result import CompileResult
 from compiler.source import SourceFile, SourceSet, read_policy_dir
 from compiler.yamlload import Positions, load_fast, load_positions
@@ -193,6 +194,8 @@ def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
         mesh_docs = [d for d in docs if d.mesh == mesh.name]
         logging = logging_backends(mesh.doc.spec if mesh.doc else None)
         idx = index_policies(mesh_docs, {mesh.name: logging})
+        findings.extend(index_targetref(idx, mesh_docs))
+        findings.extend(legacy_shadowed(idx))
         gateways, gw_findings = build_gateways(cat, mesh.name, mesh_docs)
         findings.extend(gw_findings)
 

@@ -101,7 +101,9 @@ class Ranked:
     default: Any
     """Its ``default`` conf as written (camelCase keys)."""
     policy: Any = None
-    """What the caller needs back (the document), not used for ordering."""
+    """The policy (document) it belongs to: ties are between two of them."""
+    where: Any = None
+    """Where in the policy it is (a path), for the caller."""
 
     @property
     def order(self) -> tuple[tuple[int, int, int, str], int]:

@@ -41,6 +41,8 @@ class Entry:
     rank: tuple[int, int]
     conf: Any
     path: Path
+    also: tuple[Doc, ...] = ()
+    """Other documents merged into ``conf`` (targetRef policies), for provenance."""
 
     @cached_property
     def rule_json(self) -> str:
@@ -65,6 +67,8 @@ class PolicyIndex:
     conflicts: dict[frozenset[int], tuple[Entry, Entry]] = field(default_factory=dict)
     by_doc: dict[int, tuple[Doc, list[Entry]]] = field(default_factory=dict)
     """``id(doc)`` -> the document and its entries (what ``remove`` takes out again)."""
+    targetref: bool = False
+    """Whether targetRef policies added entries (``compiler.resolve_targetref``)."""
 
     def add(self, d: Doc, log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> list[Entry]:
         """Index one document's (source, destination) pairs; returns its entries."""

@@ -212,4 +212,4 @@ def check(spec: MeshCircuitBreakerSpec) -> Found:
         yield from _default(("to", i, "default"), t.default)
 
 
-KIND = kind_def("MeshCircuitBreaker", MeshCircuitBreakerSpec, check, __doc__ or "")
+KIND = kind_def("MeshCircuitBreaker", MeshCircuitBreakerSpec, check, __doc__ or "", compiled=True)

@@ -148,4 +148,4 @@ def check(spec: MeshHealthCheckSpec) -> Found:
         yield from _default(("to", i, "default"), t.default)
 
 
-KIND = kind_def("MeshHealthCheck", MeshHealthCheckSpec, check, __doc__ or "")
+KIND = kind_def("MeshHealthCheck", MeshHealthCheckSpec, check, __doc__ or "", compiled=True)

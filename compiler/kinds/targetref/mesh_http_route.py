@@ -273,4 +273,4 @@ def check(spec: MeshHTTPRouteSpec) -> Found:
             yield (*p, "hostnames"), "must not be defined"
 
 
-KIND = kind_def("MeshHTTPRoute", MeshHTTPRouteSpec, check, __doc__ or "")
+KIND = kind_def("MeshHTTPRoute", MeshHTTPRouteSpec, check, __doc__ or "", compiled=True)

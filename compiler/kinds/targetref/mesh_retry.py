@@ -236,4 +236,4 @@ def check(spec: MeshRetrySpec) -> Found:
         yield from _default(("to", i, "default"), t.default)
 
 
-KIND = kind_def("MeshRetry", MeshRetrySpec, check, __doc__ or "")
+KIND = kind_def("MeshRetry", MeshRetrySpec, check, __doc__ or "", compiled=True)

@@ -180,4 +180,4 @@ def check(spec: MeshTimeoutSpec) -> Found:
         yield from _default((*p, "default"), r.default, kind)
 
 
-KIND = kind_def("MeshTimeout", MeshTimeoutSpec, check, __doc__ or "")
+KIND = kind_def("MeshTimeout", MeshTimeoutSpec, check, __doc__ or "", compiled=True)

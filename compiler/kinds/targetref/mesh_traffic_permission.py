@@ -93,4 +93,4 @@ def check(spec: MeshTrafficPermissionSpec) -> Found:
             yield ("from", i, "default", "action"), "must be defined"
 
 
-KIND = kind_def("MeshTrafficPermission", MeshTrafficPermissionSpec, check, __doc__ or "")
+KIND = kind_def("MeshTrafficPermission", MeshTrafficPermissionSpec, check, __doc__ or "", compiled=True)

@@ -1,0 +1,696 @@
+"""Resolve targetRef policies into the same rule lists as the legacy kinds (issue 12, items 2-3).
+
+Each ``to`` (outbound) or ``from`` (inbound) item of a policy names who it configures (the
+top-level ``targetRef``: Mesh, MeshSubset, MeshService, MeshServiceSubset) and the other side (the
+item's ``targetRef``). For every (source, destination) key a bundle looks up, the items that
+cover it are put in Kuma's order (``compiler.precedence``) and their ``default`` confs merged,
+lowest precedence first; the merged conf becomes one ``Entry`` per distinct set of tag
+conditions, filed under the legacy kind that owns the same bundle field, so ``build`` writes
+both dialects the same way. Their ranks sit above every legacy rank: where both dialects
+configure a key, the targetRef policy wins (Kuma: a proxy matched by a new policy ignores the
+old policy of its type), and W3005 says so.
+
+Not resolved yet (W3006 at the place): a top-level targetRef of another kind (MeshGateway,
+Dataplane, MeshHTTPRoute), a ``to`` item other than Mesh or MeshService, ``rules`` sections,
+MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from compiler.diagnostics import Diagnostic, Path
+from compiler.kinds import REGISTRY
+from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
+from compiler.parse import Doc
+from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
+from compiler.resolve import Entry, PolicyIndex
+from runtime import bundle as b
+
+__all__ = ["TARGETREF_FIELDS", "allowed_services", "gateway_routes", "index_targetref", "legacy_shadowed"]
+
+Tags = tuple[tuple[str, str], ...]
+
+_RANK_BASE = 1000
+"""Above any legacy rank (a count of selector tags)."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    src: str
+    dst: str
+    when: Tags
+    peer: Tags
+    ranked: Ranked
+
+
+def _dump(m: BaseModel | None) -> dict[str, Any]:
+    return m.model_dump(exclude_unset=True) if m is not None else {}
+
+
+def _top(tr: Any) -> tuple[str, Tags] | None:
+    """The proxies a top-level targetRef selects: (service or ``*``, tag conditions)."""
+    kind = tr.kind if tr is not None and tr.kind else "Mesh"
+    if kind == "Mesh":
+        return "*", ()
+    tags = {k: v for k, v in (tr.tags or {}).items() if isinstance(v, str)}
+    if kind == "MeshSubset":
+        return tags.get(SERVICE_TAG, "*"), tuple(sorted(extra_tags(tags).items()))
+    if kind == "MeshService" and tr.name:
+        return tr.name, ()
+    if kind == "MeshServiceSubset" and tr.name:
+        return tr.name, tuple(sorted(extra_tags(tags).items()))
+    return None
+
+
+def allowed_services(docs: Iterable[Doc]) -> set[str]:
+    """The services (``*``: all) that some MeshTrafficPermission lets some caller into."""
+    out = set()
+    for d in docs:
+        if d.kind != _PERMISSION:
+            continue
+        top = _top(d.spec.target_ref)
+        if top is not None and any(
+            fr.default is not None and fr.default.action in ("Allow", "AllowWithShadowDeny")
+            for fr in d.spec.from_ or ()
+        ):
+            out.add(top[0])
+    return out
+
+
+def _peer(tr: Any) -> Tags | None:
+    """The callers a ``from`` targetRef names, as the tags a permission's ``peer`` carries."""
+    kind = tr.kind or "Mesh"
+    tags = {k: v for k, v in (tr.tags or {}).items() if isinstance(v, str)}
+    if kind == "Mesh":
+        return ()
+    if kind == "MeshSubset":
+        pass
+    elif kind in ("MeshService", "MeshServiceSubset") and tr.name:
+        tags = {**(tags if kind == "MeshServiceSubset" else {}), SERVICE_TAG: tr.name}
+    else:
+        return None
+    return tuple(sorted((k, v) for k, v in tags.items() if k != PROTOCOL_TAG and v != "*"))
+
+
+def _dest(tr: Any) -> str | None:
+    kind = tr.kind or "Mesh"
+    if kind == "Mesh":
+        return "*"
+    if kind == "MeshService" and tr.name:
+        return str(tr.name)
+    return None
+
+
+# --- merged default -> bundle conf ------------------------------------------------------------
+
+
+def _g(m: dict[str, Any], *path: str, default: Any = None) -> Any:
+    for p in path:
+        if not isinstance(m, dict) or m.get(p) is None:
+            return default
+        m = m[p]
+    return m
+
+
+def _timeout(m: dict[str, Any]) -> b.TimeoutConf:
+    d = b.TimeoutConf()
+    idle = _g(m, "idle_timeout")
+    return b.TimeoutConf(
+        connect_timeout_ms=_g(m, "connection_timeout", default=d.connect_timeout_ms),
+        tcp_idle_timeout_ms=d.tcp_idle_timeout_ms if idle is None else idle,
+        http_request_timeout_ms=_g(m, "http", "request_timeout", default=d.http_request_timeout_ms),
+        http_idle_timeout_ms=d.http_idle_timeout_ms if idle is None else idle,
+        http_stream_idle_timeout_ms=_g(
+            m, "http", "stream_idle_timeout", default=d.http_stream_idle_timeout_ms
+        ),
+        http_max_stream_duration_ms=_g(
+            m, "http", "max_stream_duration", default=d.http_max_stream_duration_ms
+        ),
+    )
+
+
+def _snake(word: str) -> str:
+    """``GatewayError`` -> ``gateway_error``, ``Retriable4xx`` -> ``retriable_4xx``."""
+    out = ""
+    for i, ch in enumerate(word):
+        if (ch.isupper() and i) or (ch.isdigit() and i and not word[i - 1].isdigit()):
+            out += "_"
+        out += ch.lower()
+    return out
+
+
+_GRPC_ON = {"Canceled": "cancelled"}
+
+
+def _http_retry(m: dict[str, Any], grpc: bool) -> b.HttpRetry:
+    back = None
+    base = _g(m, "back_off", "base_interval")
+    if isinstance(m.get("back_off"), dict):
+        base = 25 if base is None else base
+        back = b.BackOff(
+            base_interval_ms=base, max_interval_ms=_g(m, "back_off", "max_interval", default=base * 10)
+        )
+    codes, on = [], []
+    for r in m.get("retry_on") or ():
+        if r.isdigit():
+            codes.append(int(r))
+        else:
+            on.append(_GRPC_ON.get(r, _snake(r)) if grpc else ("5xx" if r == "5XX" else _snake(r)))
+    if codes:
+        on.append("retriable_status_codes")
+    return b.HttpRetry(
+        num_retries=_g(m, "num_retries", default=1),
+        per_try_timeout_ms=_g(m, "per_try_timeout", default=0),
+        back_off=back,
+        retriable_status_codes=tuple(codes),
+        retry_on=tuple(on),
+    )
+
+
+def _retry(m: dict[str, Any]) -> b.RetryConf:
+    tcp = _g(m, "tcp", "max_connect_attempt")
+    return b.RetryConf(
+        http=_http_retry(m["http"], False) if isinstance(m.get("http"), dict) else None,
+        grpc=_http_retry(m["grpc"], True) if isinstance(m.get("grpc"), dict) else None,
+        tcp=b.TcpRetry(max_connect_attempts=tcp) if tcp is not None else None,
+    )
+
+
+def _consecutive(m: dict[str, Any], name: str) -> b.Consecutive | None:
+    if not isinstance(m.get(name), dict):
+        return None
+    return b.Consecutive(consecutive=_g(m, name, "consecutive", default=5))
+
+
+def _circuit_breaker(m: dict[str, Any]) -> b.CircuitBreakerConf:
+    d = b.CircuitBreakerConf()
+    od = m.get("outlier_detection") or {}
+    limits = m.get("connection_limits") or {}
+    det = {} if od.get("disabled") else od.get("detectors") or {}
+    sr, fp = det.get("success_rate"), det.get("failure_percentage")
+    return b.CircuitBreakerConf(
+        interval_ms=_g(od, "interval", default=d.interval_ms),
+        base_ejection_time_ms=_g(od, "base_ejection_time", default=d.base_ejection_time_ms),
+        max_ejection_percent=_g(od, "max_ejection_percent", default=d.max_ejection_percent),
+        split_external_and_local_errors=bool(od.get("split_external_and_local_errors")),
+        thresholds=b.Thresholds(
+            max_connections=_g(limits, "max_connections", default=1024),
+            max_pending_requests=_g(limits, "max_pending_requests", default=1024),
+            max_requests=_g(limits, "max_requests", default=1024),
+            max_retries=_g(limits, "max_retries", default=3),
+        ),
+        detectors=b.Detectors(
+            total_errors=_consecutive(det, "total_failures"),
+            gateway_errors=_consecutive(det, "gateway_failures"),
+            local_errors=_consecutive(det, "local_origin_failures"),
+            standard_deviation=None
+            if not isinstance(sr, dict)
+            else b.StandardDeviation(
+                request_volume=_g(sr, "request_volume", default=100),
+                minimum_hosts=_g(sr, "minimum_hosts", default=5),
+                factor=float(_g(sr, "standard_deviation_factor", default=1.9)),
+            ),
+            failure=None
+            if not isinstance(fp, dict)
+            else b.FailurePercentage(
+                request_volume=_g(fp, "request_volume", default=50),
+                minimum_hosts=_g(fp, "minimum_hosts", default=5),
+                threshold=_g(fp, "threshold", default=85),
+            ),
+        ),
+    )
+
+
+def _header_changes(mod: dict[str, Any] | None) -> tuple[b.HeaderChange, ...]:
+    mod = mod or {}
+    return (
+        *(b.HeaderChange(name=h["name"], value=h["value"]) for h in mod.get("set") or ()),
+        *(b.HeaderChange(name=h["name"], value=h["value"], append=True) for h in mod.get("add") or ()),
+    )
+
+
+def _health_check(m: dict[str, Any]) -> b.HealthCheckConf:
+    http, tcp = m.get("http"), m.get("tcp")
+    return b.HealthCheckConf(
+        interval_ms=_g(m, "interval", default=60000),
+        timeout_ms=_g(m, "timeout", default=15000),
+        unhealthy_threshold=_g(m, "unhealthy_threshold", default=5),
+        healthy_threshold=_g(m, "healthy_threshold", default=1),
+        initial_jitter_ms=_g(m, "initial_jitter", default=0),
+        interval_jitter_ms=_g(m, "interval_jitter", default=0),
+        interval_jitter_percent=_g(m, "interval_jitter_percent", default=0),
+        healthy_panic_threshold=float(_g(m, "healthy_panic_threshold", default=50.0)),
+        fail_traffic_on_panic=bool(m.get("fail_traffic_on_panic")),
+        no_traffic_interval_ms=_g(m, "no_traffic_interval", default=60000),
+        reuse_connection=_g(m, "reuse_connection", default=True),
+        http=None
+        if not isinstance(http, dict) or http.get("disabled")
+        else b.HttpHealthCheck(
+            path=http.get("path") or "/",
+            request_headers=_header_changes(http.get("request_headers_to_add")),
+            expected_statuses=tuple(http.get("expected_statuses") or ()),
+        ),
+        tcp=None
+        if not isinstance(tcp, dict) or tcp.get("disabled")
+        else b.TcpHealthCheck(send=tcp.get("send"), receive=tuple(tcp.get("receive") or ())),
+    )
+
+
+@dataclass(frozen=True)
+class _Outbound:
+    field: str
+    convert: Callable[[dict[str, Any]], BaseModel | None]
+
+
+_OUTBOUND: dict[str, _Outbound] = {
+    "MeshTimeout": _Outbound("timeout", _timeout),
+    "MeshRetry": _Outbound("retry", _retry),
+    "MeshCircuitBreaker": _Outbound("circuit_breaker", _circuit_breaker),
+    "MeshHealthCheck": _Outbound("health_check", _health_check),
+}
+_PERMISSION = "MeshTrafficPermission"
+_ROUTE = "MeshHTTPRoute"
+TARGETREF_FIELDS = {**{k: v.field for k, v in _OUTBOUND.items()}, _PERMISSION: "permissions", _ROUTE: "route"}
+"""The targetRef kinds this module compiles, and the bundle field each fills."""
+
+
+# --- MeshHTTPRoute ----------------------------------------------------------------------------
+
+_PATH_KIND = {"Exact": "exact", "PathPrefix": "prefix", "RegularExpression": "regex"}
+_HEADER_KIND = {"": "exact", "Exact": "exact", "Prefix": "prefix", "RegularExpression": "regex"}
+
+
+def _backends(refs: list[dict[str, Any]] | None, dst: str) -> tuple[b.Split, ...]:
+    if not refs:
+        return (b.Split(weight=100, service=dst),)
+    out = []
+    for r in refs:
+        tags = r.get("tags") or {} if r.get("kind") == "MeshServiceSubset" else {}
+        out.append(b.Split(weight=_g(r, "weight", default=1), service=r.get("name") or dst, tags=tags))
+    return tuple(out)
+
+
+def _http_match(match: dict[str, Any]) -> b.HttpMatch | None:
+    """A rule's match in the bundle's terms; None when it uses what the bundle cannot express."""
+    if match.get("query_params"):
+        return None
+    path = match.get("path")
+    sm_path = None
+    if isinstance(path, dict):
+        kind = _PATH_KIND.get(path.get("type") or "PathPrefix")
+        if kind is None:
+            return None
+        sm_path = b.StringMatch(kind=kind, value=path.get("value") or "/")
+    headers = []
+    for h in match.get("headers") or ():
+        hk = _HEADER_KIND.get(h.get("type") or "")
+        if hk is None:
+            return None
+        headers.append((str(h.get("name", "")).lower(), b.StringMatch(kind=hk, value=h.get("value", ""))))
+    method = match.get("method")
+    return b.HttpMatch(
+        method=b.StringMatch(kind="exact", value=method) if method else None,
+        path=sm_path,
+        headers=tuple(sorted(headers)),
+    )
+
+
+def _modify(filters: list[dict[str, Any]] | None) -> b.HttpModify | bool | None:
+    """The filters as a bundle rewrite; False when one cannot be expressed."""
+    if not filters:
+        return None
+    req: list[b.HeaderChange] = []
+    resp: list[b.HeaderChange] = []
+    req_rm: list[str] = []
+    resp_rm: list[str] = []
+    path = host = None
+    for f in filters:
+        t = f.get("type")
+        if t == "RequestHeaderModifier":
+            req += _header_changes(f.get("request_header_modifier"))
+            req_rm += (f.get("request_header_modifier") or {}).get("remove") or []
+        elif t == "ResponseHeaderModifier":
+            resp += _header_changes(f.get("response_header_modifier"))
+            resp_rm += (f.get("response_header_modifier") or {}).get("remove") or []
+        elif t == "URLRewrite":
+            rw = f.get("url_rewrite") or {}
+            p = rw.get("path") or {}
+            if p.get("type") == "ReplacePrefixMatch":
+                path = b.PathRewrite(prefix=p.get("replace_prefix_match"))
+            elif p:
+                return False
+            if rw.get("hostname"):
+                host = b.HostRewrite(value=rw["hostname"])
+        else:
+            return False
+    return b.HttpModify(
+        path=path,
+        host=host,
+        request_headers=b.HeaderOps(add=tuple(req), remove=tuple(req_rm)),
+        response_headers=b.HeaderOps(add=tuple(resp), remove=tuple(resp_rm)),
+    )
+
+
+def _catch_all(matches: list[dict[str, Any]]) -> bool:
+    return matches == [{"path": {"type": "PathPrefix", "value": "/"}}] or not matches
+
+
+def _route(rules: dict[str, dict[str, Any]], dst: str) -> b.RouteConf | None:
+    """Rules merged by their ``matches`` (JSON key) -> a RouteConf; a ``/`` prefix is the default."""
+    split: tuple[b.Split, ...] = (b.Split(weight=100, service=dst),)
+    http = []
+    for key, conf in rules.items():
+        matches = json.loads(key)
+        modify = _modify(conf.get("filters"))
+        if modify is False:
+            return None
+        targets = _backends(conf.get("backend_refs"), dst)
+        if _catch_all(matches) and modify is None:
+            split = targets
+            continue
+        for m in matches or [{}]:
+            hm = _http_match(m)
+            if hm is None:
+                return None
+            http.append((_route_order(m), b.HttpRoute(match=hm, modify=modify or None, split=targets)))
+    http.sort(key=lambda x: x[0])
+    return b.RouteConf(split=split, http=tuple(r for _, r in http))
+
+
+def _route_order(m: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """Gateway API precedence: Exact, then the longest prefix, then regex; method; headers; query."""
+    p = m.get("path") or {}
+    t = {"Exact": 0, "PathPrefix": 1, "RegularExpression": 2}.get(p.get("type") or "PathPrefix", 3)
+    return (t, -len(p.get("value") or ""), 0 if m.get("method") else 1, -len(m.get("headers") or ()), 0)
+
+
+# --- indexing -----------------------------------------------------------------------------------
+
+_LEGACY_KIND = {d.bundle_field: k for k, d in REGISTRY.items() if d.indexed}
+"""Bundle field -> the legacy kind whose table ``build`` reads for it."""
+
+
+def _unresolved(d: Doc, what: str, path: Path) -> Diagnostic:
+    msg = f"meshc does not resolve {what} of a {d.kind} yet: it has no effect"
+    return Diagnostic("W3006", msg, d.loc(path))
+
+
+def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]:
+    """Every resolvable ``to``/``from`` item, by bundle field."""
+    by_field: dict[str, list[_Item]] = defaultdict(list)
+    for d in docs:
+        field = TARGETREF_FIELDS.get(d.kind)
+        if field is None:
+            continue
+        spec = d.spec
+        if d.kind == _ROUTE and spec.target_ref is not None and spec.target_ref.kind == "MeshGateway":
+            continue  # a gateway route: ``gateway_routes``
+        top = _top(spec.target_ref)
+        top_kind = spec.target_ref.kind if spec.target_ref is not None and spec.target_ref.kind else "Mesh"
+        if top is None:
+            out.append(_unresolved(d, f"a top-level targetRef of kind {top_kind}", ("targetRef", "kind")))
+            continue
+        src, when = top
+        key = policy_key(top_kind, dict(d.labels), d.name)
+        if getattr(spec, "rules", None):
+            out.append(_unresolved(d, "the `rules` section", ("rules",)))
+        if d.kind == _PERMISSION:
+            for i, fr in enumerate(spec.from_ or ()):
+                peer = _peer(fr.target_ref)
+                if peer is None:
+                    what = f"a `from` targetRef of kind {fr.target_ref.kind}"
+                    out.append(_unresolved(d, what, ("from", i, "targetRef", "kind")))
+                    continue
+                r = Ranked(key, target_rank(fr.target_ref.kind or "Mesh"), _dump(fr.default), d, ("from", i))
+                by_field[field].append(_Item("*", src, when, peer, r))
+            continue
+        for i, to in enumerate(spec.to or ()):
+            dst = _dest(to.target_ref)
+            if dst is None:
+                what = f"a `to` targetRef of kind {to.target_ref.kind}"
+                out.append(_unresolved(d, what, ("to", i, "targetRef", "kind")))
+                continue
+            default = _route_rules(to.rules) if d.kind == _ROUTE else _dump(to.default)
+            r = Ranked(key, target_rank(to.target_ref.kind or "Mesh"), default, d, ("to", i))
+            by_field[field].append(_Item(src, dst, when, (), r))
+    return by_field
+
+
+def _route_rules(rules: list[Any] | None) -> dict[str, Any]:
+    """A MeshHTTPRoute ``to`` item as a patch: its rules keyed by their matches (merged by them)."""
+    out = {_canon([_dump_match(m) for m in r.matches or []]): _dump(r.default) for r in rules or ()}
+    return {"rules": out}
+
+
+def _dump_match(m: BaseModel) -> dict[str, Any]:
+    return m.model_dump(exclude_unset=True, exclude_none=True)
+
+
+_canon = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
+def _keys(items: list[_Item]) -> set[tuple[str, str]]:
+    """The (source, destination) keys a bundle looks up that these items shape (see the module doc)."""
+    named = {(it.src, it.dst) for it in items}
+    dsts = {it.dst for it in items if it.dst != "*"}
+    for s, d in list(named):
+        if s != "*" and d == "*":
+            named.update((s, x) for x in dsts)
+    return named
+
+
+def _covers(it: _Item, src: str, dst: str, when: Tags) -> bool:
+    return it.src in (src, "*") and it.dst in (dst, "*") and set(it.when) <= set(when)
+
+
+def _rank(src: str, dst: str, when: Tags) -> tuple[int, int]:
+    return (_RANK_BASE + 100 * (src != "*") * 2 + 100 * (dst != "*") + len(when), 0)
+
+
+def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
+    """Add the targetRef policies of one mesh to ``idx``; returns the warnings (ties, limits)."""
+    out: list[Diagnostic] = []
+    by_field = _items(docs, out)
+    seen_ties: set[tuple[int, int]] = set()
+    for field, items in sorted(by_field.items()):
+        kind = _LEGACY_KIND[field]
+        if field == "permissions":
+            _permissions(idx, kind, items, out)
+            continue
+        for src, dst in sorted(_keys(items)):
+            covering = [it for it in items if it.src in (src, "*") and it.dst in (dst, "*")]
+            for when in sorted({it.when for it in covering}, key=lambda w: (-len(w), w)):
+                members = in_order(it.ranked for it in covering if _covers(it, src, dst, when))
+                for a, z in name_ties(members):
+                    pair = (id(a), id(z))
+                    if pair not in seen_ties:
+                        seen_ties.add(pair)
+                        out.append(_tie(a, z, src, dst))
+                conf = _conf(field, members, dst)
+                if conf is None:
+                    top = members[-1]
+                    what = "a route filter or match the bundle cannot express"
+                    out.append(_unresolved(top.policy, what, top.where))
+                    continue
+                _add(idx, kind, _entry(members, src, dst, when, (), conf))
+    return out
+
+
+def _conf(field: str, members: list[Ranked], dst: str) -> BaseModel | None:
+    m = merged(r.default for r in members)
+    if field == "route":
+        return _route(m.get("rules") or {}, dst)
+    conv = next(v.convert for v in _OUTBOUND.values() if v.field == field)
+    return conv(m)
+
+
+def _entry(members: list[Ranked], src: str, dst: str, when: Tags, peer: Tags, conf: Any) -> Entry:
+    """The merged rule, shown as its highest-precedence policy (the others in ``also``)."""
+    top = members[-1]
+    also: list[Doc] = []
+    for r in members:
+        if r.policy is not top.policy and all(r.policy is not x for x in also):
+            also.append(r.policy)
+    return Entry(top.policy, src, dst, when, peer, _rank(src, dst, when), conf, top.where, tuple(also))
+
+
+def _add(idx: PolicyIndex, kind: str, e: Entry) -> None:
+    idx.targetref = True
+    idx.by_kind.setdefault(kind, {}).setdefault((e.src, e.dst), []).append(e)
+    idx.by_dst.setdefault(kind, {}).setdefault(e.dst, []).append(e)
+    if REGISTRY[kind].direction == "outbound":
+        named = idx.sources[e.src]
+        named[e.dst] = named.get(e.dst, 0) + 1
+
+
+def _permissions(idx: PolicyIndex, kind: str, items: list[_Item], out: list[Diagnostic]) -> None:
+    """One permission per (service, conditions, caller) whose merged action allows."""
+    groups: dict[tuple[str, Tags, Tags], list[Ranked]] = defaultdict(list)
+    for it in items:
+        groups[(it.dst, it.when, it.peer)].append(it.ranked)
+    for (dst, when, peer), rs in sorted(groups.items()):
+        members = in_order(rs)
+        for a, z in name_ties(members):
+            out.append(_tie(a, z, dict(peer).get(SERVICE_TAG, "*"), dst))
+        action = merged(r.default for r in members).get("action")
+        if action in ("Allow", "AllowWithShadowDeny"):
+            src = dict(peer).get(SERVICE_TAG, "*")
+            _add(idx, kind, _entry(members, src, dst, when, peer, None))
+
+
+def _tie(a: Ranked, z: Ranked, src: str, dst: str) -> Diagnostic:
+    da, dz = a.policy, z.policy
+    return Diagnostic(
+        "W3004",
+        f"{dz.kind} {dz.name!r} overrides {da.kind} {da.name!r} for {src} -> {dst} only because its name "
+        "sorts later (Kuma's last tie-break); make one targetRef more specific if that is not meant",
+        dz.loc(z.where),
+        related_locs=((da.loc(a.where), f"{da.kind} {da.name!r} is here"),),
+    )
+
+
+def legacy_shadowed(idx: PolicyIndex) -> Iterator[Diagnostic]:
+    """W3005 where a targetRef policy and a legacy one configure the same key (the legacy one loses)."""
+    if not idx.targetref:
+        return
+    for table in idx.by_kind.values():
+        for (src, dst), entries in table.items():
+            new = [e for e in entries if e.rank[0] >= _RANK_BASE]
+            old = [e for e in entries if e.rank[0] < _RANK_BASE]
+            if new and old:
+                n, o = new[0], old[0]
+                yield Diagnostic(
+                    "W3005",
+                    f"{n.doc.kind} {n.doc.name!r} and the legacy {o.doc.kind} {o.doc.name!r} both configure "
+                    f"{src} -> {dst}; as in Kuma, the targetRef policy wins",
+                    o.doc.loc(o.path),
+                    related_locs=((n.doc.loc(n.path), f"{n.doc.kind} {n.doc.name!r} is here"),),
+                )
+
+
+# --- MeshHTTPRoute on a MeshGateway -----------------------------------------------------------
+
+_GW_PATH = {"Exact": "EXACT", "PathPrefix": "PREFIX", "RegularExpression": "REGEX"}
+_GW_VALUE = {"Exact": "EXACT", "": "EXACT", "RegularExpression": "REGEX", "Prefix": "PREFIX"}
+
+
+def _gw_match(m: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(m.get("path"), dict):
+        p = m["path"]
+        out["path"] = {
+            "match": _GW_PATH.get(p.get("type") or "PathPrefix", "PREFIX"),
+            "value": p.get("value"),
+        }
+    if m.get("method"):
+        out["method"] = m["method"]
+    if m.get("headers"):
+        out["headers"] = [_gw_value(h) for h in m["headers"]]
+    if m.get("query_params"):
+        out["query_parameters"] = [_gw_value(q) for q in m["query_params"]]
+    return out
+
+
+def _gw_value(h: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "match": _GW_VALUE.get(h.get("type") or "", "EXACT"),
+        "name": h.get("name"),
+        "value": h.get("value"),
+    }
+
+
+def _gw_destination(ref: dict[str, Any]) -> dict[str, Any]:
+    tags = ref.get("tags") or {} if ref.get("kind") == "MeshServiceSubset" else {}
+    return {SERVICE_TAG: ref.get("name"), **tags}
+
+
+def _gw_filter(f: dict[str, Any]) -> dict[str, Any] | None:
+    t = f.get("type")
+    if t in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+        mod = (
+            f.get("request_header_modifier" if t == "RequestHeaderModifier" else "response_header_modifier")
+            or {}
+        )
+        return {"request_header" if t == "RequestHeaderModifier" else "response_header": mod}
+    if t == "URLRewrite":
+        rw = f.get("url_rewrite") or {}
+        if rw.get("hostname"):
+            return None
+        p = rw.get("path") or {}
+        out: dict[str, Any] = {}
+        if p.get("type") == "ReplacePrefixMatch":
+            out["replace_prefix_match"] = p.get("replace_prefix_match")
+        elif p.get("type") == "ReplaceFullPath":
+            out["replace_full"] = p.get("replace_full_path")
+        if rw.get("host_to_backend_hostname") is not None:
+            out["host_to_backend_hostname"] = rw["host_to_backend_hostname"]
+        return {"rewrite": out}
+    if t == "RequestRedirect":
+        rd = f.get("request_redirect") or {}
+        if rd.get("path"):
+            return None
+        keep = ("scheme", "hostname", "port", "status_code")
+        return {"redirect": {k: rd[k] for k in keep if rd.get(k) is not None}}
+    if t == "RequestMirror":
+        mr = f.get("request_mirror") or {}
+        out = {"backend": {"destination": _gw_destination(mr.get("backend_ref") or {})}}
+        if mr.get("percentage") is not None:
+            out["percentage"] = float(mr["percentage"])
+        return {"mirror": out}
+    return None
+
+
+def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
+    """MeshHTTPRoutes whose top-level targetRef is a MeshGateway, as MeshGatewayRoute documents
+    (same file and position) for ``compiler.gateway`` to attach: one per ``to`` item."""
+    from compiler.kinds import mesh_gateway_route as mgr
+
+    gateways = {(d.mesh, d.name): d for d in docs if d.kind == "MeshGateway"}
+    out: list[Doc] = []
+    findings: list[Diagnostic] = []
+    for d in docs:
+        tr = d.spec.target_ref if d.kind == _ROUTE else None
+        if tr is None or tr.kind != "MeshGateway":
+            continue
+        gw = gateways.get((d.mesh, tr.name or ""))
+        if gw is None:
+            findings.append(
+                _unresolved(d, f"a MeshGateway {tr.name!r} that the mesh does not have", ("targetRef",))
+            )
+            continue
+        extra = {k: v for k, v in (tr.tags or {}).items() if isinstance(v, str)}
+        selectors = [{"match": {**(s.match or {}), **extra}} for s in gw.spec.selectors or []]
+        for i, to in enumerate(d.spec.to or ()):
+            if (to.target_ref.kind or "Mesh") != "Mesh":
+                findings.append(_unresolved(d, f"a `to` targetRef of kind {to.target_ref.kind}", ("to", i)))
+                continue
+            rules = []
+            for ri, r in enumerate(to.rules or ()):
+                conf = _dump(r.default)
+                filters = [_gw_filter(f) for f in conf.get("filters") or ()]
+                if any(f is None for f in filters):
+                    findings.append(_unresolved(d, "a filter", ("to", i, "rules", ri, "default", "filters")))
+                    continue
+                rules.append(
+                    {
+                        "matches": [_gw_match(_dump_match(m)) for m in r.matches or []] or [{}],
+                        "filters": filters,
+                        "backends": [
+                            {"weight": _g(x, "weight", default=1), "destination": _gw_destination(x)}
+                            for x in conf.get("backend_refs") or ()
+                        ],
+                    }
+                )
+            http: dict[str, Any] = {"rules": rules}
+            if to.hostnames:
+                http["hostnames"] = list(to.hostnames)
+            spec = mgr.MeshGatewayRouteSpec.model_validate({"selectors": selectors, "conf": {"http": http}})
+            out.append(Doc(d.file, d.index, "MeshHTTPRoute", d.mesh, d.name, spec, d.prefix, d.labels))
+    return out, findings

@@ -1,0 +1,125 @@
+"""targetRef policies resolved into bundles: Kuma's order, merged defaults, ties and overlaps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from compiler.pipeline import CompileResult, compile_dir
+
+CATALOG = """apiVersion: kuma.io/v1alpha1
+kind: Mesh
+metadata: {name: default}
+spec: {}
+---
+apiVersion: meshc/v1alpha1
+kind: Service
+mesh: default
+metadata: {name: web}
+spec: {port: 80, subsets: [{zone: a}]}
+---
+apiVersion: meshc/v1alpha1
+kind: Service
+mesh: default
+metadata: {name: api}
+spec: {port: 81}
+"""
+
+
+def _timeout(name: str, top: str, to: str, default: str) -> str:
+    return f"""---
+apiVersion: kuma.io/v1alpha1
+kind: MeshTimeout
+metadata: {{name: {name}, labels: {{kuma.io/mesh: default}}}}
+spec:
+  targetRef: {top}
+  to: [{{targetRef: {to}, default: {default}}}]
+"""
+
+
+MESH, WEB, API = "{kind: Mesh}", "{kind: MeshService, name: web}", "{kind: MeshService, name: api}"
+WEB_ZONE_A = "{kind: MeshSubset, tags: {kuma.io/service: web, zone: a}}"
+
+
+def _compile(tmp_path: Path, *docs: str) -> CompileResult:
+    d = tmp_path / "policies"
+    d.mkdir(exist_ok=True)
+    (d / "policies.yaml").write_text(CATALOG + "".join(docs), encoding="utf-8")
+    return compile_dir(d)
+
+
+def _timeouts(r: CompileResult, key: str, dst: str) -> list[dict[str, Any]]:
+    bundle = json.loads(r.bundles[key])
+    dests = bundle["destinations"] if bundle["type"] == "mesh" else bundle["outbound"]
+    return [{"when": x["when"], **x["conf"]} for x in dests[dst]["timeout"]]
+
+
+def test_defaults_merge_lowest_precedence_first(tmp_path: Path) -> None:
+    r = _compile(
+        tmp_path,
+        _timeout("mesh-wide", MESH, MESH, "{connectionTimeout: 1s, http: {requestTimeout: 9s}}"),
+        _timeout("web-to-api", WEB, API, "{http: {requestTimeout: 3s}}"),
+        _timeout("web-zone-a", WEB_ZONE_A, API, "{idleTimeout: 5s}"),
+    )  # fmt: skip
+    assert not r.diagnostics, [(d.code, d.message) for d in r.diagnostics]
+    # The mesh bundle: what any source gets, the mesh-wide policy alone.
+    (anyone,) = _timeouts(r, "default", "api")
+    assert (anyone["connect_timeout_ms"], anyone["http_request_timeout_ms"]) == (1000, 9000)
+    # web -> api: zone a first (more specific), then web's own; both merged over the mesh-wide one.
+    zone_a, web = _timeouts(r, "default/web", "api")
+    assert zone_a["when"] == {"zone": "a"} and web["when"] == {}
+    assert (web["connect_timeout_ms"], web["http_request_timeout_ms"], web["tcp_idle_timeout_ms"]) == (
+        1000,
+        3000,
+        3600000,
+    )
+    assert (
+        zone_a["connect_timeout_ms"],
+        zone_a["http_request_timeout_ms"],
+        zone_a["tcp_idle_timeout_ms"],
+    ) == (
+        1000,
+        3000,
+        5000,
+    )
+    prov = {p["name"] for p in r.release["provenance"]["default/web"]}
+    assert {"mesh-wide", "web-to-api", "web-zone-a"} <= prov
+
+
+def test_a_tie_decided_by_name_is_a_warning_naming_both(tmp_path: Path) -> None:
+    r = _compile(
+        tmp_path,
+        _timeout("alpha", MESH, MESH, "{connectionTimeout: 1s}"),
+        _timeout("beta", MESH, MESH, "{connectionTimeout: 2s}"),
+    )
+    ties = [d for d in r.diagnostics if d.code == "W3004"]
+    assert ties and "'beta' overrides MeshTimeout 'alpha'" in ties[0].message
+    (anyone,) = _timeouts(r, "default", "api")
+    assert anyone["connect_timeout_ms"] == 2000  # the name that sorts later wins, as in Kuma
+
+
+def test_targetref_wins_over_legacy_on_the_same_pair_with_a_warning(tmp_path: Path) -> None:
+    legacy = """---
+apiVersion: kuma.io/v1alpha1
+kind: Timeout
+mesh: default
+metadata: {name: old}
+spec:
+  sources: [{match: {kuma.io/service: web}}]
+  destinations: [{match: {kuma.io/service: api}}]
+  conf: {connectTimeout: 7s}
+"""
+    new = _timeout(
+        "new", "{kind: MeshService, name: web}", "{kind: MeshService, name: api}", "{connectionTimeout: 3s}"
+    )
+    r = _compile(tmp_path, legacy, new)
+    assert [d.code for d in r.diagnostics] == ["W3005"]
+    assert _timeouts(r, "default/web", "api")[0]["connect_timeout_ms"] == 3000
+
+
+def test_what_is_not_resolved_says_so(tmp_path: Path) -> None:
+    r = _compile(
+        tmp_path, _timeout("dp", "{kind: Dataplane, labels: {app: web}}", "{kind: Mesh}", "{idleTimeout: 1s}")
+    )
+    assert [d.code for d in r.diagnostics] == ["W3006"]
