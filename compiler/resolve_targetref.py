@@ -540,6 +540,10 @@ def _permissions(idx: PolicyIndex, kind: str, items: list[_Item], out: list[Diag
         for a, z in name_ties(members):
             out.append(_tie(a, z, dict(peer).get(SERVICE_TAG, "*"), dst))
         action = merged(r.default for r in members).get("action")
+        if action == "Deny":
+            top = members[-1]
+            what = "a Deny that a broader Allow may still override (bundle permissions only allow)"
+            out.append(_unresolved(top.policy, what, top.where))
         if action in ("Allow", "AllowWithShadowDeny"):
             src = dict(peer).get(SERVICE_TAG, "*")
             _add(idx, kind, _entry(members, src, dst, when, peer, None))

@@ -123,3 +123,27 @@ def test_what_is_not_resolved_says_so(tmp_path: Path) -> None:
         tmp_path, _timeout("dp", "{kind: Dataplane, labels: {app: web}}", "{kind: Mesh}", "{idleTimeout: 1s}")
     )
     assert [d.code for d in r.diagnostics] == ["W3006"]
+
+
+def test_permissions_from_mesh_traffic_permissions(tmp_path: Path) -> None:
+    mtls = CATALOG.replace(
+        "spec: {}", "spec: {mtls: {enabledBackend: ca, backends: [{name: ca, type: builtin}]}}", 1
+    )
+    mtp = """---
+apiVersion: kuma.io/v1alpha1
+kind: MeshTrafficPermission
+metadata: {name: web-to-api, labels: {kuma.io/mesh: default}}
+spec:
+  targetRef: {kind: MeshService, name: api}
+  from:
+    - {targetRef: {kind: MeshService, name: web}, default: {action: Allow}}
+    - {targetRef: {kind: MeshSubset, tags: {kuma.io/service: web, zone: b}}, default: {action: Deny}}
+"""
+    d = tmp_path / "policies"
+    d.mkdir()
+    (d / "p.yaml").write_text(mtls + mtp, encoding="utf-8")
+    r = compile_dir(d)
+    # web is allowed into api; the Deny of a subset cannot be expressed (permissions only allow).
+    assert sorted(x.code for x in r.diagnostics) == ["W2002", "W3006"]  # web itself has no caller
+    perms = json.loads(r.bundles["default/api"])["inbound"]["permissions"]
+    assert perms == [{"conf": None, "peer": {"kuma.io/service": "web"}, "when": {}}]
