@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic.alias_generators import to_snake
 
-from compiler.kinds._base import SERVICE_TAG
+from compiler.kinds.base import SERVICE_TAG
 
 __all__ = ["Catalog", "Converted", "NotExact", "convert_document"]
 
