@@ -115,7 +115,7 @@ def _token(work: Path, service: str) -> str:
         from compiler.ca import TokenIssuer
     except ImportError:  # pragma: no cover - before security landed
         return ""
-    return TokenIssuer(work / "cp-state").mint(service)
+    return TokenIssuer(work / "cp-state").mint("default", service)
 
 
 def _controlplane(work: Path, repo: Path, port: int) -> Proc:
@@ -387,6 +387,7 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path) -> 
         ports.append(port)
     async with aiohttp.ClientSession(trust_env=False) as s:
         names = []
+        tokens: list[str] = []
         for k in range(n):
             reg = Registration(
                 service=services[k % len(services)],
@@ -395,6 +396,7 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path) -> 
                 admin_address=f"127.0.0.1:{ports[k]}",
             )
             token = _token(work, reg.service)
+            tokens.append(token)
             async with s.post(
                 f"{cp}/api/v1/register",
                 data=reg.model_dump_json(),
@@ -407,8 +409,10 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path) -> 
 
         async def beat(k: int, name: str) -> None:
             hb = Heartbeat(instance=name, running=running[k], endpoints_generation=eps_gen[k])
+            token = tokens[k]
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
             with contextlib.suppress(aiohttp.ClientError):
-                async with s.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json()) as r:
+                async with s.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json(), headers=headers) as r:
                     await r.read()
 
         while True:

@@ -202,14 +202,15 @@ def main(argv: list[str]) -> int:
                 proc, info = sf._sidecar(procs, [
                     "--service", "benigno", "--tag", f"version={version}", "--app", f"127.0.0.1:{app}",
                     "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--control-plane", cp_url,
-                    "--token", tokens.mint("benigno"), "--state-dir", str(tmp / f"{path}-{version}"),
+                    "--token", tokens.mint("default", "benigno"),
+                    "--state-dir", str(tmp / f"{path}-{version}"),
                     "--dataplane", path,
                 ])  # fmt: skip
                 started.append(proc)
                 admins.append(info["admin"])
             proc, info = sf._sidecar(procs, [
                 "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-                "--control-plane", cp_url, "--token", tokens.mint("magnanimo"),
+                "--control-plane", cp_url, "--token", tokens.mint("default", "magnanimo"),
                 "--state-dir", str(tmp / f"{path}-magnanimo"), "--dataplane", path,
             ])  # fmt: skip
             started.append(proc)

@@ -11,11 +11,14 @@ the instance's tags (``kuma://<tag>/<value>``): the CA takes the identity from t
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import hmac
+import json
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from runtime.protocol import push_message, spiffe_uri, tag_uri
+from runtime.protocol import PushTarget, push_message, spiffe_uri, tag_uri
 
 __all__ = ["CAError", "MeshCA", "PushSigner", "TokenIssuer"]
 
@@ -135,7 +138,13 @@ class MeshCA:
 
 
 class TokenIssuer:
-    """Per-service bootstrap tokens: ``<service>.<hmac-sha256(secret, service)>``."""
+    """Bootstrap tokens bound to one mesh, one service and an expiry, as Kuma's data plane tokens
+    are: ``meshc1.<base64url JSON {mesh, service, exp}>.<hmac-sha256(secret, that JSON)>``.
+
+    The control plane stores no token, only the secret; rotating ``token.secret`` revokes all."""
+
+    PREFIX = "meshc1"
+    DEFAULT_VALID_FOR_S = 30 * 86_400
 
     def __init__(self, state_dir: Path) -> None:
         path = state_dir / "token.secret"
@@ -143,12 +152,35 @@ class TokenIssuer:
             _write_private(path, secrets.token_bytes(32))
         self._secret = path.read_bytes()
 
-    def mint(self, service: str) -> str:
-        mac = hmac.new(self._secret, service.encode(), hashlib.sha256).hexdigest()
-        return f"{service}.{mac}"
+    def mint(self, mesh: str, service: str, valid_for_s: float = DEFAULT_VALID_FOR_S) -> str:
+        claims = {"mesh": mesh, "service": service, "exp": int(time.time() + valid_for_s)}
+        payload = base64.urlsafe_b64encode(json.dumps(claims, sort_keys=True).encode()).decode().rstrip("=")
+        return f"{self.PREFIX}.{payload}.{self._mac(payload)}"
 
-    def check(self, token: str, service: str) -> bool:
-        return hmac.compare_digest(token.encode(), self.mint(service).encode())
+    def _mac(self, payload: str) -> str:
+        return hmac.new(self._secret, f"{self.PREFIX}.{payload}".encode(), hashlib.sha256).hexdigest()
+
+    def refusal(self, token: str, mesh: str, service: str, now: float | None = None) -> str | None:
+        """None when ``token`` admits ``service`` of ``mesh`` now, else why not (no secret in it)."""
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != self.PREFIX:
+            return "not a meshc1 bootstrap token (regenerate it: meshc token --mesh M --service S)"
+        payload, mac = parts[1], parts[2]
+        if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+            return "the bootstrap token's signature does not verify"
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            t_mesh, t_service, exp = str(claims["mesh"]), str(claims["service"]), float(claims["exp"])
+        except (ValueError, KeyError, TypeError) as e:
+            return f"unreadable bootstrap token claims: {type(e).__name__}"
+        if (t_mesh, t_service) != (mesh, service):
+            return f"the bootstrap token is for service {t_service!r} of mesh {t_mesh!r}"
+        if (time.time() if now is None else now) > exp:
+            return "the bootstrap token has expired"
+        return None
+
+    def check(self, token: str, mesh: str, service: str) -> bool:
+        return self.refusal(token, mesh, service) is None
 
 
 class PushSigner:
@@ -173,5 +205,5 @@ class PushSigner:
             .hex()
         )
 
-    def sign(self, digest: str, generation: int, service: str) -> str:
-        return self._key.sign(push_message(digest, generation, service)).hex()
+    def sign(self, target: PushTarget, slot: str, digest: str, generation: int) -> str:
+        return self._key.sign(push_message(target, slot, digest, generation)).hex()

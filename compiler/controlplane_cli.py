@@ -181,10 +181,19 @@ def _run_controlplane(args: argparse.Namespace) -> int:
 
 def _run_token(args: argparse.Namespace) -> int:
     from compiler.ca import TokenIssuer
+    from compiler.kinds._base import parse_duration
 
+    try:
+        valid_ms = parse_duration(args.valid_for)
+    except ValueError as e:
+        print(f"meshc: --valid-for: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if valid_ms <= 0:
+        print("meshc: --valid-for must be positive", file=sys.stderr)
+        return EXIT_ERROR
     state_dir = Path(args.state_dir) if args.state_dir else Path(args.out) / ".controlplane"
     try:
-        token = TokenIssuer(state_dir).mint(args.service)
+        token = TokenIssuer(state_dir).mint(args.mesh, args.service, valid_ms / 1000.0)
     except OSError as e:
         print(f"meshc: cannot read or create the token secret in {state_dir}: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -306,16 +315,24 @@ def register(sub: Any) -> None:
 
     t = sub.add_parser(
         "token",
-        help="mint a data plane bootstrap token for a service",
-        description="Print the bootstrap token a data plane of SERVICE registers with the first time "
-        "(`meshc sidecar --token`, or env MESHC_TOKEN). Tokens are per service: HMAC-SHA256 of the "
-        "name under a secret kept in the control plane's state dir (created with mode 0600), so "
-        "this command must see the same state dir as `meshc controlplane`. After the first "
+        help="mint a data plane bootstrap token for a service of a mesh",
+        description="Print the bootstrap token a data plane of SERVICE in MESH registers with the "
+        "first time (`meshc sidecar --token`, or env MESHC_TOKEN). A token names one mesh, one "
+        "service and an expiry, under an HMAC-SHA256 by a secret kept in the control plane's state "
+        "dir (created with mode 0600), so this command must see the same state dir as `meshc "
+        "controlplane`; it admits nothing else (another mesh or service: 403). After the first "
         "registration a data plane authenticates with its certificate.",
-        epilog="exit codes: 0 printed; 2 the state dir cannot be read or written.",
+        epilog="exit codes: 0 printed; 2 bad --valid-for, or the state dir cannot be read or written.",
         formatter_class=fmt,
     )
     t.add_argument("--service", required=True, help="the service the token is for")
+    t.add_argument("--mesh", default="default", help="the mesh the token is for (default: default)")
+    t.add_argument(
+        "--valid-for",
+        default="720h",
+        metavar="DURATION",
+        help="how long the token admits registrations (Go duration, or d for days; default: 720h)",
+    )
     t.add_argument(
         "--state-dir",
         metavar="DIR",

@@ -292,7 +292,7 @@ class DemoMesh:
         """The bootstrap token of ``service`` (``meshc token``), handed over in MESHC_TOKEN."""
         from compiler.ca import TokenIssuer
 
-        return TokenIssuer(self.secrets_dir).mint(service)
+        return TokenIssuer(self.secrets_dir).mint("default", service)
 
     def start_sidecar(self, name: str) -> Proc:
         inst = self.instances[name]

@@ -25,7 +25,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from runtime.protocol import HDR_CLIENT_CERT, HDR_PROOF, auth_message, push_message, spiffe_uri, tag_uri
+from runtime.protocol import (
+    HDR_CLIENT_CERT,
+    HDR_PROOF,
+    PushTarget,
+    auth_message,
+    push_message,
+    spiffe_uri,
+    tag_uri,
+)
 
 __all__ = [
     "Identity",
@@ -173,10 +181,12 @@ def client_context(identity: Identity) -> ssl.SSLContext:
     return ctx
 
 
-def verify_push(public_key_hex: str, signature_hex: str, digest: str, generation: int, service: str) -> bool:
+def verify_push(
+    public_key_hex: str, signature_hex: str, target: PushTarget, slot: str, digest: str, generation: int
+) -> bool:
     try:
         key = ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex))
-        key.verify(bytes.fromhex(signature_hex), push_message(digest, generation, service))
+        key.verify(bytes.fromhex(signature_hex), push_message(target, slot, digest, generation))
     except (ValueError, InvalidSignature):
         return False
     return True

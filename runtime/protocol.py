@@ -41,6 +41,10 @@ Control plane -> data plane admin API (``runtime/admin.py``, loopback by default
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,9 +63,11 @@ __all__ = [
     "EndpointSet",
     "Heartbeat",
     "Nack",
+    "PushTarget",
     "Registration",
     "RegistrationReply",
     "auth_message",
+    "endpoints_digest",
     "push_message",
     "spiffe_uri",
     "tag_uri",
@@ -72,7 +78,7 @@ HDR_DIGEST = "X-Meshc-Digest"
 HDR_GENERATION = "X-Meshc-Generation"
 """Monotonic push generation; an older one than the last accepted is a replay."""
 HDR_SIGNATURE = "X-Meshc-Signature"
-"""Ed25519 signature over (digest, generation, target service), once security lands."""
+"""Ed25519 signature (hex) over ``push_message(target, slot, digest, generation)``."""
 HDR_CLIENT_CERT = "X-Meshc-Client-Cert"
 """A data plane's current certificate (base64 DER) authenticating a control-plane call."""
 HDR_PROOF = "X-Meshc-Proof"
@@ -81,9 +87,35 @@ HDR_BUNDLE_ROLE = "X-Meshc-Bundle-Role"
 """``mesh`` or ``service``: which slot of the data plane the pushed bundle fills."""
 
 
-def push_message(digest: str, generation: int, service: str) -> bytes:
-    """The exact bytes a push signature covers (DESIGN §6): digest, generation, target service."""
-    return f"meshc-push/v1\n{digest}\n{generation}\n{service}".encode()
+@dataclass(frozen=True)
+class PushTarget:
+    """Who a push is for: one instance of one service of one mesh, in one boot of its process.
+
+    ``boot`` is a random value the data plane draws at start and sends in its registration (and
+    heartbeats): a push signed for it cannot be replayed into another mesh, another instance, or
+    the same instance after a restart (docs/security.md)."""
+
+    mesh: str
+    service: str
+    instance: str
+    boot: str
+
+
+def push_message(target: PushTarget, slot: str, digest: str, generation: int) -> bytes:
+    """The exact bytes a push signature covers (DESIGN §6): the target (mesh, service, instance,
+    boot), the slot (endpoints, mesh, service), the body's digest and the generation."""
+    t = target
+    fields = ("meshc-push/v2", t.mesh, t.service, t.instance, t.boot, slot, digest, str(generation))
+    if any("\n" in f for f in fields):
+        raise ValueError("a push target field holds a newline")
+    return "\n".join(fields).encode()
+
+
+def endpoints_digest(services: Mapping[str, Sequence[Endpoint]]) -> str:
+    """The content digest of an endpoint set (generation aside): what a heartbeat reports as the
+    running ``endpoints`` slot and what the control plane wants it to be."""
+    doc = {k: [e.model_dump(mode="json") for e in v] for k, v in sorted(services.items())}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def auth_message(timestamp: int, path: str, body_sha256: str) -> bytes:
@@ -129,6 +161,10 @@ class Registration(_Msg):
     mesh: str = "default"
     instance: str | None = Field(default=None, description="Stable instance name; derived when absent.")
     csr_pem: str | None = None
+    boot_id: str | None = Field(
+        default=None,
+        description="Random per process start; every push is signed for it (none: pushes cannot verify).",
+    )
 
 
 class RegistrationReply(_Msg):
@@ -153,9 +189,19 @@ class CertificateReply(_Msg):
 
 
 class Heartbeat(_Msg):
+    """Body of ``POST /api/v1/heartbeat``, authenticated like a registration: what the data plane
+    runs, so that the control plane's status is what runs and not what it believes it sent."""
+
     instance: str
-    running: dict[str, str] = Field(default_factory=dict, description="slot (mesh|service) -> running digest")
+    running: dict[str, str] = Field(
+        default_factory=dict,
+        description="slot (endpoints|mesh|service) -> running digest (endpoints: endpoints_digest).",
+    )
+    generations: dict[str, int] = Field(
+        default_factory=dict, description="slot -> generation of what runs (0: loaded from a file)."
+    )
     endpoints_generation: int = 0
+    boot_id: str | None = Field(default=None, description="As registered; another one makes it register.")
 
 
 class Ack(_Msg):

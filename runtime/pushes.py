@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,7 +29,7 @@ from runtime.bundle import (
 )
 from runtime.engine import Engine, Snapshot
 from runtime.metrics import Metrics
-from runtime.protocol import EndpointSet
+from runtime.protocol import EndpointSet, PushTarget, endpoints_digest
 from runtime.security import PushTrust
 from runtime.state import Slot, StateDir, StoredState
 
@@ -49,6 +51,9 @@ class Pushes:
         trust: PushTrust,
         on_install: Callable[[Snapshot], None],
         on_service_bundle: Callable[[], Awaitable[None]],
+        *,
+        mesh: str = "default",
+        registers: bool = False,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -57,6 +62,12 @@ class Pushes:
         self.slots: dict[str, Slot] = {}
         self.endpoints: EndpointSet | None = None
         self.instance: str | None = None
+        self.mesh = mesh
+        self.boot_id = secrets.token_hex(16)
+        """Drawn at every start and sent at registration: pushes are signed for it (docs/security.md)."""
+        self._registers = registers
+        self.registered = False
+        """Set by the registration of this boot; with a control plane nothing is accepted before."""
         self._on_install = on_install
         self._on_service_bundle = on_service_bundle
         self._lock = asyncio.Lock()
@@ -112,6 +123,21 @@ class Pushes:
         if changed and self.state is not None:
             self.state.save(self.engine.service, self._stored())
 
+    def target(self) -> PushTarget | None:
+        """Who a push must be signed for; None while registration in this boot is pending."""
+        if self._registers and not (self.registered and self.instance):
+            return None
+        return PushTarget(self.mesh, self.engine.service, self.instance or "", self.boot_id)
+
+    def running(self) -> tuple[dict[str, str], dict[str, int]]:
+        """(slot -> digest, slot -> generation) of what runs, endpoints included (heartbeats)."""
+        digests = {r: s.digest for r, s in self.slots.items()}
+        gens = {r: s.generation for r, s in self.slots.items()}
+        if self.endpoints is not None:
+            digests["endpoints"] = endpoints_digest(self.endpoints.services)
+            gens["endpoints"] = self.endpoints.generation
+        return digests, gens
+
     def _build(self, slots: dict[str, Slot], endpoints: EndpointSet | None) -> Snapshot:
         mesh = slots["mesh"].bundle if "mesh" in slots else None
         svc = slots["service"].bundle if "service" in slots else None
@@ -142,11 +168,13 @@ class Pushes:
     ) -> tuple[int, dict[str, str]]:
         if not digest:
             return self.nack("bundle", 400, "missing X-Meshc-Digest header")
-        # Only the control plane may change this data plane (DESIGN §6): the signature covers the
-        # claimed digest (checked against the body below), the generation and this service.
-        refused = self.trust.check(signature, digest, generation, self.engine.service)
+        # Only the control plane may change this data plane (DESIGN §6): the signature covers this
+        # data plane (mesh, service, instance, boot), the slot, the claimed digest (checked against
+        # the body below) and the generation.
+        slot = role if role in ("mesh", "service") else _slot_of(body)
+        refused = self.trust.check(signature, self.target(), slot, digest, generation)
         if refused is not None:
-            why = _reason_label(signature, self.trust.key)
+            why = _reason_label(signature, self.trust.key, self.target())
             self.metrics.push_rejections.labels(role or "bundle", why).inc()
             return self.nack(role or "bundle", 403, refused)
         if role not in (None, "mesh", "service"):
@@ -197,10 +225,10 @@ class Pushes:
             if generation is None:
                 return self.nack("endpoints", 400, "missing X-Meshc-Generation header")
             refused = self.trust.check(
-                signature, hashlib.sha256(body).hexdigest(), generation, self.engine.service
+                signature, self.target(), "endpoints", hashlib.sha256(body).hexdigest(), generation
             )
             if refused is not None:
-                why = _reason_label(signature, self.trust.key)
+                why = _reason_label(signature, self.trust.key, self.target())
                 self.metrics.push_rejections.labels("endpoints", why).inc()
                 return self.nack("endpoints", 403, refused)
         try:
@@ -242,7 +270,19 @@ class Pushes:
         return status, {"nack": reason}
 
 
-def _reason_label(signature: str | None, key: str | None) -> str:
+def _slot_of(body: bytes) -> str:
+    """The slot a bundle pushed without a role fills (its ``type``), read before it is verified
+    only to name what the signature must cover; an unreadable body names none."""
+    try:
+        kind = json.loads(body).get("type")
+    except (ValueError, AttributeError):
+        return "bundle"
+    return kind if kind in ("mesh", "service") else "bundle"
+
+
+def _reason_label(signature: str | None, key: str | None, target: PushTarget | None) -> str:
     if key is None:
         return "untrusted"
+    if target is None:
+        return "unregistered"
     return "unsigned" if not signature else "bad_signature"

@@ -7,7 +7,8 @@ the control plane forgot the instance, so it registers again. ``POST /api/v1/der
 errors is retried with capped, jittered exponential backoff; the data plane keeps serving its
 last-known-good state meanwhile.
 
-Register, certificate renewal (``POST /api/v1/certificate``) and deregister are authenticated
+Register, heartbeats, certificate renewal (``POST /api/v1/certificate``) and deregister are
+authenticated
 (DESIGN §6) by ``auth(path, body, use_token)``: the current certificate's proof, or the bootstrap
 token the first time and whenever the control plane refused the certificate (401/403).
 """
@@ -102,9 +103,13 @@ class Registrar:
                     backoff = 0.25
                 await asyncio.sleep(self.reply.heartbeat_interval_ms / 1000.0)
                 status, body = await self._post(
-                    "/api/v1/heartbeat", self._heartbeat(self.reply.instance).model_dump_json().encode()
+                    "/api/v1/heartbeat",
+                    self._heartbeat(self.reply.instance).model_dump_json().encode(),
+                    True,
                 )
-                if status == 404:
+                if status in (401, 403, 404):
+                    # Forgotten (or another boot on record), or our certificate was refused:
+                    # register again (with the token after a refusal, see _post).
                     self.reply = None
                 elif status != 200:
                     raise OSError(f"heartbeat answered {status}")

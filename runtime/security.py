@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.bundle import Mtls
+from runtime.protocol import PushTarget
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -233,8 +234,12 @@ class PushTrust:
             return False
         return True
 
-    def check(self, signature: str | None, digest: str, generation: int, service: str) -> str | None:
-        """None when the push may be applied, else the NACK reason."""
+    def check(
+        self, signature: str | None, target: PushTarget | None, slot: str, digest: str, generation: int
+    ) -> str | None:
+        """None when the push may be applied, else the NACK reason. ``target`` is who this data
+        plane is in this boot; None while it has not registered in this boot (nothing is accepted
+        then: a push signed for an earlier boot or another instance must not fill a fresh one)."""
         if self.insecure:
             return None
         if self.key is None:
@@ -242,14 +247,17 @@ class PushTrust:
                 "no control plane key is trusted yet: pushes are refused until this data plane has "
                 "registered (or runs with --trust-key or --insecure-admin)"
             )
+        if target is None:
+            return "not registered with the control plane in this boot yet: pushes are refused until it is"
         if not signature:
             return "unsigned push: X-Meshc-Signature is required"
         from runtime.identity import verify_push
 
-        if not verify_push(self.key, signature.strip(), digest, generation, service):
+        if not verify_push(self.key, signature.strip(), target, slot, digest, generation):
             return (
-                f"signature does not verify for this data plane (service {service!r}, generation "
-                f"{generation}): forged, or signed for another service"
+                f"signature does not verify for this data plane (mesh {target.mesh!r}, service "
+                f"{target.service!r}, instance {target.instance!r}, this boot, {slot} generation "
+                f"{generation}): forged, replayed from another boot, or signed for another data plane"
             )
         return None
 

@@ -156,6 +156,8 @@ class DataPlane:
             self.trust,
             self._on_install,
             self._rebind_gateway,
+            mesh=opts.mesh,
+            registers=bool(opts.control_plane),
         )
         self._mtls_listeners: list[MtlsListener] = []
         self._rotation: asyncio.Task[None] | None = None
@@ -365,17 +367,22 @@ class DataPlane:
             mesh=self.opts.mesh,
             instance=self.pushes.instance,
             csr_pem=self.creds.csr(self.opts.mesh, self.service, self.opts.tags),
+            boot_id=self.pushes.boot_id,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
+        running, generations = self.pushes.running()
         return Heartbeat(
             instance=instance,
-            running={r: s.digest for r, s in self.pushes.slots.items()},
+            running=running,
+            generations=generations,
             endpoints_generation=self.pushes.endpoints.generation if self.pushes.endpoints else 0,
+            boot_id=self.pushes.boot_id,
         )
 
     def _registered(self, reply: RegistrationReply) -> None:
         self._adopt(reply.certificate_pem, reply.ca_pem, reply.signing_key)
+        self.pushes.registered = True
         if reply.instance != self.pushes.instance:
             self.pushes.instance = reply.instance
             if self.pushes.state is not None:
@@ -475,7 +482,10 @@ class DataPlane:
             "service": self.service,
             "kind": self.opts.kind,
             "tags": self.opts.tags,
+            "mesh": self.opts.mesh,
             "instance": self.pushes.instance,
+            "boot_id": self.pushes.boot_id,
+            "registered": self.pushes.registered,
             "listening": self.listening,
             "ready": self.ready,
             "draining": self.draining,

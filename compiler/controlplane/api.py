@@ -4,7 +4,7 @@ Data plane protocol (DESIGN §5): ``POST /api/v1/register`` (``Registration`` ->
 ``RegistrationReply``), ``POST /api/v1/heartbeat`` (``Heartbeat``; 404 for an unknown instance,
 which makes the data plane register again), ``POST /api/v1/deregister`` (``{"instance"}``),
 ``POST /api/v1/certificate`` (a renewal: ``CertificateRequest`` -> ``CertificateReply``). Register,
-renewal and deregistration are authenticated by a bootstrap token or the current certificate and
+heartbeats, renewal and deregistration are authenticated by a bootstrap token or the current certificate and
 answer 401/403 otherwise (``compiler.controlplane.security``, DESIGN §6).
 
 Views (GET, JSON): ``/api/v1/status`` (per data plane sync, what ``meshc status`` prints),
@@ -248,12 +248,26 @@ def make_app(cp: ControlPlane) -> web.Application:
         return web.Response(body=reply.model_dump_json().encode(), content_type="application/json")
 
     async def heartbeat(request: web.Request) -> web.Response:
+        from compiler.controlplane.security import AuthError
+
+        raw = await request.read()
         try:
-            hb = Heartbeat.model_validate_json(await request.read())
+            hb = Heartbeat.model_validate_json(raw)
         except ValidationError as e:
             return _json({"error": f"bad heartbeat: {e.errors(include_url=False)}"}, 400)
-        if cp.registry.heartbeat(hb) is None:
-            return _json({"error": f"unknown instance {hb.instance!r}; register again"}, 404)
+        known = cp.registry.known(hb)
+        if known is None:
+            # Unknown, or another boot than registered (a restart): 404 makes it register again.
+            return _json(
+                {"error": f"unknown instance {hb.instance!r} (or another boot); register again"}, 404
+            )
+        # A heartbeat moves status and triggers pushes: authenticated as the registered service.
+        try:
+            cp.security.authenticate(request.headers, request.path, raw, known.service, known.mesh)
+        except AuthError as e:
+            cp.log(f"heartbeat for {hb.instance} refused: {e.reason}")
+            return _json({"error": e.reason}, e.status)
+        cp.registry.heartbeat(hb)
         return _json({"ok": True})
 
     async def deregister(request: web.Request) -> web.Response:

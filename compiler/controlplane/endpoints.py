@@ -7,11 +7,8 @@ choice: a data plane only uses those it routes to). The content hash tells when 
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from compiler.controlplane.registry import Registry
-from runtime.protocol import Endpoint
+from runtime.protocol import Endpoint, endpoints_digest
 
 __all__ = ["endpoint_services", "endpoints_digest"]
 
@@ -25,8 +22,3 @@ def endpoint_services(registry: Registry, mesh: str) -> dict[str, list[Endpoint]
     for eps in out.values():
         eps.sort(key=lambda e: e.address)
     return dict(sorted(out.items()))
-
-
-def endpoints_digest(services: dict[str, list[Endpoint]]) -> str:
-    doc = {k: [e.model_dump(mode="json") for e in v] for k, v in services.items()}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -11,8 +11,10 @@ One task per data plane waits for its slots to become dirty and reconciles them;
 the pushes in flight across all data planes. A transport error is retried with capped exponential
 backoff; a NACK is recorded and the same bytes are not sent again (they would be refused again),
 and the later slots wait, since they may depend on what was refused. Heartbeats report what a
-data plane runs: a data plane that restarted from an older state is pushed again, and one that
-already runs the desired digest (a control plane restart) counts as SYNCED without a push.
+data plane runs (every slot's digest and generation, endpoints included): a slot that runs
+something else than what was acknowledged (a replay, a restart from older state) shows STALE with
+its running digest and is pushed again, and one that already runs the desired digest (a control
+plane restart) counts as SYNCED without a push.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from runtime.protocol import (
     HDR_SIGNATURE,
     Endpoint,
     EndpointSet,
+    PushTarget,
 )
 
 __all__ = ["SLOTS", "DataPlaneSync", "Pusher", "Rollout", "SlotState"]
@@ -59,6 +62,10 @@ class SlotState:
     acked: str | None = None
     generation: int | None = None
     """Generation of the last push of this slot."""
+    acked_generation: int | None = None
+    """Generation of the last ACKed push: a heartbeat reporting an older one predates that ACK."""
+    running: str | None = None
+    """What the data plane's last heartbeat said it runs (None: not reported yet)."""
     last_ack_at: float | None = None
     nack: str | None = None
     nack_digest: str | None = None
@@ -81,6 +88,7 @@ class SlotState:
             "status": self.status,
             "desired": self.desired,
             "acked": self.acked,
+            "running": self.running,
             "sent": self.sent,
             "inflight": self.inflight is not None,
             "generation": self.generation,
@@ -153,7 +161,7 @@ class Pusher:
         self._eps: dict[str, tuple[dict[str, list[Endpoint]], str]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._concurrency = concurrency
-        self.signer: Callable[[str, int, str], str] | None = None
+        self.signer: Callable[[PushTarget, str, str, int], str] | None = None
         """Signs every push (DESIGN §6); set by the control plane."""
         registry.subscribe(self._on_registry)
 
@@ -261,41 +269,40 @@ class Pusher:
             sync.dirty.set()
 
     def _on_heartbeat(self, dp: DataPlane) -> None:
+        """What the data plane says it runs is the truth: a slot that runs another digest than the
+        one acknowledged (a replay, a restart from older state, an ACK we missed) is taken as what
+        runs, shows STALE when that is not the desired digest, and is pushed again."""
         sync = self.syncs.get(dp.instance)
         if sync is None:
             sync = self._track(dp)
-        for slot in ("mesh", "service"):
+        for slot in SLOTS:
             st = sync.slots[slot]
             running = dp.running.get(slot)
-            if running is None or st.inflight is not None:
+            gen = dp.generations.get(slot)
+            if st.inflight is not None:
                 continue
-            if st.acked is None and running == st.desired:
-                st.acked = running
-                st.last_ack_at = time.time()
-                self._rollout_done(dp.instance, slot, ok=True)
+            if gen is not None and st.acked_generation is not None and gen < st.acked_generation:
+                continue  # built before the last ACK arrived
+            st.running = running
+            if running is None:
+                if slot == "endpoints" and dp.endpoints_generation == 0 and st.acked is not None:
+                    st.acked = None  # restarted without endpoints
+                continue
+            if running == st.acked:
                 st.mismatches = 0
-            elif st.acked is not None and running != st.acked:
+                continue
+            if gen is None:  # an older data plane without generations: two in a row
                 st.mismatches += 1
-                if st.mismatches >= 2:
-                    # it runs something else than we thought: a restart from older state, or a
-                    # push whose ACK we missed (timed out) but which it applied
-                    st.acked = running
-                    st.mismatches = 0
-                    if running == st.desired:
-                        st.last_ack_at = time.time()
-                        st.error = None
-                        self._rollout_done(dp.instance, slot, ok=True)
-                    else:
-                        sync.dirty.set()
-            else:
-                st.mismatches = 0
-        if dp.endpoints_generation is not None:
-            st = sync.slots["endpoints"]
-            if dp.endpoints_generation == 0 and st.acked is not None and st.inflight is None:
-                st.acked = None
-            if st.desired is not None and st.acked != st.desired:
-                sync.dirty.set()
-        elif any(s.acked != s.desired for s in sync.slots.values()):
+                if st.acked is not None and st.mismatches < 2:
+                    continue
+            st.mismatches = 0
+            st.acked = running
+            st.acked_generation = gen
+            if running == st.desired:
+                st.last_ack_at = time.time()
+                st.error = None
+                self._rollout_done(dp.instance, slot, ok=True)
+        if any(s.desired is not None and s.acked != s.desired for s in sync.slots.values()):
             sync.dirty.set()
 
     # --- pushing ------------------------------------------------------------------------------
@@ -368,6 +375,8 @@ class Pusher:
             now = time.time()
             if result == "ack":
                 st.acked = want
+                st.acked_generation = gen
+                st.running = want
                 st.last_ack_at = now
                 st.error = None
                 st.mismatches = 0
@@ -401,9 +410,11 @@ class Pusher:
         st.inflight = st.sent = want
         st.generation = gen
         if self.signer is not None:
-            # DESIGN §6: (digest, generation, target service); for endpoints, the body's digest.
+            # DESIGN §6: for this mesh, service, instance and boot; for endpoints, the body's digest.
             digest = headers.get(HDR_DIGEST) or hashlib.sha256(body).hexdigest()
-            headers = {**headers, HDR_SIGNATURE: self.signer(digest, gen, dp.service)}
+            target = PushTarget(dp.mesh, dp.service, dp.instance, dp.boot_id or "")
+            slot = "endpoints" if path == "/endpoints" else headers[HDR_BUNDLE_ROLE]
+            headers = {**headers, HDR_SIGNATURE: self.signer(target, slot, digest, gen)}
         try:
             async with (
                 self._sem,

@@ -38,8 +38,12 @@ class DataPlane:
     online: bool = True
     restored: bool = False
     """Loaded from the state directory after a restart; cleared by its first heartbeat."""
+    boot_id: str | None = None
+    """The data plane process's boot id (registration): every push to it is signed for it."""
     running: dict[str, str] = field(default_factory=dict)
-    """slot (mesh|service) -> digest, as its last heartbeat reported."""
+    """slot (endpoints|mesh|service) -> digest, as its last heartbeat reported."""
+    generations: dict[str, int] = field(default_factory=dict)
+    """slot -> generation of what it runs, as its last heartbeat reported."""
     endpoints_generation: int | None = None
     """As its last heartbeat reported; None before the first heartbeat."""
     heartbeats: int = 0
@@ -57,6 +61,7 @@ class DataPlane:
             "last_seen": self.last_seen,
             "online": self.online,
             "running": self.running,
+            "generations": self.generations,
             "endpoints_generation": self.endpoints_generation,
         }
 
@@ -113,18 +118,27 @@ class Registry:
             admin_address=reg.admin_address,
             registered_at=now,
             last_seen=now,
+            boot_id=reg.boot_id,
         )
         self.dataplanes[name] = dp
         self._save()
         self._emit("registered", dp)
         return dp
 
-    def heartbeat(self, hb: Heartbeat) -> DataPlane | None:
+    def known(self, hb: Heartbeat) -> DataPlane | None:
+        """The data plane a heartbeat is from, if it is the process that registered (its boot)."""
         dp = self.dataplanes.get(hb.instance)
+        if dp is None or dp.boot_id != hb.boot_id:
+            return None
+        return dp
+
+    def heartbeat(self, hb: Heartbeat) -> DataPlane | None:
+        dp = self.known(hb)
         if dp is None:
             return None
         dp.last_seen = time.time()
         dp.running = dict(hb.running)
+        dp.generations = dict(hb.generations)
         dp.endpoints_generation = hb.endpoints_generation
         dp.heartbeats += 1
         dp.restored = False
@@ -179,6 +193,7 @@ class Registry:
                 "inbound_address": dp.inbound_address,
                 "admin_address": dp.admin_address,
                 "registered_at": dp.registered_at,
+                "boot_id": dp.boot_id,
             }
             for dp in sorted(self.dataplanes.values(), key=lambda d: d.instance)
         ]
@@ -208,6 +223,7 @@ class Registry:
                     inbound_address=item.get("inbound_address"),
                     admin_address=str(item["admin_address"]),
                     registered_at=float(item["registered_at"]),
+                    boot_id=str(item["boot_id"]) if item.get("boot_id") else None,
                     last_seen=now,
                     restored=True,
                 )

@@ -8,14 +8,16 @@ signed pushes.
   re-registration. A switch of backend is followed by the data planes: they renew at once when
   their mesh bundle names another backend, and the CA certificates this process used before stay
   in the trust bundle it hands out, so old and new certificates meet during the switch.
-* Registration, renewal and deregistration are authenticated: the per-service bootstrap token
-  (``Authorization: Bearer``; ``meshc token --service NAME``) or the data plane's current
+* Registration, heartbeats, renewal and deregistration are authenticated: the bootstrap token
+  bound to a mesh, a service and an expiry (``Authorization: Bearer``; ``meshc token --mesh M
+  --service NAME``) or the data plane's current
   certificate (``X-Meshc-Client-Cert`` + ``X-Meshc-Proof``, a signature by the certificate's key
   over the call's path, body digest and time). Either one names the service; the certificate
   issued takes its identity from that service and the registration's tags, never from the CSR.
   An instance name registered by one service cannot be taken over by another.
-* Every push is signed (Ed25519) over (digest, generation, target service); the public key goes to
-  data planes in the registration reply.
+* Every push is signed (Ed25519) over (mesh, service, instance, boot id, slot, digest, generation),
+  ``runtime.protocol.push_message``; the public key goes to data planes in the registration reply.
+  A registration into a mesh the current release does not declare is refused (404).
 
 No key, token or secret is ever logged: errors name files, never their content.
 """
@@ -51,6 +53,7 @@ from runtime.protocol import (
     HDR_PROOF,
     CertificateReply,
     CertificateRequest,
+    PushTarget,
     Registration,
     auth_message,
     spiffe_uri,
@@ -125,8 +128,8 @@ class Security:
     def public_key_hex(self) -> str:
         return self.signer.public_key_hex
 
-    def sign(self, digest: str, generation: int, service: str) -> str:
-        return self.signer.sign(digest, generation, service)
+    def sign(self, target: PushTarget, slot: str, digest: str, generation: int) -> str:
+        return self.signer.sign(target, slot, digest, generation)
 
     # --- the Mesh's mTLS backend ------------------------------------------------------------
 
@@ -231,15 +234,18 @@ class Security:
         auth = headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             token = auth[len("Bearer ") :].strip()
-            if self.tokens.check(token, service):
+            refused = self.tokens.refusal(token, mesh, service)
+            if refused is None:
                 return "token"
-            raise AuthError(403, f"the bootstrap token is not valid for service {service!r}")
+            raise AuthError(
+                403, f"the bootstrap token does not admit service {service!r} of mesh {mesh!r}: {refused}"
+            )
         if cert_error is not None:
             raise AuthError(403, cert_error)
         raise AuthError(
             401,
-            "authentication required: a bootstrap token (Authorization: Bearer; `meshc token --service "
-            f"{service}`) or the current certificate",
+            "authentication required: a bootstrap token (Authorization: Bearer; `meshc token --mesh "
+            f"{mesh} --service {service}`) or the current certificate",
         )
 
     def _check_certificate(
@@ -284,6 +290,13 @@ class Security:
     def authorize_registration(
         self, headers: Mapping[str, str], path: str, body: bytes, reg: Registration
     ) -> str:
+        rel = self._cp.releases.current
+        if rel is not None and reg.mesh not in rel.digests:
+            declared = sorted(k for k in rel.digests if "/" not in k)
+            raise AuthError(
+                404,
+                f"mesh {reg.mesh!r} is not declared in the policies (release {rel.id} declares {declared})",
+            )
         how = self.authenticate(headers, path, body, reg.service, reg.mesh)
         if reg.instance is not None:
             known = self._cp.registry.dataplanes.get(reg.instance)

@@ -106,7 +106,7 @@ def _copy_policies(tmp_path: Path) -> Path:
 
 
 async def _register(session: aiohttp.ClientSession, cp: str, fp: FakePlane, state_dir: Path) -> str:
-    token = TokenIssuer(state_dir).mint(fp.service)  # the bootstrap token (DESIGN §6)
+    token = TokenIssuer(state_dir).mint("default", fp.service)  # the bootstrap token (DESIGN §6)
     async with session.post(
         f"{cp}/api/v1/register",
         data=fp.registration().model_dump_json(),
@@ -117,11 +117,15 @@ async def _register(session: aiohttp.ClientSession, cp: str, fp: FakePlane, stat
         return name
 
 
-async def _heartbeat(session: aiohttp.ClientSession, cp: str, name: str, fp: FakePlane) -> int:
+async def _heartbeat(
+    session: aiohttp.ClientSession, cp: str, name: str, fp: FakePlane, state_dir: Path
+) -> int:
     hb = Heartbeat(
         instance=name, running=fp.running, endpoints_generation=(fp.endpoints or {}).get("generation", 0)
     )
-    async with session.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json()) as r:
+    token = TokenIssuer(state_dir).mint("default", fp.service)  # heartbeats are authenticated too
+    headers = {"Authorization": f"Bearer {token}"}
+    async with session.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json(), headers=headers) as r:
         return r.status
 
 
@@ -161,7 +165,7 @@ def test_push_order_only_changed_bundles_nack_watcher_and_offline(tmp_path: Path
             async def beat() -> None:
                 while beating:
                     for key, fp in (("mag", mag), ("ben", ben), ("bad", bad)):
-                        await _heartbeat(s, cp, names[key], fp)
+                        await _heartbeat(s, cp, names[key], fp, cfg.state_dir)
                     await asyncio.sleep(0.1)
 
             beater = asyncio.ensure_future(beat())

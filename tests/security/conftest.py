@@ -44,7 +44,7 @@ def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh
         tokens = TokenIssuer(cp.secrets)
         cp.start()
         for name, service, tags, dataplane in specs:
-            token = tokens.mint(service)
+            token = tokens.mint("default", service)
             planes[name] = start_sidecar(work, cp, name, service, tags, dataplane, app.address, token)
         for plane in planes.values():
             wait_until(

@@ -12,7 +12,9 @@ hang into a failure.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import http.client
+import http.server
 import json
 import os
 import signal
@@ -20,7 +22,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,20 +34,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from runtime_harness import HANG_DEADLINE, Plane, ProxyClient, Upstream, metric_value, wait_until
 
-from compiler.ca import MeshCA
+from compiler.ca import MeshCA, PushSigner
 from runtime.identity import Identity, client_context, make_csr, new_private_key
+from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE, PushTarget
 
 __all__ = [
     "HANG_DEADLINE",
     "PERMISSION",
+    "Captured",
     "ControlPlaneProc",
+    "FakeDataPlane",
     "Plane",
     "ProxyClient",
     "SecureMesh",
     "Upstream",
     "meshc",
     "metric_value",
+    "push_target",
     "ready_with_certificate",
+    "signed_headers",
     "start_sidecar",
     "tls_get",
     "wait_until",
@@ -103,6 +112,26 @@ spec:
 """
 
 
+OTHER_MESH = """\
+apiVersion: kuma.io/v1alpha1
+kind: Mesh
+metadata: {name: other}
+---
+apiVersion: meshc/v1alpha1
+kind: Service
+mesh: other
+metadata: {name: magnanimo}
+spec: {port: 4000, protocol: http}
+---
+apiVersion: meshc/v1alpha1
+kind: Service
+mesh: other
+metadata: {name: benigno}
+spec: {port: 5000, protocol: http}
+"""
+"""A second mesh on the same control plane with the same service names (the cross-mesh replay)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,6 +145,7 @@ def write_policies(d: Path, mode: str = "STRICT", ttl: str = "6s") -> None:
     (d / "services.yaml").write_text(SERVICES)
     (d / "permission.yaml").write_text(PERMISSION.format(name="magnanimo-v1-to-benigno", version="v1"))
     (d / "health-check.yaml").write_text(HEALTH_CHECK)
+    (d / "other-mesh.yaml").write_text(OTHER_MESH)
 
 
 def meshc(*args: str) -> subprocess.CompletedProcess[str]:
@@ -265,6 +295,121 @@ def start_sidecar(
         "1",
     ]
     return Plane(args, work)
+
+
+@dataclass
+class Captured:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakeDataPlane:
+    """A data plane played by the test: it registers and heartbeats as told (real HTTP to the
+    control plane) and records the pushes it receives on its own admin port, so that a test can
+    replay them elsewhere (what an attacker holding a token does) or lie in its heartbeats."""
+
+    def __init__(self, cp: ControlPlaneProc, mesh: str, service: str, token: str) -> None:
+        self.cp, self.mesh, self.service, self.token = cp, mesh, service, token
+        self.boot_id = os.urandom(16).hex()
+        self.pushes: list[Captured] = []
+        self.answer: tuple[int, bytes] | None = None  # None: ACK
+        self.instance: str | None = None
+        self.registered = False
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake.pushes.append(Captured(self.path, {k: v for k, v in self.headers.items()}, body))
+                status, reply = fake.answer or (
+                    200,
+                    json.dumps({"ack": hashlib.sha256(body).hexdigest()}).encode(),
+                )
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def call(self, path: str, doc: dict[str, Any], token: str | None = None) -> tuple[int, dict[str, Any]]:
+        headers = {"Content-Type": "application/json"}
+        if token or self.token:
+            headers["Authorization"] = f"Bearer {token or self.token}"
+        req = urllib.request.Request(self.cp.url + path, json.dumps(doc).encode(), headers, method="POST")
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def register(self, **extra: Any) -> tuple[int, dict[str, Any]]:
+        doc = {
+            "service": self.service,
+            "mesh": self.mesh,
+            "admin_address": self.admin_address,
+            "boot_id": self.boot_id,
+            **extra,
+        }
+        status, reply = self.call("/api/v1/register", doc)
+        if status == 200:
+            self.instance = reply["instance"]
+            self.registered = True
+        return status, reply
+
+    def heartbeat(self, running: dict[str, str], generations: dict[str, int]) -> int:
+        assert self.instance is not None
+        doc = {
+            "instance": self.instance,
+            "running": running,
+            "generations": generations,
+            "endpoints_generation": generations.get("endpoints", 0),
+            "boot_id": self.boot_id,
+        }
+        return self.call("/api/v1/heartbeat", doc)[0]
+
+    def last(self, slot: str) -> Captured | None:
+        """The last push received for ``slot`` (endpoints, mesh, service)."""
+        for c in reversed(self.pushes):
+            role = "endpoints" if c.path == "/endpoints" else c.headers.get(HDR_BUNDLE_ROLE)
+            if role == slot:
+                return c
+        return None
+
+    def close(self) -> None:
+        if self.registered and self.instance:
+            self.call("/api/v1/deregister", {"instance": self.instance})
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def push_target(plane: Plane) -> PushTarget:
+    """Who ``plane`` is in this boot, as a push to it must be signed for (its /config says)."""
+    cfg = plane.config()
+    return PushTarget(cfg["mesh"], cfg["service"], cfg["instance"] or "", cfg["boot_id"])
+
+
+def signed_headers(
+    signer: PushSigner | None, target: PushTarget, slot: str, body: bytes, generation: int
+) -> dict[str, str]:
+    """The headers of a push of ``body`` into ``slot``, signed (None: unsigned) for ``target``."""
+    digest = hashlib.sha256(body).hexdigest()
+    headers = {HDR_GENERATION: str(generation)}
+    if slot != "endpoints":
+        headers.update({HDR_DIGEST: digest, HDR_BUNDLE_ROLE: slot})
+    if signer is not None:
+        headers[HDR_SIGNATURE] = signer.sign(target, slot, digest, generation)
+    return headers
 
 
 def ready_with_certificate(plane: Plane, peers: int) -> bool:

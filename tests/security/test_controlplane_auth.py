@@ -42,6 +42,7 @@ class _Release:
     bundles: dict[str, bytes]
     digests: dict[str, str]
     commit: str | None = None
+    id: str = "r1"
 
 
 @dataclass
@@ -127,11 +128,17 @@ def test_registration_needs_a_token_or_the_current_certificate(tmp_path: Path) -
     with pytest.raises(AuthError) as e:
         sec.authenticate({}, path, body, "benigno", "default")
     assert e.value.status == 401
-    token = sec.tokens.mint("benigno")
+    token = sec.tokens.mint("default", "benigno")
     assert sec.authenticate({"Authorization": f"Bearer {token}"}, path, body, "benigno", "default") == "token"
     with pytest.raises(AuthError) as e:  # a token is for one service only
         sec.authenticate({"Authorization": f"Bearer {token}"}, path, body, "magnanimo", "default")
     assert e.value.status == 403 and token not in e.value.reason
+    with pytest.raises(AuthError) as e:  # ... of one mesh only
+        sec.authenticate({"Authorization": f"Bearer {token}"}, path, body, "benigno", "other")
+    assert e.value.status == 403 and "mesh 'default'" in e.value.reason
+    old_token = sec.tokens.mint("default", "benigno", valid_for_s=-1)
+    with pytest.raises(AuthError, match="expired"):
+        sec.authenticate({"Authorization": f"Bearer {old_token}"}, path, body, "benigno", "default")
 
     key, csr = _csr("benigno")
     cert, ca = sec.issue("default", "benigno", {"version": "v1"}, csr)
@@ -171,9 +178,19 @@ def test_an_instance_name_cannot_be_taken_over_by_another_service(tmp_path: Path
     cp.registry.dataplanes["benigno-1"] = _DP("benigno")
     reg = Registration(service="magnanimo", admin_address="127.0.0.1:1", instance="benigno-1")
     body = json.dumps(reg.model_dump()).encode()
-    token = {"Authorization": f"Bearer {sec.tokens.mint('magnanimo')}"}
+    token = {"Authorization": f"Bearer {sec.tokens.mint('default', 'magnanimo')}"}
     with pytest.raises(AuthError, match="belongs to another service"):
         sec.authorize_registration(token, "/api/v1/register", body, reg)
+
+
+def test_registration_into_an_undeclared_mesh_is_refused_with_404(tmp_path: Path) -> None:
+    sec = Security(_cp(tmp_path, Mtls()), tmp_path / "state")  # type: ignore[arg-type]
+    reg = Registration(service="magnanimo", admin_address="127.0.0.1:1", mesh="nowhere")
+    body = json.dumps(reg.model_dump()).encode()
+    token = {"Authorization": f"Bearer {sec.tokens.mint('nowhere', 'magnanimo')}"}
+    with pytest.raises(AuthError) as e:
+        sec.authorize_registration(token, "/api/v1/register", body, reg)
+    assert e.value.status == 404 and "'nowhere' is not declared" in e.value.reason
 
 
 def test_admin_api_refuses_a_non_loopback_address_unless_allowed(capsys: pytest.CaptureFixture[str]) -> None:

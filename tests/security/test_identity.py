@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import ssl
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from runtime.identity import (
     server_context,
     verify_push,
 )
+from runtime.protocol import PushTarget
 
 
 def _identity(
@@ -113,27 +116,51 @@ def test_strict_refuses_plaintext_other_ca_and_expired(tmp_path: Path, ca: MeshC
     asyncio.run(run())
 
 
-def test_push_signatures_bind_digest_generation_and_service(tmp_path: Path) -> None:
+def test_push_signatures_bind_target_boot_slot_digest_and_generation(tmp_path: Path) -> None:
     signer = PushSigner(tmp_path)
     pub = signer.public_key_hex
-    sig = signer.sign("ab" * 32, 7, "benigno")
-    assert verify_push(pub, sig, "ab" * 32, 7, "benigno")
-    assert not verify_push(pub, sig, "cd" * 32, 7, "benigno")  # another bundle
-    assert not verify_push(pub, sig, "ab" * 32, 8, "benigno")  # another generation
-    assert not verify_push(pub, sig, "ab" * 32, 7, "magnanimo")  # another service
-    assert not verify_push(pub, "00" * 64, "ab" * 32, 7, "benigno")  # forged
-    assert not verify_push(pub, "not-hex", "ab" * 32, 7, "benigno")
+    t = PushTarget("default", "benigno", "benigno-1", "b" * 32)
+    sig = signer.sign(t, "mesh", "ab" * 32, 7)
+    assert verify_push(pub, sig, t, "mesh", "ab" * 32, 7)
+    assert not verify_push(pub, sig, t, "mesh", "cd" * 32, 7)  # another bundle
+    assert not verify_push(pub, sig, t, "mesh", "ab" * 32, 8)  # another generation
+    assert not verify_push(pub, sig, t, "service", "ab" * 32, 7)  # another slot
+    for other_target in (
+        PushTarget("other", "benigno", "benigno-1", "b" * 32),  # another mesh
+        PushTarget("default", "magnanimo", "benigno-1", "b" * 32),  # another service
+        PushTarget("default", "benigno", "benigno-2", "b" * 32),  # another instance
+        PushTarget("default", "benigno", "benigno-1", "c" * 32),  # another boot
+    ):
+        assert not verify_push(pub, sig, other_target, "mesh", "ab" * 32, 7), other_target
+    assert not verify_push(pub, "00" * 64, t, "mesh", "ab" * 32, 7)  # forged
+    assert not verify_push(pub, "not-hex", t, "mesh", "ab" * 32, 7)
     other = PushSigner(tmp_path / "other")
-    assert not verify_push(other.public_key_hex, sig, "ab" * 32, 7, "benigno")
+    assert not verify_push(other.public_key_hex, sig, t, "mesh", "ab" * 32, 7)
+    with pytest.raises(ValueError):  # fields cannot be shifted by a newline in a name
+        signer.sign(PushTarget("default\nbenigno", "x", "i", "b"), "mesh", "ab" * 32, 7)
     # The key survives a restart, so data planes keep trusting it.
     assert PushSigner(tmp_path).public_key_hex == pub
 
 
-def test_bootstrap_tokens(tmp_path: Path) -> None:
+def test_bootstrap_tokens_bind_mesh_service_and_expiry(tmp_path: Path) -> None:
     issuer = TokenIssuer(tmp_path)
-    token = issuer.mint("benigno")
-    assert issuer.check(token, "benigno")
-    assert not issuer.check(token, "magnanimo")
-    assert not issuer.check(token[:-1] + ("0" if token[-1] != "0" else "1"), "benigno")
-    assert TokenIssuer(tmp_path).check(token, "benigno")
+    token = issuer.mint("default", "benigno")
+    assert issuer.check(token, "default", "benigno")
+    assert not issuer.check(token, "default", "magnanimo")
+    assert not issuer.check(token, "other", "benigno")
+    assert not issuer.check(token[:-1] + ("0" if token[-1] != "0" else "1"), "default", "benigno")
+    assert TokenIssuer(tmp_path).check(token, "default", "benigno")
+    short = issuer.mint("default", "benigno", valid_for_s=60)
+    assert (
+        issuer.refusal(short, "default", "benigno", now=time.time() + 61) == "the bootstrap token has expired"
+    )
+    # A claim cannot be edited without the secret: another service under the same MAC is refused.
+    head, _, mac = token.split(".")
+    forged_claims = base64.urlsafe_b64encode(
+        b'{"exp": 9999999999, "mesh": "default", "service": "magnanimo"}'
+    )
+    assert not issuer.check(f"{head}.{forged_claims.decode().rstrip('=')}.{mac}", "default", "magnanimo")
+    # The old per-service token format is refused with a clear reason.
+    legacy = "benigno." + "ab" * 32
+    assert "meshc token --mesh" in (issuer.refusal(legacy, "default", "benigno") or "")
     assert stat.S_IMODE((tmp_path / "token.secret").stat().st_mode) == 0o600

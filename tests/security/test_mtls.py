@@ -4,14 +4,21 @@ with real control plane and sidecar processes on 127.0.0.1 (see ``secure_mesh``)
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import threading
+from typing import Any
 
-from secure_mesh import ProxyClient, SecureMesh, metric_value, tls_get, wait_until
+from secure_mesh import (
+    ProxyClient,
+    SecureMesh,
+    metric_value,
+    push_target,
+    signed_headers,
+    tls_get,
+    wait_until,
+)
 
 from compiler.ca import MeshCA, PushSigner
-from runtime.protocol import HDR_GENERATION, HDR_SIGNATURE
 
 
 def test_sidecar_to_sidecar_mtls_and_tag_permission(secure_mesh: SecureMesh) -> None:
@@ -172,10 +179,11 @@ def test_outbound_checks_the_server_is_the_service_it_meant(secure_mesh: SecureM
     signer = PushSigner(secure_mesh.cp.secrets)  # the control plane's key: a signed, valid push
     running = v1.config()["endpoints"]
 
-    def push(services: dict[str, object], generation: int) -> None:
+    target = push_target(v1)
+
+    def push(services: Any, generation: int) -> None:
         body = json.dumps({"generation": generation, "services": services}).encode()
-        sig = signer.sign(hashlib.sha256(body).hexdigest(), generation, "magnanimo")
-        headers = {HDR_GENERATION: str(generation), HDR_SIGNATURE: sig}
+        headers = signed_headers(signer, target, "endpoints", body, generation)
         status, reply = v1.admin_request("PUT", "/endpoints", body, headers)
         assert status == 200, reply
 

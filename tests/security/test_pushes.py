@@ -5,18 +5,26 @@ mesh (it restarts the control plane and changes a policy)."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 import stat
+from dataclasses import replace
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from secure_mesh import PERMISSION, ProxyClient, SecureMesh, meshc, metric_value, wait_until
+from secure_mesh import (
+    PERMISSION,
+    ProxyClient,
+    SecureMesh,
+    meshc,
+    metric_value,
+    push_target,
+    signed_headers,
+    wait_until,
+)
 
 from compiler.ca import PushSigner, TokenIssuer
 from runtime.bundle import canonical_json
-from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE, push_message
+from runtime.protocol import HDR_BUNDLE_ROLE, HDR_SIGNATURE
 
 
 def _put(plane: Any, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -24,14 +32,7 @@ def _put(plane: Any, path: str, body: bytes, headers: dict[str, str]) -> tuple[i
     return status, json.loads(raw)
 
 
-def _bundle_headers(digest: str, generation: int, signature: str | None) -> dict[str, str]:
-    headers = {HDR_DIGEST: digest, HDR_GENERATION: str(generation), HDR_BUNDLE_ROLE: "mesh"}
-    if signature is not None:
-        headers[HDR_SIGNATURE] = signature
-    return headers
-
-
-def test_forged_unsigned_cross_service_and_replayed_pushes_are_refused(secure_mesh: SecureMesh) -> None:
+def test_forged_unsigned_cross_target_and_replayed_pushes_are_refused(secure_mesh: SecureMesh) -> None:
     benigno = secure_mesh.planes["benigno"]
     v1 = secure_mesh.planes["magnanimo-v1"]
     before = benigno.config()
@@ -41,19 +42,31 @@ def test_forged_unsigned_cross_service_and_replayed_pushes_are_refused(secure_me
     doc = running["bundle"]
     doc["passthrough"] = not doc["passthrough"]
     data = canonical_json(doc)
-    digest = hashlib.sha256(data).hexdigest()
     cp_key = PushSigner(secure_mesh.cp.secrets)  # the control plane's own key, as a thief would have it
-    forger = ed25519.Ed25519PrivateKey.generate()
+    forger = PushSigner(secure_mesh.work / "forger")
+    me = push_target(benigno)
     newer = generation + 1_000_000
     older = generation - 1
-    forged = forger.sign(push_message(digest, newer, "benigno")).hex()
 
     cases = {
-        "unsigned": (_bundle_headers(digest, newer, None), 403),
-        "forged": (_bundle_headers(digest, newer, forged), 403),
-        "cross-service": (_bundle_headers(digest, newer, cp_key.sign(digest, newer, "magnanimo")), 403),
-        "replayed": (_bundle_headers(digest, older, cp_key.sign(digest, older, "benigno")), 409),
-        "garbage signature": (_bundle_headers(digest, newer, "zz" * 64), 403),
+        "unsigned": (signed_headers(None, me, "mesh", data, newer), 403),
+        "forged": (signed_headers(forger, me, "mesh", data, newer), 403),
+        "cross-service": (signed_headers(cp_key, replace(me, service="magnanimo"), "mesh", data, newer), 403),
+        "cross-mesh": (signed_headers(cp_key, replace(me, mesh="other"), "mesh", data, newer), 403),
+        "cross-instance": (
+            signed_headers(cp_key, replace(me, instance="benigno-0"), "mesh", data, newer),
+            403,
+        ),
+        "earlier boot": (signed_headers(cp_key, replace(me, boot="0" * 32), "mesh", data, newer), 403),
+        "other slot": (
+            {**signed_headers(cp_key, me, "service", data, newer), HDR_BUNDLE_ROLE: "mesh"},
+            403,
+        ),
+        "replayed": (signed_headers(cp_key, me, "mesh", data, older), 409),
+        "garbage signature": (
+            {**signed_headers(None, me, "mesh", data, newer), HDR_SIGNATURE: "zz" * 64},
+            403,
+        ),
     }
     for what, (headers, want) in cases.items():
         status, reply = _put(benigno, "/bundle", data, headers)
@@ -62,18 +75,18 @@ def test_forged_unsigned_cross_service_and_replayed_pushes_are_refused(secure_me
 
     eps = before["endpoints"]
     body = json.dumps({"generation": eps["generation"] + 1, "services": {}}).encode()
-    body_digest = hashlib.sha256(body).hexdigest()
-    status, reply = _put(benigno, "/endpoints", body, {HDR_GENERATION: str(eps["generation"] + 1)})
+    status, reply = _put(
+        benigno, "/endpoints", body, signed_headers(None, me, "endpoints", body, eps["generation"] + 1)
+    )
     assert status == 403, reply  # unsigned: would have emptied every route
     old = json.dumps({"generation": eps["generation"] - 1, "services": {}}).encode()
-    old_sig = cp_key.sign(hashlib.sha256(old).hexdigest(), eps["generation"] - 1, "benigno")
     status, reply = _put(
-        benigno, "/endpoints", old, {HDR_GENERATION: str(eps["generation"] - 1), HDR_SIGNATURE: old_sig}
+        benigno, "/endpoints", old, signed_headers(cp_key, me, "endpoints", old, eps["generation"] - 1)
     )
     assert status == 409, reply  # replayed: an older generation
-    sig_other = cp_key.sign(body_digest, eps["generation"] + 1, "magnanimo")
+    other = replace(me, service="magnanimo")
     status, reply = _put(
-        benigno, "/endpoints", body, {HDR_GENERATION: str(eps["generation"] + 1), HDR_SIGNATURE: sig_other}
+        benigno, "/endpoints", body, signed_headers(cp_key, other, "endpoints", body, eps["generation"] + 1)
     )
     assert status == 403, reply
 
@@ -83,7 +96,7 @@ def test_forged_unsigned_cross_service_and_replayed_pushes_are_refused(secure_me
     assert after["endpoints"] == eps
     metrics = benigno.metrics()
     assert metric_value(metrics, "meshc_push_rejections_total", reason="unsigned") >= 2
-    assert metric_value(metrics, "meshc_push_rejections_total", reason="bad_signature") >= 4
+    assert metric_value(metrics, "meshc_push_rejections_total", reason="bad_signature") >= 8
     # The old configuration still serves.
     assert v1.outbound is not None
     status, _, _ = ProxyClient(v1.outbound).get("http://benigno:5000/still")
@@ -124,9 +137,16 @@ def test_control_plane_restart_does_not_look_like_a_replay(secure_mesh: SecureMe
 
 
 def test_meshc_token_matches_the_control_plane_secret(secure_mesh: SecureMesh) -> None:
-    r = meshc("token", "--service", "benigno", "--state-dir", str(secure_mesh.cp.secrets))
+    r = meshc(
+        "token", "--mesh", "default", "--service", "benigno", "--state-dir", str(secure_mesh.cp.secrets)
+    )
     assert r.returncode == 0, r.stderr
-    assert TokenIssuer(secure_mesh.cp.secrets).check(r.stdout.strip(), "benigno")
+    assert TokenIssuer(secure_mesh.cp.secrets).check(r.stdout.strip(), "default", "benigno")
+    assert not TokenIssuer(secure_mesh.cp.secrets).check(r.stdout.strip(), "other", "benigno")
+    r = meshc(
+        "token", "--service", "benigno", "--valid-for", "soon", "--state-dir", str(secure_mesh.cp.secrets)
+    )
+    assert r.returncode == 2 and "--valid-for" in r.stderr
 
 
 def test_keys_are_private_and_never_logged(secure_mesh: SecureMesh) -> None:

@@ -1,0 +1,310 @@
+"""Issue 20's attacks, run as an attacker on the same host would: capture the exact pushes the
+control plane signs (a data plane played by the test, holding a token) and replay them into
+another mesh's sidecar, a fresh instance, one started with --trust-key; spoof a heartbeat; make a
+sidecar run something else than it was sent. Runs after test_pushes on the shared secure mesh,
+whose control plane also serves a second mesh ``other`` with the same service names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from secure_mesh import (
+    Captured,
+    FakeDataPlane,
+    Plane,
+    ProxyClient,
+    SecureMesh,
+    free_port,
+    push_target,
+    signed_headers,
+    wait_until,
+)
+
+from compiler.ca import PushSigner, TokenIssuer
+from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE, endpoints_digest
+
+_PUSH_HEADERS = (HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE, HDR_BUNDLE_ROLE)
+
+
+def _replay(plane: Plane, push: Captured) -> tuple[int, dict[str, Any]]:
+    headers = {h: v for h, v in push.headers.items() if h.lower() in {x.lower() for x in _PUSH_HEADERS}}
+    status, raw = plane.admin_request("PUT", push.path, push.body, headers)
+    return status, json.loads(raw)
+
+
+def _captured(fake: FakeDataPlane) -> dict[str, Captured]:
+    """Register ``fake`` and wait for the three freshly signed pushes it is sent."""
+    status, reply = fake.register()
+    assert status == 200, reply
+    # One heartbeat: a control plane started without a registry sends endpoints after it.
+    assert fake.heartbeat({}, {}) == 200
+
+    def three() -> dict[str, Captured] | None:
+        got = {slot: fake.last(slot) for slot in ("endpoints", "mesh", "service")}
+        return {k: v for k, v in got.items() if v is not None} if all(got.values()) else None
+
+    pushes: dict[str, Captured] = wait_until(three, "the pushes the control plane signs for the fake")
+    return pushes
+
+
+@pytest.fixture
+def tokens(secure_mesh: SecureMesh) -> TokenIssuer:
+    return TokenIssuer(secure_mesh.cp.secrets)
+
+
+@pytest.fixture
+def fake_other(secure_mesh: SecureMesh, tokens: TokenIssuer) -> Iterator[FakeDataPlane]:
+    """A data plane of mesh ``other`` named magnanimo, as an attacker with that mesh's token."""
+    fake = FakeDataPlane(secure_mesh.cp, "other", "magnanimo", tokens.mint("other", "magnanimo"))
+    yield fake
+    fake.close()
+
+
+def test_cross_mesh_replay_is_refused(
+    secure_mesh: SecureMesh, fake_other: FakeDataPlane, tokens: TokenIssuer
+) -> None:
+    # The second mesh's token registers there, and only there.
+    status, reply = FakeDataPlane(
+        secure_mesh.cp, "default", "magnanimo", tokens.mint("other", "magnanimo")
+    ).register()
+    assert status == 403 and "mesh 'other'" in reply["error"], reply
+    status, reply = FakeDataPlane(
+        secure_mesh.cp, "nowhere", "magnanimo", tokens.mint("nowhere", "magnanimo")
+    ).register()
+    assert status == 404 and "not declared" in reply["error"], reply
+
+    pushes = _captured(fake_other)
+    for name in ("magnanimo-v1", "magnanimo-v2"):
+        victim = secure_mesh.planes[name]
+        before = victim.config()
+        for slot, push in pushes.items():
+            status, reply = _replay(victim, push)
+            assert status == 403, (name, slot, status, reply)
+            assert "signature does not verify" in reply["nack"], reply
+        after = victim.config()
+        assert after["endpoints"] == before["endpoints"], name
+        assert after["bundles"] == before["bundles"], name
+        assert victim.outbound is not None
+        status, _, body = ProxyClient(victim.outbound).get("http://benigno:5000/after-replay")
+        assert status == 200, (name, status, body)  # test_pushes allowed v2 as well
+
+
+def _fresh_sidecar(secure_mesh: SecureMesh, name: str, extra: list[str], control_plane: str) -> Plane:
+    return Plane(
+        [
+            "--service",
+            "magnanimo",
+            "--tag",
+            "version=v1",
+            "--app",
+            secure_mesh.app.address,
+            "--inbound",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(secure_mesh.work / f"state-{name}"),
+            "--control-plane",
+            control_plane,
+            "--drain-seconds",
+            "1",
+            *extra,
+        ],
+        secure_mesh.work,
+    )
+
+
+def test_a_captured_push_does_not_fill_a_fresh_instance(secure_mesh: SecureMesh, tokens: TokenIssuer) -> None:
+    """Pushes signed for an earlier instance of the same service: refused by a fresh instance
+    whose control plane is unreachable (started with --trust-key, or a state dir holding only the
+    key), and by one registering right now, at every moment of its start."""
+    fake = FakeDataPlane(secure_mesh.cp, "default", "magnanimo", tokens.mint("default", "magnanimo"))
+    try:
+        pushes = _captured(fake)  # no inbound address: never an endpoint of the mesh
+    finally:
+        fake.close()
+    key = PushSigner(secure_mesh.cp.secrets).public_key_hex
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    seeded = secure_mesh.work / "state-key-only"
+    seeded.mkdir()
+    (seeded / "controlplane.pub").write_text(key + "\n")
+    cases = {
+        "trust-key": ["--trust-key", key],
+        "key-only": [],
+    }
+    for name, extra in cases.items():
+        plane = _fresh_sidecar(secure_mesh, name, extra, unreachable)
+        try:
+            assert plane.config()["trusted_control_plane_key"] == key
+            for slot, push in pushes.items():
+                status, reply = _replay(plane, push)
+                assert status == 403, (name, slot, status, reply)
+                assert "not registered" in reply["nack"], reply
+            cfg = plane.config()
+            assert cfg["bundles"] == {} and cfg["endpoints"] is None, name
+        finally:
+            plane.close()
+
+    # A normal fresh instance: replays hammer its admin port from its first moment until it runs
+    # the control plane's own pushes; every one is refused.
+    results: list[int] = []
+    stop = threading.Event()
+    plane_box: list[Plane] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            if not plane_box:
+                continue
+            for push in pushes.values():
+                results.append(_replay(plane_box[0], push)[0])
+
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    plane = _fresh_sidecar(
+        secure_mesh, "fresh", ["--token", tokens.mint("default", "magnanimo")], secure_mesh.cp.url
+    )
+    plane_box.append(plane)
+    try:
+        wait_until(
+            lambda: plane.config()["endpoints"] and "service" in plane.config()["bundles"], "the real pushes"
+        )
+        stop.set()
+        t.join(30)
+        assert results and set(results) == {403}, results
+        cfg = plane.config()
+        for slot in ("mesh", "service"):  # what runs came from its own pushes
+            assert cfg["bundles"][slot]["generation"] != int(pushes[slot].headers[HDR_GENERATION])
+    finally:
+        stop.set()
+        plane.close()
+
+
+def _row(secure_mesh: SecureMesh, instance: str) -> dict[str, Any]:
+    rows = secure_mesh.cp.api("/api/v1/status")["dataplanes"]
+    return next(r for r in rows if r["instance"] == instance)
+
+
+def test_a_spoofed_heartbeat_is_refused_and_triggers_no_push(
+    secure_mesh: SecureMesh, tokens: TokenIssuer
+) -> None:
+    v1 = secure_mesh.planes["magnanimo-v1"]
+    cfg = v1.config()
+    instance, boot = cfg["instance"], cfg["boot_id"]
+    wait_until(lambda: _row(secure_mesh, instance)["status"] == "SYNCED", "SYNCED before the spoof")
+    before = {s: (v["desired"], v["generation"]) for s, v in _row(secure_mesh, instance)["slots"].items()}
+    spoof = FakeDataPlane(secure_mesh.cp, "default", "magnanimo", "")
+    try:
+        spoof.instance, spoof.boot_id = instance, boot
+        # It claims to run nothing: on a control plane that believed it, a fresh signed push follows.
+        assert spoof.heartbeat({}, {}) == 401
+        spoof.token = tokens.mint("default", "benigno")
+        assert spoof.heartbeat({}, {}) == 403
+        spoof.token = tokens.mint("other", "magnanimo")
+        assert spoof.heartbeat({}, {}) == 403
+    finally:
+        spoof.close()
+    seen = _row(secure_mesh, instance)["last_seen"]
+    # Three real heartbeats later, nothing was pushed again.
+    wait_until(lambda: _row(secure_mesh, instance)["last_seen"] > seen + 1.0, "real heartbeats")
+    row = _row(secure_mesh, instance)
+    after = {s: (v["desired"], v["generation"]) for s, v in row["slots"].items()}
+    # A slot whose desired digest did not change (the mesh's endpoints may, legitimately) was not
+    # pushed again.
+    assert [s for s in after if after[s][0] == before[s][0] and after[s][1] != before[s][1]] == [], (
+        before,
+        after,
+    )
+    assert row["status"] == "SYNCED", row
+
+
+def test_status_shows_what_runs_and_the_control_plane_repairs_it(secure_mesh: SecureMesh) -> None:
+    """A sidecar made to run another endpoint set (signed with the control plane's key, as a
+    replay would have done) is seen through its heartbeat and pushed back to the desired one."""
+    v1 = secure_mesh.planes["magnanimo-v1"]
+    cfg = v1.config()
+    instance = cfg["instance"]
+    wait_until(lambda: _row(secure_mesh, instance)["status"] == "SYNCED", "SYNCED before the forgery")
+    cfg = v1.config()
+    forged = {"generation": cfg["endpoints"]["generation"] + 1, "services": {}}
+    body = json.dumps(forged).encode()
+    signer = PushSigner(secure_mesh.cp.secrets)
+    status, raw = v1.admin_request(
+        "PUT",
+        "/endpoints",
+        body,
+        signed_headers(signer, push_target(v1), "endpoints", body, forged["generation"]),
+    )
+    assert status == 200, raw
+    seen: list[Any] = []
+
+    def repaired() -> bool:
+        eps = v1.config()["endpoints"]
+        row = _row(secure_mesh, instance)
+        seen[:] = [eps, row]
+        desired = row["slots"]["endpoints"]["desired"]  # (the set may change meanwhile)
+        return bool(
+            eps["generation"] > forged["generation"]
+            and endpoints_digest_of(eps) == desired
+            and row["status"] == "SYNCED"
+            and row["slots"]["endpoints"]["running"] == desired
+        )
+
+    try:
+        wait_until(repaired, "the control plane to see the forged set and push the desired one back")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {seen}") from None
+    assert v1.outbound is not None
+    status, _, _ = ProxyClient(v1.outbound).get("http://benigno:5000/repaired")
+    assert status == 200
+
+
+def endpoints_digest_of(eps: dict[str, Any]) -> str:
+    from runtime.protocol import EndpointSet
+
+    return endpoints_digest(EndpointSet.model_validate(eps).services)
+
+
+def test_status_is_stale_with_the_running_digest_while_a_data_plane_runs_another(
+    secure_mesh: SecureMesh, tokens: TokenIssuer
+) -> None:
+    """A data plane that ACKs but then reports another running digest shows STALE (with that
+    digest) for as long as it does, is pushed again, and is SYNCED once it runs what it was sent."""
+    fake = FakeDataPlane(secure_mesh.cp, "other", "benigno", tokens.mint("other", "benigno"))
+    try:
+        pushes = _captured(fake)
+        truth = {
+            "endpoints": endpoints_digest_of(json.loads(pushes["endpoints"].body)),
+            "mesh": pushes["mesh"].headers[HDR_DIGEST],
+            "service": pushes["service"].headers[HDR_DIGEST],
+        }
+        gens = {s: int(p.headers[HDR_GENERATION]) for s, p in pushes.items()}
+        lie = {**truth, "endpoints": hashlib.sha256(b"something else").hexdigest()}
+        assert fake.instance is not None
+
+        def row() -> dict[str, Any]:
+            return _row(secure_mesh, fake.instance or "")
+
+        assert fake.heartbeat(truth, gens) == 200
+        wait_until(lambda: row()["status"] == "SYNCED", "SYNCED while it tells the truth")
+        fake.answer = (500, b'{"error": "busy"}')  # the re-push does not take
+        pushed = len(fake.pushes)
+        for _ in range(3):
+            assert fake.heartbeat(lie, gens) == 200
+            r = row()
+            assert r["status"] == "STALE", r
+            assert r["slots"]["endpoints"]["running"] == lie["endpoints"], r
+        wait_until(lambda: len(fake.pushes) > pushed and fake.pushes[-1].path == "/endpoints", "a re-push")
+        fake.answer = None
+        wait_until(lambda: row()["slots"]["endpoints"]["acked"] == truth["endpoints"], "the re-push ACKed")
+        new_gen = int(fake.pushes[-1].headers[HDR_GENERATION])
+        assert fake.heartbeat(truth, {**gens, "endpoints": new_gen}) == 200
+        wait_until(lambda: row()["status"] == "SYNCED", "SYNCED once it runs what it was sent")
+    finally:
+        fake.close()
