@@ -41,10 +41,11 @@ the data plane protocol under /api/v1/ is authenticated by bootstrap tokens and 
 
 Security (DESIGN §6): one CA per mesh as the Mesh's mtls backend says (builtin: generated into the
 state dir, key mode 0600; provided: conf.cert.file / conf.key.file on this machine). A data plane
-registers with a bootstrap token (`meshc token --service NAME`) the first time and with its
+registers with a bootstrap token (`meshc token --mesh M --service NAME`) the first time and with its
 current certificate after that; it gets a certificate for its CSR (TTL: the Mesh's
 dpCert.rotation.expiration), the CA bundle and this control plane's push-signing key. Every push
-is signed over (digest, generation, target service). Keep the state dir: it holds the CAs, the
+is signed for one data plane in one boot (mesh, service, instance, boot id, slot, digest,
+generation). Keep the state dir: it holds the CAs, the
 token secret and the signing key that data planes trust.
 """
 

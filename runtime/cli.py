@@ -78,8 +78,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     sec.add_argument(
         "--token",
         default=os.environ.get("MESHC_TOKEN"),
-        help="bootstrap token for the first registration (`meshc token --service NAME`; env MESHC_TOKEN, "
-        "which keeps it out of the process list)",
+        help="bootstrap token for the first registration (`meshc token --mesh M --service NAME`; "
+        "env MESHC_TOKEN, which keeps it out of the process list)",
     )
     sec.add_argument(
         "--token-file",

@@ -8,13 +8,17 @@ Data plane -> control plane (``runtime/registration.py``; ``--control-plane URL`
 
 * ``POST {URL}/api/v1/register`` body ``Registration`` -> 200 ``RegistrationReply``. The data
   plane sends the instance name it was given before (kept in its state dir) so a restart keeps it.
+* the registration carries ``boot_id``, random per process start; every push is signed for it.
 * every ``heartbeat_interval_ms``: ``POST {URL}/api/v1/heartbeat`` body ``Heartbeat`` (running
-  digest per slot, endpoint generation) -> 200; a 404 makes the data plane register again.
+  digest and generation of every slot, endpoints included; the boot id), authenticated like a
+  registration -> 200; a 404 (unknown instance or another boot) or 401/403 makes the data plane
+  register again.
 * on a clean exit, after draining: ``POST {URL}/api/v1/deregister`` body ``{"instance": name}``.
 * before its certificate expires (at 2/3 of its lifetime): ``POST {URL}/api/v1/certificate`` body
   ``CertificateRequest`` -> 200 ``CertificateReply`` (404: unknown instance, register again).
-* authentication (DESIGN §6) of register, certificate and deregister: the bootstrap token
-  (``Authorization: Bearer <token>``, ``meshc token --service NAME``) or the current certificate:
+* authentication (DESIGN §6) of register, heartbeat, certificate and deregister: the bootstrap
+  token bound to (mesh, service, expiry) (``Authorization: Bearer <token>``, ``meshc token --mesh M
+  --service NAME``) or the current certificate:
   ``HDR_CLIENT_CERT`` (base64 DER) and ``HDR_PROOF`` (``<unix seconds>.<hex ECDSA signature over
   auth_message(...)>`` by the certificate's key). The identity comes from the authenticated
   service, never from the CSR's text; a data plane's key never leaves its process.
@@ -32,9 +36,11 @@ Control plane -> data plane admin API (``runtime/admin.py``, loopback by default
 * ``PUT /endpoints``: body ``EndpointSet`` -> 200 ``Ack(ack=sha256 hex of the body)`` or a NACK
   (400 schema or bad address, 409 older generation, 413 over 16 MiB).
 * with a trusted control plane key (from registration, ``--trust-key``, or kept in the state dir)
-  every push carries ``HDR_SIGNATURE``: Ed25519 over ``push_message(digest, generation, service)``
-  (for endpoints the digest is the sha256 hex of the body). Unsigned, forged or another
-  service's pushes are NACKed with 403; older generations with 409.
+  every push carries ``HDR_SIGNATURE``: Ed25519 over ``push_message(target, slot, digest,
+  generation)``, the target being (mesh, service, instance, boot id) of this data plane in this
+  boot (for endpoints the digest is the sha256 hex of the body). Unsigned, forged, or signed for
+  another mesh, service, instance, boot or slot: 403; older generations: 409. A data plane with a
+  control plane refuses every push (403) until it has registered in this boot.
 * ``GET /ready`` (200 once both bundles are loaded and not draining, else 503), ``GET /config``,
   ``GET /metrics``.
 """

@@ -56,6 +56,7 @@ class Registrar:
         self._rng = random.Random()
         self._auth = auth
         self._use_token = False
+        self._interval_s: float | None = None
 
     def start(self) -> None:
         self._started = True
@@ -98,6 +99,7 @@ class Registrar:
                         raise OSError(f"register answered {status}: {body[:200]!r}")
                     self.reply = RegistrationReply.model_validate_json(body)
                     self.instance = self.reply.instance
+                    self._interval_s = self.reply.heartbeat_interval_ms / 1000.0
                     if self._on_registered is not None:
                         self._on_registered(self.reply)
                     backoff = 0.25
@@ -119,7 +121,15 @@ class Registrar:
             except (OSError, TimeoutError, ValueError) as e:
                 print(f"meshc: control plane {self.url}: {e}; retrying", file=sys.stderr, flush=True)
                 await asyncio.sleep(backoff * (0.5 + self._rng.random()))
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                backoff = min(backoff * 2, self._max_backoff())
+
+    def _max_backoff(self) -> float:
+        """30 s before the first registration; after it, two heartbeat intervals (at least 1 s),
+        so that a restarted control plane learns the live set within a few intervals instead of
+        pushing stale endpoint sets for up to the full backoff (docs/security.md)."""
+        if self._interval_s is None:
+            return _MAX_BACKOFF_S
+        return min(_MAX_BACKOFF_S, max(1.0, 2 * self._interval_s))
 
     async def stop(self, deregister: bool = True) -> None:
         if self._task is not None:

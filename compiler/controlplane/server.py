@@ -28,6 +28,11 @@ from compiler.controlplane.traffic import TrafficView
 from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
 from compiler.source import SourceError, read_policy_dir
 
+REJOIN_INTERVALS = 3.5
+"""Heartbeat intervals within which every live data plane has registered with a started control
+plane (see ``ControlPlane.__init__``), plus ``REJOIN_MARGIN_S`` for a busy host."""
+REJOIN_MARGIN_S = 2.0
+
 __all__ = ["Config", "ControlPlane"]
 
 
@@ -38,17 +43,21 @@ class ControlPlane:
         self.metrics = ControlPlaneMetrics()
         self.releases = ReleaseState()
         self.compiler = Compiler(config.out)
+        # A live data plane is back within REJOIN_INTERVALS heartbeat intervals of this start: a
+        # heartbeat to a control plane that does not know it gets 404 and it registers at once,
+        # and one that could not reach the control plane retries at least every 2 intervals (x1.5
+        # jitter; runtime.registration). So the live set is learned from the data planes within
+        # that time, with or without a saved registry: restored entries that do not heartbeat by
+        # then go Offline, and without a registry endpoint pushes to data planes that already run
+        # a set wait that long (an early, partial set would drop the others), no longer.
+        rejoin = config.heartbeat_interval_s * REJOIN_INTERVALS + REJOIN_MARGIN_S
         self.registry = Registry(
             heartbeat_interval_s=config.heartbeat_interval_s,
             missed=config.missed_heartbeats,
             state_dir=config.state_dir,
+            restore_grace_s=rejoin,
         )
-        # Without a saved registry, a restarted control plane waits this long before it pushes an
-        # endpoint set to data planes that already run one: they re-register within their
-        # registration backoff (at most 45 s), and an early, partial set would drop the others.
-        hold = (
-            0.0 if self.registry.restored else config.heartbeat_interval_s * config.missed_heartbeats + 45.0
-        )
+        hold = 0.0 if self.registry.restored else rejoin
         self.pusher = Pusher(
             self.registry,
             self.releases,

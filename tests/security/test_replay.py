@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from secure_mesh import (
+    HANG_DEADLINE,
     Captured,
     FakeDataPlane,
     Plane,
@@ -308,3 +311,35 @@ def test_status_is_stale_with_the_running_digest_while_a_data_plane_runs_another
         wait_until(lambda: row()["status"] == "SYNCED", "SYNCED once it runs what it was sent")
     finally:
         fake.close()
+
+
+def test_a_control_plane_started_without_its_registry_drops_a_stopped_upstream_quickly(
+    secure_mesh: SecureMesh,
+) -> None:
+    """Issue 20 #5: the live set is learned from the data planes (their heartbeats get 404 and
+    they register again), so an upstream that stopped while the control plane was down leaves
+    every endpoint set within a few heartbeat intervals, not after a 48 s hold. Last: it stops
+    benigno for good."""
+    cp, planes = secure_mesh.cp, secure_mesh.planes
+    v1, v2, benigno = planes["magnanimo-v1"], planes["magnanimo-v2"], planes["benigno"]
+
+    def benigno_addresses(plane: Plane) -> set[str]:
+        eps = plane.config()["endpoints"] or {}
+        return {e["address"] for e in (eps.get("services") or {}).get("benigno", [])}
+
+    gone = benigno.listening["inbound"]
+    assert gone in benigno_addresses(v1) and gone in benigno_addresses(v2)
+    cp.stop()
+    (cp.secrets / "registry.json").unlink()  # a first start, a lost state dir, a new replica
+    os.kill(benigno.pid(), signal.SIGKILL)
+    benigno.proc.wait(HANG_DEADLINE)
+    cp.start()
+    # 15 s: the heartbeat interval is 0.5 s here; the hold this replaces was 46.5 s.
+    wait_until(
+        lambda: gone not in benigno_addresses(v1) and gone not in benigno_addresses(v2),
+        "the stopped upstream to leave every endpoint set",
+        deadline=15.0,
+    )
+    rows = {r["instance"]: r for r in cp.api("/api/v1/status")["dataplanes"]}
+    for plane in (v1, v2):
+        assert rows[plane.config()["instance"]]["state"] == "Online"
