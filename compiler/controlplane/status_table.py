@@ -33,7 +33,13 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
     slots = r.get("slots") or {}
 
     def st(slot: str) -> str:
-        return str(slots.get(slot, {}).get("status", "NOT SENT"))
+        """The slot's state; a STALE one with the digest it runs (heartbeats report it)."""
+        s = slots.get(slot, {})
+        state = str(s.get("status", "NOT SENT"))
+        running = s.get("running")
+        if state == "STALE" and running and running != s.get("desired"):
+            return f"STALE({running[:8]})"
+        return state
 
     digests = r.get("digest") or {}
     digest = digests.get("service") or digests.get("mesh") or "-"

@@ -49,6 +49,17 @@ def test_the_default_table_fits_100_columns_and_wide_has_the_rest() -> None:
     assert ROWS[0]["instance"] in first  # nothing shortened in wide
 
 
+def test_wide_shows_the_digest_a_stale_slot_runs() -> None:
+    slots = {
+        "endpoints": {"status": "STALE", "desired": "d" * 64, "running": "e" * 64},
+        "mesh": {"status": "SYNCED", "desired": "a" * 64, "running": "a" * 64},
+        "service": {"status": "STALE", "desired": "b" * 64, "running": None},
+    }
+    wide = render_table([{**_row(1), "slots": slots}], now=1.0e9 + 5, wide=True)
+    cells = wide.splitlines()[1].split()
+    assert "STALE(eeeeeeee)" in cells and "SYNCED" in cells and "STALE" in cells
+
+
 def test_short_rows_are_not_shortened() -> None:
     row = {**_row(1), "instance": "benigno-1", "service": "benigno", "tags": {"version": "v1"}}
     text = render_table([row], now=1.0e9)
