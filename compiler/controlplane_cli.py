@@ -182,7 +182,7 @@ def _run_controlplane(args: argparse.Namespace) -> int:
 
 def _run_token(args: argparse.Namespace) -> int:
     from compiler.ca import TokenIssuer
-    from compiler.kinds._base import parse_duration
+    from compiler.kinds.base import parse_duration
 
     try:
         valid_ms = parse_duration(args.valid_for)
