@@ -1,23 +1,30 @@
-"""Just enough HTTP/1.1 over asyncio streams for the control channel, without aiohttp.
+"""Just enough HTTP/1.1 for the control channel, without aiohttp.
 
 The admin API (a few requests a minute from the control plane) and the control-plane client
 (register, heartbeat, renew, deregister) move small JSON bodies; importing aiohttp for them costs a
-fast-path data plane ~11 MB of idle RSS. ``serve_admin`` answers HTTP/1.1 with keep-alive and
-Content-Length or chunked request bodies; ``post`` sends one request per connection.
+fast-path data plane ~11 MB of idle RSS. ``serve_admin`` reads requests with the data listeners'
+strict parser (``runtime.h1``, llhttp: duplicate or malformed Content-Length, Content-Length with
+Transfer-Encoding, a Transfer-Encoding not ending in chunked, NUL and other control bytes, obs-fold
+and bare LF are all 400) under ``ListenerLimits``: a complete head within ``header_timeout_s`` of
+the connection (or of the previous answer), the body within ``body_timeout_s`` of its head (408
+and close otherwise), and at most ``max_connections`` at once (503 and close beyond). ``post``
+sends one request per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-__all__ = ["AdminRequest", "AdminResponse", "BodyTooLarge", "post", "serve_admin"]
+__all__ = ["AdminRequest", "AdminResponse", "BodyTooLarge", "ListenerLimits", "post", "serve_admin"]
 
 MAX_HEAD = 64 * 1024
 _REASONS = {
@@ -26,8 +33,10 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Payload Too Large",
+    414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -50,8 +59,38 @@ class AdminResponse:
     close: bool = False
 
 
+@dataclass(frozen=True)
+class ListenerLimits:
+    """What one listener lets a client take: time to send a head, time to send a body, and
+    connections at once. The defaults bound a slow-loris connection to 10 s (nginx's
+    ``client_header_timeout`` is 60 s, Envoy's ``request_headers_timeout`` is off by default; a
+    control channel needs neither)."""
+
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 15.0
+    max_connections: int = 256
+
+
 @dataclass
 class AdminRequest:
+    """One request, its body read whole (``None``: over the listener's body limit)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes | None = b""
+
+    async def read(self, limit: int) -> bytes:
+        """The body; ``BodyTooLarge`` when it is over ``limit``."""
+        if self.body is None or len(self.body) > limit:
+            raise BodyTooLarge
+        return self.body
+
+
+@dataclass
+class _StreamBody:
+    """A response body read from a stream (the client side, ``post``)."""
+
     method: str
     path: str
     headers: dict[str, str]  # lower-case names
@@ -86,19 +125,9 @@ class AdminRequest:
             raise BodyTooLarge
         return b"".join(chunks)
 
-    async def drain(self) -> bool:
-        """Read and drop a body the handler did not read; False when that was not possible."""
-        if self._body_read:
-            return self._drained
-        try:
-            await self.read(16 * 1024 * 1024)
-        except BodyTooLarge:
-            return False
-        return True
-
 
 class _ChunkIter:
-    def __init__(self, request: AdminRequest) -> None:
+    def __init__(self, request: _StreamBody) -> None:
         self._r = request._reader
         self._chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
         length = request.headers.get("content-length")
@@ -142,24 +171,6 @@ class _ChunkIter:
         return data
 
 
-def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequest
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise _BadRequest
-        headers[name.lower()] = value.strip()
-    if "content-length" in headers and "transfer-encoding" in headers:
-        raise _BadRequest
-    return parts[0], parts[1], parts[2], headers
-
-
 def _response(resp: AdminResponse, head_only: bool, close: bool) -> bytes:
     reason = _REASONS.get(resp.status, "Unknown")
     head = (
@@ -169,57 +180,152 @@ def _response(resp: AdminResponse, head_only: bool, close: bool) -> bytes:
     return head if head_only else head + resp.body
 
 
-async def serve_admin(
-    sock: socket.socket, handler: Callable[[AdminRequest], Awaitable[AdminResponse]]
-) -> asyncio.Server:
-    """An HTTP/1.1 server on the bound socket ``sock``; each request goes to ``handler``."""
+_MAX_BODY = 4 * 16 * 1024 * 1024
+"""Bytes of body read (and dropped past ``max_body``) before an oversize request is cut off."""
 
-    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class _AdminConnection(asyncio.Protocol):
+    """One admin connection: bytes -> ``h1.RequestReader`` -> requests handled one at a time."""
+
+    def __init__(
+        self,
+        handler: Callable[[AdminRequest], Awaitable[AdminResponse]],
+        limits: ListenerLimits,
+        live: set[_AdminConnection],
+        max_body: int,
+    ) -> None:
+        from runtime.h1 import RequestReader
+
+        self._handler = handler
+        self._limits = limits
+        self._live = live
+        self._max_body = max_body
+        self._reader = RequestReader(self)
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._queue: list[tuple[AdminRequest, bool]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._body: list[bytes] = []
+        self._size = 0
+        self._closing = False
+
+    # -- transport events --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
+        if len(self._live) >= self._limits.max_connections:
+            self._fail(503, "too many connections to the admin API")
+            return
+        self._live.add(self)
+        self._arm(self._limits.header_timeout_s, "no complete request head in time")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._live.discard(self)
+        self._disarm()
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+        self._queue.clear()
+        self._body = []
+
+    def data_received(self, data: bytes) -> None:
+        from runtime.h1 import H1Error
+
+        if self._closing:
+            return
         try:
-            while True:
+            if self._reader.feed(data) >= 0:
+                raise H1Error(400, "the admin API does not upgrade connections")
+        except H1Error as e:
+            self._fail(e.status, e.reason)
+
+    # -- h1 sink ----------------------------------------------------------------------------
+
+    def request_head(self, req: Any) -> None:
+        self._body, self._size = [], 0
+        self._arm(self._limits.body_timeout_s, "the request body did not arrive in time")
+
+    def request_body(self, req: Any, data: bytes) -> None:
+        from runtime.h1 import H1Error
+
+        self._size += len(data)
+        if self._size > _MAX_BODY:
+            raise H1Error(413, "request body too large")
+        if self._size <= self._max_body:
+            self._body.append(data)
+        else:
+            self._body = []
+
+    def request_end(self, req: Any) -> None:
+        self._disarm()
+        body = b"".join(self._body) if self._size <= self._max_body else None
+        self._body = []
+        headers = req.header_map()
+        request = AdminRequest(req.method, req.url.decode("latin-1").split("?", 1)[0], headers, body)
+        self._queue.append((request, req.keep_alive))
+        if len(self._queue) > 1 and self._transport is not None:
+            self._transport.pause_reading()  # pipelining: one at a time, no unbounded backlog
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._serve())
+
+    # -- answering ---------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self._queue and not self._closing:
+                request, keep_alive = self._queue.pop(0)
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    return
-                except asyncio.LimitOverrunError:
-                    writer.write(_response(AdminResponse(431, b"{}"), False, True))
-                    return
-                try:
-                    method, target, version, headers = _parse_head(head[:-4])
-                    request = AdminRequest(method, target.split("?", 1)[0], headers, reader)
-                    resp = await handler(request)
-                    complete = await request.drain()
-                except (_BadRequest, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                    writer.write(_response(AdminResponse(400, b'{"error": "bad request"}'), False, True))
-                    return
-                except (ConnectionError, OSError):
-                    raise
+                    resp = await self._handler(request)
                 except Exception as e:  # a bug in a handler: answer 500 rather than hang up
                     print(f"meshc: admin API: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                    writer.write(_response(AdminResponse(500, b'{"error": "internal error"}'), False, True))
+                    resp = AdminResponse(500, b'{"error": "internal error"}', close=True)
+                close = resp.close or not keep_alive or request.body is None
+                if self._transport is None or self._transport.is_closing():
                     return
-                conn = headers.get("connection", "").lower()
-                close = (
-                    resp.close
-                    or not complete
-                    or conn == "close"
-                    or (version == "HTTP/1.0" and conn != "keep-alive")
-                )
-                writer.write(_response(resp, method == "HEAD", close))
-                await writer.drain()
+                self._transport.write(_response(resp, request.method == "HEAD", close))
                 if close:
+                    self._closing = True
+                    self._transport.close()
                     return
-        except (ConnectionError, OSError):
-            return
+                if not self._queue:
+                    self._arm(self._limits.header_timeout_s, "idle keep-alive connection")
+                    self._transport.resume_reading()
         except asyncio.CancelledError:
-            # The loop is closing (after the drain): end quietly. A cancelled connection task
-            # makes asyncio's start_server callback print a traceback on Python 3.11.
             return
         finally:
-            with contextlib.suppress(Exception):
-                writer.close()
+            self._task = None
 
-    return await asyncio.start_server(connection, sock=sock, limit=MAX_HEAD)
+    def _fail(self, status: int, reason: str) -> None:
+        self._disarm()
+        self._closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            body = json.dumps({"error": reason}).encode()
+            self._transport.write(_response(AdminResponse(status, body), False, True))
+            self._transport.close()
+
+    def _arm(self, seconds: float, why: str) -> None:
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(seconds, self._fail, 408, why)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def serve_admin(
+    sock: socket.socket,
+    handler: Callable[[AdminRequest], Awaitable[AdminResponse]],
+    limits: ListenerLimits | None = None,
+    max_body: int = 16 * 1024 * 1024,
+) -> asyncio.Server:
+    """An HTTP/1.1 server on the bound socket ``sock``; each request goes to ``handler``. A body
+    over ``max_body`` reaches it as ``body=None`` (answered, then the connection is closed)."""
+    limits = limits or ListenerLimits()
+    live: set[_AdminConnection] = set()
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _AdminConnection(handler, limits, live, max_body), sock=sock)
 
 
 async def post(
@@ -268,7 +374,7 @@ async def post(
             for line in rest.split("\r\n"):
                 name, _, value = line.partition(":")
                 resp_headers[name.strip().lower()] = value.strip()
-            request = AdminRequest("POST", path, resp_headers, reader)
+            request = _StreamBody("POST", path, resp_headers, reader)
             if "content-length" not in resp_headers and "chunked" not in resp_headers.get(
                 "transfer-encoding", ""
             ):

@@ -103,6 +103,28 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow --admin on a non-loopback address (it still needs signed pushes)",
     )
+    sec.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="admin API: a request head must arrive within S seconds of the connection or of the "
+        "previous answer, else 408 and close (default %(default)s)",
+    )
+    sec.add_argument(
+        "--body-timeout",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="admin API: a request body must arrive within S seconds of its head (default %(default)s)",
+    )
+    sec.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        metavar="N",
+        help="admin API: connections at once; more are answered 503 and closed (default %(default)s)",
+    )
 
 
 _DESCRIPTION = {
@@ -164,6 +186,7 @@ def _tags(values: list[str]) -> dict[str, str]:
 
 
 def _run(kind: str, argv: list[str]) -> int:
+    from runtime._http import ListenerLimits
     from runtime.server import Options, parse_addr, run
 
     p = _Parser(
@@ -220,7 +243,12 @@ def _run(kind: str, argv: list[str]) -> int:
             trust_key=ns.trust_key,
             insecure_admin=ns.insecure_admin,
             admin_allow_remote=ns.admin_allow_remote,
+            admin_limits=ListenerLimits(ns.header_timeout, ns.body_timeout, ns.max_connections),
         )
+        if not (0 < ns.header_timeout <= 3600 and 0 < ns.body_timeout <= 3600 and ns.max_connections > 0):
+            raise _UsageError(
+                "--header-timeout and --body-timeout must be in (0, 3600], --max-connections > 0"
+            )
         if ns.trust_key is not None and (
             len(ns.trust_key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in ns.trust_key)
         ):

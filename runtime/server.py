@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from runtime._http import ListenerLimits
 from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
@@ -92,6 +93,8 @@ class Options:
     """Accept unsigned pushes (no control plane; bundles fed by hand)."""
     admin_allow_remote: bool = False
     """Allow the admin API on a non-loopback address."""
+    admin_limits: ListenerLimits = field(default_factory=ListenerLimits)
+    """Head/body read timeouts and the connection limit of the admin listener."""
 
 
 _LOOPBACK = ("127.", "::1", "localhost")
@@ -198,7 +201,7 @@ class DataPlane:
             from runtime._http import serve_admin
 
             sock = _bind(opts.admin)
-            self._admin_server = await serve_admin(sock, self._admin)
+            self._admin_server = await serve_admin(sock, self._admin, opts.admin_limits)
             self.listening["admin"] = _fmt(sock.getsockname()[:2])
             if opts.kind == "sidecar":
                 if opts.inbound is not None:
