@@ -83,7 +83,7 @@ class Metrics:
         )
         self.push_rejections = Counter(
             "meshc_push_rejections",
-            "Pushes refused by the signature check (unsigned, bad_signature, untrusted).",
+            "Pushes refused by the signature check (unsigned, bad_signature, untrusted, unregistered).",
             ["kind", "reason"],
             registry=r,
         )

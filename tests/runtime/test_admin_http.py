@@ -46,7 +46,7 @@ def test_keep_alive_chunked_head_oversize_and_garbage() -> None:
             b"PUT /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
             b"PUT /b?q=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"2\r\nde\r\n1\r\nf\r\n0\r\n\r\n"
-            b"POST /skip HTTP/1.1\r\nContent-Length: 4\r\n\r\nwxyz"
+            b"POST /skip HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nwxyz"
             b"HEAD /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
         parts = out.split(b"HTTP/1.1 ")[1:]
@@ -54,13 +54,15 @@ def test_keep_alive_chunked_head_oversize_and_garbage() -> None:
         assert parts[0].endswith(b"got abc") and parts[1].endswith(b"got def")
         assert parts[2].endswith(b"/skip")  # an unread body is drained, the connection stays usable
         assert b"Content-Length: 7" in parts[3] and parts[3].endswith(b"\r\n\r\n")  # HEAD: no body
-        out = await _exchange(port, b"PUT /big HTTP/1.1\r\nContent-Length: 20\r\n\r\n" + b"z" * 20)
+        out = await _exchange(port, b"PUT /big HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n" + b"z" * 20)
         assert out.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in out
         out = await _exchange(port, b"NONSENSE\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 400 ")
         out = await _exchange(
-            port, b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            port, b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
+        assert out.startswith(b"HTTP/1.1 400 ")
+        out = await _exchange(port, b"GET / HTTP/1.1\r\n\r\n")  # HTTP/1.1 without Host (RFC 9112)
         assert out.startswith(b"HTTP/1.1 400 ")
         server.close()
 
