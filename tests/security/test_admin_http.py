@@ -95,12 +95,15 @@ def test_slow_loris_is_closed_by_the_header_timeout(plane: Plane) -> None:
                 chunk = s.recv(65536)
             except TimeoutError:
                 continue
+            except ConnectionResetError:
+                break  # our byte after its close: the reset may discard the 408 before we read it
             if not chunk:
                 break
             reply += chunk
         else:
             pytest.fail("the whole trickled head was accepted: no header timeout")
-        assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+        assert i < len(head) - 1
 
 
 def test_an_idle_connection_is_closed_by_the_header_timeout(plane: Plane) -> None:
