@@ -142,6 +142,8 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         token=token,
         registration_auth=not args.insecure_registration,
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
+        kubernetes=args.kubernetes,
+        kubernetes_token=os.environ.get("MESHC_KUBERNETES_TOKEN") or None,
     )
 
     import faulthandler
@@ -306,6 +308,15 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="where the mesh CAs, the bootstrap-token secret and the push-signing key are kept "
         "(mode 0600; default: the state dir)",
+    )
+    p.add_argument(
+        "--kubernetes",
+        metavar="API",
+        nargs="?",
+        const="in-cluster",
+        help="run on Kubernetes: endpoints from EndpointSlices, registration by TokenReview of the "
+        "projected service-account token, a Lease for the leader (API: in-cluster by default, or an "
+        "API server URL, with its token in MESHC_KUBERNETES_TOKEN); needs meshc[kubernetes]",
     )
     p.add_argument(
         "--insecure-registration",

@@ -232,7 +232,11 @@ def make_app(cp: ControlPlane) -> web.Application:
         # DESIGN §6: the token or the current certificate names the service; the certificate
         # issued for the CSR takes its identity from there (and the tags), never from the CSR.
         try:
-            cp.security.authorize_registration(request.headers, request.path, body, reg)
+            bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if cp.kube is not None and cp.kube.is_service_account_token(bearer):
+                await cp.kube.authorize(bearer, reg)  # the pod's identity, by TokenReview
+            else:
+                cp.security.authorize_registration(request.headers, request.path, body, reg)
             issued = cp.security.issue(reg.mesh, reg.service, reg.tags, reg.csr_pem) if reg.csr_pem else None
         except AuthError as e:
             cp.log(f"registration of {reg.service!r} refused: {e.reason}")

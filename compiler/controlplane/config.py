@@ -29,3 +29,6 @@ class Config:
     secrets_dir: Path | None = None
     """Where the CAs, the token secret and the push-signing key live (default: ``state_dir``)."""
     quiet: bool = False
+    kubernetes: str | None = None
+    """``in-cluster`` or an API server URL: endpoints from EndpointSlices, TokenReview, a Lease."""
+    kubernetes_token: str | None = None

@@ -163,6 +163,8 @@ class Pusher:
         self._concurrency = concurrency
         self.signer: Callable[[PushTarget, str, str, int], str] | None = None
         """Signs every push (DESIGN §6); set by the control plane."""
+        self.endpoint_source: Callable[[str], dict[str, list[Endpoint]]] | None = None
+        """Where endpoint sets come from instead of the registry (Kubernetes EndpointSlices)."""
         registry.subscribe(self._on_registry)
 
     async def start(self) -> None:
@@ -189,7 +191,8 @@ class Pusher:
     def _mesh_endpoints(self, mesh: str) -> tuple[dict[str, list[Endpoint]], str]:
         cached = self._eps.get(mesh)
         if cached is None:
-            services = endpoint_services(self.registry, mesh)
+            src = self.endpoint_source
+            services = src(mesh) if src is not None else endpoint_services(self.registry, mesh)
             cached = self._eps[mesh] = (services, endpoints_digest(services))
         return cached
 
@@ -241,6 +244,18 @@ class Pusher:
         if not pending:
             ro.completed_at = time.time()
         self.rollouts.append(ro)
+
+    def endpoints_changed(self) -> None:
+        """The endpoint source changed: refresh the data planes whose mesh's set is different now."""
+        self._hold_until = 0.0  # an authoritative source needs no wait for re-registrations
+        before, self._eps = self._eps, {}
+        for sync in self.syncs.values():
+            dp = self.registry.dataplanes.get(sync.instance)
+            if dp is None:
+                continue
+            old = before.get(dp.mesh)
+            if old is None or old[1] != self._mesh_endpoints(dp.mesh)[1]:
+                self._refresh(sync, dp, None)
 
     def _on_registry(self, event: str, dp: DataPlane) -> None:
         if event == "heartbeat":

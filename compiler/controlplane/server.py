@@ -33,6 +33,9 @@ REJOIN_INTERVALS = 3.5
 plane (see ``ControlPlane.__init__``), plus ``REJOIN_MARGIN_S`` for a busy host."""
 REJOIN_MARGIN_S = 2.0
 
+if TYPE_CHECKING:
+    from compiler.controlplane.kube.runtime import KubeControlPlane
+
 __all__ = ["Config", "ControlPlane"]
 
 
@@ -79,6 +82,8 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._compile_lock = asyncio.Lock()
         self._git: GitRefWatcher | None = None
+        self.kube: KubeControlPlane | None = None
+        """The Kubernetes side (``compiler.controlplane.kube.runtime``) with ``--kubernetes``."""
         if config.ref is not None:
             self._git = GitRefWatcher(
                 config.repo or config.policy_dir,
@@ -212,6 +217,12 @@ class ControlPlane:
             if commit is None:
                 raise SourceError(f"{self.config.ref}: no such revision in {self._git.repo}")
         await self.compile_once(Change(time.time(), "start", commit))
+        if self.config.kubernetes is not None:
+            from compiler.controlplane.kube.runtime import KubeControlPlane
+
+            self.kube = await KubeControlPlane.start(
+                self, self.config.kubernetes, self.config.kubernetes_token
+            )
         await self.pusher.start()
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -232,6 +243,8 @@ class ControlPlane:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.kube is not None:
+            await self.kube.stop()
         await self.pusher.close()
         await self.traffic.close()
         self.security.close()

@@ -92,7 +92,11 @@ def _control_plane(s: Settings) -> dict[str, Any]:
             "--root=/git",
             "--link=current",
             "--period=10s",
+            "--http-bind=:1234",
         ],
+        "ports": [{"name": "git-sync", "containerPort": 1234}],
+        # 200 once a sync succeeded: the control plane starts only when the policy repo is there.
+        "startupProbe": {"httpGet": {"path": "/", "port": 1234}, "periodSeconds": 2, "failureThreshold": 150},
         "resources": _resources("10m", "32Mi", "200m", "128Mi"),
         "securityContext": {**_HARDENED, "runAsUser": 65533, "runAsGroup": 65533},
         "volumeMounts": [{"name": "git", "mountPath": "/git"}],
@@ -108,6 +112,7 @@ def _control_plane(s: Settings) -> dict[str, Any]:
             "--out=/var/lib/meshc/out",
             "--state-dir=/var/lib/meshc/state",
             "--secrets-dir=/var/lib/meshc/secrets",
+            "--kubernetes",
         ],
         "env": [
             {

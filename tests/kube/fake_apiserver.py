@@ -225,3 +225,79 @@ async def start(store: Store) -> tuple[web.AppRunner, str]:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, f"http://127.0.0.1:{port}"
+
+
+# --- the seed's benigno, in the shapes the API returns -----------------------------------------
+
+PODS, SERVICES, SLICES = tuple(RESOURCES)
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ.c2lnbmF0dXJl"
+"""A token shaped like a projected service-account token (a JWT), for the TokenReview path."""
+BENIGNO = "benigno_kong-mesh-app_svc_5000"
+NS = "kong-mesh-app"
+
+
+def pod(name: str, ip: str, version: str, meshed: bool = True) -> dict[str, Any]:
+    containers = [{"name": "benigno", "image": "claudioacquaviva/benigno"}]
+    init = [{"name": "meshc-sidecar", "image": "meshc", "restartPolicy": "Always"}] if meshed else []
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "uid": f"uid-{name}",
+            "labels": {"app": "benigno", "version": version, "pod-template-hash": "fd4567d95"},
+        },
+        "spec": {"serviceAccountName": "benigno", "containers": containers, "initContainers": init},
+        "status": {"phase": "Running", "podIP": ip},
+    }
+
+
+SERVICE = {
+    "metadata": {"name": "benigno", "namespace": NS, "labels": {"app": "benigno"}},
+    "spec": {
+        "type": "ClusterIP",
+        "selector": {"app": "benigno"},
+        "ports": [{"name": "http", "port": 5000, "protocol": "TCP", "targetPort": 5000}],
+    },
+}
+
+
+def endpoint_slice(*members: tuple[str, str, bool]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "benigno-abcde",
+            "namespace": NS,
+            "labels": {
+                "kubernetes.io/service-name": "benigno",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "benigno", "uid": "svc-uid"}],
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [ip],
+                "conditions": {"ready": ready, "serving": ready, "terminating": False},
+                "targetRef": {"kind": "Pod", "namespace": NS, "name": name, "uid": f"uid-{name}"},
+                "nodeName": "node-1",
+            }
+            for name, ip, ready in members
+        ],
+    }
+
+
+def tokens(store: Store) -> None:
+    store.tokens["good"] = {
+        "username": f"system:serviceaccount:{NS}:benigno",
+        "uid": "sa-uid",
+        "groups": ["system:serviceaccounts", f"system:serviceaccounts:{NS}", "system:authenticated"],
+        "extra": {
+            "authentication.kubernetes.io/pod-name": ["benigno-v1-a"],
+            "authentication.kubernetes.io/pod-uid": ["uid-benigno-v1-a"],
+        },
+        "audiences": ["meshc"],
+    }
+    store.tokens["other-audience"] = {**store.tokens["good"], "audiences": ["https://kubernetes.default.svc"]}
+    store.tokens["unbound"] = {**store.tokens["good"], "extra": {}}
+    store.tokens["user"] = {**store.tokens["good"], "username": "alice"}
+    store.tokens[JWT] = store.tokens["good"]

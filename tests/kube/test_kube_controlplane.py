@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
-from fake_apiserver import Store, start
+from fake_apiserver import (
+    BENIGNO,
+    NS,
+    PODS,
+    SERVICE,
+    SERVICES,
+    SLICES,
+    Store,
+    endpoint_slice,
+    pod,
+    start,
+    tokens,
+)
 
 from compiler.controlplane.kube.client import api_client
 from compiler.controlplane.kube.discovery import KubeEndpoints
@@ -20,10 +31,6 @@ from compiler.controlplane.kube.identity import KubeAuthError, TokenReviewer
 from compiler.controlplane.kube.leader import LeaseElector
 from compiler.controlplane.kube.listwatch import ListWatch
 from runtime.protocol import Registration
-
-PODS, SERVICES, SLICES = "/api/v1/pods", "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"
-BENIGNO = "benigno_kong-mesh-app_svc_5000"
-NS = "kong-mesh-app"
 
 
 async def until(cond: Callable[[], bool], what: str, deadline_s: float = 30.0) -> None:
@@ -34,56 +41,6 @@ async def until(cond: Callable[[], bool], what: str, deadline_s: float = 30.0) -
         if loop.time() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
-
-
-def pod(name: str, ip: str, version: str, meshed: bool = True) -> dict[str, Any]:
-    containers = [{"name": "benigno", "image": "claudioacquaviva/benigno"}]
-    init = [{"name": "meshc-sidecar", "image": "meshc", "restartPolicy": "Always"}] if meshed else []
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": NS,
-            "uid": f"uid-{name}",
-            "labels": {"app": "benigno", "version": version, "pod-template-hash": "fd4567d95"},
-        },
-        "spec": {"serviceAccountName": "benigno", "containers": containers, "initContainers": init},
-        "status": {"phase": "Running", "podIP": ip},
-    }
-
-
-SERVICE = {
-    "metadata": {"name": "benigno", "namespace": NS, "labels": {"app": "benigno"}},
-    "spec": {
-        "type": "ClusterIP",
-        "selector": {"app": "benigno"},
-        "ports": [{"name": "http", "port": 5000, "protocol": "TCP", "targetPort": 5000}],
-    },
-}
-
-
-def endpoint_slice(*members: tuple[str, str, bool]) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": "benigno-abcde",
-            "namespace": NS,
-            "labels": {
-                "kubernetes.io/service-name": "benigno",
-                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-            },
-            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "benigno", "uid": "svc-uid"}],
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}],
-        "endpoints": [
-            {
-                "addresses": [ip],
-                "conditions": {"ready": ready, "serving": ready, "terminating": False},
-                "targetRef": {"kind": "Pod", "namespace": NS, "name": name, "uid": f"uid-{name}"},
-                "nodeName": "node-1",
-            }
-            for name, ip, ready in members
-        ],
-    }
 
 
 def run(body: Callable[[Store, str], Awaitable[None]]) -> None:
@@ -178,34 +135,18 @@ def test_list_watch_error_event_other_than_410_is_retried_not_fatal() -> None:
     run(body)
 
 
-def _tokens(store: Store) -> None:
-    store.tokens["good"] = {
-        "username": f"system:serviceaccount:{NS}:benigno",
-        "uid": "sa-uid",
-        "groups": ["system:serviceaccounts", f"system:serviceaccounts:{NS}", "system:authenticated"],
-        "extra": {
-            "authentication.kubernetes.io/pod-name": ["benigno-v1-a"],
-            "authentication.kubernetes.io/pod-uid": ["uid-benigno-v1-a"],
-        },
-        "audiences": ["meshc"],
-    }
-    store.tokens["other-audience"] = {**store.tokens["good"], "audiences": ["https://kubernetes.default.svc"]}
-    store.tokens["unbound"] = {**store.tokens["good"], "extra": {}}
-    store.tokens["user"] = {**store.tokens["good"], "username": "alice"}
-
-
 def test_token_review_identity_comes_from_the_pod_never_the_request() -> None:
     async def body(store: Store, url: str) -> None:
         store.put(SERVICES, SERVICE)
         store.put(PODS, pod("benigno-v1-a", "10.0.0.5", "v1"))
-        _tokens(store)
+        tokens(store)
         api = await api_client(url)
         async with api:
             services = [SERVICE]
             reviewer = TokenReviewer(
                 api, lambda ns: [s for s in services if s["metadata"]["namespace"] == ns]
             )
-            reg = Registration(service=BENIGNO, tags={"version": "v1"}, admin_address="10.0.0.5:15002")
+            reg = Registration(service=BENIGNO, tags={"version": "v1"}, admin_address="127.0.0.1:15002")
             ident = await reviewer.authorize("good", reg)
             assert (ident.namespace, ident.service_account, ident.pod) == (NS, "benigno", "benigno-v1-a")
             assert ident.services == (BENIGNO,) and ident.labels["version"] == "v1"
