@@ -21,7 +21,7 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -34,6 +34,9 @@ from compiler.controlplane.security import AuthError, Host, Security
 from compiler.controlplane.status import dataplane_row
 from compiler.controlplane.traffic import TrafficView, configured_routes
 from runtime.protocol import Heartbeat, Registration, RegistrationReply
+
+if TYPE_CHECKING:
+    from compiler.controlplane.kube.runtime import KubeControlPlane
 
 
 class ControlPlane(Host, Protocol):
@@ -57,6 +60,9 @@ class ControlPlane(Host, Protocol):
 
     @property
     def traffic(self) -> TrafficView: ...
+
+    @property
+    def kube(self) -> KubeControlPlane | None: ...
 
 
 __all__ = ["ControlPlane", "dashboard_data", "make_app"]

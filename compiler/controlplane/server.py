@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
