@@ -21,7 +21,7 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -35,8 +35,13 @@ from compiler.controlplane.status import dataplane_row
 from compiler.controlplane.traffic import TrafficView, configured_routes
 from runtime.protocol import Heartbeat, Registration, RegistrationReply
 
-if TYPE_CHECKING:
-    from compiler.controlplane.kube.runtime import KubeControlPlane
+
+class KubeAuth(Protocol):
+    """What registration needs of the Kubernetes side (``kube.runtime.KubeControlPlane``)."""
+
+    def is_service_account_token(self, token: str) -> bool: ...
+
+    async def authorize(self, token: str, reg: Registration) -> object: ...
 
 
 class ControlPlane(Host, Protocol):
@@ -62,7 +67,7 @@ class ControlPlane(Host, Protocol):
     def traffic(self) -> TrafficView: ...
 
     @property
-    def kube(self) -> KubeControlPlane | None: ...
+    def kube(self) -> KubeAuth | None: ...
 
 
 __all__ = ["ControlPlane", "dashboard_data", "make_app"]
