@@ -14,15 +14,14 @@ import io
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ruamel.yaml import YAML
 
-from compiler.migrate import Catalog, NotExact, convert_document
-from compiler.pipeline import compile_sources
-from compiler.report import default_format, render
-from compiler.source import SourceError, read_policy_dir
 from compiler.yamlload import load_fast
+
+if TYPE_CHECKING:
+    from compiler.migrate import Catalog
 
 __all__ = ["convert_repo", "register", "run"]
 
@@ -65,6 +64,8 @@ def _dump(data: dict[str, Any]) -> str:
 
 def _catalog(docs: list[Any]) -> Catalog:
     """Service protocols and gateway names, from the documents of either form."""
+    from compiler.migrate import Catalog as MigrateCatalog
+
     protocols: dict[str, str] = {}
     gateways: dict[str, str] = {}
     for d in docs:
@@ -83,11 +84,13 @@ def _catalog(docs: list[Any]) -> Catalog:
                 service = (sel.get("match") or {}).get("kuma.io/service") if isinstance(sel, dict) else None
                 if isinstance(service, str):
                     gateways[service] = name
-    return Catalog(protocols, gateways)
+    return MigrateCatalog(protocols, gateways)
 
 
 def convert_repo(files: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """Path -> text of a validated repo, to path -> new text and one report line per policy."""
+    from compiler.migrate import NotExact, convert_document
+
     parsed = {
         p: [(n, c, load_fast(_split_head(c)[1].encode())) for n, c in _chunks(t)] for p, t in files.items()
     }
@@ -129,6 +132,12 @@ def _relative(display: str, repo_root: Path | None, policy_dir: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the compiler proper loads only when the command runs: building meshc's parser (every
+    # command does) must stay light
+    from compiler.pipeline import compile_sources
+    from compiler.report import default_format, render
+    from compiler.source import SourceError, read_policy_dir
+
     src_dir = Path(args.policy_dir)
     try:
         src = read_policy_dir(src_dir)
