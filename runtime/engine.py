@@ -43,6 +43,7 @@ from runtime.bundle import (
     TimeoutConf,
     TrafficLogConf,
 )
+from runtime.headerops import filter_ops, modify_ops
 from runtime.protocol import EndpointSet
 
 __all__ = [
@@ -196,15 +197,33 @@ class Target:
 class Route:
     """One compiled ``http`` entry of a TrafficRoute."""
 
-    __slots__ = ("_headers", "_method", "_path", "_path_prefix", "_path_regex", "modify", "wheel")
+    __slots__ = (
+        "_headers",
+        "_host_regex",
+        "_method",
+        "_path",
+        "_path_prefix",
+        "_path_regex",
+        "modify",
+        "request_ops",
+        "response_ops",
+        "wheel",
+    )
 
     def __init__(self, route: HttpRoute, wheel: Wheel[Target]) -> None:
         m = route.match
         self._method = compile_string_match(m.method) if m.method else None
         self._path = compile_string_match(m.path) if m.path else None
-        self._headers = tuple((name, compile_string_match(sm)) for name, sm in m.headers)
+        # Header names match case-insensitively on both data planes (their maps are lower-case).
+        self._headers = tuple((name.lower(), compile_string_match(sm)) for name, sm in m.headers)
         self.modify = route.modify
         self.wheel = wheel
+        self.request_ops = modify_ops(route.modify.request_headers if route.modify else None)
+        self.response_ops = modify_ops(route.modify.response_headers if route.modify else None)
+        host = route.modify.host if route.modify else None
+        self._host_regex: tuple[re.Pattern[str], str] | None = None
+        if host is not None and host.value is None and host.from_path_regex is not None:
+            self._host_regex = (re.compile(host.from_path_regex), host.from_path_substitution or "")
         self._path_prefix: tuple[str, str] | None = None
         self._path_regex: tuple[re.Pattern[str], str] | None = None
         rewrite = route.modify.path if route.modify else None
@@ -225,6 +244,18 @@ class Route:
             if value is None or not matcher(value):
                 return False
         return True
+
+    def rewrite_host(self, path: str) -> str | None:
+        """The Host a ``modify.host`` sets (a value, or one made from the path); None: kept."""
+        host = self.modify.host if self.modify is not None else None
+        if host is None:
+            return None
+        if host.value is not None:
+            return host.value
+        if self._host_regex is not None:
+            pattern, sub = self._host_regex
+            return pattern.sub(sub, path)
+        return None
 
     def rewrite_path(self, path: str) -> str:
         if self._path_prefix is not None:
@@ -351,8 +382,8 @@ class GatewayRoute:
         "_matches",
         "mirrors",
         "redirect",
-        "request_headers",
-        "response_headers",
+        "request_ops",
+        "response_ops",
         "rewrite_full",
         "rewrite_prefix",
         "wheel",
@@ -382,17 +413,13 @@ class GatewayRoute:
         self.redirect: GatewayFilter | None = None
         self.rewrite_full: str | None = None
         self.rewrite_prefix: str | None = None
-        self.request_headers: tuple[GatewayFilter, ...] = ()
-        self.response_headers: tuple[GatewayFilter, ...] = ()
         for f in rule.filters:
             if f.type == "redirect":
                 self.redirect = f
             elif f.type == "rewrite":
                 self.rewrite_full, self.rewrite_prefix = f.rewrite_full, f.rewrite_prefix
-            elif f.type == "request_header":
-                self.request_headers += (f,)
-            elif f.type == "response_header":
-                self.response_headers += (f,)
+        self.request_ops = filter_ops(f for f in rule.filters if f.type == "request_header")
+        self.response_ops = filter_ops(f for f in rule.filters if f.type == "response_header")
 
     def match(
         self, host: str, method: str, path: str, headers: Mapping[str, str], query: Mapping[str, str]

@@ -14,17 +14,18 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
 
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._lb import RingHash
-from runtime._policy import MAX_RETRY_BODY
-from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
-from runtime.engine import GatewayRoute, Target
+from runtime.bundle import TrafficLogConf
+from runtime.decide import NO_HOST, Forward, Reply, RetryState, admit, failure_reply, peer_hop
+from runtime.engine import Target
 from runtime.fastmetrics import Series
 from runtime.fastplane import TLS_KEY, FastPlane
 from runtime.fastpool import P_UPSTREAM, Upstream
+from runtime.h1 import path_of
+from runtime.headerops import ADD, NO_OPS, REMOVE, HeaderOp
 
 if TYPE_CHECKING:
     from runtime.identity import PeerIdentity
@@ -36,8 +37,6 @@ HASH_KEY_HEADER = "x-meshc-hash-key"
 
 OUTBOUND, INBOUND, GATEWAY = 0, 1, 2
 _DIRECTION = ("outbound", "inbound", "gateway")
-NO_HOST = "no healthy upstream"
-_RESET = "upstream connect error or disconnect/reset before headers"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CRLF = b"\r\n"
 LAST_CHUNK = h1.LAST_CHUNK
@@ -49,50 +48,15 @@ P_WAIT = 4  # the body has nowhere to go yet (connecting, fault delay, backoff)
 P_UPGRADE = 8  # an Upgrade request waits for its 101
 
 
-def _set_header(headers: list[tuple[bytes, bytes]], name: str, value: str, append: bool) -> None:
-    n = name.encode("latin-1")
-    if not append:
-        low = n.lower()
-        headers[:] = [h for h in headers if h[0].lower() != low]
-    headers.append((n, value.encode("latin-1")))
-
-
-def _remove_header(headers: list[tuple[bytes, bytes]], name: str) -> None:
-    low = name.encode("latin-1").lower()
-    headers[:] = [h for h in headers if h[0].lower() != low]
-
-
-def apply_ops(headers: list[tuple[bytes, bytes]], ops: HeaderOps) -> None:
-    for name in ops.remove:
-        _remove_header(headers, name)
-    for change in ops.add:
-        _set_header(headers, change.name, change.value, change.append)
-
-
-def gateway_filter(
-    headers: list[tuple[bytes, bytes]],
-    set_: Iterable[HeaderChange],
-    add: Iterable[HeaderChange],
-    remove: Iterable[str],
-) -> None:
-    for change in set_:
-        _set_header(headers, change.name, change.value, False)
-    for change in add:
-        _set_header(headers, change.name, change.value, True)
-    for name in remove:
-        _remove_header(headers, name)
-
-
-def path_of(path_qs: bytes) -> str:
-    """The decoded path of a request target (no query), as route matches see it."""
-    i = path_qs.find(b"?")
-    raw = path_qs if i < 0 else path_qs[:i]
-    if raw[:1] != b"/":
-        rest = raw.partition(b"://")[2]
-        j = rest.find(b"/")
-        raw = rest[j:] if j >= 0 else b"/"
-    text = raw.decode("latin-1")
-    return unquote(text) if "%" in text else text
+def apply_ops(headers: list[tuple[bytes, bytes]], ops: tuple[HeaderOp, ...]) -> None:
+    """Carry out header changes (``runtime.headerops``) on a head's header list."""
+    for op, name, value in ops:
+        n = name.encode("latin-1")
+        if op != ADD:
+            low = n.lower()
+            headers[:] = [h for h in headers if h[0].lower() != low]
+        if op != REMOVE:
+            headers.append((n, value.encode("latin-1")))
 
 
 class Exchange(asyncio.Protocol):
@@ -101,19 +65,16 @@ class Exchange(asyncio.Protocol):
 
     __slots__ = (
         "attempt",
-        "backing_off",
         "bad",
-        "can_retry",
         "close_after",
         "closed",
         "continued",
-        "deadline",
         "deadline_at",
         "dest",
         "dirty",
         "early",
+        "fwd",
         "go_args",
-        "gw_route",
         "head_out",
         "host",
         "idle_since",
@@ -121,8 +82,6 @@ class Exchange(asyncio.Protocol):
         "kind",
         "lingering",
         "out",
-        "overall",
-        "passthrough",
         "paused",
         "peer",
         "plane",
@@ -134,7 +93,8 @@ class Exchange(asyncio.Protocol):
         "resp_chunked",
         "resp_ops",
         "resp_started",
-        "retries",
+        "retry",
+        "secure",
         "sending",
         "series",
         "slow",
@@ -149,7 +109,6 @@ class Exchange(asyncio.Protocol):
         "timer",
         "tls_peer",
         "transport",
-        "tried",
         "try_timeout",
         "tunnel",
         "up",
@@ -162,6 +121,8 @@ class Exchange(asyncio.Protocol):
         self.port = port
         self.transport: asyncio.Transport | None = None
         self.peer = b""
+        self.secure = False
+        """The client connection is TLS (for the scheme a redirect keeps)."""
         self.req: h1.Request | None = None
         self.queue: deque[h1.Request] | None = None
         self.paused = 0
@@ -178,21 +139,16 @@ class Exchange(asyncio.Protocol):
         self.up: Upstream | None = None
         self.target: Target | None = None
         self.host: Host | None = None
-        self.tried: list[Host] | None = None
-        self.passthrough: tuple[str, int] | None = None
-        self.retries = 0
-        self.can_retry = False
-        self.backing_off = False
+        self.fwd: Forward | None = None
+        self.retry: RetryState | None = None
         self.stale_retried = False
         self.key: str | None = None
         self.head_out = b""
         self.timer: asyncio.TimerHandle | None = None
         self.deadline_at = 0.0
-        self.deadline: float | None = None
         self.attempt = 0
         self.go_args: tuple[str, str, int, float | None] = ("", "", 0, None)
         self.try_timeout: float | None = None
-        self.overall = False
         self.t0 = 0.0
         self.source = ""
         self.dest = ""
@@ -205,8 +161,7 @@ class Exchange(asyncio.Protocol):
         self.resp_started = False
         self.resp_chunked = False
         self.resp_bytes = 0
-        self.resp_ops: HeaderOps | None = None
-        self.gw_route: GatewayRoute | None = None
+        self.resp_ops: tuple[HeaderOp, ...] = NO_OPS
         self.slow: deque[bytes] | None = None
         self.slow_rate = 0.0
         self.slow_end = False
@@ -254,23 +209,16 @@ class Exchange(asyncio.Protocol):
                 _DIRECTION[self.kind], self.source, target.service, target.subset
             )
         self.series = series
-        if target.active >= target.max_active:
-            self.plane.metrics.overflow.labels(target.service).inc()
-            self._reply(503, "upstream connection limit reached")
+        refused = admit(target, self.source)
+        if refused is not None:
+            self._answer(refused)
             return
-        retry = target.retry
-        can_retry = retry is not None and retry.num_retries > 0 and retry.method_allowed(req.method)
-        if req.has_body:
-            length = req.length
-            if can_retry and not req.chunked and length is not None and length <= MAX_RETRY_BODY:
-                req.saved = req.body
-                req.body = []
-            else:
-                can_retry = False
-        self.can_retry = can_retry
-        timeout = target.request_timeout_s
         now = plane.loop.time()
-        self.deadline = now + timeout if timeout else None
+        length = (None if req.chunked else req.length) if req.has_body else 0
+        retry = self.retry = RetryState(target, req.method, length, now)
+        if retry.allowed and req.has_body:
+            req.saved = req.body  # kept for a replay
+            req.body = []
         if type(target.balancer) is RingHash:
             self.key = req.header_map().get(HASH_KEY_HEADER) or path_of(req.url)
         else:
@@ -281,32 +229,24 @@ class Exchange(asyncio.Protocol):
 
     def _attempt(self, now: float) -> None:
         target = self.target
-        assert target is not None
-        engine = self.plane.engine
-        host = target.pick(engine.clock(), engine.rng, self.key, self.tried or ())
+        retry = self.retry
+        assert target is not None and retry is not None
+        plane = self.plane
+        engine = plane.engine
+        host = target.pick(engine.clock(), engine.rng, self.key, retry.tried)
         if host is None:
             self._reply(503, NO_HOST)
             return
         self.host = host
         host.active += 1
-        retry = target.retry
-        try_timeout = retry.per_try_timeout_s if retry is not None else None
-        deadline = self.deadline
-        self.overall = False
-        if deadline is not None:
-            left = deadline - now
-            if try_timeout is None or left <= try_timeout:
-                try_timeout, self.overall = max(left, 0.0), True
         key = host.address
-        mesh = self.plane.engine.snapshot.mesh
-        if mesh is not None and mesh.mtls.enabled:
-            # Peer hops are mutual TLS; pooled under their own key, so keep-alive reuses them.
-            if self.plane.creds.client_ctx is not None:
-                key = TLS_KEY + key
-            elif mesh.mtls.mode == "STRICT":
-                self._reply(503, "mTLS is on and this data plane has no certificate yet")
-                return
-        self._go(key, host.host, host.port, try_timeout, target.connect_timeout_s, now)
+        hop = peer_hop(engine.snapshot, plane.creds.client_ctx is not None, self.source, target.service)
+        if hop is True:
+            key = TLS_KEY + key  # mutual TLS, pooled under its own key so keep-alive reuses it
+        elif hop is not False:
+            self._answer(hop)
+            return
+        self._go(key, host.host, host.port, retry.try_timeout(now), target.connect_timeout_s, now)
 
     def _go(
         self, key: str, host: str, port: int, try_timeout: float | None, connect_s: float | None, now: float
@@ -414,83 +354,49 @@ class Exchange(asyncio.Protocol):
         self._failed(Outcome.TIMEOUT, None)
 
     def _failed(self, outcome: int, exc: BaseException | None) -> None:
-        """An attempt ended before a response head: retry, or answer 503/504."""
+        """An attempt ended before a response head: retry, or give up with the answer."""
         target = self.target
-        if target is not None:
+        retry = self.retry
+        if target is not None and retry is not None:
             host = self.host
             if host is not None:
                 host.active -= 1
                 self.host = None
                 if target.report(host, outcome, self.plane.engine.clock()):
                     self.plane.metrics.ejections.labels(target.service, host.address).inc()
-                if self.tried is None:
-                    self.tried = [host]
-                    self.dirty = True
-                else:
-                    self.tried.append(host)
-            if self._retry(outcome, 0):
-                return
-            if outcome == Outcome.TIMEOUT:
-                self._reply(504, "upstream request timeout")
-            else:
-                self._reply(503, _RESET)
+            if not self._retry(host, outcome, 0):
+                self._answer(retry.give_up(outcome, self.source))
             return
-        if self.passthrough is not None:
-            name, port = self.passthrough
-            if outcome == Outcome.TIMEOUT:
-                self._reply(504, "upstream request timeout")
-            else:
-                kind = type(exc).__name__ if exc is not None else "ServerDisconnectedError"
-                self._reply(502, f"passthrough to {name}:{port} failed: {kind}")
-            return
-        if outcome == Outcome.TIMEOUT:
-            self._reply(504, "app timeout")
-        else:
-            self._reply(503, _RESET)
+        fwd = self.fwd
+        assert fwd is not None
+        self._answer(failure_reply(fwd, outcome, type(exc).__name__ if exc else "ServerDisconnectedError"))
 
-    def _retry(self, outcome: int, status: int) -> bool:
+    def _retry(self, host: Host | None, outcome: int, status: int) -> bool:
         """Schedule another attempt when the policy allows one (``status`` 0: no response)."""
+        retry = self.retry
         target = self.target
-        retry = target.retry if target is not None else None
-        if (
-            not self.can_retry
-            or retry is None
-            or target is None
-            or self.retries >= retry.num_retries
-            or (self.overall and outcome == Outcome.TIMEOUT)  # the request deadline is spent
-        ):
+        if retry is None or target is None:
             return False
-        if target.retries_active >= target.max_retries:
+        backoff = retry.failed(host, outcome, status, self.plane.engine.rng)
+        if backoff is None:
             return False
-        if status:
-            if not retry.retriable_status(status):
-                return False
-        elif not retry.retriable_failure(outcome):
-            return False
-        self.retries += 1
         self.dirty = True
         self.plane.metrics.retries.labels(target.service, target.subset).inc()
-        target.retries_active += 1
-        self.backing_off = True
         self.pause(P_WAIT)
         self.attempt += 1
-        self.timer = self.plane.loop.call_later(
-            retry.backoff_s(self.retries, self.plane.engine.rng), self._after_backoff, self.attempt
-        )
+        self.timer = self.plane.loop.call_later(backoff, self._after_backoff, self.attempt)
         return True
 
     def _after_backoff(self, attempt: int) -> None:
         if attempt != self.attempt or self.req is None:
             return
         self.timer = None
-        self.backing_off = False
-        target = self.target
-        if target is not None:
-            target.retries_active -= 1
-        deadline = self.deadline
+        retry = self.retry
+        assert retry is not None
         now = self.plane.loop.time()
-        if deadline is not None and now >= deadline:
-            self._reply(504, "upstream request timeout")
+        late = retry.resume(now, self.source)
+        if late is not None:
+            self._answer(late)
             return
         self._attempt(now)
 
@@ -506,22 +412,17 @@ class Exchange(asyncio.Protocol):
         if (
             target is not None
             and host is not None
-            and (status >= 500 or host.consecutive_5xx or host.consecutive_gateway or host.consecutive_local)
+            and (status >= 400 or host.consecutive_5xx or host.consecutive_gateway or host.consecutive_local)
         ):
             # (A success on a host with no failure streak changes nothing in the outlier
-            # detector, so that common case skips the call.)
+            # detector, and a 2xx/3xx is never retried, so that common case skips the calls.)
             engine = self.plane.engine
             outcome = engine.outcome_for_status(status)
             if target.report(host, outcome, engine.clock()):
                 self.plane.metrics.ejections.labels(target.service, host.address).inc()
-            if outcome != Outcome.OK and self._retry(outcome, status):
+            if status >= 400 and self._retry(host, outcome, status):
                 host.active -= 1
                 self.host = None
-                if self.tried is None:
-                    self.tried = [host]
-                    self.dirty = True
-                else:
-                    self.tried.append(host)
                 self._detach(True)  # discard mode: the connection pools itself once drained
                 return
         self._respond_head(resp)
@@ -535,14 +436,9 @@ class Exchange(asyncio.Protocol):
         parts = [h1.status_line(status, resp.reason)]
         headers = resp.headers
         ops = self.resp_ops
-        gw = self.gw_route
-        if ops is not None or (gw is not None and gw.response_headers):
+        if ops:
             headers = list(headers)
-            if ops is not None:
-                apply_ops(headers, ops)
-            if gw is not None:
-                for f in gw.response_headers:
-                    gateway_filter(headers, f.set, f.add, f.remove)
+            apply_ops(headers, ops)
         for name, value in headers:
             parts += (name, b": ", value, CRLF)
         close = self.close_after or not req.keep_alive
@@ -759,6 +655,25 @@ class Exchange(asyncio.Protocol):
         )
         self._finish(False)
 
+    def _answer(self, reply: Reply) -> None:
+        """Carry out a ``Reply`` verdict (after its delay, for a fault)."""
+        if self.series is None:
+            self.source, self.dest = reply.source, reply.dest
+        if reply.overflow:
+            self.plane.metrics.overflow.labels(reply.dest).inc()
+        if reply.delay_s:
+            self.pause(P_WAIT)
+            self.timer = self.plane.loop.call_later(reply.delay_s, self._answer_late, reply, self.attempt)
+            return
+        body = reply.body.encode() if reply.body is not None else None
+        self._reply(reply.status, reply.reason, headers=reply.headers, body=body)
+
+    def _answer_late(self, reply: Reply, attempt: int) -> None:
+        if attempt == self.attempt and self.req is not None:
+            self.timer = None
+            reply.delay_s = 0.0
+            self._answer(reply)
+
     def _finish(self, reusable: bool) -> None:
         """The exchange in flight is over: count it, release its upstream, go on to the next."""
         req = self.req
@@ -774,18 +689,9 @@ class Exchange(asyncio.Protocol):
             self.series = None
         series.add(self.status, elapsed, req.body_bytes, self.resp_bytes)
         target = self.target
-        if target is not None:
-            if target.log is not None:
-                self._log(target.log, req, elapsed)
-            target.active -= 1
-            if self.backing_off:
-                self.backing_off = False
-                target.retries_active -= 1
-            self.target = None
-        host = self.host
-        if host is not None:
-            host.active -= 1
-            self.host = None
+        if target is not None and target.log is not None:
+            self._log(target.log, req, elapsed)
+        self._release_target()
         up = self.up
         if up is not None:
             if up.paused and up.transport is not None:
@@ -823,7 +729,7 @@ class Exchange(asyncio.Protocol):
     def _log(self, conf: TrafficLogConf, req: h1.Request, elapsed: float) -> None:
         target = self.target
         assert target is not None
-        tried = self.tried
+        tried = self.retry.tried if self.retry is not None else None
         host = self.host or (tried[-1] if tried else None)
         self.plane.access_log.write(
             conf,
@@ -850,15 +756,18 @@ class Exchange(asyncio.Protocol):
             self.up = None
             up.client = None
             up.close()
+        self._release_target()
+        self.req = None
+
+    def _release_target(self) -> None:
+        """Give back what the exchange held of its target: a slot, a host's, a retry's budget."""
         target = self.target
         if target is not None:
             target.active -= 1
-            if self.backing_off:
-                self.backing_off = False
-                target.retries_active -= 1
+            if self.retry is not None:
+                self.retry.end()
             self.target = None
         host = self.host
         if host is not None:
             host.active -= 1
             self.host = None
-        self.req = None

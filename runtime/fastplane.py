@@ -13,6 +13,7 @@ from typing import Protocol
 
 from runtime._hosts import Outcome
 from runtime.accesslog import AccessLog
+from runtime.decide import Reply, peer_hop
 from runtime.engine import Engine, Target
 from runtime.fastmetrics import Series
 from runtime.fastpool import Pool, Upstream
@@ -152,12 +153,12 @@ class FastPlane:
     async def _mirror(self, target: Target, address: str, head: bytes) -> None:
         name, _, port = address.rpartition(":")
         name = name.strip("[]")
-        mesh = self.engine.snapshot.mesh
-        ctx = self.creds.client_ctx if mesh is not None and mesh.mtls.enabled else None
+        hop = peer_hop(self.engine.snapshot, self.creds.client_ctx is not None, "", target.service)
+        if isinstance(hop, Reply):
+            return  # no certificate yet: the peer would refuse plaintext
+        ctx = self.creds.client_ctx if hop else None
         with contextlib.suppress(OSError, TimeoutError, ValueError):
             async with asyncio.timeout(target.request_timeout_s or 15.0):
-                if mesh is not None and mesh.mtls.enabled and ctx is None:
-                    return  # no certificate yet: the peer would refuse plaintext
                 reader, writer = await asyncio.open_connection(
                     name, int(port), ssl=ctx, server_hostname=name if ctx is not None else None
                 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import httptools
 
@@ -205,6 +206,16 @@ class Request:
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.length)
+
+    def authority(self) -> str:
+        return self.host.decode("latin-1") if self.host is not None else ""
+
+    def path(self) -> str:
+        """The decoded path (no query), as route matches see it."""
+        return path_of(self.url)
+
+    def query_string(self) -> str:
+        return self.url.partition(b"?")[2].decode("latin-1")
 
     def header_map(self) -> dict[str, str]:
         """Lower-case name -> value (the first of repeated fields), for route matching."""
@@ -476,3 +487,15 @@ def join_headers(parts: list[bytes], headers: Sequence[tuple[bytes, bytes]]) -> 
     """Append ``name: value\\r\\n`` lines to ``parts``."""
     for name, value in headers:
         parts += (name, b": ", value, CRLF)
+
+
+def path_of(path_qs: bytes) -> str:
+    """The decoded path of a request target (no query), as route matches see it."""
+    i = path_qs.find(b"?")
+    raw = path_qs if i < 0 else path_qs[:i]
+    if raw[:1] != b"/":
+        rest = raw.partition(b"://")[2]
+        j = rest.find(b"/")
+        raw = rest[j:] if j >= 0 else b"/"
+    text = raw.decode("latin-1")
+    return unquote(text) if "%" in text else text

@@ -1,14 +1,15 @@
 """HTTP byte moving with aiohttp: outbound, inbound and gateway handlers around the engine.
 
 Each handler reads the current ``Snapshot`` once and keeps it for the whole request, so a reload
-never changes a request half way. Policy decisions come from ``runtime.engine``; this module
-only streams bytes, applies timeouts and reports outcomes back to the engine.
+never changes a request half way. Every decision comes from ``runtime.decide`` (the same ones
+the fast path carries out); this module only streams bytes, applies timeouts and reports
+outcomes back to the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -19,14 +20,30 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from runtime._hosts import Host, Outcome
-from runtime._policy import MAX_RETRY_BODY
 from runtime.accesslog import AccessLog
-from runtime.bundle import HeaderChange, HeaderOps, TrafficLogConf
-from runtime.engine import Engine, GatewayRoute, Route, Snapshot, Target
+from runtime.bundle import TrafficLogConf
+from runtime.decide import (
+    NO_HOST,
+    PASSTHROUGH,
+    TARGET,
+    Forward,
+    Reply,
+    RetryState,
+    admit,
+    decide_gateway,
+    decide_inbound,
+    decide_outbound,
+    failure_reply,
+    peer_hop,
+    request_scheme,
+    split_host,
+)
+from runtime.engine import Engine, Target
+from runtime.headerops import ADD, NO_OPS, SET, HeaderOp
 from runtime.metrics import Metrics
-from runtime.security import DENIED_HEADER, Credentials, PeerCache, wrong_peer
+from runtime.security import Credentials, PeerCache, wrong_peer
 
-__all__ = ["HASH_KEY_HEADER", "REASON_HEADER", "SOURCE_HEADER", "HttpProxy", "split_host"]
+__all__ = ["HASH_KEY_HEADER", "REASON_HEADER", "SOURCE_HEADER", "HttpProxy"]
 
 REASON_HEADER = "x-meshc-reason"
 """Names why the data plane itself answered (403, 429, 503, 504 ...)."""
@@ -51,19 +68,6 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_NO_HOST_RESPONSE = "no healthy upstream"
-
-
-def split_host(value: str) -> tuple[str, int | None]:
-    """``name[:port]`` or ``[v6]:port`` -> (lower-case name, port or None)."""
-    value = value.strip()
-    if value.startswith("["):
-        end = value.find("]")
-        host, rest = value[1:end], value[end + 1 :]
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = value.partition(":")
-    return host.lower(), int(port) if port.isdigit() else None
 
 
 def _clean_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -77,18 +81,48 @@ def _clean_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-def _apply_ops(headers: CIMultiDict[str], ops: HeaderOps) -> None:
-    for name in ops.remove:
-        headers.popall(name, None)
-    _add_changes(headers, ops.add)
+class _Head:
+    """aiohttp's request as a ``decide.RequestHead``."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._request = request
+
+    @property
+    def method(self) -> str:
+        return self._request.method
+
+    @property
+    def has_body(self) -> bool:
+        return self._request.body_exists
+
+    @property
+    def upgrade(self) -> object:
+        return self._request.headers.get("Upgrade")
+
+    def authority(self) -> str:
+        return self._request.headers.get("Host", "")
+
+    def path(self) -> str:
+        return self._request.path
+
+    def query_string(self) -> str:
+        return self._request.rel_url.raw_query_string
+
+    def header_map(self) -> Mapping[str, str]:
+        return self._request.headers  # case-insensitive: lower-case names find their values
 
 
-def _add_changes(headers: CIMultiDict[str], changes: Iterable[HeaderChange], force_set: bool = False) -> None:
-    for change in changes:
-        if change.append and not force_set:
-            headers.add(change.name, change.value)
+def _apply(headers: CIMultiDict[str], ops: tuple[HeaderOp, ...]) -> None:
+    """Carry out header changes (``runtime.headerops``) on a multidict."""
+    for op, name, value in ops:
+        if op == SET:
+            headers[name] = value
+        elif op == ADD:
+            headers.add(name, value)
         else:
-            headers[change.name] = change.value
+            headers.popall(name, None)
 
 
 class _MeshConnector(aiohttp.TCPConnector):
@@ -132,6 +166,7 @@ class HttpProxy:
         self.creds = Credentials()
         self.peers = PeerCache()
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         connector = _MeshConnector(
@@ -146,6 +181,8 @@ class HttpProxy:
         )
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self.session is not None:
             await self.session.close()
         self.access_log.close()
@@ -159,29 +196,108 @@ class HttpProxy:
             )
         return t
 
-    # -- replies made by the data plane itself ----------------------------------------------
+    # -- carrying out verdicts --------------------------------------------------------------
 
-    def _reply(
-        self,
-        t0: float,
-        status: int,
-        reason: str,
-        direction: str,
-        source: str,
-        dest: str,
-        subset: str = "",
-        headers: Iterable[HeaderChange] = (),
-        body: str | None = None,
-    ) -> web.Response:
-        resp = web.Response(status=status, text=body if body is not None else reason)
-        resp.headers[REASON_HEADER] = reason
-        _add_changes(resp.headers, headers)
+    def _answer(self, t0: float, reply: Reply, direction: str, subset: str = "") -> web.Response:
+        """Carry out a ``Reply``: the data plane answers itself, with the reason in a header."""
+        if reply.overflow:
+            self.metrics.overflow.labels(reply.dest).inc()
+        resp = web.Response(status=reply.status, text=reply.body if reply.body is not None else reply.reason)
+        resp.headers[REASON_HEADER] = reply.reason
+        for name, value in reply.headers:
+            resp.headers.add(name, value)
         elapsed = time.perf_counter() - t0
-        sent = len((body if body is not None else reason).encode())
-        self.metrics.stats.record(direction, source, dest, subset, status, elapsed, 0, sent)
+        sent = len((reply.body if reply.body is not None else reply.reason).encode())
+        self.metrics.stats.record(direction, reply.source, reply.dest, subset, reply.status, elapsed, 0, sent)
         return resp
 
-    # -- outbound ---------------------------------------------------------------------------
+    async def _carry_out(
+        self, request: web.BaseRequest, verdict: Forward | Reply, path_qs: str, t0: float, direction: str
+    ) -> web.StreamResponse:
+        if verdict.delay_s:
+            await asyncio.sleep(verdict.delay_s)
+        if isinstance(verdict, Reply):
+            return self._answer(t0, verdict, direction)
+        fwd = verdict
+        if fwd.path is not None:
+            path_qs = fwd.path + path_qs[len(request_path_raw(path_qs)) :]
+        headers = _clean_headers(request.headers)
+        if fwd.source_header is not None:
+            headers[SOURCE_HEADER] = fwd.source_header
+        if fwd.host is not None:
+            headers["Host"] = fwd.host
+        _apply(headers, fwd.request_ops)
+        for mirror in fwd.mirrors:
+            self._mirror(mirror, request.method, path_qs, headers)
+        if fwd.kind == TARGET:
+            return await self._to_target(request, fwd, headers, path_qs, t0, direction)
+        if fwd.kind == PASSTHROUGH:
+            assert fwd.address is not None
+            name, port = fwd.address
+            url, connect_s, read_s, total_s = f"http://{name}:{port}{path_qs}", 5.0, 300.0, 15.0
+        else:
+            url, connect_s, read_s, total_s = f"http://{self.app_address}{path_qs}", 5.0, 1800.0, None
+        assert self.session is not None
+        try:
+            async with asyncio.timeout(total_s):
+                up = await self.session.request(
+                    request.method,
+                    URL(url, encoded=True),
+                    headers=headers,
+                    data=request.content if request.body_exists else None,
+                    allow_redirects=False,
+                    timeout=self._timeout(connect_s, read_s),
+                )
+        except TimeoutError:
+            return self._answer(t0, failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError"), direction)
+        except (aiohttp.ClientError, OSError) as e:
+            return self._answer(t0, failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__), direction)
+        try:
+            resp = await self._relay(request, up, NO_OPS, fwd.bps)
+        finally:
+            up.release()
+        elapsed = time.perf_counter() - t0
+        self.metrics.stats.record(
+            direction, fwd.source, fwd.dest, "", resp.status, elapsed, *_sizes(request, resp)
+        )
+        return resp
+
+    def _mirror(self, target: Target, method: str, path_qs: str, headers: CIMultiDict[str]) -> None:
+        """Fire and forget a copy to one of ``target``'s hosts (Host gets ``-shadow``)."""
+        host = target.pick(self.engine.clock(), self.engine.rng)
+        if host is None:
+            return
+        self.metrics.mirrors.labels(target.service).inc()
+        shadow = CIMultiDict(headers)
+        shadow["Host"] = headers.get("Host", "").split(":", 1)[0] + "-shadow"
+        task = asyncio.ensure_future(self._send_mirror(target, host, method, path_qs, shadow))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_mirror(
+        self, target: Target, host: Host, method: str, path_qs: str, headers: CIMultiDict[str]
+    ) -> None:
+        hop = peer_hop(self.engine.snapshot, self.creds.client_ctx is not None, "", target.service)
+        if isinstance(hop, Reply) or self.session is None:
+            return  # no certificate yet: the peer would refuse plaintext
+        scheme, tls, peer_name = (
+            ("https", self.creds.client_ctx, target.service) if hop else ("http", True, None)
+        )
+        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+            async with (
+                asyncio.timeout(target.request_timeout_s or 15.0),
+                self.session.request(
+                    method,
+                    URL(f"{scheme}://{host.address}{path_qs}", encoded=True),
+                    headers=headers,
+                    allow_redirects=False,
+                    ssl=cast(Any, tls),
+                    server_hostname=peer_name,
+                ) as resp,
+            ):
+                await resp.read()
+
+    # -- listeners --------------------------------------------------------------------------
 
     async def outbound(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.perf_counter()
@@ -193,156 +309,61 @@ class HttpProxy:
         else:
             name, port = split_host(request.headers.get("Host", ""))
             path_qs = request.raw_path
-        dest = snap.destination(name)
-        if dest is None:
-            return await self._passthrough(request, snap, name, port, path_qs, t0)
-        if dest.protocol == "tcp":
-            return self._reply(
-                t0, 400, f"{name} is a TCP service; open it with CONNECT", "outbound", self.service, name
-            )
-        route = dest.route(request.method, request.path, request.headers)
-        wheel = route.wheel if route is not None else dest.wheel
-        target = wheel.choose(self.engine.rng)
-        if target is None:
-            return self._reply(t0, 503, _NO_HOST_RESPONSE, "outbound", self.service, name)
-        headers = _clean_headers(request.headers)
-        headers[SOURCE_HEADER] = self.service
-        if route is not None and route.modify is not None:
-            path_qs = self._modify_request(route, headers, request.path, path_qs)
-        return await self._to_target(request, target, headers, path_qs, t0, "outbound", self.service, route)
+        verdict = decide_outbound(self.engine, snap, _Head(request), name, port, self.own_addresses)
+        return await self._carry_out(request, verdict, path_qs, t0, "outbound")
 
-    def _modify_request(self, route: Route, headers: CIMultiDict[str], path: str, path_qs: str) -> str:
-        modify = route.modify
-        assert modify is not None
-        new_path = route.rewrite_path(path)
-        if new_path != path:
-            query = path_qs[len(request_path_raw(path_qs)) :]
-            path_qs = new_path + query
-        if modify.host is not None:
-            if modify.host.value is not None:
-                headers["Host"] = modify.host.value
-            elif modify.host.from_path_regex is not None:
-                headers["Host"] = re.sub(
-                    modify.host.from_path_regex, modify.host.from_path_substitution or "", path
-                )
-        _apply_ops(headers, modify.request_headers)
-        return path_qs
+    async def inbound(self, request: web.BaseRequest) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        is_tls, peer = self.peers.of(request.transport)
+        caller = request.headers.get(SOURCE_HEADER, "")
+        verdict = decide_inbound(self.engine, self.engine.snapshot, is_tls, peer, caller)
+        return await self._carry_out(request, verdict, request.raw_path, t0, "inbound")
 
-    async def _passthrough(
-        self, request: web.BaseRequest, snap: Snapshot, name: str, port: int | None, path_qs: str, t0: float
-    ) -> web.StreamResponse:
-        if not name:
-            return self._reply(t0, 400, "request names no host", "outbound", self.service, "")
-        if not snap.ready:
-            return self._reply(t0, 503, "no configuration yet", "outbound", self.service, name)
-        if not snap.passthrough:
-            mesh = snap.mesh.mesh if snap.mesh else "?"
-            return self._reply(
-                t0,
-                403,
-                f"passthrough disabled by Mesh {mesh}: {name} is not a mesh service",
-                "outbound",
-                self.service,
-                name,
-            )
-        port = port or 80
-        if (name, port) in self.own_addresses or (
-            name == "localhost" and ("127.0.0.1", port) in self.own_addresses
-        ):
-            return self._reply(t0, 508, "request names this proxy itself", "outbound", self.service, name)
-        assert self.session is not None
-        headers = _clean_headers(request.headers)
-        body = request.content if request.body_exists else None
-        try:
-            async with asyncio.timeout(15.0):
-                up = await self.session.request(
-                    request.method,
-                    URL(f"http://{name}:{port}{path_qs}", encoded=True),
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=self._timeout(5.0, 300.0),
-                )
-        except TimeoutError:
-            return self._reply(t0, 504, "upstream request timeout", "outbound", self.service, name)
-        except (aiohttp.ClientError, OSError) as e:
-            return self._reply(
-                t0,
-                502,
-                f"passthrough to {name}:{port} failed: {type(e).__name__}",
-                "outbound",
-                self.service,
-                name,
-            )
-        try:
-            resp = await self._relay(request, up, None)
-        finally:
-            up.release()
-        self.metrics.stats.record(
-            "outbound", self.service, name, "", resp.status, time.perf_counter() - t0, *_sizes(request, resp)
-        )
-        return resp
+    async def gateway(self, request: web.BaseRequest, port: int) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        scheme = request_scheme(request.headers.get("X-Forwarded-Proto"), request.secure)
+        verdict = decide_gateway(self.engine, self.engine.snapshot, _Head(request), port, scheme)
+        return await self._carry_out(request, verdict, request.raw_path, t0, "gateway")
 
     async def _to_target(
         self,
         request: web.BaseRequest,
-        target: Target,
+        fwd: Forward,
         headers: CIMultiDict[str],
         path_qs: str,
         t0: float,
         direction: str,
-        source: str,
-        route: Route | None = None,
-        gw_route: GatewayRoute | None = None,
     ) -> web.StreamResponse:
         """Send to one of the target's hosts with its timeouts, retries and ejection; relay back."""
         engine = self.engine
-        dest, subset = target.service, target.subset
-        if target.active >= target.max_active:
-            self.metrics.overflow.labels(dest).inc()
-            return self._reply(t0, 503, "upstream connection limit reached", direction, source, dest, subset)
-        assert self.session is not None
+        target = fwd.target
+        assert target is not None and self.session is not None
+        source, dest, subset = fwd.source, target.service, target.subset
+        refused = admit(target, source)
+        if refused is not None:
+            return self._answer(t0, refused, direction, subset)
         loop = asyncio.get_running_loop()
-        retry = target.retry
-        can_retry = retry is not None and retry.num_retries > 0 and retry.method_allowed(request.method)
+        retry = RetryState(
+            target, request.method, request.content_length if request.body_exists else 0, loop.time()
+        )
         body: Any = None
         if request.body_exists:
-            length = request.content_length
-            if can_retry and length is not None and length <= MAX_RETRY_BODY:
-                body = await request.read()
-            else:
-                body = request.content
-                can_retry = False
-        deadline = loop.time() + target.request_timeout_s if target.request_timeout_s else None
+            body = await request.read() if retry.allowed else request.content
         key = request.headers.get(HASH_KEY_HEADER) or request.path
         timeout = self._timeout(target.connect_timeout_s, target.stream_idle_timeout_s)
-        peer_name: str | None = None
-        scheme, tls = "http", cast(Any, True)  # ssl=True: aiohttp's default (ignored for http://)
-        mtls = self.engine.snapshot.mesh.mtls if self.engine.snapshot.mesh is not None else None
-        if mtls is not None and mtls.enabled:
-            ctx = self.creds.client_ctx
-            if ctx is not None:
-                scheme, tls = "https", ctx  # a rotation swaps the context: new pooled connections
-                peer_name = dest  # checked against the server's SPIFFE identity (_MeshConnector)
-            elif mtls.mode == "STRICT":
-                return self._reply(
-                    t0, 503, "mTLS is on and this data plane has no certificate yet", direction, source, dest
-                )
-        tried: list[Host] = []
-        retries = 0
+        hop = peer_hop(engine.snapshot, self.creds.client_ctx is not None, source, dest)
+        if isinstance(hop, Reply):
+            return self._answer(t0, hop, direction)
+        # A rotation swaps the context: new pooled connections. The server's SPIFFE identity is
+        # checked against the destination (_MeshConnector). ssl=True is aiohttp's default.
+        scheme, tls, peer_name = ("https", self.creds.client_ctx, dest) if hop else ("http", True, None)
         target.active += 1
         try:
             while True:
-                host = target.pick(engine.clock(), engine.rng, key, tried)
+                host = target.pick(engine.clock(), engine.rng, key, retry.tried)
                 if host is None:
-                    return self._reply(t0, 503, _NO_HOST_RESPONSE, direction, source, dest, subset)
-                tried.append(host)
-                try_timeout = retry.per_try_timeout_s if retry is not None else None
-                overall = False
-                if deadline is not None:
-                    left = deadline - loop.time()
-                    if try_timeout is None or left <= try_timeout:
-                        try_timeout, overall = max(left, 0.0), True
+                    return self._answer(t0, Reply(503, NO_HOST, source, dest), direction, subset)
+                try_timeout = retry.try_timeout(loop.time())
                 host.active += 1
                 up: aiohttp.ClientResponse | None = None
                 outcome = Outcome.OK
@@ -355,7 +376,7 @@ class HttpProxy:
                             data=body,
                             allow_redirects=False,
                             timeout=timeout,
-                            ssl=tls,
+                            ssl=cast(Any, tls),
                             server_hostname=peer_name,
                         )
                     outcome = engine.outcome_for_status(up.status)
@@ -367,52 +388,25 @@ class HttpProxy:
                     host.active -= 1
                 if target.report(host, outcome, engine.clock()):
                     self.metrics.ejections.labels(dest, host.address).inc()
-                if (
-                    can_retry
-                    and retry is not None
-                    and retries < retry.num_retries
-                    and not (overall and outcome == Outcome.TIMEOUT)
-                    and target.retries_active < target.max_retries
-                    and (
-                        (up is None and retry.retriable_failure(outcome))
-                        or (up is not None and retry.retriable_status(up.status))
-                    )
-                ):
+                backoff = retry.failed(host, outcome, up.status if up is not None else 0, engine.rng)
+                if backoff is not None:
                     if up is not None:
                         up.release()
-                    retries += 1
+                        if outcome == Outcome.OK:
+                            host.active -= 1
                     self.metrics.retries.labels(dest, subset).inc()
-                    target.retries_active += 1
+                    late: Reply | None = None
                     try:
-                        await asyncio.sleep(retry.backoff_s(retries, engine.rng))
+                        await asyncio.sleep(backoff)
                     finally:
-                        target.retries_active -= 1
-                    if deadline is not None and loop.time() >= deadline:
-                        return self._reply(
-                            t0, 504, "upstream request timeout", direction, source, dest, subset
-                        )
+                        late = retry.resume(loop.time(), source)
+                    if late is not None:
+                        return self._answer(t0, late, direction, subset)
                     continue
                 if up is None:
-                    if outcome == Outcome.TIMEOUT:
-                        return self._reply(
-                            t0, 504, "upstream request timeout", direction, source, dest, subset
-                        )
-                    return self._reply(
-                        t0,
-                        503,
-                        "upstream connect error or disconnect/reset before headers",
-                        direction,
-                        source,
-                        dest,
-                        subset,
-                    )
+                    return self._answer(t0, retry.give_up(outcome, source), direction, subset)
                 try:
-                    ops = (
-                        route.modify.response_headers
-                        if route is not None and route.modify is not None
-                        else None
-                    )
-                    resp = await self._relay(request, up, ops, gw_route=gw_route)
+                    resp = await self._relay(request, up, fwd.response_ops)
                 finally:
                     up.release()
                     if outcome == Outcome.OK:
@@ -458,17 +452,12 @@ class HttpProxy:
         self,
         request: web.BaseRequest,
         up: aiohttp.ClientResponse,
-        ops: HeaderOps | None,
+        ops: tuple[HeaderOp, ...],
         bps: int = 0,
-        gw_route: GatewayRoute | None = None,
     ) -> web.StreamResponse:
         """Relay the upstream response: small bodies in one write, larger ones streamed."""
         out: CIMultiDict[str] = _clean_headers(up.headers)
-        if ops is not None:
-            _apply_ops(out, ops)
-        if gw_route is not None:
-            for f in gw_route.response_headers:
-                _gateway_header_filter(out, f.set, f.add, f.remove)
+        _apply(out, ops)
         length = up.content_length
         if bps == 0 and length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # Headers and body leave in one send: half the system calls of streaming.
@@ -503,128 +492,6 @@ class HttpProxy:
             if request.transport is not None:
                 request.transport.close()
         return resp
-
-    # -- inbound ----------------------------------------------------------------------------
-
-    async def inbound(self, request: web.BaseRequest) -> web.StreamResponse:
-        t0 = time.perf_counter()
-        snap = self.engine.snapshot
-        caller = request.headers.get(SOURCE_HEADER, "")
-        is_tls, peer = self.peers.of(request.transport)
-        if is_tls:
-            # mTLS: the caller is the peer certificate's identity, never the header (DESIGN §6).
-            mesh = snap.mesh.mesh if snap.mesh is not None else None
-            if peer is None or (mesh is not None and peer.mesh != mesh):
-                why = "peer certificate names no identity in this mesh"
-                return self._deny(t0, why, caller or "unknown")
-            caller = peer.service
-            rate_limit, fault, permitted = snap.inbound.for_peer(peer.tags)
-            if not permitted:
-                return self._deny(t0, f"no TrafficPermission allows {caller}", caller)
-        else:
-            # Plaintext (mTLS off, or PERMISSIVE): the header is only a metrics label, as in Kuma.
-            rate_limit, fault, _permitted = snap.inbound.for_caller(caller)
-        if rate_limit is not None and not rate_limit.bucket.take(self.engine.clock()):
-            conf = rate_limit.conf
-            return self._reply(
-                t0, conf.status, "local_rate_limited", "inbound", caller, self.service, headers=conf.headers
-            )
-        bps = 0
-        if fault is not None:
-            delay, abort, bps = fault.decide(self.engine.rng)
-            if delay:
-                await asyncio.sleep(delay)
-            if abort:
-                return self._reply(t0, abort, "fault filter abort", "inbound", caller, self.service)
-        assert self.session is not None and self.app_address is not None
-        headers = _clean_headers(request.headers)
-        if is_tls:
-            headers[SOURCE_HEADER] = caller
-        try:
-            up = await self.session.request(
-                request.method,
-                URL(f"http://{self.app_address}{request.raw_path}", encoded=True),
-                headers=headers,
-                data=request.content if request.body_exists else None,
-                allow_redirects=False,
-                timeout=self._timeout(5.0, 1800.0),
-            )
-        except TimeoutError:
-            return self._reply(t0, 504, "app timeout", "inbound", caller, self.service)
-        except (aiohttp.ClientError, OSError):
-            return self._reply(
-                t0,
-                503,
-                "upstream connect error or disconnect/reset before headers",
-                "inbound",
-                caller,
-                self.service,
-            )
-        try:
-            resp = await self._relay(request, up, None, bps)
-        finally:
-            up.release()
-        self.metrics.stats.record(
-            "inbound", caller, self.service, "", resp.status, time.perf_counter() - t0, *_sizes(request, resp)
-        )
-        return resp
-
-    def _deny(self, t0: float, reason: str, caller: str) -> web.Response:
-        resp = self._reply(t0, 403, reason, "inbound", caller, self.service)
-        resp.headers[DENIED_HEADER] = reason
-        return resp
-
-    # -- gateway ----------------------------------------------------------------------------
-
-    async def gateway(self, request: web.BaseRequest, port: int) -> web.StreamResponse:
-        t0 = time.perf_counter()
-        snap = self.engine.snapshot
-        listener = snap.gateway.get(port)
-        if listener is None:
-            return self._reply(t0, 404, "no gateway listener", "gateway", self.service, "")
-        host, _ = split_host(request.headers.get("Host", ""))
-        query = request.query
-        found = listener.route(host, request.method, request.path, request.headers, query)
-        if found is None:
-            return self._reply(t0, 404, "no route", "gateway", self.service, "")
-        route, prefix = found
-        if route.redirect is not None:
-            f = route.redirect
-            scheme = f.redirect_scheme or request.scheme
-            hostname = f.redirect_hostname or host
-            portpart = f":{f.redirect_port}" if f.redirect_port else ""
-            path = f.redirect_path if f.redirect_path is not None else route.rewrite(request.path, prefix)
-            qs = request.query_string
-            location = f"{scheme}://{hostname}{portpart}{path}" + (f"?{qs}" if qs else "")
-            resp = self._reply(t0, f.redirect_status, "redirect", "gateway", self.service, "", body="")
-            resp.headers["Location"] = location
-            return resp
-        target = route.wheel.choose(self.engine.rng)
-        if target is None:
-            return self._reply(t0, 503, _NO_HOST_RESPONSE, "gateway", self.service, "")
-        headers = _clean_headers(request.headers)
-        headers[SOURCE_HEADER] = self.service
-        for f in route.request_headers:
-            _gateway_header_filter(headers, f.set, f.add, f.remove)
-        path = route.rewrite(request.path, prefix)
-        qs = request.query_string
-        path_qs = URL.build(path=path, encoded=False).raw_path + (f"?{qs}" if qs else "")
-        return await self._to_target(
-            request, target, headers, path_qs, t0, "gateway", self.service, gw_route=route
-        )
-
-
-def _gateway_header_filter(
-    headers: CIMultiDict[str],
-    set_: Iterable[HeaderChange],
-    add: Iterable[HeaderChange],
-    remove: Iterable[str],
-) -> None:
-    _add_changes(headers, set_, force_set=True)
-    for change in add:
-        headers.add(change.name, change.value)
-    for name in remove:
-        headers.popall(name, None)
 
 
 def request_path_raw(path_qs: str) -> str:

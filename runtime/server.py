@@ -142,7 +142,7 @@ class DataPlane:
             self.http = HttpProxy(self.engine, self.metrics, app_address=opts.app)
             self.http.own_addresses = self.own_addresses
             self.http.creds = self.creds
-        self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app)
+        self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app, own_addresses=self.own_addresses)
         self.health = HealthChecker(self.metrics)
         self.registrar: Registrar | None = None
         self._bg: asyncio.Future[None] | None = None

@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from runtime._hosts import Host, Outcome
+from runtime.decide import (
+    NO_HOST,
+    TARGET,
+    Reply,
+    admit,
+    decide_connect,
+    decide_tcp_gateway,
+    decide_tcp_inbound,
+    peer_hop,
+)
 from runtime.engine import Engine, Target
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache
@@ -63,9 +74,10 @@ async def _splice(
 
 def _http_error(status: int, reason: str) -> bytes:
     body = reason.encode()
-    phrase = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway", 503: "Service Unavailable"}.get(
-        status, "Error"
-    )
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
     return (
         f"HTTP/1.1 {status} {phrase}\r\nx-meshc-reason: {reason}\r\ncontent-type: text/plain\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -75,8 +87,16 @@ def _http_error(status: int, reason: str) -> bytes:
 class TcpProxy:
     """Tunnels and TCP listeners of one data plane; tracks live tunnels for draining."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, *, app_address: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        app_address: str | None = None,
+        own_addresses: set[tuple[str, int]] | None = None,
+    ) -> None:
         self.engine = engine
+        self.own_addresses = own_addresses if own_addresses is not None else set()
         self.metrics = metrics
         self.app_address = app_address
         self.tasks: set[asyncio.Task[None]] = set()
@@ -103,10 +123,10 @@ class TcpProxy:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         engine = self.engine
         tried: list[Host] = []
-        mesh = engine.snapshot.mesh
-        ssl_ctx = self.creds.client_ctx if mesh is not None and mesh.mtls.enabled else None
-        if ssl_ctx is None and mesh is not None and mesh.mtls.enabled and mesh.mtls.mode == "STRICT":
+        hop = peer_hop(engine.snapshot, self.creds.client_ctx is not None, engine.service, target.service)
+        if isinstance(hop, Reply):
             return None  # no certificate yet: a STRICT peer would refuse plaintext
+        ssl_ctx = self.creds.client_ctx if hop else None
         for _ in range(target.tcp_connect_attempts):
             host = target.pick(engine.clock(), engine.rng, None, tried)
             if host is None:
@@ -135,26 +155,23 @@ class TcpProxy:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        target: Target | None,
+        target: Target,
         direction: str,
         source: str,
         dest: str,
         established: bytes = b"",
     ) -> None:
         """Connect to one of the target's hosts and splice; ``established`` is sent on success."""
-        if target is None or target.active >= target.max_active:
-            reason = "no healthy upstream" if target is None else "upstream connection limit reached"
-            if established:
-                writer.write(_http_error(503, reason))
-            writer.close()
-            self._count(direction, source, dest, "", "refused")
+        refused = admit(target, source)
+        if refused is not None:
+            self._refuse(writer, refused, direction, bool(established))
             return
         target.active += 1
         try:
             conn = await self._connect_target(target)
             if conn is None:
                 if established:
-                    writer.write(_http_error(503, "no healthy upstream"))
+                    writer.write(_http_error(503, NO_HOST))
                 writer.close()
                 self._count(direction, source, dest, target.subset, "connect_failure")
                 return
@@ -191,39 +208,43 @@ class TcpProxy:
 
     # -- listeners --------------------------------------------------------------------------
 
-    async def inbound_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Inbound listener of a TCP service: pipe to the app."""
-        assert self.app_address is not None
-        host, _, port = self.app_address.rpartition(":")
+    def _refuse(self, writer: asyncio.StreamWriter, reply: Reply, direction: str, http: bool) -> None:
+        """Carry out a ``Reply`` on a connection: an HTTP answer to a ``CONNECT``, else a close."""
+        if reply.overflow:
+            self.metrics.overflow.labels(reply.dest).inc()
+        if http:
+            writer.write(_http_error(reply.status, reply.reason))
+        writer.close()
+        result = "denied" if reply.status == 403 and direction == "inbound" else "refused"
+        self._count(direction, reply.source, reply.dest, "", result)
+
+    def _adopt(self) -> None:
         task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        source = ""
+
+    async def inbound_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Inbound listener of a TCP service: pipe to the app."""
+        assert self.app_address is not None
+        host, _, port = self.app_address.rpartition(":")
+        self._adopt()
         is_tls, peer = self.peers.of(writer.transport)
-        if is_tls:  # mTLS: the peer certificate's identity must be allowed by a TrafficPermission
-            snap = self.engine.snapshot
-            mesh = snap.mesh.mesh if snap.mesh is not None else None
-            allowed = peer is not None and peer.mesh == mesh and snap.inbound.for_peer(peer.tags)[2]
-            source = peer.service if peer is not None else "unknown"
-            if not allowed:
-                self._count("inbound", source, self.engine.service, "", "denied")
-                writer.close()
-                return
-        await self.to_address(reader, writer, (host, int(port)), "inbound", source, self.engine.service)
+        verdict = decide_tcp_inbound(self.engine, self.engine.snapshot, is_tls, peer)
+        if isinstance(verdict, Reply):
+            self._refuse(writer, verdict, "inbound", False)
+            return
+        await self.to_address(reader, writer, (host, int(port)), "inbound", verdict.source, verdict.dest)
 
     def gateway_handler(self, port: int) -> _StreamHandler:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            if task is not None:
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-            listener = self.engine.snapshot.gateway.get(port)
-            wheel = listener.tcp_wheel if listener is not None else None
-            target = wheel.choose(self.engine.rng) if wheel is not None else None
-            await self.to_target(
-                reader, writer, target, "gateway", self.engine.service, target.service if target else ""
-            )
+            self._adopt()
+            verdict = decide_tcp_gateway(self.engine, self.engine.snapshot, port)
+            if isinstance(verdict, Reply):
+                self._refuse(writer, verdict, "gateway", False)
+                return
+            assert verdict.target is not None
+            await self.to_target(reader, writer, verdict.target, "gateway", verdict.source, verdict.dest)
 
         return handle
 
@@ -238,7 +259,6 @@ class TcpProxy:
         if rest:
             reader.feed_data(rest)
         transport.resume_reading()
-        source = self.engine.service
         try:
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             _method, authority, _version = line.split(" ", 2)
@@ -250,26 +270,15 @@ class TcpProxy:
             writer.close()
             return
         ok = b"HTTP/1.1 200 Connection Established\r\n\r\n"
-        snap = self.engine.snapshot
-        dest = snap.destination(name)
-        if dest is not None:
-            if dest.protocol != "tcp":
-                writer.write(_http_error(400, f"{name} is an HTTP mesh service; send plain HTTP requests"))
-                writer.close()
-                return
-            target = dest.wheel.choose(self.engine.rng)
-            await self.to_target(reader, writer, target, "outbound", source, name, ok)
-            return
-        if not snap.passthrough:
-            mesh = snap.mesh.mesh if snap.mesh else "?"
-            reason = f"passthrough disabled by Mesh {mesh}: {name} is not a mesh service"
-            if snap.mesh is None:
-                reason = "no configuration yet"
-            writer.write(_http_error(403, reason))
-            writer.close()
-            self._count("outbound", source, name, "", "refused")
-            return
-        await self.to_address(reader, writer, (name, port), "outbound", source, name, ok)
+        verdict = decide_connect(self.engine, self.engine.snapshot, name, port, self.own_addresses)
+        if isinstance(verdict, Reply):
+            self._refuse(writer, verdict, "outbound", True)
+        elif verdict.kind == TARGET:
+            assert verdict.target is not None
+            await self.to_target(reader, writer, verdict.target, "outbound", verdict.source, name, ok)
+        else:
+            assert verdict.address is not None
+            await self.to_address(reader, writer, verdict.address, "outbound", verdict.source, name, ok)
 
 
 class OutboundSniffer(asyncio.Protocol):

@@ -1,0 +1,520 @@
+"""What every forwarding layer does with a request, decided in one place (sans-io).
+
+The byte layers (``fastconn``/``fastexchange``, ``proxy``, ``tcp``) read the snapshot once per
+request and ask here: ``decide_outbound``, ``decide_inbound`` and ``decide_gateway`` for HTTP,
+``decide_connect`` for ``CONNECT``, ``decide_tcp_inbound`` and ``decide_tcp_gateway`` for TCP
+listeners. The answer is a ``Forward`` (where the request goes and how it is rewritten) or a
+``Reply`` (the data plane answers itself, with a reason). ``passthrough`` is the one verdict for
+a host outside the mesh whatever the protocol; ``admit`` and ``peer_hop`` are the checks made
+when a target is about to get a request; ``RetryState`` follows one request's attempts and says,
+from each outcome, back off and retry or give up, and with which answer. The layers carry the
+verdicts out and never decide themselves, so the two HTTP data planes cannot drift apart.
+
+Nothing here touches a socket or a clock that is not passed in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Mapping
+from typing import Protocol
+from urllib.parse import quote, unquote
+
+from runtime._hosts import Host, Outcome
+from runtime._policy import MAX_RETRY_BODY, RetryPolicy
+from runtime.engine import Engine, Snapshot, Target
+from runtime.headerops import NO_OPS, HeaderOp
+from runtime.identity import PeerIdentity
+from runtime.security import DENIED_HEADER
+
+__all__ = [
+    "APP",
+    "NO_HOST",
+    "PASSTHROUGH",
+    "PATH_SAFE",
+    "RESET",
+    "TARGET",
+    "Forward",
+    "Reply",
+    "RequestHead",
+    "RetryState",
+    "admit",
+    "decide_connect",
+    "decide_gateway",
+    "decide_inbound",
+    "decide_outbound",
+    "decide_tcp_gateway",
+    "decide_tcp_inbound",
+    "failure_reply",
+    "passthrough",
+    "peer_hop",
+    "query_map",
+    "request_scheme",
+    "split_host",
+]
+
+NO_HOST = "no healthy upstream"
+RESET = "upstream connect error or disconnect/reset before headers"
+TIMEOUT_REASON = "upstream request timeout"
+PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+"""Characters a rewritten gateway path keeps as they are (RFC 3986 pchar and '/')."""
+
+TARGET, PASSTHROUGH, APP = 0, 1, 2
+"""What a ``Forward`` goes to: a mesh target's hosts, an address outside the mesh, the local app."""
+
+Addr = tuple[str, int]
+
+
+class RequestHead(Protocol):
+    """What a decision reads of an HTTP request (``h1.Request`` on the fast path, an adapter of
+    aiohttp's request on the other)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def has_body(self) -> bool: ...
+    @property
+    def upgrade(self) -> object: ...
+
+    def authority(self) -> str: ...
+    def path(self) -> str:
+        """The decoded path, no query, as route matches see it."""
+        ...
+
+    def query_string(self) -> str: ...
+    def header_map(self) -> Mapping[str, str]:
+        """Header values by lower-case name (the first of repeated fields)."""
+        ...
+
+
+class Reply:
+    """The data plane answers the request itself (after ``delay_s``, for a fault's delay)."""
+
+    __slots__ = ("body", "delay_s", "dest", "headers", "overflow", "reason", "source", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        source: str = "",
+        dest: str = "",
+        *,
+        headers: tuple[tuple[str, str], ...] = (),
+        body: str | None = None,
+        delay_s: float = 0.0,
+        overflow: bool = False,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        """Also sent as ``x-meshc-reason``."""
+        self.source = source
+        self.dest = dest
+        self.headers = headers
+        self.body = body
+        """The body text; None: the reason."""
+        self.delay_s = delay_s
+        self.overflow = overflow
+        """A circuit breaker's limit refused it (counted as an overflow)."""
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.reason!r})"
+
+
+class Forward:
+    """Send the request on: to a target's hosts, a passthrough address or the local app."""
+
+    __slots__ = (
+        "address",
+        "bps",
+        "delay_s",
+        "dest",
+        "host",
+        "kind",
+        "mirrors",
+        "path",
+        "request_ops",
+        "response_ops",
+        "source",
+        "source_header",
+        "target",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        source: str,
+        dest: str,
+        *,
+        target: Target | None = None,
+        address: Addr | None = None,
+        path: str | None = None,
+        host: str | None = None,
+        request_ops: tuple[HeaderOp, ...] = NO_OPS,
+        response_ops: tuple[HeaderOp, ...] = NO_OPS,
+        source_header: str | None = None,
+        mirrors: tuple[Target, ...] = (),
+        delay_s: float = 0.0,
+        bps: int = 0,
+    ) -> None:
+        self.kind = kind
+        self.source = source
+        self.dest = dest
+        self.target = target
+        self.address = address
+        """The passthrough address (``PASSTHROUGH``)."""
+        self.path = path
+        """The next hop's path in wire form, no query; None: the request's own."""
+        self.host = host
+        """The next hop's Host; None: the request's own."""
+        self.request_ops = request_ops
+        self.response_ops = response_ops
+        self.source_header = source_header
+        """``x-meshc-source-service`` to send; None: the request's own (if any) goes on."""
+        self.mirrors = mirrors
+        """Targets that get a copy of the request (answer ignored)."""
+        self.delay_s = delay_s
+        self.bps = bps
+        """Response bandwidth in bits/s (a fault); 0: unlimited."""
+
+    def __repr__(self) -> str:
+        where = self.target if self.kind == TARGET else self.address if self.kind == PASSTHROUGH else "app"
+        return f"Forward({where})"
+
+
+# -- parsing helpers shared by the layers --------------------------------------------------------
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """``name[:port]`` or ``[v6]:port`` -> (lower-case name, port or None)."""
+    value = value.strip()
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[1:end], value[end + 1 :]
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = value.partition(":")
+    return host.lower(), int(port) if port.isdigit() else None
+
+
+def query_map(qs: str) -> dict[str, str]:
+    """A raw query string -> decoded name -> the first value."""
+    out: dict[str, str] = {}
+    for part in qs.split("&"):
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        out.setdefault(unquote(k.replace("+", " ")), unquote(v.replace("+", " ")))
+    return out
+
+
+def request_scheme(forwarded_proto: str | None, tls: bool) -> str:
+    """The scheme the client used: what an edge in front said (``X-Forwarded-Proto``), else the
+    connection's. A redirect with no scheme keeps it, as Envoy and the Gateway API do."""
+    if forwarded_proto:
+        proto = forwarded_proto.split(",", 1)[0].strip().lower()
+        if proto in ("http", "https"):
+            return proto
+    return "https" if tls else "http"
+
+
+# -- verdicts ------------------------------------------------------------------------------------
+
+
+def passthrough(
+    snap: Snapshot, source: str, name: str, port: int | None, default_port: int, own: Collection[Addr]
+) -> Forward | Reply:
+    """A host outside the mesh, for HTTP and ``CONNECT`` alike (DESIGN §5): it passes through when
+    the Mesh allows it, else 403 with the reason. Before any configuration has arrived nobody
+    can tell a mesh host from an outside one, so the answer is a 503 (try again), not a 403."""
+    if not name:
+        return Reply(400, "request names no host", source, "")
+    if not snap.ready:
+        return Reply(503, "no configuration yet", source, name)
+    if not snap.passthrough:
+        mesh = snap.mesh.mesh if snap.mesh is not None else "?"
+        return Reply(403, f"passthrough disabled by Mesh {mesh}: {name} is not a mesh service", source, name)
+    port = port or default_port
+    if (name, port) in own or (name == "localhost" and ("127.0.0.1", port) in own):
+        return Reply(508, "request names this proxy itself", source, name)
+    return Forward(PASSTHROUGH, source, name, address=(name, port))
+
+
+def decide_outbound(
+    engine: Engine, snap: Snapshot, head: RequestHead, name: str, port: int | None, own: Collection[Addr]
+) -> Forward | Reply:
+    """An outbound HTTP request for ``name[:port]`` (from its Host or absolute URI)."""
+    source = engine.service
+    dest = snap.destination(name)
+    if dest is None:
+        return passthrough(snap, source, name, port, 80, own)
+    if dest.protocol == "tcp":
+        return Reply(400, f"{name} is a TCP service; open it with CONNECT", source, name)
+    route = dest.route(head.method, head.path(), head.header_map()) if dest.routes else None
+    target = (route.wheel if route is not None else dest.wheel).choose(engine.rng)
+    if target is None:
+        return Reply(503, NO_HOST, source, name)
+    if route is None or route.modify is None:
+        return Forward(TARGET, source, target.service, target=target, source_header=source)
+    path = head.path()
+    new_path = route.rewrite_path(path)
+    return Forward(
+        TARGET,
+        source,
+        target.service,
+        target=target,
+        path=new_path if new_path != path else None,
+        host=route.rewrite_host(path),
+        request_ops=route.request_ops,
+        response_ops=route.response_ops,
+        source_header=source,
+    )
+
+
+def _caller(snap: Snapshot, identity: PeerIdentity | None) -> str | None:
+    """Why a mutual-TLS peer is no caller of this mesh, or None when it is one."""
+    mesh = snap.mesh.mesh if snap.mesh is not None else None
+    if identity is None or (mesh is not None and identity.mesh != mesh):
+        return "peer certificate names no identity in this mesh"
+    return None
+
+
+def _deny(reason: str, caller: str, service: str) -> Reply:
+    return Reply(403, reason, caller, service, headers=((DENIED_HEADER, reason),))
+
+
+def decide_inbound(
+    engine: Engine, snap: Snapshot, tls: bool, identity: PeerIdentity | None, caller_header: str
+) -> Forward | Reply:
+    """A request to this instance's app. Under mTLS the caller is the peer certificate's
+    identity, never the header (DESIGN §6), and a TrafficPermission must allow it; in plaintext
+    (mTLS off, or PERMISSIVE) the header is only a metrics label, as in Kuma."""
+    service = engine.service
+    caller = caller_header
+    if tls:
+        why = _caller(snap, identity)
+        if why is not None or identity is None:
+            return _deny(why or "", caller or "unknown", service)
+        caller = identity.service
+        rate_limit, fault, permitted = snap.inbound.for_peer(identity.tags)
+        if not permitted:
+            return _deny(f"no TrafficPermission allows {caller}", caller, service)
+    else:
+        rate_limit, fault, _permitted = snap.inbound.for_caller(caller)
+    if rate_limit is not None and not rate_limit.bucket.take(engine.clock()):
+        conf = rate_limit.conf
+        headers = tuple((h.name, h.value) for h in conf.headers)
+        return Reply(conf.status, "local_rate_limited", caller, service, headers=headers)
+    delay = 0.0
+    bps = 0
+    if fault is not None:
+        delay, abort, bps = fault.decide(engine.rng)
+        if abort:
+            return Reply(abort, "fault filter abort", caller, service, delay_s=delay)
+    return Forward(APP, caller, service, source_header=caller if tls else None, delay_s=delay, bps=bps)
+
+
+def decide_gateway(
+    engine: Engine, snap: Snapshot, head: RequestHead, port: int, scheme: str
+) -> Forward | Reply:
+    """A request to the gateway listener on ``port``; ``scheme`` from ``request_scheme``."""
+    source = engine.service
+    listener = snap.gateway.get(port)
+    if listener is None:
+        return Reply(404, "no gateway listener", source)
+    hostname, _ = split_host(head.authority())
+    path = head.path()
+    qs = head.query_string()
+    found = listener.route(hostname, head.method, path, head.header_map(), query_map(qs) if qs else {})
+    if found is None:
+        return Reply(404, "no route", source)
+    route, prefix = found
+    f = route.redirect
+    if f is not None:
+        name = f.redirect_hostname or hostname
+        portpart = f":{f.redirect_port}" if f.redirect_port else ""
+        new_path = f.redirect_path if f.redirect_path is not None else route.rewrite(path, prefix)
+        location = f"{f.redirect_scheme or scheme}://{name}{portpart}{new_path}" + (f"?{qs}" if qs else "")
+        return Reply(f.redirect_status, "redirect", source, headers=(("Location", location),), body="")
+    target = route.wheel.choose(engine.rng)
+    if target is None:
+        return Reply(503, NO_HOST, source)
+    mirrors: tuple[Target, ...] = ()
+    if route.mirrors and not head.has_body and not head.upgrade:
+        # Fire and forget, as Envoy's request mirror policy. Requests with a body are not
+        # mirrored (the body streams to the backend and is not kept).
+        rng = engine.rng
+        mirrors = tuple(m for pct, m in route.mirrors if pct >= 100.0 or rng.random() * 100.0 < pct)
+    return Forward(
+        TARGET,
+        source,
+        target.service,
+        target=target,
+        path=quote(route.rewrite(path, prefix), safe=PATH_SAFE),
+        request_ops=route.request_ops,
+        response_ops=route.response_ops,
+        source_header=source,
+        mirrors=mirrors,
+    )
+
+
+def decide_connect(
+    engine: Engine, snap: Snapshot, name: str, port: int, own: Collection[Addr]
+) -> Forward | Reply:
+    """``CONNECT name:port`` on the outbound listener: a mesh TCP service, or a passthrough."""
+    source = engine.service
+    dest = snap.destination(name)
+    if dest is None:
+        return passthrough(snap, source, name, port, port, own)
+    if dest.protocol != "tcp":
+        return Reply(400, f"{name} is an HTTP mesh service; send plain HTTP requests", source, name)
+    target = dest.wheel.choose(engine.rng)
+    if target is None:
+        return Reply(503, NO_HOST, source, name)
+    return Forward(TARGET, source, name, target=target)
+
+
+def decide_tcp_gateway(engine: Engine, snap: Snapshot, port: int) -> Forward | Reply:
+    """A connection to the gateway's TCP listener on ``port``."""
+    source = engine.service
+    listener = snap.gateway.get(port)
+    wheel = listener.tcp_wheel if listener is not None else None
+    target = wheel.choose(engine.rng) if wheel is not None else None
+    if target is None:
+        return Reply(503, NO_HOST, source)
+    return Forward(TARGET, source, target.service, target=target)
+
+
+def decide_tcp_inbound(
+    engine: Engine, snap: Snapshot, tls: bool, identity: PeerIdentity | None
+) -> Forward | Reply:
+    """A connection to a TCP service's inbound listener: under mTLS a TrafficPermission must
+    allow the peer certificate's identity, as for HTTP."""
+    service = engine.service
+    if not tls:
+        return Forward(APP, "", service)
+    why = _caller(snap, identity)
+    caller = identity.service if identity is not None else "unknown"
+    if why is not None or identity is None:
+        return _deny(why or "", caller, service)
+    if not snap.inbound.for_peer(identity.tags)[2]:
+        return _deny(f"no TrafficPermission allows {caller}", caller, service)
+    return Forward(APP, caller, service)
+
+
+def admit(target: Target, source: str) -> Reply | None:
+    """None when the target may take one more request or connection, else the 503 (Envoy's
+    circuit breaker overflow)."""
+    if target.active >= target.max_active:
+        return Reply(503, "upstream connection limit reached", source, target.service, overflow=True)
+    return None
+
+
+def peer_hop(snap: Snapshot, have_certificate: bool, source: str, dest: str) -> bool | Reply:
+    """How to reach a peer data plane: True over mutual TLS, False in plaintext, or the 503 when
+    the Mesh is STRICT and this data plane has no certificate yet (the peer would refuse it)."""
+    mesh = snap.mesh
+    if mesh is None or not mesh.mtls.enabled:
+        return False
+    if have_certificate:
+        return True
+    if mesh.mtls.mode == "STRICT":
+        return Reply(503, "mTLS is on and this data plane has no certificate yet", source, dest)
+    return False
+
+
+def failure_reply(forward: Forward, outcome: int, error: str) -> Reply:
+    """The answer to an attempt that got no response head and is not retried."""
+    source, dest = forward.source, forward.dest
+    if forward.kind == PASSTHROUGH:
+        if outcome == Outcome.TIMEOUT:
+            return Reply(504, TIMEOUT_REASON, source, dest)
+        name, port = forward.address or ("?", 0)
+        return Reply(502, f"passthrough to {name}:{port} failed: {error}", source, dest)
+    if outcome == Outcome.TIMEOUT:
+        return Reply(504, "app timeout" if forward.kind == APP else TIMEOUT_REASON, source, dest)
+    return Reply(503, RESET, source, dest)
+
+
+class RetryState:
+    """One request's attempts at a target: the deadline, each try's timeout, and after each
+    failed attempt whether to back off and retry or to give up (Envoy's retry policy: retriable
+    outcomes and methods, ``max_retries`` in flight across requests, never past the request's
+    own timeout). A request whose body cannot be replayed (unknown length, over 64 KiB) is tried
+    once."""
+
+    __slots__ = ("allowed", "backing_off", "deadline", "overall", "policy", "retries", "target", "tried")
+
+    def __init__(self, target: Target, method: str, body_length: int | None, now: float) -> None:
+        """``body_length``: 0 without a body, None when it is not known up front (chunked)."""
+        policy: RetryPolicy | None = target.retry
+        self.target = target
+        self.policy = policy
+        self.allowed = (
+            policy is not None
+            and policy.num_retries > 0
+            and body_length is not None
+            and body_length <= MAX_RETRY_BODY
+            and policy.method_allowed(method)
+        )
+        self.retries = 0
+        self.backing_off = False
+        self.overall = False
+        timeout = target.request_timeout_s
+        self.deadline = now + timeout if timeout else None
+        self.tried: list[Host] = []
+
+    def try_timeout(self, now: float) -> float | None:
+        """The next attempt's timeout: the per-try one, cut to what is left of the request's."""
+        policy = self.policy
+        timeout = policy.per_try_timeout_s if policy is not None else None
+        self.overall = False
+        deadline = self.deadline
+        if deadline is not None:
+            left = deadline - now
+            if timeout is None or left <= timeout:
+                timeout, self.overall = max(left, 0.0), True
+        return timeout
+
+    def failed(self, host: Host | None, outcome: int, status: int, rng: random.Random) -> float | None:
+        """An attempt failed (``status`` 0: before a response head). The backoff in seconds before
+        the next attempt, or None: give up (answer ``give_up``, or relay the response)."""
+        if host is not None:
+            self.tried.append(host)
+        policy = self.policy
+        target = self.target
+        if (
+            not self.allowed
+            or policy is None
+            or self.retries >= policy.num_retries
+            or (self.overall and outcome == Outcome.TIMEOUT)  # the request's deadline is spent
+            or target.retries_active >= target.max_retries
+        ):
+            return None
+        if status:
+            if not policy.retriable_status(status):
+                return None
+        elif not policy.retriable_failure(outcome):
+            return None
+        self.retries += 1
+        target.retries_active += 1
+        self.backing_off = True
+        return policy.backoff_s(self.retries, rng)
+
+    def resume(self, now: float, source: str) -> Reply | None:
+        """The backoff is over: None to attempt again, or the 504 when the deadline passed."""
+        self.end()
+        if self.deadline is not None and now >= self.deadline:
+            return Reply(504, TIMEOUT_REASON, source, self.target.service)
+        return None
+
+    def end(self) -> None:
+        """The exchange is over (or the backoff): give back the retry budget it held."""
+        if self.backing_off:
+            self.backing_off = False
+            self.target.retries_active -= 1
+
+    def give_up(self, outcome: int, source: str) -> Reply:
+        """The answer after the last attempt failed before a response head."""
+        if outcome == Outcome.TIMEOUT:
+            return Reply(504, TIMEOUT_REASON, source, self.target.service)
+        return Reply(503, RESET, source, self.target.service)
