@@ -1,10 +1,10 @@
 """The fast path's exchange with an upstream, and how an exchange ends.
 
 ``Exchange`` holds a client connection's state; ``ClientConn`` (``runtime.fastconn``) adds the
-client side. Here: the attempts to a target's hosts (pooled or new connections, per-try and
-request deadlines watched by ``FastPlane``'s tick, retries with backoff, outlier reports), the
-response relayed back (corked writes, chunked re-framing, response header changes, the bandwidth
-fault), the answers made by the data plane itself, and the bookkeeping when an exchange ends.
+client side (requests in, responses back). Here: the attempts at a target's hosts (pooled or new
+connections, per-try and request deadlines watched by ``FastPlane``'s tick, retries with backoff
+as ``decide.RetryState`` says, outlier reports), the answers made by the data plane itself
+(``decide.Reply``), and the bookkeeping when an exchange ends.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from runtime import h1
 from runtime._hosts import Host, Outcome
@@ -23,7 +23,7 @@ from runtime.decide import NO_HOST, Forward, Reply, RetryState, admit, failure_r
 from runtime.engine import Target
 from runtime.fastmetrics import Series
 from runtime.fastplane import TLS_KEY, FastPlane
-from runtime.fastpool import P_UPSTREAM, Upstream
+from runtime.fastpool import P_UPSTREAM, Upstream, UpstreamClient
 from runtime.h1 import path_of
 from runtime.headerops import ADD, NO_OPS, REMOVE, HeaderOp
 
@@ -36,7 +36,7 @@ _NO_TLS: tuple[bool, PeerIdentity | None] = (False, None)
 HASH_KEY_HEADER = "x-meshc-hash-key"
 
 OUTBOUND, INBOUND, GATEWAY = 0, 1, 2
-_DIRECTION = ("outbound", "inbound", "gateway")
+DIRECTION = ("outbound", "inbound", "gateway")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CRLF = b"\r\n"
 LAST_CHUNK = h1.LAST_CHUNK
@@ -206,7 +206,7 @@ class Exchange(asyncio.Protocol):
             if len(by_target) > 4096:
                 by_target.clear()  # old snapshots' targets; the series live on in the stats
             series = by_target[target] = plane.stats.get(
-                _DIRECTION[self.kind], self.source, target.service, target.subset
+                DIRECTION[self.kind], self.source, target.service, target.subset
             )
         self.series = series
         refused = admit(target, self.source)
@@ -285,7 +285,7 @@ class Exchange(asyncio.Protocol):
     def _send(self, up: Upstream) -> None:
         req = self.req
         assert req is not None and up.transport is not None
-        up.client = self
+        up.client = cast(UpstreamClient, self)  # a ClientConn, whose response side reads it
         up.head_only = req.method == "HEAD"
         up.got_bytes = False
         up.ended = False
@@ -400,226 +400,6 @@ class Exchange(asyncio.Protocol):
             return
         self._attempt(now)
 
-    # -- responses --------------------------------------------------------------------------
-
-    def response_head(self, up: Upstream, resp: h1.Response) -> None:
-        if up is not self.up:
-            return
-        self._cancel_timer()
-        status = resp.status
-        target = self.target
-        host = self.host
-        if (
-            target is not None
-            and host is not None
-            and (status >= 400 or host.consecutive_5xx or host.consecutive_gateway or host.consecutive_local)
-        ):
-            # (A success on a host with no failure streak changes nothing in the outlier
-            # detector, and a 2xx/3xx is never retried, so that common case skips the calls.)
-            engine = self.plane.engine
-            outcome = engine.outcome_for_status(status)
-            if target.report(host, outcome, engine.clock()):
-                self.plane.metrics.ejections.labels(target.service, host.address).inc()
-            if status >= 400 and self._retry(host, outcome, status):
-                host.active -= 1
-                self.host = None
-                self._detach(True)  # discard mode: the connection pools itself once drained
-                return
-        self._respond_head(resp)
-
-    def _respond_head(self, resp: h1.Response) -> None:
-        req = self.req
-        assert req is not None
-        status = resp.status
-        self.status = status
-        self.resp_started = True
-        parts = [h1.status_line(status, resp.reason)]
-        headers = resp.headers
-        ops = self.resp_ops
-        if ops:
-            headers = list(headers)
-            apply_ops(headers, ops)
-        for name, value in headers:
-            parts += (name, b": ", value, CRLF)
-        close = self.close_after or not req.keep_alive
-        if status == 101:
-            parts += (b"connection: upgrade\r\nupgrade: ", resp.upgrade or b"", b"\r\n\r\n")
-            self.out.append(b"".join(parts))
-            return
-        if req.method == "HEAD" or status in (204, 304) or status < 200:
-            if resp.length is not None and status != 204:
-                parts += (b"content-length: ", resp.length, CRLF)
-        elif resp.length is not None:
-            parts += (b"content-length: ", resp.length, CRLF)
-        elif req.http10:
-            close = True  # the body ends when the connection does
-        else:
-            parts.append(b"transfer-encoding: chunked\r\n")
-            self.resp_chunked = True
-        if req.upgrade is not None:
-            close = True  # the parser stopped at the Upgrade head: this connection is spent
-        if close:
-            self.close_after = True
-            parts.append(b"connection: close\r\n\r\n")
-        elif req.http10:
-            parts.append(b"connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(CRLF)
-        self.out.append(b"".join(parts))
-
-    def response_body(self, data: bytes) -> None:
-        if not self.resp_started:
-            return
-        self.resp_bytes += len(data)
-        slow = self.slow
-        if slow is not None:
-            self._slow_body(data)
-            return
-        if self.resp_chunked:
-            self.out += (h1.chunk_size(len(data)), data, CRLF)
-        else:
-            self.out.append(data)
-
-    def response_end(self, up: Upstream, resp: h1.Response) -> None:
-        if up is not self.up or not self.resp_started:
-            return
-        if self.slow is not None and (self.slow or (self.up is not None and self.up.paused)):
-            self.slow_end = True
-            return
-        if self.resp_chunked:
-            self.out.append(LAST_CHUNK)
-        req = self.req
-        assert req is not None
-        self._finish(resp.keep_alive and req.complete)
-
-    def upstream_lost(self, up: Upstream, exc: Exception | None) -> None:
-        """The upstream connection of the exchange in flight closed."""
-        req = self.req
-        if req is None:
-            return
-        if self.tunnel:
-            self.up = None
-            if self.transport is not None:
-                self.flush()
-                self.transport.close()
-            return
-        if not self.resp_started:
-            self._cancel_timer()
-            self.up = None
-            self.sending = False
-            up.client = None
-            if (
-                up.uses > 1
-                and not up.got_bytes
-                and not self.stale_retried
-                and (req.saved is not None or not req.has_body)
-            ):
-                # A kept-alive connection the upstream had closed: replay on a fresh one. Not
-                # an upstream failure, so it is neither reported nor counted as a retry.
-                self.stale_retried = self.dirty = True
-                key, host, port, connect_s = self.go_args
-                self._go(key, host, port, self.try_timeout, connect_s, self.plane.loop.time())
-                return
-            self.attempt += 1
-            self._failed(Outcome.CONNECT_FAILURE, exc)
-            return
-        resp = up.resp
-        if (
-            exc is None
-            and resp is not None
-            and resp.length is None
-            and not resp.chunked
-            and not up.ended
-            and req.method != "HEAD"
-            and resp.status not in (204, 304)
-        ):
-            # A body delimited by the connection's end: that end completes it.
-            up.ended = True
-            self.response_end(up, resp)
-            return
-        # Failed half way: the client must see a truncated message, so close after what we have.
-        self.close_after = True
-        self.resp_chunked = False
-        self._finish(False)
-
-    def upstream_failed(self, up: Upstream, err: h1.H1Error) -> None:
-        """The upstream sent something that is not HTTP/1.1 (the connection is closed)."""
-        if self.resp_started:
-            self.close_after = True
-            self._finish(False)
-            return
-        self._cancel_timer()
-        self.up = None
-        self.sending = False
-        up.client = None
-        self.attempt += 1
-        self._failed(Outcome.CONNECT_FAILURE, None)
-
-    def upstream_upgraded(self, up: Upstream, rest: bytes) -> None:
-        """A 101 arrived: from now on both connections are spliced as they are."""
-        req = self.req
-        if self.status != 101 or req is None or req.upgrade is None:
-            up.close()
-            return
-        self.tunnel = True
-        up.tunnel = True
-        self.plane.stats.record(
-            _DIRECTION[self.kind], self.source, self.dest, self.subset, 101, time.perf_counter() - self.t0
-        )
-        self.series = None
-        if rest:
-            self.out.append(rest)
-        self.flush()
-        early, self.early = self.early, b""
-        if early and up.transport is not None:
-            up.transport.write(early)
-        self.paused = 0
-        if self.transport is not None:
-            self.transport.resume_reading()
-
-    # -- bandwidth fault ----------------------------------------------------------------------
-
-    def _slow_body(self, data: bytes) -> None:
-        slow = self.slow
-        assert slow is not None
-        step = max(1, min(64 * 1024, int(self.slow_rate / 10)))
-        for i in range(0, len(data), step):
-            slow.append(data[i : i + step])
-        up = self.up
-        if up is not None and up.transport is not None and not up.paused:
-            up.paused = True
-            up.transport.pause_reading()
-        if self.timer is None:
-            self._slow_pump()
-
-    def _slow_pump(self) -> None:
-        self.timer = None
-        slow = self.slow
-        if slow is None or self.req is None:
-            return
-        if slow:
-            piece = slow.popleft()
-            if self.resp_chunked:
-                self.out += (h1.chunk_size(len(piece)), piece, CRLF)
-            else:
-                self.out.append(piece)
-            self.flush()
-            self.timer = self.plane.loop.call_later(len(piece) / self.slow_rate, self._slow_pump)
-            return
-        up = self.up
-        if self.slow_end and up is not None:
-            self.slow = None
-            if self.resp_chunked:
-                self.out.append(LAST_CHUNK)
-            up.paused = False
-            req = self.req
-            resp = up.resp
-            self._finish(bool(resp is not None and resp.keep_alive and req.complete))
-            return
-        if up is not None and up.transport is not None and up.paused:
-            up.paused = False
-            up.transport.resume_reading()
-
     # -- endings ----------------------------------------------------------------------------
 
     def _reply(
@@ -684,7 +464,7 @@ class Exchange(asyncio.Protocol):
         elapsed = time.perf_counter() - self.t0
         series = self.series
         if series is None:
-            series = plane.stats.get(_DIRECTION[self.kind], self.source, self.dest, self.subset)
+            series = plane.stats.get(DIRECTION[self.kind], self.source, self.dest, self.subset)
         else:
             self.series = None
         series.add(self.status, elapsed, req.body_bytes, self.resp_bytes)
@@ -735,7 +515,7 @@ class Exchange(asyncio.Protocol):
             conf,
             {
                 "time": time.time(),
-                "direction": _DIRECTION[self.kind],
+                "direction": DIRECTION[self.kind],
                 "source_service": self.source,
                 "destination_service": target.service,
                 "destination_subset": target.subset,

@@ -1,7 +1,17 @@
-"""Fixtures for runtime tests: upstream apps and data plane processes, always stopped by PID."""
+"""Fixtures for runtime tests: upstream apps and data plane processes, always stopped by PID.
+
+Every test that starts a data plane (``plane``) runs once per HTTP data plane: ``fast``
+(runtime.fastproxy) and ``aiohttp`` (runtime.proxy). ``MESHC_DATAPLANES=fast`` (a comma list)
+narrows that for a local run. A module whose tests choose the data plane themselves (the
+conformance suite parametrizes its own proxies) sets ``DATAPLANE_CHOSEN_BY_TEST = True``; a test
+about one data plane only says ``@pytest.mark.parametrize("dataplane", ["fast"], indirect=True)``. Where
+the aiohttp path cannot do something, the test marks it with ``aiohttp_cannot`` (a strict xfail
+with the reason), never a skip.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +21,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from runtime_harness import Plane, TcpEcho, Upstream
+from runtime_harness import DATAPLANES, Plane, TcpEcho, Upstream
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "dataplane" not in metafunc.fixturenames or getattr(
+        metafunc.module, "DATAPLANE_CHOSEN_BY_TEST", False
+    ):
+        return
+    marks = metafunc.definition.iter_markers("parametrize")
+    if not any(m.args and m.args[0] == "dataplane" for m in marks):  # else the test chose its own
+        metafunc.parametrize("dataplane", DATAPLANES, indirect=True)
+
+
+@pytest.fixture
+def dataplane(request: pytest.FixtureRequest) -> str:
+    """The HTTP data plane this test's processes run (``--dataplane``)."""
+    chosen: str = getattr(request, "param", os.environ.get("MESHC_DATAPLANE", "fast"))
+    return chosen
 
 
 @pytest.fixture
@@ -43,11 +70,11 @@ def tcp_echo() -> Iterator[Callable[[str], TcpEcho]]:
 
 
 @pytest.fixture
-def plane(tmp_path: Path) -> Iterator[Callable[..., Plane]]:
+def plane(tmp_path: Path, dataplane: str) -> Iterator[Callable[..., Plane]]:
     made: list[Plane] = []
 
     def make(*args: Any, module: str = "runtime.sidecar") -> Plane:
-        p = Plane([str(a) for a in args], tmp_path, module=module)
+        p = Plane([str(a) for a in args], tmp_path, module=module, dataplane=dataplane)
         made.append(p)
         return p
 

@@ -38,8 +38,18 @@ from runtime.bundle import (
 from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, Endpoint, EndpointSet
 
 REPO = Path(__file__).resolve().parents[2]
+DATAPLANES = tuple(os.environ.get("MESHC_DATAPLANES", "fast,aiohttp").split(","))
+"""The HTTP data planes every data plane test runs on."""
 HANG_DEADLINE = 60.0
 """Only there to turn a hang into a failure; never reached by a passing test."""
+
+
+def aiohttp_cannot(request: Any, dataplane: str, reason: str) -> None:
+    """A documented limit of the aiohttp path: the test runs there and must fail (strict xfail)."""
+    import pytest
+
+    if dataplane == "aiohttp":
+        request.applymarker(pytest.mark.xfail(reason=f"aiohttp path: {reason}", strict=True))
 
 
 def wait_until(cond: Callable[[], Any], what: str, deadline: float = HANG_DEADLINE) -> Any:
@@ -229,12 +239,15 @@ def _addr(value: str) -> tuple[str, int]:
 class Plane:
     """A data plane process (``python -m runtime.sidecar`` or ``runtime.gateway``)."""
 
-    def __init__(self, args: list[str], workdir: Path, module: str = "runtime.sidecar") -> None:
+    def __init__(
+        self, args: list[str], workdir: Path, module: str = "runtime.sidecar", dataplane: str = "fast"
+    ) -> None:
         if "--control-plane" not in args and "--trust-key" not in args:
             args = [*args, "--insecure-admin"]  # these tests push unsigned bundles by hand
         self.stderr_path = workdir / f"stderr-{os.getpid()}-{time.monotonic_ns()}.log"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        self.dataplane = dataplane
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "MESHC_DATAPLANE": dataplane}
         env.pop("HTTP_PROXY", None)
         env.pop("http_proxy", None)
         self.proc = subprocess.Popen(

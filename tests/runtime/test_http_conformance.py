@@ -46,6 +46,9 @@ from runtime_harness import (
 
 from runtime.bundle import CatalogService
 
+DATAPLANE_CHOSEN_BY_TEST = True
+"""The proxies below are parametrized here (fast, aiohttp, nginx): no second pass per data plane."""
+
 DEADLINE = 20.0
 """Longest wait for any single read; only reached when a proxy hangs (a failure)."""
 

@@ -296,6 +296,21 @@ def test_passthrough_http_and_connect(plane: Callable[..., Plane], upstream: Any
     assert b'"name": "outside"' in data
 
 
+def test_before_any_configuration_outside_hosts_get_503_on_http_and_connect(
+    plane: Callable[..., Plane], upstream: Any
+) -> None:
+    """One passthrough verdict for every protocol: with no Mesh yet nobody can tell a mesh host
+    from an outside one, so HTTP and CONNECT both answer 503 (try again), never a 403."""
+    outside = upstream("outside")
+    sidecar = plane("--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+    status, headers, _ = ProxyClient(sidecar.outbound).get(f"http://{outside.address}/x")  # type: ignore[arg-type]
+    assert (status, headers["x-meshc-reason"]) == (503, "no configuration yet")
+    sock, head = connect_tunnel(sidecar.outbound, outside.address)  # type: ignore[arg-type]
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 503") and b"x-meshc-reason: no configuration yet" in head, head
+    assert outside.total() == 0
+
+
 def test_passthrough_refused_when_mesh_forbids(
     plane: Callable[..., Plane], upstream: Any, tmp_path: Path
 ) -> None:

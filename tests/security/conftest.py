@@ -1,9 +1,15 @@
-"""The secured mesh shared by the mesh tests (see ``secure_mesh``; one per session, as starting
-processes is what costs); every process is stopped by its PID. The modules that use it run in
-file order: test_mtls (traffic), then test_pushes (signed pushes, a control plane restart, logs)."""
+"""The secured mesh shared by the mesh tests (see ``secure_mesh``; one per session and data plane,
+as starting processes is what costs); every process is stopped by its PID. The modules that use
+it run in file order: test_mtls (traffic), then test_pushes (signed pushes, a control plane
+restart, logs).
+
+The mesh is built once per HTTP data plane X (``fast``, ``aiohttp``; ``MESHC_DATAPLANES`` narrows
+it): benigno and magnanimo-v2 run X, magnanimo-v1 the other one, so every test sees X on both
+sides of a hop and each data plane talking to the other."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +30,16 @@ from secure_mesh import (
     write_policies,
 )
 
+DATAPLANES = tuple(os.environ.get("MESHC_DATAPLANES", "fast,aiohttp").split(","))
+_OTHER = {"fast": "aiohttp", "aiohttp": "fast"}
 
-@pytest.fixture(scope="session")
-def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
-    work = tmp_path_factory.mktemp("secure-mesh")
+
+@pytest.fixture(scope="session", params=DATAPLANES)
+def secure_mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SecureMesh]:
+    dataplane: str = request.param
+    work = tmp_path_factory.mktemp(f"secure-mesh-{dataplane}")
     policies = work / "policies"
     write_policies(policies)
     cp = ControlPlaneProc(policies, work)
@@ -36,9 +48,9 @@ def secure_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh
     try:
         (work / "cp-state").mkdir()
         specs = [
-            ("benigno", "benigno", {"version": "v1"}, "fast"),
-            ("magnanimo-v1", "magnanimo", {"version": "v1"}, "aiohttp"),
-            ("magnanimo-v2", "magnanimo", {"version": "v2"}, "fast"),
+            ("benigno", "benigno", {"version": "v1"}, dataplane),
+            ("magnanimo-v1", "magnanimo", {"version": "v1"}, _OTHER[dataplane]),
+            ("magnanimo-v2", "magnanimo", {"version": "v2"}, dataplane),
         ]
         # The token secret first (as `meshc token` makes it), then the control plane that checks it.
         tokens = TokenIssuer(cp.secrets)
