@@ -21,6 +21,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Runtime and security tests run once per HTTP data plane (tests/runtime/conftest.py); CI runs both.
+MESHC_DATAPLANES ?= fast,aiohttp
+export MESHC_DATAPLANES
+
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 

@@ -7,10 +7,16 @@
   into an immutable ``Snapshot`` (routes, split wheels, per-subset policy, inbound and gateway
   tables); per-host state (ejection, health, in-flight) lives in a registry that survives swaps.
   Randomness and the clock are injected.
-* ``proxy`` (aiohttp HTTP handlers), ``tcp`` (CONNECT tunnels, TCP listeners, the outbound
-  protocol sniffer), ``healthcheck`` (active checks): move bytes, ask the engine, report outcomes.
-  ``fastproxy`` is the asyncio Protocol + httptools HTTP path over the same engine (``--dataplane``).
-* ``server`` (one process: state dir, pushes, listeners, drain), ``admin`` (the admin API),
+* ``decide`` (+ ``headerops``): sans-io too. What every forwarding layer does with a request:
+  ``Forward`` or ``Reply`` for outbound, inbound, gateway, CONNECT and TCP, one passthrough
+  verdict, and ``RetryState`` (back off and retry, or give up) from each attempt's outcome.
+* Byte layers that carry the verdicts out and never decide: ``fastconn`` / ``fastexchange``
+  (client connection and its exchange), ``fastpool`` (upstream connections and their pool),
+  ``fastplane`` (what the connections share), ``fastproxy`` (its server wiring; the default
+  ``--dataplane``); ``proxy`` (the aiohttp HTTP handlers, ``--dataplane aiohttp``); ``tcp``
+  (CONNECT tunnels, TCP listeners, the outbound protocol sniffer); ``healthcheck`` (active checks).
+* ``server`` (one process: listeners, registration, drain), ``pushes`` (the running bundles and
+  endpoints, the state dir, checked pushes), ``admin`` (the admin API),
   ``state`` (last-known-good on disk), ``metrics`` (Prometheus), ``registration`` (control plane
   client), ``cli`` (``sidecar_main`` / ``gateway_main``; ``python -m runtime.sidecar|gateway``).
 """

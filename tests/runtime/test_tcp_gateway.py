@@ -362,6 +362,7 @@ def test_cli_usage_errors_exit_2_and_imports_stay_lean() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize("dataplane", ["fast"], indirect=True)  # issue 7's budget is the fast path's
 def test_idle_sidecar_rss_stays_under_60_mb(plane: Callable[..., Plane], tmp_path: Path) -> None:
     sidecar = plane(
         "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
