@@ -11,7 +11,8 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -281,31 +282,62 @@ def test_status_is_stale_with_the_running_digest_while_a_data_plane_runs_another
     digest) for as long as it does, is pushed again, and is SYNCED once it runs what it was sent."""
     fake = FakeDataPlane(secure_mesh.cp, "other", "benigno", tokens.mint("other", "benigno"))
     try:
-        pushes = _captured(fake)
-        truth = {
-            "endpoints": endpoints_digest_of(json.loads(pushes["endpoints"].body)),
-            "mesh": pushes["mesh"].headers[HDR_DIGEST],
-            "service": pushes["service"].headers[HDR_DIGEST],
-        }
-        gens = {s: int(p.headers[HDR_GENERATION]) for s, p in pushes.items()}
-        lie = {**truth, "endpoints": hashlib.sha256(b"something else").hexdigest()}
+        _captured(fake)
+
+        def latest() -> tuple[dict[str, str], dict[str, int]]:
+            """What the fake was last sent: a real data plane reports its newest generations (the
+            control plane may push endpoints twice while it learns the fake has none)."""
+            pushes = {s: fake.last(s) for s in ("endpoints", "mesh", "service")}
+            got = {s: p for s, p in pushes.items() if p is not None}
+            digests = {
+                "endpoints": endpoints_digest_of(json.loads(got["endpoints"].body)),
+                "mesh": got["mesh"].headers[HDR_DIGEST],
+                "service": got["service"].headers[HDR_DIGEST],
+            }
+            return digests, {s: int(p.headers[HDR_GENERATION]) for s, p in got.items()}
+
+        lie_digest = hashlib.sha256(b"something else").hexdigest()
         assert fake.instance is not None
 
         def row() -> dict[str, Any]:
             return _row(secure_mesh, fake.instance or "")
 
-        assert fake.heartbeat(truth, gens) == 200
-        wait_until(lambda: row()["status"] == "SYNCED", "SYNCED while it tells the truth")
+        def synced_on_truth() -> bool:
+            truth, gens = latest()
+            return fake.heartbeat(truth, gens) == 200 and row()["status"] == "SYNCED"
+
+        wait_until(synced_on_truth, "SYNCED while it tells the truth")
+        truth, gens = latest()
         fake.answer = (500, b'{"error": "busy"}')  # the re-push does not take
         pushed = len(fake.pushes)
+        lie = {**truth, "endpoints": lie_digest}
         for _ in range(3):
             assert fake.heartbeat(lie, gens) == 200
             r = row()
-            assert r["status"] == "STALE", r
+            assert r["status"] == "STALE", (r, [(c.path, c.headers.get(HDR_GENERATION)) for c in fake.pushes])
             assert r["slots"]["endpoints"]["running"] == lie["endpoints"], r
-        wait_until(lambda: len(fake.pushes) > pushed and fake.pushes[-1].path == "/endpoints", "a re-push")
+
+        def lying(cond: Callable[[], bool]) -> Callable[[], bool]:
+            """Keep heartbeating the lie while waiting, as a live data plane does (one that falls
+            silent goes offline and is pushed nothing, the endpoints hold after a start may last
+            longer than that)."""
+            last = [0.0]
+
+            def check() -> bool:
+                if time.monotonic() - last[0] > 0.1:
+                    last[0] = time.monotonic()
+                    assert fake.heartbeat(lie, gens) == 200
+                return cond()
+
+            return check
+
+        wait_until(
+            lying(lambda: len(fake.pushes) > pushed and fake.pushes[-1].path == "/endpoints"), "a re-push"
+        )
         fake.answer = None
-        wait_until(lambda: row()["slots"]["endpoints"]["acked"] == truth["endpoints"], "the re-push ACKed")
+        wait_until(
+            lying(lambda: row()["slots"]["endpoints"]["acked"] == truth["endpoints"]), "the re-push ACKed"
+        )
         new_gen = int(fake.pushes[-1].headers[HDR_GENERATION])
         assert fake.heartbeat(truth, {**gens, "endpoints": new_gen}) == 200
         wait_until(lambda: row()["status"] == "SYNCED", "SYNCED once it runs what it was sent")
