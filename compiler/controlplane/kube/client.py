@@ -11,7 +11,7 @@ async def api_client(host: str | None = None, token: str | None = None) -> clien
     """In-cluster when ``host`` is None (service-account token and CA from the pod)."""
     conf = client.Configuration()
     if host is None:
-        config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
+        config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call, unused-ignore]
     else:
         conf.host = host
         if token:
