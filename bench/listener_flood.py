@@ -6,7 +6,7 @@ plane, ``--insecure-admin``): open ``--connections`` connections that each send 
 head (1 KiB of header, never finished, as a slow-loris client does), read the sidecar's RSS from
 ``/proc/<pid>/status`` at the peak, close them all, wait ``--settle`` seconds and read it again.
 The baseline is the RSS before the first flood, in the same run; the ratios are peak/before and
-after/before. The admin listener holds at most ``--max-connections`` (default 256) at once and
+after/before. Every listener holds at most ``--max-connections`` (default 1024) at once and
 answers the rest 503, so its peak is bounded whatever the flood. JSON goes to
 ``bench/results/listener_flood.json``. The sidecar is stopped by its PID.
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from runtime.limits import ListenerLimits
+
 __all__ = ["AdminRequest", "AdminResponse", "BodyTooLarge", "ListenerLimits", "post", "serve_admin"]
 
 MAX_HEAD = 64 * 1024
@@ -57,18 +59,6 @@ class AdminResponse:
     body: bytes
     content_type: str = "application/json"
     close: bool = False
-
-
-@dataclass(frozen=True)
-class ListenerLimits:
-    """What one listener lets a client take: time to send a head, time to send a body, and
-    connections at once. The defaults bound a slow-loris connection to 10 s (nginx's
-    ``client_header_timeout`` is 60 s, Envoy's ``request_headers_timeout`` is off by default; a
-    control channel needs neither)."""
-
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 15.0
-    max_connections: int = 256
 
 
 @dataclass

@@ -108,22 +108,23 @@ def _common(p: argparse.ArgumentParser) -> None:
         type=float,
         default=10.0,
         metavar="S",
-        help="admin API: a request head must arrive within S seconds of the connection or of the "
-        "previous answer, else 408 and close (default %(default)s)",
+        help="every listener: a request head must arrive within S seconds of the connection (the "
+        "admin API: or of the previous answer), else 408 and close (default %(default)s)",
     )
     sec.add_argument(
         "--body-timeout",
         type=float,
         default=15.0,
         metavar="S",
-        help="admin API: a request body must arrive within S seconds of its head (default %(default)s)",
+        help="every listener: no more than S seconds between two reads of a request body (the admin "
+        "API: the whole body), else 408 and close (default %(default)s)",
     )
     sec.add_argument(
         "--max-connections",
         type=int,
-        default=256,
+        default=1024,
         metavar="N",
-        help="admin API: connections at once; more are answered 503 and closed (default %(default)s)",
+        help="every listener: connections at once; more are answered 503 and closed (default %(default)s)",
     )
 
 
@@ -186,7 +187,7 @@ def _tags(values: list[str]) -> dict[str, str]:
 
 
 def _run(kind: str, argv: list[str]) -> int:
-    from runtime._http import ListenerLimits
+    from runtime.limits import ListenerLimits
     from runtime.server import Options, parse_addr, run
 
     p = _Parser(
@@ -243,7 +244,7 @@ def _run(kind: str, argv: list[str]) -> int:
             trust_key=ns.trust_key,
             insecure_admin=ns.insecure_admin,
             admin_allow_remote=ns.admin_allow_remote,
-            admin_limits=ListenerLimits(ns.header_timeout, ns.body_timeout, ns.max_connections),
+            limits=ListenerLimits(ns.header_timeout, ns.body_timeout, ns.max_connections),
         )
         if not (0 < ns.header_timeout <= 3600 and 0 < ns.body_timeout <= 3600 and ns.max_connections > 0):
             raise _UsageError(

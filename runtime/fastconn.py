@@ -53,6 +53,8 @@ _PASSTHROUGH_TIMEOUT_S = 15.0
 _INBOUND_CONNECT_S = 5.0
 
 
+_FULL = h1.reply(503, "the listener has reached --max-connections", close=True)
+
 _LINGER_S = 2.0
 """How long an error answer's connection keeps draining the client's bytes before it closes."""
 
@@ -75,9 +77,17 @@ class ClientConn(Exchange):
         if self.kind == INBOUND:  # mTLS: the caller's identity, read once per connection
             self.tls_peer = self.plane.peers.of(tr)
         self.secure = tr.get_extra_info("sslcontext") is not None
-        self.idle_since = self.plane.loop.time()
-        self.plane.conns.add(self)
-        if self.plane.draining:
+        plane = self.plane
+        self.idle_since = self.head_at = plane.loop.time()
+        if plane.open[self.kind] >= plane.limits.max_connections:
+            plane.metrics.listener_refusals.labels(DIRECTION[self.kind], "max_connections").inc()
+            tr.write(_FULL)
+            tr.close()
+            return
+        plane.open[self.kind] += 1
+        self.counted = True
+        plane.conns.add(self)
+        if plane.draining:
             tr.close()
 
     def data_received(self, data: bytes) -> None:
@@ -96,6 +106,16 @@ class ClientConn(Exchange):
         except h1.H1Error as e:
             self._bad_request(e)
             return
+        req = self.req
+        if req is not None:  # a body still arriving: its read timeout runs from its last read
+            if not req.complete:
+                self.body_at = self.plane.loop.time()
+            elif self.body_at:
+                self.body_at = 0.0
+        if self.head_at < 0:  # a head completed in this read (and may be answered already)
+            self.head_at = 0.0
+        elif req is None and not self.head_at:  # a head begins: it has until the timeout
+            self.head_at = self.plane.loop.time()
         if offset >= 0:
             self._upgrade_request(data[offset:])
         elif self.out:
@@ -125,6 +145,9 @@ class ClientConn(Exchange):
         self.closed = True
         plane = self.plane
         plane.conns.discard(self)
+        if self.counted:
+            self.counted = False
+            plane.open[self.kind] -= 1
         if self.req is not None:
             self._abandon()
         self.queue = None
@@ -134,6 +157,7 @@ class ClientConn(Exchange):
     # -- h1.RequestSink ---------------------------------------------------------------------
 
     def request_head(self, req: h1.Request) -> None:
+        self.head_at = -1.0
         if self.req is None and not self.closed:
             self.req = req
             self._begin(req)
@@ -558,6 +582,17 @@ class ClientConn(Exchange):
         if up is not None and up.transport is not None and up.paused:
             up.paused = False
             up.transport.resume_reading()
+
+    def read_timed_out(self, reason: str) -> None:
+        """The sweep found a head or a body that stopped arriving (``ListenerLimits``)."""
+        which = "body_timeout" if self.body_at else "header_timeout"
+        self.head_at = self.body_at = 0.0
+        if self.lingering:  # already answered: only the rest of a refused request was awaited
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.plane.metrics.listener_refusals.labels(DIRECTION[self.kind], which).inc()
+        self._bad_request(h1.H1Error(408, reason))
 
     def _bad_request(self, err: h1.H1Error) -> None:
         """A request that cannot be accepted: answer it (when nothing was answered yet), close."""

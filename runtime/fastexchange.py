@@ -66,15 +66,18 @@ class Exchange(asyncio.Protocol):
     __slots__ = (
         "attempt",
         "bad",
+        "body_at",
         "close_after",
         "closed",
         "continued",
+        "counted",
         "deadline_at",
         "dest",
         "dirty",
         "early",
         "fwd",
         "go_args",
+        "head_at",
         "head_out",
         "host",
         "idle_since",
@@ -131,6 +134,10 @@ class Exchange(asyncio.Protocol):
         self.closed = False
         self.close_after = False
         self.idle_since = 0.0
+        self.head_at = 0.0
+        self.body_at = 0.0
+        self.counted = False
+        """It holds one of its listener's ``max_connections`` places."""
         self.tunnel = False
         self.lingering = False
         self.early = b""
@@ -179,6 +186,8 @@ class Exchange(asyncio.Protocol):
             self.paused &= ~bit
             if not self.paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+                if self.body_at:  # the body's read timeout counts from here, not while paused
+                    self.body_at = self.plane.loop.time()
 
     def flush(self) -> None:
         out = self.out
@@ -191,6 +200,10 @@ class Exchange(asyncio.Protocol):
 
     def _begin(self, req: h1.Request) -> None:
         """Start the next request of the connection (``ClientConn`` routes it)."""
+        raise NotImplementedError
+
+    def read_timed_out(self, reason: str) -> None:
+        """A head or a body stopped arriving (``ClientConn`` answers 408)."""
         raise NotImplementedError
 
     # -- upstream attempts ------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One ``FastPlane`` per data plane: the engine and counters, the upstream ``Pool``, connecting
 (one task per new upstream connection), gateway mirrors, the 25 ms tick that fires per-try
-deadlines (no loop timer per request), the idle sweep and the drain.
+deadlines (no loop timer per request), the sweep (idle keep-alive connections, and the
+listeners' header and body read timeouts of ``ListenerLimits``) and the drain.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from runtime.decide import Reply, peer_hop
 from runtime.engine import Engine, Target
 from runtime.fastmetrics import Series
 from runtime.fastpool import Pool, Upstream
+from runtime.limits import ListenerLimits
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
 
@@ -35,6 +37,11 @@ class Conn(Protocol):
 
     tunnel: bool
     idle_since: float
+    head_at: float
+    """Loop time a request head began to arrive (0: none is pending)."""
+    body_at: float
+    """Loop time of the last read of a request body still arriving (0: none is)."""
+    paused: int
     close_after: bool
     deadline_at: float
     attempt: int
@@ -46,6 +53,7 @@ class Conn(Protocol):
     def transport(self) -> asyncio.Transport | None: ...
 
     def on_timeout(self, attempt: int) -> None: ...
+    def read_timed_out(self, reason: str) -> None: ...
     def connected(self, attempt: int, up: Upstream) -> None: ...
     def connect_failed(self, attempt: int, outcome: int, exc: BaseException | None) -> None: ...
 
@@ -60,8 +68,13 @@ class FastPlane:
         *,
         app_address: str | None = None,
         own_addresses: set[tuple[str, int]] | None = None,
+        limits: ListenerLimits | None = None,
     ) -> None:
         self.engine = engine
+        self.limits = limits or ListenerLimits()
+        self.open = [0, 0, 0]
+        """Client connections open per listener kind (outbound, inbound, gateway)."""
+        self._sweep_s = min(_SWEEP_S, self.limits.header_timeout_s / 4, self.limits.body_timeout_s / 4)
         self.metrics = metrics
         self.stats = metrics.stats
         self.own_addresses = own_addresses if own_addresses is not None else set()
@@ -96,7 +109,7 @@ class FastPlane:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
             self.now = loop.time()
-            self._sweeper = loop.call_later(_SWEEP_S, self._sweep)
+            self._sweeper = loop.call_later(self._sweep_s, self._sweep)
         return loop
 
     @property
@@ -204,10 +217,20 @@ class FastPlane:
         now = self.now = loop.time()
         self.pool.sweep(now - _UPSTREAM_IDLE_S)
         limit = now - _KEEPALIVE_S
-        for conn in [c for c in self.conns if c.req is None and not c.tunnel and c.idle_since < limit]:
-            if conn.transport is not None:
-                conn.transport.close()
-        self._sweeper = loop.call_later(_SWEEP_S, self._sweep)
+        head_limit = now - self.limits.header_timeout_s
+        body_limit = now - self.limits.body_timeout_s
+        for conn in list(self.conns):
+            if conn.tunnel or conn.transport is None:
+                continue
+            if conn.req is None:
+                if conn.head_at:
+                    if conn.head_at < head_limit:
+                        conn.read_timed_out("no complete request head in time")
+                elif conn.idle_since < limit:
+                    conn.transport.close()
+            elif conn.body_at and not conn.paused and conn.body_at < body_limit:
+                conn.read_timed_out("the request body stopped arriving")
+        self._sweeper = loop.call_later(self._sweep_s, self._sweep)
 
     async def drain(self, deadline: float) -> None:
         """Stop keeping connections alive, let exchanges in flight finish (until ``deadline``)."""

@@ -87,6 +87,13 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
+        self.listener_refusals = Counter(
+            "meshc_listener_refusals",
+            "Client connections a listener closed under its limits (reason: max_connections, "
+            "header_timeout, body_timeout).",
+            ["listener", "reason"],
+            registry=r,
+        )
         self._digests: dict[str, str] = {}
 
     def set_bundle(self, role: str, digest: str) -> None:

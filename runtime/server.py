@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from runtime._http import ListenerLimits
 from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
 from runtime.healthcheck import HealthChecker
+from runtime.limits import ListenerLimits
 from runtime.metrics import Metrics
 from runtime.protocol import Heartbeat, Registration, RegistrationReply
 from runtime.pushes import Pushes, StartupError
@@ -93,7 +93,8 @@ class Options:
     """Accept unsigned pushes (no control plane; bundles fed by hand)."""
     admin_allow_remote: bool = False
     """Allow the admin API on a non-loopback address."""
-    admin_limits: ListenerLimits = field(default_factory=ListenerLimits)
+    limits: ListenerLimits = field(default_factory=ListenerLimits)
+    """Read timeouts and the connection limit of every listener (the admin API included)."""
     """Head/body read timeouts and the connection limit of the admin listener."""
 
 
@@ -134,7 +135,11 @@ class DataPlane:
         self.fast: FastHttp | None = None
         if opts.dataplane == "fast":  # the HTTP listeners on runtime.fastproxy instead of aiohttp
             self.fast = FastHttp(
-                self.engine, self.metrics, app_address=opts.app, own_addresses=self.own_addresses
+                self.engine,
+                self.metrics,
+                app_address=opts.app,
+                own_addresses=self.own_addresses,
+                limits=opts.limits,
             )
         else:
             from runtime.proxy import HttpProxy
@@ -201,7 +206,7 @@ class DataPlane:
             from runtime._http import serve_admin
 
             sock = _bind(opts.admin)
-            self._admin_server = await serve_admin(sock, self._admin, opts.admin_limits)
+            self._admin_server = await serve_admin(sock, self._admin, opts.limits)
             self.listening["admin"] = _fmt(sock.getsockname()[:2])
             if opts.kind == "sidecar":
                 if opts.inbound is not None:
@@ -214,7 +219,9 @@ class DataPlane:
                         factory = (await self._runner(self.http.outbound)).server
                     sock = _bind(opts.outbound)
                     assert factory is not None
-                    server = await loop.create_server(lambda: OutboundSniffer(factory, self.tcp), sock=sock)
+                    server = await loop.create_server(
+                        lambda: OutboundSniffer(factory, self.tcp, opts.limits.header_timeout_s), sock=sock
+                    )
                     self._servers.append(server)
                     self.listening["outbound"] = _fmt(sock.getsockname()[:2])
                     self.own_addresses.add(sock.getsockname()[:2])

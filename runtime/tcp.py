@@ -284,14 +284,32 @@ class TcpProxy:
 class OutboundSniffer(asyncio.Protocol):
     """First bytes decide: ``CONNECT`` is tunnelled here, anything else goes to aiohttp."""
 
-    def __init__(self, http_factory: Callable[[], asyncio.Protocol], tcp: TcpProxy) -> None:
+    def __init__(
+        self, http_factory: Callable[[], asyncio.Protocol], tcp: TcpProxy, header_timeout_s: float = 10.0
+    ) -> None:
         self._http_factory = http_factory
         self._tcp = tcp
         self._transport: asyncio.Transport | None = None
         self._buf = b""
+        self._header_timeout_s = header_timeout_s
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # A client that sends nothing (or too little to tell) is bounded by the header timeout.
+        self._timer = asyncio.get_running_loop().call_later(self._header_timeout_s, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._transport is not None:
+            self._tcp.metrics.listener_refusals.labels("outbound", "header_timeout").inc()
+            self._transport.write(_http_error(408, "no complete request head in time"))
+            self._transport.close()
+
+    def _decided(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def data_received(self, data: bytes) -> None:
         assert self._transport is not None
@@ -312,6 +330,7 @@ class OutboundSniffer(asyncio.Protocol):
             self._buf = buf
             return
         self._buf = b""
+        self._decided()
         self._transport.pause_reading()
         self._tcp._track(self._tunnel(buf[: end + 4], buf[end + 4 :]))
 
@@ -321,10 +340,12 @@ class OutboundSniffer(asyncio.Protocol):
 
     def _handoff(self, buf: bytes) -> None:
         assert self._transport is not None
+        self._decided()
         proto = self._http_factory()
         self._transport.set_protocol(proto)
         proto.connection_made(self._transport)
         proto.data_received(buf)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._decided()
         self._transport = None
