@@ -18,7 +18,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from runtime._hosts import Host, HostRegistry, Outcome
 from runtime._lb import Balancer, Wheel, make_balancer
@@ -49,6 +49,7 @@ from runtime.protocol import EndpointSet
 __all__ = [
     "DestinationTable",
     "Engine",
+    "kube_aliases",
     "GatewayListenerTable",
     "GatewayRoute",
     "InboundTable",
@@ -527,10 +528,14 @@ class Snapshot:
         self.gateway = gateway
         self.targets = targets
         self.passthrough = mesh.passthrough if mesh else False
-        # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored).
+        # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),
+        # and for Kuma's Kubernetes names the cluster DNS names of the Service.
         self._names = dict(destinations)
         for name, table in destinations.items():
             self._names.setdefault(f"{name}.mesh", table)
+        own = service.service if service is not None else ""
+        for alias, table in kube_aliases(destinations, own).items():
+            self._names.setdefault(alias, table)
 
     @property
     def ready(self) -> bool:
@@ -554,6 +559,33 @@ class Snapshot:
             for host in target.hosts:
                 out.setdefault((host.address, kind), (host, hc, target))
         return out
+
+
+T = TypeVar("T")
+
+_KUBE_NAME = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?)_([a-z0-9]([-a-z0-9]*[a-z0-9])?)_svc_([0-9]{1,5})")
+"""Kuma's name of a Kubernetes Service port: ``<name>_<namespace>_svc_<port>``."""
+
+
+def kube_aliases(destinations: Mapping[str, T], own_service: str) -> dict[str, T]:
+    """The names a pod's code calls a Kuma-on-Kubernetes service by: ``benigno.kong-mesh-app``,
+    ``.svc``, ``.svc.cluster.local`` and, from the same namespace, ``benigno``. A Service with
+    several mesh ports has no alias (the Host's port is not looked at), so that no call is ever
+    sent to the wrong port's service: such a service is named in full."""
+    own = _KUBE_NAME.fullmatch(own_service)
+    own_ns = own.group(3) if own else None
+    found: dict[str, list[str]] = {}
+    for name in destinations:
+        m = _KUBE_NAME.fullmatch(name)
+        if m is None:
+            continue
+        svc, ns = m.group(1), m.group(3)
+        aliases = [f"{svc}.{ns}", f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local"]
+        if ns == own_ns:
+            aliases.append(svc)
+        for alias in aliases:
+            found.setdefault(alias, []).append(name)
+    return {alias: destinations[names[0]] for alias, names in found.items() if len(names) == 1}
 
 
 class Engine:
