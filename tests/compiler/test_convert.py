@@ -125,16 +125,27 @@ def test_a_repo_with_errors_is_not_converted(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="targetRef resolution and bundles (issue 12, deliverables 2-3) not landed"
+@pytest.mark.parametrize(
+    "src",
+    [
+        pytest.param(REPO / "policies", id="seed"),
+        pytest.param(
+            FIXTURES / "good" / "every-kind",
+            id="every-kind",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="issue 12: MeshFaultInjection and MeshRateLimit are validated but not compiled "
+                "into bundles yet (W1003), so benigno's bundle loses the fault and the rate limit",
+            ),
+        ),
+    ],
 )
 def test_converted_repos_compile_to_byte_identical_bundles(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for src in (REPO / "policies", FIXTURES / "good" / "every-kind"):
-        out = tmp_path / src.name
-        assert _convert(src, out, capsys)[0] == 0
-        assert compile_dir(out).digests == compile_dir(src).digests
+    out = tmp_path / src.name
+    assert _convert(src, out, capsys)[0] == 0
+    assert compile_dir(out).digests == compile_dir(src).digests
 
 
 @settings(max_examples=25, derandomize=True, database=None, deadline=None)
