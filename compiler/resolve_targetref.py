@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from compiler.diagnostics import Diagnostic, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
+from compiler.kinds.fault_injection import bandwidth_bps
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
 from compiler.resolve import Entry, PolicyIndex
@@ -275,9 +276,77 @@ _OUTBOUND: dict[str, _Outbound] = {
     "MeshCircuitBreaker": _Outbound("circuit_breaker", _circuit_breaker),
     "MeshHealthCheck": _Outbound("health_check", _health_check),
 }
+
+
+def _percent(value: Any) -> float:
+    return float(value or 0)
+
+
+def _fault(m: dict[str, Any]) -> b.FaultInjectionConf | None:
+    """Kuma's list of faults as the bundle's one delay, abort and bandwidth limit (None: a
+    list with two of one kind, which the bundle cannot hold)."""
+    found: dict[str, dict[str, Any]] = {}
+    for fault in m.get("http") or ():
+        for key, value in (fault or {}).items():
+            if value is None:
+                continue
+            if key in found:
+                return None
+            found[key] = value
+    delay, abort, bw = found.get("delay"), found.get("abort"), found.get("response_bandwidth")
+    try:
+        limit_bps = bandwidth_bps(bw.get("limit") or "0kbps") if bw else 0
+    except ValueError:
+        return None
+    return b.FaultInjectionConf(
+        delay=b.FaultDelay(percentage=_percent(delay.get("percentage")), value_ms=delay.get("value") or 0)
+        if delay
+        else None,
+        abort=b.FaultAbort(
+            percentage=_percent(abort.get("percentage")), http_status=abort.get("http_status") or 503
+        )
+        if abort
+        else None,
+        response_bandwidth=b.FaultBandwidth(percentage=_percent(bw.get("percentage")), limit_bps=limit_bps)
+        if bw
+        else None,
+    )
+
+
+def _rate_limit(m: dict[str, Any]) -> b.RateLimitConf | None:
+    """The local HTTP limit; an empty conf (no rate, or disabled) adds no rule."""
+    http = _g(m, "local", "http") or {}
+    rate = http.get("request_rate")
+    if http.get("disabled") or not rate:
+        return b.RateLimitConf(requests=0, interval_ms=0)
+    on = http.get("on_rate_limit") or {}
+    mod = on.get("headers") or {}
+    headers = [
+        b.HeaderChange(name=h.get("name") or "", value=h.get("value") or "", append=append)
+        for append, key in ((False, "set"), (True, "add"))
+        for h in mod.get(key) or ()
+    ]
+    return b.RateLimitConf(
+        requests=rate.get("num") or 1,
+        interval_ms=rate.get("interval") or 1000,
+        status=on.get("status") or 429,
+        headers=tuple(headers),
+    )
+
+
+_INBOUND: dict[str, _Outbound] = {
+    "MeshFaultInjection": _Outbound("fault_injection", _fault),
+    "MeshRateLimit": _Outbound("rate_limit", _rate_limit),
+}
+"""The inbound kinds that take a ``from`` list, as permissions do (merged per caller)."""
+_NO_RULE = (b.FaultInjectionConf(), b.RateLimitConf(requests=0, interval_ms=0))
 _PERMISSION = "MeshTrafficPermission"
 _ROUTE = "MeshHTTPRoute"
-TARGETREF_FIELDS = {**{k: v.field for k, v in _OUTBOUND.items()}, _PERMISSION: "permissions", _ROUTE: "route"}
+TARGETREF_FIELDS = {
+    **{k: v.field for k, v in {**_OUTBOUND, **_INBOUND}.items()},
+    _PERMISSION: "permissions",
+    _ROUTE: "route",
+}
 """The targetRef kinds this module compiles, and the bundle field each fills."""
 
 
@@ -421,7 +490,7 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
         key = policy_key(top_kind, dict(d.labels), d.name)
         if getattr(spec, "rules", None):
             out.append(_unresolved(d, "the `rules` section", ("rules",)))
-        if d.kind == _PERMISSION:
+        if d.kind == _PERMISSION or d.kind in _INBOUND:
             for i, fr in enumerate(spec.from_ or ()):
                 peer = _peer(fr.target_ref)
                 if peer is None:
@@ -481,8 +550,8 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     seen_ties: set[tuple[int, int]] = set()
     for field, items in sorted(by_field.items()):
         kind = _LEGACY_KIND[field]
-        if field == "permissions":
-            _permissions(idx, kind, items, out)
+        if field == "permissions" or field in _INBOUND_FIELDS:
+            _inbound(idx, kind, field, items, out)
             continue
         for src, dst in sorted(_keys(items)):
             covering = [it for it in items if it.src in (src, "*") and it.dst in (dst, "*")]
@@ -530,8 +599,12 @@ def _add(idx: PolicyIndex, kind: str, e: Entry) -> None:
         named[e.dst] = named.get(e.dst, 0) + 1
 
 
-def _permissions(idx: PolicyIndex, kind: str, items: list[_Item], out: list[Diagnostic]) -> None:
-    """One permission per (service, conditions, caller) whose merged action allows."""
+_INBOUND_FIELDS = {v.field: v.convert for v in _INBOUND.values()}
+
+
+def _inbound(idx: PolicyIndex, kind: str, field: str, items: list[_Item], out: list[Diagnostic]) -> None:
+    """One rule per (service, conditions, caller): a permission whose merged action allows, or
+    a fault injection / rate limit whose merged default says one."""
     groups: dict[tuple[str, Tags, Tags], list[Ranked]] = defaultdict(list)
     for it in items:
         groups[(it.dst, it.when, it.peer)].append(it.ranked)
@@ -539,13 +612,22 @@ def _permissions(idx: PolicyIndex, kind: str, items: list[_Item], out: list[Diag
         members = in_order(rs)
         for a, z in name_ties(members):
             out.append(_tie(a, z, dict(peer).get(SERVICE_TAG, "*"), dst))
-        action = merged(r.default for r in members).get("action")
+        m = merged(r.default for r in members)
+        src = dict(peer).get(SERVICE_TAG, "*")
+        if field != "permissions":
+            conf = _INBOUND_FIELDS[field](m)
+            if conf is None:
+                top = members[-1]
+                out.append(_unresolved(top.policy, "a default the bundle cannot express", top.where))
+            elif conf not in _NO_RULE:
+                _add(idx, kind, _entry(members, src, dst, when, peer, conf))
+            continue
+        action = m.get("action")
         if action == "Deny":
             top = members[-1]
             what = "a Deny that a broader Allow may still override (bundle permissions only allow)"
             out.append(_unresolved(top.policy, what, top.where))
         if action in ("Allow", "AllowWithShadowDeny"):
-            src = dict(peer).get(SERVICE_TAG, "*")
             _add(idx, kind, _entry(members, src, dst, when, peer, None))
 
 

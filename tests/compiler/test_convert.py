@@ -129,15 +129,7 @@ def test_a_repo_with_errors_is_not_converted(tmp_path: Path, capsys: pytest.Capt
     "src",
     [
         pytest.param(REPO / "policies", id="seed"),
-        pytest.param(
-            FIXTURES / "good" / "every-kind",
-            id="every-kind",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 12: MeshFaultInjection and MeshRateLimit are validated but not compiled "
-                "into bundles yet (W1003), so benigno's bundle loses the fault and the rate limit",
-            ),
-        ),
+        pytest.param(FIXTURES / "good" / "every-kind", id="every-kind"),
     ],
 )
 def test_converted_repos_compile_to_byte_identical_bundles(

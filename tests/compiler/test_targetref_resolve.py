@@ -147,3 +147,65 @@ spec:
     assert sorted(x.code for x in r.diagnostics) == ["W2002", "W3006"]  # web itself has no caller
     perms = json.loads(r.bundles["default/api"])["inbound"]["permissions"]
     assert perms == [{"conf": None, "peer": {"kuma.io/service": "web"}, "when": {}}]
+
+
+def _from_policy(kind: str, name: str, top: str, src: str, default: str) -> str:
+    return f"""---
+apiVersion: kuma.io/v1alpha1
+kind: {kind}
+metadata: {{name: {name}, labels: {{kuma.io/mesh: default}}}}
+spec:
+  targetRef: {top}
+  from: [{{targetRef: {src}, default: {default}}}]
+"""
+
+
+def test_fault_injection_and_rate_limit_merge_per_caller_into_inbound_rules(tmp_path: Path) -> None:
+    r = _compile(
+        tmp_path,
+        _from_policy(
+            "MeshFaultInjection", "mesh-faults", "{kind: Mesh, proxyTypes: [Sidecar]}", MESH,
+            "{http: [{abort: {httpStatus: 503, percentage: 10}}, {delay: {value: 1s, percentage: '2.5'}}]}",
+        ),
+        # web's callers from web itself: the more specific policy replaces the list (a merge patch).
+        _from_policy(
+            "MeshFaultInjection", "api-faults", API, WEB,
+            "{http: [{abort: {httpStatus: 500, percentage: 50}}]}",
+        ),
+        _from_policy(
+            "MeshRateLimit", "api-limit", API, MESH,
+            "{local: {http: {requestRate: {num: 5, interval: 10s}, onRateLimit: {status: 423, "
+            "headers: {set: [{name: x-limited, value: 'yes'}]}}}}}",
+        ),
+        _from_policy("MeshRateLimit", "off", WEB, MESH, "{local: {http: {disabled: true}}}"),
+    )  # fmt: skip
+    assert [d.code for d in r.diagnostics] == []
+    api = json.loads(r.bundles["default/api"])["inbound"]
+    faults = {json.dumps(x["peer"]): x["conf"] for x in api["fault_injection"]}
+    assert faults['{"kuma.io/service": "web"}']["abort"] == {"percentage": 50.0, "http_status": 500}
+    assert faults['{"kuma.io/service": "web"}']["delay"] is None
+    mesh_wide = faults["{}"]
+    assert mesh_wide["abort"] == {"percentage": 10.0, "http_status": 503}
+    assert mesh_wide["delay"] == {"percentage": 2.5, "value_ms": 1000}
+    [limit] = api["rate_limit"]
+    assert limit["conf"] == {
+        "requests": 5,
+        "interval_ms": 10000,
+        "status": 423,
+        "headers": [{"name": "x-limited", "value": "yes", "append": False}],
+    }
+    assert json.loads(r.bundles["default/web"])["inbound"]["rate_limit"] == []  # disabled: no rule
+
+
+def test_two_faults_of_one_kind_cannot_be_expressed_and_say_so(tmp_path: Path) -> None:
+    r = _compile(
+        tmp_path,
+        _from_policy(
+            "MeshFaultInjection", "twice", API, MESH,
+            "{http: [{abort: {httpStatus: 503, percentage: 10}}, {abort: {httpStatus: 500, percentage: 1}}]}",
+        ),
+    )  # fmt: skip
+    assert [(d.code, d.loc.path, d.span and d.span.line) for d in r.diagnostics] == [
+        ("W3006", ("spec", "from", 0), 23)
+    ]
+    assert json.loads(r.bundles["default/api"])["inbound"]["fault_injection"] == []

@@ -154,4 +154,4 @@ def check(spec: MeshFaultInjectionSpec) -> Found:
             yield from _default(("to", i, "default"), t.default)
 
 
-KIND = kind_def("MeshFaultInjection", MeshFaultInjectionSpec, check, __doc__ or "")
+KIND = kind_def("MeshFaultInjection", MeshFaultInjectionSpec, check, __doc__ or "", compiled=True)

@@ -190,4 +190,4 @@ def check(spec: MeshRateLimitSpec) -> Found:
             yield from _default(("to", i, "default"), t.default)
 
 
-KIND = kind_def("MeshRateLimit", MeshRateLimitSpec, check, __doc__ or "")
+KIND = kind_def("MeshRateLimit", MeshRateLimitSpec, check, __doc__ or "", compiled=True)
