@@ -49,7 +49,6 @@ from runtime.protocol import EndpointSet
 __all__ = [
     "DestinationTable",
     "Engine",
-    "kube_aliases",
     "GatewayListenerTable",
     "GatewayRoute",
     "InboundTable",
@@ -57,6 +56,7 @@ __all__ = [
     "Route",
     "Snapshot",
     "Target",
+    "kube_aliases",
     "subset_label",
 ]
 
