@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from runtime.limits import add_limit_arguments, limits_from_args
+
 __all__ = ["parse_listen", "register"]
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -127,6 +129,11 @@ def _run_controlplane(args: argparse.Namespace) -> int:
             "service and get its certificate",
             file=sys.stderr,
         )
+    try:
+        limits = limits_from_args(args)
+    except ValueError as e:
+        print(f"meshc controlplane: {e}", file=sys.stderr)
+        return EXIT_ERROR
     config = Config(
         policy_dir=policy_dir,
         out=out,
@@ -144,6 +151,7 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
         kubernetes=args.kubernetes,
         kubernetes_token=os.environ.get("MESHC_KUBERNETES_TOKEN") or None,
+        limits=limits,
     )
 
     import faulthandler
@@ -323,6 +331,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="let data planes register without a bootstrap token or certificate (development only)",
     )
+    add_limit_arguments(p, admin=False)
     p.set_defaults(run=_run_controlplane)
 
     t = sub.add_parser(

@@ -28,6 +28,7 @@ from compiler.controlplane.status import overall_status
 from compiler.controlplane.traffic import TrafficView
 from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
 from compiler.source import SourceError, read_policy_dir
+from runtime.h1guard import GuardedListener
 
 REJOIN_INTERVALS = 3.5
 """Heartbeat intervals within which every live data plane has registered with a started control
@@ -81,6 +82,7 @@ class ControlPlane:
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.base_events.Server | None = None
         self._compile_lock = asyncio.Lock()
         self._git: GitRefWatcher | None = None
         self.kube: KubeControlPlane | None = None
@@ -228,8 +230,15 @@ class ControlPlane:
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await site.start()
+        assert self._runner.server is not None
+        refusals = self.metrics.listener_refusals
+        guarded = GuardedListener(
+            self._runner.server, self.config.limits, lambda reason: refusals.labels("api", reason).inc()
+        )
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            guarded, self.config.host, self.config.port, reuse_address=True
+        )
         self._tasks.append(asyncio.ensure_future(self._compile_loop()))
         self._tasks.append(asyncio.ensure_future(self._sweep()))
         if self.config.watch:
@@ -249,6 +258,8 @@ class ControlPlane:
         await self.pusher.close()
         await self.traffic.close()
         self.security.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
