@@ -387,6 +387,7 @@ class DataPlane:
             instance=self.pushes.instance,
             csr_pem=self.creds.csr(self.opts.mesh, self.service, self.opts.tags),
             boot_id=self.pushes.boot_id,
+            running_endpoints=self.pushes.endpoints_signed,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
