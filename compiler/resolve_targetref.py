@@ -34,7 +34,14 @@ from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key,
 from compiler.resolve import Entry, PolicyIndex
 from runtime import bundle as b
 
-__all__ = ["TARGETREF_FIELDS", "allowed_services", "gateway_routes", "index_targetref", "legacy_shadowed"]
+__all__ = [
+    "TARGETREF_FIELDS",
+    "allowed_services",
+    "gateway_routes",
+    "index_targetref",
+    "is_targetref",
+    "legacy_shadowed",
+]
 
 Tags = tuple[tuple[str, str], ...]
 
@@ -497,7 +504,10 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
                     what = f"a `from` targetRef of kind {fr.target_ref.kind}"
                     out.append(_unresolved(d, what, ("from", i, "targetRef", "kind")))
                     continue
-                r = Ranked(key, target_rank(fr.target_ref.kind or "Mesh"), _dump(fr.default), d, ("from", i))
+                item_kind = fr.target_ref.kind or "Mesh"
+                r = Ranked(
+                    key, target_rank(item_kind), _dump(fr.default), d, ("from", i), (top_kind, item_kind)
+                )
                 by_field[field].append(_Item("*", src, when, peer, r))
             continue
         for i, to in enumerate(spec.to or ()):
@@ -507,7 +517,8 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
                 out.append(_unresolved(d, what, ("to", i, "targetRef", "kind")))
                 continue
             default = _route_rules(to.rules) if d.kind == _ROUTE else _dump(to.default)
-            r = Ranked(key, target_rank(to.target_ref.kind or "Mesh"), default, d, ("to", i))
+            item_kind = to.target_ref.kind or "Mesh"
+            r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
             by_field[field].append(_Item(src, dst, when, (), r))
     return by_field
 
@@ -587,7 +598,8 @@ def _entry(members: list[Ranked], src: str, dst: str, when: Tags, peer: Tags, co
     for r in members:
         if r.policy is not top.policy and all(r.policy is not x for x in also):
             also.append(r.policy)
-    return Entry(top.policy, src, dst, when, peer, _rank(src, dst, when), conf, top.where, tuple(also))
+    rank = _rank(src, dst, when)
+    return Entry(top.policy, src, dst, when, peer, rank, conf, top.where, tuple(also), tuple(members))
 
 
 def _add(idx: PolicyIndex, kind: str, e: Entry) -> None:
@@ -642,23 +654,58 @@ def _tie(a: Ranked, z: Ranked, src: str, dst: str) -> Diagnostic:
     )
 
 
+def is_targetref(e: Entry) -> bool:
+    """Whether an entry comes from targetRef policies (its rank sits above every legacy rank)."""
+    return e.rank[0] >= _RANK_BASE
+
+
 def legacy_shadowed(idx: PolicyIndex) -> Iterator[Diagnostic]:
-    """W3005 where a targetRef policy and a legacy one configure the same key (the legacy one loses)."""
+    """W3005 where a targetRef policy shadows a legacy one in some bundle (the legacy one loses).
+
+    A legacy entry is shadowed where an unconditional targetRef entry of its kind is looked up
+    with it (``build``: the keys (src, dst), (src, *), (*, dst), (*, *); inbound, by destination),
+    since targetRef ranks come first. Permissions add up: there both policies of one key are named.
+    """
     if not idx.targetref:
         return
-    for table in idx.by_kind.values():
-        for (src, dst), entries in table.items():
-            new = [e for e in entries if e.rank[0] >= _RANK_BASE]
-            old = [e for e in entries if e.rank[0] < _RANK_BASE]
-            if new and old:
-                n, o = new[0], old[0]
-                yield Diagnostic(
-                    "W3005",
-                    f"{n.doc.kind} {n.doc.name!r} and the legacy {o.doc.kind} {o.doc.name!r} both configure "
-                    f"{src} -> {dst}; as in Kuma, the targetRef policy wins",
-                    o.doc.loc(o.path),
-                    related_locs=((n.doc.loc(n.path), f"{n.doc.kind} {n.doc.name!r} is here"),),
-                )
+    for kind, table in idx.by_kind.items():
+        if REGISTRY[kind].additive:
+            yield from _same_key(table)
+            continue
+        inbound = REGISTRY[kind].direction == "inbound"
+        new = [e for es in table.values() for e in es if is_targetref(e) and not e.when and not e.peer]
+        if not new:
+            continue
+        for es in table.values():
+            for o in es:
+                if is_targetref(o):
+                    continue
+                n = next((n for n in new if _meet(n.dst, o.dst) and (inbound or _meet(n.src, o.src))), None)
+                if n is not None:
+                    src = o.src if n.src == "*" else n.src
+                    yield _w3005(n, o, src, o.dst if n.dst == "*" else n.dst)
+
+
+def _meet(a: str, b: str) -> bool:
+    return a == b or "*" in (a, b)
+
+
+def _same_key(table: dict[tuple[str, str], list[Entry]]) -> Iterator[Diagnostic]:
+    for (src, dst), entries in table.items():
+        new = [e for e in entries if is_targetref(e)]
+        old = [e for e in entries if not is_targetref(e)]
+        if new and old:
+            yield _w3005(new[0], old[0], src, dst)
+
+
+def _w3005(n: Entry, o: Entry, src: str, dst: str) -> Diagnostic:
+    return Diagnostic(
+        "W3005",
+        f"{n.doc.kind} {n.doc.name!r} and the legacy {o.doc.kind} {o.doc.name!r} both configure "
+        f"{src} -> {dst}; as in Kuma, the targetRef policy wins",
+        o.doc.loc(o.path),
+        related_locs=((n.doc.loc(n.path), f"{n.doc.kind} {n.doc.name!r} is here"),),
+    )
 
 
 # --- MeshHTTPRoute on a MeshGateway -----------------------------------------------------------
