@@ -117,6 +117,10 @@ def _item_ref(ctx: _Ctx, r: Ranked) -> dict[str, Any]:
 def _field(path: tuple[str, ...]) -> str:
     """A merged key path as Kuma writes it: camelCase keys; a route rule by its ``matches``."""
     out = ""
+    if path[:1] == ("load_balancing",):  # the keys ``resolve_targetref`` files each route kind under
+        path = path[1:]
+    elif path[:1] == ("tcp",):
+        out, path = "rules[0].default", path[1:]
     for seg in path:
         if seg.startswith("["):
             out += f"[matches={seg}]"

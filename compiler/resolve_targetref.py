@@ -12,7 +12,11 @@ old policy of its type), and W3005 says so.
 
 Not resolved yet (W3006 at the place): a top-level targetRef of another kind (MeshGateway,
 Dataplane, MeshHTTPRoute), a ``to`` item other than Mesh or MeshService, ``rules`` sections,
-MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches.
+MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; what the legacy
+load balancer and log backend have no place for (each kind's ``not_applied`` names it).
+
+Every merged rule keeps the items it was merged from (``Entry.merged``) so that ``meshc explain``
+can say which policy set what, and which lost: provenance as data, nothing re-derived.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from compiler.diagnostics import Diagnostic, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
 from compiler.kinds.fault_injection import bandwidth_bps
+from compiler.kinds.targetref import mesh_access_log as mal
+from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
 from compiler.resolve import Entry, PolicyIndex
@@ -282,6 +288,7 @@ _OUTBOUND: dict[str, _Outbound] = {
     "MeshRetry": _Outbound("retry", _retry),
     "MeshCircuitBreaker": _Outbound("circuit_breaker", _circuit_breaker),
     "MeshHealthCheck": _Outbound("health_check", _health_check),
+    "MeshAccessLog": _Outbound("traffic_log", mal.traffic_log),
 }
 
 
@@ -349,12 +356,19 @@ _INBOUND: dict[str, _Outbound] = {
 _NO_RULE = (b.FaultInjectionConf(), b.RateLimitConf(requests=0, interval_ms=0))
 _PERMISSION = "MeshTrafficPermission"
 _ROUTE = "MeshHTTPRoute"
+_TCP_ROUTE = "MeshTCPRoute"
+_LB = "MeshLoadBalancingStrategy"
+_LOG = "MeshAccessLog"
 TARGETREF_FIELDS = {
     **{k: v.field for k, v in {**_OUTBOUND, **_INBOUND}.items()},
     _PERMISSION: "permissions",
     _ROUTE: "route",
+    _TCP_ROUTE: "route",
+    _LB: "route",
 }
-"""The targetRef kinds this module compiles, and the bundle field each fills."""
+"""The targetRef kinds this module compiles, and the bundle field each fills. Three fill ``route``,
+each under its own key of the merged patch (so they never override one another): MeshHTTPRoute
+``rules``, MeshTCPRoute ``tcp``, MeshLoadBalancingStrategy ``load_balancing``."""
 
 
 # --- MeshHTTPRoute ----------------------------------------------------------------------------
@@ -438,6 +452,22 @@ def _catch_all(matches: list[dict[str, Any]]) -> bool:
     return matches == [{"path": {"type": "PathPrefix", "value": "/"}}] or not matches
 
 
+def _route_of(m: dict[str, Any], dst: str) -> b.RouteConf | None:
+    """The merged route patch: MeshHTTPRoute rules (they beat a MeshTCPRoute, as in Kuma), else the
+    MeshTCPRoute's split, with the MeshLoadBalancingStrategy's load balancer."""
+    rules = m.get("rules") or {}
+    conf = _route(rules, dst)
+    if conf is None:
+        return None
+    tcp = m.get("tcp")
+    if not rules and isinstance(tcp, dict):
+        conf = b.RouteConf(split=_backends(tcp.get("backend_refs"), dst))
+    lb = m.get("load_balancing")
+    if isinstance(lb, dict):
+        conf = conf.model_copy(update={"load_balancer": mlbs.load_balancer(lb)})
+    return conf
+
+
 def _route(rules: dict[str, dict[str, Any]], dst: str) -> b.RouteConf | None:
     """Rules merged by their ``matches`` (JSON key) -> a RouteConf; a ``/`` prefix is the default."""
     split: tuple[b.Split, ...] = (b.Split(weight=100, service=dst),)
@@ -497,6 +527,8 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
         key = policy_key(top_kind, dict(d.labels), d.name)
         if getattr(spec, "rules", None):
             out.append(_unresolved(d, "the `rules` section", ("rules",)))
+        if d.kind == _LOG and spec.from_:
+            out.append(_unresolved(d, "the `from` section (inbound access logs)", ("from",)))
         if d.kind == _PERMISSION or d.kind in _INBOUND:
             for i, fr in enumerate(spec.from_ or ()):
                 peer = _peer(fr.target_ref)
@@ -516,11 +548,34 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
                 what = f"a `to` targetRef of kind {to.target_ref.kind}"
                 out.append(_unresolved(d, what, ("to", i, "targetRef", "kind")))
                 continue
-            default = _route_rules(to.rules) if d.kind == _ROUTE else _dump(to.default)
+            default = _to_default(d, i, to, out)
             item_kind = to.target_ref.kind or "Mesh"
             r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
             by_field[field].append(_Item(src, dst, when, (), r))
     return by_field
+
+
+def _to_default(d: Doc, i: int, to: Any, out: list[Diagnostic]) -> dict[str, Any]:
+    """A ``to`` item's patch, keyed as its bundle field's converter reads it; W3006 for each of
+    its settings the bundle has no place for."""
+    if d.kind == _ROUTE:
+        return _route_rules(to.rules)
+    if d.kind == _TCP_ROUTE:
+        rules = to.rules or []
+        for j in range(1, len(rules)):
+            out.append(
+                _unresolved(d, "a second MeshTCPRoute rule (Kuma uses the first)", ("to", i, "rules", j))
+            )
+        return {"tcp": _dump(rules[0].default) if rules else {}}
+    for path, what in (mlbs.not_applied if d.kind == _LB else mal.not_applied if d.kind == _LOG else _none)(
+        to.default
+    ):
+        out.append(_unresolved(d, what, ("to", i, "default", *path)))
+    return {"load_balancing": _dump(to.default)} if d.kind == _LB else _dump(to.default)
+
+
+def _none(_: Any) -> Iterator[tuple[Path, str]]:
+    return iter(())
 
 
 def _route_rules(rules: list[Any] | None) -> dict[str, Any]:
@@ -574,6 +629,11 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
                         seen_ties.add(pair)
                         out.append(_tie(a, z, src, dst))
                 conf = _conf(field, members, dst)
+                if conf is None and field == "traffic_log":
+                    _log_off(members, out)
+                    continue
+                if field == "route":
+                    _tcp_beaten(members, out)
                 if conf is None:
                     top = members[-1]
                     what = "a route filter or match the bundle cannot express"
@@ -583,10 +643,32 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     return out
 
 
+def _log_off(members: list[Ranked], out: list[Diagnostic]) -> None:
+    """No backend after the merge: no rule, which a broader policy's rule cannot be turned off by."""
+    if any(r.default.get("backends") for r in members[:-1]):
+        top = members[-1]
+        what = "`backends: []` under a broader MeshAccessLog (a bundle cannot turn its log off)"
+        _once(out, _unresolved(top.policy, what, top.where))
+
+
+def _once(out: list[Diagnostic], d: Diagnostic) -> None:
+    """Add a finding made per key once per place (a policy shapes many keys)."""
+    if d not in out:
+        out.append(d)
+
+
+def _tcp_beaten(members: list[Ranked], out: list[Diagnostic]) -> None:
+    if any("rules" in r.default for r in members):
+        for r in members:
+            if "tcp" in r.default:
+                what = "a MeshTCPRoute where a MeshHTTPRoute routes the same destination (it wins)"
+                _once(out, _unresolved(r.policy, what, r.where))
+
+
 def _conf(field: str, members: list[Ranked], dst: str) -> BaseModel | None:
     m = merged(r.default for r in members)
     if field == "route":
-        return _route(m.get("rules") or {}, dst)
+        return _route_of(m, dst)
     conv = next(v.convert for v in _OUTBOUND.values() if v.field == field)
     return conv(m)
 

@@ -251,3 +251,24 @@ def test_a_repo_with_errors_is_not_explained(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     assert main(["explain", "benigno", str(repo)]) == 1
     assert "fix them first" in capsys.readouterr().err
+
+
+def test_a_load_balancer_and_a_route_both_shape_the_route_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "twin"
+    shutil.copytree(TWIN, repo)
+    (repo / "lb.yaml").write_text(
+        "apiVersion: kuma.io/v1alpha1\nkind: MeshLoadBalancingStrategy\n"
+        "metadata: {name: benigno-lb, labels: {kuma.io/mesh: default}}\n"
+        "spec:\n  targetRef: {kind: Mesh}\n"
+        "  to: [{targetRef: {kind: MeshService, name: benigno}, default: {loadBalancer: {type: Random}}}]\n"
+    )
+    route = field(explain(capsys, "magnanimo", str(repo), "--to", "benigno"), "benigno", "route")
+    assert [(p["kind"], p["name"], p["targetRef"]) for p in route["policies"]] == [
+        ("MeshHTTPRoute", "route-1", "MeshSubset"),
+        ("MeshLoadBalancingStrategy", "benigno-lb", "Mesh"),
+    ]
+    assert route["policies"][1]["sets"] == ["loadBalancer.type"] and route["shadowed"] == []
+    (rule,) = route["rules"]
+    assert rule["conf"]["load_balancer"]["type"] == "random" and len(rule["conf"]["split"]) == 2
