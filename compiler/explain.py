@@ -19,6 +19,7 @@ from typing import Any
 
 from compiler.build import canon
 from compiler.diagnostics import Diagnostic, Path
+from compiler.gateway import GatewayBuild
 from compiler.kinds import REGISTRY, KindDef
 from compiler.parse import Doc
 from compiler.pipeline import MeshResolved, ParsedFile, doc_lines
@@ -229,6 +230,20 @@ def _inbound(ctx: _Ctx, r: MeshResolved, service: str, conf: dict[str, Any]) -> 
     return sections
 
 
+def _gateway(ctx: _Ctx, gw: GatewayBuild, conf: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's policies and, per listener, each rule (in the order it is tried) with the
+    route match it came from."""
+    listeners = []
+    for i, lst in enumerate(conf.get("listeners") or ()):
+        origins = gw.origins[i] if i < len(gw.origins) else []
+        rules = [
+            {**ctx.ref(doc, path), "rule": j, "match": rule.get("matches")}
+            for j, (rule, (doc, path)) in enumerate(zip(lst.get("rules") or (), origins, strict=True))
+        ]
+        listeners.append({"port": lst.get("port"), "protocol": lst.get("protocol"), "rules": rules})
+    return {"policies": [ctx.ref(d) for d in gw.docs], "listeners": listeners, "conf": conf}
+
+
 def _notes(diags: Iterable[Diagnostic], docs: dict[tuple[str, int], Doc]) -> list[dict[str, Any]]:
     out = []
     for d in diags:
@@ -274,8 +289,6 @@ def explain(
             outbound.append(_outbound(ctx, r, "*", dst, mesh_bundle["destinations"][dst]))
     out["outbound"] = outbound
     gw = next((g for g in r.gateways if g.service == service), None)
-    out["gateway"] = (
-        None if gw is None else {"policies": [ctx.ref(d) for d in gw.docs], "conf": bundle["gateway"]}
-    )
+    out["gateway"] = None if gw is None else _gateway(ctx, gw, bundle["gateway"])
     out["notes"] = _notes(result.diagnostics, ctx.docs)
     return out

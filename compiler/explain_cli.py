@@ -100,8 +100,11 @@ def render_text(x: dict[str, Any]) -> str:
         out += ["", "gateway"]
         for p in x["gateway"]["policies"]:
             out += _wrap(f"{_name(p)}  {_where(p)}", 4)
-        listeners = x["gateway"]["conf"].get("listeners") or ()
-        out += _wrap(f"{len(listeners)} listener(s); the conf is in --format json", 4)
+        for lst in x["gateway"]["listeners"]:
+            out += [f"    listener {lst['protocol']} :{lst['port']}  (rules in the order they are tried)"]
+            for r in lst["rules"]:
+                match = json.dumps(r["match"], sort_keys=True, separators=(", ", ": "))
+                out += _wrap(f"{r['rule']}. {_name(r)}  {_where(r)}  match {match}", 6)
     if x["notes"]:
         out += ["", "notes"]
         for n in x["notes"]:

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from compiler.diagnostics import Diagnostic, Path
+from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
 from compiler.kinds.fault_injection import bandwidth_bps
@@ -862,6 +862,33 @@ def _gw_filter(f: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+_GW_RULE_KEYS = {"backends": ("default", "backendRefs"), "filters": ("default", "filters")}
+
+
+@dataclass(frozen=True)
+class _GatewayRouteDoc(Doc):
+    """One ``to`` item of a MeshHTTPRoute read as a MeshGatewayRoute: the paths of its
+    MeshGatewayRoute form point back into the MeshHTTPRoute as written (diagnostics, explain)."""
+
+    to_index: int = 0
+    rule_index: tuple[int, ...] = ()
+    """The written rule of each rule kept (one with a filter meshc cannot express is left out)."""
+
+    def loc(self, path: Path = (), on_key: bool = False) -> Loc:
+        to: Path = ("to", self.to_index)
+        if path[:3] == ("conf", "http", "rules") and len(path) > 3 and isinstance(path[3], int):
+            rule: Path = (
+                *to,
+                "rules",
+                self.rule_index[path[3]] if path[3] < len(self.rule_index) else path[3],
+            )
+            rest = path[4:]
+            if rest and rest[0] in _GW_RULE_KEYS:
+                rest = (*_GW_RULE_KEYS[str(rest[0])], *rest[1:2])
+            return super().loc((*rule, *rest), on_key)
+        return super().loc(("targetRef",) if path[:1] == ("selectors",) else to, on_key)
+
+
 def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
     """MeshHTTPRoutes whose top-level targetRef is a MeshGateway, as MeshGatewayRoute documents
     (same file and position) for ``compiler.gateway`` to attach: one per ``to`` item."""
@@ -887,12 +914,14 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
                 findings.append(_unresolved(d, f"a `to` targetRef of kind {to.target_ref.kind}", ("to", i)))
                 continue
             rules = []
+            kept: list[int] = []
             for ri, r in enumerate(to.rules or ()):
                 conf = _dump(r.default)
                 filters = [_gw_filter(f) for f in conf.get("filters") or ()]
                 if any(f is None for f in filters):
                     findings.append(_unresolved(d, "a filter", ("to", i, "rules", ri, "default", "filters")))
                     continue
+                kept.append(ri)
                 rules.append(
                     {
                         "matches": [_gw_match(_dump_match(m)) for m in r.matches or []] or [{}],
@@ -907,5 +936,9 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
             if to.hostnames:
                 http["hostnames"] = list(to.hostnames)
             spec = mgr.MeshGatewayRouteSpec.model_validate({"selectors": selectors, "conf": {"http": http}})
-            out.append(Doc(d.file, d.index, "MeshHTTPRoute", d.mesh, d.name, spec, d.prefix, d.labels))
+            out.append(
+                _GatewayRouteDoc(
+                    d.file, d.index, "MeshHTTPRoute", d.mesh, d.name, spec, d.prefix, d.labels, i, tuple(kept)
+                )
+            )
     return out, findings

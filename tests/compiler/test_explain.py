@@ -153,6 +153,15 @@ def test_a_gateway_lists_its_gateway_policies(capsys: pytest.CaptureFixture[str]
     assert ("MeshGateway", "edge", 3) in names and ("MeshGatewayRoute", "route1", 3) in names
     bundle = json.loads(compile_dir(POLICIES).bundles["default/edge-gateway"])
     assert x["gateway"]["conf"] == bundle["gateway"]
+    ((listener,),) = [lst["rules"] for lst in x["gateway"]["listeners"]]
+    assert (listener["kind"], listener["name"], listener["line"], listener["rule"]) == (
+        "MeshGatewayRoute", "route1", 16, 0
+    )  # fmt: skip
+    assert listener["match"] == bundle["gateway"]["listeners"][0]["rules"][0]["matches"]
+    # The twin's MeshHTTPRoute on the gateway: the line of its match as written (to[0].rules[0].matches[0]).
+    twin = explain(capsys, "edge-gateway", str(TWIN))
+    ((rule,),) = [lst["rules"] for lst in twin["gateway"]["listeners"]]
+    assert (rule["kind"], rule["line"]) == ("MeshHTTPRoute", 18)
 
 
 def test_a_more_specific_legacy_policy_shadows_a_broader_one(
