@@ -341,3 +341,25 @@ def test_generated_mixed_repos_are_explained(
         k: (converted[k] if (i % 2 == 0) == half else v) for i, (k, v) in enumerate(sorted(files.items()))
     }
     _accounted(_sources(mixed), mixed.__getitem__)
+
+
+def test_a_service_in_two_meshes_needs_its_mesh_and_an_unknown_destination_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "policies"
+    repo.mkdir()
+    docs = []
+    for mesh in ("default", "other"):
+        docs.append(f"apiVersion: kuma.io/v1alpha1\nkind: Mesh\nmetadata: {{name: {mesh}}}\nspec: {{}}\n")
+        docs.append(
+            f"apiVersion: meshc/v1alpha1\nkind: Service\nmesh: {mesh}\n"
+            "metadata: {name: web}\nspec: {port: 80}\n"
+        )
+    (repo / "catalog.yaml").write_text("---\n".join(docs))
+    capsys.readouterr()
+    assert main(["explain", "web", str(repo)]) == 2
+    assert "in several meshes; name one of default/web, other/web" in capsys.readouterr().err
+    x = explain(capsys, "other/web", str(repo))
+    assert (x["mesh"], x["bundle"]) == ("other", "other/web")
+    assert main(["explain", "other/web", str(repo), "--to", "nowhere"]) == 2
+    assert "has no outbound destination 'nowhere'" in capsys.readouterr().err

@@ -298,3 +298,31 @@ def test_turning_a_broader_log_off_is_named(tmp_path: Path) -> None:
     alone = _compile(tmp_path, "alone", off)
     assert not alone.diagnostics, _codes(alone)
     assert _logs(alone, "default", "api") == []
+
+
+def test_the_incremental_compiler_agrees_through_edits_of_the_three_kinds() -> None:
+    """Add, change and remove each kind: every update equals a cold compile (bundles, release,
+    diagnostics), as the control plane relies on."""
+    from test_incremental import assert_same
+    from test_properties import _sources
+
+    from compiler.incremental import IncrementalCompiler
+    from compiler.pipeline import compile_sources
+
+    log = _log("all", "{kind: Mesh}", "{kind: Mesh}", "{backends: [{type: File, file: {path: /tmp/a.log}}]}")
+    steps = [
+        {"c.yaml": CATALOG},
+        {"c.yaml": CATALOG, "lb.yaml": _lb("{loadBalancer: {type: Random}}")},
+        {"c.yaml": CATALOG, "lb.yaml": _lb("{loadBalancer: {type: Maglev}}"), "tcp.yaml": TCP_ROUTE},
+        {"c.yaml": CATALOG, "tcp.yaml": TCP_ROUTE, "log.yaml": log, "old.yaml": LEGACY_TCP},
+        {"c.yaml": CATALOG, "log.yaml": log.replace("/tmp/a.log", "/tmp/b.log")},
+        {"c.yaml": CATALOG},
+    ]
+    inc = IncrementalCompiler()
+    digests = set()
+    for files in steps:
+        src = _sources(files)
+        got = inc.update(src).result
+        assert_same(got, compile_sources(src))
+        digests.add(tuple(sorted(got.digests.items())))
+    assert len(digests) == len(steps) - 1  # every edit changed a bundle; the last is the first again
