@@ -84,8 +84,8 @@ def _section_lines(s: dict[str, Any]) -> list[str]:
 
 def render_text(x: dict[str, Any]) -> str:
     """The explanation for a reader, at most 100 columns (JSON values wrap at their spaces)."""
-    digest = (x.get("digest") or "")[:19]
-    out = [f"{x['bundle']}  {digest}  (service at {_where(x['service_doc'])})"]
+    digest = (x.get("digest") or "")[:12]
+    out = [f"{x['bundle']}  digest {digest}  (service at {_where(x['service_doc'])})"]
     out.append("each field: its policies, the one that wins first; shadowed ones; the bundle's rules")
     if x["inbound"] is not None:
         out += ["", "inbound"]
