@@ -209,7 +209,7 @@ _ROLES = {v: k for k, v in _ROLE_ORDER.items()}
 
 def why(low: Ranked, high: Ranked) -> str:
     """Why ``high`` takes precedence over ``low`` in Kuma's order, in words."""
-    if low.policy is high.policy:
+    if low.policy is high.policy and low.item_rank == high.item_rank:
         return "a later item of the same policy"
     a, z = low.key, high.key
     if a[0] != z[0]:
@@ -218,6 +218,8 @@ def why(low: Ranked, high: Ranked) -> str:
         return f"origin {_ORIGINS.get(z[1], z[1])} > {_ORIGINS.get(a[1], a[1])} ({ORIGIN_LABEL})"
     if a[2] != z[2]:
         return f"role {_ROLES.get(z[2], z[2])} > {_ROLES.get(a[2], a[2])} ({ROLE_LABEL})"
-    if low.item_rank != high.item_rank:
-        return f"more specific item targetRef {high.kinds[1]} > {low.kinds[1]}"
-    return f"name-order tie: {z[3]!r} sorts after {a[3]!r} (W3004)"
+    if a[3] != z[3]:
+        if low.item_rank == high.item_rank:
+            return f"name-order tie: {z[3]!r} sorts after {a[3]!r} (W3004)"
+        return f"name order: {z[3]!r} sorts after {a[3]!r} (before the items' own targetRef kinds)"
+    return f"more specific item targetRef {high.kinds[1]} > {low.kinds[1]}"
