@@ -72,6 +72,7 @@ Run the seed scenario on 127.0.0.1: the control plane on DIR, stand-ins for magn
 benigno v1 and v2 (each on its own free port, with its sidecar) and the ingress gateway.
 Then:  curl http://127.0.0.1:8080/route1/hw2   (90% "Hello World, Benigno: ...", 10% the canary)
 Edit the TrafficRoute's weights and save: the split follows. Ctrl-C stops every process.
+With --targetref, the policies are docs/examples/targetref (run it from the repo root).
 """
 
 
@@ -397,8 +398,14 @@ def register(sub: Any) -> None:
         "policy_dir",
         metavar="DIR",
         nargs="?",
-        default="policies",
+        default=None,
         help="the policy directory (default: policies)",
+    )
+    d.add_argument(
+        "--targetref",
+        action="store_true",
+        help="run the same scenario in Kuma's targetRef dialect (docs/examples/targetref: MeshHTTPRoute, "
+        "MeshTimeout...); it compiles to the same bundles",
     )
     d.add_argument("--gateway-port", type=int, default=8080, help="the gateway's port (default: 8080)")
     d.add_argument("--cp-port", type=int, default=5681, help="the control plane's port (default: 5681)")
