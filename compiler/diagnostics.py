@@ -167,7 +167,8 @@ CODES: dict[str, Code] = _catalog(
         "W3004",
         "targetref-name-tie",
         "Two targetRef policies set the same field for the same traffic and only their names decide "
-        "which wins (Kuma's last tie-break: the name that sorts later). Renaming one changes the result.",
+        "which wins (Kuma's last tie-break: the name that sorts first wins). Renaming one changes the "
+        "result.",
     ),
     Code(
         "W3005",

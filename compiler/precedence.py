@@ -3,9 +3,10 @@
 Kuma sorts the policies that select a proxy by their top-level ``targetRef`` kind (Mesh <
 MeshSubset < MeshGateway < MeshService < MeshServiceSubset < Dataplane < MeshHTTPRoute), then by
 origin (``kuma.io/origin``: global < zone) and role (``kuma.io/policy-role``: system < producer
-< consumer < workload-owner), then by name (``ByTargetRef.Less`` in Kuma's ``matchers``). The
-matching ``to``/``from`` items are taken in that order, each list's items by their own
-``targetRef`` kind (Mesh < MeshService < ...), and their ``default`` confs are merged lowest
+< consumer < workload-owner); a ``to`` item then by its own ``targetRef`` kind (Mesh <
+MeshService < ...); then by the policy's name in *inverted* lexicographic order (the smaller
+name wins), and a ``from`` item last by its own kind (Kuma 2.14's ``rules/sort`` and
+``outbound.Sort``). The matching items are taken in that order, and their ``default`` confs are merged lowest
 precedence first, as JSON merge patches (RFC 7386): maps key by key, lists replaced, ``null``
 removes, except that ``append*`` lists are concatenated. Where two policies differ only by name,
 the order is the name's alone: ``name_ties`` finds them so that a warning can name both.
@@ -111,8 +112,37 @@ class Ranked:
     """The kinds of its policy's top-level ``targetRef`` and of its own (what ``why`` names)."""
 
     @property
-    def order(self) -> tuple[tuple[int, int, int, str], int]:
-        return (self.key, self.item_rank)
+    def to_item(self) -> bool:
+        return isinstance(self.where, tuple) and bool(self.where) and self.where[0] == "to"
+
+    @property
+    def order(self) -> tuple[int, int, int, int, _Inverted] | tuple[int, int, int, _Inverted, int]:
+        """Kuma 2.14's sort (``rules/sort``): the policy's attributes; for a ``to`` item its own
+        targetRef kind next (``outbound.Sort``'s ``CompareByToEntry``); then the policy's name,
+        inverted (``CompareByDisplayName``: ``zzz`` lowest, ``aaa`` highest); a ``from`` item's
+        own kind last."""
+        top, origin, role, name = self.key
+        if self.to_item:
+            return (top, origin, role, self.item_rank, _Inverted(name))
+        return (top, origin, role, _Inverted(name), self.item_rank)
+
+
+class _Inverted(str):
+    """A name that sorts in inverted lexicographic order."""
+
+    __slots__ = ()
+
+    def __lt__(self, other: object) -> bool:
+        return str.__gt__(self, other) if isinstance(other, str) else NotImplemented
+
+    def __gt__(self, other: object) -> bool:
+        return str.__lt__(self, other) if isinstance(other, str) else NotImplemented
+
+    def __le__(self, other: object) -> bool:
+        return str.__ge__(self, other) if isinstance(other, str) else NotImplemented
+
+    def __ge__(self, other: object) -> bool:
+        return str.__le__(self, other) if isinstance(other, str) else NotImplemented
 
 
 def in_order(items: Iterable[Ranked]) -> list[Ranked]:
@@ -218,8 +248,11 @@ def why(low: Ranked, high: Ranked) -> str:
         return f"origin {_ORIGINS.get(z[1], z[1])} > {_ORIGINS.get(a[1], a[1])} ({ORIGIN_LABEL})"
     if a[2] != z[2]:
         return f"role {_ROLES.get(z[2], z[2])} > {_ROLES.get(a[2], a[2])} ({ROLE_LABEL})"
+    kinds = f"more specific item targetRef {high.kinds[1]} > {low.kinds[1]}"
+    if low.item_rank != high.item_rank and high.to_item:
+        return kinds  # a `to` item's own kind comes before the names
     if a[3] != z[3]:
         if low.item_rank == high.item_rank:
-            return f"name-order tie: {z[3]!r} sorts after {a[3]!r} (W3004)"
-        return f"name order: {z[3]!r} sorts after {a[3]!r} (before the items' own targetRef kinds)"
-    return f"more specific item targetRef {high.kinds[1]} > {low.kinds[1]}"
+            return f"name-order tie: {z[3]!r} sorts before {a[3]!r}, and the smaller name wins (W3004)"
+        return f"name order: {z[3]!r} sorts before {a[3]!r} (names come before a `from` item's own kind)"
+    return kinds

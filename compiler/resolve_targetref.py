@@ -730,7 +730,8 @@ def _tie(a: Ranked, z: Ranked, src: str, dst: str) -> Diagnostic:
     return Diagnostic(
         "W3004",
         f"{dz.kind} {dz.name!r} overrides {da.kind} {da.name!r} for {src} -> {dst} only because its name "
-        "sorts later (Kuma's last tie-break); make one targetRef more specific if that is not meant",
+        "sorts first (Kuma's last tie-break: the smaller name wins); make one targetRef more specific "
+        "if that is not meant",
         dz.loc(z.where),
         related_locs=((da.loc(a.where), f"{da.kind} {da.name!r} is here"),),
     )

@@ -70,7 +70,7 @@ spec:
         connectionTimeout: 3s
         idleTimeout: 30s
 """ + _magnanimo_timeout("magnanimo-timeouts", "1s")
-TIE = _magnanimo_timeout("magnanimo-timeouts-b", "4s")
+TIE = _magnanimo_timeout("magnanimo-timeout-a", "4s")
 
 
 def explain(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
@@ -199,7 +199,7 @@ def test_a_mixed_repo_at_a_ref_gives_the_order_lines_and_reasons(tmp_path: Path)
     t = field(json.loads(proc.stdout), "benigno", "timeout")
     f = "policies/mesh-timeouts.yaml"
     assert who(t["policies"]) == [
-        ("MeshTimeout", "magnanimo-timeouts-b", f, 45),
+        ("MeshTimeout", "magnanimo-timeout-a", f, 45),
         ("MeshTimeout", "all-timeouts", f, 11),
     ]
     top, mesh_wide = t["policies"]
@@ -208,19 +208,19 @@ def test_a_mixed_repo_at_a_ref_gives_the_order_lines_and_reasons(tmp_path: Path)
     assert mesh_wide["overridden"] == [
         {
             "field": "connectionTimeout",
-            "by": "MeshTimeout magnanimo-timeouts-b",
+            "by": "MeshTimeout magnanimo-timeout-a",
             "reason": "more specific targetRef MeshService > Mesh",
         }
     ]
     tie, legacy = t["shadowed"]
     assert (tie["name"], tie["line"], tie["by"]["name"], tie["code"]) == (
-        "magnanimo-timeouts", 28, "magnanimo-timeouts-b", "W3004"
+        "magnanimo-timeouts", 28, "magnanimo-timeout-a", "W3004"
     )  # fmt: skip
-    assert "name-order tie: 'magnanimo-timeouts-b' sorts after 'magnanimo-timeouts'" in tie["reason"]
+    assert "name-order tie: 'magnanimo-timeout-a' sorts before 'magnanimo-timeouts'" in tie["reason"]
     assert (legacy["kind"], legacy["name"], legacy["file"], legacy["line"]) == (
         "Timeout", "benigno-timeout", "policies/benigno-timeout.yaml", 10
     )  # fmt: skip
-    assert (legacy["code"], legacy["by"]["name"]) == ("W3005", "magnanimo-timeouts-b")
+    assert (legacy["code"], legacy["by"]["name"]) == ("W3005", "magnanimo-timeout-a")
     assert legacy["reason"] == "a targetRef policy shadows the legacy one (as in Kuma)"
     assert t["rules"][0]["conf"]["connect_timeout_ms"] == 4000
     assert t["rules"][0]["conf"]["tcp_idle_timeout_ms"] == 30000  # all-timeouts' idleTimeout is kept

@@ -98,14 +98,19 @@ def test_name_ties_name_both_policies_only_when_they_set_the_same_thing() -> Non
     c = _item("Mesh", "gamma", {"http": {"idleTimeout": "2s"}})
     d = _item("MeshService", "delta", {"http": {"requestTimeout": "9s"}})
     ties = name_ties(in_order([d, c, b, a]))
-    assert [(x.policy, y.policy) for x, y in ties] == [("alpha", "beta")]
+    assert [(x.policy, y.policy) for x, y in ties] == [("beta", "alpha")]  # the smaller name wins
 
 
 def _ranked(
-    name: str, top: str, default: Any, item: str = "Mesh", labels: dict[str, str] | None = None
+    name: str,
+    top: str,
+    default: Any,
+    item: str = "Mesh",
+    labels: dict[str, str] | None = None,
+    section: str = "to",
 ) -> Ranked:
     return Ranked(
-        policy_key(top, labels or {}, name), target_rank(item), default, name, ("to", 0), (top, item)
+        policy_key(top, labels or {}, name), target_rank(item), default, name, (section, 0), (top, item)
     )
 
 
@@ -120,8 +125,12 @@ def _ranked(
          _ranked("a", "Mesh", {}, labels={"kuma.io/policy-role": "consumer"}),
          "role consumer > producer (kuma.io/policy-role)"),
         (_ranked("a", "Mesh", {}), _ranked("b", "Mesh", {}, item="MeshService"),
-         "name order: 'b' sorts after 'a' (before the items' own targetRef kinds)"),
-        (_ranked("a", "Mesh", {}), _ranked("b", "Mesh", {}), "name-order tie: 'b' sorts after 'a' (W3004)"),
+         "more specific item targetRef MeshService > Mesh"),  # a `to` item's kind before names
+        (_ranked("b", "Mesh", {}, item="MeshService", section="from"),
+         _ranked("a", "Mesh", {}, section="from"),
+         "name order: 'a' sorts before 'b' (names come before a `from` item's own kind)"),
+        (_ranked("b", "Mesh", {}), _ranked("a", "Mesh", {}),
+         "name-order tie: 'a' sorts before 'b', and the smaller name wins (W3004)"),
     ],
 )  # fmt: skip
 def test_why_names_the_first_attribute_that_orders_two_items(low: Ranked, high: Ranked, reason: str) -> None:

@@ -94,9 +94,9 @@ def test_a_tie_decided_by_name_is_a_warning_naming_both(tmp_path: Path) -> None:
         _timeout("beta", MESH, MESH, "{connectionTimeout: 2s}"),
     )
     ties = [d for d in r.diagnostics if d.code == "W3004"]
-    assert ties and "'beta' overrides MeshTimeout 'alpha'" in ties[0].message
+    assert ties and "'alpha' overrides MeshTimeout 'beta'" in ties[0].message
     (anyone,) = _timeouts(r, "default", "api")
-    assert anyone["connect_timeout_ms"] == 2000  # the name that sorts later wins, as in Kuma
+    assert anyone["connect_timeout_ms"] == 1000  # the smaller name wins, as in Kuma 2.14
 
 
 def test_targetref_wins_over_legacy_on_the_same_pair_with_a_warning(tmp_path: Path) -> None:
