@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import random
 import signal
@@ -50,7 +51,11 @@ MAX_ENDPOINTS_BYTES = 16 * 1024 * 1024
 
 
 def parse_addr(value: str, default_host: str = "127.0.0.1") -> Addr:
-    """``host:port``, ``[v6]:port`` or ``:port`` / ``port`` (on ``default_host``)."""
+    """``host:port``, ``[v6]:port``, ``v6:port`` or ``:port`` / ``port`` (on ``default_host``).
+
+    ``v6:port`` without brackets is what ``$(POD_IP):PORT`` expands to on an IPv6 Kubernetes
+    cluster (meshc inject writes it so for either family): the port is the part after the last
+    colon, and the rest must then be an IPv6 address."""
     value = value.strip()
     if value.startswith("["):
         host, _, port = value[1:].partition("]:")
@@ -59,8 +64,13 @@ def parse_addr(value: str, default_host: str = "127.0.0.1") -> Addr:
     else:
         host, _, port = value.rpartition(":")
         host = host or default_host
-    if not port.isdigit() or not host:
+    if not port.isdigit() or not host or int(port) > 65535:
         raise ValueError(f"{value!r} is not host:port")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address (write [v6]:port)") from None
     return host, int(port)
 
 
