@@ -88,10 +88,11 @@ def _wait_ready(p: subprocess.Popen[bytes], log: Path, what: str) -> float:
     return deadline
 
 
-def _stop(p: subprocess.Popen[bytes], log: Path) -> None:
-    """Ctrl-C, as a user stops it: a clean exit 0 (killed only if it hangs, and then it fails)."""
+def _stop(p: subprocess.Popen[bytes], log: Path, sig: signal.Signals = signal.SIGINT) -> None:
+    """Ctrl-C (or SIGTERM, as a service manager stops it): a clean exit 0 (killed only if it
+    hangs, and then it fails)."""
     if p.poll() is None:
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         try:
             code = p.wait(60)
         except subprocess.TimeoutExpired:
@@ -103,7 +104,8 @@ def _stop(p: subprocess.Popen[bytes], log: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_demo_after_ctrl_c_restarts_and_leaves_nothing(tmp_path: Path) -> None:
-    """Two runs back to back on the same ports; after each Ctrl-C no process and no work dir."""
+    """Two runs back to back on the same ports, the first stopped by Ctrl-C, the second by
+    SIGTERM; after each, no process and no work dir."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = _demo_env(tmp)
@@ -127,7 +129,7 @@ def test_demo_after_ctrl_c_restarts_and_leaves_nothing(tmp_path: Path) -> None:
             ports = re.findall(r"app 127\.0\.0\.1:(\d+)", text)
             assert len(ports) == 3, text
         finally:
-            _stop(p, log)
+            _stop(p, log, signal.SIGINT if run == 0 else signal.SIGTERM)
         assert "all processes stopped" in log.read_text()
         assert not list(tmp.glob("meshc-demo-*")), "the temporary work dir (CA key, secrets) was left behind"
         left = _pids_mentioning(work.group(1), *(f"--port {port}" for port in ports))
