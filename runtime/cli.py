@@ -211,6 +211,12 @@ def _run(kind: str, argv: list[str]) -> int:
             metavar="HOST:PORT",
             help="the proxy the app sends its calls to (set HTTP_PROXY=http://HOST:PORT in the app)",
         )
+        p.add_argument(
+            "--reachable-services",
+            metavar="A,B,...",
+            help="Kuma's reachableServices: the destinations this app calls besides those its "
+            "policies name; pushed ahead, the others fetched at their first request",
+        )
     else:
         p.add_argument(
             "--service",
@@ -258,6 +264,8 @@ def _run(kind: str, argv: list[str]) -> int:
             opts.app = ns.app
             opts.inbound = parse_addr(ns.inbound) if ns.inbound else None
             opts.outbound = parse_addr(ns.outbound) if ns.outbound else None
+            if ns.reachable_services is not None:
+                opts.reachable = [s.strip() for s in ns.reachable_services.split(",") if s.strip()]
             if opts.inbound is not None and not opts.app:
                 raise _UsageError("--inbound needs --app")
             if opts.app:

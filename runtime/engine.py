@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from runtime._hosts import Host, HostRegistry, Outcome
@@ -271,7 +271,7 @@ class Route:
 class DestinationTable:
     """Everything an outbound request to one mesh service needs."""
 
-    __slots__ = ("port", "protocol", "routes", "service", "targets", "wheel")
+    __slots__ = ("pending", "port", "protocol", "routes", "service", "targets", "wheel")
 
     def __init__(
         self,
@@ -280,8 +280,11 @@ class DestinationTable:
         routes: tuple[Route, ...],
         wheel: Wheel[Target],
         targets: tuple[Target, ...],
+        pending: bool = False,
     ) -> None:
         self.service = service
+        self.pending = pending
+        """Its config is named by the mesh manifest but not held yet (fetched on demand)."""
         self.port = catalog.port if catalog else None
         self.protocol = catalog.protocol if catalog else "http"
         self.routes = routes
@@ -616,11 +619,16 @@ class Engine:
         self.registry.retain(live)
 
     def build(
-        self, mesh: MeshBundle | None, service: ServiceBundle | None, endpoints: EndpointSet | None
+        self,
+        mesh: MeshBundle | None,
+        service: ServiceBundle | None,
+        endpoints: EndpointSet | None,
+        pending: Collection[str] = (),
     ) -> Snapshot:
-        """Compile a snapshot; raise ``BundleError`` if it cannot be enforced."""
+        """Compile a snapshot; raise ``BundleError`` if it cannot be enforced. ``pending`` names
+        the catalog services whose mesh-wide config is not held (``runtime.pieces``)."""
         try:
-            return self._build(mesh, service, endpoints)
+            return self._build(mesh, service, endpoints, pending)
         except BundleError:
             raise
         except (ValueError, re.error) as e:
@@ -629,7 +637,11 @@ class Engine:
     # -- compilation ------------------------------------------------------------------------
 
     def _build(
-        self, mesh: MeshBundle | None, service: ServiceBundle | None, endpoints: EndpointSet | None
+        self,
+        mesh: MeshBundle | None,
+        service: ServiceBundle | None,
+        endpoints: EndpointSet | None,
+        pending: Collection[str],
     ) -> Snapshot:
         if service is not None and service.service != self.service:
             raise BundleError(
@@ -715,7 +727,12 @@ class Engine:
             for r in routes:
                 used.update((id(t), t) for t in r.wheel.items)
             destinations[name] = DestinationTable(
-                name, catalog.get(name), routes, default, tuple(used.values())
+                name,
+                catalog.get(name),
+                routes,
+                default,
+                tuple(used.values()),
+                pending=name in pending and (service is None or name not in service.outbound),
             )
 
         gateway: dict[int, GatewayListenerTable] = {}

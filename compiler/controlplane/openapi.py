@@ -17,6 +17,7 @@ from runtime.protocol import (
     CertificateReply,
     CertificateRequest,
     Heartbeat,
+    PieceRequest,
     Registration,
     RegistrationReply,
 )
@@ -104,6 +105,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Renew the instance's mesh certificate (authenticated by the current one).",
         CertificateReply,
         CertificateRequest,
+        "data plane protocol",
+        (400, 401, 403, 404),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/pieces",
+        "Mesh pieces by digest, on demand (authenticated like a heartbeat); newline-delimited pieces.",
+        {"type": "string", "description": "application/x-ndjson: one piece's canonical JSON a line"},
+        PieceRequest,
         "data plane protocol",
         (400, 401, 403, 404),
     ),
