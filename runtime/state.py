@@ -116,13 +116,16 @@ class StateDir:
         return out
 
     def _read_pieces(self) -> dict[str, bytes]:
-        """The intact pieces on disk (a damaged or half-written one is skipped)."""
+        """The intact pieces on disk; a damaged one is removed (so it is written again)."""
         out: dict[str, bytes] = {}
         for path in self.pieces.glob("*.json"):
             with contextlib.suppress(OSError):
                 data = path.read_bytes()
                 if bundle_digest(data) == path.stem:
                     out[path.stem] = data
+                else:
+                    _warn(f"removing damaged piece {path}")
+                    path.unlink()
         return out
 
     def save(self, service: str, state: StoredState) -> None:

@@ -100,11 +100,24 @@ def status_data(cp: ControlPlane) -> dict[str, Any]:
         for dp in sorted(cp.registry.dataplanes.values(), key=lambda d: (d.mesh, d.service, d.instance))
     ]
     rel = cp.releases.current
+    manifests = {}
+    for key in rel.digests if rel else ():
+        mp = cp.pusher.mesh_pieces(rel, key) if "/" not in key else None
+        if mp is not None:
+            manifests[key] = mp.digest
+    slow = sorted(
+        (r for r in rows if r["lag_s"] is not None or r["last_lag_s"] is not None),
+        key=lambda r: (r["lag_s"] is None, -(r["lag_s"] or r["last_lag_s"] or 0.0)),
+    )
     return {
         "release": rel.id if rel else None,
         "commit": rel.commit if rel else None,
         "digests": rel.digests if rel else {},
+        "manifests": manifests,
         "dataplanes": rows,
+        "slowest": [
+            {"instance": r["instance"], "lag_s": r["lag_s"], "last_lag_s": r["last_lag_s"]} for r in slow[:5]
+        ],
     }
 
 
