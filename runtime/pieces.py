@@ -27,9 +27,9 @@ import json
 import zlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from runtime.bundle import (
     BundleError,
@@ -54,6 +54,7 @@ __all__ = [
     "assemble",
     "bucket",
     "join_lines",
+    "pieces_json_schema",
     "split_lines",
     "split_mesh",
 ]
@@ -101,6 +102,14 @@ class MissingPieces(BundleError):
     def __init__(self, digests: Collection[str]) -> None:
         self.digests = tuple(sorted(digests))
         super().__init__(f"missing {len(self.digests)} piece(s): {', '.join(d[:12] for d in self.digests)}")
+
+
+def pieces_json_schema() -> dict[str, Any]:
+    """One schema for every line of a delta push: the manifest, a catalog chunk, a destination."""
+    adapter: TypeAdapter[MeshManifest | CatalogPiece | DestinationPiece] = TypeAdapter(
+        Annotated[MeshManifest | CatalogPiece | DestinationPiece, Field(discriminator="type")]
+    )
+    return adapter.json_schema()
 
 
 def bucket(name: str) -> int:
