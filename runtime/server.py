@@ -93,6 +93,8 @@ class Options:
     """Accept unsigned pushes (no control plane; bundles fed by hand)."""
     admin_allow_remote: bool = False
     """Allow the admin API on a non-loopback address."""
+    pieces: bool = True
+    """Register for delta pushes (``runtime.pieces``); False: the whole mesh bundle every time."""
     reachable: list[str] | None = None
     """Kuma's reachableServices (registration); None: what the policies name, the rest on demand."""
     limits: ListenerLimits = field(default_factory=ListenerLimits)
@@ -387,7 +389,7 @@ class DataPlane:
             instance=self.pushes.instance,
             csr_pem=self.creds.csr(self.opts.mesh, self.service, self.opts.tags),
             boot_id=self.pushes.boot_id,
-            pieces=True,
+            pieces=self.opts.pieces,
             reachable_services=self.opts.reachable,
         )
 
