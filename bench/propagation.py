@@ -526,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="phase 1 with real sidecar processes, stub admin servers in one process, or both",
     )
+    p.add_argument(
+        "--stub-dataplanes", type=int, help="stub data planes in the stub mode (default: --sidecars)"
+    )
     p.add_argument("--stubs", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cp", help=argparse.SUPPRESS)
     p.add_argument("--stub-services", help=argparse.SUPPRESS)
@@ -602,15 +605,16 @@ def _phases(args: argparse.Namespace, out: dict[str, Any], tmp: str) -> None:
     runs = [(m, p) for m in modes for p in ((False, True) if args.compare else (True,))]
     for mode, pieces in runs:
         key = ("propagation" if mode == "real" else "propagation_stub") + ("" if pieces else "_full")
+        count = args.sidecars if mode == "real" else (args.stub_dataplanes or args.sidecars)
         print(
             f"phase 1 ({mode}, {'delta pushes' if pieces else 'whole mesh bundles'}): {args.services} "
-            f"services, {args.sidecars} "
+            f"services, {count} "
             f"{'real sidecars' if mode == 'real' else 'stub data planes in one process'}, "
             f"{args.changes} one-file changes",
             flush=True,
         )
         pr = out[key] = phase_propagation(
-            args.services, args.sidecars, args.changes, Path(tmp) / key, stub=mode == "stub", pieces=pieces
+            args.services, count, args.changes, Path(tmp) / key, stub=mode == "stub", pieces=pieces
         )
         for k in ("route", "mesh", "all"):
             s = pr[k]
