@@ -591,6 +591,9 @@ def kube_aliases(destinations: Mapping[str, T], own_service: str) -> dict[str, T
     return {alias: destinations[names[0]] for alias, names in found.items() if len(names) == 1}
 
 
+_NO_WHEEL: Wheel[Target] = Wheel(())
+
+
 class Engine:
     """Holds the current snapshot and the state that outlives it."""
 
@@ -714,6 +717,13 @@ class Engine:
         if service is not None:
             names |= set(service.outbound)
         for name in sorted(names):
+            if name in pending and (service is None or name not in service.outbound):
+                # Nothing routes there before its piece is fetched: no targets to build now (a
+                # scoped data plane has hundreds of these and builds one snapshot per push).
+                destinations[name] = DestinationTable(
+                    name, catalog.get(name), (), _NO_WHEEL, (), pending=True
+                )
+                continue
             conf = config_for(name)
             rule = first_rule(conf.route, local, {}) if conf else None
             route = rule.conf if rule else None
@@ -732,7 +742,6 @@ class Engine:
                 routes,
                 default,
                 tuple(used.values()),
-                pending=name in pending and (service is None or name not in service.outbound),
             )
 
         gateway: dict[int, GatewayListenerTable] = {}

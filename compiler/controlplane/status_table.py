@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["WIDTH", "ago", "render_table"]
+__all__ = ["WIDTH", "ago", "lag_text", "render_table"]
 
 WIDTH = 100
 
@@ -55,7 +55,7 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
             st("endpoints"),
             st("mesh"),
             st("service"),
-            _lag(r),
+            lag_text(r),
             r.get("admin_address") or "-",
             r.get("inbound_address") or "-",
             ago(now - ack) + " ago" if ack else "-",
@@ -64,7 +64,8 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
     return row
 
 
-def _lag(r: dict[str, Any]) -> str:
+def lag_text(r: dict[str, Any]) -> str:
+    """Waiting now (its oldest unacknowledged change), else ``=`` its last change-to-ACK time."""
     lag, last = r.get("lag_s"), r.get("last_lag_s")
     if lag is not None:
         return f"{lag:.1f}s"

@@ -317,6 +317,11 @@ def test_a_destination_change_sends_one_piece_and_its_chunk(delta_mesh: DeltaMes
     assert expected < len(after.manifest) + 3000 < sum(len(p) for p in after.pieces.values())
     ro = delta_mesh.cp.api("/api/v1/rollouts")["rollouts"][0]
     assert ro["bytes"] > 0 and ro["completed_at"] is not None
+    # Status: synced, so no lag now, and the change-to-ACK time of its last ACK.
+    row = delta_mesh.row(caller.config()["instance"])
+    assert row["lag_s"] is None and row["last_lag_s"] is not None and row["last_lag_s"] >= 0
+    slowest = delta_mesh.cp.api("/api/v1/status")["slowest"]
+    assert slowest and all(s["lag_s"] is None and s["last_lag_s"] is not None for s in slowest)
     # The piece it now runs is the new one (timeout 11 s).
     cfg = caller.config()["bundles"]["mesh"]["bundle"]
     assert cfg["destinations"]["beta"]["timeout"][0]["conf"]["http_request_timeout_ms"] == 11000
@@ -373,6 +378,20 @@ def test_a_forged_or_mismatched_piece_is_nacked_and_nothing_changes(delta_mesh: 
     )
     assert metric_value(caller.metrics(), "meshc_reloads_total", kind="mesh", result="nack") == nacks + 4
     assert outbound_name(caller, "beta") == "beta-app"
+
+
+def test_a_reachable_list_is_pushed_ahead(delta_mesh: DeltaMesh) -> None:
+    """Kuma's reachableServices on the registration: those destinations come with the push."""
+    plane = delta_mesh.start("reach", "gamma", "--reachable-services", "beta,svc-03")
+    try:
+        wait_until(lambda: _synced(delta_mesh, plane), "gamma SYNCED")
+        assert _pieces_of(plane)["held"] == ["beta", "svc-03"]
+        assert outbound_name(plane, "beta") == "beta-app"
+        assert metric_value(plane.metrics(), "meshc_mesh_pieces_total", how="fetched") == 0
+    finally:
+        plane.terminate()
+        plane.close()
+        del delta_mesh.planes["reach"]
 
 
 def test_a_restart_from_a_partial_piece_cache_converges(delta_mesh: DeltaMesh) -> None:
