@@ -54,6 +54,9 @@ class PieceStore:
             self._meshes.move_to_end(digest)
         return found
 
+    def by_manifest(self, digest: str) -> MeshPieces | None:
+        return next((mp for mp in reversed(self._meshes.values()) if mp.digest == digest), None)
+
     def named(self, digest: str, data: bytes) -> frozenset[str]:
         found = self._named.get(digest)
         if found is None:

@@ -8,9 +8,12 @@ from the one the data plane acknowledged, so a commit that changes one service's
 bundle to that service's data planes and nothing to the others.
 
 One task per data plane waits for its slots to become dirty and reconciles them; a semaphore bounds
-the pushes in flight across all data planes. A transport error is retried with capped exponential
-backoff; a NACK is recorded and the same bytes are not sent again (they would be refused again),
-and the later slots wait, since they may depend on what was refused. Heartbeats report what a
+the pushes in flight across all data planes, over keep-alive connections. A transport error is
+retried with capped exponential backoff, and so is a NACK that refuses the moment, not the
+content (403: this boot has not registered yet, say a push that overtook the registration's
+answer; 409: an older generation), until an ACK or the data plane goes Offline. A NACK of the
+content (400, 413) is recorded and the same bytes are not sent again (they would be refused
+again), and the later slots wait, since they may depend on what was refused. Heartbeats report what a
 data plane runs (every slot's digest and generation, endpoints included): a slot that runs
 something else than what was acknowledged (a replay, a restart from older state) shows STALE with
 its running digest and is pushed again, and one that already runs the desired digest (a control
@@ -60,6 +63,8 @@ from runtime.protocol import (
 __all__ = ["SLOTS", "DataPlaneSync", "Pusher", "Rollout", "SlotState"]
 
 SLOTS = ("endpoints", "mesh", "service")
+_TRANSIENT = ("403:", "409:")
+"""NACKs that do not say the content is bad: the same digest is pushed again (backing off)."""
 Result = Literal["ack", "nack", "error"]
 
 
@@ -358,6 +363,8 @@ class Pusher:
         sync = self.syncs.get(dp.instance)
         if sync is None:
             sync = self._track(dp)
+        if dp.pieces and not sync.have and sync.slots["mesh"].inflight is None:
+            self._infer_pieces(sync, dp)
         for slot in SLOTS:
             st = sync.slots[slot]
             running = dp.running.get(slot)
@@ -387,6 +394,15 @@ class Pusher:
                 self._rollout_done(dp.instance, slot, ok=True)
         if any(s.desired is not None and s.acked != s.desired for s in sync.slots.values()):
             sync.dirty.set()
+
+    def _infer_pieces(self, sync: DataPlaneSync, dp: DataPlane) -> None:
+        """A data plane we know nothing of (this control plane restarted, or it did) that runs a
+        manifest we still hold has its catalog and its scope of it, so the next push need not
+        carry them; anything else it held shows up in a 422."""
+        running = dp.running.get("mesh")
+        mp = self.pieces.by_manifest(running) if running else None
+        if mp is not None:
+            sync.have.update(mp.wanted(self.scope(dp, sync)))
 
     # --- pushing ------------------------------------------------------------------------------
 
@@ -476,6 +492,12 @@ class Pusher:
                     self.metrics.propagation.labels(slot).observe(max(0.0, now - st.desired_since))
                     st.desired_since = None
                 self._rollout_done(dp.instance, slot, ok=True)
+            elif result == "nack" and reason.startswith(_TRANSIENT):
+                # Not the content: not registered in this boot yet (a push that overtook the
+                # registration's answer), or an older generation. Pushed again, with a new
+                # generation, backing off, until it ACKs or goes Offline.
+                st.nack, st.last_nack_at, st.error = reason, now, reason
+                return 0.0
             elif result == "nack":
                 st.nack, st.nack_digest, st.last_nack_at = reason, want, now
                 print(f"meshc: {dp.instance} NACKed the {slot} push {want[:12]}: {reason}", flush=True)

@@ -380,6 +380,38 @@ def test_a_forged_or_mismatched_piece_is_nacked_and_nothing_changes(delta_mesh: 
     assert outbound_name(caller, "beta") == "beta-app"
 
 
+def test_after_a_control_plane_restart_a_422_fetches_what_it_forgot(delta_mesh: DeltaMesh) -> None:
+    """A restarted control plane knows caller's running manifest (so it does not re-send the
+    catalog) but not that caller fetched beta: the next change to beta is NACKed 422 naming
+    beta's new piece, which the control plane sends at once."""
+    caller = delta_mesh.planes["caller"]
+    assert "beta" in _pieces_of(caller)["held"]
+    delta_mesh.cp.stop()
+    delta_mesh.cp.start()
+    wait_until(lambda: _synced(delta_mesh, caller), "caller SYNCED with the restarted control plane")
+    m = caller.metrics()
+    nacks = metric_value(m, "meshc_reloads_total", kind="mesh", result="nack")
+    acks = metric_value(m, "meshc_reloads_total", kind="mesh", result="ack")
+    received = metric_value(m, "meshc_push_received_bytes_total", slot="mesh")
+    before = delta_mesh.release_mesh()
+    _beta_timeout(delta_mesh.policies, 13)
+    wait_until(
+        lambda: delta_mesh.release_mesh().digest != before.digest and _synced(delta_mesh, caller),
+        "the new manifest SYNCED on caller",
+    )
+    after = delta_mesh.release_mesh()
+    m = caller.metrics()
+    assert metric_value(m, "meshc_reloads_total", kind="mesh", result="nack") == nacks + 1
+    assert metric_value(m, "meshc_reloads_total", kind="mesh", result="ack") == acks + 1
+    cfg = caller.config()["bundles"]["mesh"]
+    assert cfg["digest"] == after.digest and "beta" in cfg["pieces"]["held"]
+    assert cfg["bundle"]["destinations"]["beta"]["timeout"][0]["conf"]["http_request_timeout_ms"] == 13000
+    # Two pushes, neither with the whole catalog: the chunk, then the chunk and beta's piece.
+    got = metric_value(m, "meshc_push_received_bytes_total", slot="mesh") - received
+    chunk = _chunk_of(after, "beta")
+    assert got == len(after.body([chunk])) + len(after.body([chunk, after.destinations["beta"]])), got
+
+
 def test_a_reachable_list_is_pushed_ahead(delta_mesh: DeltaMesh) -> None:
     """Kuma's reachableServices on the registration: those destinations come with the push."""
     plane = delta_mesh.start("reach", "gamma", "--reachable-services", "beta,svc-03")
