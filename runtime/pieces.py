@@ -23,6 +23,7 @@ This module imports only pydantic, the standard library and ``runtime.bundle``.
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from collections.abc import Collection, Iterable, Mapping
@@ -193,7 +194,7 @@ class MeshSet:
     pieces: Mapping[str, bytes]
     """Digest -> bytes of every piece held (chunks and destinations): the cache."""
 
-    @property
+    @functools.cached_property
     def pending(self) -> frozenset[str]:
         return frozenset(n for n in self.index if n not in self.held)
 
