@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["APPS", "DemoMesh", "PortInUse", "free_port", "run_demo"]
+__all__ = ["APPS", "TARGETREF_DIR", "DemoMesh", "PortInUse", "demo_policy_dir", "free_port", "run_demo"]
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
@@ -464,8 +464,25 @@ def _follow(path: Path, stop: threading.Event, prefix: str) -> None:
         stop.wait(0.25)
 
 
+TARGETREF_DIR = Path("docs") / "examples" / "targetref"
+"""The seed scenario in Kuma's targetRef dialect (``--targetref``), from the repo root."""
+
+
+def demo_policy_dir(args: argparse.Namespace) -> Path:
+    """DIR, ``policies`` by default, or the targetRef twin with ``--targetref`` (ValueError: both)."""
+    if getattr(args, "targetref", False):
+        if args.policy_dir is not None:
+            raise ValueError("give DIR or --targetref, not both")
+        return TARGETREF_DIR
+    return Path(args.policy_dir or "policies")
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    policy_dir = Path(args.policy_dir)
+    try:
+        policy_dir = demo_policy_dir(args)
+    except ValueError as e:
+        print(f"meshc demo: {e}", file=sys.stderr)
+        return EXIT_ERROR
     if not policy_dir.is_dir():
         print(f"meshc demo: {policy_dir}: not a directory", file=sys.stderr)
         return EXIT_ERROR

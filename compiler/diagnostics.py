@@ -179,7 +179,8 @@ CODES: dict[str, Code] = _catalog(
         "W3006",
         "targetref-not-resolved",
         "A part of a targetRef policy that meshc does not resolve into bundles yet (a targetRef kind, "
-        "a `rules` section, a route filter or match the bundle cannot express): it has no effect.",
+        "a `rules` section, a route filter or match the bundle cannot express, zone-aware load "
+        "balancing or hash policies, an OpenTelemetry log backend): it has no effect.",
     ),
     Code(
         "W1001",

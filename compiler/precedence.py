@@ -20,13 +20,16 @@ from typing import Any
 __all__ = [
     "ORIGIN_LABEL",
     "ROLE_LABEL",
+    "Contribution",
     "Ranked",
+    "contributions",
     "in_order",
     "merge_patch",
     "merged",
     "name_ties",
     "policy_key",
     "target_rank",
+    "why",
 ]
 
 ORIGIN_LABEL = "kuma.io/origin"
@@ -104,6 +107,8 @@ class Ranked:
     """The policy (document) it belongs to: ties are between two of them."""
     where: Any = None
     """Where in the policy it is (a path), for the caller."""
+    kinds: tuple[str, str] = ("Mesh", "Mesh")
+    """The kinds of its policy's top-level ``targetRef`` and of its own (what ``why`` names)."""
 
     @property
     def order(self) -> tuple[tuple[int, int, int, str], int]:
@@ -143,3 +148,78 @@ def _overlap(a: Any, b: Any) -> bool:
         if not (isinstance(a[k], dict) and isinstance(b[k], dict)) or _overlap(a[k], b[k]):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What one merged item set, and which of its settings higher-precedence items replaced."""
+
+    item: Ranked
+    sets: tuple[tuple[str, ...], ...]
+    """The leaves its ``default`` sets, as key paths."""
+    overridden: tuple[tuple[tuple[str, ...], Ranked], ...]
+    """(leaf, the item whose value the merge keeps) for each leaf a later item sets again."""
+
+    @property
+    def shadowed(self) -> bool:
+        """Whether nothing of it is left in the merged result."""
+        return len(self.overridden) == len(self.sets)
+
+
+def _leaves(patch: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if not isinstance(patch, dict):
+        return [prefix] if prefix else []
+    out = []
+    for k, v in patch.items():
+        out.extend(_leaves(v, (*prefix, str(k))))
+    return out
+
+
+def _covers(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether setting ``a`` replaces ``b`` or ``b`` replaces ``a``: one is a prefix of the other."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def contributions(members: Sequence[Ranked]) -> list[Contribution]:
+    """Each item (lowest precedence first) with its leaves and who overrides them: the provenance
+    of ``merged``. A leaf is overridden by the last later item that sets it or a map above it
+    (``append*`` lists add up: never overridden)."""
+    leaves = [_leaves(r.default) for r in members]
+    out = []
+    for i, r in enumerate(members):
+        over = []
+        for leaf in leaves[i]:
+            if leaf[-1].startswith("append"):
+                continue
+            winner = None
+            for j in range(len(members) - 1, i, -1):
+                if any(_covers(x, leaf) for x in leaves[j]):
+                    winner = members[j]
+                    break
+            if winner is not None:
+                over.append((leaf, winner))
+        out.append(Contribution(r, tuple(leaves[i]), tuple(over)))
+    return out
+
+
+_ORIGINS = {v: k for k, v in _ORIGIN_ORDER.items()}
+_ROLES = {v: k for k, v in _ROLE_ORDER.items()}
+
+
+def why(low: Ranked, high: Ranked) -> str:
+    """Why ``high`` takes precedence over ``low`` in Kuma's order, in words."""
+    if low.policy is high.policy and low.item_rank == high.item_rank:
+        return "a later item of the same policy"
+    a, z = low.key, high.key
+    if a[0] != z[0]:
+        return f"more specific targetRef {high.kinds[0]} > {low.kinds[0]}"
+    if a[1] != z[1]:
+        return f"origin {_ORIGINS.get(z[1], z[1])} > {_ORIGINS.get(a[1], a[1])} ({ORIGIN_LABEL})"
+    if a[2] != z[2]:
+        return f"role {_ROLES.get(z[2], z[2])} > {_ROLES.get(a[2], a[2])} ({ROLE_LABEL})"
+    if a[3] != z[3]:
+        if low.item_rank == high.item_rank:
+            return f"name-order tie: {z[3]!r} sorts after {a[3]!r} (W3004)"
+        return f"name order: {z[3]!r} sorts after {a[3]!r} (before the items' own targetRef kinds)"
+    return f"more specific item targetRef {high.kinds[1]} > {low.kinds[1]}"

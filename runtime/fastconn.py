@@ -44,6 +44,7 @@ from runtime.fastexchange import (
 )
 from runtime.fastplane import FastPlane
 from runtime.fastpool import Upstream
+from runtime.h1guard import linger_close
 from runtime.headerops import NO_OPS
 
 __all__ = ["ClientConn"]
@@ -57,7 +58,6 @@ _INBOUND_CONNECT_S = 5.0
 
 _FULL = h1.reply(503, "the listener has reached --max-connections", close=True)
 
-_LINGER_S = 2.0
 """How long an error answer's connection keeps draining the client's bytes before it closes."""
 
 
@@ -640,22 +640,9 @@ class ClientConn(Exchange):
             self._linger_close()
 
     def _linger_close(self) -> None:
-        """Close after an error answer without losing it (nginx's lingering close).
-
-        The client may still be sending the refused request; closing with unread bytes makes the
-        kernel send a reset, which can destroy the answer before the client reads it. So: send
-        FIN after the answer, read and drop what still comes, and close when the client closes
-        or after a short grace period.
-        """
-        tr = self.transport
-        if tr is None:
-            return
-        if not tr.can_write_eof():  # TLS: no half-close
-            tr.close()
-            return
-        self.lingering = True
-        tr.write_eof()
-        asyncio.get_running_loop().call_later(_LINGER_S, tr.close)
+        """Close after an error answer without losing it (``h1guard.linger_close``)."""
+        if self.transport is not None:
+            self.lingering = linger_close(self.transport)
 
     def _upgrade_request(self, rest: bytes) -> None:
         """The parser stopped after an Upgrade or CONNECT head; ``rest`` is the bytes after it."""

@@ -85,6 +85,7 @@ __all__ = [
     "PushTarget",
     "Registration",
     "RegistrationReply",
+    "SignedEndpoints",
     "auth_message",
     "endpoints_digest",
     "push_message",
@@ -171,6 +172,18 @@ class EndpointSet(_Msg):
     services: dict[str, list[Endpoint]]
 
 
+class SignedEndpoints(_Msg):
+    """The endpoint set a data plane runs, exactly as it was pushed, with the push's signature.
+
+    A control plane started without its registry learns the mesh's last live set from it instead
+    of holding endpoint pushes until every data plane is back: its own signature (over this
+    data plane's target, the body's sha256 and the generation inside) proves the set is one it
+    sent, so a data plane cannot make others route to addresses of its choosing."""
+
+    body: str = Field(description="The pushed EndpointSet JSON, byte for byte.")
+    signature: str = Field(description="The push's X-Meshc-Signature (hex).")
+
+
 class Registration(_Msg):
     """Body of ``POST /api/v1/register``."""
 
@@ -195,6 +208,9 @@ class Registration(_Msg):
             "Kuma's reachableServices: the destinations it calls besides those its policies name; "
             "the others come on demand (with pieces)."
         ),
+    )
+    running_endpoints: SignedEndpoints | None = Field(
+        default=None, description="The signed endpoint set this process runs, when it runs one."
     )
 
 

@@ -38,7 +38,7 @@ from runtime.decide import FETCH_TIMEOUT_S
 from runtime.engine import Engine, Snapshot
 from runtime.metrics import Metrics
 from runtime.pieces import MeshSet, MissingPieces, assemble, split_lines
-from runtime.protocol import EndpointSet, PushTarget, endpoints_digest
+from runtime.protocol import EndpointSet, PushTarget, SignedEndpoints, endpoints_digest
 from runtime.security import PushTrust
 from runtime.state import Slot, StateDir, StoredState
 
@@ -73,6 +73,8 @@ class Pushes:
         self.trust = trust
         self.slots: dict[str, Slot] = {}
         self.endpoints: EndpointSet | None = None
+        self.endpoints_signed: SignedEndpoints | None = None
+        """The running set as pushed, with its signature (reported when registering again)."""
         self.instance: str | None = None
         self.mesh = mesh
         self.boot_id = secrets.token_hex(16)
@@ -384,6 +386,9 @@ class Pushes:
                 self.endpoints = current
                 return self.nack("endpoints", 500, f"cannot store the endpoints in the state dir: {e}")
             self._install(snap)
+            self.endpoints_signed = (
+                SignedEndpoints(body=body.decode(), signature=signature) if signature is not None else None
+            )
             self.metrics.endpoints_generation.set(endpoints.generation)
             self.metrics.reloads.labels("endpoints", "ack").inc()
             return 200, {"ack": hashlib.sha256(body).hexdigest()}

@@ -26,6 +26,7 @@ from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
+from runtime.h1guard import GuardedListener
 from runtime.healthcheck import HealthChecker
 from runtime.limits import ListenerLimits
 from runtime.metrics import Metrics
@@ -220,7 +221,7 @@ class DataPlane:
                         factory: Any = self.fast.factory("outbound")
                     else:
                         assert self.http is not None
-                        factory = (await self._runner(self.http.outbound)).server
+                        factory = await self._guarded("outbound", self.http.outbound)
                     sock = _bind(opts.outbound)
                     assert factory is not None
                     server = await loop.create_server(
@@ -252,6 +253,15 @@ class DataPlane:
             self._rotation = asyncio.ensure_future(self._rotate_loop())
         _emit({"event": "listening", "service": self.service, **self.listening})
 
+    async def _guarded(self, listener: str, handler: Any) -> GuardedListener:
+        """An aiohttp server for ``handler`` behind the data listeners' parser and limits."""
+        server = (await self._runner(handler)).server
+        assert server is not None
+        refusals = self.metrics.listener_refusals
+        return GuardedListener(
+            server, self.opts.limits, lambda reason: refusals.labels(listener, reason).inc()
+        )
+
     async def _runner(self, handler: Any) -> web.ServerRunner:
         from aiohttp import web
 
@@ -282,7 +292,7 @@ class DataPlane:
             factory = self.fast.factory("inbound")
         else:
             assert self.http is not None
-            factory = (await self._runner(self.http.inbound)).server
+            factory = await self._guarded("inbound", self.http.inbound)
         listener = MtlsListener(sock, factory, self._current_mtls, self.creds, self._count_inbound)
         listener.start()
         self._mtls_listeners.append(listener)
@@ -345,8 +355,6 @@ class DataPlane:
                 loop = asyncio.get_running_loop()
                 self._servers.append(await loop.create_server(self.fast.factory("gateway", port), sock=sock))
             else:
-                from aiohttp import web
-
                 assert self.http is not None
 
                 async def handler(
@@ -354,8 +362,9 @@ class DataPlane:
                 ) -> web.StreamResponse:
                     return await http.gateway(request, port)
 
-                runner = await self._runner(handler)
-                await web.SockSite(runner, sock).start()
+                loop = asyncio.get_running_loop()
+                guarded = await self._guarded("gateway", handler)
+                self._servers.append(await loop.create_server(guarded, sock=sock))
             self._gateway_ports.add(port)
             if index >= 0:
                 self._listen_used.add(index)
@@ -391,6 +400,7 @@ class DataPlane:
             boot_id=self.pushes.boot_id,
             pieces=self.opts.pieces,
             reachable_services=self.opts.reachable,
+            running_endpoints=self.pushes.endpoints_signed,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:

@@ -29,12 +29,13 @@ from pydantic import ValidationError
 from compiler.controlplane import openapi
 from compiler.controlplane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from compiler.controlplane.pusher import Pusher
+from compiler.controlplane.registry import DataPlane
 from compiler.controlplane.release import Compiler
 from compiler.controlplane.security import AuthError, Host, Security
 from compiler.controlplane.status import dataplane_row
 from compiler.controlplane.traffic import TrafficView, configured_routes
 from runtime.pieces import join_lines
-from runtime.protocol import Heartbeat, PieceRequest, Registration, RegistrationReply
+from runtime.protocol import Heartbeat, PieceRequest, Registration, RegistrationReply, SignedEndpoints
 
 
 class KubeAuth(Protocol):
@@ -69,6 +70,8 @@ class ControlPlane(Host, Protocol):
 
     @property
     def kube(self) -> KubeAuth | None: ...
+
+    def rejoined(self, dp: DataPlane, signed: SignedEndpoints | None) -> None: ...
 
 
 __all__ = ["ControlPlane", "dashboard_data", "make_app"]
@@ -273,6 +276,7 @@ def make_app(cp: ControlPlane) -> web.Application:
             cp.log(f"registration of {reg.service!r} refused: {e.reason}")
             return _json({"error": e.reason}, e.status)
         dp = cp.registry.register(reg)
+        cp.rejoined(dp, reg.running_endpoints)
         reply = RegistrationReply(
             instance=dp.instance,
             heartbeat_interval_ms=int(cp.config.heartbeat_interval_s * 1000),

@@ -59,6 +59,13 @@ class ControlPlaneMetrics:
         self.release_info = Gauge(
             "meshc_controlplane_release_info", "The current release (value 1).", ["release"], registry=r
         )
+        self.listener_refusals = Counter(
+            "meshc_listener_refusals",
+            "Connections the API listener refused, by reason (header_timeout, body_timeout, "
+            "max_connections), as the data planes count theirs.",
+            ["listener", "reason"],
+            registry=r,
+        )
         self._release: str | None = None
 
     def set_release(self, release_id: str) -> None:

@@ -209,3 +209,26 @@ def test_two_faults_of_one_kind_cannot_be_expressed_and_say_so(tmp_path: Path) -
         ("W3006", ("spec", "from", 0), 23)
     ]
     assert json.loads(r.bundles["default/api"])["inbound"]["fault_injection"] == []
+
+
+def test_a_targetref_policy_on_a_narrower_pair_still_warns_of_the_legacy_one_it_shadows(
+    tmp_path: Path,
+) -> None:
+    """The legacy Timeout is for every caller of api; the MeshTimeout only for web's calls: in
+    web's bundle the targetRef rule comes first and ends the list, so the legacy one is lost
+    there (and only there)."""
+    legacy = """---
+apiVersion: kuma.io/v1alpha1
+kind: Timeout
+mesh: default
+metadata: {name: old}
+spec:
+  sources: [{match: {kuma.io/service: '*'}}]
+  destinations: [{match: {kuma.io/service: api}}]
+  conf: {connectTimeout: 7s}
+"""
+    r = _compile(tmp_path, legacy, _timeout("new", WEB, API, "{connectionTimeout: 3s}"))
+    (w,) = [d for d in r.diagnostics if d.code == "W3005"]
+    assert "'new' and the legacy Timeout 'old' both configure web -> api" in w.message
+    assert [x["connect_timeout_ms"] for x in _timeouts(r, "default/web", "api")] == [3000]
+    assert [x["connect_timeout_ms"] for x in _timeouts(r, "default", "api")] == [7000]  # other callers
