@@ -191,6 +191,18 @@ def _run(kind: str, argv: list[str]) -> int:
             metavar="HOST:PORT",
             help="the proxy the app sends its calls to (set HTTP_PROXY=http://HOST:PORT in the app)",
         )
+        p.add_argument(
+            "--reachable-services",
+            metavar="A,B,...",
+            help="Kuma's reachableServices: the destinations this app calls besides those its "
+            "policies name; pushed ahead, the others fetched at their first request",
+        )
+        p.add_argument(
+            "--full-mesh-bundle",
+            action="store_true",
+            help="take the whole mesh bundle at every change (no delta pushes, no scoping), as data "
+            "planes did before pieces; for comparisons",
+        )
     else:
         p.add_argument(
             "--service",
@@ -234,6 +246,9 @@ def _run(kind: str, argv: list[str]) -> int:
             opts.app = ns.app
             opts.inbound = parse_addr(ns.inbound) if ns.inbound else None
             opts.outbound = parse_addr(ns.outbound) if ns.outbound else None
+            opts.pieces = not ns.full_mesh_bundle
+            if ns.reachable_services is not None:
+                opts.reachable = [s.strip() for s in ns.reachable_services.split(",") if s.strip()]
             if opts.inbound is not None and not opts.app:
                 raise _UsageError("--inbound needs --app")
             if opts.app:

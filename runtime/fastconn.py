@@ -20,12 +20,14 @@ from runtime._hosts import Outcome
 from runtime.decide import (
     PASSTHROUGH,
     TARGET,
+    Fetch,
     Forward,
     Reply,
     decide_gateway,
     decide_inbound,
     decide_outbound,
     request_scheme,
+    settle,
     split_host,
 )
 from runtime.fastexchange import (
@@ -219,7 +221,7 @@ class ClientConn(Exchange):
         engine = plane.engine
         snap = engine.snapshot
         kind = self.kind
-        verdict: Forward | Reply
+        verdict: Forward | Reply | Fetch
         if kind == OUTBOUND:
             self.source = engine.service
             authority = self._authority(req)
@@ -233,6 +235,10 @@ class ClientConn(Exchange):
                 if len(plane.hosts) < 4096:
                     plane.hosts[authority] = parsed
             verdict = decide_outbound(engine, snap, req, parsed[0], parsed[1], plane.own_addresses)
+            if type(verdict) is Fetch:
+                # The body (if any) waits in req.body, reading paused, as while connecting.
+                self.fetching = asyncio.ensure_future(self._after_fetch(req, verdict, parsed))
+                return
         elif kind == INBOUND:
             src = req.source
             caller = plane.sources.get(src) if src is not None else ""
@@ -246,6 +252,24 @@ class ClientConn(Exchange):
         else:
             xfp = req.xfp.decode("latin-1") if req.xfp is not None else None
             verdict = decide_gateway(engine, snap, req, self.port, request_scheme(xfp, self.secure))
+        if type(verdict) is Reply:
+            self._answer(verdict)
+        else:
+            self._forward(req, cast(Forward, verdict))
+
+    async def _after_fetch(self, req: h1.Request, fetch: Fetch, parsed: tuple[str, int | None]) -> None:
+        """A pending destination: fetch its config (bounded), then decide again."""
+        plane = self.plane
+        engine = plane.engine
+        verdict = await settle(
+            engine,
+            fetch,
+            plane.fetch,
+            lambda snap: decide_outbound(engine, snap, req, parsed[0], parsed[1], plane.own_addresses),
+        )
+        self.fetching = None
+        if self.closed or req is not self.req:
+            return
         if type(verdict) is Reply:
             self._answer(verdict)
         else:

@@ -104,6 +104,10 @@ class Options:
     """Accept unsigned pushes (no control plane; bundles fed by hand)."""
     admin_allow_remote: bool = False
     """Allow the admin API on a non-loopback address."""
+    pieces: bool = True
+    """Register for delta pushes (``runtime.pieces``); False: the whole mesh bundle every time."""
+    reachable: list[str] | None = None
+    """Kuma's reachableServices (registration); None: what the policies name, the rest on demand."""
     limits: ListenerLimits = field(default_factory=ListenerLimits)
     """Read timeouts and the connection limit of every listener (the admin API included)."""
     """Head/body read timeouts and the connection limit of the admin listener."""
@@ -249,6 +253,13 @@ class DataPlane:
                 auth=self._auth_headers,
             )
             self.registrar.start()
+            self.pushes.fetcher = self.registrar.fetch_pieces
+            fetch = self.pushes.fetch
+            self.tcp.fetch = fetch
+            if self.fast is not None:
+                self.fast.fetch = fetch
+            if self.http is not None:
+                self.http.fetch = fetch
             self._rotation = asyncio.ensure_future(self._rotate_loop())
         _emit({"event": "listening", "service": self.service, **self.listening})
 
@@ -397,6 +408,8 @@ class DataPlane:
             instance=self.pushes.instance,
             csr_pem=self.creds.csr(self.opts.mesh, self.service, self.opts.tags),
             boot_id=self.pushes.boot_id,
+            pieces=self.opts.pieces,
+            reachable_services=self.opts.reachable,
             running_endpoints=self.pushes.endpoints_signed,
         )
 
@@ -523,7 +536,16 @@ class DataPlane:
             "trusted_control_plane_key": self.trust.key,
             "insecure_admin": self.trust.insecure,
             "bundles": {
-                role: {"digest": s.digest, "generation": s.generation, "bundle": json.loads(s.data)}
+                role: {
+                    "digest": s.digest,
+                    "generation": s.generation,
+                    "bundle": json.loads(s.data) if s.pieces is None else s.bundle.model_dump(mode="json"),
+                    **(
+                        {"pieces": {"held": sorted(s.pieces.held), "pending": sorted(s.pieces.pending)}}
+                        if s.pieces is not None
+                        else {}
+                    ),
+                }
                 for role, s in sorted(self.pushes.slots.items())
             },
             "endpoints": endpoints.model_dump(mode="json") if endpoints else None,

@@ -31,6 +31,13 @@ class ControlPlaneMetrics:
             ["slot", "result"],
             registry=r,
         )
+        self.push_bytes = Counter(
+            "meshc_controlplane_push_bytes",
+            "Bytes of push bodies sent to data planes by slot (endpoints, mesh, service), and of "
+            "pieces fetched on demand (fetched).",
+            ["slot"],
+            registry=r,
+        )
         self.compiles = Counter(
             "meshc_controlplane_compiles", "Compiles by result (ok, failed).", ["result"], registry=r
         )
