@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["APPS", "TARGETREF_DIR", "DemoMesh", "PortInUse", "demo_policy_dir", "free_port", "run_demo"]
+__all__ = ["APPS", "TARGETREF_DIR", "AppSpec", "DemoMesh", "PortInUse", "demo_policy_dir", "free_port", "run_demo"]
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
@@ -207,6 +207,8 @@ class DemoMesh:
     gateway_port: int = 8080
     cp_args: Sequence[str] = ()
     """Extra ``meshc controlplane`` arguments (``--ref main --repo R``, ``--heartbeat-interval``)."""
+    apps: Sequence[AppSpec] = APPS
+    """The stand-in apps, each with its sidecar (bench/chaos.py adds a second benigno v1)."""
     python: str = sys.executable
     drain_s: float = 1.0
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -216,7 +218,7 @@ class DemoMesh:
     def __post_init__(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         (self.work_dir / "logs").mkdir(exist_ok=True)
-        for spec in APPS:
+        for spec in self.apps:
             self.instances[spec.name] = Instance(spec, free_port(), free_port(), free_port(), free_port())
         self.gateway_admin = free_port()
         self.token("-")  # the token secret exists before the control plane starts: no race
