@@ -31,7 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["APPS", "TARGETREF_DIR", "AppSpec", "DemoMesh", "PortInUse", "demo_policy_dir", "free_port", "run_demo"]
+__all__ = [
+    "APPS",
+    "TARGETREF_DIR",
+    "AppSpec",
+    "DemoMesh",
+    "PortInUse",
+    "demo_policy_dir",
+    "free_port",
+    "run_demo",
+]
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
@@ -271,14 +280,15 @@ class DemoMesh:
         p.start()
         return p
 
-    def start_app(self, name: str) -> Proc:
+    def start_app(self, name: str, *extra: str) -> Proc:
+        """The stand-in app ``name`` (``extra``: more ``compiler.demo_apps`` flags)."""
         inst = self.instances[name]
         env = self._env()
         if inst.spec.service == "magnanimo":
             env["HTTP_PROXY"] = env["http_proxy"] = f"http://127.0.0.1:{inst.outbound}"
         p = self._proc(
             f"app-{name}",
-            [self.python, "-m", "compiler.demo_apps", *inst.spec.argv, "--port", str(inst.app_port)],
+            [self.python, "-m", "compiler.demo_apps", *inst.spec.argv, "--port", str(inst.app_port), *extra],
             env,
         )
         p.start()
