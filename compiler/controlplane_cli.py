@@ -146,6 +146,7 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         poll_interval_s=args.poll_interval,
         state_dir=state_dir,
         heartbeat_interval_s=args.heartbeat_interval,
+        rejoin_window_s=args.rejoin_window,
         concurrency=args.concurrency,
         token=token,
         registration_auth=not args.insecure_registration,
@@ -304,6 +305,14 @@ def register(sub: Any) -> None:
         type=_positive,
         default=1.0,
         help="heartbeat interval asked of data planes; Offline after 3 missed (default: 1)",
+    )
+    p.add_argument(
+        "--rejoin-window",
+        metavar="S",
+        type=_positive,
+        help="after a start without a saved registry, how long data planes have to register again; "
+        "until then the endpoints they report running are kept, minus those that stop answering "
+        "(default: 3.5 heartbeat intervals + 2 s)",
     )
     p.add_argument(
         "--concurrency", type=int, default=32, metavar="N", help="pushes in flight at most (default: 32)"

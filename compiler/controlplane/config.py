@@ -22,6 +22,9 @@ class Config:
     poll_interval_s: float = 0.2
     state_dir: Path | None = None
     heartbeat_interval_s: float = 1.0
+    rejoin_window_s: float | None = None
+    """After a start without a registry, how long data planes have to come back (default: 3.5
+    heartbeat intervals + 2 s): the learned endpoints of the others are kept that long."""
     missed_heartbeats: int = 3
     concurrency: int = 32
     token: str | None = None

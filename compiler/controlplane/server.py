@@ -57,7 +57,7 @@ class ControlPlane:
         # that time, with or without a saved registry: restored entries that do not heartbeat by
         # then go Offline, and without a registry endpoint pushes to data planes that already run
         # a set wait that long (an early, partial set would drop the others), no longer.
-        rejoin = config.heartbeat_interval_s * REJOIN_INTERVALS + REJOIN_MARGIN_S
+        rejoin = config.rejoin_window_s or config.heartbeat_interval_s * REJOIN_INTERVALS + REJOIN_MARGIN_S
         self.registry = Registry(
             heartbeat_interval_s=config.heartbeat_interval_s,
             missed=config.missed_heartbeats,
