@@ -96,6 +96,7 @@ class Target:
         "panic_threshold",
         "request_timeout_s",
         "retries_active",
+        "grpc_retry",
         "retry",
         "service",
         "stream_idle_timeout_s",
@@ -118,6 +119,7 @@ class Target:
         hc: HealthCheckConf | None,
         log: TrafficLogConf | None,
         tcp_connect_attempts: int,
+        grpc_retry: RetryPolicy | None = None,
     ) -> None:
         self._registry = registry
         self.service = service
@@ -131,6 +133,8 @@ class Target:
         self.stream_idle_timeout_s = _seconds(timeout.http_stream_idle_timeout_ms)
         self.tcp_idle_timeout_s = _seconds(timeout.tcp_idle_timeout_ms)
         self.retry = retry
+        self.grpc_retry = grpc_retry
+        """Retry's ``grpc`` conf, for gRPC calls (``retry`` is for the rest)."""
         self.cb = cb
         self.hc = hc
         self.log = log
@@ -689,6 +693,7 @@ class Engine:
                 _pick(conf.health_check, local, peer) if conf else None,
                 _pick(conf.traffic_log, local, peer) if conf else None,
                 tcp_retry.max_connect_attempts if tcp_retry else 1,
+                RetryPolicy(retry.grpc) if retry and retry.grpc else None,
             )
             targets[key] = made
             return made

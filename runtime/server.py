@@ -26,6 +26,7 @@ from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
+from runtime.h2proxy import H2Plane
 from runtime.healthcheck import HealthChecker
 from runtime.limits import ListenerLimits
 from runtime.metrics import Metrics
@@ -148,6 +149,11 @@ class DataPlane:
             self.http.own_addresses = self.own_addresses
             self.http.creds = self.creds
         self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app, own_addresses=self.own_addresses)
+        # HTTP/2 (h2c with prior knowledge, or ALPN h2 under mTLS) on every HTTP listener, whichever
+        # data plane serves HTTP/1.1 there: one h2 byte layer under the same decisions.
+        self.h2 = H2Plane(
+            self.engine, self.metrics, self.creds, app_address=opts.app, own_addresses=self.own_addresses
+        )
         self.health = HealthChecker(self.metrics)
         self.registrar: Registrar | None = None
         self._bg: asyncio.Future[None] | None = None
@@ -219,6 +225,7 @@ class DataPlane:
                         factory = (await self._runner(self.http.outbound)).server
                     sock = _bind(opts.outbound)
                     assert factory is not None
+                    factory = self.h2.sniffer(factory, "outbound")
                     server = await loop.create_server(
                         lambda: OutboundSniffer(factory, self.tcp, opts.limits.header_timeout_s), sock=sock
                     )
@@ -272,6 +279,8 @@ class DataPlane:
         else:
             assert self.http is not None
             factory = (await self._runner(self.http.inbound)).server
+        if catalog is None or catalog.protocol != "tcp":
+            factory = self.h2.sniffer(factory, "inbound")
         listener = MtlsListener(sock, factory, self._current_mtls, self.creds, self._count_inbound)
         listener.start()
         self._mtls_listeners.append(listener)
@@ -332,7 +341,8 @@ class DataPlane:
                 self._servers.append(await asyncio.start_server(self.tcp.gateway_handler(port), sock=sock))
             elif self.fast is not None:
                 loop = asyncio.get_running_loop()
-                self._servers.append(await loop.create_server(self.fast.factory("gateway", port), sock=sock))
+                factory = self.h2.sniffer(self.fast.factory("gateway", port), "gateway", port)
+                self._servers.append(await loop.create_server(factory, sock=sock))
             else:
                 from aiohttp import web
 
@@ -344,7 +354,9 @@ class DataPlane:
                     return await http.gateway(request, port)
 
                 runner = await self._runner(handler)
-                await web.SockSite(runner, sock).start()
+                loop = asyncio.get_running_loop()
+                factory = self.h2.sniffer(runner.server, "gateway", port)  # type: ignore[arg-type]
+                self._servers.append(await loop.create_server(factory, sock=sock))
             self._gateway_ports.add(port)
             if index >= 0:
                 self._listen_used.add(index)
@@ -536,7 +548,9 @@ class DataPlane:
         if self._rotation is not None:
             self._rotation.cancel()
         fast = [self.fast.drain(deadline)] if self.fast is not None else []
-        await asyncio.gather(*(r.cleanup() for r in self._runners), self.tcp.drain(deadline), *fast)
+        await asyncio.gather(
+            *(r.cleanup() for r in self._runners), self.tcp.drain(deadline), self.h2.drain(deadline), *fast
+        )
         if self.registrar is not None:
             await self.registrar.stop(deregister=True)
         await self.health.close()
@@ -544,6 +558,7 @@ class DataPlane:
             await self.http.close()
         if self.fast is not None:
             await self.fast.close()
+        await self.h2.close()
         if self._admin_server is not None:
             self._admin_server.close()
 

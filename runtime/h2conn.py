@@ -1,0 +1,307 @@
+"""HTTP/2 without sockets: what the h2 byte layer (``runtime.h2proxy``) asks before moving bytes.
+
+The ``h2`` library is the connection state machine (frames, HPACK, flow-control windows, stream
+states); this module turns its header lists into what ``runtime.decide`` reads (``H2Head``, a
+``RequestHead``), rewrites a ``Forward`` into the next hop's header list, turns a ``Reply`` into
+frames (for gRPC: HTTP 200 and a ``grpc-status`` in trailers-only form, as Envoy answers gRPC
+callers), reads ``grpc-timeout`` and ``grpc-status``, and tells an HTTP/2 connection preface
+from HTTP/1.1 on a shared listener. Nothing here touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from urllib.parse import unquote
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.settings import SettingCodes
+
+from runtime.decide import Forward, Reply
+from runtime.headerops import ADD, REMOVE, HeaderOp
+
+__all__ = [
+    "GRPC_NAMES",
+    "PREFACE",
+    "H2Head",
+    "Header",
+    "client_connection",
+    "grpc_reply",
+    "grpc_status",
+    "grpc_status_for_http",
+    "grpc_timeout_s",
+    "next_hop_headers",
+    "parse_request",
+    "preface_state",
+    "reply_headers",
+    "response_headers",
+    "server_connection",
+]
+
+Header = tuple[str, str]
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+"""The client connection preface (RFC 9113 §3.4): how a listener tells h2c from HTTP/1.1."""
+
+STREAM_WINDOW = 1 << 20
+"""Initial per-stream receive window we advertise (bytes are acknowledged only once the other
+side of the proxy has taken them, so this bounds what one stream buffers here)."""
+CONNECTION_WINDOW = 16 << 20
+MAX_STREAMS = 1000
+
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "http2-settings"}
+)
+"""Connection-specific fields HTTP/2 forbids (RFC 9113 §8.2.2); ``host`` becomes ``:authority``."""
+
+GRPC_NAMES = {
+    0: "OK",
+    1: "CANCELLED",
+    2: "UNKNOWN",
+    4: "DEADLINE_EXCEEDED",
+    5: "NOT_FOUND",
+    7: "PERMISSION_DENIED",
+    8: "RESOURCE_EXHAUSTED",
+    12: "UNIMPLEMENTED",
+    13: "INTERNAL",
+    14: "UNAVAILABLE",
+    16: "UNAUTHENTICATED",
+}
+
+_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def preface_state(buf: bytes) -> bool | None:
+    """True: the bytes start with the HTTP/2 preface; False: they cannot; None: too few to tell."""
+    if buf[: len(PREFACE)] == PREFACE:
+        return True
+    if PREFACE.startswith(buf):
+        return None
+    return False
+
+
+def _config(client_side: bool) -> H2Configuration:
+    return H2Configuration(
+        client_side=client_side, header_encoding="latin-1", validate_inbound_headers=True
+    )
+
+
+def _settings(conn: H2Connection) -> None:
+    conn.update_settings(
+        {
+            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            SettingCodes.ENABLE_PUSH: 0,
+        }
+    )
+    conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+
+
+def server_connection() -> H2Connection:
+    """The h2 state machine of a client connection to one of our listeners (preface sent)."""
+    conn = H2Connection(_config(False))
+    conn.initiate_connection()
+    _settings(conn)
+    return conn
+
+
+def client_connection() -> H2Connection:
+    """The h2 state machine of a connection to an upstream (preface sent)."""
+    conn = H2Connection(_config(True))
+    conn.initiate_connection()
+    _settings(conn)
+    return conn
+
+
+class H2Head:
+    """A request head as ``runtime.decide`` reads it (``decide.RequestHead``)."""
+
+    __slots__ = ("_map", "_path", "grpc", "has_body", "headers", "method", "raw_path", "scheme", "_authority")
+
+    upgrade = None
+
+    def __init__(
+        self, method: str, scheme: str, authority: str, raw_path: str, headers: list[Header], end: bool
+    ) -> None:
+        self.method = method
+        self.scheme = scheme
+        self._authority = authority
+        self.raw_path = raw_path
+        """The ``:path`` as received (with its query)."""
+        self.headers = headers
+        """The regular fields, in order, lower-case names."""
+        self.has_body = not end
+        self._map: dict[str, str] | None = None
+        self._path: str | None = None
+        self.grpc = self.header_map().get("content-type", "").startswith("application/grpc")
+
+    def authority(self) -> str:
+        return self._authority
+
+    def path(self) -> str:
+        if self._path is None:
+            self._path = unquote(self.raw_path.partition("?")[0])
+        return self._path
+
+    def query_string(self) -> str:
+        return self.raw_path.partition("?")[2]
+
+    def header_map(self) -> Mapping[str, str]:
+        found = self._map
+        if found is None:
+            found = {}
+            for name, value in self.headers:
+                found.setdefault(name, value)
+            self._map = found
+        return found
+
+
+def parse_request(headers: Iterable[Header], end_stream: bool) -> H2Head | str:
+    """A received header list -> the head, or why it is no request we can forward."""
+    pseudo: dict[str, str] = {}
+    regular: list[Header] = []
+    for name, value in headers:
+        if name.startswith(":"):
+            pseudo[name] = value
+        elif name == "cookie" and regular and any(n == "cookie" for n, _ in regular):
+            # RFC 9113 §8.2.3: split cookie fields are joined again for an HTTP/1.1 reader.
+            i = next(i for i, (n, _) in enumerate(regular) if n == "cookie")
+            regular[i] = ("cookie", f"{regular[i][1]}; {value}")
+        else:
+            regular.append((name, value))
+    method = pseudo.get(":method", "")
+    if method == "CONNECT":
+        return "CONNECT over HTTP/2 is not served"
+    authority = pseudo.get(":authority") or next((v for n, v in regular if n == "host"), "")
+    path = pseudo.get(":path", "")
+    if not method or not path:
+        return "a request needs :method and :path"
+    return H2Head(method, pseudo.get(":scheme", "http"), authority, path, regular, end_stream)
+
+
+def _apply_ops(headers: list[Header], ops: tuple[HeaderOp, ...]) -> list[Header]:
+    for op, name, value in ops:
+        low = name.lower()
+        if op != ADD:
+            headers = [h for h in headers if h[0] != low]
+        if op != REMOVE:
+            headers.append((low, value))
+    return headers
+
+
+def next_hop_headers(head: H2Head, fwd: Forward, peer: str, secure_hop: bool) -> list[Header]:
+    """The next hop's header list: the ``Forward``'s path, host and header changes, the caller's
+    service name, ``x-forwarded-for`` / ``-proto``; connection-specific fields dropped."""
+    path = head.raw_path
+    if fwd.path is not None:
+        q = path.find("?")
+        path = fwd.path + (path[q:] if q >= 0 else "")
+    authority = fwd.host if fwd.host is not None else head.authority()
+    out: list[Header] = [
+        (":method", head.method),
+        (":scheme", "https" if secure_hop else "http"),
+        (":authority", authority),
+        (":path", path),
+    ]
+    regular = [
+        (n, v)
+        for n, v in head.headers
+        if n not in _HOP_BY_HOP and (n != "te" or v.strip().lower() == "trailers")
+    ]
+    if fwd.request_ops:
+        regular = _apply_ops(regular, fwd.request_ops)
+    xff = ""
+    xfp = ""
+    source = fwd.source_header
+    kept: list[Header] = []
+    for n, v in regular:
+        if n == "x-forwarded-for":
+            xff = xff or v
+        elif n == "x-forwarded-proto":
+            xfp = xfp or v
+        elif n == "x-meshc-source-service" and source is not None:
+            continue
+        else:
+            kept.append((n, v))
+    out += kept
+    if source is not None:
+        out.append(("x-meshc-source-service", source))
+    out.append(("x-forwarded-for", f"{xff}, {peer}" if xff else peer))
+    out.append(("x-forwarded-proto", xfp or head.scheme or "http"))
+    return out
+
+
+def response_headers(headers: Iterable[Header], ops: tuple[HeaderOp, ...]) -> list[Header]:
+    """A response head (or trailers) for the client: hop-by-hop fields dropped, route changes."""
+    out = [(n, v) for n, v in headers if n not in _HOP_BY_HOP]
+    if ops:
+        status = [h for h in out if h[0].startswith(":")]
+        out = status + _apply_ops([h for h in out if not h[0].startswith(":")], ops)
+    return out
+
+
+def grpc_status_for_http(status: int) -> int:
+    """The gRPC status a data-plane answer becomes (gRPC's HTTP-to-status mapping, with the
+    answers this data plane makes itself named as Envoy names them)."""
+    if status == 403:
+        return 7  # PERMISSION_DENIED
+    if status == 504:
+        return 4  # DEADLINE_EXCEEDED
+    if status == 401:
+        return 16
+    if status == 404:
+        return 12
+    if status in (429, 502, 503):
+        return 14  # UNAVAILABLE
+    if status == 400:
+        return 13
+    return 2
+
+
+def grpc_reply(code: int, message: str) -> list[Header]:
+    """A trailers-only gRPC answer (one HEADERS frame with END_STREAM)."""
+    return [
+        (":status", "200"),
+        ("content-type", "application/grpc"),
+        ("grpc-status", str(code)),
+        ("grpc-message", _grpc_message(message)),
+    ]
+
+
+def _grpc_message(text: str) -> str:
+    """gRPC's percent-encoding of ``grpc-message``."""
+    out = []
+    for b in text.encode():
+        out.append(chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}")
+    return "".join(out)
+
+
+def reply_headers(reply: Reply, grpc: bool) -> tuple[list[Header], bytes]:
+    """A data-plane answer as (header list, body); for a gRPC caller a trailers-only answer."""
+    extra = [(n.lower(), v) for n, v in reply.headers]
+    if grpc:
+        return [*grpc_reply(grpc_status_for_http(reply.status), reply.reason), *extra], b""
+    body = (reply.body if reply.body is not None else reply.reason).encode()
+    head = [
+        (":status", str(reply.status)),
+        ("content-type", "text/plain; charset=utf-8"),
+        ("content-length", str(len(body))),
+        ("x-meshc-reason", reply.reason),
+        *extra,
+    ]
+    return head, body
+
+
+def grpc_timeout_s(value: str | None) -> float | None:
+    """``grpc-timeout`` (``1S``, ``250m``...) in seconds; None when absent or malformed."""
+    if not value or len(value) < 2 or value[-1] not in _GRPC_UNITS or not value[:-1].isdigit():
+        return None
+    return int(value[:-1]) * _GRPC_UNITS[value[-1]]
+
+
+def grpc_status(headers: Iterable[Header]) -> int | None:
+    """The ``grpc-status`` of a header list (response head or trailers), if it has one."""
+    for name, value in headers:
+        if name == "grpc-status":
+            return int(value) if value.isdigit() else 2
+    return None

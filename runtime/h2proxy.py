@@ -1,0 +1,905 @@
+"""The HTTP/2 byte layer: h2c and h2-over-mTLS client connections, their streams carried out.
+
+One layer for both data planes (``--dataplane fast`` and ``aiohttp``): a listener's
+``PrefaceSniffer`` hands a connection that starts with the HTTP/2 preface (or negotiated ``h2``
+by ALPN) to ``H2Downstream``, and anything else to the HTTP/1.1 protocol it already had.
+
+* ``H2Downstream`` is a client connection: each request stream is decided by
+  ``runtime.decide`` exactly as an HTTP/1.1 request is (routes, splits, permissions, faults,
+  rate limits, header changes) and carried out by one ``_Exchange`` task.
+* ``H2Upstream`` is a connection to a next hop (a peer sidecar, over mTLS with ALPN ``h2``; the
+  local app or a passthrough address, h2c with prior knowledge); streams of many exchanges share
+  it, as long as the peer's ``MAX_CONCURRENT_STREAMS`` and a GOAWAY allow.
+* Bodies stream frame by frame, never buffered whole: a DATA frame is acknowledged (its window
+  given back to the sender) only once the other side has taken it, so flow control is end to end.
+  A request that may be retried keeps its body (at most 64 KiB) for the replay. Trailers go on
+  as trailers; a RST_STREAM on one side resets the other with the same code; a GOAWAY refuses the
+  streams it did not take (``REFUSED_STREAM``, retriable) and retires the connection.
+* gRPC (``content-type: application/grpc``): ``grpc-timeout`` is the call's deadline, answers
+  made here are gRPC statuses in a trailers-only answer with HTTP 200 (``runtime.h2conn``), and
+  Retry's ``grpc`` conditions are read from ``grpc-status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import h2.events as ev
+import h2.exceptions
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+
+from runtime._hosts import Host, Outcome
+from runtime._policy import MAX_RETRY_BODY
+from runtime.decide import (
+    APP,
+    NO_HOST,
+    PASSTHROUGH,
+    Forward,
+    Reply,
+    RetryState,
+    admit,
+    decide_gateway,
+    decide_inbound,
+    decide_outbound,
+    failure_reply,
+    peer_hop,
+    request_scheme,
+    split_host,
+)
+from runtime.engine import Engine, Target
+from runtime.h2conn import (
+    H2Head,
+    Header,
+    client_connection,
+    grpc_status,
+    grpc_timeout_s,
+    next_hop_headers,
+    parse_request,
+    preface_state,
+    reply_headers,
+    response_headers,
+    server_connection,
+)
+from runtime.metrics import Metrics
+from runtime.security import Credentials, PeerCache, wrong_peer
+
+__all__ = ["H2Downstream", "H2Plane", "H2Upstream", "PrefaceSniffer"]
+
+OUTBOUND, INBOUND, GATEWAY = 0, 1, 2
+DIRECTION = ("outbound", "inbound", "gateway")
+_PASSTHROUGH_TIMEOUT_S = 15.0
+_CONNECT_S = 5.0
+_TLS_KEY = "tls|"
+
+Item = tuple[Any, ...]
+"""What arrived on a stream: ("head", headers, ended), ("data", bytes, flow), ("trailers",
+headers), ("end",), ("reset", code)."""
+
+
+class StreamGone(Exception):
+    """The stream (or its connection) is gone: nothing more can be sent on it."""
+
+
+class _Stream:
+    """One stream's inbox on one connection, and the wake-up for its send window."""
+
+    __slots__ = ("inbox", "task", "window")
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[Item] = asyncio.Queue()
+        self.window = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Side(asyncio.Protocol):
+    """An h2 connection on a transport: events into stream inboxes, flow-controlled sends."""
+
+    conn: H2Connection
+
+    def __init__(self, plane: H2Plane) -> None:
+        self.plane = plane
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, _Stream] = {}
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.closed = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for e in events:
+            self.on_event(e)
+        self.flush()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.writable.set()
+        for s in self.streams.values():
+            s.inbox.put_nowait(("reset", ErrorCodes.CONNECT_ERROR))
+            s.window.set()
+
+    # -- events -----------------------------------------------------------------------------
+
+    def on_event(self, e: ev.Event) -> None:
+        if isinstance(e, ev.DataReceived):
+            s = self.streams.get(e.stream_id)
+            if s is not None:
+                s.inbox.put_nowait(("data", e.data, e.flow_controlled_length))
+            else:  # nobody reads this stream any more: give the window back at once
+                self.ack(e.stream_id, e.flow_controlled_length)
+        elif isinstance(e, ev.TrailersReceived):
+            self._put(e.stream_id, ("trailers", e.headers))
+        elif isinstance(e, ev.StreamEnded):
+            self._put(e.stream_id, ("end",))
+        elif isinstance(e, ev.StreamReset):
+            self._put(e.stream_id, ("reset", e.error_code))
+            s = self.streams.get(e.stream_id)
+            if s is not None:
+                s.window.set()
+        elif isinstance(e, ev.WindowUpdated):
+            if e.stream_id:
+                s = self.streams.get(e.stream_id)
+                if s is not None:
+                    s.window.set()
+            else:
+                for s in self.streams.values():
+                    s.window.set()
+        elif isinstance(e, ev.RemoteSettingsChanged):
+            for s in self.streams.values():  # a new initial window size may open every stream
+                s.window.set()
+
+    def _put(self, stream_id: int, item: Item) -> None:
+        s = self.streams.get(stream_id)
+        if s is not None:
+            s.inbox.put_nowait(item)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def send_headers(self, sid: int, headers: list[Header], end: bool) -> None:
+        if self.closed:
+            raise StreamGone
+        try:
+            self.conn.send_headers(sid, headers, end_stream=end)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+            raise StreamGone from e
+        self.flush()
+
+    async def send_data(self, sid: int, data: bytes, end: bool = False) -> None:
+        """Send ``data`` as the peer's windows allow (waiting for WINDOW_UPDATE when shut)."""
+        view = memoryview(data)
+        while True:
+            if self.closed:
+                raise StreamGone
+            if not self.writable.is_set():
+                await self.writable.wait()
+                continue
+            s = self.streams.get(sid)
+            try:
+                window = self.conn.local_flow_control_window(sid)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError) as e:
+                raise StreamGone from e
+            n = min(window, self.conn.max_outbound_frame_size, len(view))
+            if n <= 0 and len(view):
+                if s is None:
+                    raise StreamGone
+                s.window.clear()
+                await s.window.wait()
+                continue
+            try:
+                self.conn.send_data(sid, bytes(view[:n]), end_stream=end and n == len(view))
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+                raise StreamGone from e
+            self.flush()
+            view = view[n:]
+            if not view:
+                return
+
+    def end_stream(self, sid: int) -> None:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.conn.end_stream(sid)
+            self.flush()
+
+    def reset(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.conn.reset_stream(sid, code)
+            self.flush()
+
+    def ack(self, sid: int, flow: int) -> None:
+        """The other side took ``flow`` bytes of this stream: the sender may send more."""
+        if flow and not self.closed:
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self.conn.acknowledge_received_data(flow, sid)
+                self.flush()
+
+
+class H2Downstream(_Side):
+    """A client connection that speaks HTTP/2; one ``_Exchange`` task per request stream."""
+
+    def __init__(self, plane: H2Plane, kind: int, port: int = 0) -> None:
+        super().__init__(plane)
+        self.kind = kind
+        self.port = port
+        self.peer = "unknown"
+        self.secure = False
+        self.tls_peer: tuple[bool, Any] = (False, None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = tr = cast(asyncio.Transport, transport)
+        peer = tr.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "unknown"
+        self.secure = tr.get_extra_info("sslcontext") is not None
+        if self.kind == INBOUND:
+            self.tls_peer = self.plane.peers.of(tr)
+        self.conn = server_connection()
+        self.plane.downstreams.add(self)
+        self.flush()
+        if self.plane.draining:
+            self.goaway()
+
+    def on_event(self, e: ev.Event) -> None:
+        if isinstance(e, ev.RequestReceived):
+            assert e.stream_id is not None and e.headers is not None
+            s = _Stream()
+            self.streams[e.stream_id] = s
+            exchange = _Exchange(self, e.stream_id, s, list(e.headers), e.stream_ended is not None)
+            s.task = self.plane.loop.create_task(exchange.run())
+            return
+        if isinstance(e, ev.StreamReset):  # the client cancelled: so is its exchange
+            s = self.streams.get(e.stream_id)
+            if s is not None and s.task is not None:
+                s.task.cancel()
+        elif isinstance(e, ev.ConnectionTerminated) and self.transport is not None:
+            self.goaway()
+        super().on_event(e)
+
+    def goaway(self) -> None:
+        """No new streams (drain, or the client's own GOAWAY); close once the open ones end."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.close_connection()
+            self.flush()
+        self.close_if_idle()
+
+    def close_if_idle(self) -> None:
+        if (
+            not self.streams
+            and self.transport is not None
+            and self.conn.state_machine.state.name == "CLOSED"
+        ):
+            self.transport.close()
+
+    def stream_done(self, sid: int) -> None:
+        s = self.streams.pop(sid, None)
+        if s is not None:
+            while not s.inbox.empty():  # what the exchange never read: give its window back
+                item = s.inbox.get_nowait()
+                if item[0] == "data":
+                    self.ack(sid, item[2])
+        self.close_if_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.plane.downstreams.discard(self)
+        for s in list(self.streams.values()):
+            if s.task is not None:
+                s.task.cancel()
+        self.plane.check_drained()
+
+
+class H2Upstream(_Side):
+    """A connection to a next hop; streams of many exchanges share it."""
+
+    def __init__(self, plane: H2Plane, key: str) -> None:
+        super().__init__(plane)
+        self.key = key
+        self.going_away = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.conn = client_connection()
+        self.flush()
+
+    def usable(self) -> bool:
+        if self.closed or self.going_away:
+            return False
+        limit = self.conn.remote_settings.max_concurrent_streams
+        return self.conn.open_outbound_streams < min(limit, 1000)
+
+    def open(self, headers: list[Header], end: bool) -> tuple[int, _Stream]:
+        sid = self.conn.get_next_available_stream_id()
+        s = _Stream()
+        self.streams[sid] = s
+        self.send_headers(sid, headers, end)
+        return sid, s
+
+    def done(self, sid: int) -> None:
+        s = self.streams.pop(sid, None)
+        if s is not None:
+            while not s.inbox.empty():
+                item = s.inbox.get_nowait()
+                if item[0] == "data":
+                    self.ack(sid, item[2])
+        if self.going_away and not self.streams and self.transport is not None:
+            self.transport.close()
+
+    def on_event(self, e: ev.Event) -> None:
+        if isinstance(e, ev.ResponseReceived):
+            assert e.stream_id is not None
+            self._put(e.stream_id, ("head", list(e.headers or ()), e.stream_ended is not None))
+            return
+        if isinstance(e, ev.ConnectionTerminated):
+            self.going_away = True
+            last = e.last_stream_id or 0
+            for sid, s in self.streams.items():
+                if sid > last:  # never processed: safe to retry elsewhere
+                    s.inbox.put_nowait(("reset", ErrorCodes.REFUSED_STREAM))
+            self.plane.retire(self)
+            return
+        super().on_event(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.plane.retire(self)
+
+
+class PrefaceSniffer(asyncio.Protocol):
+    """A listener's first protocol: HTTP/2 (ALPN ``h2``, or the h2c preface) or HTTP/1.1."""
+
+    def __init__(self, h1: Callable[[], asyncio.BaseProtocol], h2: Callable[[], asyncio.Protocol]) -> None:
+        self._h1 = h1
+        self._h2 = h2
+        self._transport: asyncio.Transport | None = None
+        self._buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = tr = cast(asyncio.Transport, transport)
+        sslobj = tr.get_extra_info("ssl_object")
+        if sslobj is not None:
+            alpn = sslobj.selected_alpn_protocol()
+            self._hand_over(self._h2 if alpn == "h2" else self._h1, b"")
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data
+        state = preface_state(buf)
+        if state is None:
+            self._buf = buf
+            return
+        self._buf = b""
+        self._hand_over(self._h2 if state else self._h1, buf)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+    def _hand_over(self, factory: Callable[[], asyncio.BaseProtocol], buf: bytes) -> None:
+        tr = self._transport
+        if tr is None:
+            return
+        proto = factory()
+        tr.set_protocol(proto)
+        proto.connection_made(tr)
+        if buf:
+            cast(asyncio.Protocol, proto).data_received(buf)
+
+
+class H2Plane:
+    """What the HTTP/2 connections of one data plane share: engine, upstream connections, drain."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        creds: Credentials,
+        *,
+        app_address: str | None = None,
+        own_addresses: set[tuple[str, int]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.creds = creds
+        self.peers = PeerCache()
+        self.own_addresses = own_addresses if own_addresses is not None else set()
+        if app_address:
+            host, _, port = app_address.rpartition(":")
+            self.app: tuple[str, int] = (host.strip("[]"), int(port))
+        else:
+            self.app = ("", 0)
+        self.upstreams: dict[str, list[H2Upstream]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.downstreams: set[H2Downstream] = set()
+        self.draining = False
+        self._drained: asyncio.Future[None] | None = None
+        self._alpn: tuple[ssl.SSLContext | None, ssl.SSLContext | None] = (None, None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def factory(self, kind: str, port: int = 0) -> Callable[[], asyncio.Protocol]:
+        code = {"outbound": OUTBOUND, "inbound": INBOUND, "gateway": GATEWAY}[kind]
+        return lambda: H2Downstream(self, code, port)
+
+    def sniffer(
+        self, h1: Callable[[], asyncio.BaseProtocol], kind: str, port: int = 0
+    ) -> Callable[[], asyncio.Protocol]:
+        """A listener's protocol factory that serves HTTP/2 here and HTTP/1.1 with ``h1``."""
+        h2f = self.factory(kind, port)
+        return lambda: PrefaceSniffer(h1, h2f)
+
+    def client_ctx(self) -> ssl.SSLContext | None:
+        """The mesh client context with ALPN ``h2``, ``http/1.1`` (made once per certificate)."""
+        base = self.creds.client_ctx
+        if base is None:
+            return None
+        made_from, ctx = self._alpn
+        if made_from is not base or ctx is None:
+            ident = self.creds.identity
+            assert ident is not None
+            from runtime.identity import client_context
+
+            ctx = client_context(ident)
+            ctx.set_alpn_protocols(["h2", "http/1.1"])
+            self._alpn = (base, ctx)
+        return ctx
+
+    async def upstream(self, key: str, host: str, port: int, tls: bool, dest: str) -> H2Upstream:
+        """A usable connection to ``host:port``: a pooled one, else a new one (one dial at a time
+        per address, so a burst of streams shares one connection)."""
+        for up in self.upstreams.get(key, ()):
+            if up.usable():
+                return up
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            for up in self.upstreams.get(key, ()):
+                if up.usable():
+                    return up
+            up = await self._dial(key, host, port, tls, dest)
+            self.upstreams.setdefault(key, []).append(up)
+            return up
+
+    async def _dial(self, key: str, host: str, port: int, tls: bool, dest: str) -> H2Upstream:
+        loop = self.loop
+        if tls:
+            ctx = self.client_ctx()
+            if ctx is None:
+                raise OSError("no mesh certificate")
+            _, proto = await loop.create_connection(
+                lambda: H2Upstream(self, key), host, port, ssl=ctx, server_hostname=host
+            )
+            up = cast(H2Upstream, proto)
+            why = wrong_peer(self.peers, up.transport, dest)
+            sslobj = up.transport.get_extra_info("ssl_object") if up.transport is not None else None
+            alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
+            if why is None and alpn != "h2":
+                why = f"the peer does not speak HTTP/2 (ALPN {alpn})"
+            if why is not None:
+                if up.transport is not None:
+                    up.transport.close()
+                raise OSError(why)
+            return up
+        _, proto = await loop.create_connection(lambda: H2Upstream(self, key), host, port)
+        return cast(H2Upstream, proto)
+
+    def retire(self, up: H2Upstream) -> None:
+        conns = self.upstreams.get(up.key)
+        if conns is not None and up in conns:
+            conns.remove(up)
+            if not conns:
+                del self.upstreams[up.key]
+
+    def check_drained(self) -> None:
+        if self.draining and not self.downstreams and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def drain(self, deadline: float) -> None:
+        """GOAWAY to every client connection; wait for their streams (until ``deadline``)."""
+        self.draining = True
+        loop = self.loop
+        self._drained = loop.create_future()
+        for d in list(self.downstreams):
+            d.goaway()
+        self.check_drained()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._drained), max(0.0, deadline - loop.time()))
+        for d in list(self.downstreams):
+            if d.transport is not None:
+                d.transport.abort()
+
+    async def close(self) -> None:
+        for conns in list(self.upstreams.values()):
+            for up in conns:
+                if up.transport is not None:
+                    up.transport.close()
+        self.upstreams.clear()
+
+
+class _Exchange:
+    """One request stream, from its head to the end of its response (a task)."""
+
+    def __init__(self, down: H2Downstream, sid: int, stream: _Stream, headers: list[Header], end: bool) -> None:
+        self.down = down
+        self.plane = down.plane
+        self.sid = sid
+        self.inbox = stream.inbox
+        self.headers = headers
+        self.end = end
+        self.head: H2Head | None = None
+        self.grpc = False
+        self.source = ""
+        self.dest = ""
+        self.subset = ""
+        self.status = 0
+        self.grpc_status: int | None = None
+        self.req_bytes = 0
+        self.resp_bytes = 0
+        self.started = False
+        """The response head went to the client."""
+        self.req_done = end
+        self.req_trailers: list[Header] | None = None
+        self.replay: list[bytes] | None = None
+        self.replay_len = 0
+        self.retry: RetryState | None = None
+        self.target: Target | None = None
+        self.host: Host | None = None
+        self.up: H2Upstream | None = None
+        self.usid = 0
+        self.pump: asyncio.Task[None] | None = None
+        self.deadline: float | None = None
+        self.t0 = time.perf_counter()
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            self.status = self.status or 499  # the client reset the stream or went away
+        except StreamGone:
+            self.status = self.status or 499
+        finally:
+            self._stop_upstream(ErrorCodes.CANCEL)
+            self._release()
+            elapsed = time.perf_counter() - self.t0
+            self.plane.metrics.stats.record(
+                DIRECTION[self.down.kind],
+                self.source,
+                self.dest,
+                self.subset,
+                self.status,
+                elapsed,
+                self.req_bytes,
+                self.resp_bytes,
+                grpc=self.grpc_status,
+            )
+            if not self.req_done and not self.down.closed:
+                self.down.reset(self.sid, ErrorCodes.NO_ERROR)  # answered before the body ended
+            self.down.stream_done(self.sid)
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        parsed = parse_request(self.headers, self.end)
+        engine = self.plane.engine
+        if isinstance(parsed, str):
+            await self._answer(Reply(400, parsed, engine.service))
+            return
+        head = self.head = parsed
+        self.grpc = head.grpc
+        snap = engine.snapshot
+        down = self.down
+        verdict: Forward | Reply
+        if down.kind == OUTBOUND:
+            name, port = split_host(head.authority())
+            verdict = decide_outbound(engine, snap, head, name, port, self.plane.own_addresses)
+        elif down.kind == INBOUND:
+            is_tls, identity = down.tls_peer
+            caller = head.header_map().get("x-meshc-source-service", "")
+            verdict = decide_inbound(engine, snap, is_tls, identity, caller)
+        else:
+            xfp = head.header_map().get("x-forwarded-proto")
+            verdict = decide_gateway(engine, snap, head, down.port, request_scheme(xfp, down.secure))
+        if isinstance(verdict, Reply):
+            await self._answer(verdict)
+            return
+        fwd = verdict
+        self.source, self.dest = fwd.source, fwd.dest
+        timeout = grpc_timeout_s(head.header_map().get("grpc-timeout")) if head.grpc else None
+        if timeout is not None:
+            self.deadline = self.plane.loop.time() + timeout
+        if fwd.delay_s:
+            await asyncio.sleep(fwd.delay_s)
+        if fwd.target is not None:
+            await self._to_target(head, fwd, fwd.target, timeout)
+            return
+        if fwd.kind == PASSTHROUGH:
+            assert fwd.address is not None
+            name, port = fwd.address
+            await self._once(head, fwd, f"{name}:{port}", name, port, timeout or _PASSTHROUGH_TIMEOUT_S)
+            return
+        assert fwd.kind == APP
+        host, port = self.plane.app
+        await self._once(head, fwd, f"{host}:{port}", host, port, timeout)
+
+    # -- carrying out -----------------------------------------------------------------------
+
+    async def _once(
+        self, head: H2Head, fwd: Forward, key: str, host: str, port: int, timeout: float | None
+    ) -> None:
+        """One attempt, no retry (the local app, a passthrough address)."""
+        outcome, resp = await self._attempt(head, fwd, key, host, port, False, timeout)
+        if resp is None:
+            await self._answer(failure_reply(fwd, outcome, "connection failed"))
+            return
+        await self._relay(fwd, *resp)
+
+    async def _to_target(self, head: H2Head, fwd: Forward, target: Target, timeout: float | None) -> None:
+        plane = self.plane
+        engine = plane.engine
+        loop = plane.loop
+        self.dest, self.subset = target.service, target.subset
+        refused = admit(target, self.source)
+        if refused is not None:
+            await self._answer(refused)
+            return
+        length = head.header_map().get("content-length", "0") if head.has_body else "0"
+        retry = self.retry = RetryState(
+            target,
+            head.method,
+            int(length) if length.isdigit() else 0,
+            loop.time(),
+            grpc=head.grpc,
+            deadline_s=timeout,
+        )
+        if retry.allowed and head.has_body:
+            self.replay = []
+        target.active += 1
+        self.target = target
+        key_header = head.header_map().get("x-meshc-hash-key") or head.path()
+        while True:
+            host = target.pick(engine.clock(), engine.rng, key_header, retry.tried)
+            if host is None:
+                await self._answer(Reply(503, NO_HOST, self.source, target.service))
+                return
+            hop = peer_hop(engine.snapshot, self.plane.creds.client_ctx is not None, self.source, target.service)
+            if isinstance(hop, Reply):
+                await self._answer(hop)
+                return
+            host.active += 1
+            self.host = host
+            key = (_TLS_KEY if hop else "") + host.address
+            try_s = retry.try_timeout(loop.time())
+            outcome, resp = await self._attempt(head, fwd, key, host.host, host.port, hop, try_s)
+            status = resp[0] if resp is not None else 0
+            gs = grpc_status(resp[1]) if resp is not None and resp[2] and head.grpc else None
+            if resp is not None:
+                outcome = engine.outcome_for_status(status)
+            if resp is None or status >= 400 or gs:
+                if target.report(host, outcome, engine.clock()):
+                    plane.metrics.ejections.labels(target.service, host.address).inc()
+            elif host.consecutive_5xx or host.consecutive_gateway or host.consecutive_local:
+                target.report(host, outcome, engine.clock())
+            if resp is not None and status < 400 and not gs:
+                await self._relay(fwd, *resp)
+                return
+            backoff = retry.failed(host, outcome, status, engine.rng, gs)
+            host.active -= 1
+            self.host = None
+            if backoff is None:
+                if resp is not None:
+                    await self._relay(fwd, *resp)
+                else:
+                    await self._answer(retry.give_up(outcome, self.source))
+                return
+            self._stop_upstream(ErrorCodes.CANCEL)
+            plane.metrics.retries.labels(target.service, target.subset).inc()
+            await asyncio.sleep(backoff)
+            late = retry.resume(loop.time(), self.source)
+            if late is not None:
+                await self._answer(late)
+                return
+
+    async def _attempt(
+        self,
+        head: H2Head,
+        fwd: Forward,
+        key: str,
+        host: str,
+        port: int,
+        tls: bool,
+        timeout: float | None,
+    ) -> tuple[int, tuple[int, list[Header], bool] | None]:
+        """Open a stream to the next hop and wait for its response head: (outcome, the head as
+        (status, headers, ended) or None when the attempt failed before one)."""
+        headers = next_hop_headers(head, fwd, self.down.peer, tls)
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    async with asyncio.timeout(_CONNECT_S):
+                        up = await self.plane.upstream(key, host, port, tls, fwd.dest)
+                except TimeoutError:
+                    return Outcome.TIMEOUT, None
+                no_body = self.req_done and not self.replay and self.req_trailers is None
+                self.usid, stream = up.open(headers, no_body)
+                self.up = up
+                if not no_body:
+                    self.pump = self.plane.loop.create_task(self._pump_request(up, self.usid))
+                while True:
+                    item = await stream.inbox.get()
+                    if item[0] == "head":
+                        status = int(item[1][0][1]) if item[1] and item[1][0][0] == ":status" else 502
+                        return Outcome.OK, (status, item[1], item[2])
+                    if item[0] == "reset":
+                        self._stop_upstream(None)
+                        return Outcome.CONNECT_FAILURE, None
+                    if item[0] == "end":
+                        self._stop_upstream(None)
+                        return Outcome.CONNECT_FAILURE, None
+        except TimeoutError:
+            self._stop_upstream(ErrorCodes.CANCEL)
+            return Outcome.TIMEOUT, None
+        except (OSError, StreamGone, h2.exceptions.ProtocolError):
+            self._stop_upstream(None)
+            return Outcome.CONNECT_FAILURE, None
+
+    async def _pump_request(self, up: H2Upstream, usid: int) -> None:
+        """The request body (replayed first when this is a retry), then its end or trailers."""
+        try:
+            for chunk in list(self.replay or ()):
+                await up.send_data(usid, chunk)
+            while not self.req_done:
+                item = await self.inbox.get()
+                kind = item[0]
+                if kind == "data":
+                    data: bytes = item[1]
+                    try:
+                        if self.replay is not None:
+                            self.replay_len += len(data)
+                            if self.replay_len > MAX_RETRY_BODY:
+                                self.replay = None
+                                if self.retry is not None:
+                                    self.retry.unreplayable()
+                            else:
+                                self.replay.append(data)
+                        self.req_bytes += len(data)
+                        await up.send_data(usid, data)
+                    finally:
+                        self.down.ack(self.sid, item[2])
+                elif kind == "trailers":
+                    self.req_trailers = item[1]
+                elif kind == "end":
+                    self.req_done = True
+                else:  # reset: the exchange task is cancelled by the client connection
+                    return
+            if self.req_trailers is not None:
+                up.send_headers(usid, response_headers(self.req_trailers, ()), True)
+            else:
+                up.end_stream(usid)
+        except StreamGone:
+            return
+
+    async def _relay(self, fwd: Forward, status: int, headers: list[Header], ended: bool) -> None:
+        """The response from the next hop to the client: head, body, trailers, or a reset."""
+        up, usid = self.up, self.usid
+        assert up is not None
+        down, sid = self.down, self.sid
+        self.status = status
+        out = response_headers(headers, fwd.response_ops)
+        if ended:
+            self.grpc_status = grpc_status(headers) if self.grpc else None
+        down.send_headers(sid, out, ended)
+        self.started = True
+        if ended:
+            return
+        stream = up.streams.get(usid)
+        if stream is None:
+            down.reset(sid, ErrorCodes.INTERNAL_ERROR)
+            return
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                while True:
+                    item = await stream.inbox.get()
+                    kind = item[0]
+                    if kind == "data":
+                        try:
+                            self.resp_bytes += len(item[1])
+                            await down.send_data(sid, item[1])
+                        finally:
+                            up.ack(usid, item[2])
+                    elif kind == "trailers":
+                        if self.grpc:
+                            self.grpc_status = grpc_status(item[1])
+                        down.send_headers(sid, response_headers(item[1], ()), True)
+                        return
+                    elif kind == "end":
+                        down.end_stream(sid)
+                        return
+                    else:
+                        code = item[1]
+                        down.reset(sid, code if code != ErrorCodes.REFUSED_STREAM else ErrorCodes.INTERNAL_ERROR)
+                        self._stop_upstream(None)
+                        return
+        except TimeoutError:  # the caller's grpc-timeout passed mid-stream
+            self._stop_upstream(ErrorCodes.CANCEL)
+            self.grpc_status = 4
+            down.send_headers(sid, [("grpc-status", "4"), ("grpc-message", "deadline exceeded")], True)
+
+    async def _answer(self, reply: Reply) -> None:
+        """Carry out a ``Reply``: HTTP status and reason, or for gRPC a trailers-only status."""
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.overflow:
+            self.plane.metrics.overflow.labels(reply.dest).inc()
+        if not self.source and not self.dest:
+            self.source, self.dest = reply.source, reply.dest
+        self._stop_upstream(ErrorCodes.CANCEL)
+        headers, body = reply_headers(reply, self.grpc)
+        if self.started:  # a head is out already: only trailers (gRPC) or a reset can follow
+            if self.grpc:
+                self.down.send_headers(self.sid, headers[2:], True)
+            else:
+                self.down.reset(self.sid, ErrorCodes.INTERNAL_ERROR)
+            return
+        self.status = int(headers[0][1])
+        if self.grpc:
+            self.grpc_status = int(headers[2][1])
+        self.down.send_headers(self.sid, headers, not body)
+        self.started = True
+        if body:
+            self.resp_bytes = len(body)
+            await self.down.send_data(self.sid, body, True)
+
+    # -- cleaning up ------------------------------------------------------------------------
+
+    def _stop_upstream(self, code: int | None) -> None:
+        """Let go of the stream to the next hop (reset it with ``code`` when it is still open)."""
+        pump, self.pump = self.pump, None
+        if pump is not None and not pump.done():
+            pump.cancel()
+        up, self.up = self.up, None
+        if up is None:
+            return
+        if code is not None:
+            s = up.streams.get(self.usid)
+            if s is not None:
+                up.reset(self.usid, code)
+        up.done(self.usid)
+
+    def _release(self) -> None:
+        target = self.target
+        if target is not None:
+            target.active -= 1
+            if self.retry is not None:
+                self.retry.end()
+            self.target = None
+        host = self.host
+        if host is not None:
+            host.active -= 1
+            self.host = None
