@@ -81,9 +81,7 @@ def preface_state(buf: bytes) -> bool | None:
 
 
 def _config(client_side: bool) -> H2Configuration:
-    return H2Configuration(
-        client_side=client_side, header_encoding="latin-1", validate_inbound_headers=True
-    )
+    return H2Configuration(client_side=client_side, header_encoding="latin-1", validate_inbound_headers=True)
 
 
 def _settings(conn: H2Connection) -> None:
@@ -116,7 +114,7 @@ def client_connection() -> H2Connection:
 class H2Head:
     """A request head as ``runtime.decide`` reads it (``decide.RequestHead``)."""
 
-    __slots__ = ("_map", "_path", "grpc", "has_body", "headers", "method", "raw_path", "scheme", "_authority")
+    __slots__ = ("_authority", "_map", "_path", "grpc", "has_body", "headers", "method", "raw_path", "scheme")
 
     upgrade = None
 

@@ -36,6 +36,7 @@ from h2.errors import ErrorCodes
 
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY
+from runtime.accesslog import AccessLog
 from runtime.decide import (
     APP,
     NO_HOST,
@@ -76,6 +77,11 @@ DIRECTION = ("outbound", "inbound", "gateway")
 _PASSTHROUGH_TIMEOUT_S = 15.0
 _CONNECT_S = 5.0
 _TLS_KEY = "tls|"
+
+_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nx-meshc-reason: no complete request head in time\r\n"
+    b"content-length: 0\r\nconnection: close\r\n\r\n"
+)
 
 Item = tuple[Any, ...]
 """What arrived on a stream: ("head", headers, ended), ("data", bytes, flow), ("trailers",
@@ -265,10 +271,11 @@ class H2Downstream(_Side):
     def on_event(self, e: ev.Event) -> None:
         if isinstance(e, ev.RequestReceived):
             assert e.stream_id is not None and e.headers is not None
-            s = _Stream()
-            self.streams[e.stream_id] = s
-            exchange = _Exchange(self, e.stream_id, s, list(e.headers), e.stream_ended is not None)
-            s.task = self.plane.loop.create_task(exchange.run())
+            new = _Stream()
+            self.streams[e.stream_id] = new
+            headers = cast(list[Header], list(e.headers))  # str pairs: header_encoding is set
+            exchange = _Exchange(self, e.stream_id, new, headers, e.stream_ended is not None)
+            new.task = self.plane.loop.create_task(exchange.run())
             return
         if isinstance(e, ev.StreamReset):  # the client cancelled: so is its exchange
             s = self.streams.get(e.stream_id)
@@ -286,11 +293,7 @@ class H2Downstream(_Side):
         self.close_if_idle()
 
     def close_if_idle(self) -> None:
-        if (
-            not self.streams
-            and self.transport is not None
-            and self.conn.state_machine.state.name == "CLOSED"
-        ):
+        if not self.streams and self.transport is not None and self.conn.state_machine.state.name == "CLOSED":
             self.transport.close()
 
     def stream_done(self, sid: int) -> None:
@@ -370,18 +373,35 @@ class H2Upstream(_Side):
 class PrefaceSniffer(asyncio.Protocol):
     """A listener's first protocol: HTTP/2 (ALPN ``h2``, or the h2c preface) or HTTP/1.1."""
 
-    def __init__(self, h1: Callable[[], asyncio.BaseProtocol], h2: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(
+        self,
+        h1: Callable[[], asyncio.BaseProtocol],
+        h2: Callable[[], asyncio.Protocol],
+        timeout_s: float = 10.0,
+    ) -> None:
         self._h1 = h1
         self._h2 = h2
         self._transport: asyncio.Transport | None = None
         self._buf = b""
+        self._timeout_s = timeout_s
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = tr = cast(asyncio.Transport, transport)
         sslobj = tr.get_extra_info("ssl_object")
         if sslobj is not None:
             alpn = sslobj.selected_alpn_protocol()
-            self._hand_over(self._h2 if alpn == "h2" else self._h1, b"")
+            if alpn is not None:
+                self._hand_over(self._h2 if alpn == "h2" else self._h1, b"")
+                return
+        # Until the first bytes tell (a "P" may be POST or the preface), the header timeout runs.
+        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._transport is not None:
+            self._transport.write(_TIMED_OUT)
+            self._transport.close()
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data
@@ -397,8 +417,14 @@ class PrefaceSniffer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _hand_over(self, factory: Callable[[], asyncio.BaseProtocol], buf: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         tr = self._transport
         if tr is None:
             return
@@ -420,10 +446,12 @@ class H2Plane:
         *,
         app_address: str | None = None,
         own_addresses: set[tuple[str, int]] | None = None,
+        header_timeout_s: float = 10.0,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.creds = creds
+        self.header_timeout_s = header_timeout_s
         self.peers = PeerCache()
         self.own_addresses = own_addresses if own_addresses is not None else set()
         if app_address:
@@ -431,6 +459,7 @@ class H2Plane:
             self.app: tuple[str, int] = (host.strip("[]"), int(port))
         else:
             self.app = ("", 0)
+        self.access_log = AccessLog()
         self.upstreams: dict[str, list[H2Upstream]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.downstreams: set[H2Downstream] = set()
@@ -454,7 +483,8 @@ class H2Plane:
     ) -> Callable[[], asyncio.Protocol]:
         """A listener's protocol factory that serves HTTP/2 here and HTTP/1.1 with ``h1``."""
         h2f = self.factory(kind, port)
-        return lambda: PrefaceSniffer(h1, h2f)
+        timeout = self.header_timeout_s
+        return lambda: PrefaceSniffer(h1, h2f, timeout)
 
     def client_ctx(self) -> ssl.SSLContext | None:
         """The mesh client context with ALPN ``h2``, ``http/1.1`` (made once per certificate)."""
@@ -493,10 +523,9 @@ class H2Plane:
             ctx = self.client_ctx()
             if ctx is None:
                 raise OSError("no mesh certificate")
-            _, proto = await loop.create_connection(
+            _, up = await loop.create_connection(
                 lambda: H2Upstream(self, key), host, port, ssl=ctx, server_hostname=host
             )
-            up = cast(H2Upstream, proto)
             why = wrong_peer(self.peers, up.transport, dest)
             sslobj = up.transport.get_extra_info("ssl_object") if up.transport is not None else None
             alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
@@ -507,8 +536,8 @@ class H2Plane:
                     up.transport.close()
                 raise OSError(why)
             return up
-        _, proto = await loop.create_connection(lambda: H2Upstream(self, key), host, port)
-        return cast(H2Upstream, proto)
+        _, plain = await loop.create_connection(lambda: H2Upstream(self, key), host, port)
+        return plain
 
     def retire(self, up: H2Upstream) -> None:
         conns = self.upstreams.get(up.key)
@@ -536,6 +565,7 @@ class H2Plane:
                 d.transport.abort()
 
     async def close(self) -> None:
+        self.access_log.close()
         for conns in list(self.upstreams.values()):
             for up in conns:
                 if up.transport is not None:
@@ -546,7 +576,9 @@ class H2Plane:
 class _Exchange:
     """One request stream, from its head to the end of its response (a task)."""
 
-    def __init__(self, down: H2Downstream, sid: int, stream: _Stream, headers: list[Header], end: bool) -> None:
+    def __init__(
+        self, down: H2Downstream, sid: int, stream: _Stream, headers: list[Header], end: bool
+    ) -> None:
         self.down = down
         self.plane = down.plane
         self.sid = sid
@@ -586,8 +618,11 @@ class _Exchange:
             self.status = self.status or 499
         finally:
             self._stop_upstream(ErrorCodes.CANCEL)
-            self._release()
             elapsed = time.perf_counter() - self.t0
+            target = self.target
+            if target is not None and target.log is not None:
+                self._log(target, elapsed)
+            self._release()
             self.plane.metrics.stats.record(
                 DIRECTION[self.down.kind],
                 self.source,
@@ -688,7 +723,9 @@ class _Exchange:
             if host is None:
                 await self._answer(Reply(503, NO_HOST, self.source, target.service))
                 return
-            hop = peer_hop(engine.snapshot, self.plane.creds.client_ctx is not None, self.source, target.service)
+            hop = peer_hop(
+                engine.snapshot, self.plane.creds.client_ctx is not None, self.source, target.service
+            )
             if isinstance(hop, Reply):
                 await self._answer(hop)
                 return
@@ -843,7 +880,9 @@ class _Exchange:
                         return
                     else:
                         code = item[1]
-                        down.reset(sid, code if code != ErrorCodes.REFUSED_STREAM else ErrorCodes.INTERNAL_ERROR)
+                        down.reset(
+                            sid, code if code != ErrorCodes.REFUSED_STREAM else ErrorCodes.INTERNAL_ERROR
+                        )
                         self._stop_upstream(None)
                         return
         except TimeoutError:  # the caller's grpc-timeout passed mid-stream
@@ -877,6 +916,29 @@ class _Exchange:
             await self.down.send_data(self.sid, body, True)
 
     # -- cleaning up ------------------------------------------------------------------------
+
+    def _log(self, target: Target, elapsed: float) -> None:
+        """The access log line of a TrafficLog, as the HTTP/1.1 layers write it (plus gRPC)."""
+        assert target.log is not None
+        tried = self.retry.tried if self.retry is not None else None
+        host = self.host or (tried[-1] if tried else None)
+        head = self.head
+        entry: dict[str, Any] = {
+            "time": time.time(),
+            "direction": DIRECTION[self.down.kind],
+            "source_service": self.source,
+            "destination_service": target.service,
+            "destination_subset": target.subset,
+            "upstream": host.address if host is not None else "",
+            "method": head.method if head is not None else "",
+            "path": head.path() if head is not None else "",
+            "response_code": self.status,
+            "duration_ms": round(elapsed * 1000.0, 3),
+            "protocol": "HTTP/2",
+        }
+        if self.grpc_status is not None:
+            entry["grpc_status"] = self.grpc_status
+        self.plane.access_log.write(target.log, entry)
 
     def _stop_upstream(self, code: int | None) -> None:
         """Let go of the stream to the next hop (reset it with ``code`` when it is still open)."""

@@ -152,7 +152,12 @@ class DataPlane:
         # HTTP/2 (h2c with prior knowledge, or ALPN h2 under mTLS) on every HTTP listener, whichever
         # data plane serves HTTP/1.1 there: one h2 byte layer under the same decisions.
         self.h2 = H2Plane(
-            self.engine, self.metrics, self.creds, app_address=opts.app, own_addresses=self.own_addresses
+            self.engine,
+            self.metrics,
+            self.creds,
+            app_address=opts.app,
+            own_addresses=self.own_addresses,
+            header_timeout_s=opts.limits.header_timeout_s,
         )
         self.health = HealthChecker(self.metrics)
         self.registrar: Registrar | None = None
@@ -344,8 +349,6 @@ class DataPlane:
                 factory = self.h2.sniffer(self.fast.factory("gateway", port), "gateway", port)
                 self._servers.append(await loop.create_server(factory, sock=sock))
             else:
-                from aiohttp import web
-
                 assert self.http is not None
 
                 async def handler(

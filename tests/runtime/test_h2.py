@@ -7,13 +7,11 @@ here runs on both, and HTTP/1.1 keeps working on the same ports.
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -74,7 +72,9 @@ def _chain(plane: Callable[..., Plane], tmp_path: Path, app: str) -> tuple[Plane
     assert inbound.inbound is not None
     eps = tmp_path / "eps.json"
     eps.write_text(
-        endpoint_set(1, {"benigno": [(f"127.0.0.1:{inbound.inbound[1]}", {"version": "v1"})]}).model_dump_json()
+        endpoint_set(
+            1, {"benigno": [(f"127.0.0.1:{inbound.inbound[1]}", {"version": "v1"})]}
+        ).model_dump_json()
     )
     outbound = plane(
         "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
@@ -92,7 +92,9 @@ def _channel(outbound: Plane, authority: str = "benigno:5000") -> grpc.Channel:
     )
 
 
-def test_grpc_calls_through_two_sidecars(plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path) -> None:
+def test_grpc_calls_through_two_sidecars(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
     outbound, inbound = _chain(plane, tmp_path, echo.address)
     with _channel(outbound) as ch:
         assert method(ch, "Unary")(b"hello", timeout=HANG_DEADLINE) == b"benigno:hello"
@@ -104,15 +106,21 @@ def test_grpc_calls_through_two_sidecars(plane: Callable[..., Plane], echo: Echo
     # The inbound sidecar named the caller for the app; both sides counted gRPC statuses.
     assert echo.metadata[-1]["x-meshc-source-service"] == "magnanimo"
     text = outbound.metrics()
-    assert metric_value(text, "istio_requests_total", destination_app="benigno", grpc_response_status="0") == 3
-    assert metric_value(inbound.metrics(), "meshc_requests_total", direction="inbound", response_code="200") == 3
+    assert (
+        metric_value(text, "istio_requests_total", destination_app="benigno", grpc_response_status="0") == 3
+    )
+    assert (
+        metric_value(inbound.metrics(), "meshc_requests_total", direction="inbound", response_code="200") == 3
+    )
     # HTTP/1.1 still works on the same listener.
     assert outbound.outbound is not None
     status, _, _ = ProxyClient(outbound.outbound).get("http://benigno:5000/")
     assert status in (400, 502, 503)  # the gRPC app speaks no HTTP/1.1; the request was routed
 
 
-def test_grpc_errors_deadline_and_retry(plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path) -> None:
+def test_grpc_errors_deadline_and_retry(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
     outbound, _ = _chain(plane, tmp_path, echo.address)
     with _channel(outbound) as ch:
         # A trailers-only error from the app comes back as it is.
@@ -131,15 +139,15 @@ def test_grpc_errors_deadline_and_retry(plane: Callable[..., Plane], echo: EchoS
     assert metric_value(text, "istio_requests_total", grpc_response_status="5") == 1
 
 
-def test_sidecar_errors_are_grpc_statuses(plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path) -> None:
-    outbound, inbound = _chain(plane, tmp_path, echo.address)
+def test_sidecar_errors_are_grpc_statuses(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    outbound, _ = _chain(plane, tmp_path, echo.address)
     with _channel(outbound) as ch:
         echo.close()  # nothing listens at the app's address any more
         with pytest.raises(grpc.RpcError) as err:
             method(ch, "Unary")(b"x", timeout=HANG_DEADLINE)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    with _channel(outbound, "nowhere.example:1") as ch:
-        pass
     # A host the mesh does not know, with passthrough off, is PERMISSION_DENIED (HTTP 200).
     no_pass = write_bundle(tmp_path, mesh_bundle(SERVICES, passthrough=False))
     closed = plane(
@@ -152,10 +160,11 @@ def test_sidecar_errors_are_grpc_statuses(plane: Callable[..., Plane], echo: Ech
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "passthrough disabled" in (err.value.details() or "")
     assert metric_value(closed.metrics(), "istio_requests_total", grpc_response_status="7") == 1
-    del inbound
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (scripts/ensure-system-deps.sh)")
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="curl is not installed (scripts/ensure-system-deps.sh)"
+)
 def test_curl_http2_prior_knowledge_through_a_gateway(
     plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
 ) -> None:
@@ -181,7 +190,9 @@ def test_curl_http2_prior_knowledge_through_a_gateway(
     )
     eps = tmp_path / "gw-eps.json"
     eps.write_text(
-        endpoint_set(2, {"benigno": [(f"127.0.0.1:{inbound.inbound[1]}", {"version": "v1"})]}).model_dump_json()
+        endpoint_set(
+            2, {"benigno": [(f"127.0.0.1:{inbound.inbound[1]}", {"version": "v1"})]}
+        ).model_dump_json()
     )
     gw = plane(
         "--service", "edge-gateway", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
@@ -210,4 +221,3 @@ def test_curl_http2_prior_knowledge_through_a_gateway(
         capture_output=True, text=True, timeout=HANG_DEADLINE, check=False,
     )  # fmt: skip
     assert h1.stdout == "1.1"
-    del json, Any
