@@ -30,6 +30,8 @@ __all__ = [
     "grpc_status",
     "grpc_status_for_http",
     "grpc_timeout_s",
+    "h1_request_head",
+    "h2_response_head",
     "next_hop_headers",
     "parse_request",
     "preface_state",
@@ -226,6 +228,39 @@ def next_hop_headers(head: H2Head, fwd: Forward, peer: str, secure_hop: bool) ->
         out.append(("x-meshc-source-service", source))
     out.append(("x-forwarded-for", f"{xff}, {peer}" if xff else peer))
     out.append(("x-forwarded-proto", xfp or head.scheme or "http"))
+    return out
+
+
+def h1_request_head(headers: list[Header], has_body: bool) -> tuple[bytes, bool]:
+    """A next-hop header list (``next_hop_headers``) as an HTTP/1.1 request head, for a next hop
+    that speaks only HTTP/1.1; and whether its body goes chunked (no ``content-length``)."""
+    pseudo = {n: v for n, v in headers if n.startswith(":")}
+    method, path = pseudo.get(":method", "GET"), pseudo.get(":path", "/")
+    parts = [f"{method} {path} HTTP/1.1\r\nhost: {pseudo.get(':authority', '')}\r\n"]
+    length = False
+    for name, value in headers:
+        if name.startswith(":"):
+            continue
+        length = length or name == "content-length"
+        parts.append(f"{name}: {value}\r\n")
+    chunked = has_body and not length
+    if chunked:
+        parts.append("transfer-encoding: chunked\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1"), chunked
+
+
+def h2_response_head(
+    status: int, headers: Iterable[tuple[bytes, bytes]], length: bytes | None
+) -> list[Header]:
+    """An HTTP/1.1 response head as an HTTP/2 header list (lower-case names, no hop-by-hop)."""
+    out: list[Header] = [(":status", str(status))]
+    for name, value in headers:
+        n = name.decode("latin-1").lower()
+        if n not in _HOP_BY_HOP:
+            out.append((n, value.decode("latin-1")))
+    if length is not None:
+        out.append(("content-length", length.decode("latin-1")))
     return out
 
 

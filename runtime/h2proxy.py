@@ -34,6 +34,7 @@ import h2.exceptions
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
+from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY
 from runtime.accesslog import AccessLog
@@ -60,6 +61,8 @@ from runtime.h2conn import (
     client_connection,
     grpc_status,
     grpc_timeout_s,
+    h1_request_head,
+    h2_response_head,
     next_hop_headers,
     parse_request,
     preface_state,
@@ -77,6 +80,8 @@ DIRECTION = ("outbound", "inbound", "gateway")
 _PASSTHROUGH_TIMEOUT_S = 15.0
 _CONNECT_S = 5.0
 _TLS_KEY = "tls|"
+_H1_HIGH = 1 << 20
+_SETTINGS_FRAME = 0x4
 
 _TIMED_OUT = (
     b"HTTP/1.1 408 Request Timeout\r\nx-meshc-reason: no complete request head in time\r\n"
@@ -321,11 +326,29 @@ class H2Upstream(_Side):
         super().__init__(plane)
         self.key = key
         self.going_away = False
+        self.alpn: str | None = None
+        self.settled: asyncio.Future[bool] = plane.loop.create_future()
+        """True once the peer's SETTINGS arrived; False when it answered in HTTP/1.1."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = tr = cast(asyncio.Transport, transport)
+        sslobj = tr.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self.alpn = sslobj.selected_alpn_protocol()
+            if self.alpn != "h2":  # an HTTP/1.1 peer: the plane moves this connection to H1Upstream
+                return
         self.conn = client_connection()
         self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.settled.done() and len(data) >= 4 and data[3] != _SETTINGS_FRAME:
+            # An HTTP/2 server's first frame is SETTINGS; anything else (an HTTP/1.1 error
+            # answer to the preface, most likely) means this next hop speaks no h2c.
+            self.settled.set_result(False)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        super().data_received(data)
 
     def usable(self) -> bool:
         if self.closed or self.going_away:
@@ -351,6 +374,8 @@ class H2Upstream(_Side):
             self.transport.close()
 
     def on_event(self, e: ev.Event) -> None:
+        if isinstance(e, ev.RemoteSettingsChanged) and not self.settled.done():
+            self.settled.set_result(True)
         if isinstance(e, ev.ResponseReceived):
             assert e.stream_id is not None
             self._put(e.stream_id, ("head", list(e.headers or ()), e.stream_ended is not None))
@@ -367,7 +392,143 @@ class H2Upstream(_Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if not self.settled.done():
+            self.settled.set_exception(ConnectionResetError("closed before its SETTINGS"))
+            self.settled.exception()  # retrieved: the dial that waits sees the close itself
         self.plane.retire(self)
+
+
+class H1Upstream(asyncio.Protocol):
+    """A next hop that speaks only HTTP/1.1 (so its ALPN said, or its answer to the h2c
+    preface): one exchange per connection, the stream translated both ways (a body of unknown
+    length goes chunked; request trailers are dropped, HTTP/1.1 servers rarely read them).
+    Reading pauses while more than ``_H1_HIGH`` bytes wait for the client to take them."""
+
+    SID = 1
+
+    def __init__(self, plane: H2Plane, key: str) -> None:
+        self.plane = plane
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.streams: dict[int, _Stream] = {}
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.reader = h1.ResponseReader(self)
+        self.chunked = False
+        self.head_only = False
+        self.resp: h1.Response | None = None
+        self.ended = False
+        self.pending = 0
+        self.paused = False
+
+    def usable(self) -> bool:
+        return False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def open(self, headers: list[Header], end: bool) -> tuple[int, _Stream]:
+        if self.transport is None or self.closed:
+            raise StreamGone
+        head, self.chunked = h1_request_head(headers, not end)
+        self.head_only = any(n == ":method" and v == "HEAD" for n, v in headers)
+        s = self.streams[self.SID] = _Stream()
+        self.transport.write(head)
+        return self.SID, s
+
+    async def send_data(self, sid: int, data: bytes, end: bool = False) -> None:
+        await self.writable.wait()
+        if self.closed or self.transport is None:
+            raise StreamGone
+        if self.chunked:
+            self.transport.writelines((h1.chunk_size(len(data)), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+        if end:
+            self.end_stream(sid)
+
+    def end_stream(self, sid: int) -> None:
+        if self.chunked and self.transport is not None and not self.closed:
+            self.transport.write(h1.LAST_CHUNK)
+
+    def send_headers(self, sid: int, headers: list[Header], end: bool) -> None:
+        self.end_stream(sid)
+
+    def reset(self, sid: int, code: int = ErrorCodes.CANCEL) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def ack(self, sid: int, flow: int) -> None:
+        self.pending -= flow
+        if self.paused and self.pending < _H1_HIGH // 2 and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def done(self, sid: int) -> None:
+        self.streams.pop(sid, None)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _put(self, item: Item) -> None:
+        s = self.streams.get(self.SID)
+        if s is not None:
+            s.inbox.put_nowait(item)
+
+    # -- asyncio.Protocol / h1.ResponseSink -------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.reader.feed(data)
+        except h1.H1Error:
+            self._put(("reset", ErrorCodes.PROTOCOL_ERROR))
+            if self.transport is not None:
+                self.transport.close()
+
+    def response_head(self, resp: h1.Response) -> None:
+        if resp.status < 200:
+            return  # 100 Continue and friends: HTTP/2 callers need none of them
+        self.resp = resp
+        ended = self.head_only or resp.status in (204, 304)
+        self._put(("head", h2_response_head(resp.status, resp.headers, resp.length), ended))
+        if ended:
+            self.ended = True
+
+    def response_body(self, data: bytes) -> None:
+        if self.resp is None or self.ended:
+            return
+        self.pending += len(data)
+        self._put(("data", data, len(data)))
+        if self.pending > _H1_HIGH and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def response_end(self, resp: h1.Response) -> None:
+        if self.resp is not None and not self.ended:
+            self.ended = True
+            self._put(("end",))
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.writable.set()
+        resp = self.resp
+        if resp is not None and not self.ended and exc is None and resp.length is None and not resp.chunked:
+            self.ended = True  # a body delimited by the connection's end: that end completes it
+            self._put(("end",))
+        elif not self.ended:
+            self._put(("reset", ErrorCodes.CONNECT_ERROR))
+
+
+Upstream = H2Upstream | H1Upstream
 
 
 class PrefaceSniffer(asyncio.Protocol):
@@ -461,6 +622,8 @@ class H2Plane:
             self.app = ("", 0)
         self.access_log = AccessLog()
         self.upstreams: dict[str, list[H2Upstream]] = {}
+        self.h1_only: set[str] = set()
+        """Plaintext next hops that answered the h2c preface in HTTP/1.1."""
         self._locks: dict[str, asyncio.Lock] = {}
         self.downstreams: set[H2Downstream] = set()
         self.draining = False
@@ -502,22 +665,28 @@ class H2Plane:
             self._alpn = (base, ctx)
         return ctx
 
-    async def upstream(self, key: str, host: str, port: int, tls: bool, dest: str) -> H2Upstream:
+    async def upstream(self, key: str, host: str, port: int, tls: bool, dest: str) -> Upstream:
         """A usable connection to ``host:port``: a pooled one, else a new one (one dial at a time
         per address, so a burst of streams shares one connection)."""
         for up in self.upstreams.get(key, ()):
             if up.usable():
                 return up
+        if key in self.h1_only:
+            _, h1up = await self.loop.create_connection(lambda: H1Upstream(self, key), host, port)
+            return h1up
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             for up in self.upstreams.get(key, ()):
                 if up.usable():
                     return up
-            up = await self._dial(key, host, port, tls, dest)
-            self.upstreams.setdefault(key, []).append(up)
-            return up
+            found = await self._dial(key, host, port, tls, dest)
+            if isinstance(found, H2Upstream):
+                self.upstreams.setdefault(key, []).append(found)
+            return found
 
-    async def _dial(self, key: str, host: str, port: int, tls: bool, dest: str) -> H2Upstream:
+    async def _dial(self, key: str, host: str, port: int, tls: bool, dest: str) -> Upstream:
+        """A new connection: HTTP/2 when the peer speaks it (ALPN over TLS; in plaintext, its
+        SETTINGS in answer to the preface), else HTTP/1.1 (and that address is remembered)."""
         loop = self.loop
         if tls:
             ctx = self.client_ctx()
@@ -527,17 +696,23 @@ class H2Plane:
                 lambda: H2Upstream(self, key), host, port, ssl=ctx, server_hostname=host
             )
             why = wrong_peer(self.peers, up.transport, dest)
-            sslobj = up.transport.get_extra_info("ssl_object") if up.transport is not None else None
-            alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
-            if why is None and alpn != "h2":
-                why = f"the peer does not speak HTTP/2 (ALPN {alpn})"
             if why is not None:
                 if up.transport is not None:
                     up.transport.close()
                 raise OSError(why)
+            if up.alpn != "h2" and up.transport is not None:  # an HTTP/1.1 peer: same connection
+                h1up = H1Upstream(self, key)
+                up.transport.set_protocol(h1up)
+                h1up.connection_made(up.transport)
+                return h1up
             return up
         _, plain = await loop.create_connection(lambda: H2Upstream(self, key), host, port)
-        return plain
+        if await plain.settled:
+            return plain
+        if len(self.h1_only) < 4096:
+            self.h1_only.add(key)
+        _, h1up = await loop.create_connection(lambda: H1Upstream(self, key), host, port)
+        return h1up
 
     def retire(self, up: H2Upstream) -> None:
         conns = self.upstreams.get(up.key)
@@ -603,7 +778,7 @@ class _Exchange:
         self.retry: RetryState | None = None
         self.target: Target | None = None
         self.host: Host | None = None
-        self.up: H2Upstream | None = None
+        self.up: Upstream | None = None
         self.usid = 0
         self.pump: asyncio.Task[None] | None = None
         self.deadline: float | None = None
@@ -806,7 +981,7 @@ class _Exchange:
             self._stop_upstream(None)
             return Outcome.CONNECT_FAILURE, None
 
-    async def _pump_request(self, up: H2Upstream, usid: int) -> None:
+    async def _pump_request(self, up: Upstream, usid: int) -> None:
         """The request body (replayed first when this is a retry), then its end or trailers."""
         try:
             for chunk in list(self.replay or ()):

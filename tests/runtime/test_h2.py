@@ -7,11 +7,13 @@ here runs on both, and HTTP/1.1 keeps working on the same ports.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -162,14 +164,13 @@ def test_sidecar_errors_are_grpc_statuses(
     assert metric_value(closed.metrics(), "istio_requests_total", grpc_response_status="7") == 1
 
 
-@pytest.mark.skipif(
+needs_curl = pytest.mark.skipif(
     shutil.which("curl") is None, reason="curl is not installed (scripts/ensure-system-deps.sh)"
 )
-def test_curl_http2_prior_knowledge_through_a_gateway(
-    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
-) -> None:
-    """curl speaks h2c to the gateway, the gateway h2c to benigno's sidecar, that to the app."""
-    _, inbound = _chain(plane, tmp_path, echo.address)
+
+
+def _gateway(plane: Callable[..., Plane], tmp_path: Path, inbound: Plane) -> str:
+    """An edge gateway whose one route sends everything to benigno; its listener's address."""
     assert inbound.inbound is not None
     gw_bundle = service_bundle(
         "edge-gateway",
@@ -199,16 +200,29 @@ def test_curl_http2_prior_knowledge_through_a_gateway(
         "--mesh-bundle", _mesh(tmp_path), "--bundle", write_bundle(tmp_path, gw_bundle),
         "--endpoints", eps, module="runtime.gateway",
     )  # fmt: skip
-    address = wait_until(lambda: gw.listening.get("listener:8080"), "the gateway listener")
+    address: str = wait_until(lambda: gw.listening.get("listener:8080"), "the gateway listener")
+    return address
+
+
+def _curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", *args], capture_output=True, text=True, timeout=HANG_DEADLINE, check=True
+    )
+
+
+@needs_curl
+def test_curl_http2_prior_knowledge_through_a_gateway(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    """curl speaks h2c to the gateway, the gateway h2c to benigno's sidecar, that to the app."""
+    _, inbound = _chain(plane, tmp_path, echo.address)
+    address = _gateway(plane, tmp_path, inbound)
     message = tmp_path / "msg.bin"
     message.write_bytes(struct.pack(">BI", 0, 4) + b"curl")  # one gRPC frame: uncompressed, 4 bytes
-    out = subprocess.run(
-        [
-            "curl", "-sS", "--http2-prior-knowledge", "-o", str(tmp_path / "out.bin"),
-            "-D", "-", "-H", "content-type: application/grpc", "-H", "te: trailers",
-            "--data-binary", f"@{message}", "-w", "%{http_version}\n", f"http://{address}/test.Echo/Unary",
-        ],
-        capture_output=True, text=True, timeout=HANG_DEADLINE, check=True,
+    out = _curl(
+        "--http2-prior-knowledge", "-o", str(tmp_path / "out.bin"), "-D", "-",
+        "-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary", f"@{message}",
+        "-w", "%{http_version}\n", f"http://{address}/test.Echo/Unary",
     )  # fmt: skip
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("HTTP/2 200") and lines[-1] == "2"
@@ -216,8 +230,41 @@ def test_curl_http2_prior_knowledge_through_a_gateway(
     assert body[5:] == b"benigno:curl"
     assert any(line.lower().startswith("grpc-status: 0") for line in lines)  # the trailer
     # HTTP/1.1 on the same gateway port still answers.
-    h1 = subprocess.run(
-        ["curl", "-sS", "--http1.1", "-o", "/dev/null", "-w", "%{http_version}", f"http://{address}/x"],
-        capture_output=True, text=True, timeout=HANG_DEADLINE, check=False,
-    )  # fmt: skip
+    h1 = _curl("--http1.1", "-o", "/dev/null", "-w", "%{http_version}", f"http://{address}/x")
     assert h1.stdout == "1.1"
+
+
+@needs_curl
+def test_http2_callers_reach_an_http11_app(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    """The app speaks only HTTP/1.1: benigno's sidecar sees its answer to the h2c preface and
+    translates the streams (curl h2c -> outbound -> inbound -> app, and through a gateway)."""
+    app = upstream("benigno-v1")
+    outbound, inbound = _chain(plane, tmp_path, app.address)
+    assert outbound.outbound is not None
+    data = tmp_path / "body.bin"
+    data.write_bytes(b"b" * 300_000)
+    out = _curl(
+        "--http2-prior-knowledge", "-H", "host: benigno:5000", "--data-binary", f"@{data}",
+        "-w", "\n%{http_version}", f"http://127.0.0.1:{outbound.outbound[1]}/hw2?x=1",
+    )  # fmt: skip
+    doc, version = out.stdout.rsplit("\n", 1)
+    assert version == "2"
+    assert json.loads(doc) == {
+        "name": "benigno-v1",
+        "path": "/hw2?x=1",
+        "method": "POST",
+        "body_len": 300_000,
+    }
+    assert app.seen_headers[-1]["x-meshc-source-service"] == "magnanimo"
+    # A large response streams back through both sidecars' windows.
+    big = _curl(
+        "--http2-prior-knowledge", "-H", "host: benigno:5000", "-o", "/dev/null",
+        "-w", "%{http_code} %{size_download}", f"http://127.0.0.1:{outbound.outbound[1]}/big/3000000",
+    )  # fmt: skip
+    assert big.stdout == "200 3000000"
+    address = _gateway(plane, tmp_path, inbound)
+    got = _curl("--http2-prior-knowledge", "-w", "\n%{http_version}", f"http://{address}/route1/hw2")
+    doc, version = got.stdout.rsplit("\n", 1)
+    assert version == "2" and json.loads(doc)["path"] == "/route1/hw2"
