@@ -23,9 +23,11 @@ from runtime.headerops import ADD, REMOVE, HeaderOp
 __all__ = [
     "GRPC_NAMES",
     "PREFACE",
+    "GoawayFilter",
     "H2Head",
     "Header",
     "client_connection",
+    "goaway_frame",
     "grpc_reply",
     "grpc_status",
     "grpc_status_for_http",
@@ -111,6 +113,62 @@ def client_connection() -> H2Connection:
     conn.initiate_connection()
     _settings(conn)
     return conn
+
+
+_GOAWAY = 0x7
+
+
+def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
+    """A GOAWAY frame, written beside h2 (see ``GoawayFilter``)."""
+    payload = (last_stream_id & 0x7FFFFFFF).to_bytes(4, "big") + error_code.to_bytes(4, "big")
+    return len(payload).to_bytes(3, "big") + bytes((_GOAWAY, 0)) + b"\0\0\0\0" + payload
+
+
+class GoawayFilter:
+    """Takes GOAWAY frames out of the bytes a connection receives, before h2 sees them.
+
+    h2 treats a GOAWAY, sent or received, as the end of the connection: no frame of any stream
+    may pass after it. RFC 9113 §6.8 lets the streams a GOAWAY covers run to completion, which
+    a proxy's graceful drain needs. So GOAWAY frames are handled here (and sent as raw frames
+    with ``goaway_frame``), and h2 keeps its connection open until the streams are done.
+    """
+
+    __slots__ = ("_preface", "_rest")
+
+    def __init__(self, server_side: bool) -> None:
+        self._preface = len(PREFACE) if server_side else 0
+        self._rest = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+        """(the bytes for h2, the GOAWAYs received as (last stream id, error code))."""
+        buf = self._rest + data if self._rest else data
+        start = 0
+        if self._preface:
+            start = min(self._preface, len(buf))
+            self._preface -= start
+            if self._preface:
+                self._rest = b""
+                return buf, []
+        i = start
+        n = len(buf)
+        goaways: list[tuple[int, int]] = []
+        keep: list[bytes] = []
+        while n - i >= 9:
+            size = int.from_bytes(buf[i : i + 3], "big")
+            end = i + 9 + size
+            if end > n:
+                break
+            if buf[i + 3] == _GOAWAY and size >= 8:
+                keep.append(buf[start:i])
+                last = int.from_bytes(buf[i + 9 : i + 13], "big") & 0x7FFFFFFF
+                goaways.append((last, int.from_bytes(buf[i + 13 : i + 17], "big")))
+                start = end
+            i = end
+        self._rest = buf[i:]
+        if not goaways:
+            return buf[:i] if self._rest else buf, goaways
+        keep.append(buf[start:i])
+        return b"".join(keep), goaways
 
 
 class H2Head:

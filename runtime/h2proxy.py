@@ -56,9 +56,11 @@ from runtime.decide import (
 )
 from runtime.engine import Engine, Target
 from runtime.h2conn import (
+    GoawayFilter,
     H2Head,
     Header,
     client_connection,
+    goaway_frame,
     grpc_status,
     grpc_timeout_s,
     h1_request_head,
@@ -113,19 +115,21 @@ class _Side(asyncio.Protocol):
 
     conn: H2Connection
 
-    def __init__(self, plane: H2Plane) -> None:
+    def __init__(self, plane: H2Plane, server_side: bool) -> None:
         self.plane = plane
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
         self.writable = asyncio.Event()
         self.writable.set()
         self.closed = False
+        self.frames = GoawayFilter(server_side)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        data, goaways = self.frames.feed(data)
         try:
-            events = self.conn.receive_data(data)
+            events = self.conn.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
             self.flush()
             if self.transport is not None:
@@ -133,7 +137,12 @@ class _Side(asyncio.Protocol):
             return
         for e in events:
             self.on_event(e)
+        for last, code in goaways:
+            self.on_goaway(last, code)
         self.flush()
+
+    def on_goaway(self, last_stream_id: int, error_code: int) -> None:
+        """The peer sent GOAWAY: the streams up to ``last_stream_id`` may still complete."""
 
     def pause_writing(self) -> None:
         self.writable.clear()
@@ -253,8 +262,12 @@ class H2Downstream(_Side):
     """A client connection that speaks HTTP/2; one ``_Exchange`` task per request stream."""
 
     def __init__(self, plane: H2Plane, kind: int, port: int = 0) -> None:
-        super().__init__(plane)
+        super().__init__(plane, True)
         self.kind = kind
+        self.last_sid = 0
+        """The highest request stream taken (what a GOAWAY of ours names)."""
+        self.refusing = False
+        """A GOAWAY went either way: no new streams; close once the open ones are done."""
         self.port = port
         self.peer = "unknown"
         self.secure = False
@@ -276,6 +289,10 @@ class H2Downstream(_Side):
     def on_event(self, e: ev.Event) -> None:
         if isinstance(e, ev.RequestReceived):
             assert e.stream_id is not None and e.headers is not None
+            if self.refusing:  # after our GOAWAY: never processed, the client may retry it
+                self.reset(e.stream_id, ErrorCodes.REFUSED_STREAM)
+                return
+            self.last_sid = max(self.last_sid, e.stream_id)
             new = _Stream()
             self.streams[e.stream_id] = new
             headers = cast(list[Header], list(e.headers))  # str pairs: header_encoding is set
@@ -286,19 +303,24 @@ class H2Downstream(_Side):
             s = self.streams.get(e.stream_id)
             if s is not None and s.task is not None:
                 s.task.cancel()
-        elif isinstance(e, ev.ConnectionTerminated) and self.transport is not None:
-            self.goaway()
         super().on_event(e)
 
+    def on_goaway(self, last_stream_id: int, error_code: int) -> None:
+        self.refusing = True
+        self.close_if_idle()
+
     def goaway(self) -> None:
-        """No new streams (drain, or the client's own GOAWAY); close once the open ones end."""
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.conn.close_connection()
-            self.flush()
+        """Drain: GOAWAY naming the last stream taken; those streams run to their end."""
+        if not self.refusing and self.transport is not None and not self.closed:
+            self.refusing = True
+            self.transport.write(goaway_frame(self.last_sid))
         self.close_if_idle()
 
     def close_if_idle(self) -> None:
-        if not self.streams and self.transport is not None and self.conn.state_machine.state.name == "CLOSED":
+        if self.refusing and not self.streams and self.transport is not None and not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(last_stream_id=self.last_sid)
+                self.flush()
             self.transport.close()
 
     def stream_done(self, sid: int) -> None:
@@ -323,7 +345,7 @@ class H2Upstream(_Side):
     """A connection to a next hop; streams of many exchanges share it."""
 
     def __init__(self, plane: H2Plane, key: str) -> None:
-        super().__init__(plane)
+        super().__init__(plane, False)
         self.key = key
         self.going_away = False
         self.alpn: str | None = None
@@ -380,15 +402,16 @@ class H2Upstream(_Side):
             assert e.stream_id is not None
             self._put(e.stream_id, ("head", list(e.headers or ()), e.stream_ended is not None))
             return
-        if isinstance(e, ev.ConnectionTerminated):
-            self.going_away = True
-            last = e.last_stream_id or 0
-            for sid, s in self.streams.items():
-                if sid > last:  # never processed: safe to retry elsewhere
-                    s.inbox.put_nowait(("reset", ErrorCodes.REFUSED_STREAM))
-            self.plane.retire(self)
-            return
         super().on_event(e)
+
+    def on_goaway(self, last_stream_id: int, error_code: int) -> None:
+        self.going_away = True
+        for sid, s in self.streams.items():
+            if sid > last_stream_id:  # never processed: safe to retry elsewhere
+                s.inbox.put_nowait(("reset", ErrorCodes.REFUSED_STREAM))
+        self.plane.retire(self)
+        if not self.streams and self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

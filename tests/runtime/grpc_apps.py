@@ -2,7 +2,8 @@
 
 ``test.Echo``: ``Unary`` echoes; ``Stream`` streams ``n`` messages back; ``Collect`` joins a
 client stream; ``Slow`` waits until the caller's deadline; ``Missing`` fails trailers-only with
-NOT_FOUND; ``Flaky`` answers UNAVAILABLE to the first call of each key, then succeeds.
+NOT_FOUND; ``Flaky`` answers UNAVAILABLE to the first call of each key, then succeeds;
+``Watch`` streams one message and then waits until the call is cancelled (``cancelled``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class EchoServer:
         self.metadata: list[dict[str, str]] = []
         self.lock = threading.Lock()
         self.release = threading.Event()
+        self.cancelled = threading.Event()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         handlers = {
             "Unary": grpc.unary_unary_rpc_method_handler(self._unary),
@@ -35,6 +37,7 @@ class EchoServer:
             "Slow": grpc.unary_unary_rpc_method_handler(self._slow),
             "Missing": grpc.unary_unary_rpc_method_handler(self._missing),
             "Flaky": grpc.unary_unary_rpc_method_handler(self._flaky),
+            "Watch": grpc.unary_stream_rpc_method_handler(self._watch),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -80,6 +83,12 @@ class EchoServer:
         if first:
             context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
         return b"ok:" + request
+
+    def _watch(self, request: bytes, context: Any) -> Iterator[bytes]:
+        self._seen("Watch", context)
+        context.add_callback(self.cancelled.set)  # runs when the call ends: here, by a reset
+        yield b"first"
+        self.cancelled.wait(30)
 
     def close(self) -> None:
         self.release.set()

@@ -8,7 +8,9 @@ here runs on both, and HTTP/1.1 keeps working on the same ports.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
@@ -162,6 +164,26 @@ def test_sidecar_errors_are_grpc_statuses(
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "passthrough disabled" in (err.value.details() or "")
     assert metric_value(closed.metrics(), "istio_requests_total", grpc_response_status="7") == 1
+
+
+def test_resets_and_a_drain_reach_the_other_side(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    outbound, _ = _chain(plane, tmp_path, echo.address)
+    with _channel(outbound) as ch:
+        # The client cancels (RST_STREAM): both sidecars reset their streams, the app sees it.
+        call = method(ch, "Watch", "unary_stream")(b"", timeout=HANG_DEADLINE)
+        assert next(call) == b"first"
+        call.cancel()
+        wait_until(echo.cancelled.is_set, "the app to see the cancellation")
+        # SIGTERM while a call is in flight: GOAWAY to the client, the call still completes.
+        pending = method(ch, "Slow").future(b"", timeout=HANG_DEADLINE)
+        wait_until(lambda: echo.calls["Slow"] == 1, "the call to reach the app")
+        os.kill(outbound.pid(), signal.SIGTERM)
+        wait_until(lambda: outbound.event("draining"), "the sidecar to drain")
+        echo.release.set()
+        assert pending.result(timeout=HANG_DEADLINE) == b"late"
+    assert outbound.proc.wait(HANG_DEADLINE) == 0
 
 
 needs_curl = pytest.mark.skipif(

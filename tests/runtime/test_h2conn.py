@@ -17,7 +17,9 @@ from runtime.engine import Target
 from runtime.fastmetrics import RequestStats
 from runtime.h2conn import (
     PREFACE,
+    GoawayFilter,
     client_connection,
+    goaway_frame,
     grpc_status,
     grpc_timeout_s,
     h1_request_head,
@@ -228,3 +230,27 @@ def test_grpc_statuses_label_istio_series_and_add_up_in_meshc_series() -> None:
         if s.name == "istio_requests_total"
     }
     assert istio == {("http", ""): 1.0, ("grpc", "0"): 1.0, ("grpc", "14"): 1.0}
+
+
+def test_goaway_frames_are_taken_out_before_h2_sees_them() -> None:
+    client, server = client_connection(), server_connection()
+    wire = client.data_to_send()  # the preface and SETTINGS
+    server_bytes = server.data_to_send()
+    client.receive_data(server_bytes)
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/")])
+    wire += client.data_to_send() + goaway_frame(sid, 0)
+    filt = GoawayFilter(server_side=True)
+    fed: list[bytes] = []
+    goaways = []
+    for i in range(0, len(wire), 7):  # in pieces that cut frames (and the preface) anywhere
+        data, found = filt.feed(wire[i : i + 7])
+        fed.append(data)
+        goaways += found
+    assert goaways == [(sid, 0)]
+    events = server.receive_data(b"".join(fed))
+    assert any(isinstance(e, ev.RequestReceived) for e in events)
+    assert not any(isinstance(e, ev.ConnectionTerminated) for e in events)
+    # The connection is still open: the stream can be answered after the GOAWAY.
+    server.send_headers(sid, [(":status", "200")], end_stream=True)
+    assert any(isinstance(e, ev.ResponseReceived) for e in client.receive_data(server.data_to_send()))
