@@ -84,6 +84,9 @@ _CONNECT_S = 5.0
 _TLS_KEY = "tls|"
 _H1_HIGH = 1 << 20
 _SETTINGS_FRAME = 0x4
+_KEEPALIVE_S = 75.0
+_UPSTREAM_IDLE_S = 30.0
+_SWEEP_S = 5.0
 
 _TIMED_OUT = (
     b"HTTP/1.1 408 Request Timeout\r\nx-meshc-reason: no complete request head in time\r\n"
@@ -268,6 +271,9 @@ class H2Downstream(_Side):
         """The highest request stream taken (what a GOAWAY of ours names)."""
         self.refusing = False
         """A GOAWAY went either way: no new streams; close once the open ones are done."""
+        self.counted = False
+        """It holds one of its listener's ``max_connections`` places."""
+        self.idle_since = 0.0
         self.port = port
         self.peer = "unknown"
         self.secure = False
@@ -281,9 +287,19 @@ class H2Downstream(_Side):
         if self.kind == INBOUND:
             self.tls_peer = self.plane.peers.of(tr)
         self.conn = server_connection()
-        self.plane.downstreams.add(self)
+        plane = self.plane
+        if plane.open[self.kind] >= plane.max_connections:  # the listener's --max-connections
+            plane.metrics.listener_refusals.labels(DIRECTION[self.kind], "max_connections").inc()
+            self.conn.close_connection(ErrorCodes.NO_ERROR, b"the listener has reached --max-connections")
+            self.flush()
+            tr.close()
+            return
+        plane.open[self.kind] += 1
+        self.counted = True
+        plane.downstreams.add(self)
+        self.idle_since = plane.loop.time()
         self.flush()
-        if self.plane.draining:
+        if plane.draining:
             self.goaway()
 
     def on_event(self, e: ev.Event) -> None:
@@ -324,6 +340,7 @@ class H2Downstream(_Side):
             self.transport.close()
 
     def stream_done(self, sid: int) -> None:
+        self.idle_since = self.plane.loop.time()
         s = self.streams.pop(sid, None)
         if s is not None:
             while not s.inbox.empty():  # what the exchange never read: give its window back
@@ -334,6 +351,9 @@ class H2Downstream(_Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self.counted:
+            self.counted = False
+            self.plane.open[self.kind] -= 1
         self.plane.downstreams.discard(self)
         for s in list(self.streams.values()):
             if s.task is not None:
@@ -349,6 +369,7 @@ class H2Upstream(_Side):
         self.key = key
         self.going_away = False
         self.alpn: str | None = None
+        self.idle_since = plane.loop.time()
         self.settled: asyncio.Future[bool] = plane.loop.create_future()
         """True once the peer's SETTINGS arrived; False when it answered in HTTP/1.1."""
 
@@ -386,6 +407,7 @@ class H2Upstream(_Side):
         return sid, s
 
     def done(self, sid: int) -> None:
+        self.idle_since = self.plane.loop.time()
         s = self.streams.pop(sid, None)
         if s is not None:
             while not s.inbox.empty():
@@ -562,7 +584,9 @@ class PrefaceSniffer(asyncio.Protocol):
         h1: Callable[[], asyncio.BaseProtocol],
         h2: Callable[[], asyncio.Protocol],
         timeout_s: float = 10.0,
+        on_timeout: Callable[[], None] | None = None,
     ) -> None:
+        self._on_timeout = on_timeout
         self._h1 = h1
         self._h2 = h2
         self._transport: asyncio.Transport | None = None
@@ -584,6 +608,8 @@ class PrefaceSniffer(asyncio.Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         if self._transport is not None:
+            if self._on_timeout is not None:
+                self._on_timeout()
             self._transport.write(_TIMED_OUT)
             self._transport.close()
 
@@ -631,11 +657,18 @@ class H2Plane:
         app_address: str | None = None,
         own_addresses: set[tuple[str, int]] | None = None,
         header_timeout_s: float = 10.0,
+        max_connections: int = 1024,
+        open_counts: list[int] | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.creds = creds
         self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
+        self.open = open_counts if open_counts is not None else [0, 0, 0]
+        """Client connections open per listener kind; the fast path's own list when it runs,
+        so one ``--max-connections`` bounds HTTP/1.1 and HTTP/2 connections together."""
+        self._sweeper: asyncio.TimerHandle | None = None
         self.peers = PeerCache()
         self.own_addresses = own_addresses if own_addresses is not None else set()
         if app_address:
@@ -657,8 +690,23 @@ class H2Plane:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+            self._loop = loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(_SWEEP_S, self._sweep)
         return self._loop
+
+    def _sweep(self) -> None:
+        """Close client connections idle past the keep-alive, and idle upstream connections."""
+        loop = self.loop
+        now = loop.time()
+        for d in list(self.downstreams):
+            if not d.streams and d.idle_since < now - _KEEPALIVE_S:
+                d.goaway()
+        for conns in list(self.upstreams.values()):
+            for up in list(conns):
+                if not up.streams and up.idle_since < now - _UPSTREAM_IDLE_S and up.transport is not None:
+                    self.retire(up)
+                    up.transport.close()
+        self._sweeper = loop.call_later(_SWEEP_S, self._sweep)
 
     def factory(self, kind: str, port: int = 0) -> Callable[[], asyncio.Protocol]:
         code = {"outbound": OUTBOUND, "inbound": INBOUND, "gateway": GATEWAY}[kind]
@@ -670,7 +718,8 @@ class H2Plane:
         """A listener's protocol factory that serves HTTP/2 here and HTTP/1.1 with ``h1``."""
         h2f = self.factory(kind, port)
         timeout = self.header_timeout_s
-        return lambda: PrefaceSniffer(h1, h2f, timeout)
+        refusals = self.metrics.listener_refusals.labels(kind, "header_timeout")
+        return lambda: PrefaceSniffer(h1, h2f, timeout, refusals.inc)
 
     def client_ctx(self) -> ssl.SSLContext | None:
         """The mesh client context with ALPN ``h2``, ``http/1.1`` (made once per certificate)."""
@@ -763,6 +812,8 @@ class H2Plane:
                 d.transport.abort()
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.access_log.close()
         for conns in list(self.upstreams.values()):
             for up in conns:

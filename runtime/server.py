@@ -158,6 +158,8 @@ class DataPlane:
             app_address=opts.app,
             own_addresses=self.own_addresses,
             header_timeout_s=opts.limits.header_timeout_s,
+            max_connections=opts.limits.max_connections,
+            open_counts=self.fast.open if self.fast is not None else None,
         )
         self.health = HealthChecker(self.metrics)
         self.registrar: Registrar | None = None

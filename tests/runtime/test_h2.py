@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from runtime.bundle import (
     Rule,
     StringMatch,
 )
+from runtime.h2conn import PREFACE
 
 SERVICES = {
     "benigno": CatalogService(port=5000, protocol="http", subsets=({"version": "v1"},)),
@@ -184,6 +186,46 @@ def test_resets_and_a_drain_reach_the_other_side(
         echo.release.set()
         assert pending.result(timeout=HANG_DEADLINE) == b"late"
     assert outbound.proc.wait(HANG_DEADLINE) == 0
+
+
+def test_h2_connections_count_against_max_connections(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    mesh = _mesh(tmp_path)
+    outbound = plane(
+        "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--mesh-bundle", mesh, "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+        "--max-connections", "1",
+    )  # fmt: skip
+    assert outbound.outbound is not None
+    with _channel(outbound) as ch:
+        with pytest.raises(grpc.RpcError):  # no endpoints: answered (UNAVAILABLE), connection kept
+            method(ch, "Unary")(b"x", timeout=HANG_DEADLINE)
+        with socket.create_connection(outbound.outbound, timeout=HANG_DEADLINE) as extra:
+            extra.sendall(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface, empty SETTINGS
+            got = b""
+            while chunk := extra.recv(65536):
+                got += chunk
+        assert b"the listener has reached --max-connections" in got  # in a GOAWAY, then closed
+    assert metric_value(outbound.metrics(), "meshc_listener_refusals_total", reason="max_connections") == 1
+
+
+def test_bytes_that_cannot_tell_h2_from_http11_are_bounded_by_the_header_timeout(
+    plane: Callable[..., Plane], tmp_path: Path
+) -> None:
+    outbound = plane(
+        "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--mesh-bundle", _mesh(tmp_path), "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+        "--header-timeout", "0.5",
+    )  # fmt: skip
+    assert outbound.outbound is not None
+    with socket.create_connection(outbound.outbound, timeout=HANG_DEADLINE) as loris:
+        loris.sendall(b"PRI * HT")  # the preface, or a request line starting so: nobody can tell yet
+        got = b""
+        while chunk := loris.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 408 ")
+    assert metric_value(outbound.metrics(), "meshc_listener_refusals_total", reason="header_timeout") == 1
 
 
 needs_curl = pytest.mark.skipif(
