@@ -49,6 +49,7 @@ __all__ = [
     "passthrough",
     "peer_hop",
     "query_map",
+    "release",
     "request_scheme",
     "split_host",
 ]
@@ -420,6 +421,17 @@ def peer_hop(snap: Snapshot, have_certificate: bool, source: str, dest: str) -> 
     if mesh.mtls.mode == "STRICT":
         return Reply(503, "mTLS is on and this data plane has no certificate yet", source, dest)
     return False
+
+
+def release(target: Target | None, retry: RetryState | None, host: Host | None) -> None:
+    """An exchange is over: give back what it held of its target (a slot, the retry budget of
+    a backoff in progress) and of its host (a slot)."""
+    if target is not None:
+        target.active -= 1
+        if retry is not None:
+            retry.end()
+    if host is not None:
+        host.active -= 1
 
 
 def failure_reply(forward: Forward, outcome: int, error: str) -> Reply:

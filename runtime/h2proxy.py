@@ -51,6 +51,7 @@ from runtime.decide import (
     decide_outbound,
     failure_reply,
     peer_hop,
+    release,
     request_scheme,
     split_host,
 )
@@ -1204,13 +1205,5 @@ class _Exchange:
         up.done(self.usid)
 
     def _release(self) -> None:
-        target = self.target
-        if target is not None:
-            target.active -= 1
-            if self.retry is not None:
-                self.retry.end()
-            self.target = None
-        host = self.host
-        if host is not None:
-            host.active -= 1
-            self.host = None
+        release(self.target, self.retry, self.host)
+        self.target = self.host = None
