@@ -126,6 +126,7 @@ class _Side(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.closed = False
+        self._flush_soon = False
         self.frames = GoawayFilter(server_side)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -135,7 +136,7 @@ class _Side(asyncio.Protocol):
         try:
             events = self.conn.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
-            self.flush()
+            self.flush_now()
             if self.transport is not None:
                 self.transport.close()
             return
@@ -143,7 +144,7 @@ class _Side(asyncio.Protocol):
             self.on_event(e)
         for last, code in goaways:
             self.on_goaway(last, code)
-        self.flush()
+        self.flush_now()
 
     def on_goaway(self, last_stream_id: int, error_code: int) -> None:
         """The peer sent GOAWAY: the streams up to ``last_stream_id`` may still complete."""
@@ -199,6 +200,14 @@ class _Side(asyncio.Protocol):
     # -- sending ----------------------------------------------------------------------------
 
     def flush(self) -> None:
+        """Write what h2 has to send at the end of this loop iteration: the frames that several
+        streams (and both directions of one) produce meanwhile leave in one write."""
+        if not self._flush_soon:
+            self._flush_soon = True
+            self.plane.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_soon = False
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
@@ -292,7 +301,7 @@ class H2Downstream(_Side):
         if plane.open[self.kind] >= plane.max_connections:  # the listener's --max-connections
             plane.metrics.listener_refusals.labels(DIRECTION[self.kind], "max_connections").inc()
             self.conn.close_connection(ErrorCodes.NO_ERROR, b"the listener has reached --max-connections")
-            self.flush()
+            self.flush_now()
             tr.close()
             return
         plane.open[self.kind] += 1
@@ -330,6 +339,7 @@ class H2Downstream(_Side):
         """Drain: GOAWAY naming the last stream taken; those streams run to their end."""
         if not self.refusing and self.transport is not None and not self.closed:
             self.refusing = True
+            self.flush_now()  # what h2 holds goes first, then the frame written beside it
             self.transport.write(goaway_frame(self.last_sid))
         self.close_if_idle()
 
@@ -337,7 +347,7 @@ class H2Downstream(_Side):
         if self.refusing and not self.streams and self.transport is not None and not self.closed:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.conn.close_connection(last_stream_id=self.last_sid)
-                self.flush()
+            self.flush_now()
             self.transport.close()
 
     def stream_done(self, sid: int) -> None:
@@ -416,6 +426,7 @@ class H2Upstream(_Side):
                 if item[0] == "data":
                     self.ack(sid, item[2])
         if self.going_away and not self.streams and self.transport is not None:
+            self.flush_now()
             self.transport.close()
 
     def on_event(self, e: ev.Event) -> None:
@@ -434,6 +445,7 @@ class H2Upstream(_Side):
                 s.inbox.put_nowait(("reset", ErrorCodes.REFUSED_STREAM))
         self.plane.retire(self)
         if not self.streams and self.transport is not None:
+            self.flush_now()
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
