@@ -380,7 +380,8 @@ def reply_headers(reply: Reply, grpc: bool) -> tuple[list[Header], bytes]:
     """A data-plane answer as (header list, body); for a gRPC caller a trailers-only answer."""
     extra = [(n.lower(), v) for n, v in reply.headers]
     if grpc:
-        return [*grpc_reply(grpc_status_for_http(reply.status), reply.reason), *extra], b""
+        reason = ("x-meshc-reason", reply.reason)
+        return [*grpc_reply(grpc_status_for_http(reply.status), reply.reason), reason, *extra], b""
     body = (reply.body if reply.body is not None else reply.reason).encode()
     head = [
         (":status", str(reply.status)),
