@@ -726,8 +726,8 @@ class Engine:
         gateway: dict[int, GatewayListenerTable] = {}
         if service is not None and service.gateway is not None:
             for listener in service.gateway.listeners:
-                if listener.protocol in ("HTTPS", "TLS"):
-                    continue  # TLS termination arrives with the security issue
+                if listener.protocol == "TLS":
+                    continue  # TLS passthrough listeners are not served yet
                 g_routes = tuple(
                     GatewayRoute(
                         rule,

@@ -26,6 +26,7 @@ from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
+from runtime.gatewaytls import GatewayCerts
 from runtime.h2proxy import H2Plane
 from runtime.healthcheck import HealthChecker
 from runtime.limits import ListenerLimits
@@ -47,6 +48,7 @@ __all__ = ["Addr", "DataPlane", "Options", "StartupError", "parse_addr", "serve"
 
 Addr = tuple[str, int]
 MAX_ENDPOINTS_BYTES = 16 * 1024 * 1024
+_CERT_WATCH_S = 1.0
 
 
 def parse_addr(value: str, default_host: str = "127.0.0.1") -> Addr:
@@ -181,6 +183,8 @@ class DataPlane:
             registers=bool(opts.control_plane),
         )
         self._mtls_listeners: list[MtlsListener] = []
+        self._gateway_certs: list[GatewayCerts] = []
+        self._cert_watch: asyncio.Task[None] | None = None
         self._rotation: asyncio.Task[None] | None = None
         self._mtls_seen: tuple[bool, str | None, str | None] | None = None
         self._wake = asyncio.Event()
@@ -342,14 +346,29 @@ class DataPlane:
                 if strict:
                     raise StartupError(f"no gateway listener left for --listen {_fmt(addr)}")
                 continue
-            sock = _bind(addr)
             port = listener.port
+            tls: GatewayCerts | None = None
+            if listener.protocol == "HTTPS":
+                try:
+                    tls = GatewayCerts(listener.certificates)
+                except (OSError, ssl.SSLError, ValueError) as e:
+                    if strict:
+                        raise StartupError(
+                            f"gateway listener {port}: cannot load its certificates: {e}"
+                        ) from e
+                    _warn(f"gateway listener {port} not bound: cannot load its certificates: {e}")
+                    continue
+                self._gateway_certs.append(tls)
+                if self._cert_watch is None:
+                    self._cert_watch = asyncio.ensure_future(self._watch_certificates())
+            sock = _bind(addr)
+            ctx = tls.context if tls is not None else None
             if listener.protocol == "TCP":
                 self._servers.append(await asyncio.start_server(self.tcp.gateway_handler(port), sock=sock))
             elif self.fast is not None:
                 loop = asyncio.get_running_loop()
                 factory = self.h2.sniffer(self.fast.factory("gateway", port), "gateway", port)
-                self._servers.append(await loop.create_server(factory, sock=sock))
+                self._servers.append(await loop.create_server(factory, sock=sock, ssl=ctx))
             else:
                 assert self.http is not None
 
@@ -361,13 +380,21 @@ class DataPlane:
                 runner = await self._runner(handler)
                 loop = asyncio.get_running_loop()
                 factory = self.h2.sniffer(runner.server, "gateway", port)  # type: ignore[arg-type]
-                self._servers.append(await loop.create_server(factory, sock=sock))
+                self._servers.append(await loop.create_server(factory, sock=sock, ssl=ctx))
             self._gateway_ports.add(port)
             if index >= 0:
                 self._listen_used.add(index)
             self.listening[f"listener:{port}"] = _fmt(sock.getsockname()[:2])
             bound = True
         return bound
+
+    async def _watch_certificates(self) -> None:
+        """Re-read changed certificate files of HTTPS listeners (new handshakes only)."""
+        while True:
+            await asyncio.sleep(_CERT_WATCH_S)
+            for certs in self._gateway_certs:
+                if certs.reload():
+                    _emit({"event": "certificates_reloaded", "service": self.service, "files": certs.paths})
 
     async def _rebind_gateway(self) -> None:
         """After a pushed bundle: bind the listeners it adds; a failure is logged, not a NACK
@@ -552,6 +579,8 @@ class DataPlane:
             listener.close()
         if self._rotation is not None:
             self._rotation.cancel()
+        if self._cert_watch is not None:
+            self._cert_watch.cancel()
         fast = [self.fast.drain(deadline)] if self.fast is not None else []
         await asyncio.gather(
             *(r.cleanup() for r in self._runners), self.tcp.drain(deadline), self.h2.drain(deadline), *fast
