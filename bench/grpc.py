@@ -229,7 +229,12 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     procs = Procs()
     results: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "grpcio": grpc.__version__},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "grpcio": grpc.__version__,
+            "loadavg_1m_before": round(os.getloadavg()[0], 2),  # a busy machine skews the ratios
+        },
         "duration_s": args.duration,
     }
     try:
@@ -248,6 +253,7 @@ def main(argv: list[str]) -> int:
             }
     finally:
         procs.close()
+    results["machine"]["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     d_lat, m_lat = results["direct"]["latency"], results["two_sidecars"]["latency"]
     d_tp, m_tp = results["direct"]["throughput"], results["two_sidecars"]["throughput"]
     results["summary"] = {
