@@ -15,6 +15,8 @@ by ALPN) to ``H2Downstream``, and anything else to the HTTP/1.1 protocol it alre
   A request that may be retried keeps its body (at most 64 KiB) for the replay. Trailers go on
   as trailers; a RST_STREAM on one side resets the other with the same code; a GOAWAY refuses the
   streams it did not take (``REFUSED_STREAM``, retriable) and retires the connection.
+* Gateway mirrors go as bodyless streams whose answers are dropped; the bandwidth fault paces
+  the response's DATA frames.
 * gRPC (``content-type: application/grpc``): ``grpc-timeout`` is the call's deadline, answers
   made here are gRPC statuses in a trailers-only answer with HTTP 200 (``runtime.h2conn``), and
   Retry's ``grpc`` conditions are read from ``grpc-status``.
@@ -695,6 +697,7 @@ class H2Plane:
         """Plaintext next hops that answered the h2c preface in HTTP/1.1."""
         self._locks: dict[str, asyncio.Lock] = {}
         self.downstreams: set[H2Downstream] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self._drained: asyncio.Future[None] | None = None
         self._alpn: tuple[ssl.SSLContext | None, ssl.SSLContext | None] = (None, None)
@@ -799,6 +802,39 @@ class H2Plane:
         _, h1up = await loop.create_connection(lambda: H1Upstream(self, key), host, port)
         return h1up
 
+    def mirror(self, target: Target, head: H2Head, fwd: Forward, peer: str) -> None:
+        """A bodyless copy of the request to one of ``target``'s hosts, its answer dropped
+        (Envoy's request mirror; its authority gets ``-shadow``, as on HTTP/1.1)."""
+        host = target.pick(self.loop.time(), self.engine.rng)
+        if host is None:
+            return
+        self.metrics.mirrors.labels(target.service).inc()
+        hop = peer_hop(self.engine.snapshot, self.creds.client_ctx is not None, "", target.service)
+        if isinstance(hop, Reply):
+            return  # no certificate yet: the peer would refuse plaintext
+        headers = next_hop_headers(head, fwd, peer, hop)
+        name = split_host(head.authority())[0]
+        headers[2] = (":authority", f"{name}-shadow")
+        task = self.loop.create_task(self._mirror(target, host, hop, headers))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _mirror(self, target: Target, host: Host, tls: bool, headers: list[Header]) -> None:
+        key = (_TLS_KEY if tls else "") + host.address
+        with contextlib.suppress(OSError, TimeoutError, StreamGone, h2.exceptions.ProtocolError):
+            async with asyncio.timeout(target.request_timeout_s or _PASSTHROUGH_TIMEOUT_S):
+                up = await self.upstream(key, host.host, host.port, tls, target.service)
+                sid, stream = up.open(headers, True)
+                try:
+                    while (item := await stream.inbox.get())[0] not in ("end", "reset", "trailers"):
+                        if item[0] == "data":
+                            up.ack(sid, item[2])
+                        elif item[0] == "head" and item[2]:
+                            break
+                finally:
+                    up.reset(sid)
+                    up.done(sid)
+
     def retire(self, up: H2Upstream) -> None:
         conns = self.upstreams.get(up.key)
         if conns is not None and up in conns:
@@ -827,6 +863,8 @@ class H2Plane:
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         self.access_log.close()
         for conns in list(self.upstreams.values()):
             for up in conns:
@@ -931,6 +969,8 @@ class _Exchange:
         timeout = grpc_timeout_s(head.header_map().get("grpc-timeout")) if head.grpc else None
         if timeout is not None:
             self.deadline = self.plane.loop.time() + timeout
+        for mirror in fwd.mirrors:
+            self.plane.mirror(mirror, head, fwd, self.down.peer)
         if fwd.delay_s:
             await asyncio.sleep(fwd.delay_s)
         if fwd.target is not None:
@@ -1129,7 +1169,10 @@ class _Exchange:
                     if kind == "data":
                         try:
                             self.resp_bytes += len(item[1])
-                            await down.send_data(sid, item[1])
+                            if fwd.bps:  # the bandwidth fault: the body at ``bps`` bits/s
+                                await self._slow_send(item[1], fwd.bps)
+                            else:
+                                await down.send_data(sid, item[1])
                         finally:
                             up.ack(usid, item[2])
                     elif kind == "trailers":
@@ -1151,6 +1194,14 @@ class _Exchange:
             self._stop_upstream(ErrorCodes.CANCEL)
             self.grpc_status = 4
             down.send_headers(sid, [("grpc-status", "4"), ("grpc-message", "deadline exceeded")], True)
+
+    async def _slow_send(self, data: bytes, bps: int) -> None:
+        rate = max(1.0, bps / 8.0)
+        step = max(1, min(64 * 1024, int(rate / 10)))
+        for i in range(0, len(data), step):
+            piece = data[i : i + step]
+            await self.down.send_data(self.sid, piece)
+            await asyncio.sleep(len(piece) / rate)
 
     async def _answer(self, reply: Reply) -> None:
         """Carry out a ``Reply``: HTTP status and reason, or for gRPC a trailers-only status."""

@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,19 @@ from runtime_harness import (
 
 from runtime.bundle import (
     CatalogService,
+    FaultBandwidth,
+    FaultInjectionConf,
     GatewayBackend,
     GatewayConf,
+    GatewayFilter,
     GatewayListener,
     GatewayMatch,
     GatewayRule,
     HttpRetry,
+    Inbound,
     RetryConf,
     Rule,
+    Split,
     StringMatch,
 )
 from runtime.h2conn import PREFACE
@@ -332,3 +338,53 @@ def test_http2_callers_reach_an_http11_app(
     got = _curl("--http2-prior-knowledge", "-w", "\n%{http_version}", f"http://{address}/route1/hw2")
     doc, version = got.stdout.rsplit("\n", 1)
     assert version == "2" and json.loads(doc)["path"] == "/route1/hw2"
+
+
+@needs_curl
+def test_mirrors_and_the_bandwidth_fault_apply_to_http2_streams(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    main, shadow = upstream("main"), upstream("shadow")
+    shadow.status = 500  # the mirror's answer never reaches the client
+    rule = GatewayRule(
+        matches=(GatewayMatch(path=StringMatch(kind="prefix", value="/")),),
+        filters=(GatewayFilter(type="mirror", mirror=Split(weight=1, service="shadow")),),
+        backends=(GatewayBackend(weight=1, service="main"),),
+    )
+    gw_bundle = service_bundle(
+        "edge", gateway=GatewayConf(listeners=(GatewayListener(port=8080, protocol="HTTP", rules=(rule,)),))
+    )
+    eps = tmp_path / "eps.json"
+    eps.write_text(
+        endpoint_set(1, {"main": [(main.address, {})], "shadow": [(shadow.address, {})]}).model_dump_json()
+    )
+    gw = plane(
+        "--bundle", write_bundle(tmp_path, gw_bundle), "--mesh-bundle", write_bundle(tmp_path, mesh_bundle()),
+        "--endpoints", eps, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", module="runtime.gateway",
+    )  # fmt: skip
+    address = gw.listening["listener:8080"]
+    for i in range(5):
+        got = _curl("--http2-prior-knowledge", "-w", "\n%{http_version}", f"http://{address}/m/{i}")
+        doc, version = got.stdout.rsplit("\n", 1)
+        assert version == "2" and json.loads(doc)["name"] == "main"
+    wait_until(lambda: shadow.total() >= 5, "5 mirrored requests")
+    assert shadow.seen_headers[-1]["host"].endswith("-shadow")
+    # The bandwidth fault on benigno's inbound side: 100 kB at 800 kbit/s takes at least 1 s.
+    slow = FaultInjectionConf(response_bandwidth=FaultBandwidth(percentage=100, limit_bps=800_000))
+    faults = Inbound(fault_injection=(Rule[FaultInjectionConf](conf=slow),))
+    app = upstream("benigno-v1")
+    inbound = plane(
+        "--service", "benigno", "--tag", "version=v1", "--app", app.address,
+        "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--mesh-bundle", _mesh(tmp_path),
+        "--bundle", write_bundle(tmp_path, service_bundle("benigno", faults)),
+    )  # fmt: skip
+    assert inbound.inbound is not None
+    start = time.monotonic()
+    big = _curl(
+        "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{http_version}",
+        f"http://127.0.0.1:{inbound.inbound[1]}/big/100000",
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert big.stdout == "200 100000 2"
+    assert elapsed >= 0.9  # a lower bound only: the limit cannot be skipped
