@@ -1,16 +1,18 @@
 """Connection floods against one sidecar's listeners (issue 20 #4): RSS before, at the peak and
 after, per listener.
 
-For each listener (admin, outbound, inbound) of one ``meshc sidecar`` (fast path, no control
-plane, ``--insecure-admin``): open ``--connections`` connections that each send a partial request
+For each listener (admin, outbound, inbound) of one ``meshc sidecar`` (``--dataplane``: fast by
+default, or aiohttp, whose listeners sit behind ``runtime.h1guard``; no control plane,
+``--insecure-admin``): open ``--connections`` connections that each send a partial request
 head (1 KiB of header, never finished, as a slow-loris client does), read the sidecar's RSS from
 ``/proc/<pid>/status`` at the peak, close them all, wait ``--settle`` seconds and read it again.
 The baseline is the RSS before the first flood, in the same run; the ratios are peak/before and
 after/before. Every listener holds at most ``--max-connections`` (default 1024) at once and
 answers the rest 503, so its peak is bounded whatever the flood. JSON goes to
-``bench/results/listener_flood.json``. The sidecar is stopped by its PID.
+``bench/results/listener_flood.json`` (``listener_flood_aiohttp.json`` for the aiohttp data
+plane). The sidecar is stopped by its PID.
 
-    .venv/bin/python bench/listener_flood.py [--connections 1200] [--settle 3]
+    .venv/bin/python bench/listener_flood.py [--connections 1200] [--settle 3] [--dataplane aiohttp]
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connections", type=int, default=1200)
     ap.add_argument("--settle", type=float, default=3.0)
-    ap.add_argument("--out", type=Path, default=BENCH / "results" / "listener_flood.json")
+    ap.add_argument("--dataplane", choices=("fast", "aiohttp"), default="fast")
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    suffix = "" if args.dataplane == "fast" else f"_{args.dataplane}"
+    out: Path = args.out or BENCH / "results" / f"listener_flood{suffix}.json"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.connections + 256)), hard))
     with socket.socket() as s:
@@ -103,7 +108,7 @@ def main() -> int:
         "127.0.0.1:0",
         "--insecure-admin",
         "--dataplane",
-        "fast",
+        args.dataplane,
     ]
     with open(work / "stderr", "wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err)
@@ -124,13 +129,14 @@ def main() -> int:
             proc.wait(30)
     doc = {
         "bench": "listener_flood",
+        "dataplane": args.dataplane,
         "python": platform.python_version(),
         "connections": args.connections,
         "settle_s": args.settle,
         "listeners": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
     for name, r in results.items():
         print(
             f"{name:9} before {r['rss_kb_before'] / 1024:6.1f} MB  peak {r['rss_kb_peak'] / 1024:6.1f} MB "

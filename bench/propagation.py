@@ -22,6 +22,12 @@ same work either way.
 
     .venv/bin/python bench/propagation.py              # full run (several minutes)
     .venv/bin/python bench/propagation.py --quick      # 200 services, 20 sidecars, 6 changes
+    .venv/bin/python bench/propagation.py --compare --dataplanes stub --skip-memory
+        # each phase-1 mode twice in the same run: whole mesh bundles (``--full-mesh-bundle``,
+        # the baseline, keys ``*_full``) and delta pushes with scoping (``runtime.pieces``)
+
+Bytes pushed per change are the control plane's own count (``bytes`` of each rollout: every push
+body sent for it, 422 re-sends included).
 
 Writes ``bench/results/propagation.json``.
 """
@@ -164,7 +170,7 @@ def _stop(procs: list[Proc]) -> None:
 
 
 def phase_propagation(
-    n_services: int, n_sidecars: int, n_changes: int, work: Path, stub: bool = False
+    n_services: int, n_sidecars: int, n_changes: int, work: Path, stub: bool = False, pieces: bool = True
 ) -> dict[str, Any]:
     gen = _gen()
     repo = work / "repo"
@@ -194,6 +200,7 @@ def phase_propagation(
                     ",".join(gen.service_name(i) for i in range(n_svc)),
                     "--stub-work",
                     str(work),
+                    *(["--stub-pieces"] if pieces else []),
                 ],
                 work / "stubs.log",
                 _env(),
@@ -230,6 +237,7 @@ def phase_propagation(
                         cp,
                         "--drain-seconds",
                         "0.5",
+                        *([] if pieces else ["--full-mesh-bundle"]),
                     ],
                     work / "logs" / f"sidecar-{k}.log",
                     {**_env(), "MESHC_TOKEN": _token(work, name)},
@@ -289,6 +297,7 @@ def phase_propagation(
                     "acked": ro["acked"],
                     "nacked": ro["nacked"],
                     "change_to_all_acks_s": round(ro["completed_at"] - t_write, 4),
+                    "bytes_pushed": ro.get("bytes"),
                     "detect_s": round(ro["seen_at"] - t_write, 4),
                     "compile_s": last["duration_s"],
                     "seen_to_all_acks_s": round(ro["completed_at"] - ro["seen_at"], 4),
@@ -298,7 +307,7 @@ def phase_propagation(
             print(
                 f"  change {c:2d} {kind:5s} {s['file']}: {s['affected_acks']:3d} ACKs "
                 f"in {s['change_to_all_acks_s'] * 1000:7.1f} ms (detect {s['detect_s'] * 1000:.0f}, "
-                f"compile {s['compile_s'] * 1000:.0f})",
+                f"compile {s['compile_s'] * 1000:.0f}), {s['bytes_pushed']} bytes",
                 flush=True,
             )
         metrics = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{cp}/metrics").read()
@@ -326,6 +335,8 @@ def phase_propagation(
                 _pct([s["change_to_all_acks_s"] - s["detect_s"] - s["compile_s"] for s in xs], 0.5), 4
             ),
             "affected_acks": sorted({s["affected_acks"] for s in xs}),
+            "bytes_pushed_p50": _pct([float(s["bytes_pushed"] or 0) for s in xs], 0.5),
+            "bytes_pushed_max": max((s["bytes_pushed"] or 0 for s in xs), default=None),
         }
 
     return {
@@ -334,6 +345,7 @@ def phase_propagation(
         "sidecar_kind": "stub admin servers sharing one process (digest check + ACK)"
         if stub
         else "real sidecar processes (meshc sidecar), one process each",
+        "mesh_slot": "delta pushes, scoped (runtime.pieces)" if pieces else "whole mesh bundle",
         "first_compile_s": round(first_compile_s, 2),
         "sidecars_start_to_all_synced_s": round(converge_s, 2),
         "controlplane_rss_mib": rss_1k,
@@ -350,14 +362,18 @@ def phase_propagation(
 # --- phase 2 -------------------------------------------------------------------------------------
 
 
-async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path) -> None:
-    """n stub data planes: register, heartbeat, check digests and ACK every push."""
+async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pieces: bool = False) -> None:
+    """n stub data planes: register, heartbeat, check digests and ACK every push (with
+    ``pieces``: delta pushes, assembled and checked by ``runtime.pieces`` as a sidecar does)."""
     import aiohttp
     from aiohttp import web
 
-    from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, Heartbeat, Registration
+    from runtime.bundle import BundleError
+    from runtime.pieces import MeshSet, MissingPieces, assemble, split_lines
+    from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_PIECES, Heartbeat, Registration
 
     running: list[dict[str, str]] = [{} for _ in range(n)]
+    sets: list[MeshSet | None] = [None] * n
     eps_gen = [0] * n
     runners = []
     ports = []
@@ -365,6 +381,22 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path) -> 
 
         async def bundle(request: web.Request, k: int = k) -> web.Response:
             body = await request.read()
+            if request.headers.get(HDR_PIECES) == "1":
+                lines = split_lines(body)
+                digest = hashlib.sha256(lines[0]).hexdigest() if lines else ""
+                if digest != request.headers.get(HDR_DIGEST):
+                    return web.json_response({"nack": "digest mismatch"}, status=400)
+                held = sets[k]
+                try:
+                    sets[k] = assemble(
+                        lines[0], lines[1:], held.pieces if held else {}, tuple(held.held) if held else ()
+                    )
+                except MissingPieces as e:
+                    return web.json_response({"nack": str(e), "missing": list(e.digests)}, status=422)
+                except BundleError as e:
+                    return web.json_response({"nack": str(e)}, status=400)
+                running[k]["mesh"] = digest
+                return web.json_response({"ack": digest})
             digest = hashlib.sha256(body).hexdigest()
             if digest != request.headers.get(HDR_DIGEST):
                 return web.json_response({"nack": "digest mismatch"}, status=400)
@@ -394,6 +426,7 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path) -> 
                 tags={"version": f"v{1 + k % 2}"},
                 inbound_address=f"127.0.0.1:{free_port()}",
                 admin_address=f"127.0.0.1:{ports[k]}",
+                pieces=pieces,
             )
             token = _token(work, reg.service)
             tokens.append(token)
@@ -493,15 +526,26 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="phase 1 with real sidecar processes, stub admin servers in one process, or both",
     )
+    p.add_argument(
+        "--stub-dataplanes", type=int, help="stub data planes in the stub mode (default: --sidecars)"
+    )
     p.add_argument("--stubs", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cp", help=argparse.SUPPRESS)
     p.add_argument("--stub-services", help=argparse.SUPPRESS)
     p.add_argument("--stub-work", help=argparse.SUPPRESS)
+    p.add_argument("--stub-pieces", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="run each phase-1 mode with whole mesh bundles (baseline) and with delta pushes",
+    )
     args = p.parse_args(argv)
     if args.stubs:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
-                _stub_dataplanes(args.cp, args.stubs, args.stub_services.split(","), Path(args.stub_work))
+                _stub_dataplanes(
+                    args.cp, args.stubs, args.stub_services.split(","), Path(args.stub_work), args.stub_pieces
+                )
             )
         return 0
 
@@ -530,34 +574,55 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     out["verdict"] = {
         k: {"p99_s": out[k]["all"]["p99_s"], "meets_target": out[k]["all"]["p99_s"] <= TARGET_P99_S}
-        for k in ("propagation", "propagation_stub")
+        for k in ("propagation", "propagation_stub", "propagation_full", "propagation_stub_full")
         if k in out
     }
+    for key in ("propagation", "propagation_stub"):
+        base = out.get(f"{key}_full")
+        if base is not None and key in out:
+            new = out[key]
+            out.setdefault("ratios", {})[key] = {
+                kind: {
+                    "p99_full_over_pieces": _ratio(base[kind]["p99_s"], new[kind]["p99_s"]),
+                    "bytes_p50_full_over_pieces": _ratio(
+                        base[kind]["bytes_pushed_p50"], new[kind]["bytes_pushed_p50"]
+                    ),
+                }
+                for kind in ("route", "mesh", "all")
+            }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {RESULTS}")
     return 0
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
 def _phases(args: argparse.Namespace, out: dict[str, Any], tmp: str) -> None:
     modes = ("real", "stub") if args.dataplanes == "both" else (args.dataplanes,)
-    for mode in modes:
-        key = "propagation" if mode == "real" else "propagation_stub"
+    runs = [(m, p) for m in modes for p in ((False, True) if args.compare else (True,))]
+    for mode, pieces in runs:
+        key = ("propagation" if mode == "real" else "propagation_stub") + ("" if pieces else "_full")
+        count = args.sidecars if mode == "real" else (args.stub_dataplanes or args.sidecars)
         print(
-            f"phase 1 ({mode}): {args.services} services, {args.sidecars} "
+            f"phase 1 ({mode}, {'delta pushes' if pieces else 'whole mesh bundles'}): {args.services} "
+            f"services, {count} "
             f"{'real sidecars' if mode == 'real' else 'stub data planes in one process'}, "
             f"{args.changes} one-file changes",
             flush=True,
         )
         pr = out[key] = phase_propagation(
-            args.services, args.sidecars, args.changes, Path(tmp) / key, stub=mode == "stub"
+            args.services, count, args.changes, Path(tmp) / key, stub=mode == "stub", pieces=pieces
         )
         for k in ("route", "mesh", "all"):
             s = pr[k]
             print(
                 f"  {k:5s}: p50 {s['p50_s'] * 1000:.0f} ms, p99 {s['p99_s'] * 1000:.0f} ms "
                 f"(compile p50 {s['compile_p50_s'] * 1000:.0f} ms, "
-                f"push p50 {s['push_p50_s'] * 1000:.0f} ms; ACKs {s['affected_acks']})",
+                f"push p50 {s['push_p50_s'] * 1000:.0f} ms; ACKs {s['affected_acks']}; "
+                f"bytes p50 {s['bytes_pushed_p50']:.0f})",
                 flush=True,
             )
         print(f"  control plane RSS {pr['controlplane_rss_mib']} MiB", flush=True)

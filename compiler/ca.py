@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -207,3 +208,13 @@ class PushSigner:
 
     def sign(self, target: PushTarget, slot: str, digest: str, generation: int) -> str:
         return self._key.sign(push_message(target, slot, digest, generation)).hex()
+
+    def signed(self, target: PushTarget, slot: str, digest: str, generation: int, signature: str) -> bool:
+        """Whether ``signature`` is this key's over that push (a set a data plane says it got)."""
+        try:
+            self._key.public_key().verify(
+                bytes.fromhex(signature), push_message(target, slot, digest, generation)
+            )
+        except (ValueError, InvalidSignature):
+            return False
+        return True

@@ -160,13 +160,14 @@ def _extend(sub: Any) -> None:
     Imported here, not at the top: ``meshc sidecar`` never builds this parser, so it loads none
     of them.
     """
-    from compiler import controlplane_cli, migrate_cli, plan_args
+    from compiler import controlplane_cli, explain_cli, migrate_cli, plan_args
     from compiler.kube import cli as kube_cli
 
     plan_args.register(sub)
     controlplane_cli.register(sub)
     kube_cli.register(sub)
     migrate_cli.register(sub)
+    explain_cli.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from runtime.limits import add_limit_arguments, limits_from_args
+
 __all__ = ["parse_listen", "register"]
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -70,6 +72,7 @@ Run the seed scenario on 127.0.0.1: the control plane on DIR, stand-ins for magn
 benigno v1 and v2 (each on its own free port, with its sidecar) and the ingress gateway.
 Then:  curl http://127.0.0.1:8080/route1/hw2   (90% "Hello World, Benigno: ...", 10% the canary)
 Edit the TrafficRoute's weights and save: the split follows. Ctrl-C stops every process.
+With --targetref, the policies are docs/examples/targetref (run it from the repo root).
 """
 
 
@@ -127,6 +130,11 @@ def _run_controlplane(args: argparse.Namespace) -> int:
             "service and get its certificate",
             file=sys.stderr,
         )
+    try:
+        limits = limits_from_args(args)
+    except ValueError as e:
+        print(f"meshc controlplane: {e}", file=sys.stderr)
+        return EXIT_ERROR
     config = Config(
         policy_dir=policy_dir,
         out=out,
@@ -144,6 +152,7 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
         kubernetes=args.kubernetes,
         kubernetes_token=os.environ.get("MESHC_KUBERNETES_TOKEN") or None,
+        limits=limits,
     )
 
     import faulthandler
@@ -323,6 +332,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="let data planes register without a bootstrap token or certificate (development only)",
     )
+    add_limit_arguments(p, admin=False)
     p.set_defaults(run=_run_controlplane)
 
     t = sub.add_parser(
@@ -388,8 +398,14 @@ def register(sub: Any) -> None:
         "policy_dir",
         metavar="DIR",
         nargs="?",
-        default="policies",
+        default=None,
         help="the policy directory (default: policies)",
+    )
+    d.add_argument(
+        "--targetref",
+        action="store_true",
+        help="run the same scenario in Kuma's targetRef dialect (docs/examples/targetref: MeshHTTPRoute, "
+        "MeshTimeout...); it compiles to the same bundles",
     )
     d.add_argument("--gateway-port", type=int, default=8080, help="the gateway's port (default: 8080)")
     d.add_argument("--cp-port", type=int, default=5681, help="the control plane's port (default: 5681)")

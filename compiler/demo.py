@@ -31,7 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["APPS", "DemoMesh", "PortInUse", "free_port", "run_demo"]
+__all__ = [
+    "APPS",
+    "TARGETREF_DIR",
+    "AppSpec",
+    "DemoMesh",
+    "PortInUse",
+    "demo_policy_dir",
+    "free_port",
+    "run_demo",
+]
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
@@ -207,6 +216,8 @@ class DemoMesh:
     gateway_port: int = 8080
     cp_args: Sequence[str] = ()
     """Extra ``meshc controlplane`` arguments (``--ref main --repo R``, ``--heartbeat-interval``)."""
+    apps: Sequence[AppSpec] = APPS
+    """The stand-in apps, each with its sidecar (bench/chaos.py adds a second benigno v1)."""
     python: str = sys.executable
     drain_s: float = 1.0
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -216,7 +227,7 @@ class DemoMesh:
     def __post_init__(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         (self.work_dir / "logs").mkdir(exist_ok=True)
-        for spec in APPS:
+        for spec in self.apps:
             self.instances[spec.name] = Instance(spec, free_port(), free_port(), free_port(), free_port())
         self.gateway_admin = free_port()
         self.token("-")  # the token secret exists before the control plane starts: no race
@@ -269,14 +280,15 @@ class DemoMesh:
         p.start()
         return p
 
-    def start_app(self, name: str) -> Proc:
+    def start_app(self, name: str, *extra: str) -> Proc:
+        """The stand-in app ``name`` (``extra``: more ``compiler.demo_apps`` flags)."""
         inst = self.instances[name]
         env = self._env()
         if inst.spec.service == "magnanimo":
             env["HTTP_PROXY"] = env["http_proxy"] = f"http://127.0.0.1:{inst.outbound}"
         p = self._proc(
             f"app-{name}",
-            [self.python, "-m", "compiler.demo_apps", *inst.spec.argv, "--port", str(inst.app_port)],
+            [self.python, "-m", "compiler.demo_apps", *inst.spec.argv, "--port", str(inst.app_port), *extra],
             env,
         )
         p.start()
@@ -464,8 +476,25 @@ def _follow(path: Path, stop: threading.Event, prefix: str) -> None:
         stop.wait(0.25)
 
 
+TARGETREF_DIR = Path("docs") / "examples" / "targetref"
+"""The seed scenario in Kuma's targetRef dialect (``--targetref``), from the repo root."""
+
+
+def demo_policy_dir(args: argparse.Namespace) -> Path:
+    """DIR, ``policies`` by default, or the targetRef twin with ``--targetref`` (ValueError: both)."""
+    if getattr(args, "targetref", False):
+        if args.policy_dir is not None:
+            raise ValueError("give DIR or --targetref, not both")
+        return TARGETREF_DIR
+    return Path(args.policy_dir or "policies")
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    policy_dir = Path(args.policy_dir)
+    try:
+        policy_dir = demo_policy_dir(args)
+    except ValueError as e:
+        print(f"meshc demo: {e}", file=sys.stderr)
+        return EXIT_ERROR
     if not policy_dir.is_dir():
         print(f"meshc demo: {policy_dir}: not a directory", file=sys.stderr)
         return EXIT_ERROR

@@ -7,12 +7,14 @@
   ``HTTP_PROXY`` environment variable, as any client that honours it) and returns benigno's text;
   ``GET /hw1`` (and ``/``) answers ``Hello World, Magnanimo: <datetime>``.
 
-Each has ``GET /health``. The datetime is Python's ``str(datetime.now())``, the article's format.
+Each has ``GET /health``; ``benigno --delay S`` answers after S seconds (a slow upstream). The
+datetime is Python's ``str(datetime.now())``, the article's format.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from datetime import datetime
 
@@ -23,10 +25,12 @@ __all__ = ["benigno_app", "magnanimo_app", "main"]
 BENIGNO_URL = "http://benigno:5000/hw2"
 
 
-def benigno_app(version: str) -> web.Application:
+def benigno_app(version: str, delay_s: float = 0.0) -> web.Application:
     canary = version != "v1"
 
     async def hello(_: web.Request) -> web.Response:
+        if delay_s:
+            await asyncio.sleep(delay_s)
         now = datetime.now()
         text = f"Hello World, Benigno, Canary Release: {now}" if canary else f"Hello World, Benigno: {now}"
         return web.Response(text=text)
@@ -83,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--version", default="v1", help="benigno's version tag (v1, or v2 for the canary)")
+    p.add_argument(
+        "--delay", type=float, default=0.0, help="benigno: answer after S seconds (bench/chaos.py)"
+    )
     args = p.parse_args(argv)
-    app = benigno_app(args.version) if args.app == "benigno" else magnanimo_app()
+    app = benigno_app(args.version, args.delay) if args.app == "benigno" else magnanimo_app()
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0
 

@@ -167,7 +167,8 @@ CODES: dict[str, Code] = _catalog(
         "W3004",
         "targetref-name-tie",
         "Two targetRef policies set the same field for the same traffic and only their names decide "
-        "which wins (Kuma's last tie-break: the name that sorts later). Renaming one changes the result.",
+        "which wins (Kuma's last tie-break: the name that sorts first wins). Renaming one changes the "
+        "result.",
     ),
     Code(
         "W3005",
@@ -179,7 +180,8 @@ CODES: dict[str, Code] = _catalog(
         "W3006",
         "targetref-not-resolved",
         "A part of a targetRef policy that meshc does not resolve into bundles yet (a targetRef kind, "
-        "a `rules` section, a route filter or match the bundle cannot express): it has no effect.",
+        "a `rules` section, a route filter or match the bundle cannot express, zone-aware load "
+        "balancing or hash policies, an OpenTelemetry log backend): it has no effect.",
     ),
     Code(
         "W1001",

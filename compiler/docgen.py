@@ -231,8 +231,18 @@ def policies_md() -> str:
         "top-level `mesh`; the mesh is the `kuma.io/mesh` label in `metadata.labels` (none: `default`).",
         "Their fields, defaults and validation messages are Kuma 2.14's. meshc treats every one as a",
         "system-namespace policy (the repo is the operator's), so the top-level kinds Kuma allows there",
-        "(e.g. `MeshGateway`) are allowed. meshc validates them; it does not compile them into bundles",
-        "yet ([W1003](diagnostics.md#w1003)), and MeshProxyPatch never ([W1004](diagnostics.md#w1004)).",
+        "(e.g. `MeshGateway`) are allowed. meshc compiles "
+        + ", ".join(sorted(k for k, d in REGISTRY.items() if d.dialect == "targetref" and d.compiled))
+        + " into bundles, in Kuma's precedence (`meshc explain SERVICE` shows it); it validates "
+        + ", ".join(
+            sorted(
+                k
+                for k, d in REGISTRY.items()
+                if d.dialect == "targetref" and not d.compiled and d.no_effect is None
+            )
+        )
+        + " without compiling them yet ([W1003](diagnostics.md#w1003)), and MeshProxyPatch never"
+        " ([W1004](diagnostics.md#w1004)).",
         "",
         "Editors complete and check these fields through the JSON Schemas in `schemas/policy/`: put",
         "`# yaml-language-server: $schema=<path to schemas/policy/KIND.schema.json>` as a file's first line.",

@@ -9,7 +9,7 @@ are an error (E3003): one of them could never be reached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compiler.catalog import Catalog, check_tags
 from compiler.diagnostics import Diagnostic, Path
@@ -27,6 +27,8 @@ class GatewayBuild:
     service: str
     conf: b.GatewayConf
     docs: list[Doc]
+    origins: list[list[tuple[Doc, Path]]] = field(default_factory=list)
+    """Per listener, per rule of ``conf`` (its order): the route and the match it came from."""
 
 
 def _matches_tags(selector: dict[str, str | None], tags: dict[str, str]) -> bool:
@@ -125,6 +127,7 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
             continue
         used = [gw]
         listeners = []
+        origins: list[list[tuple[Doc, Path]]] = []
         for li, lst in enumerate(gw.spec.conf.listeners if gw.spec.conf else []):
             tags = {SERVICE_TAG: service, **(gw.spec.tags or {}), **(lst.tags or {})}
             rules: list[tuple[b.GatewayRule, Doc, Path]] = []
@@ -164,7 +167,8 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                     )
                 else:
                     seen[key] = (r, path)
-            ordered = sorted((x[0] for x in rules), key=_sort_key)
+            ordered = sorted(rules, key=lambda x: _sort_key(x[0]))  # stable: equal keys keep their order
+            origins.append([(r, path) for _, r, path in ordered])
             listeners.append(
                 b.GatewayListener(
                     port=lst.port or 0,
@@ -172,7 +176,7 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                     hostname=lst.hostname or "*",
                     tags=dict(lst.tags or {}),
                     connection_limit=lst.resources.connection_limit if lst.resources else None,
-                    rules=tuple(ordered),
+                    rules=tuple(x[0] for x in ordered),
                     tcp_backends=tuple(tcp),
                     certificates=tuple(
                         str(c["file"])
@@ -183,7 +187,10 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
             )
         out.append(
             GatewayBuild(
-                service, b.GatewayConf(tags=dict(gw.spec.tags or {}), listeners=tuple(listeners)), used
+                service,
+                b.GatewayConf(tags=dict(gw.spec.tags or {}), listeners=tuple(listeners)),
+                used,
+                origins,
             )
         )
     for r in routes:

@@ -42,6 +42,8 @@ class Catalog:
 class Converted:
     kind: str
     data: dict[str, Any]
+    also: tuple[dict[str, Any], ...] = ()
+    """Further documents written after it (a TrafficRoute's load balancer is a policy of its own)."""
 
 
 def _get(d: Any, name: str) -> Any:
@@ -351,17 +353,38 @@ def _backend(dest: Mapping[str, Any], weight: Any, where: str) -> dict[str, Any]
 
 def _backends(conf: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
     if (dest := _get(conf, "destination")) is not None:
-        return [_backend(dest, 1, f"{where}.destination")]
+        return [_backend(dest, 100, f"{where}.destination")]  # as the legacy route compiles it
     return [
         _backend(_get(s, "destination") or {}, _get(s, "weight"), f"{where}.split[{i}]")
         for i, s in enumerate(_get(conf, "split") or [])
     ]
 
 
+_LB_HASH = {"XX_HASH": "XXHash", "MURMUR_HASH_2": "MurmurHash2"}
+
+
+def _load_balancer(lb: Mapping[str, Any]) -> dict[str, Any]:
+    """A legacy ``loadBalancer`` as MeshLoadBalancingStrategy's (the first kind set, as it compiles)."""
+    least = _get(lb, "leastRequest")
+    if least is not None:
+        return {"type": "LeastRequest", "leastRequest": {"choiceCount": _get(least, "choiceCount") or 2}}
+    ring = _get(lb, "ringHash")
+    if ring is not None:
+        out: dict[str, Any] = {"hashFunction": _LB_HASH.get(_get(ring, "hashFunction"), "XXHash")}
+        for key in ("minRingSize", "maxRingSize"):
+            if _get(ring, key):
+                out[key] = _get(ring, key)
+        return {"type": "RingHash", "ringHash": out}
+    for key, kind in (("random", "Random"), ("maglev", "Maglev")):
+        if _get(lb, key) is not None:
+            return {"type": kind}
+    return {"type": "RoundRobin"}
+
+
 def _traffic_route(doc: Mapping[str, Any], cat: Catalog) -> Converted:
     spec = doc["spec"]
     conf = _get(spec, "conf") or {}
-    extra = set(conf) - {"split", "destination"}
+    extra = {to_snake(k) for k in conf} - {"split", "destination", "load_balancer"}
     if extra:
         raise NotExact(f"`conf.{sorted(extra)[0]}` is not converted (only split/destination routes are)")
     dests = _get(spec, "destinations") or []
@@ -371,17 +394,25 @@ def _traffic_route(doc: Mapping[str, Any], cat: Catalog) -> Converted:
     if to_ref["kind"] != "MeshService":
         raise NotExact("a route for every destination (`*`) has no MeshHTTPRoute form")
     top = _subset_ref(_one(spec, "sources"))
-    rule: dict[str, Any] = {"default": {"backendRefs": _backends(conf, "conf")}}
-    if cat.protocols.get(to_ref["name"], "http") == "tcp":
-        return Converted(
-            "MeshTCPRoute",
-            _base(doc, "MeshTCPRoute", {"targetRef": top, "to": [{"targetRef": to_ref, "rules": [rule]}]}),
+    also: tuple[dict[str, Any], ...] = ()
+    lb = _get(conf, "loadBalancer")
+    if lb is not None:
+        lbs = _base(
+            doc,
+            "MeshLoadBalancingStrategy",
+            {
+                "targetRef": top,
+                "to": [{"targetRef": to_ref, "default": {"loadBalancer": _load_balancer(lb)}}],
+            },
         )
-    rule = {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], **rule}
-    return Converted(
-        "MeshHTTPRoute",
-        _base(doc, "MeshHTTPRoute", {"targetRef": top, "to": [{"targetRef": to_ref, "rules": [rule]}]}),
-    )
+        lbs["metadata"]["name"] = f"{lbs['metadata'].get('name')}-lb"
+        also = (lbs,)
+    rule: dict[str, Any] = {"default": {"backendRefs": _backends(conf, "conf")}}
+    kind = "MeshTCPRoute" if cat.protocols.get(to_ref["name"], "http") == "tcp" else "MeshHTTPRoute"
+    if kind == "MeshHTTPRoute":
+        rule = {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], **rule}
+    route = _base(doc, kind, {"targetRef": top, "to": [{"targetRef": to_ref, "rules": [rule]}]})
+    return Converted(kind, route, also)
 
 
 _PATH_TYPES = {"PREFIX": "PathPrefix", "EXACT": "Exact", "REGEX": "RegularExpression"}

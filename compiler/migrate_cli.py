@@ -118,8 +118,8 @@ def convert_repo(files: dict[str, str]) -> tuple[dict[str, str], list[str]]:
                 continue
             head, _ = _split_head(chunk)
             head = _MODELINE.sub(rf"\g<1>{conv.kind.lower()}\g<2>", head)
-            texts.append(head + _dump(conv.data))
-            report.append(f"{ref} -> {conv.kind}")
+            texts.append(head + _dump(conv.data) + "".join("---\n" + _dump(x) for x in conv.also))
+            report.append(f"{ref} -> {' + '.join([conv.kind, *(x['kind'] for x in conv.also)])}")
         out[path] = "".join(texts)
     return out, report
 

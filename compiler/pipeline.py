@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from compiler.build import build_mesh
-from compiler.catalog import build_catalog
+from compiler.catalog import MeshInfo, build_catalog
 from compiler.checks import check_all
 from compiler.diagnostics import Diagnostic, Related, Span
-from compiler.gateway import build_gateways
+from compiler.gateway import GatewayBuild, build_gateways
 from compiler.kinds.mesh import logging_backends
 from compiler.kube import derive as kube
 from compiler.parse import Declared, Doc, parse_documents
-from compiler.resolve import conflict_diagnostics, index_policies
+from compiler.resolve import PolicyIndex, conflict_diagnostics, index_policies
 from compiler.resolve_targetref import index_targetref, legacy_shadowed
 from compiler.result import CompileResult
 from compiler.source import SourceFile, SourceSet, read_policy_dir
@@ -36,9 +36,11 @@ from compiler.yamlload import Positions, load_fast, load_positions
 from runtime import bundle as b
 
 __all__ = [
+    "MeshResolved",
     "ParsedFile",
     "compile_dir",
     "compile_parsed",
+    "compile_resolved",
     "compile_sources",
     "doc_lines",
     "finish",
@@ -182,7 +184,26 @@ def compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
         return _compile_parsed(src, parsed)
 
 
-def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
+@dataclass
+class MeshResolved:
+    """One mesh after resolution: what ``build`` read to write its bundles (``meshc explain``)."""
+
+    info: MeshInfo
+    idx: PolicyIndex
+    gateways: list[GatewayBuild]
+
+
+def compile_resolved(src: SourceSet) -> tuple[CompileResult, dict[str, MeshResolved], list[ParsedFile]]:
+    """A compile that also hands back each mesh's resolution and the parsed files."""
+    resolved: dict[str, MeshResolved] = {}
+    with no_gc():
+        parsed = parse_files(src.files)
+        return _compile_parsed(src, parsed, resolved), resolved, parsed
+
+
+def _compile_parsed(
+    src: SourceSet, parsed: list[ParsedFile], resolved: dict[str, MeshResolved] | None = None
+) -> CompileResult:
     docs, findings = kube.expand([d for p in parsed for d in p.docs])
     findings.extend(d for p in parsed for d in p.findings)
     cat, cat_findings = build_catalog(docs, declared_of(parsed))
@@ -204,6 +225,8 @@ def _compile_parsed(src: SourceSet, parsed: list[ParsedFile]) -> CompileResult:
             provenance_docs[key] = used
 
         build_mesh(mesh, idx, gateways, logging, keep)
+        if resolved is not None:
+            resolved[mesh.name] = MeshResolved(mesh, idx, gateways)
         findings.extend(conflict_diagnostics(idx))
     diagnostics = locate_all(parsed, findings)
     result = CompileResult(diagnostics, len(src.files), sum(p.documents for p in parsed), commit=src.commit)

@@ -3,9 +3,10 @@
 Kuma sorts the policies that select a proxy by their top-level ``targetRef`` kind (Mesh <
 MeshSubset < MeshGateway < MeshService < MeshServiceSubset < Dataplane < MeshHTTPRoute), then by
 origin (``kuma.io/origin``: global < zone) and role (``kuma.io/policy-role``: system < producer
-< consumer < workload-owner), then by name (``ByTargetRef.Less`` in Kuma's ``matchers``). The
-matching ``to``/``from`` items are taken in that order, each list's items by their own
-``targetRef`` kind (Mesh < MeshService < ...), and their ``default`` confs are merged lowest
+< consumer < workload-owner); a ``to`` item then by its own ``targetRef`` kind (Mesh <
+MeshService < ...); then by the policy's name in *inverted* lexicographic order (the smaller
+name wins), and a ``from`` item last by its own kind (Kuma 2.14's ``rules/sort`` and
+``outbound.Sort``). The matching items are taken in that order, and their ``default`` confs are merged lowest
 precedence first, as JSON merge patches (RFC 7386): maps key by key, lists replaced, ``null``
 removes, except that ``append*`` lists are concatenated. Where two policies differ only by name,
 the order is the name's alone: ``name_ties`` finds them so that a warning can name both.
@@ -20,13 +21,16 @@ from typing import Any
 __all__ = [
     "ORIGIN_LABEL",
     "ROLE_LABEL",
+    "Contribution",
     "Ranked",
+    "contributions",
     "in_order",
     "merge_patch",
     "merged",
     "name_ties",
     "policy_key",
     "target_rank",
+    "why",
 ]
 
 ORIGIN_LABEL = "kuma.io/origin"
@@ -104,10 +108,41 @@ class Ranked:
     """The policy (document) it belongs to: ties are between two of them."""
     where: Any = None
     """Where in the policy it is (a path), for the caller."""
+    kinds: tuple[str, str] = ("Mesh", "Mesh")
+    """The kinds of its policy's top-level ``targetRef`` and of its own (what ``why`` names)."""
 
     @property
-    def order(self) -> tuple[tuple[int, int, int, str], int]:
-        return (self.key, self.item_rank)
+    def to_item(self) -> bool:
+        return isinstance(self.where, tuple) and bool(self.where) and self.where[0] == "to"
+
+    @property
+    def order(self) -> tuple[int, int, int, int, _Inverted] | tuple[int, int, int, _Inverted, int]:
+        """Kuma 2.14's sort (``rules/sort``): the policy's attributes; for a ``to`` item its own
+        targetRef kind next (``outbound.Sort``'s ``CompareByToEntry``); then the policy's name,
+        inverted (``CompareByDisplayName``: ``zzz`` lowest, ``aaa`` highest); a ``from`` item's
+        own kind last."""
+        top, origin, role, name = self.key
+        if self.to_item:
+            return (top, origin, role, self.item_rank, _Inverted(name))
+        return (top, origin, role, _Inverted(name), self.item_rank)
+
+
+class _Inverted(str):
+    """A name that sorts in inverted lexicographic order."""
+
+    __slots__ = ()
+
+    def __lt__(self, other: object) -> bool:
+        return str.__gt__(self, other) if isinstance(other, str) else NotImplemented
+
+    def __gt__(self, other: object) -> bool:
+        return str.__lt__(self, other) if isinstance(other, str) else NotImplemented
+
+    def __le__(self, other: object) -> bool:
+        return str.__ge__(self, other) if isinstance(other, str) else NotImplemented
+
+    def __ge__(self, other: object) -> bool:
+        return str.__le__(self, other) if isinstance(other, str) else NotImplemented
 
 
 def in_order(items: Iterable[Ranked]) -> list[Ranked]:
@@ -143,3 +178,81 @@ def _overlap(a: Any, b: Any) -> bool:
         if not (isinstance(a[k], dict) and isinstance(b[k], dict)) or _overlap(a[k], b[k]):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What one merged item set, and which of its settings higher-precedence items replaced."""
+
+    item: Ranked
+    sets: tuple[tuple[str, ...], ...]
+    """The leaves its ``default`` sets, as key paths."""
+    overridden: tuple[tuple[tuple[str, ...], Ranked], ...]
+    """(leaf, the item whose value the merge keeps) for each leaf a later item sets again."""
+
+    @property
+    def shadowed(self) -> bool:
+        """Whether nothing of it is left in the merged result."""
+        return len(self.overridden) == len(self.sets)
+
+
+def _leaves(patch: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if not isinstance(patch, dict):
+        return [prefix] if prefix else []
+    out = []
+    for k, v in patch.items():
+        out.extend(_leaves(v, (*prefix, str(k))))
+    return out
+
+
+def _covers(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether setting ``a`` replaces ``b`` or ``b`` replaces ``a``: one is a prefix of the other."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def contributions(members: Sequence[Ranked]) -> list[Contribution]:
+    """Each item (lowest precedence first) with its leaves and who overrides them: the provenance
+    of ``merged``. A leaf is overridden by the last later item that sets it or a map above it
+    (``append*`` lists add up: never overridden)."""
+    leaves = [_leaves(r.default) for r in members]
+    out = []
+    for i, r in enumerate(members):
+        over = []
+        for leaf in leaves[i]:
+            if leaf[-1].startswith("append"):
+                continue
+            winner = None
+            for j in range(len(members) - 1, i, -1):
+                if any(_covers(x, leaf) for x in leaves[j]):
+                    winner = members[j]
+                    break
+            if winner is not None:
+                over.append((leaf, winner))
+        out.append(Contribution(r, tuple(leaves[i]), tuple(over)))
+    return out
+
+
+_ORIGINS = {v: k for k, v in _ORIGIN_ORDER.items()}
+_ROLES = {v: k for k, v in _ROLE_ORDER.items()}
+
+
+def why(low: Ranked, high: Ranked) -> str:
+    """Why ``high`` takes precedence over ``low`` in Kuma's order, in words."""
+    if low.policy is high.policy and low.item_rank == high.item_rank:
+        return "a later item of the same policy"
+    a, z = low.key, high.key
+    if a[0] != z[0]:
+        return f"more specific targetRef {high.kinds[0]} > {low.kinds[0]}"
+    if a[1] != z[1]:
+        return f"origin {_ORIGINS.get(z[1], z[1])} > {_ORIGINS.get(a[1], a[1])} ({ORIGIN_LABEL})"
+    if a[2] != z[2]:
+        return f"role {_ROLES.get(z[2], z[2])} > {_ROLES.get(a[2], a[2])} ({ROLE_LABEL})"
+    kinds = f"more specific item targetRef {high.kinds[1]} > {low.kinds[1]}"
+    if low.item_rank != high.item_rank and high.to_item:
+        return kinds  # a `to` item's own kind comes before the names
+    if a[3] != z[3]:
+        if low.item_rank == high.item_rank:
+            return f"name-order tie: {z[3]!r} sorts before {a[3]!r}, and the smaller name wins (W3004)"
+        return f"name order: {z[3]!r} sorts before {a[3]!r} (names come before a `from` item's own kind)"
+    return kinds

@@ -23,7 +23,7 @@ from compiler.kinds.base import PROTOCOL_TAG, ConfContext, Selector, extra_tags,
 from compiler.parse import Doc
 from runtime import bundle as b
 
-__all__ = ["INBOUND", "OUTBOUND", "Entry", "PolicyIndex", "index_policies"]
+__all__ = ["INBOUND", "OUTBOUND", "Entry", "PolicyIndex", "index_policies", "split_ranked"]
 
 OUTBOUND = frozenset(k for k, d in REGISTRY.items() if d.indexed and d.direction == "outbound")
 """Kinds that configure the ``sources``' outbound side: rules keyed by (source, destination)."""
@@ -43,6 +43,8 @@ class Entry:
     path: Path
     also: tuple[Doc, ...] = ()
     """Other documents merged into ``conf`` (targetRef policies), for provenance."""
+    merged: tuple[Any, ...] = ()
+    """The targetRef items (``precedence.Ranked``) merged into ``conf``, lowest precedence first."""
 
     @cached_property
     def rule_json(self) -> str:
@@ -144,8 +146,7 @@ class PolicyIndex:
 
     def ranked(self, kind: str, entries: list[Entry]) -> list[Entry]:
         """Most specific first, up to the first unconditional entry; records conflicts."""
-        # Equal ranks that do not conflict are disjoint: order them by content, not by file name.
-        entries.sort(key=lambda e: (-e.rank[0], -e.rank[1], e.rule_json, e.doc.file, e.doc.index))
+        entries.sort(key=_order)
         out: list[Entry] = []
         for i, e in enumerate(entries):
             for prev in out:
@@ -167,6 +168,21 @@ class PolicyIndex:
                         self.conflicts.setdefault(frozenset((id(e.doc), id(later.doc))), (e, later))
                 break
         return out
+
+
+def _order(e: Entry) -> tuple[int, int, str, str, int]:
+    # Equal ranks that do not conflict are disjoint: order them by content, not by file name.
+    return (-e.rank[0], -e.rank[1], e.rule_json, e.doc.file, e.doc.index)
+
+
+def split_ranked(entries: Iterable[Entry]) -> tuple[list[Entry], list[Entry]]:
+    """``ranked``'s order without its bookkeeping: the entries a bundle lists, most specific first,
+    and the ones after the first unconditional entry (shadowed by it), for ``meshc explain``."""
+    ordered = sorted(entries, key=_order)
+    for i, e in enumerate(ordered):
+        if not e.when and not e.peer:
+            return ordered[: i + 1], ordered[i + 1 :]
+    return ordered, []
 
 
 def _compatible(a: tuple[tuple[str, str], ...], b_: tuple[tuple[str, str], ...]) -> bool:

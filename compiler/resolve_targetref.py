@@ -12,7 +12,11 @@ old policy of its type), and W3005 says so.
 
 Not resolved yet (W3006 at the place): a top-level targetRef of another kind (MeshGateway,
 Dataplane, MeshHTTPRoute), a ``to`` item other than Mesh or MeshService, ``rules`` sections,
-MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches.
+MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; what the legacy
+load balancer and log backend have no place for (each kind's ``not_applied`` names it).
+
+Every merged rule keeps the items it was merged from (``Entry.merged``) so that ``meshc explain``
+can say which policy set what, and which lost: provenance as data, nothing re-derived.
 """
 
 from __future__ import annotations
@@ -25,16 +29,25 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from compiler.diagnostics import Diagnostic, Path
+from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
 from compiler.kinds.fault_injection import bandwidth_bps
+from compiler.kinds.targetref import mesh_access_log as mal
+from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
 from compiler.resolve import Entry, PolicyIndex
 from runtime import bundle as b
 
-__all__ = ["TARGETREF_FIELDS", "allowed_services", "gateway_routes", "index_targetref", "legacy_shadowed"]
+__all__ = [
+    "TARGETREF_FIELDS",
+    "allowed_services",
+    "gateway_routes",
+    "index_targetref",
+    "is_targetref",
+    "legacy_shadowed",
+]
 
 Tags = tuple[tuple[str, str], ...]
 
@@ -275,6 +288,7 @@ _OUTBOUND: dict[str, _Outbound] = {
     "MeshRetry": _Outbound("retry", _retry),
     "MeshCircuitBreaker": _Outbound("circuit_breaker", _circuit_breaker),
     "MeshHealthCheck": _Outbound("health_check", _health_check),
+    "MeshAccessLog": _Outbound("traffic_log", mal.traffic_log),
 }
 
 
@@ -342,12 +356,19 @@ _INBOUND: dict[str, _Outbound] = {
 _NO_RULE = (b.FaultInjectionConf(), b.RateLimitConf(requests=0, interval_ms=0))
 _PERMISSION = "MeshTrafficPermission"
 _ROUTE = "MeshHTTPRoute"
+_TCP_ROUTE = "MeshTCPRoute"
+_LB = "MeshLoadBalancingStrategy"
+_LOG = "MeshAccessLog"
 TARGETREF_FIELDS = {
     **{k: v.field for k, v in {**_OUTBOUND, **_INBOUND}.items()},
     _PERMISSION: "permissions",
     _ROUTE: "route",
+    _TCP_ROUTE: "route",
+    _LB: "route",
 }
-"""The targetRef kinds this module compiles, and the bundle field each fills."""
+"""The targetRef kinds this module compiles, and the bundle field each fills. Three fill ``route``,
+each under its own key of the merged patch (so they never override one another): MeshHTTPRoute
+``rules``, MeshTCPRoute ``tcp``, MeshLoadBalancingStrategy ``load_balancing``."""
 
 
 # --- MeshHTTPRoute ----------------------------------------------------------------------------
@@ -431,6 +452,22 @@ def _catch_all(matches: list[dict[str, Any]]) -> bool:
     return matches == [{"path": {"type": "PathPrefix", "value": "/"}}] or not matches
 
 
+def _route_of(m: dict[str, Any], dst: str) -> b.RouteConf | None:
+    """The merged route patch: MeshHTTPRoute rules (they beat a MeshTCPRoute, as in Kuma), else the
+    MeshTCPRoute's split, with the MeshLoadBalancingStrategy's load balancer."""
+    rules = m.get("rules") or {}
+    conf = _route(rules, dst)
+    if conf is None:
+        return None
+    tcp = m.get("tcp")
+    if not rules and isinstance(tcp, dict):
+        conf = b.RouteConf(split=_backends(tcp.get("backend_refs"), dst))
+    lb = m.get("load_balancing")
+    if isinstance(lb, dict):
+        conf = conf.model_copy(update={"load_balancer": mlbs.load_balancer(lb)})
+    return conf
+
+
 def _route(rules: dict[str, dict[str, Any]], dst: str) -> b.RouteConf | None:
     """Rules merged by their ``matches`` (JSON key) -> a RouteConf; a ``/`` prefix is the default."""
     split: tuple[b.Split, ...] = (b.Split(weight=100, service=dst),)
@@ -490,6 +527,8 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
         key = policy_key(top_kind, dict(d.labels), d.name)
         if getattr(spec, "rules", None):
             out.append(_unresolved(d, "the `rules` section", ("rules",)))
+        if d.kind == _LOG and spec.from_:
+            out.append(_unresolved(d, "the `from` section (inbound access logs)", ("from",)))
         if d.kind == _PERMISSION or d.kind in _INBOUND:
             for i, fr in enumerate(spec.from_ or ()):
                 peer = _peer(fr.target_ref)
@@ -497,7 +536,10 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
                     what = f"a `from` targetRef of kind {fr.target_ref.kind}"
                     out.append(_unresolved(d, what, ("from", i, "targetRef", "kind")))
                     continue
-                r = Ranked(key, target_rank(fr.target_ref.kind or "Mesh"), _dump(fr.default), d, ("from", i))
+                item_kind = fr.target_ref.kind or "Mesh"
+                r = Ranked(
+                    key, target_rank(item_kind), _dump(fr.default), d, ("from", i), (top_kind, item_kind)
+                )
                 by_field[field].append(_Item("*", src, when, peer, r))
             continue
         for i, to in enumerate(spec.to or ()):
@@ -506,10 +548,34 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
                 what = f"a `to` targetRef of kind {to.target_ref.kind}"
                 out.append(_unresolved(d, what, ("to", i, "targetRef", "kind")))
                 continue
-            default = _route_rules(to.rules) if d.kind == _ROUTE else _dump(to.default)
-            r = Ranked(key, target_rank(to.target_ref.kind or "Mesh"), default, d, ("to", i))
+            default = _to_default(d, i, to, out)
+            item_kind = to.target_ref.kind or "Mesh"
+            r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
             by_field[field].append(_Item(src, dst, when, (), r))
     return by_field
+
+
+def _to_default(d: Doc, i: int, to: Any, out: list[Diagnostic]) -> dict[str, Any]:
+    """A ``to`` item's patch, keyed as its bundle field's converter reads it; W3006 for each of
+    its settings the bundle has no place for."""
+    if d.kind == _ROUTE:
+        return _route_rules(to.rules)
+    if d.kind == _TCP_ROUTE:
+        rules = to.rules or []
+        for j in range(1, len(rules)):
+            out.append(
+                _unresolved(d, "a second MeshTCPRoute rule (Kuma uses the first)", ("to", i, "rules", j))
+            )
+        return {"tcp": _dump(rules[0].default) if rules else {}}
+    for path, what in (mlbs.not_applied if d.kind == _LB else mal.not_applied if d.kind == _LOG else _none)(
+        to.default
+    ):
+        out.append(_unresolved(d, what, ("to", i, "default", *path)))
+    return {"load_balancing": _dump(to.default)} if d.kind == _LB else _dump(to.default)
+
+
+def _none(_: Any) -> Iterator[tuple[Path, str]]:
+    return iter(())
 
 
 def _route_rules(rules: list[Any] | None) -> dict[str, Any]:
@@ -563,6 +629,11 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
                         seen_ties.add(pair)
                         out.append(_tie(a, z, src, dst))
                 conf = _conf(field, members, dst)
+                if conf is None and field == "traffic_log":
+                    _log_off(members, out)
+                    continue
+                if field == "route":
+                    _tcp_beaten(members, out)
                 if conf is None:
                     top = members[-1]
                     what = "a route filter or match the bundle cannot express"
@@ -572,10 +643,32 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     return out
 
 
+def _log_off(members: list[Ranked], out: list[Diagnostic]) -> None:
+    """No backend after the merge: no rule, which a broader policy's rule cannot be turned off by."""
+    if any(r.default.get("backends") for r in members[:-1]):
+        top = members[-1]
+        what = "`backends: []` under a broader MeshAccessLog (a bundle cannot turn its log off)"
+        _once(out, _unresolved(top.policy, what, top.where))
+
+
+def _once(out: list[Diagnostic], d: Diagnostic) -> None:
+    """Add a finding made per key once per place (a policy shapes many keys)."""
+    if d not in out:
+        out.append(d)
+
+
+def _tcp_beaten(members: list[Ranked], out: list[Diagnostic]) -> None:
+    if any("rules" in r.default for r in members):
+        for r in members:
+            if "tcp" in r.default:
+                what = "a MeshTCPRoute where a MeshHTTPRoute routes the same destination (it wins)"
+                _once(out, _unresolved(r.policy, what, r.where))
+
+
 def _conf(field: str, members: list[Ranked], dst: str) -> BaseModel | None:
     m = merged(r.default for r in members)
     if field == "route":
-        return _route(m.get("rules") or {}, dst)
+        return _route_of(m, dst)
     conv = next(v.convert for v in _OUTBOUND.values() if v.field == field)
     return conv(m)
 
@@ -587,7 +680,8 @@ def _entry(members: list[Ranked], src: str, dst: str, when: Tags, peer: Tags, co
     for r in members:
         if r.policy is not top.policy and all(r.policy is not x for x in also):
             also.append(r.policy)
-    return Entry(top.policy, src, dst, when, peer, _rank(src, dst, when), conf, top.where, tuple(also))
+    rank = _rank(src, dst, when)
+    return Entry(top.policy, src, dst, when, peer, rank, conf, top.where, tuple(also), tuple(members))
 
 
 def _add(idx: PolicyIndex, kind: str, e: Entry) -> None:
@@ -636,29 +730,65 @@ def _tie(a: Ranked, z: Ranked, src: str, dst: str) -> Diagnostic:
     return Diagnostic(
         "W3004",
         f"{dz.kind} {dz.name!r} overrides {da.kind} {da.name!r} for {src} -> {dst} only because its name "
-        "sorts later (Kuma's last tie-break); make one targetRef more specific if that is not meant",
+        "sorts first (Kuma's last tie-break: the smaller name wins); make one targetRef more specific "
+        "if that is not meant",
         dz.loc(z.where),
         related_locs=((da.loc(a.where), f"{da.kind} {da.name!r} is here"),),
     )
 
 
+def is_targetref(e: Entry) -> bool:
+    """Whether an entry comes from targetRef policies (its rank sits above every legacy rank)."""
+    return e.rank[0] >= _RANK_BASE
+
+
 def legacy_shadowed(idx: PolicyIndex) -> Iterator[Diagnostic]:
-    """W3005 where a targetRef policy and a legacy one configure the same key (the legacy one loses)."""
+    """W3005 where a targetRef policy shadows a legacy one in some bundle (the legacy one loses).
+
+    A legacy entry is shadowed where an unconditional targetRef entry of its kind is looked up
+    with it (``build``: the keys (src, dst), (src, *), (*, dst), (*, *); inbound, by destination),
+    since targetRef ranks come first. Permissions add up: there both policies of one key are named.
+    """
     if not idx.targetref:
         return
-    for table in idx.by_kind.values():
-        for (src, dst), entries in table.items():
-            new = [e for e in entries if e.rank[0] >= _RANK_BASE]
-            old = [e for e in entries if e.rank[0] < _RANK_BASE]
-            if new and old:
-                n, o = new[0], old[0]
-                yield Diagnostic(
-                    "W3005",
-                    f"{n.doc.kind} {n.doc.name!r} and the legacy {o.doc.kind} {o.doc.name!r} both configure "
-                    f"{src} -> {dst}; as in Kuma, the targetRef policy wins",
-                    o.doc.loc(o.path),
-                    related_locs=((n.doc.loc(n.path), f"{n.doc.kind} {n.doc.name!r} is here"),),
-                )
+    for kind, table in idx.by_kind.items():
+        if REGISTRY[kind].additive:
+            yield from _same_key(table)
+            continue
+        inbound = REGISTRY[kind].direction == "inbound"
+        new = [e for es in table.values() for e in es if is_targetref(e) and not e.when and not e.peer]
+        if not new:
+            continue
+        for es in table.values():
+            for o in es:
+                if is_targetref(o):
+                    continue
+                n = next((n for n in new if _meet(n.dst, o.dst) and (inbound or _meet(n.src, o.src))), None)
+                if n is not None:
+                    src = o.src if n.src == "*" else n.src
+                    yield _w3005(n, o, src, o.dst if n.dst == "*" else n.dst)
+
+
+def _meet(a: str, b: str) -> bool:
+    return a == b or "*" in (a, b)
+
+
+def _same_key(table: dict[tuple[str, str], list[Entry]]) -> Iterator[Diagnostic]:
+    for (src, dst), entries in table.items():
+        new = [e for e in entries if is_targetref(e)]
+        old = [e for e in entries if not is_targetref(e)]
+        if new and old:
+            yield _w3005(new[0], old[0], src, dst)
+
+
+def _w3005(n: Entry, o: Entry, src: str, dst: str) -> Diagnostic:
+    return Diagnostic(
+        "W3005",
+        f"{n.doc.kind} {n.doc.name!r} and the legacy {o.doc.kind} {o.doc.name!r} both configure "
+        f"{src} -> {dst}; as in Kuma, the targetRef policy wins",
+        o.doc.loc(o.path),
+        related_locs=((n.doc.loc(n.path), f"{n.doc.kind} {n.doc.name!r} is here"),),
+    )
 
 
 # --- MeshHTTPRoute on a MeshGateway -----------------------------------------------------------
@@ -733,6 +863,33 @@ def _gw_filter(f: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+_GW_RULE_KEYS = {"backends": ("default", "backendRefs"), "filters": ("default", "filters")}
+
+
+@dataclass(frozen=True)
+class _GatewayRouteDoc(Doc):
+    """One ``to`` item of a MeshHTTPRoute read as a MeshGatewayRoute: the paths of its
+    MeshGatewayRoute form point back into the MeshHTTPRoute as written (diagnostics, explain)."""
+
+    to_index: int = 0
+    rule_index: tuple[int, ...] = ()
+    """The written rule of each rule kept (one with a filter meshc cannot express is left out)."""
+
+    def loc(self, path: Path = (), on_key: bool = False) -> Loc:
+        to: Path = ("to", self.to_index)
+        if path[:3] == ("conf", "http", "rules") and len(path) > 3 and isinstance(path[3], int):
+            rule: Path = (
+                *to,
+                "rules",
+                self.rule_index[path[3]] if path[3] < len(self.rule_index) else path[3],
+            )
+            rest = path[4:]
+            if rest and rest[0] in _GW_RULE_KEYS:
+                rest = (*_GW_RULE_KEYS[str(rest[0])], *rest[1:2])
+            return super().loc((*rule, *rest), on_key)
+        return super().loc(("targetRef",) if path[:1] == ("selectors",) else to, on_key)
+
+
 def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
     """MeshHTTPRoutes whose top-level targetRef is a MeshGateway, as MeshGatewayRoute documents
     (same file and position) for ``compiler.gateway`` to attach: one per ``to`` item."""
@@ -758,12 +915,14 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
                 findings.append(_unresolved(d, f"a `to` targetRef of kind {to.target_ref.kind}", ("to", i)))
                 continue
             rules = []
+            kept: list[int] = []
             for ri, r in enumerate(to.rules or ()):
                 conf = _dump(r.default)
                 filters = [_gw_filter(f) for f in conf.get("filters") or ()]
                 if any(f is None for f in filters):
                     findings.append(_unresolved(d, "a filter", ("to", i, "rules", ri, "default", "filters")))
                     continue
+                kept.append(ri)
                 rules.append(
                     {
                         "matches": [_gw_match(_dump_match(m)) for m in r.matches or []] or [{}],
@@ -778,5 +937,9 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
             if to.hostnames:
                 http["hostnames"] = list(to.hostnames)
             spec = mgr.MeshGatewayRouteSpec.model_validate({"selectors": selectors, "conf": {"http": http}})
-            out.append(Doc(d.file, d.index, "MeshHTTPRoute", d.mesh, d.name, spec, d.prefix, d.labels))
+            out.append(
+                _GatewayRouteDoc(
+                    d.file, d.index, "MeshHTTPRoute", d.mesh, d.name, spec, d.prefix, d.labels, i, tuple(kept)
+                )
+            )
     return out, findings

@@ -1,4 +1,5 @@
-"""Generate ``schemas/`` from the models: one JSON Schema per policy kind, one for the bundle.
+"""Generate ``schemas/`` from the models: one JSON Schema per policy kind, one for the bundle, one
+for the lines of a delta push (``runtime.pieces``).
 
 The schemas are what editors validate against (``# yaml-language-server: $schema=...``), so
 descriptions come from the models' field docstrings. A test fails when they drift.
@@ -12,6 +13,7 @@ from typing import Any
 
 from compiler.kinds import REGISTRY, KindDef
 from runtime.bundle import bundle_json_schema
+from runtime.pieces import pieces_json_schema
 
 __all__ = ["generate", "write_schemas"]
 
@@ -83,6 +85,15 @@ def generate() -> dict[str, dict[str, Any]]:
     bundle = bundle_json_schema()
     bundle.update({"$schema": "https://json-schema.org/draft/2020-12/schema", "$comment": _HEADER})
     out["bundle/v1.schema.json"] = bundle
+    pieces = pieces_json_schema()
+    pieces.update(
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$comment": _HEADER,
+            "title": "a line of a delta push: mesh manifest, catalog chunk or destination piece",
+        }
+    )
+    out["bundle/pieces-v1.schema.json"] = pieces
     return out
 
 

@@ -1,7 +1,8 @@
 """The data plane: everything from a received bundle to enforced traffic.
 
-``bundle`` and ``protocol`` are the contracts shared with the compiler; the rest never imports
-``compiler``. Layers, from policy to bytes:
+``bundle``, ``pieces`` (the mesh bundle as content-addressed pieces, for delta pushes) and
+``protocol`` are the contracts shared with the compiler; the rest never imports ``compiler``.
+Layers, from policy to bytes:
 
 * ``engine`` (+ ``_match``, ``_lb``, ``_hosts``, ``_policy``): sans-io. Bundles + endpoints compile
   into an immutable ``Snapshot`` (routes, split wheels, per-subset policy, inbound and gateway

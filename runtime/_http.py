@@ -204,7 +204,7 @@ class _AdminConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
         if len(self._live) >= self._limits.max_connections:
-            self._fail(503, "too many connections to the admin API")
+            self._fail(503, "the admin API has reached --max-connections")
             return
         self._live.add(self)
         self._arm(self._limits.header_timeout_s, "no complete request head in time")

@@ -5,6 +5,8 @@
                     ``service``; taken from the bundle when absent). 200 ``{"ack": digest}`` or
                     ``{"nack": reason}`` with 400 (bad JSON, schema, format, digest, role, cannot be
                     compiled), 409 (stale generation), 413 (oversize) or 500 (state dir).
+                    With ``X-Meshc-Pieces: 1`` (mesh slot): a manifest and pieces
+                    (``runtime.pieces``); 422 ``{"nack", "missing": [digest]}`` when it lacks some.
 ``PUT /endpoints``  body = ``protocol.EndpointSet``; 200 ``{"ack": sha256 of the body}`` or NACK.
                     Both need ``X-Meshc-Signature`` (Ed25519 by the trusted control plane key over
                     digest, generation and this service; DESIGN §6) unless ``--insecure-admin``:
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 from runtime._http import AdminRequest, AdminResponse, BodyTooLarge
 from runtime.bundle import MAX_BUNDLE_BYTES
 from runtime.metrics import CONTENT_TYPE, Metrics
-from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE
+from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_PIECES, HDR_SIGNATURE
 from runtime.pushes import Pushes
 
 __all__ = ["AdminView", "handle"]
@@ -84,6 +86,7 @@ async def handle(plane: AdminView, request: AdminRequest) -> AdminResponse:
             generation,
             request.headers.get(HDR_BUNDLE_ROLE.lower()),
             request.headers.get(HDR_SIGNATURE.lower()),
+            pieces=request.headers.get(HDR_PIECES.lower()) == "1",
         )
         return _json(status, reply)
     if path == "/endpoints" and method == "PUT":

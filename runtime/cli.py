@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from runtime.limits import add_limit_arguments
+
 __all__ = ["gateway_main", "sidecar_main"]
 
 
@@ -103,29 +105,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow --admin on a non-loopback address (it still needs signed pushes)",
     )
-    sec.add_argument(
-        "--header-timeout",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="every listener: a request head must arrive within S seconds of the connection (the "
-        "admin API: or of the previous answer), else 408 and close (default %(default)s)",
-    )
-    sec.add_argument(
-        "--body-timeout",
-        type=float,
-        default=15.0,
-        metavar="S",
-        help="every listener: no more than S seconds between two reads of a request body (the admin "
-        "API: the whole body), else 408 and close (default %(default)s)",
-    )
-    sec.add_argument(
-        "--max-connections",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="every listener: connections at once; more are answered 503 and closed (default %(default)s)",
-    )
+    add_limit_arguments(sec)
 
 
 _DESCRIPTION = {
@@ -187,7 +167,7 @@ def _tags(values: list[str]) -> dict[str, str]:
 
 
 def _run(kind: str, argv: list[str]) -> int:
-    from runtime.limits import ListenerLimits
+    from runtime.limits import limits_from_args
     from runtime.server import Options, parse_addr, run
 
     p = _Parser(
@@ -210,6 +190,18 @@ def _run(kind: str, argv: list[str]) -> int:
             "--outbound",
             metavar="HOST:PORT",
             help="the proxy the app sends its calls to (set HTTP_PROXY=http://HOST:PORT in the app)",
+        )
+        p.add_argument(
+            "--reachable-services",
+            metavar="A,B,...",
+            help="Kuma's reachableServices: the destinations this app calls besides those its "
+            "policies name; pushed ahead, the others fetched at their first request",
+        )
+        p.add_argument(
+            "--full-mesh-bundle",
+            action="store_true",
+            help="take the whole mesh bundle at every change (no delta pushes, no scoping), as data "
+            "planes did before pieces; for comparisons",
         )
     else:
         p.add_argument(
@@ -244,12 +236,8 @@ def _run(kind: str, argv: list[str]) -> int:
             trust_key=ns.trust_key,
             insecure_admin=ns.insecure_admin,
             admin_allow_remote=ns.admin_allow_remote,
-            limits=ListenerLimits(ns.header_timeout, ns.body_timeout, ns.max_connections),
+            limits=limits_from_args(ns),
         )
-        if not (0 < ns.header_timeout <= 3600 and 0 < ns.body_timeout <= 3600 and ns.max_connections > 0):
-            raise _UsageError(
-                "--header-timeout and --body-timeout must be in (0, 3600], --max-connections > 0"
-            )
         if ns.trust_key is not None and (
             len(ns.trust_key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in ns.trust_key)
         ):
@@ -258,6 +246,9 @@ def _run(kind: str, argv: list[str]) -> int:
             opts.app = ns.app
             opts.inbound = parse_addr(ns.inbound) if ns.inbound else None
             opts.outbound = parse_addr(ns.outbound) if ns.outbound else None
+            opts.pieces = not ns.full_mesh_bundle
+            if ns.reachable_services is not None:
+                opts.reachable = [s.strip() for s in ns.reachable_services.split(",") if s.strip()]
             if opts.inbound is not None and not opts.app:
                 raise _UsageError("--inbound needs --app")
             if opts.app:

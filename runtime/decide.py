@@ -3,9 +3,12 @@
 The byte layers (``fastconn``/``fastexchange``, ``proxy``, ``tcp``) read the snapshot once per
 request and ask here: ``decide_outbound``, ``decide_inbound`` and ``decide_gateway`` for HTTP,
 ``decide_connect`` for ``CONNECT``, ``decide_tcp_inbound`` and ``decide_tcp_gateway`` for TCP
-listeners. The answer is a ``Forward`` (where the request goes and how it is rewritten) or a
-``Reply`` (the data plane answers itself, with a reason). ``passthrough`` is the one verdict for
-a host outside the mesh whatever the protocol; ``admit`` and ``peer_hop`` are the checks made
+listeners. The answer is a ``Forward`` (where the request goes and how it is rewritten), a
+``Reply`` (the data plane answers itself, with a reason) or, for outbound requests and
+``CONNECT``, a ``Fetch``: the destination's config is named by the mesh manifest but not held
+(a scoped data plane, DESIGN §5), so ``settle`` fetches it, bounded by ``FETCH_TIMEOUT_S``, and
+asks again, or answers ``fetch_failed`` (Envoy's on-demand CDS). ``passthrough`` is the one
+verdict for a host outside the mesh whatever the protocol; ``admit`` and ``peer_hop`` are the checks made
 when a target is about to get a request; ``RetryState`` follows one request's attempts and says,
 from each outcome, back off and retry or give up, and with which answer. The layers carry the
 verdicts out and never decide themselves, so the two HTTP data planes cannot drift apart.
@@ -16,7 +19,7 @@ Nothing here touches a socket or a clock that is not passed in.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Protocol
 from urllib.parse import quote, unquote
 
@@ -29,11 +32,14 @@ from runtime.security import DENIED_HEADER
 
 __all__ = [
     "APP",
+    "FETCH_TIMEOUT_S",
     "NO_HOST",
     "PASSTHROUGH",
     "PATH_SAFE",
     "RESET",
     "TARGET",
+    "Fetch",
+    "Fetcher",
     "Forward",
     "Reply",
     "RequestHead",
@@ -46,11 +52,14 @@ __all__ = [
     "decide_tcp_gateway",
     "decide_tcp_inbound",
     "failure_reply",
+    "fetch_failed",
+    "no_fetcher",
     "passthrough",
     "peer_hop",
     "query_map",
     "release",
     "request_scheme",
+    "settle",
     "split_host",
 ]
 
@@ -64,6 +73,9 @@ TARGET, PASSTHROUGH, APP = 0, 1, 2
 """What a ``Forward`` goes to: a mesh target's hosts, an address outside the mesh, the local app."""
 
 Addr = tuple[str, int]
+
+FETCH_TIMEOUT_S = 5.0
+"""How long a request waits for its destination's config to be fetched on demand."""
 
 
 class RequestHead(Protocol):
@@ -182,6 +194,52 @@ class Forward:
         return f"Forward({where})"
 
 
+class Fetch:
+    """The destination's config must be fetched first; then decide again."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def __repr__(self) -> str:
+        return f"Fetch({self.service!r})"
+
+
+Fetcher = Callable[[str], Awaitable[str | None]]
+"""Fetches a destination's config on demand: None once it is held, else why not."""
+
+
+async def no_fetcher(service: str) -> str | None:
+    return "no control plane to fetch it from"
+
+
+def fetch_failed(engine: Engine, fetch: Fetch, why: str) -> Reply:
+    """A destination whose config could not be fetched in time: 503, as Envoy answers when its
+    on-demand cluster discovery times out (nothing is guessed in its place)."""
+    return Reply(503, f"configuration of {fetch.service} not available: {why}", engine.service, fetch.service)
+
+
+async def settle(
+    engine: Engine,
+    verdict: Forward | Reply | Fetch,
+    fetcher: Fetcher,
+    again: Callable[[Snapshot], Forward | Reply | Fetch],
+) -> Forward | Reply:
+    """A ``Fetch`` carried out: the config fetched, then the verdict ``again`` gives on the new
+    snapshot (a 503 when the fetch failed or the destination is still pending)."""
+    if not isinstance(verdict, Fetch):
+        return verdict
+    try:
+        why = await fetcher(verdict.service)
+    except Exception as e:
+        why = f"{type(e).__name__}: {e}"
+    if why is not None:
+        return fetch_failed(engine, verdict, why)
+    after = again(engine.snapshot)
+    return fetch_failed(engine, after, "not held after the fetch") if isinstance(after, Fetch) else after
+
+
 # -- parsing helpers shared by the layers --------------------------------------------------------
 
 
@@ -242,12 +300,14 @@ def passthrough(
 
 def decide_outbound(
     engine: Engine, snap: Snapshot, head: RequestHead, name: str, port: int | None, own: Collection[Addr]
-) -> Forward | Reply:
+) -> Forward | Reply | Fetch:
     """An outbound HTTP request for ``name[:port]`` (from its Host or absolute URI)."""
     source = engine.service
     dest = snap.destination(name)
     if dest is None:
         return passthrough(snap, source, name, port, 80, own)
+    if dest.pending:
+        return Fetch(dest.service)
     if dest.protocol == "tcp":
         return Reply(400, f"{name} is a TCP service; open it with CONNECT", source, name)
     route = dest.route(head.method, head.path(), head.header_map()) if dest.routes else None
@@ -360,12 +420,14 @@ def decide_gateway(
 
 def decide_connect(
     engine: Engine, snap: Snapshot, name: str, port: int, own: Collection[Addr]
-) -> Forward | Reply:
+) -> Forward | Reply | Fetch:
     """``CONNECT name:port`` on the outbound listener: a mesh TCP service, or a passthrough."""
     source = engine.service
     dest = snap.destination(name)
     if dest is None:
         return passthrough(snap, source, name, port, port, own)
+    if dest.pending:
+        return Fetch(dest.service)
     if dest.protocol != "tcp":
         return Reply(400, f"{name} is an HTTP mesh service; send plain HTTP requests", source, name)
     target = dest.wheel.choose(engine.rng)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from runtime._hosts import Host, HostRegistry, Outcome
@@ -275,7 +275,7 @@ class Route:
 class DestinationTable:
     """Everything an outbound request to one mesh service needs."""
 
-    __slots__ = ("port", "protocol", "routes", "service", "targets", "wheel")
+    __slots__ = ("pending", "port", "protocol", "routes", "service", "targets", "wheel")
 
     def __init__(
         self,
@@ -284,8 +284,11 @@ class DestinationTable:
         routes: tuple[Route, ...],
         wheel: Wheel[Target],
         targets: tuple[Target, ...],
+        pending: bool = False,
     ) -> None:
         self.service = service
+        self.pending = pending
+        """Its config is named by the mesh manifest but not held yet (fetched on demand)."""
         self.port = catalog.port if catalog else None
         self.protocol = catalog.protocol if catalog else "http"
         self.routes = routes
@@ -592,6 +595,9 @@ def kube_aliases(destinations: Mapping[str, T], own_service: str) -> dict[str, T
     return {alias: destinations[names[0]] for alias, names in found.items() if len(names) == 1}
 
 
+_NO_WHEEL: Wheel[Target] = Wheel(())
+
+
 class Engine:
     """Holds the current snapshot and the state that outlives it."""
 
@@ -620,11 +626,16 @@ class Engine:
         self.registry.retain(live)
 
     def build(
-        self, mesh: MeshBundle | None, service: ServiceBundle | None, endpoints: EndpointSet | None
+        self,
+        mesh: MeshBundle | None,
+        service: ServiceBundle | None,
+        endpoints: EndpointSet | None,
+        pending: Collection[str] = (),
     ) -> Snapshot:
-        """Compile a snapshot; raise ``BundleError`` if it cannot be enforced."""
+        """Compile a snapshot; raise ``BundleError`` if it cannot be enforced. ``pending`` names
+        the catalog services whose mesh-wide config is not held (``runtime.pieces``)."""
         try:
-            return self._build(mesh, service, endpoints)
+            return self._build(mesh, service, endpoints, pending)
         except BundleError:
             raise
         except (ValueError, re.error) as e:
@@ -633,7 +644,11 @@ class Engine:
     # -- compilation ------------------------------------------------------------------------
 
     def _build(
-        self, mesh: MeshBundle | None, service: ServiceBundle | None, endpoints: EndpointSet | None
+        self,
+        mesh: MeshBundle | None,
+        service: ServiceBundle | None,
+        endpoints: EndpointSet | None,
+        pending: Collection[str],
     ) -> Snapshot:
         if service is not None and service.service != self.service:
             raise BundleError(
@@ -707,6 +722,13 @@ class Engine:
         if service is not None:
             names |= set(service.outbound)
         for name in sorted(names):
+            if name in pending and (service is None or name not in service.outbound):
+                # Nothing routes there before its piece is fetched: no targets to build now (a
+                # scoped data plane has hundreds of these and builds one snapshot per push).
+                destinations[name] = DestinationTable(
+                    name, catalog.get(name), (), _NO_WHEEL, (), pending=True
+                )
+                continue
             conf = config_for(name)
             rule = first_rule(conf.route, local, {}) if conf else None
             route = rule.conf if rule else None
@@ -720,7 +742,11 @@ class Engine:
             for r in routes:
                 used.update((id(t), t) for t in r.wheel.items)
             destinations[name] = DestinationTable(
-                name, catalog.get(name), routes, default, tuple(used.values())
+                name,
+                catalog.get(name),
+                routes,
+                default,
+                tuple(used.values()),
             )
 
         gateway: dict[int, GatewayListenerTable] = {}

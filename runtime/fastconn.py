@@ -20,12 +20,14 @@ from runtime._hosts import Outcome
 from runtime.decide import (
     PASSTHROUGH,
     TARGET,
+    Fetch,
     Forward,
     Reply,
     decide_gateway,
     decide_inbound,
     decide_outbound,
     request_scheme,
+    settle,
     split_host,
 )
 from runtime.fastexchange import (
@@ -42,6 +44,7 @@ from runtime.fastexchange import (
 )
 from runtime.fastplane import FastPlane
 from runtime.fastpool import Upstream
+from runtime.h1guard import linger_close
 from runtime.headerops import NO_OPS
 
 __all__ = ["ClientConn"]
@@ -55,7 +58,6 @@ _INBOUND_CONNECT_S = 5.0
 
 _FULL = h1.reply(503, "the listener has reached --max-connections", close=True)
 
-_LINGER_S = 2.0
 """How long an error answer's connection keeps draining the client's bytes before it closes."""
 
 
@@ -219,7 +221,7 @@ class ClientConn(Exchange):
         engine = plane.engine
         snap = engine.snapshot
         kind = self.kind
-        verdict: Forward | Reply
+        verdict: Forward | Reply | Fetch
         if kind == OUTBOUND:
             self.source = engine.service
             authority = self._authority(req)
@@ -233,6 +235,10 @@ class ClientConn(Exchange):
                 if len(plane.hosts) < 4096:
                     plane.hosts[authority] = parsed
             verdict = decide_outbound(engine, snap, req, parsed[0], parsed[1], plane.own_addresses)
+            if type(verdict) is Fetch:
+                # The body (if any) waits in req.body, reading paused, as while connecting.
+                self.fetching = asyncio.ensure_future(self._after_fetch(req, verdict, parsed))
+                return
         elif kind == INBOUND:
             src = req.source
             caller = plane.sources.get(src) if src is not None else ""
@@ -246,6 +252,24 @@ class ClientConn(Exchange):
         else:
             xfp = req.xfp.decode("latin-1") if req.xfp is not None else None
             verdict = decide_gateway(engine, snap, req, self.port, request_scheme(xfp, self.secure))
+        if type(verdict) is Reply:
+            self._answer(verdict)
+        else:
+            self._forward(req, cast(Forward, verdict))
+
+    async def _after_fetch(self, req: h1.Request, fetch: Fetch, parsed: tuple[str, int | None]) -> None:
+        """A pending destination: fetch its config (bounded), then decide again."""
+        plane = self.plane
+        engine = plane.engine
+        verdict = await settle(
+            engine,
+            fetch,
+            plane.fetch,
+            lambda snap: decide_outbound(engine, snap, req, parsed[0], parsed[1], plane.own_addresses),
+        )
+        self.fetching = None
+        if self.closed or req is not self.req:
+            return
         if type(verdict) is Reply:
             self._answer(verdict)
         else:
@@ -616,22 +640,9 @@ class ClientConn(Exchange):
             self._linger_close()
 
     def _linger_close(self) -> None:
-        """Close after an error answer without losing it (nginx's lingering close).
-
-        The client may still be sending the refused request; closing with unread bytes makes the
-        kernel send a reset, which can destroy the answer before the client reads it. So: send
-        FIN after the answer, read and drop what still comes, and close when the client closes
-        or after a short grace period.
-        """
-        tr = self.transport
-        if tr is None:
-            return
-        if not tr.can_write_eof():  # TLS: no half-close
-            tr.close()
-            return
-        self.lingering = True
-        tr.write_eof()
-        asyncio.get_running_loop().call_later(_LINGER_S, tr.close)
+        """Close after an error answer without losing it (``h1guard.linger_close``)."""
+        if self.transport is not None:
+            self.lingering = linger_close(self.transport)
 
     def _upgrade_request(self, rest: bytes) -> None:
         """The parser stopped after an Upgrade or CONNECT head; ``rest`` is the bytes after it."""

@@ -75,6 +75,7 @@ class Exchange(asyncio.Protocol):
         "dest",
         "dirty",
         "early",
+        "fetching",
         "fwd",
         "go_args",
         "head_at",
@@ -147,6 +148,8 @@ class Exchange(asyncio.Protocol):
         self.target: Target | None = None
         self.host: Host | None = None
         self.fwd: Forward | None = None
+        self.fetching: asyncio.Future[None] | None = None
+        """An on-demand fetch of the request's destination (``decide.Fetch``), while it waits."""
         self.retry: RetryState | None = None
         self.stale_retried = False
         self.key: str | None = None

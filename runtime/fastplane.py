@@ -14,7 +14,7 @@ from typing import Protocol
 
 from runtime._hosts import Outcome
 from runtime.accesslog import AccessLog
-from runtime.decide import Reply, peer_hop
+from runtime.decide import Fetcher, Reply, no_fetcher, peer_hop
 from runtime.engine import Engine, Target
 from runtime.fastmetrics import Series
 from runtime.fastpool import Pool, Upstream
@@ -92,6 +92,8 @@ class FastPlane:
         self.sources: dict[bytes, str] = {}
         self.access_log = AccessLog()
         self.draining = False
+        self.fetch: Fetcher = no_fetcher
+        """Fetches a pending destination's config (``decide.Fetch``); set by the server."""
         self.drained: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None

@@ -262,6 +262,11 @@ class RequestReader:
                 raise H1Error(431, "request header fields too large")
         return -1
 
+    @property
+    def in_head(self) -> bool:
+        """A request head has begun and is not complete yet."""
+        return self._in_head
+
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:

@@ -44,6 +44,7 @@ from runtime.decide import (
     APP,
     NO_HOST,
     PASSTHROUGH,
+    Fetcher,
     Forward,
     Reply,
     RetryState,
@@ -52,9 +53,11 @@ from runtime.decide import (
     decide_inbound,
     decide_outbound,
     failure_reply,
+    no_fetcher,
     peer_hop,
     release,
     request_scheme,
+    settle,
     split_host,
 )
 from runtime.engine import Engine, Target
@@ -697,6 +700,8 @@ class H2Plane:
         """Plaintext next hops that answered the h2c preface in HTTP/1.1."""
         self._locks: dict[str, asyncio.Lock] = {}
         self.downstreams: set[H2Downstream] = set()
+        self.fetch: Fetcher = no_fetcher
+        """Fetches a pending destination's config (``decide.Fetch``); set by the server."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
         self._drained: asyncio.Future[None] | None = None
@@ -953,7 +958,13 @@ class _Exchange:
         verdict: Forward | Reply
         if down.kind == OUTBOUND:
             name, port = split_host(head.authority())
-            verdict = decide_outbound(engine, snap, head, name, port, self.plane.own_addresses)
+            own = self.plane.own_addresses
+            verdict = await settle(
+                engine,
+                decide_outbound(engine, snap, head, name, port, own),
+                self.plane.fetch,
+                lambda snap: decide_outbound(engine, snap, head, name, port, own),
+            )
         elif down.kind == INBOUND:
             is_tls, identity = down.tls_peer
             caller = head.header_map().get("x-meshc-source-service", "")

@@ -9,9 +9,10 @@ patience than an edge server, and a control channel needs none.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
-__all__ = ["ListenerLimits"]
+__all__ = ["ListenerLimits", "add_limit_arguments", "limits_from_args"]
 
 
 @dataclass(frozen=True)
@@ -23,3 +24,41 @@ class ListenerLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 15.0
     max_connections: int = 1024
+
+
+def add_limit_arguments(group: argparse._ActionsContainer, admin: bool = True) -> None:
+    """``--header-timeout``, ``--body-timeout`` and ``--max-connections`` (sidecar, gateway and
+    control plane alike); ``admin`` adds what differs on the sidecar's admin API."""
+    d = ListenerLimits()
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout_s,
+        metavar="S",
+        help="every listener: a request head must arrive within S seconds of the connection"
+        + (" (the admin API: or of the previous answer)" if admin else "")
+        + ", else 408 and close (default %(default)s)",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout_s,
+        metavar="S",
+        help="every listener: no more than S seconds between two reads of a request body"
+        + (" (the admin API: the whole body)" if admin else "")
+        + ", else 408 and close (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        metavar="N",
+        help="every listener: connections at once; more are answered 503 and closed (default %(default)s)",
+    )
+
+
+def limits_from_args(ns: argparse.Namespace) -> ListenerLimits:
+    """The limits the flags ask for; ``ValueError`` saying which bounds were broken."""
+    if not (0 < ns.header_timeout <= 3600 and 0 < ns.body_timeout <= 3600 and ns.max_connections > 0):
+        raise ValueError("--header-timeout and --body-timeout must be in (0, 3600], --max-connections > 0")
+    return ListenerLimits(ns.header_timeout, ns.body_timeout, ns.max_connections)

@@ -94,6 +94,18 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.push_bytes = Counter(
+            "meshc_push_received_bytes",
+            "Bytes of pushed bodies received on the admin API, by slot (endpoints, mesh, service).",
+            ["slot"],
+            registry=r,
+        )
+        self.pieces = Counter(
+            "meshc_mesh_pieces",
+            "Mesh pieces taken in, by how (pushed, fetched: on demand) and result (ok, failed).",
+            ["how", "result"],
+            registry=r,
+        )
         self._digests: dict[str, str] = {}
 
     def set_bundle(self, role: str, digest: str) -> None:

@@ -29,6 +29,12 @@ Control plane -> data plane admin API (``runtime/admin.py``, loopback by default
 
 * ``PUT /bundle``: body = the bundle's exact bytes; ``HDR_DIGEST`` required, ``HDR_GENERATION``
   (default 0), ``HDR_BUNDLE_ROLE`` (``mesh``/``service``, else taken from the bundle's ``type``).
+  A data plane that registered with ``pieces`` gets its mesh slot as a delta push instead
+  (``HDR_PIECES: 1``, role ``mesh``): the body is newline-delimited, the mesh manifest's exact
+  bytes and then the pieces it lacks (``runtime.pieces``); ``HDR_DIGEST`` (signed) is the
+  manifest's sha256. It swaps to the whole set at once or NACKs: 400 for a piece the manifest
+  does not name (forged, mismatched), 422 ``Nack(nack, missing=[digests])`` for pieces it needs
+  and neither holds nor was sent (the control plane sends them again).
   200 ``Ack(ack=digest)`` or ``Nack(nack=reason)`` with 400 (not JSON, schema, unknown format,
   digest mismatch, role mismatch, another service's bundle, cannot be compiled), 409 (generation
   older than the running one for that slot), 413 (over ``bundle.MAX_BUNDLE_BYTES``) or 500 (state
@@ -43,6 +49,11 @@ Control plane -> data plane admin API (``runtime/admin.py``, loopback by default
   control plane refuses every push (403) until it has registered in this boot.
 * ``GET /ready`` (200 once both bundles are loaded and not draining, else 503), ``GET /config``,
   ``GET /metrics``.
+
+On demand, data plane -> control plane: ``POST {URL}/api/v1/pieces`` body ``PieceRequest``,
+authenticated like a heartbeat -> 200 newline-delimited pieces (each checked against the digest
+asked for), 404 when the control plane holds none of them. A scoped data plane asks for the
+destination piece of a service it lacks at its first request there (Envoy's on-demand CDS).
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ __all__ = [
     "HDR_CLIENT_CERT",
     "HDR_DIGEST",
     "HDR_GENERATION",
+    "HDR_PIECES",
     "HDR_PROOF",
     "HDR_SIGNATURE",
     "Ack",
@@ -69,9 +81,11 @@ __all__ = [
     "EndpointSet",
     "Heartbeat",
     "Nack",
+    "PieceRequest",
     "PushTarget",
     "Registration",
     "RegistrationReply",
+    "SignedEndpoints",
     "auth_message",
     "endpoints_digest",
     "push_message",
@@ -91,6 +105,8 @@ HDR_PROOF = "X-Meshc-Proof"
 """``<unix seconds>.<hex signature>``: the certificate's key signed ``auth_message``."""
 HDR_BUNDLE_ROLE = "X-Meshc-Bundle-Role"
 """``mesh`` or ``service``: which slot of the data plane the pushed bundle fills."""
+HDR_PIECES = "X-Meshc-Pieces"
+"""``1``: the mesh slot's push is a manifest and pieces (``runtime.pieces``), not a bundle."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +172,18 @@ class EndpointSet(_Msg):
     services: dict[str, list[Endpoint]]
 
 
+class SignedEndpoints(_Msg):
+    """The endpoint set a data plane runs, exactly as it was pushed, with the push's signature.
+
+    A control plane started without its registry learns the mesh's last live set from it instead
+    of holding endpoint pushes until every data plane is back: its own signature (over this
+    data plane's target, the body's sha256 and the generation inside) proves the set is one it
+    sent, so a data plane cannot make others route to addresses of its choosing."""
+
+    body: str = Field(description="The pushed EndpointSet JSON, byte for byte.")
+    signature: str = Field(description="The push's X-Meshc-Signature (hex).")
+
+
 class Registration(_Msg):
     """Body of ``POST /api/v1/register``."""
 
@@ -170,6 +198,19 @@ class Registration(_Msg):
     boot_id: str | None = Field(
         default=None,
         description="Random per process start; every push is signed for it (none: pushes cannot verify).",
+    )
+    pieces: bool = Field(
+        default=False, description="Takes its mesh slot as a manifest and pieces (delta pushes)."
+    )
+    reachable_services: list[str] | None = Field(
+        default=None,
+        description=(
+            "Kuma's reachableServices: the destinations it calls besides those its policies name; "
+            "the others come on demand (with pieces)."
+        ),
+    )
+    running_endpoints: SignedEndpoints | None = Field(
+        default=None, description="The signed endpoint set this process runs, when it runs one."
     )
 
 
@@ -216,3 +257,13 @@ class Ack(_Msg):
 
 class Nack(_Msg):
     nack: str
+    missing: list[str] | None = Field(
+        default=None, description="422: the piece digests a delta push needs and did not carry."
+    )
+
+
+class PieceRequest(_Msg):
+    """Body of ``POST /api/v1/pieces``: pieces of the running manifest, by digest."""
+
+    instance: str
+    digests: list[str] = Field(max_length=1024)

@@ -26,6 +26,7 @@ from runtime.decide import (
     NO_HOST,
     PASSTHROUGH,
     TARGET,
+    Fetcher,
     Forward,
     Reply,
     RetryState,
@@ -34,8 +35,10 @@ from runtime.decide import (
     decide_inbound,
     decide_outbound,
     failure_reply,
+    no_fetcher,
     peer_hop,
     request_scheme,
+    settle,
     split_host,
 )
 from runtime.engine import Engine, Target
@@ -167,6 +170,8 @@ class HttpProxy:
         self.peers = PeerCache()
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        self.fetch: Fetcher = no_fetcher
+        """Fetches a pending destination's config (``decide.Fetch``); set by the server."""
 
     async def start(self) -> None:
         connector = _MeshConnector(
@@ -309,7 +314,13 @@ class HttpProxy:
         else:
             name, port = split_host(request.headers.get("Host", ""))
             path_qs = request.raw_path
-        verdict = decide_outbound(self.engine, snap, _Head(request), name, port, self.own_addresses)
+        head = _Head(request)
+        verdict = await settle(
+            self.engine,
+            decide_outbound(self.engine, snap, head, name, port, self.own_addresses),
+            self.fetch,
+            lambda s: decide_outbound(self.engine, s, head, name, port, self.own_addresses),
+        )
         return await self._carry_out(request, verdict, path_qs, t0, "outbound")
 
     async def inbound(self, request: web.BaseRequest) -> web.StreamResponse:

@@ -5,6 +5,12 @@ dir, and the admin API's two writes. A push is parsed and checked (signature, fo
 digest, generation), compiled into a new snapshot, written to the state dir, and only then
 swapped in; any failure on the way is a NACK that changes nothing. The lifecycle around it
 (listeners, registration, drain) is ``runtime.server``'s.
+
+The mesh slot may come as pieces (``runtime.pieces``): a signed manifest and the pieces this
+data plane lacks, reusing the ones it holds by digest; the swap is to the whole new set or
+nothing. A destination the manifest names but this data plane does not hold is fetched from the
+control plane at its first request (``fetch``), checked against the manifest's digest and added
+to the same set.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from runtime._match import SERVICE_TAG
 from runtime.bundle import (
@@ -27,13 +34,18 @@ from runtime.bundle import (
     bundle_digest,
     load_bundle,
 )
+from runtime.decide import FETCH_TIMEOUT_S
 from runtime.engine import Engine, Snapshot
 from runtime.metrics import Metrics
-from runtime.protocol import EndpointSet, PushTarget, endpoints_digest
+from runtime.pieces import MeshSet, MissingPieces, assemble, split_lines
+from runtime.protocol import EndpointSet, PushTarget, SignedEndpoints, endpoints_digest
 from runtime.security import PushTrust
 from runtime.state import Slot, StateDir, StoredState
 
-__all__ = ["Pushes", "StartupError"]
+__all__ = ["PieceFetcher", "Pushes", "StartupError"]
+
+PieceFetcher = Callable[[list[str]], Awaitable[list[bytes]]]
+"""Asks the control plane for pieces by digest (``POST /api/v1/pieces``)."""
 
 
 class StartupError(Exception):
@@ -61,6 +73,8 @@ class Pushes:
         self.trust = trust
         self.slots: dict[str, Slot] = {}
         self.endpoints: EndpointSet | None = None
+        self.endpoints_signed: SignedEndpoints | None = None
+        """The running set as pushed, with its signature (reported when registering again)."""
         self.instance: str | None = None
         self.mesh = mesh
         self.boot_id = secrets.token_hex(16)
@@ -71,6 +85,9 @@ class Pushes:
         self._on_install = on_install
         self._on_service_bundle = on_service_bundle
         self._lock = asyncio.Lock()
+        self.fetcher: PieceFetcher | None = None
+        """Set once a control plane is known (``runtime.server``)."""
+        self._fetching: dict[str, asyncio.Future[str | None]] = {}
 
     def load(self, mesh_file: Path | None, service_file: Path | None, endpoints_file: Path | None) -> None:
         """The last-known-good state (the state dir, then files given at start), compiled and
@@ -139,11 +156,13 @@ class Pushes:
         return digests, gens
 
     def _build(self, slots: dict[str, Slot], endpoints: EndpointSet | None) -> Snapshot:
-        mesh = slots["mesh"].bundle if "mesh" in slots else None
+        mesh_slot = slots.get("mesh")
+        mesh = mesh_slot.bundle if mesh_slot is not None else None
         svc = slots["service"].bundle if "service" in slots else None
         assert mesh is None or isinstance(mesh, MeshBundle)
         assert svc is None or isinstance(svc, ServiceBundle)
-        return self.engine.build(mesh, svc, endpoints)
+        pending = mesh_slot.pieces.pending if mesh_slot is not None and mesh_slot.pieces else ()
+        return self.engine.build(mesh, svc, endpoints, pending)
 
     def _stored(self) -> StoredState:
         return StoredState(dict(self.slots), self.endpoints, self.instance)
@@ -165,7 +184,9 @@ class Pushes:
         generation: int,
         role: str | None,
         signature: str | None = None,
-    ) -> tuple[int, dict[str, str]]:
+        pieces: bool = False,
+    ) -> tuple[int, dict[str, Any]]:
+        self.metrics.push_bytes.labels(role if role in ("mesh", "service") else "bundle").inc(len(body))
         if not digest:
             return self.nack("bundle", 400, "missing X-Meshc-Digest header")
         # Only the control plane may change this data plane (DESIGN §6): the signature covers this
@@ -179,6 +200,10 @@ class Pushes:
             return self.nack(role or "bundle", 403, refused)
         if role not in (None, "mesh", "service"):
             return self.nack("bundle", 400, f"unknown bundle role {role!r}")
+        if pieces:
+            if role != "mesh":
+                return self.nack(role or "bundle", 400, "pieces fill the mesh slot only")
+            return await self._push_pieces(body, digest, generation)
         try:
             bundle = (
                 await asyncio.to_thread(load_bundle, body, digest)
@@ -195,32 +220,137 @@ class Pushes:
             if current is not None and generation < current.generation:
                 return self.nack(kind, 409, f"stale generation {generation}; running {current.generation}")
             if current is not None and current.digest == digest:
-                if generation > current.generation:
-                    self.slots[kind] = Slot(current.data, digest, generation, current.bundle)
-                    await self._persist()
-                return 200, {"ack": digest}
-            slots = {**self.slots, kind: Slot(body, digest, generation, bundle)}
+                return await self._same(kind, current, generation)
+            return await self._swap(kind, Slot(body, digest, generation, bundle))
+
+    async def _same(self, kind: str, current: Slot, generation: int) -> tuple[int, dict[str, Any]]:
+        """The running digest pushed again: acknowledged, only its generation moves."""
+        if generation > current.generation:
+            self.slots[kind] = Slot(current.data, current.digest, generation, current.bundle, current.pieces)
+            await self._persist()
+        return 200, {"ack": current.digest}
+
+    async def _swap(self, kind: str, slot: Slot) -> tuple[int, dict[str, Any]]:
+        """Compile, store, then install ``slot`` (under the lock); a NACK on any failure."""
+        slots = {**self.slots, kind: slot}
+        try:
+            snap = self._build(slots, self.endpoints)
+        except BundleError as e:
+            return self.nack(kind, 400, str(e))
+        old = self.slots
+        self.slots = slots
+        try:
+            await self._persist()
+        except OSError as e:
+            self.slots = old
+            return self.nack(kind, 500, f"cannot store the bundle in the state dir: {e}")
+        self._install(snap)
+        self.metrics.set_bundle(kind, slot.digest)
+        self.metrics.reloads.labels(kind, "ack").inc()
+        if kind == "service":
+            await self._on_service_bundle()
+        return 200, {"ack": slot.digest}
+
+    async def _push_pieces(self, body: bytes, digest: str, generation: int) -> tuple[int, dict[str, Any]]:
+        """A delta push of the mesh slot: the manifest (whose digest the signature covered) and
+        the pieces this data plane lacks; the new set keeps every destination held now."""
+        lines = split_lines(body)
+        if not lines or bundle_digest(lines[0]) != digest:
+            got = bundle_digest(lines[0]) if lines else "nothing"
+            return self.nack("mesh", 400, f"digest mismatch: the manifest hashes to {got}, not {digest}")
+        async with self._lock:
+            current = self.slots.get("mesh")
+            if current is not None and generation < current.generation:
+                return self.nack("mesh", 409, f"stale generation {generation}; running {current.generation}")
+            held = current.pieces if current is not None else None
+            if current is not None and current.digest == digest and len(lines) == 1:
+                return await self._same("mesh", current, generation)
+            cache = held.pieces if held is not None else {}
+            keep = tuple(held.held) if held is not None else ()
             try:
+                ms = (
+                    await asyncio.to_thread(assemble, lines[0], lines[1:], cache, keep)
+                    if len(body) > 256 * 1024
+                    else assemble(lines[0], lines[1:], cache, keep)
+                )
+            except MissingPieces as e:
+                self.metrics.pieces.labels("pushed", "failed").inc()
+                status, reply = self.nack("mesh", 422, str(e))
+                return status, {**reply, "missing": list(e.digests)}
+            except BundleError as e:
+                self.metrics.pieces.labels("pushed", "failed").inc()
+                return self.nack("mesh", 400, str(e))
+            self.metrics.pieces.labels("pushed", "ok").inc(len(lines) - 1)
+            return await self._swap("mesh", Slot(lines[0], digest, generation, ms.bundle(), ms))
+
+    # --- on demand ------------------------------------------------------------------------
+
+    async def fetch(self, service: str) -> str | None:
+        """Hold ``service``'s destination piece (fetched from the control plane, bounded by
+        ``FETCH_TIMEOUT_S``): None once it is held, else why not. One fetch per piece at a time,
+        however many requests wait for it."""
+        for _ in range(2):  # a push may swap the manifest while a fetch is on its way
+            slot = self.slots.get("mesh")
+            ms = slot.pieces if slot is not None else None
+            if ms is None or service not in ms.pending:
+                return None
+            if self.fetcher is None:
+                return "no control plane to fetch it from"
+            digest = ms.index[service]
+            fut = self._fetching.get(digest)
+            if fut is None:
+                fut = self._fetching[digest] = asyncio.ensure_future(self._fetch(service, digest))
+                fut.add_done_callback(self._fetched)
+            try:
+                async with asyncio.timeout(FETCH_TIMEOUT_S):
+                    why = await asyncio.shield(fut)
+            except TimeoutError:
+                return f"no answer from the control plane in {FETCH_TIMEOUT_S:.0f}s"
+            if why is not None:
+                return why
+        return None
+
+    def _fetched(self, fut: asyncio.Future[str | None]) -> None:
+        for d, f in list(self._fetching.items()):
+            if f is fut:
+                del self._fetching[d]
+
+    async def _fetch(self, service: str, digest: str) -> str | None:
+        assert self.fetcher is not None
+        try:
+            lines = [line for line in await self.fetcher([digest]) if bundle_digest(line) == digest]
+        except (OSError, TimeoutError, ValueError) as e:
+            self.metrics.pieces.labels("fetched", "failed").inc()
+            return f"control plane: {e}"
+        if not lines:
+            self.metrics.pieces.labels("fetched", "failed").inc()
+            return f"the control plane did not send piece {digest[:12]}"
+        async with self._lock:
+            slot = self.slots.get("mesh")
+            ms = slot.pieces if slot is not None else None
+            if slot is None or ms is None or ms.index.get(service) != digest or service not in ms.pending:
+                return None  # swapped meanwhile: the caller looks again
+            try:
+                grown: MeshSet = ms.with_pieces(lines[:1])
+                slots = {
+                    **self.slots,
+                    "mesh": Slot(slot.data, slot.digest, slot.generation, grown.bundle(), grown),
+                }
                 snap = self._build(slots, self.endpoints)
             except BundleError as e:
-                return self.nack(kind, 400, str(e))
-            old = self.slots
+                self.metrics.pieces.labels("fetched", "failed").inc()
+                return str(e)
             self.slots = slots
-            try:
+            with contextlib.suppress(OSError):  # kept in memory; stored with the next change
                 await self._persist()
-            except OSError as e:
-                self.slots = old
-                return self.nack(kind, 500, f"cannot store the bundle in the state dir: {e}")
             self._install(snap)
-            self.metrics.set_bundle(kind, digest)
-            self.metrics.reloads.labels(kind, "ack").inc()
-            if kind == "service":
-                await self._on_service_bundle()
-            return 200, {"ack": digest}
+            self.metrics.pieces.labels("fetched", "ok").inc()
+        return None
 
     async def push_endpoints(
         self, body: bytes, generation: int | None = None, signature: str | None = None
-    ) -> tuple[int, dict[str, str]]:
+    ) -> tuple[int, dict[str, Any]]:
+        self.metrics.push_bytes.labels("endpoints").inc(len(body))
         if not self.trust.insecure:
             if generation is None:
                 return self.nack("endpoints", 400, "missing X-Meshc-Generation header")
@@ -256,6 +386,9 @@ class Pushes:
                 self.endpoints = current
                 return self.nack("endpoints", 500, f"cannot store the endpoints in the state dir: {e}")
             self._install(snap)
+            self.endpoints_signed = (
+                SignedEndpoints(body=body.decode(), signature=signature) if signature is not None else None
+            )
             self.metrics.endpoints_generation.set(endpoints.generation)
             self.metrics.reloads.labels("endpoints", "ack").inc()
             return 200, {"ack": hashlib.sha256(body).hexdigest()}
@@ -264,7 +397,7 @@ class Pushes:
         self.engine.install(snap)
         self._on_install(snap)
 
-    def nack(self, kind: str, status: int, reason: str) -> tuple[int, dict[str, str]]:
+    def nack(self, kind: str, status: int, reason: str) -> tuple[int, dict[str, Any]]:
         self.metrics.reloads.labels(kind, "nack").inc()
         print(f"meshc: NACK {kind}: {reason}", file=sys.stderr, flush=True)
         return status, {"nack": reason}

@@ -23,10 +23,12 @@ import sys
 from collections.abc import Callable
 
 from runtime._http import post
+from runtime.pieces import split_lines
 from runtime.protocol import (
     CertificateReply,
     CertificateRequest,
     Heartbeat,
+    PieceRequest,
     Registration,
     RegistrationReply,
 )
@@ -73,6 +75,16 @@ class Registrar:
         elif authenticate and status == 200:
             self._use_token = False
         return status, data
+
+    async def fetch_pieces(self, digests: list[str]) -> list[bytes]:
+        """Pieces of the running manifest by digest (on demand); OSError when refused."""
+        if self.instance is None or not self._started:
+            raise OSError("not registered with the control plane yet")
+        body = PieceRequest(instance=self.instance, digests=digests).model_dump_json().encode()
+        status, data = await self._post("/api/v1/pieces", body, authenticate=True)
+        if status != 200:
+            raise OSError(f"pieces answered {status}: {data[:200]!r}")
+        return split_lines(data)
 
     async def renew(self, csr_pem: str) -> CertificateReply | None:
         """A new certificate for ``csr_pem``; None when the control plane forgot this instance

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import random
 import signal
@@ -27,6 +28,7 @@ from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
 from runtime.gatewaytls import GatewayCerts
+from runtime.h1guard import GuardedListener
 from runtime.h2proxy import H2Plane
 from runtime.healthcheck import HealthChecker
 from runtime.limits import ListenerLimits
@@ -52,7 +54,11 @@ _CERT_WATCH_S = 1.0
 
 
 def parse_addr(value: str, default_host: str = "127.0.0.1") -> Addr:
-    """``host:port``, ``[v6]:port`` or ``:port`` / ``port`` (on ``default_host``)."""
+    """``host:port``, ``[v6]:port``, ``v6:port`` or ``:port`` / ``port`` (on ``default_host``).
+
+    ``v6:port`` without brackets is what ``$(POD_IP):PORT`` expands to on an IPv6 Kubernetes
+    cluster (meshc inject writes it so for either family): the port is the part after the last
+    colon, and the rest must then be an IPv6 address."""
     value = value.strip()
     if value.startswith("["):
         host, _, port = value[1:].partition("]:")
@@ -61,8 +67,13 @@ def parse_addr(value: str, default_host: str = "127.0.0.1") -> Addr:
     else:
         host, _, port = value.rpartition(":")
         host = host or default_host
-    if not port.isdigit() or not host:
+    if not port.isdigit() or not host or int(port) > 65535:
         raise ValueError(f"{value!r} is not host:port")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address (write [v6]:port)") from None
     return host, int(port)
 
 
@@ -96,6 +107,10 @@ class Options:
     """Accept unsigned pushes (no control plane; bundles fed by hand)."""
     admin_allow_remote: bool = False
     """Allow the admin API on a non-loopback address."""
+    pieces: bool = True
+    """Register for delta pushes (``runtime.pieces``); False: the whole mesh bundle every time."""
+    reachable: list[str] | None = None
+    """Kuma's reachableServices (registration); None: what the policies name, the rest on demand."""
     limits: ListenerLimits = field(default_factory=ListenerLimits)
     """Read timeouts and the connection limit of every listener (the admin API included)."""
     """Head/body read timeouts and the connection limit of the admin listener."""
@@ -233,7 +248,7 @@ class DataPlane:
                         factory: Any = self.fast.factory("outbound")
                     else:
                         assert self.http is not None
-                        factory = (await self._runner(self.http.outbound)).server
+                        factory = await self._guarded("outbound", self.http.outbound)
                     sock = _bind(opts.outbound)
                     assert factory is not None
                     factory = self.h2.sniffer(factory, "outbound")
@@ -256,8 +271,25 @@ class DataPlane:
                 auth=self._auth_headers,
             )
             self.registrar.start()
+            self.pushes.fetcher = self.registrar.fetch_pieces
+            fetch = self.pushes.fetch
+            self.tcp.fetch = fetch
+            if self.fast is not None:
+                self.fast.fetch = fetch
+            if self.http is not None:
+                self.http.fetch = fetch
+            self.h2.fetch = fetch
             self._rotation = asyncio.ensure_future(self._rotate_loop())
         _emit({"event": "listening", "service": self.service, **self.listening})
+
+    async def _guarded(self, listener: str, handler: Any) -> GuardedListener:
+        """An aiohttp server for ``handler`` behind the data listeners' parser and limits."""
+        server = (await self._runner(handler)).server
+        assert server is not None
+        refusals = self.metrics.listener_refusals
+        return GuardedListener(
+            server, self.opts.limits, lambda reason: refusals.labels(listener, reason).inc()
+        )
 
     async def _runner(self, handler: Any) -> web.ServerRunner:
         from aiohttp import web
@@ -289,7 +321,7 @@ class DataPlane:
             factory = self.fast.factory("inbound")
         else:
             assert self.http is not None
-            factory = (await self._runner(self.http.inbound)).server
+            factory = await self._guarded("inbound", self.http.inbound)
         if catalog is None or catalog.protocol != "tcp":
             factory = self.h2.sniffer(factory, "inbound")
         listener = MtlsListener(sock, factory, self._current_mtls, self.creds, self._count_inbound)
@@ -377,9 +409,9 @@ class DataPlane:
                 ) -> web.StreamResponse:
                     return await http.gateway(request, port)
 
-                runner = await self._runner(handler)
                 loop = asyncio.get_running_loop()
-                factory = self.h2.sniffer(runner.server, "gateway", port)  # type: ignore[arg-type]
+                guarded = await self._guarded("gateway", handler)
+                factory = self.h2.sniffer(guarded, "gateway", port)
                 self._servers.append(await loop.create_server(factory, sock=sock, ssl=ctx))
             self._gateway_ports.add(port)
             if index >= 0:
@@ -422,6 +454,9 @@ class DataPlane:
             instance=self.pushes.instance,
             csr_pem=self.creds.csr(self.opts.mesh, self.service, self.opts.tags),
             boot_id=self.pushes.boot_id,
+            pieces=self.opts.pieces,
+            reachable_services=self.opts.reachable,
+            running_endpoints=self.pushes.endpoints_signed,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
@@ -547,7 +582,16 @@ class DataPlane:
             "trusted_control_plane_key": self.trust.key,
             "insecure_admin": self.trust.insecure,
             "bundles": {
-                role: {"digest": s.digest, "generation": s.generation, "bundle": json.loads(s.data)}
+                role: {
+                    "digest": s.digest,
+                    "generation": s.generation,
+                    "bundle": json.loads(s.data) if s.pieces is None else s.bundle.model_dump(mode="json"),
+                    **(
+                        {"pieces": {"held": sorted(s.pieces.held), "pending": sorted(s.pieces.pending)}}
+                        if s.pieces is not None
+                        else {}
+                    ),
+                }
                 for role, s in sorted(self.pushes.slots.items())
             },
             "endpoints": endpoints.model_dump(mode="json") if endpoints else None,

@@ -2,14 +2,19 @@
 
 Layout of ``--state-dir``::
 
-    bundles/<sha256>.json   the exact bytes of each accepted bundle (written once)
+    bundles/<sha256>.json   the exact bytes of each accepted bundle or mesh manifest (written once)
+    pieces/<sha256>.json    the mesh pieces held (``runtime.pieces``), each named by its hash
     state.json              {"format": 1, "service": ..., "slots": {"mesh"|"service":
-                             {"digest", "generation"}}, "endpoints": EndpointSet | null,
-                             "instance": registered instance name | null}
+                             {"digest", "generation", "pieces"?: true}}, "endpoints":
+                             EndpointSet | null, "instance": registered instance name | null}
+
+A mesh slot that came as pieces is its manifest in ``bundles/`` and its pieces in ``pieces/``;
+on load it holds every destination whose piece is there and intact (a partial cache is fine: the
+rest is pending and fetched or pushed again), and needs every catalog chunk.
 
 Every file is written to a temporary name, fsynced and renamed over the old one, bundles before
 ``state.json``, so a crash at any point leaves the previous or the new state, never a mix.
-Bundle files no longer named by ``state.json`` are removed afterwards.
+Bundle and piece files no longer named by ``state.json`` are removed afterwards.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle import BundleError, MeshBundle, ServiceBundle, load_bundle
+from runtime.bundle import BundleError, MeshBundle, ServiceBundle, bundle_digest, load_bundle
+from runtime.pieces import MeshSet, assemble
 from runtime.protocol import EndpointSet
 
 __all__ = ["STATE_FORMAT", "Slot", "StateDir", "StoredState"]
@@ -38,6 +44,8 @@ class Slot:
     digest: str
     generation: int
     bundle: MeshBundle | ServiceBundle
+    pieces: MeshSet | None = None
+    """For a mesh slot pushed as pieces: the set (``data`` is then its manifest)."""
 
 
 @dataclass
@@ -69,6 +77,7 @@ class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.bundles = path / "bundles"
+        self.pieces = path / "pieces"
 
     def load(self) -> StoredState:
         """Read the last accepted state; anything unreadable is skipped with a warning."""
@@ -87,9 +96,14 @@ class StateDir:
             try:
                 digest = str(info["digest"])
                 data = (self.bundles / f"{digest}.json").read_bytes()
-                out.slots[role] = Slot(
-                    data, digest, int(info.get("generation", 0)), load_bundle(data, digest)
-                )
+                generation = int(info.get("generation", 0))
+                if info.get("pieces"):
+                    if bundle_digest(data) != digest:
+                        raise BundleError(f"manifest {digest[:12]} is damaged")
+                    ms = assemble(data, (), self._read_pieces(), None)
+                    out.slots[role] = Slot(data, digest, generation, ms.bundle(), ms)
+                else:
+                    out.slots[role] = Slot(data, digest, generation, load_bundle(data, digest))
             except (OSError, KeyError, TypeError, ValueError, BundleError) as e:
                 _warn(f"ignoring stored {role} bundle: {e}")
         if raw.get("endpoints") is not None:
@@ -101,6 +115,19 @@ class StateDir:
         out.instance = instance if isinstance(instance, str) else None
         return out
 
+    def _read_pieces(self) -> dict[str, bytes]:
+        """The intact pieces on disk; a damaged one is removed (so it is written again)."""
+        out: dict[str, bytes] = {}
+        for path in self.pieces.glob("*.json"):
+            with contextlib.suppress(OSError):
+                data = path.read_bytes()
+                if bundle_digest(data) == path.stem:
+                    out[path.stem] = data
+                else:
+                    _warn(f"removing damaged piece {path}")
+                    path.unlink()
+        return out
+
     def save(self, service: str, state: StoredState) -> None:
         """Persist ``state`` atomically (blocking: call it from a worker thread)."""
         self.bundles.mkdir(parents=True, exist_ok=True)
@@ -108,12 +135,23 @@ class StateDir:
             path = self.bundles / f"{slot.digest}.json"
             if not path.exists():
                 _write_atomic(path, slot.data)
+        held = {
+            d: p for s in state.slots.values() if s.pieces is not None for d, p in s.pieces.pieces.items()
+        }
+        if held:
+            self.pieces.mkdir(exist_ok=True)
+            for digest, data in held.items():
+                path = self.pieces / f"{digest}.json"
+                if not path.exists():
+                    _write_atomic(path, data)
+            _fsync_dir(self.pieces)
         _fsync_dir(self.bundles)
         doc: dict[str, Any] = {
             "format": STATE_FORMAT,
             "service": service,
             "slots": {
-                r: {"digest": s.digest, "generation": s.generation} for r, s in sorted(state.slots.items())
+                r: {"digest": s.digest, "generation": s.generation, **({"pieces": True} if s.pieces else {})}
+                for r, s in sorted(state.slots.items())
             },
             "endpoints": state.endpoints.model_dump(mode="json") if state.endpoints else None,
             "instance": state.instance,
@@ -123,6 +161,10 @@ class StateDir:
         keep = {f"{s.digest}.json" for s in state.slots.values()}
         for old in self.bundles.glob("*.json"):
             if old.name not in keep:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        for old in self.pieces.glob("*.json"):
+            if old.stem not in held:
                 with contextlib.suppress(OSError):
                     old.unlink()
 

@@ -19,12 +19,15 @@ from runtime._hosts import Host, Outcome
 from runtime.decide import (
     NO_HOST,
     TARGET,
+    Fetcher,
     Reply,
     admit,
     decide_connect,
     decide_tcp_gateway,
     decide_tcp_inbound,
+    no_fetcher,
     peer_hop,
+    settle,
 )
 from runtime.engine import Engine, Target
 from runtime.metrics import Metrics
@@ -101,6 +104,8 @@ class TcpProxy:
         self.app_address = app_address
         self.tasks: set[asyncio.Task[None]] = set()
         self.creds = Credentials()
+        self.fetch: Fetcher = no_fetcher
+        """Fetches a pending destination's config (``decide.Fetch``); set by the server."""
         self.peers = PeerCache()
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -270,7 +275,12 @@ class TcpProxy:
             writer.close()
             return
         ok = b"HTTP/1.1 200 Connection Established\r\n\r\n"
-        verdict = decide_connect(self.engine, self.engine.snapshot, name, port, self.own_addresses)
+        verdict = await settle(
+            self.engine,
+            decide_connect(self.engine, self.engine.snapshot, name, port, self.own_addresses),
+            self.fetch,
+            lambda s: decide_connect(self.engine, s, name, port, self.own_addresses),
+        )
         if isinstance(verdict, Reply):
             self._refuse(writer, verdict, "outbound", True)
         elif verdict.kind == TARGET:

@@ -8,6 +8,8 @@ Small modules, each owning one thing:
 * ``endpoints``: the endpoint set of a mesh, derived from the registry.
 * ``generation``: push generation numbers that keep growing across restarts.
 * ``pusher``: per data plane reconciliation (endpoints, mesh bundle, service bundle), ACK/NACK.
+* ``pieces``: recent mesh bundles as pieces (delta pushes) and what each service bundle names
+  (a data plane's scope).
 * ``status``: the per data plane sync view (SYNCED / STALE / NOT SENT).
 * ``metrics``: the control plane's Prometheus metrics.
 * ``traffic``: the live traffic split, scraped from the data planes' metrics.

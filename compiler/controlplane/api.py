@@ -29,11 +29,13 @@ from pydantic import ValidationError
 from compiler.controlplane import openapi
 from compiler.controlplane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from compiler.controlplane.pusher import Pusher
+from compiler.controlplane.registry import DataPlane
 from compiler.controlplane.release import Compiler
 from compiler.controlplane.security import AuthError, Host, Security
 from compiler.controlplane.status import dataplane_row
 from compiler.controlplane.traffic import TrafficView, configured_routes
-from runtime.protocol import Heartbeat, Registration, RegistrationReply
+from runtime.pieces import join_lines
+from runtime.protocol import Heartbeat, PieceRequest, Registration, RegistrationReply, SignedEndpoints
 
 
 class KubeAuth(Protocol):
@@ -69,10 +71,18 @@ class ControlPlane(Host, Protocol):
     @property
     def kube(self) -> KubeAuth | None: ...
 
+    def rejoined(self, dp: DataPlane, signed: SignedEndpoints | None) -> None: ...
+
 
 __all__ = ["ControlPlane", "dashboard_data", "make_app"]
 
-_PROTOCOL = ("/api/v1/register", "/api/v1/heartbeat", "/api/v1/deregister", "/api/v1/certificate")
+_PROTOCOL = (
+    "/api/v1/register",
+    "/api/v1/heartbeat",
+    "/api/v1/deregister",
+    "/api/v1/certificate",
+    "/api/v1/pieces",
+)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -93,11 +103,24 @@ def status_data(cp: ControlPlane) -> dict[str, Any]:
         for dp in sorted(cp.registry.dataplanes.values(), key=lambda d: (d.mesh, d.service, d.instance))
     ]
     rel = cp.releases.current
+    manifests = {}
+    for key in rel.digests if rel else ():
+        mp = cp.pusher.mesh_pieces(rel, key) if "/" not in key else None
+        if mp is not None:
+            manifests[key] = mp.digest
+    slow = sorted(
+        (r for r in rows if r["lag_s"] is not None or r["last_lag_s"] is not None),
+        key=lambda r: (r["lag_s"] is None, -(r["lag_s"] or r["last_lag_s"] or 0.0)),
+    )
     return {
         "release": rel.id if rel else None,
         "commit": rel.commit if rel else None,
         "digests": rel.digests if rel else {},
+        "manifests": manifests,
         "dataplanes": rows,
+        "slowest": [
+            {"instance": r["instance"], "lag_s": r["lag_s"], "last_lag_s": r["last_lag_s"]} for r in slow[:5]
+        ],
     }
 
 
@@ -253,6 +276,7 @@ def make_app(cp: ControlPlane) -> web.Application:
             cp.log(f"registration of {reg.service!r} refused: {e.reason}")
             return _json({"error": e.reason}, e.status)
         dp = cp.registry.register(reg)
+        cp.rejoined(dp, reg.running_endpoints)
         reply = RegistrationReply(
             instance=dp.instance,
             heartbeat_interval_ms=int(cp.config.heartbeat_interval_s * 1000),
@@ -284,6 +308,26 @@ def make_app(cp: ControlPlane) -> web.Application:
             return _json({"error": e.reason}, e.status)
         cp.registry.heartbeat(hb)
         return _json({"ok": True})
+
+    async def pieces(request: web.Request) -> web.Response:
+        """On demand (runtime.pieces): a registered data plane asks for pieces by digest."""
+
+        raw = await request.read()
+        try:
+            req = PieceRequest.model_validate_json(raw)
+        except ValidationError as e:
+            return _json({"error": f"bad piece request: {e.errors(include_url=False)}"}, 400)
+        known = cp.registry.dataplanes.get(req.instance)
+        if known is None:
+            return _json({"error": f"unknown instance {req.instance!r}; register again"}, 404)
+        try:
+            cp.security.authenticate(request.headers, request.path, raw, known.service, known.mesh)
+        except AuthError as e:
+            return _json({"error": e.reason}, e.status)
+        found = cp.pusher.pieces_for(known, req.digests)
+        if not found:
+            return _json({"error": "none of these pieces is in a recent release"}, 404)
+        return web.Response(body=join_lines(found), content_type="application/x-ndjson")
 
     async def deregister(request: web.Request) -> web.Response:
 
@@ -371,6 +415,7 @@ def make_app(cp: ControlPlane) -> web.Application:
     app.router.add_post("/api/v1/heartbeat", heartbeat)
     app.router.add_post("/api/v1/deregister", deregister)
     app.router.add_post("/api/v1/certificate", cp.security.handle_certificate)
+    app.router.add_post("/api/v1/pieces", pieces)
     app.router.add_get("/api/v1/status", get_status)
     app.router.add_get("/api/v1/overview", get_overview)
     app.router.add_get("/api/v1/services", get_services)

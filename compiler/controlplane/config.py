@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from runtime.limits import ListenerLimits
 
 __all__ = ["Config"]
 
@@ -32,3 +34,5 @@ class Config:
     kubernetes: str | None = None
     """``in-cluster`` or an API server URL: endpoints from EndpointSlices, TokenReview, a Lease."""
     kubernetes_token: str | None = None
+    limits: ListenerLimits = field(default_factory=ListenerLimits)
+    """The API listener's read timeouts and connection limit, as every data-plane listener has."""

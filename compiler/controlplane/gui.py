@@ -12,6 +12,8 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
+from compiler.controlplane.status_table import lag_text
+
 __all__ = ["FAVICON_SVG", "SECTIONS", "render_page", "render_sections"]
 
 FAVICON_SVG = (
@@ -198,6 +200,7 @@ def _dataplanes(d: dict[str, Any]) -> str:
                 f"<code>{_e(digest[:12])}</code>",
                 _e(_ago(r["last_seen"], now)),
                 _e(_ago(r["last_ack_at"], now)),
+                _e(lag_text(r)),
                 _e(r["last_nack"] or r["last_error"] or "-"),
             ]
         )
@@ -212,6 +215,7 @@ def _dataplanes(d: dict[str, Any]) -> str:
             "Digest",
             "Last seen",
             "Last ACK",
+            "Lag",
             "Last NACK / error",
         ],
         rows,

@@ -31,6 +31,13 @@ class ControlPlaneMetrics:
             ["slot", "result"],
             registry=r,
         )
+        self.push_bytes = Counter(
+            "meshc_controlplane_push_bytes",
+            "Bytes of push bodies sent to data planes by slot (endpoints, mesh, service), and of "
+            "pieces fetched on demand (fetched).",
+            ["slot"],
+            registry=r,
+        )
         self.compiles = Counter(
             "meshc_controlplane_compiles", "Compiles by result (ok, failed).", ["result"], registry=r
         )
@@ -51,6 +58,13 @@ class ControlPlaneMetrics:
         )
         self.release_info = Gauge(
             "meshc_controlplane_release_info", "The current release (value 1).", ["release"], registry=r
+        )
+        self.listener_refusals = Counter(
+            "meshc_listener_refusals",
+            "Connections the API listener refused, by reason (header_timeout, body_timeout, "
+            "max_connections), as the data planes count theirs.",
+            ["listener", "reason"],
+            registry=r,
         )
         self._release: str | None = None
 

@@ -17,6 +17,7 @@ from runtime.protocol import (
     CertificateReply,
     CertificateRequest,
     Heartbeat,
+    PieceRequest,
     Registration,
     RegistrationReply,
 )
@@ -43,18 +44,33 @@ _ROW = _obj(
     "status",
     "slots",
     "digest",
+    "lag_s",
     state={"enum": ["Online", "Offline"]},
     status={"enum": ["SYNCED", "STALE", "NOT SENT"]},
+    lag_s={"type": ["number", "null"], "description": "Seconds its oldest unacknowledged change waits."},
+    last_lag_s={"type": ["number", "null"], "description": "Change to ACK, for its last ACK."},
 )
 _STATUS = _obj(
     "release",
     "commit",
     "digests",
+    "manifests",
     "dataplanes",
+    "slowest",
     release=_NULLABLE_STR,
     commit=_NULLABLE_STR,
     digests={"type": "object", "additionalProperties": {"type": "string"}},
+    manifests={
+        "type": "object",
+        "additionalProperties": {"type": "string"},
+        "description": "Mesh -> the digest of its bundle's manifest: what a data plane taking pieces runs.",
+    },
     dataplanes={"type": "array", "items": _ROW},
+    slowest={
+        "type": "array",
+        "items": _obj("instance", "lag_s"),
+        "description": "Up to 5 data planes, the most lagging first (waiting now, else by last ACK).",
+    },
 )
 
 
@@ -104,6 +120,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Renew the instance's mesh certificate (authenticated by the current one).",
         CertificateReply,
         CertificateRequest,
+        "data plane protocol",
+        (400, 401, 403, 404),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/pieces",
+        "Mesh pieces by digest, on demand (authenticated like a heartbeat); newline-delimited pieces.",
+        {"type": "string", "description": "application/x-ndjson: one piece's canonical JSON a line"},
+        PieceRequest,
         "data plane protocol",
         (400, 401, 403, 404),
     ),

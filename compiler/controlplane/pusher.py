@@ -8,13 +8,24 @@ from the one the data plane acknowledged, so a commit that changes one service's
 bundle to that service's data planes and nothing to the others.
 
 One task per data plane waits for its slots to become dirty and reconciles them; a semaphore bounds
-the pushes in flight across all data planes. A transport error is retried with capped exponential
-backoff; a NACK is recorded and the same bytes are not sent again (they would be refused again),
-and the later slots wait, since they may depend on what was refused. Heartbeats report what a
+the pushes in flight across all data planes, over keep-alive connections. A transport error is
+retried with capped exponential backoff, and so is a NACK that refuses the moment, not the
+content (403: this boot has not registered yet, say a push that overtook the registration's
+answer; 409: an older generation), until an ACK or the data plane goes Offline. A NACK of the
+content (400, 413) is recorded and the same bytes are not sent again (they would be refused
+again), and the later slots wait, since they may depend on what was refused. Heartbeats report what a
 data plane runs (every slot's digest and generation, endpoints included): a slot that runs
 something else than what was acknowledged (a replay, a restart from older state) shows STALE with
 its running digest and is pushed again, and one that already runs the desired digest (a control
 plane restart) counts as SYNCED without a push.
+
+A data plane that registered with ``pieces`` gets its mesh slot as a delta push
+(``runtime.pieces``): the manifest (its digest is the slot's desired digest) and only the pieces
+it is believed to lack, of those in its scope: every catalog chunk, and the destinations its
+service bundle names (and their split targets), its ``reachable_services`` and those it asked
+for on demand or named as missing in a 422. A gateway gets every destination. A 422 NACK
+(pieces it lacks) is answered at once by a push that carries them; every body's bytes are
+counted (``meshc_controlplane_push_bytes``, and per rollout).
 """
 
 from __future__ import annotations
@@ -34,12 +45,15 @@ import aiohttp
 from compiler.controlplane.endpoints import endpoint_services, endpoints_digest
 from compiler.controlplane.generation import Generations
 from compiler.controlplane.metrics import ControlPlaneMetrics
+from compiler.controlplane.pieces import PieceStore
 from compiler.controlplane.registry import DataPlane, Registry
-from compiler.controlplane.release import ReleaseState
+from compiler.controlplane.release import Release, ReleaseState
+from runtime.pieces import MeshPieces
 from runtime.protocol import (
     HDR_BUNDLE_ROLE,
     HDR_DIGEST,
     HDR_GENERATION,
+    HDR_PIECES,
     HDR_SIGNATURE,
     Endpoint,
     EndpointSet,
@@ -49,6 +63,8 @@ from runtime.protocol import (
 __all__ = ["SLOTS", "DataPlaneSync", "Pusher", "Rollout", "SlotState"]
 
 SLOTS = ("endpoints", "mesh", "service")
+_TRANSIENT = ("403:", "409:")
+"""NACKs that do not say the content is bad: the same digest is pushed again (backing off)."""
 Result = Literal["ack", "nack", "error"]
 
 
@@ -57,6 +73,10 @@ class SlotState:
     desired: str | None = None
     desired_since: float | None = None
     """When the change that made ``desired`` was seen; set only for policy changes (measured)."""
+    changed_at: float | None = None
+    """When ``desired`` last changed (any cause): the lag of a slot not synced yet."""
+    last_lag_s: float | None = None
+    """Change (or first push) to ACK, for the last ACK."""
     inflight: str | None = None
     sent: str | None = None
     acked: str | None = None
@@ -96,7 +116,15 @@ class SlotState:
             "nack": self.nack,
             "last_nack_at": self.last_nack_at,
             "error": self.error,
+            "lag_s": self.lag(time.time()),
+            "last_lag_s": self.last_lag_s,
         }
+
+    def lag(self, now: float) -> float | None:
+        """Seconds since the desired digest changed, while it is not acknowledged; else None."""
+        if self.desired is None or self.acked == self.desired or self.changed_at is None:
+            return None
+        return round(max(0.0, now - self.changed_at), 3)
 
 
 @dataclass
@@ -105,6 +133,10 @@ class DataPlaneSync:
     slots: dict[str, SlotState] = field(default_factory=lambda: {s: SlotState() for s in SLOTS})
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    have: set[str] = field(default_factory=set)
+    """Mesh pieces it is believed to hold (from its ACKs); a 422 corrects the belief."""
+    extra: set[str] = field(default_factory=set)
+    """Destinations it holds beyond its scope (fetched on demand, or named in a 422)."""
 
 
 @dataclass
@@ -119,6 +151,8 @@ class Rollout:
     acked: int = 0
     nacked: int = 0
     completed_at: float | None = None
+    bytes: int = 0
+    """Bytes of the push bodies sent for it (retries and 422 re-sends included)."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +162,7 @@ class Rollout:
             "targets": self.targets,
             "acked": self.acked,
             "nacked": self.nacked,
+            "bytes": self.bytes,
             "pending": len(self.pending),
             "completed_at": self.completed_at,
             "duration_s": None if self.completed_at is None else self.completed_at - self.seen_at,
@@ -165,6 +200,7 @@ class Pusher:
         """Signs every push (DESIGN §6); set by the control plane."""
         self.endpoint_source: Callable[[str], dict[str, list[Endpoint]]] | None = None
         """Where endpoint sets come from instead of the registry (Kubernetes EndpointSlices)."""
+        self.pieces = PieceStore()
         registry.subscribe(self._on_registry)
 
     async def start(self) -> None:
@@ -196,14 +232,50 @@ class Pusher:
             cached = self._eps[mesh] = (services, endpoints_digest(services))
         return cached
 
+    def mesh_pieces(self, rel: Release | None, mesh: str) -> MeshPieces | None:
+        """The current release's mesh bundle of ``mesh`` as pieces."""
+        data = rel.bundles.get(mesh) if rel else None
+        digest = rel.digests.get(mesh) if rel else None
+        return self.pieces.mesh(digest, data) if rel and data is not None and digest else None
+
     def _desired(self, dp: DataPlane) -> dict[str, str | None]:
         rel = self.releases.current
         digests = rel.digests if rel else {}
+        mesh = digests.get(dp.mesh)
+        if mesh is not None and dp.pieces:
+            mp = self.mesh_pieces(rel, dp.mesh)
+            mesh = mp.digest if mp is not None else None
         return {
             "endpoints": self._mesh_endpoints(dp.mesh)[1],
-            "mesh": digests.get(dp.mesh),
+            "mesh": mesh,
             "service": digests.get(f"{dp.mesh}/{dp.service}"),
         }
+
+    def scope(self, dp: DataPlane, sync: DataPlaneSync | None) -> set[str] | None:
+        """The destinations a data plane gets pushed ahead; None: every one (a gateway)."""
+        if dp.kind == "gateway":
+            return None
+        rel = self.releases.current
+        key = f"{dp.mesh}/{dp.service}"
+        data = rel.bundles.get(key) if rel else None
+        digest = rel.digests.get(key) if rel else None
+        names = set(self.pieces.named(digest, data)) if data is not None and digest else set()
+        names.update(dp.reachable or ())
+        if sync is not None:
+            names |= sync.extra
+        return names
+
+    def pieces_for(self, dp: DataPlane, digests: list[str]) -> list[bytes]:
+        """An on-demand fetch: the pieces asked for; their destinations join its scope."""
+        found = self.pieces.find(digests)
+        sync = self.syncs.get(dp.instance)
+        mp = self.mesh_pieces(self.releases.current, dp.mesh)
+        if sync is not None and mp is not None:
+            names = {d: n for n, d in mp.destinations.items()}
+            sync.extra.update(names[d] for d in found if d in names)
+            sync.have.update(found)
+        self.metrics.push_bytes.labels("fetched").inc(sum(len(p) + 1 for p in found.values()))
+        return list(found.values())
 
     def _refresh(self, sync: DataPlaneSync, dp: DataPlane, seen_at: float | None) -> list[str]:
         changed = []
@@ -212,6 +284,7 @@ class Pusher:
             if st.desired != want:
                 st.desired = want
                 st.desired_since = seen_at if slot != "endpoints" else None
+                st.changed_at = seen_at or time.time()
                 changed.append(slot)
         if changed:
             sync.dirty.set()
@@ -290,6 +363,8 @@ class Pusher:
         sync = self.syncs.get(dp.instance)
         if sync is None:
             sync = self._track(dp)
+        if dp.pieces and not sync.have and sync.slots["mesh"].inflight is None:
+            self._infer_pieces(sync, dp)
         for slot in SLOTS:
             st = sync.slots[slot]
             running = dp.running.get(slot)
@@ -319,6 +394,15 @@ class Pusher:
                 self._rollout_done(dp.instance, slot, ok=True)
         if any(s.desired is not None and s.acked != s.desired for s in sync.slots.values()):
             sync.dirty.set()
+
+    def _infer_pieces(self, sync: DataPlaneSync, dp: DataPlane) -> None:
+        """A data plane we know nothing of (this control plane restarted, or it did) that runs a
+        manifest we still hold has its catalog and its scope of it, so the next push need not
+        carry them; anything else it held shows up in a 422."""
+        running = dp.running.get("mesh")
+        mp = self.pieces.by_manifest(running) if running else None
+        if mp is not None:
+            sync.have.update(mp.wanted(self.scope(dp, sync)))
 
     # --- pushing ------------------------------------------------------------------------------
 
@@ -373,9 +457,16 @@ class Pusher:
                     return None
                 gen = self.generations.next()
                 body = EndpointSet(generation=gen, services=services).model_dump_json().encode()
-                result, reason = await self._put(
+                result, reason, _ = await self._put(
                     dp, "/endpoints", body, {HDR_GENERATION: str(gen)}, st, want, gen
                 )
+            elif slot == "mesh" and dp.pieces:
+                mp = self.mesh_pieces(self.releases.current, dp.mesh)
+                if mp is None or mp.digest != want:
+                    sync.dirty.set()
+                    return None
+                gen = self.generations.next()
+                result, reason = await self._push_pieces(sync, dp, mp, st, gen)
             else:
                 rel = self.releases.current
                 key = dp.mesh if slot == "mesh" else f"{dp.mesh}/{dp.service}"
@@ -385,7 +476,7 @@ class Pusher:
                     return None
                 gen = self.generations.next()
                 headers = {HDR_DIGEST: want, HDR_GENERATION: str(gen), HDR_BUNDLE_ROLE: slot}
-                result, reason = await self._put(dp, "/bundle", data, headers, st, want, gen)
+                result, reason, _ = await self._put(dp, "/bundle", data, headers, st, want, gen)
             self.metrics.pushes.labels(slot, result).inc()
             now = time.time()
             if result == "ack":
@@ -395,10 +486,18 @@ class Pusher:
                 st.last_ack_at = now
                 st.error = None
                 st.mismatches = 0
+                if st.changed_at is not None:
+                    st.last_lag_s = round(max(0.0, now - st.changed_at), 3)
                 if st.desired_since is not None and slot != "endpoints":
                     self.metrics.propagation.labels(slot).observe(max(0.0, now - st.desired_since))
                     st.desired_since = None
                 self._rollout_done(dp.instance, slot, ok=True)
+            elif result == "nack" and reason.startswith(_TRANSIENT):
+                # Not the content: not registered in this boot yet (a push that overtook the
+                # registration's answer), or an older generation. Pushed again, with a new
+                # generation, backing off, until it ACKs or goes Offline.
+                st.nack, st.last_nack_at, st.error = reason, now, reason
+                return 0.0
             elif result == "nack":
                 st.nack, st.nack_digest, st.last_nack_at = reason, want, now
                 print(f"meshc: {dp.instance} NACKed the {slot} push {want[:12]}: {reason}", flush=True)
@@ -411,6 +510,32 @@ class Pusher:
                 return 0.0
         return hold_retry
 
+    async def _push_pieces(
+        self, sync: DataPlaneSync, dp: DataPlane, mp: MeshPieces, st: SlotState, gen: int
+    ) -> tuple[Result, str]:
+        """The manifest and the pieces of its scope it lacks; a 422 is answered with what it
+        names (twice at most: then it is a NACK like any other)."""
+        scope = self.scope(dp, sync)
+        wanted = mp.wanted(scope)
+        send = [d for d in wanted if d not in sync.have]
+        headers = {HDR_DIGEST: mp.digest, HDR_GENERATION: str(gen), HDR_BUNDLE_ROLE: "mesh", HDR_PIECES: "1"}
+        for _ in range(3):
+            result, reason, missing = await self._put(
+                dp, "/bundle", mp.body(send), headers, st, mp.digest, gen
+            )
+            if result != "nack" or not missing:
+                break
+            known = [d for d in missing if d in mp.pieces]
+            if not known or set(known) <= set(send):
+                break  # it asks for what it was sent, or for what no release has: a real NACK
+            names = {d: n for n, d in mp.destinations.items()}
+            sync.extra.update(names[d] for d in known if d in names)
+            sync.have.difference_update(missing)
+            send = sorted({*send, *known}, key=lambda d: (d not in mp.catalog, d))
+        if result == "ack":
+            sync.have = {*wanted, *send}
+        return result, reason
+
     async def _put(
         self,
         dp: DataPlane,
@@ -420,15 +545,20 @@ class Pusher:
         st: SlotState,
         want: str,
         gen: int,
-    ) -> tuple[Result, str]:
+    ) -> tuple[Result, str, list[str]]:
+        """One push: (ack|nack|error, reason, the piece digests a 422 names)."""
         assert self._session is not None
         st.inflight = st.sent = want
         st.generation = gen
+        slot = "endpoints" if path == "/endpoints" else headers[HDR_BUNDLE_ROLE]
+        self.metrics.push_bytes.labels(slot).inc(len(body))
+        for ro in self.rollouts:
+            if (dp.instance, slot) in ro.pending:
+                ro.bytes += len(body)
         if self.signer is not None:
             # DESIGN §6: for this mesh, service, instance and boot; for endpoints, the body's digest.
             digest = headers.get(HDR_DIGEST) or hashlib.sha256(body).hexdigest()
             target = PushTarget(dp.mesh, dp.service, dp.instance, dp.boot_id or "")
-            slot = "endpoints" if path == "/endpoints" else headers[HDR_BUNDLE_ROLE]
             headers = {**headers, HDR_SIGNATURE: self.signer(target, slot, digest, gen)}
         try:
             async with (
@@ -443,17 +573,21 @@ class Pusher:
                 raw = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            return "error", f"{type(e).__name__}: {e}"[:300]
+            return "error", f"{type(e).__name__}: {e}"[:300], []
         finally:
             st.inflight = None
         if status == 200:
-            return "ack", ""
+            return "ack", "", []
         if 400 <= status < 500:
             reason = raw.decode(errors="replace")[:500]
+            missing: list[str] = []
             with contextlib.suppress(ValueError, TypeError, AttributeError):
-                reason = str(json.loads(raw).get("nack", reason))
-            return "nack", f"{status}: {reason}"
-        return "error", f"HTTP {status}: {raw[:200].decode(errors='replace')}"
+                doc = json.loads(raw)
+                reason = str(doc.get("nack", reason))
+                if status == 422 and isinstance(doc.get("missing"), list):
+                    missing = [str(d) for d in doc["missing"]]
+            return "nack", f"{status}: {reason}", missing
+        return "error", f"HTTP {status}: {raw[:200].decode(errors='replace')}", []
 
     def _push_timeout(self, size: int) -> aiohttp.ClientTimeout:
         """The base timeout plus 10 s per MB: a data plane parses and compiles what it is sent

@@ -47,6 +47,10 @@ class DataPlane:
     endpoints_generation: int | None = None
     """As its last heartbeat reported; None before the first heartbeat."""
     heartbeats: int = 0
+    pieces: bool = False
+    """It takes its mesh slot as a manifest and pieces (registration)."""
+    reachable: tuple[str, ...] | None = None
+    """Kuma's reachableServices, as registered."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +67,8 @@ class DataPlane:
             "running": self.running,
             "generations": self.generations,
             "endpoints_generation": self.endpoints_generation,
+            "pieces": self.pieces,
+            "reachable_services": list(self.reachable) if self.reachable is not None else None,
         }
 
 
@@ -119,6 +125,8 @@ class Registry:
             registered_at=now,
             last_seen=now,
             boot_id=reg.boot_id,
+            pieces=reg.pieces,
+            reachable=tuple(reg.reachable_services) if reg.reachable_services is not None else None,
         )
         self.dataplanes[name] = dp
         self._save()
@@ -194,6 +202,8 @@ class Registry:
                 "admin_address": dp.admin_address,
                 "registered_at": dp.registered_at,
                 "boot_id": dp.boot_id,
+                "pieces": dp.pieces,
+                "reachable": dp.reachable,
             }
             for dp in sorted(self.dataplanes.values(), key=lambda d: d.instance)
         ]
@@ -224,6 +234,10 @@ class Registry:
                     admin_address=str(item["admin_address"]),
                     registered_at=float(item["registered_at"]),
                     boot_id=str(item["boot_id"]) if item.get("boot_id") else None,
+                    pieces=bool(item.get("pieces", False)),
+                    reachable=tuple(map(str, item["reachable"]))
+                    if item.get("reachable") is not None
+                    else None,
                     last_seen=now,
                     restored=True,
                 )

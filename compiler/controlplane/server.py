@@ -21,13 +21,16 @@ from compiler.controlplane.config import Config
 from compiler.controlplane.generation import Generations
 from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.pusher import Pusher
-from compiler.controlplane.registry import Registry
+from compiler.controlplane.registry import DataPlane, Registry
+from compiler.controlplane.rejoin import Rejoin
 from compiler.controlplane.release import Compiler, ReleaseState
 from compiler.controlplane.security import Security
 from compiler.controlplane.status import overall_status
 from compiler.controlplane.traffic import TrafficView
 from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
 from compiler.source import SourceError, read_policy_dir
+from runtime.h1guard import GuardedListener
+from runtime.protocol import SignedEndpoints
 
 REJOIN_INTERVALS = 3.5
 """Heartbeat intervals within which every live data plane has registered with a started control
@@ -75,12 +78,18 @@ class ControlPlane:
             self, config.secrets_dir or config.state_dir, require_auth=config.registration_auth
         )
         self.pusher.signer = self.security.sign
+        # Without a saved registry, learn the last live set from the data planes (rejoin.py).
+        self.rejoin: Rejoin | None = None
+        if not self.registry.restored and config.kubernetes is None:
+            self.rejoin = Rejoin(self.registry, rejoin, self.security.signer.signed)
+            self.pusher.endpoint_source = self.rejoin.services
         self.traffic = TrafficView(self.registry)
         self.registry.subscribe(self._on_registry)
         self._stop = asyncio.Event()
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.base_events.Server | None = None
         self._compile_lock = asyncio.Lock()
         self._git: GitRefWatcher | None = None
         self.kube: KubeControlPlane | None = None
@@ -98,8 +107,6 @@ class ControlPlane:
             print(f"meshc controlplane: {msg}", file=sys.stderr, flush=True)
 
     def _on_registry(self, event: str, dp: object) -> None:
-        from compiler.controlplane.registry import DataPlane
-
         assert isinstance(dp, DataPlane)
         if event in ("registered", "deregistered", "offline", "online"):
             where = f" inbound {dp.inbound_address}" if dp.inbound_address else ""
@@ -108,6 +115,24 @@ class ControlPlane:
             self.pusher.forget_offline(dp)
         if event != "heartbeat":
             self._update_gauges()
+
+    def rejoined(self, dp: DataPlane, signed: SignedEndpoints | None) -> None:
+        """A registration reported the endpoint set it runs: learn from it (``rejoin``)."""
+        if self.rejoin is not None and signed is not None and self.rejoin.learn(dp, signed):
+            self.log(f"learned the live endpoint set of mesh {dp.mesh!r} from {dp.instance}")
+            self.pusher.endpoints_changed()
+
+    async def _rejoin_probes(self, rejoin: Rejoin) -> None:
+        """Twice per heartbeat interval while the window is open, drop learned endpoints that no
+        longer accept connections; at its end, the learned entries go."""
+        half = self.config.heartbeat_interval_s / 2
+        while rejoin.open:
+            if await rejoin.probe(half):
+                self.pusher.endpoints_changed()
+            await asyncio.sleep(max(0.0, min(half, rejoin.until - time.time())))
+        self.pusher.endpoint_source = None
+        self.rejoin = None
+        self.pusher.endpoints_changed()
 
     def _update_gauges(self) -> None:
         dps = list(self.registry.dataplanes.values())
@@ -228,8 +253,18 @@ class ControlPlane:
         app = make_app(self)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await site.start()
+        assert self._runner.server is not None
+        refusals = self.metrics.listener_refusals
+        guarded = GuardedListener(
+            self._runner.server, self.config.limits, lambda reason: refusals.labels("api", reason).inc()
+        )
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            guarded, self.config.host, self.config.port, reuse_address=True
+        )
+        if self.rejoin is not None:
+            self.rejoin.begin()  # data planes can come back from now on
+            self._tasks.append(asyncio.ensure_future(self._rejoin_probes(self.rejoin)))
         self._tasks.append(asyncio.ensure_future(self._compile_loop()))
         self._tasks.append(asyncio.ensure_future(self._sweep()))
         if self.config.watch:
@@ -249,6 +284,8 @@ class ControlPlane:
         await self.pusher.close()
         await self.traffic.close()
         self.security.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
 

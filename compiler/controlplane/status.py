@@ -33,6 +33,8 @@ def dataplane_row(dp: DataPlane, sync: DataPlaneSync | None, now: float | None =
     acks = [v["last_ack_at"] for v in slots.values() if v["last_ack_at"]]
     nacks = [(v["last_nack_at"], v["nack"]) for v in slots.values() if v["nack"]]
     errors = [v["error"] for v in slots.values() if v["error"]]
+    lags = [v["lag_s"] for v in slots.values() if v["lag_s"] is not None and v["status"] != "-"]
+    last_lags = [v["last_lag_s"] for v in slots.values() if v["last_lag_s"] is not None]
     row = dp.as_json()
     row.update(
         {
@@ -44,6 +46,8 @@ def dataplane_row(dp: DataPlane, sync: DataPlaneSync | None, now: float | None =
             "last_ack_at": max(acks) if acks else None,
             "last_nack": max(nacks)[1] if nacks else None,
             "last_error": errors[0] if errors else None,
+            "lag_s": max(lags) if lags and dp.online else None,
+            "last_lag_s": max(last_lags) if last_lags else None,
         }
     )
     return row

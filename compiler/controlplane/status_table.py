@@ -2,7 +2,9 @@
 
 It imports nothing of the control plane, so the command starts in a few tens of milliseconds.
 The default table fits 100 columns (names and tags are shortened with ``…`` when they must be);
-``-o wide`` adds the per-slot state, the addresses, the last ACK and the last NACK.
+``-o wide`` adds the per-slot state, the lag (how long its oldest unacknowledged change has
+waited, else ``=`` and the change-to-ACK time of its last ACK), the addresses, the last ACK and
+the last NACK.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["WIDTH", "ago", "render_table"]
+__all__ = ["WIDTH", "ago", "lag_text", "render_table"]
 
 WIDTH = 100
 
@@ -53,6 +55,7 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
             st("endpoints"),
             st("mesh"),
             st("service"),
+            lag_text(r),
             r.get("admin_address") or "-",
             r.get("inbound_address") or "-",
             ago(now - ack) + " ago" if ack else "-",
@@ -61,8 +64,16 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
     return row
 
 
+def lag_text(r: dict[str, Any]) -> str:
+    """Waiting now (its oldest unacknowledged change), else ``=`` its last change-to-ACK time."""
+    lag, last = r.get("lag_s"), r.get("last_lag_s")
+    if lag is not None:
+        return f"{lag:.1f}s"
+    return f"={last:.2f}s" if last is not None else "-"
+
+
 _HEAD = ["NAME", "SERVICE", "TAGS", "STATE", "STATUS", "DIGEST", "SEEN"]
-_WIDE = ["KIND", "EDS", "MESH", "SERVICE-BUNDLE", "ADMIN", "INBOUND", "LAST ACK", "LAST NACK"]
+_WIDE = ["KIND", "EDS", "MESH", "SERVICE-BUNDLE", "LAG", "ADMIN", "INBOUND", "LAST ACK", "LAST NACK"]
 _SHRINK = (0, 2, 1)
 """Columns shortened, in this order, when the default table is wider than ``WIDTH``."""
 

@@ -35,6 +35,8 @@ DEFAULT_GATEWAY = "meshc-gateway"
 DEFAULT_GATEWAY_PORT = 8080
 MESH_KEY = "kuma.io/mesh"
 GATEWAY_KEY = "meshc.io/gateway"
+SERVICE_LABEL = "kuma.io/service"
+"""A gateway pod's label naming its gateway (the name it registers as), as on Kuma's gateway pods."""
 STRIP_KEY = "konghq.com/strip-path"
 _RESERVED = {SERVICE_TAG, PROTOCOL_TAG}
 _HTTP = {"http", "kuma.io/http"}

@@ -19,7 +19,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from compiler.kube.derive import DEFAULT_GATEWAY, DEFAULT_GATEWAY_PORT
+from compiler.kube.derive import DEFAULT_GATEWAY, DEFAULT_GATEWAY_PORT, SERVICE_LABEL
 from compiler.kube.inject import IMAGE, SECURITY_CONTEXT
 
 __all__ = ["CP_NAME", "CP_PORT", "Settings", "objects", "render", "write_kustomization"]
@@ -221,7 +221,7 @@ def _gateway(s: Settings) -> Iterator[dict[str, Any]]:
             "replicas": 2,
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": {**labels, **_PART_OF}},
+                "metadata": {"labels": {**labels, **_PART_OF, SERVICE_LABEL: DEFAULT_GATEWAY}},
                 "spec": {
                     "serviceAccountName": DEFAULT_GATEWAY,
                     "containers": [gw],

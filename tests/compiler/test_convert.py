@@ -151,7 +151,7 @@ def test_generated_legacy_repos_convert_to_valid_repos(docs: list[dict[str, Any]
     errors = [(d.file, d.code, d.message) for d in result.diagnostics if d.severity == "error"]
     assert not errors, (errors, report)
     kinds = [d.get("kind", "") for text in out.values() for d in yaml.safe_load_all(text) if d]
-    converted = [line.rsplit(" -> ", 1)[1] for line in report if " -> " in line]
+    converted = [k for line in report if " -> " in line for k in line.rsplit(" -> ", 1)[1].split(" + ")]
     assert sorted(
         k for k in kinds if k.startswith("Mesh") and k in REGISTRY and REGISTRY[k].dialect == "targetref"
     ) == sorted(converted)

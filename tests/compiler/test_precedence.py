@@ -6,7 +6,17 @@ from typing import Any
 
 import pytest
 
-from compiler.precedence import Ranked, in_order, merge_patch, merged, name_ties, policy_key
+from compiler.precedence import (
+    Ranked,
+    contributions,
+    in_order,
+    merge_patch,
+    merged,
+    name_ties,
+    policy_key,
+    target_rank,
+    why,
+)
 
 # RFC 7386, appendix A: (target, patch, result).
 RFC_7386 = [
@@ -88,4 +98,69 @@ def test_name_ties_name_both_policies_only_when_they_set_the_same_thing() -> Non
     c = _item("Mesh", "gamma", {"http": {"idleTimeout": "2s"}})
     d = _item("MeshService", "delta", {"http": {"requestTimeout": "9s"}})
     ties = name_ties(in_order([d, c, b, a]))
-    assert [(x.policy, y.policy) for x, y in ties] == [("alpha", "beta")]
+    assert [(x.policy, y.policy) for x, y in ties] == [("beta", "alpha")]  # the smaller name wins
+
+
+def _ranked(
+    name: str,
+    top: str,
+    default: Any,
+    item: str = "Mesh",
+    labels: dict[str, str] | None = None,
+    section: str = "to",
+) -> Ranked:
+    return Ranked(
+        policy_key(top, labels or {}, name), target_rank(item), default, name, (section, 0), (top, item)
+    )
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "reason"),
+    [
+        (_ranked("a", "MeshService", {}), _ranked("b", "MeshServiceSubset", {}),
+         "more specific targetRef MeshServiceSubset > MeshService"),
+        (_ranked("z", "Mesh", {}, labels={"kuma.io/origin": "global"}), _ranked("a", "Mesh", {}),
+         "origin zone > global (kuma.io/origin)"),
+        (_ranked("z", "Mesh", {}, labels={"kuma.io/policy-role": "producer"}),
+         _ranked("a", "Mesh", {}, labels={"kuma.io/policy-role": "consumer"}),
+         "role consumer > producer (kuma.io/policy-role)"),
+        (_ranked("a", "Mesh", {}), _ranked("b", "Mesh", {}, item="MeshService"),
+         "more specific item targetRef MeshService > Mesh"),  # a `to` item's kind before names
+        (_ranked("b", "Mesh", {}, item="MeshService", section="from"),
+         _ranked("a", "Mesh", {}, section="from"),
+         "name order: 'a' sorts before 'b' (names come before a `from` item's own kind)"),
+        (_ranked("b", "Mesh", {}), _ranked("a", "Mesh", {}),
+         "name-order tie: 'a' sorts before 'b', and the smaller name wins (W3004)"),
+    ],
+)  # fmt: skip
+def test_why_names_the_first_attribute_that_orders_two_items(low: Ranked, high: Ranked, reason: str) -> None:
+    assert in_order([high, low]) == [low, high]  # the order ``why`` explains is Kuma's
+    assert why(low, high) == reason
+
+
+def test_why_names_the_item_kind_between_items_of_one_policy() -> None:
+    low = _ranked("p", "Mesh", {})
+    high = Ranked(low.key, target_rank("MeshService"), {}, "q", ("to", 1), ("Mesh", "MeshService"))
+    assert why(low, high) == "more specific item targetRef MeshService > Mesh"
+
+
+def test_contributions_say_which_leaves_a_higher_item_replaced() -> None:
+    mesh = _ranked("mesh", "Mesh", {"connection_timeout": 1, "http": {"request_timeout": 2}, "append_x": [1]})
+    svc = _ranked("svc", "MeshService", {"http": {"request_timeout": 3}, "append_x": [2]})
+    top = _ranked("top", "MeshServiceSubset", {"connection_timeout": 4})
+    lo, mid, hi = contributions(in_order([top, mesh, svc]))
+    assert lo.item is mesh and lo.sets == (
+        ("connection_timeout",),
+        ("http", "request_timeout"),
+        ("append_x",),
+    )
+    assert [(leaf, r.policy) for leaf, r in lo.overridden] == [
+        (("connection_timeout",), "top"),
+        (("http", "request_timeout"), "svc"),
+    ]  # the append list adds up: not overridden
+    assert not lo.shadowed and not mid.shadowed and mid.overridden == () and not hi.overridden
+    # A map replaced by a scalar replaces every leaf under it.
+    a, _ = contributions(
+        [_ranked("a", "Mesh", {"http": {"x": 1, "y": 2}}), _ranked("b", "MeshService", {"http": None})]
+    )
+    assert a.shadowed and [r.policy for _, r in a.overridden] == ["b", "b"]

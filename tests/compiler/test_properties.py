@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -39,9 +40,11 @@ SEED_FILES = {p.name: p.read_bytes() for p in sorted((REPO / "policies").glob("*
 
 
 def _settings(examples: int) -> settings:
+    """A fixed-seed short run; ``MESHC_FUZZ_EXAMPLES`` (bench/fuzz.py) asks for a long random one."""
+    long_run = int(os.environ.get("MESHC_FUZZ_EXAMPLES", "0"))
     return settings(
-        max_examples=examples,
-        derandomize=True,
+        max_examples=long_run or examples,
+        derandomize=not long_run,
         database=None,
         deadline=None,
         # No "explain" phase: its tracing slows a failing run down by orders of magnitude.

@@ -94,9 +94,9 @@ def test_a_tie_decided_by_name_is_a_warning_naming_both(tmp_path: Path) -> None:
         _timeout("beta", MESH, MESH, "{connectionTimeout: 2s}"),
     )
     ties = [d for d in r.diagnostics if d.code == "W3004"]
-    assert ties and "'beta' overrides MeshTimeout 'alpha'" in ties[0].message
+    assert ties and "'alpha' overrides MeshTimeout 'beta'" in ties[0].message
     (anyone,) = _timeouts(r, "default", "api")
-    assert anyone["connect_timeout_ms"] == 2000  # the name that sorts later wins, as in Kuma
+    assert anyone["connect_timeout_ms"] == 1000  # the smaller name wins, as in Kuma 2.14
 
 
 def test_targetref_wins_over_legacy_on_the_same_pair_with_a_warning(tmp_path: Path) -> None:
@@ -209,3 +209,26 @@ def test_two_faults_of_one_kind_cannot_be_expressed_and_say_so(tmp_path: Path) -
         ("W3006", ("spec", "from", 0), 23)
     ]
     assert json.loads(r.bundles["default/api"])["inbound"]["fault_injection"] == []
+
+
+def test_a_targetref_policy_on_a_narrower_pair_still_warns_of_the_legacy_one_it_shadows(
+    tmp_path: Path,
+) -> None:
+    """The legacy Timeout is for every caller of api; the MeshTimeout only for web's calls: in
+    web's bundle the targetRef rule comes first and ends the list, so the legacy one is lost
+    there (and only there)."""
+    legacy = """---
+apiVersion: kuma.io/v1alpha1
+kind: Timeout
+mesh: default
+metadata: {name: old}
+spec:
+  sources: [{match: {kuma.io/service: '*'}}]
+  destinations: [{match: {kuma.io/service: api}}]
+  conf: {connectTimeout: 7s}
+"""
+    r = _compile(tmp_path, legacy, _timeout("new", WEB, API, "{connectionTimeout: 3s}"))
+    (w,) = [d for d in r.diagnostics if d.code == "W3005"]
+    assert "'new' and the legacy Timeout 'old' both configure web -> api" in w.message
+    assert [x["connect_timeout_ms"] for x in _timeouts(r, "default/web", "api")] == [3000]
+    assert [x["connect_timeout_ms"] for x in _timeouts(r, "default", "api")] == [7000]  # other callers

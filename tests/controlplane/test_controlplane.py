@@ -33,11 +33,13 @@ pytestmark = pytest.mark.timeout(180)
 
 @dataclass
 class FakePlane:
-    """An admin API that records every push; ``nack_roles`` are refused."""
+    """An admin API that records every push; ``nack_roles`` are refused, and the first
+    ``not_yet`` pushes get 403 "not registered in this boot" (a push that overtook the answer)."""
 
     service: str
     tags: dict[str, str] = field(default_factory=dict)
     nack_roles: set[str] = field(default_factory=set)
+    not_yet: int = 0
     pushes: list[tuple[str, str, int]] = field(default_factory=list)
     running: dict[str, str] = field(default_factory=dict)
     endpoints: dict[str, Any] | None = None
@@ -52,6 +54,8 @@ class FakePlane:
             digest = request.headers[HDR_DIGEST]
             assert hashlib.sha256(body).hexdigest() == digest
             self.pushes.append((role, digest, gen))
+            if self._refuse_now():
+                return web.json_response({"nack": "not registered in this boot yet"}, status=403)
             if role in self.nack_roles:
                 return web.json_response({"nack": f"refusing the {role} bundle"}, status=400)
             self.running[role] = digest
@@ -60,6 +64,8 @@ class FakePlane:
         async def endpoints(request: web.Request) -> web.Response:
             doc = json.loads(await request.read())
             self.pushes.append(("endpoints", "", int(doc["generation"])))
+            if self._refuse_now():
+                return web.json_response({"nack": "not registered in this boot yet"}, status=403)
             self.endpoints = doc
             return web.json_response({"ack": "ok"})
 
@@ -72,6 +78,10 @@ class FakePlane:
         await site.start()
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.port = sock.getsockname()[1]
+
+    def _refuse_now(self) -> bool:
+        self.not_yet -= 1
+        return self.not_yet >= 0
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -132,6 +142,48 @@ async def _heartbeat(
 async def _rows(session: aiohttp.ClientSession, cp: str) -> dict[str, dict[str, Any]]:
     async with session.get(f"{cp}/api/v1/status") as r:
         return {x["instance"]: x for x in (await r.json())["dataplanes"]}
+
+
+def test_a_push_refused_for_the_moment_is_retried_until_it_is_acked(tmp_path: Path) -> None:
+    """A 403 (not registered in this boot yet) is not the content's fault: pushed again, with a
+    new generation each time and backing off, until it ACKs; a 400 is not (the test below)."""
+    policies = _copy_policies(tmp_path)
+
+    async def main() -> None:
+        cfg = Config(
+            policy_dir=policies,
+            out=tmp_path / "out",
+            port=free_port(),
+            state_dir=tmp_path / "state",
+            heartbeat_interval_s=0.2,
+            quiet=True,
+            registration_auth=False,
+        )
+        assert cfg.state_dir is not None
+        TokenIssuer(cfg.state_dir)
+        cp_obj = ControlPlane(cfg)
+        await cp_obj.start()
+        cp = f"http://127.0.0.1:{cfg.port}"
+        fp = FakePlane("magnanimo", not_yet=3)
+        await fp.start()
+        async with aiohttp.ClientSession(trust_env=False) as s:
+            name = await _register(s, cp, fp, cfg.state_dir)
+
+            async def synced() -> bool:
+                await _heartbeat(s, cp, name, fp, cfg.state_dir)
+                return (await _rows(s, cp))[name]["status"] == "SYNCED"
+
+            try:
+                await _until(synced, 60, "the refused data plane SYNCED")
+            finally:
+                await cp_obj.stop()
+                await fp.stop()
+        slots = [p[0] for p in fp.pushes]
+        assert slots[:4] == ["endpoints"] * 4 and slots[4:] == ["mesh", "service"], slots
+        gens = [p[2] for p in fp.pushes]
+        assert gens == sorted(gens) and len(set(gens)) == len(gens)
+
+    asyncio.run(main())
 
 
 def test_push_order_only_changed_bundles_nack_watcher_and_offline(tmp_path: Path) -> None:

@@ -72,13 +72,43 @@ def _pids_mentioning(*needles: str) -> list[int]:
     return found
 
 
-@pytest.mark.timeout(300)
-def test_demo_after_ctrl_c_restarts_and_leaves_nothing(tmp_path: Path) -> None:
-    """Two runs back to back on the same ports; after each Ctrl-C no process and no work dir."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+def _demo_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
     env["TMPDIR"] = str(tmp)
+    return env
+
+
+def _wait_ready(p: subprocess.Popen[bytes], log: Path, what: str) -> float:
+    """Poll the demo's log for its banner; returns the deadline (3 minutes) for what follows."""
+    deadline = time.monotonic() + 180
+    while "Ctrl-C stops everything" not in log.read_text(errors="replace"):
+        assert p.poll() is None, f"{what} exited early:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"{what} not ready:\n{log.read_text()}"
+        time.sleep(0.2)
+    return deadline
+
+
+def _stop(p: subprocess.Popen[bytes], log: Path, sig: signal.Signals = signal.SIGINT) -> None:
+    """Ctrl-C (or SIGTERM, as a service manager stops it): a clean exit 0 (killed only if it
+    hangs, and then it fails)."""
+    if p.poll() is None:
+        p.send_signal(sig)
+        try:
+            code = p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+            raise
+        assert code == 0, log.read_text()
+
+
+@pytest.mark.timeout(300)
+def test_demo_after_ctrl_c_restarts_and_leaves_nothing(tmp_path: Path) -> None:
+    """Two runs back to back on the same ports, the first stopped by Ctrl-C, the second by
+    SIGTERM; after each, no process and no work dir."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = _demo_env(tmp)
     cp_port, gw_port = free_port(), free_port()
     argv = [sys.executable, "-m", "compiler.cli", "demo", str(REPO / "policies")]
     argv += ["--cp-port", str(cp_port), "--gateway-port", str(gw_port)]
@@ -87,11 +117,7 @@ def test_demo_after_ctrl_c_restarts_and_leaves_nothing(tmp_path: Path) -> None:
         with open(log, "wb") as out:
             p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         try:
-            deadline = time.monotonic() + 180
-            while "Ctrl-C stops everything" not in log.read_text(errors="replace"):
-                assert p.poll() is None, f"demo run {run} exited early:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"demo run {run} not ready:\n{log.read_text()}"
-                time.sleep(0.2)
+            _wait_ready(p, log, f"demo run {run}")
             text = log.read_text()
             work = re.search(r"starting in (\S+)", text)
             assert work is not None and work.group(1).startswith(str(tmp)), text
@@ -102,13 +128,66 @@ def test_demo_after_ctrl_c_restarts_and_leaves_nothing(tmp_path: Path) -> None:
             assert "  open " not in text
             ports = re.findall(r"app 127\.0\.0\.1:(\d+)", text)
             assert len(ports) == 3, text
-            p.send_signal(signal.SIGINT)
-            assert p.wait(60) == 0, log.read_text()
         finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+            _stop(p, log, signal.SIGINT if run == 0 else signal.SIGTERM)
         assert "all processes stopped" in log.read_text()
         assert not list(tmp.glob("meshc-demo-*")), "the temporary work dir (CA key, secrets) was left behind"
         left = _pids_mentioning(work.group(1), *(f"--port {port}" for port in ports))
         assert left == [], f"processes left after Ctrl-C: {left}"
+
+
+def test_the_targetref_flag_picks_the_twin_which_compiles_to_the_seeds_bundles() -> None:
+    from compiler.cli import _parser
+    from compiler.demo import TARGETREF_DIR, demo_policy_dir
+    from compiler.pipeline import compile_dir
+
+    args = _parser().parse_args(["demo", "--targetref"])
+    assert demo_policy_dir(args) == TARGETREF_DIR == Path("docs/examples/targetref")
+    assert demo_policy_dir(_parser().parse_args(["demo"])) == Path("policies")
+    twin, seed = compile_dir(REPO / TARGETREF_DIR), compile_dir(REPO / "policies")
+    assert twin.digests and twin.digests == seed.digests
+    kinds = {x["kind"] for p in twin.release["provenance"].values() for x in p}
+    assert "MeshHTTPRoute" in kinds and "TrafficRoute" not in kinds  # the twin, not the seed
+
+
+def test_a_dir_and_the_targetref_flag_together_are_refused() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "compiler.cli", "demo", "policies", "--targetref"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "give DIR or --targetref, not both" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_demo_targetref_serves_the_canary_through_the_gateway(tmp_path: Path) -> None:
+    """The real demo on the twin: the gateway answers through MeshHTTPRoute-compiled bundles."""
+    import urllib.request
+
+    env = _demo_env(tmp_path)
+    cp_port, gw_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "compiler.cli", "demo", "--targetref"]
+    argv += ["--cp-port", str(cp_port), "--gateway-port", str(gw_port)]
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        deadline = _wait_ready(p, log, "demo --targetref")
+        assert "docs/examples/targetref/traffic-route.yaml" in log.read_text()
+        body = ""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1, never a proxy
+        while "Benigno" not in body:
+            assert time.monotonic() < deadline, f"no answer through the gateway: {body!r}\n{log.read_text()}"
+            try:
+                with opener.open(f"http://127.0.0.1:{gw_port}/route1/hw2", timeout=10) as r:
+                    body = r.read().decode()
+            except OSError as e:
+                body = str(e)
+                time.sleep(0.2)
+        assert "Hello World, Benigno" in body
+    finally:
+        _stop(p, log)

@@ -44,13 +44,15 @@ def _admin_config(admin_port: int) -> dict[str, Any]:
 
 
 def _running_matches_release(mesh: DemoMesh) -> bool:
-    """Every data plane runs exactly the release's mesh bundle and its own service bundle."""
-    digests = mesh.status()["digests"]
+    """Every data plane runs exactly the release's mesh bundle (as pieces: its manifest) and its
+    own service bundle."""
+    status = mesh.status()
+    digests, manifests = status["digests"], status["manifests"]
     admins = [(i.spec.service, i.admin) for i in mesh.instances.values()]
     admins.append(("edge-gateway", mesh.gateway_admin))
     for service, port in admins:
         cfg = _admin_config(port)["bundles"]
-        if cfg.get("mesh", {}).get("digest") != digests["default"]:
+        if cfg.get("mesh", {}).get("digest") != manifests["default"]:
             return False
         if cfg.get("service", {}).get("digest") != digests[f"default/{service}"]:
             return False

@@ -171,6 +171,43 @@ def test_token_review_identity_comes_from_the_pod_never_the_request() -> None:
     run(body)
 
 
+def test_a_gateway_is_named_by_its_pods_kuma_io_service_label() -> None:
+    """A gateway registers under its MeshGateway's name, which no Kubernetes Service carries: the
+    label ``kuma.io/service`` of its pod (set by ``meshc manifests``) names it, nothing else."""
+
+    async def body(store: Store, url: str) -> None:
+        gw = pod("meshc-gateway-a", "10.0.0.9", "v1")
+        gw["metadata"]["labels"] = {
+            "app.kubernetes.io/name": "meshc-gateway",
+            "kuma.io/service": "meshc-gateway",
+        }
+        gw["spec"]["serviceAccountName"] = "meshc-gateway"
+        store.put(PODS, gw)
+        store.put(PODS, pod("benigno-v1-a", "10.0.0.5", "v1"))
+        tokens(store)
+        store.tokens["gateway"] = {
+            **store.tokens["good"],
+            "username": f"system:serviceaccount:{NS}:meshc-gateway",
+            "extra": {"authentication.kubernetes.io/pod-name": ["meshc-gateway-a"]},
+        }
+        api = await api_client(url)
+        async with api:
+            reviewer = TokenReviewer(api, lambda ns: [SERVICE])
+            reg = Registration(service="meshc-gateway", kind="gateway", admin_address="127.0.0.1:15002")
+            ident = await reviewer.authorize("gateway", reg)
+            assert ident.pod == "meshc-gateway-a"
+            for token, r in (
+                ("gateway", reg.model_copy(update={"service": "other-gateway"})),  # not its label
+                ("good", reg),  # benigno's pod has no such label
+                ("gateway", reg.model_copy(update={"kind": "sidecar"})),  # no Service selects it
+            ):
+                with pytest.raises(KubeAuthError) as info:
+                    await reviewer.authorize(token, r)
+                assert info.value.status == 403
+
+    run(body)
+
+
 def test_lease_one_leader_conflicts_and_takeover_after_expiry() -> None:
     async def body(store: Store, url: str) -> None:
         clock = [1000.0]

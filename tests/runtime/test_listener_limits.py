@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from framing_cases import FRAMING_CASES
 from runtime_harness import (
     Plane,
     Upstream,
@@ -30,21 +31,7 @@ _READ_GUARD_S = 15.0
 """A read that the proxy should end within a 0.5 s limit (and a sweep) fails after this long."""
 
 
-def _aiohttp_xfail(request: pytest.FixtureRequest, dataplane: str) -> None:
-    if dataplane == "aiohttp":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="aiohttp path: aiohttp's web.Server has no header or body read timeout and "
-                "no connection limit (the fast path is the default data plane)",
-                strict=True,
-            )
-        )
-
-
-def _sidecar(
-    plane: Callable[..., Plane], upstream: Callable[[str], Upstream], tmp_path: Path, *limits: str
-) -> Plane:
-    up = upstream("benigno")
+def _sidecar(plane: Callable[..., Plane], up: Upstream, tmp_path: Path, *limits: str) -> Plane:
     services = {"benigno": CatalogService(port=80, protocol="http")}
     eps = tmp_path / "eps.json"
     eps.write_text(endpoint_set(1, {"benigno": [(up.address, {})]}).model_dump_json())
@@ -58,16 +45,14 @@ def _sidecar(
 
 
 @pytest.fixture
-def limited(
-    request: pytest.FixtureRequest,
-    dataplane: str,
-    plane: Callable[..., Plane],
-    upstream: Callable[[str], Upstream],
-    tmp_path: Path,
-) -> Callable[..., Plane]:
-    """A sidecar with these limit flags, on this test's data plane (a strict xfail on aiohttp)."""
-    _aiohttp_xfail(request, dataplane)
-    return lambda *limits: _sidecar(plane, upstream, tmp_path, *limits)
+def benigno(upstream: Callable[[str], Upstream]) -> Upstream:
+    return upstream("benigno")
+
+
+@pytest.fixture
+def limited(plane: Callable[..., Plane], benigno: Upstream, tmp_path: Path) -> Callable[..., Plane]:
+    """A sidecar with these limit flags (in front of ``benigno``), on this test's data plane."""
+    return lambda *limits: _sidecar(plane, benigno, tmp_path, *limits)
 
 
 def _connect(plane: Plane) -> socket.socket:
@@ -131,3 +116,18 @@ def test_a_listener_at_its_connection_limit_answers_503_until_one_goes(limited: 
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize("request_bytes", FRAMING_CASES)
+def test_malformed_framing_is_refused_with_400_before_anything_is_forwarded(
+    limited: Callable[..., Plane], benigno: Upstream, request_bytes: bytes
+) -> None:
+    """The same strict parser as the admin API, on both data planes: the upstream sees nothing."""
+    sidecar = limited()
+    with _connect(sidecar) as s:
+        s.sendall(request_bytes)
+        reply = _read_all(s)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert b"connection: close" in reply.lower()
+    assert _get(sidecar).startswith(b"HTTP/1.1 200 "), "the listener still serves"
+    assert dict(benigno.hits) == {"/ok": 1}, "only the good request was forwarded"

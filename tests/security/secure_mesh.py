@@ -168,6 +168,8 @@ class ControlPlaneProc:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    """More ``meshc controlplane`` flags."""
 
     @property
     def url(self) -> str:
@@ -197,6 +199,7 @@ class ControlPlaneProc:
                     f"127.0.0.1:{self.port}",
                     "--heartbeat-interval",
                     "0.5",
+                    *self.extra,
                 ],
                 cwd=REPO,
                 stdout=out,

@@ -1,34 +1,66 @@
-"""The admin listener is no weaker than the data listeners (issue 20 #4): the same strict parser
-(runtime.h1 over llhttp), head and body read timeouts, a connection limit. A real sidecar process
-on 127.0.0.1, probed with raw sockets."""
+"""The control listeners are no weaker than the data listeners (issue 20 #4): the same strict
+parser (runtime.h1 over llhttp), head and body read timeouts, a connection limit. Each test runs
+against a real sidecar's admin API (runtime._http) and a real control plane's API (aiohttp behind
+runtime.h1guard), on 127.0.0.1, probed with raw sockets."""
 
 from __future__ import annotations
 
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from secure_mesh import HANG_DEADLINE, Plane
+from framing_cases import FRAMING_CASES
+from secure_mesh import HANG_DEADLINE, REPO, ControlPlaneProc, Plane
 
-_OK = b"GET /config HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+
+@dataclass
+class Listener:
+    """A control listener under test: its address and a path it answers 200."""
+
+    address: tuple[str, int]
+    ok_path: str
+    body_target: str
+    """A method and path whose handler reads the request body."""
+
+    @property
+    def ok(self) -> bytes:
+        return f"GET {self.ok_path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
 
 
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
-    work = tmp_path_factory.mktemp("admin-http")
-    args = ["--service", "benigno", "--admin", "127.0.0.1:0"]
-    limits = ["--header-timeout", "1", "--body-timeout", "1", "--max-connections", "8"]
-    p = Plane([*args, *limits], work)
+def _start(kind: str, work: Path, limits: list[str]) -> tuple[Listener, Plane | ControlPlaneProc]:
+    if kind == "admin":
+        p = Plane(["--service", "benigno", "--admin", "127.0.0.1:0", *limits], work)
+        return Listener(p.admin, "/config", "PUT /endpoints"), p
+    cp = ControlPlaneProc(REPO / "policies", work, extra=limits)
+    cp.start()
+    return Listener(("127.0.0.1", cp.port), "/healthz", "POST /api/v1/register"), cp
+
+
+def _stop(proc: Plane | ControlPlaneProc) -> None:
+    if isinstance(proc, Plane):
+        proc.close()
+    else:
+        proc.stop()
+
+
+@pytest.fixture(scope="module", params=["admin", "controlplane"])
+def plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
+    work = tmp_path_factory.mktemp(f"{request.param}-http")
+    listener, proc = _start(
+        request.param, work, ["--header-timeout", "1", "--body-timeout", "1", "--max-connections", "8"]
+    )
     try:
-        yield p
+        yield listener
     finally:
-        p.close()
+        _stop(proc)
 
 
-def _exchange(plane: Plane, data: bytes) -> bytes:
+def _exchange(plane: Listener, data: bytes) -> bytes:
     """Send ``data``, read until the server closes (HANG_DEADLINE only catches a hang)."""
-    with socket.create_connection(plane.admin, timeout=HANG_DEADLINE) as s:
+    with socket.create_connection(plane.address, timeout=HANG_DEADLINE) as s:
         s.sendall(data)
         out = b""
         while chunk := s.recv(65536):
@@ -36,52 +68,25 @@ def _exchange(plane: Plane, data: bytes) -> bytes:
         return out
 
 
-@pytest.mark.parametrize(
-    "request_bytes",
-    [
-        pytest.param(
-            b"PUT /endpoints HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
-            id="duplicate-content-length",
-        ),
-        pytest.param(
-            b"PUT /endpoints HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x",
-            id="conflicting-content-length",
-        ),
-        pytest.param(b"GET /config HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n", id="nul-in-header"),
-        pytest.param(b"GET /con\x00fig HTTP/1.1\r\nHost: a\r\n\r\n", id="nul-in-target"),
-        pytest.param(
-            b"PUT /endpoints HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
-            id="te-chunked-identity",
-        ),
-        pytest.param(
-            b"PUT /endpoints HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            id="cl-and-te",
-        ),
-        pytest.param(b"GET /config HTTP/1.1\r\nHost: a\r\nX-A: a\r\n b\r\n\r\n", id="obs-fold"),
-        pytest.param(b"GET /config HTTP/1.1\nHost: a\n\n", id="bare-lf"),
-        pytest.param(
-            b"PUT /endpoints HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", id="negative-length"
-        ),
-    ],
-)
-def test_malformed_framing_is_refused_with_400(plane: Plane, request_bytes: bytes) -> None:
+@pytest.mark.parametrize("request_bytes", FRAMING_CASES)
+def test_malformed_framing_is_refused_with_400(plane: Listener, request_bytes: bytes) -> None:
     reply = _exchange(plane, request_bytes)
     assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
-    assert b"Connection: close" in reply
-    assert _exchange(plane, _OK).startswith(b"HTTP/1.1 200 ")  # and the listener still serves
+    assert b"connection: close" in reply.lower()
+    assert _exchange(plane, plane.ok).startswith(b"HTTP/1.1 200 ")  # and the listener still serves
 
 
-def test_a_missing_body_is_cut_off_by_the_body_timeout(plane: Plane) -> None:
-    reply = _exchange(plane, b"PUT /endpoints HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{}")
+def test_a_missing_body_is_cut_off_by_the_body_timeout(plane: Listener) -> None:
+    head = f"{plane.body_target} HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{{}}"
+    reply = _exchange(plane, head.encode())
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
 
 
-def test_slow_loris_is_closed_by_the_header_timeout(plane: Plane) -> None:
+def test_slow_loris_is_closed_by_the_header_timeout(plane: Listener) -> None:
     """A head trickled one byte at a time (each byte well within any per-read timeout) is cut off
     by the deadline on the whole head: the server answers 408 and closes while we still send."""
     head = b"GET /config HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"x" * 10_000
-    with socket.create_connection(plane.admin, timeout=HANG_DEADLINE) as s:
+    with socket.create_connection(plane.address, timeout=HANG_DEADLINE) as s:
         s.settimeout(0.2)
         reply = b""
         end = time.monotonic() + HANG_DEADLINE
@@ -106,47 +111,48 @@ def test_slow_loris_is_closed_by_the_header_timeout(plane: Plane) -> None:
         assert i < len(head) - 1
 
 
-def test_an_idle_connection_is_closed_by_the_header_timeout(plane: Plane) -> None:
-    with socket.create_connection(plane.admin, timeout=HANG_DEADLINE) as s:
+def test_an_idle_connection_is_closed_by_the_header_timeout(plane: Listener) -> None:
+    with socket.create_connection(plane.address, timeout=HANG_DEADLINE) as s:
         reply = b""
         while chunk := s.recv(65536):  # we send nothing: only the server can end this
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
 
 
-def test_keep_alive_and_pipelining_still_work(plane: Plane) -> None:
-    one = b"GET /config HTTP/1.1\r\nHost: a\r\n\r\n"
-    reply = _exchange(plane, one + one + _OK)
+def test_keep_alive_and_pipelining_still_work(plane: Listener) -> None:
+    one = plane.ok.replace(b"Connection: close\r\n", b"")
+    reply = _exchange(plane, one + one + plane.ok)
     assert reply.count(b"HTTP/1.1 200 ") == 3, reply[:300]
 
 
-@pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+@pytest.fixture(scope="module", params=["admin", "controlplane"])
+def limited(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
     """Four connections at most, and a head timeout long enough that held ones stay open."""
-    work = tmp_path_factory.mktemp("admin-limit")
-    p = Plane(["--service", "benigno", "--admin", "127.0.0.1:0", "--max-connections", "4"], work)
+    listener, proc = _start(
+        request.param, tmp_path_factory.mktemp(f"{request.param}-limit"), ["--max-connections", "4"]
+    )
     try:
-        yield p
+        yield listener
     finally:
-        p.close()
+        _stop(proc)
 
 
-def test_connections_over_the_limit_are_refused_and_the_slots_come_back(limited: Plane) -> None:
+def test_connections_over_the_limit_are_refused_and_the_slots_come_back(limited: Listener) -> None:
     plane = limited
-    held = [socket.create_connection(plane.admin, timeout=HANG_DEADLINE) for _ in range(4)]
+    held = [socket.create_connection(plane.address, timeout=HANG_DEADLINE) for _ in range(4)]
     try:
         # Accepted in order: the four held ones are counted before this one.
-        with socket.create_connection(plane.admin, timeout=HANG_DEADLINE) as extra:
+        with socket.create_connection(plane.address, timeout=HANG_DEADLINE) as extra:
             refused = b""
             while chunk := extra.recv(65536):
                 refused += chunk
-        assert refused.startswith(b"HTTP/1.1 503 ") and b"too many connections" in refused, refused[:200]
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"reached --max-connections" in refused, refused[:200]
     finally:
         for s in held:
             s.close()
 
     def served() -> bool:
-        return _exchange(plane, _OK).startswith(b"HTTP/1.1 200 ")
+        return _exchange(plane, plane.ok).startswith(b"HTTP/1.1 200 ")
 
     end = time.monotonic() + HANG_DEADLINE
     while not served():  # the closed ones are released as the server sees them close

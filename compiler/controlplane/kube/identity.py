@@ -17,7 +17,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from compiler.controlplane.security import AuthError
-from compiler.kube.derive import service_name
+from compiler.kube.derive import SERVICE_LABEL, service_name
 from runtime.protocol import Registration
 
 __all__ = ["KubeAuthError", "PodIdentity", "TokenReviewer"]
@@ -97,8 +97,18 @@ class TokenReviewer:
         return PodIdentity(ns, sa, pods[0], labels, tuple(sorted(names)))
 
     async def authorize(self, token: str, reg: Registration) -> PodIdentity:
+        """A sidecar is the mesh service of a Service that selects its pod; a gateway is named
+        by its pod's ``kuma.io/service`` label (a MeshGateway is no Kubernetes Service, and the
+        gateway's own LoadBalancer Service is not a mesh service), as Kuma's gateway pods are."""
         ident = await self.review(token)
-        if reg.service not in ident.services:
+        if reg.kind == "gateway":
+            if ident.labels.get(SERVICE_LABEL) != reg.service:
+                raise KubeAuthError(
+                    403,
+                    f"pod {ident.namespace}/{ident.pod} has no label {SERVICE_LABEL}={reg.service} "
+                    "(a gateway is named by that label of its pod)",
+                )
+        elif reg.service not in ident.services:
             known = ", ".join(ident.services) or "none"
             raise KubeAuthError(
                 403,

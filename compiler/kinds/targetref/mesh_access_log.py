@@ -3,6 +3,11 @@
 Formats: `Plain` (Envoy's command operators, default Kuma's own line) or `Json` (key/value pairs).
 A policy sets `to` (outbound), `from` (inbound) or `rules` (inbound, replacing `to` and `from`).
 
+meshc compiles `to` into the destination's TrafficLog rule: the first File or Tcp backend, with
+its Plain format string (the sidecar writes File logs; Tcp is carried in the bundle). An
+OpenTelemetry backend, further backends, a Json format, `from` and `rules` are not applied
+(W3006 at each).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
@@ -22,6 +27,7 @@ Invalid (no backends)::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from compiler.diagnostics import Path
@@ -43,6 +49,7 @@ from compiler.kinds.targetref._common import (
     top,
     validate_match,
 )
+from runtime import bundle as b
 
 
 class JsonValue(Spec):
@@ -203,8 +210,8 @@ def _default(path: Path, conf: Conf | None) -> Found:
     if c.backends is None:
         yield (*path, "backends"), "must be defined"
         return
-    for i, b in enumerate(c.backends):
-        yield from at((*path, "backends", i), _backend(b))
+    for i, be in enumerate(c.backends):
+        yield from at((*path, "backends", i), _backend(be))
 
 
 def check(spec: MeshAccessLogSpec) -> Found:
@@ -234,4 +241,46 @@ def check(spec: MeshAccessLogSpec) -> Found:
         yield from _default(("rules", i, "default"), r.default)
 
 
-KIND = kind_def("MeshAccessLog", MeshAccessLogSpec, check, __doc__ or "")
+def _bundle_backend(x: dict[str, Any]) -> b.LoggingBackend | None:
+    kind = x.get("type")
+    conf = (x.get("file") if kind == "File" else x.get("tcp") if kind == "Tcp" else None) or {}
+    if not conf:
+        return None
+    fmt = conf.get("format") or {}
+    plain = fmt.get("plain") if fmt.get("type") == "Plain" else None
+    if kind == "File":
+        path = conf.get("path") or ""
+        return b.LoggingBackend(name=f"file:{path}", type="file", format=plain, path=path)
+    address = conf.get("address") or ""
+    return b.LoggingBackend(name=f"tcp:{address}", type="tcp", format=plain, address=address)
+
+
+def traffic_log(m: dict[str, Any]) -> b.TrafficLogConf | None:
+    """A merged ``default`` (snake_case) as the bundle's one log backend: its first File or Tcp
+    backend (``not_applied`` names the rest); None when it has none (``backends: []`` turns
+    logging off)."""
+    for x in m.get("backends") or ():
+        backend = _bundle_backend(x or {})
+        if backend is not None:
+            return b.TrafficLogConf(backend=backend)
+    return None
+
+
+def not_applied(conf: Conf | None) -> Iterator[tuple[Path, str]]:
+    """(path under ``default``, what) for each backend or format the bundle's backend cannot hold."""
+    kept = False
+    for i, x in enumerate((conf.backends if conf else None) or ()):
+        if x.type not in ("File", "Tcp"):
+            yield ("backends", i), f"a {x.type} backend (the sidecar writes File and Tcp logs only)"
+            continue
+        if kept:
+            yield ("backends", i), "a second backend (a bundle's log rule has one)"
+            continue
+        kept = True
+        inner = x.file if x.type == "File" else x.tcp
+        if inner is not None and inner.format is not None and inner.format.type == "Json":
+            where = ("backends", i, x.type.lower(), "format")
+            yield where, "a Json format (the bundle carries a Plain format string)"
+
+
+KIND = kind_def("MeshAccessLog", MeshAccessLogSpec, check, __doc__ or "", compiled=True)

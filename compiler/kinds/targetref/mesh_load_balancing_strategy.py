@@ -4,6 +4,11 @@
 `hashPolicies` feed RingHash and Maglev. `localityAwareness` keeps traffic in the local zone
 and orders the failover to others. `to` only.
 
+meshc compiles it into the route's load balancer (what TrafficRoute's `loadBalancer` sets),
+beside the destination's MeshHTTPRoute or MeshTCPRoute split. `localityAwareness`,
+`hashPolicies`, `activeRequestBias` and a Maglev `tableSize` have no place there and are not
+applied (W3006 at each).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
@@ -20,6 +25,9 @@ Invalid (an unknown failover type)::
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 from compiler.diagnostics import Path
 from compiler.kinds.base import Spec
@@ -40,6 +48,7 @@ from compiler.kinds.targetref._common import (
     target_ref,
     top,
 )
+from runtime import bundle as b
 
 
 class AffinityTag(Spec):
@@ -299,4 +308,64 @@ def check(spec: MeshLoadBalancingStrategySpec) -> Found:
         yield from _conf((*p, "default"), t)
 
 
-KIND = kind_def("MeshLoadBalancingStrategy", MeshLoadBalancingStrategySpec, check, __doc__ or "")
+_TYPES: dict[str, Any] = {
+    "RoundRobin": "round_robin",
+    "LeastRequest": "least_request",
+    "RingHash": "ring_hash",
+    "Random": "random",
+    "Maglev": "maglev",
+}
+_HASH = {"XXHash": "XX_HASH", "MurmurHash2": "MURMUR_HASH_2"}
+
+
+def load_balancer(m: dict[str, Any]) -> b.LoadBalancer:
+    """A merged ``default`` (snake_case) as the legacy load balancer the route bundle carries;
+    what has no place there is named by ``not_applied``."""
+    lb = m.get("load_balancer") or {}
+    kind = _TYPES.get(lb.get("type") or "RoundRobin", "round_robin")
+    d = b.LoadBalancer()
+    if kind == "least_request":
+        return b.LoadBalancer(
+            type=kind, choice_count=(lb.get("least_request") or {}).get("choice_count") or 2
+        )
+    if kind == "ring_hash":
+        ring = lb.get("ring_hash") or {}
+        return b.LoadBalancer(
+            type=kind,
+            hash_function=_HASH.get(ring.get("hash_function") or "XXHash", d.hash_function),
+            min_ring_size=ring.get("min_ring_size") or d.min_ring_size,
+            max_ring_size=ring.get("max_ring_size") or d.max_ring_size,
+        )
+    return b.LoadBalancer(type=kind)
+
+
+def not_applied(conf: Conf | None) -> Iterator[tuple[Path, str]]:
+    """(path under ``default``, what) for each setting the bundle's load balancer cannot hold."""
+    if conf is None:
+        return
+    if conf.locality_awareness is not None and not conf.locality_awareness.disabled:
+        yield ("localityAwareness",), "`localityAwareness` (zone-aware routing and failover)"
+    if conf.hash_policies:
+        yield ("hashPolicies",), "`hashPolicies` (the sidecar hashes no request attribute)"
+    lb = conf.load_balancer
+    if lb is None:
+        return
+    if lb.least_request is not None and lb.least_request.active_request_bias is not None:
+        yield ("loadBalancer", "leastRequest", "activeRequestBias"), "`activeRequestBias`"
+    if lb.ring_hash is not None and lb.ring_hash.hash_policies:
+        yield (
+            ("loadBalancer", "ringHash", "hashPolicies"),
+            "`hashPolicies` (the sidecar hashes no request attribute)",
+        )
+    if lb.maglev is not None and lb.maglev.table_size is not None:
+        yield ("loadBalancer", "maglev", "tableSize"), "a Maglev `tableSize`"
+    if lb.maglev is not None and lb.maglev.hash_policies:
+        yield (
+            ("loadBalancer", "maglev", "hashPolicies"),
+            "`hashPolicies` (the sidecar hashes no request attribute)",
+        )
+
+
+KIND = kind_def(
+    "MeshLoadBalancingStrategy", MeshLoadBalancingStrategySpec, check, __doc__ or "", compiled=True
+)

@@ -3,6 +3,10 @@
 Each `to[]` entry names the destination and one rule whose `backendRefs` split connections by
 `weight` (default 1). `to` only.
 
+meshc compiles it into the route's split (what a TrafficRoute to a TCP service sets). A
+MeshHTTPRoute to the same destination wins, as in Kuma (W3006 at the MeshTCPRoute); a second
+rule is not applied (W3006).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
@@ -85,4 +89,4 @@ def check(spec: MeshTCPRouteSpec) -> Found:
                 yield from at((*p, k), backend_ref(b))
 
 
-KIND = kind_def("MeshTCPRoute", MeshTCPRouteSpec, check, __doc__ or "")
+KIND = kind_def("MeshTCPRoute", MeshTCPRouteSpec, check, __doc__ or "", compiled=True)

@@ -1,0 +1,294 @@
+"""Fuzzing what a data plane reads from the network (issue 17 #2), sans-io, with hypothesis:
+
+* bytes -> ``runtime.h1`` request and response readers (random and mutated valid messages, cut at
+  random points): a message, or ``H1Error`` with 400/414/431/502, never another exception;
+* every request head that parses -> the decision layer (``decide_outbound`` on magnanimo's
+  sidecar, ``decide_gateway`` on the seed's gateway, both from the compiled seed): a ``Forward``
+  or a ``Reply`` with a real status, never an exception;
+* bundle and endpoint pushes whose bodies are mutated good ones or noise, each signed with the
+  real key the data plane trusts (so they reach the parsers): an ACK of a valid body, else a NACK
+  and nothing running changed (the engine's snapshot is the same object, the slots the same).
+
+A fixed seed and a short run here (``derandomize``); ``bench/fuzz.py`` runs the same properties
+with ``MESHC_FUZZ_EXAMPLES`` examples each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from compiler.ca import PushSigner
+from compiler.pipeline import compile_dir
+from runtime import h1
+from runtime.bundle import load_bundle
+from runtime.decide import Forward, Reply, decide_gateway, decide_outbound, split_host
+from runtime.engine import Engine, Snapshot
+from runtime.metrics import Metrics
+from runtime.protocol import Endpoint, EndpointSet, PushTarget
+from runtime.pushes import Pushes
+from runtime.security import PushTrust
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = int(os.environ.get("MESHC_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    derandomize=EXAMPLES <= 1000,  # the suite's short run is the same every time
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+OWN = {("127.0.0.1", 15001)}
+
+REQUESTS = [
+    b"GET /route1/x?a=1 HTTP/1.1\r\nHost: benigno:5000\r\nUser-Agent: t\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: benigno\r\nContent-Length: 5\r\n\r\nhello",
+    b"PUT /c HTTP/1.1\r\nHost: magnanimo\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"GET http://benigno:5000/abs HTTP/1.1\r\nHost: benigno\r\nConnection: keep-alive, x-a\r\nX-A: 1\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: benigno\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nrest",
+]
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nframes",
+]
+
+
+@st.composite
+def mutated(draw: st.DrawFn, samples: list[bytes]) -> bytes:
+    """A sample with a few byte-level edits (flip, insert, delete, duplicate a span), or noise."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=512))
+    data = bytearray(draw(st.sampled_from(samples)))
+    for _ in range(draw(st.integers(1, 6))):
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        op = draw(st.integers(0, 3))
+        if op == 0:
+            data[i] = draw(st.integers(0, 255))
+        elif op == 1:
+            data[i:i] = draw(st.binary(min_size=1, max_size=8))
+        elif op == 2:
+            del data[i : i + draw(st.integers(1, 8))]
+        else:
+            j = draw(st.integers(i, min(len(data), i + 40)))
+            data[j:j] = data[i:j]
+    return bytes(data)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.heads: list[Any] = []
+        self.body = 0
+
+    def request_head(self, req: h1.Request) -> None:
+        self.heads.append(req)
+
+    def request_body(self, req: h1.Request, data: bytes) -> None:
+        self.body += len(data)
+
+    def request_end(self, req: h1.Request) -> None:
+        pass
+
+    def response_head(self, resp: h1.Response) -> None:
+        self.heads.append(resp)
+
+    def response_body(self, data: bytes) -> None:
+        self.body += len(data)
+
+    def response_end(self, resp: h1.Response) -> None:
+        pass
+
+
+def _feed(reader: h1.RequestReader | h1.ResponseReader, data: bytes, cuts: list[int]) -> None:
+    start = 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        if cut > start:
+            if reader.feed(data[start:cut]) >= 0:
+                return  # an Upgrade / CONNECT / 101: the rest is not HTTP
+            start = cut
+
+
+@FUZZ
+@given(mutated(REQUESTS), st.lists(st.integers(0, 4096), max_size=4))
+def test_the_request_reader_answers_or_refuses_never_crashes(data: bytes, cuts: list[int]) -> None:
+    sink = Sink()
+    try:
+        _feed(h1.RequestReader(sink), data, cuts)
+    except h1.H1Error as e:
+        assert e.status in (400, 414, 431), e.status
+    assert sink.body <= len(data)
+    for req in sink.heads:
+        assert isinstance(req.method, str) and req.method
+        assert req.path().startswith("/") or req.method in ("CONNECT", "OPTIONS")
+
+
+@FUZZ
+@given(mutated(RESPONSES), st.lists(st.integers(0, 4096), max_size=4))
+def test_the_response_reader_reads_or_refuses_never_crashes(data: bytes, cuts: list[int]) -> None:
+    sink = Sink()
+    try:
+        _feed(h1.ResponseReader(sink), data, cuts)
+    except h1.H1Error as e:
+        assert e.status == 502, e.status
+    assert sink.body <= len(data)
+    for resp in sink.heads:
+        assert 100 <= resp.status <= 999
+
+
+# --- the decision layer, on the compiled seed -------------------------------------------------
+
+
+def _endpoints(generation: int = 1) -> EndpointSet:
+    eps = {
+        "benigno": [
+            Endpoint(address="127.0.0.1:7001", tags={"version": "v1"}),
+            Endpoint(address="127.0.0.1:7002", tags={"version": "v2"}),
+        ],
+        "magnanimo": [Endpoint(address="127.0.0.1:7003", tags={"version": "v1"})],
+    }
+    return EndpointSet(generation=generation, services=eps)
+
+
+@pytest.fixture(scope="module")
+def seed() -> dict[str, bytes]:
+    result = compile_dir(REPO / "policies")
+    assert result.errors == 0
+    return result.bundles
+
+
+def _engine(seed: dict[str, bytes], service: str, tags: dict[str, str]) -> tuple[Engine, Snapshot]:
+    engine = Engine(service, tags, rng=random.Random(1))
+    mesh, svc = load_bundle(seed["default"]), load_bundle(seed[f"default/{service}"])
+    snap = engine.build(mesh, svc, _endpoints())  # type: ignore[arg-type]
+    engine.install(snap)
+    return engine, snap
+
+
+@pytest.fixture(scope="module")
+def planes(seed: dict[str, bytes]) -> dict[str, tuple[Engine, Snapshot]]:
+    gateway = next(k.split("/")[1] for k, v in seed.items() if b'"gateway":{' in v)
+    return {
+        "sidecar": _engine(seed, "magnanimo", {"version": "v1"}),
+        "gateway": _engine(seed, gateway, {}),
+    }
+
+
+def _verdict_ok(v: Forward | Reply) -> None:
+    assert isinstance(v, Forward | Reply), v
+    if isinstance(v, Reply):
+        assert 200 <= v.status <= 599, v
+
+
+def test_the_seed_has_a_gateway_and_the_sidecar_routes_the_samples(
+    planes: dict[str, tuple[Engine, Snapshot]],
+) -> None:
+    """The fuzzed decisions below run on real routes: a sample request is forwarded."""
+    engine, snap = planes["sidecar"]
+    sink = Sink()
+    h1.RequestReader(sink).feed(REQUESTS[0])
+    name, port = split_host(sink.heads[0].authority())
+    assert isinstance(decide_outbound(engine, snap, sink.heads[0], name, port, OWN), Forward)
+
+
+@FUZZ
+@given(mutated(REQUESTS))
+def test_every_request_that_parses_gets_a_verdict(
+    planes: dict[str, tuple[Engine, Snapshot]], data: bytes
+) -> None:
+    sink = Sink()
+    with contextlib.suppress(h1.H1Error):
+        h1.RequestReader(sink).feed(data)
+    for req in sink.heads:
+        name, port = split_host(req.authority())
+        engine, snap = planes["sidecar"]
+        _verdict_ok(decide_outbound(engine, snap, req, name, port, OWN))
+        engine, snap = planes["gateway"]
+        for listener in snap.gateway:
+            _verdict_ok(decide_gateway(engine, snap, req, listener, "http"))
+
+
+# --- pushes -------------------------------------------------------------------------------------
+
+
+class Signed:
+    """A fresh data plane's ``Pushes`` running the seed, pinned to a real key, and that key to
+    sign with (a new one per example: what a push is fuzzed against never depends on the last)."""
+
+    def __init__(self, signer: PushSigner, seed: dict[str, bytes]) -> None:
+        self.signer = signer
+        trust = PushTrust(None, trust_key=signer.public_key_hex)
+        self.engine = Engine("magnanimo", {"version": "v1"}, rng=random.Random(1))
+
+        async def nothing() -> None:
+            return None
+
+        self.pushes = Pushes(self.engine, Metrics(), None, trust, lambda snap: None, nothing)
+        self.generation = 1
+        self.good = {"mesh": seed["default"], "service": seed["default/magnanimo"]}
+        for role, body in self.good.items():
+            assert self.bundle(body, role)[0] == 200
+        assert self.endpoints(_endpoints(1).model_dump_json().encode())[0] == 200
+
+    def _target(self) -> PushTarget:
+        target = self.pushes.target()
+        assert target is not None
+        return target
+
+    def bundle(self, body: bytes, role: str) -> tuple[int, dict[str, str]]:
+        self.generation += 1
+        gen, digest = self.generation, hashlib.sha256(body).hexdigest()
+        sig = self.signer.sign(self._target(), role, digest, gen)
+        return asyncio.run(self.pushes.push_bundle(body, digest, gen, role, sig))
+
+    def endpoints(self, body: bytes) -> tuple[int, dict[str, str]]:
+        try:  # the generation header must be the body's: take it from there when it has one
+            gen = EndpointSet.model_validate_json(body).generation
+        except ValueError:
+            gen = 2
+        sig = self.signer.sign(self._target(), "endpoints", hashlib.sha256(body).hexdigest(), gen)
+        return asyncio.run(self.pushes.push_endpoints(body, gen, sig))
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> PushSigner:
+    return PushSigner(tmp_path_factory.mktemp("fuzz-pushes"))
+
+
+NEWER_ENDPOINTS = _endpoints(2).model_dump_json().encode()
+
+
+def _running(s: Signed) -> tuple[Snapshot, dict[str, Any], Any]:
+    return s.engine.snapshot, dict(s.pushes.slots), s.pushes.endpoints
+
+
+@FUZZ
+@given(st.data())
+def test_a_bad_push_is_nacked_and_nothing_running_changes(
+    signer: PushSigner, seed: dict[str, bytes], data: st.DataObject
+) -> None:
+    signed = Signed(signer, seed)
+    role = data.draw(st.sampled_from(["mesh", "service", "endpoints"]))
+    body = data.draw(mutated([signed.good.get(role) or NEWER_ENDPOINTS]))
+    before = _running(signed)
+    status, reply = signed.endpoints(body) if role == "endpoints" else signed.bundle(body, role)
+    event(f"{role}: {status}")  # --hypothesis-show-statistics: how many were refused, and why
+    if status == 200:  # the edit left a valid body: it runs
+        assert "ack" in reply
+        return
+    assert status in (400, 409, 413), (status, reply)
+    assert reply.get("nack")
+    after = _running(signed)
+    assert after[0] is before[0], "the running snapshot was replaced by a refused push"
+    assert after[1] == before[1] and after[2] == before[2]

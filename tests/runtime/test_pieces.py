@@ -1,0 +1,448 @@
+"""Delta pushes and scoped config (``runtime.pieces``, DESIGN §4-§5), as real processes.
+
+A control plane on a temp policy dir (no mTLS) with 40 services; ``caller``'s policies name
+``alpha`` only, so it is pushed the catalog and alpha's destination piece and nothing else;
+``beta`` (an instance with its app) comes on demand. One mesh per HTTP data plane, the tests in
+file order: on demand, one changed piece on the wire, a forged or mismatched piece, a restart
+from a partial piece cache. Pure checks of the split and the state dir come first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "security"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from runtime_harness import Plane, ProxyClient, Upstream, metric_value, wait_until
+from secure_mesh import ControlPlaneProc
+
+from compiler.ca import PushSigner, TokenIssuer
+from runtime.bundle import BundleError, bundle_digest, canonical_json, load_bundle
+from runtime.pieces import MeshPieces, MissingPieces, assemble, split_lines, split_mesh
+from runtime.protocol import (
+    HDR_BUNDLE_ROLE,
+    HDR_DIGEST,
+    HDR_GENERATION,
+    HDR_PIECES,
+    HDR_SIGNATURE,
+    PushTarget,
+)
+from runtime.state import Slot, StateDir, StoredState
+
+DATAPLANE_CHOSEN_BY_TEST = True
+DATAPLANES = tuple(os.environ.get("MESHC_DATAPLANES", "fast,aiohttp").split(","))
+pytestmark = pytest.mark.timeout(600)
+
+FILLERS = 36
+SERVICES = ["caller", "alpha", "beta", "gamma", *(f"svc-{i:02d}" for i in range(FILLERS))]
+
+
+def _policies(d: Path, beta_timeout_s: int = 7) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "mesh.yaml").write_text("apiVersion: kuma.io/v1alpha1\nkind: Mesh\nmetadata: {name: default}\n")
+    docs = [
+        "apiVersion: meshc/v1alpha1\nkind: Service\nmesh: default\n"
+        f"metadata: {{name: {name}}}\nspec: {{port: {5000 + i}, protocol: http}}\n"
+        for i, name in enumerate(SERVICES)
+    ]
+    (d / "services.yaml").write_text("---\n".join(docs))
+    (d / "route.yaml").write_text(
+        """\
+apiVersion: kuma.io/v1alpha1
+kind: TrafficRoute
+mesh: default
+metadata: {name: caller-to-alpha}
+spec:
+  sources: [{match: {kuma.io/service: caller}}]
+  destinations: [{match: {kuma.io/service: alpha}}]
+  conf: {split: [{weight: 100, destination: {kuma.io/service: alpha}}]}
+"""
+    )
+    _beta_timeout(d, beta_timeout_s)
+
+
+def _beta_timeout(d: Path, seconds: int) -> None:
+    (d / "beta-timeout.yaml").write_text(
+        f"""\
+apiVersion: kuma.io/v1alpha1
+kind: Timeout
+mesh: default
+metadata: {{name: beta-timeout}}
+spec:
+  sources: [{{match: {{kuma.io/service: "*"}}}}]
+  destinations: [{{match: {{kuma.io/service: beta}}}}]
+  conf: {{connectTimeout: 2s, http: {{requestTimeout: {seconds}s}}}}
+"""
+    )
+
+
+# --- the split and the state dir, pure ----------------------------------------------------------
+
+
+def _mesh_of(policies: Path, out: Path) -> bytes:
+    """The mesh bundle ``meshc compile`` writes for ``policies``."""
+    from secure_mesh import meshc
+
+    done = meshc("compile", str(policies), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    release = json.loads(next((out / "releases").glob("*.json")).read_text())
+    return (out / "bundles" / f"{release['bundles']['default']}.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    """The mesh bundle before and after a change to beta's Timeout."""
+    d = tmp_path_factory.mktemp("pieces-policies")
+    _policies(d)
+    before = _mesh_of(d, d.parent / "out-before")
+    _beta_timeout(d, 9)
+    after = _mesh_of(d, d.parent / "out-after")
+    return before, after
+
+
+def test_pieces_reassemble_to_the_mesh_bundle(compiled: tuple[bytes, bytes]) -> None:
+    data = compiled[0]
+    mp = split_mesh(data)
+    assert len(mp.catalog) > 10  # 40 services over 64 buckets: many chunks
+    assert all(bundle_digest(p) == d for d, p in mp.pieces.items())
+    lines = split_lines(mp.body(mp.wanted(None)))
+    ms = assemble(lines[0], lines[1:], {}, ())
+    assert ms.bundle() == load_bundle(data)
+    assert not ms.pending
+    scoped = assemble(lines[0], [mp.pieces[d] for d in mp.wanted({"alpha"})], {}, ())
+    # Every catalog chunk is needed; of the destinations only what was sent is held.
+    assert set(scoped.held) == {"alpha"} and "beta" in scoped.pending
+    assert scoped.bundle().services == load_bundle(data).services  # type: ignore[union-attr]
+
+
+def test_one_destination_change_changes_one_piece_its_chunk_and_the_manifest(
+    compiled: tuple[bytes, bytes],
+) -> None:
+    before, after = split_mesh(compiled[0]), split_mesh(compiled[1])
+    changed = set(after.pieces) - set(before.pieces)
+    assert changed == {after.destinations["beta"], _chunk_of(after, "beta")}
+    assert before.digest != after.digest
+    assert {n for n in after.destinations if after.destinations[n] != before.destinations[n]} == {"beta"}
+
+
+def _chunk_of(mp: MeshPieces, name: str) -> str:
+    return next(d for d in mp.catalog if f'"{name}":'.encode() in mp.pieces[d])
+
+
+def test_assemble_refuses_forged_and_missing_pieces(compiled: tuple[bytes, bytes]) -> None:
+    mp = split_mesh(compiled[0])
+    beta = mp.pieces[mp.destinations["beta"]]
+    forged = beta.replace(b'"http_request_timeout_ms":7000', b'"http_request_timeout_ms":1')
+    assert forged != beta
+    chunks = [mp.pieces[d] for d in mp.catalog]
+    with pytest.raises(BundleError, match="not named by the manifest"):
+        assemble(mp.manifest, [*chunks, forged], {}, ())
+    with pytest.raises(MissingPieces) as missing:
+        assemble(mp.manifest, chunks[1:], {}, ())
+    assert missing.value.digests == (mp.catalog[0],)
+    # A destination held now must be held under the new manifest too: named as missing.
+    with pytest.raises(MissingPieces) as lacking:
+        assemble(mp.manifest, chunks, {}, ("beta",))
+    assert lacking.value.digests == (mp.destinations["beta"],)
+    # A piece named as a catalog chunk must be one.
+    fake = canonical_json({**json.loads(mp.manifest), "catalog": [mp.destinations["beta"]]})
+    with pytest.raises(BundleError, match="is a destination piece"):
+        assemble(fake, [beta], {}, ())
+
+
+def test_state_dir_keeps_what_is_intact_of_a_partial_piece_cache(
+    compiled: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    mp = split_mesh(compiled[0])
+    lines = split_lines(mp.body(mp.wanted({"alpha", "beta"})))
+    ms = assemble(lines[0], lines[1:], {}, ())
+    state = StateDir(tmp_path)
+    state.save("caller", StoredState({"mesh": Slot(lines[0], mp.digest, 5, ms.bundle(), ms)}))
+    pieces = tmp_path / "pieces"
+    assert {p.stem for p in pieces.glob("*.json")} == set(ms.pieces)
+    (pieces / f"{mp.destinations['beta']}.json").unlink()
+    alpha = pieces / f"{mp.destinations['alpha']}.json"
+    alpha.write_bytes(alpha.read_bytes()[:-5])  # half written: its hash is no longer its name
+    loaded = state.load().slots["mesh"]
+    assert loaded.pieces is not None and loaded.digest == mp.digest and loaded.generation == 5
+    assert not loaded.pieces.held and {"alpha", "beta"} <= loaded.pieces.pending
+    assert not alpha.exists()  # removed, so that the next save writes it whole
+    (pieces / f"{mp.catalog[0]}.json").unlink()  # a catalog chunk gone: the slot cannot run
+    assert "mesh" not in state.load().slots
+
+
+# --- real processes ----------------------------------------------------------------------------
+
+
+@dataclass
+class DeltaMesh:
+    work: Path
+    policies: Path
+    cp: ControlPlaneProc
+    tokens: TokenIssuer
+    dataplane: str
+    beta_app: Upstream
+    outside: Upstream
+    planes: dict[str, Plane]
+
+    def start(self, name: str, service: str, *extra: str) -> Plane:
+        args = [
+            "--service",
+            service,
+            "--app",
+            self.beta_app.address if service == "beta" else "127.0.0.1:9",
+            "--inbound",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(self.work / f"state-{name}"),
+            "--control-plane",
+            self.cp.url,
+            "--token",
+            self.tokens.mint("default", service),
+            "--drain-seconds",
+            "0.5",
+            "--dataplane",
+            self.dataplane,
+            *extra,
+        ]
+        plane = self.planes[name] = Plane(args, self.work, dataplane=self.dataplane)
+        return plane
+
+    def release_mesh(self) -> MeshPieces:
+        digest = self.cp.api("/api/v1/release")["bundles"]["default"]
+        return split_mesh((self.work / "out" / "bundles" / f"{digest}.json").read_bytes())
+
+    def row(self, instance: str) -> dict[str, Any]:
+        rows = {r["instance"]: r for r in self.cp.api("/api/v1/status")["dataplanes"]}
+        return rows.get(instance, {})
+
+
+def _synced(mesh: DeltaMesh, plane: Plane) -> bool:
+    cfg = plane.config()
+    row = mesh.row(cfg["instance"] or "")
+    return bool(cfg["ready"] and row.get("status") == "SYNCED" and row.get("state") == "Online")
+
+
+@pytest.fixture(scope="module", params=DATAPLANES)
+def delta_mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DeltaMesh]:
+    work = tmp_path_factory.mktemp(f"delta-{request.param}")
+    policies = work / "policies"
+    _policies(policies)
+    (work / "cp-state").mkdir()
+    cp = ControlPlaneProc(policies, work)
+    tokens = TokenIssuer(cp.secrets)
+    mesh = DeltaMesh(work, policies, cp, tokens, request.param, Upstream("beta-app"), Upstream("outside"), {})
+    try:
+        cp.start()
+        beta = mesh.start("beta", "beta")
+        caller = mesh.start("caller", "caller")
+        wait_until(lambda: _synced(mesh, beta) and _synced(mesh, caller), "beta and caller SYNCED")
+        wait_until(
+            lambda: "beta" in ((caller.config().get("endpoints") or {}).get("services") or {}),
+            "caller to know beta's endpoint",
+        )
+        yield mesh
+    finally:
+        for p in mesh.planes.values():
+            p.close()
+        cp.stop()
+        mesh.beta_app.close()
+        mesh.outside.close()
+
+
+def _pieces_of(plane: Plane) -> dict[str, list[str]]:
+    pieces: dict[str, list[str]] = plane.config()["bundles"]["mesh"]["pieces"]
+    return pieces
+
+
+def test_a_scoped_sidecar_gets_its_scope_and_fetches_the_rest_on_demand(delta_mesh: DeltaMesh) -> None:
+    caller = delta_mesh.planes["caller"]
+    held = _pieces_of(caller)
+    assert held["held"] == ["alpha"]  # what its policies name; the catalog is whole
+    assert "beta" in held["pending"] and len(held["pending"]) == len(SERVICES) - 1
+    assert caller.config()["bundles"]["mesh"]["digest"] == delta_mesh.release_mesh().digest
+    assert outbound_name(caller, "beta") == "beta-app"  # the first request waits for the fetch
+    assert "beta" in _pieces_of(caller)["held"]
+    assert metric_value(caller.metrics(), "meshc_mesh_pieces_total", how="fetched", result="ok") == 1
+    # A host outside the mesh still passes through (the catalog says what is a mesh service).
+    assert outbound_name(caller, delta_mesh.outside.address) == "outside"
+    # The gateway-less beta sidecar, whose policies name nothing, holds no destination at all.
+    assert _pieces_of(delta_mesh.planes["beta"])["held"] == []
+
+
+def outbound_name(plane: Plane, host: str) -> str:
+    assert plane.outbound is not None
+    client = ProxyClient(plane.outbound)
+    try:
+        return client.name(f"http://{host}/hello")
+    finally:
+        client.close()
+
+
+def test_a_destination_change_sends_one_piece_and_its_chunk(delta_mesh: DeltaMesh) -> None:
+    caller = delta_mesh.planes["caller"]
+    before = delta_mesh.release_mesh()
+    received = metric_value(caller.metrics(), "meshc_push_received_bytes_total", slot="mesh")
+    acks = metric_value(caller.metrics(), "meshc_reloads_total", kind="mesh", result="ack")
+    _beta_timeout(delta_mesh.policies, 11)
+    wait_until(
+        lambda: delta_mesh.release_mesh().digest != before.digest and _synced(delta_mesh, caller),
+        "the new manifest SYNCED on caller",
+    )
+    after = delta_mesh.release_mesh()
+    assert caller.config()["bundles"]["mesh"]["digest"] == after.digest
+    new = sorted(set(after.pieces) - set(before.pieces))
+    assert new == sorted([after.destinations["beta"], _chunk_of(after, "beta")])
+    # On the wire to caller: one push, the manifest and exactly those two pieces (it held beta).
+    expected = len(after.body(new))
+    got = metric_value(caller.metrics(), "meshc_push_received_bytes_total", slot="mesh") - received
+    assert metric_value(caller.metrics(), "meshc_reloads_total", kind="mesh", result="ack") == acks + 1
+    assert got == expected, (got, expected)
+    assert expected < len(after.manifest) + 3000 < sum(len(p) for p in after.pieces.values())
+    ro = delta_mesh.cp.api("/api/v1/rollouts")["rollouts"][0]
+    assert ro["bytes"] > 0 and ro["completed_at"] is not None
+    # Status: synced, so no lag now, and the change-to-ACK time of its last ACK.
+    row = delta_mesh.row(caller.config()["instance"])
+    assert row["lag_s"] is None and row["last_lag_s"] is not None and row["last_lag_s"] >= 0
+    slowest = delta_mesh.cp.api("/api/v1/status")["slowest"]
+    assert slowest and all(s["lag_s"] is None and s["last_lag_s"] is not None for s in slowest)
+    # The piece it now runs is the new one (timeout 11 s).
+    cfg = caller.config()["bundles"]["mesh"]["bundle"]
+    assert cfg["destinations"]["beta"]["timeout"][0]["conf"]["http_request_timeout_ms"] == 11000
+
+
+def _signed(plane: Plane, signer: PushSigner, digest: str, generation: int) -> dict[str, str]:
+    cfg = plane.config()
+    target = PushTarget(cfg["mesh"], cfg["service"], cfg["instance"], cfg["boot_id"])
+    return {
+        HDR_DIGEST: digest,
+        HDR_GENERATION: str(generation),
+        HDR_BUNDLE_ROLE: "mesh",
+        HDR_PIECES: "1",
+        HDR_SIGNATURE: signer.sign(target, "mesh", digest, generation),
+    }
+
+
+def test_a_forged_or_mismatched_piece_is_nacked_and_nothing_changes(delta_mesh: DeltaMesh) -> None:
+    caller = delta_mesh.planes["caller"]
+    mp = delta_mesh.release_mesh()
+    before = caller.config()["bundles"]["mesh"]
+    key = PushSigner(delta_mesh.cp.secrets)  # the control plane's own key: the signature is good
+    gen = int(before["generation"]) + 1_000_000
+    beta = mp.pieces[mp.destinations["beta"]]
+    forged = beta.replace(b'"http_request_timeout_ms":11000', b'"http_request_timeout_ms":1')
+    assert forged != beta
+    nacks = metric_value(caller.metrics(), "meshc_reloads_total", kind="mesh", result="nack")
+
+    def put(body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        status, raw = caller.admin_request("PUT", "/bundle", body, headers)
+        return status, json.loads(raw)
+
+    # A piece whose sha256 the manifest does not name (altered on the way): 400.
+    status, reply = put(mp.manifest + b"\n" + forged + b"\n", _signed(caller, key, mp.digest, gen))
+    assert status == 400 and "not named by the manifest" in reply["nack"]
+    # A manifest that is not the one signed (the header's digest): 400.
+    other = canonical_json({**json.loads(mp.manifest), "passthrough": False})
+    status, reply = put(other + b"\n", _signed(caller, key, mp.digest, gen))
+    assert status == 400 and "digest mismatch" in reply["nack"]
+    # Signed by another key: 403.
+    thief = PushSigner(delta_mesh.work / "thief")
+    status, _ = put(other + b"\n", _signed(caller, thief, bundle_digest(other), gen))
+    assert status == 403
+    # A manifest naming a chunk it lacks and was not sent: 422 naming it.
+    chunk = canonical_json({"destinations": {}, "services": {}, "type": "catalog"})
+    lacking = canonical_json({**json.loads(mp.manifest), "catalog": [*mp.catalog, bundle_digest(chunk)]})
+    status, reply = put(lacking + b"\n", _signed(caller, key, bundle_digest(lacking), gen))
+    assert status == 422 and reply["missing"] == [bundle_digest(chunk)]
+    after = caller.config()["bundles"]["mesh"]
+    assert (after["digest"], after["generation"], after["pieces"]) == (
+        before["digest"],
+        before["generation"],
+        before["pieces"],
+    )
+    assert metric_value(caller.metrics(), "meshc_reloads_total", kind="mesh", result="nack") == nacks + 4
+    assert outbound_name(caller, "beta") == "beta-app"
+
+
+def test_after_a_control_plane_restart_a_422_fetches_what_it_forgot(delta_mesh: DeltaMesh) -> None:
+    """A restarted control plane knows caller's running manifest (so it does not re-send the
+    catalog) but not that caller fetched beta: the next change to beta is NACKed 422 naming
+    beta's new piece, which the control plane sends at once."""
+    caller = delta_mesh.planes["caller"]
+    assert "beta" in _pieces_of(caller)["held"]
+    delta_mesh.cp.stop()
+    delta_mesh.cp.start()
+    wait_until(lambda: _synced(delta_mesh, caller), "caller SYNCED with the restarted control plane")
+    m = caller.metrics()
+    nacks = metric_value(m, "meshc_reloads_total", kind="mesh", result="nack")
+    acks = metric_value(m, "meshc_reloads_total", kind="mesh", result="ack")
+    received = metric_value(m, "meshc_push_received_bytes_total", slot="mesh")
+    before = delta_mesh.release_mesh()
+    _beta_timeout(delta_mesh.policies, 13)
+    wait_until(
+        lambda: delta_mesh.release_mesh().digest != before.digest and _synced(delta_mesh, caller),
+        "the new manifest SYNCED on caller",
+    )
+    after = delta_mesh.release_mesh()
+    m = caller.metrics()
+    assert metric_value(m, "meshc_reloads_total", kind="mesh", result="nack") == nacks + 1
+    assert metric_value(m, "meshc_reloads_total", kind="mesh", result="ack") == acks + 1
+    cfg = caller.config()["bundles"]["mesh"]
+    assert cfg["digest"] == after.digest and "beta" in cfg["pieces"]["held"]
+    assert cfg["bundle"]["destinations"]["beta"]["timeout"][0]["conf"]["http_request_timeout_ms"] == 13000
+    # Two pushes, neither with the whole catalog: the chunk, then the chunk and beta's piece.
+    got = metric_value(m, "meshc_push_received_bytes_total", slot="mesh") - received
+    chunk = _chunk_of(after, "beta")
+    assert got == len(after.body([chunk])) + len(after.body([chunk, after.destinations["beta"]])), got
+
+
+def test_a_reachable_list_is_pushed_ahead(delta_mesh: DeltaMesh) -> None:
+    """Kuma's reachableServices on the registration: those destinations come with the push."""
+    plane = delta_mesh.start("reach", "gamma", "--reachable-services", "beta,svc-03")
+    try:
+        wait_until(lambda: _synced(delta_mesh, plane), "gamma SYNCED")
+        assert _pieces_of(plane)["held"] == ["beta", "svc-03"]
+        assert outbound_name(plane, "beta") == "beta-app"
+        assert metric_value(plane.metrics(), "meshc_mesh_pieces_total", how="fetched") == 0
+    finally:
+        plane.terminate()
+        plane.close()
+        del delta_mesh.planes["reach"]
+
+
+def test_a_restart_from_a_partial_piece_cache_converges(delta_mesh: DeltaMesh) -> None:
+    old = delta_mesh.planes["caller"]
+    mp = delta_mesh.release_mesh()
+    assert old.terminate() == 0
+    pieces = delta_mesh.work / "state-caller" / "pieces"
+    on_disk = {p.stem for p in pieces.glob("*.json")}
+    assert {mp.destinations["alpha"], mp.destinations["beta"], *mp.catalog} <= on_disk
+    (pieces / f"{mp.destinations['beta']}.json").unlink()
+    (pieces / f"{mp.catalog[0]}.json").unlink()
+    alpha = pieces / f"{mp.destinations['alpha']}.json"
+    alpha.write_bytes(b"{" + alpha.read_bytes())  # damaged: skipped on load
+    caller = delta_mesh.start("caller", "caller")
+    wait_until(lambda: _synced(delta_mesh, caller), "the restarted caller SYNCED")
+    assert caller.config()["bundles"]["mesh"]["digest"] == mp.digest
+    assert "alpha" in _pieces_of(caller)["held"]  # pushed again: its scope
+    assert outbound_name(caller, "beta") == "beta-app"  # on demand again
+    restored = {p.stem for p in pieces.glob("*.json")}
+    assert {mp.destinations["alpha"], mp.destinations["beta"], *mp.catalog} <= restored
+    for p in pieces.glob("*.json"):
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == p.stem
