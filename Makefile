@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sidecar.py
 	$(BIN)/python bench/sidecar_fast.py
 	$(BIN)/python bench/sidecar_mtls.py
+	$(BIN)/python bench/grpc.py
 	$(BIN)/python bench/propagation.py
 
 docs: $(STAMP)

@@ -178,6 +178,11 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                     connection_limit=lst.resources.connection_limit if lst.resources else None,
                     rules=tuple(x[0] for x in ordered),
                     tcp_backends=tuple(tcp),
+                    certificates=tuple(
+                        str(c["file"])
+                        for c in ((lst.tls.certificates or []) if lst.tls is not None else [])
+                        if (lst.protocol or "").upper() == "HTTPS" and isinstance(c.get("file"), str)
+                    ),
                 )
             )
         out.append(

@@ -23,6 +23,14 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRAC
 _DEFAULT_RETRY_ON = frozenset({"gateway_error", "connect_failure", "refused_stream"})
 """Kuma's legacy Retry default when ``retryOn`` is empty."""
 
+_GRPC_RETRY_ON = {
+    1: "cancelled",
+    4: "deadline_exceeded",
+    8: "resource_exhausted",
+    13: "internal",
+    14: "unavailable",
+}
+
 _ALIASES = {
     "5xx": "all_5xx",
     "gatewayerror": "gateway_error",
@@ -86,6 +94,12 @@ class RetryPolicy:
         if status == 429 and "envoy_ratelimited" in on:
             return True
         return status in self._codes and "retriable_status_codes" in on
+
+    def retriable_grpc(self, code: int) -> bool:
+        """A gRPC status (from a response's trailers) that ``retryOn`` names (Envoy's
+        ``retry_grpc_on``: cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)."""
+        name = _GRPC_RETRY_ON.get(code)
+        return name is not None and name in self._on
 
     def retriable_failure(self, outcome: int) -> bool:
         """A failure before response headers: connect failure, reset, per-try timeout."""

@@ -405,6 +405,10 @@ class GatewayListener(_Frozen):
     connection_limit: int | None = None
     rules: tuple[GatewayRule, ...] = ()
     tcp_backends: tuple[GatewayBackend, ...] = ()
+    certificates: tuple[str, ...] = ()
+    """``HTTPS`` with ``tls.mode: TERMINATE``: PEM files on the gateway's host, each a certificate
+    chain and its private key (Kuma's ``file`` data sources); the first is the default, the
+    others are chosen by SNI. Paths, never key material: keys stay out of bundles."""
 
 
 class GatewayConf(_Frozen):

@@ -57,6 +57,7 @@ __all__ = [
     "passthrough",
     "peer_hop",
     "query_map",
+    "release",
     "request_scheme",
     "settle",
     "split_host",
@@ -484,6 +485,17 @@ def peer_hop(snap: Snapshot, have_certificate: bool, source: str, dest: str) -> 
     return False
 
 
+def release(target: Target | None, retry: RetryState | None, host: Host | None) -> None:
+    """An exchange is over: give back what it held of its target (a slot, the retry budget of
+    a backoff in progress) and of its host (a slot)."""
+    if target is not None:
+        target.active -= 1
+        if retry is not None:
+            retry.end()
+    if host is not None:
+        host.active -= 1
+
+
 def failure_reply(forward: Forward, outcome: int, error: str) -> Reply:
     """The answer to an attempt that got no response head and is not retried."""
     source, dest = forward.source, forward.dest
@@ -506,9 +518,24 @@ class RetryState:
 
     __slots__ = ("allowed", "backing_off", "deadline", "overall", "policy", "retries", "target", "tried")
 
-    def __init__(self, target: Target, method: str, body_length: int | None, now: float) -> None:
-        """``body_length``: 0 without a body, None when it is not known up front (chunked)."""
+    def __init__(
+        self,
+        target: Target,
+        method: str,
+        body_length: int | None,
+        now: float,
+        *,
+        grpc: bool = False,
+        deadline_s: float | None = None,
+    ) -> None:
+        """``body_length``: 0 without a body, None when it is not known up front (chunked).
+        ``grpc``: a gRPC call, retried by Retry's ``grpc`` conf when there is one (any method:
+        gRPC calls are all POSTs). ``deadline_s``: the caller's own deadline (``grpc-timeout``),
+        which replaces the route's request timeout as Envoy's ``max_grpc_timeout: 0`` does."""
         policy: RetryPolicy | None = target.retry
+        method_ok = policy is not None and policy.method_allowed(method)
+        if grpc and target.grpc_retry is not None:
+            policy, method_ok = target.grpc_retry, True
         self.target = target
         self.policy = policy
         self.allowed = (
@@ -516,12 +543,12 @@ class RetryState:
             and policy.num_retries > 0
             and body_length is not None
             and body_length <= MAX_RETRY_BODY
-            and policy.method_allowed(method)
+            and method_ok
         )
         self.retries = 0
         self.backing_off = False
         self.overall = False
-        timeout = target.request_timeout_s
+        timeout = deadline_s if deadline_s is not None else target.request_timeout_s
         self.deadline = now + timeout if timeout else None
         self.tried: list[Host] = []
 
@@ -537,9 +564,16 @@ class RetryState:
                 timeout, self.overall = max(left, 0.0), True
         return timeout
 
-    def failed(self, host: Host | None, outcome: int, status: int, rng: random.Random) -> float | None:
-        """An attempt failed (``status`` 0: before a response head). The backoff in seconds before
-        the next attempt, or None: give up (answer ``give_up``, or relay the response)."""
+    def unreplayable(self) -> None:
+        """The body outgrew what is kept for a replay (its length was not known up front)."""
+        self.allowed = False
+
+    def failed(
+        self, host: Host | None, outcome: int, status: int, rng: random.Random, grpc_status: int | None = None
+    ) -> float | None:
+        """An attempt failed (``status`` 0: before a response head; ``grpc_status``: a gRPC
+        answer's status). The backoff in seconds before the next attempt, or None: give up
+        (answer ``give_up``, or relay the response)."""
         if host is not None:
             self.tried.append(host)
         policy = self.policy
@@ -552,7 +586,10 @@ class RetryState:
             or target.retries_active >= target.max_retries
         ):
             return None
-        if status:
+        if grpc_status is not None:
+            if not policy.retriable_grpc(grpc_status):
+                return None
+        elif status:
             if not policy.retriable_status(status):
                 return None
         elif not policy.retriable_failure(outcome):

@@ -87,6 +87,7 @@ class Target:
         "cb",
         "connect_timeout_s",
         "fail_on_panic",
+        "grpc_retry",
         "hc",
         "hosts",
         "idle_timeout_s",
@@ -118,6 +119,7 @@ class Target:
         hc: HealthCheckConf | None,
         log: TrafficLogConf | None,
         tcp_connect_attempts: int,
+        grpc_retry: RetryPolicy | None = None,
     ) -> None:
         self._registry = registry
         self.service = service
@@ -131,6 +133,8 @@ class Target:
         self.stream_idle_timeout_s = _seconds(timeout.http_stream_idle_timeout_ms)
         self.tcp_idle_timeout_s = _seconds(timeout.tcp_idle_timeout_ms)
         self.retry = retry
+        self.grpc_retry = grpc_retry
+        """Retry's ``grpc`` conf, for gRPC calls (``retry`` is for the rest)."""
         self.cb = cb
         self.hc = hc
         self.log = log
@@ -704,6 +708,7 @@ class Engine:
                 _pick(conf.health_check, local, peer) if conf else None,
                 _pick(conf.traffic_log, local, peer) if conf else None,
                 tcp_retry.max_connect_attempts if tcp_retry else 1,
+                RetryPolicy(retry.grpc) if retry and retry.grpc else None,
             )
             targets[key] = made
             return made
@@ -747,8 +752,8 @@ class Engine:
         gateway: dict[int, GatewayListenerTable] = {}
         if service is not None and service.gateway is not None:
             for listener in service.gateway.listeners:
-                if listener.protocol in ("HTTPS", "TLS"):
-                    continue  # TLS termination arrives with the security issue
+                if listener.protocol == "TLS":
+                    continue  # TLS passthrough listeners are not served yet
                 g_routes = tuple(
                     GatewayRoute(
                         rule,

@@ -19,7 +19,7 @@ from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._lb import RingHash
 from runtime.bundle import TrafficLogConf
-from runtime.decide import NO_HOST, Forward, Reply, RetryState, admit, failure_reply, peer_hop
+from runtime.decide import NO_HOST, Forward, Reply, RetryState, admit, failure_reply, peer_hop, release
 from runtime.engine import Target
 from runtime.fastmetrics import Series
 from runtime.fastplane import TLS_KEY, FastPlane
@@ -557,13 +557,5 @@ class Exchange(asyncio.Protocol):
 
     def _release_target(self) -> None:
         """Give back what the exchange held of its target: a slot, a host's, a retry's budget."""
-        target = self.target
-        if target is not None:
-            target.active -= 1
-            if self.retry is not None:
-                self.retry.end()
-            self.target = None
-        host = self.host
-        if host is not None:
-            host.active -= 1
-            self.host = None
+        release(self.target, self.retry, self.host)
+        self.target = self.host = None

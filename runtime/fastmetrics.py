@@ -128,12 +128,16 @@ class Series:
     __slots__ = ("by_code",)
 
     def __init__(self) -> None:
-        self.by_code: dict[int, list[float]] = {}
+        self.by_code: dict[int | tuple[int, int], list[float]] = {}
+        """By response code, or (code, gRPC status) for a gRPC call."""
 
-    def add(self, code: int, seconds: float, req_bytes: int = 0, resp_bytes: int = 0) -> None:
-        h = self.by_code.get(code)
+    def add(
+        self, code: int, seconds: float, req_bytes: int = 0, resp_bytes: int = 0, grpc: int | None = None
+    ) -> None:
+        key: int | tuple[int, int] = code if grpc is None else (code, grpc)
+        h = self.by_code.get(key)
         if h is None:
-            h = self.by_code[code] = [0.0] * _LEN
+            h = self.by_code[key] = [0.0] * _LEN
         h[bisect_left(BUCKETS, seconds)] += 1
         h[_SUM] += seconds
         h[_REQ + bisect_left(BYTE_BUCKETS, req_bytes)] += 1
@@ -170,8 +174,10 @@ class RequestStats(Collector):
         seconds: float,
         req_bytes: int = 0,
         resp_bytes: int = 0,
+        grpc: int | None = None,
     ) -> None:
-        self.get(direction, source, dest, subset).add(code, seconds, req_bytes, resp_bytes)
+        """``grpc``: a gRPC call's status (the ``grpc_response_status`` label)."""
+        self.get(direction, source, dest, subset).add(code, seconds, req_bytes, resp_bytes, grpc)
 
     # -- labels -----------------------------------------------------------------------------
 
@@ -237,7 +243,12 @@ class RequestStats(Collector):
         i_resp_bytes = _histogram("istio_response_bytes", i_names)
         for (d, src, dst, sub), series in sorted(self.series.items()):
             istio, reporter = self._sides(d, src, dst, sub)
-            for code, h in sorted(series.by_code.items()):
+            merged: dict[int, list[float]] = {}  # meshc's families have no gRPC label
+            for key, h in series.by_code.items():
+                code = key if isinstance(key, int) else key[0]
+                into = merged.get(code)
+                merged[code] = h if into is None else [a + b for a, b in zip(into, h, strict=True)]
+            for code, h in sorted(merged.items()):
                 count = float(sum(h[:_N]))
                 own = [
                     d,
@@ -252,7 +263,13 @@ class RequestStats(Collector):
                 ]
                 requests.add_metric(own, count)
                 duration.add_metric(own, _cumulative(bounds, h[:_N]), h[_SUM])
+            for key, h in sorted(series.by_code.items(), key=_code_order):
+                code, grpc = (key, "") if isinstance(key, int) else (key[0], str(key[1]))
+                count = float(sum(h[:_N]))
                 ilabels = [str(code) if k == "response_code" else istio[k] for k in ISTIO_LABELS]
+                if grpc:
+                    ilabels[_GRPC_LABEL] = grpc
+                    ilabels[_PROTOCOL_LABEL] = "grpc"
                 i_requests.add_metric(ilabels, count)
                 i_duration.add_metric(ilabels, _cumulative(ms_bounds, h[:_N]), h[_SUM] * 1000)
                 i_req_bytes.add_metric(ilabels, _cumulative(byte_bounds, h[_REQ:_REQ_SUM]), h[_REQ_SUM])
@@ -268,6 +285,15 @@ _HELP = {
     "istio_request_bytes": "HTTP request body sizes (Istio standard metric).",
     "istio_response_bytes": "HTTP response body sizes (Istio standard metric).",
 }
+
+
+_GRPC_LABEL = ISTIO_LABELS.index("grpc_response_status")
+_PROTOCOL_LABEL = ISTIO_LABELS.index("request_protocol")
+
+
+def _code_order(item: tuple[int | tuple[int, int], list[float]]) -> tuple[int, int]:
+    key = item[0]
+    return (key, -1) if isinstance(key, int) else key
 
 
 def _histogram(name: str, labels: list[str]) -> HistogramMetricFamily:

@@ -167,6 +167,9 @@ def server_context(identity: Identity, require_client_cert: bool = True) -> ssl.
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    # HTTP/2 between data planes when the caller offers it; a caller offering nothing (or only
+    # http/1.1) gets HTTP/1.1 as before. The listener reads the choice (runtime.h2proxy).
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
     identity._load(ctx)
     return ctx
 

@@ -27,7 +27,9 @@ from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
+from runtime.gatewaytls import GatewayCerts
 from runtime.h1guard import GuardedListener
+from runtime.h2proxy import H2Plane
 from runtime.healthcheck import HealthChecker
 from runtime.limits import ListenerLimits
 from runtime.metrics import Metrics
@@ -48,6 +50,7 @@ __all__ = ["Addr", "DataPlane", "Options", "StartupError", "parse_addr", "serve"
 
 Addr = tuple[str, int]
 MAX_ENDPOINTS_BYTES = 16 * 1024 * 1024
+_CERT_WATCH_S = 1.0
 
 
 def parse_addr(value: str, default_host: str = "127.0.0.1") -> Addr:
@@ -163,6 +166,18 @@ class DataPlane:
             self.http.own_addresses = self.own_addresses
             self.http.creds = self.creds
         self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app, own_addresses=self.own_addresses)
+        # HTTP/2 (h2c with prior knowledge, or ALPN h2 under mTLS) on every HTTP listener, whichever
+        # data plane serves HTTP/1.1 there: one h2 byte layer under the same decisions.
+        self.h2 = H2Plane(
+            self.engine,
+            self.metrics,
+            self.creds,
+            app_address=opts.app,
+            own_addresses=self.own_addresses,
+            header_timeout_s=opts.limits.header_timeout_s,
+            max_connections=opts.limits.max_connections,
+            open_counts=self.fast.open if self.fast is not None else None,
+        )
         self.health = HealthChecker(self.metrics)
         self.registrar: Registrar | None = None
         self._bg: asyncio.Future[None] | None = None
@@ -183,6 +198,8 @@ class DataPlane:
             registers=bool(opts.control_plane),
         )
         self._mtls_listeners: list[MtlsListener] = []
+        self._gateway_certs: list[GatewayCerts] = []
+        self._cert_watch: asyncio.Task[None] | None = None
         self._rotation: asyncio.Task[None] | None = None
         self._mtls_seen: tuple[bool, str | None, str | None] | None = None
         self._wake = asyncio.Event()
@@ -234,6 +251,7 @@ class DataPlane:
                         factory = await self._guarded("outbound", self.http.outbound)
                     sock = _bind(opts.outbound)
                     assert factory is not None
+                    factory = self.h2.sniffer(factory, "outbound")
                     server = await loop.create_server(
                         lambda: OutboundSniffer(factory, self.tcp, opts.limits.header_timeout_s), sock=sock
                     )
@@ -260,6 +278,7 @@ class DataPlane:
                 self.fast.fetch = fetch
             if self.http is not None:
                 self.http.fetch = fetch
+            self.h2.fetch = fetch
             self._rotation = asyncio.ensure_future(self._rotate_loop())
         _emit({"event": "listening", "service": self.service, **self.listening})
 
@@ -303,6 +322,8 @@ class DataPlane:
         else:
             assert self.http is not None
             factory = await self._guarded("inbound", self.http.inbound)
+        if catalog is None or catalog.protocol != "tcp":
+            factory = self.h2.sniffer(factory, "inbound")
         listener = MtlsListener(sock, factory, self._current_mtls, self.creds, self._count_inbound)
         listener.start()
         self._mtls_listeners.append(listener)
@@ -357,13 +378,29 @@ class DataPlane:
                 if strict:
                     raise StartupError(f"no gateway listener left for --listen {_fmt(addr)}")
                 continue
-            sock = _bind(addr)
             port = listener.port
+            tls: GatewayCerts | None = None
+            if listener.protocol == "HTTPS":
+                try:
+                    tls = GatewayCerts(listener.certificates)
+                except (OSError, ssl.SSLError, ValueError) as e:
+                    if strict:
+                        raise StartupError(
+                            f"gateway listener {port}: cannot load its certificates: {e}"
+                        ) from e
+                    _warn(f"gateway listener {port} not bound: cannot load its certificates: {e}")
+                    continue
+                self._gateway_certs.append(tls)
+                if self._cert_watch is None:
+                    self._cert_watch = asyncio.ensure_future(self._watch_certificates())
+            sock = _bind(addr)
+            ctx = tls.context if tls is not None else None
             if listener.protocol == "TCP":
                 self._servers.append(await asyncio.start_server(self.tcp.gateway_handler(port), sock=sock))
             elif self.fast is not None:
                 loop = asyncio.get_running_loop()
-                self._servers.append(await loop.create_server(self.fast.factory("gateway", port), sock=sock))
+                factory = self.h2.sniffer(self.fast.factory("gateway", port), "gateway", port)
+                self._servers.append(await loop.create_server(factory, sock=sock, ssl=ctx))
             else:
                 assert self.http is not None
 
@@ -374,13 +411,22 @@ class DataPlane:
 
                 loop = asyncio.get_running_loop()
                 guarded = await self._guarded("gateway", handler)
-                self._servers.append(await loop.create_server(guarded, sock=sock))
+                factory = self.h2.sniffer(guarded, "gateway", port)
+                self._servers.append(await loop.create_server(factory, sock=sock, ssl=ctx))
             self._gateway_ports.add(port)
             if index >= 0:
                 self._listen_used.add(index)
             self.listening[f"listener:{port}"] = _fmt(sock.getsockname()[:2])
             bound = True
         return bound
+
+    async def _watch_certificates(self) -> None:
+        """Re-read changed certificate files of HTTPS listeners (new handshakes only)."""
+        while True:
+            await asyncio.sleep(_CERT_WATCH_S)
+            for certs in self._gateway_certs:
+                if certs.reload():
+                    _emit({"event": "certificates_reloaded", "service": self.service, "files": certs.paths})
 
     async def _rebind_gateway(self) -> None:
         """After a pushed bundle: bind the listeners it adds; a failure is logged, not a NACK
@@ -577,8 +623,12 @@ class DataPlane:
             listener.close()
         if self._rotation is not None:
             self._rotation.cancel()
+        if self._cert_watch is not None:
+            self._cert_watch.cancel()
         fast = [self.fast.drain(deadline)] if self.fast is not None else []
-        await asyncio.gather(*(r.cleanup() for r in self._runners), self.tcp.drain(deadline), *fast)
+        await asyncio.gather(
+            *(r.cleanup() for r in self._runners), self.tcp.drain(deadline), self.h2.drain(deadline), *fast
+        )
         if self.registrar is not None:
             await self.registrar.stop(deregister=True)
         await self.health.close()
@@ -586,6 +636,7 @@ class DataPlane:
             await self.http.close()
         if self.fast is not None:
             await self.fast.close()
+        await self.h2.close()
         if self._admin_server is not None:
             self._admin_server.close()
 

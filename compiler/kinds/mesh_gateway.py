@@ -116,6 +116,14 @@ def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
                 yield Finding((*p, "tls", "mode"), "E1003", "cannot be empty")
             elif proto == "HTTPS" and mode == "PASSTHROUGH":
                 yield Finding((*p, "tls", "mode"), "E1005", "mode is not supported on HTTPS listeners")
+            for ci, cert in enumerate(tls.certificates or []):
+                if set(cert) != {"file"} or not isinstance(cert.get("file"), str) or not cert["file"]:
+                    yield Finding(
+                        (*p, "tls", "certificates", ci),
+                        "E1005",
+                        "meshc reads a gateway certificate from a file: {file: PATH} (a PEM file "
+                        "holding the certificate chain and its private key)",
+                    )
             if (
                 mode in ("TERMINATE", "")
                 and not tls.certificates

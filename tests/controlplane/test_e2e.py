@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -69,6 +70,20 @@ def _all_synced(mesh: DemoMesh, release: str | None = None) -> bool:
 def test_gateway_serves_the_seed_texts(mesh: DemoMesh) -> None:
     t = drive(f"{mesh.gateway_url}/route1/hw2", 50)
     assert t.failed == 0 and t.other == 0 and t.n == 50
+
+
+@pytest.mark.skipif(
+    shutil.which("curl") is None, reason="curl is not installed (scripts/ensure-system-deps.sh)"
+)
+def test_curl_http2_prior_knowledge_through_the_demo_gateway(mesh: DemoMesh) -> None:
+    """HTTP/2 from curl to the gateway, h2 over mTLS to magnanimo's sidecar, HTTP/1.1 to its app."""
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-w", "\n%{http_version} %{http_code}",
+         f"{mesh.gateway_url}/route1/hw2"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    text, _, outcome = out.stdout.rpartition("\n")
+    assert outcome == "2 200" and text.startswith("Hello World, Benigno"), out.stdout
 
 
 def test_split_is_90_10_over_2000_requests(mesh: DemoMesh) -> None:
