@@ -152,6 +152,11 @@ class TokenIssuer:
             _write_private(path, secrets.token_bytes(32))
         self._secret = path.read_bytes()
 
+    @property
+    def secret_id(self) -> str:
+        """Names the secret without revealing it (an HMAC of a constant): replicas compare it."""
+        return hmac.new(self._secret, b"meshc token secret id", hashlib.sha256).hexdigest()[:32]
+
     def mint(self, mesh: str, service: str, valid_for_s: float = DEFAULT_VALID_FOR_S) -> str:
         claims = {"mesh": mesh, "service": service, "exp": int(time.time() + valid_for_s)}
         payload = base64.urlsafe_b64encode(json.dumps(claims, sort_keys=True).encode()).decode().rstrip("=")

@@ -28,7 +28,8 @@ from pydantic import ValidationError
 
 from compiler.controlplane import openapi
 from compiler.controlplane.metrics import CONTENT_TYPE, ControlPlaneMetrics
-from compiler.controlplane.pusher import Pusher
+from compiler.controlplane.pusher import DataPlaneSync, Pusher
+from compiler.controlplane.registry import DataPlane
 from compiler.controlplane.release import Compiler
 from compiler.controlplane.security import AuthError, Host, Security
 from compiler.controlplane.status import dataplane_row
@@ -69,6 +70,12 @@ class ControlPlane(Host, Protocol):
     @property
     def kube(self) -> KubeAuth | None: ...
 
+    def sync_of(self, dp: DataPlane) -> DataPlaneSync | None:
+        """The sync view of a data plane, this replica's or (another replica's) from the store."""
+
+    def ha_data(self) -> dict[str, object]:
+        """The replicas, the leader, this replica."""
+
 
 __all__ = ["ControlPlane", "dashboard_data", "make_app"]
 
@@ -89,7 +96,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 def status_data(cp: ControlPlane) -> dict[str, Any]:
     now = time.time()
     rows = [
-        dataplane_row(dp, cp.pusher.syncs.get(dp.instance), now)
+        dataplane_row(dp, cp.sync_of(dp), now)
         for dp in sorted(cp.registry.dataplanes.values(), key=lambda d: (d.mesh, d.service, d.instance))
     ]
     rel = cp.releases.current
@@ -97,6 +104,7 @@ def status_data(cp: ControlPlane) -> dict[str, Any]:
         "release": rel.id if rel else None,
         "commit": rel.commit if rel else None,
         "digests": rel.digests if rel else {},
+        "controlplane": cp.ha_data(),
         "dataplanes": rows,
     }
 
@@ -326,6 +334,9 @@ def make_app(cp: ControlPlane) -> web.Application:
             return _json({"error": "no release compiled yet"}, 404)
         return _json({"id": rel.id, **rel.record})
 
+    async def get_replicas(_: web.Request) -> web.Response:
+        return _json(cp.ha_data())
+
     async def get_rollouts(_: web.Request) -> web.Response:
         return _json({"rollouts": [r.as_json() for r in reversed(cp.pusher.rollouts)]})
 
@@ -379,6 +390,7 @@ def make_app(cp: ControlPlane) -> web.Application:
     app.router.add_get("/api/v1/traffic", get_traffic)
     app.router.add_get("/api/v1/release", get_release)
     app.router.add_get("/api/v1/rollouts", get_rollouts)
+    app.router.add_get("/api/v1/replicas", get_replicas)
     app.router.add_get("/api/v1/dashboard", get_dashboard)
     app.router.add_get("/api/v1/dashboard/fragments", get_fragments)
     app.router.add_get("/gui", get_gui)

@@ -32,3 +32,9 @@ class Config:
     kubernetes: str | None = None
     """``in-cluster`` or an API server URL: endpoints from EndpointSlices, TokenReview, a Lease."""
     kubernetes_token: str | None = None
+    store: str | None = None
+    """``postgres://...`` for replicas sharing one PostgreSQL; None: the state dir (one replica)."""
+    replica_id: str | None = None
+    """This replica's name in the store (default: host name and port)."""
+    lease_s: float = 10.0
+    """The leader's lease: a replica that stops renewing is replaced within it."""

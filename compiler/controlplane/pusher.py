@@ -174,7 +174,8 @@ class Pusher:
             trust_env=False,
         )
         for dp in list(self.registry.dataplanes.values()):
-            self._track(dp, push=not dp.restored)
+            if self.registry.local(dp):  # another replica's data planes are pushed by it
+                self._track(dp, push=not dp.restored)
 
     async def close(self) -> None:
         tasks = [s.task for s in self.syncs.values() if s.task is not None]
@@ -261,7 +262,7 @@ class Pusher:
         if event == "heartbeat":
             self._on_heartbeat(dp)
             return
-        if event in ("registered", "online", "offline", "deregistered"):
+        if event in ("registered", "online", "offline", "deregistered", "peer"):
             before = self._eps.pop(dp.mesh, None)
             after = self._mesh_endpoints(dp.mesh)
             if before is None or before[1] != after[1]:
@@ -269,7 +270,7 @@ class Pusher:
                     other = self.registry.dataplanes.get(sync.instance)
                     if other is not None and other.mesh == dp.mesh:
                         self._refresh(sync, other, None)
-        if event == "deregistered":
+        if event == "deregistered" or (event == "peer" and not self.registry.local(dp)):
             gone = self.syncs.pop(dp.instance, None)
             if gone is not None and gone.task is not None:
                 gone.task.cancel()
@@ -328,7 +329,7 @@ class Pusher:
             await sync.dirty.wait()
             sync.dirty.clear()
             dp = self.registry.dataplanes.get(sync.instance)
-            if dp is None:
+            if dp is None or not self.registry.local(dp):
                 return
             if not dp.online:
                 continue
