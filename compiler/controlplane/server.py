@@ -272,11 +272,7 @@ class ControlPlane:
         """Converge with the store: peers' data planes and sync state, the release, the replicas."""
         self.registry.merge_all([d for d in await self.store.load_dataplanes() if not self.registry.local(d)])
         await self._sync_release("resync")
-        for inst, sync in list(self.pusher.syncs.items()):
-            doc: dict[str, dict[str, object]] = {slot: sync.slots[slot].as_json() for slot in SLOTS}
-            if self._saved_syncs.get(inst) != doc:
-                self._saved_syncs[inst] = doc
-                self.store.save_sync(inst, doc)
+        self._save_syncs()
         syncs = await self.store.load_syncs()
         self.peer_syncs = {k: v for k, v in syncs.items() if k not in self.pusher.syncs}
         await self.store.check_security(self.security.shared_meta(), self.security.loaded_cas())
@@ -329,7 +325,13 @@ class ControlPlane:
                     }
                 ],
             }
-        return {**self.ha, "leading": self._leading, "fencing_token": self.elector.fencing_token}
+        connected = bool(getattr(self.store, "connected", True))
+        return {
+            **self.ha,
+            "leading": self._leading,
+            "fencing_token": self.elector.fencing_token,
+            "store_connected": connected,
+        }
 
     def sync_of(self, dp: DataPlane) -> DataPlaneSync | None:
         """This replica's sync view of ``dp``, or the one its own replica stored."""
@@ -402,7 +404,7 @@ class ControlPlane:
         cur = self.releases.current
         if cur is None or self._git is None or cur.commit != commit:
             self._changes.put_nowait(Change(time.time(), "elected leader", commit))
-        await self._watch()
+        await self._watch(since=commit)
 
     def _write(self, result: object) -> None:
         from compiler.output import OutputError, write_release
@@ -422,11 +424,11 @@ class ControlPlane:
                 change = Change(min(change.seen_at, nxt.seen_at), nxt.reason, nxt.commit or change.commit)
             await self.compile_once(change)
 
-    async def _watch(self) -> None:
+    async def _watch(self, since: str | None = None) -> None:
         if self._git is not None:
             current = self.releases.current.commit if self.releases.current else None
             last = self.releases.last
-            current = current or (last.commit if last else None)
+            current = since or current or (last.commit if last else None)
             async for ch in self._git.changes(self._stop, current):
                 self._changes.put_nowait(ch)
         else:
@@ -439,13 +441,18 @@ class ControlPlane:
             await asyncio.sleep(self.config.heartbeat_interval_s / 2)
             self.registry.sweep()
             self._update_gauges()
-            if not self.store.shared:
-                continue
-            for inst, sync in list(self.pusher.syncs.items()):  # the sync view others show
-                doc: dict[str, dict[str, object]] = {slot: sync.slots[slot].as_json() for slot in SLOTS}
-                if self._saved_syncs.get(inst) != doc:
-                    self._saved_syncs[inst] = doc
-                    self.store.save_sync(inst, doc)
+            if self.store.shared:
+                self._save_syncs()
+
+    def _save_syncs(self) -> None:
+        """Queue the sync view of this replica's data planes that changed (what others show)."""
+        for gone in set(self._saved_syncs) - set(self.pusher.syncs):
+            del self._saved_syncs[gone]
+        for inst, sync in list(self.pusher.syncs.items()):
+            doc: dict[str, dict[str, object]] = {slot: sync.slots[slot].as_json() for slot in SLOTS}
+            if self._saved_syncs.get(inst) != doc:
+                self._saved_syncs[inst] = doc
+                self.store.save_sync(inst, doc)
 
     # --- lifecycle ----------------------------------------------------------------------------
 

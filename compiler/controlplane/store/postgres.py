@@ -356,11 +356,13 @@ class PostgresStore:
                     await self._notify(conn, "dataplane", instance)
             for instance, slots in syncs.items():
                 for slot, state in slots.items():
+                    # only the replica the data plane talks to (a woken-up one must not overwrite)
                     await conn.execute(
-                        "INSERT INTO sync_state (instance, slot, state, replica) VALUES (%s, %s, %s, %s) "
+                        "INSERT INTO sync_state (instance, slot, state, replica) SELECT %s, %s, %s, %s "
+                        "WHERE EXISTS (SELECT 1 FROM dataplanes WHERE instance = %s AND replica = %s) "
                         "ON CONFLICT (instance, slot) DO UPDATE SET state = EXCLUDED.state, "
                         "replica = EXCLUDED.replica, updated_at = now()",
-                        (instance, slot, Jsonb(state), self.replica),
+                        (instance, slot, Jsonb(state), self.replica, instance, self.replica),
                     )
 
     async def load_dataplanes(self) -> list[DataPlane]:
