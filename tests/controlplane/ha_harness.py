@@ -4,13 +4,22 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import threading
+import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import psycopg
+from cp_harness import Tally, commit_file, drive
 
 from compiler.demo import DemoMesh, _http_get, free_port
 
-__all__ = ["HAMesh"]
+__all__ = ["HAMesh", "Load", "flip_route", "generations", "one_leader", "pointer", "synced_on"]
+
+ROUTE = "policies/traffic-route.yaml"
 
 
 @dataclass
@@ -121,3 +130,85 @@ class HAMesh(DemoMesh):
         super().stop_all(timeout)  # data planes, apps (renamed replicas are not in its waves)
         for n in [k for k in self.procs if k.startswith("_controlplane")]:
             self.procs[n].stop(timeout)
+
+
+def synced_on(m: HAMesh, commit: str, via: int | None = None) -> bool:
+    """Whether the replica (any when ``via`` is None) shows all four data planes Online and SYNCED
+    on the release of ``commit``."""
+    try:
+        st = m.replica_api(via, "/api/v1/status") if via is not None else m.status()
+    except (OSError, ValueError):
+        return False
+    rows = st["dataplanes"]
+    return (
+        st["commit"] == commit
+        and len(rows) == 4
+        and all(r["state"] == "Online" and r["status"] == "SYNCED" for r in rows)
+    )
+
+
+def one_leader(m: HAMesh) -> int:
+    """Wait until exactly one live replica says it leads; its index."""
+    got: list[int] = []
+
+    def one() -> bool:
+        got[:] = m.leaders()
+        return len(got) == 1
+
+    m.wait_until(one, 60, "exactly one replica to lead")
+    return got[0]
+
+
+def pointer(db: str) -> tuple[str, int, str]:
+    """The store's release pointer: (release id, fencing token, holder)."""
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT release_id, fencing_token, holder FROM release_pointer").fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1]), str(row[2])
+
+
+def generations(m: HAMesh) -> dict[str, dict[str, int]]:
+    """Per data plane admin port, the generation of each slot it runs (its /config)."""
+    out = {}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    admins = [i.admin for i in m.instances.values()] + [m.gateway_admin]
+    for port in admins:
+        with opener.open(f"http://127.0.0.1:{port}/config", timeout=5) as r:
+            cfg = json.loads(r.read())
+        gens = {role: int(b["generation"]) for role, b in cfg["bundles"].items()}
+        if cfg.get("endpoints"):
+            gens["endpoints"] = int(cfg["endpoints"]["generation"])
+        out[str(port)] = gens
+    return out
+
+
+class Load:
+    """Requests through the gateway in a thread until stopped: every one must succeed."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.tally = Tally()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = drive(self.url, 50, concurrency=4)
+            for k in ("v1", "v2", "failed", "other"):
+                setattr(self.tally, k, getattr(self.tally, k) + getattr(t, k))
+
+    def stop(self) -> Tally:
+        self._stop.set()
+        self._thread.join(60)
+        return self.tally
+
+
+def flip_route(repo: Path, to: tuple[int, int], msg: str) -> str:
+    """Commit the TrafficRoute's two weights as ``to``; the commit's sha."""
+    text = (repo / ROUTE).read_text()
+    weights = re.findall(r"weight: (\d+)", text)
+    assert len(weights) == 2
+    text = text.replace(f"weight: {weights[0]}", f"weight: {to[0]}", 1)
+    text = text.replace(f"weight: {weights[1]}\n", f"weight: {to[1]}\n", 1)
+    return commit_file(repo, ROUTE, text, msg)

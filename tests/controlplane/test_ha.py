@@ -9,23 +9,20 @@ a data plane talks to."""
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cp_harness import Tally, commit_file, drive, git, make_policy_repo
-from ha_harness import HAMesh
+from cp_harness import git, make_policy_repo
+from ha_harness import HAMesh, Load, flip_route, generations, one_leader, pointer, synced_on
 
 pytestmark = pytest.mark.timeout(900)
 
-ROUTE = "policies/traffic-route.yaml"
 HEARTBEAT_S = 0.3
 LEASE_S = 2.0
 RETRY_S = LEASE_S / 3
@@ -80,90 +77,8 @@ def _rows(m: HAMesh, via: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _synced_on(m: HAMesh, commit: str, via: int | None = None) -> bool:
-    try:
-        st = m.replica_api(via, "/api/v1/status") if via is not None else m.status()
-    except (OSError, ValueError):
-        return False
-    rows = st["dataplanes"]
-    return (
-        st["commit"] == commit
-        and len(rows) == 4
-        and all(r["state"] == "Online" and r["status"] == "SYNCED" for r in rows)
-    )
-
-
-def _one_leader(m: HAMesh) -> int:
-    got: list[int] = []
-
-    def one() -> bool:
-        got[:] = m.leaders()
-        return len(got) == 1
-
-    m.wait_until(one, 60, "exactly one replica to lead")
-    return got[0]
-
-
-def _pointer(db: str) -> tuple[str, int, str]:
-    with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT release_id, fencing_token, holder FROM release_pointer").fetchone()
-    assert row is not None
-    return str(row[0]), int(row[1]), str(row[2])
-
-
-def _generations(m: HAMesh) -> dict[str, dict[str, int]]:
-    """Per data plane admin port, the generation of each slot it runs (its /config)."""
-    import json
-    import urllib.request
-
-    out = {}
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    admins = [i.admin for i in m.instances.values()] + [m.gateway_admin]
-    for port in admins:
-        with opener.open(f"http://127.0.0.1:{port}/config", timeout=5) as r:
-            cfg = json.loads(r.read())
-        gens = {role: int(b["generation"]) for role, b in cfg["bundles"].items()}
-        if cfg.get("endpoints"):
-            gens["endpoints"] = int(cfg["endpoints"]["generation"])
-        out[str(port)] = gens
-    return out
-
-
-class Load:
-    """Requests through the gateway in a thread until stopped: every one must succeed."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.tally = Tally()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t = drive(self.url, 50, concurrency=4)
-            for k in ("v1", "v2", "failed", "other"):
-                setattr(self.tally, k, getattr(self.tally, k) + getattr(t, k))
-
-    def stop(self) -> Tally:
-        self._stop.set()
-        self._thread.join(60)
-        return self.tally
-
-
-def _flip(repo: Path, to: tuple[int, int], msg: str) -> str:
-    text = (repo / ROUTE).read_text()
-    import re
-
-    weights = re.findall(r"weight: (\d+)", text)
-    assert len(weights) == 2
-    text = text.replace(f"weight: {weights[0]}", f"weight: {to[0]}", 1)
-    text = text.replace(f"weight: {weights[1]}\n", f"weight: {to[1]}\n", 1)
-    return commit_file(repo, ROUTE, text, msg)
-
-
 def test_three_replicas_one_leader_every_data_plane_spread_over_them(ha: HAMesh, ha_db: str) -> None:
-    leader = _one_leader(ha)
+    leader = one_leader(ha)
     view = ha.replica_api((leader + 1) % 3, "/api/v1/replicas")
     assert view["store"] == "postgres" and view["leader"] == f"r{leader}" and not view["leading"]
     ha.wait_until(
@@ -173,33 +88,33 @@ def test_three_replicas_one_leader_every_data_plane_spread_over_them(ha: HAMesh,
     )
     rows = _rows(ha)
     assert len(rows) == 4 and len({r["replica"] for r in rows}) >= 2, rows
-    release, token, holder = _pointer(ha_db)
+    release, token, holder = pointer(ha_db)
     assert holder == f"r{leader}" and release == ha.status()["release"] and token >= 1
 
 
 def test_sigkill_the_leader_a_new_one_takes_over_and_a_later_commit_reaches_every_sidecar(
     ha: HAMesh, ha_repo: Path, ha_db: str
 ) -> None:
-    old = _one_leader(ha)
-    _, old_token, _ = _pointer(ha_db)
+    old = one_leader(ha)
+    _, old_token, _ = pointer(ha_db)
     load = Load(f"{ha.gateway_url}/route1/hw2")
     try:
         t0 = time.monotonic()
         ha.kill_replica(old)
-        new = _one_leader(ha)
+        new = one_leader(ha)
         took = time.monotonic() - t0
         assert new != old
         # the lease ran out (at most LEASE_S after its last renewal), then the next round took it
         assert took <= LEASE_S + RETRY_S + SLACK_S, took
-        sha = _flip(ha_repo, (50, 50), "canary 50/50 after the failover")
-        ha.wait_until(lambda: _synced_on(ha, sha), 90, "every data plane SYNCED on the commit")
+        sha = flip_route(ha_repo, (50, 50), "canary 50/50 after the failover")
+        ha.wait_until(lambda: synced_on(ha, sha), 90, "every data plane SYNCED on the commit")
     finally:
         tally = load.stop()
     assert tally.failed == 0 and tally.other == 0 and tally.n > 0, tally
-    _, token, holder = _pointer(ha_db)
+    _, token, holder = pointer(ha_db)
     assert holder == f"r{new}" and token > old_token
     ha.start_replica(old)
-    ha.wait_until(lambda: old in ha.alive() and _synced_on(ha, sha, via=old), 90, "the restarted replica")
+    ha.wait_until(lambda: old in ha.alive() and synced_on(ha, sha, via=old), 90, "the restarted replica")
     assert ha.leaders() == [new]  # the restarted one follows
 
 
@@ -208,25 +123,25 @@ def test_sigstop_the_leader_past_its_lease_its_writes_are_refused_after_sigcont(
 ) -> None:
     import signal
 
-    old = _one_leader(ha)
-    _, old_token, _ = _pointer(ha_db)
-    before = _generations(ha)
+    old = one_leader(ha)
+    _, old_token, _ = pointer(ha_db)
+    before = generations(ha)
     ha.procs[f"controlplane-{old}"].signal(signal.SIGSTOP)
     try:
         others = [i for i in range(3) if i != old]
         ha.wait_until(lambda: len(ha.leaders(others)) == 1, 60, "another replica to lead")
         new = ha.leaders(others)[0]
-        sha = _flip(ha_repo, (90, 10), "back to 90/10 while the old leader is stopped")
-        ha.wait_until(lambda: _synced_on(ha, sha, via=new), 90, "every data plane SYNCED on the commit")
+        sha = flip_route(ha_repo, (90, 10), "back to 90/10 while the old leader is stopped")
+        ha.wait_until(lambda: synced_on(ha, sha, via=new), 90, "every data plane SYNCED on the commit")
     finally:
         ha.procs[f"controlplane-{old}"].signal(signal.SIGCONT)
     ha.wait_until(lambda: old not in ha.leaders([old]) and old in ha.alive(), 30, "the old leader to follow")
-    _, token, holder = _pointer(ha_db)
+    _, token, holder = pointer(ha_db)
     assert holder == f"r{new}" and token > old_token
     log = ha.procs[f"controlplane-{old}"].log.read_text(errors="replace")
     assert "no longer leads" in log
     try:
-        ha.wait_until(lambda: _synced_on(ha, sha, via=old), 60, "the old leader to adopt the new release")
+        ha.wait_until(lambda: synced_on(ha, sha, via=old), 60, "the old leader to adopt the new release")
     except TimeoutError:
         import json
 
@@ -242,17 +157,17 @@ def test_sigstop_the_leader_past_its_lease_its_writes_are_refused_after_sigcont(
             for r in st["dataplanes"]
         ]
         raise AssertionError(json.dumps({"commit": st["commit"], "want": sha, "rows": brief})) from None
-    after = _generations(ha)
+    after = generations(ha)
     for port, gens in after.items():  # every slot only moved forward, by one writer at a time
         for slot, g in gens.items():
             assert g >= before[port].get(slot, 0), (port, slot, before[port], gens)
-    assert _pointer(ha_db)[1] == token  # the old leader published nothing after waking up
+    assert pointer(ha_db)[1] == token  # the old leader published nothing after waking up
 
 
 def test_postgres_restarted_sidecars_keep_serving_and_replicas_reconnect(
     ha: HAMesh, ha_repo: Path, postgres: Any
 ) -> None:
-    _one_leader(ha)
+    one_leader(ha)
     load = Load(f"{ha.gateway_url}/route1/hw2")
     try:
         postgres.stop()
@@ -267,17 +182,17 @@ def test_postgres_restarted_sidecars_keep_serving_and_replicas_reconnect(
             60,
             "every replica to reconnect",
         )
-        _one_leader(ha)
-        sha = _flip(ha_repo, (50, 50), "a commit after the database restart")
+        one_leader(ha)
+        sha = flip_route(ha_repo, (50, 50), "a commit after the database restart")
         for i in ha.alive():
-            ha.wait_until(lambda i=i: _synced_on(ha, sha, via=i), 90, f"replica r{i} to converge")
+            ha.wait_until(lambda i=i: synced_on(ha, sha, via=i), 90, f"replica r{i} to converge")
     finally:
         tally = load.stop()
     assert tally.failed == 0 and tally.other == 0 and tally.n > 0, tally
 
 
 def test_a_sidecar_whose_replica_dies_re_registers_with_another_within_a_heartbeat(ha: HAMesh) -> None:
-    leader = _one_leader(ha)
+    leader = one_leader(ha)
     rows = _rows(ha)
     by_replica: dict[str, list[str]] = {}
     for r in rows:
@@ -308,6 +223,6 @@ def test_a_sidecar_whose_replica_dies_re_registers_with_another_within_a_heartbe
     delays = [now[i]["registered_at"] - killed_at for i in moved]
     assert max(delays) <= HEARTBEAT_S + SLACK_S, delays  # one interval, plus a busy host
     head = git(Path(ha.policy_dir).parent, "rev-parse", "HEAD")
-    ha.wait_until(lambda: _synced_on(ha, head, via=survivor), 90, "every data plane SYNCED again")
+    ha.wait_until(lambda: synced_on(ha, head, via=survivor), 90, "every data plane SYNCED again")
     ha.start_replica(victim)
-    ha.wait_until(lambda: victim in ha.alive() and _synced_on(ha, head, via=victim), 90, "the replica back")
+    ha.wait_until(lambda: victim in ha.alive() and synced_on(ha, head, via=victim), 90, "the replica back")

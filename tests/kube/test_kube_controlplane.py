@@ -29,6 +29,7 @@ from compiler.controlplane.kube.client import api_client
 from compiler.controlplane.kube.discovery import KubeEndpoints
 from compiler.controlplane.kube.identity import KubeAuthError, TokenReviewer
 from compiler.controlplane.kube.leader import LeaseElector
+from compiler.controlplane.store import Elector
 from compiler.controlplane.kube.listwatch import ListWatch
 from runtime.protocol import Registration
 
@@ -219,5 +220,10 @@ def test_lease_one_leader_conflicts_and_takeover_after_expiry() -> None:
             # the old leader sees the new holder and steps down
             assert not await leader.try_acquire_or_renew()
             assert not leader.leader and follower.leader
+            # as an Elector: the fencing token grew with the change of holder; a follower has none
+            assert follower.fencing_token == 1 and leader.fencing_token is None
+            elector: Elector = follower
+            await elector.release()
+            assert elector.fencing_token is None and not elector.leader
 
     run(body)
