@@ -56,11 +56,15 @@ LEASE_S = 3.0
 def _poll(cond: Any, timeout: float = 120.0, step: float = 0.02) -> float:
     """Seconds until ``cond()``; raises on a hang."""
     t0 = time.monotonic()
-    while not cond():
+    while True:
+        try:
+            if cond():
+                return time.monotonic() - t0
+        except (OSError, ValueError, KeyError):
+            pass  # a replica not listening yet
         if time.monotonic() - t0 > timeout:
             raise TimeoutError("the mesh did not converge")
         time.sleep(step)
-    return time.monotonic() - t0
 
 
 def _commit_to_synced(m: HAMesh, repo: Path, weights: tuple[int, int], msg: str) -> float:
@@ -124,7 +128,7 @@ def main() -> int:
             )
             k += 1
             m.start_replica(old)
-            _poll(lambda old=old: old in m.alive() and len(m.status()["dataplanes"]) == 4)
+            _poll(lambda old=old: len(m.replica_api(old, "/api/v1/status")["dataplanes"]) == 4)
             # a data plane's replica dies
             leader = one_leader(m)
             rows = m.status()["dataplanes"]
@@ -146,7 +150,7 @@ def main() -> int:
                 now = {x["instance"]: x for x in m.replica_api(survivor, "/api/v1/status")["dataplanes"]}
                 row["reregister_s"] = sorted(round(now[i]["registered_at"] - killed_at, 3) for i in moved)
                 m.start_replica(victim)
-                _poll(lambda victim=victim: victim in m.alive() and len(m.status()["dataplanes"]) == 4)
+                _poll(lambda victim=victim: len(m.replica_api(victim, "/api/v1/status")["dataplanes"]) == 4)
             # SIGSTOP the leader past its lease
             old = one_leader(m)
             _, old_token, _ = pointer(db)

@@ -220,6 +220,7 @@ async def dashboard_data(cp: ControlPlane) -> dict[str, Any]:
         "policies": policies_data(cp),
         "diagnostics": diagnostics_data(cp),
         "rollouts": [r.as_json() for r in reversed(cp.pusher.rollouts)][:10],
+        "controlplane": cp.ha_data(),
     }
 
 

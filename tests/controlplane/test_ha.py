@@ -90,6 +90,24 @@ def test_three_replicas_one_leader_every_data_plane_spread_over_them(ha: HAMesh,
     assert len(rows) == 4 and len({r["replica"] for r in rows}) >= 2, rows
     release, token, holder = pointer(ha_db)
     assert holder == f"r{leader}" and release == ha.status()["release"] and token >= 1
+    # meshc status names the store, the leader, every replica, and each data plane's replica
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "compiler.cli", "status", "--control-plane", ha.replica_url(0), "-o", "wide"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert f"store postgres, leader r{leader} (fencing token {token})" in out, out
+    for i in range(3):
+        assert f"replica r{i} {ha.replica_url(i)} " in out, out
+    for r in rows:
+        line = next(x for x in out.splitlines() if x.startswith(r["instance"]))
+        assert line.rstrip().endswith(r["replica"]), line
+    gui = ha.replica_api(1, "/api/v1/dashboard/fragments")["replicas"]
+    assert f"<b>r{leader}</b>" in gui and "leader" in gui
 
 
 def test_sigkill_the_leader_a_new_one_takes_over_and_a_later_commit_reaches_every_sidecar(

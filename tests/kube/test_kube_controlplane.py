@@ -29,8 +29,8 @@ from compiler.controlplane.kube.client import api_client
 from compiler.controlplane.kube.discovery import KubeEndpoints
 from compiler.controlplane.kube.identity import KubeAuthError, TokenReviewer
 from compiler.controlplane.kube.leader import LeaseElector
-from compiler.controlplane.store import Elector
 from compiler.controlplane.kube.listwatch import ListWatch
+from compiler.controlplane.store import Elector
 from runtime.protocol import Registration
 
 
