@@ -47,6 +47,11 @@ dpCert.rotation.expiration), the CA bundle and this control plane's push-signing
 is signed for one data plane in one boot (mesh, service, instance, boot id, slot, digest,
 generation). Keep the state dir: it holds the CAs, the
 token secret and the signing key that data planes trust.
+
+Replicas (--store postgres://USER@HOST:PORT/DB): every replica serves the data planes connected to
+it; one leader (a lock row with a --lease and a fencing token) follows Git, compiles and publishes
+releases, which the others adopt; give every replica the same policy repo and the same secrets
+dir, and each data plane every replica's URL (`--control-plane URL1,URL2`).
 """
 
 _CP_EPILOG = """\
