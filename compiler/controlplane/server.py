@@ -147,6 +147,7 @@ class ControlPlane:
         """Read and compile; on success adopt, write and push. Returns whether it compiled."""
         async with self._compile_lock:
             ref = change.commit or self.config.ref
+            token = self.elector.fencing_token  # the lead this compile starts under
             t0 = time.perf_counter()
             try:
                 src = await asyncio.to_thread(read_policy_dir, self.config.policy_dir, ref)
@@ -164,7 +165,7 @@ class ControlPlane:
             took = time.perf_counter() - t0
             self.metrics.compile_seconds.observe(took)
             if self.store.shared and not result.errors and result.release:
-                refused = await self._publish(result, change)
+                refused = await self._publish(result, change, token)
                 if refused is not None:
                     self.releases.fail(refused, trigger=change.reason)
                     self.metrics.compiles.labels("failed").inc()
@@ -200,12 +201,13 @@ class ControlPlane:
                 await asyncio.to_thread(self._write, result)
             return True
 
-    async def _publish(self, result: object, change: Change) -> str | None:
-        """Publish as the leader, fenced: None when the store took it, else why not."""
+    async def _publish(self, result: object, change: Change, token: int | None) -> str | None:
+        """Publish with the fencing token the compile started under: None when the store took
+        it, else why not. The database decides, not this process's idea of its lead: a process
+        paused mid-compile past its lease wakes up with a token the lock row no longer holds."""
         from compiler.result import CompileResult
 
         assert isinstance(result, CompileResult)
-        token = self.elector.fencing_token
         if token is None:
             return "this replica is not the leader"
         rel = StoredRelease(
@@ -263,9 +265,10 @@ class ControlPlane:
         except OSError as e:
             self.log(f"store: {e}")
 
-    async def _sync_release(self, why: str) -> None:
+    async def _sync_release(self, why: str, *, leading: bool = False) -> None:
+        """Adopt the release the store points at (a leader adopts only its own, at election)."""
         stored = await self.store.current_release()
-        if stored is not None and not self._leading:
+        if stored is not None and (leading or not self._leading):
             self._adopt(stored, why)
 
     async def _resync(self) -> None:
@@ -399,7 +402,7 @@ class ControlPlane:
 
     async def _lead_work(self) -> None:
         with contextlib.suppress(OSError):
-            await self._sync_release("taking the lead")  # the latest published release first
+            await self._sync_release("taking the lead", leading=True)  # the latest one first
         commit = await self._git.resolve() if self._git is not None else None
         cur = self.releases.current
         if cur is None or self._git is None or cur.commit != commit:
@@ -504,9 +507,10 @@ class ControlPlane:
 
     async def stop(self) -> None:
         self._stop.set()
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._store_tasks]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.kube is not None:

@@ -212,3 +212,32 @@ def flip_route(repo: Path, to: tuple[int, int], msg: str) -> str:
     text = text.replace(f"weight: {weights[0]}", f"weight: {to[0]}", 1)
     text = text.replace(f"weight: {weights[1]}\n", f"weight: {to[1]}\n", 1)
     return commit_file(repo, ROUTE, text, msg)
+
+
+def wait_synced(m: HAMesh, commit: str, what: str, via: int | None = None, timeout: float = 90) -> None:
+    """``synced_on`` within ``timeout``; on a hang, what the replica shows (the failure's why)."""
+    try:
+        m.wait_until(lambda: synced_on(m, commit, via), timeout, what)
+    except TimeoutError as e:
+        try:
+            st = m.replica_api(via, "/api/v1/status") if via is not None else m.status()
+            brief = [
+                (
+                    r["instance"],
+                    r["replica"],
+                    r["state"],
+                    r["status"],
+                    {k: v["status"] for k, v in r["slots"].items()},
+                )
+                for r in st["dataplanes"]
+            ]
+            seen = {
+                "commit": st["commit"],
+                "want": commit,
+                "via": via,
+                "rows": brief,
+                "cp": st["controlplane"],
+            }
+        except (OSError, ValueError) as e2:
+            seen = {"error": str(e2)}
+        raise TimeoutError(f"{e}: {json.dumps(seen)}") from None

@@ -248,3 +248,23 @@ def test_elections_are_exclusive(pg_url: str, n: int) -> None:
         await store.close()
 
     _run(go)
+
+
+def test_an_unreachable_database_is_a_clear_exit_2(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from compiler.demo import free_port
+
+    (tmp_path / "p").mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "compiler.cli", "controlplane", str(tmp_path / "p"),
+            "--out", str(tmp_path / "o"),
+            "--listen", f"127.0.0.1:{free_port()}", "--store", f"postgresql://meshc@127.0.0.1:{free_port()}/x",
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "PostgreSQL store: cannot connect to PostgreSQL" in proc.stderr
+    assert "Traceback" not in proc.stderr
