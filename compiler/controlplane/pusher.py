@@ -352,10 +352,13 @@ class Pusher:
         for slot in SLOTS:
             st = sync.slots[slot]
             want = st.desired
-            if want is not None and want == st.nack_digest:
-                return None  # refused: the later slots may depend on it; wait for a new digest
             if want is None or want == st.acked:
                 continue
+            if want == st.nack_digest and not (st.nack or "").startswith("409"):
+                # refused: the later slots may depend on it; wait for a new digest. A 409 (an
+                # older generation than it runs, pushed before its first heartbeat here reported
+                # its generations) is retried once a heartbeat has.
+                return None
             if slot == "endpoints":
                 now = time.time()
                 if now < self._hold_until and not dp.restored and dp.endpoints_generation != 0:
@@ -372,7 +375,7 @@ class Pusher:
                 if digest != want:
                     sync.dirty.set()
                     return None
-                gen = self.generations.next()
+                gen = self._generation(dp)
                 body = EndpointSet(generation=gen, services=services).model_dump_json().encode()
                 result, reason = await self._put(
                     dp, "/endpoints", body, {HDR_GENERATION: str(gen)}, st, want, gen
@@ -384,7 +387,7 @@ class Pusher:
                 if rel is None or data is None or rel.digests.get(key) != want:
                     sync.dirty.set()
                     return None
-                gen = self.generations.next()
+                gen = self._generation(dp)
                 headers = {HDR_DIGEST: want, HDR_GENERATION: str(gen), HDR_BUNDLE_ROLE: slot}
                 result, reason = await self._put(dp, "/bundle", data, headers, st, want, gen)
             self.metrics.pushes.labels(slot, result).inc()
@@ -411,6 +414,11 @@ class Pusher:
             if st.desired != want:
                 return 0.0
         return hold_retry
+
+    def _generation(self, dp: DataPlane) -> int:
+        """The next generation, above any the data plane reported running: one that moved here
+        from another replica holds that replica's generations."""
+        return max(self.generations.next(), max(dp.generations.values(), default=0) + 1)
 
     async def _put(
         self,

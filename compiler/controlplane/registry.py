@@ -52,6 +52,8 @@ class DataPlane:
     heartbeats: int = 0
     replica: str = ""
     """The control plane replica this data plane registered with (and heartbeats to)."""
+    observed_at: float = 0.0
+    """Another replica's data plane: when (our clock) we last saw its row move."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -102,12 +104,16 @@ class Registry:
         self._restore_grace_s = restore_grace_s
         self.replica = store.replica if store is not None else replica
         self.restored = 0
+        self.peers_seen_at: float | None = None
+        """When the store last told us of every peer (``merge_all``): a peer's data plane ages
+        against that, so a store that is down makes no peer Offline (and drops no endpoints)."""
 
     def restore(self, dps: list[DataPlane]) -> int:
         """Load what the store kept: this replica's data planes are restored (a grace period to
         heartbeat again), the other replicas' are peers."""
         now = time.time()
         for dp in dps:
+            dp.observed_at = now
             if dp.replica in ("", self.replica):
                 dp.replica, dp.restored, dp.last_seen, dp.online = self.replica, True, now, True
                 self.restored += 1
@@ -148,6 +154,11 @@ class Registry:
             boot_id=reg.boot_id,
             replica=self.replica,
         )
+        before = self.dataplanes.get(name)
+        if before is not None and before.boot_id == reg.boot_id:
+            # the same process, from another replica (or re-registering): the generations it runs
+            # are the floor of what this replica pushes it
+            dp.generations = dict(before.generations)
         self.dataplanes[name] = dp
         self._save(dp)
         self._emit("registered", dp)
@@ -191,16 +202,18 @@ class Registry:
 
     def sweep(self, now: float | None = None) -> list[DataPlane]:
         """Mark Offline the data planes whose heartbeats stopped; returns them. A peer's data
-        plane goes Offline here too when its row stops moving (its replica may be gone), a
-        resync later than its own replica would."""
+        plane goes Offline here too when its row had stopped moving at the last resync (its
+        replica may be gone), later than its own replica would."""
         now = time.time() if now is None else now
         limit = self.heartbeat_interval_s * self.missed
         gone = []
         for dp in self.dataplanes.values():
             allowed = max(limit, self._restore_grace_s) if dp.restored else limit
+            age = now - dp.last_seen
             if not self.local(dp):
                 allowed = limit + 4 * self.heartbeat_interval_s + 2.0
-            if dp.online and now - dp.last_seen > allowed:
+                age = (self.peers_seen_at or now) - dp.observed_at
+            if dp.online and age > allowed:
                 dp.online = False
                 gone.append(dp)
         for dp in gone:
@@ -223,18 +236,33 @@ class Registry:
             return  # our own row: memory is ahead of it
         if mine is not None and self.local(mine) and mine.registered_at > row.registered_at:
             return  # registered here since: the store catches up from our write
+        now = time.time()
         if mine is not None and not self.local(mine) and _same(mine, row):
+            if row.last_seen != mine.last_seen:
+                mine.observed_at = now
             mine.last_seen, mine.running, mine.generations = row.last_seen, row.running, row.generations
             return
+        row.observed_at = now
         self.dataplanes[instance] = row
         self._emit("peer", row)
 
     def merge_all(self, rows: list[DataPlane]) -> None:
+        """Everything the store holds of the other replicas (a resync). After a gap (the store
+        was unreachable, their writes are still queued) no row is judged by its silence yet."""
+        now = time.time()
+        blind = self.peers_seen_at is None or now - self.peers_seen_at > max(
+            3.0, 6 * self.heartbeat_interval_s
+        )
+        self.peers_seen_at = now
         seen = {r.instance for r in rows}
         for dp in [d for d in self.dataplanes.values() if not self.local(d) and d.instance not in seen]:
             self.merge(dp.instance, None)
         for r in rows:
             self.merge(r.instance, r)
+        if blind:
+            for dp in self.dataplanes.values():
+                if not self.local(dp):
+                    dp.observed_at = now
 
     # --- queries ------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ HEARTBEAT_S = 0.3
 LEASE_S = 2.0
 RETRY_S = LEASE_S / 3
 SLACK_S = 3.0
+OUTAGE_S = 3 * HEARTBEAT_S + 4 * HEARTBEAT_S + 2.0 + 2.0
 """For a busy 2-core host: process scheduling, not protocol time."""
 
 
@@ -178,6 +179,9 @@ def test_postgres_restarted_sidecars_keep_serving_and_replicas_reconnect(
             30,
             "every replica to notice the database is gone",
         )
+        # the outage itself: longer than a peer's data plane may go unseen before it counts as
+        # Offline, so a replica that aged peers by the clock would drop their endpoints here
+        time.sleep(OUTAGE_S)
         postgres.start()
         ha.wait_until(
             lambda: all(ha.replica_api(i, "/api/v1/replicas")["store_connected"] for i in ha.alive()),

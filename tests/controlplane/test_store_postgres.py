@@ -268,3 +268,63 @@ def test_an_unreachable_database_is_a_clear_exit_2(tmp_path: Any) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "PostgreSQL store: cannot connect to PostgreSQL" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_replica_paused_inside_a_transaction_does_not_stall_the_others(pg_url: str) -> None:
+    """A holds a row lock and stops (as under SIGSTOP, mid-transaction): the server ends A's
+    transaction, and B's write of the same row commits instead of waiting for A forever."""
+
+    async def go() -> None:
+        from compiler.controlplane.store.postgres import _connect
+
+        a = PostgresStore(pg_url, replica="a", replica_url="http://a")
+        b = PostgresStore(pg_url, replica="b", replica_url="http://b")
+        await a.start()
+        await b.start()
+        reg_a = Registry(heartbeat_interval_s=0.2, store=a)
+        dp = reg_a.register(Registration(service="benigno", admin_address="127.0.0.1:7", boot_id="x"))
+        assert await a.flush(timeout=HANG_S)
+        paused = await _connect(pg_url)  # a's session settings, then nothing more from it
+        await paused.execute("BEGIN")
+        await paused.execute("UPDATE dataplanes SET online = false WHERE instance = %s", (dp.instance,))
+        reg_b = Registry(heartbeat_interval_s=0.2, store=b)
+        reg_b.register(Registration(service="benigno", admin_address="127.0.0.1:7", boot_id="y"))
+        assert await b.flush(timeout=HANG_S)
+        row = await b.load_dataplane(dp.instance)
+        assert row is not None and row.replica == "b" and row.boot_id == "y"
+        with pytest.raises(psycopg.Error, match="idle-in-transaction"):  # the server ended it
+            await paused.execute("COMMIT")
+        for s in (a, b):
+            await s.close()
+
+    _run(go)
+
+
+def test_peers_do_not_age_while_the_store_is_silent() -> None:
+    """A peer's data plane goes Offline when its row stood still at the last resync, not by this
+    replica's clock: with the store down, no peer's endpoints are dropped."""
+    reg = Registry(heartbeat_interval_s=0.2, replica="me")
+    t0 = time.time()
+    peer = DataPlane("benigno-1", "benigno", "default", "sidecar", {}, "127.0.0.1:1", "127.0.0.1:2",
+                     t0, t0, replica="other")  # fmt: skip
+    reg.merge_all([peer])
+    seen = reg.peers_seen_at
+    assert seen is not None
+    assert reg.sweep(now=seen + 3600) == [] and reg.dataplanes["benigno-1"].online  # no resync since
+    reg.peers_seen_at = seen + 3600  # resyncs went on for an hour and the row never moved
+    assert [d.instance for d in reg.sweep(now=seen + 3600)] == ["benigno-1"]
+    assert not reg.dataplanes["benigno-1"].online
+
+
+def test_after_a_store_outage_peers_get_a_fresh_look() -> None:
+    """The first resync after a gap finds rows that did not move (their writes are still
+    queued): they are not judged by that silence."""
+    reg = Registry(heartbeat_interval_s=0.2, replica="me")
+    t0 = time.time()
+    peer = DataPlane("benigno-1", "benigno", "default", "sidecar", {}, "127.0.0.1:1", "127.0.0.1:2",
+                     t0, t0, replica="other")  # fmt: skip
+    reg.merge_all([peer])
+    reg.peers_seen_at = t0 - 60  # the last resync before a minute without the store,
+    reg.dataplanes["benigno-1"].observed_at = t0 - 60  # when its row last moved
+    reg.merge_all([peer])
+    assert reg.sweep() == [] and reg.dataplanes["benigno-1"].online

@@ -72,10 +72,16 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(out)
 
 
+_SESSION = "-c idle_in_transaction_session_timeout=3000 -c lock_timeout=3000 -c statement_timeout=10000"
+"""A replica paused inside a transaction (SIGSTOP, a GC pause) would hold its row locks and stall
+every other replica's writes on those rows: the server ends such a transaction after 3 s, and a
+write that waits for a lock longer than that fails and is retried."""
+
+
 async def _connect(url: str) -> psycopg.AsyncConnection[dict[str, Any]]:
     try:
         return await psycopg.AsyncConnection.connect(
-            url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S, row_factory=dict_row
+            url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S, row_factory=dict_row, options=_SESSION
         )
     except psycopg.Error as e:
         raise Unavailable(f"cannot connect to PostgreSQL: {_first_line(e)}") from e
