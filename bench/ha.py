@@ -115,8 +115,13 @@ def main() -> int:
         m.wait_ready(timeout=180)
         load = Load(f"{m.gateway_url}/route1/hw2")
         k = 0
+
+        def failed() -> int:
+            return load.tally.failed + load.tally.other
+
         for r in range(rounds):
             row: dict[str, Any] = {}
+            f0 = failed()
             row["baseline_commit_to_synced_s"] = _commit_to_synced(m, repo, flips[k % 2], f"baseline {r}")
             k += 1
             # SIGKILL the leader
@@ -129,28 +134,30 @@ def main() -> int:
             k += 1
             m.start_replica(old)
             _poll(lambda old=old: len(m.replica_api(old, "/api/v1/status")["dataplanes"]) == 4)
+            row["failed_requests_sigkill"], f0 = failed() - f0, failed()
             # a data plane's replica dies
-            leader = one_leader(m)
+            one_leader(m)
             rows = m.status()["dataplanes"]
-            victims = sorted({x["replica"] for x in rows} - {f"r{leader}"})
-            if victims:
-                victim = int(victims[0][1:])
-                moved = {x["instance"] for x in rows if x["replica"] == victims[0]}
-                killed_at = time.time()
-                m.kill_replica(victim)
-                survivor = m.alive()[0]
+            counts: dict[str, int] = {}
+            for x in rows:
+                counts[x["replica"]] = counts.get(x["replica"], 0) + 1
+            busiest = max(counts, key=lambda k: counts[k])  # maybe the leader: then the lead moves too
+            victim = int(busiest[1:])
+            moved = {x["instance"] for x in rows if x["replica"] == busiest}
+            killed_at = time.time()
+            m.kill_replica(victim)
+            survivor = m.alive()[0]
 
-                def done(
-                    moved: set[str] = moved, survivor: int = survivor, killed_at: float = killed_at
-                ) -> bool:
-                    now = {x["instance"]: x for x in m.replica_api(survivor, "/api/v1/status")["dataplanes"]}
-                    return all(i in now and now[i]["registered_at"] > killed_at for i in moved)
-
-                _poll(done)
+            def done(moved: set[str] = moved, survivor: int = survivor, killed_at: float = killed_at) -> bool:
                 now = {x["instance"]: x for x in m.replica_api(survivor, "/api/v1/status")["dataplanes"]}
-                row["reregister_s"] = sorted(round(now[i]["registered_at"] - killed_at, 3) for i in moved)
-                m.start_replica(victim)
-                _poll(lambda victim=victim: len(m.replica_api(victim, "/api/v1/status")["dataplanes"]) == 4)
+                return all(i in now and now[i]["registered_at"] > killed_at for i in moved)
+
+            _poll(done)
+            now = {x["instance"]: x for x in m.replica_api(survivor, "/api/v1/status")["dataplanes"]}
+            row["reregister_s"] = sorted(round(now[i]["registered_at"] - killed_at, 3) for i in moved)
+            m.start_replica(victim)
+            _poll(lambda victim=victim: len(m.replica_api(victim, "/api/v1/status")["dataplanes"]) == 4)
+            row["failed_requests_replica_loss"], f0 = failed() - f0, failed()
             # SIGSTOP the leader past its lease
             old = one_leader(m)
             _, old_token, _ = pointer(db)
@@ -164,6 +171,7 @@ def main() -> int:
             _poll(lambda old=old: not m.leaders([old]))
             _, token, holder = pointer(db)
             row["fenced"] = holder == f"r{new}" and token > old_token
+            row["failed_requests_sigstop"], f0 = failed() - f0, failed()
             # PostgreSQL restarted
             t0 = time.monotonic()
             pg.restart()
@@ -174,6 +182,7 @@ def main() -> int:
             one_leader(m)
             row["after_pg_restart_commit_to_synced_s"] = _commit_to_synced(m, repo, flips[k % 2], f"pg {r}")
             k += 1
+            row["failed_requests_pg_restart"] = failed() - f0
             out["rounds"].append(row)
             print(json.dumps(row), flush=True)
         tally = load.stop()
