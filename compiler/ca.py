@@ -47,6 +47,24 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _create_private(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` (mode 0600) unless it exists; whether this call created it.
+    Atomic (a hard link of a complete temp file), so replicas sharing a secrets dir that start
+    at once end up with one key, not one each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -67,6 +85,11 @@ class MeshCA:
     def builtin(cls, state_dir: Path, mesh: str, validity_days: int = 3650) -> MeshCA:
         """Load the mesh's CA from the state dir, generating it on first use."""
         key_path, cert_path = state_dir / f"ca-{mesh}.key", state_dir / f"ca-{mesh}.crt"
+        if key_path.exists():
+            # another process (a replica sharing this dir) may be writing the certificate
+            deadline = time.monotonic() + 5.0
+            while not cert_path.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
         if key_path.exists() and cert_path.exists():
             return cls.provided(cert_path, key_path, mesh)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -89,8 +112,13 @@ class MeshCA:
             )
             .sign(key, hashes.SHA256())
         )
-        _write_private(key_path, _pem_key(key))
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        if key_path.exists():
+            _write_private(key_path, _pem_key(key))  # a key without its certificate: replaced
+        elif not _create_private(key_path, _pem_key(key)):
+            return cls.builtin(state_dir, mesh, validity_days)  # another process won: use its CA
+        tmp = cert_path.with_name(f".{cert_path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        os.replace(tmp, cert_path)
         return cls(mesh, key, cert)
 
     @classmethod
@@ -150,8 +178,13 @@ class TokenIssuer:
     def __init__(self, state_dir: Path) -> None:
         path = state_dir / "token.secret"
         if not path.exists():
-            _write_private(path, secrets.token_bytes(32))
+            _create_private(path, secrets.token_bytes(32))
         self._secret = path.read_bytes()
+
+    @property
+    def secret_id(self) -> str:
+        """Names the secret without revealing it (an HMAC of a constant): replicas compare it."""
+        return hmac.new(self._secret, b"meshc token secret id", hashlib.sha256).hexdigest()[:32]
 
     def mint(self, mesh: str, service: str, valid_for_s: float = DEFAULT_VALID_FOR_S) -> str:
         claims = {"mesh": mesh, "service": service, "exp": int(time.time() + valid_for_s)}
@@ -189,13 +222,11 @@ class PushSigner:
 
     def __init__(self, state_dir: Path) -> None:
         path = state_dir / "push-signing.key"
-        if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, ed25519.Ed25519PrivateKey):
-                raise CAError(f"{path}: not an Ed25519 key")
-        else:
-            key = ed25519.Ed25519PrivateKey.generate()
-            _write_private(path, _pem_key(key))
+        if not path.exists():
+            _create_private(path, _pem_key(ed25519.Ed25519PrivateKey.generate()))
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise CAError(f"{path}: not an Ed25519 key")
         self._key = key
 
     @property

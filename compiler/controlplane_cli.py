@@ -49,6 +49,11 @@ dpCert.rotation.expiration), the CA bundle and this control plane's push-signing
 is signed for one data plane in one boot (mesh, service, instance, boot id, slot, digest,
 generation). Keep the state dir: it holds the CAs, the
 token secret and the signing key that data planes trust.
+
+Replicas (--store postgres://USER@HOST:PORT/DB): every replica serves the data planes connected to
+it; one leader (a lock row with a --lease and a fencing token) follows Git, compiles and publishes
+releases, which the others adopt; give every replica the same policy repo and the same secrets
+dir, and each data plane every replica's URL (`--control-plane URL1,URL2`).
 """
 
 _CP_EPILOG = """\
@@ -100,7 +105,7 @@ def _run_controlplane(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from compiler.controlplane.server import Config, ControlPlane
+    from compiler.controlplane.server import Config, ControlPlane, StoreError
     from compiler.source import SourceError
 
     try:
@@ -154,6 +159,9 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         kubernetes=args.kubernetes,
         kubernetes_token=os.environ.get("MESHC_KUBERNETES_TOKEN") or None,
         limits=limits,
+        store=args.store or os.environ.get("MESHC_STORE") or None,
+        replica_id=args.replica_id,
+        lease_s=args.lease,
     )
 
     import faulthandler
@@ -171,7 +179,7 @@ def _run_controlplane(args: argparse.Namespace) -> int:
             await cp.stop()
             print(f"meshc: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
             return EXIT_ERROR
-        except SourceError as e:
+        except (SourceError, StoreError) as e:
             await cp.stop()
             print(f"meshc: {e}", file=sys.stderr)
             return EXIT_ERROR
@@ -241,6 +249,14 @@ def _run_status(args: argparse.Namespace) -> int:
     rel = data.get("release")
     commit = f" commit {data['commit'][:12]}" if data.get("commit") else ""
     print(f"release {rel[:12] if rel else '(none)'}{commit}")
+    ha = data.get("controlplane") or {}
+    if ha.get("store") == "postgres":
+        print(
+            f"store postgres, leader {ha.get('leader') or '(none)'} (fencing token {ha.get('leader_token')})"
+        )
+        for r in ha.get("replicas", []):
+            mark = "leader" if r.get("leader") else ("alive" if r.get("alive") else "gone")
+            print(f"  replica {r['id']} {r['url']} {mark}, {r.get('dataplanes', 0)} data plane(s)")
     if rows:
         print(render_table(rows, wide=args.output == "wide"))
     else:
@@ -335,6 +351,26 @@ def register(sub: Any) -> None:
         help="run on Kubernetes: endpoints from EndpointSlices, registration by TokenReview of the "
         "projected service-account token, a Lease for the leader (API: in-cluster by default, or an "
         "API server URL, with its token in MESHC_KUBERNETES_TOKEN); needs meshc[kubernetes]",
+    )
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="where the control plane's state lives: postgres://USER@HOST:PORT/DB for replicas "
+        "sharing one PostgreSQL (one leader compiles and publishes, every replica serves data "
+        "planes); default: the state dir (one replica)",
+    )
+    p.add_argument(
+        "--replica-id",
+        metavar="NAME",
+        help="this replica's name in the store (default: HOSTNAME:PORT)",
+    )
+    p.add_argument(
+        "--lease",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="the leader's lease with --store postgres://: another replica takes over within it "
+        "when the leader stops renewing (default: 10)",
     )
     p.add_argument(
         "--insecure-registration",

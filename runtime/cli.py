@@ -43,7 +43,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="where accepted bundles, endpoints and the trusted key are kept: a restart serves "
         "from here while the control plane is down",
     )
-    p.add_argument("--control-plane", metavar="URL", help="register and heartbeat with this control plane")
+    p.add_argument(
+        "--control-plane",
+        metavar="URL",
+        action="append",
+        help="register and heartbeat with this control plane; several (repeated or comma-separated: "
+        "replicas sharing one store) for failover to the next when one is gone",
+    )
     p.add_argument(
         "--bundle", type=Path, metavar="FILE", help="a bundle file to start with (service or mesh bundle)"
     )
@@ -225,7 +231,7 @@ def _run(kind: str, argv: list[str]) -> int:
             tags=_tags(ns.tag),
             admin=parse_addr(ns.admin),
             state_dir=ns.state_dir,
-            control_plane=ns.control_plane,
+            control_plane=",".join(ns.control_plane) if ns.control_plane else None,
             bundle=ns.bundle,
             mesh_bundle=ns.mesh_bundle,
             endpoints=ns.endpoints,

@@ -7,6 +7,11 @@ the control plane forgot the instance, so it registers again. ``POST /api/v1/der
 errors is retried with capped, jittered exponential backoff; the data plane keeps serving its
 last-known-good state meanwhile.
 
+Several control planes (replicas sharing one store) may be given, comma-separated: the data plane
+talks to one at a time, and when it cannot be reached (refused, timed out within a heartbeat
+interval, or a 5xx) moves to the next at once and registers there, so a replica that dies costs
+at most one heartbeat interval; it cycles through the list with backoff only when none answers.
+
 Register, heartbeats, certificate renewal (``POST /api/v1/certificate``) and deregister are
 authenticated
 (DESIGN §6) by ``auth(path, body, use_token)``: the current certificate's proof, or the bootstrap
@@ -41,13 +46,19 @@ _MAX_BACKOFF_S = 30.0
 class Registrar:
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         registration: Callable[[], Registration],
         heartbeat: Callable[[str], Heartbeat],
         on_registered: Callable[[RegistrationReply], None] | None = None,
         auth: Callable[[str, bytes, bool], dict[str, str]] | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        urls = [u for part in ([url] if isinstance(url, str) else url) for u in part.split(",")]
+        self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not self.urls:
+            raise ValueError("no control plane URL")
+        self._current = 0
+        self.switches = 0
+        """How many times this data plane moved to another control plane."""
         self._registration = registration
         self._heartbeat = heartbeat
         self._on_registered = on_registered
@@ -60,6 +71,32 @@ class Registrar:
         self._use_token = False
         self._interval_s: float | None = None
 
+    @property
+    def url(self) -> str:
+        """The control plane this data plane talks to now."""
+        return self.urls[self._current]
+
+    def _next_url(self, why: str) -> bool:
+        """Move to the next control plane; False when the whole list was tried since the last
+        answer (back off then)."""
+        if len(self.urls) == 1:
+            return False
+        old = self.url
+        self._current = (self._current + 1) % len(self.urls)
+        self.switches += 1
+        self._tried += 1
+        print(f"meshc: control plane {old}: {why}; trying {self.url}", file=sys.stderr, flush=True)
+        return self._tried < len(self.urls)
+
+    _tried = 0
+
+    def _timeout(self) -> float:
+        """Within a heartbeat interval once registered (a stopped replica must not hold a data
+        plane for longer), at least 1 s and at most 5 s."""
+        if self._interval_s is None or len(self.urls) == 1:
+            return 5.0
+        return min(5.0, max(1.0, self._interval_s))
+
     def start(self) -> None:
         self._started = True
         self._task = asyncio.ensure_future(self._run())
@@ -68,7 +105,9 @@ class Registrar:
         headers = {"Content-Type": "application/json"}
         if authenticate and self._auth is not None:
             headers.update(self._auth(path, body, self._use_token))
-        status, data = await post(self.url, path, body, headers, timeout=5.0)
+        status, data = await post(self.url, path, body, headers, timeout=self._timeout())
+        if status == 200:
+            self._tried = 0
         if authenticate and status in (401, 403):
             # The certificate was refused (a new CA, an expired certificate): the token next time.
             self._use_token = not self._use_token
@@ -116,11 +155,17 @@ class Registrar:
                         self._on_registered(self.reply)
                     backoff = 0.25
                 await asyncio.sleep(self.reply.heartbeat_interval_ms / 1000.0)
-                status, body = await self._post(
-                    "/api/v1/heartbeat",
-                    self._heartbeat(self.reply.instance).model_dump_json().encode(),
-                    True,
-                )
+                try:
+                    status, body = await self._post(
+                        "/api/v1/heartbeat",
+                        self._heartbeat(self.reply.instance).model_dump_json().encode(),
+                        True,
+                    )
+                except (OSError, TimeoutError) as e:
+                    if not self._next_url(f"heartbeat failed ({e or type(e).__name__})"):
+                        raise
+                    self.reply = None  # the next replica does not know us: register there now
+                    continue
                 if status in (401, 403, 404):
                     # Forgotten (or another boot on record), or our certificate was refused:
                     # register again (with the token after a refusal, see _post).
@@ -131,6 +176,10 @@ class Registrar:
             except asyncio.CancelledError:
                 raise
             except (OSError, TimeoutError, ValueError) as e:
+                if self._next_url(str(e) or type(e).__name__):
+                    self.reply = None  # register with the next one
+                    continue
+                self._tried = 0
                 print(f"meshc: control plane {self.url}: {e}; retrying", file=sys.stderr, flush=True)
                 await asyncio.sleep(backoff * (0.5 + self._rng.random()))
                 backoff = min(backoff * 2, self._max_backoff())

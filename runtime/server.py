@@ -93,6 +93,7 @@ class Options:
     listen: list[Addr] = field(default_factory=list)
     state_dir: Path | None = None
     control_plane: str | None = None
+    """One control plane URL, or several comma-separated (replicas sharing one store)."""
     bundle: Path | None = None
     mesh_bundle: Path | None = None
     endpoints: Path | None = None
@@ -580,6 +581,8 @@ class DataPlane:
             "draining": self.draining,
             "certificate": self.creds.describe(),
             "trusted_control_plane_key": self.trust.key,
+            "control_plane": self.registrar.url if self.registrar is not None else None,
+            "control_plane_switches": self.registrar.switches if self.registrar is not None else 0,
             "insecure_admin": self.trust.insecure,
             "bundles": {
                 role: {

@@ -14,6 +14,8 @@ Small modules, each owning one thing:
 * ``metrics``: the control plane's Prometheus metrics.
 * ``traffic``: the live traffic split, scraped from the data planes' metrics.
 * ``api`` and ``gui``: the HTTP API under ``/api/`` and the dashboard at ``/gui``.
+* ``store``: where the state lives (the state dir, or PostgreSQL shared by replicas) and who
+  leads (``Elector``: the only replica, or a PostgreSQL lock row with a lease and a fencing token).
 * ``config``: the control plane's settings.
 * ``server``: wires them together (``api`` and ``security`` type it by a Protocol, never import it).
 """

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from compiler.controlplane import openapi
 from compiler.controlplane.metrics import CONTENT_TYPE, ControlPlaneMetrics
-from compiler.controlplane.pusher import Pusher
+from compiler.controlplane.pusher import DataPlaneSync, Pusher
 from compiler.controlplane.registry import DataPlane
 from compiler.controlplane.release import Compiler
 from compiler.controlplane.security import AuthError, Host, Security
@@ -72,6 +72,11 @@ class ControlPlane(Host, Protocol):
     def kube(self) -> KubeAuth | None: ...
 
     def rejoined(self, dp: DataPlane, signed: SignedEndpoints | None) -> None: ...
+    def sync_of(self, dp: DataPlane) -> DataPlaneSync | None:
+        """The sync view of a data plane, this replica's or (another replica's) from the store."""
+
+    def ha_data(self) -> dict[str, object]:
+        """The replicas, the leader, this replica."""
 
 
 __all__ = ["ControlPlane", "dashboard_data", "make_app"]
@@ -99,7 +104,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 def status_data(cp: ControlPlane) -> dict[str, Any]:
     now = time.time()
     rows = [
-        dataplane_row(dp, cp.pusher.syncs.get(dp.instance), now)
+        dataplane_row(dp, cp.sync_of(dp), now)
         for dp in sorted(cp.registry.dataplanes.values(), key=lambda d: (d.mesh, d.service, d.instance))
     ]
     rel = cp.releases.current
@@ -117,6 +122,7 @@ def status_data(cp: ControlPlane) -> dict[str, Any]:
         "commit": rel.commit if rel else None,
         "digests": rel.digests if rel else {},
         "manifests": manifests,
+        "controlplane": cp.ha_data(),
         "dataplanes": rows,
         "slowest": [
             {"instance": r["instance"], "lag_s": r["lag_s"], "last_lag_s": r["last_lag_s"]} for r in slow[:5]
@@ -235,6 +241,7 @@ async def dashboard_data(cp: ControlPlane) -> dict[str, Any]:
         "policies": policies_data(cp),
         "diagnostics": diagnostics_data(cp),
         "rollouts": [r.as_json() for r in reversed(cp.pusher.rollouts)][:10],
+        "controlplane": cp.ha_data(),
     }
 
 
@@ -370,6 +377,9 @@ def make_app(cp: ControlPlane) -> web.Application:
             return _json({"error": "no release compiled yet"}, 404)
         return _json({"id": rel.id, **rel.record})
 
+    async def get_replicas(_: web.Request) -> web.Response:
+        return _json(cp.ha_data())
+
     async def get_rollouts(_: web.Request) -> web.Response:
         return _json({"rollouts": [r.as_json() for r in reversed(cp.pusher.rollouts)]})
 
@@ -424,6 +434,7 @@ def make_app(cp: ControlPlane) -> web.Application:
     app.router.add_get("/api/v1/traffic", get_traffic)
     app.router.add_get("/api/v1/release", get_release)
     app.router.add_get("/api/v1/rollouts", get_rollouts)
+    app.router.add_get("/api/v1/replicas", get_replicas)
     app.router.add_get("/api/v1/dashboard", get_dashboard)
     app.router.add_get("/api/v1/dashboard/fragments", get_fragments)
     app.router.add_get("/gui", get_gui)

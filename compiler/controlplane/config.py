@@ -39,3 +39,9 @@ class Config:
     kubernetes_token: str | None = None
     limits: ListenerLimits = field(default_factory=ListenerLimits)
     """The API listener's read timeouts and connection limit, as every data-plane listener has."""
+    store: str | None = None
+    """``postgres://...`` for replicas sharing one PostgreSQL; None: the state dir (one replica)."""
+    replica_id: str | None = None
+    """This replica's name in the store (default: host name and port)."""
+    lease_s: float = 10.0
+    """The leader's lease: a replica that stops renewing is replaced within it."""

@@ -202,6 +202,7 @@ def _dataplanes(d: dict[str, Any]) -> str:
                 _e(_ago(r["last_ack_at"], now)),
                 _e(lag_text(r)),
                 _e(r["last_nack"] or r["last_error"] or "-"),
+                _e(r.get("replica") or "-"),
             ]
         )
     return _table(
@@ -217,10 +218,32 @@ def _dataplanes(d: dict[str, Any]) -> str:
             "Last ACK",
             "Lag",
             "Last NACK / error",
+            "Replica",
         ],
         rows,
         "dataplanes",
     )
+
+
+def _replicas(d: dict[str, Any]) -> str:
+    """The control plane replicas sharing the store, which one leads, its fencing token."""
+    cp = d.get("controlplane") or {}
+    head = (
+        f'<p class="meta">Store <code>{_e(cp.get("store", "-"))}</code> &middot; leader '
+        f"<b>{_e(cp.get('leader') or 'none')}</b> (fencing token {_e(cp.get('leader_token'))}) &middot; "
+        f"this replica <code>{_e(cp.get('replica', '-'))}</code></p>"
+    )
+    rows = [
+        [
+            f"<b>{_e(r['id'])}</b>",
+            _e(r["url"]),
+            _badge("leader" if r.get("leader") else ("Online" if r.get("alive") else "Offline")),
+            _e(r.get("dataplanes", 0)),
+            _e(f"{r.get('last_seen_ago_s', 0):.1f}s ago"),
+        ]
+        for r in cp.get("replicas", [])
+    ]
+    return head + _table(["Replica", "URL", "Role", "Data planes", "Last seen"], rows, "replicas")
 
 
 def _policies(d: dict[str, Any]) -> str:
@@ -266,6 +289,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "traffic": ("Traffic split per route", _traffic),
     "services": ("Services", _services),
     "dataplanes": ("Data plane proxies", _dataplanes),
+    "replicas": ("Control plane replicas", _replicas),
     "policies": ("Policies of the current release", _policies),
     "diagnostics": ("Last compile diagnostics", _diagnostics),
 }

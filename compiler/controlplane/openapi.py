@@ -178,6 +178,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/rollouts", "Recent pushes: what changed, to whom, ACK/NACK.", _obj("rollouts")),
     Endpoint(
         "GET",
+        "/api/v1/replicas",
+        "The control plane replicas sharing the store, the leader (and its fencing token), this replica.",
+        _obj("store", "replica", "leading", "leader", "replicas"),
+    ),
+    Endpoint(
+        "GET",
         "/api/v1/dashboard",
         "Every view at once (what the GUI renders).",
         _obj("overview", "services", "traffic", "dataplanes", "policies", "diagnostics", "rollouts"),

@@ -210,7 +210,8 @@ class Pusher:
             trust_env=False,
         )
         for dp in list(self.registry.dataplanes.values()):
-            self._track(dp, push=not dp.restored)
+            if self.registry.local(dp):  # another replica's data planes are pushed by it
+                self._track(dp, push=not dp.restored)
 
     async def close(self) -> None:
         tasks = [s.task for s in self.syncs.values() if s.task is not None]
@@ -334,7 +335,7 @@ class Pusher:
         if event == "heartbeat":
             self._on_heartbeat(dp)
             return
-        if event in ("registered", "online", "offline", "deregistered"):
+        if event in ("registered", "online", "offline", "deregistered", "peer"):
             before = self._eps.pop(dp.mesh, None)
             after = self._mesh_endpoints(dp.mesh)
             if before is None or before[1] != after[1]:
@@ -342,7 +343,7 @@ class Pusher:
                     other = self.registry.dataplanes.get(sync.instance)
                     if other is not None and other.mesh == dp.mesh:
                         self._refresh(sync, other, None)
-        if event == "deregistered":
+        if event == "deregistered" or (event == "peer" and not self.registry.local(dp)):
             gone = self.syncs.pop(dp.instance, None)
             if gone is not None and gone.task is not None:
                 gone.task.cancel()
@@ -412,7 +413,7 @@ class Pusher:
             await sync.dirty.wait()
             sync.dirty.clear()
             dp = self.registry.dataplanes.get(sync.instance)
-            if dp is None:
+            if dp is None or not self.registry.local(dp):
                 return
             if not dp.online:
                 continue
@@ -435,10 +436,13 @@ class Pusher:
         for slot in SLOTS:
             st = sync.slots[slot]
             want = st.desired
-            if want is not None and want == st.nack_digest:
-                return None  # refused: the later slots may depend on it; wait for a new digest
             if want is None or want == st.acked:
                 continue
+            if want == st.nack_digest and not (st.nack or "").startswith("409"):
+                # refused: the later slots may depend on it; wait for a new digest. A 409 (an
+                # older generation than it runs, pushed before its first heartbeat here reported
+                # its generations) is retried once a heartbeat has.
+                return None
             if slot == "endpoints":
                 now = time.time()
                 if now < self._hold_until and not dp.restored and dp.endpoints_generation != 0:
@@ -455,7 +459,7 @@ class Pusher:
                 if digest != want:
                     sync.dirty.set()
                     return None
-                gen = self.generations.next()
+                gen = self._generation(dp)
                 body = EndpointSet(generation=gen, services=services).model_dump_json().encode()
                 result, reason, _ = await self._put(
                     dp, "/endpoints", body, {HDR_GENERATION: str(gen)}, st, want, gen
@@ -465,7 +469,7 @@ class Pusher:
                 if mp is None or mp.digest != want:
                     sync.dirty.set()
                     return None
-                gen = self.generations.next()
+                gen = self._generation(dp)
                 result, reason = await self._push_pieces(sync, dp, mp, st, gen)
             else:
                 rel = self.releases.current
@@ -474,7 +478,7 @@ class Pusher:
                 if rel is None or data is None or rel.digests.get(key) != want:
                     sync.dirty.set()
                     return None
-                gen = self.generations.next()
+                gen = self._generation(dp)
                 headers = {HDR_DIGEST: want, HDR_GENERATION: str(gen), HDR_BUNDLE_ROLE: slot}
                 result, reason, _ = await self._put(dp, "/bundle", data, headers, st, want, gen)
             self.metrics.pushes.labels(slot, result).inc()
@@ -535,6 +539,11 @@ class Pusher:
         if result == "ack":
             sync.have = {*wanted, *send}
         return result, reason
+
+    def _generation(self, dp: DataPlane) -> int:
+        """The next generation, above any the data plane reported running: one that moved here
+        from another replica holds that replica's generations."""
+        return max(self.generations.next(), max(dp.generations.values(), default=0) + 1)
 
     async def _put(
         self,

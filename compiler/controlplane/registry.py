@@ -1,25 +1,28 @@
 """The data planes that registered: identity, addresses, heartbeats, Online/Offline.
 
 A data plane is Online from its registration until it misses ``missed`` heartbeats in a row, and
-Online again at its next heartbeat. A clean exit deregisters it, which removes it. With a state
-directory the membership (not the heartbeats) is saved on every change, so a restarted control
-plane still knows every instance and keeps pushing the same endpoints instead of an empty set;
-restored instances get a grace period to heartbeat again before they count as Offline.
+Online again at its next heartbeat. A clean exit deregisters it, which removes it. Every change
+goes to the ``Store`` (``compiler.controlplane.store``), so a restarted control plane still knows
+every instance and keeps pushing the same endpoints instead of an empty set; restored instances
+get a grace period to heartbeat again before they count as Offline.
+
+With replicas, the registry also holds the data planes of the other replicas (``replica`` names
+the one a data plane talks to): their endpoints count, but only their own replica takes their
+heartbeats and pushes to them. Their changes arrive from the store (``merge``) as ``peer`` events.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.protocol import Heartbeat, Registration
+
+if TYPE_CHECKING:
+    from compiler.controlplane.store.base import Store
 
 __all__ = ["DataPlane", "Registry"]
 
@@ -51,6 +54,10 @@ class DataPlane:
     """It takes its mesh slot as a manifest and pieces (registration)."""
     reachable: tuple[str, ...] | None = None
     """Kuma's reachableServices, as registered."""
+    replica: str = ""
+    """The control plane replica this data plane registered with (and heartbeats to)."""
+    observed_at: float = 0.0
+    """Another replica's data plane: when (our clock) we last saw its row move."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -69,11 +76,13 @@ class DataPlane:
             "endpoints_generation": self.endpoints_generation,
             "pieces": self.pieces,
             "reachable_services": list(self.reachable) if self.reachable is not None else None,
+            "replica": self.replica,
         }
 
 
 Listener = Callable[[str, DataPlane], None]
-"""Called with an event (``registered``, ``online``, ``offline``, ``deregistered``, ``heartbeat``)."""
+"""Called with an event (``registered``, ``online``, ``offline``, ``deregistered``, ``heartbeat``; ``peer``
+when a data plane of another replica appeared, changed, moved there from this one, or went)."""
 
 
 def _instance_name(reg: Registration) -> str:
@@ -89,16 +98,36 @@ class Registry:
         self,
         heartbeat_interval_s: float = 1.0,
         missed: int = 3,
-        state_dir: Path | None = None,
+        store: Store | None = None,
         restore_grace_s: float = 35.0,
+        replica: str = "",
     ) -> None:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.missed = missed
         self.dataplanes: dict[str, DataPlane] = {}
         self._listeners: list[Listener] = []
-        self._path = state_dir / "registry.json" if state_dir is not None else None
+        self._store = store
         self._restore_grace_s = restore_grace_s
-        self.restored = self._restore()
+        self.replica = store.replica if store is not None else replica
+        self.restored = 0
+        self.peers_seen_at: float | None = None
+        """When the store last told us of every peer (``merge_all``): a peer's data plane ages
+        against that, so a store that is down makes no peer Offline (and drops no endpoints)."""
+
+    def restore(self, dps: list[DataPlane]) -> int:
+        """Load what the store kept: this replica's data planes are restored (a grace period to
+        heartbeat again), the other replicas' are peers."""
+        now = time.time()
+        for dp in dps:
+            dp.observed_at = now
+            if dp.replica in ("", self.replica):
+                dp.replica, dp.restored, dp.last_seen, dp.online = self.replica, True, now, True
+                self.restored += 1
+            self.dataplanes[dp.instance] = dp
+        return self.restored
+
+    def local(self, dp: DataPlane) -> bool:
+        return dp.replica == self.replica
 
     # --- events -----------------------------------------------------------------------------
 
@@ -108,6 +137,10 @@ class Registry:
     def _emit(self, event: str, dp: DataPlane) -> None:
         for fn in self._listeners:
             fn(event, dp)
+
+    def _save(self, dp: DataPlane, membership: bool = True) -> None:
+        if self._store is not None:
+            self._store.save_dataplane(dp, membership=membership)
 
     # --- protocol -----------------------------------------------------------------------------
 
@@ -127,16 +160,23 @@ class Registry:
             boot_id=reg.boot_id,
             pieces=reg.pieces,
             reachable=tuple(reg.reachable_services) if reg.reachable_services is not None else None,
+            replica=self.replica,
         )
+        before = self.dataplanes.get(name)
+        if before is not None and before.boot_id == reg.boot_id:
+            # the same process, from another replica (or re-registering): the generations it runs
+            # are the floor of what this replica pushes it
+            dp.generations = dict(before.generations)
         self.dataplanes[name] = dp
-        self._save()
+        self._save(dp)
         self._emit("registered", dp)
         return dp
 
     def known(self, hb: Heartbeat) -> DataPlane | None:
-        """The data plane a heartbeat is from, if it is the process that registered (its boot)."""
+        """The data plane a heartbeat is from, if it is the process that registered (its boot)
+        here: one registered with another replica registers again with this one."""
         dp = self.dataplanes.get(hb.instance)
-        if dp is None or dp.boot_id != hb.boot_id:
+        if dp is None or dp.boot_id != hb.boot_id or not self.local(dp):
             return None
         return dp
 
@@ -150,33 +190,87 @@ class Registry:
         dp.endpoints_generation = hb.endpoints_generation
         dp.heartbeats += 1
         dp.restored = False
-        if not dp.online:
-            dp.online = True
+        came_back = not dp.online
+        dp.online = True
+        self._save(dp, membership=came_back)
+        if came_back:
             self._emit("online", dp)
         self._emit("heartbeat", dp)
         return dp
 
     def deregister(self, instance: str) -> bool:
-        dp = self.dataplanes.pop(instance, None)
-        if dp is None:
+        dp = self.dataplanes.get(instance)
+        if dp is None or not self.local(dp):
             return False
-        self._save()
+        del self.dataplanes[instance]
+        if self._store is not None:
+            self._store.remove_dataplane(instance)
         self._emit("deregistered", dp)
         return True
 
     def sweep(self, now: float | None = None) -> list[DataPlane]:
-        """Mark Offline the data planes whose heartbeats stopped; returns them."""
+        """Mark Offline the data planes whose heartbeats stopped; returns them. A peer's data
+        plane goes Offline here too when its row had stopped moving at the last resync (its
+        replica may be gone), later than its own replica would."""
         now = time.time() if now is None else now
         limit = self.heartbeat_interval_s * self.missed
         gone = []
         for dp in self.dataplanes.values():
             allowed = max(limit, self._restore_grace_s) if dp.restored else limit
-            if dp.online and now - dp.last_seen > allowed:
+            age = now - dp.last_seen
+            if not self.local(dp):
+                allowed = limit + 4 * self.heartbeat_interval_s + 2.0
+                age = (self.peers_seen_at or now) - dp.observed_at
+            if dp.online and age > allowed:
                 dp.online = False
                 gone.append(dp)
         for dp in gone:
-            self._emit("offline", dp)
+            if self.local(dp):
+                self._save(dp)
+            self._emit("offline" if self.local(dp) else "peer", dp)
         return gone
+
+    # --- other replicas -----------------------------------------------------------------------
+
+    def merge(self, instance: str, row: DataPlane | None) -> None:
+        """What the store says of ``instance`` now that another replica changed it."""
+        mine = self.dataplanes.get(instance)
+        if row is None:
+            if mine is not None and not self.local(mine):
+                del self.dataplanes[instance]
+                self._emit("peer", mine)
+            return
+        if row.replica == self.replica:
+            return  # our own row: memory is ahead of it
+        if mine is not None and self.local(mine) and mine.registered_at > row.registered_at:
+            return  # registered here since: the store catches up from our write
+        now = time.time()
+        if mine is not None and not self.local(mine) and _same(mine, row):
+            if row.last_seen != mine.last_seen:
+                mine.observed_at = now
+            mine.last_seen, mine.running, mine.generations = row.last_seen, row.running, row.generations
+            return
+        row.observed_at = now
+        self.dataplanes[instance] = row
+        self._emit("peer", row)
+
+    def merge_all(self, rows: list[DataPlane]) -> None:
+        """Everything the store holds of the other replicas (a resync). After a gap (the store
+        was unreachable, their writes are still queued) no row is judged by its silence yet."""
+        now = time.time()
+        blind = self.peers_seen_at is None or now - self.peers_seen_at > max(
+            3.0, 6 * self.heartbeat_interval_s
+        )
+        self.peers_seen_at = now
+        seen = {r.instance for r in rows}
+        for dp in [d for d in self.dataplanes.values() if not self.local(d) and d.instance not in seen]:
+            self.merge(dp.instance, None)
+        for r in rows:
+            self.merge(r.instance, r)
+        if blind:
+            for dp in self.dataplanes.values():
+                if not self.local(dp):
+                    dp.observed_at = now
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -186,62 +280,18 @@ class Registry:
     def meshes(self) -> set[str]:
         return {dp.mesh for dp in self.dataplanes.values()}
 
-    # --- persistence --------------------------------------------------------------------------
 
-    def _save(self) -> None:
-        if self._path is None:
-            return
-        doc = [
-            {
-                "instance": dp.instance,
-                "service": dp.service,
-                "mesh": dp.mesh,
-                "kind": dp.kind,
-                "tags": dp.tags,
-                "inbound_address": dp.inbound_address,
-                "admin_address": dp.admin_address,
-                "registered_at": dp.registered_at,
-                "boot_id": dp.boot_id,
-                "pieces": dp.pieces,
-                "reachable": dp.reachable,
-            }
-            for dp in sorted(self.dataplanes.values(), key=lambda d: d.instance)
-        ]
-        tmp = self._path.with_name(f".registry.{os.getpid()}.tmp")
-        with contextlib.suppress(OSError):
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"format": 1, "dataplanes": doc}, indent=1))
-            os.replace(tmp, self._path)
-
-    def _restore(self) -> int:
-        if self._path is None:
-            return 0
-        try:
-            raw = json.loads(self._path.read_text())
-            items = raw["dataplanes"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
-        now = time.time()
-        for item in items:
-            try:
-                dp = DataPlane(
-                    instance=str(item["instance"]),
-                    service=str(item["service"]),
-                    mesh=str(item["mesh"]),
-                    kind=str(item["kind"]),
-                    tags={str(k): str(v) for k, v in dict(item["tags"]).items()},
-                    inbound_address=item.get("inbound_address"),
-                    admin_address=str(item["admin_address"]),
-                    registered_at=float(item["registered_at"]),
-                    boot_id=str(item["boot_id"]) if item.get("boot_id") else None,
-                    pieces=bool(item.get("pieces", False)),
-                    reachable=tuple(map(str, item["reachable"]))
-                    if item.get("reachable") is not None
-                    else None,
-                    last_seen=now,
-                    restored=True,
-                )
-            except (KeyError, TypeError, ValueError):
-                continue
-            self.dataplanes[dp.instance] = dp
-        return len(self.dataplanes)
+def _same(a: DataPlane, b: DataPlane) -> bool:
+    """Same membership and state (what endpoints and status depend on), heartbeats aside."""
+    keys = (
+        "service",
+        "mesh",
+        "kind",
+        "tags",
+        "inbound_address",
+        "admin_address",
+        "boot_id",
+        "online",
+        "replica",
+    )
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and a.registered_at == b.registered_at

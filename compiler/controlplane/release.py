@@ -133,6 +133,36 @@ class ReleaseState:
         )
         return changed
 
+    def adopt(
+        self,
+        *,
+        release_id: str,
+        commit: str | None,
+        bundles: dict[str, bytes],
+        digests: dict[str, str],
+        record: dict[str, Any],
+        seen_at: float,
+        trigger: str,
+    ) -> set[str]:
+        """Make current a release another replica (the leader) compiled; returns the changed keys."""
+        old = self.current.digests if self.current else {}
+        changed = {k for k in set(old) | set(digests) if old.get(k) != digests.get(k)}
+        now = time.time()
+        self.current = Release(
+            id=release_id,
+            commit=commit,
+            bundles=dict(bundles),
+            digests=dict(digests),
+            provenance=dict(record.get("provenance", {})),
+            record=record,
+            applied_at=now,
+            seen_at=seen_at,
+        )
+        self._record(
+            CompileRecord(now, True, trigger, commit, 0.0, [], {}, release_id, tuple(sorted(changed)))
+        )
+        return changed
+
     def fail(self, error: str, *, trigger: str) -> None:
         """The sources could not be read (a bad ref, an unreadable file): keep the release."""
         self._record(

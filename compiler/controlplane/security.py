@@ -122,6 +122,15 @@ class Security:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
+    def shared_meta(self) -> dict[str, str]:
+        """What every replica must share, named without a secret: the signing key's public half
+        and the token secret's id (``store.check_security`` compares them)."""
+        return {"push_signing_public_key": self.public_key_hex, "token_secret_id": self.tokens.secret_id}
+
+    def loaded_cas(self) -> dict[str, str]:
+        """mesh -> the certificate of the CA this process uses (metadata for the store)."""
+        return {mesh: ca.cert_pem for mesh, (_, ca) in self._cas.items()}
+
     # --- pushes -------------------------------------------------------------------------------
 
     @property

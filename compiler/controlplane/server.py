@@ -5,12 +5,19 @@ that arrive while a compile runs are coalesced into the next one, stamped with t
 change's time); a successful compile becomes the current release, is written to ``out/`` and
 handed to the pusher; a failed one is logged and recorded, and nothing is pushed. A sweeper marks
 data planes Offline when their heartbeats stop.
+
+State lives in a ``Store`` (``compiler.controlplane.store``): the state dir (one replica, which
+always leads), or PostgreSQL shared by replicas. Then every replica serves registration, pushes and
+the API for the data planes connected to it, and only the one its ``Elector`` names leader polls
+Git, compiles and publishes releases (fenced by its token); the others adopt each release and
+every registration change when the store notifies them, and resync every few heartbeats.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -20,12 +27,14 @@ from aiohttp import web
 from compiler.controlplane.config import Config
 from compiler.controlplane.generation import Generations
 from compiler.controlplane.metrics import ControlPlaneMetrics
-from compiler.controlplane.pusher import Pusher
+from compiler.controlplane.pusher import SLOTS, DataPlaneSync, Pusher, SlotState
 from compiler.controlplane.registry import DataPlane, Registry
 from compiler.controlplane.rejoin import Rejoin
 from compiler.controlplane.release import Compiler, ReleaseState
 from compiler.controlplane.security import Security
 from compiler.controlplane.status import overall_status
+from compiler.controlplane.store import Store, StoreError, open_store
+from compiler.controlplane.store.base import StoredRelease
 from compiler.controlplane.traffic import TrafficView
 from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
 from compiler.source import SourceError, read_policy_dir
@@ -40,7 +49,7 @@ REJOIN_MARGIN_S = 2.0
 if TYPE_CHECKING:
     from compiler.controlplane.kube.runtime import KubeControlPlane
 
-__all__ = ["Config", "ControlPlane"]
+__all__ = ["Config", "ControlPlane", "StoreError"]
 
 
 class ControlPlane:
@@ -58,29 +67,42 @@ class ControlPlane:
         # then go Offline, and without a registry endpoint pushes to data planes that already run
         # a set wait that long (an early, partial set would drop the others), no longer.
         rejoin = config.rejoin_window_s or config.heartbeat_interval_s * REJOIN_INTERVALS + REJOIN_MARGIN_S
+        self.replica_id = config.replica_id or f"{socket.gethostname()}:{config.port}"
+        self.store: Store = open_store(
+            config.store, config.state_dir, self.replica_id, f"http://{config.host}:{config.port}"
+        )
+        self.elector = self.store.elector(config.lease_s)
         self.registry = Registry(
             heartbeat_interval_s=config.heartbeat_interval_s,
             missed=config.missed_heartbeats,
-            state_dir=config.state_dir,
+            store=self.store,
             restore_grace_s=rejoin,
         )
-        hold = 0.0 if self.registry.restored else rejoin
+        generations: Generations = self.store.generations()
         self.pusher = Pusher(
             self.registry,
             self.releases,
             self.metrics,
-            Generations(config.state_dir),
+            generations,
             concurrency=config.concurrency,
-            endpoints_hold_s=hold,
+            endpoints_hold_s=rejoin,  # none once a saved registry is restored (start)
         )
+        self.peer_syncs: dict[str, dict[str, dict[str, object]]] = {}
+        """Sync state of the other replicas' data planes, as the store last said."""
+        self.ha: dict[str, object] = {}
+        """Replicas and leader, as the store last said (``ha_data``)."""
+        self._saved_syncs: dict[str, dict[str, dict[str, object]]] = {}
+        self._store_tasks: set[asyncio.Task[None]] = set()
+        self._store_started = False
         # DESIGN §6: mesh CAs, authenticated registration, certificates, signed pushes.
         self.security = Security(
             self, config.secrets_dir or config.state_dir, require_auth=config.registration_auth
         )
         self.pusher.signer = self.security.sign
-        # Without a saved registry, learn the last live set from the data planes (rejoin.py).
+        # Without a saved registry, learn the last live set from the data planes (rejoin.py);
+        # dropped at start when the store holds one.
         self.rejoin: Rejoin | None = None
-        if not self.registry.restored and config.kubernetes is None:
+        if config.kubernetes is None:
             self.rejoin = Rejoin(self.registry, rejoin, self.security.signer.signed)
             self.pusher.endpoint_source = self.rejoin.services
         self.traffic = TrafficView(self.registry)
@@ -92,6 +114,7 @@ class ControlPlane:
         self._listener: asyncio.base_events.Server | None = None
         self._compile_lock = asyncio.Lock()
         self._git: GitRefWatcher | None = None
+        self._leading = not self.store.shared
         self.kube: KubeControlPlane | None = None
         """The Kubernetes side (``compiler.controlplane.kube.runtime``) with ``--kubernetes``."""
         if config.ref is not None:
@@ -150,6 +173,7 @@ class ControlPlane:
         """Read and compile; on success adopt, write and push. Returns whether it compiled."""
         async with self._compile_lock:
             ref = change.commit or self.config.ref
+            token = self.elector.fencing_token  # the lead this compile starts under
             t0 = time.perf_counter()
             try:
                 src = await asyncio.to_thread(read_policy_dir, self.config.policy_dir, ref)
@@ -166,6 +190,13 @@ class ControlPlane:
                 return False
             took = time.perf_counter() - t0
             self.metrics.compile_seconds.observe(took)
+            if self.store.shared and not result.errors and result.release:
+                refused = await self._publish(result, change, token)
+                if refused is not None:
+                    self.releases.fail(refused, trigger=change.reason)
+                    self.metrics.compiles.labels("failed").inc()
+                    self.log(f"release {result.release_id[:12]} not published: {refused}")
+                    return False
             changed = self.releases.apply(
                 result, seen_at=change.seen_at, trigger=change.reason, duration_s=took
             )
@@ -196,6 +227,214 @@ class ControlPlane:
                 await asyncio.to_thread(self._write, result)
             return True
 
+    async def _publish(self, result: object, change: Change, token: int | None) -> str | None:
+        """Publish with the fencing token the compile started under: None when the store took
+        it, else why not. The database decides, not this process's idea of its lead: a process
+        paused mid-compile past its lease wakes up with a token the lock row no longer holds."""
+        from compiler.result import CompileResult
+
+        assert isinstance(result, CompileResult)
+        if token is None:
+            return "this replica is not the leader"
+        rel = StoredRelease(
+            id=result.release_id,
+            commit=result.commit,
+            record=result.release,
+            digests=result.digests,
+            bundles=dict(result.bundles),
+            seen_at=change.seen_at,
+            fencing_token=token,
+        )
+        try:
+            ok = await self.store.publish_release(rel, self.elector.identity)
+        except OSError as e:
+            return f"the store is unavailable: {e}"
+        return None if ok else f"the store refused fencing token {token} (another replica leads now)"
+
+    def _adopt(self, stored: StoredRelease, why: str) -> None:
+        cur = self.releases.current
+        if cur is not None and cur.id == stored.id:
+            return
+        changed = self.releases.adopt(
+            release_id=stored.id,
+            commit=stored.commit,
+            bundles=stored.bundles,
+            digests=stored.digests,
+            record=stored.record,
+            seen_at=stored.seen_at,
+            trigger=why,
+        )
+        self.metrics.set_release(stored.id)
+        self.pusher.on_release(changed, stored.seen_at)
+        self._update_gauges()
+        self.log(
+            f"release {stored.id[:12]} ({why}, fencing token {stored.fencing_token}): {len(changed)} changed"
+        )
+
+    # --- replicas -----------------------------------------------------------------------------
+
+    def _on_store_change(self, topic: str, key: str) -> None:
+        t = asyncio.ensure_future(self._store_change(topic, key))
+        self._store_tasks.add(t)
+        t.add_done_callback(self._store_tasks.discard)
+
+    async def _store_change(self, topic: str, key: str) -> None:
+        from compiler.controlplane.store.postgres import PostgresStore
+
+        try:
+            if topic == "dataplane" and isinstance(self.store, PostgresStore):
+                self.registry.merge(key, await self.store.load_dataplane(key))
+            elif topic == "release":
+                await self._sync_release("published by the leader")
+            elif topic == "resync":
+                await self._resync()
+        except OSError as e:
+            self.log(f"store: {e}")
+
+    async def _sync_release(self, why: str, *, leading: bool = False) -> None:
+        """Adopt the release the store points at (a leader adopts only its own, at election)."""
+        stored = await self.store.current_release()
+        if stored is not None and (leading or not self._leading):
+            self._adopt(stored, why)
+
+    async def _resync(self) -> None:
+        """Converge with the store: peers' data planes and sync state, the release, the replicas."""
+        self.registry.merge_all([d for d in await self.store.load_dataplanes() if not self.registry.local(d)])
+        await self._sync_release("resync")
+        self._save_syncs()
+        syncs = await self.store.load_syncs()
+        self.peer_syncs = {k: v for k, v in syncs.items() if k not in self.pusher.syncs}
+        await self.store.check_security(self.security.shared_meta(), self.security.loaded_cas())
+        await self._refresh_ha()
+
+    async def _refresh_ha(self) -> None:
+        now = time.time()
+        lead = await self.store.leader_info()
+        live = self.config.lease_s + 2.0
+        self.ha = {
+            "store": self.store.name,
+            "replica": self.replica_id,
+            "leading": self._leading,
+            "fencing_token": self.elector.fencing_token,
+            "leader": lead.holder if lead and (lead.expires_at is None or lead.expires_at > now) else None,
+            "leader_token": lead.token if lead else None,
+            "replicas": [
+                {
+                    "id": r.id,
+                    "url": r.url,
+                    "started_at": r.started_at,
+                    "last_seen_ago_s": round(max(0.0, now - r.last_seen), 3),
+                    "alive": now - r.last_seen < live,
+                    "leader": lead is not None and lead.holder == r.id,
+                    "dataplanes": sum(1 for d in self.registry.dataplanes.values() if d.replica == r.id),
+                }
+                for r in await self.store.replicas()
+            ],
+        }
+
+    def ha_data(self) -> dict[str, object]:
+        """Replicas, the leader and this replica (the API's ``/api/v1/replicas``, ``status``)."""
+        if not self.ha or not self.store.shared:
+            return {
+                "store": self.store.name,
+                "replica": self.replica_id,
+                "leading": self._leading,
+                "fencing_token": self.elector.fencing_token,
+                "leader": self.replica_id if self._leading else None,
+                "leader_token": self.elector.fencing_token,
+                "replicas": [
+                    {
+                        "id": self.replica_id,
+                        "url": f"http://{self.config.host}:{self.config.port}",
+                        "started_at": self.started_at,
+                        "last_seen_ago_s": 0.0,
+                        "alive": True,
+                        "leader": self._leading,
+                        "dataplanes": len(self.registry.dataplanes),
+                    }
+                ],
+            }
+        connected = bool(getattr(self.store, "connected", True))
+        return {
+            **self.ha,
+            "leading": self._leading,
+            "fencing_token": self.elector.fencing_token,
+            "store_connected": connected,
+        }
+
+    def sync_of(self, dp: DataPlane) -> DataPlaneSync | None:
+        """This replica's sync view of ``dp``, or the one its own replica stored."""
+        mine = self.pusher.syncs.get(dp.instance)
+        if mine is not None or self.registry.local(dp):
+            return mine
+        stored = self.peer_syncs.get(dp.instance)
+        if not stored:
+            return None
+        sync = DataPlaneSync(dp.instance)
+        for slot in SLOTS:
+            doc = stored.get(slot) or {}
+            st = SlotState()
+            for k in (
+                "desired",
+                "acked",
+                "running",
+                "sent",
+                "generation",
+                "last_ack_at",
+                "nack",
+                "last_nack_at",
+                "error",
+            ):
+                if k in doc:
+                    setattr(st, k, doc[k])
+            sync.slots[slot] = st
+        return sync
+
+    async def _resync_loop(self) -> None:
+        every = max(1.0, 2 * self.config.heartbeat_interval_s)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._resync()
+            except OSError as e:
+                self.log(f"store: {e}")
+
+    async def _lead(self) -> None:
+        """Follow the elector: the leader polls Git (or the work tree), compiles, publishes."""
+        work: asyncio.Task[None] | None = None
+        elector = asyncio.ensure_future(self.elector.run())
+        try:
+            while True:
+                if self.elector.leader and work is None:
+                    self._leading = True
+                    self.log(f"replica {self.replica_id} leads (fencing token {self.elector.fencing_token})")
+                    work = asyncio.ensure_future(self._lead_work())
+                elif not self.elector.leader and work is not None:
+                    self.log(f"replica {self.replica_id} no longer leads")
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await work
+                    work = None
+                    self._leading = False
+                    with contextlib.suppress(OSError):
+                        await self._sync_release("follower again")
+                await asyncio.sleep(0.05)
+        finally:
+            for t in (work, elector):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+
+    async def _lead_work(self) -> None:
+        with contextlib.suppress(OSError):
+            await self._sync_release("taking the lead", leading=True)  # the latest one first
+        commit = await self._git.resolve() if self._git is not None else None
+        cur = self.releases.current
+        if cur is None or self._git is None or cur.commit != commit:
+            self._changes.put_nowait(Change(time.time(), "elected leader", commit))
+        await self._watch(since=commit)
+
     def _write(self, result: object) -> None:
         from compiler.output import OutputError, write_release
         from compiler.result import CompileResult
@@ -214,11 +453,11 @@ class ControlPlane:
                 change = Change(min(change.seen_at, nxt.seen_at), nxt.reason, nxt.commit or change.commit)
             await self.compile_once(change)
 
-    async def _watch(self) -> None:
+    async def _watch(self, since: str | None = None) -> None:
         if self._git is not None:
             current = self.releases.current.commit if self.releases.current else None
             last = self.releases.last
-            current = current or (last.commit if last else None)
+            current = since or current or (last.commit if last else None)
             async for ch in self._git.changes(self._stop, current):
                 self._changes.put_nowait(ch)
         else:
@@ -231,6 +470,18 @@ class ControlPlane:
             await asyncio.sleep(self.config.heartbeat_interval_s / 2)
             self.registry.sweep()
             self._update_gauges()
+            if self.store.shared:
+                self._save_syncs()
+
+    def _save_syncs(self) -> None:
+        """Queue the sync view of this replica's data planes that changed (what others show)."""
+        for gone in set(self._saved_syncs) - set(self.pusher.syncs):
+            del self._saved_syncs[gone]
+        for inst, sync in list(self.pusher.syncs.items()):
+            doc: dict[str, dict[str, object]] = {slot: sync.slots[slot].as_json() for slot in SLOTS}
+            if self._saved_syncs.get(inst) != doc:
+                self._saved_syncs[inst] = doc
+                self.store.save_sync(inst, doc)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -242,7 +493,24 @@ class ControlPlane:
             commit = await self._git.resolve()
             if commit is None:
                 raise SourceError(f"{self.config.ref}: no such revision in {self._git.repo}")
-        await self.compile_once(Change(time.time(), "start", commit))
+        await self.store.start()
+        self._store_started = True
+        self.store.on_change(self._on_store_change)
+        if self.registry.restore(await self.store.load_dataplanes()):
+            if self.rejoin is not None:  # a saved registry: nothing to learn, no wait either
+                self.rejoin = None
+                self.pusher.endpoint_source = None
+            self.pusher.endpoints_changed()
+        if self.store.shared:
+            refused = await self.store.check_security(self.security.shared_meta(), {})
+            if refused is not None:
+                raise StoreError(refused)
+            stored = await self.store.current_release()
+            if stored is not None:
+                self._adopt(stored, "start")
+            await self._refresh_ha()
+        else:
+            await self.compile_once(Change(time.time(), "start", commit))
         if self.config.kubernetes is not None:
             from compiler.controlplane.kube.runtime import KubeControlPlane
 
@@ -267,21 +535,29 @@ class ControlPlane:
             self._tasks.append(asyncio.ensure_future(self._rejoin_probes(self.rejoin)))
         self._tasks.append(asyncio.ensure_future(self._compile_loop()))
         self._tasks.append(asyncio.ensure_future(self._sweep()))
-        if self.config.watch:
+        if self.store.shared:
+            self._tasks.append(asyncio.ensure_future(self._resync_loop()))
+            if self.config.watch:
+                self._tasks.append(asyncio.ensure_future(self._lead()))
+        elif self.config.watch:
             self._tasks.append(asyncio.ensure_future(self._watch()))
         mode = f"following {self.config.ref}" if self._git else f"watching {self.config.policy_dir}"
         self.log(f"listening on http://{self.config.host}:{self.config.port} ({mode}); GUI at /gui")
 
     async def stop(self) -> None:
         self._stop.set()
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._store_tasks]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.kube is not None:
             await self.kube.stop()
+        await self.elector.release()
         await self.pusher.close()
+        if self._store_started:
+            await self.store.close()
         await self.traffic.close()
         self.security.close()
         if self._listener is not None:

@@ -3,8 +3,8 @@
 It imports nothing of the control plane, so the command starts in a few tens of milliseconds.
 The default table fits 100 columns (names and tags are shortened with ``…`` when they must be);
 ``-o wide`` adds the per-slot state, the lag (how long its oldest unacknowledged change has
-waited, else ``=`` and the change-to-ACK time of its last ACK), the addresses, the last ACK and
-the last NACK.
+waited, else ``=`` and the change-to-ACK time of its last ACK), the addresses, the last ACK, the
+last NACK and the control plane replica the data plane talks to.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
             r.get("inbound_address") or "-",
             ago(now - ack) + " ago" if ack else "-",
             r.get("last_nack") or r.get("last_error") or "-",
+            r.get("replica") or "-",
         ]
     return row
 
@@ -73,7 +74,18 @@ def lag_text(r: dict[str, Any]) -> str:
 
 
 _HEAD = ["NAME", "SERVICE", "TAGS", "STATE", "STATUS", "DIGEST", "SEEN"]
-_WIDE = ["KIND", "EDS", "MESH", "SERVICE-BUNDLE", "LAG", "ADMIN", "INBOUND", "LAST ACK", "LAST NACK"]
+_WIDE = [
+    "KIND",
+    "EDS",
+    "MESH",
+    "SERVICE-BUNDLE",
+    "LAG",
+    "ADMIN",
+    "INBOUND",
+    "LAST ACK",
+    "LAST NACK",
+    "REPLICA",
+]
 _SHRINK = (0, 2, 1)
 """Columns shortened, in this order, when the default table is wider than ``WIDTH``."""
 

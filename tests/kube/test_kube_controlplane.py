@@ -30,6 +30,7 @@ from compiler.controlplane.kube.discovery import KubeEndpoints
 from compiler.controlplane.kube.identity import KubeAuthError, TokenReviewer
 from compiler.controlplane.kube.leader import LeaseElector
 from compiler.controlplane.kube.listwatch import ListWatch
+from compiler.controlplane.store import Elector
 from runtime.protocol import Registration
 
 
@@ -256,5 +257,10 @@ def test_lease_one_leader_conflicts_and_takeover_after_expiry() -> None:
             # the old leader sees the new holder and steps down
             assert not await leader.try_acquire_or_renew()
             assert not leader.leader and follower.leader
+            # as an Elector: the fencing token grew with the change of holder; a follower has none
+            assert follower.fencing_token == 1 and leader.fencing_token is None
+            elector: Elector = follower
+            await elector.release()
+            assert elector.fencing_token is None and not elector.leader
 
     run(body)

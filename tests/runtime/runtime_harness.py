@@ -440,3 +440,50 @@ def read_line(sock: socket.socket, start: bytes = b"") -> tuple[bytes, bytes]:
 
 def each(n: int) -> Iterator[int]:
     return iter(range(n))
+
+
+class FakeControlPlane:
+    """Answers the data plane protocol (register, heartbeat, deregister) and records each call;
+    ``hang`` makes it stop answering, as a stopped process would."""
+
+    def __init__(self, interval_ms: int = 50) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.hang = threading.Event()
+        self._released = threading.Event()
+        cp = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if cp.hang.is_set():
+                    cp._released.wait(HANG_DEADLINE)
+                    return
+                cp.calls.append((self.path, body))
+                reply = b"{}"
+                if self.path == "/api/v1/register":
+                    doc = {"instance": "magnanimo-1", "heartbeat_interval_ms": interval_ms}
+                    reply = json.dumps(doc).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply)))
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(reply)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.calls]
+
+    def close(self) -> None:
+        self._released.set()
+        self.server.shutdown()
+        self.server.server_close()

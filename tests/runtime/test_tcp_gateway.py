@@ -6,16 +6,15 @@ import json
 import math
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from runtime_harness import (
     REPO,
+    FakeControlPlane,
     Plane,
     ProxyClient,
     connect_tunnel,
@@ -165,7 +164,7 @@ def test_gateway_starts_without_a_bundle_and_binds_pushed_listeners(
     """``meshc gateway --control-plane URL`` with nothing on disk: no listener until the first
     gateway bundle arrives; a reload that adds a listener binds it too."""
     magnanimo, benigno = upstream("magnanimo"), upstream("benigno")
-    cp = _FakeControlPlane()
+    cp = FakeControlPlane()
     try:
         gateway = plane(
             "--service", "edge", "--control-plane", cp.url, "--insecure-admin", "--admin", "127.0.0.1:0",
@@ -270,45 +269,8 @@ def test_gateway_mirror_copies_requests_at_the_percentage_and_never_changes_the_
     assert main.total() == 20 + n
 
 
-class _FakeControlPlane:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        cp = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                cp.calls.append((self.path, body))
-                reply = b"{}"
-                if self.path == "/api/v1/register":
-                    reply = json.dumps({"instance": "magnanimo-1", "heartbeat_interval_ms": 50}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(reply)))
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(reply)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def paths(self) -> list[str]:
-        return [p for p, _ in self.calls]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_registers_heartbeats_and_deregisters(plane: Callable[..., Plane], tmp_path: Path) -> None:
-    cp = _FakeControlPlane()
+    cp = FakeControlPlane()
     try:
         sidecar = plane(
             "--service", "magnanimo", "--tag", "version=v1", "--outbound", "127.0.0.1:0",
@@ -380,7 +342,7 @@ def test_idle_registered_sidecar_rss_stays_under_60_mb_without_aiohttp(
 ) -> None:
     """With a control plane (registered, heartbeating, pushed to over the admin API), the fast
     path's sidecar loads no aiohttp: the admin API and the control-plane client are plain asyncio."""
-    cp = _FakeControlPlane()
+    cp = FakeControlPlane()
     try:
         sidecar = plane(
             "--service", "magnanimo", "--app", "127.0.0.1:9", "--inbound", "127.0.0.1:0",

@@ -5,6 +5,11 @@ holder has not renewed for ``lease_duration_s`` as *we* observed it (our own mon
 clock skew between nodes does not matter); write with the resourceVersion we read, so of two
 replicas racing, the API server accepts one and answers 409 Conflict to the other. Every replica
 serves sidecars; only the leader does the singleton work.
+
+It is an ``Elector`` (``compiler.controlplane.store.base``): its fencing token is the Lease's
+``leaseTransitions`` as of our last successful write (it grows with every change of holder). The
+API server does not check it on other writes; with ``--store postgres://`` the PostgreSQL lock
+row is the elector, and the database checks the token.
 """
 
 from __future__ import annotations
@@ -45,6 +50,15 @@ class LeaseElector:
         self._observed_at = 0.0
         self.leader = False
         self.conflicts = 0
+        self._token: int | None = None
+
+    @property
+    def fencing_token(self) -> int | None:
+        return self._token if self.leader else None
+
+    async def release(self) -> None:
+        """A clean stop does not hand the Lease over early: the next holder waits for expiry."""
+        self._set(False)
 
     def _now_micro(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC)
@@ -74,6 +88,7 @@ class LeaseElector:
                     raise
                 self.conflicts += 1
                 return self._set(False)
+            self._token = 0
             return self._set(True)
         spec = lease.spec or client.V1LeaseSpec()
         record = (spec.holder_identity, str(spec.renew_time))
@@ -97,6 +112,7 @@ class LeaseElector:
                 raise
             self.conflicts += 1  # another replica wrote first: it leads this round
             return self._set(False)
+        self._token = spec.lease_transitions or 0
         return self._set(True)
 
     def _set(self, leader: bool) -> bool:
