@@ -222,6 +222,25 @@ def _run_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_secrets(args: argparse.Namespace) -> int:
+    from compiler.ca import CAError, MeshCA, PushSigner, TokenIssuer
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        TokenIssuer(out)
+        PushSigner(out)
+        for mesh in args.mesh or ["default"]:
+            MeshCA.builtin(out, mesh)
+    except (OSError, CAError) as e:
+        print(f"meshc: cannot create the control plane's secrets in {out}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    print(f"meshc: {out}: {', '.join(names)} (existing files are kept)", file=sys.stderr)
+    print(f"kubectl -n {args.namespace} create secret generic meshc-secrets --from-file={out}")
+    return EXIT_OK
+
+
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     req = urllib.request.Request(url.rstrip("/") + "/api/v1/status")
     token = os.environ.get("MESHC_CONTROLPLANE_TOKEN")
@@ -408,6 +427,29 @@ def register(sub: Any) -> None:
     )
     t.add_argument("--out", default="out", help="the control plane's --out (default: out)")
     t.set_defaults(run=_run_token)
+
+    k = sub.add_parser(
+        "secrets",
+        help="create the secrets every control plane replica must share (keys, token secret, CAs)",
+        description="Create, in DIR, what every replica of one control plane must share: the "
+        "push-signing key (data planes pin it; a replica with another key is refused by every "
+        "sidecar that fails over to it), the bootstrap-token secret and a builtin CA per mesh "
+        "(mode 0600; existing files are kept). Give DIR to each replica as --secrets-dir, or, on "
+        "Kubernetes, as the Secret meshc-secrets that `meshc manifests` mounts (the command is "
+        "printed).",
+        epilog="example: meshc secrets --out secrets/ --mesh default | sh\n"
+        "exit codes: 0 created or kept; 2 DIR cannot be written.",
+        formatter_class=fmt,
+    )
+    k.add_argument("--out", required=True, metavar="DIR", help="where the secrets are written")
+    k.add_argument(
+        "--mesh",
+        action="append",
+        metavar="MESH",
+        help="a mesh to create a builtin CA for (repeatable; default: default)",
+    )
+    k.add_argument("--namespace", default="meshc-system", help="the namespace in the printed kubectl command")
+    k.set_defaults(run=_run_secrets)
 
     s = sub.add_parser(
         "status",

@@ -25,8 +25,8 @@ FORMATS = ("text", "json", "github", "sarif")
 
 
 SUBCOMMANDS = (
-    "validate", "compile", "schemas", "sidecar", "gateway", "plan", "controlplane", "token", "status", "demo",
-    "inject", "manifests", "convert", "explain",
+    "validate", "compile", "schemas", "sidecar", "gateway", "plan", "controlplane", "token", "secrets",
+    "status", "demo", "inject", "manifests", "convert", "explain",
 )  # fmt: skip
 """Every subcommand, written out: a list read from the parser would shrink with a lost module."""
 
