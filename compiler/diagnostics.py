@@ -206,6 +206,13 @@ CODES: dict[str, Code] = _catalog(
         "meshc's proxies are not Envoy).",
     ),
     Code(
+        "W1005",
+        "gateway-certificate-not-read",
+        "A MeshGateway certificate that is valid for Kuma but that meshc does not read (a secret): "
+        "meshc reads {file: PATH}, a PEM file with the chain and its key. An HTTPS listener left "
+        "with no file certificate is not bound.",
+    ),
+    Code(
         "W2001", "permissions-without-mtls", "TrafficPermissions take effect only when the Mesh enables mTLS."
     ),
     Code(

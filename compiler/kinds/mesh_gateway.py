@@ -118,10 +118,10 @@ def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
                 yield Finding((*p, "tls", "mode"), "E1005", "mode is not supported on HTTPS listeners")
             for ci, cert in enumerate(tls.certificates or []):
                 if set(cert) != {"file"} or not isinstance(cert.get("file"), str) or not cert["file"]:
-                    yield Finding(
+                    yield Finding(  # valid for Kuma: a warning, not an error (its conformance)
                         (*p, "tls", "certificates", ci),
-                        "E1005",
-                        "meshc reads a gateway certificate from a file: {file: PATH} (a PEM file "
+                        "W1005",
+                        "meshc does not read this certificate: it reads {file: PATH} (a PEM file "
                         "holding the certificate chain and its private key)",
                     )
             if (
