@@ -40,6 +40,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/sidecar_mtls.py
 	$(BIN)/python bench/grpc.py
 	$(BIN)/python bench/propagation.py
+	$(BIN)/python bench/ha.py
+	$(BIN)/python bench/listener_flood.py
+	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/fuzz.py
 
 docs: $(STAMP)
 	$(BIN)/python -m compiler.docgen
