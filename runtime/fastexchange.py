@@ -112,6 +112,7 @@ class Exchange(asyncio.Protocol):
         "target",
         "timer",
         "tls_peer",
+        "trace_id",
         "transport",
         "try_timeout",
         "tunnel",
@@ -146,6 +147,8 @@ class Exchange(asyncio.Protocol):
         # The exchange in flight (reset by ``_begin``).
         self.up: Upstream | None = None
         self.target: Target | None = None
+        self.trace_id = ""
+        """The request's trace id (its ``Forward.trace``), for the access log."""
         self.host: Host | None = None
         self.fwd: Forward | None = None
         self.fetching: asyncio.Future[None] | None = None
@@ -540,6 +543,7 @@ class Exchange(asyncio.Protocol):
                 "path": path_of(req.url),
                 "response_code": self.status,
                 "duration_ms": round(elapsed * 1000.0, 3),
+                "trace_id": self.trace_id,
             },
         )
 

@@ -80,6 +80,7 @@ from runtime.h2conn import (
 )
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
+from runtime.tracing import TRACEPARENT
 
 __all__ = ["H2Downstream", "H2Plane", "H2Upstream", "PrefaceSniffer"]
 
@@ -897,6 +898,8 @@ class _Exchange:
         self.subset = ""
         self.status = 0
         self.grpc_status: int | None = None
+        self.trace_id = ""
+        """The request's trace id (its ``Forward.trace``), for the access log."""
         self.req_bytes = 0
         self.resp_bytes = 0
         self.started = False
@@ -967,8 +970,9 @@ class _Exchange:
             )
         elif down.kind == INBOUND:
             is_tls, identity = down.tls_peer
-            caller = head.header_map().get("x-meshc-source-service", "")
-            verdict = decide_inbound(engine, snap, is_tls, identity, caller)
+            hmap = head.header_map()
+            caller = hmap.get("x-meshc-source-service", "")
+            verdict = decide_inbound(engine, snap, is_tls, identity, caller, hmap.get(TRACEPARENT))
         else:
             xfp = head.header_map().get("x-forwarded-proto")
             verdict = decide_gateway(engine, snap, head, down.port, request_scheme(xfp, down.secure))
@@ -977,6 +981,7 @@ class _Exchange:
             return
         fwd = verdict
         self.source, self.dest = fwd.source, fwd.dest
+        self.trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
         timeout = grpc_timeout_s(head.header_map().get("grpc-timeout")) if head.grpc else None
         if timeout is not None:
             self.deadline = self.plane.loop.time() + timeout
@@ -1259,6 +1264,7 @@ class _Exchange:
             "response_code": self.status,
             "duration_ms": round(elapsed * 1000.0, 3),
             "protocol": "HTTP/2",
+            "trace_id": self.trace_id,
         }
         if self.grpc_status is not None:
             entry["grpc_status"] = self.grpc_status

@@ -45,6 +45,7 @@ from runtime.engine import Engine, Target
 from runtime.headerops import ADD, NO_OPS, SET, HeaderOp
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
+from runtime.tracing import TRACEPARENT
 
 __all__ = ["HASH_KEY_HEADER", "REASON_HEADER", "SOURCE_HEADER", "HttpProxy"]
 
@@ -327,7 +328,8 @@ class HttpProxy:
         t0 = time.perf_counter()
         is_tls, peer = self.peers.of(request.transport)
         caller = request.headers.get(SOURCE_HEADER, "")
-        verdict = decide_inbound(self.engine, self.engine.snapshot, is_tls, peer, caller)
+        traceparent = request.headers.get(TRACEPARENT)
+        verdict = decide_inbound(self.engine, self.engine.snapshot, is_tls, peer, caller, traceparent)
         return await self._carry_out(request, verdict, request.raw_path, t0, "inbound")
 
     async def gateway(self, request: web.BaseRequest, port: int) -> web.StreamResponse:
@@ -427,7 +429,10 @@ class HttpProxy:
                     direction, source, dest, subset, resp.status, elapsed, *_sizes(request, resp)
                 )
                 if target.log is not None:
-                    self._log(target.log, direction, source, target, request, resp.status, elapsed, host)
+                    trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
+                    self._log(
+                        target.log, direction, source, target, request, resp.status, elapsed, host, trace_id
+                    )
                 return resp
         finally:
             target.active -= 1
@@ -442,6 +447,7 @@ class HttpProxy:
         status: int,
         elapsed: float,
         host: Host,
+        trace_id: str,
     ) -> None:
         self.access_log.write(
             conf,
@@ -456,6 +462,7 @@ class HttpProxy:
                 "path": request.path,
                 "response_code": status,
                 "duration_ms": round(elapsed * 1000.0, 3),
+                "trace_id": trace_id,
             },
         )
 
