@@ -300,7 +300,7 @@ class ClientConn(Exchange):
     def _forward(self, req: h1.Request, fwd: Forward) -> None:
         """Carry out a ``Forward`` verdict: the next hop's head, then the attempts."""
         self.source, self.dest = fwd.source, fwd.dest
-        self.trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
+        self.span = fwd.trace
         plane = self.plane
         url = req.url
         if fwd.path is not None:

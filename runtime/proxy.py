@@ -266,7 +266,23 @@ class HttpProxy:
         self.metrics.stats.record(
             direction, fwd.source, fwd.dest, "", resp.status, elapsed, *_sizes(request, resp)
         )
+        self._span(fwd, direction, request, resp.status, elapsed)
         return resp
+
+    def _span(
+        self, fwd: Forward, direction: str, request: web.BaseRequest, status: int, elapsed: float
+    ) -> None:
+        self.metrics.spans.record(
+            self.engine.snapshot.trace_url,
+            fwd.trace,
+            service=self.engine.service,
+            direction=direction,
+            start_s=time.time() - elapsed,
+            duration_s=elapsed,
+            method=request.method,
+            path=request.path,
+            status=status,
+        )
 
     def _mirror(self, target: Target, method: str, path_qs: str, headers: CIMultiDict[str]) -> None:
         """Fire and forget a copy to one of ``target``'s hosts (Host gets ``-shadow``)."""
@@ -428,6 +444,7 @@ class HttpProxy:
                 self.metrics.stats.record(
                     direction, source, dest, subset, resp.status, elapsed, *_sizes(request, resp)
                 )
+                self._span(fwd, direction, request, resp.status, elapsed)
                 if target.log is not None:
                     trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
                     self._log(

@@ -156,6 +156,25 @@ def logging_backends(spec: MeshSpec | None) -> tuple[b.LoggingBackend, ...]:
     )
 
 
+def tracing_backend(spec: MeshSpec | None) -> b.TracingBackend | None:
+    """The Mesh's default tracing backend (``defaultBackend``, else the first), when it is a
+    ``zipkin`` one with a ``conf.url``: the only type the data planes report to."""
+    tracing = spec.tracing if spec is not None else None
+    backends = tracing.get("backends") if isinstance(tracing, dict) else None
+    if not isinstance(backends, list) or not backends:
+        return None
+    assert isinstance(tracing, dict)
+    name = tracing.get("defaultBackend")
+    chosen = next((x for x in backends if isinstance(x, dict) and x.get("name") == name), backends[0])
+    conf = chosen.get("conf") if isinstance(chosen, dict) else None
+    url = conf.get("url") if isinstance(conf, dict) else None
+    if chosen.get("type") != "zipkin" or not isinstance(url, str) or not url:
+        return None
+    sampling = chosen.get("sampling", 100.0)
+    pct = float(sampling) if isinstance(sampling, int | float) else 100.0
+    return b.TracingBackend(name=str(chosen.get("name", "")), sampling=min(max(pct, 0.0), 100.0), url=url)
+
+
 def mesh_settings(spec: MeshSpec | None) -> tuple[b.Mtls, bool]:
     """The mesh bundle's mTLS settings and outbound passthrough (a mesh with no Mesh: Kuma's defaults)."""
     if spec is None:
