@@ -27,7 +27,10 @@ POST_TIMEOUT_S = 2.0
 
 
 class SpanReporter:
-    def __init__(self, registry: CollectorRegistry, cap: int = QUEUE_CAP) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, cap: int = QUEUE_CAP, timeout_s: float = POST_TIMEOUT_S
+    ) -> None:
+        self._timeout_s = timeout_s
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(cap)
         self.dropped = Counter(
             "meshc_tracing_spans_dropped",
@@ -108,7 +111,7 @@ class SpanReporter:
             url, data=json.dumps(docs).encode(), headers={"Content-Type": "application/json"}, method="POST"
         )
         try:
-            with urllib.request.urlopen(req, timeout=POST_TIMEOUT_S) as resp:
+            with urllib.request.urlopen(req, timeout=self._timeout_s) as resp:
                 ok = 200 <= resp.status < 300
         except (OSError, ValueError):
             ok = False
