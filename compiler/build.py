@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from compiler.catalog import MeshInfo, ServiceInfo
 from compiler.gateway import GatewayBuild
 from compiler.kinds import REGISTRY, KindDef
-from compiler.kinds.mesh import mesh_settings
+from compiler.kinds.mesh import mesh_settings, tracing_backend
 from compiler.parse import Doc
 from compiler.resolve import Entry, PolicyIndex
 from runtime import bundle as b
@@ -165,7 +165,12 @@ class MeshBuilder:
         # {"destinations":…, <head's keys, all sorting between "destinations" and "services">,
         #  "services":…, "type":"mesh"}: keys stay sorted.
         head_items = head[1 : -len(',"type":"mesh"}')]
-        text = f'{{"destinations":{destinations},{head_items},"services":{services},"type":"mesh"}}'
+        tracing = tracing_backend(mesh.doc.spec if mesh.doc else None)
+        trace = canon(tracing.model_dump(mode="json")) if tracing is not None else "null"
+        text = (
+            f'{{"destinations":{destinations},{head_items},"services":{services},'
+            f'"tracing":{trace},"type":"mesh"}}'
+        )
         return text.encode(), used
 
     def service_bundle(self, name: str) -> tuple[bytes, list[Doc]]:

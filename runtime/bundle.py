@@ -64,6 +64,7 @@ __all__ = [
     "StringMatch",
     "TcpHealthCheck",
     "TimeoutConf",
+    "TracingBackend",
     "TrafficLogConf",
     "bundle_digest",
     "canonical_json",
@@ -434,6 +435,17 @@ class Mtls(_Frozen):
     cert_rotation_ms: int = 86400000
 
 
+class TracingBackend(_Frozen):
+    """The Mesh's default tracing backend (Kuma's ``tracing.backends``, type ``zipkin``)."""
+
+    name: str
+    type: Literal["zipkin"] = "zipkin"
+    sampling: float = 100.0
+    """Percentage of new traces sampled (0-100); an incoming ``traceparent`` keeps its flag."""
+    url: str
+    """Zipkin v2 spans endpoint (``http://collector:9411/api/v2/spans``)."""
+
+
 class MeshBundle(_Frozen):
     """Sent to every data plane of the mesh."""
 
@@ -443,6 +455,7 @@ class MeshBundle(_Frozen):
     mtls: Mtls = Mtls()
     passthrough: bool = True
     logging: tuple[LoggingBackend, ...] = ()
+    tracing: TracingBackend | None = None
     services: dict[str, CatalogService]
     destinations: dict[str, Destination]
 

@@ -26,9 +26,10 @@ from urllib.parse import quote, unquote
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY, RetryPolicy
 from runtime.engine import Engine, Snapshot, Target
-from runtime.headerops import NO_OPS, HeaderOp
+from runtime.headerops import NO_OPS, SET, HeaderOp
 from runtime.identity import PeerIdentity
 from runtime.security import DENIED_HEADER
+from runtime.tracing import TRACEPARENT, Hop, hop
 
 __all__ = [
     "APP",
@@ -61,6 +62,7 @@ __all__ = [
     "request_scheme",
     "settle",
     "split_host",
+    "traced",
 ]
 
 NO_HOST = "no healthy upstream"
@@ -150,6 +152,7 @@ class Forward:
         "source",
         "source_header",
         "target",
+        "trace",
     )
 
     def __init__(
@@ -188,6 +191,8 @@ class Forward:
         self.delay_s = delay_s
         self.bps = bps
         """Response bandwidth in bits/s (a fault); 0: unlimited."""
+        self.trace: Hop | None = None
+        """This hop's span (``traced``); its ``traceparent`` is the last of ``request_ops``."""
 
     def __repr__(self) -> str:
         where = self.target if self.kind == TARGET else self.address if self.kind == PASSTHROUGH else "app"
@@ -314,11 +319,17 @@ def decide_outbound(
     target = (route.wheel if route is not None else dest.wheel).choose(engine.rng)
     if target is None:
         return Reply(503, NO_HOST, source, name)
+    incoming = head.header_map().get(TRACEPARENT)
     if route is None or route.modify is None:
-        return Forward(TARGET, source, target.service, target=target, source_header=source)
+        return traced(
+            engine,
+            snap,
+            Forward(TARGET, source, target.service, target=target, source_header=source),
+            incoming,
+        )
     path = head.path()
     new_path = route.rewrite_path(path)
-    return Forward(
+    fwd = Forward(
         TARGET,
         source,
         target.service,
@@ -329,6 +340,15 @@ def decide_outbound(
         response_ops=route.response_ops,
         source_header=source,
     )
+    return traced(engine, snap, fwd, incoming)
+
+
+def traced(engine: Engine, snap: Snapshot, fwd: Forward, incoming: str | None) -> Forward:
+    """``fwd`` with this hop's span: kept from ``incoming`` (the request's ``traceparent``) when
+    valid, else a new trace; the next hop gets its ``traceparent`` as the last header op."""
+    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng)
+    fwd.request_ops = (*fwd.request_ops, (SET, TRACEPARENT, span.header()))
+    return fwd
 
 
 def _caller(snap: Snapshot, identity: PeerIdentity | None) -> str | None:
@@ -344,11 +364,17 @@ def _deny(reason: str, caller: str, service: str) -> Reply:
 
 
 def decide_inbound(
-    engine: Engine, snap: Snapshot, tls: bool, identity: PeerIdentity | None, caller_header: str
+    engine: Engine,
+    snap: Snapshot,
+    tls: bool,
+    identity: PeerIdentity | None,
+    caller_header: str,
+    traceparent: str | None = None,
 ) -> Forward | Reply:
     """A request to this instance's app. Under mTLS the caller is the peer certificate's
     identity, never the header (DESIGN §6), and a TrafficPermission must allow it; in plaintext
-    (mTLS off, or PERMISSIVE) the header is only a metrics label, as in Kuma."""
+    (mTLS off, or PERMISSIVE) the header is only a metrics label, as in Kuma. ``traceparent``:
+    the request's, continued by this hop's span."""
     service = engine.service
     caller = caller_header
     if tls:
@@ -371,7 +397,8 @@ def decide_inbound(
         delay, abort, bps = fault.decide(engine.rng)
         if abort:
             return Reply(abort, "fault filter abort", caller, service, delay_s=delay)
-    return Forward(APP, caller, service, source_header=caller if tls else None, delay_s=delay, bps=bps)
+    fwd = Forward(APP, caller, service, source_header=caller if tls else None, delay_s=delay, bps=bps)
+    return traced(engine, snap, fwd, traceparent)
 
 
 def decide_gateway(
@@ -405,7 +432,7 @@ def decide_gateway(
         # mirrored (the body streams to the backend and is not kept).
         rng = engine.rng
         mirrors = tuple(m for pct, m in route.mirrors if pct >= 100.0 or rng.random() * 100.0 < pct)
-    return Forward(
+    fwd = Forward(
         TARGET,
         source,
         target.service,
@@ -416,6 +443,7 @@ def decide_gateway(
         source_header=source,
         mirrors=mirrors,
     )
+    return traced(engine, snap, fwd, head.header_map().get(TRACEPARENT))
 
 
 def decide_connect(

@@ -535,6 +535,11 @@ class Snapshot:
         self.gateway = gateway
         self.targets = targets
         self.passthrough = mesh.passthrough if mesh else False
+        tracing = mesh.tracing if mesh else None
+        self.trace_sampling: float | None = tracing.sampling if tracing is not None else None
+        """The Mesh's tracing sampling percentage; None: no tracing backend (traces unsampled)."""
+        self.trace_url: str | None = tracing.url if tracing is not None else None
+        """Where sampled spans go (``runtime.zipkin``)."""
         # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),
         # and for Kuma's Kubernetes names the cluster DNS names of the Service.
         self._names = dict(destinations)

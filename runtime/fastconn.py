@@ -248,7 +248,7 @@ class ClientConn(Exchange):
                 if len(plane.sources) < 4096:
                     plane.sources[src] = caller
             is_tls, identity = self.tls_peer
-            verdict = decide_inbound(engine, snap, is_tls, identity, caller)
+            verdict = decide_inbound(engine, snap, is_tls, identity, caller, req.header(b"traceparent"))
         else:
             xfp = req.xfp.decode("latin-1") if req.xfp is not None else None
             verdict = decide_gateway(engine, snap, req, self.port, request_scheme(xfp, self.secure))
@@ -300,6 +300,7 @@ class ClientConn(Exchange):
     def _forward(self, req: h1.Request, fwd: Forward) -> None:
         """Carry out a ``Forward`` verdict: the next hop's head, then the attempts."""
         self.source, self.dest = fwd.source, fwd.dest
+        self.span = fwd.trace
         plane = self.plane
         url = req.url
         if fwd.path is not None:

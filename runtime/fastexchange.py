@@ -26,6 +26,7 @@ from runtime.fastplane import TLS_KEY, FastPlane
 from runtime.fastpool import P_UPSTREAM, Upstream, UpstreamClient
 from runtime.h1 import path_of
 from runtime.headerops import ADD, NO_OPS, REMOVE, HeaderOp
+from runtime.tracing import Hop
 
 if TYPE_CHECKING:
     from runtime.identity import PeerIdentity
@@ -105,6 +106,7 @@ class Exchange(asyncio.Protocol):
         "slow_end",
         "slow_rate",
         "source",
+        "span",
         "stale_retried",
         "status",
         "subset",
@@ -146,6 +148,8 @@ class Exchange(asyncio.Protocol):
         # The exchange in flight (reset by ``_begin``).
         self.up: Upstream | None = None
         self.target: Target | None = None
+        self.span: Hop | None = None
+        """This hop's span (its ``Forward.trace``): access log and Zipkin."""
         self.host: Host | None = None
         self.fwd: Forward | None = None
         self.fetching: asyncio.Future[None] | None = None
@@ -484,9 +488,23 @@ class Exchange(asyncio.Protocol):
         else:
             self.series = None
         series.add(self.status, elapsed, req.body_bytes, self.resp_bytes)
+        span = self.span
+        if span is not None and span.sampled:
+            plane.metrics.spans.record(
+                plane.engine.snapshot.trace_url,
+                span,
+                service=plane.engine.service,
+                direction=DIRECTION[self.kind],
+                start_s=time.time() - elapsed,
+                duration_s=elapsed,
+                method=req.method,
+                path=path_of(req.url),
+                status=self.status,
+            )
         target = self.target
         if target is not None and target.log is not None:
             self._log(target.log, req, elapsed)
+        self.span = None
         self._release_target()
         up = self.up
         if up is not None:
@@ -540,6 +558,7 @@ class Exchange(asyncio.Protocol):
                 "path": path_of(req.url),
                 "response_code": self.status,
                 "duration_ms": round(elapsed * 1000.0, 3),
+                "trace_id": self.span.trace_id if self.span is not None else "",
             },
         )
 

@@ -217,6 +217,13 @@ class Request:
     def query_string(self) -> str:
         return self.url.partition(b"?")[2].decode("latin-1")
 
+    def header(self, name: bytes) -> str | None:
+        """The first value of the header ``name`` (lower case), without building a map."""
+        for n, v in self.headers:
+            if n.lower() == name:
+                return v.decode("latin-1")
+        return None
+
     def header_map(self) -> dict[str, str]:
         """Lower-case name -> value (the first of repeated fields), for route matching."""
         out: dict[str, str] = {}

@@ -80,6 +80,7 @@ from runtime.h2conn import (
 )
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
+from runtime.tracing import TRACEPARENT, Hop
 
 __all__ = ["H2Downstream", "H2Plane", "H2Upstream", "PrefaceSniffer"]
 
@@ -897,6 +898,8 @@ class _Exchange:
         self.subset = ""
         self.status = 0
         self.grpc_status: int | None = None
+        self.span: Hop | None = None
+        """This hop's span (its ``Forward.trace``): access log and Zipkin."""
         self.req_bytes = 0
         self.resp_bytes = 0
         self.started = False
@@ -939,6 +942,18 @@ class _Exchange:
                 self.resp_bytes,
                 grpc=self.grpc_status,
             )
+            head = self.head
+            self.plane.metrics.spans.record(
+                self.plane.engine.snapshot.trace_url,
+                self.span,
+                service=self.plane.engine.service,
+                direction=DIRECTION[self.down.kind],
+                start_s=time.time() - elapsed,
+                duration_s=elapsed,
+                method=head.method if head is not None else "",
+                path=head.path() if head is not None else "",
+                status=self.status,
+            )
             if not self.req_done and not self.down.closed:
                 self.down.reset(self.sid, ErrorCodes.NO_ERROR)  # answered before the body ended
             self.down.stream_done(self.sid)
@@ -967,8 +982,9 @@ class _Exchange:
             )
         elif down.kind == INBOUND:
             is_tls, identity = down.tls_peer
-            caller = head.header_map().get("x-meshc-source-service", "")
-            verdict = decide_inbound(engine, snap, is_tls, identity, caller)
+            hmap = head.header_map()
+            caller = hmap.get("x-meshc-source-service", "")
+            verdict = decide_inbound(engine, snap, is_tls, identity, caller, hmap.get(TRACEPARENT))
         else:
             xfp = head.header_map().get("x-forwarded-proto")
             verdict = decide_gateway(engine, snap, head, down.port, request_scheme(xfp, down.secure))
@@ -977,6 +993,7 @@ class _Exchange:
             return
         fwd = verdict
         self.source, self.dest = fwd.source, fwd.dest
+        self.span = fwd.trace
         timeout = grpc_timeout_s(head.header_map().get("grpc-timeout")) if head.grpc else None
         if timeout is not None:
             self.deadline = self.plane.loop.time() + timeout
@@ -1259,6 +1276,7 @@ class _Exchange:
             "response_code": self.status,
             "duration_ms": round(elapsed * 1000.0, 3),
             "protocol": "HTTP/2",
+            "trace_id": self.span.trace_id if self.span is not None else "",
         }
         if self.grpc_status is not None:
             entry["grpc_status"] = self.grpc_status

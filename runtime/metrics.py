@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from runtime.fastmetrics import Identity, RequestStats
+from runtime.zipkin import SpanReporter
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -22,6 +23,8 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=False)
         self.stats = RequestStats(identity)
         r.register(self.stats)
+        self.spans = SpanReporter(r)
+        """Sampled spans on their way to the Mesh's Zipkin backend (every layer records here)."""
         self.retries = Counter(
             "meshc_retries", "Upstream retries.", ["destination_service", "destination_subset"], registry=r
         )

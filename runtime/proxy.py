@@ -45,6 +45,7 @@ from runtime.engine import Engine, Target
 from runtime.headerops import ADD, NO_OPS, SET, HeaderOp
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
+from runtime.tracing import TRACEPARENT
 
 __all__ = ["HASH_KEY_HEADER", "REASON_HEADER", "SOURCE_HEADER", "HttpProxy"]
 
@@ -265,7 +266,23 @@ class HttpProxy:
         self.metrics.stats.record(
             direction, fwd.source, fwd.dest, "", resp.status, elapsed, *_sizes(request, resp)
         )
+        self._span(fwd, direction, request, resp.status, elapsed)
         return resp
+
+    def _span(
+        self, fwd: Forward, direction: str, request: web.BaseRequest, status: int, elapsed: float
+    ) -> None:
+        self.metrics.spans.record(
+            self.engine.snapshot.trace_url,
+            fwd.trace,
+            service=self.engine.service,
+            direction=direction,
+            start_s=time.time() - elapsed,
+            duration_s=elapsed,
+            method=request.method,
+            path=request.path,
+            status=status,
+        )
 
     def _mirror(self, target: Target, method: str, path_qs: str, headers: CIMultiDict[str]) -> None:
         """Fire and forget a copy to one of ``target``'s hosts (Host gets ``-shadow``)."""
@@ -327,7 +344,8 @@ class HttpProxy:
         t0 = time.perf_counter()
         is_tls, peer = self.peers.of(request.transport)
         caller = request.headers.get(SOURCE_HEADER, "")
-        verdict = decide_inbound(self.engine, self.engine.snapshot, is_tls, peer, caller)
+        traceparent = request.headers.get(TRACEPARENT)
+        verdict = decide_inbound(self.engine, self.engine.snapshot, is_tls, peer, caller, traceparent)
         return await self._carry_out(request, verdict, request.raw_path, t0, "inbound")
 
     async def gateway(self, request: web.BaseRequest, port: int) -> web.StreamResponse:
@@ -426,8 +444,12 @@ class HttpProxy:
                 self.metrics.stats.record(
                     direction, source, dest, subset, resp.status, elapsed, *_sizes(request, resp)
                 )
+                self._span(fwd, direction, request, resp.status, elapsed)
                 if target.log is not None:
-                    self._log(target.log, direction, source, target, request, resp.status, elapsed, host)
+                    trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
+                    self._log(
+                        target.log, direction, source, target, request, resp.status, elapsed, host, trace_id
+                    )
                 return resp
         finally:
             target.active -= 1
@@ -442,6 +464,7 @@ class HttpProxy:
         status: int,
         elapsed: float,
         host: Host,
+        trace_id: str,
     ) -> None:
         self.access_log.write(
             conf,
@@ -456,6 +479,7 @@ class HttpProxy:
                 "path": request.path,
                 "response_code": status,
                 "duration_ms": round(elapsed * 1000.0, 3),
+                "trace_id": trace_id,
             },
         )
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
+from pydantic import AliasChoices, Field
+
 from compiler.kinds.base import Duration, Finding, KindDef, Spec
 from runtime import bundle as b
 
@@ -96,6 +98,36 @@ class Outbound(Spec):
     """Whether traffic to hosts outside the mesh passes through (Kuma's default: true)."""
 
 
+class TracingBackendConf(Spec):
+    """Kuma's zipkin (``url``, ``traceId128bit``, ``apiVersion``, ``sharedSpanContext``) and
+    datadog (``address``, ``port``, ``splitService``) backend confs."""
+
+    url: str | None = None
+    trace_id128bit: bool | None = Field(
+        default=None,
+        validation_alias=AliasChoices("traceId128bit", "trace_id128bit"),
+        serialization_alias="traceId128bit",
+    )
+    api_version: str | None = None
+    shared_span_context: bool | None = None
+    address: str | None = None
+    port: int | None = None
+    split_service: bool | None = None
+
+
+class TracingBackend(Spec):
+    name: str
+    type: Literal["zipkin", "datadog"]
+    sampling: float | None = None
+    """Percentage of new traces sampled (Kuma's default: 100)."""
+    conf: TracingBackendConf | None = None
+
+
+class Tracing(Spec):
+    default_backend: str | None = None
+    backends: list[TracingBackend] = []
+
+
 class Networking(Spec):
     outbound: Outbound | None = None
 
@@ -104,7 +136,7 @@ class MeshSpec(Spec):
     mtls: Mtls | None = None
     metrics: Metrics | None = None
     logging: Logging | None = None
-    tracing: dict[str, Any] | None = None
+    tracing: Tracing | None = None
     routing: dict[str, Any] | None = None
     networking: Networking | None = None
     constraints: dict[str, Any] | None = None
@@ -122,6 +154,8 @@ def check(spec: MeshSpec) -> Iterator[Finding]:
         for i, n in enumerate(names):
             if n in names[:i]:
                 yield Finding(("mtls", "backends", i, "name"), "E1005", f"backend name {n!r} is used twice")
+    if spec.tracing is not None:
+        yield from _check_tracing(spec.tracing)
     if spec.logging is not None:
         names = [b.name for b in spec.logging.backends]
         if spec.logging.default_backend and spec.logging.default_backend not in names:
@@ -156,6 +190,20 @@ def logging_backends(spec: MeshSpec | None) -> tuple[b.LoggingBackend, ...]:
     )
 
 
+def tracing_backend(spec: MeshSpec | None) -> b.TracingBackend | None:
+    """The Mesh's default tracing backend (``defaultBackend``, else the first) when it is a
+    ``zipkin`` one: the only type the data planes report to (a datadog one is validated only)."""
+    tracing = spec.tracing if spec is not None else None
+    if tracing is None or not tracing.backends:
+        return None
+    chosen = next((x for x in tracing.backends if x.name == tracing.default_backend), tracing.backends[0])
+    url = chosen.conf.url if chosen.conf is not None else None
+    if chosen.type != "zipkin" or not url:
+        return None
+    sampling = 100.0 if chosen.sampling is None else chosen.sampling
+    return b.TracingBackend(name=chosen.name, sampling=sampling, url=url)
+
+
 def mesh_settings(spec: MeshSpec | None) -> tuple[b.Mtls, bool]:
     """The mesh bundle's mTLS settings and outbound passthrough (a mesh with no Mesh: Kuma's defaults)."""
     if spec is None:
@@ -179,3 +227,20 @@ def mesh_settings(spec: MeshSpec | None) -> tuple[b.Mtls, bool]:
 
 
 KIND = KindDef("Mesh", "kuma.io/v1alpha1", MeshSpec, check, "none", __doc__ or "")
+
+
+def _check_tracing(tracing: Tracing) -> Iterator[Finding]:
+    names = [x.name for x in tracing.backends]
+    if tracing.default_backend and tracing.default_backend not in names:
+        yield Finding(
+            ("tracing", "defaultBackend"), "E1005", f"has to be set to one of the backends: {names}"
+        )
+    for i, x in enumerate(tracing.backends):
+        if x.name in names[:i]:
+            yield Finding(
+                ("tracing", "backends", i, "name"), "E1005", f"backend name {x.name!r} is used twice"
+            )
+        if x.sampling is not None and not 0.0 <= x.sampling <= 100.0:
+            yield Finding(("tracing", "backends", i, "sampling"), "E1005", "has to be in [0.0, 100.0] range")
+        if x.type == "zipkin" and not (x.conf and x.conf.url):
+            yield Finding(("tracing", "backends", i, "conf", "url"), "E1003", "a zipkin backend needs a url")

@@ -46,6 +46,7 @@ from runtime.bundle import (
     StringMatch,
     Thresholds,
     TimeoutConf,
+    TracingBackend,
 )
 from runtime.decide import (
     APP,
@@ -262,7 +263,9 @@ def test_route_rewrites_are_decided_once() -> None:
     canary = out("/canary/hw2?q=1", {"x-beta": "1"})
     assert show(canary) == ("target", "benigno", "version=v2", "/hw2", "benigno.internal")
     assert isinstance(canary, Forward)
-    assert canary.request_ops == ((REMOVE, "x-debug", ""), (ADD, "x-route", "canary"))
+    assert canary.request_ops[:-1] == ((REMOVE, "x-debug", ""), (ADD, "x-route", "canary"))
+    assert canary.trace is not None
+    assert canary.request_ops[-1] == (SET, "traceparent", canary.trace.header())
     assert canary.response_ops == ((SET, "x-served-by", "canary"),)
     assert canary.source_header == "magnanimo"
     # The header match is case-insensitive on both data planes; without it the default split.
@@ -410,7 +413,8 @@ def test_gateway_playbook_routes_filters_and_mirrors() -> None:
     fwd = gw("/route1/a b?x=1")
     assert isinstance(fwd, Forward)
     assert show(fwd) == ("target", "benigno", "version=v1", "/a%20b", None)
-    assert fwd.request_ops == ((SET, "x-gw", "edge"), (REMOVE, "x-drop", ""))
+    assert fwd.request_ops[:-1] == ((SET, "x-gw", "edge"), (REMOVE, "x-drop", ""))
+    assert fwd.trace is not None and fwd.request_ops[-1] == (SET, "traceparent", fwd.trace.header())
     assert fwd.response_ops == ((ADD, "x-from", "gateway"),)
     assert [m.service for m in fwd.mirrors] == ["db"]
     playbook(
@@ -559,3 +563,33 @@ def test_retry_playbook_statuses_methods_bodies_budget_and_deadline() -> None:
     codes = _retry_target(HttpRetry(num_retries=1, retry_on=("retriable_4xx",)))
     c = RetryState(codes, "GET", 0, 0.0)
     assert _backoff(c.failed(host, Outcome.OK, 409, rng)) == "back off"
+
+
+def _plain_dest() -> Destination:
+    route = RouteConf(split=(Split(weight=1, service="benigno"),))
+    return Destination(route=(Rule[RouteConf](conf=route),), timeout=(Rule[TimeoutConf](conf=TimeoutConf()),))
+
+
+def test_every_forward_carries_this_hops_traceparent() -> None:
+    """Outbound, inbound and gateway verdicts continue a valid incoming trace with a new span of
+    their own, and start a sampled one (the Mesh's sampling 100%) when the header is bad."""
+    engine, _ = _engine()
+    snap = _snap(
+        engine,
+        _mesh(destinations={"benigno": _plain_dest()}, tracing=TracingBackend(name="z", url="http://x")),
+    )
+    incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    out = decide_outbound(
+        engine, snap, Head(host="benigno", headers={"Traceparent": incoming}), "benigno", None, OWN
+    )
+    inb = decide_inbound(engine, snap, False, None, "magnanimo", incoming)
+    for fwd in (out, inb):
+        assert isinstance(fwd, Forward) and fwd.trace is not None
+        assert fwd.trace.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+        assert fwd.trace.parent_id == "00f067aa0ba902b7" and fwd.trace.span_id != "00f067aa0ba902b7"
+        assert not fwd.trace.sampled  # the caller's decision stands
+        assert fwd.request_ops[-1] == (SET, "traceparent", fwd.trace.header())
+    fresh = decide_inbound(engine, snap, False, None, "magnanimo", "00-zz-00f067aa0ba902b7-01")
+    assert isinstance(fresh, Forward) and fresh.trace is not None
+    assert fresh.trace.parent_id == "" and fresh.trace.sampled
+    assert fresh.trace.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736"

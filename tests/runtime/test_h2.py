@@ -388,3 +388,21 @@ def test_mirrors_and_the_bandwidth_fault_apply_to_http2_streams(
     elapsed = time.monotonic() - start
     assert big.stdout == "200 100000 2"
     assert elapsed >= 0.9  # a lower bound only: the limit cannot be skipped
+
+
+def test_grpc_calls_carry_a_traceparent_through_two_sidecars(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    """The HTTP/2 layer applies the same hop decision: a caller's trace is kept, a new one made."""
+    from runtime.tracing import parse
+
+    outbound, _ = _chain(plane, tmp_path, echo.address)
+    own = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with _channel(outbound) as ch:
+        unary = method(ch, "Unary")
+        assert unary(b"a", timeout=HANG_DEADLINE, metadata=(("traceparent", own),)) == b"benigno:a"
+        assert unary(b"b", timeout=HANG_DEADLINE) == b"benigno:b"
+    kept, fresh = (parse(m.get("traceparent")) for m in echo.metadata[-2:])
+    assert kept is not None and kept[0] == "4bf92f3577b34da6a3ce929d0e0e4736" and kept[2]
+    assert kept[1] != "00f067aa0ba902b7"
+    assert fresh is not None and fresh[0] != kept[0] and not fresh[2]

@@ -43,7 +43,7 @@ def _fragment(kind: str, bundles: dict[str, Any]) -> Any:
     if kdef.direction == "inbound":
         return {k: v["inbound"][kdef.bundle_field] for k, v in services.items()}
     if kind == "Mesh":
-        return {k: {f: v[f] for f in ("logging", "mtls", "passthrough")} for k, v in mesh.items()}
+        return {k: {f: v[f] for f in ("logging", "mtls", "passthrough", "tracing")} for k, v in mesh.items()}
     if kind == "Service":
         return {k: v["services"] for k, v in mesh.items()}
     return {k: v["gateway"] for k, v in services.items() if v["gateway"] is not None}
