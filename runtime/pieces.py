@@ -39,6 +39,7 @@ from runtime.bundle import (
     LoggingBackend,
     MeshBundle,
     Mtls,
+    TracingBackend,
     bundle_digest,
     canonical_json,
     gc_paused,
@@ -77,6 +78,7 @@ class MeshManifest(_Frozen):
     mtls: Mtls = Mtls()
     passthrough: bool = True
     logging: tuple[LoggingBackend, ...] = ()
+    tracing: TracingBackend | None = None
     catalog: tuple[str, ...]
     """sha256 hex of each catalog chunk, in bucket order."""
 
@@ -173,7 +175,8 @@ def split_mesh(data: bytes) -> MeshPieces:
         d = bundle_digest(piece)
         pieces[d] = piece
         catalog.append(d)
-    head = {k: raw[k] for k in ("format", "logging", "mesh", "mtls", "passthrough")}
+    # Every mesh setting goes into the manifest: only the catalog and destinations are pieces.
+    head = {k: v for k, v in raw.items() if k not in ("services", "destinations", "type")}
     manifest = canonical_json({**head, "catalog": catalog, "type": "mesh-manifest"})
     return MeshPieces(manifest, bundle_digest(manifest), tuple(catalog), dest_digest, pieces)
 
@@ -205,6 +208,7 @@ class MeshSet:
             mtls=m.mtls,
             passthrough=m.passthrough,
             logging=m.logging,
+            tracing=m.tracing,
             services=dict(self.catalog),
             destinations=dict(self.held),
         )

@@ -27,7 +27,15 @@ from runtime_harness import Plane, ProxyClient, Upstream, metric_value, wait_unt
 from secure_mesh import ControlPlaneProc
 
 from compiler.ca import PushSigner, TokenIssuer
-from runtime.bundle import BundleError, bundle_digest, canonical_json, load_bundle
+from runtime.bundle import (
+    BundleError,
+    MeshBundle,
+    TracingBackend,
+    bundle_bytes,
+    bundle_digest,
+    canonical_json,
+    load_bundle,
+)
 from runtime.pieces import MeshPieces, MissingPieces, assemble, split_lines, split_mesh
 from runtime.protocol import (
     HDR_BUNDLE_ROLE,
@@ -123,6 +131,18 @@ def test_pieces_reassemble_to_the_mesh_bundle(compiled: tuple[bytes, bytes]) -> 
     # Every catalog chunk is needed; of the destinations only what was sent is held.
     assert set(scoped.held) == {"alpha"} and "beta" in scoped.pending
     assert scoped.bundle().services == load_bundle(data).services  # type: ignore[union-attr]
+
+
+def test_every_mesh_setting_travels_in_the_manifest(compiled: tuple[bytes, bytes]) -> None:
+    """Settings the mesh bundle gains (tracing did) reach a data plane on delta pushes too."""
+    bundle = load_bundle(compiled[0])
+    assert isinstance(bundle, MeshBundle)
+    zipkin = TracingBackend(name="zipkin", sampling=25.0, url="http://127.0.0.1:9411/api/v2/spans")
+    traced = bundle.model_copy(update={"tracing": zipkin, "passthrough": False})
+    data = bundle_bytes(traced)
+    mp = split_mesh(data)
+    lines = split_lines(mp.body(mp.wanted(None)))
+    assert assemble(lines[0], lines[1:], {}, ()).bundle() == load_bundle(data)
 
 
 def test_one_destination_change_changes_one_piece_its_chunk_and_the_manifest(
