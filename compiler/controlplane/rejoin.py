@@ -13,7 +13,8 @@ its choosing.
 Until the window ends an endpoint set is the registry's live sidecars plus the learned endpoints
 whose address has not registered again (the registry speaks for those that have), minus those
 found dead: every pending learned address is probed with a TCP connect twice per heartbeat
-interval, and one that refuses or does not answer within half an interval is dropped at once.
+interval: one that refuses is dropped at once, one that does not answer (within half an interval,
+at least 1 s) at two probes in a row.
 A stopped upstream thus leaves every endpoint set within one heartbeat interval, registry or
 not. When the window ends the learned entries go: who is not back by then is gone.
 """
@@ -45,6 +46,7 @@ class Rejoin:
         self._learned: dict[str, EndpointSet] = {}  # mesh -> the newest signed set reported
         self._back: set[str] = set()  # addresses a sidecar registered with since this start
         self.dead: set[str] = set()
+        self._slow: set[str] = set()  # no answer at the last probe
         registry.subscribe(self._on_registry)
 
     def begin(self) -> None:
@@ -102,21 +104,33 @@ class Rejoin:
         return dict(sorted(live.items()))
 
     async def probe(self, timeout_s: float) -> bool:
-        """Connect to every pending address once; True when one was found dead."""
+        """Connect to every pending address once; True when one was found dead. A refused
+        connection is dead at once; one that does not answer in time only after two probes in a
+        row (a busy host is not a stopped upstream)."""
         addrs = sorted(self.pending())
-        alive = await asyncio.gather(*(_connects(a, timeout_s) for a in addrs))
-        found = {a for a, ok in zip(addrs, alive, strict=True) if not ok}
+        results = await asyncio.gather(*(_connects(a, max(timeout_s, 1.0)) for a in addrs))
+        found = set()
+        for a, result in zip(addrs, results, strict=True):
+            if result == "slow" and a not in self._slow:
+                self._slow.add(a)
+            elif result != "ok":
+                found.add(a)
+            else:
+                self._slow.discard(a)
         self.dead |= found
         return bool(found)
 
 
-async def _connects(address: str, timeout_s: float) -> bool:
+async def _connects(address: str, timeout_s: float) -> str:
+    """``ok``, ``refused`` (or unreachable) or ``slow`` (no answer within ``timeout_s``)."""
     host, _, port = address.rpartition(":")
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout_s)
-    except (OSError, ValueError, TimeoutError):
-        return False
+    except TimeoutError:
+        return "slow"
+    except (OSError, ValueError):
+        return "refused"
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
-    return True
+    return "ok"
