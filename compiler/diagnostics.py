@@ -164,6 +164,18 @@ CODES: dict[str, Code] = _catalog(
     ),
     Code("E3003", "duplicate-gateway-match", "Two gateway routes on the same listener have the same match."),
     Code(
+        "E4001",
+        "canary-unknown-route",
+        "A Canary's `targetRef` names no TrafficRoute or MeshHTTPRoute of its mesh.",
+    ),
+    Code(
+        "E4002",
+        "canary-target-mismatch",
+        "A Canary's tags do not pick exactly one target of a weighted split of its route (it needs a "
+        "split that has the canary and at least one other target).",
+    ),
+    Code("E4003", "canary-route-taken", "Two Canaries drive the same route; only one may at a time."),
+    Code(
         "W3004",
         "targetref-name-tie",
         "Two targetRef policies set the same field for the same traffic and only their names decide "

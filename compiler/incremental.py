@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.build import MeshBuilder, canon
+from compiler.canary import canary_findings
 from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_doc, check_permissions
 from compiler.denied import SHAPING_KINDS, check_denied
@@ -47,6 +48,7 @@ from compiler.kube.derive import KubeExpander, is_kube
 from compiler.parse import Declared, Doc
 from compiler.pipeline import (
     ParsedFile,
+    add_canaries,
     compile_parsed,
     compile_sources,
     declared_of,
@@ -377,6 +379,7 @@ class IncrementalCompiler:
             findings.extend(checks[id(d)])
         findings.extend(self._perm_findings or ())
         findings.extend(self._denied_findings or ())
+        findings.extend(canary_findings(docs))
         for m in self._meshes.values():
             findings.extend(m.gw_findings)
             findings.extend(m.tr_findings)
@@ -397,6 +400,7 @@ class IncrementalCompiler:
         upd = Update(result, rebuilt=rebuilt, parsed=n_parsed, full=full)
         if not result.errors:
             finish(result, self._bundles, self._digests, self._prov)
+            add_canaries(result, cat, docs)
             new = result.digests
             upd.changed = sorted(k for k, v in new.items() if self._published.get(k) != v)
             upd.removed = sorted(k for k in self._published if k not in new)
@@ -409,6 +413,8 @@ class IncrementalCompiler:
 
     def _release_bytes(self, result: CompileResult) -> bytes:
         """``canonical_json(result.release) + b"\\n"``, from cached fragments (keys sorted)."""
+        if "canaries" in result.release:
+            return b.canonical_json(result.release) + b"\n"
         kj = self._key_json
         for k in result.bundles:
             if k not in kj:

@@ -54,6 +54,8 @@ def write_release(result: CompileResult, out: str | Path) -> tuple[int, int]:
                 continue
             _atomic_write(path, data)
             written += 1
+        for data in result.step_bundles.values():
+            written += _write_bundle(root, data)
         _atomic_write(root / "releases" / f"{result.release_id}.json", canonical_json(result.release) + b"\n")
     except OSError as e:
         raise OutputError(f"{out}: {e.strerror or e}") from e
@@ -85,8 +87,19 @@ def write_bundles(
                 continue
             _atomic_write(path, data)
             written += 1
+        for data in result.step_bundles.values():
+            written += _write_bundle(root, data)
         path = root / "releases" / f"{result.release_id}.json"
         _atomic_write(path, release if release is not None else canonical_json(result.release) + b"\n")
     except OSError as e:
         raise OutputError(f"{out}: {e.strerror or e}") from e
     return written
+
+
+def _write_bundle(root: Path, data: bytes) -> int:
+    """Write one content-addressed bundle unless it is there already; 1 if written."""
+    path = root / "bundles" / f"{bundle_digest(data)}.json"
+    if path.exists():
+        return 0
+    _atomic_write(path, data)
+    return 1

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from compiler.build import build_mesh
-from compiler.catalog import MeshInfo, build_catalog
+from compiler.canary import canary_findings, canary_stage
+from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_all
 from compiler.diagnostics import Diagnostic, Related, Span
 from compiler.gateway import GatewayBuild, build_gateways
@@ -36,8 +37,11 @@ from compiler.yamlload import Positions, load_fast, load_positions
 from runtime import bundle as b
 
 __all__ = [
+    "MeshBuilt",
     "MeshResolved",
     "ParsedFile",
+    "add_canaries",
+    "build_one_mesh",
     "compile_dir",
     "compile_parsed",
     "compile_resolved",
@@ -213,21 +217,13 @@ def _compile_parsed(
     provenance_docs: dict[str, list[Doc]] = {}
     for mesh in cat.meshes.values():
         mesh_docs = [d for d in docs if d.mesh == mesh.name]
-        logging = logging_backends(mesh.doc.spec if mesh.doc else None)
-        idx = index_policies(mesh_docs, {mesh.name: logging})
-        findings.extend(index_targetref(idx, mesh_docs))
-        findings.extend(legacy_shadowed(idx))
-        gateways, gw_findings = build_gateways(cat, mesh.name, mesh_docs)
-        findings.extend(gw_findings)
-
-        def keep(key: str, data: bytes, used: list[Doc]) -> None:
-            bundles[key] = data
-            provenance_docs[key] = used
-
-        build_mesh(mesh, idx, gateways, logging, keep)
+        built = build_one_mesh(cat, mesh, mesh_docs)
+        bundles.update(built.bundles)
+        provenance_docs.update(built.used)
+        findings.extend(built.findings)
         if resolved is not None:
-            resolved[mesh.name] = MeshResolved(mesh, idx, gateways)
-        findings.extend(conflict_diagnostics(idx))
+            resolved[mesh.name] = built.resolved
+    findings.extend(canary_findings(docs))
     diagnostics = locate_all(parsed, findings)
     result = CompileResult(diagnostics, len(src.files), sum(p.documents for p in parsed), commit=src.commit)
     if result.errors:
@@ -235,7 +231,47 @@ def _compile_parsed(
     lines = {p.file.path: doc_lines(p.file.data) for p in parsed}
     digests = {k: b.bundle_digest(v) for k, v in bundles.items()}
     prov = {k: provenance(used, lines) for k, used in provenance_docs.items()}
-    return finish(result, bundles, digests, prov)
+    return add_canaries(finish(result, bundles, digests, prov), cat, docs)
+
+
+@dataclass
+class MeshBuilt:
+    bundles: dict[str, bytes]
+    used: dict[str, list[Doc]]
+    """Bundle key -> the documents that shaped it (the release's provenance)."""
+    findings: list[Diagnostic]
+    resolved: MeshResolved
+
+
+def build_one_mesh(cat: Catalog, mesh: MeshInfo, mesh_docs: list[Doc]) -> MeshBuilt:
+    """Resolve and build one mesh's bundles (the release's, and each Canary step's)."""
+    bundles: dict[str, bytes] = {}
+    used: dict[str, list[Doc]] = {}
+    findings: list[Diagnostic] = []
+    logging = logging_backends(mesh.doc.spec if mesh.doc else None)
+    idx = index_policies(mesh_docs, {mesh.name: logging})
+    findings.extend(index_targetref(idx, mesh_docs))
+    findings.extend(legacy_shadowed(idx))
+    gateways, gw_findings = build_gateways(cat, mesh.name, mesh_docs)
+    findings.extend(gw_findings)
+
+    def keep(key: str, data: bytes, docs: list[Doc]) -> None:
+        bundles[key] = data
+        used[key] = docs
+
+    build_mesh(mesh, idx, gateways, logging, keep)
+    findings.extend(conflict_diagnostics(idx))
+    return MeshBuilt(bundles, used, findings, MeshResolved(mesh, idx, gateways))
+
+
+def add_canaries(result: CompileResult, cat: Catalog, docs: list[Doc]) -> CompileResult:
+    """Pre-build every Canary step of an error-free result (``compiler.canary``) into it."""
+    if not any(d.kind == "Canary" for d in docs):
+        return result
+    stage = canary_stage(docs, result.bundles, lambda m, d: build_one_mesh(cat, cat.meshes[m], d).bundles)
+    result.step_bundles = stage.bundles
+    result.release["canaries"] = stage.records
+    return result
 
 
 def provenance(used: list[Doc], lines: dict[str, list[int]]) -> list[dict[str, Any]]:

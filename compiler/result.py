@@ -24,6 +24,13 @@ class CompileResult:
     release: dict[str, Any] = field(default_factory=dict)
     release_id: str = ""
     commit: str | None = None
+    step_bundles: dict[str, bytes] = field(default_factory=dict)
+    """Digest -> bytes of the Canary steps' bundles (``compiler.canary``), written beside the others."""
+
+    @property
+    def canaries(self) -> dict[str, Any]:
+        """``<mesh>/<name>`` -> the Canary records of the release (empty without Canary policies)."""
+        return dict(self.release.get("canaries", {}))
 
     @property
     def errors(self) -> int:

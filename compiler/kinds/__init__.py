@@ -16,6 +16,7 @@ A compiled kind gets a golden case in ``tests/compiler/kinds/cases/<Kind>.yaml``
 from __future__ import annotations
 
 from compiler.kinds import (
+    canary,
     circuit_breaker,
     fault_injection,
     health_check,
@@ -51,6 +52,7 @@ REGISTRY: dict[str, KindDef] = {
         traffic_log.KIND,
         mesh_gateway.KIND,
         mesh_gateway_route.KIND,
+        canary.KIND,
         *TARGETREF_KINDS,
     )
 }
