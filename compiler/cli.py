@@ -160,7 +160,7 @@ def _extend(sub: Any) -> None:
     Imported here, not at the top: ``meshc sidecar`` never builds this parser, so it loads none
     of them.
     """
-    from compiler import controlplane_cli, explain_cli, migrate_cli, plan_args
+    from compiler import canary_cli, controlplane_cli, explain_cli, migrate_cli, plan_args
     from compiler.kube import cli as kube_cli
 
     plan_args.register(sub)
@@ -168,6 +168,7 @@ def _extend(sub: Any) -> None:
     kube_cli.register(sub)
     migrate_cli.register(sub)
     explain_cli.register(sub)
+    canary_cli.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

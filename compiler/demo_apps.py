@@ -7,7 +7,8 @@
   ``HTTP_PROXY`` environment variable, as any client that honours it) and returns benigno's text;
   ``GET /hw1`` (and ``/``) answers ``Hello World, Magnanimo: <datetime>``.
 
-Each has ``GET /health``; ``benigno --delay S`` answers after S seconds (a slow upstream). The
+Each has ``GET /health``; ``benigno --delay S`` answers after S seconds (a slow upstream) and
+``benigno --status 503`` answers every hello with that status (a broken canary). The
 datetime is Python's ``str(datetime.now())``, the article's format.
 """
 
@@ -25,12 +26,14 @@ __all__ = ["benigno_app", "magnanimo_app", "main"]
 BENIGNO_URL = "http://benigno:5000/hw2"
 
 
-def benigno_app(version: str, delay_s: float = 0.0) -> web.Application:
+def benigno_app(version: str, delay_s: float = 0.0, status: int = 200) -> web.Application:
     canary = version != "v1"
 
     async def hello(_: web.Request) -> web.Response:
         if delay_s:
             await asyncio.sleep(delay_s)
+        if status != 200:
+            return web.Response(status=status, text=f"benigno {version}: failing with {status} (--status)")
         now = datetime.now()
         text = f"Hello World, Benigno, Canary Release: {now}" if canary else f"Hello World, Benigno: {now}"
         return web.Response(text=text)
@@ -90,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--delay", type=float, default=0.0, help="benigno: answer after S seconds (bench/chaos.py)"
     )
+    p.add_argument(
+        "--status", type=int, default=200, help="benigno: answer every hello with this status (a bad canary)"
+    )
     args = p.parse_args(argv)
-    app = benigno_app(args.version, args.delay) if args.app == "benigno" else magnanimo_app()
+    app = benigno_app(args.version, args.delay, args.status) if args.app == "benigno" else magnanimo_app()
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0
 

@@ -27,6 +27,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from compiler.controlplane import openapi
+from compiler.controlplane.canary import CanaryController
 from compiler.controlplane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from compiler.controlplane.pusher import DataPlaneSync, Pusher
 from compiler.controlplane.registry import DataPlane
@@ -70,6 +71,9 @@ class ControlPlane(Host, Protocol):
 
     @property
     def kube(self) -> KubeAuth | None: ...
+
+    @property
+    def canaries(self) -> CanaryController: ...
 
     def rejoined(self, dp: DataPlane, signed: SignedEndpoints | None) -> None: ...
     def sync_of(self, dp: DataPlane) -> DataPlaneSync | None:
@@ -242,6 +246,7 @@ async def dashboard_data(cp: ControlPlane) -> dict[str, Any]:
         "diagnostics": diagnostics_data(cp),
         "rollouts": [r.as_json() for r in reversed(cp.pusher.rollouts)][:10],
         "controlplane": cp.ha_data(),
+        "canaries": cp.canaries.view(),
     }
 
 
@@ -383,6 +388,18 @@ def make_app(cp: ControlPlane) -> web.Application:
     async def get_rollouts(_: web.Request) -> web.Response:
         return _json({"rollouts": [r.as_json() for r in reversed(cp.pusher.rollouts)]})
 
+    async def get_canaries(_: web.Request) -> web.Response:
+        return _json({"canaries": cp.canaries.view()})
+
+    async def canary_action(request: web.Request) -> web.Response:
+        m = request.match_info
+        status, msg = cp.canaries.act(f"{m['mesh']}/{m['name']}", m["action"])
+        body: dict[str, Any] = {"message": msg} if status == 200 else {"error": msg}
+        view = [c for c in cp.canaries.view() if c["key"] == f"{m['mesh']}/{m['name']}"]
+        if view:
+            body["canary"] = view[0]
+        return _json(body, status)
+
     async def get_dashboard(_: web.Request) -> web.Response:
         return _json(await dashboard_data(cp))
 
@@ -435,6 +452,8 @@ def make_app(cp: ControlPlane) -> web.Application:
     app.router.add_get("/api/v1/release", get_release)
     app.router.add_get("/api/v1/rollouts", get_rollouts)
     app.router.add_get("/api/v1/replicas", get_replicas)
+    app.router.add_get("/api/v1/canaries", get_canaries)
+    app.router.add_post("/api/v1/canaries/{mesh}/{name}/{action}", canary_action)
     app.router.add_get("/api/v1/dashboard", get_dashboard)
     app.router.add_get("/api/v1/dashboard/fragments", get_fragments)
     app.router.add_get("/gui", get_gui)

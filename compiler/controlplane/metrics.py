@@ -66,7 +66,40 @@ class ControlPlaneMetrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.canary_weight = Gauge(
+            "meshc_canary_weight",
+            "The share of its route a Canary's subset gets now, in percent (Git's when not stepping).",
+            ["canary"],
+            registry=r,
+        )
+        self.canary_step = Gauge(
+            "meshc_canary_step", "The step a Canary is at (0-based).", ["canary"], registry=r
+        )
+        self.canary_phase = Gauge(
+            "meshc_canary_phase",
+            "A Canary's phase (value 1 for the current one).",
+            ["canary", "phase"],
+            registry=r,
+        )
+        self.canary_events = Counter(
+            "meshc_canary_events",
+            "Canary events (weight, paused, analysis-failed, rolledback, succeeded, ...).",
+            ["canary", "event"],
+            registry=r,
+        )
         self._release: str | None = None
+
+    def set_canaries(self, view: list[dict[str, object]]) -> None:
+        """Gauges from the canaries' view (phases reset each time: one series set to 1 each)."""
+        self.canary_phase.clear()
+        self.canary_weight.clear()
+        self.canary_step.clear()
+        for c in view:
+            key = str(c["key"])
+            self.canary_weight.labels(key).set(float(str(c["weight"])))
+            self.canary_step.labels(key).set(float(str(c.get("step") or 0)))
+            if c.get("phase"):
+                self.canary_phase.labels(key, str(c["phase"])).set(1)
 
     def set_release(self, release_id: str) -> None:
         if self._release == release_id:

@@ -8,6 +8,7 @@ this table and that live answers validate against the schemas given here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,9 +185,26 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "GET",
+        "/api/v1/canaries",
+        "Every Canary of the current release: its steps, the step and weight it is at, its phase, "
+        "the last analysis run and its history.",
+        _obj("canaries"),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/canaries/{mesh}/{name}/{action}",
+        "Act on a Canary: `promote` (past the pause or hold it waits at), `abort` (back to the "
+        "weights in Git), `retry` (start an ended canary again).",
+        _obj("message", "canary"),
+        errors=(400, 404, 409),
+    ),
+    Endpoint(
+        "GET",
         "/api/v1/dashboard",
         "Every view at once (what the GUI renders).",
-        _obj("overview", "services", "traffic", "dataplanes", "policies", "diagnostics", "rollouts"),
+        _obj(
+            "overview", "services", "traffic", "dataplanes", "policies", "diagnostics", "rollouts", "canaries"
+        ),
     ),
     Endpoint(
         "GET",
@@ -224,7 +242,7 @@ def _schema(s: JsonSchema | type[BaseModel], components: dict[str, JsonSchema]) 
 
 
 def _operation_id(ep: Endpoint) -> str:
-    base = ep.path.strip("/").replace("/", "_").replace(".", "_") or "root"
+    base = re.sub(r"[{}]", "", ep.path.strip("/")).replace("/", "_").replace(".", "_") or "root"
     if ep.path.endswith("/") and ep.path != "/":
         base += "_index"
     return f"{ep.method.lower()}_{base}"
@@ -251,6 +269,11 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
         }
         if ep.path == "/":
             op["responses"] = {"302": {"description": "to /gui"}}
+        params = re.findall(r"{(\w+)}", ep.path)
+        if params:
+            op["parameters"] = [
+                {"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in params
+            ]
         if ep.request is not None:
             op["requestBody"] = {
                 "required": True,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from compiler.incremental import IncrementalCompiler
 from compiler.report import render
 from compiler.result import CompileResult
 from compiler.source import SourceSet
+from runtime.bundle import bundle_digest
 
 __all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState"]
 
@@ -53,6 +55,12 @@ class Release:
     applied_at: float
     seen_at: float
     """When the change that produced it was seen (for propagation time)."""
+    step_bundles: dict[str, bytes] = field(default_factory=dict)
+    """Digest -> bytes of its Canary steps' bundles (``compiler.canary``)."""
+
+    @property
+    def canaries(self) -> dict[str, dict[str, Any]]:
+        return dict(self.record.get("canaries") or {})
 
 
 @dataclass(frozen=True)
@@ -84,11 +92,42 @@ class CompileRecord:
         }
 
 
+Overlay = Callable[[Release], dict[str, bytes]]
+"""The compiled release -> the bundles that replace some of its own (a Canary's current step)."""
+
+
 @dataclass
 class ReleaseState:
+    """``compiled`` is what Git says; ``current`` is what data planes are sent: the compiled
+    release with the ``overlay`` (a Canary step's pre-built bundles) put over it."""
+
     current: Release | None = None
     last: CompileRecord | None = None
     history: deque[CompileRecord] = field(default_factory=lambda: deque(maxlen=50))
+    compiled: Release | None = None
+    overlay: Overlay | None = None
+
+    def _set(self, rel: Release) -> set[str]:
+        """Make ``rel`` the compiled release; returns the keys whose sent digest changes."""
+        old = self.current.digests if self.current else {}
+        self.compiled = rel
+        self.current = self._effective(rel)
+        digests = self.current.digests
+        return {k for k in set(old) | set(digests) if old.get(k) != digests.get(k)}
+
+    def _effective(self, rel: Release) -> Release:
+        extra = self.overlay(rel) if self.overlay is not None else {}
+        if not extra:
+            return rel
+        return replace(
+            rel,
+            bundles={**rel.bundles, **extra},
+            digests={**rel.digests, **{k: bundle_digest(v) for k, v in extra.items()}},
+        )
+
+    def refresh(self) -> set[str]:
+        """The overlay moved (a Canary step): recompute what is sent; returns the changed keys."""
+        return self._set(self.compiled) if self.compiled is not None else set()
 
     def apply(
         self, result: CompileResult, *, seen_at: float, trigger: str, duration_s: float
@@ -105,18 +144,18 @@ class ReleaseState:
         if result.errors or not result.release:
             self._record(CompileRecord(now, False, trigger, result.commit, duration_s, diags, summary, None))
             return None
-        old = self.current.digests if self.current else {}
-        digests = result.digests
-        changed = {k for k in set(old) | set(digests) if old.get(k) != digests.get(k)}
-        self.current = Release(
-            id=result.release_id,
-            commit=result.commit,
-            bundles=dict(result.bundles),
-            digests=digests,
-            provenance=dict(result.release.get("provenance", {})),
-            record=result.release,
-            applied_at=now,
-            seen_at=seen_at,
+        changed = self._set(
+            Release(
+                id=result.release_id,
+                commit=result.commit,
+                bundles=dict(result.bundles),
+                digests=result.digests,
+                provenance=dict(result.release.get("provenance", {})),
+                record=result.release,
+                applied_at=now,
+                seen_at=seen_at,
+                step_bundles=dict(result.step_bundles),
+            )
         )
         self._record(
             CompileRecord(
@@ -145,18 +184,18 @@ class ReleaseState:
         trigger: str,
     ) -> set[str]:
         """Make current a release another replica (the leader) compiled; returns the changed keys."""
-        old = self.current.digests if self.current else {}
-        changed = {k for k in set(old) | set(digests) if old.get(k) != digests.get(k)}
         now = time.time()
-        self.current = Release(
-            id=release_id,
-            commit=commit,
-            bundles=dict(bundles),
-            digests=dict(digests),
-            provenance=dict(record.get("provenance", {})),
-            record=record,
-            applied_at=now,
-            seen_at=seen_at,
+        changed = self._set(
+            Release(
+                id=release_id,
+                commit=commit,
+                bundles=dict(bundles),
+                digests=dict(digests),
+                provenance=dict(record.get("provenance", {})),
+                record=record,
+                applied_at=now,
+                seen_at=seen_at,
+            )
         )
         self._record(
             CompileRecord(now, True, trigger, commit, 0.0, [], {}, release_id, tuple(sorted(changed)))

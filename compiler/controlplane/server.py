@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from compiler.controlplane.canary import CanaryController
 from compiler.controlplane.config import Config
 from compiler.controlplane.generation import Generations
 from compiler.controlplane.metrics import ControlPlaneMetrics
@@ -106,6 +107,14 @@ class ControlPlane:
             self.rejoin = Rejoin(self.registry, rejoin, self.security.signer.signed)
             self.pusher.endpoint_source = self.rejoin.services
         self.traffic = TrafficView(self.registry)
+        self.canaries = CanaryController(
+            self.releases,
+            self.registry,
+            self.store,
+            on_change=self._canary_moved,
+            log=self.log,
+            on_event=lambda kind, ev: self.metrics.canary_events.labels(ev["canary"], kind).inc(),
+        )
         self.registry.subscribe(self._on_registry)
         self._stop = asyncio.Event()
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
@@ -156,6 +165,24 @@ class ControlPlane:
         self.pusher.endpoint_source = None
         self.rejoin = None
         self.pusher.endpoints_changed()
+
+    def _canary_moved(self, changed: set[str]) -> None:
+        """A Canary moved the pointer: push what its step changes, as a release would."""
+        if changed:
+            self.pusher.on_release(changed, time.time())
+            self.log(f"canary step: {len(changed)} bundle(s) changed ({', '.join(sorted(changed))})")
+        self.metrics.set_canaries(self.canaries.view())
+
+    def _reconcile_canaries(self, changed: set[str]) -> set[str]:
+        self.canaries.reconcile(self.releases.compiled)
+        self.metrics.set_canaries(self.canaries.view())
+        return changed | self.releases.refresh()
+
+    async def _canary_loop(self) -> None:
+        while True:
+            if self._leading:
+                await self.canaries.run_once()
+            await self.canaries.wait()
 
     def _update_gauges(self) -> None:
         dps = list(self.registry.dataplanes.values())
@@ -213,6 +240,7 @@ class ControlPlane:
                         f"  {d['file']}:{d['line']}:{d['column']}: {d['severity']} {d['code']} {d['message']}"
                     )
                 return False
+            changed = self._reconcile_canaries(changed)
             self.metrics.compiles.labels("ok").inc()
             rel = self.releases.current
             assert rel is not None
@@ -264,6 +292,7 @@ class ControlPlane:
             seen_at=stored.seen_at,
             trigger=why,
         )
+        changed = self._reconcile_canaries(changed)
         self.metrics.set_release(stored.id)
         self.pusher.on_release(changed, stored.seen_at)
         self._update_gauges()
@@ -496,6 +525,7 @@ class ControlPlane:
         await self.store.start()
         self._store_started = True
         self.store.on_change(self._on_store_change)
+        await self.canaries.load()
         if self.registry.restore(await self.store.load_dataplanes()):
             if self.rejoin is not None:  # a saved registry: nothing to learn, no wait either
                 self.rejoin = None
@@ -534,6 +564,7 @@ class ControlPlane:
             self.rejoin.begin()  # data planes can come back from now on
             self._tasks.append(asyncio.ensure_future(self._rejoin_probes(self.rejoin)))
         self._tasks.append(asyncio.ensure_future(self._compile_loop()))
+        self._tasks.append(asyncio.ensure_future(self._canary_loop()))
         self._tasks.append(asyncio.ensure_future(self._sweep()))
         if self.store.shared:
             self._tasks.append(asyncio.ensure_future(self._resync_loop()))
@@ -559,6 +590,7 @@ class ControlPlane:
         if self._store_started:
             await self.store.close()
         await self.traffic.close()
+        await self.canaries.close()
         self.security.close()
         if self._listener is not None:
             self._listener.close()

@@ -81,6 +81,13 @@ class Store(Protocol):
 
     async def load_syncs(self) -> dict[str, dict[str, dict[str, Any]]]: ...
 
+    # --- canaries (write-behind) --------------------------------------------------------------
+
+    def save_canary(self, key: str, state: dict[str, Any] | None) -> None:
+        """Queue a Canary's state (None: it is gone), so a restart resumes at the same step."""
+
+    async def load_canaries(self) -> dict[str, dict[str, Any]]: ...
+
     # --- generations, releases ----------------------------------------------------------------
 
     def generations(self) -> Generations: ...

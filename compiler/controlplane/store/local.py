@@ -76,6 +76,7 @@ class LocalStore:
         self.replica = replica
         self.replica_url = replica_url
         self._members: dict[str, dict[str, Any]] = {}
+        self._canaries: dict[str, dict[str, Any]] = {}
         self._started_at = time.time()
         self._generations = Generations(state_dir)
 
@@ -165,6 +166,26 @@ class LocalStore:
 
     def save_sync(self, instance: str, slots: dict[str, dict[str, Any]]) -> None:
         return None
+
+    # --- canaries -----------------------------------------------------------------------------
+
+    def save_canary(self, key: str, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self._canaries.pop(key, None)
+        else:
+            self._canaries[key] = state
+        self._write("canaries.json", json.dumps({"format": 1, "canaries": self._canaries}, sort_keys=True))
+
+    async def load_canaries(self) -> dict[str, dict[str, Any]]:
+        path = self._path("canaries.json")
+        if path is None:
+            return {}
+        try:
+            got = json.loads(path.read_text())["canaries"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        self._canaries = {str(k): v for k, v in got.items() if isinstance(v, dict)}
+        return dict(self._canaries)
 
     async def load_syncs(self) -> dict[str, dict[str, dict[str, Any]]]:
         return {}

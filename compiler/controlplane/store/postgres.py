@@ -164,6 +164,7 @@ class PostgresStore:
         self._listeners: list[ChangeListener] = []
         self._pending: dict[str, tuple[DataPlane | None, bool]] = {}
         self._pending_sync: dict[str, dict[str, dict[str, Any]]] = {}
+        self._pending_canary: dict[str, dict[str, Any] | None] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._generations = BlockGenerations(self._reserve_soon)
@@ -243,7 +244,7 @@ class PostgresStore:
     async def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued write is committed (tests, a clean stop)."""
         deadline = time.monotonic() + timeout
-        while self._pending or self._pending_sync or self._flushing:
+        while self._pending or self._pending_sync or self._pending_canary or self._flushing:
             if time.monotonic() > deadline:
                 return False
             self._wake.set()
@@ -317,6 +318,27 @@ class PostgresStore:
         self._pending_sync[instance] = slots
         self._wake.set()
 
+    def save_canary(self, key: str, state: dict[str, Any] | None) -> None:
+        self._pending_canary[key] = state
+        self._wake.set()
+
+    async def load_canaries(self) -> dict[str, dict[str, Any]]:
+        async with self._db() as conn:
+            cur = await conn.execute("SELECT key, state FROM canaries")
+            return {r["key"]: r["state"] for r in await cur.fetchall()}
+
+    async def _write_canaries(self, canaries: dict[str, dict[str, Any] | None]) -> None:
+        async with self._db() as conn, conn.transaction():
+            for key, state in canaries.items():
+                if state is None:
+                    await conn.execute("DELETE FROM canaries WHERE key = %s", (key,))
+                else:
+                    await conn.execute(
+                        "INSERT INTO canaries (key, state) VALUES (%s, %s) ON CONFLICT (key) "
+                        "DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
+                        (key, Jsonb(state)),
+                    )
+
     async def _writer(self) -> None:
         backoff = 0.2
         while True:
@@ -324,11 +346,14 @@ class PostgresStore:
             self._wake.clear()
             dps, self._pending = self._pending, {}
             syncs, self._pending_sync = self._pending_sync, {}
-            if not dps and not syncs:
+            canaries, self._pending_canary = self._pending_canary, {}
+            if not dps and not syncs and not canaries:
                 continue
             self._flushing = True
             try:
                 await self._write(dps, syncs)
+                if canaries:
+                    await self._write_canaries(canaries)
                 backoff = 0.2
             except (Unavailable, psycopg.Error) as e:
                 self.writes_failed += 1
@@ -341,6 +366,8 @@ class PostgresStore:
                         self._pending[k] = (dp, m)
                 for k, s in syncs.items():
                     self._pending_sync.setdefault(k, s)
+                for k, c in canaries.items():
+                    self._pending_canary.setdefault(k, c)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self._wake.set()
