@@ -49,6 +49,7 @@ spec:
       - {name: request-duration, percentile: 99, thresholdRange: {max: 5000}}
 """
 KEY = "default/benigno-v2"
+CP_ARGS = ("--ref", "main", "--poll-interval", "0.1", "--heartbeat-interval", "0.3")
 HANG = 90.0
 """Generous limits that only catch a hang; no test measures speed."""
 
@@ -67,8 +68,7 @@ def mesh(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoM
         work_dir=tmp_path_factory.mktemp("mesh"),
         cp_port=free_port(),
         gateway_port=free_port(),
-        cp_args=("--repo", str(repo), "--ref", "main", "--poll-interval", "0.1")
-        + ("--heartbeat-interval", "0.3"),
+        cp_args=(*CP_ARGS, "--repo", str(repo)),
     )
     try:
         m.start_all()
