@@ -22,7 +22,16 @@ from compiler.kinds.canary import CanarySpec
 from compiler.parse import Doc
 from runtime.bundle import bundle_digest
 
-__all__ = ["BuildMesh", "CanaryStage", "canary_findings", "canary_stage", "reweigh"]
+__all__ = [
+    "BuildMesh",
+    "CanaryStage",
+    "canary_findings",
+    "canary_stage",
+    "plan_lines",
+    "reweigh",
+    "split_text",
+    "step_text",
+]
 
 BuildMesh = Callable[[str, list[Doc]], dict[str, bytes]]
 """(mesh name, the mesh's documents) -> its bundles, as the release builds them."""
@@ -309,3 +318,40 @@ def _destination(route: Doc) -> str:
         if to.target_ref.name:
             return str(to.target_ref.name)
     return ""
+
+
+# --- text (plan, ``meshc canary status``) ---------------------------------------------------------
+
+
+def split_text(split: list[dict[str, Any]]) -> str:
+    """``version=v1 50% / version=v2 50% (canary)``."""
+    return " / ".join(
+        f"{','.join(f'{k}={v}' for k, v in s['tags'].items()) or '*'} {s['weight']}%"
+        + (" (canary)" if s.get("canary") else "")
+        for s in split
+    )
+
+
+def step_text(s: dict[str, Any]) -> str:
+    if "setWeight" in s:
+        return f"setWeight {s['setWeight']}"
+    if "pause" in s:
+        ms = s["pause"].get("duration_ms")
+        return f"pause {ms / 1000:g}s" if ms else "pause (until promoted)"
+    return f"analysis x{s['analysis']['runs']}"
+
+
+def plan_lines(key: str, rec: dict[str, Any]) -> list[str]:
+    """What ``meshc plan`` shows of a Canary: each step's effective weights and what it changes."""
+    route = f"{rec['route']['kind']} {rec['route']['name']} -> {rec['destination']}"
+    out = [f"Canary {key} ({route}); in Git: {split_text(rec['git_split'])}"]
+    for i, s in enumerate(rec["steps"]):
+        line = f"  {i + 1}. {step_text(s)}"
+        if "setWeight" in s:
+            w = str(s["setWeight"])
+            changes = ", ".join(f"{k} ({d[:4]}…)" for k, d in rec["overlays"][w].items()) or "no bundle"
+            line += f": {split_text(rec['splits'][w])}; changes {changes}"
+        out.append(line)
+    end = "keeps the last weight" if rec["on_success"] == "promote" else "returns to the weights in Git"
+    out.append(f"  then: {end}; on failed analysis: back to the weights in Git")
+    return out

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from compiler.canary import split_text, step_text
 from compiler.commands import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from compiler.controlplane_cli import DEFAULT_CP
 
@@ -31,23 +32,6 @@ def _call(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, dic
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _weights(split: list[dict[str, Any]]) -> str:
-    return " / ".join(
-        f"{','.join(f'{k}={v}' for k, v in s['tags'].items()) or '*'} {s['weight']}%"
-        + (" (canary)" if s.get("canary") else "")
-        for s in split
-    )
-
-
-def _step(s: dict[str, Any]) -> str:
-    if "setWeight" in s:
-        return f"setWeight {s['setWeight']}"
-    if "pause" in s:
-        ms = s["pause"].get("duration_ms")
-        return f"pause {ms / 1000:g}s" if ms else "pause (until promoted)"
-    return f"analysis x{s['analysis']['runs']}"
-
-
 def render(canaries: list[dict[str, Any]]) -> str:
     """The text view: one block per canary (phase, weights now and in Git, steps, last run)."""
     if not canaries:
@@ -57,14 +41,14 @@ def render(canaries: list[dict[str, Any]]) -> str:
         out.append(
             f"{c['key']}  {c['phase']}  ({c['route']['kind']} {c['route']['name']} -> {c['destination']})"
         )
-        out.append(f"  weights   {_weights(c['split'])}" + ("" if c["overridden"] else "  (as in Git)"))
+        out.append(f"  weights   {split_text(c['split'])}" + ("" if c["overridden"] else "  (as in Git)"))
         for i, s in enumerate(c["steps"]):
             mark = (
                 ">"
                 if i == c.get("step") and c["phase"] not in ("Succeeded", "RolledBack", "Aborted")
                 else " "
             )
-            out.append(f"  {mark} {i + 1}. {_step(s)}")
+            out.append(f"  {mark} {i + 1}. {step_text(s)}")
         run = c.get("last_run")
         if run:
             out.append(f"  analysis  {run['result']}: {run['reason']} ({run['requests']} request(s))")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
+from compiler.canary import plan_lines
 from compiler.result import CompileResult
 
 __all__ = [
@@ -122,6 +123,8 @@ class Plan:
     changes: tuple[Change, ...]
     """Every bundle key of either side, sorted, no-ops included."""
     counts: dict[str, int] = field(default_factory=dict)
+    canaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The head's Canaries (``compiler.canary``): each step's weights and the bundles it changes."""
 
     @property
     def has_changes(self) -> bool:
@@ -205,6 +208,7 @@ def _make_plan(base: CompileResult, head: CompileResult, base_label: str, head_l
         Side(base_label, base.commit, base.release_id),
         Side(head_label, head.commit, head.release_id),
         tuple(changes),
+        canaries=head.canaries,
     )
 
 
@@ -861,6 +865,8 @@ def render_text(plan: Plan) -> str:
         head = f"{_SYMBOL[c.action]} {c.address.ljust(width)}  {digests.ljust(11)}"
         lines.append(f"{head}  {scope_lines[0]}")
         lines.extend(" " * (len(head) + 2) + s for s in scope_lines[1:])
+    for key, rec in sorted(plan.canaries.items()):
+        lines += ["", *plan_lines(key, rec)]
     lines += ["", plan.summary_line()]
     return "\n".join(lines)
 
@@ -884,6 +890,25 @@ def render_json(plan: Plan) -> str:
             for c in plan.changes
         ],
         "summary": {**plan.summary, "has_changes": plan.has_changes},
+        "canaries": [
+            {
+                "canary": key,
+                "route": rec["route"],
+                "git_split": rec["git_split"],
+                "steps": [
+                    {
+                        **s,
+                        "split": rec["splits"][str(s["setWeight"])],
+                        "changes": rec["overlays"][str(s["setWeight"])],
+                    }
+                    if "setWeight" in s
+                    else s
+                    for s in rec["steps"]
+                ],
+                "on_success": rec["on_success"],
+            }
+            for key, rec in sorted(plan.canaries.items())
+        ],
     }
     return json.dumps(doc, indent=2, ensure_ascii=False)
 
@@ -899,7 +924,7 @@ def render_markdown(plan: Plan) -> str:
     changed = [c for c in plan.changes if c.action != "no-op"]
     if not changed:
         out.append("No changes: the head compiles to the same bundles as the base.")
-        return "\n".join(out) + "\n"
+        return "\n".join([*out, "", *_canaries_md(plan)]) + "\n"
     out += ["| | Bundle | Digest | Changes |", "|---|---|---|---|"]
     for c in changed:
         out.append(
@@ -915,8 +940,16 @@ def render_markdown(plan: Plan) -> str:
         out.append(f"- after: `{c.after or _ABSENT}`")
         out.extend(f"- {_md(line)}" for line in _scope_lines(c.deltas))
         out.append("")
-    out += ["</details>", ""]
+    out += ["</details>", "", *_canaries_md(plan)]
     return "\n".join(out)
+
+
+def _canaries_md(plan: Plan) -> list[str]:
+    out: list[str] = []
+    for key, rec in sorted(plan.canaries.items()):
+        first, *rest = plan_lines(key, rec)
+        out += [f"**{_md(first)}**", "", *(f"- {_md(x.strip())}" for x in rest), ""]
+    return out
 
 
 RENDERERS = {"text": render_text, "json": render_json, "markdown": render_markdown}
