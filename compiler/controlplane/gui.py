@@ -58,6 +58,13 @@ def _badge(text: str) -> str:
         "NOT SENT": "warn",
         "error": "bad",
         "warning": "warn",
+        "Succeeded": "ok",
+        "Progressing": "ok",
+        "RolledBack": "bad",
+        "Aborted": "bad",
+        "Paused": "warn",
+        "Inconclusive": "warn",
+        "Waiting": "warn",
     }.get(text, "")
     return f'<span class="badge {cls}">{_e(text)}</span>'
 
@@ -284,9 +291,43 @@ def _diagnostics(d: dict[str, Any]) -> str:
     return head + (_table(["Severity", "Code", "Where", "Message"], rows, "diags") if rows else "")
 
 
+def _canaries(d: dict[str, Any]) -> str:
+    """Each Canary live: its phase, the weights data planes run, the steps with the current one
+    marked, the last analysis run and the latest events."""
+    from compiler.canary import split_text, step_text
+
+    rows = []
+    for c in d.get("canaries") or []:
+        ended = c["phase"] in ("Succeeded", "RolledBack", "Aborted")
+        steps = "".join(
+            f'<li class="{"now" if i == c.get("step") and not ended else ""}">{_e(step_text(s))}</li>'
+            for i, s in enumerate(c["steps"])
+        )
+        run = c.get("last_run") or {}
+        events = "<br>".join(
+            _e(f"step {e['step'] + 1}: {e['message']}") for e in list(reversed(c.get("history") or []))[:4]
+        )
+        rows.append(
+            [
+                f"<b>{_e(c['key'])}</b><br><span class=meta>{_e(c['route']['kind'])} "
+                f"{_e(c['route']['name'])} &rarr; {_e(c['destination'])}</span>",
+                _badge(c["phase"] or "-"),
+                f'<span class="split">{_e(split_text(c["split"]))}</span>'
+                + ("" if c["overridden"] else " <span class=meta>(as in Git)</span>"),
+                f'<ol class="steps">{steps}</ol>',
+                _e(f"{run.get('result', '-')}: {run.get('reason', '')}") if run else "-",
+                f'<span class="meta">{events}</span>',
+            ]
+        )
+    if not rows:
+        return '<p class="empty">no Canary in the current release</p>'
+    return _table(["Canary", "Phase", "Weights now", "Steps", "Last analysis", "Events"], rows, "canaries")
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "overview": ("Mesh overview", _overview),
     "traffic": ("Traffic split per route", _traffic),
+    "canaries": ("Canaries", _canaries),
     "services": ("Services", _services),
     "dataplanes": ("Data plane proxies", _dataplanes),
     "replicas": ("Control plane replicas", _replicas),
@@ -318,6 +359,7 @@ padding:8px 14px;min-width:120px}.card .n{font-size:20px;font-weight:600}.card .
 .bar{display:flex;height:10px;width:240px;border-radius:3px;overflow:hidden;background:#eee;margin:2px 0 4px}
 .bar span{display:block;height:100%}.split{white-space:nowrap;font-size:12px}
 .slot{font-size:11px;margin-left:4px}
+ol.steps{margin:0;padding-left:18px;font-size:12px} ol.steps li.now{font-weight:700;color:#1d4ed8}
 """
 
 _JS = """

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -98,3 +99,32 @@ def drive(url: str, n: int, concurrency: int = 16) -> Tally:
 def within_binomial(t: Tally, p: float, z: float = 5.3) -> bool:
     """|share - p| <= z * sd: a correct split falls outside less than once in a million runs."""
     return abs(t.canary_share - p) <= z * math.sqrt(p * (1 - p) / max(t.n, 1))
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def chromium_api() -> Any:
+    """playwright's sync API, or a skip that says what is missing (Debian's chromium, playwright)."""
+    import pytest
+
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (/usr/bin/chromium): apt-get install -y chromium")
+    return pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+
+
+def launch_chromium(pw: Any) -> Any:
+    """Headless Debian Chromium, no network of its own beyond what the page asks for."""
+    return pw.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=[
+            "--no-sandbox",
+            "--headless",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-quic",
+        ],
+    )

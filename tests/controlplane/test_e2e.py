@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cp_harness import Tally, commit_file, drive, git, within_binomial
+from cp_harness import Tally, chromium_api, commit_file, drive, git, launch_chromium, within_binomial
 
 from compiler.demo import DemoMesh
 
@@ -129,25 +129,10 @@ def test_api_index_openapi_and_every_view_matches_it(mesh: DemoMesh) -> None:
 
 
 def test_dashboard_in_headless_chromium(mesh: DemoMesh, tmp_path: Path) -> None:
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("Debian's chromium is not installed (/usr/bin/chromium): apt-get install -y chromium")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+    sync_api = chromium_api()
     drive(f"{mesh.gateway_url}/route1/hw2", 300)  # so the observed split has data
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(chromium),
-            args=[
-                "--no-sandbox",
-                "--headless",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-quic",
-            ],
-        )
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             # a loaded machine can miss a 0.3 s heartbeat: look once every proxy is back in sync
