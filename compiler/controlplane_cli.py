@@ -494,6 +494,12 @@ def register(sub: Any) -> None:
         help="run the same scenario in Kuma's targetRef dialect (docs/examples/targetref: MeshHTTPRoute, "
         "MeshTimeout...); it compiles to the same bundles",
     )
+    d.add_argument(
+        "--canary",
+        action="store_true",
+        help="also run a Canary of benigno v2 (docs/examples/canary) with light traffic through the "
+        "gateway: watch it step in the GUI or with `meshc canary status --watch 2`",
+    )
     d.add_argument("--gateway-port", type=int, default=8080, help="the gateway's port (default: 8080)")
     d.add_argument("--cp-port", type=int, default=5681, help="the control plane's port (default: 5681)")
     d.add_argument("--work-dir", help="where out/, state and logs go (default: a new temporary directory)")

@@ -478,6 +478,20 @@ def _follow(path: Path, stop: threading.Event, prefix: str) -> None:
 
 TARGETREF_DIR = Path("docs") / "examples" / "targetref"
 """The seed scenario in Kuma's targetRef dialect (``--targetref``), from the repo root."""
+CANARY_FILE = Path("docs") / "examples" / "canary" / "benigno-v2.yaml"
+"""The Canary ``--canary`` adds to a copy of the policies (the user's directory is not changed)."""
+DEMO_LOAD_RPS = 5.0
+DEMO_LOAD_MAX = 6000
+"""``--canary``'s background traffic: a few requests a second, at most this many (20 minutes)."""
+
+
+def _demo_load(url: str, stop: threading.Event) -> None:
+    """Light traffic for the canary's analysis, bounded in count; stops with the demo."""
+    for _ in range(DEMO_LOAD_MAX):
+        if stop.wait(1.0 / DEMO_LOAD_RPS):
+            return
+        with contextlib.suppress(OSError):
+            _http_get(url, timeout=5.0)
 
 
 def demo_policy_dir(args: argparse.Namespace) -> Path:
@@ -508,6 +522,16 @@ def run_demo(args: argparse.Namespace) -> int:
     # when the demo stops. One given with --work-dir is the user's, and stays.
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="meshc-demo-"))
     keep_work = bool(args.work_dir)
+    canary = bool(getattr(args, "canary", False))
+    if canary:
+        if not CANARY_FILE.is_file():
+            print(f"meshc demo: {CANARY_FILE}: not found (run it from the repo root)", file=sys.stderr)
+            return EXIT_ERROR
+        copy = work / "policies"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(policy_dir, copy)
+        shutil.copy(CANARY_FILE, copy / "canary.yaml")
+        policy_dir = copy
     mesh = DemoMesh(
         policy_dir.resolve(), work.resolve(), cp_port=args.cp_port, gateway_port=args.gateway_port
     )
@@ -530,6 +554,11 @@ def run_demo(args: argparse.Namespace) -> int:
         follower.start()
         mesh.wait_ready(timeout=90.0)
         _banner(mesh, policy_dir)
+        if canary:
+            _canary_banner(mesh)
+            threading.Thread(
+                target=_demo_load, args=(f"{mesh.gateway_url}/route1/hw2", stopping), daemon=True
+            ).start()
         while True:
             bad = mesh.failed()
             if bad is not None:
@@ -558,6 +587,19 @@ def run_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(work, ignore_errors=True)
             print(f"meshc demo: removed {work} (keep it with --work-dir DIR)", flush=True)
     return code
+
+
+def _canary_banner(mesh: DemoMesh) -> None:
+    meshc = meshc_command()
+    lines = [
+        "A Canary of benigno v2 is running (a few requests a second go through the gateway):",
+        f"  {meshc} canary status --watch 2 --control-plane {mesh.cp_url}",
+        f"  {meshc} canary promote default/benigno-v2 --control-plane {mesh.cp_url}   # past its pause",
+        f"  {meshc} canary abort default/benigno-v2 --control-plane {mesh.cp_url}     # back to 90/10",
+        f"  {mesh.cp_url}/gui    # the Canaries section follows each step",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 def meshc_command() -> str:

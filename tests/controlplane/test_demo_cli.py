@@ -191,3 +191,36 @@ def test_demo_targetref_serves_the_canary_through_the_gateway(tmp_path: Path) ->
         assert "Hello World, Benigno" in body
     finally:
         _stop(p, log)
+
+
+@pytest.mark.timeout(300)
+def test_demo_canary_steps_benigno_v2_on_its_own_traffic(tmp_path: Path) -> None:
+    """``meshc demo --canary``: the Canary of docs/examples/canary passes its analysis on the
+    demo's own light traffic and reaches 50%; the user's policies/ is not changed."""
+    import json
+    import urllib.request
+
+    before = {p.name: p.read_bytes() for p in (REPO / "policies").iterdir()}
+    env = _demo_env(tmp_path)
+    cp_port, gw_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "compiler.cli", "demo", "--canary"]
+    argv += ["--cp-port", str(cp_port), "--gateway-port", str(gw_port)]
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        deadline = _wait_ready(p, log, "demo --canary")
+        assert "canary promote default/benigno-v2" in log.read_text()
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        c: dict[str, object] = {}
+        while c.get("weight") != 50:
+            assert p.poll() is None and time.monotonic() < deadline, f"canary stuck at {c}\n{log.read_text()}"
+            with opener.open(f"http://127.0.0.1:{cp_port}/api/v1/canaries", timeout=10) as r:
+                c = json.loads(r.read())["canaries"][0]
+            time.sleep(0.2)
+        events = [e["event"] for e in c["history"]]  # type: ignore[attr-defined]
+        assert events.count("analysis-succeeded") >= 2 and "analysis-failed" not in events, events
+        assert c["phase"] == "Progressing" and c["key"] == "default/benigno-v2"
+    finally:
+        _stop(p, log)
+    assert {p.name: p.read_bytes() for p in (REPO / "policies").iterdir()} == before
