@@ -228,6 +228,7 @@ def canary_stage(docs: Sequence[Doc], base: dict[str, bytes], build: BuildMesh) 
         weights_needed = sorted({s.set_weight for s in spec.steps if s.set_weight is not None})
         overlays: dict[str, dict[str, str]] = {}
         shown: dict[str, list[dict[str, Any]]] = {}
+        edits: dict[str, list[list[Any]]] = {}
         for w in weights_needed:
             new = {p: reweigh([x for x, _ in s], i, w) for p, s, i in splits}
             changed = _with_weights(route, new)
@@ -239,11 +240,14 @@ def canary_stage(docs: Sequence[Doc], base: dict[str, bytes], build: BuildMesh) 
                     overlay[key] = digest
                     stage.bundles[digest] = data
             overlays[str(w)] = dict(sorted(overlay.items()))
+            edits[str(w)] = [[[*route.prefix, *p], ws] for p, ws in new.items()]
             shown[str(w)] = [
                 {"tags": tags, "weight": nw, "canary": j == at}
                 for j, ((_, tags), nw) in enumerate(zip(first, new[first_path], strict=True))
             ]
-        stage.records[f"{c.mesh}/{c.name}"] = _record(c, route, git_weight, first, at, overlays, shown)
+        rec = _record(c, route, git_weight, first, at, overlays, shown)
+        rec["source"] = {"file": route.file, "index": route.index, "edits": edits}
+        stage.records[f"{c.mesh}/{c.name}"] = rec
     return stage
 
 

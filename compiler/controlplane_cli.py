@@ -162,6 +162,7 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         store=args.store or os.environ.get("MESHC_STORE") or None,
         replica_id=args.replica_id,
         lease_s=args.lease,
+        promote_commit=args.promote_commit,
     )
 
     import faulthandler
@@ -340,6 +341,15 @@ def register(sub: Any) -> None:
         type=_positive,
         default=1.0,
         help="heartbeat interval asked of data planes; Offline after 3 missed (default: 1)",
+    )
+    p.add_argument(
+        "--promote-commit",
+        nargs="?",
+        const="meshc/promote",
+        metavar="PREFIX",
+        help="with --ref: when a Canary is promoted, commit its weights to the route on branch "
+        "PREFIX/<mesh>-<name> (default prefix meshc/promote) for a pull request; never on the "
+        "followed ref, never pushed",
     )
     p.add_argument(
         "--rejoin-window",

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ruamel.yaml import YAML
 
+from compiler.yamledit import chunks as doc_chunks
+from compiler.yamledit import split_head
 from compiler.yamlload import load_fast
 
 if TYPE_CHECKING:
@@ -25,31 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["convert_repo", "register", "run"]
 
-_DOC_SEP = re.compile(r"^---[ \t]*(?:#.*)?$")
 _MODELINE = re.compile(r"(schemas/policy/)[a-z]+(\.schema\.json)")
-
-
-def _chunks(text: str) -> list[tuple[int, str]]:
-    """The file's documents as (first line, text), separators kept with the document they open."""
-    out: list[tuple[int, list[str]]] = [(1, [])]
-    for n, line in enumerate(text.splitlines(keepends=True), 1):
-        if _DOC_SEP.match(line.rstrip("\r\n")) and any(
-            x.strip() and not x.lstrip().startswith("#") for x in out[-1][1]
-        ):
-            out.append((n, []))
-        out[-1][1].append(line)
-    return [(n, "".join(lines)) for n, lines in out]
-
-
-def _split_head(chunk: str) -> tuple[str, str]:
-    """The leading separator, comment and blank lines, and the rest."""
-    lines = chunk.splitlines(keepends=True)
-    i = 0
-    while i < len(lines) and (
-        not lines[i].strip() or lines[i].lstrip().startswith("#") or _DOC_SEP.match(lines[i].rstrip())
-    ):
-        i += 1
-    return "".join(lines[:i]), "".join(lines[i:])
 
 
 def _dump(data: dict[str, Any]) -> str:
@@ -92,7 +70,7 @@ def convert_repo(files: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     from compiler.migrate import NotExact, convert_document
 
     parsed = {
-        p: [(n, c, load_fast(_split_head(c)[1].encode())) for n, c in _chunks(t)] for p, t in files.items()
+        p: [(n, c, load_fast(split_head(c)[1].encode())) for n, c in doc_chunks(t)] for p, t in files.items()
     }
     docs = [d[0] for chunks in parsed.values() for _, _, d in chunks if d]
     cat = _catalog(docs)
@@ -116,7 +94,7 @@ def convert_repo(files: dict[str, str]) -> tuple[dict[str, str], list[str]]:
             if conv is None:
                 texts.append(chunk)
                 continue
-            head, _ = _split_head(chunk)
+            head, _ = split_head(chunk)
             head = _MODELINE.sub(rf"\g<1>{conv.kind.lower()}\g<2>", head)
             texts.append(head + _dump(conv.data) + "".join("---\n" + _dump(x) for x in conv.also))
             report.append(f"{ref} -> {' + '.join([conv.kind, *(x['kind'] for x in conv.also)])}")

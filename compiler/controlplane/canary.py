@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from compiler.controlplane.canary_analysis import Counts, Sampler, judge, parse, subtract
@@ -60,6 +60,7 @@ class CanaryController:
         on_change: Callable[[set[str]], None],
         log: Callable[[str], None],
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_promoted: Callable[[str, dict[str, Any], int], Awaitable[dict[str, Any] | None]] | None = None,
     ) -> None:
         self.releases = releases
         self.registry = registry
@@ -67,6 +68,8 @@ class CanaryController:
         self.on_change = on_change
         self.log = log
         self.on_event = on_event
+        self.on_promoted = on_promoted
+        """Finishes a promotion outside the control plane (a commit on a branch), if configured."""
         self.states: dict[str, dict[str, Any]] = {}
         self.sampler = Sampler()
         self._samples: dict[str, dict[str, Counts]] = {}
@@ -199,7 +202,10 @@ class CanaryController:
         before = {k: (st["weight"], st["phase"]) for k, st in self.states.items()}
         for key, rec in sorted(rel.canaries.items()):
             st = self.states.get(key)
-            if st is None or st.get("spec") != spec_hash(rec) or st["phase"] in ENDED:
+            if st is None or st.get("spec") != spec_hash(rec):
+                continue
+            if st["phase"] in ENDED:  # ended here or by an action: the promotion commit, once
+                await self._promoted(key, st, rec)
                 continue
             if self._blocked(key, rec, rel):
                 continue
@@ -208,6 +214,7 @@ class CanaryController:
                 self._advance(st, rec)
             if st["phase"] in ENDED:
                 self._end_effects(key, st, rec)
+                await self._promoted(key, st, rec)
         moved = {k for k, st in self.states.items() if before.get(k) != (st["weight"], st["phase"])}
         for key in moved:
             self._save(key)
@@ -341,6 +348,25 @@ class CanaryController:
     def _end_effects(self, key: str, st: dict[str, Any], rec: dict[str, Any]) -> None:
         st["next_run_at"] = None
         self._samples.pop(key, None)
+
+    async def _promoted(self, key: str, st: dict[str, Any], rec: dict[str, Any]) -> None:
+        """Once per run: a promoted canary's commit on a branch (``--promote-commit``)."""
+        if (
+            self.on_promoted is None
+            or st["phase"] != "Succeeded"
+            or st.get("weight") is None
+            or "promote_commit" in st
+        ):
+            return
+        st["promote_commit"] = None
+        got = await self.on_promoted(key, rec, int(st["weight"]))
+        st["promote_commit"] = got
+        if got is not None:
+            what = (
+                f"error: {got['error']}" if got.get("error") else f"{got['commit'][:12]} on {got['branch']}"
+            )
+            self._event(st, rec, "promote-commit", f"promotion commit: {what} (not pushed)")
+        self._save(key)
 
     # --- records ----------------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ class Config:
     """``in-cluster`` or an API server URL: endpoints from EndpointSlices, TokenReview, a Lease."""
     kubernetes_token: str | None = None
     limits: ListenerLimits = field(default_factory=ListenerLimits)
+    promote_commit: str | None = None
+    """Branch prefix: a promoted Canary's weights become a commit on ``PREFIX/<mesh>-<name>``."""
     """The API listener's read timeouts and connection limit, as every data-plane listener has."""
     store: str | None = None
     """``postgres://...`` for replicas sharing one PostgreSQL; None: the state dir (one replica)."""

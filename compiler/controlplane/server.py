@@ -20,7 +20,7 @@ import contextlib
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -114,6 +114,7 @@ class ControlPlane:
             on_change=self._canary_moved,
             log=self.log,
             on_event=lambda kind, ev: self.metrics.canary_events.labels(ev["canary"], kind).inc(),
+            on_promoted=self._promote_commit if config.promote_commit else None,
         )
         self.registry.subscribe(self._on_registry)
         self._stop = asyncio.Event()
@@ -172,6 +173,23 @@ class ControlPlane:
             self.pusher.on_release(changed, time.time())
             self.log(f"canary step: {len(changed)} bundle(s) changed ({', '.join(sorted(changed))})")
         self.metrics.set_canaries(self.canaries.view())
+
+    async def _promote_commit(self, key: str, rec: dict[str, Any], weight: int) -> dict[str, Any] | None:
+        """``--promote-commit``: the promoted weights as a commit on a branch of the repo, never
+        on the ref this control plane follows, never pushed."""
+        from compiler.controlplane.promote import PromoteError, branch_name, promote_commit
+
+        rel = self.releases.compiled
+        branch = branch_name(str(self.config.promote_commit), key)
+        if rel is None or rel.commit is None or self.config.ref is None or self.config.repo is None:
+            return {"branch": branch, "error": "--promote-commit needs a control plane following a Git ref"}
+        try:
+            commit = await asyncio.to_thread(
+                promote_commit, self.config.repo, rel.commit, rec, weight, branch, self.config.ref
+            )
+        except PromoteError as e:
+            return {"branch": branch, "error": str(e)}
+        return {"branch": branch, "commit": commit, "base": rel.commit}
 
     def _reconcile_canaries(self, changed: set[str]) -> set[str]:
         self.canaries.reconcile(self.releases.compiled)

@@ -32,6 +32,7 @@ from cp_harness import (
 )
 
 from compiler.demo import DemoMesh, free_port
+from compiler.pipeline import compile_dir
 
 CANARY = """\
 apiVersion: meshc/v1alpha1
@@ -57,7 +58,8 @@ spec:
       - {name: request-duration, percentile: 99, thresholdRange: {max: 5000}}
 """
 KEY = "default/benigno-v2"
-CP_ARGS = ("--ref", "main", "--poll-interval", "0.1", "--heartbeat-interval", "0.3")
+CP_ARGS = ("--ref", "main", "--poll-interval", "0.1", "--heartbeat-interval", "0.3", "--promote-commit")
+BRANCH = "meshc/promote/default-benigno-v2"
 HANG = 90.0
 """Generous limits that only catch a hang; no test measures speed."""
 
@@ -225,6 +227,35 @@ def test_promote_finishes_the_canary(mesh: DemoMesh) -> None:
     metrics = mesh_metrics(mesh)
     assert f'meshc_canary_phase{{canary="{KEY}",phase="Succeeded"}} 1.0' in metrics
     assert f'meshc_canary_weight{{canary="{KEY}"}} 100.0' in metrics
+
+
+def test_the_promotion_is_a_commit_on_a_branch_that_compiles_to_what_runs(mesh: DemoMesh, repo: Path) -> None:
+    """--promote-commit: a branch on top of main whose only change is the route's weights, comments
+    kept, compiling to exactly the bundles the data planes run now; main is not moved."""
+    got: dict[str, Any] = {}
+
+    def committed() -> bool:
+        got.update(canary(mesh).get("promote_commit") or {})
+        return "commit" in got or "error" in got
+
+    mesh.wait_until(committed, HANG, "the promotion commit")
+    assert "error" not in got, got
+    main = git(repo, "rev-parse", "main")
+    assert got["branch"] == BRANCH and got["base"] == main
+    assert git(repo, "rev-parse", BRANCH) == got["commit"]
+    assert git(repo, "rev-parse", f"{BRANCH}^") == main, "one commit on top of what the canary ran"
+    assert git(repo, "diff", "--name-only", main, BRANCH) == "policies/traffic-route.yaml"
+    diff = git(repo, "diff", "-U0", main, BRANCH)
+    changed = [x for x in diff.splitlines() if x[:1] in "+-" and not x.startswith(("+++", "---"))]
+    assert sorted(changed) == sorted(
+        ["-      - weight: 90", "+      - weight: 0", "-      - weight: 10", "+      - weight: 100"]
+    ), diff
+    assert git(repo, "status", "--porcelain") == "", "the work tree is not touched"
+    # what the branch compiles to is what runs: the release with the 100% step over it
+    rec_overlay = mesh.api("/api/v1/release")["canaries"][KEY]["overlays"]["100"]
+    branch = compile_dir(repo / "policies", ref=BRANCH)
+    running = {**mesh.api("/api/v1/release")["bundles"], **rec_overlay}
+    assert branch.digests == running
 
 
 def test_a_failing_canary_is_rolled_back_to_git_weights(mesh: DemoMesh, repo: Path) -> None:
