@@ -182,6 +182,7 @@ class ReleaseState:
         record: dict[str, Any],
         seen_at: float,
         trigger: str,
+        step_bundles: dict[str, bytes] | None = None,
     ) -> set[str]:
         """Make current a release another replica (the leader) compiled; returns the changed keys."""
         now = time.time()
@@ -195,6 +196,7 @@ class ReleaseState:
                 record=record,
                 applied_at=now,
                 seen_at=seen_at,
+                step_bundles=dict(step_bundles or {}),
             )
         )
         self._record(

@@ -192,7 +192,10 @@ class ControlPlane:
         return {"branch": branch, "commit": commit, "base": rel.commit}
 
     def _reconcile_canaries(self, changed: set[str]) -> set[str]:
-        self.canaries.reconcile(self.releases.compiled)
+        """After a new release: the leader starts, restarts or drops canaries (a follower only
+        takes the states the leader wrote, ``_follow_canaries``)."""
+        if self._leading:
+            self.canaries.reconcile(self.releases.compiled)
         self.metrics.set_canaries(self.canaries.view())
         return changed | self.releases.refresh()
 
@@ -290,6 +293,7 @@ class ControlPlane:
             bundles=dict(result.bundles),
             seen_at=change.seen_at,
             fencing_token=token,
+            step_bundles=dict(result.step_bundles),
         )
         try:
             ok = await self.store.publish_release(rel, self.elector.identity)
@@ -309,6 +313,7 @@ class ControlPlane:
             record=stored.record,
             seen_at=stored.seen_at,
             trigger=why,
+            step_bundles=stored.step_bundles,
         )
         changed = self._reconcile_canaries(changed)
         self.metrics.set_release(stored.id)
@@ -335,6 +340,8 @@ class ControlPlane:
                 await self._sync_release("published by the leader")
             elif topic == "resync":
                 await self._resync()
+            elif topic == "canary" and not self._leading:
+                await self._follow_canaries()
         except OSError as e:
             self.log(f"store: {e}")
 
@@ -344,8 +351,16 @@ class ControlPlane:
         if stored is not None and (leading or not self._leading):
             self._adopt(stored, why)
 
+    async def _follow_canaries(self) -> None:
+        """A follower runs the leader's canary steps: the same states, so the same overlay."""
+        self.canaries.states = await self.store.load_canaries()
+        changed = self.releases.refresh()
+        self._canary_moved(changed)
+
     async def _resync(self) -> None:
         """Converge with the store: peers' data planes and sync state, the release, the replicas."""
+        if not self._leading:
+            await self._follow_canaries()
         self.registry.merge_all([d for d in await self.store.load_dataplanes() if not self.registry.local(d)])
         await self._sync_release("resync")
         self._save_syncs()

@@ -328,3 +328,56 @@ def test_after_a_store_outage_peers_get_a_fresh_look() -> None:
     reg.dataplanes["benigno-1"].observed_at = t0 - 60  # when its row last moved
     reg.merge_all([peer])
     assert reg.sweep() == [] and reg.dataplanes["benigno-1"].online
+
+
+def test_canary_states_and_step_bundles_are_shared_through_the_store(pg_url: str) -> None:
+    """A leader's canary state reaches a follower by NOTIFY and its step bundles come with the
+    release, so both replicas' data planes run the same step (issue 16)."""
+
+    async def go() -> None:
+        a = PostgresStore(pg_url, replica="ca", replica_url="http://ca")
+        b = PostgresStore(pg_url, replica="cb", replica_url="http://cb")
+        await a.start()
+        await b.start()
+        heard: list[tuple[str, str]] = []
+        b.on_change(lambda t, k: heard.append((t, k)))
+        await _until(lambda: ("resync", "") in heard, "b to listen")
+        state = {"phase": "Paused", "step": 2, "weight": 50, "history": [{"event": "paused"}]}
+        a.save_canary("default/benigno-v2", state)
+        await _until(lambda: ("canary", "default/benigno-v2") in heard, "the NOTIFY of a canary state")
+        assert (await b.load_canaries())["default/benigno-v2"] == state
+        step = b'{"format":1,"step":"50"}'
+        digest = hashlib.sha256(step).hexdigest()
+        rel = _release("rel-canary", 0, {"default": b'{"format":1}'})
+        record = {
+            **rel.record,
+            "canaries": {"default/benigno-v2": {"overlays": {"50": {"default/x": digest}}}},
+        }
+        rel = StoredRelease(
+            rel.id, None, record, rel.digests, rel.bundles, rel.seen_at, 0, step_bundles={digest: step}
+        )
+        el = a.elector(5.0)
+        runner = asyncio.ensure_future(el.run())
+        await _until(lambda: el.leader, "a to lead")
+        rel = StoredRelease(
+            rel.id,
+            None,
+            record,
+            rel.digests,
+            rel.bundles,
+            rel.seen_at,
+            el.fencing_token or 0,
+            rel.step_bundles,
+        )
+        assert await a.publish_release(rel, el.identity)
+        got = await b.current_release()
+        assert got is not None and got.step_bundles == {digest: step}
+        a.save_canary("default/benigno-v2", None)
+        await _until(lambda: heard.count(("canary", "default/benigno-v2")) >= 2, "the NOTIFY of a removal")
+        assert "default/benigno-v2" not in await b.load_canaries()
+        runner.cancel()
+        await el.release()
+        await a.close()
+        await b.close()
+
+    _run(go)

@@ -9,7 +9,7 @@ when another replica says something changed (``on_change``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class StoredRelease:
     """Bundle key -> canonical bytes (content-addressed: digest = sha256 of the bytes)."""
     seen_at: float
     fencing_token: int
+    step_bundles: dict[str, bytes] = field(default_factory=dict)
+    """Digest -> bytes of its Canary steps' bundles (followers move the same pointer)."""
 
 
 @dataclass(frozen=True)

@@ -338,6 +338,7 @@ class PostgresStore:
                         "DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
                         (key, Jsonb(state)),
                     )
+                await self._notify(conn, "canary", key)
 
     async def _writer(self) -> None:
         backoff = 0.2
@@ -447,7 +448,8 @@ class PostgresStore:
                 async with conn.cursor() as cur:
                     await cur.executemany(
                         "INSERT INTO bundles (digest, data) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                        [(release.digests[k], data) for k, data in sorted(release.bundles.items())],
+                        [(release.digests[k], data) for k, data in sorted(release.bundles.items())]
+                        + sorted(release.step_bundles.items()),
                     )
                 await conn.execute(
                     "INSERT INTO releases (id, commit, record, digests) VALUES (%s, %s, %s, %s) "
@@ -483,8 +485,15 @@ class PostgresStore:
             if row is None:
                 return None
             digests: dict[str, str] = dict(row["digests"])
+            steps = {
+                d
+                for c in (row["record"].get("canaries") or {}).values()
+                for ov in (c.get("overlays") or {}).values()
+                for d in ov.values()
+            }
             cur = await conn.execute(
-                "SELECT digest, data FROM bundles WHERE digest = ANY(%s)", (sorted(set(digests.values())),)
+                "SELECT digest, data FROM bundles WHERE digest = ANY(%s)",
+                (sorted(set(digests.values()) | steps),),
             )
             data = {r["digest"]: bytes(r["data"]) for r in await cur.fetchall()}
         missing = [k for k, d in digests.items() if d not in data]
@@ -498,6 +507,7 @@ class PostgresStore:
             bundles={k: data[d] for k, d in digests.items()},
             seen_at=_ts(row["seen_at"]),
             fencing_token=int(row["fencing_token"]),
+            step_bundles={d: data[d] for d in steps if d in data},
         )
 
     # --- security metadata, replicas, leader --------------------------------------------------
