@@ -22,7 +22,15 @@ def policy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mesh(policy_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoMesh]:
+def cp_extra_args() -> tuple[str, ...]:
+    """More ``meshc controlplane`` flags for a module's mesh (override in the module)."""
+    return ()
+
+
+@pytest.fixture(scope="module")
+def mesh(
+    policy_repo: Path, tmp_path_factory: pytest.TempPathFactory, cp_extra_args: tuple[str, ...]
+) -> Iterator[DemoMesh]:
     m = DemoMesh(
         policy_dir=policy_repo / "policies",
         work_dir=tmp_path_factory.mktemp("mesh"),
@@ -37,6 +45,7 @@ def mesh(policy_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "0.1",
             "--heartbeat-interval",
             "0.3",
+            *cp_extra_args,
         ),
     )
     try:

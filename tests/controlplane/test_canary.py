@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from cp_harness import (
     within_binomial,
 )
 
-from compiler.demo import DemoMesh, free_port
+from compiler.demo import DemoMesh
 from compiler.pipeline import compile_dir
 
 CANARY = """\
@@ -58,34 +57,21 @@ spec:
       - {name: request-duration, percentile: 99, thresholdRange: {max: 5000}}
 """
 KEY = "default/benigno-v2"
-CP_ARGS = ("--ref", "main", "--poll-interval", "0.1", "--heartbeat-interval", "0.3", "--promote-commit")
 BRANCH = "meshc/promote/default-benigno-v2"
 HANG = 90.0
 """Generous limits that only catch a hang; no test measures speed."""
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def policy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = make_policy_repo(tmp_path_factory.mktemp("gitops") / "repo")
     commit_file(r, "policies/canary.yaml", CANARY, "canary of benigno v2")
     return r
 
 
 @pytest.fixture(scope="module")
-def mesh(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoMesh]:
-    m = DemoMesh(
-        policy_dir=repo / "policies",
-        work_dir=tmp_path_factory.mktemp("mesh"),
-        cp_port=free_port(),
-        gateway_port=free_port(),
-        cp_args=(*CP_ARGS, "--repo", str(repo)),
-    )
-    try:
-        m.start_all()
-        m.wait_ready(timeout=120)
-        yield m
-    finally:
-        m.stop_all()
+def cp_extra_args() -> tuple[str, ...]:
+    return ("--promote-commit",)
 
 
 def canary(mesh: DemoMesh) -> dict[str, Any]:
@@ -229,7 +215,9 @@ def test_promote_finishes_the_canary(mesh: DemoMesh) -> None:
     assert f'meshc_canary_weight{{canary="{KEY}"}} 100.0' in metrics
 
 
-def test_the_promotion_is_a_commit_on_a_branch_that_compiles_to_what_runs(mesh: DemoMesh, repo: Path) -> None:
+def test_the_promotion_is_a_commit_on_a_branch_that_compiles_to_what_runs(
+    mesh: DemoMesh, policy_repo: Path
+) -> None:
     """--promote-commit: a branch on top of main whose only change is the route's weights, comments
     kept, compiling to exactly the bundles the data planes run now; main is not moved."""
     got: dict[str, Any] = {}
@@ -240,26 +228,26 @@ def test_the_promotion_is_a_commit_on_a_branch_that_compiles_to_what_runs(mesh: 
 
     mesh.wait_until(committed, HANG, "the promotion commit")
     assert "error" not in got, got
-    main = git(repo, "rev-parse", "main")
+    main = git(policy_repo, "rev-parse", "main")
     assert got["branch"] == BRANCH and got["base"] == main
-    assert git(repo, "rev-parse", BRANCH) == got["commit"]
-    assert git(repo, "rev-parse", f"{BRANCH}^") == main, "one commit on top of what the canary ran"
-    assert git(repo, "diff", "--name-only", main, BRANCH) == "policies/traffic-route.yaml"
-    diff = git(repo, "diff", "-U0", main, BRANCH)
+    assert git(policy_repo, "rev-parse", BRANCH) == got["commit"]
+    assert git(policy_repo, "rev-parse", f"{BRANCH}^") == main, "one commit on top of what the canary ran"
+    assert git(policy_repo, "diff", "--name-only", main, BRANCH) == "policies/traffic-route.yaml"
+    diff = git(policy_repo, "diff", "-U0", main, BRANCH)
     changed = [x for x in diff.splitlines() if x[:1] in "+-" and not x.startswith(("+++", "---"))]
     assert sorted(changed) == sorted(
         ["-      - weight: 90", "+      - weight: 0", "-      - weight: 10", "+      - weight: 100"]
     ), diff
-    assert git(repo, "status", "--porcelain") == "", "the work tree is not touched"
+    assert git(policy_repo, "status", "--porcelain") == "", "the work tree is not touched"
     # what the branch compiles to is what runs: the release with the 100% step over it
     rec_overlay = mesh.api("/api/v1/release")["canaries"][KEY]["overlays"]["100"]
-    branch = compile_dir(repo / "policies", ref=BRANCH)
+    branch = compile_dir(policy_repo / "policies", ref=BRANCH)
     running = {**mesh.api("/api/v1/release")["bundles"], **rec_overlay}
     assert branch.digests == running
 
 
-def test_a_failing_canary_is_rolled_back_to_git_weights(mesh: DemoMesh, repo: Path) -> None:
-    head = git(repo, "rev-parse", "HEAD")
+def test_a_failing_canary_is_rolled_back_to_git_weights(mesh: DemoMesh, policy_repo: Path) -> None:
+    head = git(policy_repo, "rev-parse", "HEAD")
     app = mesh.procs.get("app-benigno-v2")
     assert app is not None, sorted(mesh.procs)
     app.stop()
@@ -276,7 +264,7 @@ def test_a_failing_canary_is_rolled_back_to_git_weights(mesh: DemoMesh, repo: Pa
     assert "request-success-rate" in c["reason"] and "< 95%" in c["reason"], c["reason"]
     assert not c["overridden"] and c["weight"] == 10
     mesh.wait_until(lambda: mesh.synced() == 4, HANG, "the Git bundles ACKed again")
-    assert git(repo, "rev-parse", "HEAD") == head, "the control plane changed nothing in Git"
+    assert git(policy_repo, "rev-parse", "HEAD") == head, "the control plane changed nothing in Git"
 
 
 def mesh_metrics(mesh: DemoMesh) -> str:
