@@ -184,6 +184,13 @@ CODES: dict[str, Code] = _catalog(
         "balancing or hash policies, an OpenTelemetry log backend): it has no effect.",
     ),
     Code(
+        "W3007",
+        "from-replaced-by-rules",
+        "A MeshTrafficPermission or MeshFaultInjection `from` item on proxies that a policy of its "
+        "kind selects with `rules`: as in Kuma 2.x, those proxies use the inbound rules alone, so the "
+        "`from` item has no effect there.",
+    ),
+    Code(
         "W1001",
         "selector-matches-nothing",
         "A selector that matches no declared service: the policy does nothing.",

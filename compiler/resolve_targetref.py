@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from compiler import resolve_inbound as rin
 from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
@@ -69,7 +70,10 @@ def _dump(m: BaseModel | None) -> dict[str, Any]:
 
 
 def _top(tr: Any) -> tuple[str, Tags] | None:
-    """The proxies a top-level targetRef selects: (service or ``*``, tag conditions)."""
+    """The proxies a top-level targetRef selects: (service or ``*``, tag conditions).
+
+    A Dataplane by ``labels`` selects the instances whose tags carry them (a meshc instance's
+    labels are its tags, ``kuma.io/service`` among them)."""
     kind = tr.kind if tr is not None and tr.kind else "Mesh"
     if kind == "Mesh":
         return "*", ()
@@ -80,7 +84,43 @@ def _top(tr: Any) -> tuple[str, Tags] | None:
         return tr.name, ()
     if kind == "MeshServiceSubset" and tr.name:
         return tr.name, tuple(sorted(extra_tags(tags).items()))
+    if kind == "Dataplane" and tr.labels is not None and not tr.name and not tr.section_name:
+        labels = {k: v for k, v in tr.labels.items() if isinstance(v, str)}
+        return labels.get(SERVICE_TAG, "*"), tuple(sorted(extra_tags(labels).items()))
     return None
+
+
+def _top_unresolved(d: Doc, tr: Any, kind: str) -> Diagnostic:
+    """W3006 for a top-level targetRef ``_top`` does not resolve, saying what is not applied."""
+    if kind == "Dataplane" and tr.section_name:
+        what = (
+            f"a top-level Dataplane targetRef with sectionName {tr.section_name!r} (a meshc instance "
+            "has one inbound, and bundles do not name it)"
+        )
+        return _unresolved(d, what, ("targetRef", "sectionName"))
+    if kind == "Dataplane":
+        what = (
+            f"a top-level Dataplane targetRef by name ({tr.name!r}): bundles select instances by "
+            "their tags, never by name (select them with `labels`)"
+        )
+        return _unresolved(d, what, ("targetRef", "name"))
+    if kind == _ROUTE:
+        what = (
+            f"a top-level MeshHTTPRoute targetRef ({tr.name!r}): a bundle route has no "
+            f"{_PER_ROUTE.get(d.kind, d.kind)} of its own, so the policy configures none of its rules"
+        )
+        return _unresolved(d, what, ("targetRef", "kind"))
+    return _unresolved(d, f"a top-level targetRef of kind {kind}", ("targetRef", "kind"))
+
+
+_PER_ROUTE = {
+    "MeshTimeout": "timeout",
+    "MeshRetry": "retry policy",
+    "MeshAccessLog": "access log",
+    "MeshRateLimit": "rate limit",
+    "MeshLoadBalancingStrategy": "load balancer",
+}
+"""What a policy targeting a MeshHTTPRoute sets on that route's rules in Kuma."""
 
 
 def allowed_services(docs: Iterable[Doc]) -> set[str]:
@@ -90,9 +130,15 @@ def allowed_services(docs: Iterable[Doc]) -> set[str]:
         if d.kind != _PERMISSION:
             continue
         top = _top(d.spec.target_ref)
-        if top is not None and any(
-            fr.default is not None and fr.default.action in ("Allow", "AllowWithShadowDeny")
-            for fr in d.spec.from_ or ()
+        if top is not None and (
+            any(
+                fr.default is not None and fr.default.action in ("Allow", "AllowWithShadowDeny")
+                for fr in d.spec.from_ or ()
+            )
+            or any(
+                r.default is not None and (r.default.allow or r.default.allow_with_shadow_deny)
+                for r in d.spec.rules or ()
+            )
         ):
             out.add(top[0])
     return out
@@ -508,9 +554,22 @@ def _unresolved(d: Doc, what: str, path: Path) -> Diagnostic:
     return Diagnostic("W3006", msg, d.loc(path))
 
 
-def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]:
-    """Every resolvable ``to``/``from`` item, by bundle field."""
+_NO_INBOUND_PLACE = {
+    "MeshTimeout": "inbound timeouts (a bundle's inbound has no timeout)",
+    "MeshCircuitBreaker": "inbound circuit breaking (a bundle's inbound has no circuit breaker)",
+    "MeshAccessLog": "inbound access logs (a bundle's inbound has no log)",
+}
+"""Kinds whose inbound rules (``rules``, or ``from`` read as rules) a bundle has no place for."""
+_RULES_RESOLVED = (_PERMISSION, "MeshRateLimit", "MeshFaultInjection")
+"""Kinds whose inbound rules ``compiler.resolve_inbound`` compiles."""
+
+
+def _items(
+    docs: Iterable[Doc], out: list[Diagnostic]
+) -> tuple[dict[str, list[_Item]], dict[str, list[rin.InboundRule]]]:
+    """Every resolvable ``to``/``from`` item, by bundle field; and Kuma's inbound rules by kind."""
     by_field: dict[str, list[_Item]] = defaultdict(list)
+    rules: dict[str, list[rin.InboundRule]] = defaultdict(list)
     for d in docs:
         field = TARGETREF_FIELDS.get(d.kind)
         if field is None:
@@ -521,15 +580,21 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
         top = _top(spec.target_ref)
         top_kind = spec.target_ref.kind if spec.target_ref is not None and spec.target_ref.kind else "Mesh"
         if top is None:
-            out.append(_unresolved(d, f"a top-level targetRef of kind {top_kind}", ("targetRef", "kind")))
+            out.append(_top_unresolved(d, spec.target_ref, top_kind))
             continue
         src, when = top
         key = policy_key(top_kind, dict(d.labels), d.name)
-        if getattr(spec, "rules", None):
-            out.append(_unresolved(d, "the `rules` section", ("rules",)))
-        if d.kind == _LOG and spec.from_:
-            out.append(_unresolved(d, "the `from` section (inbound access logs)", ("from",)))
+        has_rules = bool(getattr(spec, "rules", None))
+        from_as_rules = d.kind in rin.FROM_AS_RULES and bool(getattr(spec, "from_", None))
+        if (has_rules or from_as_rules) and d.kind in _NO_INBOUND_PLACE:
+            section = "rules" if has_rules else "from"
+            out.append(_unresolved(d, f"the `{section}` section: {_NO_INBOUND_PLACE[d.kind]}", (section,)))
+        elif has_rules or from_as_rules:
+            section = "rules" if has_rules else "from"
+            rules[d.kind].extend(rin.rule_items(d, src, when, key, top_kind, section))
         if d.kind == _PERMISSION or d.kind in _INBOUND:
+            if d.kind in rin.FROM_AS_RULES:
+                continue  # its `from` items are rules
             for i, fr in enumerate(spec.from_ or ()):
                 peer = _peer(fr.target_ref)
                 if peer is None:
@@ -552,7 +617,7 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
             item_kind = to.target_ref.kind or "Mesh"
             r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
             by_field[field].append(_Item(src, dst, when, (), r))
-    return by_field
+    return by_field, rules
 
 
 def _to_default(d: Doc, i: int, to: Any, out: list[Diagnostic]) -> dict[str, Any]:
@@ -612,11 +677,20 @@ def _rank(src: str, dst: str, when: Tags) -> tuple[int, int]:
 def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     """Add the targetRef policies of one mesh to ``idx``; returns the warnings (ties, limits)."""
     out: list[Diagnostic] = []
-    by_field = _items(docs, out)
+    by_field, rules = _items(docs, out)
+    mesh = next((d.mesh for d in docs), "")
+    services = sorted({d.name for d in docs if d.kind == "Service"})
+    callers = _callers(docs, services)
+    for kind in _RULES_RESOLVED:
+        if rules.get(kind):
+            _inbound_rules(idx, kind, rules[kind], mesh, services, callers, out)
     seen_ties: set[tuple[int, int]] = set()
     for field, items in sorted(by_field.items()):
         kind = _LEGACY_KIND[field]
         if field == "permissions" or field in _INBOUND_FIELDS:
+            tr_kind = _PERMISSION if field == "permissions" else "MeshFaultInjection"
+            if rules.get(tr_kind):
+                items = _without_ruled(items, rules[tr_kind], services, out)
             _inbound(idx, kind, field, items, out)
             continue
         for src, dst in sorted(_keys(items)):
@@ -723,6 +797,83 @@ def _inbound(idx: PolicyIndex, kind: str, field: str, items: list[_Item], out: l
             out.append(_unresolved(top.policy, what, top.where))
         if action in ("Allow", "AllowWithShadowDeny"):
             _add(idx, kind, _entry(members, src, dst, when, peer, None))
+
+
+def _callers(docs: Iterable[Doc], services: list[str]) -> list[str]:
+    """Every service that can call another: the catalog's services and gateways."""
+    gateways = {
+        name
+        for d in docs
+        if d.kind == "MeshGateway"
+        for sel in d.spec.selectors or ()
+        if isinstance(name := (sel.match or {}).get(SERVICE_TAG), str) and name not in ("", "*")
+    }
+    return sorted({*services, *gateways})
+
+
+def _inbound_rules(
+    idx: PolicyIndex,
+    kind: str,
+    rules: list[rin.InboundRule],
+    mesh: str,
+    services: list[str],
+    callers: list[str],
+    out: list[Diagnostic],
+) -> None:
+    """Kuma's inbound rules of one kind (``compiler.resolve_inbound``) as entries of its legacy kind."""
+    legacy = _LEGACY_KIND[TARGETREF_FIELDS[kind]]
+    if kind == _PERMISSION:
+        resolved = rin.permission_rules(rules, mesh, services, callers, out, _unresolved)
+    elif kind == "MeshRateLimit":
+        resolved = rin.rate_limit_rules(rules, mesh, services, callers, _rate_limit, out, _unresolved)
+    else:
+        resolved = rin.fault_rules(rules, mesh, services, callers, _fault, out, _unresolved)
+    for r in resolved:
+        src = dict(r.peer).get(SERVICE_TAG, "*")
+        _add(idx, legacy, _entry(list(r.members), src, r.dst, r.when, r.peer, r.conf))
+
+
+def _without_ruled(
+    items: list[_Item], rules: list[rin.InboundRule], services: list[str], out: list[Diagnostic]
+) -> list[_Item]:
+    """The ``from`` items of a kind whose plugin reads Kuma's inbound rules alone where a policy
+    with ``rules`` selects the proxy: dropped there (W3007), per service; W3006 where only some
+    of an item's instances are selected by such a policy (a bundle cannot subtract them)."""
+    kept: list[_Item] = []
+    for it in items:
+        targets = services if it.dst == "*" else [it.dst]
+        free = []
+        for svc in targets:
+            over = [r for r in rules if r.dst in (svc, "*") and rin.compatible(r.when, it.when)]
+            full = next((r for r in over if set(r.when) <= set(it.when)), None)
+            if full is not None:
+                _once(out, _ruled(it.ranked, full.ranked))
+                continue
+            if over:
+                d, r = it.ranked.policy, over[0].ranked.policy
+                msg = (
+                    f"{d.kind} {d.name!r} `from` still applies to the instances of {svc} that {r.kind} "
+                    f"{r.name!r} selects with `rules`, where Kuma uses the rules alone (a bundle cannot "
+                    "take some instances out of a rule)"
+                )
+                _once(out, Diagnostic("W3006", msg, d.loc(it.ranked.where)))
+            free.append(svc)
+        if len(free) == len(targets):
+            kept.append(it)
+        else:
+            kept.extend(_Item(it.src, svc, it.when, it.peer, it.ranked) for svc in free)
+    return kept
+
+
+def _ruled(item: Ranked, by: Ranked) -> Diagnostic:
+    d, r = item.policy, by.policy
+    return Diagnostic(
+        "W3007",
+        f"{d.kind} {d.name!r} `from` has no effect where {r.kind} {r.name!r} has `rules`: as in Kuma 2.x, "
+        "a proxy that inbound rules select uses them alone",
+        d.loc(item.where),
+        related_locs=((r.loc(by.where), f"{r.kind} {r.name!r} is here"),),
+    )
 
 
 def _tie(a: Ranked, z: Ranked, src: str, dst: str) -> Diagnostic:

@@ -1,0 +1,322 @@
+"""Kuma 2.x inbound rules (``core/rules/inbound``, v2.14.3) for the kinds a bundle's inbound holds.
+
+Kuma builds one list of inbound rules per proxy (``inbound.BuildRules``): every ``rules`` item of
+the policies that select the proxy, and, for the kinds it marks ``IsFromAsRules`` (MeshAccessLog,
+MeshCircuitBreaker, MeshRateLimit, MeshTimeout, MeshTLS), every ``from`` item as a rule without a
+match (their ``from`` targetRef can only be ``Mesh``). The items are sorted as policies are (top
+targetRef kind, origin, role, then the name inverted) and a rule with several ``matches`` becomes
+one rule per match. Each plugin then reads that list its own way; the three a bundle can hold:
+
+* MeshRateLimit: the rules without a match merged, lowest precedence first, are the common limit
+  (``MatchesAllIncomingTraffic``); a caller whose identity some ``spiffeID`` match covers gets the
+  common limit merged with every covering rule, least specific first (Prefix, shorter prefixes
+  first, then Exact).
+* MeshFaultInjection: every rule is its own fault filter, gated by its match: a caller gets the
+  faults of the rules without a match and of each rule that matches it, all of them.
+* MeshTrafficPermission: any ``deny`` match beats any ``allow`` (Kuma writes the deny matchers
+  first); nothing else is allowed.
+
+A meshc caller's identity is ``spiffe://<mesh>/<service>`` (its certificate's URI SAN), so a
+``spiffeID`` match names the catalog's services it covers, and a caller-specific bundle rule
+(``peer: {kuma.io/service: ...}``) is written for each. An ``sni`` match has no bundle equivalent
+(W3006). As in Kuma, where a policy with ``rules`` selects a proxy, the MeshTrafficPermission and
+MeshFaultInjection ``from`` items of that proxy are not used (their plugins read the rules alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from compiler.diagnostics import Diagnostic, Path
+from compiler.kinds.base import SERVICE_TAG
+from compiler.parse import Doc
+from compiler.precedence import Ranked, in_order, merged
+
+__all__ = [
+    "FROM_AS_RULES",
+    "RULE_KINDS",
+    "InboundRule",
+    "Resolved",
+    "compatible",
+    "fault_rules",
+    "permission_rules",
+    "rate_limit_rules",
+    "rule_items",
+]
+
+Tags = tuple[tuple[str, str], ...]
+Convert = Callable[[dict[str, Any]], BaseModel | None]
+Warn = Callable[[Doc, str, Path], Diagnostic]
+
+FROM_AS_RULES = frozenset({"MeshAccessLog", "MeshCircuitBreaker", "MeshRateLimit", "MeshTimeout", "MeshTLS"})
+"""``IsFromAsRules`` in Kuma v2.14.3 (``+kuma:policy:is_from_as_rules=true``)."""
+RULE_KINDS = frozenset(
+    {
+        "MeshAccessLog",
+        "MeshCircuitBreaker",
+        "MeshFaultInjection",
+        "MeshRateLimit",
+        "MeshTimeout",
+        "MeshTLS",
+        "MeshTrafficPermission",
+    }
+)
+"""The kinds whose spec has ``rules`` in Kuma v2.14.3."""
+
+
+@dataclass(frozen=True)
+class InboundRule:
+    """One Kuma inbound rule: the proxies it is for (``dst``, ``when``), its one match (None: all
+    incoming traffic) and its item, ordered as Kuma orders policies."""
+
+    dst: str
+    when: Tags
+    match: Any
+    ranked: Ranked
+    action: str = ""
+    """MeshTrafficPermission: ``allow``, ``allow_with_shadow_deny`` or ``deny`` (the list of the match)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One bundle rule to write: for ``dst``'s instances carrying ``when``, callers carrying ``peer``."""
+
+    dst: str
+    when: Tags
+    peer: Tags
+    conf: BaseModel | None
+    members: tuple[Ranked, ...]
+
+
+def _describe(match: Any) -> str:
+    if match is None:
+        return "all callers"
+    s = match.spiffe_id
+    return f"spiffeID {s.type} {s.value}" if s is not None else f"sni {match.sni.value}"
+
+
+def rule_items(
+    d: Doc, dst: str, when: Tags, key: tuple[int, int, int, str], top_kind: str, section: str
+) -> list[InboundRule]:
+    """The inbound rules of one policy's ``section``: ``rules`` (one per match; a
+    MeshTrafficPermission's matches are in its ``default`` lists) or ``from`` (no match)."""
+    out = []
+    for i, item in enumerate(getattr(d.spec, "from_" if section == "from" else section) or ()):
+        default = item.default
+        conf = default.model_dump(exclude_unset=True) if isinstance(default, BaseModel) else {}
+        if d.kind == "MeshTrafficPermission" and section == "rules":
+            for action in ("deny", "allow_with_shadow_deny", "allow"):
+                for j, m in enumerate(getattr(default, action, None) or ()):
+                    at: Path = ("rules", i, "default", _CAMEL[action], j)
+                    r = Ranked(key, 0, conf, d, at, (top_kind, f"{action} {_describe(m)}"))
+                    out.append(InboundRule(dst, when, m, r, action))
+            continue
+        matches = getattr(item, "matches", None) if section == "rules" else None
+        for j, m in enumerate(matches or [None]):
+            where: Path = (section, i) if m is None else (section, i, "matches", j)
+            r = Ranked(key, 0, conf, d, where, (top_kind, _describe(m)))
+            out.append(InboundRule(dst, when, m, r))
+    return out
+
+
+_CAMEL = {"deny": "deny", "allow": "allow", "allow_with_shadow_deny": "allowWithShadowDeny"}
+
+
+def identity(mesh: str, service: str) -> str:
+    """A meshc data plane's SPIFFE ID (``compiler.ca``, ``runtime.protocol``)."""
+    return f"spiffe://{mesh}/{service}"
+
+
+def _spiffe_covers(match: Any, mesh: str, service: str) -> bool:
+    s = match.spiffe_id
+    ident = identity(mesh, service)
+    return bool(s.value == ident if s.type == "Exact" else ident.startswith(s.value))
+
+
+def _covers_everyone(match: Any, mesh: str) -> bool:
+    """Whether a match covers every identity of the mesh (a Prefix of ``spiffe://<mesh>/``)."""
+    s = match.spiffe_id
+    return (
+        s is not None and match.sni is None and s.type == "Prefix" and identity(mesh, "").startswith(s.value)
+    )
+
+
+def _specificity(match: Any) -> tuple[int, int]:
+    """Least specific first: Prefix (shorter first), then Exact (``compareMatchedRouteSpecificity``)."""
+    s = match.spiffe_id
+    return (1, 0) if s.type == "Exact" else (0, len(s.value))
+
+
+def compatible(a: Tags, b: Tags) -> bool:
+    """Whether some instance can carry both tag sets (no key with two values)."""
+    da = dict(a)
+    return all(da.get(k, v) == v for k, v in b)
+
+
+def _groups(
+    rules: list[InboundRule], services: Iterable[str]
+) -> Iterable[tuple[str, Tags, list[InboundRule]]]:
+    """(service, instance tags, the rules that select those instances), most specific tags first."""
+    for svc in sorted(services):
+        mine = [r for r in rules if r.dst in (svc, "*")]
+        for when in sorted({r.when for r in mine}, key=lambda w: (-len(w), w)):
+            yield svc, when, [r for r in mine if set(r.when) <= set(when)]
+
+
+def _unusable(r: InboundRule) -> str | None:
+    """Why a rule's match cannot be applied by a bundle (None: it can)."""
+    if r.match is None:
+        return None
+    if r.match.sni is not None:
+        return "an `sni` match (meshc's sidecars do not match callers by SNI)"
+    return None
+
+
+def _split(rules: list[InboundRule], out: list[Diagnostic], warn: Warn) -> list[InboundRule]:
+    kept = []
+    for r in rules:
+        why = _unusable(r)
+        if why is None:
+            kept.append(r)
+            continue
+        d = warn(r.ranked.policy, why, r.ranked.where)
+        if d not in out:
+            out.append(d)
+    return kept
+
+
+def rate_limit_rules(
+    rules: list[InboundRule],
+    mesh: str,
+    services: list[str],
+    callers: list[str],
+    convert: Convert,
+    out: list[Diagnostic],
+    warn: Warn,
+) -> list[Resolved]:
+    """MeshRateLimit: the common limit, and a limit per caller a ``spiffeID`` match covers."""
+    res: list[Resolved] = []
+    for svc, when, members in _groups(_split(rules, out, warn), services):
+        ordered = [r for r in _in_order(members)]
+        common = [r for r in ordered if r.match is None]
+        base = merged(r.ranked.default for r in common)
+        has_base = bool(_http(base))
+        matched = [r for r in ordered if r.match is not None and _http(r.ranked.default)]
+        per_caller: dict[str, list[InboundRule]] = {}
+        for c in callers:
+            mine = [r for r in matched if _spiffe_covers(r.match, mesh, c)]
+            if mine:
+                per_caller[c] = sorted(mine, key=lambda r: _specificity(r.match))
+        for c, mine in sorted(per_caller.items()):
+            applied = [*(common if has_base else []), *mine]
+            conf = convert(merged(r.ranked.default for r in applied))
+            if conf is None or _no_limit(conf):
+                if has_base:
+                    top = mine[-1].ranked
+                    what = (
+                        f"a limit turned off for {c} under a broader one (a bundle rule cannot lift a limit)"
+                    )
+                    d = warn(top.policy, what, top.where)
+                    if d not in out:
+                        out.append(d)
+                continue
+            res.append(Resolved(svc, when, ((SERVICE_TAG, c),), conf, tuple(r.ranked for r in applied)))
+        if has_base:
+            conf = convert(base)
+            if conf is not None and not _no_limit(conf):
+                res.append(Resolved(svc, when, (), conf, tuple(r.ranked for r in common)))
+    return res
+
+
+def _in_order(rules: list[InboundRule]) -> list[InboundRule]:
+    by_id = {id(r.ranked): r for r in rules}
+    return [by_id[id(x)] for x in in_order(r.ranked for r in rules)]
+
+
+def _http(conf: dict[str, Any]) -> Any:
+    local = conf.get("local")
+    return local.get("http") if isinstance(local, dict) else None
+
+
+def _no_limit(conf: BaseModel) -> bool:
+    return getattr(conf, "requests", 1) == 0
+
+
+def fault_rules(
+    rules: list[InboundRule],
+    mesh: str,
+    services: list[str],
+    callers: list[str],
+    convert: Convert,
+    out: list[Diagnostic],
+    warn: Warn,
+) -> list[Resolved]:
+    """MeshFaultInjection: each caller gets the faults of every rule that covers it."""
+    res: list[Resolved] = []
+    for svc, when, members in _groups(_split(rules, out, warn), services):
+        ordered = _in_order(members)
+        common = [r for r in ordered if r.match is None]
+        per_caller = {
+            c: [r for r in ordered if r.match is None or _spiffe_covers(r.match, mesh, c)] for c in callers
+        }
+        for c, applied in sorted(per_caller.items()):
+            if len(applied) == len(common):
+                continue  # the common faults: the rule for every caller below
+            res.extend(_faults(svc, when, ((SERVICE_TAG, c),), applied, convert, out, warn))
+        if common:
+            res.extend(_faults(svc, when, (), common, convert, out, warn))
+    return res
+
+
+def _faults(
+    svc: str,
+    when: Tags,
+    peer: Tags,
+    applied: list[InboundRule],
+    convert: Convert,
+    out: list[Diagnostic],
+    warn: Warn,
+) -> list[Resolved]:
+    faults = [f for r in applied for f in r.ranked.default.get("http") or ()]
+    conf = convert({"http": faults})
+    if conf is None:
+        top = applied[-1].ranked
+        d = warn(
+            top.policy, "two faults of one kind for the same caller (a bundle holds one of each)", top.where
+        )
+        if d not in out:
+            out.append(d)
+        return []
+    return [Resolved(svc, when, peer, conf, tuple(r.ranked for r in applied))]
+
+
+def permission_rules(
+    rules: list[InboundRule],
+    mesh: str,
+    services: list[str],
+    callers: list[str],
+    out: list[Diagnostic],
+    warn: Warn,
+) -> list[Resolved]:
+    """MeshTrafficPermission: the callers some ``allow`` (or ``allowWithShadowDeny``) match covers
+    and no ``deny`` match does; every caller of the mesh at once where that is all of them."""
+    res: list[Resolved] = []
+    for svc, when, members in _groups(_split(rules, out, warn), services):
+        ordered = _in_order(members)
+        deny = [r for r in ordered if r.action == "deny"]
+        allow = [r for r in ordered if r.action != "deny"]
+        denied = {c for c in callers for r in deny if _spiffe_covers(r.match, mesh, c)}
+        if not denied and any(_covers_everyone(r.match, mesh) for r in allow):
+            res.append(Resolved(svc, when, (), None, tuple(r.ranked for r in ordered)))
+            continue
+        for c in callers:
+            if c in denied:
+                continue
+            by = [r for r in allow if _spiffe_covers(r.match, mesh, c)]
+            if by:
+                res.append(Resolved(svc, when, ((SERVICE_TAG, c),), None, tuple(r.ranked for r in by)))
+    return res
