@@ -34,9 +34,11 @@ from pydantic import BaseModel
 from compiler.diagnostics import Diagnostic, Path
 from compiler.kinds.base import SERVICE_TAG
 from compiler.parse import Doc
-from compiler.precedence import Ranked, in_order, merged
+from compiler.precedence import Ranked, in_order, merged, name_ties
 
 __all__ = [
+    "ALL_CALLERS",
+    "CONCATENATED",
     "FROM_AS_RULES",
     "RULE_KINDS",
     "InboundRule",
@@ -51,6 +53,7 @@ __all__ = [
 Tags = tuple[tuple[str, str], ...]
 Convert = Callable[[dict[str, Any]], BaseModel | None]
 Warn = Callable[[Doc, str, Path], Diagnostic]
+Tie = Callable[[Ranked, Ranked, str, str], Diagnostic]
 
 FROM_AS_RULES = frozenset({"MeshAccessLog", "MeshCircuitBreaker", "MeshRateLimit", "MeshTimeout", "MeshTLS"})
 """``IsFromAsRules`` in Kuma v2.14.3 (``+kuma:policy:is_from_as_rules=true``)."""
@@ -92,9 +95,15 @@ class Resolved:
     members: tuple[Ranked, ...]
 
 
+ALL_CALLERS = "all callers"
+"""How an inbound rule without a match is described (``Ranked.kinds[1]``), for ``precedence.why``."""
+CONCATENATED = frozenset({"MeshFaultInjection"})
+"""Kinds whose inbound rules add up (each its own filter) rather than merge."""
+
+
 def _describe(match: Any) -> str:
     if match is None:
-        return "all callers"
+        return ALL_CALLERS
     s = match.spiffe_id
     return f"spiffeID {s.type} {s.value}" if s is not None else f"sni {match.sni.value}"
 
@@ -197,12 +206,15 @@ def rate_limit_rules(
     convert: Convert,
     out: list[Diagnostic],
     warn: Warn,
+    tie: Tie,
 ) -> list[Resolved]:
     """MeshRateLimit: the common limit, and a limit per caller a ``spiffeID`` match covers."""
     res: list[Resolved] = []
+    gaps: list[_Gap] = []
     for svc, when, members in _groups(_split(rules, out, warn), services):
-        ordered = [r for r in _in_order(members)]
+        ordered = _in_order(members)
         common = [r for r in ordered if r.match is None]
+        _ties([r.ranked for r in common], "*", svc, out, tie)
         base = merged(r.ranked.default for r in common)
         has_base = bool(_http(base))
         matched = [r for r in ordered if r.match is not None and _http(r.ranked.default)]
@@ -211,25 +223,57 @@ def rate_limit_rules(
             mine = [r for r in matched if _spiffe_covers(r.match, mesh, c)]
             if mine:
                 per_caller[c] = sorted(mine, key=lambda r: _specificity(r.match))
+                for spec in {_specificity(r.match) for r in mine}:
+                    _ties([r.ranked for r in mine if _specificity(r.match) == spec], c, svc, out, tie)
         for c, mine in sorted(per_caller.items()):
             applied = [*(common if has_base else []), *mine]
             conf = convert(merged(r.ranked.default for r in applied))
             if conf is None or _no_limit(conf):
-                if has_base:
-                    top = mine[-1].ranked
-                    what = (
-                        f"a limit turned off for {c} under a broader one (a bundle rule cannot lift a limit)"
-                    )
-                    d = warn(top.policy, what, top.where)
-                    if d not in out:
-                        out.append(d)
+                gaps.append(_Gap(svc, when, ((SERVICE_TAG, c),), mine[-1].ranked, f"no limit for {c}"))
                 continue
             res.append(Resolved(svc, when, ((SERVICE_TAG, c),), conf, tuple(r.ranked for r in applied)))
         if has_base:
             conf = convert(base)
             if conf is not None and not _no_limit(conf):
                 res.append(Resolved(svc, when, (), conf, tuple(r.ranked for r in common)))
+            else:
+                gaps.append(_Gap(svc, when, (), common[-1].ranked, "no limit"))
+    _check_gaps(res, gaps, out, warn)
     return res
+
+
+@dataclass(frozen=True)
+class _Gap:
+    """A rule deliberately not written (a limit turned off, a caller denied), which a broader
+    bundle rule would then stand in for."""
+
+    dst: str
+    when: Tags
+    peer: Tags
+    by: Ranked
+    what: str
+
+
+def _check_gaps(res: list[Resolved], gaps: list[_Gap], out: list[Diagnostic], warn: Warn) -> None:
+    """W3006 at each gap that a broader written rule fills (bundle rules cannot subtract)."""
+    for g in gaps:
+        for r in res:
+            broader = set(r.when) <= set(g.when) and set(r.peer) <= set(g.peer)
+            if r.dst == g.dst and broader and (r.when, r.peer) != (g.when, g.peer):
+                inst = f"the instances of {g.dst} tagged {dict(g.when)}" if g.when else f"{g.dst}"
+                what = f"{g.what} on {inst} under a broader rule (a bundle rule cannot take it back)"
+                d = warn(g.by.policy, what, g.by.where)
+                if d not in out:
+                    out.append(d)
+                break
+
+
+def _ties(ranked: list[Ranked], src: str, dst: str, out: list[Diagnostic], tie: Tie) -> None:
+    """W3004 where only two policies' names order rules merged for the same callers."""
+    for a, z in name_ties(ranked):
+        d = tie(a, z, src, dst)
+        if d not in out:
+            out.append(d)
 
 
 def _in_order(rules: list[InboundRule]) -> list[InboundRule]:
@@ -305,18 +349,22 @@ def permission_rules(
     """MeshTrafficPermission: the callers some ``allow`` (or ``allowWithShadowDeny``) match covers
     and no ``deny`` match does; every caller of the mesh at once where that is all of them."""
     res: list[Resolved] = []
+    gaps: list[_Gap] = []
     for svc, when, members in _groups(_split(rules, out, warn), services):
         ordered = _in_order(members)
         deny = [r for r in ordered if r.action == "deny"]
         allow = [r for r in ordered if r.action != "deny"]
-        denied = {c for c in callers for r in deny if _spiffe_covers(r.match, mesh, c)}
+        denied = {c: r for r in deny for c in callers if _spiffe_covers(r.match, mesh, c)}
         if not denied and any(_covers_everyone(r.match, mesh) for r in allow):
             res.append(Resolved(svc, when, (), None, tuple(r.ranked for r in ordered)))
             continue
         for c in callers:
             if c in denied:
+                gaps.append(_Gap(svc, when, ((SERVICE_TAG, c),), denied[c].ranked, f"a deny of {c}"))
                 continue
             by = [r for r in allow if _spiffe_covers(r.match, mesh, c)]
             if by:
-                res.append(Resolved(svc, when, ((SERVICE_TAG, c),), None, tuple(r.ranked for r in by)))
+                shaped = (*(r.ranked for r in deny), *(r.ranked for r in by))  # explain: who shaped it
+                res.append(Resolved(svc, when, ((SERVICE_TAG, c),), None, shaped))
+    _check_gaps(res, gaps, out, warn)
     return res
