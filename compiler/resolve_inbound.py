@@ -176,25 +176,29 @@ def _groups(
             yield svc, when, [r for r in mine if set(r.when) <= set(when)]
 
 
-def _unusable(r: InboundRule) -> str | None:
-    """Why a rule's match cannot be applied by a bundle (None: it can)."""
-    if r.match is None:
-        return None
-    if r.match.sni is not None:
-        return "an `sni` match (meshc's sidecars do not match callers by SNI)"
-    return None
-
-
-def _split(rules: list[InboundRule], out: list[Diagnostic], warn: Warn) -> list[InboundRule]:
+def _usable(
+    rules: list[InboundRule], mesh: str, callers: list[str], out: list[Diagnostic], warn: Warn
+) -> list[InboundRule]:
+    """The rules a bundle can apply: W3006 at an ``sni`` match (left out), and at a ``spiffeID``
+    match that covers no caller of the mesh (kept: it matches nobody here)."""
     kept = []
     for r in rules:
-        why = _unusable(r)
-        if why is None:
+        m = r.match
+        why = None
+        if m is not None and m.sni is not None:
+            why = "an `sni` match (meshc's sidecars do not match callers by SNI)"
+        elif m is not None and not any(_spiffe_covers(m, mesh, c) for c in callers):
+            why = (
+                f"a spiffeID match ({m.spiffe_id.type} {m.spiffe_id.value}) that covers no service of the "
+                f"mesh: meshc's identities are {identity(mesh, '<service>')}"
+            )
             kept.append(r)
-            continue
-        d = warn(r.ranked.policy, why, r.ranked.where)
-        if d not in out:
-            out.append(d)
+        else:
+            kept.append(r)
+        if why is not None:
+            d = warn(r.ranked.policy, why, r.ranked.where)
+            if d not in out:
+                out.append(d)
     return kept
 
 
@@ -211,7 +215,7 @@ def rate_limit_rules(
     """MeshRateLimit: the common limit, and a limit per caller a ``spiffeID`` match covers."""
     res: list[Resolved] = []
     gaps: list[_Gap] = []
-    for svc, when, members in _groups(_split(rules, out, warn), services):
+    for svc, when, members in _groups(_usable(rules, mesh, callers, out, warn), services):
         ordered = _in_order(members)
         common = [r for r in ordered if r.match is None]
         _ties([r.ranked for r in common], "*", svc, out, tie)
@@ -301,7 +305,7 @@ def fault_rules(
 ) -> list[Resolved]:
     """MeshFaultInjection: each caller gets the faults of every rule that covers it."""
     res: list[Resolved] = []
-    for svc, when, members in _groups(_split(rules, out, warn), services):
+    for svc, when, members in _groups(_usable(rules, mesh, callers, out, warn), services):
         ordered = _in_order(members)
         common = [r for r in ordered if r.match is None]
         per_caller = {
@@ -350,7 +354,7 @@ def permission_rules(
     and no ``deny`` match does; every caller of the mesh at once where that is all of them."""
     res: list[Resolved] = []
     gaps: list[_Gap] = []
-    for svc, when, members in _groups(_split(rules, out, warn), services):
+    for svc, when, members in _groups(_usable(rules, mesh, callers, out, warn), services):
         ordered = _in_order(members)
         deny = [r for r in ordered if r.action == "deny"]
         allow = [r for r in ordered if r.action != "deny"]

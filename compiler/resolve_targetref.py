@@ -84,7 +84,8 @@ def _top(tr: Any) -> tuple[str, Tags] | None:
     """The proxies a top-level targetRef selects: (service or ``*``, tag conditions).
 
     A Dataplane by ``labels`` selects the instances whose tags carry them (a meshc instance's
-    labels are its tags, ``kuma.io/service`` among them)."""
+    labels are its tags, ``kuma.io/service`` among them); one without name, namespace or labels,
+    every instance. ``proxyTypes`` is not read: a gateway's outbound gets what a sidecar's does."""
     kind = tr.kind if tr is not None and tr.kind else "Mesh"
     if kind == "Mesh":
         return "*", ()
@@ -95,8 +96,9 @@ def _top(tr: Any) -> tuple[str, Tags] | None:
         return tr.name, ()
     if kind == "MeshServiceSubset" and tr.name:
         return tr.name, tuple(sorted(extra_tags(tags).items()))
-    if kind == "Dataplane" and tr.labels is not None and not tr.name and not tr.section_name:
-        labels = {k: v for k, v in tr.labels.items() if isinstance(v, str)}
+    if kind == "Dataplane" and not tr.name and not tr.namespace and not tr.section_name:
+        # Kuma: no name, namespace or labels selects every sidecar (``allDataplanesSelected``).
+        labels = {k: v for k, v in (tr.labels or {}).items() if isinstance(v, str)}
         return labels.get(SERVICE_TAG, "*"), tuple(sorted(extra_tags(labels).items()))
     return None
 
@@ -110,11 +112,14 @@ def _top_unresolved(d: Doc, tr: Any, kind: str) -> Diagnostic:
         )
         return _unresolved(d, what, ("targetRef", "sectionName"))
     if kind == "Dataplane":
-        what = (
-            f"a top-level Dataplane targetRef by name ({tr.name!r}): bundles select instances by "
-            "their tags, never by name (select them with `labels`)"
+        by, at = (
+            (f"name ({tr.name!r})", "name") if tr.name else (f"namespace ({tr.namespace!r})", "namespace")
         )
-        return _unresolved(d, what, ("targetRef", "name"))
+        what = (
+            f"a top-level Dataplane targetRef by {by}: bundles select instances by their tags, "
+            "never by name or namespace (select them with `labels`)"
+        )
+        return _unresolved(d, what, ("targetRef", at))
     if kind == _ROUTE:
         what = (
             f"a top-level MeshHTTPRoute targetRef ({tr.name!r}): a bundle route has no "

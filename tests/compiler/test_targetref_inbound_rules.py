@@ -79,7 +79,7 @@ STATUS_499 = ", onRateLimit: {status: 499}"
 
 def _compile(tmp_path: Path, *docs: str) -> CompileResult:
     d = tmp_path / "policies"
-    d.mkdir(exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
     mtp = any("kind: MeshTrafficPermission" in x for x in docs)  # else every service is unreachable (W2002)
     (d / "policies.yaml").write_text(CATALOG + "".join(docs) + ("" if mtp else ALLOW_ALL), encoding="utf-8")
     return compile_dir(d)
@@ -334,6 +334,13 @@ def test_dataplane_by_labels_selects_instances_and_by_name_or_section_is_named(t
     )  # fmt: skip
     (timeout,) = [t for t in _outbound(r, "web", "api", "timeout") if t["when"]]
     assert (timeout["when"], timeout["conf"]["connect_timeout_ms"]) == ({"zone": "a"}, 2000)
+    # A bare Dataplane selects every sidecar (Kuma's ``allDataplanesSelected``).
+    every = _compile(tmp_path / "every", _policy("MeshTimeout", "all-dp", "{kind: Dataplane}", to_api))
+    assert every.diagnostics == []
+    assert [
+        t["conf"]["connect_timeout_ms"]
+        for t in json.loads(every.bundles["default"])["destinations"]["api"]["timeout"]
+    ] == [2000]
     msgs = {d.loc.path: d.message for d in r.diagnostics if d.code == "W3006"}
     assert "Dataplane targetRef by name ('web-1')" in msgs[("spec", "targetRef", "name")]
     assert "sectionName 'http'" in msgs[("spec", "targetRef", "sectionName")]
@@ -401,3 +408,17 @@ def test_explain_names_the_rules_each_inbound_rule_came_from() -> None:
     assert faults["shadowed"] == [] and {p["item"] for p in faults["policies"]} == {
         "rules[0] all callers", "rules[1] spiffeID Exact spiffe://default/web"
     }  # fmt: skip
+
+
+def test_a_spiffe_id_of_another_trust_domain_matches_no_caller_and_says_so(tmp_path: Path) -> None:
+    rules = (
+        "  rules:\n"
+        "    - matches: [{spiffeID: {type: Exact, value: 'spiffe://prod.example/ns/shop/sa/web'}}]\n"
+        f"      default: {_limit(1, '1s')}\n"
+        f"    - default: {_limit(10, '1s')}\n"
+    )
+    r = _compile(tmp_path, _policy("MeshRateLimit", "api", API, rules))
+    w = _only(r, "W3006")
+    assert w.loc.path == ("spec", "rules", 0, "matches", 0)
+    assert "covers no service of the mesh: meshc's identities are spiffe://default/<service>" in w.message
+    assert [(x["peer"], x["conf"]["requests"]) for x in _inbound(r, "api", "rate_limit")] == [({}, 10)]
