@@ -18,9 +18,11 @@ one rule per match. Each plugin then reads that list its own way; the three a bu
 
 A meshc caller's identity is ``spiffe://<mesh>/<service>`` (its certificate's URI SAN), so a
 ``spiffeID`` match names the catalog's services it covers, and a caller-specific bundle rule
-(``peer: {kuma.io/service: ...}``) is written for each. An ``sni`` match has no bundle equivalent
-(W3006). As in Kuma, where a policy with ``rules`` selects a proxy, the MeshTrafficPermission and
-MeshFaultInjection ``from`` items of that proxy are not used (their plugins read the rules alone).
+(``peer: {kuma.io/service: ...}``) is written for each. Without mTLS no caller has an identity
+(``callers`` is empty): as in Kuma, a ``spiffeID`` match then matches nobody (W3006 says so). An
+``sni`` match has no bundle equivalent (W3006). As in Kuma, where a policy with ``rules`` selects
+a proxy, the MeshTrafficPermission and MeshFaultInjection ``from`` items of that proxy are not
+used (their plugins read the rules alone).
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ def _usable(
         why = None
         if m is not None and m.sni is not None:
             why = "an `sni` match (meshc's sidecars do not match callers by SNI)"
+        elif m is not None and not callers:
+            why = "a spiffeID match on a mesh without mTLS (as in Kuma, no caller has an identity to match)"
         elif m is not None and not any(_spiffe_covers(m, mesh, c) for c in callers):
             why = (
                 f"a spiffeID match ({m.spiffe_id.type} {m.spiffe_id.value}) that covers no service of the "

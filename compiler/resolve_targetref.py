@@ -45,6 +45,7 @@ from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
 from compiler.kinds.fault_injection import bandwidth_bps
+from compiler.kinds.mesh import mesh_settings
 from compiler.kinds.targetref import mesh_access_log as mal
 from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
 from compiler.parse import Doc
@@ -695,11 +696,13 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     by_field, rules = _items(docs, out)
     mesh = next((d.mesh for d in docs), "")
+    mesh_doc = next((d for d in docs if d.kind == "Mesh"), None)
+    mtls = mesh_settings(mesh_doc.spec if mesh_doc is not None else None)[0].enabled
     services = sorted({d.name for d in docs if d.kind == "Service"})
     callers = _callers(docs, services)
     for kind in _RULES_RESOLVED:
         if rules.get(kind):
-            _inbound_rules(idx, kind, rules[kind], mesh, services, callers, out)
+            _inbound_rules(idx, kind, rules[kind], mesh, services, callers if mtls else [], out)
     seen_ties: set[tuple[int, int]] = set()
     for field, items in sorted(by_field.items()):
         kind = _LEGACY_KIND[field]

@@ -422,3 +422,73 @@ def test_a_spiffe_id_of_another_trust_domain_matches_no_caller_and_says_so(tmp_p
     assert w.loc.path == ("spec", "rules", 0, "matches", 0)
     assert "covers no service of the mesh: meshc's identities are spiffe://default/<service>" in w.message
     assert [(x["peer"], x["conf"]["requests"]) for x in _inbound(r, "api", "rate_limit")] == [({}, 10)]
+
+
+# --- the compiled rules on the data path ----------------------------------------------------------
+
+
+def test_the_sidecar_decides_the_fixtures_rules_per_caller_identity() -> None:
+    """The fixture's bundles, loaded as a sidecar of api (version v2) loads them, decide inbound
+    calls by the caller's certificate identity: backend is denied, web is limited at 5 per 10 s
+    with the common 423, and v2 delays web (50 %) and aborts some of everyone's (10 %)."""
+    import random
+
+    from runtime.bundle import MeshBundle, ServiceBundle, load_bundle
+    from runtime.decide import Reply, decide_inbound
+    from runtime.engine import Engine
+    from runtime.identity import PeerIdentity
+    from runtime.protocol import EndpointSet
+
+    r = compile_dir(FIXTURE)
+    mesh, svc = load_bundle(r.bundles["default"]), load_bundle(r.bundles["default/api"])
+    assert isinstance(mesh, MeshBundle) and isinstance(svc, ServiceBundle)
+    now = [1000.0]
+    engine = Engine("api", {"version": "v2"}, rng=random.Random(3), clock=lambda: now[0])
+    snap = engine.build(mesh, svc, EndpointSet(generation=1, services={}))
+    engine.install(snap)
+
+    def call(service: str) -> Any:
+        peer = PeerIdentity("default", service, {"kuma.io/service": service})
+        return decide_inbound(engine, snap, True, peer, "")
+
+    denied = call("backend")
+    assert isinstance(denied, Reply) and denied.status == 403
+    burst = [call("web") for _ in range(40)]  # no time passes: the bucket holds 5
+    limited = [v for v in burst if isinstance(v, Reply) and v.reason == "local_rate_limited"]
+    assert len(limited) == 35 and {v.status for v in limited} == {423} and burst[5] in limited
+    spaced = []
+    for _ in range(200):  # 2 s apart: a token each time (5 per 10 s), so faults alone decide
+        now[0] += 2.0
+        spaced.append(call("web"))
+    assert not any(isinstance(v, Reply) and v.reason == "local_rate_limited" for v in spaced)
+    delays = sum(1 for v in spaced if getattr(v, "delay_s", 0) == 2.0)
+    aborts = sum(1 for v in spaced if isinstance(v, Reply) and v.status == 503)
+    assert 70 <= delays <= 130 and 5 <= aborts <= 40, (delays, aborts)  # 50 % and 10 %
+    # api calling itself: the common limit (100 per s) and only the common faults (abort 10 %).
+    own = [call("api") for _ in range(101)]
+    assert [isinstance(v, Reply) and v.reason == "local_rate_limited" for v in own].count(True) == 1
+    aborted = sum(1 for v in own if isinstance(v, Reply) and v.status == 503)
+    assert 2 <= aborted <= 25 and not any(getattr(v, "delay_s", 0) for v in own)
+
+
+def test_without_mtls_a_spiffe_match_matches_no_caller_as_in_kuma(tmp_path: Path) -> None:
+    d = tmp_path / "plain"
+    d.mkdir()
+    rules = (
+        "  rules:\n"
+        f"    - matches: [{_spiffe('Exact', 'web')}]\n"
+        f"      default: {_limit(1, '1s')}\n"
+        f"    - default: {_limit(10, '1s')}\n"
+    )
+    catalog = CATALOG.replace(
+        "spec: {mtls: {enabledBackend: ca, backends: [{name: ca, type: builtin}]}}", "spec: {}"
+    )
+    (d / "p.yaml").write_text(catalog + _policy("MeshRateLimit", "api", API, rules), encoding="utf-8")
+    r = compile_dir(d)
+    w = _only(r, "W3006")
+    assert w.loc.path == ("spec", "rules", 0, "matches", 0) and "a mesh without mTLS" in w.message
+    got = [
+        (x["peer"], x["conf"]["requests"])
+        for x in json.loads(r.bundles["default/api"])["inbound"]["rate_limit"]
+    ]
+    assert got == [({}, 10)]
