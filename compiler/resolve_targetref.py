@@ -104,7 +104,7 @@ def _top(tr: Any) -> tuple[str, Tags] | None:
     return None
 
 
-def _top_unresolved(d: Doc, tr: Any, kind: str) -> Diagnostic:
+def _top_unresolved(d: Doc, tr: Any, kind: str, routes: set[str]) -> Diagnostic:
     """W3006 for a top-level targetRef ``_top`` does not resolve, saying what is not applied."""
     if kind == "Dataplane" and tr.section_name:
         what = (
@@ -122,9 +122,11 @@ def _top_unresolved(d: Doc, tr: Any, kind: str) -> Diagnostic:
         )
         return _unresolved(d, what, ("targetRef", at))
     if kind == _ROUTE:
+        missing = "" if tr.name in routes else f"; the repo has no MeshHTTPRoute {tr.name!r} either"
         what = (
             f"a top-level MeshHTTPRoute targetRef ({tr.name!r}): a bundle route has no "
             f"{_PER_ROUTE.get(d.kind, d.kind)} of its own, so the policy configures none of its rules"
+            f"{missing}"
         )
         return _unresolved(d, what, ("targetRef", "kind"))
     return _unresolved(d, f"a top-level targetRef of kind {kind}", ("targetRef", "kind"))
@@ -587,6 +589,8 @@ def _items(
     """Every resolvable ``to``/``from`` item, by bundle field; and Kuma's inbound rules by kind."""
     by_field: dict[str, list[_Item]] = defaultdict(list)
     rules: dict[str, list[rin.InboundRule]] = defaultdict(list)
+    docs = list(docs)
+    routes = {d.name for d in docs if d.kind == _ROUTE}
     for d in docs:
         field = TARGETREF_FIELDS.get(d.kind)
         if field is None:
@@ -597,7 +601,7 @@ def _items(
         top = _top(spec.target_ref)
         top_kind = spec.target_ref.kind if spec.target_ref is not None and spec.target_ref.kind else "Mesh"
         if top is None:
-            out.append(_top_unresolved(d, spec.target_ref, top_kind))
+            out.append(_top_unresolved(d, spec.target_ref, top_kind, routes))
             continue
         src, when = top
         key = policy_key(top_kind, dict(d.labels), d.name)

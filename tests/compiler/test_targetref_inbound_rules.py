@@ -363,6 +363,26 @@ def test_a_policy_on_a_mesh_http_route_names_the_route_and_what_is_not_applied(t
     assert len(msgs) == 2, [(d.code, d.message) for d in r.diagnostics]
     assert "MeshHTTPRoute targetRef ('api-route'): a bundle route has no retry policy of its own" in msgs[0]
     assert "MeshHTTPRoute targetRef ('api-route'): a bundle route has no timeout of its own" in msgs[1]
+    assert all("the repo has no MeshHTTPRoute 'api-route' either" in m for m in msgs)
+    route = _policy(
+        "MeshHTTPRoute", "api-route", "{kind: MeshService, name: web}",
+        "  to: [{targetRef: {kind: MeshService, name: api},"
+        " rules: [{matches: [{path: {type: PathPrefix, value: /v2}}],"
+        " default: {backendRefs: [{kind: MeshService, name: api}]}}]}]\n",
+    )  # fmt: skip
+    with_route = _compile(tmp_path / "with-route", route, _policy(
+        "MeshTimeout", "route-timeout", "{kind: MeshHTTPRoute, name: api-route}",
+        "  to: [{targetRef: {kind: Mesh}, default: {http: {requestTimeout: 1s}}}]\n",
+    ))  # fmt: skip
+    (w,) = [d for d in with_route.diagnostics if d.code == "W3006"]
+    assert w.loc.path == ("spec", "targetRef", "kind") and "either" not in w.message
+    # The route itself still routes; web's timeout to api stays meshc's default.
+    assert [x["conf"]["http_request_timeout_ms"] for x in _outbound(with_route, "web", "api", "timeout")] == [
+        15000
+    ]
+    assert (
+        _outbound(with_route, "web", "api", "route")[0]["conf"]["http"][0]["match"]["path"]["value"] == "/v2"
+    )
 
 
 def test_two_common_limits_ordered_only_by_name_warn(tmp_path: Path) -> None:
