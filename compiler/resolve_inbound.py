@@ -50,6 +50,7 @@ __all__ = [
     "permission_rules",
     "rate_limit_rules",
     "rule_items",
+    "tag_sets",
 ]
 
 Tags = tuple[tuple[str, str], ...]
@@ -168,13 +169,35 @@ def compatible(a: Tags, b: Tags) -> bool:
     return all(da.get(k, v) == v for k, v in b)
 
 
+MAX_TAG_SETS = 64
+"""How many instance tag sets ``tag_sets`` closes under union before it stops adding unions."""
+
+
+def tag_sets(sets: Iterable[Tags]) -> list[Tags]:
+    """The policies' tag conditions and every union of compatible ones, most specific first.
+
+    Kuma merges every policy that selects an instance; a bundle takes the first rule whose tags
+    the instance carries. With each union listed (longer, so ranked before its parts), the first
+    rule an instance matches is the one for all the conditions it meets (up to ``MAX_TAG_SETS``)."""
+    found = set(sets)
+    todo = list(found)
+    while todo and len(found) < MAX_TAG_SETS:
+        a = todo.pop()
+        for b in list(found):
+            u = tuple(sorted({*a, *b}))
+            if u not in found and compatible(a, b) and len(found) < MAX_TAG_SETS:
+                found.add(u)
+                todo.append(u)
+    return sorted(found, key=lambda w: (-len(w), w))
+
+
 def _groups(
     rules: list[InboundRule], services: Iterable[str]
 ) -> Iterable[tuple[str, Tags, list[InboundRule]]]:
     """(service, instance tags, the rules that select those instances), most specific tags first."""
     for svc in sorted(services):
         mine = [r for r in rules if r.dst in (svc, "*")]
-        for when in sorted({r.when for r in mine}, key=lambda w: (-len(w), w)):
+        for when in tag_sets(r.when for r in mine):
             yield svc, when, [r for r in mine if set(r.when) <= set(when)]
 
 

@@ -718,7 +718,7 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
             continue
         for src, dst in sorted(_keys(items)):
             covering = [it for it in items if it.src in (src, "*") and it.dst in (dst, "*")]
-            for when in sorted({it.when for it in covering}, key=lambda w: (-len(w), w)):
+            for when in rin.tag_sets(it.when for it in covering):
                 members = in_order(it.ranked for it in covering if _covers(it, src, dst, when))
                 for a, z in name_ties(members):
                     pair = (id(a), id(z))

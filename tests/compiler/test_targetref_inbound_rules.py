@@ -512,3 +512,36 @@ def test_without_mtls_a_spiffe_match_matches_no_caller_as_in_kuma(tmp_path: Path
         for x in json.loads(r.bundles["default/api"])["inbound"]["rate_limit"]
     ]
     assert got == [({}, 10)]
+
+
+def test_instances_selected_by_two_policies_get_both_merged_not_an_error(tmp_path: Path) -> None:
+    """Kuma merges every policy that selects an instance: an api instance tagged version v2 and
+    zone a gets both limits merged (the union of the tags, listed first), outbound as inbound; the
+    two conditions of one size are no E3002 conflict."""
+    v2 = "{kind: Dataplane, labels: {kuma.io/service: api, version: v2}}"
+    zone = "{kind: Dataplane, labels: {kuma.io/service: api, zone: a}}"
+    r = _compile(
+        tmp_path,
+        _policy("MeshRateLimit", "v2", v2, f"  rules: [{{default: {_limit(5, '1s')}}}]\n"),
+        _policy("MeshRateLimit", "zone", zone, f"  rules: [{{default: {_limit(7, '2s', STATUS_499)}}}]\n"),
+        _policy("MeshTimeout", "t-v2", v2,
+                "  to: [{targetRef: {kind: Mesh}, default: {connectionTimeout: 1s}}]\n"),
+        _policy("MeshTimeout", "t-zone", zone,
+                "  to: [{targetRef: {kind: Mesh}, default: {http: {requestTimeout: 2s}}}]\n"),
+    )  # fmt: skip
+    assert [d.code for d in r.diagnostics if d.severity == "error"] == []
+    limits = [
+        (x["when"], x["conf"]["requests"], x["conf"]["status"]) for x in _inbound(r, "api", "rate_limit")
+    ]
+    assert limits == [
+        ({"version": "v2", "zone": "a"}, 5, 499),  # v2's rate (its name sorts first: W3004), zone's status
+        ({"version": "v2"}, 5, 429),
+        ({"zone": "a"}, 7, 499),
+    ]
+    assert [d.code for d in r.diagnostics] == ["W3004"]
+    timeouts = [
+        (x["when"], x["conf"]["connect_timeout_ms"], x["conf"]["http_request_timeout_ms"])
+        for x in _outbound(r, "api", "web", "timeout")
+    ]
+    assert timeouts[:3] == [({"version": "v2", "zone": "a"}, 1000, 2000), ({"version": "v2"}, 1000, 15000),
+                            ({"zone": "a"}, 5000, 2000)]  # fmt: skip
