@@ -545,3 +545,26 @@ def test_instances_selected_by_two_policies_get_both_merged_not_an_error(tmp_pat
     ]
     assert timeouts[:3] == [({"version": "v2", "zone": "a"}, 1000, 2000), ({"version": "v2"}, 1000, 15000),
                             ({"zone": "a"}, 5000, 2000)]  # fmt: skip
+
+
+def test_fault_rules_replace_the_from_faults_of_the_service_they_select(tmp_path: Path) -> None:
+    """MeshFaultInjection is not from-as-rules: its plugin reads the inbound rules alone where a
+    policy has some for the proxy, else the ``from`` items. A mesh-wide ``from`` stays for web."""
+    r = _compile(
+        tmp_path,
+        _policy("MeshFaultInjection", "mesh-from", "{kind: Mesh, proxyTypes: [Sidecar]}",
+                "  from: [{targetRef: {kind: Mesh},"
+                " default: {http: [{abort: {httpStatus: 500, percentage: 1}}]}}]\n"),
+        _policy("MeshFaultInjection", "api-rules", API,
+                "  rules: [{default: {http: [{delay: {value: 1s, percentage: 5}}]}}]\n"),
+    )  # fmt: skip
+    w = _only(r, "W3007")
+    assert w.loc.path == ("spec", "from", 0) and "MeshFaultInjection 'api-rules' has `rules`" in w.message
+    (api,) = _inbound(r, "api", "fault_injection")
+    assert (api["peer"], api["conf"]["abort"], api["conf"]["delay"]) == (
+        {},
+        None,
+        {"percentage": 5.0, "value_ms": 1000},
+    )
+    (web,) = _inbound(r, "web", "fault_injection")
+    assert (web["conf"]["abort"], web["conf"]["delay"]) == ({"http_status": 500, "percentage": 1.0}, None)
