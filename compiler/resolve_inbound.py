@@ -201,12 +201,17 @@ def _groups(
             yield svc, when, [r for r in mine if set(r.when) <= set(when)]
 
 
+Covers = dict[int, frozenset[str]]
+"""``id`` of a rule with a ``spiffeID`` match -> the callers it covers."""
+
+
 def _usable(
     rules: list[InboundRule], mesh: str, callers: list[str], out: list[Diagnostic], warn: Warn
-) -> list[InboundRule]:
-    """The rules a bundle can apply: W3006 at an ``sni`` match (left out), and at a ``spiffeID``
-    match that covers no caller of the mesh (kept: it matches nobody here)."""
+) -> tuple[list[InboundRule], Covers]:
+    """The rules a bundle can apply, with the callers each match covers: W3006 at an ``sni``
+    match (left out), and at a ``spiffeID`` match that covers no caller (it matches nobody here)."""
     kept = []
+    covers: Covers = {}
     for r in rules:
         m = r.match
         why = None
@@ -214,11 +219,13 @@ def _usable(
             why = "an `sni` match (meshc's sidecars do not match callers by SNI)"
         elif m is not None and not callers:
             why = "a spiffeID match on a mesh without mTLS (as in Kuma, no caller has an identity to match)"
-        elif m is not None and not any(_spiffe_covers(m, mesh, c) for c in callers):
-            why = (
-                f"a spiffeID match ({m.spiffe_id.type} {m.spiffe_id.value}) that covers no service of the "
-                f"mesh: meshc's identities are {identity(mesh, '<service>')}"
-            )
+        elif m is not None:
+            covers[id(r)] = frozenset(c for c in callers if _spiffe_covers(m, mesh, c))
+            if not covers[id(r)]:
+                why = (
+                    f"a spiffeID match ({m.spiffe_id.type} {m.spiffe_id.value}) that covers no service of "
+                    f"the mesh: meshc's identities are {identity(mesh, '<service>')}"
+                )
             kept.append(r)
         else:
             kept.append(r)
@@ -226,7 +233,12 @@ def _usable(
             d = warn(r.ranked.policy, why, r.ranked.where)
             if d not in out:
                 out.append(d)
-    return kept
+    return kept, covers
+
+
+def _named(members: list[InboundRule], covers: Covers) -> list[str]:
+    """The callers some member's match covers, sorted (the only ones that can differ from all)."""
+    return sorted(set().union(*(covers.get(id(r), frozenset()) for r in members)))
 
 
 def rate_limit_rules(
@@ -242,7 +254,8 @@ def rate_limit_rules(
     """MeshRateLimit: the common limit, and a limit per caller a ``spiffeID`` match covers."""
     res: list[Resolved] = []
     gaps: list[_Gap] = []
-    for svc, when, members in _groups(_usable(rules, mesh, callers, out, warn), services):
+    usable, covers = _usable(rules, mesh, callers, out, warn)
+    for svc, when, members in _groups(usable, services):
         ordered = _in_order(members)
         common = [r for r in ordered if r.match is None]
         _ties([r.ranked for r in common], "*", svc, out, tie)
@@ -250,8 +263,8 @@ def rate_limit_rules(
         has_base = bool(_http(base))
         matched = [r for r in ordered if r.match is not None and _http(r.ranked.default)]
         per_caller: dict[str, list[InboundRule]] = {}
-        for c in callers:
-            mine = [r for r in matched if _spiffe_covers(r.match, mesh, c)]
+        for c in _named(matched, covers):
+            mine = [r for r in matched if c in covers[id(r)]]
             if mine:
                 per_caller[c] = sorted(mine, key=lambda r: _specificity(r.match))
                 for spec in {_specificity(r.match) for r in mine}:
@@ -332,11 +345,12 @@ def fault_rules(
 ) -> list[Resolved]:
     """MeshFaultInjection: each caller gets the faults of every rule that covers it."""
     res: list[Resolved] = []
-    for svc, when, members in _groups(_usable(rules, mesh, callers, out, warn), services):
+    usable, covers = _usable(rules, mesh, callers, out, warn)
+    for svc, when, members in _groups(usable, services):
         ordered = _in_order(members)
         common = [r for r in ordered if r.match is None]
         per_caller = {
-            c: [r for r in ordered if r.match is None or _spiffe_covers(r.match, mesh, c)] for c in callers
+            c: [r for r in ordered if r.match is None or c in covers[id(r)]] for c in _named(ordered, covers)
         }
         for c, applied in sorted(per_caller.items()):
             if len(applied) == len(common):
@@ -381,19 +395,20 @@ def permission_rules(
     and no ``deny`` match does; every caller of the mesh at once where that is all of them."""
     res: list[Resolved] = []
     gaps: list[_Gap] = []
-    for svc, when, members in _groups(_usable(rules, mesh, callers, out, warn), services):
+    usable, covers = _usable(rules, mesh, callers, out, warn)
+    for svc, when, members in _groups(usable, services):
         ordered = _in_order(members)
         deny = [r for r in ordered if r.action == "deny"]
         allow = [r for r in ordered if r.action != "deny"]
-        denied = {c: r for r in deny for c in callers if _spiffe_covers(r.match, mesh, c)}
+        denied = {c: r for r in deny for c in sorted(covers[id(r)])}
         if not denied and any(_covers_everyone(r.match, mesh) for r in allow):
             res.append(Resolved(svc, when, (), None, tuple(r.ranked for r in ordered)))
             continue
-        for c in callers:
+        for c in _named(ordered, covers):
             if c in denied:
                 gaps.append(_Gap(svc, when, ((SERVICE_TAG, c),), denied[c].ranked, f"a deny of {c}"))
                 continue
-            by = [r for r in allow if _spiffe_covers(r.match, mesh, c)]
+            by = [r for r in allow if c in covers[id(r)]]
             if by:
                 shaped = (*(r.ranked for r in deny), *(r.ranked for r in by))  # explain: who shaped it
                 res.append(Resolved(svc, when, ((SERVICE_TAG, c),), None, shaped))
