@@ -192,8 +192,17 @@ CODES: dict[str, Code] = _catalog(
         "W3006",
         "targetref-not-resolved",
         "A part of a targetRef policy that meshc does not resolve into bundles yet (a targetRef kind, "
-        "a `rules` section, a route filter or match the bundle cannot express, zone-aware load "
-        "balancing or hash policies, an OpenTelemetry log backend): it has no effect.",
+        "the inbound rules of a kind a bundle's inbound has no place for, an `sni` match, a route "
+        "filter or match the bundle cannot express, zone-aware load balancing or hash policies, an "
+        "OpenTelemetry log backend): it has no effect, or, where the message says so, a broader "
+        "rule still applies where Kuma's would not.",
+    ),
+    Code(
+        "W3007",
+        "from-replaced-by-rules",
+        "A MeshTrafficPermission or MeshFaultInjection `from` item on proxies that a policy of its "
+        "kind selects with `rules`: as in Kuma 2.x, those proxies use the inbound rules alone, so the "
+        "`from` item has no effect there.",
     ),
     Code(
         "W1001",

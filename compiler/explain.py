@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from compiler import resolve_inbound as rin
 from compiler.build import canon
 from compiler.diagnostics import Diagnostic, Path
 from compiler.gateway import GatewayBuild
@@ -137,22 +138,42 @@ def _winner(c: Contribution, members: tuple[Any, ...]) -> Ranked:
     return max(by, key=lambda r: next(i for i, m in enumerate(members) if m is r))
 
 
+def _inbound_rule(r: Ranked) -> bool:
+    """Whether an item is a Kuma inbound rule (``compiler.resolve_inbound``)."""
+    head = r.where[0] if isinstance(r.where, tuple) and r.where else None
+    return head == "rules" or (head == "from" and r.policy.kind in rin.FROM_AS_RULES)
+
+
+def _why(low: Ranked, high: Ranked) -> str:
+    """``precedence.why``, but inbound rules for one caller go over those for all callers, and a
+    more specific match over a broader one, whatever the policies' order."""
+    if _inbound_rule(low) and _inbound_rule(high) and low.kinds[1] != high.kinds[1]:
+        if low.kinds[1] == rin.ALL_CALLERS:
+            return f"a rule matching the caller ({high.kinds[1]}) goes over the rules for all callers"
+        return f"a more specific match: {high.kinds[1]} > {low.kinds[1]}"
+    return why(low, high)
+
+
 def _merged(ctx: _Ctx, e: Entry, rule: int | None, policies: list[Any], shadowed: list[Any]) -> None:
-    """The items of one merged targetRef rule, highest precedence first."""
+    """The items of one merged targetRef rule, highest precedence first (inbound rules of a kind
+    whose rules add up, such as fault filters, override nothing)."""
     members = e.merged
-    for c in reversed(contributions(members)):
+    contribs = contributions(members)
+    if all(_inbound_rule(r) and r.policy.kind in rin.CONCATENATED for r in members):
+        contribs = [Contribution(c.item, c.sets, ()) for c in contribs]
+    for c in reversed(contribs):
         item = _item_ref(ctx, c.item)
         if c.sets and c.shadowed:
             top = _winner(c, members)
             item["by"] = _item_ref(ctx, top)
-            item["reason"] = f"every setting it makes is overridden: {why(c.item, top)}"
+            item["reason"] = f"every setting it makes is overridden: {_why(c.item, top)}"
             item["code"] = "W3004" if "name-order" in item["reason"] else None
             shadowed.append(item)
             continue
         item["rule"] = rule
         item["sets"] = [_field(x) for x in c.sets]
         item["overridden"] = [
-            {"field": _field(leaf), "by": f"{r.policy.kind} {r.policy.name}", "reason": why(c.item, r)}
+            {"field": _field(leaf), "by": f"{r.policy.kind} {r.policy.name}", "reason": _why(c.item, r)}
             for leaf, r in c.overridden
         ]
         policies.append(item)

@@ -153,6 +153,7 @@ class PolicyIndex:
                 if (
                     prev.rank == e.rank
                     and prev.doc is not e.doc
+                    and not (prev.merged and e.merged)  # targetRef: the union of their tags comes first
                     and _compatible(prev.when, e.when)
                     and _compatible(prev.peer, e.peer)
                 ):

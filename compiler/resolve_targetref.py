@@ -10,10 +10,21 @@ both dialects the same way. Their ranks sit above every legacy rank: where both 
 configure a key, the targetRef policy wins (Kuma: a proxy matched by a new policy ignores the
 old policy of its type), and W3005 says so.
 
-Not resolved yet (W3006 at the place): a top-level targetRef of another kind (MeshGateway,
-Dataplane, MeshHTTPRoute), a ``to`` item other than Mesh or MeshService, ``rules`` sections,
+Kuma 2.x inbound rules (``rules`` sections, and the ``from`` items of the kinds Kuma reads as
+rules) of MeshTrafficPermission, MeshRateLimit and MeshFaultInjection go through
+``compiler.resolve_inbound``: one rule per caller a ``spiffeID`` match covers, plus the rule for
+all callers, per service and instance tags. A top-level Dataplane by ``labels`` selects the
+instances whose tags carry them.
+
+Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
+for MeshHTTPRoute, ``gateway_routes``), a Dataplane by name or with ``sectionName``, a
+MeshHTTPRoute (a bundle route has no timeout, retry, log, limit or load balancer of its own); a
+``to`` item other than Mesh or MeshService; the inbound rules and ``from`` of MeshTimeout,
+MeshCircuitBreaker and MeshAccessLog (a bundle's inbound has no timeout, circuit breaker or log);
+an ``sni`` match; a deny or a lifted limit that a broader bundle rule would still cover;
 MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; what the legacy
-load balancer and log backend have no place for (each kind's ``not_applied`` names it).
+load balancer and log backend have no place for (each kind's ``not_applied`` names it). W3007
+where, as in Kuma, ``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
 
 Every merged rule keeps the items it was merged from (``Entry.merged``) so that ``meshc explain``
 can say which policy set what, and which lost: provenance as data, nothing re-derived.
@@ -29,10 +40,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from compiler import resolve_inbound as rin
 from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
 from compiler.kinds.fault_injection import bandwidth_bps
+from compiler.kinds.mesh import mesh_settings
 from compiler.kinds.targetref import mesh_access_log as mal
 from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
 from compiler.parse import Doc
@@ -69,7 +82,11 @@ def _dump(m: BaseModel | None) -> dict[str, Any]:
 
 
 def _top(tr: Any) -> tuple[str, Tags] | None:
-    """The proxies a top-level targetRef selects: (service or ``*``, tag conditions)."""
+    """The proxies a top-level targetRef selects: (service or ``*``, tag conditions).
+
+    A Dataplane by ``labels`` selects the instances whose tags carry them (a meshc instance's
+    labels are its tags, ``kuma.io/service`` among them); one without name, namespace or labels,
+    every instance. ``proxyTypes`` is not read: a gateway's outbound gets what a sidecar's does."""
     kind = tr.kind if tr is not None and tr.kind else "Mesh"
     if kind == "Mesh":
         return "*", ()
@@ -80,7 +97,49 @@ def _top(tr: Any) -> tuple[str, Tags] | None:
         return tr.name, ()
     if kind == "MeshServiceSubset" and tr.name:
         return tr.name, tuple(sorted(extra_tags(tags).items()))
+    if kind == "Dataplane" and not tr.name and not tr.namespace and not tr.section_name:
+        # Kuma: no name, namespace or labels selects every sidecar (``allDataplanesSelected``).
+        labels = {k: v for k, v in (tr.labels or {}).items() if isinstance(v, str)}
+        return labels.get(SERVICE_TAG, "*"), tuple(sorted(extra_tags(labels).items()))
     return None
+
+
+def _top_unresolved(d: Doc, tr: Any, kind: str, routes: set[str]) -> Diagnostic:
+    """W3006 for a top-level targetRef ``_top`` does not resolve, saying what is not applied."""
+    if kind == "Dataplane" and tr.section_name:
+        what = (
+            f"a top-level Dataplane targetRef with sectionName {tr.section_name!r} (a meshc instance "
+            "has one inbound, and bundles do not name it)"
+        )
+        return _unresolved(d, what, ("targetRef", "sectionName"))
+    if kind == "Dataplane":
+        by, at = (
+            (f"name ({tr.name!r})", "name") if tr.name else (f"namespace ({tr.namespace!r})", "namespace")
+        )
+        what = (
+            f"a top-level Dataplane targetRef by {by}: bundles select instances by their tags, "
+            "never by name or namespace (select them with `labels`)"
+        )
+        return _unresolved(d, what, ("targetRef", at))
+    if kind == _ROUTE:
+        missing = "" if tr.name in routes else f"; the repo has no MeshHTTPRoute {tr.name!r} either"
+        what = (
+            f"a top-level MeshHTTPRoute targetRef ({tr.name!r}): a bundle route has no "
+            f"{_PER_ROUTE.get(d.kind, d.kind)} of its own, so the policy configures none of its rules"
+            f"{missing}"
+        )
+        return _unresolved(d, what, ("targetRef", "kind"))
+    return _unresolved(d, f"a top-level targetRef of kind {kind}", ("targetRef", "kind"))
+
+
+_PER_ROUTE = {
+    "MeshTimeout": "timeout",
+    "MeshRetry": "retry policy",
+    "MeshAccessLog": "access log",
+    "MeshRateLimit": "rate limit",
+    "MeshLoadBalancingStrategy": "load balancer",
+}
+"""What a policy targeting a MeshHTTPRoute sets on that route's rules in Kuma."""
 
 
 def allowed_services(docs: Iterable[Doc]) -> set[str]:
@@ -90,9 +149,15 @@ def allowed_services(docs: Iterable[Doc]) -> set[str]:
         if d.kind != _PERMISSION:
             continue
         top = _top(d.spec.target_ref)
-        if top is not None and any(
-            fr.default is not None and fr.default.action in ("Allow", "AllowWithShadowDeny")
-            for fr in d.spec.from_ or ()
+        if top is not None and (
+            any(
+                fr.default is not None and fr.default.action in ("Allow", "AllowWithShadowDeny")
+                for fr in d.spec.from_ or ()
+            )
+            or any(
+                r.default is not None and (r.default.allow or r.default.allow_with_shadow_deny)
+                for r in d.spec.rules or ()
+            )
         ):
             out.add(top[0])
     return out
@@ -508,9 +573,24 @@ def _unresolved(d: Doc, what: str, path: Path) -> Diagnostic:
     return Diagnostic("W3006", msg, d.loc(path))
 
 
-def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]:
-    """Every resolvable ``to``/``from`` item, by bundle field."""
+_NO_INBOUND_PLACE = {
+    "MeshTimeout": "inbound timeouts (a bundle's inbound has no timeout)",
+    "MeshCircuitBreaker": "inbound circuit breaking (a bundle's inbound has no circuit breaker)",
+    "MeshAccessLog": "inbound access logs (a bundle's inbound has no log)",
+}
+"""Kinds whose inbound rules (``rules``, or ``from`` read as rules) a bundle has no place for."""
+_RULES_RESOLVED = (_PERMISSION, "MeshRateLimit", "MeshFaultInjection")
+"""Kinds whose inbound rules ``compiler.resolve_inbound`` compiles."""
+
+
+def _items(
+    docs: Iterable[Doc], out: list[Diagnostic]
+) -> tuple[dict[str, list[_Item]], dict[str, list[rin.InboundRule]]]:
+    """Every resolvable ``to``/``from`` item, by bundle field; and Kuma's inbound rules by kind."""
     by_field: dict[str, list[_Item]] = defaultdict(list)
+    rules: dict[str, list[rin.InboundRule]] = defaultdict(list)
+    docs = list(docs)
+    routes = {d.name for d in docs if d.kind == _ROUTE}
     for d in docs:
         field = TARGETREF_FIELDS.get(d.kind)
         if field is None:
@@ -521,15 +601,21 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
         top = _top(spec.target_ref)
         top_kind = spec.target_ref.kind if spec.target_ref is not None and spec.target_ref.kind else "Mesh"
         if top is None:
-            out.append(_unresolved(d, f"a top-level targetRef of kind {top_kind}", ("targetRef", "kind")))
+            out.append(_top_unresolved(d, spec.target_ref, top_kind, routes))
             continue
         src, when = top
         key = policy_key(top_kind, dict(d.labels), d.name)
-        if getattr(spec, "rules", None):
-            out.append(_unresolved(d, "the `rules` section", ("rules",)))
-        if d.kind == _LOG and spec.from_:
-            out.append(_unresolved(d, "the `from` section (inbound access logs)", ("from",)))
+        has_rules = bool(getattr(spec, "rules", None))
+        from_as_rules = d.kind in rin.FROM_AS_RULES and bool(getattr(spec, "from_", None))
+        if (has_rules or from_as_rules) and d.kind in _NO_INBOUND_PLACE:
+            section = "rules" if has_rules else "from"
+            out.append(_unresolved(d, f"the `{section}` section: {_NO_INBOUND_PLACE[d.kind]}", (section,)))
+        elif has_rules or from_as_rules:
+            section = "rules" if has_rules else "from"
+            rules[d.kind].extend(rin.rule_items(d, src, when, key, top_kind, section))
         if d.kind == _PERMISSION or d.kind in _INBOUND:
+            if d.kind in rin.FROM_AS_RULES:
+                continue  # its `from` items are rules
             for i, fr in enumerate(spec.from_ or ()):
                 peer = _peer(fr.target_ref)
                 if peer is None:
@@ -552,7 +638,7 @@ def _items(docs: Iterable[Doc], out: list[Diagnostic]) -> dict[str, list[_Item]]
             item_kind = to.target_ref.kind or "Mesh"
             r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
             by_field[field].append(_Item(src, dst, when, (), r))
-    return by_field
+    return by_field, rules
 
 
 def _to_default(d: Doc, i: int, to: Any, out: list[Diagnostic]) -> dict[str, Any]:
@@ -612,16 +698,27 @@ def _rank(src: str, dst: str, when: Tags) -> tuple[int, int]:
 def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     """Add the targetRef policies of one mesh to ``idx``; returns the warnings (ties, limits)."""
     out: list[Diagnostic] = []
-    by_field = _items(docs, out)
+    by_field, rules = _items(docs, out)
+    mesh = next((d.mesh for d in docs), "")
+    mesh_doc = next((d for d in docs if d.kind == "Mesh"), None)
+    mtls = mesh_settings(mesh_doc.spec if mesh_doc is not None else None)[0].enabled
+    services = sorted({d.name for d in docs if d.kind == "Service"})
+    callers = _callers(docs, services)
+    for kind in _RULES_RESOLVED:
+        if rules.get(kind):
+            _inbound_rules(idx, kind, rules[kind], mesh, services, callers if mtls else [], out)
     seen_ties: set[tuple[int, int]] = set()
     for field, items in sorted(by_field.items()):
         kind = _LEGACY_KIND[field]
         if field == "permissions" or field in _INBOUND_FIELDS:
+            tr_kind = _PERMISSION if field == "permissions" else "MeshFaultInjection"
+            if rules.get(tr_kind):
+                items = _without_ruled(items, rules[tr_kind], services, out)
             _inbound(idx, kind, field, items, out)
             continue
         for src, dst in sorted(_keys(items)):
             covering = [it for it in items if it.src in (src, "*") and it.dst in (dst, "*")]
-            for when in sorted({it.when for it in covering}, key=lambda w: (-len(w), w)):
+            for when in rin.tag_sets(it.when for it in covering):
                 members = in_order(it.ranked for it in covering if _covers(it, src, dst, when))
                 for a, z in name_ties(members):
                     pair = (id(a), id(z))
@@ -723,6 +820,83 @@ def _inbound(idx: PolicyIndex, kind: str, field: str, items: list[_Item], out: l
             out.append(_unresolved(top.policy, what, top.where))
         if action in ("Allow", "AllowWithShadowDeny"):
             _add(idx, kind, _entry(members, src, dst, when, peer, None))
+
+
+def _callers(docs: Iterable[Doc], services: list[str]) -> list[str]:
+    """Every service that can call another: the catalog's services and gateways."""
+    gateways = {
+        name
+        for d in docs
+        if d.kind == "MeshGateway"
+        for sel in d.spec.selectors or ()
+        if isinstance(name := (sel.match or {}).get(SERVICE_TAG), str) and name not in ("", "*")
+    }
+    return sorted({*services, *gateways})
+
+
+def _inbound_rules(
+    idx: PolicyIndex,
+    kind: str,
+    rules: list[rin.InboundRule],
+    mesh: str,
+    services: list[str],
+    callers: list[str],
+    out: list[Diagnostic],
+) -> None:
+    """Kuma's inbound rules of one kind (``compiler.resolve_inbound``) as entries of its legacy kind."""
+    legacy = _LEGACY_KIND[TARGETREF_FIELDS[kind]]
+    if kind == _PERMISSION:
+        resolved = rin.permission_rules(rules, mesh, services, callers, out, _unresolved)
+    elif kind == "MeshRateLimit":
+        resolved = rin.rate_limit_rules(rules, mesh, services, callers, _rate_limit, out, _unresolved, _tie)
+    else:
+        resolved = rin.fault_rules(rules, mesh, services, callers, _fault, out, _unresolved)
+    for r in resolved:
+        src = dict(r.peer).get(SERVICE_TAG, "*")
+        _add(idx, legacy, _entry(list(r.members), src, r.dst, r.when, r.peer, r.conf))
+
+
+def _without_ruled(
+    items: list[_Item], rules: list[rin.InboundRule], services: list[str], out: list[Diagnostic]
+) -> list[_Item]:
+    """The ``from`` items of a kind whose plugin reads Kuma's inbound rules alone where a policy
+    with ``rules`` selects the proxy: dropped there (W3007), per service; W3006 where only some
+    of an item's instances are selected by such a policy (a bundle cannot subtract them)."""
+    kept: list[_Item] = []
+    for it in items:
+        targets = services if it.dst == "*" else [it.dst]
+        free = []
+        for svc in targets:
+            over = [r for r in rules if r.dst in (svc, "*") and rin.compatible(r.when, it.when)]
+            full = next((r for r in over if set(r.when) <= set(it.when)), None)
+            if full is not None:
+                _once(out, _ruled(it.ranked, full.ranked))
+                continue
+            if over:
+                d, r = it.ranked.policy, over[0].ranked.policy
+                msg = (
+                    f"{d.kind} {d.name!r} `from` still applies to the instances of {svc} that {r.kind} "
+                    f"{r.name!r} selects with `rules`, where Kuma uses the rules alone (a bundle cannot "
+                    "take some instances out of a rule)"
+                )
+                _once(out, Diagnostic("W3006", msg, d.loc(it.ranked.where)))
+            free.append(svc)
+        if len(free) == len(targets):
+            kept.append(it)
+        else:
+            kept.extend(_Item(it.src, svc, it.when, it.peer, it.ranked) for svc in free)
+    return kept
+
+
+def _ruled(item: Ranked, by: Ranked) -> Diagnostic:
+    d, r = item.policy, by.policy
+    return Diagnostic(
+        "W3007",
+        f"{d.kind} {d.name!r} `from` has no effect where {r.kind} {r.name!r} has `rules`: as in Kuma 2.x, "
+        "a proxy that inbound rules select uses them alone",
+        d.loc(item.where),
+        related_locs=((r.loc(by.where), f"{r.kind} {r.name!r} is here"),),
+    )
 
 
 def _tie(a: Ranked, z: Ranked, src: str, dst: str) -> Diagnostic:

@@ -284,7 +284,7 @@ def test_what_the_log_backend_cannot_hold_is_named(tmp_path: Path) -> None:
         "a Json format (the bundle carries a Plain format string)",
         "a OpenTelemetry backend (the sidecar writes File and Tcp logs only)",
         "a second backend (a bundle's log rule has one)",
-        "the `from` section (inbound access logs)",
+        "the `from` section: inbound access logs (a bundle's inbound has no log)",
     ]
     assert [x["path"] for x in _logs(r, "default", "api")] == ["/tmp/a.log"]
 

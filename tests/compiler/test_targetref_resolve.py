@@ -120,9 +120,11 @@ spec:
 
 def test_what_is_not_resolved_says_so(tmp_path: Path) -> None:
     r = _compile(
-        tmp_path, _timeout("dp", "{kind: Dataplane, labels: {app: web}}", "{kind: Mesh}", "{idleTimeout: 1s}")
+        tmp_path, _timeout("dp", "{kind: Dataplane, name: web-1}", "{kind: Mesh}", "{idleTimeout: 1s}")
     )
-    assert [d.code for d in r.diagnostics] == ["W3006"]
+    (w,) = r.diagnostics
+    assert w.code == "W3006" and w.loc.path == ("spec", "targetRef", "name")
+    assert "Dataplane targetRef by name ('web-1')" in w.message and "`labels`" in w.message
 
 
 def test_permissions_from_mesh_traffic_permissions(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ A policy sets `to` (outbound), `from` (inbound) or `rules` (inbound, replacing `
 
 meshc compiles `to` into the destination's TrafficLog rule: the first File or Tcp backend, with
 its Plain format string (the sidecar writes File logs; Tcp is carried in the bundle). An
-OpenTelemetry backend, further backends, a Json format, `from` and `rules` are not applied
-(W3006 at each).
+OpenTelemetry backend, further backends, a Json format, `from` and `rules` (inbound logs: a
+bundle's inbound has no log) are not applied (W3006 at each).
 
 Valid::
 

@@ -4,6 +4,11 @@ Inbound (`from`, `rules`) for sidecars; `to` only when the top-level targetRef i
 gateways. Each `http[]` entry may set `abort`, `delay` and `responseBandwidth`, each with a
 `percentage` of the requests (0-100, decimals as strings).
 
+meshc compiles `rules` as Kuma 2.x does: every rule is its own fault filter, so a caller gets the
+faults of the rules without a match and of each rule whose `spiffeID` match covers it
+(`spiffe://<mesh>/<service>`); at most one abort, delay and bandwidth limit each (W3006
+otherwise). Where a policy with `rules` selects a proxy, `from` has no effect there (W3007).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1

@@ -4,6 +4,11 @@ Inbound (`from`, `rules`) for sidecars; `to` only when the top-level targetRef i
 gateways. A rate is `num` per `interval` (more than 50ms). `onRateLimit` sets the status
 (default 429) and headers of the answer to a limited request.
 
+meshc compiles `from` and `rules` as Kuma 2.14's inbound rules (`from` items are rules without a
+match): those without a match, merged in policy order, are the common limit; a caller that a
+`spiffeID` match covers (`spiffe://<mesh>/<service>`) gets the common limit merged with its
+matching rules, least specific first. An `sni` match is not applied (W3006).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1

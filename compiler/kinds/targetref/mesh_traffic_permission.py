@@ -4,6 +4,11 @@
 the deprecated `from[]` gives each client targetRef an `action` (Allow, Deny,
 AllowWithShadowDeny). `from` and `rules` do not combine.
 
+meshc compiles `rules` as Kuma 2.x does: a `deny` match beats every `allow` of the proxy's
+rules; a caller's identity is `spiffe://<mesh>/<service>`, so each match names the services it
+covers (an `sni` match is not applied, W3006). Where a policy with `rules` selects a proxy, the
+`from` permissions of that proxy have no effect (W3007), as in Kuma.
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
