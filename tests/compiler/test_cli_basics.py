@@ -26,7 +26,7 @@ FORMATS = ("text", "json", "github", "sarif")
 
 SUBCOMMANDS = (
     "validate", "compile", "schemas", "sidecar", "gateway", "plan", "controlplane", "token", "secrets",
-    "status", "demo", "inject", "manifests", "convert", "explain",
+    "status", "demo", "inject", "manifests", "convert", "explain", "canary",
 )  # fmt: skip
 """Every subcommand, written out: a list read from the parser would shrink with a lost module."""
 
