@@ -251,7 +251,7 @@ def _header_changes(mod: dict[str, Any] | None) -> tuple[b.HeaderChange, ...]:
 
 
 def _health_check(m: dict[str, Any]) -> b.HealthCheckConf:
-    http, tcp = m.get("http"), m.get("tcp")
+    http, tcp, grpc = m.get("http"), m.get("tcp"), m.get("grpc")
     return b.HealthCheckConf(
         interval_ms=_g(m, "interval", default=60000),
         timeout_ms=_g(m, "timeout", default=15000),
@@ -274,6 +274,11 @@ def _health_check(m: dict[str, Any]) -> b.HealthCheckConf:
         tcp=None
         if not isinstance(tcp, dict) or tcp.get("disabled")
         else b.TcpHealthCheck(send=tcp.get("send"), receive=tuple(tcp.get("receive") or ())),
+        grpc=None
+        if not isinstance(grpc, dict) or grpc.get("disabled")
+        else b.GrpcHealthCheck(
+            service_name=grpc.get("service_name") or "", authority=grpc.get("authority") or None
+        ),
     )
 
 
