@@ -131,6 +131,11 @@ class HealthProbe:
         self._grpc: int | None = None
         self._body = b""
 
+    @property
+    def answered(self) -> bool:
+        """The current (or last) check got a response head: the peer took the call."""
+        return self._status is not None
+
     def data_to_send(self) -> bytes:
         return self.conn.data_to_send()
 

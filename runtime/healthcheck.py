@@ -140,8 +140,8 @@ class HealthChecker:
         authority = grpc.authority or service or host.address
         c = self._h2.pop(key, None)
         if c is not None and not c.probe.closed:
-            # A kept connection the peer may have closed while idle: the first failure to reach
-            # an answer on it is not the host's, so the check runs again on a new connection.
+            # A kept connection the peer may have closed while idle: a call that gets no answer
+            # on it is not the host's failure, so the check runs again on a new connection.
             verdict = await self._call(c, grpc.service_name, authority, conf.timeout_ms)
             if verdict is not None:
                 self._keep(key, c, conf)
@@ -154,7 +154,8 @@ class HealthChecker:
         return verdict is not None and verdict.ok
 
     async def _call(self, c: _H2Conn, service_name: str, authority: str, timeout_ms: int) -> Verdict | None:
-        """One check on ``c``; None when the connection failed before the call got an answer."""
+        """One check on ``c``; None when the call failed before any answer (the connection was
+        closed, went away with a GOAWAY, broke the protocol, reset the stream)."""
         probe = c.probe
         try:
             probe.start(service_name, authority, c.tls, timeout_ms)
@@ -164,8 +165,7 @@ class HealthChecker:
                 verdict = probe.receive(await c.reader.read(65536))
                 if verdict is not None:
                     c.writer.write(probe.data_to_send())  # window updates, a RST of a big answer
-                    gone = verdict.reason == "connection closed" or verdict.reason.startswith("GOAWAY")
-                    return None if gone else verdict
+                    return verdict if verdict.ok or probe.answered else None
         except OSError:
             probe.closed = True
             return None
