@@ -280,3 +280,16 @@ def test_a_grpc_health_check_authority_that_is_not_host_port_is_e1005(tmp_path: 
     assert d.span is not None and d.file == "policies.yaml"
     assert (d.span.line, d.span.column) == (line, lines[line - 1].index("'api /health'") + 1)
     assert "default" not in r.bundles  # an error: no bundles
+
+
+def test_a_grpc_health_check_beside_an_http_one_is_w3006(tmp_path: Path) -> None:
+    """meshc's `http` protocol covers gRPC services, so the HTTP check runs and `grpc` says so."""
+    r = _compile(tmp_path, _health("both", API, "{http: {path: /health}, grpc: {serviceName: x}}"))
+    (d,) = r.diagnostics
+    assert d.code == "W3006" and d.loc.path == ("spec", "to", 0, "default", "grpc")
+    assert "a `grpc` check beside an `http` one (meshc runs `http`)" in d.message
+    (api,) = _health_checks(r, "api")
+    assert api["http"]["path"] == "/health"
+    # With the HTTP one disabled there is nothing to say: the gRPC check runs.
+    r = _compile(tmp_path, _health("both", API, "{http: {disabled: true}, grpc: {serviceName: x}}"))
+    assert not r.diagnostics and _health_checks(r, "api")[0]["http"] is None

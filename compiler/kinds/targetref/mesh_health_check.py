@@ -8,7 +8,8 @@ At least one of `http`, `tcp` and `grpc` must be set.
 mesh's mTLS); only `status: SERVING` passes. `serviceName` is the `service` asked about (empty:
 the whole server), `authority` the `:authority` (default: the destination's service name).
 Kuma picks the check by the destination's protocol; meshc's `http` protocol covers gRPC services
-too, so meshc runs `http` when it is set (and not disabled), else `grpc`, else `tcp`.
+too, so meshc runs `http` when it is set (and not disabled), else `grpc`, else `tcp`; a `grpc`
+check beside an `http` one in the same `default` is W3006.
 
 Valid::
 
@@ -164,6 +165,14 @@ def _default(path: Path, conf: Conf | None) -> Found:
         yield (*path, "grpc", "authority"), "must be a valid authority (host or host:port)"
     if c.http is None and c.tcp is None and c.grpc is None:
         yield path, "must have at least one defined: http, tcp, grpc"
+
+
+def not_applied(conf: Conf | None) -> Found:
+    """A ``grpc`` check beside an enabled ``http`` one: meshc runs the HTTP one (see the module doc)."""
+    if conf is None or conf.grpc is None or conf.grpc.disabled:
+        return
+    if conf.http is not None and not conf.http.disabled:
+        yield ("grpc",), "a `grpc` check beside an `http` one (meshc runs `http`)"
 
 
 def check(spec: MeshHealthCheckSpec) -> Found:
