@@ -47,6 +47,7 @@ from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
 from compiler.kinds.fault_injection import bandwidth_bps
 from compiler.kinds.mesh import mesh_settings
 from compiler.kinds.targetref import mesh_access_log as mal
+from compiler.kinds.targetref import mesh_health_check as mhc
 from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
@@ -316,7 +317,7 @@ def _header_changes(mod: dict[str, Any] | None) -> tuple[b.HeaderChange, ...]:
 
 
 def _health_check(m: dict[str, Any]) -> b.HealthCheckConf:
-    http, tcp = m.get("http"), m.get("tcp")
+    http, tcp, grpc = m.get("http"), m.get("tcp"), m.get("grpc")
     return b.HealthCheckConf(
         interval_ms=_g(m, "interval", default=60000),
         timeout_ms=_g(m, "timeout", default=15000),
@@ -339,6 +340,11 @@ def _health_check(m: dict[str, Any]) -> b.HealthCheckConf:
         tcp=None
         if not isinstance(tcp, dict) or tcp.get("disabled")
         else b.TcpHealthCheck(send=tcp.get("send"), receive=tuple(tcp.get("receive") or ())),
+        grpc=None
+        if not isinstance(grpc, dict) or grpc.get("disabled")
+        else b.GrpcHealthCheck(
+            service_name=grpc.get("service_name") or "", authority=grpc.get("authority") or None
+        ),
     )
 
 
@@ -653,15 +659,22 @@ def _to_default(d: Doc, i: int, to: Any, out: list[Diagnostic]) -> dict[str, Any
                 _unresolved(d, "a second MeshTCPRoute rule (Kuma uses the first)", ("to", i, "rules", j))
             )
         return {"tcp": _dump(rules[0].default) if rules else {}}
-    for path, what in (mlbs.not_applied if d.kind == _LB else mal.not_applied if d.kind == _LOG else _none)(
-        to.default
-    ):
+    not_applied = _NOT_APPLIED.get(d.kind, _none)
+    for path, what in not_applied(to.default):
         out.append(_unresolved(d, what, ("to", i, "default", *path)))
     return {"load_balancing": _dump(to.default)} if d.kind == _LB else _dump(to.default)
 
 
 def _none(_: Any) -> Iterator[tuple[Path, str]]:
     return iter(())
+
+
+_NOT_APPLIED: dict[str, Callable[[Any], Iterator[tuple[Path, str]]]] = {
+    _LB: mlbs.not_applied,
+    _LOG: mal.not_applied,
+    "MeshHealthCheck": mhc.not_applied,
+}
+"""A kind's settings the bundle has no place for (W3006 at each)."""
 
 
 def _route_rules(rules: list[Any] | None) -> dict[str, Any]:

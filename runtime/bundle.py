@@ -45,6 +45,7 @@ __all__ = [
     "GatewayListener",
     "GatewayMatch",
     "GatewayRule",
+    "GrpcHealthCheck",
     "HeaderChange",
     "HeaderOps",
     "HealthCheckConf",
@@ -201,6 +202,15 @@ class TcpHealthCheck(_Frozen):
     receive: tuple[str, ...] = ()
 
 
+class GrpcHealthCheck(_Frozen):
+    """The standard ``grpc.health.v1.Health/Check`` call over HTTP/2; only SERVING passes."""
+
+    service_name: str = Field(default="", description="The `service` asked about; empty: the whole server.")
+    authority: str | None = Field(
+        default=None, description="The request's `:authority`; None: the destination's service name."
+    )
+
+
 class HealthCheckConf(_Frozen):
     interval_ms: int
     timeout_ms: int
@@ -215,6 +225,15 @@ class HealthCheckConf(_Frozen):
     reuse_connection: bool = True
     http: HttpHealthCheck | None = None
     tcp: TcpHealthCheck | None = None
+    grpc: GrpcHealthCheck | None = None
+    """Used when ``http`` is not set (meshc's ``http`` protocol covers gRPC services too, so the
+    destination's protocol cannot choose as Kuma's does); ``tcp`` only when neither is set."""
+
+    def check_kind(self) -> str:
+        """Which check runs: ``http``, ``grpc`` or ``tcp`` (an empty conf: an HTTP GET of ``/``)."""
+        if self.http is not None or (self.grpc is None and self.tcp is None):
+            return "http"
+        return "grpc" if self.grpc is not None else "tcp"
 
 
 class Consecutive(_Frozen):

@@ -567,7 +567,11 @@ class Snapshot:
             hc = target.hc
             if hc is None:
                 continue
-            kind = f"http:{hc.http.path}" if hc.http else "tcp"
+            kind = hc.check_kind()
+            if kind == "http" and hc.http is not None:
+                kind = f"http:{hc.http.path}"
+            elif kind == "grpc" and hc.grpc is not None:
+                kind = f"grpc:{hc.grpc.service_name}"
             for host in target.hosts:
                 out.setdefault((host.address, kind), (host, hc, target))
         return out

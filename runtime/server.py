@@ -187,6 +187,7 @@ class DataPlane:
             self.fast.creds = self.creds
         self.creds.listeners.append(self._on_new_certificate)
         self.health.tls = self._peer_tls
+        self.health.h2_tls = self.h2.client_ctx
         self.trust = PushTrust(opts.state_dir, opts.trust_key, opts.insecure_admin)
         self.pushes = Pushes(
             self.engine,

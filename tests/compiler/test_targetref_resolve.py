@@ -234,3 +234,64 @@ spec:
     assert "'new' and the legacy Timeout 'old' both configure web -> api" in w.message
     assert [x["connect_timeout_ms"] for x in _timeouts(r, "default/web", "api")] == [3000]
     assert [x["connect_timeout_ms"] for x in _timeouts(r, "default", "api")] == [7000]  # other callers
+
+
+def _health(name: str, to: str, default: str) -> str:
+    return f"""---
+apiVersion: kuma.io/v1alpha1
+kind: MeshHealthCheck
+metadata: {{name: {name}, labels: {{kuma.io/mesh: default}}}}
+spec:
+  to: [{{targetRef: {to}, default: {default}}}]
+"""
+
+
+def _health_checks(r: CompileResult, dst: str) -> list[dict[str, Any]]:
+    bundle = json.loads(r.bundles["default"])
+    return [x["conf"] for x in bundle["destinations"][dst]["health_check"]]
+
+
+def test_a_grpc_health_check_reaches_the_bundle_and_disabled_drops_it(tmp_path: Path) -> None:
+    r = _compile(
+        tmp_path,
+        _health("grpc-api", API, "{interval: 2s, grpc: {serviceName: api.v1.Api, authority: 'api:81'}}"),
+        _health("off-web", WEB, "{grpc: {disabled: true, serviceName: x}, tcp: {}}"),
+    )
+    assert not r.diagnostics, [(d.code, d.message) for d in r.diagnostics]
+    (api,) = _health_checks(r, "api")
+    assert api["grpc"] == {"service_name": "api.v1.Api", "authority": "api:81"}
+    assert (api["interval_ms"], api["timeout_ms"], api["http"], api["tcp"]) == (2000, 15000, None, None)
+    (web,) = _health_checks(r, "web")
+    assert web["grpc"] is None and web["tcp"] == {"send": None, "receive": []}
+    # An empty section: the whole server is asked about, under the destination's name (None here).
+    r = _compile(tmp_path, _health("grpc-api", API, "{grpc: {}}"))
+    assert _health_checks(r, "api")[0]["grpc"] == {"service_name": "", "authority": None}
+
+
+def test_a_grpc_health_check_authority_that_is_not_host_port_is_e1005(tmp_path: Path) -> None:
+    r = _compile(
+        tmp_path,
+        _health("bad", API, "{grpc: {authority: 'api /health'}}"),
+        _health("good", WEB, "{grpc: {authority: '[::1]:81'}}"),
+    )
+    (d,) = r.diagnostics
+    assert (d.code, d.message) == ("E1005", "must be a valid authority (host or host:port)")
+    assert d.loc.path == ("spec", "to", 0, "default", "grpc", "authority")
+    lines = (tmp_path / "policies" / "policies.yaml").read_text().splitlines()
+    (line,) = [i for i, text in enumerate(lines, 1) if "'api /health'" in text]
+    assert d.span is not None and d.file == "policies.yaml"
+    assert (d.span.line, d.span.column) == (line, lines[line - 1].index("'api /health'") + 1)
+    assert "default" not in r.bundles  # an error: no bundles
+
+
+def test_a_grpc_health_check_beside_an_http_one_is_w3006(tmp_path: Path) -> None:
+    """meshc's `http` protocol covers gRPC services, so the HTTP check runs and `grpc` says so."""
+    r = _compile(tmp_path, _health("both", API, "{http: {path: /health}, grpc: {serviceName: x}}"))
+    (d,) = r.diagnostics
+    assert d.code == "W3006" and d.loc.path == ("spec", "to", 0, "default", "grpc")
+    assert "a `grpc` check beside an `http` one (meshc runs `http`)" in d.message
+    (api,) = _health_checks(r, "api")
+    assert api["http"]["path"] == "/health"
+    # With the HTTP one disabled there is nothing to say: the gRPC check runs.
+    r = _compile(tmp_path, _health("both", API, "{http: {disabled: true}, grpc: {serviceName: x}}"))
+    assert not r.diagnostics and _health_checks(r, "api")[0]["http"] is None

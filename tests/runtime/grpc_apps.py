@@ -4,6 +4,8 @@
 client stream; ``Slow`` waits until the caller's deadline; ``Missing`` fails trailers-only with
 NOT_FOUND; ``Flaky`` answers UNAVAILABLE to the first call of each key, then succeeds;
 ``Watch`` streams one message and then waits until the call is cancelled (``cancelled``).
+Every server also serves the standard ``grpc.health.v1.Health`` (grpcio-health-checking):
+``set_health`` changes what it answers for a service (``""``: the server as a whole).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SERVICE = "test.Echo"
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.enable_retries", 0)]
@@ -22,14 +25,14 @@ CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.enable_retries", 0)]
 
 
 class EchoServer:
-    def __init__(self, name: str = "benigno") -> None:
+    def __init__(self, name: str = "benigno", options: list[tuple[str, Any]] | None = None) -> None:
         self.name = name
         self.calls: Counter[str] = Counter()
         self.metadata: list[dict[str, str]] = []
         self.lock = threading.Lock()
         self.release = threading.Event()
         self.cancelled = threading.Event()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options or [])
         handlers = {
             "Unary": grpc.unary_unary_rpc_method_handler(self._unary),
             "Stream": grpc.unary_stream_rpc_method_handler(self._stream),
@@ -40,6 +43,9 @@ class EchoServer:
             "Watch": grpc.unary_stream_rpc_method_handler(self._watch),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.health = health.HealthServicer()
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
@@ -89,6 +95,10 @@ class EchoServer:
         context.add_callback(self.cancelled.set)  # runs when the call ends: here, by a reset
         yield b"first"
         self.cancelled.wait(30)
+
+    def set_health(self, status: str, service: str = SERVICE) -> None:
+        """``SERVING``, ``NOT_SERVING``, ``UNKNOWN``..., as the health service answers it."""
+        self.health.set(service, health_pb2.HealthCheckResponse.ServingStatus.Value(status))
 
     def close(self) -> None:
         self.release.set()

@@ -3,6 +3,7 @@ sidecar processes and a real grpcio client and server.
 
     grpc client --h2c--> magnanimo v1 sidecar --h2 over mTLS (ALPN)--> benigno sidecar --h2c--> app
     grpc client --h2c--> magnanimo v2 sidecar --> benigno: no TrafficPermission: PERMISSION_DENIED
+    magnanimo v1 sidecar --grpc.health.v1.Health/Check, h2 over mTLS--> benigno sidecar --> app
 
 The inbound listener offers ``h2`` and ``http/1.1`` by ALPN: a caller offering only HTTP/1.1 is
 served HTTP/1.1 on the same port.
@@ -47,6 +48,23 @@ spec:
     grpc: {numRetries: 3, retryOn: [unavailable]}
 """
 
+GRPC_HEALTH_CHECK = """\
+apiVersion: kuma.io/v1alpha1
+kind: MeshHealthCheck
+metadata: {name: benigno-grpc-health, labels: {kuma.io/mesh: default}}
+spec:
+  targetRef: {kind: MeshSubset, tags: {kuma.io/service: magnanimo, version: v1}}
+  to:
+    - targetRef: {kind: MeshService, name: benigno}
+      default:
+        interval: 200ms
+        timeout: 5s
+        unhealthyThreshold: 1
+        healthyThreshold: 1
+        grpc: {serviceName: test.Echo}
+"""
+"""From magnanimo v1 only: v2 may not call benigno, so its checks would all be refused."""
+
 
 @dataclass
 class GrpcMesh:
@@ -74,7 +92,7 @@ def grpc_mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     work = tmp_path_factory.mktemp(f"grpc-mesh-{dataplane}")
     policies = work / "policies"
     write_policies(policies)
-    (policies / "health-check.yaml").unlink()  # an HTTP/1.1 check would fail against a gRPC app
+    (policies / "health-check.yaml").write_text(GRPC_HEALTH_CHECK)  # not the HTTP/1.1 check
     (policies / "retry.yaml").write_text(RETRY)
     cp = ControlPlaneProc(policies, work)
     app = EchoServer("benigno")
@@ -158,3 +176,32 @@ def test_inbound_alpn_offers_h2_and_falls_back_to_http11(grpc_mesh: GrpcMesh) ->
     assert negotiate(["h2", "http/1.1"])[0] == "h2"
     chosen, first = negotiate(["http/1.1"])
     assert chosen == "http/1.1" and first.startswith(b"HTTP/1.1 ")  # answered in HTTP/1.1
+
+
+def test_grpc_health_checks_over_mtls(grpc_mesh: GrpcMesh) -> None:
+    """The checks go over the mesh's mTLS with ALPN h2 (STRICT refuses anything else) and the
+    inbound sidecar relays them to the app's health service: NOT_SERVING marks benigno unhealthy
+    in magnanimo v1's sidecar, SERVING makes it healthy again."""
+    v1 = grpc_mesh.planes["magnanimo-v1"]
+
+    inbound = grpc_mesh.planes["benigno"].inbound
+    assert inbound is not None
+    address = f"{inbound[0]}:{inbound[1]}"
+
+    def count(result: str) -> float:
+        return metric_value(v1.metrics(), "meshc_health_checks_total", host=address, result=result)
+
+    def healthy() -> bool:
+        return bool(v1.config()["hosts"][address]["healthy"])
+
+    wait_until(lambda: count("success") >= 2, "gRPC health checks passing over mTLS")
+    assert count("failure") == 0 and healthy()
+    benigno = grpc_mesh.planes["benigno"].metrics()
+    assert metric_value(benigno, "meshc_inbound_connections_total", tls="plaintext", result="accepted") == 0
+    try:
+        grpc_mesh.app.set_health("NOT_SERVING")
+        wait_until(lambda: not healthy(), "benigno to be unhealthy")
+        assert count("failure") >= 1
+    finally:
+        grpc_mesh.app.set_health("SERVING")
+    wait_until(healthy, "benigno to be healthy again")

@@ -4,6 +4,13 @@ Kuma's defaults: interval 1m, timeout 15s, unhealthyThreshold 5, healthyThreshol
 healthyPanicThreshold 50, failTrafficOnPanic false, http.path `/`.
 At least one of `http`, `tcp` and `grpc` must be set.
 
+`grpc` calls the standard `grpc.health.v1.Health/Check` over HTTP/2 (h2c, or ALPN h2 over the
+mesh's mTLS); only `status: SERVING` passes. `serviceName` is the `service` asked about (empty:
+the whole server), `authority` the `:authority` (default: the destination's service name).
+Kuma picks the check by the destination's protocol; meshc's `http` protocol covers gRPC services
+too, so meshc runs `http` when it is set (and not disabled), else `grpc`, else `tcp`; a `grpc`
+check beside an `http` one in the same `default` is W3006.
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
@@ -14,12 +21,22 @@ Valid::
         - targetRef: {kind: MeshService, name: benigno}
           default: {interval: 5s, http: {path: /health, expectedStatuses: [200]}}
 
+A gRPC service::
+
+    default: {interval: 5s, grpc: {serviceName: benigno.v1.Benigno}}
+
 Invalid (no check type)::
 
     default: {interval: 5s}
+
+Invalid (an authority that is not ``host`` or ``host:port``, E1005)::
+
+    default: {grpc: {authority: "benigno /x"}}
 """
 
 from __future__ import annotations
+
+import re
 
 from compiler.diagnostics import Path
 from compiler.kinds.base import Spec
@@ -71,7 +88,13 @@ class HttpHealthCheck(Spec):
 class GrpcHealthCheck(Spec):
     disabled: Bool | None = None
     service_name: KStr | None = None
+    """The ``service`` of the ``HealthCheckRequest`` (default empty: the server as a whole)."""
     authority: KStr | None = None
+    """The ``:authority`` of the check (default: the destination's service name)."""
+
+
+_AUTHORITY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?")
+"""RFC 3986 ``host [":" port]`` (no userinfo): what an HTTP/2 ``:authority`` may carry."""
 
 
 class Conf(Spec):
@@ -136,8 +159,20 @@ def _default(path: Path, conf: Conf | None) -> Found:
             yield (*path, "http", "path"), "must be defined"
         for i, s in enumerate(c.http.expected_statuses or []):
             yield from status_code((*path, "http", "expectedStatuses", i), s)
+    if c.grpc is not None and c.grpc.authority and not _AUTHORITY.fullmatch(c.grpc.authority):
+        # meshc's own rule (Kuma takes any text): HTTP/2 allows only host[:port] there (RFC 9113
+        # §8.3.1), so a peer would refuse every check and the endpoints could never pass.
+        yield (*path, "grpc", "authority"), "must be a valid authority (host or host:port)"
     if c.http is None and c.tcp is None and c.grpc is None:
         yield path, "must have at least one defined: http, tcp, grpc"
+
+
+def not_applied(conf: Conf | None) -> Found:
+    """A ``grpc`` check beside an enabled ``http`` one: meshc runs the HTTP one (see the module doc)."""
+    if conf is None or conf.grpc is None or conf.grpc.disabled:
+        return
+    if conf.http is not None and not conf.http.disabled:
+        yield ("grpc",), "a `grpc` check beside an `http` one (meshc runs `http`)"
 
 
 def check(spec: MeshHealthCheckSpec) -> Found:
