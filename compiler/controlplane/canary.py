@@ -117,6 +117,14 @@ class CanaryController:
             st = self.states.get(key)
             if st is not None and st.get("spec") == h:
                 continue
+            if st is not None and st["phase"] == "Succeeded" and st.get("weight") == rec["git_weight"]:
+                # the promotion merged: Git now says what the canary ran; nothing to start again
+                st.update(
+                    spec=h, weight=None, reason="the promotion is in Git: its weights are the route's now"
+                )
+                self._event(st, rec, "merged", st["reason"])
+                self._save(key)
+                continue
             self.states[key] = self._fresh(rec, h, restarted=st is not None)
             self._samples.pop(key, None)
             self._save(key)
