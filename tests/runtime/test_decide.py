@@ -588,7 +588,11 @@ def test_every_forward_carries_this_hops_traceparent() -> None:
         assert fwd.trace.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
         assert fwd.trace.parent_id == "00f067aa0ba902b7" and fwd.trace.span_id != "00f067aa0ba902b7"
         assert not fwd.trace.sampled  # the caller's decision stands
-        assert fwd.request_ops[-1] == (SET, "traceparent", fwd.trace.header())
+        ops = {op[1]: op for op in fwd.request_ops}
+        assert ops["traceparent"] == (SET, "traceparent", fwd.trace.header())
+        # A Zipkin backend: both B3 forms too, naming the same trace and span.
+        assert ops["b3"] == (SET, "b3", f"{fwd.trace.trace_id}-{fwd.trace.span_id}-0-00f067aa0ba902b7")
+        assert ops["x-b3-traceid"][2] == fwd.trace.trace_id and ops["x-b3-spanid"][2] == fwd.trace.span_id
     fresh = decide_inbound(engine, snap, False, None, "magnanimo", "00-zz-00f067aa0ba902b7-01")
     assert isinstance(fresh, Forward) and fresh.trace is not None
     assert fresh.trace.parent_id == "" and fresh.trace.sampled
