@@ -185,15 +185,17 @@ CODES: dict[str, Code] = _catalog(
     Code(
         "W3005",
         "dialects-overlap",
-        "A targetRef policy and a legacy policy of the same type configure the same traffic; as in Kuma, "
-        "the targetRef policy wins and the legacy one has no effect there.",
+        "A targetRef policy and a legacy policy of the same type configure the same traffic (or a "
+        "MeshTrace and the Mesh's legacy `tracing` the same data planes); as in Kuma, the targetRef "
+        "policy wins and the legacy one has no effect there.",
     ),
     Code(
         "W3006",
         "targetref-not-resolved",
         "A part of a targetRef policy that meshc does not resolve into bundles yet (a targetRef kind, "
         "a `rules` section, a route filter or match the bundle cannot express, zone-aware load "
-        "balancing or hash policies, an OpenTelemetry log backend): it has no effect.",
+        "balancing or hash policies, an OpenTelemetry log backend, a MeshTrace's Datadog or "
+        "OpenTelemetry backend, its `tags`, `sampling.client` or `apiVersion: httpProto`): it has no effect.",
     ),
     Code(
         "W1001",
