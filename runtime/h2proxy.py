@@ -953,6 +953,7 @@ class _Exchange:
                 method=head.method if head is not None else "",
                 path=head.path() if head is not None else "",
                 status=self.status,
+                grpc_status=self.grpc_status,
             )
             if not self.req_done and not self.down.closed:
                 self.down.reset(self.sid, ErrorCodes.NO_ERROR)  # answered before the body ended

@@ -60,10 +60,12 @@ class SpanReporter:
         method: str,
         path: str,
         status: int,
+        grpc_status: int | None = None,
     ) -> None:
         """Queue one finished hop's span for ``url`` (the tracing backend; None: no tracing), if
         it is sampled. An outbound hop is Zipkin's ``CLIENT``, inbound and gateway ones ``SERVER``.
-        As Envoy does, a 5xx is tagged ``error``; so is any answer the data plane made itself
+        As Envoy does, a 5xx or a gRPC status other than OK is tagged ``error``; so is any
+        answer the data plane made itself
         with an error status (a denial, a rate limit, a fault's abort: ``span.reason``, also
         tagged ``meshc.reason``), which Envoy tells apart only by its ``response_flags``."""
         if url is None or span is None or not span.sampled:
@@ -81,7 +83,9 @@ class SpanReporter:
         }
         if span.parent_id:
             doc["parentId"] = span.parent_id
-        if status >= 500 or (span.reason and status >= 400):
+        if grpc_status is not None:
+            doc["tags"]["grpc.status_code"] = str(grpc_status)
+        if status >= 500 or grpc_status not in (None, 0) or (span.reason and status >= 400):
             doc["tags"]["error"] = "true"
         if span.reason:
             doc["tags"]["meshc.reason"] = span.reason[:200]
