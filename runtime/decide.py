@@ -29,7 +29,7 @@ from runtime.engine import Engine, Snapshot, Target
 from runtime.headerops import NO_OPS, REMOVE, SET, HeaderOp
 from runtime.identity import PeerIdentity
 from runtime.security import DENIED_HEADER
-from runtime.tracing import Getter, Hop, hop
+from runtime.tracing import TRACEPARENT, Getter, Hop, hop
 
 __all__ = [
     "APP",
@@ -378,8 +378,12 @@ def traced(engine: Engine, snap: Snapshot, fwd: Forward, incoming: Getter | str 
     """``fwd`` with this hop's span: continued from ``incoming`` (the request's headers, or its
     ``traceparent`` alone) when it carries a valid context, else a new trace; the next hop's
     propagation headers are the last header ops (``runtime.tracing``)."""
-    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, snap.trace_b3)
-    ops = tuple((SET, n, v) if v is not None else (REMOVE, n, "") for n, v in span.headers(snap.trace_b3))
+    b3 = snap.trace_b3
+    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, b3)
+    if not b3:
+        fwd.request_ops = (*fwd.request_ops, (SET, TRACEPARENT, span.header()))
+        return fwd
+    ops = tuple((SET, n, v) if v is not None else (REMOVE, n, "") for n, v in span.headers(True))
     fwd.request_ops = (*fwd.request_ops, *ops)
     return fwd
 

@@ -194,8 +194,13 @@ def hop(
         tp, get = incoming, None
     else:
         tp, get = incoming(TRACEPARENT), incoming
+    if not b3 or get is None:
+        parsed = parse(tp)
+        if parsed is not None:
+            return Hop(parsed[0], _span_id(rng), parsed[1], parsed[2])
+        return Hop(f"{rng.getrandbits(128) or 1:032x}", _span_id(rng), "", _new(sampling_pct, rng))
     decision: B3Context | None = None
-    if b3 and get is not None:
+    if get is not None:
         ctx = parse_b3(get(B3)) or _b3_multi(get)
         if ctx is not None and ctx[0]:
             trace_id, parent, sampled, debug = ctx

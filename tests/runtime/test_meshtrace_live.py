@@ -207,3 +207,37 @@ spec:
         assert tags["http.status_code"] == str(status) and tags["error"] == "true", tags
         assert tags["meshc.reason"], tags
     assert not app.seen_headers  # the fault answered for the app
+
+
+def test_a_timeout_after_forwarding_is_the_forwarded_requests_span_tagged_error(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path, collectors: Callable[[], Collector]
+) -> None:
+    """The 504 is made once the request went upstream: the span is the forward's own (the
+    app saw it as its parent's), with the 504, ``error`` and the reason."""
+    zipkin = collectors()
+    timeout = """---
+apiVersion: kuma.io/v1alpha1
+kind: MeshTimeout
+metadata: {name: quick, labels: {kuma.io/mesh: default}}
+spec:
+  targetRef: {kind: Mesh}
+  to:
+    - targetRef: {kind: MeshService, name: benigno}
+      default: {http: {requestTimeout: 300ms}}
+"""
+    repo = _mesh() + SERVICES + _trace("t", "{kind: Mesh}", zipkin.url)
+    app, outbound, _ = _chain(plane, upstream, tmp_path, repo, timeout)
+    client = ProxyClient(outbound.outbound)  # type: ignore[arg-type]
+    try:
+        status, _, _ = client.get("http://benigno:5000/hang")
+    finally:
+        app.release.set()
+    assert status == 504
+    trace_id = wait_until(
+        lambda: app.seen_headers and app.seen_headers[-1]["x-b3-traceid"], "the app's request"
+    )
+    spans = wait_until(lambda: [s for s in zipkin.of(trace_id) if s["kind"] == "CLIENT"], "magnanimo's span")
+    tags = spans[0]["tags"]
+    assert tags["http.status_code"] == "504" and tags["error"] == "true", tags
+    assert tags["meshc.reason"] == "upstream request timeout"
+    assert app.seen_headers[-1]["x-b3-parentspanid"] == spans[0]["id"]
