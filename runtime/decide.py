@@ -12,6 +12,8 @@ verdict for a host outside the mesh whatever the protocol; ``admit`` and ``peer_
 when a target is about to get a request; ``RetryState`` follows one request's attempts and says,
 from each outcome, back off and retry or give up, and with which answer. The layers carry the
 verdicts out and never decide themselves, so the two HTTP data planes cannot drift apart.
+Every HTTP verdict carries the request's span (``runtime.tracing``), a ``Reply`` too, so the
+layers report what the data plane answered itself as they report what they forwarded.
 
 Nothing here touches a socket or a clock that is not passed in.
 """
@@ -131,8 +133,8 @@ class Reply:
         self.overflow = overflow
         """A circuit breaker's limit refused it (counted as an overflow)."""
         self.trace: Hop | None = None
-        """The request's span when the reply is its answer (``answered``): a reply made after
-        forwarding began answers with the ``Forward``'s span instead."""
+        """The request's span when a decision made the reply (``_answered``); a reply a layer
+        makes after forwarding began is reported with the ``Forward``'s span instead."""
 
     def __repr__(self) -> str:
         return f"Reply({self.status}, {self.reason!r})"
