@@ -15,6 +15,9 @@ Dataplane, MeshHTTPRoute), a ``to`` item other than Mesh or MeshService, ``rules
 MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; what the legacy
 load balancer and log backend have no place for (each kind's ``not_applied`` names it).
 
+MeshTrace has no ``to``/``from``: ``index_tracing`` merges the policies that select every data
+plane into the mesh bundle's ``tracing`` and those naming a service into that service's bundle.
+
 Every merged rule keeps the items it was merged from (``Entry.merged``) so that ``meshc explain``
 can say which policy set what, and which lost: provenance as data, nothing re-derived.
 """
@@ -974,9 +977,13 @@ def _trace_top(d: Doc, out: list[Diagnostic]) -> str | None:
     return top[0]
 
 
-def _traced(members: list[Ranked], out: list[Diagnostic], scope: str) -> b.TracingBackend | None:
+def _traced(
+    members: list[Ranked], out: list[Diagnostic], scope: str, seen: set[tuple[int, int]]
+) -> b.TracingBackend | None:
     for a, z in name_ties(members):
-        out.append(_tie(a, z, scope, "*"))
+        if (id(a.policy), id(z.policy)) not in seen:  # Mesh-wide ones meet again under each service
+            seen.add((id(a.policy), id(z.policy)))
+            out.append(_tie(a, z, scope, "*"))
     conf = mtr.Conf.model_validate(merged(r.default for r in members))
     return mtr.to_backend(conf, members[-1].policy.name)
 
@@ -1016,8 +1023,9 @@ def index_tracing(idx: PolicyIndex, docs: list[Doc], out: list[Diagnostic]) -> N
         r = Ranked(policy_key(kind, dict(d.labels), d.name), 0, default, d, ("default",), (kind, "Mesh"))
         items.append((service, r))
     wide = in_order(r for s, r in items if s == "*")
+    seen: set[tuple[int, int]] = set()
     if wide:
-        mesh_backend = _traced(wide, out, "*")
+        mesh_backend = _traced(wide, out, "*", seen)
         if legacy_set and mesh_doc is not None:
             out.append(_tracing_shadowed(mesh_doc, wide[-1], "every data plane"))
     else:
@@ -1025,7 +1033,7 @@ def index_tracing(idx: PolicyIndex, docs: list[Doc], out: list[Diagnostic]) -> N
     services: dict[str, tuple[b.ServiceTracing, tuple[Doc, ...]]] = {}
     for name in sorted({s for s, _ in items if s != "*"}):
         members = in_order(r for s, r in items if s in (name, "*"))
-        backend = _traced(members, out, name)
+        backend = _traced(members, out, name, seen)
         if legacy_set and not wide and mesh_doc is not None:
             out.append(_tracing_shadowed(mesh_doc, members[-1], name))
         used = _policies(members)

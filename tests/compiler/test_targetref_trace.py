@@ -178,3 +178,17 @@ def test_incremental_compile_of_a_meshtrace_change_equals_a_cold_one(tmp_path: P
     cold = compile_dir(d)
     assert upd.result.bundles == cold.bundles and upd.changed == ["default/api"]
     assert [x.code for x in upd.result.diagnostics] == [x.code for x in cold.diagnostics]
+
+
+def test_a_name_tie_between_two_meshtraces_is_one_w3004(tmp_path: Path) -> None:
+    other = "{type: Zipkin, zipkin: {url: 'http://other:9411/api/v2/spans'}}"
+    r = _compile(
+        tmp_path,
+        MESH,
+        _trace("aaa", "{kind: Mesh}", f"{{backends: [{ZIPKIN}]}}"),
+        _trace("bbb", "{kind: Mesh}", f"{{backends: [{other}]}}"),
+        _trace("api", "{kind: MeshService, name: api}", "{sampling: {overall: 5}, backends: []}"),
+    )
+    (tie,) = _found(r, "W3004")
+    assert "'aaa' overrides MeshTrace 'bbb'" in tie.message
+    assert _tracing(r, "default")["url"] == "http://zipkin:9411/api/v2/spans"  # the smaller name wins
