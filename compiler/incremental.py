@@ -61,7 +61,7 @@ from compiler.pipeline import (
     provenance,
 )
 from compiler.resolve import INBOUND, OUTBOUND, Entry, PolicyIndex, conflict_diagnostics
-from compiler.resolve_targetref import TARGETREF_FIELDS, index_targetref, legacy_shadowed
+from compiler.resolve_targetref import RESOLVED_KINDS, index_targetref, legacy_shadowed
 from compiler.result import CompileResult
 from compiler.source import SourceFile, SourceSet
 from compiler.yamlload import Positions
@@ -98,7 +98,7 @@ class Update:
 def _reindex_all(d: Doc) -> bool:
     """A document whose change rebuilds every bundle: the catalog, Kubernetes objects, and the
     targetRef policies (merged across documents, so not indexed one document at a time)."""
-    return d.kind in _CATALOG_KINDS or d.kind in TARGETREF_FIELDS or is_kube(d)
+    return d.kind in _CATALOG_KINDS or d.kind in RESOLVED_KINDS or is_kube(d)
 
 
 @dataclass
@@ -202,8 +202,7 @@ class IncrementalCompiler:
             self._catalog is None
             or declared != self._declared
             or any(
-                d.kind in _CATALOG_KINDS or d.kind in TARGETREF_FIELDS or is_kube(d)
-                for d in (*added, *removed)
+                d.kind in _CATALOG_KINDS or d.kind in RESOLVED_KINDS or is_kube(d) for d in (*added, *removed)
             )
         )
         self._declared = declared

@@ -224,6 +224,10 @@ class Request:
                 return v.decode("latin-1")
         return None
 
+    def get(self, name: str) -> str | None:
+        """``header`` by a ``str`` name (a ``tracing.Getter``)."""
+        return self.header(name.encode("latin-1"))
+
     def header_map(self) -> dict[str, str]:
         """Lower-case name -> value (the first of repeated fields), for route matching."""
         out: dict[str, str] = {}

@@ -80,7 +80,7 @@ from runtime.h2conn import (
 )
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
-from runtime.tracing import TRACEPARENT, Hop
+from runtime.tracing import Hop
 
 __all__ = ["H2Downstream", "H2Plane", "H2Upstream", "PrefaceSniffer"]
 
@@ -953,6 +953,7 @@ class _Exchange:
                 method=head.method if head is not None else "",
                 path=head.path() if head is not None else "",
                 status=self.status,
+                grpc_status=self.grpc_status,
             )
             if not self.req_done and not self.down.closed:
                 self.down.reset(self.sid, ErrorCodes.NO_ERROR)  # answered before the body ended
@@ -984,7 +985,7 @@ class _Exchange:
             is_tls, identity = down.tls_peer
             hmap = head.header_map()
             caller = hmap.get("x-meshc-source-service", "")
-            verdict = decide_inbound(engine, snap, is_tls, identity, caller, hmap.get(TRACEPARENT))
+            verdict = decide_inbound(engine, snap, is_tls, identity, caller, hmap.get)
         else:
             xfp = head.header_map().get("x-forwarded-proto")
             verdict = decide_gateway(engine, snap, head, down.port, request_scheme(xfp, down.secure))
@@ -1239,6 +1240,11 @@ class _Exchange:
             self.plane.metrics.overflow.labels(reply.dest).inc()
         if not self.source and not self.dest:
             self.source, self.dest = reply.source, reply.dest
+        span = self.span
+        if span is None:
+            self.span = reply.trace  # the request's answer: its span is reported in ``run``
+        elif not span.reason:
+            span.reason = reply.reason  # an answer made after forwarding began
         self._stop_upstream(ErrorCodes.CANCEL)
         headers, body = reply_headers(reply, self.grpc)
         if self.started:  # a head is out already: only trailers (gRPC) or a reset can follow
