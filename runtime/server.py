@@ -27,7 +27,7 @@ from runtime.bundle import ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
-from runtime.gatewaytls import GatewayCerts
+from runtime.gatewaytls import DEFAULT_SECRETS_DIR, GatewayCerts
 from runtime.h1guard import GuardedListener
 from runtime.h2proxy import H2Plane
 from runtime.healthcheck import HealthChecker
@@ -91,6 +91,8 @@ class Options:
     outbound: Addr | None = None
     admin: Addr = ("127.0.0.1", 0)
     listen: list[Addr] = field(default_factory=list)
+    tls_secrets_dir: str = DEFAULT_SECRETS_DIR
+    """Where the Secrets of HTTPS listeners' ``{secret: NAME}`` certificates are mounted."""
     state_dir: Path | None = None
     control_plane: str | None = None
     """One control plane URL, or several comma-separated (replicas sharing one store)."""
@@ -384,7 +386,7 @@ class DataPlane:
             tls: GatewayCerts | None = None
             if listener.protocol == "HTTPS":
                 try:
-                    tls = GatewayCerts(listener.certificates)
+                    tls = GatewayCerts(listener.certificates, self.opts.tls_secrets_dir)
                 except (OSError, ssl.SSLError, ValueError) as e:
                     if strict:
                         raise StartupError(
@@ -423,12 +425,13 @@ class DataPlane:
         return bound
 
     async def _watch_certificates(self) -> None:
-        """Re-read changed certificate files of HTTPS listeners (new handshakes only)."""
+        """Re-read changed certificates of HTTPS listeners, files and mounted Secrets alike (new
+        handshakes only)."""
         while True:
             await asyncio.sleep(_CERT_WATCH_S)
             for certs in self._gateway_certs:
                 if certs.reload():
-                    _emit({"event": "certificates_reloaded", "service": self.service, "files": certs.paths})
+                    _emit({"event": "certificates_reloaded", "service": self.service, "files": certs.labels})
 
     async def _rebind_gateway(self) -> None:
         """After a pushed bundle: bind the listeners it adds; a failure is logged, not a NACK
