@@ -92,6 +92,10 @@ def _names(path: str) -> tuple[str, ...]:
 
 
 def _context(src: _Source) -> ssl.SSLContext:
+    for path in src.files():
+        if not os.path.isfile(path):  # OpenSSL's error names no file: say which one is missing
+            hint = " (is the Secret mounted there, with keys tls.crt and tls.key?)" if src.key else ""
+            raise FileNotFoundError(f"{path} is missing{hint}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2", "http/1.1"])

@@ -430,7 +430,14 @@ class DataPlane:
         while True:
             await asyncio.sleep(_CERT_WATCH_S)
             for certs in self._gateway_certs:
-                if certs.reload():
+                try:
+                    replaced = certs.reload()
+                except Exception as e:  # never end the watch: the next change must still be seen
+                    _warn(
+                        f"gateway certificates {certs.labels}: reload failed, the last good ones stay: {e!r}"
+                    )
+                    continue
+                if replaced:
                     _emit({"event": "certificates_reloaded", "service": self.service, "files": certs.labels})
 
     async def _rebind_gateway(self) -> None:

@@ -97,19 +97,11 @@ class LocalCA:
         return cert.public_bytes(serialization.Encoding.PEM), key_pem, serial
 
 
+def _port(gw: Plane) -> int:
+    return int(gw.listening["listener:8443"].rpartition(":")[2])
+
+
 def _gateway(
-    plane: Callable[..., Plane],
-    tmp_path: Path,
-    app: str,
-    certs: tuple[Path | GatewayCertificate, ...],
-    *extra: str | Path,
-) -> tuple[str, int]:
-    gw = _gateway_plane(plane, tmp_path, app, certs, *extra)
-    host, _, port = gw.listening["listener:8443"].rpartition(":")
-    return host, int(port)
-
-
-def _gateway_plane(
     plane: Callable[..., Plane],
     tmp_path: Path,
     app: str,
@@ -168,7 +160,8 @@ def test_https_listener_with_sni_alpn_and_reload(
     first = ca.leaf(a, "a.example")
     ca.leaf(b, "b.example", "*.wild.example")
     app = upstream("magnanimo")
-    _, port = _gateway(plane, tmp_path, app.address, (a, b))
+    gw = _gateway(plane, tmp_path, app.address, (a, b))
+    port = _port(gw)
     body, version = _curl(ca, "a.example", port)
     assert version == "2" and json.loads(body)["name"] == "magnanimo"  # HTTP/2 by ALPN
     body, version = _curl(ca, "a.example", port, "--http1.1")
@@ -190,6 +183,7 @@ def test_https_listener_with_sni_alpn_and_reload(
     kept.close()
     # A broken file is not taken: the last good certificate stays.
     a.write_text("not a certificate")
+    wait_until(lambda: f"{a} not reloaded" in gw.stderr(), "the broken file to be logged")
     assert _serial(ca, "a.example", port) == second
 
 
@@ -234,12 +228,12 @@ def test_https_certificates_from_secrets_rotated_by_the_kubelet_swap(
     cert_b, key_b, serial_b = ca.pair("b.example")
     b.tls(cert_b, key_b)
     app = upstream("magnanimo")
-    gw = _gateway_plane(
+    gw = _gateway(
         plane, tmp_path, app.address,
         (GatewayCertificate(secret="edge-a"), GatewayCertificate(secret="edge.b")),
         "--tls-secrets-dir", secrets,
     )  # fmt: skip
-    port = int(gw.listening["listener:8443"].rpartition(":")[2])
+    port = _port(gw)
     body, version = _curl(ca, "a.example", port)
     assert version == "2" and json.loads(body)["name"] == "magnanimo"
     body, version = _curl(ca, "b.example", port, "--http1.1")  # SNI picks the second Secret's
@@ -287,7 +281,7 @@ def test_a_missing_secret_at_start_is_a_clear_error(
     """No certificate yet means no listener: the gateway says which Secret and where it looked."""
     app = upstream("magnanimo")
     with pytest.raises(AssertionError, match=r"secret nowhere \(.*nowhere\)"):
-        _gateway_plane(
+        _gateway(
             plane, tmp_path, app.address, (GatewayCertificate(secret="nowhere"),),
             "--tls-secrets-dir", tmp_path / "secrets",
         )  # fmt: skip
