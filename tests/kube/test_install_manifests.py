@@ -171,3 +171,10 @@ def test_without_tls_secrets_the_gateway_is_unchanged() -> None:
     assert "securityContext" not in pod and [v["name"] for v in pod["volumes"]] == ["meshc-token", "state"]
     bad = meshc("manifests", "--gateway-tls-secret", "../etc")
     assert bad.returncode == 2 and "not a Secret name" in bad.stderr
+
+
+def test_the_mount_dir_is_the_gateways_default() -> None:
+    from compiler.kube.manifests import TLS_SECRETS_DIR
+    from runtime.gatewaytls import DEFAULT_SECRETS_DIR
+
+    assert TLS_SECRETS_DIR == DEFAULT_SECRETS_DIR
