@@ -105,6 +105,15 @@ Item = tuple[Any, ...]
 headers), ("end",), ("reset", code)."""
 
 
+def _status(headers: list[Header]) -> int:
+    """A next hop's ``:status`` (first, three ASCII digits, RFC 9113 §8.3.2), else 502."""
+    if headers and headers[0][0] == ":status":
+        value = headers[0][1]
+        if len(value) == 3 and value.isascii() and value.isdigit():
+            return int(value)
+    return 502
+
+
 class StreamGone(Exception):
     """The stream (or its connection) is gone: nothing more can be sent on it."""
 
@@ -138,7 +147,15 @@ class _Side(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        data, goaways = self.frames.feed(data)
+        try:
+            data, goaways = self.frames.feed(data)
+        except h2.exceptions.ProtocolError as refused:  # a frame or header block past our limits
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(refused.error_code)
+            self.flush_now()
+            if self.transport is not None:
+                self.transport.close()
+            return
         try:
             events = self.conn.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
@@ -954,7 +971,10 @@ class _Exchange:
                 path=head.path() if head is not None else "",
                 status=self.status,
             )
-            if not self.req_done and not self.down.closed:
+            if not self.started and not self.down.closed:
+                # No answer went out (a bug raised before one): a reset, never a stream left open.
+                self.down.reset(self.sid, ErrorCodes.INTERNAL_ERROR)
+            elif not self.req_done and not self.down.closed:
                 self.down.reset(self.sid, ErrorCodes.NO_ERROR)  # answered before the body ended
             self.down.stream_done(self.sid)
 
@@ -1121,7 +1141,7 @@ class _Exchange:
                 while True:
                     item = await stream.inbox.get()
                     if item[0] == "head":
-                        status = int(item[1][0][1]) if item[1] and item[1][0][0] == ":status" else 502
+                        status = _status(item[1])
                         return Outcome.OK, (status, item[1], item[2])
                     if item[0] == "reset":
                         self._stop_upstream(None)
