@@ -273,6 +273,10 @@ def parse_request(headers: Iterable[Header], end_stream: bool) -> H2Head | str:
     path = pseudo.get(":path", "")
     if not method or not path:
         return "a request needs :method and :path"
+    if end_stream and any(n == "content-length" and v.strip("0") for n, v in regular):
+        # RFC 9113 §8.1.1: the length must be the body's, and h2 checks it only against DATA
+        # frames; forwarded, the next hop would wait for a body that never comes.
+        return "a content-length but no body"
     return H2Head(method, pseudo.get(":scheme", "http"), authority, path, regular, end_stream)
 
 

@@ -121,12 +121,15 @@ class StreamGone(Exception):
 class _Stream:
     """One stream's inbox on one connection, and the wake-up for its send window."""
 
-    __slots__ = ("inbox", "task", "window")
+    __slots__ = ("expect", "got", "inbox", "task", "window")
 
-    def __init__(self) -> None:
+    def __init__(self, expect: int | None = None) -> None:
         self.inbox: asyncio.Queue[Item] = asyncio.Queue()
         self.window = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.expect = expect
+        """A request's ``content-length`` (a client stream), checked when trailers end it."""
+        self.got = 0
 
 
 class _Side(asyncio.Protocol):
@@ -342,13 +345,28 @@ class H2Downstream(_Side):
                 self.reset(e.stream_id, ErrorCodes.REFUSED_STREAM)
                 return
             self.last_sid = max(self.last_sid, e.stream_id)
-            new = _Stream()
-            self.streams[e.stream_id] = new
             headers = cast(list[Header], list(e.headers))  # str pairs: header_encoding is set
+            length = next((v for n, v in headers if n == "content-length"), None)
+            new = _Stream(int(length) if length is not None else None)  # h2 checked its digits
+            self.streams[e.stream_id] = new
             exchange = _Exchange(self, e.stream_id, new, headers, e.stream_ended is not None)
             new.task = self.plane.loop.create_task(exchange.run())
             return
-        if isinstance(e, ev.StreamReset):  # the client cancelled: so is its exchange
+        if isinstance(e, ev.DataReceived):
+            s = self.streams.get(e.stream_id)
+            if s is not None and s.expect is not None:
+                s.got += len(e.data)
+        elif isinstance(e, ev.TrailersReceived):
+            s = self.streams.get(e.stream_id)
+            if s is not None and s.expect is not None and s.expect != s.got:
+                # Malformed (RFC 9113 §8.1.1): h2 compares content-length with the body only at a
+                # DATA frame's END_STREAM, so a body cut short by trailers would reach the next
+                # hop, which would wait for the rest. A stream error; the exchange is cancelled.
+                self.reset(e.stream_id, ErrorCodes.PROTOCOL_ERROR)
+                if s.task is not None:
+                    s.task.cancel()
+                return
+        elif isinstance(e, ev.StreamReset):  # the client cancelled: so is its exchange
             s = self.streams.get(e.stream_id)
             if s is not None and s.task is not None:
                 s.task.cancel()

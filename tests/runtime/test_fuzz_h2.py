@@ -57,8 +57,9 @@ FUZZ = settings(
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-CASE_DEADLINE = 15.0
-"""How long a server may take to answer a case (generous: a busy CI host; a hang is far longer)."""
+CASE_DEADLINE = 10.0
+"""How long a server may take to answer a case, and then to close (generous for a busy CI host,
+and under the 15 s route timeout: a request that only that timeout answers is a hang)."""
 RSS_GROWTH_MB = 64
 SERVICES = {
     "benigno": CatalogService(port=5000, protocol="http", subsets=({"version": "v1"},)),
@@ -130,7 +131,9 @@ class Seen:
     closed_after_half_close: bool = False
 
 
-def converse(addr: tuple[str, int], wire: bytes, owed: set[int] | None) -> Seen:
+def converse(
+    addr: tuple[str, int], wire: bytes, owed: set[int] | None, deadline: float = CASE_DEADLINE
+) -> Seen:
     """Send a case and a PING; read until the PING is answered and every ``owed`` stream has a
     HEADERS or RST_STREAM (``owed`` None: the bytes may end inside a frame, so only the end of
     the connection is waited for), or the server ends the connection; then half-close and wait
@@ -138,8 +141,8 @@ def converse(addr: tuple[str, int], wire: bytes, owed: set[int] | None) -> Seen:
     seen = Seen()
     answered: set[int] = set()
     reader = h2_frames.FrameReader()
-    end = time.monotonic() + CASE_DEADLINE
-    with socket.create_connection(addr, timeout=CASE_DEADLINE) as sock:
+    end = time.monotonic() + deadline
+    with socket.create_connection(addr, timeout=deadline) as sock:
         sock.settimeout(0.5)
         try:
             sock.sendall(PREFACE + h2_frames.settings_frame() + wire + h2_frames.ping_frame())
@@ -177,6 +180,7 @@ def converse(addr: tuple[str, int], wire: bytes, owed: set[int] | None) -> Seen:
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
                 seen.eof = True
+        end = time.monotonic() + deadline  # the close has a deadline of its own
         while not seen.eof and time.monotonic() < end and read():
             pass
         seen.closed_after_half_close = seen.eof
@@ -300,4 +304,26 @@ def test_headers_whose_numbers_are_no_ascii_digits_are_answered(chain: Chain) ->
             rendered = h2_frames.render([("headers", 1, headers, True, 0, False)])
             seen = converse(chain.address(which), rendered.wire, {1})
             assert 1 in seen.answered and seen.goaway is None, (which, extra[0], seen)
+    no_tracebacks(chain)
+
+
+def test_a_content_length_the_body_does_not_reach_is_refused_at_once(chain: Chain) -> None:
+    """Regression (found fuzzing): h2 compares content-length with the body only at a DATA
+    frame's END_STREAM, so ``content-length: 1`` on a HEADERS with END_STREAM, or a body cut
+    short by trailers, was forwarded and the app waited for the rest (answered only by the
+    route's 15 s timeout). Now a 400 and a RST_STREAM PROTOCOL_ERROR, at once."""
+    head = [(":method", "POST"), (":scheme", "http"), (":authority", "benigno:5000"), (":path", "/cl")]
+    no_body = h2_frames.render([("headers", 1, [*head, ("content-length", "1")], True, 0, False)])
+    short = h2_frames.render(
+        [
+            ("headers", 1, [*head, ("content-length", "5")], False, 0, False),
+            ("data", 1, b"ab", False, False),
+            ("trailers", 1, [("x-t", "1")]),
+        ]
+    )
+    for which in ("outbound", "inbound"):
+        for rendered in (no_body, short):
+            seen = converse(chain.address(which), rendered.wire, {1}, deadline=5.0)
+            assert 1 in seen.answered and seen.goaway is None, (which, seen)
+    assert chain.app.hits["/cl"] == 0
     no_tracebacks(chain)
