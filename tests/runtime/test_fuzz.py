@@ -420,3 +420,24 @@ def test_numbers_that_are_no_ascii_digits_are_refused_not_raised(digits: str) ->
         14,
         ("b", 80),
     )
+
+
+def test_a_request_that_ends_with_its_head_has_no_content_length_but_0() -> None:
+    """Regression (found fuzzing): h2 let ``content-length: 1`` on a HEADERS with END_STREAM
+    through, and the next hop waited for that byte."""
+    head = [(":method", "POST"), (":scheme", "http"), (":authority", "b"), (":path", "/")]
+    assert isinstance(parse_request([*head, ("content-length", "1")], True), str)
+    assert not isinstance(parse_request([*head, ("content-length", "0")], True), str)
+    assert not isinstance(parse_request([*head, ("content-length", "1")], False), str)
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"042"])
+def test_an_upstream_status_under_100_is_a_502(status: bytes) -> None:
+    """Regression (found by atheris, bench/atheris_h1.py): llhttp takes any three digits, and
+    ``HTTP/1.1 000`` reached the data plane as status 0 (RFC 9110 §15: invalid)."""
+    with pytest.raises(h1.H1Error) as err:
+        h1.ResponseReader(Sink()).feed(b"HTTP/1.1 " + status + b" OK\r\nContent-Length: 2\r\n\r\nok")
+    assert err.value.status == 502
+    sink = Sink()
+    h1.ResponseReader(sink).feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 599 X\r\nContent-Length: 0\r\n\r\n")
+    assert [r.status for r in sink.heads] == [100, 599]
