@@ -114,6 +114,17 @@ def _status(headers: list[Header]) -> int:
     return 502
 
 
+def _trailers(side: _Side | H1Upstream, sid: int, headers: list[Header]) -> None:
+    """Trailers on to the other side, ending the stream; with none left once connection-specific
+    fields are dropped (or none at all: an empty HEADERS frame), just the end of the stream (h2
+    cannot send an empty header block: it raised IndexError)."""
+    out = response_headers(headers, ())
+    if out:
+        side.send_headers(sid, out, True)
+    else:
+        side.end_stream(sid)
+
+
 class StreamGone(Exception):
     """The stream (or its connection) is gone: nothing more can be sent on it."""
 
@@ -1204,7 +1215,7 @@ class _Exchange:
                 else:  # reset: the exchange task is cancelled by the client connection
                     return
             if self.req_trailers is not None:
-                up.send_headers(usid, response_headers(self.req_trailers, ()), True)
+                _trailers(up, usid, self.req_trailers)
             else:
                 up.end_stream(usid)
         except StreamGone:
@@ -1244,7 +1255,7 @@ class _Exchange:
                     elif kind == "trailers":
                         if self.grpc:
                             self.grpc_status = grpc_status(item[1])
-                        down.send_headers(sid, response_headers(item[1], ()), True)
+                        _trailers(down, sid, item[1])
                         return
                     elif kind == "end":
                         down.end_stream(sid)
