@@ -94,6 +94,10 @@ _SETTINGS_FRAME = 0x4
 _KEEPALIVE_S = 75.0
 _UPSTREAM_IDLE_S = 30.0
 _SWEEP_S = 5.0
+_MAX_UNREAD = 1 << 20
+"""Bytes queued for a client past which its connection is not read until they drain: h2 answers
+PING and SETTINGS by itself, so a client that sends them and never reads grew this process by
+what it sent (60 MB of PINGs: +52 MB RSS). DATA already waits for ``resume_writing``."""
 
 _TIMED_OUT = (
     b"HTTP/1.1 408 Request Timeout\r\nx-meshc-reason: no complete request head in time\r\n"
@@ -325,6 +329,7 @@ class H2Downstream(_Side):
         self.peer = "unknown"
         self.secure = False
         self.tls_peer: tuple[bool, Any] = (False, None)
+        self.read_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tr = cast(asyncio.Transport, transport)
@@ -382,6 +387,25 @@ class H2Downstream(_Side):
             if s is not None and s.task is not None:
                 s.task.cancel()
         super().on_event(e)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        tr = self.transport
+        if (
+            not self.read_paused
+            and tr is not None
+            and not tr.is_closing()
+            and tr.get_write_buffer_size() > _MAX_UNREAD  # the client does not read its answers
+        ):
+            self.read_paused = True
+            tr.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        tr = self.transport
+        if self.read_paused and tr is not None and not tr.is_closing():
+            self.read_paused = False
+            tr.resume_reading()
 
     def on_goaway(self, last_stream_id: int, error_code: int) -> None:
         self.refusing = True

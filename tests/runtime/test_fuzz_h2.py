@@ -20,6 +20,7 @@ A fixed seed and ``MESHC_FUZZ_H2_EXAMPLES`` (default 300 per data plane) example
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -350,4 +351,30 @@ def test_empty_trailers_end_the_stream(chain: Chain) -> None:
             seen = converse(chain.address(which), rendered.wire, {1}, deadline=5.0)
             assert 1 in seen.answered and seen.goaway is None, (which, trailers, seen)
     assert chain.app.hits["/tr"] == 4
+    no_tracebacks(chain)
+
+
+def test_a_client_that_floods_pings_and_never_reads_stops_being_read(chain: Chain) -> None:
+    """Regression: h2 answers each PING by itself, and the answers of a client that never reads
+    piled up in the sidecar (60 MB of PINGs: +52 MB RSS). Now the connection is not read while
+    more than 1 MiB waits for the client, so the flood stalls at the client's send."""
+    addr = chain.address("outbound")
+    before = rss_mb(chain.outbound)
+    sent = 0
+    with socket.create_connection(addr, timeout=CASE_DEADLINE) as sock:
+        sock.sendall(PREFACE + h2_frames.settings_frame())
+        pings = h2_frames.ping_frame() * 4096
+        sock.settimeout(1.0)  # a stalled send: the sidecar stopped reading
+        with contextlib.suppress(TimeoutError):
+            while sent < 60_000_000:
+                sock.sendall(pings)
+                sent += len(pings)
+        grown = rss_mb(chain.outbound) - before
+        assert sent < 30_000_000 and grown < 16, (sent, grown)
+        # Reading the answers lets the connection be read again: the PINGs keep being answered.
+        sock.settimeout(CASE_DEADLINE)
+        got = 0
+        while got < 4 * len(pings):
+            got += len(sock.recv(1 << 20))
+    assert served(addr) == 200
     no_tracebacks(chain)
