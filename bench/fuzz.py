@@ -16,7 +16,8 @@ is a few connections). ``--h2`` runs only the HTTP/2 targets.
 ``pip install -e '.[fuzz]'``); a crash's input is written to ``bench/results/atheris-*``.
 
 A failure prints hypothesis's shrunk example (or libFuzzer's crash) and makes this script exit 1.
-Figures (examples, seconds, result) go to ``bench/results/fuzz.json``.
+Figures (examples, seconds, result; atheris runs and coverage) go to ``bench/results/fuzz.json``
+(``fuzz_h2.json`` with ``--h2``).
 
     .venv/bin/python bench/fuzz.py [--examples 20000] [--h2-examples 3000] [--h2] [--atheris]
 """
@@ -118,8 +119,9 @@ def main() -> int:
     ap.add_argument("--atheris", action="store_true", help="also the atheris harnesses (the fuzz extra)")
     ap.add_argument("--atheris-seconds", type=int, default=300, help="per harness")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per target")
-    ap.add_argument("--out", type=Path, default=BENCH / "results" / "fuzz.json")
+    ap.add_argument("--out", type=Path, help="default bench/results/fuzz.json (--h2: fuzz_h2.json)")
     args = ap.parse_args()
+    args.out = args.out or BENCH / "results" / ("fuzz_h2.json" if args.h2 else "fuzz.json")
     targets = H2_TARGETS if args.h2 else TARGETS
     results = {name: run(t, args.examples, args.h2_examples, args.timeout) for name, t in targets.items()}
     if args.atheris:
