@@ -129,6 +129,19 @@ def _trailers(side: _Side | H1Upstream, sid: int, headers: list[Header]) -> None
         side.end_stream(sid)
 
 
+def _write(tr: asyncio.Transport, data: bytes) -> bool:
+    """Write unless the transport is gone; whether it was written. The connection is lost only a
+    loop turn after a close or a reset by the peer, and meanwhile uvloop raises RuntimeError on a
+    write to the closed handle (found fuzzing: a traceback from a ``flush_now`` call_soon)."""
+    if tr.is_closing():
+        return False
+    try:
+        tr.write(data)
+    except RuntimeError:
+        return False
+    return True
+
+
 class StreamGone(Exception):
     """The stream (or its connection) is gone: nothing more can be sent on it."""
 
@@ -251,7 +264,7 @@ class _Side(asyncio.Protocol):
         self._flush_soon = False
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+            _write(self.transport, data)
 
     def send_headers(self, sid: int, headers: list[Header], end: bool) -> None:
         if self.closed:
@@ -413,10 +426,11 @@ class H2Downstream(_Side):
 
     def goaway(self) -> None:
         """Drain: GOAWAY naming the last stream taken; those streams run to their end."""
-        if not self.refusing and self.transport is not None and not self.closed:
+        tr = self.transport
+        if not self.refusing and tr is not None and not self.closed and not tr.is_closing():
             self.refusing = True
             self.flush_now()  # what h2 holds goes first, then the frame written beside it
-            self.transport.write(goaway_frame(self.last_sid))
+            _write(tr, goaway_frame(self.last_sid))
         self.close_if_idle()
 
     def close_if_idle(self) -> None:
@@ -562,29 +576,34 @@ class H1Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
+    def _gone(self) -> bool:
+        return self.transport is None or self.closed or self.transport.is_closing()
+
     def open(self, headers: list[Header], end: bool) -> tuple[int, _Stream]:
-        if self.transport is None or self.closed:
+        if self._gone():
             raise StreamGone
         head, self.chunked = h1_request_head(headers, not end)
         self.head_only = any(n == ":method" and v == "HEAD" for n, v in headers)
         s = self.streams[self.SID] = _Stream()
-        self.transport.write(head)
+        assert self.transport is not None
+        if not _write(self.transport, head):
+            raise StreamGone
         return self.SID, s
 
     async def send_data(self, sid: int, data: bytes, end: bool = False) -> None:
         await self.writable.wait()
-        if self.closed or self.transport is None:
+        if self._gone() or self.transport is None:
             raise StreamGone
-        if self.chunked:
-            self.transport.writelines((h1.chunk_size(len(data)), data, b"\r\n"))
-        else:
-            self.transport.write(data)
+        if not _write(
+            self.transport, b"".join((h1.chunk_size(len(data)), data, b"\r\n")) if self.chunked else data
+        ):
+            raise StreamGone
         if end:
             self.end_stream(sid)
 
     def end_stream(self, sid: int) -> None:
-        if self.chunked and self.transport is not None and not self.closed:
-            self.transport.write(h1.LAST_CHUNK)
+        if self.chunked and not self._gone() and self.transport is not None:
+            _write(self.transport, h1.LAST_CHUNK)
 
     def send_headers(self, sid: int, headers: list[Header], end: bool) -> None:
         self.end_stream(sid)
