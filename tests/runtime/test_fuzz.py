@@ -7,7 +7,12 @@
   or a ``Reply`` with a real status, never an exception;
 * bundle and endpoint pushes whose bodies are mutated good ones or noise, each signed with the
   real key the data plane trusts (so they reach the parsers): an ACK of a valid body, else a NACK
-  and nothing running changed (the engine's snapshot is the same object, the slots the same).
+  and nothing running changed (the engine's snapshot is the same object, the slots the same);
+* HTTP/2 frame sequences (``h2_frames``: well-formed requests, then malformed frames of every
+  kind, or noise) -> the GOAWAY filter and h2's server connection as ``runtime.h2proxy`` runs
+  them: events or ``h2.exceptions.ProtocolError``, never another exception, and every request
+  head a 400 reason or a verdict of the decision layer; the GOAWAY filter, cut anywhere, passes
+  every other frame through unchanged. Over real sockets: ``test_fuzz_h2.py``.
 
 A fixed seed and a short run here (``derandomize``); ``bench/fuzz.py`` runs the same properties
 with ``MESHC_FUZZ_EXAMPLES`` examples each.
