@@ -34,6 +34,7 @@ def _call(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, dic
 def render(canaries: list[dict[str, Any]]) -> str:
     """The text view: one block per canary (phase, weights now and in Git, steps, last run)."""
     from compiler.canary import split_text, step_text  # here: `meshc --help` loads no compiler stage
+
     if not canaries:
         return "no Canary in the current release"
     out = []

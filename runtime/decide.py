@@ -270,7 +270,9 @@ def split_host(value: str) -> tuple[str, int | None]:
         port = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port = value.partition(":")
-    return host.lower(), int(port) if port.isdigit() else None
+    # ASCII digits only, at most 5: str.isdigit() also takes "²" (an HTTP/2 :authority is any
+    # latin-1 text), which int() refuses, and int() refuses more than 4300 digits.
+    return host.lower(), int(port) if len(port) <= 5 and port.isascii() and port.isdigit() else None
 
 
 def query_map(qs: str) -> dict[str, str]:

@@ -437,6 +437,8 @@ class ResponseReader:
         self._in_head = False
         parser = self._parser
         resp.status = parser.get_status_code()
+        if resp.status < 100:  # llhttp takes any three digits; RFC 9110 §15: under 100 is invalid
+            raise H1Error(502, f"upstream status code {resp.status:03d}")
         resp.keep_alive = parser.should_keep_alive()
         if resp.chunked:
             resp.length = None
