@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the CLI imports this module for its default dir: it stays light
     from runtime.bundle import GatewayCertificate
 
-__all__ = ["DEFAULT_SECRETS_DIR", "GatewayCerts"]
+__all__ = ["DEFAULT_SECRETS_DIR", "GatewayCerts", "certificates_stamp"]
 
 DEFAULT_SECRETS_DIR = "/var/run/secrets/meshc/tls"
 """Where ``meshc manifests`` mounts the Secrets a gateway's MeshGateway names."""
@@ -72,6 +72,12 @@ def _source(cert: str | GatewayCertificate, secrets_dir: str) -> _Source:
         return _Source(cert, cert, None)
     d = os.path.join(secrets_dir, cert.secret)
     return _Source(f"secret {cert.secret} ({d})", os.path.join(d, "tls.crt"), os.path.join(d, "tls.key"))
+
+
+def certificates_stamp(certificates: Sequence[str | GatewayCertificate], secrets_dir: str) -> object:
+    """The identity of the files these certificates are read from: it changes with any of them
+    (so a listener left unbound is retried only when something changed)."""
+    return tuple(_source(c, secrets_dir).stamp() for c in certificates)
 
 
 def _names(path: str) -> tuple[str, ...]:

@@ -275,13 +275,31 @@ def test_https_certificates_from_secrets_rotated_by_the_kubelet_swap(
     wait_until(lambda: _serial(ca, "a.example", port) == third, "the repaired Secret to be served")
 
 
-def test_a_missing_secret_at_start_is_a_clear_error(
+def test_a_secret_missing_at_start_is_logged_and_bound_once_mounted(
     plane: Callable[..., Plane], upstream: Any, tmp_path: Path
 ) -> None:
-    """No certificate yet means no listener: the gateway says which Secret and where it looked."""
+    """No certificate yet: the gateway starts (never a crash loop), says which Secret and where it
+    looked, and binds the listener once the Secret is there (the kubelet mounting it late)."""
+    ca = LocalCA(tmp_path)
     app = upstream("magnanimo")
-    with pytest.raises(AssertionError, match=r"secret nowhere \(.*nowhere\)"):
-        _gateway(
-            plane, tmp_path, app.address, (GatewayCertificate(secret="nowhere"),),
-            "--tls-secrets-dir", tmp_path / "secrets",
-        )  # fmt: skip
+    gw = _gateway(
+        plane, tmp_path, app.address, (GatewayCertificate(secret="late"),),
+        "--tls-secrets-dir", tmp_path / "secrets",
+    )  # fmt: skip
+    assert "listener:8443" not in gw.listening
+    wait_until(
+        lambda: "gateway listener 8443 not bound until its certificates load: secret late (" in gw.stderr(),
+        "the missing Secret to be logged",
+    )
+    assert "secrets/late/tls.crt is missing" in gw.stderr() and gw.proc.poll() is None
+    cert, key, serial = ca.pair("a.example")
+    SecretVolume(tmp_path / "secrets", "late").tls(cert, key)
+
+    def bound() -> str | None:
+        with gw._events_lock:
+            return next((e["listener:8443"] for e in gw.events if "listener:8443" in e), None)
+
+    port = int(wait_until(bound, "the listener to be bound once the Secret is there").rpartition(":")[2])
+    assert _serial(ca, "a.example", port) == serial
+    assert json.loads(_curl(ca, "a.example", port)[0])["name"] == "magnanimo"
+    assert gw.stderr().count("not bound until its certificates load") == 1  # logged once, not every second
