@@ -64,3 +64,15 @@ def test_inline_certificates_and_bad_secret_names_are_w1005(tmp_path: Path) -> N
     assert codes == ["W1005", "W1005"]
     [gw] = gateways
     assert gw["listeners"][0]["certificates"] == [{"secret": "edge-tls"}]  # no key material, no path escape
+
+
+def test_the_bundle_refuses_a_secret_name_that_leaves_the_dir() -> None:
+    import pydantic
+    import pytest
+
+    from runtime.bundle import GatewayCertificate
+
+    for bad in ("../etc", "a/b", "", "-x", "A"):
+        with pytest.raises(pydantic.ValidationError):
+            GatewayCertificate(secret=bad)
+    assert GatewayCertificate(secret="edge.example-tls").secret == "edge.example-tls"
