@@ -248,7 +248,8 @@ def test_https_certificates_from_secrets_rotated_by_the_kubelet_swap(
     cert, key, second = ca.pair("a.example")
     a.tls(cert, key)
     wait_until(lambda: _serial(ca, "a.example", port) == second, "new handshakes to get the rotated Secret")
-    assert gw.event("certificates_reloaded") is not None
+    # the event line is read from the gateway's output by another thread: it may trail the swap
+    wait_until(lambda: gw.event("certificates_reloaded") is not None, "the reload reported")
     kept.request("GET", "/after", headers={"Host": "a.example"})  # the open connection stays
     resp = kept.getresponse()
     assert resp.status == 200 and json.loads(resp.read())["path"] == "/after"
