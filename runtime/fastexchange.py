@@ -18,8 +18,20 @@ from typing import TYPE_CHECKING, cast
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._lb import RingHash
+from runtime.accesslog import app_entry
 from runtime.bundle import TrafficLogConf
-from runtime.decide import NO_HOST, Forward, Reply, RetryState, admit, failure_reply, peer_hop, release
+from runtime.decide import (
+    APP,
+    NO_HOST,
+    Forward,
+    Reply,
+    RetryState,
+    admit,
+    failure_reply,
+    peer_hop,
+    release,
+    release_app,
+)
 from runtime.engine import Target
 from runtime.fastmetrics import Series
 from runtime.fastplane import TLS_KEY, FastPlane
@@ -504,6 +516,9 @@ class Exchange(asyncio.Protocol):
         target = self.target
         if target is not None and target.log is not None:
             self._log(target.log, req, elapsed)
+        fwd = self.fwd
+        if fwd is not None and fwd.app.logs and fwd.kind == APP:
+            self._log_app(fwd, req, elapsed)
         self.span = None
         self._release_target()
         up = self.up
@@ -562,6 +577,20 @@ class Exchange(asyncio.Protocol):
             },
         )
 
+    def _log_app(self, fwd: Forward, req: h1.Request, elapsed: float) -> None:
+        entry = app_entry(
+            fwd.source,
+            fwd.dest,
+            self.plane.app_key,
+            req.method,
+            path_of(req.url),
+            self.status,
+            elapsed,
+            self.span.trace_id if self.span is not None else "",
+        )
+        for conf in fwd.app.logs:
+            self.plane.access_log.write(conf, entry)
+
     def _abandon(self) -> None:
         """The client went away with an exchange in flight: close its upstream, undo counts."""
         self._cancel_timer()
@@ -578,3 +607,4 @@ class Exchange(asyncio.Protocol):
         """Give back what the exchange held of its target: a slot, a host's, a retry's budget."""
         release(self.target, self.retry, self.host)
         self.target = self.host = None
+        release_app(self.fwd)

@@ -39,7 +39,7 @@ from h2.errors import ErrorCodes
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY
-from runtime.accesslog import AccessLog
+from runtime.accesslog import AccessLog, app_entry
 from runtime.decide import (
     APP,
     NO_HOST,
@@ -49,6 +49,7 @@ from runtime.decide import (
     Reply,
     RetryState,
     admit,
+    admit_app,
     decide_gateway,
     decide_inbound,
     decide_outbound,
@@ -56,6 +57,7 @@ from runtime.decide import (
     no_fetcher,
     peer_hop,
     release,
+    release_app,
     request_scheme,
     settle,
     split_host,
@@ -911,6 +913,8 @@ class _Exchange:
         self.retry: RetryState | None = None
         self.target: Target | None = None
         self.host: Host | None = None
+        self.app: Forward | None = None
+        """A request to the local app: its slot and access logs (``AppPolicy``)."""
         self.up: Upstream | None = None
         self.usid = 0
         self.pump: asyncio.Task[None] | None = None
@@ -930,6 +934,9 @@ class _Exchange:
             target = self.target
             if target is not None and target.log is not None:
                 self._log(target, elapsed)
+            app = self.app
+            if app is not None and app.app.logs:
+                self._log_app(app, elapsed)
             self._release()
             self.plane.metrics.stats.record(
                 DIRECTION[self.down.kind],
@@ -1010,8 +1017,15 @@ class _Exchange:
             await self._once(head, fwd, f"{name}:{port}", name, port, timeout or _PASSTHROUGH_TIMEOUT_S)
             return
         assert fwd.kind == APP
+        refused = admit_app(fwd)
+        if refused is not None:
+            await self._answer(refused)
+            return
+        self.app = fwd
         host, port = self.plane.app
-        await self._once(head, fwd, f"{host}:{port}", host, port, timeout)
+        # A caller's grpc-timeout replaces the request timeout, as for outbound requests.
+        limit = timeout if timeout is not None else fwd.app.request_timeout_s
+        await self._once(head, fwd, f"{host}:{port}", host, port, limit)
 
     # -- carrying out -----------------------------------------------------------------------
 
@@ -1109,7 +1123,7 @@ class _Exchange:
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    async with asyncio.timeout(_CONNECT_S):
+                    async with asyncio.timeout(fwd.app.connect_s if fwd.kind == APP else _CONNECT_S):
                         up = await self.plane.upstream(key, host, port, tls, fwd.dest)
                 except TimeoutError:
                     return Outcome.TIMEOUT, None
@@ -1299,3 +1313,24 @@ class _Exchange:
     def _release(self) -> None:
         release(self.target, self.retry, self.host)
         self.target = self.host = None
+        release_app(self.app)
+
+    def _log_app(self, fwd: Forward, elapsed: float) -> None:
+        """The inbound access log lines of a request to the local app (plus gRPC's status)."""
+        head = self.head
+        host, port = self.plane.app
+        entry = app_entry(
+            fwd.source,
+            fwd.dest,
+            f"{host}:{port}",
+            head.method if head is not None else "",
+            head.path() if head is not None else "",
+            self.status,
+            elapsed,
+            self.span.trace_id if self.span is not None else "",
+        )
+        entry["protocol"] = "HTTP/2"
+        if self.grpc_status is not None:
+            entry["grpc_status"] = self.grpc_status
+        for conf in fwd.app.logs:
+            self.plane.access_log.write(conf, entry)

@@ -20,9 +20,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from runtime._hosts import Host, Outcome
-from runtime.accesslog import AccessLog
+from runtime.accesslog import AccessLog, app_entry
 from runtime.bundle import TrafficLogConf
 from runtime.decide import (
+    APP,
     NO_HOST,
     PASSTHROUGH,
     TARGET,
@@ -31,12 +32,14 @@ from runtime.decide import (
     Reply,
     RetryState,
     admit,
+    admit_app,
     decide_gateway,
     decide_inbound,
     decide_outbound,
     failure_reply,
     no_fetcher,
     peer_hop,
+    release_app,
     request_scheme,
     settle,
     split_host,
@@ -237,36 +240,69 @@ class HttpProxy:
             self._mirror(mirror, request.method, path_qs, headers)
         if fwd.kind == TARGET:
             return await self._to_target(request, fwd, headers, path_qs, t0, direction)
+        connect_s: float | None
+        total_s: float | None
         if fwd.kind == PASSTHROUGH:
             assert fwd.address is not None
             name, port = fwd.address
             url, connect_s, read_s, total_s = f"http://{name}:{port}{path_qs}", 5.0, 300.0, 15.0
         else:
-            url, connect_s, read_s, total_s = f"http://{self.app_address}{path_qs}", 5.0, 1800.0, None
+            refused = admit_app(fwd)
+            if refused is not None:
+                return self._answer(t0, refused, direction)
+            app = fwd.app
+            url = f"http://{self.app_address}{path_qs}"
+            connect_s, read_s, total_s = app.connect_s, 1800.0, app.request_timeout_s
         assert self.session is not None
         try:
-            async with asyncio.timeout(total_s):
-                up = await self.session.request(
-                    request.method,
-                    URL(url, encoded=True),
-                    headers=headers,
-                    data=request.content if request.body_exists else None,
-                    allow_redirects=False,
-                    timeout=self._timeout(connect_s, read_s),
-                )
-        except TimeoutError:
-            return self._answer(t0, failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError"), direction)
-        except (aiohttp.ClientError, OSError) as e:
-            return self._answer(t0, failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__), direction)
-        try:
-            resp = await self._relay(request, up, NO_OPS, fwd.bps)
+            try:
+                async with asyncio.timeout(total_s):
+                    up = await self.session.request(
+                        request.method,
+                        URL(url, encoded=True),
+                        headers=headers,
+                        data=request.content if request.body_exists else None,
+                        allow_redirects=False,
+                        timeout=self._timeout(connect_s, read_s),
+                    )
+            except TimeoutError:
+                reply = failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError")
+                return self._log_app(fwd, request, t0, self._answer(t0, reply, direction))
+            except (aiohttp.ClientError, OSError) as e:
+                reply = failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__)
+                return self._log_app(fwd, request, t0, self._answer(t0, reply, direction))
+            try:
+                resp = await self._relay(request, up, NO_OPS, fwd.bps)
+            finally:
+                up.release()
         finally:
-            up.release()
+            release_app(fwd)
         elapsed = time.perf_counter() - t0
         self.metrics.stats.record(
             direction, fwd.source, fwd.dest, "", resp.status, elapsed, *_sizes(request, resp)
         )
         self._span(fwd, direction, request, resp.status, elapsed)
+        return self._log_app(fwd, request, t0, resp)
+
+    def _log_app(
+        self, fwd: Forward, request: web.BaseRequest, t0: float, resp: web.StreamResponse
+    ) -> web.StreamResponse:
+        """The inbound access log lines of a request to the local app (``AppPolicy.logs``)."""
+        if fwd.kind == APP and fwd.app.logs:
+            trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
+            elapsed = time.perf_counter() - t0
+            entry = app_entry(
+                fwd.source,
+                fwd.dest,
+                self.app_address or "",
+                request.method,
+                request.path,
+                resp.status,
+                elapsed,
+                trace_id,
+            )
+            for conf in fwd.app.logs:
+                self.access_log.write(conf, entry)
         return resp
 
     def _span(
