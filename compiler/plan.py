@@ -416,7 +416,7 @@ def _mesh_deltas(old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterator[Del
 # --- normalising ----------------------------------------------------------------------------------
 
 _RULE_KINDS_OUT = ("route", "timeout", "retry", "circuit_breaker", "health_check", "traffic_log")
-_RULE_KINDS_IN = ("permissions", "rate_limit", "fault_injection")
+_RULE_KINDS_IN = ("permissions", "rate_limit", "fault_injection", "timeout", "circuit_breaker", "traffic_log")
 _WEIGHTED = ("split", "backends", "tcp_backends")
 
 

@@ -51,7 +51,7 @@ from compiler.kinds.targetref import mesh_health_check as mhc
 from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
-from compiler.resolve import Entry, PolicyIndex
+from compiler.resolve import TARGETREF_INBOUND, Entry, PolicyIndex
 from runtime import bundle as b
 
 __all__ = [
@@ -579,14 +579,56 @@ def _unresolved(d: Doc, what: str, path: Path) -> Diagnostic:
     return Diagnostic("W3006", msg, d.loc(path))
 
 
-_NO_INBOUND_PLACE = {
-    "MeshTimeout": "inbound timeouts (a bundle's inbound has no timeout)",
-    "MeshCircuitBreaker": "inbound circuit breaking (a bundle's inbound has no circuit breaker)",
-    "MeshAccessLog": "inbound access logs (a bundle's inbound has no log)",
-}
-"""Kinds whose inbound rules (``rules``, or ``from`` read as rules) a bundle has no place for."""
-_RULES_RESOLVED = (_PERMISSION, "MeshRateLimit", "MeshFaultInjection")
+_INBOUND_ONLY = {kind: field for field, kind in TARGETREF_INBOUND.items()}
+"""Kinds whose inbound rules fill an ``Inbound`` field no legacy kind has (filed under themselves)."""
+_RULES_RESOLVED = (_PERMISSION, "MeshRateLimit", "MeshFaultInjection", *sorted(_INBOUND_ONLY))
 """Kinds whose inbound rules ``compiler.resolve_inbound`` compiles."""
+_TIMEOUT_NOT_APPLIED = {
+    "stream_idle_timeout": "streamIdleTimeout",
+    "max_stream_duration": "maxStreamDuration",
+    "max_connection_duration": "maxConnectionDuration",
+    "request_headers_timeout": "requestHeadersTimeout",
+}
+"""MeshTimeout ``http`` settings meshc's inbound does not carry out (connectionTimeout,
+http.requestTimeout and, for TCP services, idleTimeout it does)."""
+
+
+def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
+    """W3006 at each setting of an inbound rule (``rules`` or ``from`` item) that a bundle's
+    inbound holds but the sidecar does not carry out, saying which."""
+    for i, item in enumerate(getattr(d.spec, "from_" if section == "from" else section) or ()):
+        m = _dump(item.default)
+        where: Path = (section, i, "default")
+        if d.kind == "MeshTimeout":
+            for key, name in _TIMEOUT_NOT_APPLIED.items():
+                if _g(m, "http", key) is not None:
+                    what = (
+                        f"the inbound http.{name} (meshc's inbound applies connectionTimeout, "
+                        "http.requestTimeout and a TCP service's idleTimeout)"
+                    )
+                    out.append(_unresolved(d, what, (*where, "http", name)))
+        elif d.kind == "MeshCircuitBreaker" and m.get("outlier_detection") is not None:
+            what = "inbound outlierDetection (the local app is the inbound's one host: nothing to eject)"
+            out.append(_unresolved(d, what, (*where, "outlierDetection")))
+        elif d.kind == _LOG:
+            for j, x in enumerate(m.get("backends") or ()):
+                at: Path = (*where, "backends", j)
+                if x.get("type") not in ("File", "Tcp"):
+                    what = f"an inbound {x.get('type')} backend (the sidecar writes File and Tcp logs only)"
+                    out.append(_unresolved(d, what, at))
+                elif _g(x, str(x["type"]).lower(), "format", "type") == "Json":
+                    what = "a Json format (the bundle carries a Plain format string)"
+                    out.append(_unresolved(d, what, (*at, str(x["type"]).lower(), "format")))
+
+
+def _log_backends(m: dict[str, Any]) -> list[BaseModel]:
+    """An inbound rule's ``default`` as one log conf per File or Tcp backend (they all log)."""
+    out: list[BaseModel] = []
+    for x in m.get("backends") or ():
+        backend = mal.bundle_backend(x or {})
+        if backend is not None:
+            out.append(b.TrafficLogConf(backend=backend))
+    return out
 
 
 def _items(
@@ -613,12 +655,11 @@ def _items(
         key = policy_key(top_kind, dict(d.labels), d.name)
         has_rules = bool(getattr(spec, "rules", None))
         from_as_rules = d.kind in rin.FROM_AS_RULES and bool(getattr(spec, "from_", None))
-        if (has_rules or from_as_rules) and d.kind in _NO_INBOUND_PLACE:
-            section = "rules" if has_rules else "from"
-            out.append(_unresolved(d, f"the `{section}` section: {_NO_INBOUND_PLACE[d.kind]}", (section,)))
-        elif has_rules or from_as_rules:
+        if has_rules or from_as_rules:
             section = "rules" if has_rules else "from"
             rules[d.kind].extend(rin.rule_items(d, src, when, key, top_kind, section))
+            if d.kind in _INBOUND_ONLY:
+                _inbound_not_applied(d, section, out)
         if d.kind == _PERMISSION or d.kind in _INBOUND:
             if d.kind in rin.FROM_AS_RULES:
                 continue  # its `from` items are rules
@@ -857,11 +898,17 @@ def _inbound_rules(
     out: list[Diagnostic],
 ) -> None:
     """Kuma's inbound rules of one kind (``compiler.resolve_inbound``) as entries of its legacy kind."""
-    legacy = _LEGACY_KIND[TARGETREF_FIELDS[kind]]
+    legacy = kind if kind in _INBOUND_ONLY else _LEGACY_KIND[TARGETREF_FIELDS[kind]]
     if kind == _PERMISSION:
         resolved = rin.permission_rules(rules, mesh, services, callers, out, _unresolved)
     elif kind == "MeshRateLimit":
         resolved = rin.rate_limit_rules(rules, mesh, services, callers, _rate_limit, out, _unresolved, _tie)
+    elif kind == "MeshTimeout":
+        resolved = rin.timeout_rules(rules, mesh, services, callers, _timeout, out, _unresolved, _tie)
+    elif kind == "MeshCircuitBreaker":
+        resolved = rin.limit_rules(rules, services, _circuit_breaker, out, _tie)
+    elif kind == _LOG:
+        resolved = rin.log_rules(rules, mesh, callers, _log_backends, out, _unresolved)
     else:
         resolved = rin.fault_rules(rules, mesh, services, callers, _fault, out, _unresolved)
     for r in resolved:

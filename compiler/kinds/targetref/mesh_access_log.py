@@ -241,7 +241,7 @@ def check(spec: MeshAccessLogSpec) -> Found:
         yield from _default(("rules", i, "default"), r.default)
 
 
-def _bundle_backend(x: dict[str, Any]) -> b.LoggingBackend | None:
+def bundle_backend(x: dict[str, Any]) -> b.LoggingBackend | None:
     kind = x.get("type")
     conf = (x.get("file") if kind == "File" else x.get("tcp") if kind == "Tcp" else None) or {}
     if not conf:
@@ -260,7 +260,7 @@ def traffic_log(m: dict[str, Any]) -> b.TrafficLogConf | None:
     backend (``not_applied`` names the rest); None when it has none (``backends: []`` turns
     logging off)."""
     for x in m.get("backends") or ():
-        backend = _bundle_backend(x or {})
+        backend = bundle_backend(x or {})
         if backend is not None:
             return b.TrafficLogConf(backend=backend)
     return None
