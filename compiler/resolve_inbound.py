@@ -5,7 +5,7 @@ the policies that select the proxy, and, for the kinds it marks ``IsFromAsRules`
 MeshCircuitBreaker, MeshRateLimit, MeshTimeout, MeshTLS), every ``from`` item as a rule without a
 match (their ``from`` targetRef can only be ``Mesh``). The items are sorted as policies are (top
 targetRef kind, origin, role, then the name inverted) and a rule with several ``matches`` becomes
-one rule per match. Each plugin then reads that list its own way; the three a bundle can hold:
+one rule per match. Each plugin then reads that list its own way; the six a bundle holds:
 
 * MeshRateLimit: the rules without a match merged, lowest precedence first, are the common limit
   (``MatchesAllIncomingTraffic``); a caller whose identity some ``spiffeID`` match covers gets the
@@ -15,6 +15,14 @@ one rule per match. Each plugin then reads that list its own way; the three a bu
   faults of the rules without a match and of each rule that matches it, all of them.
 * MeshTrafficPermission: any ``deny`` match beats any ``allow`` (Kuma writes the deny matchers
   first); nothing else is allowed.
+* MeshTimeout: the rules without a match merged are the common timeouts (the listener and the
+  local app's cluster); a caller some ``spiffeID`` match covers gets them merged with every
+  covering rule that sets ``http.requestTimeout`` or ``streamIdleTimeout``, least specific first
+  (Kuma copies the inbound route per match, ``mergeSubsumingMatchedRouteConfs``).
+* MeshCircuitBreaker: its rules have no ``matches``; merged, they are the local app's connection
+  limits for every caller (``MatchesAllIncomingTraffic``).
+* MeshAccessLog: every rule is its own access logs, one per backend, gated by its match (Kuma's
+  CEL filter): nothing merges, so the bundle's inbound ``traffic_log`` rules add up.
 
 A meshc caller's identity is ``spiffe://<mesh>/<service>`` (its certificate's URI SAN), so a
 ``spiffeID`` match names the catalog's services it covers, and a caller-specific bundle rule

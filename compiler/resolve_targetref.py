@@ -11,19 +11,23 @@ configure a key, the targetRef policy wins (Kuma: a proxy matched by a new polic
 old policy of its type), and W3005 says so.
 
 Kuma 2.x inbound rules (``rules`` sections, and the ``from`` items of the kinds Kuma reads as
-rules) of MeshTrafficPermission, MeshRateLimit and MeshFaultInjection go through
-``compiler.resolve_inbound``: one rule per caller a ``spiffeID`` match covers, plus the rule for
-all callers, per service and instance tags. A top-level Dataplane by ``labels`` selects the
-instances whose tags carry them.
+rules) of MeshTrafficPermission, MeshRateLimit, MeshFaultInjection, MeshTimeout,
+MeshCircuitBreaker and MeshAccessLog go through ``compiler.resolve_inbound``: one rule per caller a
+``spiffeID`` match covers, plus the rule for all callers, per service and instance tags. The last
+three fill ``Inbound`` fields no legacy kind has (``resolve.TARGETREF_INBOUND``: their entries are
+filed under the targetRef kind itself). A top-level Dataplane by ``labels`` selects the instances
+whose tags carry them.
 
 Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
 for MeshHTTPRoute, ``gateway_routes``), a Dataplane by name or with ``sectionName``, a
 MeshHTTPRoute (a bundle route has no timeout, retry, log, limit or load balancer of its own); a
-``to`` item other than Mesh or MeshService; the inbound rules and ``from`` of MeshTimeout,
-MeshCircuitBreaker and MeshAccessLog (a bundle's inbound has no timeout, circuit breaker or log);
-an ``sni`` match; a deny or a lifted limit that a broader bundle rule would still cover;
-MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; what the legacy
-load balancer and log backend have no place for (each kind's ``not_applied`` names it). W3007
+``to`` item other than Mesh or MeshService; the inbound MeshTimeout ``http`` settings the sidecar
+does not carry out (streamIdleTimeout, maxStreamDuration, maxConnectionDuration,
+requestHeadersTimeout), inbound MeshCircuitBreaker outlier detection, inbound MeshAccessLog
+OpenTelemetry backends and Json formats; an ``sni`` match; a deny or a lifted limit that a
+broader bundle rule would still cover; MeshHTTPRoute filters other than header modifiers and URL
+rewrites, query matches; what the legacy load balancer and log backend have no place for (each
+kind's ``not_applied`` names it). W3007
 where, as in Kuma, ``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
 
 Every merged rule keeps the items it was merged from (``Entry.merged``) so that ``meshc explain``

@@ -4,9 +4,11 @@ Formats: `Plain` (Envoy's command operators, default Kuma's own line) or `Json` 
 A policy sets `to` (outbound), `from` (inbound) or `rules` (inbound, replacing `to` and `from`).
 
 meshc compiles `to` into the destination's TrafficLog rule: the first File or Tcp backend, with
-its Plain format string (the sidecar writes File logs; Tcp is carried in the bundle). An
-OpenTelemetry backend, further backends, a Json format, `from` and `rules` (inbound logs: a
-bundle's inbound has no log) are not applied (W3006 at each).
+its Plain format string (the sidecar writes File logs; Tcp is carried in the bundle). `from` and
+`rules` (Kuma 2.x inbound rules) are the service's inbound access logs: every rule logs, gated by
+its match (a `spiffeID` match: the callers it covers), to each of its File and Tcp backends, and
+the sidecar writes a JSON line per request to the local app with `direction: inbound`. An
+OpenTelemetry backend, a Json format and, in `to`, further backends are not applied (W3006 at each).
 
 Valid::
 
