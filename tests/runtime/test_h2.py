@@ -47,10 +47,13 @@ from runtime.bundle import (
     GatewayRule,
     HttpRetry,
     Inbound,
+    LoggingBackend,
     RetryConf,
     Rule,
     Split,
     StringMatch,
+    TimeoutConf,
+    TrafficLogConf,
 )
 from runtime.h2conn import PREFACE
 
@@ -73,13 +76,16 @@ def _mesh(tmp_path: Path) -> Path:
     return write_bundle(tmp_path, mesh_bundle(SERVICES, {"benigno": dest}))
 
 
-def _chain(plane: Callable[..., Plane], tmp_path: Path, app: str) -> tuple[Plane, Plane]:
-    """magnanimo's outbound sidecar -> benigno's inbound sidecar -> the gRPC app."""
+def _chain(
+    plane: Callable[..., Plane], tmp_path: Path, app: str, rules: Inbound | None = None
+) -> tuple[Plane, Plane]:
+    """magnanimo's outbound sidecar -> benigno's inbound sidecar (``rules``) -> the gRPC app."""
     mesh = _mesh(tmp_path)
+    bundle = write_bundle(tmp_path, service_bundle("benigno", rules))
     inbound = plane(
         "--service", "benigno", "--tag", "version=v1", "--app", app,
         "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--mesh-bundle", mesh, "--bundle", write_bundle(tmp_path, service_bundle("benigno")),
+        "--mesh-bundle", mesh, "--bundle", bundle,
     )  # fmt: skip
     assert inbound.inbound is not None
     eps = tmp_path / "eps.json"
@@ -149,6 +155,47 @@ def test_grpc_errors_deadline_and_retry(
     text = outbound.metrics()
     assert metric_value(text, "meshc_retries_total", destination_service="benigno") >= 1
     assert metric_value(text, "istio_requests_total", grpc_response_status="5") == 1
+
+
+def test_an_inbound_request_timeout_is_a_grpc_status_and_logged(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    """A gRPC call (no deadline of its own) to an app slower than benigno's inbound request
+    timeout: the inbound sidecar answers a trailers-only DEADLINE_EXCEEDED (HTTP 504's gRPC
+    status) with the reason, and its inbound access log line carries the gRPC status."""
+    log = tmp_path / "inbound.log"
+    rules = Inbound(
+        timeout=(Rule[TimeoutConf](conf=TimeoutConf(http_request_timeout_ms=300)),),
+        traffic_log=(
+            Rule[TrafficLogConf](
+                conf=TrafficLogConf(backend=LoggingBackend(name="f", type="file", path=str(log)))
+            ),
+        ),
+    )
+    outbound, inbound = _chain(plane, tmp_path, echo.address, rules)
+    with _channel(outbound) as ch:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            method(ch, "Slow")(b"")
+        elapsed = time.monotonic() - start
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.DEADLINE_EXCEEDED, "app timeout")
+    assert 0.3 <= elapsed < 10.0  # the inbound's 300 ms, not the app's 30 s
+    assert echo.calls["Slow"] == 1
+    line = wait_until(lambda: log.exists() and log.read_text().splitlines(), "an inbound log line")
+    entry = json.loads(line[0])
+
+    assert (entry["direction"], entry["source_service"], entry["protocol"], entry["grpc_status"]) == (
+        "inbound",
+        "magnanimo",
+        "HTTP/2",
+        4,
+    )
+    # A trailers-only gRPC answer is an HTTP 200; the status is gRPC's, counted as such.
+    assert entry["response_code"] == 200 and entry["path"].endswith("/Slow")
+    wait_until(
+        lambda: metric_value(inbound.metrics(), "istio_requests_total", grpc_response_status="4") == 1,
+        "the inbound sidecar to count the DEADLINE_EXCEEDED",
+    )
 
 
 def test_sidecar_errors_are_grpc_statuses(
