@@ -621,3 +621,54 @@ def test_fault_rules_replace_the_from_faults_of_the_service_they_select(tmp_path
     )
     (web,) = _inbound(r, "web", "fault_injection")
     assert (web["conf"]["abort"], web["conf"]["delay"]) == ({"http_status": 500, "percentage": 1.0}, None)
+
+
+def test_the_sidecar_applies_compiled_inbound_timeouts_limits_and_logs(tmp_path: Path) -> None:
+    """Compiled inbound MeshTimeout, MeshCircuitBreaker and MeshAccessLog, loaded as api's
+    sidecar loads them (the bytes round-trip through the bundle model): web gets its own request
+    timeout, others the common one; the limit refuses the third request in flight; both callers
+    are logged, web twice (its own rule too)."""
+    from runtime.bundle import MeshBundle, ServiceBundle, bundle_bytes, load_bundle
+    from runtime.decide import Forward, Reply, admit_app, decide_inbound
+    from runtime.engine import Engine
+    from runtime.identity import PeerIdentity
+    from runtime.protocol import EndpointSet
+
+    r = _compile(
+        tmp_path,
+        _policy("MeshTimeout", "api-in", API,
+                "  rules:\n    - default: {connectionTimeout: 2s, http: {requestTimeout: 3s}}\n"
+                f"    - matches: [{_spiffe('Exact', 'web')}]\n"
+                "      default: {http: {requestTimeout: 1s}}\n"),
+        _policy("MeshCircuitBreaker", "api-cb", API,
+                "  from: [{targetRef: {kind: Mesh}, default: {connectionLimits: {maxConnections: 1,"
+                " maxPendingRequests: 1}}}]\n"),
+        _policy("MeshAccessLog", "all", "{kind: Mesh}",
+                "  from: [{targetRef: {kind: Mesh},"
+                " default: {backends: [{type: File, file: {path: /tmp/a.log}}]}}]\n"),
+        _policy("MeshAccessLog", "web", API,
+                f"  rules: [{{matches: [{_spiffe('Prefix', 'w')}],"
+                " default: {backends: [{type: File, file: {path: /tmp/w.log}}]}}]\n"),
+    )  # fmt: skip
+    assert r.diagnostics == [], _codes(r)
+    data = r.bundles["default/api"]
+    mesh, svc = load_bundle(r.bundles["default"]), load_bundle(data)
+    assert isinstance(mesh, MeshBundle) and isinstance(svc, ServiceBundle)
+    assert bundle_bytes(svc) == data  # the compiler writes what the model serializes
+    engine = Engine("api", {"version": "v1"})
+    snap = engine.build(mesh, svc, EndpointSet(generation=1, services={}))
+
+    def call(service: str) -> Forward:
+        peer = PeerIdentity("default", service, {"kuma.io/service": service})
+        verdict = decide_inbound(engine, snap, True, peer, "")
+        assert isinstance(verdict, Forward)
+        return verdict
+
+    web, backend = call("web"), call("backend")
+    assert (web.app.request_timeout_s, web.app.connect_s) == (1.0, 2.0)
+    assert (backend.app.request_timeout_s, backend.app.connect_s) == (3.0, 2.0)
+    assert sorted(x.backend.path or "" for x in web.app.logs) == ["/tmp/a.log", "/tmp/w.log"]
+    assert [x.backend.path for x in backend.app.logs] == ["/tmp/a.log"]
+    assert admit_app(web) is None and admit_app(backend) is None  # 1 connection + 1 pending
+    over = admit_app(call("api"))
+    assert isinstance(over, Reply) and (over.status, over.overflow) == (503, True)
