@@ -37,6 +37,7 @@ from runtime_harness import (
 
 from runtime.bundle import (
     CatalogService,
+    CircuitBreakerConf,
     FaultBandwidth,
     FaultInjectionConf,
     GatewayBackend,
@@ -52,6 +53,7 @@ from runtime.bundle import (
     Rule,
     Split,
     StringMatch,
+    Thresholds,
     TimeoutConf,
     TrafficLogConf,
 )
@@ -196,6 +198,36 @@ def test_an_inbound_request_timeout_is_a_grpc_status_and_logged(
         lambda: metric_value(inbound.metrics(), "istio_requests_total", grpc_response_status="4") == 1,
         "the inbound sidecar to count the DEADLINE_EXCEEDED",
     )
+
+
+def test_an_inbound_connection_limit_refuses_a_grpc_call_with_unavailable(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    """One call in flight to the app fills benigno's inbound limit of one: another call is
+    refused at once (UNAVAILABLE, Envoy's overflow, counted), and goes through once it is over."""
+    import threading
+
+    cb = CircuitBreakerConf(thresholds=Thresholds(max_connections=1, max_pending_requests=0, max_requests=1))
+    rules = Inbound(circuit_breaker=(Rule[CircuitBreakerConf](conf=cb),))
+    outbound, inbound = _chain(plane, tmp_path, echo.address, rules)
+    with _channel(outbound) as ch:
+        slow: list[bytes] = []
+        first = threading.Thread(target=lambda: slow.append(method(ch, "Slow")(b"", timeout=HANG_DEADLINE)))
+        first.start()
+        wait_until(lambda: echo.calls["Slow"] == 1, "the first call to reach the app")
+        with pytest.raises(grpc.RpcError) as err:
+            method(ch, "Unary")(b"x", timeout=HANG_DEADLINE)
+        assert (err.value.code(), err.value.details()) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "upstream connection limit reached",
+        )
+        assert echo.calls["Unary"] == 0
+        echo.release.set()
+        first.join(60)
+        assert slow == [b"late"]
+        assert method(ch, "Unary")(b"y", timeout=HANG_DEADLINE) == b"benigno:y"
+    overflow = metric_value(inbound.metrics(), "meshc_upstream_overflow_total", destination_service="benigno")
+    assert overflow >= 1  # the outbound retries UNAVAILABLE: each attempt overflows
 
 
 def test_sidecar_errors_are_grpc_statuses(
