@@ -24,7 +24,6 @@ from typing import Protocol
 from urllib.parse import quote, unquote
 
 from runtime._hosts import Host, Outcome
-from runtime._match import SERVICE_TAG
 from runtime._policy import MAX_RETRY_BODY, RetryPolicy
 from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, Snapshot, Target
 from runtime.headerops import NO_OPS, SET, HeaderOp
@@ -399,7 +398,7 @@ def decide_inbound(
         app = inbound.app(identity.tags)
     else:
         rate_limit, fault, _permitted = inbound.for_caller(caller)
-        app = inbound.app({SERVICE_TAG: caller} if caller else {})
+        app = inbound.app_for_caller(caller)
     if rate_limit is not None and not rate_limit.bucket.take(engine.clock()):
         conf = rate_limit.conf
         headers = tuple((h.name, h.value) for h in conf.headers)
@@ -497,7 +496,7 @@ def decide_tcp_inbound(
     allow the peer certificate's identity, as for HTTP."""
     service = engine.service
     if not tls:
-        return Forward(APP, "", service, app=snap.inbound.app({}))
+        return Forward(APP, "", service, app=snap.inbound.app_for_caller(""))
     why = _caller(snap, identity)
     caller = identity.service if identity is not None else "unknown"
     if why is not None or identity is None:

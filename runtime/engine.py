@@ -359,10 +359,12 @@ class InboundTable:
     """Inbound rules with the ``when`` side already matched against this instance's tags."""
 
     __slots__ = (
+        "_app_by_name",
         "_app_cache",
         "_cache",
         "_peer_cache",
         "faults",
+        "has_app",
         "limits",
         "logs",
         "permissions",
@@ -385,14 +387,28 @@ class InboundTable:
         self.timeouts = timeouts
         self.limits = limits
         self.logs = logs
+        self.has_app = bool(timeouts or limits or logs)
+        """Whether any rule shapes requests to the local app (else ``app`` is ``NO_APP_POLICY``)."""
         self._cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
         self._peer_cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
         self._app_cache: dict[str, AppPolicy] = {}
+        self._app_by_name: dict[str, AppPolicy] = {}
+
+    def app_for_caller(self, caller_service: str) -> AppPolicy:
+        """``app`` for a caller named by its service (plaintext: the header); cached per name."""
+        if not self.has_app:
+            return NO_APP_POLICY
+        hit = self._app_by_name.get(caller_service)
+        if hit is None:
+            hit = self.app({SERVICE_TAG: caller_service} if caller_service else {})
+            if len(self._app_by_name) < 4096:
+                self._app_by_name[caller_service] = hit
+        return hit
 
     def app(self, peer: Mapping[str, str]) -> AppPolicy:
         """The timeouts, limit and logs of a caller's requests to the local app (``peer``: its
         tags, or ``{kuma.io/service: name}`` in plaintext; empty: an unnamed caller)."""
-        if not self.timeouts and not self.limits and not self.logs:
+        if not self.has_app:
             return NO_APP_POLICY
         key = "\0".join(f"{k}={v}" for k, v in sorted(peer.items()))
         hit = self._app_cache.get(key)
