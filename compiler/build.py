@@ -176,7 +176,12 @@ class MeshBuilder:
         # {"destinations":…, <head's keys, all sorting between "destinations" and "services">,
         #  "services":…, "type":"mesh"}: keys stay sorted.
         head_items = head[1 : -len(',"type":"mesh"}')]
-        tracing = tracing_backend(mesh.doc.spec if mesh.doc else None)
+        resolved = self.idx.tracing
+        if resolved is not None:
+            tracing = resolved.mesh
+            used.extend(resolved.mesh_docs)
+        else:
+            tracing = tracing_backend(mesh.doc.spec if mesh.doc else None)
         trace = canon(tracing.model_dump(mode="json")) if tracing is not None else "null"
         text = (
             f'{{"destinations":{destinations},{head_items},"services":{services},'
@@ -199,9 +204,15 @@ class MeshBuilder:
         inbound = self.inbound(name, used) if not svc.gateway else _EMPTY_INBOUND
         outbound = json_object((d, self.destination(name, d, used)) for d in dests)
         gateway = canon(gw.conf.model_dump(mode="json")) if gw is not None else "null"
+        traced = self.idx.tracing.services.get(name) if self.idx.tracing is not None else None
+        tracing = "null"
+        if traced is not None:
+            tracing = canon(traced[0].model_dump(mode="json"))
+            used.extend(traced[1])
         text = (
             f'{{"format":{b.BUNDLE_FORMAT},"gateway":{gateway},"inbound":{inbound},'
-            f'"mesh":{canon(self.mesh.name)},"outbound":{outbound},"service":{canon(name)},"type":"service"}}'
+            f'"mesh":{canon(self.mesh.name)},"outbound":{outbound},"service":{canon(name)},'
+            f'"tracing":{tracing},"type":"service"}}'
         )
         return text.encode(), used
 

@@ -33,8 +33,10 @@ __all__ = [
     "step_text",
 ]
 
-BuildMesh = Callable[[str, list[Doc]], dict[str, bytes]]
-"""(mesh name, the mesh's documents) -> its bundles, as the release builds them."""
+BuildMesh = Callable[[str, Doc, Doc, list[Doc]], dict[str, bytes]]
+"""(mesh, the route as in Git, the route at a step's weights, the mesh's documents with the latter)
+-> the bundles the step builds, as the release would: all of them, or at least every one the
+route reaches (the incremental compiler rebuilds only those)."""
 
 
 @dataclasses.dataclass
@@ -232,7 +234,7 @@ def canary_stage(docs: Sequence[Doc], base: dict[str, bytes], build: BuildMesh) 
         for w in weights_needed:
             new = {p: reweigh([x for x, _ in s], i, w) for p, s, i in splits}
             changed = _with_weights(route, new)
-            built = build(c.mesh, [changed if d is route else d for d in mesh_docs])
+            built = build(c.mesh, route, changed, [changed if d is route else d for d in mesh_docs])
             overlay: dict[str, str] = {}
             for key, data in built.items():
                 if base.get(key) != data:

@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from compiler.canary import split_text, step_text
 from compiler.commands import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from compiler.controlplane_cli import DEFAULT_CP
 
@@ -34,6 +33,8 @@ def _call(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, dic
 
 def render(canaries: list[dict[str, Any]]) -> str:
     """The text view: one block per canary (phase, weights now and in Git, steps, last run)."""
+    from compiler.canary import split_text, step_text  # here: `meshc --help` loads no compiler stage
+
     if not canaries:
         return "no Canary in the current release"
     out = []

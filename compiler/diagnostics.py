@@ -185,8 +185,9 @@ CODES: dict[str, Code] = _catalog(
     Code(
         "W3005",
         "dialects-overlap",
-        "A targetRef policy and a legacy policy of the same type configure the same traffic; as in Kuma, "
-        "the targetRef policy wins and the legacy one has no effect there.",
+        "A targetRef policy and a legacy policy of the same type configure the same traffic (or a "
+        "MeshTrace and the Mesh's legacy `tracing` the same data planes); as in Kuma, the targetRef "
+        "policy wins and the legacy one has no effect there.",
     ),
     Code(
         "W3006",
@@ -196,8 +197,9 @@ CODES: dict[str, Code] = _catalog(
         "connection durations and request headers timeout, MeshCircuitBreaker's outlier detection), "
         "an `sni` match, a route "
         "filter or match the bundle cannot express, zone-aware load balancing or hash policies, an "
-        "OpenTelemetry log backend): it has no effect, or, where the message says so, a broader "
-        "rule still applies where Kuma's would not.",
+        "OpenTelemetry log backend, a MeshTrace's Datadog or OpenTelemetry backend, its `tags`, "
+        "`sampling.client` or `apiVersion: httpProto`): it has no effect, or, where the message says "
+        "so, a broader rule still applies where Kuma's would not.",
     ),
     Code(
         "W3007",

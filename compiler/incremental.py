@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.build import MeshBuilder, canon
-from compiler.canary import canary_findings
+from compiler.canary import BuildMesh, canary_findings
 from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_doc, check_permissions
 from compiler.denied import SHAPING_KINDS, check_denied
@@ -49,6 +49,7 @@ from compiler.parse import Declared, Doc
 from compiler.pipeline import (
     ParsedFile,
     add_canaries,
+    build_one_mesh,
     compile_parsed,
     compile_sources,
     declared_of,
@@ -61,7 +62,7 @@ from compiler.pipeline import (
     provenance,
 )
 from compiler.resolve import INBOUND, OUTBOUND, Entry, PolicyIndex, conflict_diagnostics
-from compiler.resolve_targetref import TARGETREF_FIELDS, index_targetref, legacy_shadowed
+from compiler.resolve_targetref import RESOLVED_KINDS, index_targetref, legacy_shadowed
 from compiler.result import CompileResult
 from compiler.source import SourceFile, SourceSet
 from compiler.yamlload import Positions
@@ -98,7 +99,7 @@ class Update:
 def _reindex_all(d: Doc) -> bool:
     """A document whose change rebuilds every bundle: the catalog, Kubernetes objects, and the
     targetRef policies (merged across documents, so not indexed one document at a time)."""
-    return d.kind in _CATALOG_KINDS or d.kind in TARGETREF_FIELDS or is_kube(d)
+    return d.kind in _CATALOG_KINDS or d.kind in RESOLVED_KINDS or is_kube(d)
 
 
 @dataclass
@@ -202,8 +203,7 @@ class IncrementalCompiler:
             self._catalog is None
             or declared != self._declared
             or any(
-                d.kind in _CATALOG_KINDS or d.kind in TARGETREF_FIELDS or is_kube(d)
-                for d in (*added, *removed)
+                d.kind in _CATALOG_KINDS or d.kind in RESOLVED_KINDS or is_kube(d) for d in (*added, *removed)
             )
         )
         self._declared = declared
@@ -400,7 +400,7 @@ class IncrementalCompiler:
         upd = Update(result, rebuilt=rebuilt, parsed=n_parsed, full=full)
         if not result.errors:
             finish(result, self._bundles, self._digests, self._prov)
-            add_canaries(result, cat, docs)
+            add_canaries(result, cat, docs, self._step_build(cat))
             new = result.digests
             upd.changed = sorted(k for k, v in new.items() if self._published.get(k) != v)
             upd.removed = sorted(k for k in self._published if k not in new)
@@ -411,18 +411,41 @@ class IncrementalCompiler:
         self.result = result
         return upd
 
+    def _step_build(self, cat: Catalog) -> BuildMesh:
+        """A Canary step's bundles, rebuilt like an edit of its route: the route's entries swapped
+        in the mesh's index for the step's, only the bundles they reach built, the route put back
+        (a targetRef route is resolved over the whole mesh: that mesh is built again)."""
+
+        def build(mesh: str, route: Doc, changed: Doc, mesh_docs: list[Doc]) -> dict[str, bytes]:
+            m = self._meshes.get(mesh)
+            if m is None or route.kind in RESOLVED_KINDS or id(route) not in m.idx.by_doc:
+                return build_one_mesh(cat, cat.meshes[mesh], mesh_docs).bundles
+            keys = self._reach(m, m.idx.remove(route))
+            try:
+                keys |= self._reach(m, m.idx.add(changed, {mesh: m.logging}))
+                out = {}
+                for key in sorted(keys):
+                    m.idx.conflicts = {}
+                    out[key] = m.builder.build(key)[0]
+                return out
+            finally:
+                m.idx.remove(changed)
+                m.idx.add(route, {mesh: m.logging})
+
+        return build
+
     def _release_bytes(self, result: CompileResult) -> bytes:
         """``canonical_json(result.release) + b"\\n"``, from cached fragments (keys sorted)."""
-        if "canaries" in result.release:
-            return b.canonical_json(result.release) + b"\n"
         kj = self._key_json
         for k in result.bundles:
             if k not in kj:
                 kj[k] = canon(k)
         digests = ",".join([f'{kj[k]}:"{d}"' for k, d in result.release["bundles"].items()])
         prov = ",".join([f"{kj[k]}:{self._prov_json[k]}" for k in result.bundles])
+        canaries = result.release.get("canaries")
+        steps = f'"canaries":{b.canonical_json(canaries).decode()},' if canaries is not None else ""
         text = (
-            f'{{"bundles":{{{digests}}},"commit":{canon(result.commit)},'
+            f'{{"bundles":{{{digests}}},{steps}"commit":{canon(result.commit)},'
             f'"format":{result.release["format"]},"provenance":{{{prov}}}}}\n'
         )
         return text.encode()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.build import build_mesh
-from compiler.canary import canary_findings, canary_stage
+from compiler.canary import BuildMesh, canary_findings, canary_stage
 from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_all
 from compiler.diagnostics import Diagnostic, Related, Span
@@ -264,11 +264,18 @@ def build_one_mesh(cat: Catalog, mesh: MeshInfo, mesh_docs: list[Doc]) -> MeshBu
     return MeshBuilt(bundles, used, findings, MeshResolved(mesh, idx, gateways))
 
 
-def add_canaries(result: CompileResult, cat: Catalog, docs: list[Doc]) -> CompileResult:
-    """Pre-build every Canary step of an error-free result (``compiler.canary``) into it."""
+def add_canaries(
+    result: CompileResult, cat: Catalog, docs: list[Doc], build: BuildMesh | None = None
+) -> CompileResult:
+    """Pre-build every Canary step of an error-free result (``compiler.canary``) into it; ``build``
+    (default: the whole mesh again) is how a step's bundles are built."""
     if not any(d.kind == "Canary" for d in docs):
         return result
-    stage = canary_stage(docs, result.bundles, lambda m, d: build_one_mesh(cat, cat.meshes[m], d).bundles)
+
+    def whole_mesh(mesh: str, _route: Doc, _changed: Doc, mesh_docs: list[Doc]) -> dict[str, bytes]:
+        return build_one_mesh(cat, cat.meshes[mesh], mesh_docs).bundles
+
+    stage = canary_stage(docs, result.bundles, build or whole_mesh)
     result.step_bundles = stage.bundles
     result.release["canaries"] = stage.records
     return result

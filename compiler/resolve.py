@@ -29,6 +29,7 @@ __all__ = [
     "TARGETREF_INBOUND",
     "Entry",
     "PolicyIndex",
+    "Tracing",
     "index_policies",
     "split_ranked",
 ]
@@ -72,6 +73,18 @@ class Entry:
 _canon = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
+@dataclass(frozen=True)
+class Tracing:
+    """A mesh's tracing as its MeshTrace policies and its Mesh's legacy ``tracing`` resolve it
+    (``resolve_targetref.index_tracing``), with the documents that shaped each part."""
+
+    mesh: b.TracingBackend | None
+    """The mesh bundle's ``tracing``."""
+    mesh_docs: tuple[Doc, ...] = ()
+    services: dict[str, tuple[b.ServiceTracing, tuple[Doc, ...]]] = field(default_factory=dict)
+    """Service -> its bundle's ``tracing`` (a MeshTrace selects it), and the MeshTraces merged."""
+
+
 @dataclass
 class PolicyIndex:
     """Entries per kind, keyed by (source service, destination service); ``*`` is a key too."""
@@ -87,6 +100,8 @@ class PolicyIndex:
     """``id(doc)`` -> the document and its entries (what ``remove`` takes out again)."""
     targetref: bool = False
     """Whether targetRef policies added entries (``compiler.resolve_targetref``)."""
+    tracing: Tracing | None = None
+    """None until ``index_targetref`` resolves it (then ``build`` reads it, not the Mesh)."""
 
     def add(self, d: Doc, log_backends: dict[str, tuple[b.LoggingBackend, ...]]) -> list[Entry]:
         """Index one document's (source, destination) pairs; returns its entries."""

@@ -30,6 +30,9 @@ rewrites, query matches; what the legacy load balancer and log backend have no p
 kind's ``not_applied`` names it). W3007
 where, as in Kuma, ``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
 
+MeshTrace has no ``to``/``from``: ``index_tracing`` merges the policies that select every data
+plane into the mesh bundle's ``tracing`` and those naming a service into that service's bundle.
+
 Every merged rule keeps the items it was merged from (``Entry.merged``) so that ``meshc explain``
 can say which policy set what, and which lost: provenance as data, nothing re-derived.
 """
@@ -49,20 +52,23 @@ from compiler.diagnostics import Diagnostic, Loc, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, SERVICE_TAG, extra_tags
 from compiler.kinds.fault_injection import bandwidth_bps
-from compiler.kinds.mesh import mesh_settings
+from compiler.kinds.mesh import mesh_settings, tracing_backend
 from compiler.kinds.targetref import mesh_access_log as mal
 from compiler.kinds.targetref import mesh_health_check as mhc
 from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
+from compiler.kinds.targetref import mesh_trace as mtr
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
-from compiler.resolve import TARGETREF_INBOUND, Entry, PolicyIndex
+from compiler.resolve import TARGETREF_INBOUND, Entry, PolicyIndex, Tracing
 from runtime import bundle as b
 
 __all__ = [
+    "RESOLVED_KINDS",
     "TARGETREF_FIELDS",
     "allowed_services",
     "gateway_routes",
     "index_targetref",
+    "index_tracing",
     "is_targetref",
     "legacy_shadowed",
 ]
@@ -445,6 +451,11 @@ TARGETREF_FIELDS = {
 each under its own key of the merged patch (so they never override one another): MeshHTTPRoute
 ``rules``, MeshTCPRoute ``tcp``, MeshLoadBalancingStrategy ``load_balancing``."""
 
+_TRACE = "MeshTrace"
+RESOLVED_KINDS = frozenset({*TARGETREF_FIELDS, _TRACE})
+"""Every kind ``index_targetref`` resolves: merged across documents, so a change to one of them
+rebuilds every bundle of its mesh. MeshTrace fills the bundles' ``tracing`` (``index_tracing``)."""
+
 
 # --- MeshHTTPRoute ----------------------------------------------------------------------------
 
@@ -756,6 +767,7 @@ def _rank(src: str, dst: str, when: Tags) -> tuple[int, int]:
 def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     """Add the targetRef policies of one mesh to ``idx``; returns the warnings (ties, limits)."""
     out: list[Diagnostic] = []
+    index_tracing(idx, docs, out)
     by_field, rules = _items(docs, out)
     mesh = next((d.mesh for d in docs), "")
     mesh_doc = next((d for d in docs if d.kind == "Mesh"), None)
@@ -1181,3 +1193,95 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
                 )
             )
     return out, findings
+
+
+# --- MeshTrace ------------------------------------------------------------------------------------
+
+
+def _trace_top(d: Doc, out: list[Diagnostic]) -> str | None:
+    """The service (``*``: every one) a MeshTrace's top-level targetRef selects; None (and W3006)
+    for a selection a bundle's per-service tracing cannot express."""
+    tr = d.spec.target_ref
+    kind = tr.kind if tr is not None and tr.kind else "Mesh"
+    top = _top(tr) if kind in ("Mesh", "MeshService", "MeshSubset") else None
+    if top is None:
+        out.append(_unresolved(d, f"a top-level targetRef of kind {kind}", ("targetRef", "kind")))
+        return None
+    if top[1]:
+        what = "a MeshSubset with tags other than kuma.io/service (a bundle traces a whole service)"
+        out.append(_unresolved(d, what, ("targetRef", "tags")))
+        return None
+    return top[0]
+
+
+def _traced(
+    members: list[Ranked], out: list[Diagnostic], scope: str, seen: set[tuple[int, int]]
+) -> b.TracingBackend | None:
+    for a, z in name_ties(members):
+        if (id(a.policy), id(z.policy)) not in seen:  # Mesh-wide ones meet again under each service
+            seen.add((id(a.policy), id(z.policy)))
+            out.append(_tie(a, z, scope, "*"))
+    conf = mtr.Conf.model_validate(merged(r.default for r in members))
+    return mtr.to_backend(conf, members[-1].policy.name)
+
+
+def _tracing_shadowed(mesh_doc: Doc, top: Ranked, scope: str) -> Diagnostic:
+    d = top.policy
+    return Diagnostic(
+        "W3005",
+        f"{d.kind} {d.name!r} and the Mesh's legacy `tracing` both configure tracing of {scope}; "
+        "as in Kuma, the MeshTrace wins",
+        mesh_doc.loc(("tracing",)),
+        related_locs=((d.loc(top.where), f"{d.kind} {d.name!r} is here"),),
+    )
+
+
+def index_tracing(idx: PolicyIndex, docs: list[Doc], out: list[Diagnostic]) -> None:
+    """Resolve the mesh's tracing into ``idx.tracing``: the MeshTraces that select every data
+    plane give the mesh bundle's backend (else the Mesh's legacy ``tracing`` does), those that
+    name a service merge over them into that service's bundle (Kuma's precedence)."""
+    mesh_doc = next((d for d in docs if d.kind == "Mesh"), None)
+    legacy_spec = mesh_doc.spec if mesh_doc is not None else None
+    legacy_set = (
+        legacy_spec is not None and legacy_spec.tracing is not None and bool(legacy_spec.tracing.backends)
+    )
+    items: list[tuple[str, Ranked]] = []
+    for d in docs:
+        if d.kind != _TRACE:
+            continue
+        for path, what in mtr.not_applied(d.spec.default):
+            out.append(_unresolved(d, what, ("default", *path)))
+        service = _trace_top(d, out)
+        if service is None:
+            continue
+        tr = d.spec.target_ref
+        kind = tr.kind if tr is not None and tr.kind else "Mesh"
+        default = d.spec.default.model_dump(by_alias=True, exclude_unset=True) if d.spec.default else {}
+        r = Ranked(policy_key(kind, dict(d.labels), d.name), 0, default, d, ("default",), (kind, "Mesh"))
+        items.append((service, r))
+    wide = in_order(r for s, r in items if s == "*")
+    seen: set[tuple[int, int]] = set()
+    if wide:
+        mesh_backend = _traced(wide, out, "*", seen)
+        if legacy_set and mesh_doc is not None:
+            out.append(_tracing_shadowed(mesh_doc, wide[-1], "every data plane"))
+    else:
+        mesh_backend = tracing_backend(legacy_spec)
+    services: dict[str, tuple[b.ServiceTracing, tuple[Doc, ...]]] = {}
+    for name in sorted({s for s, _ in items if s != "*"}):
+        members = in_order(r for s, r in items if s in (name, "*"))
+        backend = _traced(members, out, name, seen)
+        if legacy_set and not wide and mesh_doc is not None:
+            out.append(_tracing_shadowed(mesh_doc, members[-1], name))
+        used = _policies(members)
+        services[name] = (b.ServiceTracing(backend=backend), used)
+    idx.tracing = Tracing(mesh_backend, _policies(wide), services)
+
+
+def _policies(members: list[Ranked]) -> tuple[Doc, ...]:
+    """The documents of these items, each once, in order."""
+    out: list[Doc] = []
+    for r in members:
+        if all(r.policy is not x for x in out):
+            out.append(r.policy)
+    return tuple(out)

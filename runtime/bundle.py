@@ -69,6 +69,7 @@ __all__ = [
     "RouteConf",
     "Rule",
     "ServiceBundle",
+    "ServiceTracing",
     "Split",
     "StringMatch",
     "TcpHealthCheck",
@@ -497,14 +498,26 @@ class Mtls(_Frozen):
 
 
 class TracingBackend(_Frozen):
-    """The Mesh's default tracing backend (Kuma's ``tracing.backends``, type ``zipkin``)."""
+    """A tracing backend: the Mesh's default one (Kuma's ``tracing.backends``, type ``zipkin``)
+    or a MeshTrace's Zipkin backend."""
 
     name: str
     type: Literal["zipkin"] = "zipkin"
     sampling: float = 100.0
-    """Percentage of new traces sampled (0-100); an incoming ``traceparent`` keeps its flag."""
+    """Percentage of new traces sampled (0-100); an incoming trace context keeps its decision."""
     url: str
     """Zipkin v2 spans endpoint (``http://collector:9411/api/v2/spans``)."""
+    b3: bool = True
+    """Read and send B3 headers (``b3`` and ``X-B3-*``) besides ``traceparent``: Envoy's Zipkin
+    tracer, which Kuma configures, speaks B3."""
+
+
+class ServiceTracing(_Frozen):
+    """Tracing of this service's data planes when a MeshTrace selects the service itself: it
+    replaces the mesh bundle's ``tracing`` for them."""
+
+    backend: TracingBackend | None = None
+    """None: not traced (a MeshTrace with ``backends: []``); trace context is still propagated."""
 
 
 class MeshBundle(_Frozen):
@@ -531,6 +544,8 @@ class ServiceBundle(_Frozen):
     inbound: Inbound = Inbound()
     outbound: dict[str, Destination] = Field(default_factory=dict)
     gateway: GatewayConf | None = None
+    tracing: ServiceTracing | None = None
+    """None: the mesh bundle's ``tracing`` applies."""
 
 
 AnyBundle = Annotated[MeshBundle | ServiceBundle, Field(discriminator="type")]

@@ -12,6 +12,8 @@ verdict for a host outside the mesh whatever the protocol; ``admit`` and ``peer_
 when a target is about to get a request; ``RetryState`` follows one request's attempts and says,
 from each outcome, back off and retry or give up, and with which answer. The layers carry the
 verdicts out and never decide themselves, so the two HTTP data planes cannot drift apart.
+Every HTTP verdict carries the request's span (``runtime.tracing``), a ``Reply`` too, so the
+layers report what the data plane answered itself as they report what they forwarded.
 
 Nothing here touches a socket or a clock that is not passed in.
 """
@@ -20,16 +22,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import quote, unquote
 
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY, RetryPolicy
 from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, Snapshot, Target
-from runtime.headerops import NO_OPS, SET, HeaderOp
+from runtime.headerops import NO_OPS, REMOVE, SET, HeaderOp
 from runtime.identity import PeerIdentity
 from runtime.security import DENIED_HEADER
-from runtime.tracing import TRACEPARENT, Hop, hop
+from runtime.tracing import TRACEPARENT, Getter, Hop, hop
 
 __all__ = [
     "APP",
@@ -70,6 +72,8 @@ __all__ = [
 NO_HOST = "no healthy upstream"
 RESET = "upstream connect error or disconnect/reset before headers"
 TIMEOUT_REASON = "upstream request timeout"
+OVERFLOW = "upstream connection limit reached"
+"""Envoy's circuit breaker overflow, outbound and inbound alike."""
 PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 """Characters a rewritten gateway path keeps as they are (RFC 3986 pchar and '/')."""
 
@@ -107,7 +111,7 @@ class RequestHead(Protocol):
 class Reply:
     """The data plane answers the request itself (after ``delay_s``, for a fault's delay)."""
 
-    __slots__ = ("body", "delay_s", "dest", "headers", "overflow", "reason", "source", "status")
+    __slots__ = ("body", "delay_s", "dest", "headers", "overflow", "reason", "source", "status", "trace")
 
     def __init__(
         self,
@@ -132,6 +136,9 @@ class Reply:
         self.delay_s = delay_s
         self.overflow = overflow
         """A circuit breaker's limit refused it (counted as an overflow)."""
+        self.trace: Hop | None = None
+        """The request's span when a decision made the reply (``_answered``); a reply a layer
+        makes after forwarding began is reported with the ``Forward``'s span instead."""
 
     def __repr__(self) -> str:
         return f"Reply({self.status}, {self.reason!r})"
@@ -211,10 +218,12 @@ class Forward:
 class Fetch:
     """The destination's config must be fetched first; then decide again."""
 
-    __slots__ = ("service",)
+    __slots__ = ("service", "trace")
 
     def __init__(self, service: str) -> None:
         self.service = service
+        self.trace: Hop | None = None
+        """The request's span, for the 503 if the fetch fails (``fetch_failed``)."""
 
     def __repr__(self) -> str:
         return f"Fetch({self.service!r})"
@@ -231,7 +240,13 @@ async def no_fetcher(service: str) -> str | None:
 def fetch_failed(engine: Engine, fetch: Fetch, why: str) -> Reply:
     """A destination whose config could not be fetched in time: 503, as Envoy answers when its
     on-demand cluster discovery times out (nothing is guessed in its place)."""
-    return Reply(503, f"configuration of {fetch.service} not available: {why}", engine.service, fetch.service)
+    reply = Reply(
+        503, f"configuration of {fetch.service} not available: {why}", engine.service, fetch.service
+    )
+    if fetch.trace is not None:
+        fetch.trace.reason = reply.reason
+        reply.trace = fetch.trace
+    return reply
 
 
 async def settle(
@@ -266,7 +281,9 @@ def split_host(value: str) -> tuple[str, int | None]:
         port = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port = value.partition(":")
-    return host.lower(), int(port) if port.isdigit() else None
+    # ASCII digits only, at most 5: str.isdigit() also takes "²" (an HTTP/2 :authority is any
+    # latin-1 text), which int() refuses, and int() refuses more than 4300 digits.
+    return host.lower(), int(port) if len(port) <= 5 and port.isascii() and port.isdigit() else None
 
 
 def query_map(qs: str) -> dict[str, str]:
@@ -316,6 +333,26 @@ def decide_outbound(
     engine: Engine, snap: Snapshot, head: RequestHead, name: str, port: int | None, own: Collection[Addr]
 ) -> Forward | Reply | Fetch:
     """An outbound HTTP request for ``name[:port]`` (from its Host or absolute URI)."""
+    headers = head.header_map()
+    verdict = _outbound(engine, snap, head, headers, name, port, own)
+    if type(verdict) is Forward:
+        return verdict
+    span = hop(headers.get, snap.trace_sampling, engine.rng, snap.trace_b3)
+    if type(verdict) is Fetch:
+        verdict.trace = span
+        return verdict
+    return _answered(cast(Reply, verdict), span)
+
+
+def _outbound(
+    engine: Engine,
+    snap: Snapshot,
+    head: RequestHead,
+    headers: Mapping[str, str],
+    name: str,
+    port: int | None,
+    own: Collection[Addr],
+) -> Forward | Reply | Fetch:
     source = engine.service
     dest = snap.destination(name)
     if dest is None:
@@ -324,11 +361,11 @@ def decide_outbound(
         return Fetch(dest.service)
     if dest.protocol == "tcp":
         return Reply(400, f"{name} is a TCP service; open it with CONNECT", source, name)
-    route = dest.route(head.method, head.path(), head.header_map()) if dest.routes else None
+    route = dest.route(head.method, head.path(), headers) if dest.routes else None
     target = (route.wheel if route is not None else dest.wheel).choose(engine.rng)
     if target is None:
         return Reply(503, NO_HOST, source, name)
-    incoming = head.header_map().get(TRACEPARENT)
+    incoming = headers.get
     if route is None or route.modify is None:
         return traced(
             engine,
@@ -352,12 +389,31 @@ def decide_outbound(
     return traced(engine, snap, fwd, incoming)
 
 
-def traced(engine: Engine, snap: Snapshot, fwd: Forward, incoming: str | None) -> Forward:
-    """``fwd`` with this hop's span: kept from ``incoming`` (the request's ``traceparent``) when
-    valid, else a new trace; the next hop gets its ``traceparent`` as the last header op."""
-    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng)
-    fwd.request_ops = (*fwd.request_ops, (SET, TRACEPARENT, span.header()))
+def traced(engine: Engine, snap: Snapshot, fwd: Forward, incoming: Getter | str | None) -> Forward:
+    """``fwd`` with this hop's span: continued from ``incoming`` (the request's headers, or its
+    ``traceparent`` alone) when it carries a valid context, else a new trace; the next hop's
+    propagation headers are the last header ops (``runtime.tracing``)."""
+    b3 = snap.trace_b3
+    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, b3)
+    if not b3:
+        fwd.request_ops = (*fwd.request_ops, (SET, TRACEPARENT, span.header()))
+        return fwd
+    ops = tuple((SET, n, v) if v is not None else (REMOVE, n, "") for n, v in span.headers(True))
+    fwd.request_ops = (*fwd.request_ops, *ops)
     return fwd
+
+
+def _answered(reply: Reply, span: Hop) -> Reply:
+    """``reply`` as the answer to a request whose span is ``span``: reported like a forwarded
+    request's, with the reply's reason (``runtime.zipkin`` tags the error), as Envoy reports its
+    local replies."""
+    span.reason = reply.reason
+    reply.trace = span
+    return reply
+
+
+def _reply_span(engine: Engine, snap: Snapshot, reply: Reply, incoming: Getter | str | None) -> Reply:
+    return _answered(reply, hop(incoming, snap.trace_sampling, engine.rng, snap.trace_b3))
 
 
 def _caller(snap: Snapshot, identity: PeerIdentity | None) -> str | None:
@@ -378,12 +434,22 @@ def decide_inbound(
     tls: bool,
     identity: PeerIdentity | None,
     caller_header: str,
-    traceparent: str | None = None,
+    trace: Getter | str | None = None,
 ) -> Forward | Reply:
     """A request to this instance's app. Under mTLS the caller is the peer certificate's
     identity, never the header (DESIGN §6), and a TrafficPermission must allow it; in plaintext
-    (mTLS off, or PERMISSIVE) the header is only a metrics label, as in Kuma. ``traceparent``:
-    the request's, continued by this hop's span."""
+    (mTLS off, or PERMISSIVE) the header is only a metrics label, as in Kuma. ``trace``: the
+    request's headers (or its ``traceparent`` alone), continued by this hop's span, whether the
+    request is forwarded or refused."""
+    verdict = _inbound(engine, snap, tls, identity, caller_header)
+    if type(verdict) is Reply:
+        return _reply_span(engine, snap, verdict, trace)
+    return traced(engine, snap, cast(Forward, verdict), trace)
+
+
+def _inbound(
+    engine: Engine, snap: Snapshot, tls: bool, identity: PeerIdentity | None, caller_header: str
+) -> Forward | Reply:
     service = engine.service
     caller = caller_header
     inbound = snap.inbound
@@ -409,16 +475,22 @@ def decide_inbound(
         delay, abort, bps = fault.decide(engine.rng)
         if abort:
             return Reply(abort, "fault filter abort", caller, service, delay_s=delay)
-    fwd = Forward(
+    return Forward(
         APP, caller, service, source_header=caller if tls else None, delay_s=delay, bps=bps, app=app
     )
-    return traced(engine, snap, fwd, traceparent)
 
 
 def decide_gateway(
     engine: Engine, snap: Snapshot, head: RequestHead, port: int, scheme: str
 ) -> Forward | Reply:
     """A request to the gateway listener on ``port``; ``scheme`` from ``request_scheme``."""
+    verdict = _gateway(engine, snap, head, port, scheme)
+    if type(verdict) is Reply:
+        return _reply_span(engine, snap, verdict, head.header_map().get)
+    return verdict
+
+
+def _gateway(engine: Engine, snap: Snapshot, head: RequestHead, port: int, scheme: str) -> Forward | Reply:
     source = engine.service
     listener = snap.gateway.get(port)
     if listener is None:
@@ -457,7 +529,7 @@ def decide_gateway(
         source_header=source,
         mirrors=mirrors,
     )
-    return traced(engine, snap, fwd, head.header_map().get(TRACEPARENT))
+    return traced(engine, snap, fwd, head.header_map().get)
 
 
 def decide_connect(
@@ -512,10 +584,6 @@ def admit(target: Target, source: str) -> Reply | None:
     if target.active >= target.max_active:
         return Reply(503, OVERFLOW, source, target.service, overflow=True)
     return None
-
-
-OVERFLOW = "upstream connection limit reached"
-"""Envoy's circuit breaker overflow, outbound and inbound alike."""
 
 
 def admit_app(fwd: Forward) -> Reply | None:

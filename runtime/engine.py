@@ -635,10 +635,14 @@ class Snapshot:
         self.targets = targets
         self.passthrough = mesh.passthrough if mesh else False
         tracing = mesh.tracing if mesh else None
+        if service is not None and service.tracing is not None:
+            tracing = service.tracing.backend  # a MeshTrace that selects this service
         self.trace_sampling: float | None = tracing.sampling if tracing is not None else None
-        """The Mesh's tracing sampling percentage; None: no tracing backend (traces unsampled)."""
+        """The tracing sampling percentage; None: no tracing backend (traces unsampled)."""
         self.trace_url: str | None = tracing.url if tracing is not None else None
         """Where sampled spans go (``runtime.zipkin``)."""
+        self.trace_b3: bool = tracing is not None and tracing.b3
+        """Read and send B3 besides ``traceparent`` (a Zipkin backend)."""
         # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),
         # and for Kuma's Kubernetes names the cluster DNS names of the Service.
         self._names = dict(destinations)

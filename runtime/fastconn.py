@@ -248,7 +248,7 @@ class ClientConn(Exchange):
                 if len(plane.sources) < 4096:
                     plane.sources[src] = caller
             is_tls, identity = self.tls_peer
-            verdict = decide_inbound(engine, snap, is_tls, identity, caller, req.header(b"traceparent"))
+            verdict = decide_inbound(engine, snap, is_tls, identity, caller, req.get)
         else:
             xfp = req.xfp.decode("latin-1") if req.xfp is not None else None
             verdict = decide_gateway(engine, snap, req, self.port, request_scheme(xfp, self.secure))

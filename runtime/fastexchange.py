@@ -443,9 +443,12 @@ class Exchange(asyncio.Protocol):
         headers: Iterable[tuple[str, str]] = (),
         body: bytes | None = None,
     ) -> None:
-        """Answer the request in flight ourselves."""
+        """Answer the request in flight ourselves (its span says why, in ``_finish``)."""
         req = self.req
         assert req is not None
+        span = self.span
+        if span is not None and not span.reason:
+            span.reason = reason
         self._cancel_timer()
         self._detach(False)
         close = close or self.close_after or not req.keep_alive or not req.complete or req.upgrade is not None
@@ -471,6 +474,8 @@ class Exchange(asyncio.Protocol):
         """Carry out a ``Reply`` verdict (after its delay, for a fault)."""
         if self.series is None:
             self.source, self.dest = reply.source, reply.dest
+        if self.span is None:
+            self.span = reply.trace  # the request's answer: its span is reported in ``_finish``
         if reply.overflow:
             self.plane.metrics.overflow.labels(reply.dest).inc()
         if reply.delay_s:

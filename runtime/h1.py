@@ -224,6 +224,10 @@ class Request:
                 return v.decode("latin-1")
         return None
 
+    def get(self, name: str) -> str | None:
+        """``header`` by a ``str`` name (a ``tracing.Getter``)."""
+        return self.header(name.encode("latin-1"))
+
     def header_map(self) -> dict[str, str]:
         """Lower-case name -> value (the first of repeated fields), for route matching."""
         out: dict[str, str] = {}
@@ -433,6 +437,8 @@ class ResponseReader:
         self._in_head = False
         parser = self._parser
         resp.status = parser.get_status_code()
+        if resp.status < 100:  # llhttp takes any three digits; RFC 9110 §15: under 100 is invalid
+            raise H1Error(502, f"upstream status code {resp.status:03d}")
         resp.keep_alive = parser.should_keep_alive()
         if resp.chunked:
             resp.length = None

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.exceptions import DenialOfServiceError, FrameTooLargeError
 from h2.settings import SettingCodes
 
 from runtime.decide import Forward, Reply
@@ -22,6 +23,8 @@ from runtime.headerops import ADD, REMOVE, HeaderOp
 
 __all__ = [
     "GRPC_NAMES",
+    "MAX_FRAME_SIZE",
+    "MAX_HEADER_BLOCK",
     "PREFACE",
     "GoawayFilter",
     "H2Head",
@@ -125,6 +128,15 @@ def client_connection() -> H2Connection:
 
 
 _GOAWAY = 0x7
+_HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
+_END_HEADERS = 0x4
+
+MAX_FRAME_SIZE = 16384
+"""The SETTINGS_MAX_FRAME_SIZE both sides of the proxy advertise (h2's default, never raised):
+a longer frame is a connection error (RFC 9113 §4.2)."""
+MAX_HEADER_BLOCK = 80 * 1024
+"""The most header block bytes (HEADERS or PUSH_PROMISE and its CONTINUATIONs) held for one
+field section: a little over what h2's 64 KiB decoded header list limit can need."""
 
 
 def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
@@ -134,19 +146,27 @@ def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
 
 
 class GoawayFilter:
-    """Takes GOAWAY frames out of the bytes a connection receives, before h2 sees them.
+    """Takes GOAWAY frames out of the bytes a connection receives, before h2 sees them, and
+    bounds what a peer can make this side buffer.
 
     h2 treats a GOAWAY, sent or received, as the end of the connection: no frame of any stream
     may pass after it. RFC 9113 §6.8 lets the streams a GOAWAY covers run to completion, which
     a proxy's graceful drain needs. So GOAWAY frames are handled here (and sent as raw frames
     with ``goaway_frame``), and h2 keeps its connection open until the streams are done.
+
+    h2 checks a frame's length only once the whole frame has arrived, so a peer that announces a
+    16 MiB frame (the 24-bit maximum) and trickles it in would be buffered whole, here and in h2;
+    and h2 keeps up to 64 CONTINUATION frames of one header block (1 MiB). Both are refused here
+    as each frame header arrives: ``FrameTooLargeError`` past ``MAX_FRAME_SIZE``,
+    ``DenialOfServiceError`` past ``MAX_HEADER_BLOCK`` (the caller closes the connection).
     """
 
-    __slots__ = ("_preface", "_rest")
+    __slots__ = ("_block", "_preface", "_rest")
 
     def __init__(self, server_side: bool) -> None:
         self._preface = len(PREFACE) if server_side else 0
         self._rest = b""
+        self._block = 0
 
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
         """(the bytes for h2, the GOAWAYs received as (last stream id, error code))."""
@@ -158,20 +178,30 @@ class GoawayFilter:
             if self._preface:
                 self._rest = b""
                 return buf, []
-        i = start
+        i = start  # frames start after the preface; what goes to h2 includes the preface
+        start = 0
         n = len(buf)
         goaways: list[tuple[int, int]] = []
         keep: list[bytes] = []
         while n - i >= 9:
             size = int.from_bytes(buf[i : i + 3], "big")
+            if size > MAX_FRAME_SIZE:
+                raise FrameTooLargeError(f"a {size}-byte frame (the limit is {MAX_FRAME_SIZE})")
             end = i + 9 + size
             if end > n:
                 break
-            if buf[i + 3] == _GOAWAY and size >= 8:
+            kind = buf[i + 3]
+            if kind == _GOAWAY and size >= 8:
                 keep.append(buf[start:i])
                 last = int.from_bytes(buf[i + 9 : i + 13], "big") & 0x7FFFFFFF
                 goaways.append((last, int.from_bytes(buf[i + 13 : i + 17], "big")))
                 start = end
+            elif kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
+                self._block = size if kind != _CONTINUATION else self._block + size
+                if self._block > MAX_HEADER_BLOCK:
+                    raise DenialOfServiceError(f"a header block over {MAX_HEADER_BLOCK} bytes")
+                if buf[i + 4] & _END_HEADERS:
+                    self._block = 0
             i = end
         self._rest = buf[i:]
         if not goaways:
@@ -243,6 +273,10 @@ def parse_request(headers: Iterable[Header], end_stream: bool) -> H2Head | str:
     path = pseudo.get(":path", "")
     if not method or not path:
         return "a request needs :method and :path"
+    if end_stream and any(n == "content-length" and v.strip("0") for n, v in regular):
+        # RFC 9113 §8.1.1: the length must be the body's, and h2 checks it only against DATA
+        # frames; forwarded, the next hop would wait for a body that never comes.
+        return "a content-length but no body"
     return H2Head(method, pseudo.get(":scheme", "http"), authority, path, regular, end_stream)
 
 
@@ -394,15 +428,19 @@ def reply_headers(reply: Reply, grpc: bool) -> tuple[list[Header], bytes]:
 
 
 def grpc_timeout_s(value: str | None) -> float | None:
-    """``grpc-timeout`` (``1S``, ``250m``...) in seconds; None when absent or malformed."""
-    if not value or len(value) < 2 or value[-1] not in _GRPC_UNITS or not value[:-1].isdigit():
+    """``grpc-timeout`` (``1S``, ``250m``...) in seconds; None when absent or malformed (gRPC's
+    grammar: 1 to 8 ASCII digits and a unit; ``str.isdigit`` alone takes "²", which int() refuses)."""
+    if not value or not 2 <= len(value) <= 9 or value[-1] not in _GRPC_UNITS:
         return None
-    return int(value[:-1]) * _GRPC_UNITS[value[-1]]
+    digits = value[:-1]
+    if not digits.isascii() or not digits.isdigit():
+        return None
+    return int(digits) * _GRPC_UNITS[value[-1]]
 
 
 def grpc_status(headers: Iterable[Header]) -> int | None:
     """The ``grpc-status`` of a header list (response head or trailers), if it has one."""
     for name, value in headers:
         if name == "grpc-status":
-            return int(value) if value.isdigit() else 2
+            return int(value) if len(value) <= 3 and value.isascii() and value.isdigit() else 2
     return None

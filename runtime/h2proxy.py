@@ -82,7 +82,7 @@ from runtime.h2conn import (
 )
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
-from runtime.tracing import TRACEPARENT, Hop
+from runtime.tracing import Hop
 
 __all__ = ["H2Downstream", "H2Plane", "H2Upstream", "PrefaceSniffer"]
 
@@ -96,6 +96,10 @@ _SETTINGS_FRAME = 0x4
 _KEEPALIVE_S = 75.0
 _UPSTREAM_IDLE_S = 30.0
 _SWEEP_S = 5.0
+_MAX_UNREAD = 1 << 20
+"""Bytes queued for a client past which its connection is not read until they drain: h2 answers
+PING and SETTINGS by itself, so a client that sends them and never reads grew this process by
+what it sent (60 MB of PINGs: +52 MB RSS). DATA already waits for ``resume_writing``."""
 
 _TIMED_OUT = (
     b"HTTP/1.1 408 Request Timeout\r\nx-meshc-reason: no complete request head in time\r\n"
@@ -107,6 +111,39 @@ Item = tuple[Any, ...]
 headers), ("end",), ("reset", code)."""
 
 
+def _status(headers: list[Header]) -> int:
+    """A next hop's ``:status`` (first, three ASCII digits, RFC 9113 §8.3.2), else 502."""
+    if headers and headers[0][0] == ":status":
+        value = headers[0][1]
+        if len(value) == 3 and value.isascii() and value.isdigit():
+            return int(value)
+    return 502
+
+
+def _trailers(side: _Side | H1Upstream, sid: int, headers: list[Header]) -> None:
+    """Trailers on to the other side, ending the stream; with none left once connection-specific
+    fields are dropped (or none at all: an empty HEADERS frame), just the end of the stream (h2
+    cannot send an empty header block: it raised IndexError)."""
+    out = response_headers(headers, ())
+    if out:
+        side.send_headers(sid, out, True)
+    else:
+        side.end_stream(sid)
+
+
+def _write(tr: asyncio.Transport, data: bytes) -> bool:
+    """Write unless the transport is gone; whether it was written. The connection is lost only a
+    loop turn after a close or a reset by the peer, and meanwhile uvloop raises RuntimeError on a
+    write to the closed handle (found fuzzing: a traceback from a ``flush_now`` call_soon)."""
+    if tr.is_closing():
+        return False
+    try:
+        tr.write(data)
+    except RuntimeError:
+        return False
+    return True
+
+
 class StreamGone(Exception):
     """The stream (or its connection) is gone: nothing more can be sent on it."""
 
@@ -114,12 +151,15 @@ class StreamGone(Exception):
 class _Stream:
     """One stream's inbox on one connection, and the wake-up for its send window."""
 
-    __slots__ = ("inbox", "task", "window")
+    __slots__ = ("expect", "got", "inbox", "task", "window")
 
-    def __init__(self) -> None:
+    def __init__(self, expect: int | None = None) -> None:
         self.inbox: asyncio.Queue[Item] = asyncio.Queue()
         self.window = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.expect = expect
+        """A request's ``content-length`` (a client stream), checked when trailers end it."""
+        self.got = 0
 
 
 class _Side(asyncio.Protocol):
@@ -140,7 +180,15 @@ class _Side(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        data, goaways = self.frames.feed(data)
+        try:
+            data, goaways = self.frames.feed(data)
+        except h2.exceptions.ProtocolError as refused:  # a frame or header block past our limits
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(refused.error_code)
+            self.flush_now()
+            if self.transport is not None:
+                self.transport.close()
+            return
         try:
             events = self.conn.receive_data(data) if data else []
         except h2.exceptions.ProtocolError:
@@ -218,7 +266,7 @@ class _Side(asyncio.Protocol):
         self._flush_soon = False
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+            _write(self.transport, data)
 
     def send_headers(self, sid: int, headers: list[Header], end: bool) -> None:
         if self.closed:
@@ -296,6 +344,7 @@ class H2Downstream(_Side):
         self.peer = "unknown"
         self.secure = False
         self.tls_peer: tuple[bool, Any] = (False, None)
+        self.read_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tr = cast(asyncio.Transport, transport)
@@ -327,17 +376,51 @@ class H2Downstream(_Side):
                 self.reset(e.stream_id, ErrorCodes.REFUSED_STREAM)
                 return
             self.last_sid = max(self.last_sid, e.stream_id)
-            new = _Stream()
-            self.streams[e.stream_id] = new
             headers = cast(list[Header], list(e.headers))  # str pairs: header_encoding is set
+            length = next((v for n, v in headers if n == "content-length"), None)
+            new = _Stream(int(length) if length is not None else None)  # h2 checked its digits
+            self.streams[e.stream_id] = new
             exchange = _Exchange(self, e.stream_id, new, headers, e.stream_ended is not None)
             new.task = self.plane.loop.create_task(exchange.run())
             return
-        if isinstance(e, ev.StreamReset):  # the client cancelled: so is its exchange
+        if isinstance(e, ev.DataReceived):
+            s = self.streams.get(e.stream_id)
+            if s is not None and s.expect is not None:
+                s.got += len(e.data)
+        elif isinstance(e, ev.TrailersReceived):
+            s = self.streams.get(e.stream_id)
+            if s is not None and s.expect is not None and s.expect != s.got:
+                # Malformed (RFC 9113 §8.1.1): h2 compares content-length with the body only at a
+                # DATA frame's END_STREAM, so a body cut short by trailers would reach the next
+                # hop, which would wait for the rest. A stream error; the exchange is cancelled.
+                self.reset(e.stream_id, ErrorCodes.PROTOCOL_ERROR)
+                if s.task is not None:
+                    s.task.cancel()
+                return
+        elif isinstance(e, ev.StreamReset):  # the client cancelled: so is its exchange
             s = self.streams.get(e.stream_id)
             if s is not None and s.task is not None:
                 s.task.cancel()
         super().on_event(e)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        tr = self.transport
+        if (
+            not self.read_paused
+            and tr is not None
+            and not tr.is_closing()
+            and tr.get_write_buffer_size() > _MAX_UNREAD  # the client does not read its answers
+        ):
+            self.read_paused = True
+            tr.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        tr = self.transport
+        if self.read_paused and tr is not None and not tr.is_closing():
+            self.read_paused = False
+            tr.resume_reading()
 
     def on_goaway(self, last_stream_id: int, error_code: int) -> None:
         self.refusing = True
@@ -345,10 +428,11 @@ class H2Downstream(_Side):
 
     def goaway(self) -> None:
         """Drain: GOAWAY naming the last stream taken; those streams run to their end."""
-        if not self.refusing and self.transport is not None and not self.closed:
+        tr = self.transport
+        if not self.refusing and tr is not None and not self.closed and not tr.is_closing():
             self.refusing = True
             self.flush_now()  # what h2 holds goes first, then the frame written beside it
-            self.transport.write(goaway_frame(self.last_sid))
+            _write(tr, goaway_frame(self.last_sid))
         self.close_if_idle()
 
     def close_if_idle(self) -> None:
@@ -494,29 +578,34 @@ class H1Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
+    def _gone(self) -> bool:
+        return self.transport is None or self.closed or self.transport.is_closing()
+
     def open(self, headers: list[Header], end: bool) -> tuple[int, _Stream]:
-        if self.transport is None or self.closed:
+        if self._gone():
             raise StreamGone
         head, self.chunked = h1_request_head(headers, not end)
         self.head_only = any(n == ":method" and v == "HEAD" for n, v in headers)
         s = self.streams[self.SID] = _Stream()
-        self.transport.write(head)
+        assert self.transport is not None
+        if not _write(self.transport, head):
+            raise StreamGone
         return self.SID, s
 
     async def send_data(self, sid: int, data: bytes, end: bool = False) -> None:
         await self.writable.wait()
-        if self.closed or self.transport is None:
+        if self._gone() or self.transport is None:
             raise StreamGone
-        if self.chunked:
-            self.transport.writelines((h1.chunk_size(len(data)), data, b"\r\n"))
-        else:
-            self.transport.write(data)
+        if not _write(
+            self.transport, b"".join((h1.chunk_size(len(data)), data, b"\r\n")) if self.chunked else data
+        ):
+            raise StreamGone
         if end:
             self.end_stream(sid)
 
     def end_stream(self, sid: int) -> None:
-        if self.chunked and self.transport is not None and not self.closed:
-            self.transport.write(h1.LAST_CHUNK)
+        if self.chunked and not self._gone() and self.transport is not None:
+            _write(self.transport, h1.LAST_CHUNK)
 
     def send_headers(self, sid: int, headers: list[Header], end: bool) -> None:
         self.end_stream(sid)
@@ -960,8 +1049,12 @@ class _Exchange:
                 method=head.method if head is not None else "",
                 path=head.path() if head is not None else "",
                 status=self.status,
+                grpc_status=self.grpc_status,
             )
-            if not self.req_done and not self.down.closed:
+            if not self.started and not self.down.closed:
+                # No answer went out (a bug raised before one): a reset, never a stream left open.
+                self.down.reset(self.sid, ErrorCodes.INTERNAL_ERROR)
+            elif not self.req_done and not self.down.closed:
                 self.down.reset(self.sid, ErrorCodes.NO_ERROR)  # answered before the body ended
             self.down.stream_done(self.sid)
 
@@ -991,7 +1084,7 @@ class _Exchange:
             is_tls, identity = down.tls_peer
             hmap = head.header_map()
             caller = hmap.get("x-meshc-source-service", "")
-            verdict = decide_inbound(engine, snap, is_tls, identity, caller, hmap.get(TRACEPARENT))
+            verdict = decide_inbound(engine, snap, is_tls, identity, caller, hmap.get)
         else:
             xfp = head.header_map().get("x-forwarded-proto")
             verdict = decide_gateway(engine, snap, head, down.port, request_scheme(xfp, down.secure))
@@ -1135,7 +1228,7 @@ class _Exchange:
                 while True:
                     item = await stream.inbox.get()
                     if item[0] == "head":
-                        status = int(item[1][0][1]) if item[1] and item[1][0][0] == ":status" else 502
+                        status = _status(item[1])
                         return Outcome.OK, (status, item[1], item[2])
                     if item[0] == "reset":
                         self._stop_upstream(None)
@@ -1180,7 +1273,7 @@ class _Exchange:
                 else:  # reset: the exchange task is cancelled by the client connection
                     return
             if self.req_trailers is not None:
-                up.send_headers(usid, response_headers(self.req_trailers, ()), True)
+                _trailers(up, usid, self.req_trailers)
             else:
                 up.end_stream(usid)
         except StreamGone:
@@ -1220,7 +1313,7 @@ class _Exchange:
                     elif kind == "trailers":
                         if self.grpc:
                             self.grpc_status = grpc_status(item[1])
-                        down.send_headers(sid, response_headers(item[1], ()), True)
+                        _trailers(down, sid, item[1])
                         return
                     elif kind == "end":
                         down.end_stream(sid)
@@ -1253,6 +1346,11 @@ class _Exchange:
             self.plane.metrics.overflow.labels(reply.dest).inc()
         if not self.source and not self.dest:
             self.source, self.dest = reply.source, reply.dest
+        span = self.span
+        if span is None:
+            self.span = reply.trace  # the request's answer: its span is reported in ``run``
+        elif not span.reason:
+            span.reason = reply.reason  # an answer made after forwarding began
         self._stop_upstream(ErrorCodes.CANCEL)
         headers, body = reply_headers(reply, self.grpc)
         if self.started:  # a head is out already: only trailers (gRPC) or a reset can follow

@@ -48,7 +48,7 @@ from runtime.engine import Engine, Target
 from runtime.headerops import ADD, NO_OPS, SET, HeaderOp
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
-from runtime.tracing import TRACEPARENT
+from runtime.tracing import Hop
 
 __all__ = ["HASH_KEY_HEADER", "REASON_HEADER", "SOURCE_HEADER", "HttpProxy"]
 
@@ -207,8 +207,18 @@ class HttpProxy:
 
     # -- carrying out verdicts --------------------------------------------------------------
 
-    def _answer(self, t0: float, reply: Reply, direction: str, subset: str = "") -> web.Response:
-        """Carry out a ``Reply``: the data plane answers itself, with the reason in a header."""
+    def _answer(
+        self,
+        t0: float,
+        reply: Reply,
+        direction: str,
+        subset: str = "",
+        request: web.BaseRequest | None = None,
+        span: Hop | None = None,
+    ) -> web.Response:
+        """Carry out a ``Reply``: the data plane answers itself, with the reason in a header.
+        Its span is the reply's own, or ``span`` (the ``Forward``'s) for one made after
+        forwarding began."""
         if reply.overflow:
             self.metrics.overflow.labels(reply.dest).inc()
         resp = web.Response(status=reply.status, text=reply.body if reply.body is not None else reply.reason)
@@ -218,6 +228,11 @@ class HttpProxy:
         elapsed = time.perf_counter() - t0
         sent = len((reply.body if reply.body is not None else reply.reason).encode())
         self.metrics.stats.record(direction, reply.source, reply.dest, subset, reply.status, elapsed, 0, sent)
+        trace = reply.trace or span
+        if trace is not None and request is not None:
+            if not trace.reason:
+                trace.reason = reply.reason
+            self._span(trace, direction, request, reply.status, elapsed)
         return resp
 
     async def _carry_out(
@@ -226,7 +241,7 @@ class HttpProxy:
         if verdict.delay_s:
             await asyncio.sleep(verdict.delay_s)
         if isinstance(verdict, Reply):
-            return self._answer(t0, verdict, direction)
+            return self._answer(t0, verdict, direction, request=request)
         fwd = verdict
         if fwd.path is not None:
             path_qs = fwd.path + path_qs[len(request_path_raw(path_qs)) :]
@@ -249,7 +264,7 @@ class HttpProxy:
         else:
             refused = admit_app(fwd)
             if refused is not None:
-                return self._answer(t0, refused, direction)
+                return self._answer(t0, refused, direction, request=request, span=fwd.trace)
             app = fwd.app
             url = f"http://{self.app_address}{path_qs}"
             connect_s, read_s, total_s = app.connect_s, 1800.0, app.request_timeout_s
@@ -267,10 +282,12 @@ class HttpProxy:
                     )
             except TimeoutError:
                 reply = failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError")
-                return self._log_app(fwd, request, t0, self._answer(t0, reply, direction))
+                answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
+                return self._log_app(fwd, request, t0, answer)
             except (aiohttp.ClientError, OSError) as e:
                 reply = failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__)
-                return self._log_app(fwd, request, t0, self._answer(t0, reply, direction))
+                answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
+                return self._log_app(fwd, request, t0, answer)
             try:
                 resp = await self._relay(request, up, NO_OPS, fwd.bps)
             finally:
@@ -281,7 +298,7 @@ class HttpProxy:
         self.metrics.stats.record(
             direction, fwd.source, fwd.dest, "", resp.status, elapsed, *_sizes(request, resp)
         )
-        self._span(fwd, direction, request, resp.status, elapsed)
+        self._span(fwd.trace, direction, request, resp.status, elapsed)
         return self._log_app(fwd, request, t0, resp)
 
     def _log_app(
@@ -306,11 +323,11 @@ class HttpProxy:
         return resp
 
     def _span(
-        self, fwd: Forward, direction: str, request: web.BaseRequest, status: int, elapsed: float
+        self, span: Hop | None, direction: str, request: web.BaseRequest, status: int, elapsed: float
     ) -> None:
         self.metrics.spans.record(
             self.engine.snapshot.trace_url,
-            fwd.trace,
+            span,
             service=self.engine.service,
             direction=direction,
             start_s=time.time() - elapsed,
@@ -380,8 +397,7 @@ class HttpProxy:
         t0 = time.perf_counter()
         is_tls, peer = self.peers.of(request.transport)
         caller = request.headers.get(SOURCE_HEADER, "")
-        traceparent = request.headers.get(TRACEPARENT)
-        verdict = decide_inbound(self.engine, self.engine.snapshot, is_tls, peer, caller, traceparent)
+        verdict = decide_inbound(self.engine, self.engine.snapshot, is_tls, peer, caller, request.headers.get)
         return await self._carry_out(request, verdict, request.raw_path, t0, "inbound")
 
     async def gateway(self, request: web.BaseRequest, port: int) -> web.StreamResponse:
@@ -406,7 +422,7 @@ class HttpProxy:
         source, dest, subset = fwd.source, target.service, target.subset
         refused = admit(target, source)
         if refused is not None:
-            return self._answer(t0, refused, direction, subset)
+            return self._answer(t0, refused, direction, subset, request=request, span=fwd.trace)
         loop = asyncio.get_running_loop()
         retry = RetryState(
             target, request.method, request.content_length if request.body_exists else 0, loop.time()
@@ -418,7 +434,7 @@ class HttpProxy:
         timeout = self._timeout(target.connect_timeout_s, target.stream_idle_timeout_s)
         hop = peer_hop(engine.snapshot, self.creds.client_ctx is not None, source, dest)
         if isinstance(hop, Reply):
-            return self._answer(t0, hop, direction)
+            return self._answer(t0, hop, direction, request=request, span=fwd.trace)
         # A rotation swaps the context: new pooled connections. The server's SPIFFE identity is
         # checked against the destination (_MeshConnector). ssl=True is aiohttp's default.
         scheme, tls, peer_name = ("https", self.creds.client_ctx, dest) if hop else ("http", True, None)
@@ -427,7 +443,14 @@ class HttpProxy:
             while True:
                 host = target.pick(engine.clock(), engine.rng, key, retry.tried)
                 if host is None:
-                    return self._answer(t0, Reply(503, NO_HOST, source, dest), direction, subset)
+                    return self._answer(
+                        t0,
+                        Reply(503, NO_HOST, source, dest),
+                        direction,
+                        subset,
+                        request=request,
+                        span=fwd.trace,
+                    )
                 try_timeout = retry.try_timeout(loop.time())
                 host.active += 1
                 up: aiohttp.ClientResponse | None = None
@@ -466,10 +489,12 @@ class HttpProxy:
                     finally:
                         late = retry.resume(loop.time(), source)
                     if late is not None:
-                        return self._answer(t0, late, direction, subset)
+                        return self._answer(t0, late, direction, subset, request=request, span=fwd.trace)
                     continue
                 if up is None:
-                    return self._answer(t0, retry.give_up(outcome, source), direction, subset)
+                    return self._answer(
+                        t0, retry.give_up(outcome, source), direction, subset, request=request, span=fwd.trace
+                    )
                 try:
                     resp = await self._relay(request, up, fwd.response_ops)
                 finally:
@@ -480,7 +505,7 @@ class HttpProxy:
                 self.metrics.stats.record(
                     direction, source, dest, subset, resp.status, elapsed, *_sizes(request, resp)
                 )
-                self._span(fwd, direction, request, resp.status, elapsed)
+                self._span(fwd.trace, direction, request, resp.status, elapsed)
                 if target.log is not None:
                     trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
                     self._log(

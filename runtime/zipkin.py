@@ -1,6 +1,8 @@
 """Sampled spans sent to the Mesh's Zipkin backend (v2 JSON, ``POST /api/v2/spans``).
 
-Forwarding never waits for tracing: ``record`` puts a span in a bounded queue (full: the span
+Every request a data plane handles gets its span, whether it was forwarded or answered by the
+data plane itself (403, 429, 503, 504, a fault's abort: tagged ``error``). Forwarding never
+waits for tracing: ``record`` puts a span in a bounded queue (full: the span
 is dropped and counted in ``meshc_tracing_spans_dropped``) and returns; one daemon thread sends
 batches, so a slow or dead collector costs it nothing but the spans it loses.
 """
@@ -58,9 +60,14 @@ class SpanReporter:
         method: str,
         path: str,
         status: int,
+        grpc_status: int | None = None,
     ) -> None:
-        """Queue one finished hop's span for ``url`` (the Mesh's backend; None: no tracing), if
-        it is sampled. An outbound hop is Zipkin's ``CLIENT``, inbound and gateway ones ``SERVER``."""
+        """Queue one finished hop's span for ``url`` (the tracing backend; None: no tracing), if
+        it is sampled. An outbound hop is Zipkin's ``CLIENT``, inbound and gateway ones ``SERVER``.
+        As Envoy does, a 5xx or a gRPC status other than OK is tagged ``error``; so is any
+        answer the data plane made itself
+        with an error status (a denial, a rate limit, a fault's abort: ``span.reason``, also
+        tagged ``meshc.reason``), which Envoy tells apart only by its ``response_flags``."""
         if url is None or span is None or not span.sampled:
             return
         kind = "CLIENT" if direction == "outbound" else "SERVER"
@@ -76,6 +83,14 @@ class SpanReporter:
         }
         if span.parent_id:
             doc["parentId"] = span.parent_id
+        if grpc_status is not None:
+            doc["tags"]["grpc.status_code"] = str(grpc_status)
+        if status >= 500 or grpc_status not in (None, 0) or (span.reason and status >= 400):
+            doc["tags"]["error"] = "true"
+        if span.reason:
+            doc["tags"]["meshc.reason"] = span.reason[:200]
+        if span.debug:
+            doc["debug"] = True
         try:
             self._queue.put_nowait((url, doc))
         except queue.Full:

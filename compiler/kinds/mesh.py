@@ -137,6 +137,8 @@ class MeshSpec(Spec):
     metrics: Metrics | None = None
     logging: Logging | None = None
     tracing: Tracing | None = None
+    """Tracing backends: a ``zipkin`` default one is where the data planes report spans (and
+    they propagate B3 besides ``traceparent``); a MeshTrace that applies wins (W3005)."""
     routing: dict[str, Any] | None = None
     networking: Networking | None = None
     constraints: dict[str, Any] | None = None

@@ -148,11 +148,14 @@ def test_the_incremental_compiler_agrees_byte_for_byte(tmp_path: Path) -> None:
     first = inc.update(read_policy_dir(d))
     cold = compile_dir(d)
     assert canonical_json(first.result.release) == canonical_json(cold.release)
+    assert first.release_bytes == canonical_json(cold.release) + b"\n"  # the fast fragment path
     assert first.result.step_bundles == cold.step_bundles
     (d / "canary.yaml").write_text(CANARY_TR.replace("setWeight: 25", "setWeight: 40"))
-    second = inc.update(read_policy_dir(d)).result
+    upd = inc.update(read_policy_dir(d))
+    second = upd.result
     cold = compile_dir(d)
-    assert canonical_json(second.release) == canonical_json(cold.release)
+    assert upd.release_bytes == canonical_json(cold.release) + b"\n"
+    assert second.step_bundles == cold.step_bundles
     assert sorted(second.canaries["default/benigno-v2"]["overlays"]) == ["100", "40"]
     written = {p.name.removesuffix(".json") for p in (tmp_path / "out" / "bundles").iterdir()}
     assert set(second.step_bundles) <= written, "step bundles are written beside the others"

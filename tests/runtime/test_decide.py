@@ -42,6 +42,7 @@ from runtime.bundle import (
     RouteConf,
     Rule,
     ServiceBundle,
+    ServiceTracing,
     Split,
     StringMatch,
     Thresholds,
@@ -588,8 +589,45 @@ def test_every_forward_carries_this_hops_traceparent() -> None:
         assert fwd.trace.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
         assert fwd.trace.parent_id == "00f067aa0ba902b7" and fwd.trace.span_id != "00f067aa0ba902b7"
         assert not fwd.trace.sampled  # the caller's decision stands
-        assert fwd.request_ops[-1] == (SET, "traceparent", fwd.trace.header())
+        ops = {op[1]: op for op in fwd.request_ops}
+        assert ops["traceparent"] == (SET, "traceparent", fwd.trace.header())
+        # A Zipkin backend: both B3 forms too, naming the same trace and span.
+        assert ops["b3"] == (SET, "b3", f"{fwd.trace.trace_id}-{fwd.trace.span_id}-0-00f067aa0ba902b7")
+        assert ops["x-b3-traceid"][2] == fwd.trace.trace_id and ops["x-b3-spanid"][2] == fwd.trace.span_id
     fresh = decide_inbound(engine, snap, False, None, "magnanimo", "00-zz-00f067aa0ba902b7-01")
     assert isinstance(fresh, Forward) and fresh.trace is not None
     assert fresh.trace.parent_id == "" and fresh.trace.sampled
     assert fresh.trace.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_replies_the_data_plane_makes_are_spans_of_the_request() -> None:
+    """A refusal continues the caller's trace like a forward would, and says why (the reason
+    the Zipkin reporter tags as the error); a B3 caller's too."""
+    engine, _ = _engine(service="benigno")
+    inbound = Inbound(
+        fault_injection=(
+            Rule[FaultInjectionConf](
+                conf=FaultInjectionConf(abort=FaultAbort(percentage=100, http_status=418))
+            ),
+        )
+    )
+    zipkin = TracingBackend(name="z", url="http://x")
+    snap = _snap(
+        engine, _mesh(tracing=zipkin), ServiceBundle(mesh="default", service="benigno", inbound=inbound)
+    )
+    incoming = {"b3": "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1"}
+    r = decide_inbound(engine, snap, False, None, "magnanimo", incoming.get)
+    assert isinstance(r, Reply) and r.status == 418 and r.trace is not None
+    assert r.trace.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and r.trace.parent_id == "00f067aa0ba902b7"
+    assert r.trace.reason == "fault filter abort" and r.trace.sampled
+    out_engine, _ = _engine()
+    closed = _snap(
+        out_engine, _mesh(passthrough=False, destinations={"benigno": _plain_dest()}, tracing=zipkin)
+    )
+    r = decide_outbound(out_engine, closed, Head(host="elsewhere"), "elsewhere", None, OWN)
+    assert isinstance(r, Reply) and r.status == 403 and r.trace is not None
+    assert r.trace.parent_id == "" and r.trace.sampled and r.trace.reason == r.reason  # a new trace
+    # A service bundle's own tracing (a MeshTrace naming the service) replaces the mesh's.
+    off = ServiceBundle(mesh="default", service="magnanimo", tracing=ServiceTracing(backend=None))
+    quiet = _snap(out_engine, _mesh(destinations={"benigno": _plain_dest()}, tracing=zipkin), off)
+    assert quiet.trace_url is None and quiet.trace_sampling is None and not quiet.trace_b3

@@ -7,7 +7,12 @@
   or a ``Reply`` with a real status, never an exception;
 * bundle and endpoint pushes whose bodies are mutated good ones or noise, each signed with the
   real key the data plane trusts (so they reach the parsers): an ACK of a valid body, else a NACK
-  and nothing running changed (the engine's snapshot is the same object, the slots the same).
+  and nothing running changed (the engine's snapshot is the same object, the slots the same);
+* HTTP/2 frame sequences (``h2_frames``: well-formed requests, then malformed frames of every
+  kind, or noise) -> the GOAWAY filter and h2's server connection as ``runtime.h2proxy`` runs
+  them: events or ``h2.exceptions.ProtocolError``, never another exception, and every request
+  head a 400 reason or a verdict of the decision layer; the GOAWAY filter, cut anywhere, passes
+  every other frame through unchanged. Over real sockets: ``test_fuzz_h2.py``.
 
 A fixed seed and a short run here (``derandomize``); ``bench/fuzz.py`` runs the same properties
 with ``MESHC_FUZZ_EXAMPLES`` examples each.
@@ -21,8 +26,11 @@ import hashlib
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import h2.events
+import h2.exceptions
+import h2_frames
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -33,6 +41,15 @@ from runtime import h1
 from runtime.bundle import load_bundle
 from runtime.decide import Forward, Reply, decide_gateway, decide_outbound, split_host
 from runtime.engine import Engine, Snapshot
+from runtime.h2conn import (
+    MAX_FRAME_SIZE,
+    PREFACE,
+    GoawayFilter,
+    grpc_status,
+    grpc_timeout_s,
+    parse_request,
+    server_connection,
+)
 from runtime.metrics import Metrics
 from runtime.protocol import Endpoint, EndpointSet, PushTarget
 from runtime.pushes import Pushes
@@ -292,3 +309,140 @@ def test_a_bad_push_is_nacked_and_nothing_running_changes(
     after = _running(signed)
     assert after[0] is before[0], "the running snapshot was replaced by a refused push"
     assert after[1] == before[1] and after[2] == before[2]
+
+
+# --- HTTP/2, sans-io: the h2 connection meshc configures, the GOAWAY filter, request heads -------
+
+
+settings_frame = h2_frames.settings_frame
+
+
+def _h2_server(wire: bytes, cuts: list[int]) -> list[Any]:
+    """``wire`` after the preface into a server connection as ``runtime.h2proxy`` runs one (the
+    GOAWAY filter first, h2 next), cut at ``cuts``: the events, until h2 or the filter refuses."""
+    conn, frames = server_connection(), GoawayFilter(server_side=True)
+    data = PREFACE + settings_frame() + wire
+    events: list[Any] = []
+    start = 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        if cut <= start:
+            continue
+        try:
+            chunk, _ = frames.feed(data[start:cut])
+            events += conn.receive_data(chunk) if chunk else []
+        except h2.exceptions.ProtocolError:  # what h2proxy catches: a GOAWAY, then the close
+            conn.data_to_send()
+            break
+        start = cut
+        assert len(frames._rest) <= 9 + MAX_FRAME_SIZE  # never a whole oversized frame held
+    return events
+
+
+@FUZZ
+@given(st.one_of(h2_frames.cases.map(h2_frames.render), st.binary(max_size=300)),
+       st.lists(st.integers(0, 4096), max_size=3))  # fmt: skip
+def test_h2_frames_give_events_or_a_protocol_error_and_every_request_a_verdict(
+    planes: dict[str, tuple[Engine, Snapshot]], case: h2_frames.Rendered | bytes, cuts: list[int]
+) -> None:
+    """Only ``h2.exceptions.ProtocolError`` escapes the connection (what ``_Side.data_received``
+    catches), and every request head h2 lets through is a 400 reason or a head that the decision
+    layer answers, on the outbound sidecar and the gateway alike. (Rendered frames go in one by
+    one, besides the random cuts, so the requests before a bad frame are still seen.)"""
+    if isinstance(case, h2_frames.Rendered):
+        skip = len(PREFACE) + len(settings_frame())
+        wire, cuts = case.wire, cuts + [skip + end for end in case.frames]
+    else:
+        wire = case
+    for e in _h2_server(wire, cuts):
+        if not isinstance(e, h2.events.RequestReceived):
+            continue
+        parsed = parse_request(cast(list[tuple[str, str]], list(e.headers or ())), e.stream_ended is not None)
+        event("refused" if isinstance(parsed, str) else "a request")
+        if isinstance(parsed, str):
+            continue
+        assert parsed.path() is not None and parsed.query_string() is not None
+        grpc_timeout_s(parsed.header_map().get("grpc-timeout"))
+        name, port = split_host(parsed.authority())
+        assert port is None or 0 <= port <= 99999
+        engine, snap = planes["sidecar"]
+        _verdict_ok(decide_outbound(engine, snap, parsed, name, port, OWN))
+        engine, snap = planes["gateway"]
+        for listener in snap.gateway:
+            _verdict_ok(decide_gateway(engine, snap, parsed, listener, "http"))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 255), st.binary(max_size=40)), max_size=12),
+       st.lists(st.integers(0, 4096), max_size=5))  # fmt: skip
+def test_the_goaway_filter_passes_every_other_frame_through_unchanged(
+    frames: list[tuple[int, int, bytes]], cuts: list[int]
+) -> None:
+    """Cut anywhere, the filter gives h2 exactly the frames that are not GOAWAY, in order, and
+    reports each GOAWAY once."""
+    wire = b"".join(h2_frames.frame(kind, flags, 0, payload) for kind, flags, payload in frames)
+    want = b"".join(
+        h2_frames.frame(k, f, 0, p) for k, f, p in frames if not (k == h2_frames.GOAWAY and len(p) >= 8)
+    )
+    filt = GoawayFilter(server_side=True)
+    data = PREFACE + wire
+    out, goaways, start = [], [], 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        if cut > start:
+            chunk, found = filt.feed(data[start:cut])
+            out.append(chunk)
+            goaways += found
+            start = cut
+    assert b"".join(out) == PREFACE + want
+    assert len(goaways) == sum(1 for k, _, p in frames if k == h2_frames.GOAWAY and len(p) >= 8)
+
+
+def test_an_oversized_frame_is_refused_at_its_header_not_buffered() -> None:
+    """Regression (found fuzzing): a frame announcing 16 MiB was held whole (the filter and h2
+    both wait for the full frame before checking its length); now its 9-byte header is enough."""
+    filt = GoawayFilter(server_side=True)
+    filt.feed(PREFACE)
+    with pytest.raises(h2.exceptions.FrameTooLargeError):
+        filt.feed(h2_frames.frame(h2_frames.DATA, 0, 1, b"x" * 1000, length=(1 << 24) - 1))
+    # A CONTINUATION flood stops at MAX_HEADER_BLOCK bytes, not at h2's 64 frames of 16 KiB.
+    filt = GoawayFilter(server_side=True)
+    filt.feed(PREFACE + h2_frames.frame(h2_frames.HEADERS, 0, 1, b"\x82"))
+    with pytest.raises(h2.exceptions.DenialOfServiceError):
+        for _ in range(64):
+            filt.feed(h2_frames.frame(h2_frames.CONTINUATION, 0, 1, b"\0" * 16000))
+
+
+@pytest.mark.parametrize("digits", ["\xb2", "9" * 5000, "9" * 400])
+def test_numbers_that_are_no_ascii_digits_are_refused_not_raised(digits: str) -> None:
+    """Regression (found fuzzing): "²" passed ``str.isdigit`` and int() raised (and more than
+    4300 digits, or a float overflow), which ended an HTTP/2 stream's task with a traceback and
+    left the stream unanswered: a ``grpc-timeout``, an ``:authority`` port, a ``grpc-status``."""
+    for unit in "SHm":
+        assert grpc_timeout_s(digits + unit) is None
+    assert grpc_status([("grpc-status", digits)]) == 2
+    assert split_host("benigno:" + digits) == ("benigno", None)
+    assert (grpc_timeout_s("250m"), grpc_status([("grpc-status", "14")]), split_host("b:80")) == (
+        0.25,
+        14,
+        ("b", 80),
+    )
+
+
+def test_a_request_that_ends_with_its_head_has_no_content_length_but_0() -> None:
+    """Regression (found fuzzing): h2 let ``content-length: 1`` on a HEADERS with END_STREAM
+    through, and the next hop waited for that byte."""
+    head = [(":method", "POST"), (":scheme", "http"), (":authority", "b"), (":path", "/")]
+    assert isinstance(parse_request([*head, ("content-length", "1")], True), str)
+    assert not isinstance(parse_request([*head, ("content-length", "0")], True), str)
+    assert not isinstance(parse_request([*head, ("content-length", "1")], False), str)
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"042"])
+def test_an_upstream_status_under_100_is_a_502(status: bytes) -> None:
+    """Regression (found by atheris, bench/atheris_h1.py): llhttp takes any three digits, and
+    ``HTTP/1.1 000`` reached the data plane as status 0 (RFC 9110 §15: invalid)."""
+    with pytest.raises(h1.H1Error) as err:
+        h1.ResponseReader(Sink()).feed(b"HTTP/1.1 " + status + b" OK\r\nContent-Length: 2\r\n\r\nok")
+    assert err.value.status == 502
+    sink = Sink()
+    h1.ResponseReader(sink).feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 599 X\r\nContent-Length: 0\r\n\r\n")
+    assert [r.status for r in sink.heads] == [100, 599]

@@ -79,10 +79,14 @@ def _mesh(tmp_path: Path) -> Path:
 
 
 def _chain(
-    plane: Callable[..., Plane], tmp_path: Path, app: str, rules: Inbound | None = None
+    plane: Callable[..., Plane],
+    tmp_path: Path,
+    app: str,
+    mesh: Path | None = None,
+    rules: Inbound | None = None,
 ) -> tuple[Plane, Plane]:
     """magnanimo's outbound sidecar -> benigno's inbound sidecar (``rules``) -> the gRPC app."""
-    mesh = _mesh(tmp_path)
+    mesh = mesh or _mesh(tmp_path)
     bundle = write_bundle(tmp_path, service_bundle("benigno", rules))
     inbound = plane(
         "--service", "benigno", "--tag", "version=v1", "--app", app,
@@ -174,7 +178,7 @@ def test_an_inbound_request_timeout_is_a_grpc_status_and_logged(
             ),
         ),
     )
-    outbound, inbound = _chain(plane, tmp_path, echo.address, rules)
+    outbound, inbound = _chain(plane, tmp_path, echo.address, rules=rules)
     with _channel(outbound) as ch:
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
@@ -209,7 +213,7 @@ def test_an_inbound_connection_limit_refuses_a_grpc_call_with_unavailable(
 
     cb = CircuitBreakerConf(thresholds=Thresholds(max_connections=1, max_pending_requests=0, max_requests=1))
     rules = Inbound(circuit_breaker=(Rule[CircuitBreakerConf](conf=cb),))
-    outbound, inbound = _chain(plane, tmp_path, echo.address, rules)
+    outbound, inbound = _chain(plane, tmp_path, echo.address, rules=rules)
     with _channel(outbound) as ch:
         slow: list[bytes] = []
         first = threading.Thread(target=lambda: slow.append(method(ch, "Slow")(b"", timeout=HANG_DEADLINE)))
@@ -485,3 +489,46 @@ def test_grpc_calls_carry_a_traceparent_through_two_sidecars(
     assert kept is not None and kept[0] == "4bf92f3577b34da6a3ce929d0e0e4736" and kept[2]
     assert kept[1] != "00f067aa0ba902b7"
     assert fresh is not None and fresh[0] != kept[0] and not fresh[2]
+
+
+def test_grpc_calls_continue_b3_and_the_sidecars_own_answers_are_error_spans(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    """With a Zipkin backend the HTTP/2 layer reads B3 metadata and sends both forms on; a call
+    the sidecar answers itself (PERMISSION_DENIED: passthrough off) is a span tagged error."""
+    from test_tracing_live import Collector
+
+    from runtime.bundle import TracingBackend
+
+    zipkin = Collector()
+    try:
+        traced = mesh_bundle(SERVICES, {"benigno": simple_destination("benigno")}, passthrough=False)
+        traced = traced.model_copy(update={"tracing": TracingBackend(name="z", url=zipkin.url)})
+        outbound, _ = _chain(plane, tmp_path, echo.address, write_bundle(tmp_path, traced))
+        trace_id, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        with _channel(outbound) as ch:
+            got = method(ch, "Unary")(b"a", timeout=HANG_DEADLINE, metadata=(("b3", f"{trace_id}-{span}-1"),))
+            assert got == b"benigno:a"
+        seen = echo.metadata[-1]
+        spans = wait_until(lambda: len(zipkin.of(trace_id)) >= 2 and zipkin.of(trace_id), "both spans")
+        by_kind = {s["kind"]: s for s in spans}
+        assert by_kind["CLIENT"]["parentId"] == span
+        assert seen["x-b3-traceid"] == trace_id and seen["x-b3-spanid"] == by_kind["SERVER"]["id"]
+        assert seen["b3"] == f"{trace_id}-{by_kind['SERVER']['id']}-1-{by_kind['CLIENT']['id']}"
+        assert (
+            by_kind["SERVER"]["tags"]["grpc.status_code"] == "0" and "error" not in by_kind["SERVER"]["tags"]
+        )
+        denied = "0af7651916cd43dd8448eb211c80319c"
+        with _channel(outbound, "elsewhere:80") as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                method(ch, "Unary")(
+                    b"x", timeout=HANG_DEADLINE, metadata=(("traceparent", f"00-{denied}-{span}-01"),)
+                )
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        (refused,) = wait_until(lambda: zipkin.of(denied), "the refused call's span")
+        tags = refused["tags"]
+        assert tags["error"] == "true" and tags["grpc.status_code"] == "7", tags
+        assert "passthrough disabled" in tags["meshc.reason"]
+    finally:
+        zipkin.server.shutdown()
+        zipkin.server.server_close()

@@ -4,6 +4,21 @@ A single top-level `default` (no `to`/`from`): at most one backend; `sampling.ov
 `client` and `random` are percentages (Kuma's default 100); each tag takes a `literal` or a
 request `header`.
 
+meshc compiles it into the bundles' tracing backend, as Kuma configures Envoy's tracer. The
+top-level `targetRef` selects the proxies: `Mesh` (every data plane), or `MeshService` /
+`MeshSubset` naming a `kuma.io/service` (that service's data planes only); more specific
+policies win and their `default`s merge, as for every targetRef kind. A `Zipkin` backend's
+data planes report spans to its `url` (Zipkin v2 JSON) and propagate B3 (`b3` and `X-B3-*`)
+besides W3C `traceparent`; a new trace is sampled with `random` x `overall` percent (each 100 by
+default; an incoming trace keeps its caller's decision). `backends: []` turns tracing off for
+the proxies it selects. Where a MeshTrace and the Mesh's legacy `tracing` both apply, the
+MeshTrace wins (W3005). What the data planes cannot honour is reported as having no effect
+(W3006): a `Datadog` or `OpenTelemetry` backend (those proxies are not traced), `tags`,
+`sampling.client`, `apiVersion: httpProto`; a top-level `MeshGateway`, `MeshServiceSubset` or
+`Dataplane`, or a `MeshSubset` with tags other than `kuma.io/service`. Every request a data plane
+handles gets a span, those it answers itself too (403, 429, 503, 504, a fault's abort), tagged
+`error` and `meshc.reason`.
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
@@ -21,6 +36,8 @@ Invalid (two backends)::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from decimal import Decimal
 from urllib.parse import urlsplit
 
 from pydantic import Field
@@ -41,6 +58,7 @@ from compiler.kinds.targetref._common import (
     otel_endpoint_or_ref,
     target_ref,
 )
+from runtime import bundle as b
 
 
 class Zipkin(Spec):
@@ -188,4 +206,42 @@ def check(spec: MeshTraceSpec) -> Found:
                 yield from _sampling(("default", "sampling", f), v)
 
 
-KIND = kind_def("MeshTrace", MeshTraceSpec, check, __doc__ or "")
+def not_applied(conf: Conf | None) -> Iterator[tuple[Path, str]]:
+    """(path under ``default``, what) for each setting the data planes cannot honour."""
+    if conf is None:
+        return
+    for i, x in enumerate(conf.backends or ()):
+        if x.type in ("Datadog", "OpenTelemetry"):
+            article = "an" if x.type == "OpenTelemetry" else "a"
+            yield ("backends", i), f"{article} {x.type} backend (the data planes report spans to Zipkin only)"
+        elif x.zipkin is not None and x.zipkin.api_version == "httpProto":
+            where = ("backends", i, "zipkin", "apiVersion")
+            yield where, "`apiVersion: httpProto` (the data planes send Zipkin v2 JSON)"
+    if conf.tags:
+        yield ("tags",), "span `tags` (spans carry the HTTP method, path and status, and `error`)"
+    if conf.sampling is not None and conf.sampling.client is not None:
+        yield (
+            ("sampling", "client"),
+            "`sampling.client` (no client-forced tracing: x-client-trace-id is not read)",
+        )
+
+
+def _pct(value: int | str | None) -> Decimal:
+    dec = decimal_of(value) if value is not None else None
+    return Decimal(100) if dec is None else dec
+
+
+def to_backend(conf: Conf, name: str) -> b.TracingBackend | None:
+    """A merged, checked ``default`` -> the bundles' tracing backend; None: these proxies are
+    not traced (no backend, or one the data planes cannot report to). ``name``: the policy's.
+    New traces are sampled with ``random`` x ``overall`` percent: Envoy's random sampling, then
+    its overall cap."""
+    backend = conf.backends[0] if conf.backends else None
+    if backend is None or backend.type != "Zipkin" or backend.zipkin is None:
+        return None
+    s = conf.sampling or Sampling()
+    sampling = float(_pct(s.random) * _pct(s.overall) / 100)
+    return b.TracingBackend(name=name, sampling=sampling, url=backend.zipkin.url, b3=True)
+
+
+KIND = kind_def("MeshTrace", MeshTraceSpec, check, __doc__ or "", compiled=True)
