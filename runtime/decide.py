@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote
 
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY, RetryPolicy
+from runtime.bundle import TrafficLogConf
 from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, Snapshot, Target
 from runtime.headerops import NO_OPS, REMOVE, SET, HeaderOp
 from runtime.identity import PeerIdentity
@@ -111,7 +112,18 @@ class RequestHead(Protocol):
 class Reply:
     """The data plane answers the request itself (after ``delay_s``, for a fault's delay)."""
 
-    __slots__ = ("body", "delay_s", "dest", "headers", "overflow", "reason", "source", "status", "trace")
+    __slots__ = (
+        "body",
+        "delay_s",
+        "dest",
+        "headers",
+        "logs",
+        "overflow",
+        "reason",
+        "source",
+        "status",
+        "trace",
+    )
 
     def __init__(
         self,
@@ -139,6 +151,9 @@ class Reply:
         self.trace: Hop | None = None
         """The request's span when a decision made the reply (``_answered``); a reply a layer
         makes after forwarding began is reported with the ``Forward``'s span instead."""
+        self.logs: tuple[TrafficLogConf, ...] = ()
+        """An inbound request refused before it reached the app (a deny, a rate limit, a fault's
+        abort): the caller's inbound access logs, which log it as Envoy's listener logs do."""
 
     def __repr__(self) -> str:
         return f"Reply({self.status}, {self.reason!r})"
@@ -443,6 +458,11 @@ def decide_inbound(
     request is forwarded or refused."""
     verdict = _inbound(engine, snap, tls, identity, caller_header)
     if type(verdict) is Reply:
+        inbound = snap.inbound
+        if inbound.has_app:
+            known = tls and identity is not None and _caller(snap, identity) is None
+            app = inbound.app(identity.tags) if known and identity is not None else None
+            verdict.logs = (app or inbound.app_for_caller("" if tls else caller_header)).logs
         return _reply_span(engine, snap, verdict, trace)
     return traced(engine, snap, cast(Forward, verdict), trace)
 

@@ -105,6 +105,7 @@ class Exchange(asyncio.Protocol):
         "port",
         "queue",
         "reader",
+        "reply_logs",
         "req",
         "resp_bytes",
         "resp_chunked",
@@ -192,6 +193,8 @@ class Exchange(asyncio.Protocol):
         self.slow_rate = 0.0
         self.slow_end = False
         self.tls_peer: tuple[bool, PeerIdentity | None] = _NO_TLS
+        self.reply_logs: tuple[TrafficLogConf, ...] = ()
+        """The inbound access logs of a request answered before it reached the app."""
 
     # -- reading control --------------------------------------------------------------------
 
@@ -478,6 +481,8 @@ class Exchange(asyncio.Protocol):
             self.span = reply.trace  # the request's answer: its span is reported in ``_finish``
         if reply.overflow:
             self.plane.metrics.overflow.labels(reply.dest).inc()
+        if reply.logs:
+            self.reply_logs = reply.logs
         if reply.delay_s:
             self.pause(P_WAIT)
             self.timer = self.plane.loop.call_later(reply.delay_s, self._answer_late, reply, self.attempt)
@@ -523,7 +528,10 @@ class Exchange(asyncio.Protocol):
             self._log(target.log, req, elapsed)
         fwd = self.fwd
         if fwd is not None and fwd.app.logs and fwd.kind == APP:
-            self._log_app(fwd, req, elapsed)
+            self._log_app(fwd.app.logs, self.plane.app_key, req, elapsed)
+        elif self.reply_logs:
+            self._log_app(self.reply_logs, "", req, elapsed)
+            self.reply_logs = ()
         self.span = None
         self._release_target()
         up = self.up
@@ -582,23 +590,28 @@ class Exchange(asyncio.Protocol):
             },
         )
 
-    def _log_app(self, fwd: Forward, req: h1.Request, elapsed: float) -> None:
+    def _log_app(
+        self, logs: tuple[TrafficLogConf, ...], upstream: str, req: h1.Request, elapsed: float
+    ) -> None:
+        """Inbound access log lines (``upstream``: the app, or empty for a request the sidecar
+        answered itself)."""
         entry = app_entry(
-            fwd.source,
-            fwd.dest,
-            self.plane.app_key,
+            self.source,
+            self.dest,
+            upstream,
             req.method,
             path_of(req.url),
             self.status,
             elapsed,
             self.span.trace_id if self.span is not None else "",
         )
-        for conf in fwd.app.logs:
+        for conf in logs:
             self.plane.access_log.write(conf, entry)
 
     def _abandon(self) -> None:
         """The client went away with an exchange in flight: close its upstream, undo counts."""
         self._cancel_timer()
+        self.reply_logs = ()
         self.attempt += 1
         up = self.up
         if up is not None:

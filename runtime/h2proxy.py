@@ -40,6 +40,7 @@ from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY
 from runtime.accesslog import AccessLog, app_entry
+from runtime.bundle import TrafficLogConf
 from runtime.decide import (
     APP,
     NO_HOST,
@@ -1004,6 +1005,8 @@ class _Exchange:
         self.host: Host | None = None
         self.app: Forward | None = None
         """A request to the local app: its slot and access logs (``AppPolicy``)."""
+        self.reply_logs: tuple[TrafficLogConf, ...] = ()
+        """The inbound access logs of a request answered before it reached the app."""
         self.up: Upstream | None = None
         self.usid = 0
         self.pump: asyncio.Task[None] | None = None
@@ -1025,7 +1028,10 @@ class _Exchange:
                 self._log(target, elapsed)
             app = self.app
             if app is not None and app.app.logs:
-                self._log_app(app, elapsed)
+                host, port = self.plane.app
+                self._log_app(app.app.logs, f"{host}:{port}", elapsed)
+            elif self.reply_logs:
+                self._log_app(self.reply_logs, "", elapsed)
             self._release()
             self.plane.metrics.stats.record(
                 DIRECTION[self.down.kind],
@@ -1344,6 +1350,8 @@ class _Exchange:
             await asyncio.sleep(reply.delay_s)
         if reply.overflow:
             self.plane.metrics.overflow.labels(reply.dest).inc()
+        if reply.logs:
+            self.reply_logs = reply.logs
         if not self.source and not self.dest:
             self.source, self.dest = reply.source, reply.dest
         span = self.span
@@ -1413,14 +1421,14 @@ class _Exchange:
         self.target = self.host = None
         release_app(self.app)
 
-    def _log_app(self, fwd: Forward, elapsed: float) -> None:
-        """The inbound access log lines of a request to the local app (plus gRPC's status)."""
+    def _log_app(self, logs: tuple[TrafficLogConf, ...], upstream: str, elapsed: float) -> None:
+        """Inbound access log lines (plus gRPC's status); ``upstream``: the app, or empty for a
+        request the sidecar answered itself."""
         head = self.head
-        host, port = self.plane.app
         entry = app_entry(
-            fwd.source,
-            fwd.dest,
-            f"{host}:{port}",
+            self.source,
+            self.dest,
+            upstream,
             head.method if head is not None else "",
             head.path() if head is not None else "",
             self.status,
@@ -1430,5 +1438,5 @@ class _Exchange:
         entry["protocol"] = "HTTP/2"
         if self.grpc_status is not None:
             entry["grpc_status"] = self.grpc_status
-        for conf in fwd.app.logs:
+        for conf in logs:
             self.plane.access_log.write(conf, entry)

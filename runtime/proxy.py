@@ -241,7 +241,13 @@ class HttpProxy:
         if verdict.delay_s:
             await asyncio.sleep(verdict.delay_s)
         if isinstance(verdict, Reply):
-            return self._answer(t0, verdict, direction, request=request)
+            answer = self._answer(t0, verdict, direction, request=request)
+            if verdict.logs:
+                trace_id = verdict.trace.trace_id if verdict.trace is not None else ""
+                self._write_app_logs(
+                    verdict.logs, verdict.source, verdict.dest, "", request, t0, answer, trace_id
+                )
+            return answer
         fwd = verdict
         if fwd.path is not None:
             path_qs = fwd.path + path_qs[len(request_path_raw(path_qs)) :]
@@ -307,20 +313,29 @@ class HttpProxy:
         """The inbound access log lines of a request to the local app (``AppPolicy.logs``)."""
         if fwd.kind == APP and fwd.app.logs:
             trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
-            elapsed = time.perf_counter() - t0
-            entry = app_entry(
-                fwd.source,
-                fwd.dest,
-                self.app_address or "",
-                request.method,
-                request.path,
-                resp.status,
-                elapsed,
-                trace_id,
-            )
-            for conf in fwd.app.logs:
-                self.access_log.write(conf, entry)
+            app = self.app_address or ""
+            self._write_app_logs(fwd.app.logs, fwd.source, fwd.dest, app, request, t0, resp, trace_id)
         return resp
+
+    def _write_app_logs(
+        self,
+        logs: tuple[TrafficLogConf, ...],
+        source: str,
+        dest: str,
+        upstream: str,
+        request: web.BaseRequest,
+        t0: float,
+        resp: web.StreamResponse,
+        trace_id: str,
+    ) -> None:
+        """Inbound access log lines (``upstream``: the app, or empty for a request the sidecar
+        answered itself: a deny, a rate limit, a fault's abort)."""
+        elapsed = time.perf_counter() - t0
+        entry = app_entry(
+            source, dest, upstream, request.method, request.path, resp.status, elapsed, trace_id
+        )
+        for conf in logs:
+            self.access_log.write(conf, entry)
 
     def _span(
         self, span: Hop | None, direction: str, request: web.BaseRequest, status: int, elapsed: float

@@ -49,6 +49,7 @@ from runtime.bundle import (
     HttpRetry,
     Inbound,
     LoggingBackend,
+    RateLimitConf,
     RetryConf,
     Rule,
     Split,
@@ -172,6 +173,7 @@ def test_an_inbound_request_timeout_is_a_grpc_status_and_logged(
     log = tmp_path / "inbound.log"
     rules = Inbound(
         timeout=(Rule[TimeoutConf](conf=TimeoutConf(http_request_timeout_ms=300)),),
+        rate_limit=(Rule[RateLimitConf](conf=RateLimitConf(requests=1, interval_ms=600_000)),),
         traffic_log=(
             Rule[TrafficLogConf](
                 conf=TrafficLogConf(backend=LoggingBackend(name="f", type="file", path=str(log)))
@@ -184,6 +186,8 @@ def test_an_inbound_request_timeout_is_a_grpc_status_and_logged(
         with pytest.raises(grpc.RpcError) as err:
             method(ch, "Slow")(b"")
         elapsed = time.monotonic() - start
+        with pytest.raises(grpc.RpcError) as limited:  # the one token is spent: refused, logged
+            method(ch, "Unary")(b"x", timeout=HANG_DEADLINE)
     assert (err.value.code(), err.value.details()) == (grpc.StatusCode.DEADLINE_EXCEEDED, "app timeout")
     assert 0.3 <= elapsed < 10.0  # the inbound's 300 ms, not the app's 30 s
     assert echo.calls["Slow"] == 1
@@ -198,6 +202,12 @@ def test_an_inbound_request_timeout_is_a_grpc_status_and_logged(
     )
     # A trailers-only gRPC answer is an HTTP 200; the status is gRPC's, counted as such.
     assert entry["response_code"] == 200 and entry["path"].endswith("/Slow")
+    assert limited.value.details() == "local_rate_limited" and echo.calls["Unary"] == 0
+    lines = wait_until(lambda: len(log.read_text().splitlines()) >= 2 and log.read_text(), "2 lines")
+    refused = [json.loads(x) for x in lines.splitlines()[1:]]
+    assert {(x["path"].rsplit("/", 1)[1], x["upstream"], x["grpc_status"]) for x in refused} == {
+        ("Unary", "", 14)
+    }
     wait_until(
         lambda: metric_value(inbound.metrics(), "istio_requests_total", grpc_response_status="4") == 1,
         "the inbound sidecar to count the DEADLINE_EXCEEDED",

@@ -187,7 +187,8 @@ def test_inbound_connection_limit_answers_503_overflow(
 def test_inbound_access_log_line_in_a_real_file(
     plane: Callable[..., Plane], upstream: Any, tmp_path: Path
 ) -> None:
-    """Every matching inbound log rule writes the request, direction inbound, caller as source."""
+    """Every matching inbound log rule writes the request, direction inbound, caller as source;
+    a request the sidecar answers itself (a rate limit's 429) is logged too, with no upstream."""
     app = upstream("benigno-v1")
     log, other = tmp_path / "inbound.log", tmp_path / "magnanimo.log"
     rules = (
@@ -199,14 +200,22 @@ def test_inbound_access_log_line_in_a_real_file(
             conf=TrafficLogConf(backend=LoggingBackend(name="f", type="file", path=str(log)))
         ),
     )
-    sidecar = _inbound_sidecar(plane, tmp_path, app.address, Inbound(traffic_log=rules))
+    limited = Rule[RateLimitConf](
+        peer={"kuma.io/service": "limited"}, conf=RateLimitConf(requests=1, interval_ms=600_000)
+    )
+    inbound = Inbound(traffic_log=rules, rate_limit=(limited,))
+    sidecar = _inbound_sidecar(plane, tmp_path, app.address, inbound)
     client = ProxyClient(sidecar.inbound)  # type: ignore[arg-type]
     assert client.get("/logged?x=1", {"x-meshc-source-service": "magnanimo"})[0] == 200
     assert client.get("/second", {"x-meshc-source-service": "someone"})[0] == 200
+    assert client.get("/ok", {"x-meshc-source-service": "limited"})[0] == 200
+    assert client.get("/refused", {"x-meshc-source-service": "limited"})[0] == 429
     text = wait_until(
-        lambda: log.exists() and log.read_text().count("\n") == 2 and log.read_text(), "2 lines"
+        lambda: log.exists() and log.read_text().count("\n") == 4 and log.read_text(), "4 lines"
     )
-    first, second = (json.loads(line) for line in text.splitlines())
+    first, second, _ok, refused = (json.loads(line) for line in text.splitlines())
+    assert (refused["path"], refused["response_code"], refused["upstream"]) == ("/refused", 429, "")
+    assert (refused["source_service"], refused["direction"]) == ("limited", "inbound")
     assert (first["direction"], first["source_service"], first["destination_service"]) == (
         "inbound",
         "magnanimo",
