@@ -169,7 +169,8 @@ def test_an_inbound_request_timeout_is_a_grpc_status_and_logged(
 ) -> None:
     """A gRPC call (no deadline of its own) to an app slower than benigno's inbound request
     timeout: the inbound sidecar answers a trailers-only DEADLINE_EXCEEDED (HTTP 504's gRPC
-    status) with the reason, and its inbound access log line carries the gRPC status."""
+    status) with the reason, and its inbound access log line carries the gRPC status; a call its
+    rate limit refuses is logged too (no upstream)."""
     log = tmp_path / "inbound.log"
     rules = Inbound(
         timeout=(Rule[TimeoutConf](conf=TimeoutConf(http_request_timeout_ms=300)),),

@@ -7,7 +7,8 @@ meshc compiles `to` into the destination's TrafficLog rule: the first File or Tc
 its Plain format string (the sidecar writes File logs; Tcp is carried in the bundle). `from` and
 `rules` (Kuma 2.x inbound rules) are the service's inbound access logs: every rule logs, gated by
 its match (a `spiffeID` match: the callers it covers), to each of its File and Tcp backends, and
-the sidecar writes a JSON line per request to the local app with `direction: inbound`. An
+the sidecar writes a JSON line with `direction: inbound` per request to the local app, and per
+request it answers itself (a deny, a rate limit, a fault's abort: no `upstream`). An
 OpenTelemetry backend, a Json format and, in `to`, further backends are not applied (W3006 at each).
 
 Valid::
