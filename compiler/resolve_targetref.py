@@ -21,14 +21,14 @@ whose tags carry them.
 Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
 for MeshHTTPRoute, ``gateway_routes``), a Dataplane by name or with ``sectionName``, a
 MeshHTTPRoute (a bundle route has no timeout, retry, log, limit or load balancer of its own); a
-``to`` item other than Mesh or MeshService; the inbound MeshTimeout ``http`` settings the sidecar
-does not carry out (streamIdleTimeout, maxStreamDuration, maxConnectionDuration,
-requestHeadersTimeout), inbound MeshCircuitBreaker outlier detection, inbound MeshAccessLog
-OpenTelemetry backends and Json formats; an ``sni`` match; a deny or a lifted limit that a
-broader bundle rule would still cover; MeshHTTPRoute filters other than header modifiers and URL
-rewrites, query matches; what the legacy load balancer and log backend have no place for (each
-kind's ``not_applied`` names it). W3007
-where, as in Kuma, ``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
+``to`` item other than Mesh or MeshService; the inbound MeshTimeout settings the sidecar does
+not carry out (http streamIdleTimeout, maxStreamDuration, maxConnectionDuration and
+requestHeadersTimeout; idleTimeout on an HTTP service), inbound MeshCircuitBreaker outlier
+detection, inbound MeshAccessLog OpenTelemetry backends and Json formats; an ``sni`` match; a
+deny or a lifted limit that a broader bundle rule would still cover; MeshHTTPRoute filters other
+than header modifiers and URL rewrites, query matches; what the legacy load balancer and log
+backend have no place for (each kind's ``not_applied`` names it). W3007 where, as in Kuma,
+``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
 
 MeshTrace has no ``to``/``from``: ``index_tracing`` merges the policies that select every data
 plane into the mesh bundle's ``tracing`` and those naming a service into that service's bundle.
@@ -636,6 +636,22 @@ def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
                     out.append(_unresolved(d, what, (*at, str(x["type"]).lower(), "format")))
 
 
+def _idle_on_http(rules: list[rin.InboundRule], http: set[str], out: list[Diagnostic]) -> None:
+    """W3006 at an inbound idleTimeout that selects an HTTP service: the sidecar applies it to a
+    TCP service's connections only (its pooled connections to an HTTP app keep their own)."""
+    for r in rules:
+        if r.ranked.default.get("idle_timeout") is None:
+            continue
+        hit = sorted(http) if r.dst == "*" else [r.dst] if r.dst in http else []
+        if hit:
+            d = r.ranked.policy
+            what = (
+                f"the inbound idleTimeout of the HTTP service {hit[0]} (the sidecar applies it to a TCP "
+                "service's connections only)"
+            )
+            _once(out, _unresolved(d, what, (*r.ranked.where[:2], "default", "idleTimeout")))
+
+
 def _log_backends(m: dict[str, Any]) -> list[BaseModel]:
     """An inbound rule's ``default`` as one log conf per File or Tcp backend (they all log)."""
     out: list[BaseModel] = []
@@ -774,6 +790,8 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     mtls = mesh_settings(mesh_doc.spec if mesh_doc is not None else None)[0].enabled
     services = sorted({d.name for d in docs if d.kind == "Service"})
     callers = _callers(docs, services)
+    http = {d.name for d in docs if d.kind == "Service" and d.spec.protocol == "http"}
+    _idle_on_http(rules.get("MeshTimeout") or [], http, out)
     for kind in _RULES_RESOLVED:
         if rules.get(kind):
             _inbound_rules(idx, kind, rules[kind], mesh, services, callers if mtls else [], out)

@@ -672,3 +672,20 @@ def test_the_sidecar_applies_compiled_inbound_timeouts_limits_and_logs(tmp_path:
     assert admit_app(web) is None and admit_app(backend) is None  # 1 connection + 1 pending
     over = admit_app(call("api"))
     assert isinstance(over, Reply) and (over.status, over.overflow) == (503, True)
+
+
+def test_an_inbound_idle_timeout_applies_to_tcp_services_and_is_named_on_http_ones(tmp_path: Path) -> None:
+    db = "---\napiVersion: meshc/v1alpha1\nkind: Service\nmesh: default\nmetadata: {name: db}\n"
+    db += "spec: {port: 5432, protocol: tcp}\n"
+    idle = "  from: [{targetRef: {kind: Mesh}, default: {idleTimeout: 30s}}]\n"
+    r = _compile(
+        tmp_path,
+        db,
+        _policy("MeshTimeout", "db-idle", "{kind: MeshService, name: db}", idle),
+        _policy("MeshTimeout", "web-idle", "{kind: MeshService, name: web}", idle),
+    )
+    (w,) = r.diagnostics
+    assert (w.code, w.loc.path) == ("W3006", ("spec", "from", 0, "default", "idleTimeout"))
+    assert "the inbound idleTimeout of the HTTP service web" in w.message and "'web-idle'" not in w.message
+    assert w.loc.doc == 6  # web-idle: the catalog's 4 documents, db, db-idle, then web-idle
+    assert [t["conf"]["tcp_idle_timeout_ms"] for t in _inbound(r, "db", "timeout")] == [30000]

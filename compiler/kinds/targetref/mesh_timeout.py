@@ -9,7 +9,7 @@ match are the common timeouts of requests to the local app; a `spiffeID` rule's
 `http.requestTimeout` goes over them for the callers it covers. The sidecar applies
 connectionTimeout (connecting to the app), http.requestTimeout (504 when the app has not answered
 in time; a gRPC caller's `grpc-timeout` replaces it) and, for a TCP service, idleTimeout; the other
-`http` timeouts are not applied inbound (W3006 at each).
+`http` timeouts, and idleTimeout on an HTTP service, are not applied inbound (W3006 at each).
 
 Valid::
 
