@@ -233,9 +233,11 @@ CODES: dict[str, Code] = _catalog(
     Code(
         "W1005",
         "gateway-certificate-not-read",
-        "A MeshGateway certificate that is valid for Kuma but that meshc does not read (a secret): "
-        "meshc reads {file: PATH}, a PEM file with the chain and its key. An HTTPS listener left "
-        "with no file certificate is not bound.",
+        "A MeshGateway certificate that is valid for Kuma but that meshc does not read (inline "
+        "bytes or strings, or a secret whose name is no Kubernetes Secret name): meshc reads "
+        "{secret: NAME}, a kubernetes.io/tls Secret mounted on the gateway, and {file: PATH}, a "
+        "PEM file with the chain and its key. An HTTPS listener left with no certificate is not "
+        "bound.",
     ),
     Code(
         "W2001", "permissions-without-mtls", "TrafficPermissions take effect only when the Mesh enables mTLS."

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from compiler.catalog import Catalog, check_tags
 from compiler.diagnostics import Diagnostic, Path
+from compiler.kinds import mesh_gateway as mg
 from compiler.kinds import mesh_gateway_route as mgr
 from compiler.kinds.base import SERVICE_TAG, selector_service
 from compiler.parse import Doc
@@ -178,11 +179,7 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                     connection_limit=lst.resources.connection_limit if lst.resources else None,
                     rules=tuple(x[0] for x in ordered),
                     tcp_backends=tuple(tcp),
-                    certificates=tuple(
-                        str(c["file"])
-                        for c in ((lst.tls.certificates or []) if lst.tls is not None else [])
-                        if (lst.protocol or "").upper() == "HTTPS" and isinstance(c.get("file"), str)
-                    ),
+                    certificates=_certificates(lst),
                 )
             )
         out.append(
@@ -218,6 +215,20 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                     _backend_ref(cat, r, ("conf", "tcp", "rules", ti, "backends", bi, "destination"), x)
                 )
     return out, findings
+
+
+def _certificates(lst: mg.Listener) -> tuple[str | b.GatewayCertificate, ...]:
+    """An HTTPS listener's certificates meshc reads, in order (W1005 reports the others)."""
+    if (lst.protocol or "").upper() != "HTTPS" or lst.tls is None:
+        return ()
+    out: list[str | b.GatewayCertificate] = []
+    for c in lst.tls.certificates or []:
+        got = mg.certificate(c)
+        if isinstance(got, str):
+            out.append(got)
+        elif got is not None:
+            out.append(b.GatewayCertificate(secret=got["secret"]))
+    return tuple(out)
 
 
 def _backend_ref(cat: Catalog, r: Doc, path: tuple[str | int, ...], x: mgr.Backend) -> list[Diagnostic]:

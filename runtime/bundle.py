@@ -48,6 +48,7 @@ __all__ = [
     "Detectors",
     "FaultInjectionConf",
     "GatewayBackend",
+    "GatewayCertificate",
     "GatewayConf",
     "GatewayFilter",
     "GatewayListener",
@@ -460,6 +461,15 @@ class GatewayRule(_Frozen):
     backends: tuple[GatewayBackend, ...] = ()
 
 
+class GatewayCertificate(_Frozen):
+    """A certificate from a Kubernetes ``kubernetes.io/tls`` Secret (Kuma's ``secret`` data
+    source): the gateway reads ``tls.crt`` and ``tls.key`` from ``--tls-secrets-dir``/NAME, where
+    the Secret is mounted. Only the name is in a bundle, never key material."""
+
+    secret: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    """A Secret name (DNS-1123 subdomain): one path component, so it cannot leave the dir."""
+
+
 class GatewayListener(_Frozen):
     port: int
     protocol: Literal["HTTP", "HTTPS", "TCP", "TLS"]
@@ -468,10 +478,12 @@ class GatewayListener(_Frozen):
     connection_limit: int | None = None
     rules: tuple[GatewayRule, ...] = ()
     tcp_backends: tuple[GatewayBackend, ...] = ()
-    certificates: tuple[str, ...] = ()
-    """``HTTPS`` with ``tls.mode: TERMINATE``: PEM files on the gateway's host, each a certificate
-    chain and its private key (Kuma's ``file`` data sources); the first is the default, the
-    others are chosen by SNI. Paths, never key material: keys stay out of bundles."""
+    certificates: tuple[str | GatewayCertificate, ...] = ()
+    """``HTTPS`` with ``tls.mode: TERMINATE``: each a PEM file on the gateway's host holding a
+    certificate chain and its private key (Kuma's ``file`` data source, a path string) or a
+    mounted Secret (``{secret: NAME}``); the first is the default, the others are chosen by SNI.
+    Paths and names, never key material: keys stay out of bundles (a file-only listener
+    serializes as before, so its bundle digest did not change)."""
 
 
 class GatewayConf(_Frozen):

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from runtime.gatewaytls import DEFAULT_SECRETS_DIR
 from runtime.limits import add_limit_arguments
 
 __all__ = ["gateway_main", "sidecar_main"]
@@ -222,6 +223,14 @@ def _run(kind: str, argv: list[str]) -> int:
             metavar="HOST:PORT",
             help="address for a listener: the one with this port, else the next unbound one (repeatable)",
         )
+        p.add_argument(
+            "--tls-secrets-dir",
+            default=DEFAULT_SECRETS_DIR,
+            metavar="DIR",
+            help="where HTTPS listeners' Secret certificates are mounted: secret NAME is read from "
+            "DIR/NAME/tls.crt and DIR/NAME/tls.key (a kubernetes.io/tls Secret volume) and reloaded "
+            "when it changes (default %(default)s)",
+        )
     _common(p)
     try:
         ns = p.parse_args(argv)
@@ -261,6 +270,7 @@ def _run(kind: str, argv: list[str]) -> int:
                 parse_addr(opts.app)
         else:
             opts.listen = [parse_addr(a) for a in ns.listen]
+            opts.tls_secrets_dir = ns.tls_secrets_dir
     except (_UsageError, ValueError) as e:
         print(f"meshc {kind}: {e}", file=sys.stderr)
         return 2

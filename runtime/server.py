@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from runtime.bundle import ServiceBundle
+from runtime.bundle import GatewayCertificate, ServiceBundle
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
-from runtime.gatewaytls import GatewayCerts
+from runtime.gatewaytls import DEFAULT_SECRETS_DIR, GatewayCerts, certificates_stamp
 from runtime.h1guard import GuardedListener
 from runtime.h2proxy import H2Plane
 from runtime.healthcheck import HealthChecker
@@ -91,6 +91,8 @@ class Options:
     outbound: Addr | None = None
     admin: Addr = ("127.0.0.1", 0)
     listen: list[Addr] = field(default_factory=list)
+    tls_secrets_dir: str = DEFAULT_SECRETS_DIR
+    """Where the Secrets of HTTPS listeners' ``{secret: NAME}`` certificates are mounted."""
     state_dir: Path | None = None
     control_plane: str | None = None
     """One control plane URL, or several comma-separated (replicas sharing one store)."""
@@ -202,6 +204,9 @@ class DataPlane:
         self._mtls_listeners: list[MtlsListener] = []
         self._gateway_certs: list[GatewayCerts] = []
         self._cert_watch: asyncio.Task[None] | None = None
+        self._cert_pending: dict[int, tuple[tuple[str | GatewayCertificate, ...], object]] = {}
+        """HTTPS listeners not bound because a certificate did not load: port -> (certificates,
+        the stamp of their files then); bound as soon as the files change and load."""
         self._rotation: asyncio.Task[None] | None = None
         self._mtls_seen: tuple[bool, str | None, str | None] | None = None
         self._wake = asyncio.Event()
@@ -383,18 +388,20 @@ class DataPlane:
             port = listener.port
             tls: GatewayCerts | None = None
             if listener.protocol == "HTTPS":
-                try:
-                    tls = GatewayCerts(listener.certificates)
-                except (OSError, ssl.SSLError, ValueError) as e:
-                    if strict:
-                        raise StartupError(
-                            f"gateway listener {port}: cannot load its certificates: {e}"
-                        ) from e
-                    _warn(f"gateway listener {port} not bound: cannot load its certificates: {e}")
-                    continue
-                self._gateway_certs.append(tls)
                 if self._cert_watch is None:
                     self._cert_watch = asyncio.ensure_future(self._watch_certificates())
+                stamp = certificates_stamp(listener.certificates, self.opts.tls_secrets_dir)
+                try:
+                    tls = GatewayCerts(listener.certificates, self.opts.tls_secrets_dir)
+                except (OSError, ssl.SSLError, ValueError) as e:
+                    # Not fatal, at start neither: the other listeners serve, and this one is
+                    # bound when its files change and load (a Secret mounted or fixed later).
+                    if self._cert_pending.get(port) != (listener.certificates, stamp):
+                        _warn(f"gateway listener {port} not bound until its certificates load: {e}")
+                    self._cert_pending[port] = (listener.certificates, stamp)
+                    continue
+                self._cert_pending.pop(port, None)
+                self._gateway_certs.append(tls)
             sock = _bind(addr)
             ctx = tls.context if tls is not None else None
             if listener.protocol == "TCP":
@@ -423,12 +430,25 @@ class DataPlane:
         return bound
 
     async def _watch_certificates(self) -> None:
-        """Re-read changed certificate files of HTTPS listeners (new handshakes only)."""
+        """Re-read changed certificates of HTTPS listeners, files and mounted Secrets alike (new
+        handshakes only)."""
         while True:
             await asyncio.sleep(_CERT_WATCH_S)
+            if any(
+                certificates_stamp(certs, self.opts.tls_secrets_dir) != stamp
+                for certs, stamp in self._cert_pending.values()
+            ):
+                await self._rebind_gateway()
             for certs in self._gateway_certs:
-                if certs.reload():
-                    _emit({"event": "certificates_reloaded", "service": self.service, "files": certs.paths})
+                try:
+                    replaced = certs.reload()
+                except Exception as e:  # never end the watch: the next change must still be seen
+                    _warn(
+                        f"gateway certificates {certs.labels}: reload failed, the last good ones stay: {e!r}"
+                    )
+                    continue
+                if replaced:
+                    _emit({"event": "certificates_reloaded", "service": self.service, "files": certs.labels})
 
     async def _rebind_gateway(self) -> None:
         """After a pushed bundle: bind the listeners it adds; a failure is logged, not a NACK

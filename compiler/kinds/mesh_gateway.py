@@ -77,6 +77,42 @@ def _hostname(h: str) -> str | None:
     return None
 
 
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def certificate(cert: dict[str, Any]) -> str | dict[str, str] | None:
+    """What the bundle carries for a Kuma certificate data source meshc reads: a ``file`` path,
+    or ``{"secret": NAME}`` (a ``kubernetes.io/tls`` Secret mounted on the gateway); None for
+    the others (inline bytes would put key material in bundles)."""
+    if set(cert) == {"file"} and isinstance(cert["file"], str) and cert["file"]:
+        return cert["file"]
+    name = cert.get("secret")
+    if set(cert) == {"secret"} and isinstance(name, str) and len(name) <= 253 and _SECRET_NAME.match(name):
+        return {"secret": name}
+    return None
+
+
+def _unread(cert: dict[str, Any]) -> str | None:
+    """Why meshc does not read this certificate (None: it does)."""
+    if certificate(cert) is not None:
+        return None
+    if set(cert) == {"secret"}:
+        return (
+            "meshc reads a secret from the Kubernetes Secret of that name (type kubernetes.io/tls, "
+            "mounted on the gateway): this is not a valid Secret name (lowercase letters, digits, "
+            "'-' and '.', at most 253 characters)"
+        )
+    if set(cert) & {"inline", "inlineString", "inline_string"}:
+        return (
+            "meshc does not read inline certificates (the key would travel in every bundle): give "
+            "{secret: NAME} (a kubernetes.io/tls Secret) or {file: PATH}"
+        )
+    return (
+        "meshc does not read this certificate: it reads {secret: NAME} (a kubernetes.io/tls "
+        "Secret with tls.crt and tls.key) or {file: PATH} (a PEM file with the chain and its key)"
+    )
+
+
 def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
     if not spec.selectors:
         yield Finding(("selectors",), "E1003", "must have at least one element")
@@ -117,13 +153,8 @@ def check(spec: MeshGatewaySpec) -> Iterator[Finding]:
             elif proto == "HTTPS" and mode == "PASSTHROUGH":
                 yield Finding((*p, "tls", "mode"), "E1005", "mode is not supported on HTTPS listeners")
             for ci, cert in enumerate(tls.certificates or []):
-                if set(cert) != {"file"} or not isinstance(cert.get("file"), str) or not cert["file"]:
-                    yield Finding(  # valid for Kuma: a warning, not an error (its conformance)
-                        (*p, "tls", "certificates", ci),
-                        "W1005",
-                        "meshc does not read this certificate: it reads {file: PATH} (a PEM file "
-                        "holding the certificate chain and its private key)",
-                    )
+                if (why := _unread(cert)) is not None:
+                    yield Finding((*p, "tls", "certificates", ci), "W1005", why)  # valid for Kuma
             if (
                 mode in ("TERMINATE", "")
                 and not tls.certificates

@@ -84,6 +84,21 @@ def register(sub: Any) -> None:
     )
     m.add_argument("--image", metavar="IMAGE", help="the meshc image")
     m.add_argument(
+        "--policies",
+        metavar="DIR",
+        type=Path,
+        help="a local copy of the policy directory: the gateway mounts each kubernetes.io/tls Secret "
+        "its MeshGateways' HTTPS listeners name ({secret: NAME}; the Secret lives in --namespace) "
+        "and listens on their ports",
+    )
+    m.add_argument(
+        "--gateway-tls-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also mount this kubernetes.io/tls Secret on the gateway (repeatable)",
+    )
+    m.add_argument(
         "--out", metavar="DIR", type=Path, help="write one file per object and a kustomization.yaml"
     )
     m.set_defaults(run=_run_manifests)
@@ -121,13 +136,30 @@ def _run_inject(args: argparse.Namespace) -> int:
 
 
 def _run_manifests(args: argparse.Namespace) -> int:
-    from compiler.kube.manifests import Settings, render, write_kustomization
+    from compiler.kinds.mesh_gateway import certificate
+    from compiler.kube.manifests import GatewayTls, Settings, gateway_tls, render, write_kustomization
+    from compiler.source import SourceError
 
+    extra = tuple(args.gateway_tls_secret)
+    for name in extra:
+        if certificate({"secret": name}) is None:
+            print(f"meshc manifests: --gateway-tls-secret {name!r} is not a Secret name", file=sys.stderr)
+            return 2
+    tls = GatewayTls(tuple(sorted(set(extra))))
+    if args.policies is not None:
+        try:
+            tls = gateway_tls(args.policies, extra)
+        except (OSError, SourceError) as e:
+            print(f"meshc manifests: --policies {args.policies}: {e}", file=sys.stderr)
+            return 2
+    for note in tls.notes:
+        print(f"meshc manifests: {note}", file=sys.stderr)
     settings = Settings(
         namespace=args.namespace,
         repo=args.repo,
         ref=args.ref,
         policy_dir=args.policy_dir,
+        gateway_tls=tls,
         **({"image": args.image} if args.image else {}),
     )
     if args.out is not None:

@@ -5,8 +5,12 @@ over nodes) that reads the policy repo through a git-sync native sidecar: GitOps
 of truth, and nothing here changes at run time, so Argo CD or Flux see no drift (the CA is a
 Secret the operator creates; no key is ever printed). RBAC is the least the control plane needs:
 read Pods, Services, EndpointSlices and Namespaces, create TokenReviews and Events, Leases and
-Secrets in its own namespace only. The gateway is a Deployment behind a LoadBalancer Service.
-Every object passes ``kubernetes-validate --strict`` for Kubernetes 1.30 (a test checks it).
+Secrets in its own namespace only. The gateway is a Deployment behind a LoadBalancer Service;
+each ``kubernetes.io/tls`` Secret its MeshGateways' HTTPS listeners name (``{secret: NAME}``, found
+in a local copy of the policies) is a read-only ``secret`` volume at ``TLS_SECRETS_DIR/NAME``,
+whole (no ``subPath``: the kubelet's updates reach the gateway, which reloads them), and each
+HTTPS listener port is listened on and exposed. Every object passes ``kubernetes-validate
+--strict`` for Kubernetes 1.30 (a test checks it).
 """
 
 from __future__ import annotations
@@ -19,15 +23,43 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from compiler.kinds import mesh_gateway as mg
+from compiler.kinds.base import SERVICE_TAG
 from compiler.kube.derive import DEFAULT_GATEWAY, DEFAULT_GATEWAY_PORT, SERVICE_LABEL
 from compiler.kube.inject import IMAGE, SECURITY_CONTEXT
 
-__all__ = ["CP_NAME", "CP_PORT", "Settings", "objects", "render", "write_kustomization"]
+__all__ = [
+    "CP_NAME",
+    "CP_PORT",
+    "TLS_SECRETS_DIR",
+    "GatewayTls",
+    "Settings",
+    "gateway_tls",
+    "objects",
+    "render",
+    "write_kustomization",
+]
 
 CP_NAME = "meshc-control-plane"
 CP_PORT = 5681
 GIT_SYNC_IMAGE = "registry.k8s.io/git-sync/git-sync:v4.2.4"
 _PART_OF = {"app.kubernetes.io/part-of": "meshc"}
+
+
+TLS_SECRETS_DIR = "/var/run/secrets/meshc/tls"
+"""The gateway's ``--tls-secrets-dir`` default (``runtime.gatewaytls.DEFAULT_SECRETS_DIR``)."""
+
+
+@dataclass(frozen=True)
+class GatewayTls:
+    """What the gateway Deployment needs for its HTTPS listeners."""
+
+    secrets: tuple[str, ...] = ()
+    """Secret names to mount, sorted."""
+    ports: tuple[int, ...] = ()
+    """HTTPS listener ports to listen on and expose, sorted."""
+    notes: tuple[str, ...] = ()
+    """What was found and left out (printed on stderr)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +70,45 @@ class Settings:
     policy_dir: str = "policies"
     image: str = IMAGE
     replicas: int = 3
+    gateway_tls: GatewayTls = GatewayTls()
+
+
+def gateway_tls(policies: Path, extra_secrets: tuple[str, ...] = ()) -> GatewayTls:
+    """The Secrets and HTTPS ports of the MeshGateways the gateway Deployment serves (those that
+    select ``kuma.io/service: meshc-gateway``) in a local copy of the policy directory, plus
+    ``extra_secrets``. Documents that do not validate are ``meshc validate``'s to report."""
+    from compiler.pipeline import parse_files
+    from compiler.source import read_policy_dir
+
+    secrets = set(extra_secrets)
+    ports: set[int] = set()
+    notes: list[str] = []
+    for parsed in parse_files(read_policy_dir(policies).files):
+        for doc in parsed.docs:
+            if doc.kind != "MeshGateway":
+                continue
+            spec: mg.MeshGatewaySpec = doc.spec
+            services = {(s.match or {}).get(SERVICE_TAG) for s in spec.selectors or []}
+            for lst in (spec.conf.listeners if spec.conf else None) or []:
+                if (lst.protocol or "").upper() != "HTTPS" or lst.tls is None:
+                    continue
+                names = [
+                    got["secret"]
+                    for c in lst.tls.certificates or []
+                    if isinstance(got := mg.certificate(c), dict)
+                ]
+                if DEFAULT_GATEWAY not in services:
+                    if names:
+                        notes.append(
+                            f"{doc.file}: MeshGateway {doc.name!r} is not served by the {DEFAULT_GATEWAY} "
+                            f"Deployment (it selects {', '.join(sorted(str(x) for x in services))}): "
+                            f"its Secrets {', '.join(names)} are not mounted"
+                        )
+                    continue
+                secrets.update(names)
+                if lst.port is not None and lst.port != DEFAULT_GATEWAY_PORT:
+                    ports.add(lst.port)
+    return GatewayTls(tuple(sorted(secrets)), tuple(sorted(ports)), tuple(notes))
 
 
 def _meta(name: str, s: Settings, component: str, namespaced: bool = True) -> dict[str, Any]:
@@ -185,7 +256,7 @@ def _gateway(s: Settings) -> Iterator[dict[str, Any]]:
         "metadata": _meta(DEFAULT_GATEWAY, s, DEFAULT_GATEWAY),
         "automountServiceAccountToken": False,
     }
-    gw = {
+    gw: dict[str, Any] = {
         "name": "gateway",
         "image": s.image,
         "args": [
@@ -212,7 +283,32 @@ def _gateway(s: Settings) -> Iterator[dict[str, Any]]:
             {"name": "state", "mountPath": "/var/lib/meshc"},
         ],
     }
+    tls = s.gateway_tls
+    for port in tls.ports:
+        gw["args"].append(f"--listen=0.0.0.0:{port}")
+        gw["ports"].append({"name": f"https-{port}", "containerPort": port})
+    tls_volumes: list[dict[str, Any]] = []
+    if tls.secrets:
+        gw["args"].append(f"--tls-secrets-dir={TLS_SECRETS_DIR}")
+    for i, name in enumerate(tls.secrets):
+        volume = f"tls-{i}"  # a volume name is a DNS label: a Secret name may hold dots
+        gw["volumeMounts"].append(
+            {"name": volume, "mountPath": f"{TLS_SECRETS_DIR}/{name}", "readOnly": True}
+        )
+        tls_volumes.append(
+            {
+                "name": volume,
+                "secret": {
+                    "secretName": name,
+                    "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+                    "defaultMode": 0o440,  # group-readable: the pod's fsGroup is the gateway's group
+                },
+            }
+        )
     token = {"serviceAccountToken": {"audience": "meshc", "expirationSeconds": 3600, "path": "token"}}
+    pod: dict[str, Any] = {"serviceAccountName": DEFAULT_GATEWAY}
+    if tls.secrets:
+        pod["securityContext"] = {"fsGroup": SECURITY_CONTEXT["runAsGroup"]}
     yield {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -223,11 +319,12 @@ def _gateway(s: Settings) -> Iterator[dict[str, Any]]:
             "template": {
                 "metadata": {"labels": {**labels, **_PART_OF, SERVICE_LABEL: DEFAULT_GATEWAY}},
                 "spec": {
-                    "serviceAccountName": DEFAULT_GATEWAY,
+                    **pod,
                     "containers": [gw],
                     "volumes": [
                         {"name": "meshc-token", "projected": {"sources": [token]}},
                         {"name": "state", "emptyDir": {}},
+                        *tls_volumes,
                     ],
                 },
             },
@@ -240,7 +337,18 @@ def _gateway(s: Settings) -> Iterator[dict[str, Any]]:
         "spec": {
             "type": "LoadBalancer",
             "selector": labels,
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                *(
+                    {
+                        "name": f"https-{port}",
+                        "port": 443 if i == 0 else port,
+                        "targetPort": f"https-{port}",
+                        "protocol": "TCP",
+                    }
+                    for i, port in enumerate(tls.ports)
+                ),
+            ],
         },
     }
 

@@ -95,3 +95,86 @@ def test_kustomization_lists_every_file(tmp_path: Path) -> None:
 def test_injected_goldens_pass_strict_validation(golden: str) -> None:
     for o in docs((GOLDEN / golden).read_text()):
         assert kubernetes_validate.validate(o, K8S, strict=True) == "1.30"
+
+
+GATEWAYS = """\
+apiVersion: kuma.io/v1alpha1
+kind: MeshGateway
+mesh: default
+metadata: {name: edge}
+spec:
+  selectors: [{match: {kuma.io/service: meshc-gateway}}]
+  conf:
+    listeners:
+      - {port: 8080, protocol: HTTP}
+      - port: 8443
+        protocol: HTTPS
+        hostname: a.example.com
+        tls: {mode: TERMINATE, certificates: [{secret: a-example-tls}, {file: /etc/meshc/x.pem}]}
+      - port: 8443
+        protocol: HTTPS
+        hostname: api.example.com
+        tls: {mode: TERMINATE, certificates: [{secret: api.example.com}, {inlineString: nope}]}
+---
+apiVersion: kuma.io/v1alpha1
+kind: MeshGateway
+mesh: default
+metadata: {name: other}
+spec:
+  selectors: [{match: {kuma.io/service: other-gateway}}]
+  conf:
+    listeners:
+      - port: 9443
+        protocol: HTTPS
+        tls: {mode: TERMINATE, certificates: [{secret: other-tls}]}
+"""
+
+
+def test_gateway_mounts_the_tls_secrets_its_meshgateways_name(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "gateway.yaml").write_text(GATEWAYS)
+    res = meshc("manifests", "--policies", str(policies), "--gateway-tls-secret", "extra-tls")
+    assert res.returncode == 0, res.stderr
+    assert "'other'" in res.stderr and "other-tls are not mounted" in res.stderr
+    objs = docs(res.stdout)
+    for o in objs:
+        assert kubernetes_validate.validate(o, K8S, strict=True) == "1.30"
+    out = tmp_path / "all.yaml"
+    out.write_text(res.stdout)
+    cli = validate_cli(out)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}  # type: ignore[index]
+    pod = by[("Deployment", "meshc-gateway")]["spec"]["template"]["spec"]  # type: ignore[index]
+    [gw] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted = {}
+    for m in gw["volumeMounts"]:
+        secret = volumes[m["name"]].get("secret")
+        if secret is not None and m["mountPath"].startswith("/var/run/secrets/meshc/tls/"):
+            assert m["readOnly"] is True and "subPath" not in m  # whole volume: the kubelet's updates arrive
+            assert [i["key"] for i in secret["items"]] == ["tls.crt", "tls.key"]
+            mounted[m["mountPath"].rsplit("/", 1)[1]] = secret["secretName"]
+    assert mounted == {n: n for n in ("a-example-tls", "api.example.com", "extra-tls")}
+    assert pod["securityContext"]["fsGroup"] == gw["securityContext"]["runAsGroup"]
+    assert "--tls-secrets-dir=/var/run/secrets/meshc/tls" in gw["args"]
+    assert "--listen=0.0.0.0:8443" in gw["args"] and "--listen=0.0.0.0:8080" in gw["args"]
+    svc = by[("Service", "meshc-gateway")]["spec"]  # type: ignore[index]
+    assert {(p["port"], p["targetPort"]) for p in svc["ports"]} == {(80, "http"), (443, "https-8443")}
+    assert "PRIVATE KEY" not in res.stdout and "nope" not in res.stdout
+
+
+def test_without_tls_secrets_the_gateway_is_unchanged() -> None:
+    plain = docs(meshc("manifests").stdout)
+    dep = next(o for o in plain if o["kind"] == "Deployment" and o["metadata"]["name"] == "meshc-gateway")  # type: ignore[index]
+    pod = dep["spec"]["template"]["spec"]  # type: ignore[index]
+    assert "securityContext" not in pod and [v["name"] for v in pod["volumes"]] == ["meshc-token", "state"]
+    bad = meshc("manifests", "--gateway-tls-secret", "../etc")
+    assert bad.returncode == 2 and "not a Secret name" in bad.stderr
+
+
+def test_the_mount_dir_is_the_gateways_default() -> None:
+    from compiler.kube.manifests import TLS_SECRETS_DIR
+    from runtime.gatewaytls import DEFAULT_SECRETS_DIR
+
+    assert TLS_SECRETS_DIR == DEFAULT_SECRETS_DIR
