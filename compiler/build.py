@@ -26,7 +26,7 @@ from compiler.gateway import GatewayBuild
 from compiler.kinds import REGISTRY, KindDef
 from compiler.kinds.mesh import mesh_settings, tracing_backend
 from compiler.parse import Doc
-from compiler.resolve import Entry, PolicyIndex
+from compiler.resolve import TARGETREF_INBOUND, Entry, PolicyIndex
 from runtime import bundle as b
 
 __all__ = ["Built", "MeshBuilder", "build_mesh", "canon", "json_object"]
@@ -142,8 +142,19 @@ class MeshBuilder:
             entries = [*table.get(service, ()), *table.get("*", ())]
             _used(used, entries)
             rules = _additive(entries) if kdef.additive else _rules(self.idx.ranked(kdef.kind, entries))
-            parts.append(f'"{kdef.bundle_field}":{rules}')
-        return "{" + ",".join(parts) + "}"
+            parts.append((kdef.bundle_field or "", rules))
+        for field_name, kind in TARGETREF_INBOUND.items():
+            table = self.idx.by_dst.get(kind, {})
+            entries = [*table.get(service, ()), *table.get("*", ())]
+            if not entries:
+                continue  # left out while empty, as ``runtime.bundle.Inbound`` serializes it
+            _used(used, entries)
+            if field_name == "traffic_log":  # every matching rule logs: all of them, in a fixed order
+                rules = "[" + ",".join(sorted(e.rule_json for e in entries)) + "]"
+            else:
+                rules = _rules(self.idx.ranked(kind, entries))
+            parts.append((field_name, rules))
+        return json_object(parts)
 
     def mesh_bundle(self) -> tuple[bytes, list[Doc]]:
         mesh = self.mesh

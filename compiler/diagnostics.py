@@ -193,7 +193,9 @@ CODES: dict[str, Code] = _catalog(
         "W3006",
         "targetref-not-resolved",
         "A part of a targetRef policy that meshc does not resolve into bundles yet (a targetRef kind, "
-        "the inbound rules of a kind a bundle's inbound has no place for, an `sni` match, a route "
+        "an inbound setting the sidecar does not carry out (MeshTimeout's stream idle, stream and "
+        "connection durations and request headers timeout, MeshCircuitBreaker's outlier detection), "
+        "an `sni` match, a route "
         "filter or match the bundle cannot express, zone-aware load balancing or hash policies, an "
         "OpenTelemetry log backend, a MeshTrace's Datadog or OpenTelemetry backend, its `tags`, "
         "`sampling.client` or `apiVersion: httpProto`): it has no effect, or, where the message says "

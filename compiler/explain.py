@@ -25,7 +25,7 @@ from compiler.kinds import REGISTRY, KindDef
 from compiler.parse import Doc
 from compiler.pipeline import MeshResolved, ParsedFile, doc_lines
 from compiler.precedence import Contribution, Ranked, contributions, why
-from compiler.resolve import Entry, split_ranked
+from compiler.resolve import TARGETREF_INBOUND, Entry, split_ranked
 from compiler.resolve_targetref import is_targetref
 from compiler.result import CompileResult
 from compiler.yamlload import Positions, load_positions
@@ -192,7 +192,7 @@ def _entry_reason(e: Entry, by: Entry) -> tuple[str, str | None]:
 
 
 def _section(
-    ctx: _Ctx, kdef: KindDef, entries: list[Entry], rules: list[Any], additive: bool
+    ctx: _Ctx, field: str | None, entries: list[Entry], rules: list[Any], additive: bool
 ) -> dict[str, Any]:
     """One bundle field: its policies (the winner first), the shadowed ones, and its rules."""
     applied, rest = (
@@ -222,7 +222,7 @@ def _section(
         shadowed.append(s)
     default = next((i for i in range(len(rules)) if i not in used), None) if not additive else None
     return {
-        "field": kdef.bundle_field,
+        "field": field,
         "policies": policies,
         "shadowed": shadowed,
         "rules": rules,
@@ -237,7 +237,7 @@ def _outbound(ctx: _Ctx, r: MeshResolved, src: str, dst: str, conf: dict[str, An
     for kdef in _kinds("outbound"):
         field = kdef.bundle_field or ""
         entries = idx.entries(kdef.kind, keys)
-        sections.append(_section(ctx, kdef, entries, list(conf.get(field) or ()), False))
+        sections.append(_section(ctx, kdef.bundle_field, entries, list(conf.get(field) or ()), False))
     return {"destination": dst, "source": src, "kinds": sections}
 
 
@@ -247,7 +247,13 @@ def _inbound(ctx: _Ctx, r: MeshResolved, service: str, conf: dict[str, Any]) -> 
         table = r.idx.by_dst.get(kdef.kind, {})
         entries = [*table.get(service, ()), *table.get("*", ())]
         rules = list(conf.get(kdef.bundle_field or "") or ())
-        sections.append(_section(ctx, kdef, entries, rules, kdef.additive))
+        sections.append(_section(ctx, kdef.bundle_field, entries, rules, kdef.additive))
+    for field, kind in TARGETREF_INBOUND.items():  # filled by targetRef policies alone
+        table = r.idx.by_dst.get(kind, {})
+        entries = [*table.get(service, ()), *table.get("*", ())]
+        rules = list(conf.get(field) or ())
+        sections.append(_section(ctx, field, entries, rules, field == "traffic_log"))
+    sections.sort(key=lambda x: str(x["field"]))
     return sections
 
 

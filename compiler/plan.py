@@ -416,7 +416,7 @@ def _mesh_deltas(old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterator[Del
 # --- normalising ----------------------------------------------------------------------------------
 
 _RULE_KINDS_OUT = ("route", "timeout", "retry", "circuit_breaker", "health_check", "traffic_log")
-_RULE_KINDS_IN = ("permissions", "rate_limit", "fault_injection")
+_RULE_KINDS_IN = ("permissions", "rate_limit", "fault_injection", "timeout", "circuit_breaker", "traffic_log")
 _WEIGHTED = ("split", "backends", "tcp_backends")
 
 
@@ -635,6 +635,12 @@ _HEADLINES: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
+_INBOUND_HEADLINES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "circuit_breaker": (("thresholds",),),
+}
+"""Inbound, a circuit breaker is its connection limits (outlier detection is not used there)."""
+
+
 def _summarise(scope: str, path: tuple[str, ...], tree: Any) -> str:
     if not isinstance(tree, dict):
         return _fmt(path[-1] if path else "", tree)
@@ -651,7 +657,7 @@ def _summarise(scope: str, path: tuple[str, ...], tree: Any) -> str:
             kind = path[-2]
     leaves = list(_leaves(tree, ()))
     if kind in _HEADLINES:
-        wanted = _HEADLINES[kind]
+        wanted = (_INBOUND_HEADLINES.get(kind) if scope == "inbound" else None) or _HEADLINES[kind]
         picked = [(p, v) for p, v in leaves if any(p[: len(w)] == w for w in wanted)]
         leaves = picked or leaves
     shown = []

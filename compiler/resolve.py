@@ -23,12 +23,29 @@ from compiler.kinds.base import PROTOCOL_TAG, ConfContext, Selector, extra_tags,
 from compiler.parse import Doc
 from runtime import bundle as b
 
-__all__ = ["INBOUND", "OUTBOUND", "Entry", "PolicyIndex", "Tracing", "index_policies", "split_ranked"]
+__all__ = [
+    "INBOUND",
+    "OUTBOUND",
+    "TARGETREF_INBOUND",
+    "Entry",
+    "PolicyIndex",
+    "Tracing",
+    "index_policies",
+    "split_ranked",
+]
 
 OUTBOUND = frozenset(k for k, d in REGISTRY.items() if d.indexed and d.direction == "outbound")
 """Kinds that configure the ``sources``' outbound side: rules keyed by (source, destination)."""
 INBOUND = frozenset(k for k, d in REGISTRY.items() if d.indexed and d.direction == "inbound")
 """Kinds that configure the ``destinations``' inbound side: the caller is the rule's ``peer``."""
+TARGETREF_INBOUND = {
+    "circuit_breaker": "MeshCircuitBreaker",
+    "timeout": "MeshTimeout",
+    "traffic_log": "MeshAccessLog",
+}
+"""The ``runtime.bundle.Inbound`` fields only targetRef policies fill (no legacy kind has them):
+field -> the kind their entries are filed under in ``PolicyIndex.by_dst``. ``build`` writes them
+only when they hold rules (``runtime.bundle.INBOUND_OPTIONAL``); ``traffic_log`` rules add up."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ the policies that select the proxy, and, for the kinds it marks ``IsFromAsRules`
 MeshCircuitBreaker, MeshRateLimit, MeshTimeout, MeshTLS), every ``from`` item as a rule without a
 match (their ``from`` targetRef can only be ``Mesh``). The items are sorted as policies are (top
 targetRef kind, origin, role, then the name inverted) and a rule with several ``matches`` becomes
-one rule per match. Each plugin then reads that list its own way; the three a bundle can hold:
+one rule per match. Each plugin then reads that list its own way; the six a bundle holds:
 
 * MeshRateLimit: the rules without a match merged, lowest precedence first, are the common limit
   (``MatchesAllIncomingTraffic``); a caller whose identity some ``spiffeID`` match covers gets the
@@ -15,6 +15,14 @@ one rule per match. Each plugin then reads that list its own way; the three a bu
   faults of the rules without a match and of each rule that matches it, all of them.
 * MeshTrafficPermission: any ``deny`` match beats any ``allow`` (Kuma writes the deny matchers
   first); nothing else is allowed.
+* MeshTimeout: the rules without a match merged are the common timeouts (the listener and the
+  local app's cluster); a caller some ``spiffeID`` match covers gets them merged with every
+  covering rule that sets ``http.requestTimeout`` or ``streamIdleTimeout``, least specific first
+  (Kuma copies the inbound route per match, ``mergeSubsumingMatchedRouteConfs``).
+* MeshCircuitBreaker: its rules have no ``matches``; merged, they are the local app's connection
+  limits for every caller (``MatchesAllIncomingTraffic``).
+* MeshAccessLog: every rule is its own access logs, one per backend, gated by its match (Kuma's
+  CEL filter): nothing merges, so the bundle's inbound ``traffic_log`` rules add up.
 
 A meshc caller's identity is ``spiffe://<mesh>/<service>`` (its certificate's URI SAN), so a
 ``spiffeID`` match names the catalog's services it covers, and a caller-specific bundle rule
@@ -47,10 +55,13 @@ __all__ = [
     "Resolved",
     "compatible",
     "fault_rules",
+    "limit_rules",
+    "log_rules",
     "permission_rules",
     "rate_limit_rules",
     "rule_items",
     "tag_sets",
+    "timeout_rules",
 ]
 
 Tags = tuple[tuple[str, str], ...]
@@ -100,7 +111,7 @@ class Resolved:
 
 ALL_CALLERS = "all callers"
 """How an inbound rule without a match is described (``Ranked.kinds[1]``), for ``precedence.why``."""
-CONCATENATED = frozenset({"MeshFaultInjection"})
+CONCATENATED = frozenset({"MeshAccessLog", "MeshFaultInjection"})
 """Kinds whose inbound rules add up (each its own filter) rather than merge."""
 
 
@@ -413,4 +424,90 @@ def permission_rules(
                 shaped = (*(r.ranked for r in deny), *(r.ranked for r in by))  # explain: who shaped it
                 res.append(Resolved(svc, when, ((SERVICE_TAG, c),), None, shaped))
     _check_gaps(res, gaps, out, warn)
+    return res
+
+
+def timeout_rules(
+    rules: list[InboundRule],
+    mesh: str,
+    services: list[str],
+    callers: list[str],
+    convert: Convert,
+    out: list[Diagnostic],
+    warn: Warn,
+    tie: Tie,
+) -> list[Resolved]:
+    """MeshTimeout: the rules without a match merged are the common timeouts (Kuma applies them
+    where such a rule exists); a caller some ``spiffeID`` match covers gets them merged with every
+    covering rule's ``http.requestTimeout``/``streamIdleTimeout``, least specific first (Kuma's
+    per-caller route copies, ``mergeSubsumingMatchedRouteConfs``)."""
+    res: list[Resolved] = []
+    usable, covers = _usable(rules, mesh, callers, out, warn)
+    for svc, when, members in _groups(usable, services):
+        ordered = _in_order(members)
+        common = [r for r in ordered if r.match is None]
+        _ties([r.ranked for r in common], "*", svc, out, tie)
+        matched = [r for r in ordered if r.match is not None and _route_timeouts(r.ranked.default)]
+        for c in _named(matched, covers):
+            mine = sorted((r for r in matched if c in covers[id(r)]), key=lambda r: _specificity(r.match))
+            for spec in {_specificity(r.match) for r in mine}:
+                _ties([r.ranked for r in mine if _specificity(r.match) == spec], c, svc, out, tie)
+            applied = [*common, *mine]
+            conf = convert(merged(r.ranked.default for r in applied))
+            if conf is not None:
+                res.append(Resolved(svc, when, ((SERVICE_TAG, c),), conf, tuple(r.ranked for r in applied)))
+        if common:
+            conf = convert(merged(r.ranked.default for r in common))
+            if conf is not None:
+                res.append(Resolved(svc, when, (), conf, tuple(r.ranked for r in common)))
+    return res
+
+
+def _route_timeouts(conf: dict[str, Any]) -> bool:
+    """Whether a matched rule sets what Kuma's per-caller routes carry (``matchedRouteTimeoutRules``)."""
+    http = conf.get("http")
+    return isinstance(http, dict) and any(
+        http.get(k) is not None for k in ("request_timeout", "stream_idle_timeout")
+    )
+
+
+def limit_rules(
+    rules: list[InboundRule],
+    services: list[str],
+    convert: Convert,
+    out: list[Diagnostic],
+    tie: Tie,
+) -> list[Resolved]:
+    """MeshCircuitBreaker: the rules (none has a match) merged are the connection limits of the
+    local app for every caller (``MatchesAllIncomingTraffic``); no rule where none sets them."""
+    res: list[Resolved] = []
+    for svc, when, members in _groups(rules, services):
+        common = [r for r in _in_order(members) if r.match is None]
+        _ties([r.ranked for r in common], "*", svc, out, tie)
+        m = merged(r.ranked.default for r in common)
+        if not m.get("connection_limits"):
+            continue
+        conf = convert(m)
+        if conf is not None:
+            res.append(Resolved(svc, when, (), conf, tuple(r.ranked for r in common)))
+    return res
+
+
+def log_rules(
+    rules: list[InboundRule],
+    mesh: str,
+    callers: list[str],
+    convert: Callable[[dict[str, Any]], list[BaseModel]],
+    out: list[Diagnostic],
+    warn: Warn,
+) -> list[Resolved]:
+    """MeshAccessLog: every rule is its own access logs, gated by its match (Kuma writes one log
+    per rule and backend, with the match as a CEL filter): a bundle rule per backend, for all
+    callers or for each caller the match covers. Nothing merges, so rules are not grouped."""
+    res: list[Resolved] = []
+    usable, covers = _usable(rules, mesh, callers, out, warn)
+    for r in _in_order(usable):
+        peers = [()] if r.match is None else [((SERVICE_TAG, c),) for c in sorted(covers[id(r)])]
+        for conf in convert(r.ranked.default):
+            res.extend(Resolved(r.dst, r.when, peer, conf, (r.ranked,)) for peer in peers)
     return res

@@ -11,20 +11,24 @@ configure a key, the targetRef policy wins (Kuma: a proxy matched by a new polic
 old policy of its type), and W3005 says so.
 
 Kuma 2.x inbound rules (``rules`` sections, and the ``from`` items of the kinds Kuma reads as
-rules) of MeshTrafficPermission, MeshRateLimit and MeshFaultInjection go through
-``compiler.resolve_inbound``: one rule per caller a ``spiffeID`` match covers, plus the rule for
-all callers, per service and instance tags. A top-level Dataplane by ``labels`` selects the
-instances whose tags carry them.
+rules) of MeshTrafficPermission, MeshRateLimit, MeshFaultInjection, MeshTimeout,
+MeshCircuitBreaker and MeshAccessLog go through ``compiler.resolve_inbound``: one rule per caller a
+``spiffeID`` match covers, plus the rule for all callers, per service and instance tags. The last
+three fill ``Inbound`` fields no legacy kind has (``resolve.TARGETREF_INBOUND``: their entries are
+filed under the targetRef kind itself). A top-level Dataplane by ``labels`` selects the instances
+whose tags carry them.
 
 Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
 for MeshHTTPRoute, ``gateway_routes``), a Dataplane by name or with ``sectionName``, a
 MeshHTTPRoute (a bundle route has no timeout, retry, log, limit or load balancer of its own); a
-``to`` item other than Mesh or MeshService; the inbound rules and ``from`` of MeshTimeout,
-MeshCircuitBreaker and MeshAccessLog (a bundle's inbound has no timeout, circuit breaker or log);
-an ``sni`` match; a deny or a lifted limit that a broader bundle rule would still cover;
-MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; what the legacy
-load balancer and log backend have no place for (each kind's ``not_applied`` names it). W3007
-where, as in Kuma, ``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
+``to`` item other than Mesh or MeshService; the inbound MeshTimeout settings the sidecar does
+not carry out (http streamIdleTimeout, maxStreamDuration, maxConnectionDuration and
+requestHeadersTimeout; idleTimeout on an HTTP service), inbound MeshCircuitBreaker outlier
+detection, inbound MeshAccessLog OpenTelemetry backends and Json formats; an ``sni`` match; a
+deny or a lifted limit that a broader bundle rule would still cover; MeshHTTPRoute filters other
+than header modifiers and URL rewrites, query matches; what the legacy load balancer and log
+backend have no place for (each kind's ``not_applied`` names it). W3007 where, as in Kuma,
+``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
 
 MeshTrace has no ``to``/``from``: ``index_tracing`` merges the policies that select every data
 plane into the mesh bundle's ``tracing`` and those naming a service into that service's bundle.
@@ -55,7 +59,7 @@ from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
 from compiler.kinds.targetref import mesh_trace as mtr
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
-from compiler.resolve import Entry, PolicyIndex, Tracing
+from compiler.resolve import TARGETREF_INBOUND, Entry, PolicyIndex, Tracing
 from runtime import bundle as b
 
 __all__ = [
@@ -590,14 +594,72 @@ def _unresolved(d: Doc, what: str, path: Path) -> Diagnostic:
     return Diagnostic("W3006", msg, d.loc(path))
 
 
-_NO_INBOUND_PLACE = {
-    "MeshTimeout": "inbound timeouts (a bundle's inbound has no timeout)",
-    "MeshCircuitBreaker": "inbound circuit breaking (a bundle's inbound has no circuit breaker)",
-    "MeshAccessLog": "inbound access logs (a bundle's inbound has no log)",
-}
-"""Kinds whose inbound rules (``rules``, or ``from`` read as rules) a bundle has no place for."""
-_RULES_RESOLVED = (_PERMISSION, "MeshRateLimit", "MeshFaultInjection")
+_INBOUND_ONLY = {kind: field for field, kind in TARGETREF_INBOUND.items()}
+"""Kinds whose inbound rules fill an ``Inbound`` field no legacy kind has (filed under themselves)."""
+_RULES_RESOLVED = (_PERMISSION, "MeshRateLimit", "MeshFaultInjection", *sorted(_INBOUND_ONLY))
 """Kinds whose inbound rules ``compiler.resolve_inbound`` compiles."""
+_TIMEOUT_NOT_APPLIED = {
+    "stream_idle_timeout": "streamIdleTimeout",
+    "max_stream_duration": "maxStreamDuration",
+    "max_connection_duration": "maxConnectionDuration",
+    "request_headers_timeout": "requestHeadersTimeout",
+}
+"""MeshTimeout ``http`` settings meshc's inbound does not carry out (connectionTimeout,
+http.requestTimeout and, for TCP services, idleTimeout it does)."""
+
+
+def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
+    """W3006 at each setting of an inbound rule (``rules`` or ``from`` item) that a bundle's
+    inbound holds but the sidecar does not carry out, saying which."""
+    for i, item in enumerate(getattr(d.spec, "from_" if section == "from" else section) or ()):
+        m = _dump(item.default)
+        where: Path = (section, i, "default")
+        if d.kind == "MeshTimeout":
+            for key, name in _TIMEOUT_NOT_APPLIED.items():
+                if _g(m, "http", key) is not None:
+                    what = (
+                        f"the inbound http.{name} (meshc's inbound applies connectionTimeout, "
+                        "http.requestTimeout and a TCP service's idleTimeout)"
+                    )
+                    out.append(_unresolved(d, what, (*where, "http", name)))
+        elif d.kind == "MeshCircuitBreaker" and m.get("outlier_detection") is not None:
+            what = "inbound outlierDetection (the local app is the inbound's one host: nothing to eject)"
+            out.append(_unresolved(d, what, (*where, "outlierDetection")))
+        elif d.kind == _LOG:
+            for j, x in enumerate(m.get("backends") or ()):
+                at: Path = (*where, "backends", j)
+                if x.get("type") not in ("File", "Tcp"):
+                    what = f"an inbound {x.get('type')} backend (the sidecar writes File and Tcp logs only)"
+                    out.append(_unresolved(d, what, at))
+                elif _g(x, str(x["type"]).lower(), "format", "type") == "Json":
+                    what = "a Json format (the bundle carries a Plain format string)"
+                    out.append(_unresolved(d, what, (*at, str(x["type"]).lower(), "format")))
+
+
+def _idle_on_http(rules: list[rin.InboundRule], http: set[str], out: list[Diagnostic]) -> None:
+    """W3006 at an inbound idleTimeout that selects an HTTP service: the sidecar applies it to a
+    TCP service's connections only (its pooled connections to an HTTP app keep their own)."""
+    for r in rules:
+        if r.ranked.default.get("idle_timeout") is None:
+            continue
+        hit = sorted(http) if r.dst == "*" else [r.dst] if r.dst in http else []
+        if hit:
+            d = r.ranked.policy
+            what = (
+                f"the inbound idleTimeout of the HTTP service {hit[0]} (the sidecar applies it to a TCP "
+                "service's connections only)"
+            )
+            _once(out, _unresolved(d, what, (*r.ranked.where[:2], "default", "idleTimeout")))
+
+
+def _log_backends(m: dict[str, Any]) -> list[BaseModel]:
+    """An inbound rule's ``default`` as one log conf per File or Tcp backend (they all log)."""
+    out: list[BaseModel] = []
+    for x in m.get("backends") or ():
+        backend = mal.bundle_backend(x or {})
+        if backend is not None:
+            out.append(b.TrafficLogConf(backend=backend))
+    return out
 
 
 def _items(
@@ -624,12 +686,11 @@ def _items(
         key = policy_key(top_kind, dict(d.labels), d.name)
         has_rules = bool(getattr(spec, "rules", None))
         from_as_rules = d.kind in rin.FROM_AS_RULES and bool(getattr(spec, "from_", None))
-        if (has_rules or from_as_rules) and d.kind in _NO_INBOUND_PLACE:
-            section = "rules" if has_rules else "from"
-            out.append(_unresolved(d, f"the `{section}` section: {_NO_INBOUND_PLACE[d.kind]}", (section,)))
-        elif has_rules or from_as_rules:
+        if has_rules or from_as_rules:
             section = "rules" if has_rules else "from"
             rules[d.kind].extend(rin.rule_items(d, src, when, key, top_kind, section))
+            if d.kind in _INBOUND_ONLY:
+                _inbound_not_applied(d, section, out)
         if d.kind == _PERMISSION or d.kind in _INBOUND:
             if d.kind in rin.FROM_AS_RULES:
                 continue  # its `from` items are rules
@@ -729,6 +790,8 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     mtls = mesh_settings(mesh_doc.spec if mesh_doc is not None else None)[0].enabled
     services = sorted({d.name for d in docs if d.kind == "Service"})
     callers = _callers(docs, services)
+    http = {d.name for d in docs if d.kind == "Service" and d.spec.protocol == "http"}
+    _idle_on_http(rules.get("MeshTimeout") or [], http, out)
     for kind in _RULES_RESOLVED:
         if rules.get(kind):
             _inbound_rules(idx, kind, rules[kind], mesh, services, callers if mtls else [], out)
@@ -869,11 +932,17 @@ def _inbound_rules(
     out: list[Diagnostic],
 ) -> None:
     """Kuma's inbound rules of one kind (``compiler.resolve_inbound``) as entries of its legacy kind."""
-    legacy = _LEGACY_KIND[TARGETREF_FIELDS[kind]]
+    legacy = kind if kind in _INBOUND_ONLY else _LEGACY_KIND[TARGETREF_FIELDS[kind]]
     if kind == _PERMISSION:
         resolved = rin.permission_rules(rules, mesh, services, callers, out, _unresolved)
     elif kind == "MeshRateLimit":
         resolved = rin.rate_limit_rules(rules, mesh, services, callers, _rate_limit, out, _unresolved, _tie)
+    elif kind == "MeshTimeout":
+        resolved = rin.timeout_rules(rules, mesh, services, callers, _timeout, out, _unresolved, _tie)
+    elif kind == "MeshCircuitBreaker":
+        resolved = rin.limit_rules(rules, services, _circuit_breaker, out, _tie)
+    elif kind == _LOG:
+        resolved = rin.log_rules(rules, mesh, callers, _log_backends, out, _unresolved)
     else:
         resolved = rin.fault_rules(rules, mesh, services, callers, _fault, out, _unresolved)
     for r in resolved:

@@ -27,10 +27,18 @@ import json
 from collections.abc import Iterator
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    model_serializer,
+)
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "INBOUND_OPTIONAL",
     "AnyBundle",
     "BackOff",
     "BundleError",
@@ -368,13 +376,47 @@ class RateLimitConf(_Frozen):
 
 
 class Inbound(_Frozen):
-    """Inbound rules: ``peer`` matches the caller, ``when`` this instance's own tags."""
+    """Inbound rules: ``peer`` matches the caller, ``when`` this instance's own tags.
+
+    ``timeout``, ``circuit_breaker`` and ``traffic_log`` (Kuma's inbound MeshTimeout,
+    MeshCircuitBreaker, MeshAccessLog) are left out of the serialized form while empty, so a
+    bundle without them keeps the bytes, and the digest, it had before they existed."""
 
     permissions: tuple[Rule[None], ...] = Field(
         default=(), description="Any matching rule allows the caller (permissions add up)."
     )
     rate_limit: tuple[Rule[RateLimitConf], ...] = ()
     fault_injection: tuple[Rule[FaultInjectionConf], ...] = ()
+    timeout: tuple[Rule[TimeoutConf], ...] = Field(
+        default=(),
+        description=(
+            "Requests to the local app: the first matching rule's connect and request timeouts "
+            "(504 when the app does not answer in time); none: no request timeout."
+        ),
+    )
+    circuit_breaker: tuple[Rule[CircuitBreakerConf], ...] = Field(
+        default=(),
+        description=(
+            "The first matching rule's connection limits bound the requests in flight to the local "
+            "app (503, counted as an overflow, past them); outlier detection is not used inbound."
+        ),
+    )
+    traffic_log: tuple[Rule[TrafficLogConf], ...] = Field(
+        default=(),
+        description="Every matching rule logs the request to its backend (inbound access logs add up).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in INBOUND_OPTIONAL:
+            if not out.get(name):
+                out.pop(name, None)
+        return out
+
+
+INBOUND_OPTIONAL = ("circuit_breaker", "timeout", "traffic_log")
+"""The ``Inbound`` fields written only when they hold rules (``Inbound._omit_empty``)."""
 
 
 # --- gateway -----------------------------------------------------------------------------------

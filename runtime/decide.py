@@ -27,7 +27,8 @@ from urllib.parse import quote, unquote
 
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY, RetryPolicy
-from runtime.engine import Engine, Snapshot, Target
+from runtime.bundle import TrafficLogConf
+from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, Snapshot, Target
 from runtime.headerops import NO_OPS, REMOVE, SET, HeaderOp
 from runtime.identity import PeerIdentity
 from runtime.security import DENIED_HEADER
@@ -48,6 +49,7 @@ __all__ = [
     "RequestHead",
     "RetryState",
     "admit",
+    "admit_app",
     "decide_connect",
     "decide_gateway",
     "decide_inbound",
@@ -61,6 +63,7 @@ __all__ = [
     "peer_hop",
     "query_map",
     "release",
+    "release_app",
     "request_scheme",
     "settle",
     "split_host",
@@ -70,6 +73,8 @@ __all__ = [
 NO_HOST = "no healthy upstream"
 RESET = "upstream connect error or disconnect/reset before headers"
 TIMEOUT_REASON = "upstream request timeout"
+OVERFLOW = "upstream connection limit reached"
+"""Envoy's circuit breaker overflow, outbound and inbound alike."""
 PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 """Characters a rewritten gateway path keeps as they are (RFC 3986 pchar and '/')."""
 
@@ -107,7 +112,18 @@ class RequestHead(Protocol):
 class Reply:
     """The data plane answers the request itself (after ``delay_s``, for a fault's delay)."""
 
-    __slots__ = ("body", "delay_s", "dest", "headers", "overflow", "reason", "source", "status", "trace")
+    __slots__ = (
+        "body",
+        "delay_s",
+        "dest",
+        "headers",
+        "logs",
+        "overflow",
+        "reason",
+        "source",
+        "status",
+        "trace",
+    )
 
     def __init__(
         self,
@@ -135,6 +151,9 @@ class Reply:
         self.trace: Hop | None = None
         """The request's span when a decision made the reply (``_answered``); a reply a layer
         makes after forwarding began is reported with the ``Forward``'s span instead."""
+        self.logs: tuple[TrafficLogConf, ...] = ()
+        """An inbound request refused before it reached the app (a deny, a rate limit, a fault's
+        abort): the caller's inbound access logs, which log it as Envoy's listener logs do."""
 
     def __repr__(self) -> str:
         return f"Reply({self.status}, {self.reason!r})"
@@ -145,9 +164,11 @@ class Forward:
 
     __slots__ = (
         "address",
+        "app",
         "bps",
         "delay_s",
         "dest",
+        "holds",
         "host",
         "kind",
         "mirrors",
@@ -176,6 +197,7 @@ class Forward:
         mirrors: tuple[Target, ...] = (),
         delay_s: float = 0.0,
         bps: int = 0,
+        app: AppPolicy = NO_APP_POLICY,
     ) -> None:
         self.kind = kind
         self.source = source
@@ -196,6 +218,10 @@ class Forward:
         self.delay_s = delay_s
         self.bps = bps
         """Response bandwidth in bits/s (a fault); 0: unlimited."""
+        self.app = app
+        """``APP``: the caller's inbound timeouts, connection limit and access logs."""
+        self.holds = False
+        """``APP``: it holds a slot of ``app.limit`` (``admit_app``) until ``release_app``."""
         self.trace: Hop | None = None
         """This hop's span (``traced``); its ``traceparent`` is the last of ``request_ops``."""
 
@@ -432,6 +458,11 @@ def decide_inbound(
     request is forwarded or refused."""
     verdict = _inbound(engine, snap, tls, identity, caller_header)
     if type(verdict) is Reply:
+        inbound = snap.inbound
+        if inbound.has_app:
+            known = tls and identity is not None and _caller(snap, identity) is None
+            app = inbound.app(identity.tags) if known and identity is not None else None
+            verdict.logs = (app or inbound.app_for_caller("" if tls else caller_header)).logs
         return _reply_span(engine, snap, verdict, trace)
     return traced(engine, snap, cast(Forward, verdict), trace)
 
@@ -441,16 +472,19 @@ def _inbound(
 ) -> Forward | Reply:
     service = engine.service
     caller = caller_header
+    inbound = snap.inbound
     if tls:
         why = _caller(snap, identity)
         if why is not None or identity is None:
             return _deny(why or "", caller or "unknown", service)
         caller = identity.service
-        rate_limit, fault, permitted = snap.inbound.for_peer(identity.tags)
+        rate_limit, fault, permitted = inbound.for_peer(identity.tags)
         if not permitted:
             return _deny(f"no TrafficPermission allows {caller}", caller, service)
+        app = inbound.app(identity.tags)
     else:
-        rate_limit, fault, _permitted = snap.inbound.for_caller(caller)
+        rate_limit, fault, _permitted = inbound.for_caller(caller)
+        app = inbound.app_for_caller(caller)
     if rate_limit is not None and not rate_limit.bucket.take(engine.clock()):
         conf = rate_limit.conf
         headers = tuple((h.name, h.value) for h in conf.headers)
@@ -461,7 +495,9 @@ def _inbound(
         delay, abort, bps = fault.decide(engine.rng)
         if abort:
             return Reply(abort, "fault filter abort", caller, service, delay_s=delay)
-    return Forward(APP, caller, service, source_header=caller if tls else None, delay_s=delay, bps=bps)
+    return Forward(
+        APP, caller, service, source_header=caller if tls else None, delay_s=delay, bps=bps, app=app
+    )
 
 
 def decide_gateway(
@@ -552,22 +588,44 @@ def decide_tcp_inbound(
     allow the peer certificate's identity, as for HTTP."""
     service = engine.service
     if not tls:
-        return Forward(APP, "", service)
+        return Forward(APP, "", service, app=snap.inbound.app_for_caller(""))
     why = _caller(snap, identity)
     caller = identity.service if identity is not None else "unknown"
     if why is not None or identity is None:
         return _deny(why or "", caller, service)
     if not snap.inbound.for_peer(identity.tags)[2]:
         return _deny(f"no TrafficPermission allows {caller}", caller, service)
-    return Forward(APP, caller, service)
+    return Forward(APP, caller, service, app=snap.inbound.app(identity.tags))
 
 
 def admit(target: Target, source: str) -> Reply | None:
     """None when the target may take one more request or connection, else the 503 (Envoy's
     circuit breaker overflow)."""
     if target.active >= target.max_active:
-        return Reply(503, "upstream connection limit reached", source, target.service, overflow=True)
+        return Reply(503, OVERFLOW, source, target.service, overflow=True)
     return None
+
+
+def admit_app(fwd: Forward) -> Reply | None:
+    """None when the local app may take one more request (a slot of the inbound circuit
+    breaker's limit is taken until ``release_app``), else the 503 overflow."""
+    limit = fwd.app.limit
+    if limit is None:
+        return None
+    if limit.active >= limit.max_active:
+        return Reply(503, OVERFLOW, fwd.source, fwd.dest, overflow=True)
+    limit.active += 1
+    fwd.holds = True
+    return None
+
+
+def release_app(fwd: Forward | None) -> None:
+    """A request to the local app is over: give back its slot (once)."""
+    if fwd is not None and fwd.holds:
+        fwd.holds = False
+        limit = fwd.app.limit
+        if limit is not None:
+            limit.active -= 1
 
 
 def peer_hop(snap: Snapshot, have_certificate: bool, source: str, dest: str) -> bool | Reply:

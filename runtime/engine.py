@@ -47,6 +47,10 @@ from runtime.headerops import filter_ops, modify_ops
 from runtime.protocol import EndpointSet
 
 __all__ = [
+    "APP_CONNECT_S",
+    "NO_APP_POLICY",
+    "AppLimit",
+    "AppPolicy",
     "DestinationTable",
     "Engine",
     "GatewayListenerTable",
@@ -310,22 +314,117 @@ class RateLimit:
         self.conf = conf
 
 
+class AppLimit:
+    """The requests in flight to the local app under one inbound circuit breaker rule: HTTP/1.1
+    carries one request per connection, so they are bounded as a target's are (``max_requests``,
+    and ``max_connections`` plus the pending queue). Kept by the engine across reloads."""
+
+    __slots__ = ("active", "max_active")
+
+    def __init__(self, max_active: int) -> None:
+        self.active = 0
+        self.max_active = max_active
+
+
+class AppPolicy:
+    """What one caller's requests to the local app get: the inbound timeouts, the connection
+    limit and the access logs of the rules that match it (``InboundTable.app``)."""
+
+    __slots__ = ("connect_s", "limit", "logs", "request_timeout_s", "tcp_idle_timeout_s")
+
+    def __init__(
+        self,
+        connect_s: float | None,
+        request_timeout_s: float | None,
+        tcp_idle_timeout_s: float | None,
+        limit: AppLimit | None,
+        logs: tuple[TrafficLogConf, ...],
+    ) -> None:
+        self.connect_s = connect_s
+        self.request_timeout_s = request_timeout_s
+        """None: no request timeout (no inbound timeout rule matches, or it sets 0s)."""
+        self.tcp_idle_timeout_s = tcp_idle_timeout_s
+        self.limit = limit
+        self.logs = logs
+
+
+APP_CONNECT_S = 5.0
+"""Connecting to the local app when no inbound timeout rule says otherwise."""
+APP_TCP_IDLE_S = 3600.0
+"""A TCP connection to the local app with no data for this long is closed (Kuma's 1h default)."""
+NO_APP_POLICY = AppPolicy(APP_CONNECT_S, None, APP_TCP_IDLE_S, None, ())
+
+
 class InboundTable:
     """Inbound rules with the ``when`` side already matched against this instance's tags."""
 
-    __slots__ = ("_cache", "_peer_cache", "faults", "permissions", "rate_limits")
+    __slots__ = (
+        "_app_by_name",
+        "_app_cache",
+        "_cache",
+        "_peer_cache",
+        "faults",
+        "has_app",
+        "limits",
+        "logs",
+        "permissions",
+        "rate_limits",
+        "timeouts",
+    )
 
     def __init__(
         self,
         permissions: tuple[Mapping[str, str], ...],
         rate_limits: tuple[tuple[Mapping[str, str], RateLimit], ...],
         faults: tuple[tuple[Mapping[str, str], Fault], ...],
+        timeouts: tuple[tuple[Mapping[str, str], TimeoutConf], ...] = (),
+        limits: tuple[tuple[Mapping[str, str], AppLimit], ...] = (),
+        logs: tuple[tuple[Mapping[str, str], TrafficLogConf], ...] = (),
     ) -> None:
         self.permissions = permissions
         self.rate_limits = rate_limits
         self.faults = faults
+        self.timeouts = timeouts
+        self.limits = limits
+        self.logs = logs
+        self.has_app = bool(timeouts or limits or logs)
+        """Whether any rule shapes requests to the local app (else ``app`` is ``NO_APP_POLICY``)."""
         self._cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
         self._peer_cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
+        self._app_cache: dict[str, AppPolicy] = {}
+        self._app_by_name: dict[str, AppPolicy] = {}
+
+    def app_for_caller(self, caller_service: str) -> AppPolicy:
+        """``app`` for a caller named by its service (plaintext: the header); cached per name."""
+        if not self.has_app:
+            return NO_APP_POLICY
+        hit = self._app_by_name.get(caller_service)
+        if hit is None:
+            hit = self.app({SERVICE_TAG: caller_service} if caller_service else {})
+            if len(self._app_by_name) < 4096:
+                self._app_by_name[caller_service] = hit
+        return hit
+
+    def app(self, peer: Mapping[str, str]) -> AppPolicy:
+        """The timeouts, limit and logs of a caller's requests to the local app (``peer``: its
+        tags, or ``{kuma.io/service: name}`` in plaintext; empty: an unnamed caller)."""
+        if not self.has_app:
+            return NO_APP_POLICY
+        key = "\0".join(f"{k}={v}" for k, v in sorted(peer.items()))
+        hit = self._app_cache.get(key)
+        if hit is not None:
+            return hit
+        timeout = next((t for p, t in self.timeouts if tags_match(p, peer)), None)
+        policy = AppPolicy(
+            _seconds(timeout.connect_timeout_ms) if timeout is not None else APP_CONNECT_S,
+            _seconds(timeout.http_request_timeout_ms) if timeout is not None else None,
+            _seconds(timeout.tcp_idle_timeout_ms) if timeout is not None else APP_TCP_IDLE_S,
+            next((lim for p, lim in self.limits if tags_match(p, peer)), None),
+            tuple(log for p, log in self.logs if tags_match(p, peer)),
+        )
+        if len(self._app_cache) < 4096:
+            self._app_cache[key] = policy
+        return policy
 
     def for_caller(self, caller_service: str) -> tuple[RateLimit | None, Fault | None, bool]:
         """(rate limit, fault, permitted) for a caller named by its service; cached per name."""
@@ -628,6 +727,8 @@ class Engine:
         self.clock = clock
         self.registry = HostRegistry()
         self._buckets: dict[str, TokenBucket] = {}
+        self._app_limits: dict[str, AppLimit] = {}
+        """Inbound circuit breaker limits by rule: their in-flight counts outlive a reload."""
         self.snapshot = Snapshot(None, None, None, {}, InboundTable((), (), ()), {}, ())
 
     def install(self, snapshot: Snapshot) -> None:
@@ -822,7 +923,20 @@ class Engine:
             rate_limits.append((rl.peer, RateLimit(bucket, rl.conf)))
         faults = tuple((f.peer, Fault(f.conf)) for f in inbound.fault_injection if tags_match(f.when, local))
         permissions = tuple(p.peer for p in inbound.permissions if tags_match(p.when, local))
-        return InboundTable(permissions, tuple(rate_limits), faults)
+        timeouts = tuple((t.peer, t.conf) for t in inbound.timeout if tags_match(t.when, local))
+        limits: list[tuple[Mapping[str, str], AppLimit]] = []
+        for i, cb in enumerate(inbound.circuit_breaker):
+            if not tags_match(cb.when, local):
+                continue
+            th = cb.conf.thresholds
+            most = min(th.max_requests, th.max_connections + th.max_pending_requests)
+            key = f"{i}|{sorted(cb.peer.items())}|{most}"
+            limit = self._app_limits.get(key)
+            if limit is None:
+                limit = self._app_limits[key] = AppLimit(most)
+            limits.append((cb.peer, limit))
+        logs = tuple((x.peer, x.conf) for x in inbound.traffic_log if tags_match(x.when, local))
+        return InboundTable(permissions, tuple(rate_limits), faults, timeouts, tuple(limits), logs)
 
     # -- outcomes ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from runtime.decide import (
     Fetch,
     Forward,
     Reply,
+    admit_app,
     decide_gateway,
     decide_inbound,
     decide_outbound,
@@ -52,8 +53,6 @@ __all__ = ["ClientConn"]
 _PASSTHROUGH_CONNECT_S = 5.0
 
 _PASSTHROUGH_TIMEOUT_S = 15.0
-
-_INBOUND_CONNECT_S = 5.0
 
 
 _FULL = h1.reply(503, "the listener has reached --max-connections", close=True)
@@ -202,6 +201,7 @@ class ClientConn(Exchange):
         self.resp_bytes = 0
         self.subset = ""
         self.series = None
+        self.fwd = None
         if self.dirty:
             # Fields only the rarer paths (retries, rewrites, gateway, passthrough) set.
             self.dirty = False
@@ -358,8 +358,15 @@ class ClientConn(Exchange):
 
     def _go_app(self) -> None:
         plane = self.plane
+        fwd = self.fwd
+        assert fwd is not None
+        refused = admit_app(fwd)
+        if refused is not None:
+            self._answer(refused)
+            return
         host, port = plane.app
-        self._go(plane.app_key, host, port, None, _INBOUND_CONNECT_S, 0.0)
+        app = fwd.app
+        self._go(plane.app_key, host, port, app.request_timeout_s, app.connect_s, plane.loop.time())
 
     def _head(
         self,

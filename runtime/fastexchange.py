@@ -18,8 +18,20 @@ from typing import TYPE_CHECKING, cast
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._lb import RingHash
+from runtime.accesslog import app_entry
 from runtime.bundle import TrafficLogConf
-from runtime.decide import NO_HOST, Forward, Reply, RetryState, admit, failure_reply, peer_hop, release
+from runtime.decide import (
+    APP,
+    NO_HOST,
+    Forward,
+    Reply,
+    RetryState,
+    admit,
+    failure_reply,
+    peer_hop,
+    release,
+    release_app,
+)
 from runtime.engine import Target
 from runtime.fastmetrics import Series
 from runtime.fastplane import TLS_KEY, FastPlane
@@ -93,6 +105,7 @@ class Exchange(asyncio.Protocol):
         "port",
         "queue",
         "reader",
+        "reply_logs",
         "req",
         "resp_bytes",
         "resp_chunked",
@@ -180,6 +193,8 @@ class Exchange(asyncio.Protocol):
         self.slow_rate = 0.0
         self.slow_end = False
         self.tls_peer: tuple[bool, PeerIdentity | None] = _NO_TLS
+        self.reply_logs: tuple[TrafficLogConf, ...] = ()
+        """The inbound access logs of a request answered before it reached the app."""
 
     # -- reading control --------------------------------------------------------------------
 
@@ -466,6 +481,8 @@ class Exchange(asyncio.Protocol):
             self.span = reply.trace  # the request's answer: its span is reported in ``_finish``
         if reply.overflow:
             self.plane.metrics.overflow.labels(reply.dest).inc()
+        if reply.logs:
+            self.reply_logs = reply.logs
         if reply.delay_s:
             self.pause(P_WAIT)
             self.timer = self.plane.loop.call_later(reply.delay_s, self._answer_late, reply, self.attempt)
@@ -509,6 +526,12 @@ class Exchange(asyncio.Protocol):
         target = self.target
         if target is not None and target.log is not None:
             self._log(target.log, req, elapsed)
+        fwd = self.fwd
+        if fwd is not None and fwd.app.logs and fwd.kind == APP:
+            self._log_app(fwd.app.logs, self.plane.app_key, req, elapsed)
+        elif self.reply_logs:
+            self._log_app(self.reply_logs, "", req, elapsed)
+            self.reply_logs = ()
         self.span = None
         self._release_target()
         up = self.up
@@ -567,9 +590,28 @@ class Exchange(asyncio.Protocol):
             },
         )
 
+    def _log_app(
+        self, logs: tuple[TrafficLogConf, ...], upstream: str, req: h1.Request, elapsed: float
+    ) -> None:
+        """Inbound access log lines (``upstream``: the app, or empty for a request the sidecar
+        answered itself)."""
+        entry = app_entry(
+            self.source,
+            self.dest,
+            upstream,
+            req.method,
+            path_of(req.url),
+            self.status,
+            elapsed,
+            self.span.trace_id if self.span is not None else "",
+        )
+        for conf in logs:
+            self.plane.access_log.write(conf, entry)
+
     def _abandon(self) -> None:
         """The client went away with an exchange in flight: close its upstream, undo counts."""
         self._cancel_timer()
+        self.reply_logs = ()
         self.attempt += 1
         up = self.up
         if up is not None:
@@ -583,3 +625,4 @@ class Exchange(asyncio.Protocol):
         """Give back what the exchange held of its target: a slot, a host's, a retry's budget."""
         release(self.target, self.retry, self.host)
         self.target = self.host = None
+        release_app(self.fwd)

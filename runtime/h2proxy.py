@@ -39,7 +39,8 @@ from h2.errors import ErrorCodes
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY
-from runtime.accesslog import AccessLog
+from runtime.accesslog import AccessLog, app_entry
+from runtime.bundle import TrafficLogConf
 from runtime.decide import (
     APP,
     NO_HOST,
@@ -49,6 +50,7 @@ from runtime.decide import (
     Reply,
     RetryState,
     admit,
+    admit_app,
     decide_gateway,
     decide_inbound,
     decide_outbound,
@@ -56,6 +58,7 @@ from runtime.decide import (
     no_fetcher,
     peer_hop,
     release,
+    release_app,
     request_scheme,
     settle,
     split_host,
@@ -1000,6 +1003,10 @@ class _Exchange:
         self.retry: RetryState | None = None
         self.target: Target | None = None
         self.host: Host | None = None
+        self.app: Forward | None = None
+        """A request to the local app: its slot and access logs (``AppPolicy``)."""
+        self.reply_logs: tuple[TrafficLogConf, ...] = ()
+        """The inbound access logs of a request answered before it reached the app."""
         self.up: Upstream | None = None
         self.usid = 0
         self.pump: asyncio.Task[None] | None = None
@@ -1019,6 +1026,12 @@ class _Exchange:
             target = self.target
             if target is not None and target.log is not None:
                 self._log(target, elapsed)
+            app = self.app
+            if app is not None and app.app.logs:
+                host, port = self.plane.app
+                self._log_app(app.app.logs, f"{host}:{port}", elapsed)
+            elif self.reply_logs:
+                self._log_app(self.reply_logs, "", elapsed)
             self._release()
             self.plane.metrics.stats.record(
                 DIRECTION[self.down.kind],
@@ -1103,8 +1116,15 @@ class _Exchange:
             await self._once(head, fwd, f"{name}:{port}", name, port, timeout or _PASSTHROUGH_TIMEOUT_S)
             return
         assert fwd.kind == APP
+        refused = admit_app(fwd)
+        if refused is not None:
+            await self._answer(refused)
+            return
+        self.app = fwd
         host, port = self.plane.app
-        await self._once(head, fwd, f"{host}:{port}", host, port, timeout)
+        # A caller's grpc-timeout replaces the request timeout, as for outbound requests.
+        limit = timeout if timeout is not None else fwd.app.request_timeout_s
+        await self._once(head, fwd, f"{host}:{port}", host, port, limit)
 
     # -- carrying out -----------------------------------------------------------------------
 
@@ -1202,7 +1222,7 @@ class _Exchange:
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    async with asyncio.timeout(_CONNECT_S):
+                    async with asyncio.timeout(fwd.app.connect_s if fwd.kind == APP else _CONNECT_S):
                         up = await self.plane.upstream(key, host, port, tls, fwd.dest)
                 except TimeoutError:
                     return Outcome.TIMEOUT, None
@@ -1330,6 +1350,8 @@ class _Exchange:
             await asyncio.sleep(reply.delay_s)
         if reply.overflow:
             self.plane.metrics.overflow.labels(reply.dest).inc()
+        if reply.logs:
+            self.reply_logs = reply.logs
         if not self.source and not self.dest:
             self.source, self.dest = reply.source, reply.dest
         span = self.span
@@ -1397,3 +1419,24 @@ class _Exchange:
     def _release(self) -> None:
         release(self.target, self.retry, self.host)
         self.target = self.host = None
+        release_app(self.app)
+
+    def _log_app(self, logs: tuple[TrafficLogConf, ...], upstream: str, elapsed: float) -> None:
+        """Inbound access log lines (plus gRPC's status); ``upstream``: the app, or empty for a
+        request the sidecar answered itself."""
+        head = self.head
+        entry = app_entry(
+            self.source,
+            self.dest,
+            upstream,
+            head.method if head is not None else "",
+            head.path() if head is not None else "",
+            self.status,
+            elapsed,
+            self.span.trace_id if self.span is not None else "",
+        )
+        entry["protocol"] = "HTTP/2"
+        if self.grpc_status is not None:
+            entry["grpc_status"] = self.grpc_status
+        for conf in logs:
+            self.plane.access_log.write(conf, entry)

@@ -20,9 +20,10 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from runtime._hosts import Host, Outcome
-from runtime.accesslog import AccessLog
+from runtime.accesslog import AccessLog, app_entry
 from runtime.bundle import TrafficLogConf
 from runtime.decide import (
+    APP,
     NO_HOST,
     PASSTHROUGH,
     TARGET,
@@ -31,12 +32,14 @@ from runtime.decide import (
     Reply,
     RetryState,
     admit,
+    admit_app,
     decide_gateway,
     decide_inbound,
     decide_outbound,
     failure_reply,
     no_fetcher,
     peer_hop,
+    release_app,
     request_scheme,
     settle,
     split_host,
@@ -238,7 +241,13 @@ class HttpProxy:
         if verdict.delay_s:
             await asyncio.sleep(verdict.delay_s)
         if isinstance(verdict, Reply):
-            return self._answer(t0, verdict, direction, request=request)
+            answer = self._answer(t0, verdict, direction, request=request)
+            if verdict.logs:
+                trace_id = verdict.trace.trace_id if verdict.trace is not None else ""
+                self._write_app_logs(
+                    verdict.logs, verdict.source, verdict.dest, "", request, t0, answer, trace_id
+                )
+            return answer
         fwd = verdict
         if fwd.path is not None:
             path_qs = fwd.path + path_qs[len(request_path_raw(path_qs)) :]
@@ -252,49 +261,81 @@ class HttpProxy:
             self._mirror(mirror, request.method, path_qs, headers)
         if fwd.kind == TARGET:
             return await self._to_target(request, fwd, headers, path_qs, t0, direction)
+        connect_s: float | None
+        total_s: float | None
         if fwd.kind == PASSTHROUGH:
             assert fwd.address is not None
             name, port = fwd.address
             url, connect_s, read_s, total_s = f"http://{name}:{port}{path_qs}", 5.0, 300.0, 15.0
         else:
-            url, connect_s, read_s, total_s = f"http://{self.app_address}{path_qs}", 5.0, 1800.0, None
+            refused = admit_app(fwd)
+            if refused is not None:
+                return self._answer(t0, refused, direction, request=request, span=fwd.trace)
+            app = fwd.app
+            url = f"http://{self.app_address}{path_qs}"
+            connect_s, read_s, total_s = app.connect_s, 1800.0, app.request_timeout_s
         assert self.session is not None
         try:
-            async with asyncio.timeout(total_s):
-                up = await self.session.request(
-                    request.method,
-                    URL(url, encoded=True),
-                    headers=headers,
-                    data=request.content if request.body_exists else None,
-                    allow_redirects=False,
-                    timeout=self._timeout(connect_s, read_s),
-                )
-        except TimeoutError:
-            return self._answer(
-                t0,
-                failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError"),
-                direction,
-                request=request,
-                span=fwd.trace,
-            )
-        except (aiohttp.ClientError, OSError) as e:
-            return self._answer(
-                t0,
-                failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__),
-                direction,
-                request=request,
-                span=fwd.trace,
-            )
-        try:
-            resp = await self._relay(request, up, NO_OPS, fwd.bps)
+            try:
+                async with asyncio.timeout(total_s):
+                    up = await self.session.request(
+                        request.method,
+                        URL(url, encoded=True),
+                        headers=headers,
+                        data=request.content if request.body_exists else None,
+                        allow_redirects=False,
+                        timeout=self._timeout(connect_s, read_s),
+                    )
+            except TimeoutError:
+                reply = failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError")
+                answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
+                return self._log_app(fwd, request, t0, answer)
+            except (aiohttp.ClientError, OSError) as e:
+                reply = failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__)
+                answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
+                return self._log_app(fwd, request, t0, answer)
+            try:
+                resp = await self._relay(request, up, NO_OPS, fwd.bps)
+            finally:
+                up.release()
         finally:
-            up.release()
+            release_app(fwd)
         elapsed = time.perf_counter() - t0
         self.metrics.stats.record(
             direction, fwd.source, fwd.dest, "", resp.status, elapsed, *_sizes(request, resp)
         )
         self._span(fwd.trace, direction, request, resp.status, elapsed)
+        return self._log_app(fwd, request, t0, resp)
+
+    def _log_app(
+        self, fwd: Forward, request: web.BaseRequest, t0: float, resp: web.StreamResponse
+    ) -> web.StreamResponse:
+        """The inbound access log lines of a request to the local app (``AppPolicy.logs``)."""
+        if fwd.kind == APP and fwd.app.logs:
+            trace_id = fwd.trace.trace_id if fwd.trace is not None else ""
+            app = self.app_address or ""
+            self._write_app_logs(fwd.app.logs, fwd.source, fwd.dest, app, request, t0, resp, trace_id)
         return resp
+
+    def _write_app_logs(
+        self,
+        logs: tuple[TrafficLogConf, ...],
+        source: str,
+        dest: str,
+        upstream: str,
+        request: web.BaseRequest,
+        t0: float,
+        resp: web.StreamResponse,
+        trace_id: str,
+    ) -> None:
+        """Inbound access log lines (``upstream``: the app, or empty for a request the sidecar
+        answered itself: a deny, a rate limit, a fault's abort)."""
+        elapsed = time.perf_counter() - t0
+        entry = app_entry(
+            source, dest, upstream, request.method, request.path, resp.status, elapsed, trace_id
+        )
+        for conf in logs:
+            self.access_log.write(conf, entry)
 
     def _span(
         self, span: Hop | None, direction: str, request: web.BaseRequest, status: int, elapsed: float

@@ -22,11 +22,13 @@ from runtime.decide import (
     Fetcher,
     Reply,
     admit,
+    admit_app,
     decide_connect,
     decide_tcp_gateway,
     decide_tcp_inbound,
     no_fetcher,
     peer_hop,
+    release_app,
     settle,
 )
 from runtime.engine import Engine, Target
@@ -196,9 +198,11 @@ class TcpProxy:
         source: str,
         dest: str,
         established: bytes = b"",
+        connect_s: float | None = 5.0,
+        idle_s: float | None = 3600.0,
     ) -> None:
         try:
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(connect_s):
                 conn = await asyncio.open_connection(*address)
         except (OSError, TimeoutError):
             if established:
@@ -209,7 +213,7 @@ class TcpProxy:
         self._count(direction, source, dest, "", "connected")
         if established:
             writer.write(established)
-        await _splice(reader, writer, conn[0], conn[1], 3600.0)
+        await _splice(reader, writer, conn[0], conn[1], idle_s)
 
     # -- listeners --------------------------------------------------------------------------
 
@@ -239,7 +243,24 @@ class TcpProxy:
         if isinstance(verdict, Reply):
             self._refuse(writer, verdict, "inbound", False)
             return
-        await self.to_address(reader, writer, (host, int(port)), "inbound", verdict.source, verdict.dest)
+        refused = admit_app(verdict)
+        if refused is not None:
+            self._refuse(writer, refused, "inbound", False)
+            return
+        app = verdict.app
+        try:
+            await self.to_address(
+                reader,
+                writer,
+                (host, int(port)),
+                "inbound",
+                verdict.source,
+                verdict.dest,
+                connect_s=app.connect_s,
+                idle_s=app.tcp_idle_timeout_s,
+            )
+        finally:
+            release_app(verdict)
 
     def gateway_handler(self, port: int) -> _StreamHandler:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

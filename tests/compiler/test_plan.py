@@ -283,3 +283,23 @@ def test_mesh_bundle_slices_match_a_full_decode() -> None:
     assert view.destination("benigno") == json.loads(odd)["destinations"]["benigno"]
     old, new = _pruned_mesh_pair(_MeshView(raw), _MeshView(raw))
     assert old["destinations"] == {} == new["destinations"]
+
+
+def test_inbound_timeout_and_limit_deltas(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Inbound MeshTimeout and MeshCircuitBreaker show as the service's inbound rules, a circuit
+    breaker by its connection limits (outlier detection is not used inbound)."""
+    (repo / "policies" / "benigno-inbound.yaml").write_text(
+        "apiVersion: kuma.io/v1alpha1\nkind: MeshTimeout\n"
+        "metadata: {name: benigno-in, labels: {kuma.io/mesh: default}}\n"
+        "spec:\n  targetRef: {kind: MeshService, name: benigno}\n"
+        "  from: [{targetRef: {kind: Mesh}, default: {connectionTimeout: 2s}}]\n---\n"
+        "apiVersion: kuma.io/v1alpha1\nkind: MeshCircuitBreaker\n"
+        "metadata: {name: benigno-cb, labels: {kuma.io/mesh: default}}\n"
+        "spec:\n  targetRef: {kind: MeshService, name: benigno}\n"
+        "  from: [{targetRef: {kind: Mesh}, default: {connectionLimits: {maxConnections: 2}}}]\n"
+    )
+    code, out, err = plan(repo, capsys, "--base", "HEAD", "--exit-code")
+    assert code == 1, err
+    line = next(x for x in out.splitlines() if x.startswith("~ default/benigno"))
+    assert "inbound +timeout * (connect timeout 2s" in line
+    assert "+circuit breaker * (thresholds max connections 2," in line and "ejection" not in line

@@ -291,35 +291,88 @@ def test_two_aborts_for_one_caller_cannot_be_held_and_say_so(tmp_path: Path) -> 
 # --- what a bundle has no place for ------------------------------------------------------------
 
 
-def test_inbound_rules_of_kinds_a_bundle_has_no_inbound_place_for_are_named(tmp_path: Path) -> None:
-    r = _compile(
-        tmp_path,
-        _policy("MeshTimeout", "in-rules", "{kind: MeshService, name: api}",
-                "  rules: [{default: {idleTimeout: 5s}}]\n"),
-        _policy("MeshTimeout", "in-from", "{kind: MeshService, name: api}",
-                "  from: [{targetRef: {kind: Mesh}, default: {idleTimeout: 5s}}]\n"),
-        _policy("MeshCircuitBreaker", "cb-from", "{kind: MeshService, name: api}",
-                "  from: [{targetRef: {kind: Mesh}, default: {connectionLimits: {maxConnections: 2}}}]\n"),
+def test_inbound_timeouts_merge_in_kumas_order_and_per_caller(tmp_path: Path) -> None:
+    """MeshTimeout `from` (read as rules): the Mesh-wide item, then the MeshService one over it;
+    a spiffeID rule gives its caller its own request timeout on top of the common timeouts."""
+    mesh_wide = _policy(
+        "MeshTimeout", "all-in", "{kind: Mesh}",
+        "  from: [{targetRef: {kind: Mesh}, default: {connectionTimeout: 4s, http: {requestTimeout: 9s}}}]\n",
     )  # fmt: skip
-    got = sorted((d.code, d.loc.path, d.message.split(" of a ")[0]) for d in r.diagnostics)
-    prefix = "meshc does not resolve the "
-    assert got == [
-        (
-            "W3006",
-            ("spec", "from"),
-            prefix + "`from` section: inbound circuit breaking (a bundle's inbound has no circuit breaker)",
-        ),
-        (
-            "W3006",
-            ("spec", "from"),
-            prefix + "`from` section: inbound timeouts (a bundle's inbound has no timeout)",
-        ),
-        (
-            "W3006",
-            ("spec", "rules"),
-            prefix + "`rules` section: inbound timeouts (a bundle's inbound has no timeout)",
-        ),
+    api_rules = _policy(
+        "MeshTimeout", "api-in", API,
+        "  rules:\n"
+        "    - default: {http: {requestTimeout: 3s, streamIdleTimeout: 10s}}\n"
+        f"    - matches: [{_spiffe('Exact', 'web')}]\n"
+        "      default: {http: {requestTimeout: 1s}}\n",
+    )  # fmt: skip
+    r = _compile(tmp_path, mesh_wide, api_rules)
+    assert _codes(r) == [("W3006", ("spec", "rules", 0, "default", "http", "streamIdleTimeout"))]
+    assert "the inbound http.streamIdleTimeout" in r.diagnostics[0].message
+    got = [(t["peer"], t["conf"]["connect_timeout_ms"], t["conf"]["http_request_timeout_ms"])
+           for t in _inbound(r, "api", "timeout")]  # fmt: skip
+    # Kuma 2.14 reads `rules` and `from` as one list of inbound rules: api-in (MeshService) over
+    # all-in (Mesh); web's rule is merged on top of the common ones.
+    assert got == [({"kuma.io/service": "web"}, 4000, 1000), ({}, 4000, 3000)]
+    assert [(t["peer"], t["conf"]["http_request_timeout_ms"]) for t in _inbound(r, "web", "timeout")] == [
+        ({}, 9000)
     ]
+
+
+def test_inbound_connection_limits_and_what_is_not_applied(tmp_path: Path) -> None:
+    cb = _policy(
+        "MeshCircuitBreaker", "api-cb", API,
+        "  from: [{targetRef: {kind: Mesh}, default: {connectionLimits: {maxConnections: 2, maxRequests: 5},"
+        " outlierDetection: {detectors: {totalFailures: {consecutive: 3}}}}}]\n",
+    )  # fmt: skip
+    # A MeshServiceSubset goes over a MeshService (a MeshSubset would not: Kuma orders by kind).
+    v2 = _policy(
+        "MeshCircuitBreaker", "api-v2", "{kind: MeshServiceSubset, name: api, tags: {version: v2}}",
+        "  rules: [{default: {connectionLimits: {maxConnections: 7}}}]\n",
+    )  # fmt: skip
+    r = _compile(tmp_path, cb, v2)
+    (w,) = r.diagnostics
+    assert (w.code, w.loc.path) == ("W3006", ("spec", "from", 0, "default", "outlierDetection"))
+    assert "inbound outlierDetection (the local app is the inbound's one host" in w.message
+    got = [(c["when"], c["conf"]["thresholds"]) for c in _inbound(r, "api", "circuit_breaker")]
+    limits = {"max_connections": 2, "max_pending_requests": 1024, "max_requests": 5, "max_retries": 3}
+    assert got == [({"version": "v2"}, {**limits, "max_connections": 7}), ({}, limits)]
+    assert "circuit_breaker" not in json.loads(r.bundles["default/web"])["inbound"]
+
+
+def test_inbound_access_logs_add_up_per_rule_and_caller(tmp_path: Path) -> None:
+    every = _policy(
+        "MeshAccessLog", "every", "{kind: Mesh}",
+        "  from: [{targetRef: {kind: Mesh}, default: {backends: [{type: File, file: {path: /tmp/all.log}},"
+        " {type: Tcp, tcp: {address: '127.0.0.1:5170'}}]}}]\n",
+    )  # fmt: skip
+    from_web = _policy(
+        "MeshAccessLog", "from-web", API,
+        f"  rules: [{{matches: [{_spiffe('Exact', 'web')}],"
+        " default: {backends: [{type: File, file: {path: /tmp/web.log, format: {type: Json,"
+        " json: [{key: k, value: '%START_TIME%'}]}}}]}}]\n",
+    )  # fmt: skip
+    r = _compile(tmp_path, every, from_web)
+    (w,) = r.diagnostics
+    assert (w.code, w.loc.path) == (
+        "W3006", ("spec", "rules", 0, "default", "backends", 0, "file", "format")
+    )  # fmt: skip
+    got = sorted((x["peer"].get("kuma.io/service", "*"), x["conf"]["backend"]["name"])
+                 for x in _inbound(r, "api", "traffic_log"))  # fmt: skip
+    assert got == [("*", "file:/tmp/all.log"), ("*", "tcp:127.0.0.1:5170"), ("web", "file:/tmp/web.log")]
+    assert len(_inbound(r, "backend", "traffic_log")) == 2
+
+
+def test_bundles_without_the_new_inbound_kinds_keep_their_bytes(tmp_path: Path) -> None:
+    """No inbound MeshTimeout, MeshCircuitBreaker or MeshAccessLog: the inbound holds the three
+    fields it always did, so digests stay those of bundles made before the new ones existed."""
+    r = _compile(tmp_path, _policy("MeshTimeout", "out", "{kind: Mesh}",
+                 "  to: [{targetRef: {kind: Mesh}, default: {connectionTimeout: 2s}}]\n"))  # fmt: skip
+    for s in ("web", "api", "backend"):
+        assert sorted(json.loads(r.bundles[f"default/{s}"])["inbound"]) == [
+            "fault_injection",
+            "permissions",
+            "rate_limit",
+        ]
 
 
 def test_dataplane_by_labels_selects_instances_and_by_name_or_section_is_named(tmp_path: Path) -> None:
@@ -568,3 +621,71 @@ def test_fault_rules_replace_the_from_faults_of_the_service_they_select(tmp_path
     )
     (web,) = _inbound(r, "web", "fault_injection")
     assert (web["conf"]["abort"], web["conf"]["delay"]) == ({"http_status": 500, "percentage": 1.0}, None)
+
+
+def test_the_sidecar_applies_compiled_inbound_timeouts_limits_and_logs(tmp_path: Path) -> None:
+    """Compiled inbound MeshTimeout, MeshCircuitBreaker and MeshAccessLog, loaded as api's
+    sidecar loads them (the bytes round-trip through the bundle model): web gets its own request
+    timeout, others the common one; the limit refuses the third request in flight; both callers
+    are logged, web twice (its own rule too)."""
+    from runtime.bundle import MeshBundle, ServiceBundle, bundle_bytes, load_bundle
+    from runtime.decide import Forward, Reply, admit_app, decide_inbound
+    from runtime.engine import Engine
+    from runtime.identity import PeerIdentity
+    from runtime.protocol import EndpointSet
+
+    r = _compile(
+        tmp_path,
+        _policy("MeshTimeout", "api-in", API,
+                "  rules:\n    - default: {connectionTimeout: 2s, http: {requestTimeout: 3s}}\n"
+                f"    - matches: [{_spiffe('Exact', 'web')}]\n"
+                "      default: {http: {requestTimeout: 1s}}\n"),
+        _policy("MeshCircuitBreaker", "api-cb", API,
+                "  from: [{targetRef: {kind: Mesh}, default: {connectionLimits: {maxConnections: 1,"
+                " maxPendingRequests: 1}}}]\n"),
+        _policy("MeshAccessLog", "all", "{kind: Mesh}",
+                "  from: [{targetRef: {kind: Mesh},"
+                " default: {backends: [{type: File, file: {path: /tmp/a.log}}]}}]\n"),
+        _policy("MeshAccessLog", "web", API,
+                f"  rules: [{{matches: [{_spiffe('Prefix', 'w')}],"
+                " default: {backends: [{type: File, file: {path: /tmp/w.log}}]}}]\n"),
+    )  # fmt: skip
+    assert r.diagnostics == [], _codes(r)
+    data = r.bundles["default/api"]
+    mesh, svc = load_bundle(r.bundles["default"]), load_bundle(data)
+    assert isinstance(mesh, MeshBundle) and isinstance(svc, ServiceBundle)
+    assert bundle_bytes(svc) == data  # the compiler writes what the model serializes
+    engine = Engine("api", {"version": "v1"})
+    snap = engine.build(mesh, svc, EndpointSet(generation=1, services={}))
+
+    def call(service: str) -> Forward:
+        peer = PeerIdentity("default", service, {"kuma.io/service": service})
+        verdict = decide_inbound(engine, snap, True, peer, "")
+        assert isinstance(verdict, Forward)
+        return verdict
+
+    web, backend = call("web"), call("backend")
+    assert (web.app.request_timeout_s, web.app.connect_s) == (1.0, 2.0)
+    assert (backend.app.request_timeout_s, backend.app.connect_s) == (3.0, 2.0)
+    assert sorted(x.backend.path or "" for x in web.app.logs) == ["/tmp/a.log", "/tmp/w.log"]
+    assert [x.backend.path for x in backend.app.logs] == ["/tmp/a.log"]
+    assert admit_app(web) is None and admit_app(backend) is None  # 1 connection + 1 pending
+    over = admit_app(call("api"))
+    assert isinstance(over, Reply) and (over.status, over.overflow) == (503, True)
+
+
+def test_an_inbound_idle_timeout_applies_to_tcp_services_and_is_named_on_http_ones(tmp_path: Path) -> None:
+    db = "---\napiVersion: meshc/v1alpha1\nkind: Service\nmesh: default\nmetadata: {name: db}\n"
+    db += "spec: {port: 5432, protocol: tcp}\n"
+    idle = "  from: [{targetRef: {kind: Mesh}, default: {idleTimeout: 30s}}]\n"
+    r = _compile(
+        tmp_path,
+        db,
+        _policy("MeshTimeout", "db-idle", "{kind: MeshService, name: db}", idle),
+        _policy("MeshTimeout", "web-idle", "{kind: MeshService, name: web}", idle),
+    )
+    (w,) = r.diagnostics
+    assert (w.code, w.loc.path) == ("W3006", ("spec", "from", 0, "default", "idleTimeout"))
+    assert "the inbound idleTimeout of the HTTP service web" in w.message and "'web-idle'" not in w.message
+    assert w.loc.doc == 6  # web-idle: the catalog's 4 documents, db, db-idle, then web-idle
+    assert [t["conf"]["tcp_idle_timeout_ms"] for t in _inbound(r, "db", "timeout")] == [30000]

@@ -284,9 +284,11 @@ def test_what_the_log_backend_cannot_hold_is_named(tmp_path: Path) -> None:
         "a Json format (the bundle carries a Plain format string)",
         "a OpenTelemetry backend (the sidecar writes File and Tcp logs only)",
         "a second backend (a bundle's log rule has one)",
-        "the `from` section: inbound access logs (a bundle's inbound has no log)",
     ]
     assert [x["path"] for x in _logs(r, "default", "api")] == ["/tmp/a.log"]
+    # The inbound `from` is api's inbound access log now (a bundle's inbound holds logs).
+    inbound_logs = json.loads(r.bundles["default/api"])["inbound"]["traffic_log"]
+    assert [x["conf"]["backend"]["path"] for x in inbound_logs] == ["/tmp/in.log"]
 
 
 def test_turning_a_broader_log_off_is_named(tmp_path: Path) -> None:

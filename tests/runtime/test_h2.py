@@ -37,6 +37,7 @@ from runtime_harness import (
 
 from runtime.bundle import (
     CatalogService,
+    CircuitBreakerConf,
     FaultBandwidth,
     FaultInjectionConf,
     GatewayBackend,
@@ -47,10 +48,15 @@ from runtime.bundle import (
     GatewayRule,
     HttpRetry,
     Inbound,
+    LoggingBackend,
+    RateLimitConf,
     RetryConf,
     Rule,
     Split,
     StringMatch,
+    Thresholds,
+    TimeoutConf,
+    TrafficLogConf,
 )
 from runtime.h2conn import PREFACE
 
@@ -74,14 +80,19 @@ def _mesh(tmp_path: Path) -> Path:
 
 
 def _chain(
-    plane: Callable[..., Plane], tmp_path: Path, app: str, mesh: Path | None = None
+    plane: Callable[..., Plane],
+    tmp_path: Path,
+    app: str,
+    mesh: Path | None = None,
+    rules: Inbound | None = None,
 ) -> tuple[Plane, Plane]:
-    """magnanimo's outbound sidecar -> benigno's inbound sidecar -> the gRPC app."""
+    """magnanimo's outbound sidecar -> benigno's inbound sidecar (``rules``) -> the gRPC app."""
     mesh = mesh or _mesh(tmp_path)
+    bundle = write_bundle(tmp_path, service_bundle("benigno", rules))
     inbound = plane(
         "--service", "benigno", "--tag", "version=v1", "--app", app,
         "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--mesh-bundle", mesh, "--bundle", write_bundle(tmp_path, service_bundle("benigno")),
+        "--mesh-bundle", mesh, "--bundle", bundle,
     )  # fmt: skip
     assert inbound.inbound is not None
     eps = tmp_path / "eps.json"
@@ -151,6 +162,87 @@ def test_grpc_errors_deadline_and_retry(
     text = outbound.metrics()
     assert metric_value(text, "meshc_retries_total", destination_service="benigno") >= 1
     assert metric_value(text, "istio_requests_total", grpc_response_status="5") == 1
+
+
+def test_an_inbound_request_timeout_is_a_grpc_status_and_logged(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    """A gRPC call (no deadline of its own) to an app slower than benigno's inbound request
+    timeout: the inbound sidecar answers a trailers-only DEADLINE_EXCEEDED (HTTP 504's gRPC
+    status) with the reason, and its inbound access log line carries the gRPC status; a call its
+    rate limit refuses is logged too (no upstream)."""
+    log = tmp_path / "inbound.log"
+    rules = Inbound(
+        timeout=(Rule[TimeoutConf](conf=TimeoutConf(http_request_timeout_ms=300)),),
+        rate_limit=(Rule[RateLimitConf](conf=RateLimitConf(requests=1, interval_ms=600_000)),),
+        traffic_log=(
+            Rule[TrafficLogConf](
+                conf=TrafficLogConf(backend=LoggingBackend(name="f", type="file", path=str(log)))
+            ),
+        ),
+    )
+    outbound, inbound = _chain(plane, tmp_path, echo.address, rules=rules)
+    with _channel(outbound) as ch:
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            method(ch, "Slow")(b"")
+        elapsed = time.monotonic() - start
+        with pytest.raises(grpc.RpcError) as limited:  # the one token is spent: refused, logged
+            method(ch, "Unary")(b"x", timeout=HANG_DEADLINE)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.DEADLINE_EXCEEDED, "app timeout")
+    assert 0.3 <= elapsed < 10.0  # the inbound's 300 ms, not the app's 30 s
+    assert echo.calls["Slow"] == 1
+    line = wait_until(lambda: log.exists() and log.read_text().splitlines(), "an inbound log line")
+    entry = json.loads(line[0])
+
+    assert (entry["direction"], entry["source_service"], entry["protocol"], entry["grpc_status"]) == (
+        "inbound",
+        "magnanimo",
+        "HTTP/2",
+        4,
+    )
+    # A trailers-only gRPC answer is an HTTP 200; the status is gRPC's, counted as such.
+    assert entry["response_code"] == 200 and entry["path"].endswith("/Slow")
+    assert limited.value.details() == "local_rate_limited" and echo.calls["Unary"] == 0
+    lines = wait_until(lambda: len(log.read_text().splitlines()) >= 2 and log.read_text(), "2 lines")
+    refused = [json.loads(x) for x in lines.splitlines()[1:]]
+    assert {(x["path"].rsplit("/", 1)[1], x["upstream"], x["grpc_status"]) for x in refused} == {
+        ("Unary", "", 14)
+    }
+    wait_until(
+        lambda: metric_value(inbound.metrics(), "istio_requests_total", grpc_response_status="4") == 1,
+        "the inbound sidecar to count the DEADLINE_EXCEEDED",
+    )
+
+
+def test_an_inbound_connection_limit_refuses_a_grpc_call_with_unavailable(
+    plane: Callable[..., Plane], echo: EchoServer, tmp_path: Path
+) -> None:
+    """One call in flight to the app fills benigno's inbound limit of one: another call is
+    refused at once (UNAVAILABLE, Envoy's overflow, counted), and goes through once it is over."""
+    import threading
+
+    cb = CircuitBreakerConf(thresholds=Thresholds(max_connections=1, max_pending_requests=0, max_requests=1))
+    rules = Inbound(circuit_breaker=(Rule[CircuitBreakerConf](conf=cb),))
+    outbound, inbound = _chain(plane, tmp_path, echo.address, rules=rules)
+    with _channel(outbound) as ch:
+        slow: list[bytes] = []
+        first = threading.Thread(target=lambda: slow.append(method(ch, "Slow")(b"", timeout=HANG_DEADLINE)))
+        first.start()
+        wait_until(lambda: echo.calls["Slow"] == 1, "the first call to reach the app")
+        with pytest.raises(grpc.RpcError) as err:
+            method(ch, "Unary")(b"x", timeout=HANG_DEADLINE)
+        assert (err.value.code(), err.value.details()) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "upstream connection limit reached",
+        )
+        assert echo.calls["Unary"] == 0
+        echo.release.set()
+        first.join(60)
+        assert slow == [b"late"]
+        assert method(ch, "Unary")(b"y", timeout=HANG_DEADLINE) == b"benigno:y"
+    overflow = metric_value(inbound.metrics(), "meshc_upstream_overflow_total", destination_service="benigno")
+    assert overflow >= 1  # the outbound retries UNAVAILABLE: each attempt overflows
 
 
 def test_sidecar_errors_are_grpc_statuses(

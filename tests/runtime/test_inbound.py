@@ -15,17 +15,23 @@ from runtime_harness import (
     mesh_bundle,
     metric_value,
     service_bundle,
+    wait_until,
     write_bundle,
 )
 
 from runtime.bundle import (
+    CircuitBreakerConf,
     FaultAbort,
     FaultDelay,
     FaultInjectionConf,
     HeaderChange,
     Inbound,
+    LoggingBackend,
     RateLimitConf,
     Rule,
+    Thresholds,
+    TimeoutConf,
+    TrafficLogConf,
 )
 
 MAGNANIMO = {"kuma.io/service": "magnanimo"}
@@ -118,3 +124,109 @@ def test_two_sidecars_chain_names_the_caller(
         )
         == 1
     )
+
+
+# -- inbound timeout, connection limits and access log (Kuma's inbound MeshTimeout,
+#    MeshCircuitBreaker, MeshAccessLog) ----------------------------------------------------------
+
+
+def test_inbound_request_timeout_answers_504_within_it(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    """A local app slower than the caller's inbound request timeout: 504 soon after the timeout,
+    while a caller with no rule waits for the app's answer."""
+    app = upstream("benigno-v1")
+    rules = (Rule[TimeoutConf](peer=MAGNANIMO, conf=TimeoutConf(http_request_timeout_ms=300)),)
+    sidecar = _inbound_sidecar(plane, tmp_path, app.address, Inbound(timeout=rules))
+    client = ProxyClient(sidecar.inbound)  # type: ignore[arg-type]
+    start = time.monotonic()
+    status, headers, _ = client.get("/hang", {"x-meshc-source-service": "magnanimo"})
+    elapsed = time.monotonic() - start
+    assert (status, headers["x-meshc-reason"]) == (504, "app timeout")
+    assert 0.3 <= elapsed < 10.0  # the timeout, not the app's 60 s hang
+    app.release.set()  # the app answers at once from now on
+    status, _, body = client.get("/hw2", {"x-meshc-source-service": "other"})
+    assert status == 200 and json.loads(body)["name"] == "benigno-v1"
+    text = sidecar.metrics()
+    labels = {"direction": "inbound", "source_service": "magnanimo", "response_code": "504"}
+    assert metric_value(text, "meshc_requests_total", **labels) == 1
+
+
+def test_inbound_connection_limit_answers_503_overflow(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    """One request in flight to the app fills a limit of one: the next gets Envoy's overflow 503
+    at once (counted in meshc_upstream_overflow), and once the first is done the app takes more."""
+    import threading
+
+    app = upstream("benigno-v1")
+    app.hang.set()
+    cb = CircuitBreakerConf(thresholds=Thresholds(max_connections=1, max_pending_requests=0, max_requests=1))
+    sidecar = _inbound_sidecar(
+        plane, tmp_path, app.address, Inbound(circuit_breaker=(Rule[CircuitBreakerConf](conf=cb),))
+    )
+    results: list[int] = []
+    first = threading.Thread(
+        target=lambda: results.append(ProxyClient(sidecar.inbound).get("/slow")[0])  # type: ignore[arg-type]
+    )
+    first.start()
+    wait_until(lambda: app.total() == 1, "the first request to reach the app")
+    status, headers, _ = ProxyClient(sidecar.inbound).get("/next")  # type: ignore[arg-type]
+    assert (status, headers["x-meshc-reason"]) == (503, "upstream connection limit reached")
+    assert app.total() == 1
+    app.hang.clear()
+    app.release.set()
+    first.join(60)
+    assert results == [200]
+    assert ProxyClient(sidecar.inbound).get("/after")[0] == 200  # type: ignore[arg-type]
+    assert (
+        metric_value(sidecar.metrics(), "meshc_upstream_overflow_total", destination_service="benigno") == 1
+    )
+
+
+def test_inbound_access_log_line_in_a_real_file(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    """Every matching inbound log rule writes the request, direction inbound, caller as source;
+    a request the sidecar answers itself (a rate limit's 429) is logged too, with no upstream."""
+    app = upstream("benigno-v1")
+    log, other = tmp_path / "inbound.log", tmp_path / "magnanimo.log"
+    rules = (
+        Rule[TrafficLogConf](
+            peer=MAGNANIMO,
+            conf=TrafficLogConf(backend=LoggingBackend(name="m", type="file", path=str(other))),
+        ),
+        Rule[TrafficLogConf](
+            conf=TrafficLogConf(backend=LoggingBackend(name="f", type="file", path=str(log)))
+        ),
+    )
+    limited = Rule[RateLimitConf](
+        peer={"kuma.io/service": "limited"}, conf=RateLimitConf(requests=1, interval_ms=600_000)
+    )
+    inbound = Inbound(traffic_log=rules, rate_limit=(limited,))
+    sidecar = _inbound_sidecar(plane, tmp_path, app.address, inbound)
+    client = ProxyClient(sidecar.inbound)  # type: ignore[arg-type]
+    assert client.get("/logged?x=1", {"x-meshc-source-service": "magnanimo"})[0] == 200
+    assert client.get("/second", {"x-meshc-source-service": "someone"})[0] == 200
+    assert client.get("/ok", {"x-meshc-source-service": "limited"})[0] == 200
+    assert client.get("/refused", {"x-meshc-source-service": "limited"})[0] == 429
+    text = wait_until(
+        lambda: log.exists() and log.read_text().count("\n") == 4 and log.read_text(), "4 lines"
+    )
+    first, second, _ok, refused = (json.loads(line) for line in text.splitlines())
+    assert (refused["path"], refused["response_code"], refused["upstream"]) == ("/refused", 429, "")
+    assert (refused["source_service"], refused["direction"]) == ("limited", "inbound")
+    assert (first["direction"], first["source_service"], first["destination_service"]) == (
+        "inbound",
+        "magnanimo",
+        "benigno",
+    )
+    assert (first["method"], first["path"], first["response_code"], first["upstream"]) == (
+        "GET",
+        "/logged",
+        200,
+        app.address,
+    )
+    assert second["source_service"] == "someone" and second["path"] == "/second"
+    mine = wait_until(lambda: other.exists() and other.read_text().strip(), "the magnanimo rule's line")
+    assert [json.loads(x)["path"] for x in mine.splitlines()] == ["/logged"]

@@ -30,6 +30,7 @@ from runtime_harness import (
 
 from runtime.bundle import (
     CatalogService,
+    CircuitBreakerConf,
     GatewayBackend,
     GatewayConf,
     GatewayFilter,
@@ -37,8 +38,12 @@ from runtime.bundle import (
     GatewayMatch,
     GatewayRule,
     HeaderChange,
+    Inbound,
+    Rule,
     Split,
     StringMatch,
+    Thresholds,
+    TimeoutConf,
 )
 
 DB = {"db": CatalogService(port=5432, protocol="tcp", subsets=({"version": "a"}, {"version": "b"}))}
@@ -97,6 +102,54 @@ def test_tcp_through_an_inbound_sidecar(plane: Callable[..., Plane], tcp_echo: A
     echo, _ = read_line(sock, rest)
     sock.close()
     assert len(echo) == 300_000
+
+
+def test_a_tcp_inbound_connection_limit_and_idle_timeout(
+    plane: Callable[..., Plane], tcp_echo: Any, tmp_path: Path
+) -> None:
+    """A TCP service's inbound: its circuit breaker's limit refuses a second connection to the
+    app (closed at once, counted as an overflow), and its idle timeout closes a silent one."""
+    import socket
+    import time
+
+    app = tcp_echo("db-app")
+    cb = CircuitBreakerConf(thresholds=Thresholds(max_connections=1, max_pending_requests=0, max_requests=1))
+    inbound_rules = Inbound(
+        circuit_breaker=(Rule[CircuitBreakerConf](conf=cb),),
+        timeout=(Rule[TimeoutConf](conf=TimeoutConf(tcp_idle_timeout_ms=400)),),
+    )
+    inbound = plane(
+        "--service", "db", "--app", app.address, "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--mesh-bundle", write_bundle(tmp_path, _tcp_mesh([(1, {})])),
+        "--bundle", write_bundle(tmp_path, service_bundle("db", inbound_rules)),
+    )  # fmt: skip
+    addr = ("127.0.0.1", inbound.inbound[1])  # type: ignore[index]
+    first = socket.create_connection(addr, timeout=30)
+    assert read_line(first)[0] == b"db-app"
+    second = socket.create_connection(addr, timeout=30)
+    assert second.recv(100) == b""  # refused: closed before any byte of the app's
+    second.close()
+    assert app.connections == 1
+    wait_until(
+        lambda: (
+            metric_value(inbound.metrics(), "meshc_upstream_overflow_total", destination_service="db") == 1
+        ),
+        "the overflow to be counted",
+    )
+    start = time.monotonic()
+    assert first.recv(100) == b""  # nothing sent for 0.4 s: the sidecar closes it
+    assert 0.2 <= time.monotonic() - start < 10.0
+    first.close()
+    # The slot is free again once the first connection is over.
+    third = wait_until(lambda: _greeting(addr), "a new connection to reach the app")
+    assert third == b"db-app"
+
+
+def _greeting(addr: tuple[str, int]) -> bytes:
+    import socket
+
+    with socket.create_connection(addr, timeout=30) as s:
+        return read_line(s)[0] if s.recv(1, socket.MSG_PEEK) else b""
 
 
 def test_gateway_routes_rewrites_filters_and_redirects(

@@ -4,9 +4,12 @@ Formats: `Plain` (Envoy's command operators, default Kuma's own line) or `Json` 
 A policy sets `to` (outbound), `from` (inbound) or `rules` (inbound, replacing `to` and `from`).
 
 meshc compiles `to` into the destination's TrafficLog rule: the first File or Tcp backend, with
-its Plain format string (the sidecar writes File logs; Tcp is carried in the bundle). An
-OpenTelemetry backend, further backends, a Json format, `from` and `rules` (inbound logs: a
-bundle's inbound has no log) are not applied (W3006 at each).
+its Plain format string (the sidecar writes File logs; Tcp is carried in the bundle). `from` and
+`rules` (Kuma 2.x inbound rules) are the service's inbound access logs: every rule logs, gated by
+its match (a `spiffeID` match: the callers it covers), to each of its File and Tcp backends, and
+the sidecar writes a JSON line with `direction: inbound` per request to the local app, and per
+request it answers itself (a deny, a rate limit, a fault's abort: no `upstream`). An
+OpenTelemetry backend, a Json format and, in `to`, further backends are not applied (W3006 at each).
 
 Valid::
 
@@ -241,7 +244,7 @@ def check(spec: MeshAccessLogSpec) -> Found:
         yield from _default(("rules", i, "default"), r.default)
 
 
-def _bundle_backend(x: dict[str, Any]) -> b.LoggingBackend | None:
+def bundle_backend(x: dict[str, Any]) -> b.LoggingBackend | None:
     kind = x.get("type")
     conf = (x.get("file") if kind == "File" else x.get("tcp") if kind == "Tcp" else None) or {}
     if not conf:
@@ -260,7 +263,7 @@ def traffic_log(m: dict[str, Any]) -> b.TrafficLogConf | None:
     backend (``not_applied`` names the rest); None when it has none (``backends: []`` turns
     logging off)."""
     for x in m.get("backends") or ():
-        backend = _bundle_backend(x or {})
+        backend = bundle_backend(x or {})
         if backend is not None:
             return b.TrafficLogConf(backend=backend)
     return None

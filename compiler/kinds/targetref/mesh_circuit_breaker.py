@@ -4,6 +4,11 @@ Kuma's defaults: maxConnections, maxPendingRequests, maxRequests 1024, maxRetrie
 outlierDetection.interval 10s, baseEjectionTime 30s, maxEjectionPercent 10.
 A policy sets `to` (outbound), `from` (inbound) or `rules` (inbound, replacing `to` and `from`).
 
+Inbound, the merged `connectionLimits` (for every caller, as Kuma's `MatchesAllIncomingTraffic`)
+bound the requests in flight to the local app: past them the sidecar answers 503 at once (Envoy's
+overflow, counted in `meshc_upstream_overflow`). Inbound `outlierDetection` is not applied (the
+local app is the inbound's one host: W3006).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1

@@ -4,6 +4,13 @@ Kuma's defaults: connectionTimeout 5s, idleTimeout 1h, http.requestTimeout 15s,
 http.streamIdleTimeout 30m, http.maxStreamDuration 0s (none), http.maxConnectionDuration 0s (none).
 A policy sets `to`, `from` or `rules` (`rules` alone: they replace `to` and `from`).
 
+Inbound (`from`, `rules`: Kuma 2.x inbound rules, merged in Kuma's order): the rules without a
+match are the common timeouts of requests to the local app; a `spiffeID` rule's
+`http.requestTimeout` goes over them for the callers it covers. The sidecar applies
+connectionTimeout (connecting to the app), http.requestTimeout (504 when the app has not answered
+in time; a gRPC caller's `grpc-timeout` replaces it) and, for a TCP service, idleTimeout; the other
+`http` timeouts, and idleTimeout on an HTTP service, are not applied inbound (W3006 at each).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
