@@ -196,8 +196,8 @@ class _FastLoader(yaml.cyaml.CParser, _FastConstructor, _Resolver12):  # type: i
         # The composer calls these around every node, for path resolvers, which this loader has
         # none of: C builtins that take the same arguments and do nothing cost a fraction of the
         # Python methods (a cold compile of 10,000 services composes 1.8 million nodes).
-        self.descend_resolver = slice  # (parent, index) -> an unused slice
-        self.ascend_resolver = tuple  # () -> an unused empty tuple
+        self.descend_resolver = slice  # type: ignore[method-assign,assignment]  # (parent, index)
+        self.ascend_resolver = tuple  # type: ignore[method-assign,assignment]  # ()
 
 
 _DIVERGENT = re.compile(
