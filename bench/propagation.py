@@ -418,9 +418,12 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
         runners.append(runner)
         ports.append(port)
     async with aiohttp.ClientSession(trust_env=False) as s:
-        names = []
-        tokens: list[str] = []
-        for k in range(n):
+        # Each stub registers (16 at a time, as a fleet starting together would) and heartbeats
+        # from its registration on, at the interval the control plane answers: registering all
+        # before the first heartbeat made the first ones miss theirs (Offline) in large runs.
+        gate = asyncio.Semaphore(16)
+
+        async def stub(k: int) -> None:
             reg = Registration(
                 service=services[k % len(services)],
                 tags={"version": f"v{1 + k % 2}"},
@@ -429,28 +432,23 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
                 pieces=pieces,
             )
             token = _token(work, reg.service)
-            tokens.append(token)
-            async with s.post(
-                f"{cp}/api/v1/register",
-                data=reg.model_dump_json(),
-                headers={"Authorization": f"Bearer {token}"} if token else {},
-            ) as r:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            body = reg.model_dump_json()
+            async with gate, s.post(f"{cp}/api/v1/register", data=body, headers=headers) as r:
                 reply = await r.json()
                 if r.status != 200:
                     raise SystemExit(f"registration refused: {reply}")
-                names.append(reply["instance"])
+            name = reply["instance"]
+            every = float(reply.get("heartbeat_interval_ms") or 1000) / 1000
+            while True:
+                await asyncio.sleep(every)
+                hb = Heartbeat(instance=name, running=running[k], endpoints_generation=eps_gen[k])
+                beat = hb.model_dump_json()
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.post(f"{cp}/api/v1/heartbeat", data=beat, headers=headers) as r:
+                        await r.read()
 
-        async def beat(k: int, name: str) -> None:
-            hb = Heartbeat(instance=name, running=running[k], endpoints_generation=eps_gen[k])
-            token = tokens[k]
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            with contextlib.suppress(aiohttp.ClientError):
-                async with s.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json(), headers=headers) as r:
-                    await r.read()
-
-        while True:
-            await asyncio.sleep(1.0)
-            await asyncio.gather(*(beat(k, name) for k, name in enumerate(names)))
+        await asyncio.gather(*(stub(k) for k in range(n)))
 
 
 def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, Any]:

@@ -78,6 +78,9 @@ class ControlPlane(Host, Protocol):
     def ha_data(self) -> dict[str, object]:
         """The replicas, the leader, this replica."""
 
+    def refresh_gauges(self) -> None:
+        """Bring the data plane gauges up to date (before ``/metrics`` renders them)."""
+
 
 __all__ = ["ControlPlane", "dashboard_data", "make_app"]
 
@@ -400,6 +403,7 @@ def make_app(cp: ControlPlane) -> web.Application:
         return resp
 
     async def get_metrics(_: web.Request) -> web.Response:
+        cp.refresh_gauges()
         return web.Response(body=cp.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_: web.Request) -> web.Response:

@@ -45,6 +45,9 @@ REJOIN_INTERVALS = 3.5
 """Heartbeat intervals within which every live data plane has registered with a started control
 plane (see ``ControlPlane.__init__``), plus ``REJOIN_MARGIN_S`` for a busy host."""
 REJOIN_MARGIN_S = 2.0
+GAUGES_EVERY_S = 0.1
+STOP_STEP_S = 1.0
+"""What each step of ``ControlPlane.stop`` waits at most (tasks to end, requests in flight)."""
 
 if TYPE_CHECKING:
     from compiler.controlplane.kube.runtime import KubeControlPlane
@@ -107,6 +110,7 @@ class ControlPlane:
             self.pusher.endpoint_source = self.rejoin.services
         self.traffic = TrafficView(self.registry)
         self.registry.subscribe(self._on_registry)
+        self._gauges_timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -136,8 +140,13 @@ class ControlPlane:
             self.log(f"{dp.kind} {dp.instance} ({dp.service}{where}) {event}")
         if event in ("offline", "deregistered"):
             self.pusher.forget_offline(dp)
-        if event != "heartbeat":
-            self._update_gauges()
+        if event != "heartbeat" and self._gauges_timer is None:
+            # O(data planes) each time: at most once per GAUGES_EVERY_S in a registration storm
+            # (``/metrics`` recomputes them anyway)
+            with contextlib.suppress(RuntimeError):
+                self._gauges_timer = asyncio.get_running_loop().call_later(
+                    GAUGES_EVERY_S, self._update_gauges
+                )
 
     def rejoined(self, dp: DataPlane, signed: SignedEndpoints | None) -> None:
         """A registration reported the endpoint set it runs: learn from it (``rejoin``)."""
@@ -157,7 +166,13 @@ class ControlPlane:
         self.rejoin = None
         self.pusher.endpoints_changed()
 
+    def refresh_gauges(self) -> None:
+        self._update_gauges()
+
     def _update_gauges(self) -> None:
+        if self._gauges_timer is not None:
+            self._gauges_timer.cancel()
+            self._gauges_timer = None
         dps = list(self.registry.dataplanes.values())
         self.metrics.dataplanes.labels("online").set(sum(1 for d in dps if d.online))
         self.metrics.dataplanes.labels("offline").set(sum(1 for d in dps if not d.online))
@@ -510,6 +525,7 @@ class ControlPlane:
                 self._adopt(stored, "start")
             await self._refresh_ha()
         else:
+            self.log(f"compiling {self.config.policy_dir} (the first release)")
             await self.compile_once(Change(time.time(), "start", commit))
         if self.config.kubernetes is not None:
             from compiler.controlplane.kube.runtime import KubeControlPlane
@@ -519,7 +535,7 @@ class ControlPlane:
             )
         await self.pusher.start()
         app = make_app(self)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=STOP_STEP_S)
         await self._runner.setup()
         assert self._runner.server is not None
         refusals = self.metrics.listener_refusals
@@ -545,13 +561,19 @@ class ControlPlane:
         self.log(f"listening on http://{self.config.host}:{self.config.port} ({mode}); GUI at /gui")
 
     async def stop(self) -> None:
+        """Stop, in bounded time even while busy: tasks are cancelled and given ``STOP_STEP_S``
+        to finish (``asyncio.wait``, which neither raises nor swallows this coroutine's own
+        cancellation, as awaiting each under ``suppress(CancelledError)`` did), and in-flight
+        requests as long."""
         self._stop.set()
+        if self._gauges_timer is not None:
+            self._gauges_timer.cancel()
+            self._gauges_timer = None
         tasks = [*self._tasks, *self._store_tasks]
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_STEP_S)
         if self.kube is not None:
             await self.kube.stop()
         await self.elector.release()
