@@ -550,8 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run each phase-1 mode with whole mesh bundles (baseline) and with delta pushes",
     )
     args = p.parse_args(argv)
-    global HEARTBEAT_S
-    HEARTBEAT_S = args.heartbeat_interval
+    globals()["HEARTBEAT_S"] = args.heartbeat_interval  # read by _controlplane
     if args.stubs:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
