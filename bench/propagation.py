@@ -124,6 +124,10 @@ def _token(work: Path, service: str) -> str:
     return TokenIssuer(work / "cp-state").mint("default", service)
 
 
+HEARTBEAT_S = 1.0
+"""The data planes' heartbeat interval (``--heartbeat-interval``)."""
+
+
 def _controlplane(work: Path, repo: Path, port: int) -> Proc:
     work.mkdir(parents=True, exist_ok=True)
     _token(work, "-")  # create the token secret before the control plane starts
@@ -140,7 +144,7 @@ def _controlplane(work: Path, repo: Path, port: int) -> Proc:
             "--listen",
             f"127.0.0.1:{port}",
             "--heartbeat-interval",
-            "1",
+            str(HEARTBEAT_S),
             "--state-dir",
             str(work / "cp-state"),
         ],
@@ -418,9 +422,12 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
         runners.append(runner)
         ports.append(port)
     async with aiohttp.ClientSession(trust_env=False) as s:
-        names = []
-        tokens: list[str] = []
-        for k in range(n):
+        # Each stub registers (16 at a time, as a fleet starting together would) and heartbeats
+        # from its registration on, at the interval the control plane answers: registering all
+        # before the first heartbeat made the first ones miss theirs (Offline) in large runs.
+        gate = asyncio.Semaphore(16)
+
+        async def stub(k: int) -> None:
             reg = Registration(
                 service=services[k % len(services)],
                 tags={"version": f"v{1 + k % 2}"},
@@ -429,28 +436,23 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
                 pieces=pieces,
             )
             token = _token(work, reg.service)
-            tokens.append(token)
-            async with s.post(
-                f"{cp}/api/v1/register",
-                data=reg.model_dump_json(),
-                headers={"Authorization": f"Bearer {token}"} if token else {},
-            ) as r:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            body = reg.model_dump_json()
+            async with gate, s.post(f"{cp}/api/v1/register", data=body, headers=headers) as r:
                 reply = await r.json()
                 if r.status != 200:
                     raise SystemExit(f"registration refused: {reply}")
-                names.append(reply["instance"])
+            name = reply["instance"]
+            every = float(reply.get("heartbeat_interval_ms") or 1000) / 1000
+            while True:
+                await asyncio.sleep(every)
+                hb = Heartbeat(instance=name, running=running[k], endpoints_generation=eps_gen[k])
+                beat = hb.model_dump_json()
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with s.post(f"{cp}/api/v1/heartbeat", data=beat, headers=headers) as r:
+                        await r.read()
 
-        async def beat(k: int, name: str) -> None:
-            hb = Heartbeat(instance=name, running=running[k], endpoints_generation=eps_gen[k])
-            token = tokens[k]
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            with contextlib.suppress(aiohttp.ClientError):
-                async with s.post(f"{cp}/api/v1/heartbeat", data=hb.model_dump_json(), headers=headers) as r:
-                    await r.read()
-
-        while True:
-            await asyncio.sleep(1.0)
-            await asyncio.gather(*(beat(k, name) for k, name in enumerate(names)))
+        await asyncio.gather(*(stub(k) for k in range(n)))
 
 
 def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, Any]:
@@ -529,6 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stub-dataplanes", type=int, help="stub data planes in the stub mode (default: --sidecars)"
     )
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=HEARTBEAT_S,
+        help="seconds (default 1); 1,000 stubs in one process need more: a mesh change makes each "
+        "assemble the 10,000-service catalog, and heartbeats queued behind that miss 3 intervals",
+    )
     p.add_argument("--stubs", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cp", help=argparse.SUPPRESS)
     p.add_argument("--stub-services", help=argparse.SUPPRESS)
@@ -540,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run each phase-1 mode with whole mesh bundles (baseline) and with delta pushes",
     )
     args = p.parse_args(argv)
+    globals()["HEARTBEAT_S"] = args.heartbeat_interval  # read by _controlplane
     if args.stubs:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
@@ -564,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
         },
         "target": {"p99_change_to_all_acks_s": TARGET_P99_S},
+        "heartbeat_interval_s": HEARTBEAT_S,
     }
     tmp = tempfile.mkdtemp(prefix="meshc-bench-prop-")
     try:
@@ -590,9 +602,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for kind in ("route", "mesh", "all")
             }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -23,6 +23,8 @@ __all__ = ["parse_listen", "register"]
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 DEFAULT_CP = "http://127.0.0.1:5681"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SHUTDOWN_S = 4.0
+"""SIGTERM to exit at most (a busy control plane included; each stop step is bounded too)."""
 
 _CP_DESC = """\
 Run the control plane: compile DIR on start, then follow changes and push what changed.
@@ -174,8 +176,18 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, cp.request_stop)
+        # A SIGTERM during the first compile (15 s for 10,000 services on a busy host) stops
+        # it too: start races the stop request, and the compile thread is left to os._exit.
+        starting = asyncio.ensure_future(cp.start())
+        stop_asked = asyncio.ensure_future(cp._stop.wait())
+        await asyncio.wait({starting, stop_asked}, return_when=asyncio.FIRST_COMPLETED)
+        stop_asked.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting}, timeout=1.0)
         try:
-            await cp.start()
+            if starting.done() and not starting.cancelled():
+                starting.result()  # the start's own error, if it failed
         except OSError as e:
             await cp.stop()
             print(f"meshc: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
@@ -187,10 +199,12 @@ def _run_controlplane(args: argparse.Namespace) -> int:
         try:
             await cp._stop.wait()
         finally:
-            try:
-                await asyncio.wait_for(cp.stop(), 15.0)
-            except TimeoutError:
-                cp.log("shutdown took over 15 s; exiting anyway")
+            # asyncio.wait, not wait_for: on timeout wait_for waits for the cancelled stop() to
+            # finish, which is what took too long.
+            stopping = asyncio.ensure_future(cp.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=SHUTDOWN_S)
+            if not done:
+                cp.log(f"shutdown took over {SHUTDOWN_S:.0f} s; exiting anyway")
         cp.log("stopped")
         # Exit now: asyncio.run would wait for worker threads (a compile in progress, the file
         # watcher's thread) that have nothing left to deliver.

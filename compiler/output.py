@@ -7,6 +7,7 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterable
@@ -33,6 +34,55 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+class _BundleDir:
+    """Writes content-addressed bundle files into one directory, cheaply: a 10,000-service release
+    is 10,000 files, so the names present can be listed once (not stat-ed one by one) and each file
+    goes through a temporary name made from the pid and a counter (``mkstemp``'s random names and
+    ``pathlib`` cost more than the write itself). Same guarantees as ``_atomic_write``."""
+
+    def __init__(self, root: Path, listed: bool) -> None:
+        self.dir = os.fspath(root / "bundles")
+        os.makedirs(self.dir, exist_ok=True)
+        self.present = set(os.listdir(self.dir)) if listed else None
+        """The names present (``listed``: when most of the release is written), else stat each."""
+        self.prefix = os.path.join(self.dir, f".tmp-{os.getpid()}-{id(self):x}-")
+        self.n = 0
+
+    def put(self, data: bytes) -> bool:
+        """Write one bundle unless present (then verify it); True when written."""
+        digest = bundle_digest(data)
+        name = f"{digest}.json"
+        path = os.path.join(self.dir, name)
+        present = os.path.exists(path) if self.present is None else name in self.present
+        if present:
+            with open(path, "rb") as f:
+                if bundle_digest(f.read()) != digest:
+                    raise OutputError(
+                        f"{path}: content does not match its name; remove the file and compile again"
+                    )
+            return False
+        self.n += 1
+        tmp = f"{self.prefix}{self.n}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # a leftover of a crashed writer with the same name: go random
+            _atomic_write(Path(path), data)
+            return True
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return True
+
+
 def write_release(result: CompileResult, out: str | Path) -> tuple[int, int]:
     """Write bundles and the release; returns (bundles written, bundles already present)."""
     if result.errors:
@@ -40,22 +90,15 @@ def write_release(result: CompileResult, out: str | Path) -> tuple[int, int]:
     root = Path(out)
     written = kept = 0
     try:
-        (root / "bundles").mkdir(parents=True, exist_ok=True)
+        bundles = _BundleDir(root, listed=True)
         (root / "releases").mkdir(parents=True, exist_ok=True)
         for data in result.bundles.values():
-            digest = bundle_digest(data)
-            path = root / "bundles" / f"{digest}.json"
-            if path.exists():
-                if bundle_digest(path.read_bytes()) != digest:
-                    raise OutputError(
-                        f"{path}: content does not match its name; remove the file and compile again"
-                    )
+            if bundles.put(data):
+                written += 1
+            else:
                 kept += 1
-                continue
-            _atomic_write(path, data)
-            written += 1
         for data in result.step_bundles.values():
-            written += _write_bundle(root, data)
+            written += bundles.put(data)
         _atomic_write(root / "releases" / f"{result.release_id}.json", canonical_json(result.release) + b"\n")
     except OSError as e:
         raise OutputError(f"{out}: {e.strerror or e}") from e
@@ -73,33 +116,14 @@ def write_bundles(
     root = Path(out)
     written = 0
     try:
-        (root / "bundles").mkdir(parents=True, exist_ok=True)
+        bundles = _BundleDir(root, listed=False)
         (root / "releases").mkdir(parents=True, exist_ok=True)
         for key in keys:
-            data = result.bundles[key]
-            digest = bundle_digest(data)
-            path = root / "bundles" / f"{digest}.json"
-            if path.exists():
-                if bundle_digest(path.read_bytes()) != digest:
-                    raise OutputError(
-                        f"{path}: content does not match its name; remove the file and compile again"
-                    )
-                continue
-            _atomic_write(path, data)
-            written += 1
+            written += bundles.put(result.bundles[key])
         for data in result.step_bundles.values():
-            written += _write_bundle(root, data)
+            written += bundles.put(data)
         path = root / "releases" / f"{result.release_id}.json"
         _atomic_write(path, release if release is not None else canonical_json(result.release) + b"\n")
     except OSError as e:
         raise OutputError(f"{out}: {e.strerror or e}") from e
     return written
-
-
-def _write_bundle(root: Path, data: bytes) -> int:
-    """Write one content-addressed bundle unless it is there already; 1 if written."""
-    path = root / "bundles" / f"{bundle_digest(data)}.json"
-    if path.exists():
-        return 0
-    _atomic_write(path, data)
-    return 1

@@ -40,12 +40,16 @@ from compiler.controlplane.traffic import TrafficView
 from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
 from compiler.source import SourceError, read_policy_dir
 from runtime.h1guard import GuardedListener
+from runtime.pieces import split_mesh
 from runtime.protocol import SignedEndpoints
 
 REJOIN_INTERVALS = 3.5
 """Heartbeat intervals within which every live data plane has registered with a started control
 plane (see ``ControlPlane.__init__``), plus ``REJOIN_MARGIN_S`` for a busy host."""
 REJOIN_MARGIN_S = 2.0
+GAUGES_EVERY_S = 0.1
+STOP_STEP_S = 1.0
+"""What each step of ``ControlPlane.stop`` waits at most (tasks to end, requests in flight)."""
 
 if TYPE_CHECKING:
     from compiler.controlplane.kube.runtime import KubeControlPlane
@@ -117,6 +121,7 @@ class ControlPlane:
             on_promoted=self._promote_commit if config.promote_commit else None,
         )
         self.registry.subscribe(self._on_registry)
+        self._gauges_timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
         self._changes: asyncio.Queue[Change] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -146,8 +151,13 @@ class ControlPlane:
             self.log(f"{dp.kind} {dp.instance} ({dp.service}{where}) {event}")
         if event in ("offline", "deregistered"):
             self.pusher.forget_offline(dp)
-        if event != "heartbeat":
-            self._update_gauges()
+        if event != "heartbeat" and self._gauges_timer is None:
+            # O(data planes) each time: at most once per GAUGES_EVERY_S in a registration storm
+            # (``/metrics`` recomputes them anyway)
+            with contextlib.suppress(RuntimeError):
+                self._gauges_timer = asyncio.get_running_loop().call_later(
+                    GAUGES_EVERY_S, self._update_gauges
+                )
 
     def rejoined(self, dp: DataPlane, signed: SignedEndpoints | None) -> None:
         """A registration reported the endpoint set it runs: learn from it (``rejoin``)."""
@@ -205,7 +215,13 @@ class ControlPlane:
                 await self.canaries.run_once()
             await self.canaries.wait()
 
+    def refresh_gauges(self) -> None:
+        self._update_gauges()
+
     def _update_gauges(self) -> None:
+        if self._gauges_timer is not None:
+            self._gauges_timer.cancel()
+            self._gauges_timer = None
         dps = list(self.registry.dataplanes.values())
         self.metrics.dataplanes.labels("online").set(sum(1 for d in dps if d.online))
         self.metrics.dataplanes.labels("offline").set(sum(1 for d in dps if not d.online))
@@ -238,6 +254,8 @@ class ControlPlane:
                 return False
             took = time.perf_counter() - t0
             self.metrics.compile_seconds.observe(took)
+            if not result.errors:
+                await self._split_meshes(result.bundles, result.digests)
             if self.store.shared and not result.errors and result.release:
                 refused = await self._publish(result, change, token)
                 if refused is not None:
@@ -275,6 +293,22 @@ class ControlPlane:
             if not self.compiler.writes_output:
                 await asyncio.to_thread(self._write, result)
             return True
+
+    async def _split_meshes(self, bundles: dict[str, bytes], digests: dict[str, str]) -> None:
+        """Split new mesh bundles into pieces in a thread, before the release is pushed: done
+        lazily by the first push, it held the event loop (heartbeats included) ~1 s per change
+        of a 10,000-service mesh. Only when some data plane takes pieces."""
+        if not any(dp.pieces for dp in self.registry.dataplanes.values()):
+            return
+        store = self.pusher.pieces
+        todo = {
+            d: bundles[k] for k, d in digests.items() if "/" not in k and k in bundles and not store.has(d)
+        }
+        if not todo:
+            return
+        split = await asyncio.to_thread(lambda: {d: split_mesh(data) for d, data in todo.items()})
+        for d, mp in split.items():
+            store.add(d, mp)
 
     async def _publish(self, result: object, change: Change, token: int | None) -> str | None:
         """Publish with the fencing token the compile started under: None when the store took
@@ -573,6 +607,7 @@ class ControlPlane:
                 self._adopt(stored, "start")
             await self._refresh_ha()
         else:
+            self.log(f"compiling {self.config.policy_dir} (the first release)")
             await self.compile_once(Change(time.time(), "start", commit))
         if self.config.kubernetes is not None:
             from compiler.controlplane.kube.runtime import KubeControlPlane
@@ -582,7 +617,7 @@ class ControlPlane:
             )
         await self.pusher.start()
         app = make_app(self)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=STOP_STEP_S)
         await self._runner.setup()
         assert self._runner.server is not None
         refusals = self.metrics.listener_refusals
@@ -609,13 +644,19 @@ class ControlPlane:
         self.log(f"listening on http://{self.config.host}:{self.config.port} ({mode}); GUI at /gui")
 
     async def stop(self) -> None:
+        """Stop, in bounded time even while busy: tasks are cancelled and given ``STOP_STEP_S``
+        to finish (``asyncio.wait``, which neither raises nor swallows this coroutine's own
+        cancellation, as awaiting each under ``suppress(CancelledError)`` did), and in-flight
+        requests as long."""
         self._stop.set()
+        if self._gauges_timer is not None:
+            self._gauges_timer.cancel()
+            self._gauges_timer = None
         tasks = [*self._tasks, *self._store_tasks]
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_STEP_S)
         if self.kube is not None:
             await self.kube.stop()
         await self.elector.release()
