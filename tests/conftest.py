@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,22 @@ from pg_cluster import PostgresCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_parse_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every `meshc` the tests run (in process or as a child) keeps its parse cache in a temp dir,
+    never the user's: a cache another meshc version wrote there is warned about on stderr, which
+    tests that expect a quiet stderr would see."""
+    old = os.environ.get("MESHC_CACHE_DIR")
+    os.environ["MESHC_CACHE_DIR"] = str(tmp_path_factory.mktemp("meshc-cache"))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MESHC_CACHE_DIR", None)
+        else:
+            os.environ["MESHC_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")
