@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -13,22 +12,9 @@ import urllib.request
 from typing import Any
 
 from compiler.commands import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
-from compiler.controlplane_cli import DEFAULT_CP
+from compiler.controlplane_cli import DEFAULT_CP, call_api
 
 __all__ = ["register", "render"]
-
-
-def _call(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    token = os.environ.get("MESHC_CONTROLPLANE_TOKEN")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def render(canaries: list[dict[str, Any]]) -> str:
@@ -64,14 +50,16 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.action != "status":
             mesh, _, name = args.name.rpartition("/")
-            status, body = _call(f"{base}/api/v1/canaries/{mesh or args.mesh}/{name}/{args.action}", "POST")
+            status, body = call_api(
+                f"{base}/api/v1/canaries/{mesh or args.mesh}/{name}/{args.action}", "POST"
+            )
             if status != 200:
                 print(f"meshc canary {args.action}: {body.get('error', status)}", file=sys.stderr)
                 return EXIT_FINDINGS
             print(body.get("message", "done"))
             return EXIT_OK
         while True:
-            _, body = _call(f"{base}/api/v1/canaries")
+            _, body = call_api(f"{base}/api/v1/canaries")
             rows = [
                 c for c in body.get("canaries", []) if not args.name or args.name in (c["key"], c["name"])
             ]

@@ -256,14 +256,25 @@ def _run_secrets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    req = urllib.request.Request(url.rstrip("/") + "/api/v1/status")
+def call_api(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """One control-plane API call: (status, JSON body), never through a proxy, with
+    ``MESHC_CONTROLPLANE_TOKEN`` as the bearer token when set; an HTTP error is an answer too."""
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     token = os.environ.get("MESHC_CONTROLPLANE_TOKEN")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(req, timeout=timeout) as resp:
-        data: dict[str, Any] = json.loads(resp.read())
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return int(resp.status), json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), json.loads(e.read() or b"{}")
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    status, data = call_api(url.rstrip("/") + "/api/v1/status", timeout=timeout)
+    if status != 200:
+        raise OSError(f"the status API answered {status}: {data.get('error', '')}")
     return data
 
 
