@@ -56,6 +56,7 @@ from compiler.kinds.mesh import mesh_settings, tracing_backend
 from compiler.kinds.targetref import mesh_access_log as mal
 from compiler.kinds.targetref import mesh_health_check as mhc
 from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
+from compiler.kinds.targetref import mesh_timeout as mtimeout
 from compiler.kinds.targetref import mesh_trace as mtr
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
@@ -223,6 +224,8 @@ def _timeout(m: dict[str, Any]) -> b.TimeoutConf:
         http_max_stream_duration_ms=_g(
             m, "http", "max_stream_duration", default=d.http_max_stream_duration_ms
         ),
+        http_max_connection_duration_ms=_g(m, "http", "max_connection_duration", default=0),
+        http_request_headers_timeout_ms=_g(m, "http", "request_headers_timeout", default=0),
     )
 
 
@@ -598,14 +601,9 @@ _INBOUND_ONLY = {kind: field for field, kind in TARGETREF_INBOUND.items()}
 """Kinds whose inbound rules fill an ``Inbound`` field no legacy kind has (filed under themselves)."""
 _RULES_RESOLVED = (_PERMISSION, "MeshRateLimit", "MeshFaultInjection", *sorted(_INBOUND_ONLY))
 """Kinds whose inbound rules ``compiler.resolve_inbound`` compiles."""
-_TIMEOUT_NOT_APPLIED = {
-    "stream_idle_timeout": "streamIdleTimeout",
-    "max_stream_duration": "maxStreamDuration",
-    "max_connection_duration": "maxConnectionDuration",
-    "request_headers_timeout": "requestHeadersTimeout",
-}
-"""MeshTimeout ``http`` settings meshc's inbound does not carry out (connectionTimeout,
-http.requestTimeout and, for TCP services, idleTimeout it does)."""
+_TIMEOUT_NOT_APPLIED = {"max_connection_duration": "maxConnectionDuration"}
+"""MeshTimeout ``http`` settings meshc's inbound does not carry out (``mesh_timeout`` says what
+it does)."""
 
 
 def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
@@ -618,8 +616,8 @@ def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
             for key, name in _TIMEOUT_NOT_APPLIED.items():
                 if _g(m, "http", key) is not None:
                     what = (
-                        f"the inbound http.{name} (meshc's inbound applies connectionTimeout, "
-                        "http.requestTimeout and a TCP service's idleTimeout)"
+                        f"the inbound http.{name} (the sidecar's connections to its app are not "
+                        "retired by age)"
                     )
                     out.append(_unresolved(d, what, (*where, "http", name)))
         elif d.kind == "MeshCircuitBreaker" and m.get("outlier_detection") is not None:
@@ -745,6 +743,7 @@ _NOT_APPLIED: dict[str, Callable[[Any], Iterator[tuple[Path, str]]]] = {
     _LB: mlbs.not_applied,
     _LOG: mal.not_applied,
     "MeshHealthCheck": mhc.not_applied,
+    "MeshTimeout": mtimeout.not_applied,
 }
 """A kind's settings the bundle has no place for (W3006 at each)."""
 

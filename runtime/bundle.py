@@ -319,6 +319,29 @@ class TimeoutConf(_Frozen):
     http_idle_timeout_ms: int = 3600000
     http_stream_idle_timeout_ms: int = 1800000
     http_max_stream_duration_ms: int = 0
+    http_max_connection_duration_ms: int = Field(
+        default=0, description="Connections to the next hop are retired after this long; 0: never."
+    )
+    http_request_headers_timeout_ms: int = Field(
+        default=0,
+        description=(
+            "Inbound: the time a request head may take to arrive (replaces the listener's "
+            "--header-timeout); 0: the listener's."
+        ),
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in TIMEOUT_OPTIONAL:
+            if not out.get(name):
+                out.pop(name, None)
+        return out
+
+
+TIMEOUT_OPTIONAL = ("http_max_connection_duration_ms", "http_request_headers_timeout_ms")
+"""``TimeoutConf`` fields written only when set (MeshTimeout's; bundles without them keep their
+bytes and digests)."""
 
 
 class LoggingBackend(_Frozen):

@@ -98,6 +98,7 @@ class Target:
         "log",
         "max_active",
         "max_retries",
+        "max_stream_s",
         "panic_threshold",
         "request_timeout_s",
         "retries_active",
@@ -135,6 +136,8 @@ class Target:
         self.request_timeout_s = _seconds(timeout.http_request_timeout_ms)
         self.idle_timeout_s = _seconds(timeout.http_idle_timeout_ms)
         self.stream_idle_timeout_s = _seconds(timeout.http_stream_idle_timeout_ms)
+        self.max_stream_s = _seconds(timeout.http_max_stream_duration_ms)
+        """A request and its response, end to end, cut after this long (None: no limit)."""
         self.tcp_idle_timeout_s = _seconds(timeout.tcp_idle_timeout_ms)
         self.retry = retry
         self.grpc_retry = grpc_retry
@@ -330,7 +333,15 @@ class AppPolicy:
     """What one caller's requests to the local app get: the inbound timeouts, the connection
     limit and the access logs of the rules that match it (``InboundTable.app``)."""
 
-    __slots__ = ("connect_s", "limit", "logs", "request_timeout_s", "tcp_idle_timeout_s")
+    __slots__ = (
+        "connect_s",
+        "limit",
+        "logs",
+        "max_stream_s",
+        "request_timeout_s",
+        "stream_idle_s",
+        "tcp_idle_timeout_s",
+    )
 
     def __init__(
         self,
@@ -339,6 +350,8 @@ class AppPolicy:
         tcp_idle_timeout_s: float | None,
         limit: AppLimit | None,
         logs: tuple[TrafficLogConf, ...],
+        stream_idle_s: float | None = None,
+        max_stream_s: float | None = None,
     ) -> None:
         self.connect_s = connect_s
         self.request_timeout_s = request_timeout_s
@@ -346,6 +359,11 @@ class AppPolicy:
         self.tcp_idle_timeout_s = tcp_idle_timeout_s
         self.limit = limit
         self.logs = logs
+        self.stream_idle_s = stream_idle_s
+        """A request whose exchange moves no byte either way for this long is cut (Envoy's
+        stream idle timeout); None: no limit (no inbound timeout rule matches)."""
+        self.max_stream_s = max_stream_s
+        """A request and its response are cut after this long (maxStreamDuration); None: never."""
 
 
 APP_CONNECT_S = 5.0
@@ -365,6 +383,7 @@ class InboundTable:
         "_peer_cache",
         "faults",
         "has_app",
+        "headers_timeout_s",
         "limits",
         "logs",
         "permissions",
@@ -389,6 +408,10 @@ class InboundTable:
         self.logs = logs
         self.has_app = bool(timeouts or limits or logs)
         """Whether any rule shapes requests to the local app (else ``app`` is ``NO_APP_POLICY``)."""
+        common = next((t for p, t in timeouts if not p), None)
+        self.headers_timeout_s = _seconds(common.http_request_headers_timeout_ms) if common else None
+        """The inbound listener's time for a request head (Kuma's requestHeadersTimeout, which a
+        caller's identity cannot condition: the rule for every caller); None: the listener's own."""
         self._cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
         self._peer_cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
         self._app_cache: dict[str, AppPolicy] = {}
@@ -421,6 +444,8 @@ class InboundTable:
             _seconds(timeout.tcp_idle_timeout_ms) if timeout is not None else APP_TCP_IDLE_S,
             next((lim for p, lim in self.limits if tags_match(p, peer)), None),
             tuple(log for p, log in self.logs if tags_match(p, peer)),
+            _seconds(timeout.http_stream_idle_timeout_ms) if timeout is not None else None,
+            _seconds(timeout.http_max_stream_duration_ms) if timeout is not None else None,
         )
         if len(self._app_cache) < 4096:
             self._app_cache[key] = policy

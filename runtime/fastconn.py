@@ -169,6 +169,9 @@ class ClientConn(Exchange):
             self.pause(P_QUEUE)
 
     def request_body(self, req: h1.Request, data: bytes) -> None:
+        watch = self.watch
+        if watch is not None:
+            watch.last = self.plane.loop.time()
         saved = req.saved
         if saved is not None:
             saved.append(data)
@@ -366,7 +369,9 @@ class ClientConn(Exchange):
             return
         host, port = plane.app
         app = fwd.app
-        self._go(plane.app_key, host, port, app.request_timeout_s, app.connect_s, plane.loop.time())
+        now = plane.loop.time()
+        self._watch(app.stream_idle_s, app.max_stream_s, now)
+        self._go(plane.app_key, host, port, app.request_timeout_s, app.connect_s, now)
 
     def _head(
         self,
@@ -465,6 +470,9 @@ class ClientConn(Exchange):
     def response_body(self, data: bytes) -> None:
         if not self.resp_started:
             return
+        watch = self.watch
+        if watch is not None:
+            watch.last = self.plane.loop.time()
         self.resp_bytes += len(data)
         slow = self.slow
         if slow is not None:

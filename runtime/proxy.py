@@ -24,8 +24,10 @@ from runtime.accesslog import AccessLog, app_entry
 from runtime.bundle import TrafficLogConf
 from runtime.decide import (
     APP,
+    MAX_STREAM,
     NO_HOST,
     PASSTHROUGH,
+    STREAM_IDLE,
     TARGET,
     Fetcher,
     Forward,
@@ -43,6 +45,7 @@ from runtime.decide import (
     request_scheme,
     settle,
     split_host,
+    stream_cut,
 )
 from runtime.engine import Engine, Target
 from runtime.headerops import ADD, NO_OPS, SET, HeaderOp
@@ -263,6 +266,7 @@ class HttpProxy:
             return await self._to_target(request, fwd, headers, path_qs, t0, direction)
         connect_s: float | None
         total_s: float | None
+        end: float | None = None
         if fwd.kind == PASSTHROUGH:
             assert fwd.address is not None
             name, port = fwd.address
@@ -273,7 +277,12 @@ class HttpProxy:
                 return self._answer(t0, refused, direction, request=request, span=fwd.trace)
             app = fwd.app
             url = f"http://{self.app_address}{path_qs}"
-            connect_s, read_s, total_s = app.connect_s, 1800.0, app.request_timeout_s
+            # The stream idle timeout is the app's silence (aiohttp's read timeout); the max
+            # stream duration bounds the head and the body relayed after it.
+            connect_s, read_s, total_s = app.connect_s, app.stream_idle_s or 1800.0, app.request_timeout_s
+            if app.max_stream_s is not None:
+                end = asyncio.get_running_loop().time() + app.max_stream_s
+                total_s = min(total_s, app.max_stream_s) if total_s is not None else app.max_stream_s
         assert self.session is not None
         try:
             try:
@@ -286,8 +295,13 @@ class HttpProxy:
                         allow_redirects=False,
                         timeout=self._timeout(connect_s, read_s),
                     )
-            except TimeoutError:
-                reply = failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError")
+            except TimeoutError as e:
+                if end is not None and asyncio.get_running_loop().time() >= end:
+                    reply = stream_cut(fwd.source, fwd.dest, MAX_STREAM)
+                elif fwd.kind == APP and isinstance(e, aiohttp.ServerTimeoutError):
+                    reply = stream_cut(fwd.source, fwd.dest, STREAM_IDLE)
+                else:
+                    reply = failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError")
                 answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
                 return self._log_app(fwd, request, t0, answer)
             except (aiohttp.ClientError, OSError) as e:
@@ -295,7 +309,7 @@ class HttpProxy:
                 answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
                 return self._log_app(fwd, request, t0, answer)
             try:
-                resp = await self._relay(request, up, NO_OPS, fwd.bps)
+                resp = await self._relay(request, up, NO_OPS, fwd.bps, end)
             finally:
                 up.release()
         finally:
@@ -565,17 +579,22 @@ class HttpProxy:
         up: aiohttp.ClientResponse,
         ops: tuple[HeaderOp, ...],
         bps: int = 0,
+        end: float | None = None,
     ) -> web.StreamResponse:
-        """Relay the upstream response: small bodies in one write, larger ones streamed."""
+        """Relay the upstream response: small bodies in one write, larger ones streamed (until
+        the loop time ``end``, a max stream duration: then 408, or a closed connection)."""
         out: CIMultiDict[str] = _clean_headers(up.headers)
         _apply(out, ops)
         length = up.content_length
         if bps == 0 and length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # Headers and body leave in one send: half the system calls of streaming.
             try:
-                body = await up.read()
+                async with asyncio.timeout_at(end):
+                    body = await up.read()
             except (aiohttp.ClientError, OSError, TimeoutError):
                 up.close()
+                if end is not None and asyncio.get_running_loop().time() >= end:
+                    return web.Response(status=408, text=MAX_STREAM, headers={REASON_HEADER: MAX_STREAM})
                 return web.Response(
                     status=502,
                     text="upstream reset before the body ended",
@@ -585,15 +604,16 @@ class HttpProxy:
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=out)
         try:
             await resp.prepare(request)
-            if bps > 0:
-                await _throttled_copy(up, resp, bps)
-            else:
-                content = up.content
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    await resp.write(chunk)
+            async with asyncio.timeout_at(end):
+                if bps > 0:
+                    await _throttled_copy(up, resp, bps)
+                else:
+                    content = up.content
+                    while True:
+                        chunk = await content.readany()
+                        if not chunk:
+                            break
+                        await resp.write(chunk)
             await resp.write_eof()
         except (aiohttp.ClientError, OSError, TimeoutError):
             # Upstream died mid-body or the client went away: the only honest signal left is

@@ -306,13 +306,13 @@ def test_inbound_timeouts_merge_in_kumas_order_and_per_caller(tmp_path: Path) ->
         "      default: {http: {requestTimeout: 1s}}\n",
     )  # fmt: skip
     r = _compile(tmp_path, mesh_wide, api_rules)
-    assert _codes(r) == [("W3006", ("spec", "rules", 0, "default", "http", "streamIdleTimeout"))]
-    assert "the inbound http.streamIdleTimeout" in r.diagnostics[0].message
-    got = [(t["peer"], t["conf"]["connect_timeout_ms"], t["conf"]["http_request_timeout_ms"])
+    assert _codes(r) == []  # streamIdleTimeout is applied inbound
+    got = [(t["peer"], t["conf"]["connect_timeout_ms"], t["conf"]["http_request_timeout_ms"],
+            t["conf"]["http_stream_idle_timeout_ms"])
            for t in _inbound(r, "api", "timeout")]  # fmt: skip
     # Kuma 2.14 reads `rules` and `from` as one list of inbound rules: api-in (MeshService) over
     # all-in (Mesh); web's rule is merged on top of the common ones.
-    assert got == [({"kuma.io/service": "web"}, 4000, 1000), ({}, 4000, 3000)]
+    assert got == [({"kuma.io/service": "web"}, 4000, 1000, 10000), ({}, 4000, 3000, 10000)]
     assert [(t["peer"], t["conf"]["http_request_timeout_ms"]) for t in _inbound(r, "web", "timeout")] == [
         ({}, 9000)
     ]
