@@ -280,10 +280,10 @@ class Exchange(asyncio.Protocol):
         if self.req is None or self.tunnel:
             return
         self.attempt += 1  # what the attempt in flight still has scheduled is void
+        self.close_after = True  # the request's bytes may still be on their way: not reusable
         if not self.resp_started:
             self._answer(stream_cut(self.source, self.dest, why))
             return
-        self.close_after = True
         self.resp_chunked = False
         self.slow = None
         self._finish(False)

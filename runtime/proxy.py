@@ -296,20 +296,21 @@ class HttpProxy:
                         timeout=self._timeout(connect_s, read_s),
                     )
             except TimeoutError as e:
-                if end is not None and asyncio.get_running_loop().time() >= end:
-                    reply = stream_cut(fwd.source, fwd.dest, MAX_STREAM)
-                elif fwd.kind == APP and isinstance(e, aiohttp.ServerTimeoutError):
-                    reply = stream_cut(fwd.source, fwd.dest, STREAM_IDLE)
+                why = self._cut_why(e, end) if fwd.kind == APP else None
+                if why is not None:
+                    reply = stream_cut(fwd.source, fwd.dest, why)
                 else:
                     reply = failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError")
                 answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
+                if reply.status == 408:
+                    answer.force_close()  # the request's bytes may still be on their way
                 return self._log_app(fwd, request, t0, answer)
             except (aiohttp.ClientError, OSError) as e:
                 reply = failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__)
                 answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
                 return self._log_app(fwd, request, t0, answer)
             try:
-                resp = await self._relay(request, up, NO_OPS, fwd.bps, end)
+                resp = await self._relay(request, up, NO_OPS, fwd.bps, end, fwd.kind == APP)
             finally:
                 up.release()
         finally:
@@ -573,6 +574,18 @@ class HttpProxy:
             },
         )
 
+    def _cut_why(self, e: BaseException, end: float | None) -> str | None:
+        """Which inbound stream timeout ended an exchange with the app, if one did (counted as a
+        listener refusal): the max stream duration, or the app's silence (aiohttp's read timeout)."""
+        if end is not None and asyncio.get_running_loop().time() >= end:
+            why = MAX_STREAM
+        elif isinstance(e, aiohttp.ServerTimeoutError):
+            why = STREAM_IDLE
+        else:
+            return None
+        self.metrics.listener_refusals.labels("inbound", why.replace(" ", "_")).inc()
+        return why
+
     async def _relay(
         self,
         request: web.BaseRequest,
@@ -580,6 +593,7 @@ class HttpProxy:
         ops: tuple[HeaderOp, ...],
         bps: int = 0,
         end: float | None = None,
+        inbound: bool = False,
     ) -> web.StreamResponse:
         """Relay the upstream response: small bodies in one write, larger ones streamed (until
         the loop time ``end``, a max stream duration: then 408, or a closed connection)."""
@@ -591,10 +605,14 @@ class HttpProxy:
             try:
                 async with asyncio.timeout_at(end):
                     body = await up.read()
-            except (aiohttp.ClientError, OSError, TimeoutError):
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 up.close()
-                if end is not None and asyncio.get_running_loop().time() >= end:
-                    return web.Response(status=408, text=MAX_STREAM, headers={REASON_HEADER: MAX_STREAM})
+                why = self._cut_why(e, end) if inbound else None
+                if why is not None:
+                    # The head is not relayed yet (a small body is read whole): the cut is a 408.
+                    cut = web.Response(status=408, text=why, headers={REASON_HEADER: why})
+                    cut.force_close()
+                    return cut
                 return web.Response(
                     status=502,
                     text="upstream reset before the body ended",
@@ -615,9 +633,11 @@ class HttpProxy:
                             break
                         await resp.write(chunk)
             await resp.write_eof()
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
             # Upstream died mid-body or the client went away: the only honest signal left is
             # to close the client connection, so a truncated body is never taken for whole.
+            if inbound:
+                self._cut_why(e, end)
             up.close()
             resp.force_close()
             if request.transport is not None:
