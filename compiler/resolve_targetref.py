@@ -21,10 +21,10 @@ whose tags carry them.
 Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
 for MeshHTTPRoute, ``gateway_routes``), a Dataplane by name or with ``sectionName``, a
 MeshHTTPRoute (a bundle route has no timeout, retry, log, limit or load balancer of its own); a
-``to`` item other than Mesh or MeshService; the inbound MeshTimeout settings the sidecar does
-not carry out (http streamIdleTimeout, maxStreamDuration, maxConnectionDuration and
-requestHeadersTimeout; idleTimeout on an HTTP service), inbound MeshCircuitBreaker outlier
-detection, inbound MeshAccessLog OpenTelemetry backends and Json formats; an ``sni`` match; a
+``to`` item other than Mesh or MeshService; the MeshTimeout settings the sidecar does not carry
+out (http maxConnectionDuration; inbound, idleTimeout on an HTTP service; outbound,
+requestHeadersTimeout), inbound MeshCircuitBreaker successRate and failurePercentage detectors,
+inbound MeshAccessLog OpenTelemetry backends and Json formats; an ``sni`` match; a
 deny or a lifted limit that a broader bundle rule would still cover; MeshHTTPRoute filters other
 than header modifiers and URL rewrites, query matches; what the legacy load balancer and log
 backend have no place for (each kind's ``not_applied`` names it). W3007 where, as in Kuma,
@@ -318,6 +318,10 @@ def _circuit_breaker(m: dict[str, Any]) -> b.CircuitBreakerConf:
                 threshold=_g(fp, "threshold", default=85),
             ),
         ),
+        # An IntOrString percentage: 0 to 100, "12.5" too.
+        healthy_panic_threshold=None
+        if od.get("healthy_panic_threshold") is None
+        else _percent(str(od["healthy_panic_threshold"])),
     )
 
 
@@ -620,9 +624,15 @@ def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
                         "retired by age)"
                     )
                     out.append(_unresolved(d, what, (*where, "http", name)))
-        elif d.kind == "MeshCircuitBreaker" and m.get("outlier_detection") is not None:
-            what = "inbound outlierDetection (the local app is the inbound's one host: nothing to eject)"
-            out.append(_unresolved(d, what, (*where, "outlierDetection")))
+        elif d.kind == "MeshCircuitBreaker":
+            det = _g(m, "outlier_detection", "detectors") or {}
+            for key, name in (("success_rate", "successRate"), ("failure_percentage", "failurePercentage")):
+                if det.get(key) is not None:
+                    what = (
+                        f"the inbound outlierDetection.detectors.{name} (meshc runs the consecutive "
+                        "detectors; a success rate, compared across hosts, never ejects the app alone)"
+                    )
+                    out.append(_unresolved(d, what, (*where, "outlierDetection", "detectors", name)))
         elif d.kind == _LOG:
             for j, x in enumerate(m.get("backends") or ()):
                 at: Path = (*where, "backends", j)

@@ -66,6 +66,7 @@ __all__ = [
     "query_map",
     "release",
     "release_app",
+    "report_app",
     "request_scheme",
     "settle",
     "split_host",
@@ -610,9 +611,13 @@ def admit(target: Target, source: str) -> Reply | None:
     return None
 
 
-def admit_app(fwd: Forward) -> Reply | None:
+def admit_app(fwd: Forward, now: float) -> Reply | None:
     """None when the local app may take one more request (a slot of the inbound circuit
-    breaker's limit is taken until ``release_app``), else the 503 overflow."""
+    breaker's limit is taken until ``release_app``), else the 503 overflow; or 503 no healthy
+    upstream while the app is ejected and the panic threshold is 0 (``AppOutlier``)."""
+    outlier = fwd.app.outlier
+    if outlier is not None and outlier.panic <= 0 and outlier.host.is_ejected(now):
+        return Reply(503, NO_HOST, fwd.source, fwd.dest)
     limit = fwd.app.limit
     if limit is None:
         return None
@@ -621,6 +626,20 @@ def admit_app(fwd: Forward) -> Reply | None:
     limit.active += 1
     fwd.holds = True
     return None
+
+
+def report_app(fwd: Forward, outcome: int, now: float) -> bool:
+    """Feed the local app's outlier detector with one request's outcome (``Outcome``, from
+    ``Engine.outcome_for_status`` or the failure); True when it ejected the app (the layer counts
+    it in ``meshc_outlier_ejections``). A no-op without inbound outlier detection."""
+    outlier = fwd.app.outlier
+    if outlier is None:
+        return False
+    host = outlier.host
+    if not host.record(outcome, outlier.cb) or host.is_ejected(now):
+        return False
+    host.eject(now, outlier.cb)  # Envoy ejects at least one host, whatever max_ejection_percent
+    return True
 
 
 def release_app(fwd: Forward | None) -> None:

@@ -329,6 +329,21 @@ class AppLimit:
         self.max_active = max_active
 
 
+class AppOutlier:
+    """Outlier detection of the local app under one inbound circuit breaker rule (Kuma applies
+    MeshCircuitBreaker ``from`` to the inbound cluster, whose one host is the app). Envoy ejects
+    at least one host whatever ``max_ejection_percent`` says, and with that one host ejected 0%
+    of the cluster is healthy: below ``panic`` percent Envoy routes to it anyway, so only a panic
+    threshold of 0 turns an ejection into failing fast. Kept by the engine across reloads."""
+
+    __slots__ = ("cb", "host", "panic")
+
+    def __init__(self, host: Host, cb: CircuitBreakerConf) -> None:
+        self.host = host
+        self.cb = cb
+        self.panic = cb.healthy_panic_threshold if cb.healthy_panic_threshold is not None else 50.0
+
+
 class AppPolicy:
     """What one caller's requests to the local app get: the inbound timeouts, the connection
     limit and the access logs of the rules that match it (``InboundTable.app``)."""
@@ -338,6 +353,7 @@ class AppPolicy:
         "limit",
         "logs",
         "max_stream_s",
+        "outlier",
         "request_timeout_s",
         "stream_idle_s",
         "tcp_idle_timeout_s",
@@ -352,6 +368,7 @@ class AppPolicy:
         logs: tuple[TrafficLogConf, ...],
         stream_idle_s: float | None = None,
         max_stream_s: float | None = None,
+        outlier: AppOutlier | None = None,
     ) -> None:
         self.connect_s = connect_s
         self.request_timeout_s = request_timeout_s
@@ -364,6 +381,8 @@ class AppPolicy:
         stream idle timeout); None: no limit (no inbound timeout rule matches)."""
         self.max_stream_s = max_stream_s
         """A request and its response are cut after this long (maxStreamDuration); None: never."""
+        self.outlier = outlier
+        """The local app's outlier detection (``decide.admit_app``, ``decide.report_app``)."""
 
 
 APP_CONNECT_S = 5.0
@@ -386,6 +405,7 @@ class InboundTable:
         "headers_timeout_s",
         "limits",
         "logs",
+        "outliers",
         "permissions",
         "rate_limits",
         "timeouts",
@@ -399,6 +419,7 @@ class InboundTable:
         timeouts: tuple[tuple[Mapping[str, str], TimeoutConf], ...] = (),
         limits: tuple[tuple[Mapping[str, str], AppLimit], ...] = (),
         logs: tuple[tuple[Mapping[str, str], TrafficLogConf], ...] = (),
+        outliers: tuple[tuple[Mapping[str, str], AppOutlier], ...] = (),
     ) -> None:
         self.permissions = permissions
         self.rate_limits = rate_limits
@@ -406,7 +427,8 @@ class InboundTable:
         self.timeouts = timeouts
         self.limits = limits
         self.logs = logs
-        self.has_app = bool(timeouts or limits or logs)
+        self.outliers = outliers
+        self.has_app = bool(timeouts or limits or logs or outliers)
         """Whether any rule shapes requests to the local app (else ``app`` is ``NO_APP_POLICY``)."""
         common = next((t for p, t in timeouts if not p), None)
         self.headers_timeout_s = _seconds(common.http_request_headers_timeout_ms) if common else None
@@ -446,6 +468,7 @@ class InboundTable:
             tuple(log for p, log in self.logs if tags_match(p, peer)),
             _seconds(timeout.http_stream_idle_timeout_ms) if timeout is not None else None,
             _seconds(timeout.http_max_stream_duration_ms) if timeout is not None else None,
+            next((o for p, o in self.outliers if tags_match(p, peer)), None),
         )
         if len(self._app_cache) < 4096:
             self._app_cache[key] = policy
@@ -754,6 +777,9 @@ class Engine:
         self._buckets: dict[str, TokenBucket] = {}
         self._app_limits: dict[str, AppLimit] = {}
         """Inbound circuit breaker limits by rule: their in-flight counts outlive a reload."""
+        self._app_hosts = HostRegistry()
+        """The local app as the inbound's host, one per circuit breaker rule (its ejection
+        outlives a reload)."""
         self.snapshot = Snapshot(None, None, None, {}, InboundTable((), (), ()), {}, ())
 
     def install(self, snapshot: Snapshot) -> None:
@@ -950,6 +976,7 @@ class Engine:
         permissions = tuple(p.peer for p in inbound.permissions if tags_match(p.when, local))
         timeouts = tuple((t.peer, t.conf) for t in inbound.timeout if tags_match(t.when, local))
         limits: list[tuple[Mapping[str, str], AppLimit]] = []
+        outliers: list[tuple[Mapping[str, str], AppOutlier]] = []
         for i, cb in enumerate(inbound.circuit_breaker):
             if not tags_match(cb.when, local):
                 continue
@@ -960,8 +987,13 @@ class Engine:
             if limit is None:
                 limit = self._app_limits[key] = AppLimit(most)
             limits.append((cb.peer, limit))
+            if _detects(cb.conf):
+                host = self._app_hosts.get(f"app{i}-{sorted(cb.peer.items())}:0")
+                outliers.append((cb.peer, AppOutlier(host, cb.conf)))
         logs = tuple((x.peer, x.conf) for x in inbound.traffic_log if tags_match(x.when, local))
-        return InboundTable(permissions, tuple(rate_limits), faults, timeouts, tuple(limits), logs)
+        return InboundTable(
+            permissions, tuple(rate_limits), faults, timeouts, tuple(limits), logs, tuple(outliers)
+        )
 
     # -- outcomes ---------------------------------------------------------------------------
 
@@ -971,6 +1003,12 @@ class Engine:
         if status >= 500:
             return Outcome.HTTP_5XX
         return Outcome.OK
+
+
+def _detects(cb: CircuitBreakerConf) -> bool:
+    """Whether a circuit breaker has a detector that ejects (the consecutive ones meshc runs)."""
+    d = cb.detectors
+    return d.total_errors is not None or d.gateway_errors is not None or d.local_errors is not None
 
 
 def _pick(rules: Sequence[Any], local: Mapping[str, str], peer: Mapping[str, str]) -> Any:

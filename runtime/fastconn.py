@@ -18,6 +18,7 @@ from typing import cast
 from runtime import h1
 from runtime._hosts import Outcome
 from runtime.decide import (
+    APP,
     PASSTHROUGH,
     TARGET,
     Fetch,
@@ -363,7 +364,7 @@ class ClientConn(Exchange):
         plane = self.plane
         fwd = self.fwd
         assert fwd is not None
-        refused = admit_app(fwd)
+        refused = admit_app(fwd, plane.engine.clock())
         if refused is not None:
             self._answer(refused)
             return
@@ -425,6 +426,8 @@ class ClientConn(Exchange):
                 self.host = None
                 self._detach(True)  # discard mode: the connection pools itself once drained
                 return
+        elif (fwd := self.fwd) is not None and fwd.app.outlier is not None and fwd.kind == APP:
+            self._report_app(fwd, self.plane.engine.outcome_for_status(status))
         self._respond_head(resp)
 
     def _respond_head(self, resp: h1.Response) -> None:

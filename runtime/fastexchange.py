@@ -32,6 +32,7 @@ from runtime.decide import (
     peer_hop,
     release,
     release_app,
+    report_app,
     stream_cut,
 )
 from runtime.engine import Target
@@ -430,7 +431,15 @@ class Exchange(asyncio.Protocol):
             return
         fwd = self.fwd
         assert fwd is not None
+        if fwd.kind == APP and fwd.app.outlier is not None:
+            self._report_app(fwd, outcome)
         self._answer(failure_reply(fwd, outcome, type(exc).__name__ if exc else "ServerDisconnectedError"))
+
+    def _report_app(self, fwd: Forward, outcome: int) -> None:
+        """One outcome of the local app for its outlier detector (``decide.report_app``)."""
+        plane = self.plane
+        if report_app(fwd, outcome, plane.engine.clock()):
+            plane.metrics.ejections.labels(fwd.dest, plane.app_key).inc()
 
     def _retry(self, host: Host | None, outcome: int, status: int) -> bool:
         """Schedule another attempt when the policy allows one (``status`` 0: no response)."""

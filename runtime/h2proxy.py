@@ -60,6 +60,7 @@ from runtime.decide import (
     peer_hop,
     release,
     release_app,
+    report_app,
     request_scheme,
     settle,
     split_host,
@@ -1155,7 +1156,7 @@ class _Exchange:
             await self._once(head, fwd, f"{name}:{port}", name, port, timeout or _PASSTHROUGH_TIMEOUT_S)
             return
         assert fwd.kind == APP
-        refused = admit_app(fwd)
+        refused = admit_app(fwd, engine.clock())
         if refused is not None:
             await self._answer(refused)
             return
@@ -1212,6 +1213,12 @@ class _Exchange:
     ) -> None:
         """One attempt, no retry (the local app, a passthrough address)."""
         outcome, resp = await self._attempt(head, fwd, key, host, port, False, timeout)
+        if fwd.kind == APP and fwd.app.outlier is not None:
+            engine = self.plane.engine
+            if resp is not None:
+                outcome = engine.outcome_for_status(resp[0])
+            if report_app(fwd, outcome, engine.clock()):
+                self.plane.metrics.ejections.labels(fwd.dest, key).inc()
         if resp is None:
             await self._answer(failure_reply(fwd, outcome, "connection failed"))
             return

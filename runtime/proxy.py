@@ -42,6 +42,7 @@ from runtime.decide import (
     no_fetcher,
     peer_hop,
     release_app,
+    report_app,
     request_scheme,
     settle,
     split_host,
@@ -272,7 +273,7 @@ class HttpProxy:
             name, port = fwd.address
             url, connect_s, read_s, total_s = f"http://{name}:{port}{path_qs}", 5.0, 300.0, 15.0
         else:
-            refused = admit_app(fwd)
+            refused = admit_app(fwd, self.engine.clock())
             if refused is not None:
                 return self._answer(t0, refused, direction, request=request, span=fwd.trace)
             app = fwd.app
@@ -296,6 +297,7 @@ class HttpProxy:
                         timeout=self._timeout(connect_s, read_s),
                     )
             except TimeoutError as e:
+                self._report_app(fwd, Outcome.TIMEOUT)
                 why = self._cut_why(e, end) if fwd.kind == APP else None
                 if why is not None:
                     reply = stream_cut(fwd.source, fwd.dest, why)
@@ -306,9 +308,11 @@ class HttpProxy:
                     answer.force_close()  # the request's bytes may still be on their way
                 return self._log_app(fwd, request, t0, answer)
             except (aiohttp.ClientError, OSError) as e:
+                self._report_app(fwd, Outcome.CONNECT_FAILURE)
                 reply = failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__)
                 answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
                 return self._log_app(fwd, request, t0, answer)
+            self._report_app(fwd, self.engine.outcome_for_status(up.status))
             try:
                 resp = await self._relay(request, up, NO_OPS, fwd.bps, end, fwd.kind == APP)
             finally:
@@ -573,6 +577,11 @@ class HttpProxy:
                 "trace_id": trace_id,
             },
         )
+
+    def _report_app(self, fwd: Forward, outcome: int) -> None:
+        """One outcome of the local app for its outlier detector (``decide.report_app``)."""
+        if fwd.kind == APP and report_app(fwd, outcome, self.engine.clock()):
+            self.metrics.ejections.labels(fwd.dest, self.app_address or "").inc()
 
     def _cut_why(self, e: BaseException, end: float | None) -> str | None:
         """Which inbound stream timeout ended an exchange with the app, if one did (counted as a

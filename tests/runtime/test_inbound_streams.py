@@ -1,8 +1,9 @@
 """Inbound stream protection on real processes, both data planes and HTTP/2: MeshTimeout's
 requestHeadersTimeout (a slowloris sending its head byte by byte is cut), streamIdleTimeout (a
 stream that moves no byte is answered 408 or reset), maxStreamDuration (a response that never
-ends is cut), and HTTP/2 rapid reset (a client that opens and resets streams faster than the
-budget gets GOAWAY ENHANCE_YOUR_CALM; other connections go on).
+ends is cut), HTTP/2 rapid reset (a client that opens and resets streams faster than the budget
+gets GOAWAY ENHANCE_YOUR_CALM; other connections go on), and MeshCircuitBreaker's inbound outlier
+detection (the app ejected, then restored).
 
 The local app is a raw socket server whose paths misbehave on purpose: ``/hang`` never answers,
 ``/stall`` sends its head and 10 of 1,000,000 body bytes then goes silent, ``/trickle`` sends a chunk
@@ -34,10 +35,11 @@ from runtime_harness import (
     mesh_bundle,
     metric_value,
     service_bundle,
+    wait_until,
     write_bundle,
 )
 
-from runtime.bundle import Inbound, Rule, TimeoutConf
+from runtime.bundle import CircuitBreakerConf, Consecutive, Detectors, Inbound, Rule, TimeoutConf
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GOAWAY, ENHANCE_YOUR_CALM = 0x7, 0xB
@@ -319,3 +321,61 @@ def test_a_rapid_reset_flood_gets_goaway_enhance_your_calm_and_others_keep_worki
         other.close()
     assert ProxyClient(sidecar.inbound).get("/after")[0] == 200
     assert _refusals(sidecar, "rapid_reset") == 1
+
+
+# -- inbound outlier detection -------------------------------------------------------------------
+
+
+def _cb_sidecar(plane: Callable[..., Plane], tmp_path: Path, app: str, panic: float | None) -> Plane:
+    cb = CircuitBreakerConf(
+        base_ejection_time_ms=1000,
+        detectors=Detectors(total_errors=Consecutive(consecutive=2)),
+        healthy_panic_threshold=panic,
+    )
+    inbound = Inbound(circuit_breaker=(Rule[CircuitBreakerConf](conf=cb),))
+    return plane(
+        "--service", "benigno", "--app", app,
+        "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-dir", tmp_path / f"state-{panic}",
+        "--mesh-bundle", write_bundle(tmp_path, mesh_bundle()),
+        "--bundle", write_bundle(tmp_path, service_bundle("benigno", inbound)),
+    )  # fmt: skip
+
+
+def test_inbound_outlier_detection_ejects_the_app_and_restores_it(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    """MeshCircuitBreaker `from` with totalFailures 2, baseEjectionTime 1 s and
+    healthyPanicThreshold 0: two 503s from the app eject it; requests then fail fast (503 no
+    healthy upstream, HTTP/1.1 and HTTP/2 alike) without reaching it, and once the ejection time
+    has passed the app is tried again and serves. With Envoy's default panic threshold (50) the
+    one host's ejection leaves 0% healthy, so panic routing keeps sending it traffic."""
+    app = upstream("benigno-v1")
+    app.status = 503
+    sidecar = _cb_sidecar(plane, tmp_path, app.address, 0.0)
+    assert sidecar.inbound is not None
+    client = ProxyClient(sidecar.inbound)
+    assert [client.get(f"/fail{i}")[0] for i in range(2)] == [503, 503]
+    assert app.total() == 2
+    status, headers, _ = client.get("/while-ejected")
+    assert (status, headers["x-meshc-reason"]) == (503, "no healthy upstream")
+    h2c = H2Client(sidecar.inbound)
+    try:
+        events = h2c.until(h2c.request("/h2-while-ejected"))
+    finally:
+        h2c.close()
+    (resp,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert dict(resp.headers)[b":status"] == b"503"
+    assert app.total() == 2  # neither reached the app
+    labels = {"destination_service": "benigno"}
+    assert metric_value(sidecar.metrics(), "meshc_outlier_ejections_total", **labels) == 1
+    app.status = 200
+    wait_until(lambda: client.get("/after")[0] == 200, "the ejection to end")
+    assert app.total() == 3
+
+    panicking = _cb_sidecar(plane, tmp_path, app.address, None)
+    assert panicking.inbound is not None
+    app.status = 503
+    client = ProxyClient(panicking.inbound)
+    assert [client.get(f"/p{i}")[0] for i in range(3)] == [503, 503, 503]
+    assert app.total() == 6  # the third went to the ejected app: Envoy's panic routing
+    assert metric_value(panicking.metrics(), "meshc_outlier_ejections_total", **labels) == 1
