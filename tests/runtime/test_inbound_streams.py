@@ -379,3 +379,63 @@ def test_inbound_outlier_detection_ejects_the_app_and_restores_it(
     assert [client.get(f"/p{i}")[0] for i in range(3)] == [503, 503, 503]
     assert app.total() == 6  # the third went to the ejected app: Envoy's panic routing
     assert metric_value(panicking.metrics(), "meshc_outlier_ejections_total", **labels) == 1
+
+
+# -- HTTP/2 read pause on a next hop's connection ----------------------------------------------
+
+
+def _rss_mb(p: Plane) -> float:
+    for line in Path(f"/proc/{p.pid()}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_an_h2_app_that_floods_pings_and_never_reads_stops_being_read(
+    plane: Callable[..., Plane], tmp_path: Path
+) -> None:
+    """The read pause on a connection the sidecar opened (to an h2c app here): h2 answers every
+    PING by itself, so an app that floods PINGs and reads nothing would pile the answers up in the
+    sidecar. Now that connection is not read while more than 1 MiB waits for the app: the flood
+    stalls at the app's send, the sidecar stays small, and the caller's connection still works."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # the kernel holds few answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    result: dict[str, int] = {}
+
+    def flood() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(HANG_DEADLINE)
+            got = b""
+            while len(got) < len(PREFACE):
+                got += conn.recv(65536)
+            conn.sendall(frame(0x4, 0, 0, b""))  # our SETTINGS: the sidecar takes us for h2c
+            pings = frame(0x6, 0, 0, b"apppings") * 4096
+            conn.settimeout(1.0)  # a stalled send: the sidecar stopped reading
+            sent = 0
+            try:
+                while sent < 60_000_000:
+                    conn.sendall(pings)
+                    sent += len(pings)
+            except (TimeoutError, OSError):
+                pass
+            result["sent"] = sent
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    sidecar = _sidecar(plane, tmp_path, f"127.0.0.1:{listener.getsockname()[1]}", TimeoutConf())
+    assert sidecar.inbound is not None
+    before = _rss_mb(sidecar)
+    client = H2Client(sidecar.inbound)
+    try:
+        client.request("/to-the-flooding-app")
+        t.join(HANG_DEADLINE)
+        grown = _rss_mb(sidecar) - before
+        assert result["sent"] < 30_000_000 and grown < 16, (result, grown)
+    finally:
+        client.close()
+        listener.close()
+    status, _, _ = ProxyClient(sidecar.inbound).get("/")  # the app is gone: answered all the same
+    assert status in (502, 503)
