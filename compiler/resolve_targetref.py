@@ -538,11 +538,15 @@ def _catch_all(matches: list[dict[str, Any]]) -> bool:
     return matches == [{"path": {"type": "PathPrefix", "value": "/"}}] or not matches
 
 
-def _route_of(m: dict[str, Any], dst: str) -> b.RouteConf | None:
+def _route_of(
+    m: dict[str, Any], dst: str, real: set[str], bases: dict[str, dict[str, Any]]
+) -> b.RouteConf | None:
     """The merged route patch: MeshHTTPRoute rules (they beat a MeshTCPRoute, as in Kuma), else the
-    MeshTCPRoute's split, with the MeshLoadBalancingStrategy's load balancer."""
-    rules = m.get("rules") or {}
-    conf = _route(rules, dst)
+    MeshTCPRoute's split, with the MeshLoadBalancingStrategy's load balancer. ``real``: the rule
+    keys some MeshHTTPRoute wrote (a route-level policy's patch of another rule is dropped);
+    ``bases``: the destination's merged MeshTimeout and MeshRetry, under route-level ones."""
+    rules = {k: v for k, v in (m.get("rules") or {}).items() if k in real}
+    conf = _route(rules, dst, bases)
     if conf is None:
         return None
     tcp = m.get("tcp")
@@ -554,26 +558,46 @@ def _route_of(m: dict[str, Any], dst: str) -> b.RouteConf | None:
     return conf
 
 
-def _route(rules: dict[str, dict[str, Any]], dst: str) -> b.RouteConf | None:
-    """Rules merged by their ``matches`` (JSON key) -> a RouteConf; a ``/`` prefix is the default."""
+def _route(
+    rules: dict[str, dict[str, Any]], dst: str, bases: dict[str, dict[str, Any]]
+) -> b.RouteConf | None:
+    """Rules merged by their ``matches`` (JSON key) -> a RouteConf; a ``/`` prefix is the default
+    (one with a route-level timeout or retry is also the last ``http`` entry, which carries them)."""
     split: tuple[b.Split, ...] = (b.Split(weight=100, service=dst),)
     http = []
+    tail: list[b.HttpRoute] = []
     for key, conf in rules.items():
         matches = json.loads(key)
         modify = _modify(conf.get("filters"))
         if modify is False:
             return None
         targets = _backends(conf.get("backend_refs"), dst)
+        own = _route_policies(conf, bases)
         if _catch_all(matches) and modify is None:
             split = targets
+            if own:
+                every = b.HttpMatch(path=b.StringMatch(kind="prefix", value="/"))
+                tail.append(b.HttpRoute(match=every, split=targets, **own))
             continue
         for m in matches or [{}]:
             hm = _http_match(m)
             if hm is None:
                 return None
-            http.append((_route_order(m), b.HttpRoute(match=hm, modify=modify or None, split=targets)))
+            route = b.HttpRoute(match=hm, modify=modify or None, split=targets, **own)
+            http.append((_route_order(m), route))
     http.sort(key=lambda x: x[0])
-    return b.RouteConf(split=split, http=tuple(r for _, r in http))
+    return b.RouteConf(split=split, http=(*(r for _, r in http), *tail))
+
+
+def _route_policies(conf: dict[str, Any], bases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A rule's route-level MeshTimeout and MeshRetry (``_route_level``) merged over the
+    destination's own (Kuma: a MeshHTTPRoute is more specific than its MeshService)."""
+    out: dict[str, Any] = {}
+    if isinstance(conf.get("timeout"), dict):
+        out["timeout"] = _timeout(merged((bases.get("timeout") or {}, conf["timeout"])))
+    if isinstance(conf.get("retry"), dict):
+        out["retry"] = _retry(merged((bases.get("retry") or {}, conf["retry"])))
+    return out
 
 
 def _route_order(m: dict[str, Any]) -> tuple[int, int, int, int, int]:
@@ -670,6 +694,7 @@ def _items(
     rules: dict[str, list[rin.InboundRule]] = defaultdict(list)
     docs = list(docs)
     routes = {d.name for d in docs if d.kind == _ROUTE}
+    route_docs = [d for d in docs if d.kind == _ROUTE]
     for d in docs:
         field = TARGETREF_FIELDS.get(d.kind)
         if field is None:
@@ -679,6 +704,16 @@ def _items(
             continue  # a gateway route: ``gateway_routes``
         top = _top(spec.target_ref)
         top_kind = spec.target_ref.kind if spec.target_ref is not None and spec.target_ref.kind else "Mesh"
+        if top is None and top_kind == _ROUTE and d.kind in _ROUTE_LEVEL:
+            key = policy_key(top_kind, dict(d.labels), d.name)
+            found = _routes_of(d, spec.target_ref, ("targetRef",), route_docs, out)
+            for i, to in enumerate(spec.to or ()):
+                if (to.target_ref.kind or "Mesh") != "Mesh":
+                    what = f"a `to` targetRef of kind {to.target_ref.kind}"
+                    out.append(_unresolved(d, what, ("to", i, "targetRef", "kind")))
+                    continue
+                by_field["route"].extend(_route_level(d, i, to, key, top_kind, None, found, out))
+            continue
         if top is None:
             out.append(_top_unresolved(d, spec.target_ref, top_kind, routes))
             continue
@@ -707,6 +742,10 @@ def _items(
                 by_field[field].append(_Item("*", src, when, peer, r))
             continue
         for i, to in enumerate(spec.to or ()):
+            if to.target_ref.kind == _ROUTE and d.kind in _ROUTE_LEVEL:
+                found = _routes_of(d, to.target_ref, ("to", i, "targetRef"), route_docs, out)
+                by_field["route"].extend(_route_level(d, i, to, key, top_kind, (src, when), found, out))
+                continue
             dst = _dest(to.target_ref)
             if dst is None:
                 what = f"a `to` targetRef of kind {to.target_ref.kind}"
@@ -717,6 +756,106 @@ def _items(
             r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
             by_field[field].append(_Item(src, dst, when, (), r))
     return by_field, rules
+
+
+_GW = "MeshGateway"
+_ROUTE_LEVEL = {"MeshTimeout": "timeout", "MeshRetry": "retry"}
+"""Kinds whose confs a MeshHTTPRoute's rules carry (top-level or ``to`` targetRef MeshHTTPRoute),
+and the key each is filed under in a rule of the route patch."""
+_PER_RULE = {
+    "MeshTimeout": (("http", "request_timeout"), ("http", "stream_idle_timeout")),
+    "MeshRetry": (("http",), ("grpc",)),
+}
+"""What a route-level conf sets on a route rule, as Kuma's plugins read it (MeshTimeout:
+``ConfigureRouteAction``; MeshRetry: the route's retry policy); the rest stays the cluster's."""
+
+
+def _routes_of(d: Doc, ref: Any, at: Path, route_docs: list[Doc], out: list[Diagnostic]) -> list[Doc]:
+    """The MeshHTTPRoutes a targetRef names (by name, or by their labels), not those on a
+    MeshGateway (a gateway rule has no timeout or retry of its own): W3006 when none is left."""
+    if ref.name:
+        found = [r for r in route_docs if r.name == ref.name]
+    else:
+        want = {k: v for k, v in (ref.labels or {}).items() if isinstance(v, str)}
+        found = [r for r in route_docs if want and want.items() <= dict(r.labels).items()]
+    on_gateway = [r for r in found if r.spec.target_ref is not None and r.spec.target_ref.kind == _GW]
+    which = f"{ref.name!r}" if ref.name else f"with labels {dict(ref.labels or {})}"
+    if on_gateway:
+        what = (
+            f"a MeshHTTPRoute {which} on a MeshGateway (a gateway rule has no {_ROUTE_LEVEL[d.kind]} "
+            "of its own)"
+        )
+        out.append(_unresolved(d, what, at))
+    elif not found:
+        out.append(_unresolved(d, f"a MeshHTTPRoute {which} that the mesh does not have", at))
+    return [r for r in found if r not in on_gateway]
+
+
+def _route_level(
+    d: Doc,
+    i: int,
+    to: Any,
+    key: tuple[int, int, int, str],
+    top_kind: str,
+    selected: tuple[str, Tags] | None,
+    found: list[Doc],
+    out: list[Diagnostic],
+) -> list[_Item]:
+    """A MeshTimeout's or MeshRetry's ``to`` item as route-field items: one per ``to`` item of
+    each MeshHTTPRoute it targets, whose ``default`` sets the conf on that item's rules (keyed by
+    their matches, as Kuma keys route-level rules by the hash of the matches), on the proxies
+    ``selected`` (None: those the route selects, for a top-level MeshHTTPRoute). W3006 at each
+    setting Kuma applies to the cluster rather than to the route."""
+    m = _dump(to.default)
+    patch: dict[str, Any] = {}
+    for path in _PER_RULE[d.kind]:
+        value = _g(m, *path)
+        if value is not None:
+            at = patch
+            for seg in path[:-1]:
+                at = at.setdefault(seg, {})
+            at[path[-1]] = value
+    for path in _leaf_paths(m):
+        if not any(path[: len(p)] == p for p in _PER_RULE[d.kind]):
+            camel = tuple(_camel(x) for x in path)
+            what = (
+                f"{'.'.join(camel)} for a MeshHTTPRoute (Kuma applies it to the destination's "
+                "cluster, never to a route)"
+            )
+            out.append(_unresolved(d, what, ("to", i, "default", *camel)))
+    if not patch:
+        return []
+    field = _ROUTE_LEVEL[d.kind]
+    item_kind = to.target_ref.kind or "Mesh"
+    items = []
+    for route in found:
+        sel = selected if selected is not None else _top(route.spec.target_ref)
+        if sel is None:
+            continue  # the route itself is not resolved (W3006 at it)
+        for rt in route.spec.to or ():
+            dst = _dest(rt.target_ref)
+            if dst is None:
+                continue
+            keys = _route_rules(rt.rules)["rules"]
+            default = {"rules": {k: {field: patch} for k in keys}}
+            r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
+            items.append(_Item(sel[0], dst, sel[1], (), r))
+    return items
+
+
+def _leaf_paths(m: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The paths of the settings a dumped conf makes (a map's keys, recursively)."""
+    if not isinstance(m, dict) or not m:
+        if prefix:
+            yield prefix
+        return
+    for k, v in m.items():
+        yield from _leaf_paths(v, (*prefix, k))
+
+
+def _camel(word: str) -> str:
+    head, *rest = word.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
 
 
 def _to_default(d: Doc, i: int, to: Any, out: list[Diagnostic]) -> dict[str, Any]:
@@ -796,6 +935,8 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
         if rules.get(kind):
             _inbound_rules(idx, kind, rules[kind], mesh, services, callers if mtls else [], out)
     seen_ties: set[tuple[int, int]] = set()
+    applied: set[int] = set()
+    """The route-level items (``_route_level``) that some bundle route rule carries."""
     for field, items in sorted(by_field.items()):
         kind = _LEGACY_KIND[field]
         if field == "permissions" or field in _INBOUND_FIELDS:
@@ -804,16 +945,29 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
                 items = _without_ruled(items, rules[tr_kind], services, out)
             _inbound(idx, kind, field, items, out)
             continue
+        route_keys = _keys([it for it in items if it.ranked.policy.kind not in _ROUTE_LEVEL])
         for src, dst in sorted(_keys(items)):
             covering = [it for it in items if it.src in (src, "*") and it.dst in (dst, "*")]
-            for when in rin.tag_sets(it.when for it in covering):
+            bases: dict[str, dict[str, Any]] = {}
+            whens = [it.when for it in covering]
+            level = False
+            if field == "route":
+                covering, whens, level = _route_level_covering(covering, by_field, src, dst)
+                if not covering or ((src, dst) not in route_keys and not level):
+                    continue  # no route here, or nothing route-level where the route was resolved
+            for when in rin.tag_sets(whens):
                 members = in_order(it.ranked for it in covering if _covers(it, src, dst, when))
+                if level:
+                    if all(r.policy.kind in _ROUTE_LEVEL for r in members):
+                        continue
+                    bases = _bases(by_field, src, dst, when)
+                    applied.update(id(r) for r in members if r.policy.kind in _ROUTE_LEVEL)
                 for a, z in name_ties(members):
                     pair = (id(a), id(z))
                     if pair not in seen_ties:
                         seen_ties.add(pair)
                         out.append(_tie(a, z, src, dst))
-                conf = _conf(field, members, dst)
+                conf = _conf(field, members, dst, bases)
                 if conf is None and field == "traffic_log":
                     _log_off(members, out)
                     continue
@@ -825,7 +979,21 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
                     out.append(_unresolved(top.policy, what, top.where))
                     continue
                 _add(idx, kind, _entry(members, src, dst, when, (), conf))
+    _route_level_unused(by_field.get("route") or (), applied, out)
     return out
+
+
+def _route_level_unused(items: Iterable[_Item], applied: set[int], out: list[Diagnostic]) -> None:
+    """W3006 at a route-level ``to`` item that no bundle route rule carries: the MeshHTTPRoute
+    routes nothing on the proxies the policy selects."""
+    for it in items:
+        r = it.ranked
+        if r.policy.kind in _ROUTE_LEVEL and id(r) not in applied:
+            what = (
+                "a conf for a MeshHTTPRoute that routes none of the proxies this policy selects "
+                "(or none of its rules resolved)"
+            )
+            _once(out, _unresolved(r.policy, what, r.where))
 
 
 def _log_off(members: list[Ranked], out: list[Diagnostic]) -> None:
@@ -842,18 +1010,57 @@ def _once(out: list[Diagnostic], d: Diagnostic) -> None:
         out.append(d)
 
 
+def _route_level_covering(
+    covering: list[_Item], by_field: dict[str, list[_Item]], src: str, dst: str
+) -> tuple[list[_Item], list[Tags], bool]:
+    """For one route key: the items that shape it (route-level ones only where one of their rules
+    is a rule some MeshHTTPRoute writes here; none at all without such a route), the tag
+    conditions to resolve for (with route-level items, those of the destination's MeshTimeouts
+    and MeshRetries too, whose merged conf a route-level one goes over), and whether any
+    route-level item is among them."""
+    shaping = [it for it in covering if it.ranked.policy.kind not in _ROUTE_LEVEL]
+    real = {k for it in shaping if it.ranked.policy.kind == _ROUTE for k in it.ranked.default["rules"]}
+    level = [
+        it
+        for it in covering
+        if it.ranked.policy.kind in _ROUTE_LEVEL and real & set(it.ranked.default["rules"])
+    ]
+    if not shaping:
+        return [], [], False
+    whens = [it.when for it in (*shaping, *level)]
+    if level:
+        whens += [
+            it.when
+            for f in _ROUTE_LEVEL.values()
+            for it in by_field.get(f, ())
+            if it.src in (src, "*") and it.dst in (dst, "*")
+        ]
+    return [*shaping, *level], whens, bool(level)
+
+
+def _bases(by_field: dict[str, list[_Item]], src: str, dst: str, when: Tags) -> dict[str, dict[str, Any]]:
+    """The destination's merged MeshTimeout and MeshRetry for one key and tag set (what a
+    route-level conf is merged over)."""
+    out = {}
+    for f in _ROUTE_LEVEL.values():
+        members = in_order(it.ranked for it in by_field.get(f, ()) if _covers(it, src, dst, when))
+        out[f] = merged(r.default for r in members)
+    return out
+
+
 def _tcp_beaten(members: list[Ranked], out: list[Diagnostic]) -> None:
-    if any("rules" in r.default for r in members):
+    if any(r.policy.kind == _ROUTE and r.default.get("rules") for r in members):
         for r in members:
             if "tcp" in r.default:
                 what = "a MeshTCPRoute where a MeshHTTPRoute routes the same destination (it wins)"
                 _once(out, _unresolved(r.policy, what, r.where))
 
 
-def _conf(field: str, members: list[Ranked], dst: str) -> BaseModel | None:
+def _conf(field: str, members: list[Ranked], dst: str, bases: dict[str, dict[str, Any]]) -> BaseModel | None:
     m = merged(r.default for r in members)
     if field == "route":
-        return _route_of(m, dst)
+        real = {k for r in members if r.policy.kind == _ROUTE for k in r.default["rules"]}
+        return _route_of(m, dst, real, bases)
     conv = next(v.convert for v in _OUTBOUND.values() if v.field == field)
     return conv(m)
 

@@ -175,11 +175,39 @@ class HttpModify(_Frozen):
 
 
 class HttpRoute(_Frozen):
-    """An ordered ``http`` entry of a TrafficRoute: first match wins."""
+    """An ordered ``http`` entry of a TrafficRoute: first match wins.
+
+    ``timeout`` and ``retry``: a MeshTimeout or MeshRetry that targets the MeshHTTPRoute this
+    rule came from, merged over the destination's own (Kuma's route-level conf); the requests this
+    rule matches use them in place of the destination's. Left out of the JSON while None, so a
+    route without them keeps the bytes, and the digest, it had before they existed."""
 
     match: HttpMatch
     modify: HttpModify | None = None
     split: tuple[Split, ...]
+    timeout: TimeoutConf | None = Field(
+        default=None,
+        description=(
+            "The rule's own request timeout and stream idle timeout (the other timeouts stay the "
+            "destination's); None: the destination's."
+        ),
+    )
+    retry: RetryConf | None = Field(
+        default=None,
+        description="The rule's own HTTP and gRPC retries; None: the destination's.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in ROUTE_OPTIONAL:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
+ROUTE_OPTIONAL = ("retry", "timeout")
+"""The ``HttpRoute`` fields written only when set (``HttpRoute._omit_empty``)."""
 
 
 class LoadBalancer(_Frozen):
@@ -331,6 +359,10 @@ class LoggingBackend(_Frozen):
 
 class TrafficLogConf(_Frozen):
     backend: LoggingBackend
+
+
+HttpRoute.model_rebuild()  # its timeout and retry are defined after it
+RouteConf.model_rebuild()
 
 
 class Destination(_Frozen):

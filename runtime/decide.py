@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY, RetryPolicy
 from runtime.bundle import TrafficLogConf
-from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, Snapshot, Target
+from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, RoutePolicy, Snapshot, Target
 from runtime.headerops import NO_OPS, REMOVE, SET, HeaderOp
 from runtime.identity import PeerIdentity
 from runtime.security import DENIED_HEADER
@@ -173,6 +173,7 @@ class Forward:
         "kind",
         "mirrors",
         "path",
+        "policy",
         "request_ops",
         "response_ops",
         "source",
@@ -198,6 +199,7 @@ class Forward:
         delay_s: float = 0.0,
         bps: int = 0,
         app: AppPolicy = NO_APP_POLICY,
+        policy: RoutePolicy | None = None,
     ) -> None:
         self.kind = kind
         self.source = source
@@ -220,6 +222,9 @@ class Forward:
         """Response bandwidth in bits/s (a fault); 0: unlimited."""
         self.app = app
         """``APP``: the caller's inbound timeouts, connection limit and access logs."""
+        self.policy = policy
+        """``TARGET``: the matched route rule's own timeout and retries (``RetryState``); None:
+        the target's."""
         self.holds = False
         """``APP``: it holds a slot of ``app.limit`` (``admit_app``) until ``release_app``."""
         self.trace: Hop | None = None
@@ -381,11 +386,12 @@ def _outbound(
     if target is None:
         return Reply(503, NO_HOST, source, name)
     incoming = headers.get
+    policy = route.policy if route is not None else None
     if route is None or route.modify is None:
         return traced(
             engine,
             snap,
-            Forward(TARGET, source, target.service, target=target, source_header=source),
+            Forward(TARGET, source, target.service, target=target, source_header=source, policy=policy),
             incoming,
         )
     path = head.path()
@@ -400,6 +406,7 @@ def _outbound(
         request_ops=route.request_ops,
         response_ops=route.response_ops,
         source_header=source,
+        policy=policy,
     )
     return traced(engine, snap, fwd, incoming)
 
@@ -672,7 +679,17 @@ class RetryState:
     own timeout). A request whose body cannot be replayed (unknown length, over 64 KiB) is tried
     once."""
 
-    __slots__ = ("allowed", "backing_off", "deadline", "overall", "policy", "retries", "target", "tried")
+    __slots__ = (
+        "allowed",
+        "backing_off",
+        "deadline",
+        "overall",
+        "policy",
+        "retries",
+        "stream_idle_s",
+        "target",
+        "tried",
+    )
 
     def __init__(
         self,
@@ -683,15 +700,22 @@ class RetryState:
         *,
         grpc: bool = False,
         deadline_s: float | None = None,
+        route: RoutePolicy | None = None,
     ) -> None:
         """``body_length``: 0 without a body, None when it is not known up front (chunked).
         ``grpc``: a gRPC call, retried by Retry's ``grpc`` conf when there is one (any method:
         gRPC calls are all POSTs). ``deadline_s``: the caller's own deadline (``grpc-timeout``),
-        which replaces the route's request timeout as Envoy's ``max_grpc_timeout: 0`` does."""
-        policy: RetryPolicy | None = target.retry
+        which replaces the route's request timeout as Envoy's ``max_grpc_timeout: 0`` does.
+        ``route``: the matched route rule's own timeout and retries (``Forward.policy``), which
+        replace the target's where the rule sets them (Kuma's route-level MeshTimeout and
+        MeshRetry)."""
+        retried = route if route is not None and route.has_retry else None
+        http_retry = retried.retry if retried is not None else target.retry
+        grpc_retry = retried.grpc_retry if retried is not None else target.grpc_retry
+        policy: RetryPolicy | None = http_retry
         method_ok = policy is not None and policy.method_allowed(method)
-        if grpc and target.grpc_retry is not None:
-            policy, method_ok = target.grpc_retry, True
+        if grpc and grpc_retry is not None:
+            policy, method_ok = grpc_retry, True
         self.target = target
         self.policy = policy
         self.allowed = (
@@ -704,8 +728,12 @@ class RetryState:
         self.retries = 0
         self.backing_off = False
         self.overall = False
-        timeout = deadline_s if deadline_s is not None else target.request_timeout_s
+        timed = route if route is not None and route.has_timeout else None
+        own_timeout = timed.request_timeout_s if timed is not None else target.request_timeout_s
+        timeout = deadline_s if deadline_s is not None else own_timeout
         self.deadline = now + timeout if timeout else None
+        self.stream_idle_s = (timed or target).stream_idle_timeout_s
+        """How long the response may carry no data (the route rule's, else the target's)."""
         self.tried: list[Host] = []
 
     def try_timeout(self, now: float) -> float | None:

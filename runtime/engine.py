@@ -58,6 +58,7 @@ __all__ = [
     "InboundTable",
     "RateLimit",
     "Route",
+    "RoutePolicy",
     "Snapshot",
     "Target",
     "kube_aliases",
@@ -203,6 +204,31 @@ class Target:
         return True
 
 
+class RoutePolicy:
+    """A route rule's own request timeout and retries (a MeshTimeout or MeshRetry that targets
+    its MeshHTTPRoute): what it sets replaces the target's for the requests the rule matches."""
+
+    __slots__ = (
+        "grpc_retry",
+        "has_retry",
+        "has_timeout",
+        "request_timeout_s",
+        "retry",
+        "stream_idle_timeout_s",
+    )
+
+    def __init__(self, route: HttpRoute) -> None:
+        timeout, retry = route.timeout, route.retry
+        self.has_timeout = timeout is not None
+        self.request_timeout_s = _seconds(timeout.http_request_timeout_ms) if timeout is not None else None
+        self.stream_idle_timeout_s = (
+            _seconds(timeout.http_stream_idle_timeout_ms) if timeout is not None else None
+        )
+        self.has_retry = retry is not None
+        self.retry = RetryPolicy(retry.http) if retry is not None and retry.http is not None else None
+        self.grpc_retry = RetryPolicy(retry.grpc) if retry is not None and retry.grpc is not None else None
+
+
 class Route:
     """One compiled ``http`` entry of a TrafficRoute."""
 
@@ -214,6 +240,7 @@ class Route:
         "_path_prefix",
         "_path_regex",
         "modify",
+        "policy",
         "request_ops",
         "response_ops",
         "wheel",
@@ -221,6 +248,8 @@ class Route:
 
     def __init__(self, route: HttpRoute, wheel: Wheel[Target]) -> None:
         m = route.match
+        self.policy = RoutePolicy(route) if route.timeout is not None or route.retry is not None else None
+        """The rule's own timeout and retries; None: the target's."""
         self._method = compile_string_match(m.method) if m.method else None
         self._path = compile_string_match(m.path) if m.path else None
         # Header names match case-insensitively on both data planes (their maps are lower-case).

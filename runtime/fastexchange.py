@@ -32,7 +32,7 @@ from runtime.decide import (
     release,
     release_app,
 )
-from runtime.engine import Target
+from runtime.engine import RoutePolicy, Target
 from runtime.fastmetrics import Series
 from runtime.fastplane import TLS_KEY, FastPlane
 from runtime.fastpool import P_UPSTREAM, Upstream, UpstreamClient
@@ -230,8 +230,9 @@ class Exchange(asyncio.Protocol):
 
     # -- upstream attempts ------------------------------------------------------------------
 
-    def _to_target(self, req: h1.Request, target: Target) -> None:
-        """Send to one of the target's hosts with its timeouts, retries and ejection."""
+    def _to_target(self, req: h1.Request, target: Target, route: RoutePolicy | None = None) -> None:
+        """Send to one of the target's hosts with its timeouts, retries and ejection (``route``:
+        the matched route rule's own timeout and retries, ``Forward.policy``)."""
         self.dest = target.service
         self.subset = target.subset
         plane = self.plane
@@ -250,7 +251,7 @@ class Exchange(asyncio.Protocol):
             return
         now = plane.loop.time()
         length = (None if req.chunked else req.length) if req.has_body else 0
-        retry = self.retry = RetryState(target, req.method, length, now)
+        retry = self.retry = RetryState(target, req.method, length, now, route=route)
         if retry.allowed and req.has_body:
             req.saved = req.body  # kept for a replay
             req.body = []

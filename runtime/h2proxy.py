@@ -1155,6 +1155,7 @@ class _Exchange:
             loop.time(),
             grpc=head.grpc,
             deadline_s=timeout,
+            route=fwd.policy,
         )
         if retry.allowed and head.has_body:
             self.replay = []

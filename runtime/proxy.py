@@ -440,13 +440,17 @@ class HttpProxy:
             return self._answer(t0, refused, direction, subset, request=request, span=fwd.trace)
         loop = asyncio.get_running_loop()
         retry = RetryState(
-            target, request.method, request.content_length if request.body_exists else 0, loop.time()
+            target,
+            request.method,
+            request.content_length if request.body_exists else 0,
+            loop.time(),
+            route=fwd.policy,
         )
         body: Any = None
         if request.body_exists:
             body = await request.read() if retry.allowed else request.content
         key = request.headers.get(HASH_KEY_HEADER) or request.path
-        timeout = self._timeout(target.connect_timeout_s, target.stream_idle_timeout_s)
+        timeout = self._timeout(target.connect_timeout_s, retry.stream_idle_s)
         hop = peer_hop(engine.snapshot, self.creds.client_ctx is not None, source, dest)
         if isinstance(hop, Reply):
             return self._answer(t0, hop, direction, request=request, span=fwd.trace)

@@ -404,7 +404,9 @@ def _outbound(r: CompileResult, src: str, dst: str, field: str) -> list[dict[str
     return rules
 
 
-def test_a_policy_on_a_mesh_http_route_names_the_route_and_what_is_not_applied(tmp_path: Path) -> None:
+def test_a_policy_on_a_missing_mesh_http_route_names_it_and_one_on_a_route_applies_to_its_rules(
+    tmp_path: Path,
+) -> None:
     r = _compile(
         tmp_path,
         _policy("MeshTimeout", "route-timeout", "{kind: MeshHTTPRoute, name: api-route}",
@@ -412,11 +414,10 @@ def test_a_policy_on_a_mesh_http_route_names_the_route_and_what_is_not_applied(t
         _policy("MeshRetry", "route-retry", "{kind: MeshHTTPRoute, name: api-route}",
                 "  to: [{targetRef: {kind: Mesh}, default: {http: {numRetries: 2}}}]\n"),
     )  # fmt: skip
-    msgs = sorted(d.message for d in r.diagnostics if d.code == "W3006")
+    msgs = sorted((d.message, d.loc.path) for d in r.diagnostics if d.code == "W3006")
     assert len(msgs) == 2, [(d.code, d.message) for d in r.diagnostics]
-    assert "MeshHTTPRoute targetRef ('api-route'): a bundle route has no retry policy of its own" in msgs[0]
-    assert "MeshHTTPRoute targetRef ('api-route'): a bundle route has no timeout of its own" in msgs[1]
-    assert all("the repo has no MeshHTTPRoute 'api-route' either" in m for m in msgs)
+    assert all("a MeshHTTPRoute 'api-route' that the mesh does not have" in m for m, _ in msgs)
+    assert all(p == ("spec", "targetRef") for _, p in msgs)
     route = _policy(
         "MeshHTTPRoute", "api-route", "{kind: MeshService, name: web}",
         "  to: [{targetRef: {kind: MeshService, name: api},"
@@ -427,15 +428,14 @@ def test_a_policy_on_a_mesh_http_route_names_the_route_and_what_is_not_applied(t
         "MeshTimeout", "route-timeout", "{kind: MeshHTTPRoute, name: api-route}",
         "  to: [{targetRef: {kind: Mesh}, default: {http: {requestTimeout: 1s}}}]\n",
     ))  # fmt: skip
-    (w,) = [d for d in with_route.diagnostics if d.code == "W3006"]
-    assert w.loc.path == ("spec", "targetRef", "kind") and "either" not in w.message
-    # The route itself still routes; web's timeout to api stays meshc's default.
+    assert [d for d in with_route.diagnostics if d.code == "W3006"] == []
+    # The route's rule carries the timeout; web's timeout to api stays meshc's default.
     assert [x["conf"]["http_request_timeout_ms"] for x in _outbound(with_route, "web", "api", "timeout")] == [
         15000
     ]
-    assert (
-        _outbound(with_route, "web", "api", "route")[0]["conf"]["http"][0]["match"]["path"]["value"] == "/v2"
-    )
+    (rule,) = _outbound(with_route, "web", "api", "route")[0]["conf"]["http"]
+    assert rule["match"]["path"]["value"] == "/v2"
+    assert rule["timeout"]["http_request_timeout_ms"] == 1000 and "retry" not in rule
 
 
 def test_two_common_limits_ordered_only_by_name_warn(tmp_path: Path) -> None:
