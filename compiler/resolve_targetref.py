@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -86,18 +86,28 @@ class _Item:
     when: Tags
     peer: Tags
     ranked: Ranked
+    sidecars: bool = False
+    """Sidecars only (``proxyTypes: [Sidecar]``, or a Dataplane targetRef, which never selects a
+    gateway in Kuma): a gateway's own bundle entries are resolved without it."""
 
 
 def _dump(m: BaseModel | None) -> dict[str, Any]:
     return m.model_dump(exclude_unset=True) if m is not None else {}
 
 
+DISPLAY_NAME = "kuma.io/display-name"
+NAMESPACE_TAG = "k8s.kuma.io/namespace"
+
+
 def _top(tr: Any) -> tuple[str, Tags] | None:
     """The proxies a top-level targetRef selects: (service or ``*``, tag conditions).
 
-    A Dataplane by ``labels`` selects the instances whose tags carry them (a meshc instance's
-    labels are its tags, ``kuma.io/service`` among them); one without name, namespace or labels,
-    every instance. ``proxyTypes`` is not read: a gateway's outbound gets what a sidecar's does."""
+    A meshc instance is Kuma's Dataplane resource and its labels are the instance's tags
+    (``kuma.io/service`` among them): a Dataplane by ``labels`` selects the instances whose tags
+    carry them; by ``name`` (and ``namespace``), those whose ``kuma.io/display-name`` (and
+    ``k8s.kuma.io/namespace``) tag says so, the labels Kuma gives every Dataplane for its name
+    and namespace; one without name, namespace or labels, every instance. ``proxyTypes`` and a
+    Dataplane's ``sectionName`` are read by ``_proxy_type`` and ``_by_section``."""
     kind = tr.kind if tr is not None and tr.kind else "Mesh"
     if kind == "Mesh":
         return "*", ()
@@ -108,30 +118,64 @@ def _top(tr: Any) -> tuple[str, Tags] | None:
         return tr.name, ()
     if kind == "MeshServiceSubset" and tr.name:
         return tr.name, tuple(sorted(extra_tags(tags).items()))
-    if kind == "Dataplane" and not tr.name and not tr.namespace and not tr.section_name:
+    if kind == "Dataplane":
         # Kuma: no name, namespace or labels selects every sidecar (``allDataplanesSelected``).
         labels = {k: v for k, v in (tr.labels or {}).items() if isinstance(v, str)}
+        if tr.name:
+            labels[DISPLAY_NAME] = tr.name
+        if tr.namespace:
+            labels[NAMESPACE_TAG] = tr.namespace
         return labels.get(SERVICE_TAG, "*"), tuple(sorted(extra_tags(labels).items()))
     return None
 
 
+def _proxy_type(tr: Any) -> str:
+    """``Sidecar`` or ``Gateway`` when a top-level targetRef selects one kind of proxy only, else
+    ``""``: Mesh and MeshSubset by ``proxyTypes`` (Kuma's ``isSupportedProxyType``), a Dataplane
+    always ``Sidecar`` (Kuma: a Dataplane targetRef never selects a built-in gateway)."""
+    kind = tr.kind if tr is not None and tr.kind else "Mesh"
+    if kind == "Dataplane":
+        return "Sidecar"
+    types = set(tr.proxy_types or ()) if tr is not None and kind in ("Mesh", "MeshSubset") else set()
+    return next(iter(types)) if len(types) == 1 else ""
+
+
+def _by_section(d: Doc, section: str, src: str, ports: dict[str, str], out: list[Diagnostic]) -> list[str]:
+    """The services whose inbound a Dataplane's ``sectionName`` names: a meshc instance has one
+    inbound, whose Kuma section name is its port (the catalog Service's, as a string; an inbound
+    has no name of its own). W3006 when no selected service has that port."""
+    found = [s for s, port in sorted(ports.items()) if port == section and src in ("*", s)]
+    if not found:
+        what = (
+            f"a Dataplane sectionName {section!r} that names no inbound (a meshc instance's one "
+            "inbound is named by its Service's port)"
+        )
+        out.append(_unresolved(d, what, ("targetRef", "sectionName")))
+    return found
+
+
+def _outbound_sources(
+    d: Doc, src: str, proxy: str, gateways: set[str], out: list[Diagnostic]
+) -> list[tuple[str, bool]]:
+    """The sources a policy's ``to`` items configure, as (source, sidecars only): proxyTypes
+    ``Gateway`` names each gateway it selects; ``Sidecar`` keeps the source but leaves gateways
+    out (``_Item.sidecars``). W3006 when no proxy of that type is selected."""
+    if proxy == "Gateway":
+        found = [(g, False) for g in sorted(gateways) if src in ("*", g)]
+        if not found and getattr(d.spec, "to", None):
+            out.append(_unresolved(d, "proxyTypes [Gateway] that selects no gateway", ("targetRef",)))
+        return found
+    if proxy == "Sidecar":
+        if src in gateways:
+            if getattr(d.spec, "to", None):
+                out.append(_unresolved(d, f"a Sidecar selection of the gateway {src}", ("targetRef",)))
+            return []
+        return [(src, src == "*" and bool(gateways))]
+    return [(src, False)]
+
+
 def _top_unresolved(d: Doc, tr: Any, kind: str, routes: set[str]) -> Diagnostic:
     """W3006 for a top-level targetRef ``_top`` does not resolve, saying what is not applied."""
-    if kind == "Dataplane" and tr.section_name:
-        what = (
-            f"a top-level Dataplane targetRef with sectionName {tr.section_name!r} (a meshc instance "
-            "has one inbound, and bundles do not name it)"
-        )
-        return _unresolved(d, what, ("targetRef", "sectionName"))
-    if kind == "Dataplane":
-        by, at = (
-            (f"name ({tr.name!r})", "name") if tr.name else (f"namespace ({tr.namespace!r})", "namespace")
-        )
-        what = (
-            f"a top-level Dataplane targetRef by {by}: bundles select instances by their tags, "
-            "never by name or namespace (select them with `labels`)"
-        )
-        return _unresolved(d, what, ("targetRef", at))
     if kind == _ROUTE:
         missing = "" if tr.name in routes else f"; the repo has no MeshHTTPRoute {tr.name!r} either"
         what = (
@@ -695,6 +739,8 @@ def _items(
     docs = list(docs)
     routes = {d.name for d in docs if d.kind == _ROUTE}
     route_docs = [d for d in docs if d.kind == _ROUTE]
+    gateways = _gateways(docs)
+    ports = {d.name: str(d.spec.port) for d in docs if d.kind == "Service"}
     for d in docs:
         field = TARGETREF_FIELDS.get(d.kind)
         if field is None:
@@ -719,11 +765,21 @@ def _items(
             continue
         src, when = top
         key = policy_key(top_kind, dict(d.labels), d.name)
+        proxy = _proxy_type(spec.target_ref)
         has_rules = bool(getattr(spec, "rules", None))
         from_as_rules = d.kind in rin.FROM_AS_RULES and bool(getattr(spec, "from_", None))
+        inbound = has_rules or bool(getattr(spec, "from_", None))
+        inbound_srcs = [src]
+        if inbound and top_kind == "Dataplane" and spec.target_ref.section_name:
+            inbound_srcs = _by_section(d, spec.target_ref.section_name, src, ports, out)
+        if inbound and proxy == "Gateway":
+            what = "proxyTypes [Gateway] on inbound traffic (a meshc gateway has no inbound)"
+            out.append(_unresolved(d, what, ("targetRef", "proxyTypes")))
+            inbound_srcs = []
         if has_rules or from_as_rules:
             section = "rules" if has_rules else "from"
-            rules[d.kind].extend(rin.rule_items(d, src, when, key, top_kind, section))
+            for s in inbound_srcs:
+                rules[d.kind].extend(rin.rule_items(d, s, when, key, top_kind, section))
             if d.kind in _INBOUND_ONLY:
                 _inbound_not_applied(d, section, out)
         if d.kind == _PERMISSION or d.kind in _INBOUND:
@@ -739,12 +795,15 @@ def _items(
                 r = Ranked(
                     key, target_rank(item_kind), _dump(fr.default), d, ("from", i), (top_kind, item_kind)
                 )
-                by_field[field].append(_Item("*", src, when, peer, r))
+                by_field[field].extend(_Item("*", s, when, peer, r) for s in inbound_srcs)
             continue
+        sources = _outbound_sources(d, src, proxy, gateways, out)
         for i, to in enumerate(spec.to or ()):
             if to.target_ref.kind == _ROUTE and d.kind in _ROUTE_LEVEL:
                 found = _routes_of(d, to.target_ref, ("to", i, "targetRef"), route_docs, out)
-                by_field["route"].extend(_route_level(d, i, to, key, top_kind, (src, when), found, out))
+                for s, sidecars in sources:
+                    made = _route_level(d, i, to, key, top_kind, (s, when), found, out)
+                    by_field["route"].extend(replace(it, sidecars=sidecars) for it in made)
                 continue
             dst = _dest(to.target_ref)
             if dst is None:
@@ -754,8 +813,19 @@ def _items(
             default = _to_default(d, i, to, out)
             item_kind = to.target_ref.kind or "Mesh"
             r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
-            by_field[field].append(_Item(src, dst, when, (), r))
+            by_field[field].extend(_Item(s, dst, when, (), r, sidecars) for s, sidecars in sources)
     return by_field, rules
+
+
+def _gateways(docs: Iterable[Doc]) -> set[str]:
+    """The gateways' services (a MeshGateway's ``kuma.io/service`` selectors)."""
+    return {
+        name
+        for d in docs
+        if d.kind == "MeshGateway"
+        for sel in d.spec.selectors or ()
+        if isinstance(name := (sel.match or {}).get(SERVICE_TAG), str) and name not in ("", "*")
+    }
 
 
 _GW = "MeshGateway"
@@ -929,6 +999,7 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     mtls = mesh_settings(mesh_doc.spec if mesh_doc is not None else None)[0].enabled
     services = sorted({d.name for d in docs if d.kind == "Service"})
     callers = _callers(docs, services)
+    gateways = _gateways(docs)
     http = {d.name for d in docs if d.kind == "Service" and d.spec.protocol == "http"}
     _idle_on_http(rules.get("MeshTimeout") or [], http, out)
     for kind in _RULES_RESOLVED:
@@ -946,21 +1017,28 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
             _inbound(idx, kind, field, items, out)
             continue
         route_keys = _keys([it for it in items if it.ranked.policy.kind not in _ROUTE_LEVEL])
-        for src, dst in sorted(_keys(items)):
-            covering = [it for it in items if it.src in (src, "*") and it.dst in (dst, "*")]
+        # A gateway resolves its own entry where a sidecars-only item would reach it through `*`.
+        own = {(g, it.dst) for it in items if it.sidecars for g in gateways}
+        for src, dst in sorted(_keys(items) | own):
+            covering = [it for it in items if _over(it, src, dst, gateways)]
             bases: dict[str, dict[str, Any]] = {}
             whens = [it.when for it in covering]
             level = False
             if field == "route":
-                covering, whens, level = _route_level_covering(covering, by_field, src, dst)
-                if not covering or ((src, dst) not in route_keys and not level):
+                covering, whens, level = _route_level_covering(covering, by_field, src, dst, gateways)
+                if not covering or ((src, dst) not in route_keys | own and not level):
                     continue  # no route here, or nothing route-level where the route was resolved
+            if not covering:
+                _sidecars_only(items, src, dst, out)
+                continue
             for when in rin.tag_sets(whens):
                 members = in_order(it.ranked for it in covering if _covers(it, src, dst, when))
+                if not members:
+                    continue
                 if level:
                     if all(r.policy.kind in _ROUTE_LEVEL for r in members):
                         continue
-                    bases = _bases(by_field, src, dst, when)
+                    bases = _bases(by_field, src, dst, when, gateways)
                     applied.update(id(r) for r in members if r.policy.kind in _ROUTE_LEVEL)
                 for a, z in name_ties(members):
                     pair = (id(a), id(z))
@@ -1010,8 +1088,26 @@ def _once(out: list[Diagnostic], d: Diagnostic) -> None:
         out.append(d)
 
 
+def _over(it: _Item, src: str, dst: str, gateways: set[str]) -> bool:
+    """Whether an item is merged into the entry of a (source, destination) key."""
+    return it.src in (src, "*") and it.dst in (dst, "*") and not (it.sidecars and src in gateways)
+
+
+def _sidecars_only(items: list[_Item], src: str, dst: str, out: list[Diagnostic]) -> None:
+    """W3006 where a gateway would still get a sidecars-only conf through the mesh bundle: no
+    other policy configures it there, and a bundle has no rule that says "none"."""
+    for it in items:
+        if it.sidecars and it.dst in (dst, "*"):
+            r = it.ranked
+            what = (
+                f"a sidecars-only selection for the gateway {src}, which no other policy configures "
+                f"for {dst} (it gets the mesh-wide conf that includes this one)"
+            )
+            _once(out, _unresolved(r.policy, what, ("targetRef",)))
+
+
 def _route_level_covering(
-    covering: list[_Item], by_field: dict[str, list[_Item]], src: str, dst: str
+    covering: list[_Item], by_field: dict[str, list[_Item]], src: str, dst: str, gateways: set[str]
 ) -> tuple[list[_Item], list[Tags], bool]:
     """For one route key: the items that shape it (route-level ones only where one of their rules
     is a rule some MeshHTTPRoute writes here; none at all without such a route), the tag
@@ -1029,21 +1125,20 @@ def _route_level_covering(
         return [], [], False
     whens = [it.when for it in (*shaping, *level)]
     if level:
-        whens += [
-            it.when
-            for f in _ROUTE_LEVEL.values()
-            for it in by_field.get(f, ())
-            if it.src in (src, "*") and it.dst in (dst, "*")
-        ]
+        under = (it for f in _ROUTE_LEVEL.values() for it in by_field.get(f, ()))
+        whens += [it.when for it in under if _over(it, src, dst, gateways)]
     return [*shaping, *level], whens, bool(level)
 
 
-def _bases(by_field: dict[str, list[_Item]], src: str, dst: str, when: Tags) -> dict[str, dict[str, Any]]:
+def _bases(
+    by_field: dict[str, list[_Item]], src: str, dst: str, when: Tags, gateways: set[str]
+) -> dict[str, dict[str, Any]]:
     """The destination's merged MeshTimeout and MeshRetry for one key and tag set (what a
     route-level conf is merged over)."""
     out = {}
     for f in _ROUTE_LEVEL.values():
-        members = in_order(it.ranked for it in by_field.get(f, ()) if _covers(it, src, dst, when))
+        mine = (it for it in by_field.get(f, ()) if _over(it, src, dst, gateways))
+        members = in_order(it.ranked for it in mine if _covers(it, src, dst, when))
         out[f] = merged(r.default for r in members)
     return out
 
@@ -1119,14 +1214,7 @@ def _inbound(idx: PolicyIndex, kind: str, field: str, items: list[_Item], out: l
 
 def _callers(docs: Iterable[Doc], services: list[str]) -> list[str]:
     """Every service that can call another: the catalog's services and gateways."""
-    gateways = {
-        name
-        for d in docs
-        if d.kind == "MeshGateway"
-        for sel in d.spec.selectors or ()
-        if isinstance(name := (sel.match or {}).get(SERVICE_TAG), str) and name not in ("", "*")
-    }
-    return sorted({*services, *gateways})
+    return sorted({*services, *_gateways(docs)})
 
 
 def _inbound_rules(

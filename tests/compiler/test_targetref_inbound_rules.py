@@ -385,8 +385,14 @@ def test_dataplane_by_labels_selects_instances_and_by_name_or_section_is_named(t
         _policy("MeshRateLimit", "by-section", "{kind: Dataplane, labels: {app: x}, sectionName: http}",
                 f"  rules: [{{default: {_limit(1, '1s')}}}]\n"),
     )  # fmt: skip
-    (timeout,) = [t for t in _outbound(r, "web", "api", "timeout") if t["when"]]
-    assert (timeout["when"], timeout["conf"]["connect_timeout_ms"]) == ({"zone": "a"}, 2000)
+    timeouts = [(t["when"], t["conf"]["connect_timeout_ms"]) for t in _outbound(r, "web", "api", "timeout")]
+    assert ({"zone": "a"}, 2000) in timeouts
+    # By name: the instances whose kuma.io/display-name tag is web-1 (every service's).
+    mesh_wide = json.loads(r.bundles["default"])["destinations"]["api"]["timeout"]
+    assert [(t["when"], t["conf"]["connect_timeout_ms"]) for t in mesh_wide][0] == (
+        {"kuma.io/display-name": "web-1"},
+        2000,
+    )
     # A bare Dataplane selects every sidecar (Kuma's ``allDataplanesSelected``).
     every = _compile(tmp_path / "every", _policy("MeshTimeout", "all-dp", "{kind: Dataplane}", to_api))
     assert every.diagnostics == []
@@ -394,9 +400,10 @@ def test_dataplane_by_labels_selects_instances_and_by_name_or_section_is_named(t
         t["conf"]["connect_timeout_ms"]
         for t in json.loads(every.bundles["default"])["destinations"]["api"]["timeout"]
     ] == [2000]
+    # sectionName names an inbound by its port: no selected service's port is "http".
     msgs = {d.loc.path: d.message for d in r.diagnostics if d.code == "W3006"}
-    assert "Dataplane targetRef by name ('web-1')" in msgs[("spec", "targetRef", "name")]
-    assert "sectionName 'http'" in msgs[("spec", "targetRef", "sectionName")]
+    assert list(msgs) == [("spec", "targetRef", "sectionName")]
+    assert "sectionName 'http' that names no inbound" in msgs[("spec", "targetRef", "sectionName")]
 
 
 def _outbound(r: CompileResult, src: str, dst: str, field: str) -> list[dict[str, Any]]:
