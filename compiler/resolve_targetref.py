@@ -18,10 +18,20 @@ three fill ``Inbound`` fields no legacy kind has (``resolve.TARGETREF_INBOUND``:
 filed under the targetRef kind itself). A top-level Dataplane by ``labels`` selects the instances
 whose tags carry them.
 
+A MeshTimeout or MeshRetry whose top-level or ``to`` targetRef is a MeshHTTPRoute
+(``_route_level``) is filed under ``route``: its conf goes on that route's rules (keyed by their
+matches, as Kuma keys route-level rules by the hash of the matches), merged over the
+destination's own MeshTimeout or MeshRetry (``_bases``), into each bundle rule's ``timeout`` and
+``retry``. A Dataplane by name and namespace selects the instances whose ``kuma.io/display-name``
+and ``k8s.kuma.io/namespace`` tags say so; its ``sectionName`` is the inbound's port; a Dataplane
+and ``proxyTypes: [Sidecar]`` leave gateways out (a gateway resolves its own entry without them),
+``proxyTypes: [Gateway]`` names the gateways.
+
 Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
-for MeshHTTPRoute, ``gateway_routes``), a Dataplane by name or with ``sectionName``, a
-MeshHTTPRoute (a bundle route has no timeout, retry, log, limit or load balancer of its own); a
-``to`` item other than Mesh or MeshService; the inbound MeshTimeout settings the sidecar does
+for MeshHTTPRoute, ``gateway_routes``), a MeshHTTPRoute for the other kinds (a bundle route has no
+log, limit or load balancer of its own) or on a MeshGateway, what Kuma sets on the cluster rather
+than on a route; a ``to`` item other than Mesh, MeshService or (MeshTimeout, MeshRetry)
+MeshHTTPRoute; the inbound MeshTimeout settings the sidecar does
 not carry out (http streamIdleTimeout, maxStreamDuration, maxConnectionDuration and
 requestHeadersTimeout; idleTimeout on an HTTP service), inbound MeshCircuitBreaker outlier
 detection, inbound MeshAccessLog OpenTelemetry backends and Json formats; an ``sni`` match; a

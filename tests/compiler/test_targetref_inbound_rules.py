@@ -389,7 +389,7 @@ def test_dataplane_by_labels_selects_instances_and_by_name_or_section_is_named(t
     assert ({"zone": "a"}, 2000) in timeouts
     # By name: the instances whose kuma.io/display-name tag is web-1 (every service's).
     mesh_wide = json.loads(r.bundles["default"])["destinations"]["api"]["timeout"]
-    assert [(t["when"], t["conf"]["connect_timeout_ms"]) for t in mesh_wide][0] == (
+    assert next((t["when"], t["conf"]["connect_timeout_ms"]) for t in mesh_wide) == (
         {"kuma.io/display-name": "web-1"},
         2000,
     )

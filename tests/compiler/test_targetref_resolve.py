@@ -133,7 +133,9 @@ def test_a_dataplane_by_name_selects_the_instances_its_display_name_tag_names(tm
     Dataplane for them, ``kuma.io/display-name`` and ``k8s.kuma.io/namespace`` (instance tags)."""
     r = _compile(
         tmp_path,
-        _timeout("dp", "{kind: Dataplane, name: web-1, namespace: shop}", "{kind: Mesh}", "{idleTimeout: 1s}"),
+        _timeout(
+            "dp", "{kind: Dataplane, name: web-1, namespace: shop}", "{kind: Mesh}", "{idleTimeout: 1s}"
+        ),
     )
     assert r.diagnostics == []
     got = [(x["when"], x["tcp_idle_timeout_ms"]) for x in _timeouts(r, "default", "api")]

@@ -131,7 +131,8 @@ spec:
         ("spec", "to", 0, "targetRef"),
     ], found
     by_path = dict(found)
-    assert "connectionTimeout for a MeshHTTPRoute" in by_path[("spec", "to", 0, "default", "connectionTimeout")]
+    connection = by_path[("spec", "to", 0, "default", "connectionTimeout")]
+    assert "connectionTimeout for a MeshHTTPRoute" in connection
     assert "MeshHTTPRoute 'nowhere' that the mesh does not have" in by_path[("spec", "to", 0, "targetRef")]
     # What applies does: the requestTimeout; a retry conf with nothing per-route adds nothing.
     (rule,) = _out(r, "route")
@@ -175,7 +176,9 @@ spec:
   targetRef: {kind: MeshGateway, name: edge}
   to:
     - targetRef: {kind: Mesh}
-      rules: [{matches: [{path: {type: PathPrefix, value: /}}], default: {backendRefs: [{kind: MeshService, name: api}]}}]
+      rules:
+        - matches: [{path: {type: PathPrefix, value: /}}]
+          default: {backendRefs: [{kind: MeshService, name: api}]}
 """
     policy = """apiVersion: kuma.io/v1alpha1
 kind: MeshTimeout

@@ -114,8 +114,8 @@ def _h2(sidecar: Plane) -> Send:
         *head, last = out.stdout.splitlines()
         version, _, code = last.rpartition(" ")
         assert version.endswith("2"), out.stdout  # the head's last line has no newline: "...\r\n2 504"
-        reason = next((h.split(":", 1)[1].strip() for h in head if h.lower().startswith("x-meshc-reason")), "")
-        return int(code), reason
+        reasons = [h.split(":", 1)[1].strip() for h in head if h.lower().startswith("x-meshc-reason")]
+        return int(code), reasons[0] if reasons else ""
 
     return send
 

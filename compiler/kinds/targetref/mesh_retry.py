@@ -5,6 +5,10 @@ backOff 25ms..250ms, retryOn [5xx, GatewayError, Reset, Retriable4xx, ConnectFai
 EnvoyRatelimited, RefusedStream]; grpc.numRetries 5, retryOn [Canceled, DeadlineExceeded,
 Internal, ResourceExhausted, Unavailable]. `retryOn` also takes HTTP status codes.
 
+On a MeshHTTPRoute (top-level `targetRef`, or a `to` item; by name or labels): the route's rules
+retry by their own `http` and `grpc`, merged over the destination's; `tcp` stays the cluster's
+(W3006).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
