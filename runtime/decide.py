@@ -709,10 +709,19 @@ class RetryState:
         ``route``: the matched route rule's own timeout and retries (``Forward.policy``), which
         replace the target's where the rule sets them (Kuma's route-level MeshTimeout and
         MeshRetry)."""
-        retried = route if route is not None and route.has_retry else None
-        http_retry = retried.retry if retried is not None else target.retry
-        grpc_retry = retried.grpc_retry if retried is not None else target.grpc_retry
-        policy: RetryPolicy | None = http_retry
+        if route is None:
+            policy: RetryPolicy | None = target.retry
+            grpc_retry = target.grpc_retry
+            timeout = target.request_timeout_s
+            self.stream_idle_s = target.stream_idle_timeout_s
+            """How long the response may carry no data (the route rule's, else the target's)."""
+        else:
+            retried = route.has_retry
+            policy = route.retry if retried else target.retry
+            grpc_retry = route.grpc_retry if retried else target.grpc_retry
+            timed = route.has_timeout
+            timeout = route.request_timeout_s if timed else target.request_timeout_s
+            self.stream_idle_s = route.stream_idle_timeout_s if timed else target.stream_idle_timeout_s
         method_ok = policy is not None and policy.method_allowed(method)
         if grpc and grpc_retry is not None:
             policy, method_ok = grpc_retry, True
@@ -728,12 +737,9 @@ class RetryState:
         self.retries = 0
         self.backing_off = False
         self.overall = False
-        timed = route if route is not None and route.has_timeout else None
-        own_timeout = timed.request_timeout_s if timed is not None else target.request_timeout_s
-        timeout = deadline_s if deadline_s is not None else own_timeout
+        if deadline_s is not None:
+            timeout = deadline_s
         self.deadline = now + timeout if timeout else None
-        self.stream_idle_s = (timed or target).stream_idle_timeout_s
-        """How long the response may carry no data (the route rule's, else the target's)."""
         self.tried: list[Host] = []
 
     def try_timeout(self, now: float) -> float | None:

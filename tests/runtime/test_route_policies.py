@@ -7,6 +7,7 @@ The bundles are the shape ``tests/compiler/test_targetref_route_policies.py`` ho
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 import threading
@@ -41,6 +42,8 @@ from runtime.bundle import (
     StringMatch,
     TimeoutConf,
 )
+from runtime.decide import Forward, RetryState, decide_outbound
+from runtime.engine import Engine
 
 SPLIT = (Split(weight=1, service="benigno"),)
 FAST = TimeoutConf(http_request_timeout_ms=300)
@@ -180,3 +183,50 @@ def test_route_timeout_and_retry_apply_to_http2_streams(
     (tmp_path / "retry").mkdir()
     retrying = _start(plane, tmp_path / "retry", [(failing.address, {}), (healthy.address, {})])
     _retry_only_on_its_rule(failing, healthy, _h2(retrying), retrying)
+
+
+class _Head:
+    """A GET request head as a decision reads it."""
+
+    method = "GET"
+    has_body = False
+    upgrade = None
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def authority(self) -> str:
+        return "benigno"
+
+    def path(self) -> str:
+        return self._path
+
+    def query_string(self) -> str:
+        return ""
+
+    def header_map(self) -> dict[str, str]:
+        return {}
+
+
+def test_the_verdict_carries_the_rules_policy_and_retry_state_takes_it() -> None:
+    """Sans-io: the decision names the matched rule's own conf (``Forward.policy``) and the
+    attempt state every byte layer builds from it uses it, else the target's."""
+    engine = Engine("magnanimo", {}, rng=random.Random(1))
+    eps = endpoint_set(1, {"benigno": [("127.0.0.1:1", {})]})
+    mesh = mesh_bundle(destinations={"benigno": _destination()})
+    engine.install(engine.build(mesh, service_bundle("magnanimo"), eps))
+    states = {}
+    for path in ("/hang-fast/x", "/retried/x", "/plain/x"):
+        fwd = decide_outbound(engine, engine.snapshot, _Head(path), "benigno", None, ())
+        assert isinstance(fwd, Forward) and fwd.target is not None
+        states[path] = (fwd.policy, RetryState(fwd.target, "GET", 0, 100.0, route=fwd.policy))
+    fast_policy, fast = states["/hang-fast/x"]
+    assert fast_policy is not None and fast.deadline == 100.3 and not fast.allowed
+    retried_policy, retried = states["/retried/x"]
+    assert retried_policy is not None and retried.allowed and retried.deadline == 100.0 + HANG_DEADLINE
+    plain_policy, plain = states["/plain/x"]
+    assert plain_policy is None and not plain.allowed and plain.deadline == 100.0 + HANG_DEADLINE
+    # A gRPC caller's own deadline still replaces the rule's timeout.
+    assert fast_policy is not None
+    grpc = RetryState(fwd.target, "POST", 0, 100.0, grpc=True, deadline_s=5.0, route=fast_policy)
+    assert grpc.deadline == 105.0
