@@ -72,7 +72,7 @@ for name, route in cases.items():
     for _ in range(n):
         fwd = decide_outbound(engine, snap, head, "benigno", None, ())
         if takes_route:
-            RetryState(fwd.target, "GET", 0, 0.0, route=fwd.policy)
+            RetryState(fwd.target, "GET", 0, 0.0, fwd.policy)
         else:
             RetryState(fwd.target, "GET", 0, 0.0)
     out[name] = (time.perf_counter() - t0) / n * 1e9

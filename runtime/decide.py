@@ -386,8 +386,11 @@ def _outbound(
     if target is None:
         return Reply(503, NO_HOST, source, name)
     incoming = headers.get
-    policy = route.policy if route is not None else None
-    if route is None or route.modify is None:
+    if route is None:
+        fwd = Forward(TARGET, source, target.service, target=target, source_header=source)
+        return traced(engine, snap, fwd, incoming)
+    policy = route.policy
+    if route.modify is None:
         return traced(
             engine,
             snap,
@@ -697,10 +700,10 @@ class RetryState:
         method: str,
         body_length: int | None,
         now: float,
+        route: RoutePolicy | None = None,
         *,
         grpc: bool = False,
         deadline_s: float | None = None,
-        route: RoutePolicy | None = None,
     ) -> None:
         """``body_length``: 0 without a body, None when it is not known up front (chunked).
         ``grpc``: a gRPC call, retried by Retry's ``grpc`` conf when there is one (any method:

@@ -251,7 +251,7 @@ class Exchange(asyncio.Protocol):
             return
         now = plane.loop.time()
         length = (None if req.chunked else req.length) if req.has_body else 0
-        retry = self.retry = RetryState(target, req.method, length, now, route=route)
+        retry = self.retry = RetryState(target, req.method, length, now, route)
         if retry.allowed and req.has_body:
             req.saved = req.body  # kept for a replay
             req.body = []

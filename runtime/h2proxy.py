@@ -1153,9 +1153,9 @@ class _Exchange:
             head.method,
             int(length) if length.isdigit() else 0,
             loop.time(),
+            fwd.policy,
             grpc=head.grpc,
             deadline_s=timeout,
-            route=fwd.policy,
         )
         if retry.allowed and head.has_body:
             self.replay = []

@@ -444,7 +444,7 @@ class HttpProxy:
             request.method,
             request.content_length if request.body_exists else 0,
             loop.time(),
-            route=fwd.policy,
+            fwd.policy,
         )
         body: Any = None
         if request.body_exists:
