@@ -66,6 +66,8 @@ from compiler.kinds.mesh import mesh_settings, tracing_backend
 from compiler.kinds.targetref import mesh_access_log as mal
 from compiler.kinds.targetref import mesh_health_check as mhc
 from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
+from compiler.kinds.targetref import mesh_retry as mre
+from compiler.kinds.targetref import mesh_timeout as mto
 from compiler.kinds.targetref import mesh_trace as mtr
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
@@ -842,12 +844,9 @@ _GW = "MeshGateway"
 _ROUTE_LEVEL = {"MeshTimeout": "timeout", "MeshRetry": "retry"}
 """Kinds whose confs a MeshHTTPRoute's rules carry (top-level or ``to`` targetRef MeshHTTPRoute),
 and the key each is filed under in a rule of the route patch."""
-_PER_RULE = {
-    "MeshTimeout": (("http", "request_timeout"), ("http", "stream_idle_timeout")),
-    "MeshRetry": (("http",), ("grpc",)),
-}
-"""What a route-level conf sets on a route rule, as Kuma's plugins read it (MeshTimeout:
-``ConfigureRouteAction``; MeshRetry: the route's retry policy); the rest stays the cluster's."""
+_PER_RULE = {"MeshTimeout": mto.PER_ROUTE, "MeshRetry": mre.PER_ROUTE}
+"""What a route-level conf sets on a route rule (each kind's module says); the rest stays the
+destination cluster's."""
 
 
 def _routes_of(d: Doc, ref: Any, at: Path, route_docs: list[Doc], out: list[Diagnostic]) -> list[Doc]:

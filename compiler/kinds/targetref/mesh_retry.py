@@ -120,6 +120,10 @@ class MeshRetrySpec(Spec):
     to: list[To] | None = None
 
 
+PER_ROUTE = (("http",), ("grpc",))
+"""What a conf for a MeshHTTPRoute sets on the route's rules (Kuma: the route's retry policy);
+``tcp`` is the destination cluster's (``resolve_targetref`` warns W3006 at it)."""
+
 _TOP = ("Mesh", "MeshSubset", "MeshGateway", "MeshService", "MeshServiceSubset", "MeshHTTPRoute", "Dataplane")
 _HTTP_RETRY_ON = {
     "5xx",

@@ -98,6 +98,10 @@ class MeshTimeoutSpec(Spec):
     rules: list[Rule] | None = None
 
 
+PER_ROUTE = (("http", "request_timeout"), ("http", "stream_idle_timeout"))
+"""What a conf for a MeshHTTPRoute sets on the route's rules (Kuma's ``ConfigureRouteAction``);
+its other settings are the destination cluster's (``resolve_targetref`` warns W3006 at them)."""
+
 _ROUTE = "can't be specified when top-level TargetRef is referencing MeshHTTPRoute"
 _SPIFFE = (
     "can't be specified when matches contain spiffeID because this field cannot be conditioned on "
