@@ -22,8 +22,9 @@ A MeshTimeout or MeshRetry whose top-level or ``to`` targetRef is a MeshHTTPRout
 (``_route_level``) is filed under ``route``: its conf goes on that route's rules (keyed by their
 matches, as Kuma keys route-level rules by the hash of the matches), merged over the
 destination's own MeshTimeout or MeshRetry (``_bases``), into each bundle rule's ``timeout`` and
-``retry``. A Dataplane by name and namespace selects the instances whose ``kuma.io/display-name``
-and ``k8s.kuma.io/namespace`` tags say so; its ``sectionName`` is the inbound's port; a Dataplane
+``retry``. A Dataplane's ``labels`` are a sidecar's own (``--label``; ``b.LABEL_KEY`` conditions),
+apart from its tags; by name and namespace it selects the sidecars whose ``kuma.io/display-name``
+and ``k8s.kuma.io/namespace`` labels say so; its ``sectionName`` is the inbound's port; a Dataplane
 and ``proxyTypes: [Sidecar]`` leave gateways out (a gateway resolves its own entry without them),
 ``proxyTypes: [Gateway]`` names the gateways.
 
@@ -114,11 +115,13 @@ NAMESPACE_TAG = "k8s.kuma.io/namespace"
 def _top(tr: Any) -> tuple[str, Tags] | None:
     """The proxies a top-level targetRef selects: (service or ``*``, tag conditions).
 
-    A meshc instance is Kuma's Dataplane resource and its labels are the instance's tags
-    (``kuma.io/service`` among them): a Dataplane by ``labels`` selects the instances whose tags
-    carry them; by ``name`` (and ``namespace``), those whose ``kuma.io/display-name`` (and
-    ``k8s.kuma.io/namespace``) tag says so, the labels Kuma gives every Dataplane for its name
-    and namespace; one without name, namespace or labels, every instance. ``proxyTypes`` and a
+    A meshc sidecar is Kuma's Dataplane resource, and its Dataplane labels are its own (a
+    sidecar's ``--label``), apart from its tags, as Kuma reads a Dataplane targetRef's ``labels``
+    against the resource's labels and a MeshSubset's ``tags`` against the inbound's tags: a
+    Dataplane by ``labels`` selects the instances that carry them; by ``name`` (and
+    ``namespace``), those whose ``kuma.io/display-name`` (and ``k8s.kuma.io/namespace``) label
+    says so, the labels Kuma gives every Dataplane for its name and namespace (``b.LABEL_KEY``
+    conditions); one without name, namespace or labels, every instance. ``proxyTypes`` and a
     Dataplane's ``sectionName`` are read by ``_proxy_type`` and ``_by_section``."""
     kind = tr.kind if tr is not None and tr.kind else "Mesh"
     if kind == "Mesh":
@@ -137,7 +140,7 @@ def _top(tr: Any) -> tuple[str, Tags] | None:
             labels[DISPLAY_NAME] = tr.name
         if tr.namespace:
             labels[NAMESPACE_TAG] = tr.namespace
-        return labels.get(SERVICE_TAG, "*"), tuple(sorted(extra_tags(labels).items()))
+        return "*", tuple(sorted((b.LABEL_KEY + k, v) for k, v in labels.items()))
     return None
 
 

@@ -39,6 +39,7 @@ from pydantic import (
 __all__ = [
     "BUNDLE_FORMAT",
     "INBOUND_OPTIONAL",
+    "LABEL_KEY",
     "AnyBundle",
     "BackOff",
     "BundleError",
@@ -100,6 +101,11 @@ class _Frozen(BaseModel):
 Tags = dict[str, str]
 """Tag name -> value; ``*`` as a value matches any value."""
 
+LABEL_KEY = "label:"
+"""A ``Rule.when`` key with this prefix names a Dataplane label of the local instance (Kuma's
+Dataplane targetRef ``labels``, ``name`` and ``namespace``), not a tag: tag names cannot hold
+a colon, so the two never meet."""
+
 T = TypeVar("T")
 
 
@@ -110,7 +116,13 @@ class Rule(_Frozen, Generic[T]):
     with an unconditional rule, so a lookup always finds an answer.
     """
 
-    when: Tags = Field(default_factory=dict, description="Tags the local instance must carry.")
+    when: Tags = Field(
+        default_factory=dict,
+        description=(
+            "Tags the local instance must carry; a key `label:NAME` is its Dataplane label NAME "
+            "(a sidecar's `--label`), not a tag."
+        ),
+    )
     peer: Tags = Field(
         default_factory=dict,
         description=(

@@ -25,6 +25,7 @@ from runtime._lb import Balancer, Wheel, make_balancer
 from runtime._match import SERVICE_TAG, StrMatcher, compile_string_match, first_rule, tags_match
 from runtime._policy import Fault, RetryPolicy, TokenBucket
 from runtime.bundle import (
+    LABEL_KEY,
     BundleError,
     CatalogService,
     CircuitBreakerConf,
@@ -749,9 +750,12 @@ class Engine:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.service = service
         self.tags = {**tags, SERVICE_TAG: service}
+        self.labels = {LABEL_KEY + k: v for k, v in (labels or {}).items()}
+        """The instance's Dataplane labels as ``Rule.when`` keys (``LABEL_KEY``)."""
         self.rng = rng or random.Random()
         self.clock = clock
         self.registry = HostRegistry()
@@ -801,7 +805,7 @@ class Engine:
             raise BundleError(
                 f"service bundle is for mesh {service.mesh!r}, the mesh bundle is {mesh.mesh!r}"
             )
-        local = dict(self.tags)
+        local = {**self.tags, **self.labels}
         if service is not None and service.gateway is not None:
             local = {**service.gateway.tags, **local}
         by_service: dict[str, list[Host]] = {}

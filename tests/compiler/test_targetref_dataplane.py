@@ -1,10 +1,12 @@
 """Which proxies a top-level targetRef selects beyond services and tags: a Dataplane by name,
 namespace and ``sectionName``, and ``proxyTypes`` (Kuma v2.14.3 ``matchers/dataplane.go``).
 
-A meshc instance is Kuma's Dataplane resource: its labels are its tags, its name and namespace
-the ``kuma.io/display-name`` and ``k8s.kuma.io/namespace`` tags (the labels Kuma gives every
-Dataplane), and its one inbound's section name is its Service's port. A Dataplane targetRef and
+A meshc sidecar is Kuma's Dataplane resource: its labels are its own (``--label``, bundle
+conditions ``label:NAME``), apart from its tags; its name and namespace the
+``kuma.io/display-name`` and ``k8s.kuma.io/namespace`` labels (those Kuma gives every Dataplane);
+its one inbound's section name is its Service's port. A Dataplane targetRef and
 ``proxyTypes: [Sidecar]`` never select a gateway; ``proxyTypes: [Gateway]`` selects gateways only.
+``tests/runtime/test_route_policies.py`` runs a label-conditioned rule on a sidecar.
 """
 
 from __future__ import annotations
@@ -109,6 +111,21 @@ def test_no_gateway_in_the_mesh_keeps_the_bundles_of_a_mesh_wide_policy(tmp_path
         d.mkdir()
         (d / "p.yaml").write_text(no_gateway + _policy("t", top, TO_API), encoding="utf-8")
     assert compile_dir(a).digests == compile_dir(b).digests
+
+
+def test_dataplane_labels_are_labels_not_tags(tmp_path: Path) -> None:
+    r = _compile(
+        tmp_path,
+        _policy("by-label", "{kind: Dataplane, labels: {version: v2}}", TO_API),
+        _policy("by-tag", "{kind: MeshSubset, tags: {version: v2}}", EVERYONE),
+    )
+    assert r.diagnostics == []
+    assert _timeouts(r, "default") == [
+        ({"label:version": "v2", "version": "v2"}, 2000, 9000),
+        ({"label:version": "v2"}, 2000, 3600000),
+        ({"version": "v2"}, 5000, 9000),
+        ({}, 5000, 3600000),
+    ]
 
 
 def test_a_dataplane_section_name_is_its_inbounds_port(tmp_path: Path) -> None:

@@ -385,14 +385,12 @@ def test_dataplane_by_labels_selects_instances_and_by_name_or_section_is_named(t
         _policy("MeshRateLimit", "by-section", "{kind: Dataplane, labels: {app: x}, sectionName: http}",
                 f"  rules: [{{default: {_limit(1, '1s')}}}]\n"),
     )  # fmt: skip
-    timeouts = [(t["when"], t["conf"]["connect_timeout_ms"]) for t in _outbound(r, "web", "api", "timeout")]
-    assert ({"zone": "a"}, 2000) in timeouts
-    # By name: the instances whose kuma.io/display-name tag is web-1 (every service's).
+    # Dataplane labels are the instance's own labels (``label:`` conditions), not its tags; by
+    # name: the instances whose kuma.io/display-name label is web-1.
     mesh_wide = json.loads(r.bundles["default"])["destinations"]["api"]["timeout"]
-    assert next((t["when"], t["conf"]["connect_timeout_ms"]) for t in mesh_wide) == (
-        {"kuma.io/display-name": "web-1"},
-        2000,
-    )
+    timeouts = [(t["when"], t["conf"]["connect_timeout_ms"]) for t in mesh_wide]
+    assert ({"label:kuma.io/service": "web", "label:zone": "a"}, 2000) in timeouts
+    assert ({"label:kuma.io/display-name": "web-1"}, 2000) in timeouts
     # A bare Dataplane selects every sidecar (Kuma's ``allDataplanesSelected``).
     every = _compile(tmp_path / "every", _policy("MeshTimeout", "all-dp", "{kind: Dataplane}", to_api))
     assert every.diagnostics == []
@@ -575,11 +573,12 @@ def test_without_mtls_a_spiffe_match_matches_no_caller_as_in_kuma(tmp_path: Path
 
 
 def test_instances_selected_by_two_policies_get_both_merged_not_an_error(tmp_path: Path) -> None:
-    """Kuma merges every policy that selects an instance: an api instance tagged version v2 and
-    zone a gets both limits merged (the union of the tags, listed first), outbound as inbound; the
-    two conditions of one size are no E3002 conflict."""
-    v2 = "{kind: Dataplane, labels: {kuma.io/service: api, version: v2}}"
-    zone = "{kind: Dataplane, labels: {kuma.io/service: api, zone: a}}"
+    """Kuma merges every policy that selects an instance: an instance labelled version v2 and
+    zone a gets both limits merged (the union of the labels, listed first), outbound as inbound;
+    the two conditions of one size are no E3002 conflict. (Dataplane ``labels`` are the
+    instance's Dataplane labels, ``label:`` conditions, not its tags.)"""
+    v2 = "{kind: Dataplane, labels: {app: api, version: v2}}"
+    zone = "{kind: Dataplane, labels: {app: api, zone: a}}"
     r = _compile(
         tmp_path,
         _policy("MeshRateLimit", "v2", v2, f"  rules: [{{default: {_limit(5, '1s')}}}]\n"),
@@ -593,18 +592,19 @@ def test_instances_selected_by_two_policies_get_both_merged_not_an_error(tmp_pat
     limits = [
         (x["when"], x["conf"]["requests"], x["conf"]["status"]) for x in _inbound(r, "api", "rate_limit")
     ]
+    app, v2_, zone_ = ("label:app", "api"), ("label:version", "v2"), ("label:zone", "a")
     assert limits == [
-        ({"version": "v2", "zone": "a"}, 5, 499),  # v2's rate (its name sorts first: W3004), zone's status
-        ({"version": "v2"}, 5, 429),
-        ({"zone": "a"}, 7, 499),
+        (dict([app, v2_, zone_]), 5, 499),  # v2's rate (its name sorts first: W3004), zone's status
+        (dict([app, v2_]), 5, 429),
+        (dict([app, zone_]), 7, 499),
     ]
-    assert [d.code for d in r.diagnostics] == ["W3004"]
+    assert {d.code for d in r.diagnostics} == {"W3004"}  # per service: labels name none
     timeouts = [
         (x["when"], x["conf"]["connect_timeout_ms"], x["conf"]["http_request_timeout_ms"])
-        for x in _outbound(r, "api", "web", "timeout")
+        for x in json.loads(r.bundles["default"])["destinations"]["web"]["timeout"]
     ]
-    assert timeouts[:3] == [({"version": "v2", "zone": "a"}, 1000, 2000), ({"version": "v2"}, 1000, 15000),
-                            ({"zone": "a"}, 5000, 2000)]  # fmt: skip
+    assert timeouts[:3] == [(dict([app, v2_, zone_]), 1000, 2000), (dict([app, v2_]), 1000, 15000),
+                            (dict([app, zone_]), 5000, 2000)]  # fmt: skip
 
 
 def test_fault_rules_replace_the_from_faults_of_the_service_they_select(tmp_path: Path) -> None:

@@ -128,9 +128,9 @@ def test_what_is_not_resolved_says_so(tmp_path: Path) -> None:
     assert "a `to` targetRef of kind MeshExternalService" in w.message
 
 
-def test_a_dataplane_by_name_selects_the_instances_its_display_name_tag_names(tmp_path: Path) -> None:
-    """A meshc instance is Kuma's Dataplane; its name and namespace are the labels Kuma gives every
-    Dataplane for them, ``kuma.io/display-name`` and ``k8s.kuma.io/namespace`` (instance tags)."""
+def test_a_dataplane_by_name_selects_the_instances_its_display_name_label_names(tmp_path: Path) -> None:
+    """A meshc sidecar is Kuma's Dataplane; its name and namespace are the labels Kuma gives every
+    Dataplane for them, ``kuma.io/display-name`` and ``k8s.kuma.io/namespace`` (``--label``)."""
     r = _compile(
         tmp_path,
         _timeout(
@@ -139,7 +139,7 @@ def test_a_dataplane_by_name_selects_the_instances_its_display_name_tag_names(tm
     )
     assert r.diagnostics == []
     got = [(x["when"], x["tcp_idle_timeout_ms"]) for x in _timeouts(r, "default", "api")]
-    assert got[0] == ({"k8s.kuma.io/namespace": "shop", "kuma.io/display-name": "web-1"}, 1000)
+    assert got[0] == ({"label:k8s.kuma.io/namespace": "shop", "label:kuma.io/display-name": "web-1"}, 1000)
     assert all(w != {} or idle != 1000 for w, idle in got)  # other instances: not this one
 
 

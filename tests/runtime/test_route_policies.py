@@ -3,6 +3,7 @@ processes: they apply to the requests that rule matches and to no other, over HT
 data planes and over HTTP/2 (curl h2c), with the destination's own timeout and retry elsewhere.
 
 The bundles are the shape ``tests/compiler/test_targetref_route_policies.py`` holds the compiler to.
+The last test runs a Dataplane-label condition (``label:NAME``) against ``--label`` and ``--tag``.
 """
 
 from __future__ import annotations
@@ -230,3 +231,37 @@ def test_the_verdict_carries_the_rules_policy_and_retry_state_takes_it() -> None
     assert fast_policy is not None
     grpc = RetryState(fwd.target, "POST", 0, 100.0, grpc=True, deadline_s=5.0, route=fast_policy)
     assert grpc.deadline == 105.0
+
+
+def test_a_dataplane_label_condition_matches_a_sidecars_label_not_its_tag(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    """A rule conditioned on a Dataplane label (``label:team``, a Dataplane targetRef's
+    ``labels``) applies to the sidecar started with ``--label team=a`` and not to the one whose
+    *tag* is ``team=a``: the tagged one's request is still waiting when the labelled one's times out."""
+    app = upstream("slow")
+    fast = Rule[TimeoutConf](when={"label:team": "a"}, conf=FAST)
+    slow = Rule[TimeoutConf](conf=TimeoutConf(http_request_timeout_ms=int(HANG_DEADLINE * 1000)))
+    dest = Destination(route=(Rule[RouteConf](conf=RouteConf(split=SPLIT)),), timeout=(fast, slow))
+    mesh = write_bundle(tmp_path, mesh_bundle(destinations={"benigno": dest}))
+    eps = tmp_path / "eps.json"
+    eps.write_text(endpoint_set(1, {"benigno": [(app.address, {})]}).model_dump_json())
+    sidecars = {}
+    for name, flag in (("labelled", "--label"), ("tagged", "--tag")):
+        sidecars[name] = plane(
+            "--service", "magnanimo", flag, "team=a",
+            "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            "--state-dir", tmp_path / name,
+            "--mesh-bundle", mesh,
+            "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+            "--endpoints", eps,
+        )  # fmt: skip
+    tagged: list[tuple[int, str]] = []
+    waiting = threading.Thread(target=lambda: tagged.append(_h1(sidecars["tagged"])("/hang/tagged")))
+    waiting.start()
+    wait_until(lambda: app.hits["/hang/tagged"] == 1, "the app to hold the tagged sidecar's request")
+    assert _h1(sidecars["labelled"])("/hang/labelled") == (504, "upstream request timeout")
+    assert waiting.is_alive() and tagged == []
+    app.release.set()
+    waiting.join(HANG_DEADLINE)
+    assert tagged == [(200, "")]
