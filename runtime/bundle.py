@@ -39,6 +39,9 @@ from pydantic import (
 __all__ = [
     "BUNDLE_FORMAT",
     "INBOUND_OPTIONAL",
+    "LOGGING_OPTIONAL",
+    "LOG_OPERATORS",
+    "LOG_OPERATOR_RE",
     "AnyBundle",
     "BackOff",
     "BundleError",
@@ -75,6 +78,7 @@ __all__ = [
     "StringMatch",
     "TcpHealthCheck",
     "TimeoutConf",
+    "TraceTag",
     "TracingBackend",
     "TrafficLogConf",
     "bundle_digest",
@@ -323,14 +327,75 @@ class TimeoutConf(_Frozen):
 
 class LoggingBackend(_Frozen):
     name: str
-    type: Literal["file", "tcp"]
+    type: Literal["file", "tcp", "otel"]
     format: str | None = None
+    """A Plain format string (Envoy command operators, Kuma's ``%KUMA_*%`` placeholders); None
+    with no ``json_format``: meshc's JSON line."""
     path: str | None = None
     address: str | None = None
+    """``host:port`` of a TCP log collector (``tcp``) or of an OTLP/HTTP collector (``otel``)."""
+    json_format: tuple[tuple[str, str], ...] = ()
+    """A Json format: (key, format string) pairs, one JSON object per line."""
+    omit_empty_values: bool = False
+    """Leave out the Json keys (or Plain operators) whose value is empty."""
+    body: str | None = None
+    """``otel``: the log record body as JSON text (an OTLP AnyValue, or a string); None: the
+    Plain ``format`` (or Kuma's default line) as a string."""
+    attributes: tuple[tuple[str, str], ...] = ()
+    """``otel``: (attribute name, format string) pairs on each log record."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in LOGGING_OPTIONAL:
+            if not out.get(name):
+                out.pop(name, None)
+        return out
+
+
+LOGGING_OPTIONAL = ("json_format", "omit_empty_values", "body", "attributes")
+"""The ``LoggingBackend`` fields written only when set, so older bundles keep their digests."""
+
+LOG_OPERATORS = frozenset(
+    {
+        "START_TIME",
+        "DURATION",
+        "RESPONSE_CODE",
+        "PROTOCOL",
+        "UPSTREAM_HOST",
+        "UPSTREAM_CLUSTER",
+        "TRACE_ID",
+        "GRPC_STATUS",
+        "REQ",
+        "KUMA_MESH",
+        "KUMA_SOURCE_SERVICE",
+        "KUMA_DESTINATION_SERVICE",
+        "KUMA_TRAFFIC_DIRECTION",
+        "KUMA_ZONE",
+        "KUMA_WORKLOAD",
+    }
+)
+"""The command operators (Envoy's, without arguments or ``%``) and Kuma placeholders a data plane
+fills in a log format (``runtime.accesslog``); any other is written as ``-`` (``null`` in Json)."""
+LOG_OPERATOR_RE = r"%([A-Z][A-Z0-9_]*)(?:\(([^)]*)\))?(?::(\d+))?%"
+"""A command operator in a log format: ``%NAME%``, ``%NAME(ARG)%``, ``%NAME(ARG):LEN%``."""
 
 
 class TrafficLogConf(_Frozen):
     backend: LoggingBackend
+    also: tuple[LoggingBackend, ...] = ()
+    """Further backends of the same rule: each gets the line too (Kuma writes every backend)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if not out.get("also"):
+            out.pop("also", None)
+        return out
+
+    @property
+    def backends(self) -> tuple[LoggingBackend, ...]:
+        return (self.backend, *self.also)
 
 
 class Destination(_Frozen):
@@ -509,19 +574,38 @@ class Mtls(_Frozen):
     cert_rotation_ms: int = 86400000
 
 
-class TracingBackend(_Frozen):
-    """A tracing backend: the Mesh's default one (Kuma's ``tracing.backends``, type ``zipkin``)
-    or a MeshTrace's Zipkin backend."""
+class TraceTag(_Frozen):
+    """A span attribute: a ``literal`` value, or the request ``header``'s (else ``default``)."""
 
     name: str
-    type: Literal["zipkin"] = "zipkin"
+    literal: str | None = None
+    header: str | None = None
+    default: str | None = None
+
+
+class TracingBackend(_Frozen):
+    """A tracing backend: the Mesh's default one (Kuma's ``tracing.backends``, type ``zipkin``)
+    or a MeshTrace's Zipkin or OpenTelemetry backend."""
+
+    name: str
+    type: Literal["zipkin", "otel"] = "zipkin"
     sampling: float = 100.0
     """Percentage of new traces sampled (0-100); an incoming trace context keeps its decision."""
     url: str
-    """Zipkin v2 spans endpoint (``http://collector:9411/api/v2/spans``)."""
+    """Zipkin v2 spans endpoint (``http://collector:9411/api/v2/spans``), or for ``otel`` the
+    OTLP/HTTP traces endpoint (``http://collector:4318/v1/traces``, JSON encoding)."""
     b3: bool = True
     """Read and send B3 headers (``b3`` and ``X-B3-*``) besides ``traceparent``: Envoy's Zipkin
     tracer, which Kuma configures, speaks B3."""
+    tags: tuple[TraceTag, ...] = ()
+    """Attributes every span of these data planes carries (MeshTrace ``tags``)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if not out.get("tags"):
+            out.pop("tags", None)
+        return out
 
 
 class ServiceTracing(_Frozen):
