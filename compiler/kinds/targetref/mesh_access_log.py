@@ -21,7 +21,7 @@ keeps its type). The data planes fill `%START_TIME%`, `%DURATION%`, `%RESPONSE_C
 `%REQ(header)%` (`:method`, `:path`, `:authority` included), `%KUMA_MESH%`,
 `%KUMA_SOURCE_SERVICE%`, `%KUMA_DESTINATION_SERVICE%`, `%KUMA_TRAFFIC_DIRECTION%`, `%KUMA_ZONE%`
 and `%KUMA_WORKLOAD%` (both empty: no zones); any other operator is written as `-` (W3006 at
-it), and so is an OpenTelemetry `backendRef` (no MeshOpenTelemetryBackend here: W3006). Tcp and
+it). An OpenTelemetry `backendRef` is not applied (no MeshOpenTelemetryBackend here: W3006). Tcp and
 OpenTelemetry records leave through a bounded queue off the data path: a slow or dead collector
 never slows a request; what is lost is counted in `meshc_accesslog_records_dropped`.
 
