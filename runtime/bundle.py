@@ -25,7 +25,7 @@ import gc
 import hashlib
 import json
 from collections.abc import Iterator
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -39,7 +39,6 @@ from pydantic import (
 __all__ = [
     "BUNDLE_FORMAT",
     "INBOUND_OPTIONAL",
-    "LOGGING_OPTIONAL",
     "LOG_OPERATORS",
     "LOG_OPERATOR_RE",
     "AnyBundle",
@@ -99,6 +98,21 @@ class BundleError(ValueError):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Sparse(_Frozen):
+    """A model whose ``_OPTIONAL`` fields are left out of its JSON while empty: fields added
+    after bundles existed keep the digests of the bundles that do not use them."""
+
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in self._OPTIONAL:
+            if not out.get(name):
+                out.pop(name, None)
+        return out
 
 
 Tags = dict[str, str]
@@ -325,7 +339,7 @@ class TimeoutConf(_Frozen):
     http_max_stream_duration_ms: int = 0
 
 
-class LoggingBackend(_Frozen):
+class LoggingBackend(_Sparse):
     name: str
     type: Literal["file", "tcp", "otel"]
     format: str | None = None
@@ -344,17 +358,8 @@ class LoggingBackend(_Frozen):
     attributes: tuple[tuple[str, str], ...] = ()
     """``otel``: (attribute name, format string) pairs on each log record."""
 
-    @model_serializer(mode="wrap")
-    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        for name in LOGGING_OPTIONAL:
-            if not out.get(name):
-                out.pop(name, None)
-        return out
+    _OPTIONAL = ("json_format", "omit_empty_values", "body", "attributes")
 
-
-LOGGING_OPTIONAL = ("json_format", "omit_empty_values", "body", "attributes")
-"""The ``LoggingBackend`` fields written only when set, so older bundles keep their digests."""
 
 LOG_OPERATORS = frozenset(
     {
@@ -381,17 +386,12 @@ LOG_OPERATOR_RE = r"%([A-Z][A-Z0-9_]*)(?:\(([^)]*)\))?(?::(\d+))?%"
 """A command operator in a log format: ``%NAME%``, ``%NAME(ARG)%``, ``%NAME(ARG):LEN%``."""
 
 
-class TrafficLogConf(_Frozen):
+class TrafficLogConf(_Sparse):
     backend: LoggingBackend
     also: tuple[LoggingBackend, ...] = ()
     """Further backends of the same rule: each gets the line too (Kuma writes every backend)."""
 
-    @model_serializer(mode="wrap")
-    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if not out.get("also"):
-            out.pop("also", None)
-        return out
+    _OPTIONAL = ("also",)
 
     @property
     def backends(self) -> tuple[LoggingBackend, ...]:
@@ -583,7 +583,7 @@ class TraceTag(_Frozen):
     default: str | None = None
 
 
-class TracingBackend(_Frozen):
+class TracingBackend(_Sparse):
     """A tracing backend: the Mesh's default one (Kuma's ``tracing.backends``, type ``zipkin``)
     or a MeshTrace's Zipkin or OpenTelemetry backend."""
 
@@ -600,12 +600,7 @@ class TracingBackend(_Frozen):
     tags: tuple[TraceTag, ...] = ()
     """Attributes every span of these data planes carries (MeshTrace ``tags``)."""
 
-    @model_serializer(mode="wrap")
-    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if not out.get("tags"):
-            out.pop("tags", None)
-        return out
+    _OPTIONAL = ("tags",)
 
 
 class ServiceTracing(_Frozen):

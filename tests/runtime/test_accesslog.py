@@ -4,11 +4,9 @@ queue against a real, stuck OTLP/HTTP collector."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 from runtime_harness import wait_until
 from test_zipkin import StuckCollector
@@ -79,18 +77,17 @@ def test_unused_fields_stay_out_of_the_bundle_json() -> None:
     assert set(TrafficLogConf(backend=plain).model_dump(mode="json")) == {"backend"}
 
 
-@pytest.fixture
-def stuck() -> Iterator[StuckCollector]:
-    c = StuckCollector()
-    yield c
-    c.release.set()
-    c.server.shutdown()
-    c.server.server_close()
+def test_a_stuck_otlp_collector_fills_the_queue_and_records_are_dropped_not_waited_for() -> None:
+    stuck = StuckCollector()
+    try:
+        _fill_and_release(stuck)
+    finally:
+        stuck.release.set()
+        stuck.server.shutdown()
+        stuck.server.server_close()
 
 
-def test_a_stuck_otlp_collector_fills_the_queue_and_records_are_dropped_not_waited_for(
-    stuck: StuckCollector,
-) -> None:
+def _fill_and_release(stuck: StuckCollector) -> None:
     registry = CollectorRegistry()
     shipper = LogShipper(registry, cap=2)
     address = stuck.url.split("/")[2]

@@ -291,24 +291,15 @@ def bundle_backend(x: dict[str, Any]) -> b.LoggingBackend | None:
         else ()
     )
     omit = bool(fmt.get("omit_empty_values"))
-    if kind == "File":
-        path = conf.get("path") or ""
-        return b.LoggingBackend(
-            name=f"file:{path}",
-            type="file",
-            format=plain,
-            path=path,
-            json_format=pairs,
-            omit_empty_values=omit,
-        )
-    address = conf.get("address") or ""
+    where = {"path": conf.get("path") or ""} if kind == "File" else {"address": conf.get("address") or ""}
+    (value,) = where.values()
     return b.LoggingBackend(
-        name=f"tcp:{address}",
-        type="tcp",
+        name=f"{str(kind).lower()}:{value}",
+        type="file" if kind == "File" else "tcp",
         format=plain,
-        address=address,
         json_format=pairs,
         omit_empty_values=omit,
+        **where,
     )
 
 
