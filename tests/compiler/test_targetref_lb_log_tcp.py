@@ -309,13 +309,16 @@ def test_what_the_data_planes_cannot_fill_in_a_log_is_named(tmp_path: Path) -> N
         "{backends: [{type: OpenTelemetry, openTelemetry:"
         " {backendRef: {kind: MeshOpenTelemetryBackend, labels: {a: b}}}},"
         " {type: File, file: {path: /tmp/a.log, format: {type: Plain,"
-        " plain: '%BYTES_SENT% %START_TIME(%s)% %RESPONSE_CODE% %BYTES_SENT%'}}}]}",
+        " plain: '%BYTES_SENT% %START_TIME(%s)% %RESPONSE_CODE% %BYTES_SENT%'}}},"
+        " {type: OpenTelemetry, openTelemetry: {endpoint: 'otel:4317'}}]}",
     )
     r = _compile(tmp_path, "p", odd)
     msgs = sorted(d.message.split(" of a ")[0].removeprefix("meshc does not resolve ")
                   for d in r.diagnostics if d.code == "W3006")  # fmt: skip
     assert msgs == [
         "an OpenTelemetry backendRef (meshc has no MeshOpenTelemetryBackend; set `endpoint`)",
+        "an endpoint on port 4317, OTLP/gRPC's (the data planes export OTLP/HTTP JSON: point it at the"
+        " collector's OTLP/HTTP receiver, 4318 by convention)",
         "the operator %BYTES_SENT% (the data planes write it as '-')",
         "the operator %START_TIME(%s)% (the data planes write it as '-')",
     ]

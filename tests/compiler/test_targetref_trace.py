@@ -216,3 +216,11 @@ def test_an_opentelemetry_backend_with_tags_compiles_to_otlp_http(tmp_path: Path
             {"name": "tenant", "literal": None, "header": "x-tenant", "default": "none"},
         ],
     }
+
+
+def test_an_opentelemetry_endpoint_on_the_grpc_port_is_named(tmp_path: Path) -> None:
+    """4317 is where a collector speaks OTLP/gRPC: the data planes' OTLP/HTTP would all fail."""
+    otel = "{type: OpenTelemetry, openTelemetry: {endpoint: 'collector:4317'}}"
+    r = _compile(tmp_path, MESH, _trace("otel", "{kind: Mesh}", f"{{backends: [{otel}]}}"))
+    (w,) = _found(r, "W3006")
+    assert "port 4317, OTLP/gRPC's" in w.message and w.loc.path[-1] == "endpoint"

@@ -9,19 +9,19 @@ logs: every rule logs, gated by its match (a `spiffeID` match: the callers it co
 its backends, per request to the local app (`direction: inbound`) and per request the sidecar
 answers itself (a deny, a rate limit, a fault's abort: no `upstream`).
 
-A File backend appends to its `path`, a Tcp backend sends lines to its `address`, an
-OpenTelemetry backend exports log records as OTLP/HTTP JSON to `http://<endpoint>/v1/logs` (point
-`endpoint` at the collector's OTLP/HTTP receiver, port 4318 by convention; the data planes do not
-speak OTLP/gRPC), with its `body` (default: meshc's JSON line) and `attributes`. With no format a
-line is meshc's JSON object (`time`, `direction`, `source_service`, `destination_service`,
-`upstream`, `method`, `path`, `response_code`, `duration_ms`, `trace_id`); `Plain` is a format
-string, `Json` one JSON object per line of the given keys (a value that is one operator alone
-keeps its type). The data planes fill `%START_TIME%`, `%DURATION%`, `%RESPONSE_CODE%`,
-`%PROTOCOL%`, `%UPSTREAM_HOST%`, `%UPSTREAM_CLUSTER%`, `%TRACE_ID%`, `%GRPC_STATUS%`,
-`%REQ(header)%` (`:method`, `:path`, `:authority` included), `%KUMA_MESH%`,
+A File backend appends to its `path`, a Tcp backend sends lines to its `address`, an OpenTelemetry
+backend exports log records as OTLP/HTTP JSON to `http://<endpoint>/v1/logs` (point `endpoint` at
+the collector's OTLP/HTTP receiver, port 4318 by convention; the data planes do not speak
+OTLP/gRPC: an endpoint on 4317 is W3006), with its `body` (default: meshc's JSON line) and
+`attributes`. With no format a line is meshc's JSON object (`time`, `direction`, `source_service`,
+`destination_service`, `upstream`, `method`, `path`, `response_code`, `duration_ms`, `trace_id`);
+`Plain` is a format string, `Json` one JSON object per line of the given keys (a value that is one
+operator alone keeps its type). The data planes fill `%START_TIME%`, `%DURATION%`,
+`%RESPONSE_CODE%`, `%PROTOCOL%`, `%UPSTREAM_HOST%`, `%UPSTREAM_CLUSTER%`, `%TRACE_ID%`,
+`%GRPC_STATUS%`, `%REQ(header)%` (`:method`, `:path`, `:authority` included), `%KUMA_MESH%`,
 `%KUMA_SOURCE_SERVICE%`, `%KUMA_DESTINATION_SERVICE%`, `%KUMA_TRAFFIC_DIRECTION%`, `%KUMA_ZONE%`
-and `%KUMA_WORKLOAD%` (both empty: no zones); any other operator is written as `-` (W3006 at
-it). An OpenTelemetry `backendRef` is not applied (no MeshOpenTelemetryBackend here: W3006). Tcp and
+and `%KUMA_WORKLOAD%` (both empty: no zones); any other operator is written as `-` (W3006 at it).
+An OpenTelemetry `backendRef` is not applied (no MeshOpenTelemetryBackend here: W3006). Tcp and
 OpenTelemetry records leave through a bounded queue off the data path: a slow or dead collector
 never slows a request; what is lost is counted in `meshc_accesslog_records_dropped`.
 
@@ -51,6 +51,7 @@ from typing import Any
 from compiler.diagnostics import Path
 from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
+    OTLP_GRPC_PORT,
     BackendResourceRef,
     Bool,
     Found,
@@ -63,6 +64,7 @@ from compiler.kinds.targetref._common import (
     is_url,
     kind_def,
     otel_endpoint_or_ref,
+    otlp_grpc_port,
     target_ref,
     top,
     validate_match,
@@ -370,6 +372,12 @@ def not_applied(conf: Conf | None) -> Iterator[tuple[Path, str]]:
             where = ("backends", i, "openTelemetry", "backendRef")
             yield where, "an OpenTelemetry backendRef (meshc has no MeshOpenTelemetryBackend; set `endpoint`)"
             continue
+        if (
+            x.type == "OpenTelemetry"
+            and x.open_telemetry is not None
+            and otlp_grpc_port(x.open_telemetry.endpoint)
+        ):
+            yield ("backends", i, "openTelemetry", "endpoint"), OTLP_GRPC_PORT
         seen: set[str] = set()
         for path, text in _formats(x):
             for op in _unknown_operators(text):

@@ -6,24 +6,24 @@ request `header`.
 
 meshc compiles it into the bundles' tracing backend, as Kuma configures Envoy's tracer. The
 top-level `targetRef` selects the proxies: `Mesh` (every data plane), or `MeshService` /
-`MeshSubset` naming a `kuma.io/service` (that service's data planes only); more specific
-policies win and their `default`s merge, as for every targetRef kind. A `Zipkin` backend's
-data planes report spans to its `url` (Zipkin v2 JSON) and propagate B3 (`b3` and `X-B3-*`)
-besides W3C `traceparent`; an `OpenTelemetry` backend's export spans as OTLP/HTTP JSON to
+`MeshSubset` naming a `kuma.io/service` (that service's data planes only); more specific policies
+win and their `default`s merge, as for every targetRef kind. A `Zipkin` backend's data planes
+report spans to its `url` (Zipkin v2 JSON) and propagate B3 (`b3` and `X-B3-*`) besides W3C
+`traceparent`; an `OpenTelemetry` backend's export spans as OTLP/HTTP JSON to
 `http://<endpoint>/v1/traces` (point `endpoint` at the collector's OTLP/HTTP receiver, port 4318
-by convention: the data planes do not speak OTLP/gRPC) and propagate `traceparent`. A new trace
-is sampled with `random` x `overall` percent (each 100 by default; an incoming trace keeps its
-caller's decision). Each of `tags` is an attribute of every span: its `literal`, or the request
-`header`'s value (else its `default`; no attribute when neither). Spans leave through a bounded
-queue off the data path (a dead collector never slows a request; lost spans are counted in
-`meshc_tracing_spans_dropped` / `_failed`). `backends: []` turns tracing off for the proxies it
-selects. Where a MeshTrace and the Mesh's legacy `tracing` both apply, the MeshTrace wins
-(W3005). What the data planes cannot honour is reported as having no effect (W3006): a
-`Datadog` backend and an OpenTelemetry `backendRef` (those proxies are not traced),
-`sampling.client`, `apiVersion: httpProto`; a top-level `MeshGateway`, `MeshServiceSubset` or
-`Dataplane`, or a `MeshSubset` with tags other than `kuma.io/service`. Every request a data plane
-handles gets a span, those it answers itself too (403, 429, 503, 504, a fault's abort), tagged
-`error` and `meshc.reason`.
+by convention: the data planes do not speak OTLP/gRPC, and an endpoint on 4317 is W3006) and
+propagate `traceparent`. A new trace is sampled with `random` x `overall` percent (each 100 by
+default; an incoming trace keeps its caller's decision). Each of `tags` is an attribute of every
+span: its `literal`, or the request `header`'s value (else its `default`; no attribute when
+neither). Spans leave through a bounded queue off the data path (a dead collector never slows a
+request; lost spans are counted in `meshc_tracing_spans_dropped` / `_failed`). `backends: []`
+turns tracing off for the proxies it selects. Where a MeshTrace and the Mesh's legacy `tracing`
+both apply, the MeshTrace wins (W3005). What the data planes cannot honour is reported as having
+no effect (W3006): a `Datadog` backend and an OpenTelemetry `backendRef` (those proxies are not
+traced), `sampling.client`, `apiVersion: httpProto`; a top-level `MeshGateway`,
+`MeshServiceSubset` or `Dataplane`, or a `MeshSubset` with tags other than `kuma.io/service`.
+Every request a data plane handles gets a span, those it answers itself too (403, 429, 503, 504, a
+fault's abort), tagged `error` and `meshc.reason`.
 
 Valid::
 
@@ -51,6 +51,7 @@ from pydantic import Field
 from compiler.diagnostics import Path
 from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
+    OTLP_GRPC_PORT,
     BackendResourceRef,
     Bool,
     Found,
@@ -62,6 +63,7 @@ from compiler.kinds.targetref._common import (
     is_url,
     kind_def,
     otel_endpoint_or_ref,
+    otlp_grpc_port,
     target_ref,
 )
 from runtime import bundle as b
@@ -227,6 +229,12 @@ def not_applied(conf: Conf | None) -> Iterator[tuple[Path, str]]:
         elif x.type == "OpenTelemetry" and x.open_telemetry is not None and x.open_telemetry.backend_ref:
             where = ("backends", i, "openTelemetry", "backendRef")
             yield where, "an OpenTelemetry backendRef (meshc has no MeshOpenTelemetryBackend; set `endpoint`)"
+        elif (
+            x.type == "OpenTelemetry"
+            and x.open_telemetry is not None
+            and otlp_grpc_port(x.open_telemetry.endpoint)
+        ):
+            yield ("backends", i, "openTelemetry", "endpoint"), OTLP_GRPC_PORT
         elif x.zipkin is not None and x.zipkin.api_version == "httpProto":
             where = ("backends", i, "zipkin", "apiVersion")
             yield where, "`apiVersion: httpProto` (the data planes send Zipkin v2 JSON)"
