@@ -35,11 +35,12 @@ than on a route; a ``to`` item other than Mesh, MeshService or (MeshTimeout, Mes
 MeshHTTPRoute; the inbound MeshTimeout settings the sidecar does
 not carry out (http streamIdleTimeout, maxStreamDuration, maxConnectionDuration and
 requestHeadersTimeout; idleTimeout on an HTTP service), inbound MeshCircuitBreaker outlier
-detection, inbound MeshAccessLog OpenTelemetry backends and Json formats; an ``sni`` match; a
-deny or a lifted limit that a broader bundle rule would still cover; MeshHTTPRoute filters other
-than header modifiers and URL rewrites, query matches; what the legacy load balancer and log
-backend have no place for (each kind's ``not_applied`` names it). W3007 where, as in Kuma,
-``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
+detection; an ``sni`` match; a deny or a lifted limit that a broader bundle rule would still
+cover; MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; log
+format operators the data planes do not fill and OpenTelemetry ``backendRef``s
+(``mesh_access_log.not_applied``); what the legacy load balancer has no place for (each kind's
+``not_applied`` names it). W3007 where, as in Kuma, ``rules`` replace a MeshTrafficPermission's
+or MeshFaultInjection's ``from``.
 
 MeshTrace has no ``to``/``from``: ``index_tracing`` merges the policies that select every data
 plane into the mesh bundle's ``tracing`` and those naming a service into that service's bundle.
@@ -709,14 +710,8 @@ def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
             what = "inbound outlierDetection (the local app is the inbound's one host: nothing to eject)"
             out.append(_unresolved(d, what, (*where, "outlierDetection")))
         elif d.kind == _LOG:
-            for j, x in enumerate(m.get("backends") or ()):
-                at: Path = (*where, "backends", j)
-                if x.get("type") not in ("File", "Tcp"):
-                    what = f"an inbound {x.get('type')} backend (the sidecar writes File and Tcp logs only)"
-                    out.append(_unresolved(d, what, at))
-                elif _g(x, str(x["type"]).lower(), "format", "type") == "Json":
-                    what = "a Json format (the bundle carries a Plain format string)"
-                    out.append(_unresolved(d, what, (*at, str(x["type"]).lower(), "format")))
+            for path, what in mal.not_applied(item.default):
+                out.append(_unresolved(d, what, (*where, *path)))
 
 
 def _idle_on_http(rules: list[rin.InboundRule], http: set[str], out: list[Diagnostic]) -> None:
@@ -736,13 +731,8 @@ def _idle_on_http(rules: list[rin.InboundRule], http: set[str], out: list[Diagno
 
 
 def _log_backends(m: dict[str, Any]) -> list[BaseModel]:
-    """An inbound rule's ``default`` as one log conf per File or Tcp backend (they all log)."""
-    out: list[BaseModel] = []
-    for x in m.get("backends") or ():
-        backend = mal.bundle_backend(x or {})
-        if backend is not None:
-            out.append(b.TrafficLogConf(backend=backend))
-    return out
+    """An inbound rule's ``default`` as one log conf per backend (they all log)."""
+    return [b.TrafficLogConf(backend=x) for x in mal.bundle_backends(m)]
 
 
 def _items(

@@ -357,7 +357,7 @@ def decide_outbound(
     verdict = _outbound(engine, snap, head, headers, name, port, own)
     if type(verdict) is Forward:
         return verdict
-    span = hop(headers.get, snap.trace_sampling, engine.rng, snap.trace_b3)
+    span = hop(headers.get, snap.trace_sampling, engine.rng, snap.trace_b3, snap.trace_tags)
     if type(verdict) is Fetch:
         verdict.trace = span
         return verdict
@@ -419,7 +419,7 @@ def traced(engine: Engine, snap: Snapshot, fwd: Forward, incoming: Getter | str 
     ``traceparent`` alone) when it carries a valid context, else a new trace; the next hop's
     propagation headers are the last header ops (``runtime.tracing``)."""
     b3 = snap.trace_b3
-    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, b3)
+    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, b3, snap.trace_tags)
     if not b3:
         fwd.request_ops = (*fwd.request_ops, (SET, TRACEPARENT, span.header()))
         return fwd
@@ -438,7 +438,7 @@ def _answered(reply: Reply, span: Hop) -> Reply:
 
 
 def _reply_span(engine: Engine, snap: Snapshot, reply: Reply, incoming: Getter | str | None) -> Reply:
-    return _answered(reply, hop(incoming, snap.trace_sampling, engine.rng, snap.trace_b3))
+    return _answered(reply, hop(incoming, snap.trace_sampling, engine.rng, snap.trace_b3, snap.trace_tags))
 
 
 def _caller(snap: Snapshot, identity: PeerIdentity | None) -> str | None:

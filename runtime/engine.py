@@ -42,6 +42,7 @@ from runtime.bundle import (
     ServiceBundle,
     Split,
     TimeoutConf,
+    TracingBackend,
     TrafficLogConf,
 )
 from runtime.headerops import filter_ops, modify_ops
@@ -669,8 +670,10 @@ class Snapshot:
             tracing = service.tracing.backend  # a MeshTrace that selects this service
         self.trace_sampling: float | None = tracing.sampling if tracing is not None else None
         """The tracing sampling percentage; None: no tracing backend (traces unsampled)."""
-        self.trace_url: str | None = tracing.url if tracing is not None else None
+        self.trace_backend: TracingBackend | None = tracing
         """Where sampled spans go (``runtime.zipkin``)."""
+        self.trace_tags = tracing.tags if tracing is not None else ()
+        """The MeshTrace ``tags`` a sampled span carries (``runtime.tracing.tag_values``)."""
         self.trace_b3: bool = tracing is not None and tracing.b3
         """Read and send B3 besides ``traceparent`` (a Zipkin backend)."""
         # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),

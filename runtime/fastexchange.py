@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._lb import RingHash
-from runtime.accesslog import app_entry
+from runtime.accesslog import app_entry, head_getter
 from runtime.bundle import TrafficLogConf
 from runtime.decide import (
     APP,
@@ -514,7 +514,7 @@ class Exchange(asyncio.Protocol):
         span = self.span
         if span is not None and span.sampled:
             plane.metrics.spans.record(
-                plane.engine.snapshot.trace_url,
+                plane.engine.snapshot.trace_backend,
                 span,
                 service=plane.engine.service,
                 direction=DIRECTION[self.kind],
@@ -589,6 +589,7 @@ class Exchange(asyncio.Protocol):
                 "duration_ms": round(elapsed * 1000.0, 3),
                 "trace_id": self.span.trace_id if self.span is not None else "",
             },
+            head_getter(req),
         )
 
     def _log_app(
@@ -606,8 +607,9 @@ class Exchange(asyncio.Protocol):
             elapsed,
             self.span.trace_id if self.span is not None else "",
         )
+        get = head_getter(req)
         for conf in logs:
-            self.plane.access_log.write(conf, entry)
+            self.plane.access_log.write(conf, entry, get)
 
     def _abandon(self) -> None:
         """The client went away with an exchange in flight: close its upstream, undo counts."""

@@ -169,7 +169,7 @@ class HttpProxy:
         self.app_address = app_address
         self.own_addresses = set(own_addresses)
         self.session: aiohttp.ClientSession | None = None
-        self.access_log = AccessLog()
+        self.access_log = AccessLog(metrics.logs, engine)
         self.creds = Credentials()
         self.peers = PeerCache()
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
@@ -335,13 +335,13 @@ class HttpProxy:
             source, dest, upstream, request.method, request.path, resp.status, elapsed, trace_id
         )
         for conf in logs:
-            self.access_log.write(conf, entry)
+            self.access_log.write(conf, entry, request.headers.get)
 
     def _span(
         self, span: Hop | None, direction: str, request: web.BaseRequest, status: int, elapsed: float
     ) -> None:
         self.metrics.spans.record(
-            self.engine.snapshot.trace_url,
+            self.engine.snapshot.trace_backend,
             span,
             service=self.engine.service,
             direction=direction,
@@ -561,6 +561,7 @@ class HttpProxy:
                 "duration_ms": round(elapsed * 1000.0, 3),
                 "trace_id": trace_id,
             },
+            request.headers.get,
         )
 
     async def _relay(
