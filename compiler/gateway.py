@@ -146,7 +146,12 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                         backends = tuple(_backend(x) for x in rule.backends or [])
                         for mi, m in enumerate(rule.matches or []):
                             br = b.GatewayRule(
-                                hostnames=hostnames, matches=(_match(m),), filters=filters, backends=backends
+                                hostnames=hostnames,
+                                matches=(_match(m),),
+                                filters=filters,
+                                backends=backends,
+                                timeout=getattr(r, "timeout", None),
+                                retry=getattr(r, "retry", None),
                             )
                             rules.append((br, r, ("conf", "http", "rules", ri, "matches", mi)))
                 if conf.tcp is not None:

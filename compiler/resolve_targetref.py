@@ -28,9 +28,12 @@ and ``k8s.kuma.io/namespace`` labels say so; its ``sectionName`` is the inbound'
 and ``proxyTypes: [Sidecar]`` leave gateways out (a gateway resolves its own entry without them),
 ``proxyTypes: [Gateway]`` names the gateways.
 
+A MeshTimeout or MeshRetry whose top-level targetRef is a MeshHTTPRoute on a MeshGateway goes on
+that route's gateway rules (``_gateway_route_confs``), merged over the gateway's ``to: Mesh`` conf.
+
 Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
 for MeshHTTPRoute, ``gateway_routes``), a MeshHTTPRoute for the other kinds (a bundle route has
-no log, limit or load balancer of its own) or on a MeshGateway, what Kuma sets on the cluster
+no log, limit or load balancer of its own) or as a ``to`` item on a MeshGateway, what Kuma sets on the cluster
 rather than on a route; a ``to`` item other than Mesh, MeshService or (MeshTimeout, MeshRetry)
 MeshHTTPRoute; the MeshTimeout settings the sidecar does not carry out (http
 maxConnectionDuration; inbound, idleTimeout on an HTTP service; outbound,
@@ -764,7 +767,7 @@ def _items(
         top_kind = spec.target_ref.kind if spec.target_ref is not None and spec.target_ref.kind else "Mesh"
         if top is None and top_kind == _ROUTE and d.kind in _ROUTE_LEVEL:
             key = policy_key(top_kind, dict(d.labels), d.name)
-            found = _routes_of(d, spec.target_ref, ("targetRef",), route_docs, out)
+            found = _routes_of(d, spec.target_ref, ("targetRef",), route_docs, out, top=True)
             for i, to in enumerate(spec.to or ()):
                 if (to.target_ref.kind or "Mesh") != "Mesh":
                     what = f"a `to` targetRef of kind {to.target_ref.kind}"
@@ -849,20 +852,34 @@ _PER_RULE = {"MeshTimeout": mto.PER_ROUTE, "MeshRetry": mre.PER_ROUTE}
 destination cluster's."""
 
 
-def _routes_of(d: Doc, ref: Any, at: Path, route_docs: list[Doc], out: list[Diagnostic]) -> list[Doc]:
-    """The MeshHTTPRoutes a targetRef names (by name, or by their labels), not those on a
-    MeshGateway (a gateway rule has no timeout or retry of its own): W3006 when none is left."""
+def _named_routes(ref: Any, route_docs: Iterable[Doc]) -> list[Doc]:
+    """The MeshHTTPRoutes a targetRef names (by name, or by their labels)."""
     if ref.name:
-        found = [r for r in route_docs if r.name == ref.name]
-    else:
-        want = {k: v for k, v in (ref.labels or {}).items() if isinstance(v, str)}
-        found = [r for r in route_docs if want and want.items() <= dict(r.labels).items()]
-    on_gateway = [r for r in found if r.spec.target_ref is not None and r.spec.target_ref.kind == _GW]
+        return [r for r in route_docs if r.name == ref.name]
+    want = {k: v for k, v in (ref.labels or {}).items() if isinstance(v, str)}
+    return [r for r in route_docs if want and want.items() <= dict(r.labels).items()]
+
+
+def _on_gateway(route: Doc) -> bool:
+    return route.spec.target_ref is not None and route.spec.target_ref.kind == _GW
+
+
+def _routes_of(
+    d: Doc, ref: Any, at: Path, route_docs: list[Doc], out: list[Diagnostic], top: bool = False
+) -> list[Doc]:
+    """The MeshHTTPRoutes a targetRef names, not those on a MeshGateway: W3006 when none is
+    left. A top-level targetRef's gateway routes are ``gateway_routes``' (their rules carry the
+    conf); a ``to`` item's are W3006 (Kuma's gateway to-rules are keyed by the gateway's own
+    routes, not by a ``to`` MeshHTTPRoute)."""
+    found = _named_routes(ref, route_docs)
+    on_gateway = [r for r in found if _on_gateway(r)]
     which = f"{ref.name!r}" if ref.name else f"with labels {dict(ref.labels or {})}"
-    if on_gateway:
+    if top and on_gateway:
+        pass
+    elif on_gateway:
         what = (
-            f"a MeshHTTPRoute {which} on a MeshGateway (a gateway rule has no {_ROUTE_LEVEL[d.kind]} "
-            "of its own)"
+            f"a `to` MeshHTTPRoute {which} on a MeshGateway (a gateway rule carries the "
+            f"{_ROUTE_LEVEL[d.kind]} of a policy whose top-level targetRef is that MeshHTTPRoute)"
         )
         out.append(_unresolved(d, what, at))
     elif not found:
@@ -885,23 +902,7 @@ def _route_level(
     their matches, as Kuma keys route-level rules by the hash of the matches), on the proxies
     ``selected`` (None: those the route selects, for a top-level MeshHTTPRoute). W3006 at each
     setting Kuma applies to the cluster rather than to the route."""
-    m = _dump(to.default)
-    patch: dict[str, Any] = {}
-    for path in _PER_RULE[d.kind]:
-        value = _g(m, *path)
-        if value is not None:
-            at = patch
-            for seg in path[:-1]:
-                at = at.setdefault(seg, {})
-            at[path[-1]] = value
-    for path in _leaf_paths(m):
-        if not any(path[: len(p)] == p for p in _PER_RULE[d.kind]):
-            camel = tuple(_camel(x) for x in path)
-            what = (
-                f"{'.'.join(camel)} for a MeshHTTPRoute (Kuma applies it to the destination's "
-                "cluster, never to a route)"
-            )
-            out.append(_unresolved(d, what, ("to", i, "default", *camel)))
+    patch = _route_patch(d, i, to, out)
     if not patch:
         return []
     field = _ROUTE_LEVEL[d.kind]
@@ -920,6 +921,29 @@ def _route_level(
             r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
             items.append(_Item(sel[0], dst, sel[1], (), r))
     return items
+
+
+def _route_patch(d: Doc, i: int, to: Any, out: list[Diagnostic]) -> dict[str, Any]:
+    """What a route-level ``to`` item sets on a route rule (``_PER_RULE``); W3006 at each other
+    setting (Kuma applies those to the destination's cluster, never to a route)."""
+    m = _dump(to.default)
+    patch: dict[str, Any] = {}
+    for path in _PER_RULE[d.kind]:
+        value = _g(m, *path)
+        if value is not None:
+            at = patch
+            for seg in path[:-1]:
+                at = at.setdefault(seg, {})
+            at[path[-1]] = value
+    for path in _leaf_paths(m):
+        if not any(path[: len(p)] == p for p in _PER_RULE[d.kind]):
+            camel = tuple(_camel(x) for x in path)
+            what = (
+                f"{'.'.join(camel)} for a MeshHTTPRoute (Kuma applies it to the destination's "
+                "cluster, never to a route)"
+            )
+            _once(out, _unresolved(d, what, ("to", i, "default", *camel)))
+    return patch
 
 
 def _leaf_paths(m: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -1447,6 +1471,10 @@ class _GatewayRouteDoc(Doc):
     to_index: int = 0
     rule_index: tuple[int, ...] = ()
     """The written rule of each rule kept (one with a filter meshc cannot express is left out)."""
+    timeout: b.TimeoutConf | None = None
+    retry: b.RetryConf | None = None
+    """What a MeshTimeout or MeshRetry that targets this MeshHTTPRoute sets on each of its rules
+    (``_gateway_route_confs``); None: the backend's."""
 
     def loc(self, path: Path = (), on_key: bool = False) -> Loc:
         to: Path = ("to", self.to_index)
@@ -1471,6 +1499,7 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
     gateways = {(d.mesh, d.name): d for d in docs if d.kind == "MeshGateway"}
     out: list[Doc] = []
     findings: list[Diagnostic] = []
+    by_field: dict[str, list[_Item]] | None = None
     for d in docs:
         tr = d.spec.target_ref if d.kind == _ROUTE else None
         if tr is None or tr.kind != "MeshGateway":
@@ -1483,6 +1512,9 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
             continue
         extra = {k: v for k, v in (tr.tags or {}).items() if isinstance(v, str)}
         selectors = [{"match": {**(s.match or {}), **extra}} for s in gw.spec.selectors or []]
+        if by_field is None:
+            by_field = _items(docs, [])[0]  # its findings are ``index_targetref``'s
+        confs = _gateway_route_confs(d, docs, by_field, _gateways([gw]))
         for i, to in enumerate(d.spec.to or ()):
             if (to.target_ref.kind or "Mesh") != "Mesh":
                 findings.append(_unresolved(d, f"a `to` targetRef of kind {to.target_ref.kind}", ("to", i)))
@@ -1512,10 +1544,52 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
             spec = mgr.MeshGatewayRouteSpec.model_validate({"selectors": selectors, "conf": {"http": http}})
             out.append(
                 _GatewayRouteDoc(
-                    d.file, d.index, "MeshHTTPRoute", d.mesh, d.name, spec, d.prefix, d.labels, i, tuple(kept)
+                    d.file,
+                    d.index,
+                    "MeshHTTPRoute",
+                    d.mesh,
+                    d.name,
+                    spec,
+                    d.prefix,
+                    d.labels,
+                    i,
+                    tuple(kept),
+                    *confs,
                 )
             )
     return out, findings
+
+
+def _gateway_route_confs(
+    route: Doc, docs: list[Doc], by_field: dict[str, list[_Item]], gateway: set[str]
+) -> tuple[b.TimeoutConf | None, b.RetryConf | None]:
+    """The timeout and retries of a gateway MeshHTTPRoute's rules: the ``to: Mesh`` items of
+    the MeshTimeouts and MeshRetries whose top-level targetRef names it, in Kuma's order, merged
+    over what the gateway's own ``to: Mesh`` items set (Kuma's gateway route conf: the to-rules
+    for the route's matches, else the listener's common conf). Only the per-rule settings
+    (``_PER_RULE``); the others are W3006 where ``_items`` reads the policy."""
+    found: dict[str, BaseModel | None] = {}
+    for kind, field in _ROUTE_LEVEL.items():
+        members: list[Ranked] = []
+        for p in docs:
+            tr = p.spec.target_ref if p.kind == kind else None
+            if tr is None or tr.kind != _ROUTE or route not in _named_routes(tr, [route]):
+                continue
+            key = policy_key(_ROUTE, dict(p.labels), p.name)
+            for i, to in enumerate(p.spec.to or ()):
+                patch = _route_patch(p, i, to, []) if (to.target_ref.kind or "Mesh") == "Mesh" else {}
+                if patch:
+                    members.append(Ranked(key, target_rank("Mesh"), patch, p, ("to", i), (_ROUTE, "Mesh")))
+        if not members:
+            found[field] = None
+            continue
+        bases = [_bases(by_field, g, "*", (), gateway)[field] for g in sorted(gateway)][:1]
+        conf = merged([*bases, *(r.default for r in in_order(members))])
+        found[field] = _OUTBOUND[kind].convert(conf)
+    timeout, retry = found["timeout"], found["retry"]
+    assert timeout is None or isinstance(timeout, b.TimeoutConf)
+    assert retry is None or isinstance(retry, b.RetryConf)
+    return timeout, retry
 
 
 # --- MeshTrace ------------------------------------------------------------------------------------

@@ -593,13 +593,26 @@ class GatewayBackend(_Frozen):
     tags: Tags = Field(default_factory=dict)
 
 
-class GatewayRule(_Frozen):
-    """One rule; rules are sorted by specificity so the first match wins."""
+class GatewayRule(_Sparse):
+    """One rule; rules are sorted by specificity so the first match wins.
+
+    ``timeout`` and ``retry`` as ``HttpRoute``'s: a MeshTimeout or MeshRetry that targets the
+    MeshHTTPRoute (on a MeshGateway) this rule came from, merged over the gateway's own mesh-wide
+    conf (Kuma's route-level conf on a gateway route); left out of the JSON while None."""
 
     hostnames: tuple[str, ...] = ()
     matches: tuple[GatewayMatch, ...]
     filters: tuple[GatewayFilter, ...] = ()
     backends: tuple[GatewayBackend, ...] = ()
+    timeout: TimeoutConf | None = Field(
+        default=None,
+        description="The rule's own request and stream idle timeouts; None: the backend's.",
+    )
+    retry: RetryConf | None = Field(
+        default=None, description="The rule's own HTTP and gRPC retries; None: the backend's."
+    )
+
+    _OPTIONAL = ("retry", "timeout")
 
 
 class GatewayCertificate(_Frozen):

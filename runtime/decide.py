@@ -563,6 +563,7 @@ def _gateway(engine: Engine, snap: Snapshot, head: RequestHead, port: int, schem
         response_ops=route.response_ops,
         source_header=source,
         mirrors=mirrors,
+        policy=route.policy,
     )
     return traced(engine, snap, fwd, head.header_map().get)
 

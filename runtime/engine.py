@@ -222,7 +222,7 @@ class RoutePolicy:
         "stream_idle_timeout_s",
     )
 
-    def __init__(self, route: HttpRoute) -> None:
+    def __init__(self, route: HttpRoute | GatewayRule) -> None:
         timeout, retry = route.timeout, route.retry
         self.has_timeout = timeout is not None
         self.request_timeout_s = _seconds(timeout.http_request_timeout_ms) if timeout is not None else None
@@ -567,6 +567,7 @@ class GatewayRoute:
         "_hostnames",
         "_matches",
         "mirrors",
+        "policy",
         "redirect",
         "request_ops",
         "response_ops",
@@ -580,6 +581,8 @@ class GatewayRoute:
     ) -> None:
         self.mirrors = mirrors
         """(percentage, target) of each ``mirror`` filter: a copy of the request, answer ignored."""
+        self.policy = RoutePolicy(rule) if rule.timeout is not None or rule.retry is not None else None
+        """The rule's own timeout and retries; None: the backend's."""
         self._hostnames = tuple(_host_matcher(h) for h in rule.hostnames)
         matches: list[_CompiledMatch] = []
         for m in rule.matches:

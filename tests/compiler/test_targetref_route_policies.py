@@ -160,36 +160,62 @@ spec:
     assert all("timeout" not in h for h in rule["conf"]["http"])
 
 
-def test_a_route_on_a_gateway_keeps_w3006(tmp_path: Path) -> None:
-    gateway = """apiVersion: kuma.io/v1alpha1
-kind: MeshGateway
-mesh: default
-metadata: {name: edge}
-spec:
-  selectors: [{match: {kuma.io/service: edge}}]
-  conf: {listeners: [{port: 8080, protocol: HTTP}]}
----
-apiVersion: kuma.io/v1alpha1
-kind: MeshHTTPRoute
-metadata: {name: edge-route, labels: {kuma.io/mesh: default}}
-spec:
-  targetRef: {kind: MeshGateway, name: edge}
-  to:
-    - targetRef: {kind: Mesh}
-      rules:
-        - matches: [{path: {type: PathPrefix, value: /}}]
-          default: {backendRefs: [{kind: MeshService, name: api}]}
-"""
+GW_FIXTURE = HERE / "fixtures" / "good" / "targetref-gateway-route-policies"
+GW_GOLDEN = HERE / "fixtures" / "targetref-gateway-route-policies.golden.json"
+
+
+def _gateway_rules(r: CompileResult) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = json.loads(r.bundles["default/edge"])["gateway"]["listeners"][0]["rules"]
+    return rules
+
+
+def test_a_gateway_route_carries_its_route_level_confs_on_each_rule() -> None:
+    """Kuma's gateway route conf: the MeshHTTPRoute's own (top-level targetRef) merged over the
+    gateway's common ``to: Mesh`` conf; the golden holds the gateway bundle and every digest."""
+    r = compile_dir(GW_FIXTURE)
+    assert r.diagnostics == []
+    rules = _gateway_rules(r)
+    got = {"edge_rules": rules, "digests": dict(sorted(r.digests.items()))}
+    if UPDATE:
+        GW_GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert got == json.loads(GW_GOLDEN.read_text())
+    assert [x["matches"][0]["path"]["value"] for x in rules] == ["/slow", "/"]
+    for rule in rules:
+        t = rule["timeout"]
+        # The route's requestTimeout over the mesh-wide 7s; the mesh-wide streamIdleTimeout stays.
+        assert (t["http_request_timeout_ms"], t["http_stream_idle_timeout_ms"]) == (2000, 9000)
+        assert rule["retry"]["http"]["num_retries"] == 3
+        assert rule["retry"]["http"]["retriable_status_codes"] == [503]
+
+
+def test_a_gateway_route_without_route_level_policies_keeps_its_bytes(tmp_path: Path) -> None:
+    text = (GW_FIXTURE / "policies.yaml").read_text()
+    plain = text[: text.index("kind: MeshTimeout\nmetadata: {name: edge-timeout")].rsplit("---", 1)[0]
+    r = _compile_text(tmp_path, plain)
+    for rule in _gateway_rules(r):
+        assert "timeout" not in rule and "retry" not in rule
+
+
+def test_a_to_item_naming_a_gateway_route_keeps_w3006(tmp_path: Path) -> None:
+    text = (GW_FIXTURE / "policies.yaml").read_text()
     policy = """apiVersion: kuma.io/v1alpha1
 kind: MeshTimeout
-metadata: {name: edge-timeout, namespace: kuma-system, labels: {kuma.io/mesh: default}}
+metadata: {name: by-to, namespace: kuma-system, labels: {kuma.io/mesh: default}}
 spec:
-  targetRef: {kind: MeshHTTPRoute, name: edge-route}
-  to: [{targetRef: {kind: Mesh}, default: {http: {requestTimeout: 2s}}}]
+  targetRef: {kind: Mesh}
+  to: [{targetRef: {kind: MeshHTTPRoute, name: edge-route}, default: {http: {requestTimeout: 3s}}}]
 """
-    r = _compile(tmp_path, gateway, policy)
+    r = _compile_text(tmp_path, text + "---\n" + policy)
     ((path, msg),) = _w3006(r)
-    assert path == ("spec", "targetRef") and "on a MeshGateway (a gateway rule has no timeout" in msg
+    assert path == ("spec", "to", 0, "targetRef") and "on a MeshGateway" in msg
+    assert all(x["timeout"]["http_request_timeout_ms"] == 2000 for x in _gateway_rules(r))
+
+
+def _compile_text(tmp_path: Path, text: str) -> CompileResult:
+    d = tmp_path / "policies"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "policies.yaml").write_text(text, encoding="utf-8")
+    return compile_dir(d)
 
 
 def test_explain_lists_the_route_level_policies_on_the_route() -> None:

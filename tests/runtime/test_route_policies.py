@@ -33,6 +33,11 @@ from runtime_harness import (
 from runtime.bundle import (
     BackOff,
     Destination,
+    GatewayBackend,
+    GatewayConf,
+    GatewayListener,
+    GatewayMatch,
+    GatewayRule,
     HttpMatch,
     HttpRetry,
     HttpRoute,
@@ -184,6 +189,52 @@ def test_route_timeout_and_retry_apply_to_http2_streams(
     (tmp_path / "retry").mkdir()
     retrying = _start(plane, tmp_path / "retry", [(failing.address, {}), (healthy.address, {})])
     _retry_only_on_its_rule(failing, healthy, _h2(retrying), retrying)
+
+
+def _gateway(plane: Callable[..., Plane], tmp_path: Path, eps: list[tuple[str, dict[str, str]]]) -> Send:
+    """A gateway whose ``/hang-fast`` and ``/retried`` rules carry their own timeout and retry
+    (a gateway MeshHTTPRoute's route-level confs) before a catch-all rule; benigno's own timeout
+    is the 60 s the hang deadline allows. Returns a sender of plain GETs to its listener."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    to = (GatewayBackend(weight=1, service="benigno"),)
+
+    def rule(prefix: str, **kw: Any) -> GatewayRule:
+        return GatewayRule(
+            matches=(GatewayMatch(path=StringMatch(kind="prefix", value=prefix)),), backends=to, **kw
+        )
+
+    rules = (rule("/hang-fast", timeout=FAST), rule("/retried", retry=RETRY), rule("/"))
+    listener = GatewayListener(port=8080, protocol="HTTP", rules=rules)
+    slow = TimeoutConf(http_request_timeout_ms=int(HANG_DEADLINE * 1000))
+    route = (Rule[RouteConf](conf=RouteConf(split=SPLIT)),)
+    benigno = Destination(route=route, timeout=(Rule[TimeoutConf](conf=slow),))
+    mesh = mesh_bundle(destinations={"benigno": benigno})
+    ep_file = tmp_path / "eps.json"
+    ep_file.write_text(endpoint_set(1, {"benigno": eps}).model_dump_json())
+    bundle = service_bundle("edge", gateway=GatewayConf(listeners=(listener,)))
+    gw = plane(
+        "--bundle", write_bundle(tmp_path, bundle),
+        "--mesh-bundle", write_bundle(tmp_path, mesh), "--endpoints", ep_file,
+        "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", module="runtime.gateway",
+    )  # fmt: skip
+    port = int(gw.listening["listener:8080"].rpartition(":")[2])
+
+    def send(path: str) -> tuple[int, str]:
+        status, headers, _ = ProxyClient(("127.0.0.1", port)).get(path)  # a connection each
+        return status, headers.get("x-meshc-reason", "")
+
+    send.plane = gw  # type: ignore[attr-defined]
+    return send
+
+
+def test_a_gateway_rules_timeout_and_retry_apply_to_that_rule_only(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    app = upstream("slow")
+    _timeout_only_on_its_rule(app, _gateway(plane, tmp_path / "timeout", [(app.address, {})]))
+    failing, healthy = upstream("a"), upstream("b")
+    send = _gateway(plane, tmp_path / "retry", [(failing.address, {}), (healthy.address, {})])
+    _retry_only_on_its_rule(failing, healthy, send, send.plane)  # type: ignore[attr-defined]
 
 
 class _Head:
