@@ -152,6 +152,7 @@ def build_gateways(cat: Catalog, mesh: str, docs: list[Doc]) -> tuple[list[Gatew
                                 backends=backends,
                                 timeout=getattr(r, "timeout", None),
                                 retry=getattr(r, "retry", None),
+                                rate_limit=getattr(r, "rate_limit", None),
                             )
                             rules.append((br, r, ("conf", "http", "rules", ri, "matches", mi)))
                 if conf.tcp is not None:

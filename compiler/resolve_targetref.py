@@ -775,6 +775,11 @@ def _items(
                     continue
                 by_field["route"].extend(_route_level(d, i, to, key, top_kind, None, found, out))
             continue
+        if top is None and top_kind == _ROUTE and d.kind == _LIMIT:
+            named = _named_routes(spec.target_ref, route_docs)
+            if named and all(_on_gateway(r) for r in named):
+                _gateway_limit_unapplied(d, out)  # the rest goes on the rules: ``gateway_routes``
+                continue
         if top is None:
             out.append(_top_unresolved(d, spec.target_ref, top_kind, routes))
             continue
@@ -1473,8 +1478,9 @@ class _GatewayRouteDoc(Doc):
     """The written rule of each rule kept (one with a filter meshc cannot express is left out)."""
     timeout: b.TimeoutConf | None = None
     retry: b.RetryConf | None = None
-    """What a MeshTimeout or MeshRetry that targets this MeshHTTPRoute sets on each of its rules
-    (``_gateway_route_confs``); None: the backend's."""
+    rate_limit: b.RateLimitConf | None = None
+    """What a MeshTimeout, MeshRetry or MeshRateLimit that targets this MeshHTTPRoute sets on
+    each of its rules (``_gateway_route_confs``); None: the backend's (no limit)."""
 
     def loc(self, path: Path = (), on_key: bool = False) -> Loc:
         to: Path = ("to", self.to_index)
@@ -1560,9 +1566,42 @@ def gateway_routes(docs: list[Doc]) -> tuple[list[Doc], list[Diagnostic]]:
     return out, findings
 
 
+_LIMIT = "MeshRateLimit"
+
+
+def _gateway_limit_unapplied(d: Doc, out: list[Diagnostic]) -> None:
+    """W3006 at what a MeshRateLimit on a gateway MeshHTTPRoute sets that its rules do not carry:
+    a ``to`` item other than Mesh, and ``local.tcp`` (a listener's, not a route rule's)."""
+    for i, to in enumerate(d.spec.to or ()):
+        if (to.target_ref.kind or "Mesh") != "Mesh":
+            out.append(_unresolved(d, f"a `to` targetRef of kind {to.target_ref.kind}", ("to", i)))
+        elif _g(_dump(to.default), "local", "tcp") is not None:
+            what = "local.tcp for a gateway MeshHTTPRoute (a connection limit is not a route rule's)"
+            out.append(_unresolved(d, what, ("to", i, "default", "local", "tcp")))
+
+
+def _gateway_route_limit(route: Doc, docs: list[Doc]) -> b.RateLimitConf | None:
+    """The local rate limit of a gateway MeshHTTPRoute's rules: the ``to: Mesh`` items of the
+    MeshRateLimits whose top-level targetRef names it, merged in Kuma's order (Kuma's gateway
+    route conf; a MeshRateLimit on the MeshGateway itself is not resolved, W3006)."""
+    members = [
+        Ranked(policy_key(_ROUTE, dict(p.labels), p.name), target_rank("Mesh"), _dump(to.default),
+               p, ("to", i), (_ROUTE, "Mesh"))
+        for p in docs
+        if p.kind == _LIMIT and p.spec.target_ref is not None and p.spec.target_ref.kind == _ROUTE
+        and route in _named_routes(p.spec.target_ref, [route])
+        for i, to in enumerate(p.spec.to or ())
+        if (to.target_ref.kind or "Mesh") == "Mesh"
+    ]  # fmt: skip
+    if not members:
+        return None
+    conf = _rate_limit(merged(r.default for r in in_order(members)))
+    return conf if conf is not None and conf.requests > 0 else None
+
+
 def _gateway_route_confs(
     route: Doc, docs: list[Doc], by_field: dict[str, list[_Item]], gateway: set[str]
-) -> tuple[b.TimeoutConf | None, b.RetryConf | None]:
+) -> tuple[b.TimeoutConf | None, b.RetryConf | None, b.RateLimitConf | None]:
     """The timeout and retries of a gateway MeshHTTPRoute's rules: the ``to: Mesh`` items of
     the MeshTimeouts and MeshRetries whose top-level targetRef names it, in Kuma's order, merged
     over what the gateway's own ``to: Mesh`` items set (Kuma's gateway route conf: the to-rules
@@ -1589,7 +1628,7 @@ def _gateway_route_confs(
     timeout, retry = found["timeout"], found["retry"]
     assert timeout is None or isinstance(timeout, b.TimeoutConf)
     assert retry is None or isinstance(retry, b.RetryConf)
-    return timeout, retry
+    return timeout, retry, _gateway_route_limit(route, docs)
 
 
 # --- MeshTrace ------------------------------------------------------------------------------------

@@ -611,8 +611,12 @@ class GatewayRule(_Sparse):
     retry: RetryConf | None = Field(
         default=None, description="The rule's own HTTP and gRPC retries; None: the backend's."
     )
+    rate_limit: RateLimitConf | None = Field(
+        default=None,
+        description="The rule's local rate limit (a MeshRateLimit on its MeshHTTPRoute); None: none.",
+    )
 
-    _OPTIONAL = ("retry", "timeout")
+    _OPTIONAL = ("rate_limit", "retry", "timeout")
 
 
 class GatewayCertificate(_Frozen):

@@ -537,6 +537,11 @@ def _gateway(engine: Engine, snap: Snapshot, head: RequestHead, port: int, schem
     if found is None:
         return Reply(404, "no route", source)
     route, prefix = found
+    limit = route.rate_limit
+    if limit is not None and not limit.bucket.take(engine.clock()):
+        conf = limit.conf
+        headers = tuple((h.name, h.value) for h in conf.headers)
+        return Reply(conf.status, "local_rate_limited", source, headers=headers)
     f = route.redirect
     if f is not None:
         name = f.redirect_hostname or hostname

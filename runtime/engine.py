@@ -568,6 +568,7 @@ class GatewayRoute:
         "_matches",
         "mirrors",
         "policy",
+        "rate_limit",
         "redirect",
         "request_ops",
         "response_ops",
@@ -577,8 +578,14 @@ class GatewayRoute:
     )
 
     def __init__(
-        self, rule: GatewayRule, wheel: Wheel[Target], mirrors: tuple[tuple[float, Target], ...] = ()
+        self,
+        rule: GatewayRule,
+        wheel: Wheel[Target],
+        mirrors: tuple[tuple[float, Target], ...] = (),
+        rate_limit: RateLimit | None = None,
     ) -> None:
+        self.rate_limit = rate_limit
+        """The rule's local rate limit (its bucket kept by the engine across reloads); None: none."""
         self.mirrors = mirrors
         """(percentage, target) of each ``mirror`` filter: a copy of the request, answer ignored."""
         self.policy = RoutePolicy(rule) if rule.timeout is not None or rule.retry is not None else None
@@ -967,8 +974,9 @@ class Engine:
                             for f in rule.filters
                             if f.type == "mirror" and f.mirror is not None
                         ),
+                        self._gateway_limit(listener.port, j, rule.rate_limit),
                     )
-                    for rule in listener.rules
+                    for j, rule in enumerate(listener.rules)
                 )
                 tcp = (
                     Wheel([(b.weight, target(b.service, b.tags, None)) for b in listener.tcp_backends])
@@ -996,6 +1004,17 @@ class Engine:
             gateway,
             tuple(targets.values()),
         )
+
+    def _gateway_limit(self, port: int, index: int, conf: RateLimitConf | None) -> RateLimit | None:
+        """A gateway rule's rate limit, its bucket kept across reloads while the rule's place and
+        rate stay the same (as the inbound limits' are)."""
+        if conf is None or conf.requests <= 0:
+            return None
+        key = f"gateway|{port}|{index}|{conf.requests}/{conf.interval_ms}"
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(conf, self.clock())
+        return RateLimit(bucket, conf)
 
     def _inbound(self, service: ServiceBundle | None, local: Mapping[str, str]) -> InboundTable:
         if service is None:

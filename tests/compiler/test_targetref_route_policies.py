@@ -186,6 +186,25 @@ def test_a_gateway_route_carries_its_route_level_confs_on_each_rule() -> None:
         assert (t["http_request_timeout_ms"], t["http_stream_idle_timeout_ms"]) == (2000, 9000)
         assert rule["retry"]["http"]["num_retries"] == 3
         assert rule["retry"]["http"]["retriable_status_codes"] == [503]
+        assert rule["rate_limit"] == {
+            "requests": 2, "interval_ms": 10000, "status": 423,
+            "headers": [{"name": "x-limited", "value": "yes", "append": False}],
+        }  # fmt: skip
+
+
+def test_a_gateway_routes_rate_limit_names_what_its_rules_do_not_carry(tmp_path: Path) -> None:
+    text = (GW_FIXTURE / "policies.yaml").read_text()
+    policy = """apiVersion: kuma.io/v1alpha1
+kind: MeshRateLimit
+metadata: {name: tcp-too, namespace: kuma-system, labels: {kuma.io/mesh: default}}
+spec:
+  targetRef: {kind: MeshHTTPRoute, name: edge-route}
+  to: [{targetRef: {kind: Mesh}, default: {local: {tcp: {connectionRate: {num: 5, interval: 1s}}}}}]
+"""
+    r = _compile_text(tmp_path, text + "---\n" + policy)
+    ((path, msg),) = _w3006(r)
+    assert path == ("spec", "to", 0, "default", "local", "tcp") and "gateway MeshHTTPRoute" in msg
+    assert all(x["rate_limit"]["requests"] == 2 for x in _gateway_rules(r))
 
 
 def test_a_gateway_route_without_route_level_policies_keeps_its_bytes(tmp_path: Path) -> None:
@@ -193,7 +212,7 @@ def test_a_gateway_route_without_route_level_policies_keeps_its_bytes(tmp_path: 
     plain = text[: text.index("kind: MeshTimeout\nmetadata: {name: edge-timeout")].rsplit("---", 1)[0]
     r = _compile_text(tmp_path, plain)
     for rule in _gateway_rules(r):
-        assert "timeout" not in rule and "retry" not in rule
+        assert not {"timeout", "retry", "rate_limit"} & set(rule)
 
 
 def test_a_to_item_naming_a_gateway_route_keeps_w3006(tmp_path: Path) -> None:

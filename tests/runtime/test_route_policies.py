@@ -38,9 +38,11 @@ from runtime.bundle import (
     GatewayListener,
     GatewayMatch,
     GatewayRule,
+    HeaderChange,
     HttpMatch,
     HttpRetry,
     HttpRoute,
+    RateLimitConf,
     RetryConf,
     RouteConf,
     Rule,
@@ -191,7 +193,9 @@ def test_route_timeout_and_retry_apply_to_http2_streams(
     _retry_only_on_its_rule(failing, healthy, _h2(retrying), retrying)
 
 
-def _gateway(plane: Callable[..., Plane], tmp_path: Path, eps: list[tuple[str, dict[str, str]]]) -> Send:
+def _gateway(
+    plane: Callable[..., Plane], tmp_path: Path, eps: list[tuple[str, dict[str, str]]], limit: int = 0
+) -> Send:
     """A gateway whose ``/hang-fast`` and ``/retried`` rules carry their own timeout and retry
     (a gateway MeshHTTPRoute's route-level confs) before a catch-all rule; benigno's own timeout
     is the 60 s the hang deadline allows. Returns a sender of plain GETs to its listener."""
@@ -203,7 +207,18 @@ def _gateway(plane: Callable[..., Plane], tmp_path: Path, eps: list[tuple[str, d
             matches=(GatewayMatch(path=StringMatch(kind="prefix", value=prefix)),), backends=to, **kw
         )
 
-    rules = (rule("/hang-fast", timeout=FAST), rule("/retried", retry=RETRY), rule("/"))
+    limited = RateLimitConf(
+        requests=limit,
+        interval_ms=3_600_000,
+        status=423,
+        headers=(HeaderChange(name="x-meshc-reason", value="limited"),),
+    )
+    rules = (
+        rule("/hang-fast", timeout=FAST),
+        rule("/retried", retry=RETRY),
+        rule("/limited", rate_limit=limited if limit else None),
+        rule("/"),
+    )
     listener = GatewayListener(port=8080, protocol="HTTP", rules=rules)
     slow = TimeoutConf(http_request_timeout_ms=int(HANG_DEADLINE * 1000))
     route = (Rule[RouteConf](conf=RouteConf(split=SPLIT)),)
@@ -235,6 +250,18 @@ def test_a_gateway_rules_timeout_and_retry_apply_to_that_rule_only(
     failing, healthy = upstream("a"), upstream("b")
     send = _gateway(plane, tmp_path / "retry", [(failing.address, {}), (healthy.address, {})])
     _retry_only_on_its_rule(failing, healthy, send, send.plane)  # type: ignore[attr-defined]
+
+
+def test_a_gateway_rules_rate_limit_answers_for_that_rule_only(
+    plane: Callable[..., Plane], upstream: Any, tmp_path: Path
+) -> None:
+    """Two requests an hour on ``/limited`` (the rule's bucket): the third gets the rule's status
+    and header without reaching the app; the catch-all's requests are not limited."""
+    app = upstream("a")
+    send = _gateway(plane, tmp_path, [(app.address, {})], limit=2)
+    assert [send("/limited/x") for _ in range(3)] == [(200, ""), (200, ""), (423, "limited")]
+    assert app.hits["/limited/x"] == 2
+    assert [send("/other")[0] for _ in range(4)] == [200] * 4
 
 
 class _Head:
