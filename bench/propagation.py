@@ -393,7 +393,11 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
                 held = sets[k]
                 try:
                     sets[k] = assemble(
-                        lines[0], lines[1:], held.pieces if held else {}, tuple(held.held) if held else ()
+                        lines[0],
+                        lines[1:],
+                        held.pieces if held else {},
+                        tuple(held.held) if held else (),
+                        held,
                     )
                 except MissingPieces as e:
                     return web.json_response({"nack": str(e), "missing": list(e.digests)}, status=422)

@@ -268,10 +268,11 @@ class Pushes:
             cache = held.pieces if held is not None else {}
             keep = tuple(held.held) if held is not None else ()
             try:
+                # Incremental from the running set: only what changed is parsed and applied.
                 ms = (
-                    await asyncio.to_thread(assemble, lines[0], lines[1:], cache, keep)
+                    await asyncio.to_thread(assemble, lines[0], lines[1:], cache, keep, held)
                     if len(body) > 256 * 1024
-                    else assemble(lines[0], lines[1:], cache, keep)
+                    else assemble(lines[0], lines[1:], cache, keep, held)
                 )
             except MissingPieces as e:
                 self.metrics.pieces.labels("pushed", "failed").inc()

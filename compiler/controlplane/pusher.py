@@ -37,7 +37,7 @@ import hashlib
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -141,8 +141,11 @@ class DataPlaneSync:
     slots: dict[str, SlotState] = field(default_factory=lambda: {s: SlotState() for s in SLOTS})
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    have: set[str] = field(default_factory=set)
-    """Mesh pieces it is believed to hold (from its ACKs); a 422 corrects the belief."""
+    base: str | None = None
+    """The manifest whose whole catalog tree it is believed to hold (its last ACKed one)."""
+    dests: dict[str, str] = field(default_factory=dict)
+    """Destination -> the piece digest it is believed to hold (from its ACKs and fetches); a 422
+    corrects the belief."""
     extra: set[str] = field(default_factory=set)
     """Destinations it holds beyond its scope (fetched on demand, or named in a 422)."""
 
@@ -221,7 +224,11 @@ class Pusher:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             timeout=self._timeout,
-            connector=aiohttp.TCPConnector(limit=self._concurrency, force_close=False),
+            # Keep-alive to every data plane (the semaphore bounds the pushes in flight): a pool
+            # of 32 connections shared by 1,000 admin APIs opened a new connection per push.
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=2, force_close=False, keepalive_timeout=120.0
+            ),
             trust_env=False,
         )
         for dp in list(self.registry.dataplanes.values()):
@@ -289,9 +296,9 @@ class Pusher:
         sync = self.syncs.get(dp.instance)
         mp = self.mesh_pieces(self.releases.current, dp.mesh)
         if sync is not None and mp is not None:
-            names = {d: n for n, d in mp.destinations.items()}
-            sync.extra.update(names[d] for d in found if d in names)
-            sync.have.update(found)
+            for name, d in self._names_of(mp, found).items():
+                sync.extra.add(name)
+                sync.dests[name] = d
         self.metrics.push_bytes.labels("fetched").inc(sum(len(p) + 1 for p in found.values()))
         return list(found.values())
 
@@ -430,7 +437,7 @@ class Pusher:
         sync = self.syncs.get(dp.instance)
         if sync is None:
             sync = self._track(dp)
-        if dp.pieces and not sync.have and sync.slots["mesh"].inflight is None:
+        if dp.pieces and sync.base is None and sync.slots["mesh"].inflight is None:
             self._infer_pieces(sync, dp)
         for slot in SLOTS:
             st = sync.slots[slot]
@@ -469,7 +476,10 @@ class Pusher:
         running = dp.running.get("mesh")
         mp = self.pieces.by_manifest(running) if running else None
         if mp is not None:
-            sync.have.update(mp.wanted(self.scope(dp, sync)))
+            sync.base = mp.digest
+            scope = self.scope(dp, sync)
+            names = mp.destinations.keys() if scope is None else scope
+            sync.dests = {n: mp.destinations[n] for n in names if n in mp.destinations}
 
     # --- pushing ------------------------------------------------------------------------------
 
@@ -594,11 +604,20 @@ class Pusher:
     async def _push_pieces(
         self, sync: DataPlaneSync, dp: DataPlane, mp: MeshPieces, st: SlotState, gen: int
     ) -> tuple[Result, str]:
-        """The manifest and the pieces of its scope it lacks; a 422 is answered with what it
-        names (twice at most: then it is a NACK like any other)."""
+        """The manifest and the pieces of its scope it lacks: the catalog nodes that are new since
+        the manifest it holds (computed once per pair of releases, shared by every data plane on
+        the same one) and the destinations of its scope whose piece it does not hold. A 422 is
+        answered with what it names, index pieces with their subtrees (twice at most: then it is
+        a NACK like any other)."""
         scope = self.scope(dp, sync)
-        wanted = mp.wanted(scope)
-        send = [d for d in wanted if d not in sync.have]
+        names = mp.destinations.keys() if scope is None else scope
+        base = self.pieces.by_manifest(sync.base) if sync.base is not None else None
+        # What it holds beyond its scope now (a route since removed) it keeps: sent too when changed.
+        dests = {n: mp.destinations[n] for n in (*names, *sync.dests) if n in mp.destinations}
+        send = [
+            *mp.catalog_since(base),
+            *(d for n, d in sorted(dests.items()) if sync.dests.get(n) != d),
+        ]
         headers = {HDR_DIGEST: mp.digest, HDR_GENERATION: str(gen), HDR_BUNDLE_ROLE: "mesh", HDR_PIECES: "1"}
         for _ in range(3):
             result, reason, missing = await self._put(
@@ -609,13 +628,22 @@ class Pusher:
             known = [d for d in missing if d in mp.pieces]
             if not known or set(known) <= set(send):
                 break  # it asks for what it was sent, or for what no release has: a real NACK
-            names = {d: n for n, d in mp.destinations.items()}
-            sync.extra.update(names[d] for d in known if d in names)
-            sync.have.difference_update(missing)
-            send = sorted({*send, *known}, key=lambda d: (d not in mp.catalog, d))
+            for name, d in self._names_of(mp, known).items():
+                sync.extra.add(name)
+                sync.dests.pop(name, None)
+                dests[name] = d
+            if any(d not in mp.names for d in known):
+                sync.base = None  # it lacked part of a tree it was believed to hold
+            send = list(dict.fromkeys([*send, *mp.below(known)]))
         if result == "ack":
-            sync.have = {*wanted, *send}
+            held = {n: mp.destinations[n] for n in sync.dests if n in mp.destinations}
+            sync.base, sync.dests = mp.digest, {**held, **dests}
         return result, reason
+
+    @staticmethod
+    def _names_of(mp: MeshPieces, digests: Iterable[str]) -> dict[str, str]:
+        """Destination -> digest, for those of ``digests`` that are destination pieces of ``mp``."""
+        return {mp.names[d]: d for d in digests if d in mp.names}
 
     def _generation(self, dp: DataPlane) -> int:
         """The next generation, above any the data plane reported running: one that moved here

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "security"))
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,6 +31,8 @@ from secure_mesh import ControlPlaneProc
 from compiler.ca import PushSigner, TokenIssuer
 from runtime.bundle import (
     BundleError,
+    CatalogService,
+    Destination,
     MeshBundle,
     TracingBackend,
     bundle_bytes,
@@ -36,7 +40,15 @@ from runtime.bundle import (
     canonical_json,
     load_bundle,
 )
-from runtime.pieces import MeshPieces, MissingPieces, assemble, split_lines, split_mesh
+from runtime.pieces import (
+    IndexPiece,
+    MeshPieces,
+    MissingPieces,
+    TreeShape,
+    assemble,
+    split_lines,
+    split_mesh,
+)
 from runtime.protocol import (
     HDR_BUNDLE_ROLE,
     HDR_DIGEST,
@@ -121,7 +133,8 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
 def test_pieces_reassemble_to_the_mesh_bundle(compiled: tuple[bytes, bytes]) -> None:
     data = compiled[0]
     mp = split_mesh(data)
-    assert len(mp.catalog) > 10  # 40 services over 64 buckets: many chunks
+    assert len(mp.catalog) >= 2  # 40 services, ~16 a chunk: a few chunks, no index piece
+    assert not mp.children and json.loads(mp.manifest)["catalog"] == list(mp.catalog)
     assert all(bundle_digest(p) == d for d, p in mp.pieces.items())
     lines = split_lines(mp.body(mp.wanted(None)))
     ms = assemble(lines[0], lines[1:], {}, ())
@@ -157,6 +170,122 @@ def test_one_destination_change_changes_one_piece_its_chunk_and_the_manifest(
 
 def _chunk_of(mp: MeshPieces, name: str) -> str:
     return next(d for d in mp.catalog if f'"{name}":'.encode() in mp.pieces[d])
+
+
+DEEP = TreeShape(chunk=2, max_chunk=4, fanout=2, max_fanout=3, top=2)
+"""A tiny tree shape: 40 services make four or five levels of index pieces."""
+
+
+def test_a_deep_tree_reassembles_and_one_change_rewrites_one_path(compiled: tuple[bytes, bytes]) -> None:
+    before, after = split_mesh(compiled[0], DEEP), split_mesh(compiled[1], DEEP)
+    assert len(json.loads(after.manifest)["catalog"]) <= 2 and len(after.children) > 4
+    lines = split_lines(after.body(after.wanted(None)))
+    assert assemble(lines[0], lines[1:], {}, ()).bundle() == load_bundle(compiled[1])
+    # One destination changed: its piece, its chunk and one index piece per level above it.
+    changed = set(after.pieces) - set(before.pieces)
+    depth = _depth(after)
+    chunk = _chunk_of(after, "beta")
+    assert after.destinations["beta"] in changed and chunk in changed
+    assert len(changed) <= 2 + depth, (len(changed), depth)
+    assert set(after.catalog_since(before)) == changed - {after.destinations["beta"]}
+    # The same cuts, whatever else the mesh holds: the unchanged chunks are the same pieces.
+    assert len(set(before.catalog) & set(after.catalog)) >= len(after.catalog) - 1 - depth
+
+
+def _depth(mp: MeshPieces) -> int:
+    top = json.loads(mp.manifest)["catalog"]
+    depth = 0
+    while top and top[0] in mp.children:
+        top, depth = list(mp.children[top[0]]), depth + 1
+    return depth
+
+
+def test_a_422_naming_an_index_piece_is_answered_by_its_subtree(compiled: tuple[bytes, bytes]) -> None:
+    mp = split_mesh(compiled[0], DEEP)
+    top = json.loads(mp.manifest)["catalog"]
+    assert top[0] in mp.children
+    others = [mp.pieces[d] for d in mp.catalog if d not in mp.below([top[0]])]
+    with pytest.raises(MissingPieces) as missing:
+        assemble(mp.manifest, others, {}, ())
+    assert missing.value.digests == (top[0],)  # what it can know it lacks: not what is below
+    got = assemble(mp.manifest, [*others, *(mp.pieces[d] for d in mp.below(missing.value.digests))], {}, ())
+    assert got.bundle().services == load_bundle(compiled[0]).services  # type: ignore[union-attr]
+    index = IndexPiece.model_validate_json(mp.pieces[top[0]])
+    assert set(index.catalog) <= set(mp.below([top[0]]))
+
+
+NAMES = [f"s{i:03d}" for i in range(90)]
+_EDIT = st.dictionaries(
+    st.sampled_from(NAMES),
+    st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(0, 2))),
+    max_size=25,
+)
+"""Per name: removed (None) or (port, destination variant; 0: a gateway, no destination)."""
+
+
+def _mesh(services: dict[str, tuple[int, int]], variants: list[Destination]) -> bytes:
+    bundle = MeshBundle(
+        mesh="default",
+        services={
+            n: CatalogService(port=5000 + port, protocol="http", gateway=v == 0)
+            for n, (port, v) in services.items()
+        },
+        destinations={n: variants[v - 1] for n, (_, v) in services.items() if v},
+    )
+    return bundle_bytes(bundle)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(_EDIT, min_size=1, max_size=6),
+    shape=st.sampled_from(
+        [DEEP, TreeShape(chunk=4, max_chunk=6, fanout=3, max_fanout=4, top=3), TreeShape()]
+    ),
+    reach=st.sets(st.sampled_from(NAMES), max_size=12),
+)
+def test_incremental_assemble_is_the_full_assemble(
+    compiled: tuple[bytes, bytes],
+    edits: list[dict[str, tuple[int, int] | None]],
+    shape: TreeShape,
+    reach: set[str],
+) -> None:
+    """A run of releases (services come, go and change; destinations change), each assembled from
+    the set before it with only what is new since (as a push carries it), gives exactly the set a
+    full assemble of the same pushes gives, and the mesh bundle restricted to what it holds."""
+    mesh = load_bundle(compiled[0])
+    assert isinstance(mesh, MeshBundle)
+    variants = [mesh.destinations["alpha"], mesh.destinations["beta"]]
+    services: dict[str, tuple[int, int]] = {}
+    prev_mp: MeshPieces | None = None
+    prev: Any = None
+    for edit in edits:
+        for name, value in edit.items():
+            if value is None:
+                services.pop(name, None)
+            else:
+                services[name] = value
+        data = _mesh(services, variants)
+        mp = split_mesh(data, shape)
+        held = set(prev.held) if prev is not None else set()
+        scope = {n for n in reach if n in mp.destinations}
+        dests = [mp.destinations[n] for n in sorted(held | scope) if n in mp.destinations]
+        send = [*mp.catalog_since(prev_mp), *(d for d in dests if prev is None or d not in prev.pieces)]
+        lines = split_lines(mp.body(send))
+        cache = prev.pieces if prev is not None else {}
+        keep = tuple(sorted(held))
+        incremental = assemble(lines[0], lines[1:], cache, keep, prev)
+        full = assemble(lines[0], lines[1:], cache, keep)
+        assert incremental == full
+        assert incremental.bundle() == full.bundle()
+        want = load_bundle(data)
+        assert isinstance(want, MeshBundle)
+        names = (held & set(mp.destinations)) | scope
+        assert incremental.bundle() == want.model_copy(
+            update={"destinations": {n: d for n, d in want.destinations.items() if n in names}}
+        )
+        assert set(incremental.pieces) == {*mp.catalog, *(mp.destinations[n] for n in names)}
+        assert incremental.pending == set(mp.destinations) - names
+        prev, prev_mp = incremental, mp
 
 
 def test_assemble_refuses_forged_and_missing_pieces(compiled: tuple[bytes, bytes]) -> None:
