@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import json.scanner
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -243,26 +244,82 @@ def _groups(items: Sequence[_T], last: Callable[[_T], int], modulus: int, most: 
     return out
 
 
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+"""json's own (C) scanner: one value at an index, and where it ends."""
+
+
+def _members(s: str, i: int) -> tuple[list[tuple[str, str, int, int]], int]:
+    """The members of the compact JSON object at ``s[i]``: (key, the key as written, where its
+    value starts, where it ends), and the index after the object; values are scanned, not kept."""
+    scan = _SCAN
+    if s[i] != "{":
+        raise ValueError(f"no object at {i}")
+    i += 1
+    out: list[tuple[str, str, int, int]] = []
+    if s[i] == "}":
+        return out, i + 1
+    while True:
+        key, colon = scan(s, i)
+        if not isinstance(key, str) or s[colon] != ":":
+            raise ValueError(f"no member at {i}")
+        _, end = scan(s, colon + 1)
+        out.append((key, s[i:colon], colon + 1, end))
+        if s[end] == "}":
+            return out, end + 1
+        if s[end] != ",":
+            raise ValueError(f"no comma at {end}")
+        i = end + 1
+
+
+def _sections(text: str) -> tuple[dict[str, Any], dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """A canonical mesh bundle as (its mesh settings, service -> (key as written, destination's
+    JSON), service -> (key as written, catalog entry's JSON)): the pieces are cut from the bundle's
+    own bytes (already canonical JSON), not parsed and encoded again (~0.3 s at 10,000 services)."""
+    scan = _SCAN
+    head: dict[str, Any] = {}
+    found: dict[str, dict[str, tuple[str, str]]] = {}
+    if text[0] != "{":
+        raise ValueError("not an object")
+    i = 1
+    while text[i] != "}":
+        key, colon = scan(text, i)
+        if not isinstance(key, str) or text[colon] != ":":
+            raise ValueError(f"no member at {i}")
+        if key in ("destinations", "services"):
+            members, end = _members(text, colon + 1)
+            found[key] = {k: (raw, text[a:b]) for k, raw, a, b in members}
+        else:
+            head[key], end = scan(text, colon + 1)
+        if text[end] == ",":
+            end += 1
+        elif text[end] != "}":
+            raise ValueError(f"no comma at {end}")
+        i = end
+    return head, found["destinations"], found["services"]
+
+
 def split_mesh(data: bytes, shape: TreeShape = SHAPE) -> MeshPieces:
     """The pieces of a (canonical, already checked) mesh bundle."""
     with gc_paused():
-        raw: dict[str, Any] = json.loads(data)
+        try:
+            head, dest_json, svc_json = _sections(data.decode())
+        except (ValueError, KeyError, IndexError, StopIteration):
+            # Not compact JSON (whitespace, say): made canonical first, then cut the same way.
+            head, dest_json, svc_json = _sections(canonical_json(json.loads(data)).decode())
     pieces: dict[str, bytes] = {}
     dest_digest: dict[str, str] = {}
-    for name, conf in raw["destinations"].items():
-        piece = canonical_json({"destination": conf, "service": name, "type": "destination"})
+    for name, (raw, conf) in dest_json.items():
+        piece = f'{{"destination":{conf},"service":{raw},"type":"destination"}}'.encode()
         d = dest_digest[name] = bundle_digest(piece)
         pieces[d] = piece
-    services: dict[str, Any] = raw["services"]
-    names = sorted(services)
+    names = sorted(svc_json)
     cut = {n: _cut_hash(n) for n in names}
     # A node is (the hash of the last name under it, its digest); level 0 are the chunks.
     level: list[tuple[int, str]] = []
     for run in _groups(names, cut.__getitem__, shape.chunk, shape.max_chunk):
-        dests = {n: dest_digest[n] for n in run if n in dest_digest}
-        piece = canonical_json(
-            {"destinations": dests, "services": {n: services[n] for n in run}, "type": "catalog"}
-        )
+        dests = ",".join(f'{svc_json[n][0]}:"{dest_digest[n]}"' for n in run if n in dest_digest)
+        svcs = ",".join(f"{svc_json[n][0]}:{svc_json[n][1]}" for n in run)
+        piece = f'{{"destinations":{{{dests}}},"services":{{{svcs}}},"type":"catalog"}}'.encode()
         d = bundle_digest(piece)
         pieces[d] = piece
         level.append((cut[run[-1]], d))
@@ -285,8 +342,8 @@ def split_mesh(data: bytes, shape: TreeShape = SHAPE) -> MeshPieces:
         levels.append([d for _, d in level])
     top = [d for _, d in level]
     # Every mesh setting goes into the manifest: only the catalog and destinations are pieces.
-    head = {k: v for k, v in raw.items() if k not in ("services", "destinations", "type", "format")}
-    manifest = canonical_json({**head, "catalog": top, "format": 2, "type": "mesh-manifest"})
+    settings = {k: v for k, v in head.items() if k not in ("type", "format")}
+    manifest = canonical_json({**settings, "catalog": top, "format": 2, "type": "mesh-manifest"})
     tree = tuple(d for lv in reversed(levels) for d in lv)
     return MeshPieces(manifest, bundle_digest(manifest), tree, dest_digest, pieces, children)
 

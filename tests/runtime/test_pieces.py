@@ -63,8 +63,9 @@ DATAPLANE_CHOSEN_BY_TEST = True
 DATAPLANES = tuple(os.environ.get("MESHC_DATAPLANES", "fast,aiohttp").split(","))
 pytestmark = pytest.mark.timeout(600)
 
-FILLERS = 36
-SERVICES = ["caller", "alpha", "beta", "gamma", *(f"svc-{i:02d}" for i in range(FILLERS))]
+FILLERS = 700
+SERVICES = ["caller", "alpha", "beta", "gamma", *(f"svc-{i:03d}" for i in range(FILLERS))]
+"""704 services: ~44 catalog chunks under two index pieces (a real tree, with the default shape)."""
 
 
 def _policies(d: Path, beta_timeout_s: int = 7) -> None:
@@ -133,9 +134,14 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
 def test_pieces_reassemble_to_the_mesh_bundle(compiled: tuple[bytes, bytes]) -> None:
     data = compiled[0]
     mp = split_mesh(data)
-    assert len(mp.catalog) >= 2  # 40 services, ~16 a chunk: a few chunks, no index piece
-    assert not mp.children and json.loads(mp.manifest)["catalog"] == list(mp.catalog)
+    assert len(mp.catalog) > 30  # 704 services, ~16 a chunk
+    top = json.loads(mp.manifest)["catalog"]
+    assert 1 <= len(top) <= 32 and set(top) == set(mp.children)  # one level of index pieces
     assert all(bundle_digest(p) == d for d, p in mp.pieces.items())
+    # Cut from the bundle's own bytes, every piece is canonical JSON, as if encoded anew.
+    assert all(canonical_json(json.loads(p)) == p for p in [mp.manifest, *mp.pieces.values()])
+    spaced = json.dumps(json.loads(data), indent=1).encode()
+    assert split_mesh(spaced).pieces == mp.pieces  # not compact: made canonical first
     lines = split_lines(mp.body(mp.wanted(None)))
     ms = assemble(lines[0], lines[1:], {}, ())
     assert ms.bundle() == load_bundle(data)
@@ -163,7 +169,9 @@ def test_one_destination_change_changes_one_piece_its_chunk_and_the_manifest(
 ) -> None:
     before, after = split_mesh(compiled[0]), split_mesh(compiled[1])
     changed = set(after.pieces) - set(before.pieces)
-    assert changed == {after.destinations["beta"], _chunk_of(after, "beta")}
+    chunk = _chunk_of(after, "beta")
+    assert changed == {after.destinations["beta"], chunk, *_path_to(after, chunk)}
+    assert len(_path_to(after, chunk)) == 1
     assert before.digest != after.digest
     assert {n for n in after.destinations if after.destinations[n] != before.destinations[n]} == {"beta"}
 
@@ -173,7 +181,7 @@ def _chunk_of(mp: MeshPieces, name: str) -> str:
 
 
 DEEP = TreeShape(chunk=2, max_chunk=4, fanout=2, max_fanout=3, top=2)
-"""A tiny tree shape: 40 services make four or five levels of index pieces."""
+"""A tiny tree shape: many levels of index pieces."""
 
 
 def test_a_deep_tree_reassembles_and_one_change_rewrites_one_path(compiled: tuple[bytes, bytes]) -> None:
@@ -286,6 +294,11 @@ def test_incremental_assemble_is_the_full_assemble(
         assert set(incremental.pieces) == {*mp.catalog, *(mp.destinations[n] for n in names)}
         assert incremental.pending == set(mp.destinations) - names
         prev, prev_mp = incremental, mp
+
+
+def _path_to(mp: MeshPieces, node: str) -> set[str]:
+    """The index pieces above ``node``."""
+    return {d for d in mp.children if d != node and node in mp.below([d])}
 
 
 def test_assemble_refuses_forged_and_missing_pieces(compiled: tuple[bytes, bytes]) -> None:
@@ -457,13 +470,19 @@ def test_a_destination_change_sends_one_piece_and_its_chunk(delta_mesh: DeltaMes
     after = delta_mesh.release_mesh()
     assert caller.config()["bundles"]["mesh"]["digest"] == after.digest
     new = sorted(set(after.pieces) - set(before.pieces))
-    assert new == sorted([after.destinations["beta"], _chunk_of(after, "beta")])
-    # On the wire to caller: one push, the manifest and exactly those two pieces (it held beta).
+    chunk = _chunk_of(after, "beta")
+    path = _path_to(after, chunk)
+    assert new == sorted([after.destinations["beta"], chunk, *path]) and len(path) == 1
+    # On the wire to caller: one push, the manifest and exactly those pieces (it held beta).
     expected = len(after.body(new))
     got = metric_value(caller.metrics(), "meshc_push_received_bytes_total", slot="mesh") - received
     assert metric_value(caller.metrics(), "meshc_reloads_total", kind="mesh", result="ack") == acks + 1
     assert got == expected, (got, expected)
-    assert expected < len(after.manifest) + 3000 < sum(len(p) for p in after.pieces.values())
+    # Bounded by what changed: the manifest, one index piece a level (64 digests at most), one
+    # chunk (64 services at most) and the destination; the whole tree is 5 times that.
+    beta = len(after.pieces[after.destinations["beta"]])
+    bound = len(after.manifest) + len(path) * 64 * 67 + 64 * 220 + beta
+    assert got <= bound < sum(len(after.pieces[d]) for d in after.catalog) / 5, (got, bound)
     ro = delta_mesh.cp.api("/api/v1/rollouts")["rollouts"][0]
     assert ro["bytes"] > 0 and ro["completed_at"] is not None
     # Status: synced, so no lag now, and the change-to-ACK time of its last ACK.
@@ -555,18 +574,20 @@ def test_after_a_control_plane_restart_a_422_fetches_what_it_forgot(delta_mesh: 
     cfg = caller.config()["bundles"]["mesh"]
     assert cfg["digest"] == after.digest and "beta" in cfg["pieces"]["held"]
     assert cfg["bundle"]["destinations"]["beta"]["timeout"][0]["conf"]["http_request_timeout_ms"] == 13000
-    # Two pushes, neither with the whole catalog: the chunk, then the chunk and beta's piece.
+    # Two pushes, neither with the whole catalog: the changed path of the tree (the chunk and
+    # the index piece above it), then that and beta's piece.
     got = metric_value(m, "meshc_push_received_bytes_total", slot="mesh") - received
-    chunk = _chunk_of(after, "beta")
-    assert got == len(after.body([chunk])) + len(after.body([chunk, after.destinations["beta"]])), got
+    tree = after.catalog_since(before)
+    assert set(tree) == {_chunk_of(after, "beta"), *_path_to(after, _chunk_of(after, "beta"))}
+    assert got == len(after.body(tree)) + len(after.body([*tree, after.destinations["beta"]])), got
 
 
 def test_a_reachable_list_is_pushed_ahead(delta_mesh: DeltaMesh) -> None:
     """Kuma's reachableServices on the registration: those destinations come with the push."""
-    plane = delta_mesh.start("reach", "gamma", "--reachable-services", "beta,svc-03")
+    plane = delta_mesh.start("reach", "gamma", "--reachable-services", "beta,svc-003")
     try:
         wait_until(lambda: _synced(delta_mesh, plane), "gamma SYNCED")
-        assert _pieces_of(plane)["held"] == ["beta", "svc-03"]
+        assert _pieces_of(plane)["held"] == ["beta", "svc-003"]
         assert outbound_name(plane, "beta") == "beta-app"
         assert metric_value(plane.metrics(), "meshc_mesh_pieces_total", how="fetched") == 0
     finally:
