@@ -279,7 +279,7 @@ class Route:
 class DestinationTable:
     """Everything an outbound request to one mesh service needs."""
 
-    __slots__ = ("pending", "port", "protocol", "routes", "service", "targets", "wheel")
+    __slots__ = ("lacking", "pending", "port", "protocol", "routes", "service", "targets", "wheel")
 
     def __init__(
         self,
@@ -289,10 +289,14 @@ class DestinationTable:
         wheel: Wheel[Target],
         targets: tuple[Target, ...],
         pending: bool = False,
+        lacking: tuple[str, ...] = (),
     ) -> None:
         self.service = service
-        self.pending = pending
-        """Its config is named by the mesh manifest but not held yet (fetched on demand)."""
+        self.lacking = lacking
+        """Services it splits to whose endpoints a scoped set does not hold (``runtime.endpoints``)."""
+        self.pending = pending or bool(lacking)
+        """Its config is named by the mesh manifest but not held yet, or endpoints it routes to
+        are not (fetched on demand)."""
         self.port = catalog.port if catalog else None
         self.protocol = catalog.protocol if catalog else "http"
         self.routes = routes
@@ -785,6 +789,8 @@ class Engine:
                     hosts.append(host)
                     host_tags[ep.address] = ep.tags
         targets: dict[tuple[str, tuple[tuple[str, str], ...]], Target] = {}
+        held = endpoints.services if endpoints is not None and endpoints.scoped else None
+        """A scoped set: the services it does not name are not held (rather than empty)."""
 
         def config_for(name: str) -> Destination | None:
             if service is not None and name in service.outbound:
@@ -855,12 +861,14 @@ class Engine:
             used = {id(t): t for t in default.items}
             for r in routes:
                 used.update((id(t), t) for t in r.wheel.items)
+            lacking = () if held is None else tuple(sorted({t.service for t in used.values()} - held.keys()))
             destinations[name] = DestinationTable(
                 name,
                 catalog.get(name),
                 routes,
                 default,
                 tuple(used.values()),
+                lacking=lacking,
             )
 
         gateway: dict[int, GatewayListenerTable] = {}
