@@ -375,19 +375,24 @@ def phase_propagation(
 # --- phase 2 -------------------------------------------------------------------------------------
 
 
-async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pieces: bool = False) -> None:
+async def _stub_dataplanes(
+    cp: str, n: int, services: list[str], work: Path, pieces: bool = False, endpoint_deltas: bool = False
+) -> None:
     """n stub data planes: register, heartbeat, check digests and ACK every push (with
-    ``pieces``: delta pushes, assembled and checked by ``runtime.pieces`` as a sidecar does)."""
+    ``pieces``: delta pushes, assembled and checked by ``runtime.pieces`` as a sidecar does; with
+    ``endpoint_deltas``: per-service endpoint sets, applied by ``runtime.endpoints``)."""
     import aiohttp
     from aiohttp import web
 
     from runtime.bundle import BundleError
+    from runtime.endpoints import EndpointsRefused, apply, running_digest
     from runtime.pieces import MeshSet, MissingPieces, assemble, split_lines
-    from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_PIECES, Heartbeat, Registration
+    from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_PIECES, EndpointSet, Heartbeat, Registration
 
     running: list[dict[str, str]] = [{} for _ in range(n)]
     sets: list[MeshSet | None] = [None] * n
     eps_gen = [0] * n
+    eps_sets: list[EndpointSet | None] = [None] * n
     runners = []
     ports = []
     for k in range(n):
@@ -418,7 +423,12 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
 
         async def endpoints(request: web.Request, k: int = k) -> web.Response:
             body = await request.read()
-            eps_gen[k] = int(json.loads(body)["generation"])
+            try:
+                whole, _ = apply(eps_sets[k], None, EndpointSet.model_validate_json(body))
+            except EndpointsRefused as e:
+                return web.json_response({"nack": str(e)}, status=e.status)
+            eps_sets[k], eps_gen[k] = whole, whole.generation
+            running[k]["endpoints"] = running_digest(whole)
             return web.json_response({"ack": hashlib.sha256(body).hexdigest()})
 
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -443,6 +453,7 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
                 inbound_address=f"127.0.0.1:{free_port()}",
                 admin_address=f"127.0.0.1:{ports[k]}",
                 pieces=pieces,
+                endpoint_deltas=endpoint_deltas,
             )
             token = _token(work, reg.service)
             headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -571,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stub-services", help=argparse.SUPPRESS)
     p.add_argument("--stub-work", help=argparse.SUPPRESS)
     p.add_argument("--stub-pieces", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stub-endpoint-deltas", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--compare",
         action="store_true",
@@ -582,7 +594,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
                 _stub_dataplanes(
-                    args.cp, args.stubs, args.stub_services.split(","), Path(args.stub_work), args.stub_pieces
+                    args.cp,
+                    args.stubs,
+                    args.stub_services.split(","),
+                    Path(args.stub_work),
+                    args.stub_pieces,
+                    args.stub_endpoint_deltas,
                 )
             )
         return 0
