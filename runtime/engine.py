@@ -649,9 +649,7 @@ class Snapshot:
         """Read and send B3 besides ``traceparent`` (a Zipkin backend)."""
         # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),
         # and for Kuma's Kubernetes names the cluster DNS names of the Service.
-        self._names = dict(destinations)
-        for name, table in destinations.items():
-            self._names.setdefault(f"{name}.mesh", table)
+        self._names = dict(destinations)  # ``name.mesh`` is looked up as ``name`` (no alias each)
         own = service.service if service is not None else ""
         for alias, table in kube_aliases(destinations, own).items():
             self._names.setdefault(alias, table)
@@ -663,8 +661,12 @@ class Snapshot:
     def destination(self, host: str) -> DestinationTable | None:
         """The mesh service an outbound Host names (``benigno``, ``benigno.mesh``), port ignored."""
         table = self._names.get(host)
-        if table is None and host and host[-1] == ".":
-            table = self._names.get(host[:-1])
+        if table is None and host:
+            if host[-1] == ".":
+                host = host[:-1]
+                table = self._names.get(host)
+            if table is None and host.endswith(".mesh"):
+                table = self._names.get(host[:-5])
         return table
 
     def health_checks(self) -> dict[tuple[str, str], tuple[Host, HealthCheckConf, Target]]:
