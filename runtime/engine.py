@@ -629,6 +629,7 @@ class Snapshot:
         inbound: InboundTable,
         gateway: dict[int, GatewayListenerTable],
         targets: tuple[Target, ...],
+        pending: Collection[str] = (),
     ) -> None:
         self.mesh = mesh
         self.service = service
@@ -649,10 +650,15 @@ class Snapshot:
         """Read and send B3 besides ``traceparent`` (a Zipkin backend)."""
         # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),
         # and for Kuma's Kubernetes names the cluster DNS names of the Service.
+        # A destination whose piece is pending (``pending``, not in ``destinations``) gets its
+        # table at its first lookup: a scoped sidecar of a 10,000-service mesh has ~10,000 of them.
         self._names = dict(destinations)  # ``name.mesh`` is looked up as ``name`` (no alias each)
+        self._pending = pending
+        self._catalog = mesh.services if mesh is not None else {}
         own = service.service if service is not None else ""
-        for alias, table in kube_aliases(destinations, own).items():
-            self._names.setdefault(alias, table)
+        every = {n: n for n in destinations}
+        every.update((n, n) for n in pending if n not in destinations)
+        self._aliases = kube_aliases(every, own)
 
     @property
     def ready(self) -> bool:
@@ -661,12 +667,28 @@ class Snapshot:
     def destination(self, host: str) -> DestinationTable | None:
         """The mesh service an outbound Host names (``benigno``, ``benigno.mesh``), port ignored."""
         table = self._names.get(host)
-        if table is None and host:
-            if host[-1] == ".":
-                host = host[:-1]
-                table = self._names.get(host)
-            if table is None and host.endswith(".mesh"):
-                table = self._names.get(host[:-5])
+        if table is not None or not host:
+            return table
+        if host[-1] == ".":
+            host = host[:-1]
+            table = self._names.get(host)
+            if table is not None:
+                return table
+        table = self._lazy(host)
+        if table is None:
+            alias = self._aliases.get(host)
+            table = self._names.get(alias) or self._lazy(alias) if alias is not None else None
+        if table is None and host.endswith(".mesh"):
+            table = self._names.get(host[:-5]) or self._lazy(host[:-5])
+        return table
+
+    def _lazy(self, name: str) -> DestinationTable | None:
+        """The table of a pending destination (nothing routes there before its piece comes)."""
+        if name not in self._pending or name in self._names:
+            return None
+        table = self._names[name] = DestinationTable(
+            name, self._catalog.get(name), (), _NO_WHEEL, (), pending=True
+        )
         return table
 
     def health_checks(self) -> dict[tuple[str, str], tuple[Host, HealthCheckConf, Target]]:
@@ -845,11 +867,8 @@ class Engine:
             names |= set(service.outbound)
         for name in sorted(names):
             if name in pending and (service is None or name not in service.outbound):
-                # Nothing routes there before its piece is fetched: no targets to build now (a
-                # scoped data plane has hundreds of these and builds one snapshot per push).
-                destinations[name] = DestinationTable(
-                    name, catalog.get(name), (), _NO_WHEEL, (), pending=True
-                )
+                # Nothing routes there before its piece is fetched: no table now (a scoped data
+                # plane has thousands of these and builds one snapshot per push), see Snapshot.
                 continue
             conf = config_for(name)
             rule = first_rule(conf.route, local, {}) if conf else None
@@ -915,6 +934,7 @@ class Engine:
             self._inbound(service, local),
             gateway,
             tuple(targets.values()),
+            pending,
         )
 
     def _inbound(self, service: ServiceBundle | None, local: Mapping[str, str]) -> InboundTable:
