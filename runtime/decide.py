@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY, RetryPolicy
 from runtime.bundle import TrafficLogConf
-from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, Snapshot, Target
+from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, RoutePolicy, Snapshot, Target
 from runtime.headerops import NO_OPS, REMOVE, SET, HeaderOp
 from runtime.identity import PeerIdentity
 from runtime.security import DENIED_HEADER
@@ -48,6 +48,7 @@ __all__ = [
     "Reply",
     "RequestHead",
     "RetryState",
+    "StreamWatch",
     "admit",
     "admit_app",
     "decide_connect",
@@ -58,15 +59,19 @@ __all__ = [
     "decide_tcp_inbound",
     "failure_reply",
     "fetch_failed",
+    "inbound_header_timeout",
     "no_fetcher",
     "passthrough",
     "peer_hop",
     "query_map",
     "release",
     "release_app",
+    "report_app",
     "request_scheme",
     "settle",
     "split_host",
+    "stream_cut",
+    "stream_watch",
     "traced",
 ]
 
@@ -173,6 +178,7 @@ class Forward:
         "kind",
         "mirrors",
         "path",
+        "policy",
         "request_ops",
         "response_ops",
         "source",
@@ -198,6 +204,7 @@ class Forward:
         delay_s: float = 0.0,
         bps: int = 0,
         app: AppPolicy = NO_APP_POLICY,
+        policy: RoutePolicy | None = None,
     ) -> None:
         self.kind = kind
         self.source = source
@@ -220,6 +227,9 @@ class Forward:
         """Response bandwidth in bits/s (a fault); 0: unlimited."""
         self.app = app
         """``APP``: the caller's inbound timeouts, connection limit and access logs."""
+        self.policy = policy
+        """``TARGET``: the matched route rule's own timeout and retries (``RetryState``); None:
+        the target's."""
         self.holds = False
         """``APP``: it holds a slot of ``app.limit`` (``admit_app``) until ``release_app``."""
         self.trace: Hop | None = None
@@ -352,7 +362,7 @@ def decide_outbound(
     verdict = _outbound(engine, snap, head, headers, name, port, own)
     if type(verdict) is Forward:
         return verdict
-    span = hop(headers.get, snap.trace_sampling, engine.rng, snap.trace_b3)
+    span = hop(headers.get, snap.trace_sampling, engine.rng, snap.trace_b3, snap.trace_tags)
     if type(verdict) is Fetch:
         verdict.trace = span
         return verdict
@@ -381,11 +391,15 @@ def _outbound(
     if target is None:
         return Reply(503, NO_HOST, source, name)
     incoming = headers.get
-    if route is None or route.modify is None:
+    if route is None:
+        fwd = Forward(TARGET, source, target.service, target=target, source_header=source)
+        return traced(engine, snap, fwd, incoming)
+    policy = route.policy
+    if route.modify is None:
         return traced(
             engine,
             snap,
-            Forward(TARGET, source, target.service, target=target, source_header=source),
+            Forward(TARGET, source, target.service, target=target, source_header=source, policy=policy),
             incoming,
         )
     path = head.path()
@@ -400,6 +414,7 @@ def _outbound(
         request_ops=route.request_ops,
         response_ops=route.response_ops,
         source_header=source,
+        policy=policy,
     )
     return traced(engine, snap, fwd, incoming)
 
@@ -409,7 +424,7 @@ def traced(engine: Engine, snap: Snapshot, fwd: Forward, incoming: Getter | str 
     ``traceparent`` alone) when it carries a valid context, else a new trace; the next hop's
     propagation headers are the last header ops (``runtime.tracing``)."""
     b3 = snap.trace_b3
-    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, b3)
+    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, b3, snap.trace_tags)
     if not b3:
         fwd.request_ops = (*fwd.request_ops, (SET, TRACEPARENT, span.header()))
         return fwd
@@ -428,7 +443,7 @@ def _answered(reply: Reply, span: Hop) -> Reply:
 
 
 def _reply_span(engine: Engine, snap: Snapshot, reply: Reply, incoming: Getter | str | None) -> Reply:
-    return _answered(reply, hop(incoming, snap.trace_sampling, engine.rng, snap.trace_b3))
+    return _answered(reply, hop(incoming, snap.trace_sampling, engine.rng, snap.trace_b3, snap.trace_tags))
 
 
 def _caller(snap: Snapshot, identity: PeerIdentity | None) -> str | None:
@@ -606,9 +621,13 @@ def admit(target: Target, source: str) -> Reply | None:
     return None
 
 
-def admit_app(fwd: Forward) -> Reply | None:
+def admit_app(fwd: Forward, now: float) -> Reply | None:
     """None when the local app may take one more request (a slot of the inbound circuit
-    breaker's limit is taken until ``release_app``), else the 503 overflow."""
+    breaker's limit is taken until ``release_app``), else the 503 overflow; or 503 no healthy
+    upstream while the app is ejected and the panic threshold is 0 (``AppOutlier``)."""
+    outlier = fwd.app.outlier
+    if outlier is not None and outlier.panic <= 0 and outlier.host.is_ejected(now):
+        return Reply(503, NO_HOST, fwd.source, fwd.dest)
     limit = fwd.app.limit
     if limit is None:
         return None
@@ -617,6 +636,20 @@ def admit_app(fwd: Forward) -> Reply | None:
     limit.active += 1
     fwd.holds = True
     return None
+
+
+def report_app(fwd: Forward, outcome: int, now: float) -> bool:
+    """Feed the local app's outlier detector with one request's outcome (``Outcome``, from
+    ``Engine.outcome_for_status`` or the failure); True when it ejected the app (the layer counts
+    it in ``meshc_outlier_ejections``). A no-op without inbound outlier detection."""
+    outlier = fwd.app.outlier
+    if outlier is None:
+        return False
+    host = outlier.host
+    if not host.record(outcome, outlier.cb) or host.is_ejected(now):
+        return False
+    host.eject(now, outlier.cb)  # Envoy ejects at least one host, whatever max_ejection_percent
+    return True
 
 
 def release_app(fwd: Forward | None) -> None:
@@ -672,7 +705,17 @@ class RetryState:
     own timeout). A request whose body cannot be replayed (unknown length, over 64 KiB) is tried
     once."""
 
-    __slots__ = ("allowed", "backing_off", "deadline", "overall", "policy", "retries", "target", "tried")
+    __slots__ = (
+        "allowed",
+        "backing_off",
+        "deadline",
+        "overall",
+        "policy",
+        "retries",
+        "stream_idle_s",
+        "target",
+        "tried",
+    )
 
     def __init__(
         self,
@@ -680,6 +723,7 @@ class RetryState:
         method: str,
         body_length: int | None,
         now: float,
+        route: RoutePolicy | None = None,
         *,
         grpc: bool = False,
         deadline_s: float | None = None,
@@ -687,11 +731,26 @@ class RetryState:
         """``body_length``: 0 without a body, None when it is not known up front (chunked).
         ``grpc``: a gRPC call, retried by Retry's ``grpc`` conf when there is one (any method:
         gRPC calls are all POSTs). ``deadline_s``: the caller's own deadline (``grpc-timeout``),
-        which replaces the route's request timeout as Envoy's ``max_grpc_timeout: 0`` does."""
-        policy: RetryPolicy | None = target.retry
+        which replaces the route's request timeout as Envoy's ``max_grpc_timeout: 0`` does.
+        ``route``: the matched route rule's own timeout and retries (``Forward.policy``), which
+        replace the target's where the rule sets them (Kuma's route-level MeshTimeout and
+        MeshRetry)."""
+        if route is None:
+            policy: RetryPolicy | None = target.retry
+            grpc_retry = target.grpc_retry
+            timeout = target.request_timeout_s
+            self.stream_idle_s = target.stream_idle_timeout_s
+            """How long the response may carry no data (the route rule's, else the target's)."""
+        else:
+            retried = route.has_retry
+            policy = route.retry if retried else target.retry
+            grpc_retry = route.grpc_retry if retried else target.grpc_retry
+            timed = route.has_timeout
+            timeout = route.request_timeout_s if timed else target.request_timeout_s
+            self.stream_idle_s = route.stream_idle_timeout_s if timed else target.stream_idle_timeout_s
         method_ok = policy is not None and policy.method_allowed(method)
-        if grpc and target.grpc_retry is not None:
-            policy, method_ok = target.grpc_retry, True
+        if grpc and grpc_retry is not None:
+            policy, method_ok = grpc_retry, True
         self.target = target
         self.policy = policy
         self.allowed = (
@@ -704,7 +763,8 @@ class RetryState:
         self.retries = 0
         self.backing_off = False
         self.overall = False
-        timeout = deadline_s if deadline_s is not None else target.request_timeout_s
+        if deadline_s is not None:
+            timeout = deadline_s
         self.deadline = now + timeout if timeout else None
         self.tried: list[Host] = []
 
@@ -773,3 +833,69 @@ class RetryState:
         if outcome == Outcome.TIMEOUT:
             return Reply(504, TIMEOUT_REASON, source, self.target.service)
         return Reply(503, RESET, source, self.target.service)
+
+
+# -- stream timeouts -----------------------------------------------------------------------------
+
+STREAM_IDLE = "stream idle timeout"
+"""Envoy's stream idle timeout: no byte moved either way on the request's exchange for too long."""
+MAX_STREAM = "max stream duration reached"
+"""MeshTimeout's maxStreamDuration: the request and its response took too long, end to end."""
+
+
+class StreamWatch:
+    """One exchange's stream timeouts (sans-io): the byte layer calls ``moved`` when a byte of the
+    request or the response moves, and ``due`` at ``next_check``; ``due`` names the timeout that
+    passed (then the layer answers ``stream_cut``, or resets the stream once a response is out).
+    Envoy's semantics: the idle timer restarts on any progress either way (so a client that opens
+    no window, or an app that stops sending, is cut), the duration counts from the request's head."""
+
+    __slots__ = ("end_at", "idle_s", "last")
+
+    def __init__(self, idle_s: float | None, max_s: float | None, now: float) -> None:
+        self.idle_s = idle_s
+        self.end_at = now + max_s if max_s else 0.0
+        self.last = now
+
+    def moved(self, now: float) -> None:
+        self.last = now
+
+    def next_check(self) -> float:
+        """Loop time at which ``due`` may first say something (the earlier of the two limits)."""
+        idle_at = self.last + self.idle_s if self.idle_s else float("inf")
+        return min(idle_at, self.end_at or float("inf"))
+
+    def due(self, now: float) -> str | None:
+        if self.end_at and now >= self.end_at:
+            return MAX_STREAM
+        if self.idle_s and now - self.last >= self.idle_s:
+            return STREAM_IDLE
+        return None
+
+
+def stream_watch(fwd: Forward, now: float) -> StreamWatch | None:
+    """The stream timeouts of a forwarded request: the caller's inbound ones for the local app
+    (``AppPolicy``), the target's outbound ones (Timeout / MeshTimeout ``to``); None without any."""
+    if fwd.kind == APP:
+        idle_s, max_s = fwd.app.stream_idle_s, fwd.app.max_stream_s
+    elif fwd.target is not None:
+        idle_s, max_s = fwd.target.stream_idle_timeout_s, fwd.target.max_stream_s
+    else:
+        return None
+    if idle_s is None and max_s is None:
+        return None
+    return StreamWatch(idle_s, max_s, now)
+
+
+def stream_cut(source: str, dest: str, why: str) -> Reply:
+    """The answer to a request whose stream timed out before its response began: 408, as Envoy's
+    local reply for a stream timeout (a response already begun is reset instead)."""
+    return Reply(408, why, source, dest)
+
+
+def inbound_header_timeout(snap: Snapshot, listener_s: float) -> float:
+    """How long the inbound listener gives a request head: the MeshTimeout requestHeadersTimeout
+    of the rule for every caller when one sets it, else the listener's ``--header-timeout``
+    (Kuma's 0s, none, keeps that bound: a sidecar never waits for a head without one)."""
+    s = snap.inbound.headers_timeout_s
+    return s if s is not None else listener_s
