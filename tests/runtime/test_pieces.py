@@ -1,7 +1,8 @@
 """Delta pushes and scoped config (``runtime.pieces``, DESIGN §4-§5), as real processes.
 
-A control plane on a temp policy dir (no mTLS) with 40 services; ``caller``'s policies name
-``alpha`` only, so it is pushed the catalog and alpha's destination piece and nothing else;
+A control plane on a temp policy dir (no mTLS) with 704 services (a catalog tree with an index
+level); ``caller``'s policies name ``alpha`` only, so it is pushed the catalog and alpha's
+destination piece and nothing else;
 ``beta`` (an instance with its app) comes on demand. One mesh per HTTP data plane, the tests in
 file order: on demand, one changed piece on the wire, a forged or mismatched piece, a restart
 from a partial piece cache. Pure checks of the split and the state dir come first.
