@@ -90,7 +90,7 @@ def generate() -> dict[str, dict[str, Any]]:
         {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "$comment": _HEADER,
-            "title": "a line of a delta push: mesh manifest, catalog chunk or destination piece",
+            "title": "a line of a delta push: mesh manifest, catalog chunk, index piece or destination piece",
         }
     )
     out["bundle/pieces-v1.schema.json"] = pieces

@@ -313,7 +313,7 @@ class Route:
 class DestinationTable:
     """Everything an outbound request to one mesh service needs."""
 
-    __slots__ = ("pending", "port", "protocol", "routes", "service", "targets", "wheel")
+    __slots__ = ("lacking", "pending", "port", "protocol", "routes", "service", "targets", "wheel")
 
     def __init__(
         self,
@@ -323,10 +323,14 @@ class DestinationTable:
         wheel: Wheel[Target],
         targets: tuple[Target, ...],
         pending: bool = False,
+        lacking: tuple[str, ...] = (),
     ) -> None:
         self.service = service
-        self.pending = pending
-        """Its config is named by the mesh manifest but not held yet (fetched on demand)."""
+        self.lacking = lacking
+        """Services it splits to whose endpoints a scoped set does not hold (``runtime.endpoints``)."""
+        self.pending = pending or bool(lacking)
+        """Its config is named by the mesh manifest but not held yet, or endpoints it routes to
+        are not (fetched on demand)."""
         self.port = catalog.port if catalog else None
         self.protocol = catalog.protocol if catalog else "http"
         self.routes = routes
@@ -714,6 +718,7 @@ class Snapshot:
         inbound: InboundTable,
         gateway: dict[int, GatewayListenerTable],
         targets: tuple[Target, ...],
+        pending: Collection[str] = (),
     ) -> None:
         self.mesh = mesh
         self.service = service
@@ -736,12 +741,15 @@ class Snapshot:
         """Read and send B3 besides ``traceparent`` (a Zipkin backend)."""
         # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),
         # and for Kuma's Kubernetes names the cluster DNS names of the Service.
-        self._names = dict(destinations)
-        for name, table in destinations.items():
-            self._names.setdefault(f"{name}.mesh", table)
+        # A destination whose piece is pending (``pending``, not in ``destinations``) gets its
+        # table at its first lookup: a scoped sidecar of a 10,000-service mesh has ~10,000 of them.
+        self._names = dict(destinations)  # ``name.mesh`` is looked up as ``name`` (no alias each)
+        self._pending = pending
+        self._catalog = mesh.services if mesh is not None else {}
         own = service.service if service is not None else ""
-        for alias, table in kube_aliases(destinations, own).items():
-            self._names.setdefault(alias, table)
+        every = {n: n for n in destinations}
+        every.update((n, n) for n in pending if n not in destinations)
+        self._aliases = kube_aliases(every, own)
 
     @property
     def ready(self) -> bool:
@@ -750,8 +758,28 @@ class Snapshot:
     def destination(self, host: str) -> DestinationTable | None:
         """The mesh service an outbound Host names (``benigno``, ``benigno.mesh``), port ignored."""
         table = self._names.get(host)
-        if table is None and host and host[-1] == ".":
-            table = self._names.get(host[:-1])
+        if table is not None or not host:
+            return table
+        if host[-1] == ".":
+            host = host[:-1]
+            table = self._names.get(host)
+            if table is not None:
+                return table
+        table = self._lazy(host)
+        if table is None:
+            alias = self._aliases.get(host)
+            table = self._names.get(alias) or self._lazy(alias) if alias is not None else None
+        if table is None and host.endswith(".mesh"):
+            table = self._names.get(host[:-5]) or self._lazy(host[:-5])
+        return table
+
+    def _lazy(self, name: str) -> DestinationTable | None:
+        """The table of a pending destination (nothing routes there before its piece comes)."""
+        if name not in self._pending or name in self._names:
+            return None
+        table = self._names[name] = DestinationTable(
+            name, self._catalog.get(name), (), _NO_WHEEL, (), pending=True
+        )
         return table
 
     def health_checks(self) -> dict[tuple[str, str], tuple[Host, HealthCheckConf, Target]]:
@@ -882,6 +910,8 @@ class Engine:
                     hosts.append(host)
                     host_tags[ep.address] = ep.tags
         targets: dict[tuple[str, tuple[tuple[str, str], ...]], Target] = {}
+        held = endpoints.services if endpoints is not None and endpoints.scoped else None
+        """A scoped set: the services it does not name are not held (rather than empty)."""
 
         def config_for(name: str) -> Destination | None:
             if service is not None and name in service.outbound:
@@ -934,11 +964,8 @@ class Engine:
             names |= set(service.outbound)
         for name in sorted(names):
             if name in pending and (service is None or name not in service.outbound):
-                # Nothing routes there before its piece is fetched: no targets to build now (a
-                # scoped data plane has hundreds of these and builds one snapshot per push).
-                destinations[name] = DestinationTable(
-                    name, catalog.get(name), (), _NO_WHEEL, (), pending=True
-                )
+                # Nothing routes there before its piece is fetched: no table now (a scoped data
+                # plane has thousands of these and builds one snapshot per push), see Snapshot.
                 continue
             conf = config_for(name)
             rule = first_rule(conf.route, local, {}) if conf else None
@@ -952,12 +979,14 @@ class Engine:
             used = {id(t): t for t in default.items}
             for r in routes:
                 used.update((id(t), t) for t in r.wheel.items)
+            lacking = () if held is None else tuple(sorted({t.service for t in used.values()} - held.keys()))
             destinations[name] = DestinationTable(
                 name,
                 catalog.get(name),
                 routes,
                 default,
                 tuple(used.values()),
+                lacking=lacking,
             )
 
         gateway: dict[int, GatewayListenerTable] = {}
@@ -1003,6 +1032,7 @@ class Engine:
             self._inbound(service, local),
             gateway,
             tuple(targets.values()),
+            pending,
         )
 
     def _gateway_limit(self, port: int, index: int, conf: RateLimitConf | None) -> RateLimit | None:

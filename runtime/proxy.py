@@ -314,7 +314,9 @@ class HttpProxy:
                 return self._log_app(fwd, request, t0, answer)
             self._report_app(fwd, self.engine.outcome_for_status(up.status))
             try:
-                resp = await self._relay(request, up, NO_OPS, fwd.bps, end, fwd.kind == APP)
+                resp = await self._relay(
+                    request, up, NO_OPS, fwd.bps, end, direction if fwd.kind == APP else None
+                )
             finally:
                 up.release()
         finally:
@@ -470,6 +472,8 @@ class HttpProxy:
             body = await request.read() if retry.allowed else request.content
         key = request.headers.get(HASH_KEY_HEADER) or request.path
         timeout = self._timeout(target.connect_timeout_s, retry.stream_idle_s)
+        # The max stream duration bounds the whole exchange, retries included, as on the fast path.
+        end = loop.time() + target.max_stream_s if target.max_stream_s is not None else None
         hop = peer_hop(engine.snapshot, self.creds.client_ctx is not None, source, dest)
         if isinstance(hop, Reply):
             return self._answer(t0, hop, direction, request=request, span=fwd.trace)
@@ -489,12 +493,14 @@ class HttpProxy:
                         request=request,
                         span=fwd.trace,
                     )
-                try_timeout = retry.try_timeout(loop.time())
+                now = loop.time()
+                try_timeout = retry.try_timeout(now)
+                try_end = now + try_timeout if try_timeout is not None else None
                 host.active += 1
                 up: aiohttp.ClientResponse | None = None
                 outcome = Outcome.OK
                 try:
-                    async with asyncio.timeout(try_timeout):
+                    async with asyncio.timeout_at(try_end if end is None else min(end, try_end or end)):
                         up = await self.session.request(
                             request.method,
                             URL(f"{scheme}://{host.address}{path_qs}", encoded=True),
@@ -506,8 +512,21 @@ class HttpProxy:
                             server_hostname=peer_name,
                         )
                     outcome = engine.outcome_for_status(up.status)
-                except TimeoutError:
+                except TimeoutError as e:
                     outcome = Outcome.TIMEOUT
+                    why = self._cut_why(e, end, direction) if end is not None and loop.time() >= end else None
+                    if why is not None:
+                        host.active -= 1
+                        answer = self._answer(
+                            t0,
+                            stream_cut(source, dest, why),
+                            direction,
+                            subset,
+                            request=request,
+                            span=fwd.trace,
+                        )
+                        answer.force_close()  # the request's bytes may still be on their way
+                        return answer
                 except (aiohttp.ClientError, OSError):
                     outcome = Outcome.CONNECT_FAILURE
                 if up is None or outcome != Outcome.OK:
@@ -534,7 +553,9 @@ class HttpProxy:
                         t0, retry.give_up(outcome, source), direction, subset, request=request, span=fwd.trace
                     )
                 try:
-                    resp = await self._relay(request, up, fwd.response_ops)
+                    resp = await self._relay(
+                        request, up, fwd.response_ops, end=end, cut=direction if end is not None else None
+                    )
                 finally:
                     up.release()
                     if outcome == Outcome.OK:
@@ -588,16 +609,16 @@ class HttpProxy:
         if fwd.kind == APP and report_app(fwd, outcome, self.engine.clock()):
             self.metrics.ejections.labels(fwd.dest, self.app_address or "").inc()
 
-    def _cut_why(self, e: BaseException, end: float | None) -> str | None:
-        """Which inbound stream timeout ended an exchange with the app, if one did (counted as a
-        listener refusal): the max stream duration, or the app's silence (aiohttp's read timeout)."""
+    def _cut_why(self, e: BaseException, end: float | None, direction: str = "inbound") -> str | None:
+        """Which stream timeout ended an exchange, if one did (counted as a listener refusal of
+        ``direction``): the max stream duration, or the peer's silence (aiohttp's read timeout)."""
         if end is not None and asyncio.get_running_loop().time() >= end:
             why = MAX_STREAM
         elif isinstance(e, aiohttp.ServerTimeoutError):
             why = STREAM_IDLE
         else:
             return None
-        self.metrics.listener_refusals.labels("inbound", why.replace(" ", "_")).inc()
+        self.metrics.listener_refusals.labels(direction, why.replace(" ", "_")).inc()
         return why
 
     async def _relay(
@@ -607,10 +628,11 @@ class HttpProxy:
         ops: tuple[HeaderOp, ...],
         bps: int = 0,
         end: float | None = None,
-        inbound: bool = False,
+        cut: str | None = None,
     ) -> web.StreamResponse:
         """Relay the upstream response: small bodies in one write, larger ones streamed (until
-        the loop time ``end``, a max stream duration: then 408, or a closed connection)."""
+        the loop time ``end``, a max stream duration: then 408, or a closed connection; ``cut``
+        names the direction such a cut counts against, None where no stream timeout applies)."""
         out: CIMultiDict[str] = _clean_headers(up.headers)
         _apply(out, ops)
         length = up.content_length
@@ -621,12 +643,12 @@ class HttpProxy:
                     body = await up.read()
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 up.close()
-                why = self._cut_why(e, end) if inbound else None
+                why = self._cut_why(e, end, cut) if cut is not None else None
                 if why is not None:
                     # The head is not relayed yet (a small body is read whole): the cut is a 408.
-                    cut = web.Response(status=408, text=why, headers={REASON_HEADER: why})
-                    cut.force_close()
-                    return cut
+                    answer = web.Response(status=408, text=why, headers={REASON_HEADER: why})
+                    answer.force_close()
+                    return answer
                 return web.Response(
                     status=502,
                     text="upstream reset before the body ended",
@@ -650,8 +672,8 @@ class HttpProxy:
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             # Upstream died mid-body or the client went away: the only honest signal left is
             # to close the client connection, so a truncated body is never taken for whole.
-            if inbound:
-                self._cut_why(e, end)
+            if cut is not None:
+                self._cut_why(e, end, cut)
             up.close()
             resp.force_close()
             if request.transport is not None:

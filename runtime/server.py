@@ -283,6 +283,7 @@ class DataPlane:
             )
             self.registrar.start()
             self.pushes.fetcher = self.registrar.fetch_pieces
+            self.pushes.endpoint_fetch.fetcher = self.registrar.fetch_endpoints
             fetch = self.pushes.fetch
             self.tcp.fetch = fetch
             if self.fast is not None:
@@ -490,6 +491,7 @@ class DataPlane:
             pieces=self.opts.pieces,
             reachable_services=self.opts.reachable,
             running_endpoints=self.pushes.endpoints_signed,
+            endpoint_deltas=self.opts.pieces,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:

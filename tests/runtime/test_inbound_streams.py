@@ -32,9 +32,11 @@ from runtime_harness import (
     HANG_DEADLINE,
     Plane,
     ProxyClient,
+    endpoint_set,
     mesh_bundle,
     metric_value,
     service_bundle,
+    simple_destination,
     wait_until,
     write_bundle,
 )
@@ -215,6 +217,36 @@ def test_a_stream_that_never_ends_is_cut_at_max_stream_duration(
     assert got.startswith(b"HTTP/1.1 408 ") and b"max stream duration reached" in got, got[:300]
     assert 1.0 <= elapsed < HANG_DEADLINE - 10
     status, _, _ = ProxyClient(sidecar.inbound).get("/ok")
+    assert status == 200
+
+
+def test_an_outbound_stream_is_cut_at_the_destinations_max_stream_duration(
+    plane: Callable[..., Plane], app: MisbehavingApp, tmp_path: Path
+) -> None:
+    """Outbound MeshTimeout maxStreamDuration 1 s on every data plane: the destination's response
+    that trickles forever is cut (never a last chunk), one that never begins is a 408."""
+    dest = simple_destination(
+        "benigno", timeout=TimeoutConf(http_request_timeout_ms=0, http_max_stream_duration_ms=1000)
+    )
+    eps = tmp_path / "eps.json"
+    eps.write_text(endpoint_set(1, {"benigno": [(app.address, {"version": "v1"})]}).model_dump_json())
+    sidecar = plane(
+        "--service", "magnanimo", "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--state-dir", tmp_path / "state", "--endpoints", eps,
+        "--mesh-bundle", write_bundle(tmp_path, mesh_bundle(destinations={"benigno": dest})),
+        "--bundle", write_bundle(tmp_path, service_bundle("magnanimo")),
+    )  # fmt: skip
+    assert sidecar.outbound is not None
+    got, elapsed = _raw(sidecar.outbound, b"GET http://benigno/trickle HTTP/1.1\r\nhost: benigno\r\n\r\n")
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body.count(b"t") >= 2, got[:300]
+    assert not body.endswith(b"0\r\n\r\n")  # never a last chunk: the client sees the cut
+    assert 1.0 <= elapsed < HANG_DEADLINE - 10
+    got, elapsed = _raw(sidecar.outbound, b"GET http://benigno/hang HTTP/1.1\r\nhost: benigno\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 408 ") and b"max stream duration reached" in got, got[:300]
+    assert 1.0 <= elapsed < HANG_DEADLINE - 10
+    assert _refusals(sidecar, "max_stream_duration_reached") == 2
+    status, _, _ = ProxyClient(sidecar.outbound).get("http://benigno/ok")
     assert status == 200
 
 

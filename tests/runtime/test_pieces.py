@@ -1,7 +1,8 @@
 """Delta pushes and scoped config (``runtime.pieces``, DESIGN §4-§5), as real processes.
 
-A control plane on a temp policy dir (no mTLS) with 40 services; ``caller``'s policies name
-``alpha`` only, so it is pushed the catalog and alpha's destination piece and nothing else;
+A control plane on a temp policy dir (no mTLS) with 704 services (a catalog tree with an index
+level); ``caller``'s policies name ``alpha`` only, so it is pushed the catalog and alpha's
+destination piece and nothing else;
 ``beta`` (an instance with its app) comes on demand. One mesh per HTTP data plane, the tests in
 file order: on demand, one changed piece on the wire, a forged or mismatched piece, a restart
 from a partial piece cache. Pure checks of the split and the state dir come first.
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "security"))
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,6 +32,8 @@ from secure_mesh import ControlPlaneProc
 from compiler.ca import PushSigner, TokenIssuer
 from runtime.bundle import (
     BundleError,
+    CatalogService,
+    Destination,
     MeshBundle,
     TracingBackend,
     bundle_bytes,
@@ -36,7 +41,15 @@ from runtime.bundle import (
     canonical_json,
     load_bundle,
 )
-from runtime.pieces import MeshPieces, MissingPieces, assemble, split_lines, split_mesh
+from runtime.pieces import (
+    IndexPiece,
+    MeshPieces,
+    MissingPieces,
+    TreeShape,
+    assemble,
+    split_lines,
+    split_mesh,
+)
 from runtime.protocol import (
     HDR_BUNDLE_ROLE,
     HDR_DIGEST,
@@ -51,8 +64,9 @@ DATAPLANE_CHOSEN_BY_TEST = True
 DATAPLANES = tuple(os.environ.get("MESHC_DATAPLANES", "fast,aiohttp").split(","))
 pytestmark = pytest.mark.timeout(600)
 
-FILLERS = 36
-SERVICES = ["caller", "alpha", "beta", "gamma", *(f"svc-{i:02d}" for i in range(FILLERS))]
+FILLERS = 700
+SERVICES = ["caller", "alpha", "beta", "gamma", *(f"svc-{i:03d}" for i in range(FILLERS))]
+"""704 services: ~44 catalog chunks under two index pieces (a real tree, with the default shape)."""
 
 
 def _policies(d: Path, beta_timeout_s: int = 7) -> None:
@@ -121,8 +135,14 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
 def test_pieces_reassemble_to_the_mesh_bundle(compiled: tuple[bytes, bytes]) -> None:
     data = compiled[0]
     mp = split_mesh(data)
-    assert len(mp.catalog) > 10  # 40 services over 64 buckets: many chunks
+    assert len(mp.catalog) > 30  # 704 services, ~16 a chunk
+    top = json.loads(mp.manifest)["catalog"]
+    assert 1 <= len(top) <= 32 and set(top) == set(mp.children)  # one level of index pieces
     assert all(bundle_digest(p) == d for d, p in mp.pieces.items())
+    # Cut from the bundle's own bytes, every piece is canonical JSON, as if encoded anew.
+    assert all(canonical_json(json.loads(p)) == p for p in [mp.manifest, *mp.pieces.values()])
+    spaced = json.dumps(json.loads(data), indent=1).encode()
+    assert split_mesh(spaced).pieces == mp.pieces  # not compact: made canonical first
     lines = split_lines(mp.body(mp.wanted(None)))
     ms = assemble(lines[0], lines[1:], {}, ())
     assert ms.bundle() == load_bundle(data)
@@ -150,13 +170,136 @@ def test_one_destination_change_changes_one_piece_its_chunk_and_the_manifest(
 ) -> None:
     before, after = split_mesh(compiled[0]), split_mesh(compiled[1])
     changed = set(after.pieces) - set(before.pieces)
-    assert changed == {after.destinations["beta"], _chunk_of(after, "beta")}
+    chunk = _chunk_of(after, "beta")
+    assert changed == {after.destinations["beta"], chunk, *_path_to(after, chunk)}
+    assert len(_path_to(after, chunk)) == 1
     assert before.digest != after.digest
     assert {n for n in after.destinations if after.destinations[n] != before.destinations[n]} == {"beta"}
 
 
 def _chunk_of(mp: MeshPieces, name: str) -> str:
     return next(d for d in mp.catalog if f'"{name}":'.encode() in mp.pieces[d])
+
+
+DEEP = TreeShape(chunk=2, max_chunk=4, fanout=2, max_fanout=3, top=2)
+"""A tiny tree shape: many levels of index pieces."""
+
+
+def test_a_deep_tree_reassembles_and_one_change_rewrites_one_path(compiled: tuple[bytes, bytes]) -> None:
+    before, after = split_mesh(compiled[0], DEEP), split_mesh(compiled[1], DEEP)
+    assert len(json.loads(after.manifest)["catalog"]) <= 2 and len(after.children) > 4
+    lines = split_lines(after.body(after.wanted(None)))
+    assert assemble(lines[0], lines[1:], {}, ()).bundle() == load_bundle(compiled[1])
+    # One destination changed: its piece, its chunk and one index piece per level above it.
+    changed = set(after.pieces) - set(before.pieces)
+    depth = _depth(after)
+    chunk = _chunk_of(after, "beta")
+    assert after.destinations["beta"] in changed and chunk in changed
+    assert len(changed) <= 2 + depth, (len(changed), depth)
+    assert set(after.catalog_since(before)) == changed - {after.destinations["beta"]}
+    # The same cuts, whatever else the mesh holds: the unchanged chunks are the same pieces.
+    assert len(set(before.catalog) & set(after.catalog)) >= len(after.catalog) - 1 - depth
+
+
+def _depth(mp: MeshPieces) -> int:
+    top = json.loads(mp.manifest)["catalog"]
+    depth = 0
+    while top and top[0] in mp.children:
+        top, depth = list(mp.children[top[0]]), depth + 1
+    return depth
+
+
+def test_a_422_naming_an_index_piece_is_answered_by_its_subtree(compiled: tuple[bytes, bytes]) -> None:
+    mp = split_mesh(compiled[0], DEEP)
+    top = json.loads(mp.manifest)["catalog"]
+    assert top[0] in mp.children
+    others = [mp.pieces[d] for d in mp.catalog if d not in mp.below([top[0]])]
+    with pytest.raises(MissingPieces) as missing:
+        assemble(mp.manifest, others, {}, ())
+    assert missing.value.digests == (top[0],)  # what it can know it lacks: not what is below
+    got = assemble(mp.manifest, [*others, *(mp.pieces[d] for d in mp.below(missing.value.digests))], {}, ())
+    assert got.bundle().services == load_bundle(compiled[0]).services  # type: ignore[union-attr]
+    index = IndexPiece.model_validate_json(mp.pieces[top[0]])
+    assert set(index.catalog) <= set(mp.below([top[0]]))
+
+
+NAMES = [f"s{i:03d}" for i in range(90)]
+_EDIT = st.dictionaries(
+    st.sampled_from(NAMES),
+    st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(0, 2))),
+    max_size=25,
+)
+"""Per name: removed (None) or (port, destination variant; 0: a gateway, no destination)."""
+
+
+def _mesh(services: dict[str, tuple[int, int]], variants: list[Destination]) -> bytes:
+    bundle = MeshBundle(
+        mesh="default",
+        services={
+            n: CatalogService(port=5000 + port, protocol="http", gateway=v == 0)
+            for n, (port, v) in services.items()
+        },
+        destinations={n: variants[v - 1] for n, (_, v) in services.items() if v},
+    )
+    return bundle_bytes(bundle)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(_EDIT, min_size=1, max_size=6),
+    shape=st.sampled_from(
+        [DEEP, TreeShape(chunk=4, max_chunk=6, fanout=3, max_fanout=4, top=3), TreeShape()]
+    ),
+    reach=st.sets(st.sampled_from(NAMES), max_size=12),
+)
+def test_incremental_assemble_is_the_full_assemble(
+    compiled: tuple[bytes, bytes],
+    edits: list[dict[str, tuple[int, int] | None]],
+    shape: TreeShape,
+    reach: set[str],
+) -> None:
+    """A run of releases (services come, go and change; destinations change), each assembled from
+    the set before it with only what is new since (as a push carries it), gives exactly the set a
+    full assemble of the same pushes gives, and the mesh bundle restricted to what it holds."""
+    mesh = load_bundle(compiled[0])
+    assert isinstance(mesh, MeshBundle)
+    variants = [mesh.destinations["alpha"], mesh.destinations["beta"]]
+    services: dict[str, tuple[int, int]] = {}
+    prev_mp: MeshPieces | None = None
+    prev: Any = None
+    for edit in edits:
+        for name, value in edit.items():
+            if value is None:
+                services.pop(name, None)
+            else:
+                services[name] = value
+        data = _mesh(services, variants)
+        mp = split_mesh(data, shape)
+        held = set(prev.held) if prev is not None else set()
+        scope = {n for n in reach if n in mp.destinations}
+        dests = [mp.destinations[n] for n in sorted(held | scope) if n in mp.destinations]
+        send = [*mp.catalog_since(prev_mp), *(d for d in dests if prev is None or d not in prev.pieces)]
+        lines = split_lines(mp.body(send))
+        cache = prev.pieces if prev is not None else {}
+        keep = tuple(sorted(held))
+        incremental = assemble(lines[0], lines[1:], cache, keep, prev)
+        full = assemble(lines[0], lines[1:], cache, keep)
+        assert incremental == full
+        assert incremental.bundle() == full.bundle()
+        want = load_bundle(data)
+        assert isinstance(want, MeshBundle)
+        names = (held & set(mp.destinations)) | scope
+        assert incremental.bundle() == want.model_copy(
+            update={"destinations": {n: d for n, d in want.destinations.items() if n in names}}
+        )
+        assert set(incremental.pieces) == {*mp.catalog, *(mp.destinations[n] for n in names)}
+        assert incremental.pending == set(mp.destinations) - names
+        prev, prev_mp = incremental, mp
+
+
+def _path_to(mp: MeshPieces, node: str) -> set[str]:
+    """The index pieces above ``node``."""
+    return {d for d in mp.children if d != node and node in mp.below([d])}
 
 
 def test_assemble_refuses_forged_and_missing_pieces(compiled: tuple[bytes, bytes]) -> None:
@@ -273,9 +416,8 @@ def delta_mesh(
         beta = mesh.start("beta", "beta")
         caller = mesh.start("caller", "caller")
         wait_until(lambda: _synced(mesh, beta) and _synced(mesh, caller), "beta and caller SYNCED")
-        wait_until(
-            lambda: "beta" in ((caller.config().get("endpoints") or {}).get("services") or {}),
-            "caller to know beta's endpoint",
+        wait_until(  # its scope's endpoints (runtime.endpoints): alpha's, not beta's
+            lambda: (caller.config().get("endpoints") or {}).get("scoped"), "caller's endpoint set"
         )
         yield mesh
     finally:
@@ -297,6 +439,7 @@ def test_a_scoped_sidecar_gets_its_scope_and_fetches_the_rest_on_demand(delta_me
     assert held["held"] == ["alpha"]  # what its policies name; the catalog is whole
     assert "beta" in held["pending"] and len(held["pending"]) == len(SERVICES) - 1
     assert caller.config()["bundles"]["mesh"]["digest"] == delta_mesh.release_mesh().digest
+    assert "beta" not in caller.config()["endpoints"]["services"]  # nor its endpoints
     assert outbound_name(caller, "beta") == "beta-app"  # the first request waits for the fetch
     assert "beta" in _pieces_of(caller)["held"]
     assert metric_value(caller.metrics(), "meshc_mesh_pieces_total", how="fetched", result="ok") == 1
@@ -328,13 +471,19 @@ def test_a_destination_change_sends_one_piece_and_its_chunk(delta_mesh: DeltaMes
     after = delta_mesh.release_mesh()
     assert caller.config()["bundles"]["mesh"]["digest"] == after.digest
     new = sorted(set(after.pieces) - set(before.pieces))
-    assert new == sorted([after.destinations["beta"], _chunk_of(after, "beta")])
-    # On the wire to caller: one push, the manifest and exactly those two pieces (it held beta).
+    chunk = _chunk_of(after, "beta")
+    path = _path_to(after, chunk)
+    assert new == sorted([after.destinations["beta"], chunk, *path]) and len(path) == 1
+    # On the wire to caller: one push, the manifest and exactly those pieces (it held beta).
     expected = len(after.body(new))
     got = metric_value(caller.metrics(), "meshc_push_received_bytes_total", slot="mesh") - received
     assert metric_value(caller.metrics(), "meshc_reloads_total", kind="mesh", result="ack") == acks + 1
     assert got == expected, (got, expected)
-    assert expected < len(after.manifest) + 3000 < sum(len(p) for p in after.pieces.values())
+    # Bounded by what changed: the manifest, one index piece a level (64 digests at most), one
+    # chunk (64 services at most) and the destination; the whole tree is 5 times that.
+    beta = len(after.pieces[after.destinations["beta"]])
+    bound = len(after.manifest) + len(path) * 64 * 67 + 64 * 220 + beta
+    assert got <= bound < sum(len(after.pieces[d]) for d in after.catalog) / 5, (got, bound)
     ro = delta_mesh.cp.api("/api/v1/rollouts")["rollouts"][0]
     assert ro["bytes"] > 0 and ro["completed_at"] is not None
     # Status: synced, so no lag now, and the change-to-ACK time of its last ACK.
@@ -426,18 +575,20 @@ def test_after_a_control_plane_restart_a_422_fetches_what_it_forgot(delta_mesh: 
     cfg = caller.config()["bundles"]["mesh"]
     assert cfg["digest"] == after.digest and "beta" in cfg["pieces"]["held"]
     assert cfg["bundle"]["destinations"]["beta"]["timeout"][0]["conf"]["http_request_timeout_ms"] == 13000
-    # Two pushes, neither with the whole catalog: the chunk, then the chunk and beta's piece.
+    # Two pushes, neither with the whole catalog: the changed path of the tree (the chunk and
+    # the index piece above it), then that and beta's piece.
     got = metric_value(m, "meshc_push_received_bytes_total", slot="mesh") - received
-    chunk = _chunk_of(after, "beta")
-    assert got == len(after.body([chunk])) + len(after.body([chunk, after.destinations["beta"]])), got
+    tree = after.catalog_since(before)
+    assert set(tree) == {_chunk_of(after, "beta"), *_path_to(after, _chunk_of(after, "beta"))}
+    assert got == len(after.body(tree)) + len(after.body([*tree, after.destinations["beta"]])), got
 
 
 def test_a_reachable_list_is_pushed_ahead(delta_mesh: DeltaMesh) -> None:
     """Kuma's reachableServices on the registration: those destinations come with the push."""
-    plane = delta_mesh.start("reach", "gamma", "--reachable-services", "beta,svc-03")
+    plane = delta_mesh.start("reach", "gamma", "--reachable-services", "beta,svc-003")
     try:
         wait_until(lambda: _synced(delta_mesh, plane), "gamma SYNCED")
-        assert _pieces_of(plane)["held"] == ["beta", "svc-03"]
+        assert _pieces_of(plane)["held"] == ["beta", "svc-003"]
         assert outbound_name(plane, "beta") == "beta-app"
         assert metric_value(plane.metrics(), "meshc_mesh_pieces_total", how="fetched") == 0
     finally:
