@@ -16,11 +16,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from compiler.controlplane.pieces import PieceStore
 from compiler.incremental import IncrementalCompiler
 from compiler.report import render
 from compiler.result import CompileResult
-from compiler.source import SourceSet
+from compiler.source import SourceSet, StatCache, read_policy_dir
 from runtime.bundle import bundle_digest
+from runtime.pieces import MeshPieces, split_mesh
 
 __all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState"]
 
@@ -34,12 +36,35 @@ class Compiler:
 
     def __init__(self, out: Path | None = None) -> None:
         self._inc = IncrementalCompiler(out=out)
+        self._stat = StatCache()
         self.writes_output = out is not None
         self.incremental = True
         """Always, now; the status API still reports it."""
 
     def compile(self, src: SourceSet) -> CompileResult:
         return self._inc.update(src).result
+
+    def read(self, policy_dir: Path, ref: str | None = None) -> SourceSet:
+        """The policy directory, reading again (work tree) only the files whose stat changed."""
+        return read_policy_dir(policy_dir, ref, cache=self._stat if ref is None else None)
+
+    def split_meshes(
+        self, store: PieceStore, bundles: dict[str, bytes], digests: dict[str, str]
+    ) -> dict[str, MeshPieces]:
+        """The pieces of each mesh bundle that ``store`` lacks (digest -> pieces), to ``add`` to
+        it: from the compiler's parts when they are this result's (only changed destinations
+        re-split), else cut from the bytes. Runs off the event loop; it does not change ``store``."""
+        out: dict[str, MeshPieces] = {}
+        last = self._inc.result.digests if self._inc.result is not None else {}
+        for key, digest in digests.items():
+            if "/" in key or key not in bundles or store.has(digest):
+                continue
+            parts = self._inc.mesh_parts(key)
+            if parts is not None and last.get(key) == digest:
+                out[digest] = store.split_parts(key, parts)
+            else:
+                out[digest] = split_mesh(bundles[key])
+        return out
 
 
 @dataclass(frozen=True)

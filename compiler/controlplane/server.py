@@ -38,9 +38,8 @@ from compiler.controlplane.store import Store, StoreError, open_store
 from compiler.controlplane.store.base import StoredRelease
 from compiler.controlplane.traffic import TrafficView
 from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
-from compiler.source import SourceError, read_policy_dir
+from compiler.source import SourceError
 from runtime.h1guard import GuardedListener
-from runtime.pieces import split_mesh
 from runtime.protocol import SignedEndpoints
 
 REJOIN_INTERVALS = 3.5
@@ -240,7 +239,7 @@ class ControlPlane:
             token = self.elector.fencing_token  # the lead this compile starts under
             t0 = time.perf_counter()
             try:
-                src = await asyncio.to_thread(read_policy_dir, self.config.policy_dir, ref)
+                src = await asyncio.to_thread(self.compiler.read, self.config.policy_dir, ref)
                 result = await asyncio.to_thread(self.compiler.compile, src)
             except SourceError as e:
                 self.releases.fail(str(e), trigger=change.reason)
@@ -301,12 +300,7 @@ class ControlPlane:
         if not any(dp.pieces for dp in self.registry.dataplanes.values()):
             return
         store = self.pusher.pieces
-        todo = {
-            d: bundles[k] for k, d in digests.items() if "/" not in k and k in bundles and not store.has(d)
-        }
-        if not todo:
-            return
-        split = await asyncio.to_thread(lambda: {d: split_mesh(data) for d, data in todo.items()})
+        split = await asyncio.to_thread(self.compiler.split_meshes, store, bundles, digests)
         for d, mp in split.items():
             store.add(d, mp)
 
