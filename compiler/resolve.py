@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from pydantic import BaseModel
+
 from compiler.diagnostics import Diagnostic, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, ConfContext, Selector, extra_tags, selector_service
-from compiler.parse import Doc
+from compiler.parse import Doc, share_parts
 from runtime import bundle as b
 
 __all__ = [
@@ -114,6 +116,8 @@ class PolicyIndex:
             conf = kdef.to_conf(d.spec, ConfContext(logging=log_backends.get(d.mesh, ())))
             if conf is None:
                 return []
+            if isinstance(conf, BaseModel):
+                share_parts(conf)  # kept by the incremental compiler: share its fields sets
         table = self.by_kind.setdefault(d.kind, {})
         inbound = self.by_dst.setdefault(d.kind, {})
         out: list[Entry] = []
