@@ -26,7 +26,7 @@ from compiler.source import SourceSet, StatCache, read_policy_dir
 from runtime.bundle import bundle_digest
 from runtime.pieces import MeshPieces, split_mesh
 
-__all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState"]
+__all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState", "trim_heap"]
 
 
 class Compiler:
@@ -45,7 +45,7 @@ class Compiler:
 
     def compile(self, src: SourceSet) -> CompileResult:
         result = self._inc.update(src).result
-        _trim_heap()
+        trim_heap()
         return result
 
     def read(self, policy_dir: Path, ref: str | None = None) -> SourceSet:
@@ -71,12 +71,14 @@ class Compiler:
         return out
 
 
-def _trim_heap() -> None:
-    """Give the C heap's free pages back to the system after a compile (glibc ``malloc_trim``).
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``): after a compile,
+    and now and then (the sweep), after pushes.
 
-    A compile of 10,000 services frees tens of MB of multi-MB strings (bundles, the release);
-    glibc's dynamic mmap threshold puts such blocks on the heap once one has been freed, so
-    without this the control plane's RSS creeps up by ~10 MB per change and stays there."""
+    A compile of 10,000 services frees tens of MB of multi-MB strings (bundles, the release), a
+    push fan-out as much in bodies; glibc's dynamic mmap threshold puts such blocks on the heap
+    once one has been freed, so without this the control plane's RSS creeps up with each change
+    and stays there. The call releases the GIL (a ``ctypes.CDLL`` call)."""
     global _LIBC
     if _LIBC is None:
         try:

@@ -31,7 +31,7 @@ from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.pusher import SLOTS, DataPlaneSync, Pusher, SlotState
 from compiler.controlplane.registry import DataPlane, Registry
 from compiler.controlplane.rejoin import Rejoin
-from compiler.controlplane.release import Compiler, ReleaseState
+from compiler.controlplane.release import Compiler, ReleaseState, trim_heap
 from compiler.controlplane.security import Security
 from compiler.controlplane.status import overall_status
 from compiler.controlplane.store import Store, StoreError, open_store
@@ -562,6 +562,7 @@ class ControlPlane:
             self._update_gauges()
             if self.store.shared:
                 self._save_syncs()
+            trim_heap()  # what pushes freed goes back to the system
 
     def _save_syncs(self) -> None:
         """Queue the sync view of this replica's data planes that changed (what others show)."""
