@@ -18,17 +18,29 @@ three fill ``Inbound`` fields no legacy kind has (``resolve.TARGETREF_INBOUND``:
 filed under the targetRef kind itself). A top-level Dataplane by ``labels`` selects the instances
 whose tags carry them.
 
+A MeshTimeout or MeshRetry whose top-level or ``to`` targetRef is a MeshHTTPRoute
+(``_route_level``) is filed under ``route``: its conf goes on that route's rules (keyed by their
+matches, as Kuma keys route-level rules by the hash of the matches), merged over the
+destination's own MeshTimeout or MeshRetry (``_bases``), into each bundle rule's ``timeout`` and
+``retry``. A Dataplane's ``labels`` are a sidecar's own (``--label``; ``b.LABEL_KEY`` conditions),
+apart from its tags; by name and namespace it selects the sidecars whose ``kuma.io/display-name``
+and ``k8s.kuma.io/namespace`` labels say so; its ``sectionName`` is the inbound's port; a Dataplane
+and ``proxyTypes: [Sidecar]`` leave gateways out (a gateway resolves its own entry without them),
+``proxyTypes: [Gateway]`` names the gateways.
+
 Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
-for MeshHTTPRoute, ``gateway_routes``), a Dataplane by name or with ``sectionName``, a
-MeshHTTPRoute (a bundle route has no timeout, retry, log, limit or load balancer of its own); a
-``to`` item other than Mesh or MeshService; the inbound MeshTimeout settings the sidecar does
+for MeshHTTPRoute, ``gateway_routes``), a MeshHTTPRoute for the other kinds (a bundle route has no
+log, limit or load balancer of its own) or on a MeshGateway, what Kuma sets on the cluster rather
+than on a route; a ``to`` item other than Mesh, MeshService or (MeshTimeout, MeshRetry)
+MeshHTTPRoute; the inbound MeshTimeout settings the sidecar does
 not carry out (http streamIdleTimeout, maxStreamDuration, maxConnectionDuration and
 requestHeadersTimeout; idleTimeout on an HTTP service), inbound MeshCircuitBreaker outlier
-detection, inbound MeshAccessLog OpenTelemetry backends and Json formats; an ``sni`` match; a
-deny or a lifted limit that a broader bundle rule would still cover; MeshHTTPRoute filters other
-than header modifiers and URL rewrites, query matches; what the legacy load balancer and log
-backend have no place for (each kind's ``not_applied`` names it). W3007 where, as in Kuma,
-``rules`` replace a MeshTrafficPermission's or MeshFaultInjection's ``from``.
+detection; an ``sni`` match; a deny or a lifted limit that a broader bundle rule would still
+cover; MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; log
+format operators the data planes do not fill and OpenTelemetry ``backendRef``s
+(``mesh_access_log.not_applied``); what the legacy load balancer has no place for (each kind's
+``not_applied`` names it). W3007 where, as in Kuma, ``rules`` replace a MeshTrafficPermission's
+or MeshFaultInjection's ``from``.
 
 MeshTrace has no ``to``/``from``: ``index_tracing`` merges the policies that select every data
 plane into the mesh bundle's ``tracing`` and those naming a service into that service's bundle.
@@ -42,7 +54,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -56,6 +68,8 @@ from compiler.kinds.mesh import mesh_settings, tracing_backend
 from compiler.kinds.targetref import mesh_access_log as mal
 from compiler.kinds.targetref import mesh_health_check as mhc
 from compiler.kinds.targetref import mesh_load_balancing_strategy as mlbs
+from compiler.kinds.targetref import mesh_retry as mre
+from compiler.kinds.targetref import mesh_timeout as mto
 from compiler.kinds.targetref import mesh_trace as mtr
 from compiler.parse import Doc
 from compiler.precedence import Ranked, in_order, merged, name_ties, policy_key, target_rank
@@ -86,18 +100,30 @@ class _Item:
     when: Tags
     peer: Tags
     ranked: Ranked
+    sidecars: bool = False
+    """Sidecars only (``proxyTypes: [Sidecar]``, or a Dataplane targetRef, which never selects a
+    gateway in Kuma): a gateway's own bundle entries are resolved without it."""
 
 
 def _dump(m: BaseModel | None) -> dict[str, Any]:
     return m.model_dump(exclude_unset=True) if m is not None else {}
 
 
+DISPLAY_NAME = "kuma.io/display-name"
+NAMESPACE_TAG = "k8s.kuma.io/namespace"
+
+
 def _top(tr: Any) -> tuple[str, Tags] | None:
     """The proxies a top-level targetRef selects: (service or ``*``, tag conditions).
 
-    A Dataplane by ``labels`` selects the instances whose tags carry them (a meshc instance's
-    labels are its tags, ``kuma.io/service`` among them); one without name, namespace or labels,
-    every instance. ``proxyTypes`` is not read: a gateway's outbound gets what a sidecar's does."""
+    A meshc sidecar is Kuma's Dataplane resource, and its Dataplane labels are its own (a
+    sidecar's ``--label``), apart from its tags, as Kuma reads a Dataplane targetRef's ``labels``
+    against the resource's labels and a MeshSubset's ``tags`` against the inbound's tags: a
+    Dataplane by ``labels`` selects the instances that carry them; by ``name`` (and
+    ``namespace``), those whose ``kuma.io/display-name`` (and ``k8s.kuma.io/namespace``) label
+    says so, the labels Kuma gives every Dataplane for its name and namespace (``b.LABEL_KEY``
+    conditions); one without name, namespace or labels, every instance. ``proxyTypes`` and a
+    Dataplane's ``sectionName`` are read by ``_proxy_type`` and ``_by_section``."""
     kind = tr.kind if tr is not None and tr.kind else "Mesh"
     if kind == "Mesh":
         return "*", ()
@@ -108,30 +134,64 @@ def _top(tr: Any) -> tuple[str, Tags] | None:
         return tr.name, ()
     if kind == "MeshServiceSubset" and tr.name:
         return tr.name, tuple(sorted(extra_tags(tags).items()))
-    if kind == "Dataplane" and not tr.name and not tr.namespace and not tr.section_name:
+    if kind == "Dataplane":
         # Kuma: no name, namespace or labels selects every sidecar (``allDataplanesSelected``).
         labels = {k: v for k, v in (tr.labels or {}).items() if isinstance(v, str)}
-        return labels.get(SERVICE_TAG, "*"), tuple(sorted(extra_tags(labels).items()))
+        if tr.name:
+            labels[DISPLAY_NAME] = tr.name
+        if tr.namespace:
+            labels[NAMESPACE_TAG] = tr.namespace
+        return "*", tuple(sorted((b.LABEL_KEY + k, v) for k, v in labels.items()))
     return None
+
+
+def _proxy_type(tr: Any) -> str:
+    """``Sidecar`` or ``Gateway`` when a top-level targetRef selects one kind of proxy only, else
+    ``""``: Mesh and MeshSubset by ``proxyTypes`` (Kuma's ``isSupportedProxyType``), a Dataplane
+    always ``Sidecar`` (Kuma: a Dataplane targetRef never selects a built-in gateway)."""
+    kind = tr.kind if tr is not None and tr.kind else "Mesh"
+    if kind == "Dataplane":
+        return "Sidecar"
+    types = set(tr.proxy_types or ()) if tr is not None and kind in ("Mesh", "MeshSubset") else set()
+    return next(iter(types)) if len(types) == 1 else ""
+
+
+def _by_section(d: Doc, section: str, src: str, ports: dict[str, str], out: list[Diagnostic]) -> list[str]:
+    """The services whose inbound a Dataplane's ``sectionName`` names: a meshc instance has one
+    inbound, whose Kuma section name is its port (the catalog Service's, as a string; an inbound
+    has no name of its own). W3006 when no selected service has that port."""
+    found = [s for s, port in sorted(ports.items()) if port == section and src in ("*", s)]
+    if not found:
+        what = (
+            f"a Dataplane sectionName {section!r} that names no inbound (a meshc instance's one "
+            "inbound is named by its Service's port)"
+        )
+        out.append(_unresolved(d, what, ("targetRef", "sectionName")))
+    return found
+
+
+def _outbound_sources(
+    d: Doc, src: str, proxy: str, gateways: set[str], out: list[Diagnostic]
+) -> list[tuple[str, bool]]:
+    """The sources a policy's ``to`` items configure, as (source, sidecars only): proxyTypes
+    ``Gateway`` names each gateway it selects; ``Sidecar`` keeps the source but leaves gateways
+    out (``_Item.sidecars``). W3006 when no proxy of that type is selected."""
+    if proxy == "Gateway":
+        found = [(g, False) for g in sorted(gateways) if src in ("*", g)]
+        if not found and getattr(d.spec, "to", None):
+            out.append(_unresolved(d, "proxyTypes [Gateway] that selects no gateway", ("targetRef",)))
+        return found
+    if proxy == "Sidecar":
+        if src in gateways:
+            if getattr(d.spec, "to", None):
+                out.append(_unresolved(d, f"a Sidecar selection of the gateway {src}", ("targetRef",)))
+            return []
+        return [(src, src == "*" and bool(gateways))]
+    return [(src, False)]
 
 
 def _top_unresolved(d: Doc, tr: Any, kind: str, routes: set[str]) -> Diagnostic:
     """W3006 for a top-level targetRef ``_top`` does not resolve, saying what is not applied."""
-    if kind == "Dataplane" and tr.section_name:
-        what = (
-            f"a top-level Dataplane targetRef with sectionName {tr.section_name!r} (a meshc instance "
-            "has one inbound, and bundles do not name it)"
-        )
-        return _unresolved(d, what, ("targetRef", "sectionName"))
-    if kind == "Dataplane":
-        by, at = (
-            (f"name ({tr.name!r})", "name") if tr.name else (f"namespace ({tr.namespace!r})", "namespace")
-        )
-        what = (
-            f"a top-level Dataplane targetRef by {by}: bundles select instances by their tags, "
-            "never by name or namespace (select them with `labels`)"
-        )
-        return _unresolved(d, what, ("targetRef", at))
     if kind == _ROUTE:
         missing = "" if tr.name in routes else f"; the repo has no MeshHTTPRoute {tr.name!r} either"
         what = (
@@ -538,11 +598,15 @@ def _catch_all(matches: list[dict[str, Any]]) -> bool:
     return matches == [{"path": {"type": "PathPrefix", "value": "/"}}] or not matches
 
 
-def _route_of(m: dict[str, Any], dst: str) -> b.RouteConf | None:
+def _route_of(
+    m: dict[str, Any], dst: str, real: set[str], bases: dict[str, dict[str, Any]]
+) -> b.RouteConf | None:
     """The merged route patch: MeshHTTPRoute rules (they beat a MeshTCPRoute, as in Kuma), else the
-    MeshTCPRoute's split, with the MeshLoadBalancingStrategy's load balancer."""
-    rules = m.get("rules") or {}
-    conf = _route(rules, dst)
+    MeshTCPRoute's split, with the MeshLoadBalancingStrategy's load balancer. ``real``: the rule
+    keys some MeshHTTPRoute wrote (a route-level policy's patch of another rule is dropped);
+    ``bases``: the destination's merged MeshTimeout and MeshRetry, under route-level ones."""
+    rules = {k: v for k, v in (m.get("rules") or {}).items() if k in real}
+    conf = _route(rules, dst, bases)
     if conf is None:
         return None
     tcp = m.get("tcp")
@@ -554,26 +618,46 @@ def _route_of(m: dict[str, Any], dst: str) -> b.RouteConf | None:
     return conf
 
 
-def _route(rules: dict[str, dict[str, Any]], dst: str) -> b.RouteConf | None:
-    """Rules merged by their ``matches`` (JSON key) -> a RouteConf; a ``/`` prefix is the default."""
+def _route(
+    rules: dict[str, dict[str, Any]], dst: str, bases: dict[str, dict[str, Any]]
+) -> b.RouteConf | None:
+    """Rules merged by their ``matches`` (JSON key) -> a RouteConf; a ``/`` prefix is the default
+    (one with a route-level timeout or retry is also the last ``http`` entry, which carries them)."""
     split: tuple[b.Split, ...] = (b.Split(weight=100, service=dst),)
     http = []
+    tail: list[b.HttpRoute] = []
     for key, conf in rules.items():
         matches = json.loads(key)
         modify = _modify(conf.get("filters"))
         if modify is False:
             return None
         targets = _backends(conf.get("backend_refs"), dst)
+        own = _route_policies(conf, bases)
         if _catch_all(matches) and modify is None:
             split = targets
+            if own:
+                every = b.HttpMatch(path=b.StringMatch(kind="prefix", value="/"))
+                tail.append(b.HttpRoute(match=every, split=targets, **own))
             continue
         for m in matches or [{}]:
             hm = _http_match(m)
             if hm is None:
                 return None
-            http.append((_route_order(m), b.HttpRoute(match=hm, modify=modify or None, split=targets)))
+            route = b.HttpRoute(match=hm, modify=modify or None, split=targets, **own)
+            http.append((_route_order(m), route))
     http.sort(key=lambda x: x[0])
-    return b.RouteConf(split=split, http=tuple(r for _, r in http))
+    return b.RouteConf(split=split, http=(*(r for _, r in http), *tail))
+
+
+def _route_policies(conf: dict[str, Any], bases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A rule's route-level MeshTimeout and MeshRetry (``_route_level``) merged over the
+    destination's own (Kuma: a MeshHTTPRoute is more specific than its MeshService)."""
+    out: dict[str, Any] = {}
+    if isinstance(conf.get("timeout"), dict):
+        out["timeout"] = _timeout(merged((bases.get("timeout") or {}, conf["timeout"])))
+    if isinstance(conf.get("retry"), dict):
+        out["retry"] = _retry(merged((bases.get("retry") or {}, conf["retry"])))
+    return out
 
 
 def _route_order(m: dict[str, Any]) -> tuple[int, int, int, int, int]:
@@ -626,14 +710,8 @@ def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
             what = "inbound outlierDetection (the local app is the inbound's one host: nothing to eject)"
             out.append(_unresolved(d, what, (*where, "outlierDetection")))
         elif d.kind == _LOG:
-            for j, x in enumerate(m.get("backends") or ()):
-                at: Path = (*where, "backends", j)
-                if x.get("type") not in ("File", "Tcp"):
-                    what = f"an inbound {x.get('type')} backend (the sidecar writes File and Tcp logs only)"
-                    out.append(_unresolved(d, what, at))
-                elif _g(x, str(x["type"]).lower(), "format", "type") == "Json":
-                    what = "a Json format (the bundle carries a Plain format string)"
-                    out.append(_unresolved(d, what, (*at, str(x["type"]).lower(), "format")))
+            for path, what in mal.not_applied(item.default):
+                out.append(_unresolved(d, what, (*where, *path)))
 
 
 def _idle_on_http(rules: list[rin.InboundRule], http: set[str], out: list[Diagnostic]) -> None:
@@ -653,13 +731,8 @@ def _idle_on_http(rules: list[rin.InboundRule], http: set[str], out: list[Diagno
 
 
 def _log_backends(m: dict[str, Any]) -> list[BaseModel]:
-    """An inbound rule's ``default`` as one log conf per File or Tcp backend (they all log)."""
-    out: list[BaseModel] = []
-    for x in m.get("backends") or ():
-        backend = mal.bundle_backend(x or {})
-        if backend is not None:
-            out.append(b.TrafficLogConf(backend=backend))
-    return out
+    """An inbound rule's ``default`` as one log conf per backend (they all log)."""
+    return [b.TrafficLogConf(backend=x) for x in mal.bundle_backends(m)]
 
 
 def _items(
@@ -670,6 +743,9 @@ def _items(
     rules: dict[str, list[rin.InboundRule]] = defaultdict(list)
     docs = list(docs)
     routes = {d.name for d in docs if d.kind == _ROUTE}
+    route_docs = [d for d in docs if d.kind == _ROUTE]
+    gateways = _gateways(docs)
+    ports = {d.name: str(d.spec.port) for d in docs if d.kind == "Service"}
     for d in docs:
         field = TARGETREF_FIELDS.get(d.kind)
         if field is None:
@@ -679,16 +755,36 @@ def _items(
             continue  # a gateway route: ``gateway_routes``
         top = _top(spec.target_ref)
         top_kind = spec.target_ref.kind if spec.target_ref is not None and spec.target_ref.kind else "Mesh"
+        if top is None and top_kind == _ROUTE and d.kind in _ROUTE_LEVEL:
+            key = policy_key(top_kind, dict(d.labels), d.name)
+            found = _routes_of(d, spec.target_ref, ("targetRef",), route_docs, out)
+            for i, to in enumerate(spec.to or ()):
+                if (to.target_ref.kind or "Mesh") != "Mesh":
+                    what = f"a `to` targetRef of kind {to.target_ref.kind}"
+                    out.append(_unresolved(d, what, ("to", i, "targetRef", "kind")))
+                    continue
+                by_field["route"].extend(_route_level(d, i, to, key, top_kind, None, found, out))
+            continue
         if top is None:
             out.append(_top_unresolved(d, spec.target_ref, top_kind, routes))
             continue
         src, when = top
         key = policy_key(top_kind, dict(d.labels), d.name)
+        proxy = _proxy_type(spec.target_ref)
         has_rules = bool(getattr(spec, "rules", None))
         from_as_rules = d.kind in rin.FROM_AS_RULES and bool(getattr(spec, "from_", None))
+        inbound = has_rules or bool(getattr(spec, "from_", None))
+        inbound_srcs = [src]
+        if inbound and top_kind == "Dataplane" and spec.target_ref.section_name:
+            inbound_srcs = _by_section(d, spec.target_ref.section_name, src, ports, out)
+        if inbound and proxy == "Gateway":
+            what = "proxyTypes [Gateway] on inbound traffic (a meshc gateway has no inbound)"
+            out.append(_unresolved(d, what, ("targetRef", "proxyTypes")))
+            inbound_srcs = []
         if has_rules or from_as_rules:
             section = "rules" if has_rules else "from"
-            rules[d.kind].extend(rin.rule_items(d, src, when, key, top_kind, section))
+            for s in inbound_srcs:
+                rules[d.kind].extend(rin.rule_items(d, s, when, key, top_kind, section))
             if d.kind in _INBOUND_ONLY:
                 _inbound_not_applied(d, section, out)
         if d.kind == _PERMISSION or d.kind in _INBOUND:
@@ -704,9 +800,16 @@ def _items(
                 r = Ranked(
                     key, target_rank(item_kind), _dump(fr.default), d, ("from", i), (top_kind, item_kind)
                 )
-                by_field[field].append(_Item("*", src, when, peer, r))
+                by_field[field].extend(_Item("*", s, when, peer, r) for s in inbound_srcs)
             continue
+        sources = _outbound_sources(d, src, proxy, gateways, out)
         for i, to in enumerate(spec.to or ()):
+            if to.target_ref.kind == _ROUTE and d.kind in _ROUTE_LEVEL:
+                found = _routes_of(d, to.target_ref, ("to", i, "targetRef"), route_docs, out)
+                for s, sidecars in sources:
+                    made = _route_level(d, i, to, key, top_kind, (s, when), found, out)
+                    by_field["route"].extend(replace(it, sidecars=sidecars) for it in made)
+                continue
             dst = _dest(to.target_ref)
             if dst is None:
                 what = f"a `to` targetRef of kind {to.target_ref.kind}"
@@ -715,8 +818,116 @@ def _items(
             default = _to_default(d, i, to, out)
             item_kind = to.target_ref.kind or "Mesh"
             r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
-            by_field[field].append(_Item(src, dst, when, (), r))
+            by_field[field].extend(_Item(s, dst, when, (), r, sidecars) for s, sidecars in sources)
     return by_field, rules
+
+
+def _gateways(docs: Iterable[Doc]) -> set[str]:
+    """The gateways' services (a MeshGateway's ``kuma.io/service`` selectors)."""
+    return {
+        name
+        for d in docs
+        if d.kind == "MeshGateway"
+        for sel in d.spec.selectors or ()
+        if isinstance(name := (sel.match or {}).get(SERVICE_TAG), str) and name not in ("", "*")
+    }
+
+
+_GW = "MeshGateway"
+_ROUTE_LEVEL = {"MeshTimeout": "timeout", "MeshRetry": "retry"}
+"""Kinds whose confs a MeshHTTPRoute's rules carry (top-level or ``to`` targetRef MeshHTTPRoute),
+and the key each is filed under in a rule of the route patch."""
+_PER_RULE = {"MeshTimeout": mto.PER_ROUTE, "MeshRetry": mre.PER_ROUTE}
+"""What a route-level conf sets on a route rule (each kind's module says); the rest stays the
+destination cluster's."""
+
+
+def _routes_of(d: Doc, ref: Any, at: Path, route_docs: list[Doc], out: list[Diagnostic]) -> list[Doc]:
+    """The MeshHTTPRoutes a targetRef names (by name, or by their labels), not those on a
+    MeshGateway (a gateway rule has no timeout or retry of its own): W3006 when none is left."""
+    if ref.name:
+        found = [r for r in route_docs if r.name == ref.name]
+    else:
+        want = {k: v for k, v in (ref.labels or {}).items() if isinstance(v, str)}
+        found = [r for r in route_docs if want and want.items() <= dict(r.labels).items()]
+    on_gateway = [r for r in found if r.spec.target_ref is not None and r.spec.target_ref.kind == _GW]
+    which = f"{ref.name!r}" if ref.name else f"with labels {dict(ref.labels or {})}"
+    if on_gateway:
+        what = (
+            f"a MeshHTTPRoute {which} on a MeshGateway (a gateway rule has no {_ROUTE_LEVEL[d.kind]} "
+            "of its own)"
+        )
+        out.append(_unresolved(d, what, at))
+    elif not found:
+        out.append(_unresolved(d, f"a MeshHTTPRoute {which} that the mesh does not have", at))
+    return [r for r in found if r not in on_gateway]
+
+
+def _route_level(
+    d: Doc,
+    i: int,
+    to: Any,
+    key: tuple[int, int, int, str],
+    top_kind: str,
+    selected: tuple[str, Tags] | None,
+    found: list[Doc],
+    out: list[Diagnostic],
+) -> list[_Item]:
+    """A MeshTimeout's or MeshRetry's ``to`` item as route-field items: one per ``to`` item of
+    each MeshHTTPRoute it targets, whose ``default`` sets the conf on that item's rules (keyed by
+    their matches, as Kuma keys route-level rules by the hash of the matches), on the proxies
+    ``selected`` (None: those the route selects, for a top-level MeshHTTPRoute). W3006 at each
+    setting Kuma applies to the cluster rather than to the route."""
+    m = _dump(to.default)
+    patch: dict[str, Any] = {}
+    for path in _PER_RULE[d.kind]:
+        value = _g(m, *path)
+        if value is not None:
+            at = patch
+            for seg in path[:-1]:
+                at = at.setdefault(seg, {})
+            at[path[-1]] = value
+    for path in _leaf_paths(m):
+        if not any(path[: len(p)] == p for p in _PER_RULE[d.kind]):
+            camel = tuple(_camel(x) for x in path)
+            what = (
+                f"{'.'.join(camel)} for a MeshHTTPRoute (Kuma applies it to the destination's "
+                "cluster, never to a route)"
+            )
+            out.append(_unresolved(d, what, ("to", i, "default", *camel)))
+    if not patch:
+        return []
+    field = _ROUTE_LEVEL[d.kind]
+    item_kind = to.target_ref.kind or "Mesh"
+    items = []
+    for route in found:
+        sel = selected if selected is not None else _top(route.spec.target_ref)
+        if sel is None:
+            continue  # the route itself is not resolved (W3006 at it)
+        for rt in route.spec.to or ():
+            dst = _dest(rt.target_ref)
+            if dst is None:
+                continue
+            keys = _route_rules(rt.rules)["rules"]
+            default = {"rules": {k: {field: patch} for k in keys}}
+            r = Ranked(key, target_rank(item_kind), default, d, ("to", i), (top_kind, item_kind))
+            items.append(_Item(sel[0], dst, sel[1], (), r))
+    return items
+
+
+def _leaf_paths(m: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The paths of the settings a dumped conf makes (a map's keys, recursively)."""
+    if not isinstance(m, dict) or not m:
+        if prefix:
+            yield prefix
+        return
+    for k, v in m.items():
+        yield from _leaf_paths(v, (*prefix, k))
+
+
+def _camel(word: str) -> str:
+    head, *rest = word.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
 
 
 def _to_default(d: Doc, i: int, to: Any, out: list[Diagnostic]) -> dict[str, Any]:
@@ -790,12 +1001,15 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
     mtls = mesh_settings(mesh_doc.spec if mesh_doc is not None else None)[0].enabled
     services = sorted({d.name for d in docs if d.kind == "Service"})
     callers = _callers(docs, services)
+    gateways = _gateways(docs)
     http = {d.name for d in docs if d.kind == "Service" and d.spec.protocol == "http"}
     _idle_on_http(rules.get("MeshTimeout") or [], http, out)
     for kind in _RULES_RESOLVED:
         if rules.get(kind):
             _inbound_rules(idx, kind, rules[kind], mesh, services, callers if mtls else [], out)
     seen_ties: set[tuple[int, int]] = set()
+    applied: set[int] = set()
+    """The route-level items (``_route_level``) that some bundle route rule carries."""
     for field, items in sorted(by_field.items()):
         kind = _LEGACY_KIND[field]
         if field == "permissions" or field in _INBOUND_FIELDS:
@@ -804,16 +1018,36 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
                 items = _without_ruled(items, rules[tr_kind], services, out)
             _inbound(idx, kind, field, items, out)
             continue
-        for src, dst in sorted(_keys(items)):
-            covering = [it for it in items if it.src in (src, "*") and it.dst in (dst, "*")]
-            for when in rin.tag_sets(it.when for it in covering):
+        route_keys = _keys([it for it in items if it.ranked.policy.kind not in _ROUTE_LEVEL])
+        # A gateway resolves its own entry where a sidecars-only item would reach it through `*`.
+        own = {(g, it.dst) for it in items if it.sidecars for g in gateways}
+        for src, dst in sorted(_keys(items) | own):
+            covering = [it for it in items if _over(it, src, dst, gateways)]
+            bases: dict[str, dict[str, Any]] = {}
+            whens = [it.when for it in covering]
+            level = False
+            if field == "route":
+                covering, whens, level = _route_level_covering(covering, by_field, src, dst, gateways)
+                if not covering or ((src, dst) not in route_keys | own and not level):
+                    continue  # no route here, or nothing route-level where the route was resolved
+            if not covering:
+                _sidecars_only(items, src, dst, out)
+                continue
+            for when in rin.tag_sets(whens):
                 members = in_order(it.ranked for it in covering if _covers(it, src, dst, when))
+                if not members:
+                    continue
+                if level:
+                    if all(r.policy.kind in _ROUTE_LEVEL for r in members):
+                        continue
+                    bases = _bases(by_field, src, dst, when, gateways)
+                    applied.update(id(r) for r in members if r.policy.kind in _ROUTE_LEVEL)
                 for a, z in name_ties(members):
                     pair = (id(a), id(z))
                     if pair not in seen_ties:
                         seen_ties.add(pair)
                         out.append(_tie(a, z, src, dst))
-                conf = _conf(field, members, dst)
+                conf = _conf(field, members, dst, bases)
                 if conf is None and field == "traffic_log":
                     _log_off(members, out)
                     continue
@@ -825,7 +1059,21 @@ def index_targetref(idx: PolicyIndex, docs: list[Doc]) -> list[Diagnostic]:
                     out.append(_unresolved(top.policy, what, top.where))
                     continue
                 _add(idx, kind, _entry(members, src, dst, when, (), conf))
+    _route_level_unused(by_field.get("route") or (), applied, out)
     return out
+
+
+def _route_level_unused(items: Iterable[_Item], applied: set[int], out: list[Diagnostic]) -> None:
+    """W3006 at a route-level ``to`` item that no bundle route rule carries: the MeshHTTPRoute
+    routes nothing on the proxies the policy selects."""
+    for it in items:
+        r = it.ranked
+        if r.policy.kind in _ROUTE_LEVEL and id(r) not in applied:
+            what = (
+                "a conf for a MeshHTTPRoute that routes none of the proxies this policy selects "
+                "(or none of its rules resolved)"
+            )
+            _once(out, _unresolved(r.policy, what, r.where))
 
 
 def _log_off(members: list[Ranked], out: list[Diagnostic]) -> None:
@@ -842,18 +1090,74 @@ def _once(out: list[Diagnostic], d: Diagnostic) -> None:
         out.append(d)
 
 
+def _over(it: _Item, src: str, dst: str, gateways: set[str]) -> bool:
+    """Whether an item is merged into the entry of a (source, destination) key."""
+    return it.src in (src, "*") and it.dst in (dst, "*") and not (it.sidecars and src in gateways)
+
+
+def _sidecars_only(items: list[_Item], src: str, dst: str, out: list[Diagnostic]) -> None:
+    """W3006 where a gateway would still get a sidecars-only conf through the mesh bundle: no
+    other policy configures it there, and a bundle has no rule that says "none"."""
+    for it in items:
+        if it.sidecars and it.dst in (dst, "*"):
+            r = it.ranked
+            what = (
+                f"a sidecars-only selection for the gateway {src}, which no other policy configures "
+                f"for {dst} (it gets the mesh-wide conf that includes this one)"
+            )
+            _once(out, _unresolved(r.policy, what, ("targetRef",)))
+
+
+def _route_level_covering(
+    covering: list[_Item], by_field: dict[str, list[_Item]], src: str, dst: str, gateways: set[str]
+) -> tuple[list[_Item], list[Tags], bool]:
+    """For one route key: the items that shape it (route-level ones only where one of their rules
+    is a rule some MeshHTTPRoute writes here; none at all without such a route), the tag
+    conditions to resolve for (with route-level items, those of the destination's MeshTimeouts
+    and MeshRetries too, whose merged conf a route-level one goes over), and whether any
+    route-level item is among them."""
+    shaping = [it for it in covering if it.ranked.policy.kind not in _ROUTE_LEVEL]
+    real = {k for it in shaping if it.ranked.policy.kind == _ROUTE for k in it.ranked.default["rules"]}
+    level = [
+        it
+        for it in covering
+        if it.ranked.policy.kind in _ROUTE_LEVEL and real & set(it.ranked.default["rules"])
+    ]
+    if not shaping:
+        return [], [], False
+    whens = [it.when for it in (*shaping, *level)]
+    if level:
+        under = (it for f in _ROUTE_LEVEL.values() for it in by_field.get(f, ()))
+        whens += [it.when for it in under if _over(it, src, dst, gateways)]
+    return [*shaping, *level], whens, bool(level)
+
+
+def _bases(
+    by_field: dict[str, list[_Item]], src: str, dst: str, when: Tags, gateways: set[str]
+) -> dict[str, dict[str, Any]]:
+    """The destination's merged MeshTimeout and MeshRetry for one key and tag set (what a
+    route-level conf is merged over)."""
+    out = {}
+    for f in _ROUTE_LEVEL.values():
+        mine = (it for it in by_field.get(f, ()) if _over(it, src, dst, gateways))
+        members = in_order(it.ranked for it in mine if _covers(it, src, dst, when))
+        out[f] = merged(r.default for r in members)
+    return out
+
+
 def _tcp_beaten(members: list[Ranked], out: list[Diagnostic]) -> None:
-    if any("rules" in r.default for r in members):
+    if any(r.policy.kind == _ROUTE and r.default.get("rules") for r in members):
         for r in members:
             if "tcp" in r.default:
                 what = "a MeshTCPRoute where a MeshHTTPRoute routes the same destination (it wins)"
                 _once(out, _unresolved(r.policy, what, r.where))
 
 
-def _conf(field: str, members: list[Ranked], dst: str) -> BaseModel | None:
+def _conf(field: str, members: list[Ranked], dst: str, bases: dict[str, dict[str, Any]]) -> BaseModel | None:
     m = merged(r.default for r in members)
     if field == "route":
-        return _route_of(m, dst)
+        real = {k for r in members if r.policy.kind == _ROUTE for k in r.default["rules"]}
+        return _route_of(m, dst, real, bases)
     conv = next(v.convert for v in _OUTBOUND.values() if v.field == field)
     return conv(m)
 
@@ -912,14 +1216,7 @@ def _inbound(idx: PolicyIndex, kind: str, field: str, items: list[_Item], out: l
 
 def _callers(docs: Iterable[Doc], services: list[str]) -> list[str]:
     """Every service that can call another: the catalog's services and gateways."""
-    gateways = {
-        name
-        for d in docs
-        if d.kind == "MeshGateway"
-        for sel in d.spec.selectors or ()
-        if isinstance(name := (sel.match or {}).get(SERVICE_TAG), str) and name not in ("", "*")
-    }
-    return sorted({*services, *gateways})
+    return sorted({*services, *_gateways(docs)})
 
 
 def _inbound_rules(

@@ -25,7 +25,7 @@ import gc
 import hashlib
 import json
 from collections.abc import Iterator
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -39,6 +39,9 @@ from pydantic import (
 __all__ = [
     "BUNDLE_FORMAT",
     "INBOUND_OPTIONAL",
+    "LABEL_KEY",
+    "LOG_OPERATORS",
+    "LOG_OPERATOR_RE",
     "AnyBundle",
     "BackOff",
     "BundleError",
@@ -75,6 +78,7 @@ __all__ = [
     "StringMatch",
     "TcpHealthCheck",
     "TimeoutConf",
+    "TraceTag",
     "TracingBackend",
     "TrafficLogConf",
     "bundle_digest",
@@ -97,8 +101,28 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class _Sparse(_Frozen):
+    """A model whose ``_OPTIONAL`` fields are left out of its JSON while empty: fields added
+    after bundles existed keep the digests of the bundles that do not use them."""
+
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in self._OPTIONAL:
+            if not out.get(name):
+                out.pop(name, None)
+        return out
+
+
 Tags = dict[str, str]
 """Tag name -> value; ``*`` as a value matches any value."""
+
+LABEL_KEY = "label:"
+"""A ``Rule.when`` key with this prefix names a Dataplane label of the local instance (Kuma's
+Dataplane targetRef ``labels``, ``name`` and ``namespace``), not a tag: tag names cannot hold
+a colon, so the two never meet."""
 
 T = TypeVar("T")
 
@@ -110,7 +134,13 @@ class Rule(_Frozen, Generic[T]):
     with an unconditional rule, so a lookup always finds an answer.
     """
 
-    when: Tags = Field(default_factory=dict, description="Tags the local instance must carry.")
+    when: Tags = Field(
+        default_factory=dict,
+        description=(
+            "Tags the local instance must carry; a key `label:NAME` is its Dataplane label NAME "
+            "(a sidecar's `--label`), not a tag."
+        ),
+    )
     peer: Tags = Field(
         default_factory=dict,
         description=(
@@ -174,12 +204,30 @@ class HttpModify(_Frozen):
     response_headers: HeaderOps = HeaderOps()
 
 
-class HttpRoute(_Frozen):
-    """An ordered ``http`` entry of a TrafficRoute: first match wins."""
+class HttpRoute(_Sparse):
+    """An ordered ``http`` entry of a TrafficRoute: first match wins.
+
+    ``timeout`` and ``retry``: a MeshTimeout or MeshRetry that targets the MeshHTTPRoute this
+    rule came from, merged over the destination's own (Kuma's route-level conf); the requests this
+    rule matches use them in place of the destination's. Left out of the JSON while None, so a
+    route without them keeps the bytes, and the digest, it had before they existed."""
 
     match: HttpMatch
     modify: HttpModify | None = None
     split: tuple[Split, ...]
+    timeout: TimeoutConf | None = Field(
+        default=None,
+        description=(
+            "The rule's own request timeout and stream idle timeout (the other timeouts stay the "
+            "destination's); None: the destination's."
+        ),
+    )
+    retry: RetryConf | None = Field(
+        default=None,
+        description="The rule's own HTTP and gRPC retries; None: the destination's.",
+    )
+
+    _OPTIONAL = ("retry", "timeout")
 
 
 class LoadBalancer(_Frozen):
@@ -321,16 +369,67 @@ class TimeoutConf(_Frozen):
     http_max_stream_duration_ms: int = 0
 
 
-class LoggingBackend(_Frozen):
+class LoggingBackend(_Sparse):
     name: str
-    type: Literal["file", "tcp"]
+    type: Literal["file", "tcp", "otel"]
     format: str | None = None
+    """A Plain format string (Envoy command operators, Kuma's ``%KUMA_*%`` placeholders); None
+    with no ``json_format``: meshc's JSON line."""
     path: str | None = None
     address: str | None = None
+    """``host:port`` of a TCP log collector (``tcp``) or of an OTLP/HTTP collector (``otel``)."""
+    json_format: tuple[tuple[str, str], ...] = ()
+    """A Json format: (key, format string) pairs, one JSON object per line."""
+    omit_empty_values: bool = False
+    """Leave out the Json keys (or Plain operators) whose value is empty."""
+    body: str | None = None
+    """``otel``: the log record body as JSON text (an OTLP AnyValue, or a string); None: the
+    Plain ``format`` (or Kuma's default line) as a string."""
+    attributes: tuple[tuple[str, str], ...] = ()
+    """``otel``: (attribute name, format string) pairs on each log record."""
+
+    _OPTIONAL = ("json_format", "omit_empty_values", "body", "attributes")
 
 
-class TrafficLogConf(_Frozen):
+LOG_OPERATORS = frozenset(
+    {
+        "START_TIME",
+        "DURATION",
+        "RESPONSE_CODE",
+        "PROTOCOL",
+        "UPSTREAM_HOST",
+        "UPSTREAM_CLUSTER",
+        "TRACE_ID",
+        "GRPC_STATUS",
+        "REQ",
+        "KUMA_MESH",
+        "KUMA_SOURCE_SERVICE",
+        "KUMA_DESTINATION_SERVICE",
+        "KUMA_TRAFFIC_DIRECTION",
+        "KUMA_ZONE",
+        "KUMA_WORKLOAD",
+    }
+)
+"""The command operators (Envoy's, without arguments or ``%``) and Kuma placeholders a data plane
+fills in a log format (``runtime.accesslog``); any other is written as ``-`` (``null`` in Json)."""
+LOG_OPERATOR_RE = r"%([A-Z][A-Z0-9_]*)(?:\(([^)]*)\))?(?::(\d+))?%"
+"""A command operator in a log format: ``%NAME%``, ``%NAME(ARG)%``, ``%NAME(ARG):LEN%``."""
+
+
+class TrafficLogConf(_Sparse):
     backend: LoggingBackend
+    also: tuple[LoggingBackend, ...] = ()
+    """Further backends of the same rule: each gets the line too (Kuma writes every backend)."""
+
+    _OPTIONAL = ("also",)
+
+    @property
+    def backends(self) -> tuple[LoggingBackend, ...]:
+        return (self.backend, *self.also)
+
+
+HttpRoute.model_rebuild()  # its timeout and retry are defined after it
+RouteConf.model_rebuild()
 
 
 class Destination(_Frozen):
@@ -509,19 +608,33 @@ class Mtls(_Frozen):
     cert_rotation_ms: int = 86400000
 
 
-class TracingBackend(_Frozen):
-    """A tracing backend: the Mesh's default one (Kuma's ``tracing.backends``, type ``zipkin``)
-    or a MeshTrace's Zipkin backend."""
+class TraceTag(_Frozen):
+    """A span attribute: a ``literal`` value, or the request ``header``'s (else ``default``)."""
 
     name: str
-    type: Literal["zipkin"] = "zipkin"
+    literal: str | None = None
+    header: str | None = None
+    default: str | None = None
+
+
+class TracingBackend(_Sparse):
+    """A tracing backend: the Mesh's default one (Kuma's ``tracing.backends``, type ``zipkin``)
+    or a MeshTrace's Zipkin or OpenTelemetry backend."""
+
+    name: str
+    type: Literal["zipkin", "otel"] = "zipkin"
     sampling: float = 100.0
     """Percentage of new traces sampled (0-100); an incoming trace context keeps its decision."""
     url: str
-    """Zipkin v2 spans endpoint (``http://collector:9411/api/v2/spans``)."""
+    """Zipkin v2 spans endpoint (``http://collector:9411/api/v2/spans``), or for ``otel`` the
+    OTLP/HTTP traces endpoint (``http://collector:4318/v1/traces``, JSON encoding)."""
     b3: bool = True
     """Read and send B3 headers (``b3`` and ``X-B3-*``) besides ``traceparent``: Envoy's Zipkin
     tracer, which Kuma configures, speaks B3."""
+    tags: tuple[TraceTag, ...] = ()
+    """Attributes every span of these data planes carries (MeshTrace ``tags``)."""
+
+    _OPTIONAL = ("tags",)
 
 
 class ServiceTracing(_Frozen):

@@ -163,12 +163,12 @@ def _token_file(path: Path | None) -> str | None:
         raise _UsageError(f"--token-file {path}: {e.strerror}") from None
 
 
-def _tags(values: list[str]) -> dict[str, str]:
+def _tags(values: list[str], flag: str = "--tag") -> dict[str, str]:
     tags: dict[str, str] = {}
     for value in values:
         key, sep, val = value.partition("=")
         if not sep or not key:
-            raise _UsageError(f"--tag {value!r} is not key=value")
+            raise _UsageError(f"{flag} {value!r} is not key=value")
         tags[key] = val
     return tags
 
@@ -186,6 +186,14 @@ def _run(kind: str, argv: list[str]) -> int:
     if kind == "sidecar":
         p.add_argument("--service", required=True, help="the service this instance belongs to")
         p.add_argument("--tag", action="append", default=[], metavar="K=V", help="instance tag (repeatable)")
+        p.add_argument(
+            "--label",
+            action="append",
+            default=[],
+            metavar="K=V",
+            help="Dataplane label, as a Dataplane targetRef selects it (repeatable; "
+            "kuma.io/display-name=NAME is its name, k8s.kuma.io/namespace=NS its namespace)",
+        )
         p.add_argument("--app", metavar="HOST:PORT", help="where the local app listens")
         p.add_argument(
             "--inbound",
@@ -259,6 +267,7 @@ def _run(kind: str, argv: list[str]) -> int:
             raise _UsageError("--trust-key must be 64 hex digits (an Ed25519 public key)")
         if kind == "sidecar":
             opts.app = ns.app
+            opts.labels = _tags(ns.label, "--label")
             opts.inbound = parse_addr(ns.inbound) if ns.inbound else None
             opts.outbound = parse_addr(ns.outbound) if ns.outbound else None
             opts.pieces = not ns.full_mesh_bundle

@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY, RetryPolicy
 from runtime.bundle import TrafficLogConf
-from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, Snapshot, Target
+from runtime.engine import NO_APP_POLICY, AppPolicy, Engine, RoutePolicy, Snapshot, Target
 from runtime.headerops import NO_OPS, REMOVE, SET, HeaderOp
 from runtime.identity import PeerIdentity
 from runtime.security import DENIED_HEADER
@@ -173,6 +173,7 @@ class Forward:
         "kind",
         "mirrors",
         "path",
+        "policy",
         "request_ops",
         "response_ops",
         "source",
@@ -198,6 +199,7 @@ class Forward:
         delay_s: float = 0.0,
         bps: int = 0,
         app: AppPolicy = NO_APP_POLICY,
+        policy: RoutePolicy | None = None,
     ) -> None:
         self.kind = kind
         self.source = source
@@ -220,6 +222,9 @@ class Forward:
         """Response bandwidth in bits/s (a fault); 0: unlimited."""
         self.app = app
         """``APP``: the caller's inbound timeouts, connection limit and access logs."""
+        self.policy = policy
+        """``TARGET``: the matched route rule's own timeout and retries (``RetryState``); None:
+        the target's."""
         self.holds = False
         """``APP``: it holds a slot of ``app.limit`` (``admit_app``) until ``release_app``."""
         self.trace: Hop | None = None
@@ -352,7 +357,7 @@ def decide_outbound(
     verdict = _outbound(engine, snap, head, headers, name, port, own)
     if type(verdict) is Forward:
         return verdict
-    span = hop(headers.get, snap.trace_sampling, engine.rng, snap.trace_b3)
+    span = hop(headers.get, snap.trace_sampling, engine.rng, snap.trace_b3, snap.trace_tags)
     if type(verdict) is Fetch:
         verdict.trace = span
         return verdict
@@ -381,11 +386,15 @@ def _outbound(
     if target is None:
         return Reply(503, NO_HOST, source, name)
     incoming = headers.get
-    if route is None or route.modify is None:
+    if route is None:
+        fwd = Forward(TARGET, source, target.service, target=target, source_header=source)
+        return traced(engine, snap, fwd, incoming)
+    policy = route.policy
+    if route.modify is None:
         return traced(
             engine,
             snap,
-            Forward(TARGET, source, target.service, target=target, source_header=source),
+            Forward(TARGET, source, target.service, target=target, source_header=source, policy=policy),
             incoming,
         )
     path = head.path()
@@ -400,6 +409,7 @@ def _outbound(
         request_ops=route.request_ops,
         response_ops=route.response_ops,
         source_header=source,
+        policy=policy,
     )
     return traced(engine, snap, fwd, incoming)
 
@@ -409,7 +419,7 @@ def traced(engine: Engine, snap: Snapshot, fwd: Forward, incoming: Getter | str 
     ``traceparent`` alone) when it carries a valid context, else a new trace; the next hop's
     propagation headers are the last header ops (``runtime.tracing``)."""
     b3 = snap.trace_b3
-    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, b3)
+    span = fwd.trace = hop(incoming, snap.trace_sampling, engine.rng, b3, snap.trace_tags)
     if not b3:
         fwd.request_ops = (*fwd.request_ops, (SET, TRACEPARENT, span.header()))
         return fwd
@@ -428,7 +438,7 @@ def _answered(reply: Reply, span: Hop) -> Reply:
 
 
 def _reply_span(engine: Engine, snap: Snapshot, reply: Reply, incoming: Getter | str | None) -> Reply:
-    return _answered(reply, hop(incoming, snap.trace_sampling, engine.rng, snap.trace_b3))
+    return _answered(reply, hop(incoming, snap.trace_sampling, engine.rng, snap.trace_b3, snap.trace_tags))
 
 
 def _caller(snap: Snapshot, identity: PeerIdentity | None) -> str | None:
@@ -672,7 +682,17 @@ class RetryState:
     own timeout). A request whose body cannot be replayed (unknown length, over 64 KiB) is tried
     once."""
 
-    __slots__ = ("allowed", "backing_off", "deadline", "overall", "policy", "retries", "target", "tried")
+    __slots__ = (
+        "allowed",
+        "backing_off",
+        "deadline",
+        "overall",
+        "policy",
+        "retries",
+        "stream_idle_s",
+        "target",
+        "tried",
+    )
 
     def __init__(
         self,
@@ -680,6 +700,7 @@ class RetryState:
         method: str,
         body_length: int | None,
         now: float,
+        route: RoutePolicy | None = None,
         *,
         grpc: bool = False,
         deadline_s: float | None = None,
@@ -687,11 +708,26 @@ class RetryState:
         """``body_length``: 0 without a body, None when it is not known up front (chunked).
         ``grpc``: a gRPC call, retried by Retry's ``grpc`` conf when there is one (any method:
         gRPC calls are all POSTs). ``deadline_s``: the caller's own deadline (``grpc-timeout``),
-        which replaces the route's request timeout as Envoy's ``max_grpc_timeout: 0`` does."""
-        policy: RetryPolicy | None = target.retry
+        which replaces the route's request timeout as Envoy's ``max_grpc_timeout: 0`` does.
+        ``route``: the matched route rule's own timeout and retries (``Forward.policy``), which
+        replace the target's where the rule sets them (Kuma's route-level MeshTimeout and
+        MeshRetry)."""
+        if route is None:
+            policy: RetryPolicy | None = target.retry
+            grpc_retry = target.grpc_retry
+            timeout = target.request_timeout_s
+            self.stream_idle_s = target.stream_idle_timeout_s
+            """How long the response may carry no data (the route rule's, else the target's)."""
+        else:
+            retried = route.has_retry
+            policy = route.retry if retried else target.retry
+            grpc_retry = route.grpc_retry if retried else target.grpc_retry
+            timed = route.has_timeout
+            timeout = route.request_timeout_s if timed else target.request_timeout_s
+            self.stream_idle_s = route.stream_idle_timeout_s if timed else target.stream_idle_timeout_s
         method_ok = policy is not None and policy.method_allowed(method)
-        if grpc and target.grpc_retry is not None:
-            policy, method_ok = target.grpc_retry, True
+        if grpc and grpc_retry is not None:
+            policy, method_ok = grpc_retry, True
         self.target = target
         self.policy = policy
         self.allowed = (
@@ -704,7 +740,8 @@ class RetryState:
         self.retries = 0
         self.backing_off = False
         self.overall = False
-        timeout = deadline_s if deadline_s is not None else target.request_timeout_s
+        if deadline_s is not None:
+            timeout = deadline_s
         self.deadline = now + timeout if timeout else None
         self.tried: list[Host] = []
 

@@ -25,6 +25,7 @@ from runtime._lb import Balancer, Wheel, make_balancer
 from runtime._match import SERVICE_TAG, StrMatcher, compile_string_match, first_rule, tags_match
 from runtime._policy import Fault, RetryPolicy, TokenBucket
 from runtime.bundle import (
+    LABEL_KEY,
     BundleError,
     CatalogService,
     CircuitBreakerConf,
@@ -41,6 +42,7 @@ from runtime.bundle import (
     ServiceBundle,
     Split,
     TimeoutConf,
+    TracingBackend,
     TrafficLogConf,
 )
 from runtime.headerops import filter_ops, modify_ops
@@ -58,6 +60,7 @@ __all__ = [
     "InboundTable",
     "RateLimit",
     "Route",
+    "RoutePolicy",
     "Snapshot",
     "Target",
     "kube_aliases",
@@ -203,6 +206,31 @@ class Target:
         return True
 
 
+class RoutePolicy:
+    """A route rule's own request timeout and retries (a MeshTimeout or MeshRetry that targets
+    its MeshHTTPRoute): what it sets replaces the target's for the requests the rule matches."""
+
+    __slots__ = (
+        "grpc_retry",
+        "has_retry",
+        "has_timeout",
+        "request_timeout_s",
+        "retry",
+        "stream_idle_timeout_s",
+    )
+
+    def __init__(self, route: HttpRoute) -> None:
+        timeout, retry = route.timeout, route.retry
+        self.has_timeout = timeout is not None
+        self.request_timeout_s = _seconds(timeout.http_request_timeout_ms) if timeout is not None else None
+        self.stream_idle_timeout_s = (
+            _seconds(timeout.http_stream_idle_timeout_ms) if timeout is not None else None
+        )
+        self.has_retry = retry is not None
+        self.retry = RetryPolicy(retry.http) if retry is not None and retry.http is not None else None
+        self.grpc_retry = RetryPolicy(retry.grpc) if retry is not None and retry.grpc is not None else None
+
+
 class Route:
     """One compiled ``http`` entry of a TrafficRoute."""
 
@@ -214,6 +242,7 @@ class Route:
         "_path_prefix",
         "_path_regex",
         "modify",
+        "policy",
         "request_ops",
         "response_ops",
         "wheel",
@@ -221,6 +250,8 @@ class Route:
 
     def __init__(self, route: HttpRoute, wheel: Wheel[Target]) -> None:
         m = route.match
+        self.policy = RoutePolicy(route) if route.timeout is not None or route.retry is not None else None
+        """The rule's own timeout and retries; None: the target's."""
         self._method = compile_string_match(m.method) if m.method else None
         self._path = compile_string_match(m.path) if m.path else None
         # Header names match case-insensitively on both data planes (their maps are lower-case).
@@ -639,8 +670,10 @@ class Snapshot:
             tracing = service.tracing.backend  # a MeshTrace that selects this service
         self.trace_sampling: float | None = tracing.sampling if tracing is not None else None
         """The tracing sampling percentage; None: no tracing backend (traces unsampled)."""
-        self.trace_url: str | None = tracing.url if tracing is not None else None
+        self.trace_backend: TracingBackend | None = tracing
         """Where sampled spans go (``runtime.zipkin``)."""
+        self.trace_tags = tracing.tags if tracing is not None else ()
+        """The MeshTrace ``tags`` a sampled span carries (``runtime.tracing.tag_values``)."""
         self.trace_b3: bool = tracing is not None and tracing.b3
         """Read and send B3 besides ``traceparent`` (a Zipkin backend)."""
         # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),
@@ -720,9 +753,12 @@ class Engine:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.service = service
         self.tags = {**tags, SERVICE_TAG: service}
+        self.labels = {LABEL_KEY + k: v for k, v in (labels or {}).items()}
+        """The instance's Dataplane labels as ``Rule.when`` keys (``LABEL_KEY``)."""
         self.rng = rng or random.Random()
         self.clock = clock
         self.registry = HostRegistry()
@@ -772,7 +808,7 @@ class Engine:
             raise BundleError(
                 f"service bundle is for mesh {service.mesh!r}, the mesh bundle is {mesh.mesh!r}"
             )
-        local = dict(self.tags)
+        local = {**self.tags, **self.labels}
         if service is not None and service.gateway is not None:
             local = {**service.gateway.tags, **local}
         by_service: dict[str, list[Host]] = {}

@@ -326,7 +326,7 @@ class ClientConn(Exchange):
         kind = fwd.kind
         if kind == TARGET:
             assert fwd.target is not None
-            self._to_target(req, fwd.target)
+            self._to_target(req, fwd.target, fwd.policy)
             return
         self.fwd = fwd
         self.retry = None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._lb import RingHash
-from runtime.accesslog import app_entry
+from runtime.accesslog import app_entry, head_getter
 from runtime.bundle import TrafficLogConf
 from runtime.decide import (
     APP,
@@ -32,7 +32,7 @@ from runtime.decide import (
     release,
     release_app,
 )
-from runtime.engine import Target
+from runtime.engine import RoutePolicy, Target
 from runtime.fastmetrics import Series
 from runtime.fastplane import TLS_KEY, FastPlane
 from runtime.fastpool import P_UPSTREAM, Upstream, UpstreamClient
@@ -230,8 +230,9 @@ class Exchange(asyncio.Protocol):
 
     # -- upstream attempts ------------------------------------------------------------------
 
-    def _to_target(self, req: h1.Request, target: Target) -> None:
-        """Send to one of the target's hosts with its timeouts, retries and ejection."""
+    def _to_target(self, req: h1.Request, target: Target, route: RoutePolicy | None = None) -> None:
+        """Send to one of the target's hosts with its timeouts, retries and ejection (``route``:
+        the matched route rule's own timeout and retries, ``Forward.policy``)."""
         self.dest = target.service
         self.subset = target.subset
         plane = self.plane
@@ -250,7 +251,7 @@ class Exchange(asyncio.Protocol):
             return
         now = plane.loop.time()
         length = (None if req.chunked else req.length) if req.has_body else 0
-        retry = self.retry = RetryState(target, req.method, length, now)
+        retry = self.retry = RetryState(target, req.method, length, now, route)
         if retry.allowed and req.has_body:
             req.saved = req.body  # kept for a replay
             req.body = []
@@ -513,7 +514,7 @@ class Exchange(asyncio.Protocol):
         span = self.span
         if span is not None and span.sampled:
             plane.metrics.spans.record(
-                plane.engine.snapshot.trace_url,
+                plane.engine.snapshot.trace_backend,
                 span,
                 service=plane.engine.service,
                 direction=DIRECTION[self.kind],
@@ -588,6 +589,7 @@ class Exchange(asyncio.Protocol):
                 "duration_ms": round(elapsed * 1000.0, 3),
                 "trace_id": self.span.trace_id if self.span is not None else "",
             },
+            head_getter(req),
         )
 
     def _log_app(
@@ -605,8 +607,9 @@ class Exchange(asyncio.Protocol):
             elapsed,
             self.span.trace_id if self.span is not None else "",
         )
+        get = head_getter(req)
         for conf in logs:
-            self.plane.access_log.write(conf, entry)
+            self.plane.access_log.write(conf, entry, get)
 
     def _abandon(self) -> None:
         """The client went away with an exchange in flight: close its upstream, undo counts."""

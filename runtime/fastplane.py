@@ -90,7 +90,7 @@ class FastPlane:
         self.conns: set[Conn] = set()
         self.hosts: dict[bytes, tuple[str, int | None]] = {}
         self.sources: dict[bytes, str] = {}
-        self.access_log = AccessLog()
+        self.access_log = AccessLog(metrics.logs, engine)
         self.draining = False
         self.fetch: Fetcher = no_fetcher
         """Fetches a pending destination's config (``decide.Fetch``); set by the server."""

@@ -39,7 +39,7 @@ from h2.errors import ErrorCodes
 from runtime import h1
 from runtime._hosts import Host, Outcome
 from runtime._policy import MAX_RETRY_BODY
-from runtime.accesslog import AccessLog, app_entry
+from runtime.accesslog import AccessLog, app_entry, head_getter
 from runtime.bundle import TrafficLogConf
 from runtime.decide import (
     APP,
@@ -787,7 +787,7 @@ class H2Plane:
             self.app: tuple[str, int] = (host.strip("[]"), int(port))
         else:
             self.app = ("", 0)
-        self.access_log = AccessLog()
+        self.access_log = AccessLog(metrics.logs, engine)
         self.upstreams: dict[str, list[H2Upstream]] = {}
         self.h1_only: set[str] = set()
         """Plaintext next hops that answered the h2c preface in HTTP/1.1."""
@@ -1046,7 +1046,7 @@ class _Exchange:
             )
             head = self.head
             self.plane.metrics.spans.record(
-                self.plane.engine.snapshot.trace_url,
+                self.plane.engine.snapshot.trace_backend,
                 self.span,
                 service=self.plane.engine.service,
                 direction=DIRECTION[self.down.kind],
@@ -1153,6 +1153,7 @@ class _Exchange:
             head.method,
             int(length) if length.isdigit() else 0,
             loop.time(),
+            fwd.policy,
             grpc=head.grpc,
             deadline_s=timeout,
         )
@@ -1400,7 +1401,7 @@ class _Exchange:
         }
         if self.grpc_status is not None:
             entry["grpc_status"] = self.grpc_status
-        self.plane.access_log.write(target.log, entry)
+        self.plane.access_log.write(target.log, entry, head_getter(head))
 
     def _stop_upstream(self, code: int | None) -> None:
         """Let go of the stream to the next hop (reset it with ``code`` when it is still open)."""
@@ -1438,5 +1439,6 @@ class _Exchange:
         entry["protocol"] = "HTTP/2"
         if self.grpc_status is not None:
             entry["grpc_status"] = self.grpc_status
+        get = head_getter(head)
         for conf in logs:
-            self.plane.access_log.write(conf, entry)
+            self.plane.access_log.write(conf, entry, get)

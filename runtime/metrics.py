@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from runtime.accesslog import LogShipper
 from runtime.fastmetrics import Identity, RequestStats
 from runtime.zipkin import SpanReporter
 
@@ -24,7 +25,9 @@ class Metrics:
         self.stats = RequestStats(identity)
         r.register(self.stats)
         self.spans = SpanReporter(r)
-        """Sampled spans on their way to the Mesh's Zipkin backend (every layer records here)."""
+        """Sampled spans on their way to the tracing backend (every layer records here)."""
+        self.logs = LogShipper(r)
+        """Tcp and OpenTelemetry access log records on their way to collectors (every layer)."""
         self.retries = Counter(
             "meshc_retries", "Upstream retries.", ["destination_service", "destination_subset"], registry=r
         )

@@ -169,7 +169,7 @@ class HttpProxy:
         self.app_address = app_address
         self.own_addresses = set(own_addresses)
         self.session: aiohttp.ClientSession | None = None
-        self.access_log = AccessLog()
+        self.access_log = AccessLog(metrics.logs, engine)
         self.creds = Credentials()
         self.peers = PeerCache()
         self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
@@ -335,13 +335,13 @@ class HttpProxy:
             source, dest, upstream, request.method, request.path, resp.status, elapsed, trace_id
         )
         for conf in logs:
-            self.access_log.write(conf, entry)
+            self.access_log.write(conf, entry, request.headers.get)
 
     def _span(
         self, span: Hop | None, direction: str, request: web.BaseRequest, status: int, elapsed: float
     ) -> None:
         self.metrics.spans.record(
-            self.engine.snapshot.trace_url,
+            self.engine.snapshot.trace_backend,
             span,
             service=self.engine.service,
             direction=direction,
@@ -440,13 +440,17 @@ class HttpProxy:
             return self._answer(t0, refused, direction, subset, request=request, span=fwd.trace)
         loop = asyncio.get_running_loop()
         retry = RetryState(
-            target, request.method, request.content_length if request.body_exists else 0, loop.time()
+            target,
+            request.method,
+            request.content_length if request.body_exists else 0,
+            loop.time(),
+            fwd.policy,
         )
         body: Any = None
         if request.body_exists:
             body = await request.read() if retry.allowed else request.content
         key = request.headers.get(HASH_KEY_HEADER) or request.path
-        timeout = self._timeout(target.connect_timeout_s, target.stream_idle_timeout_s)
+        timeout = self._timeout(target.connect_timeout_s, retry.stream_idle_s)
         hop = peer_hop(engine.snapshot, self.creds.client_ctx is not None, source, dest)
         if isinstance(hop, Reply):
             return self._answer(t0, hop, direction, request=request, span=fwd.trace)
@@ -557,6 +561,7 @@ class HttpProxy:
                 "duration_ms": round(elapsed * 1000.0, 3),
                 "trace_id": trace_id,
             },
+            request.headers.get,
         )
 
     async def _relay(

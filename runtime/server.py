@@ -86,6 +86,9 @@ class Options:
     kind: Literal["sidecar", "gateway"] = "sidecar"
     service: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    """Its Dataplane labels (Kuma's Dataplane targetRef ``labels``; ``kuma.io/display-name`` is
+    its name, ``k8s.kuma.io/namespace`` its namespace), apart from its tags."""
     app: str | None = None
     inbound: Addr | None = None
     outbound: Addr | None = None
@@ -141,7 +144,7 @@ class DataPlane:
         self.opts = opts
         self.service = opts.service or ""
         self.metrics = Metrics(Identity(self.service, opts.mesh, dict(opts.tags)))
-        self.engine = Engine(self.service, opts.tags)
+        self.engine = Engine(self.service, opts.tags, labels=opts.labels)
         self.draining = False
         self.listening: dict[str, str] = {}
         self._gateway_ports: set[int] = set()  # gateway listeners bound so far

@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.bundle import TraceTag
 
 __all__ = [
     "B3",
@@ -38,6 +42,7 @@ __all__ = [
     "hop",
     "parse",
     "parse_b3",
+    "tag_values",
 ]
 
 TRACEPARENT = "traceparent"
@@ -55,7 +60,7 @@ Getter = Callable[[str], "str | None"]
 class Hop:
     """This hop's span: its trace, its own id, its parent (empty: it starts the trace)."""
 
-    __slots__ = ("debug", "parent_id", "reason", "sampled", "span_id", "trace_id")
+    __slots__ = ("debug", "parent_id", "reason", "sampled", "span_id", "tags", "trace_id")
 
     def __init__(
         self, trace_id: str, span_id: str, parent_id: str, sampled: bool, debug: bool = False
@@ -70,6 +75,8 @@ class Hop:
         self.reason = ""
         """Why the data plane answered this request itself (``decide.Reply.reason``); empty:
         the upstream answered. A span with a reason is tagged as an error."""
+        self.tags: tuple[tuple[str, str], ...] = ()
+        """The MeshTrace ``tags`` resolved for this request (``tag_values``), sampled spans only."""
 
     def header(self) -> str:
         """The ``traceparent`` the next hop gets (version 00)."""
@@ -184,12 +191,40 @@ def _new(sampling_pct: float | None, rng: random.Random) -> bool:
     return sampling_pct is not None and (sampling_pct >= 100.0 or rng.random() * 100.0 < sampling_pct)
 
 
+def tag_values(tags: tuple[TraceTag, ...], get: Getter | None) -> tuple[tuple[str, str], ...]:
+    """MeshTrace ``tags`` for one request: each literal, and each header's first value (its
+    ``default`` when the request has none; no tag when neither)."""
+    out: list[tuple[str, str]] = []
+    for t in tags:
+        if t.literal is not None:
+            out.append((t.name, t.literal))
+            continue
+        value = get(t.header.lower()) if get is not None and t.header else None
+        if value is None:
+            value = t.default
+        if value is not None:
+            out.append((t.name, value))
+    return tuple(out)
+
+
 def hop(
-    incoming: Getter | str | None, sampling_pct: float | None, rng: random.Random, b3: bool = False
+    incoming: Getter | str | None,
+    sampling_pct: float | None,
+    rng: random.Random,
+    b3: bool = False,
+    tags: tuple[TraceTag, ...] = (),
 ) -> Hop:
     """This hop's span for a request whose headers are ``incoming`` (a getter; a string is the
     ``traceparent`` alone). ``sampling_pct``: the backend's sampling (0-100), None when there is
-    no backend; ``b3``: read B3 too (a Zipkin backend)."""
+    no backend; ``b3``: read B3 too (a Zipkin backend); ``tags``: the MeshTrace tags a sampled
+    span carries."""
+    span = _hop(incoming, sampling_pct, rng, b3)
+    if tags and span.sampled:
+        span.tags = tag_values(tags, None if incoming is None or isinstance(incoming, str) else incoming)
+    return span
+
+
+def _hop(incoming: Getter | str | None, sampling_pct: float | None, rng: random.Random, b3: bool) -> Hop:
     if incoming is None or isinstance(incoming, str):
         tp, get = incoming, None
     else:

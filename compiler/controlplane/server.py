@@ -109,7 +109,6 @@ class ControlPlane:
         if config.kubernetes is None:
             self.rejoin = Rejoin(self.registry, rejoin, self.security.signer.signed)
             self.pusher.endpoint_source = self.rejoin.services
-        self.traffic = TrafficView(self.registry)
         self.canaries = CanaryController(
             self.releases,
             self.registry,
@@ -119,6 +118,8 @@ class ControlPlane:
             on_event=lambda kind, ev: self.metrics.canary_events.labels(ev["canary"], kind).inc(),
             on_promoted=self._promote_commit if config.promote_commit else None,
         )
+        self.traffic = TrafficView(self.registry, self.canaries.sampler)
+        """The dashboard's observed split, scraped by the canaries' sampler (one scraper)."""
         self.registry.subscribe(self._on_registry)
         self._gauges_timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()

@@ -12,15 +12,14 @@ the old one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections import deque
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from compiler.controlplane.canary_analysis import Sampler
 from compiler.controlplane.registry import Registry
 from compiler.controlplane.release import Release
 
@@ -124,7 +123,12 @@ def configured_routes(rel: Release | None) -> list[dict[str, Any]]:
 
 
 class TrafficView:
-    def __init__(self, registry: Registry, window_s: float = 30.0, cache_s: float = 2.0) -> None:
+    """The observed split, from the data planes' ``/metrics`` as ``sampler`` scrapes them: the
+    canary analysis's ``Sampler``, so the control plane holds one scraper (one HTTP session)."""
+
+    def __init__(
+        self, registry: Registry, sampler: Sampler | None = None, window_s: float = 30.0, cache_s: float = 2.0
+    ) -> None:
         self.registry = registry
         self.window_s = window_s
         self.cache_s = cache_s
@@ -132,20 +136,19 @@ class TrafficView:
         self._per_instance: dict[str, dict[Key, float]] = {}
         self._scraped_at = 0.0
         self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
+        self._own = sampler is None
+        self._sampler = sampler if sampler is not None else Sampler(timeout_s=1.5)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._own:
+            await self._sampler.close()
 
-    async def _scrape_one(self, instance: str, admin: str) -> None:
-        assert self._session is not None
-        with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
-            async with self._session.get(f"http://{admin}/metrics") as resp:
-                if resp.status != 200:
-                    return
-                text = await resp.text()
-            counts: dict[Key, float] = {}
+    @staticmethod
+    def _counts(text: str) -> dict[Key, float] | None:
+        """Successful outbound and gateway requests per key in one data plane's metrics text;
+        None when it does not parse (that data plane keeps its last counts)."""
+        counts: dict[Key, float] = {}
+        try:
             for fam in text_string_to_metric_families(text):
                 if fam.name != "meshc_requests":
                     continue
@@ -165,19 +168,21 @@ class TrafficView:
                         lab.get("destination_subset", ""),
                     )
                     counts[k] = counts.get(k, 0.0) + s.value
-            self._per_instance[instance] = counts
+        except ValueError:
+            return None
+        return counts
 
     async def scrape(self) -> None:
         async with self._lock:
             now = time.time()
             if now - self._scraped_at < self.cache_s:
                 return
-            if self._session is None:
-                self._session = aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=1.5), trust_env=False
-                )
             online = [dp for dp in self.registry.dataplanes.values() if dp.online]
-            await asyncio.gather(*(self._scrape_one(dp.instance, dp.admin_address) for dp in online))
+            texts = await self._sampler.texts({dp.instance: dp.admin_address for dp in online})
+            for instance, text in texts.items():
+                counts = self._counts(text)
+                if counts is not None:
+                    self._per_instance[instance] = counts
             known = {dp.instance for dp in online}
             for gone in set(self._per_instance) - known:
                 del self._per_instance[gone]

@@ -288,6 +288,11 @@ def _sidecar(
     args = ["sidecar", "--service", service, "--mesh", mesh, "--control-plane", opts.control_plane]
     for k, v in sorted(labels.items()):
         args += ["--tag", f"{k}={v}"]
+    # Kuma's Dataplane labels: the pod's labels, its name and namespace (Dataplane targetRefs).
+    for k, v in sorted(labels.items()):
+        args += ["--label", f"{k}={v}"]
+    args += ["--label", "kuma.io/display-name=$(MESHC_POD_NAME)"]
+    args += ["--label", "k8s.kuma.io/namespace=$(MESHC_POD_NAMESPACE)"]
     if app_port is not None:
         args += ["--app", f"127.0.0.1:{app_port}"]
     args += [

@@ -352,13 +352,12 @@ def test_inbound_access_logs_add_up_per_rule_and_caller(tmp_path: Path) -> None:
         " json: [{key: k, value: '%START_TIME%'}]}}}]}}]\n",
     )  # fmt: skip
     r = _compile(tmp_path, every, from_web)
-    (w,) = r.diagnostics
-    assert (w.code, w.loc.path) == (
-        "W3006", ("spec", "rules", 0, "default", "backends", 0, "file", "format")
-    )  # fmt: skip
+    assert r.diagnostics == []  # a Json format applies (``runtime.accesslog``)
     got = sorted((x["peer"].get("kuma.io/service", "*"), x["conf"]["backend"]["name"])
                  for x in _inbound(r, "api", "traffic_log"))  # fmt: skip
     assert got == [("*", "file:/tmp/all.log"), ("*", "tcp:127.0.0.1:5170"), ("web", "file:/tmp/web.log")]
+    (web,) = [x for x in _inbound(r, "api", "traffic_log") if x["peer"]]
+    assert web["conf"]["backend"]["json_format"] == [["k", "%START_TIME%"]]
     assert len(_inbound(r, "backend", "traffic_log")) == 2
 
 
@@ -385,8 +384,12 @@ def test_dataplane_by_labels_selects_instances_and_by_name_or_section_is_named(t
         _policy("MeshRateLimit", "by-section", "{kind: Dataplane, labels: {app: x}, sectionName: http}",
                 f"  rules: [{{default: {_limit(1, '1s')}}}]\n"),
     )  # fmt: skip
-    (timeout,) = [t for t in _outbound(r, "web", "api", "timeout") if t["when"]]
-    assert (timeout["when"], timeout["conf"]["connect_timeout_ms"]) == ({"zone": "a"}, 2000)
+    # Dataplane labels are the instance's own labels (``label:`` conditions), not its tags; by
+    # name: the instances whose kuma.io/display-name label is web-1.
+    mesh_wide = json.loads(r.bundles["default"])["destinations"]["api"]["timeout"]
+    timeouts = [(t["when"], t["conf"]["connect_timeout_ms"]) for t in mesh_wide]
+    assert ({"label:kuma.io/service": "web", "label:zone": "a"}, 2000) in timeouts
+    assert ({"label:kuma.io/display-name": "web-1"}, 2000) in timeouts
     # A bare Dataplane selects every sidecar (Kuma's ``allDataplanesSelected``).
     every = _compile(tmp_path / "every", _policy("MeshTimeout", "all-dp", "{kind: Dataplane}", to_api))
     assert every.diagnostics == []
@@ -394,9 +397,10 @@ def test_dataplane_by_labels_selects_instances_and_by_name_or_section_is_named(t
         t["conf"]["connect_timeout_ms"]
         for t in json.loads(every.bundles["default"])["destinations"]["api"]["timeout"]
     ] == [2000]
+    # sectionName names an inbound by its port: no selected service's port is "http".
     msgs = {d.loc.path: d.message for d in r.diagnostics if d.code == "W3006"}
-    assert "Dataplane targetRef by name ('web-1')" in msgs[("spec", "targetRef", "name")]
-    assert "sectionName 'http'" in msgs[("spec", "targetRef", "sectionName")]
+    assert list(msgs) == [("spec", "targetRef", "sectionName")]
+    assert "sectionName 'http' that names no inbound" in msgs[("spec", "targetRef", "sectionName")]
 
 
 def _outbound(r: CompileResult, src: str, dst: str, field: str) -> list[dict[str, Any]]:
@@ -404,7 +408,9 @@ def _outbound(r: CompileResult, src: str, dst: str, field: str) -> list[dict[str
     return rules
 
 
-def test_a_policy_on_a_mesh_http_route_names_the_route_and_what_is_not_applied(tmp_path: Path) -> None:
+def test_a_policy_on_a_missing_mesh_http_route_names_it_and_one_on_a_route_applies_to_its_rules(
+    tmp_path: Path,
+) -> None:
     r = _compile(
         tmp_path,
         _policy("MeshTimeout", "route-timeout", "{kind: MeshHTTPRoute, name: api-route}",
@@ -412,11 +418,10 @@ def test_a_policy_on_a_mesh_http_route_names_the_route_and_what_is_not_applied(t
         _policy("MeshRetry", "route-retry", "{kind: MeshHTTPRoute, name: api-route}",
                 "  to: [{targetRef: {kind: Mesh}, default: {http: {numRetries: 2}}}]\n"),
     )  # fmt: skip
-    msgs = sorted(d.message for d in r.diagnostics if d.code == "W3006")
+    msgs = sorted((d.message, d.loc.path) for d in r.diagnostics if d.code == "W3006")
     assert len(msgs) == 2, [(d.code, d.message) for d in r.diagnostics]
-    assert "MeshHTTPRoute targetRef ('api-route'): a bundle route has no retry policy of its own" in msgs[0]
-    assert "MeshHTTPRoute targetRef ('api-route'): a bundle route has no timeout of its own" in msgs[1]
-    assert all("the repo has no MeshHTTPRoute 'api-route' either" in m for m in msgs)
+    assert all("a MeshHTTPRoute 'api-route' that the mesh does not have" in m for m, _ in msgs)
+    assert all(p == ("spec", "targetRef") for _, p in msgs)
     route = _policy(
         "MeshHTTPRoute", "api-route", "{kind: MeshService, name: web}",
         "  to: [{targetRef: {kind: MeshService, name: api},"
@@ -427,15 +432,14 @@ def test_a_policy_on_a_mesh_http_route_names_the_route_and_what_is_not_applied(t
         "MeshTimeout", "route-timeout", "{kind: MeshHTTPRoute, name: api-route}",
         "  to: [{targetRef: {kind: Mesh}, default: {http: {requestTimeout: 1s}}}]\n",
     ))  # fmt: skip
-    (w,) = [d for d in with_route.diagnostics if d.code == "W3006"]
-    assert w.loc.path == ("spec", "targetRef", "kind") and "either" not in w.message
-    # The route itself still routes; web's timeout to api stays meshc's default.
+    assert [d for d in with_route.diagnostics if d.code == "W3006"] == []
+    # The route's rule carries the timeout; web's timeout to api stays meshc's default.
     assert [x["conf"]["http_request_timeout_ms"] for x in _outbound(with_route, "web", "api", "timeout")] == [
         15000
     ]
-    assert (
-        _outbound(with_route, "web", "api", "route")[0]["conf"]["http"][0]["match"]["path"]["value"] == "/v2"
-    )
+    (rule,) = _outbound(with_route, "web", "api", "route")[0]["conf"]["http"]
+    assert rule["match"]["path"]["value"] == "/v2"
+    assert rule["timeout"]["http_request_timeout_ms"] == 1000 and "retry" not in rule
 
 
 def test_two_common_limits_ordered_only_by_name_warn(tmp_path: Path) -> None:
@@ -568,11 +572,12 @@ def test_without_mtls_a_spiffe_match_matches_no_caller_as_in_kuma(tmp_path: Path
 
 
 def test_instances_selected_by_two_policies_get_both_merged_not_an_error(tmp_path: Path) -> None:
-    """Kuma merges every policy that selects an instance: an api instance tagged version v2 and
-    zone a gets both limits merged (the union of the tags, listed first), outbound as inbound; the
-    two conditions of one size are no E3002 conflict."""
-    v2 = "{kind: Dataplane, labels: {kuma.io/service: api, version: v2}}"
-    zone = "{kind: Dataplane, labels: {kuma.io/service: api, zone: a}}"
+    """Kuma merges every policy that selects an instance: an instance labelled version v2 and
+    zone a gets both limits merged (the union of the labels, listed first), outbound as inbound;
+    the two conditions of one size are no E3002 conflict. (Dataplane ``labels`` are the
+    instance's Dataplane labels, ``label:`` conditions, not its tags.)"""
+    v2 = "{kind: Dataplane, labels: {app: api, version: v2}}"
+    zone = "{kind: Dataplane, labels: {app: api, zone: a}}"
     r = _compile(
         tmp_path,
         _policy("MeshRateLimit", "v2", v2, f"  rules: [{{default: {_limit(5, '1s')}}}]\n"),
@@ -586,18 +591,19 @@ def test_instances_selected_by_two_policies_get_both_merged_not_an_error(tmp_pat
     limits = [
         (x["when"], x["conf"]["requests"], x["conf"]["status"]) for x in _inbound(r, "api", "rate_limit")
     ]
+    app, v2_, zone_ = ("label:app", "api"), ("label:version", "v2"), ("label:zone", "a")
     assert limits == [
-        ({"version": "v2", "zone": "a"}, 5, 499),  # v2's rate (its name sorts first: W3004), zone's status
-        ({"version": "v2"}, 5, 429),
-        ({"zone": "a"}, 7, 499),
+        (dict([app, v2_, zone_]), 5, 499),  # v2's rate (its name sorts first: W3004), zone's status
+        (dict([app, v2_]), 5, 429),
+        (dict([app, zone_]), 7, 499),
     ]
-    assert [d.code for d in r.diagnostics] == ["W3004"]
+    assert {d.code for d in r.diagnostics} == {"W3004"}  # per service: labels name none
     timeouts = [
         (x["when"], x["conf"]["connect_timeout_ms"], x["conf"]["http_request_timeout_ms"])
-        for x in _outbound(r, "api", "web", "timeout")
+        for x in json.loads(r.bundles["default"])["destinations"]["web"]["timeout"]
     ]
-    assert timeouts[:3] == [({"version": "v2", "zone": "a"}, 1000, 2000), ({"version": "v2"}, 1000, 15000),
-                            ({"zone": "a"}, 5000, 2000)]  # fmt: skip
+    assert timeouts[:3] == [(dict([app, v2_, zone_]), 1000, 2000), (dict([app, v2_]), 1000, 15000),
+                            (dict([app, zone_]), 5000, 2000)]  # fmt: skip
 
 
 def test_fault_rules_replace_the_from_faults_of_the_service_they_select(tmp_path: Path) -> None:

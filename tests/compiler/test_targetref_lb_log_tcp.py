@@ -261,15 +261,18 @@ def test_an_access_log_compiles_to_the_traffic_log_backend(tmp_path: Path) -> No
     assert _logs(r, "default", "db")[0]["type"] == "file"  # web's bundle names api only: db is the mesh's
 
 
-def test_what_the_log_backend_cannot_hold_is_named(tmp_path: Path) -> None:
+def test_every_backend_of_a_log_rule_compiles_with_its_format(tmp_path: Path) -> None:
     many = _log(
         "many",
         "{kind: Mesh}",
         "{kind: Mesh}",
-        "{backends: [{type: OpenTelemetry, openTelemetry: {endpoint: 'otel:4317'}},"
+        "{backends: [{type: OpenTelemetry, openTelemetry: {endpoint: 'otel:4318',"
+        " body: {kvlistValue: {values: [{key: mesh, value: {stringValue: '%KUMA_MESH%'}}]}},"
+        " attributes: [{key: src, value: '%KUMA_SOURCE_SERVICE%'}]}},"
         " {type: File,"
-        " file: {path: /tmp/a.log, format: {type: Json, json: [{key: k, value: '%START_TIME%'}]}}},"
-        " {type: File, file: {path: /tmp/b.log}}]}",
+        " file: {path: /tmp/a.log, format: {type: Json, omitEmptyValues: true,"
+        " json: [{key: k, value: '%START_TIME%'}]}}},"
+        " {type: Tcp, tcp: {address: '127.0.0.1:5170', format: {type: Plain, plain: '%RESPONSE_CODE%'}}}]}",
     )
     inbound = (
         "apiVersion: kuma.io/v1alpha1\nkind: MeshAccessLog\n"
@@ -279,16 +282,47 @@ def test_what_the_log_backend_cannot_hold_is_named(tmp_path: Path) -> None:
         " default: {backends: [{type: File, file: {path: /tmp/in.log}}]}}]\n"
     )
     r = _compile(tmp_path, "p", many, inbound)
-    msgs = sorted(d.message for d in r.diagnostics if d.code == "W3006")
-    assert [m.split(" of a ")[0].removeprefix("meshc does not resolve ") for m in msgs] == [
-        "a Json format (the bundle carries a Plain format string)",
-        "a OpenTelemetry backend (the sidecar writes File and Tcp logs only)",
-        "a second backend (a bundle's log rule has one)",
-    ]
-    assert [x["path"] for x in _logs(r, "default", "api")] == ["/tmp/a.log"]
+    assert [d for d in r.diagnostics if d.code == "W3006"] == []
+    bundle = json.loads(r.bundles["default"])
+    (rule,) = bundle["destinations"]["api"]["traffic_log"]
+    otel, file_, tcp = rule["conf"]["backend"], *rule["conf"]["also"]
+    assert (otel["type"], otel["address"], otel["attributes"]) == (
+        "otel", "otel:4318", [["src", "%KUMA_SOURCE_SERVICE%"]]
+    )  # fmt: skip
+    assert json.loads(otel["body"]) == {
+        "kvlistValue": {"values": [{"key": "mesh", "value": {"stringValue": "%KUMA_MESH%"}}]}
+    }
+    assert (file_["json_format"], file_["omit_empty_values"]) == ([["k", "%START_TIME%"]], True)
+    assert (tcp["type"], tcp["address"], tcp["format"]) == ("tcp", "127.0.0.1:5170", "%RESPONSE_CODE%")
+    assert "json_format" not in tcp and "body" not in tcp  # unused fields stay out of the bytes
     # The inbound `from` is api's inbound access log now (a bundle's inbound holds logs).
     inbound_logs = json.loads(r.bundles["default/api"])["inbound"]["traffic_log"]
     assert [x["conf"]["backend"]["path"] for x in inbound_logs] == ["/tmp/in.log"]
+    assert "also" not in inbound_logs[0]["conf"]
+
+
+def test_what_the_data_planes_cannot_fill_in_a_log_is_named(tmp_path: Path) -> None:
+    odd = _log(
+        "odd",
+        "{kind: Mesh}",
+        "{kind: Mesh}",
+        "{backends: [{type: OpenTelemetry, openTelemetry:"
+        " {backendRef: {kind: MeshOpenTelemetryBackend, labels: {a: b}}}},"
+        " {type: File, file: {path: /tmp/a.log, format: {type: Plain,"
+        " plain: '%BYTES_SENT% %START_TIME(%s)% %RESPONSE_CODE% %BYTES_SENT%'}}},"
+        " {type: OpenTelemetry, openTelemetry: {endpoint: 'otel:4317'}}]}",
+    )
+    r = _compile(tmp_path, "p", odd)
+    msgs = sorted(d.message.split(" of a ")[0].removeprefix("meshc does not resolve ")
+                  for d in r.diagnostics if d.code == "W3006")  # fmt: skip
+    assert msgs == [
+        "an OpenTelemetry backendRef (meshc has no MeshOpenTelemetryBackend; set `endpoint`)",
+        "an endpoint on port 4317, OTLP/gRPC's (the data planes export OTLP/HTTP JSON: point it at the"
+        " collector's OTLP/HTTP receiver, 4318 by convention)",
+        "the operator %BYTES_SENT% (the data planes write it as '-')",
+        "the operator %START_TIME(%s)% (the data planes write it as '-')",
+    ]
+    assert [x["path"] for x in _logs(r, "default", "api")] == ["/tmp/a.log"]
 
 
 def test_turning_a_broader_log_off_is_named(tmp_path: Path) -> None:

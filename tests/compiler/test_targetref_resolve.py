@@ -120,11 +120,27 @@ spec:
 
 def test_what_is_not_resolved_says_so(tmp_path: Path) -> None:
     r = _compile(
-        tmp_path, _timeout("dp", "{kind: Dataplane, name: web-1}", "{kind: Mesh}", "{idleTimeout: 1s}")
+        tmp_path,
+        _timeout("ext", "{kind: Mesh}", "{kind: MeshExternalService, name: ext}", "{idleTimeout: 1s}"),
     )
     (w,) = r.diagnostics
-    assert w.code == "W3006" and w.loc.path == ("spec", "targetRef", "name")
-    assert "Dataplane targetRef by name ('web-1')" in w.message and "`labels`" in w.message
+    assert w.code == "W3006" and w.loc.path == ("spec", "to", 0, "targetRef", "kind")
+    assert "a `to` targetRef of kind MeshExternalService" in w.message
+
+
+def test_a_dataplane_by_name_selects_the_instances_its_display_name_label_names(tmp_path: Path) -> None:
+    """A meshc sidecar is Kuma's Dataplane; its name and namespace are the labels Kuma gives every
+    Dataplane for them, ``kuma.io/display-name`` and ``k8s.kuma.io/namespace`` (``--label``)."""
+    r = _compile(
+        tmp_path,
+        _timeout(
+            "dp", "{kind: Dataplane, name: web-1, namespace: shop}", "{kind: Mesh}", "{idleTimeout: 1s}"
+        ),
+    )
+    assert r.diagnostics == []
+    got = [(x["when"], x["tcp_idle_timeout_ms"]) for x in _timeouts(r, "default", "api")]
+    assert got[0] == ({"label:k8s.kuma.io/namespace": "shop", "label:kuma.io/display-name": "web-1"}, 1000)
+    assert all(w != {} or idle != 1000 for w, idle in got)  # other instances: not this one
 
 
 def test_permissions_from_mesh_traffic_permissions(tmp_path: Path) -> None:

@@ -135,7 +135,9 @@ def test_a_service_meshtrace_beats_the_legacy_tracing_there_only(tmp_path: Path)
 
 def test_what_the_data_planes_cannot_honour_is_a_w3006_at_its_place(tmp_path: Path) -> None:
     dd = "{type: Datadog, datadog: {url: 'http://dd:8126'}}"
-    otel = "{type: OpenTelemetry, openTelemetry: {endpoint: 'otel:4317'}}"
+    otel = (
+        "{type: OpenTelemetry, openTelemetry: {backendRef: {kind: MeshOpenTelemetryBackend, labels: {a: b}}}}"
+    )
     proto = "{type: Zipkin, zipkin: {url: 'http://z:9411/api/v2/spans', apiVersion: httpProto}}"
     r = _compile(
         tmp_path,
@@ -150,8 +152,7 @@ def test_what_the_data_planes_cannot_honour_is_a_w3006_at_its_place(tmp_path: Pa
     messages = " | ".join(m for _, _, m in got)
     for what in (
         "a Datadog backend",
-        "span `tags`",
-        "an OpenTelemetry backend",
+        "an OpenTelemetry backendRef",
         "`sampling.client`",
         "`apiVersion: httpProto`",
         "a top-level targetRef of kind MeshGateway",
@@ -159,6 +160,7 @@ def test_what_the_data_planes_cannot_honour_is_a_w3006_at_its_place(tmp_path: Pa
         assert what in messages, messages
     assert all(m.endswith("it has no effect") for _, _, m in got)
     assert all(line > 1 and col > 1 for line, col, _ in got)  # at the setting, not the document
+    assert "tags" not in messages  # span tags apply
     # A Datadog backend traces nothing in meshc: the mesh bundle has no backend.
     assert _tracing(r, "default") is None
     assert _tracing(r, "default/api") == {"backend": None}
@@ -192,3 +194,33 @@ def test_a_name_tie_between_two_meshtraces_is_one_w3004(tmp_path: Path) -> None:
     (tie,) = _found(r, "W3004")
     assert "'aaa' overrides MeshTrace 'bbb'" in tie.message
     assert _tracing(r, "default")["url"] == "http://zipkin:9411/api/v2/spans"  # the smaller name wins
+
+
+def test_an_opentelemetry_backend_with_tags_compiles_to_otlp_http(tmp_path: Path) -> None:
+    otel = "{type: OpenTelemetry, openTelemetry: {endpoint: 'collector:4318'}}"
+    tags = "[{name: team, literal: core}, {name: tenant, header: {name: x-tenant, default: none}}]"
+    r = _compile(
+        tmp_path,
+        MESH,
+        _trace("otel", "{kind: Mesh}", f"{{backends: [{otel}], tags: {tags}, sampling: {{overall: 50}}}}"),
+    )
+    assert [d for d in r.diagnostics if d.code == "W3006"] == []
+    assert _tracing(r, "default") == {
+        "name": "otel",
+        "type": "otel",
+        "url": "http://collector:4318/v1/traces",
+        "b3": False,
+        "sampling": 50.0,
+        "tags": [
+            {"name": "team", "literal": "core", "header": None, "default": None},
+            {"name": "tenant", "literal": None, "header": "x-tenant", "default": "none"},
+        ],
+    }
+
+
+def test_an_opentelemetry_endpoint_on_the_grpc_port_is_named(tmp_path: Path) -> None:
+    """4317 is where a collector speaks OTLP/gRPC: the data planes' OTLP/HTTP would all fail."""
+    otel = "{type: OpenTelemetry, openTelemetry: {endpoint: 'collector:4317'}}"
+    r = _compile(tmp_path, MESH, _trace("otel", "{kind: Mesh}", f"{{backends: [{otel}]}}"))
+    (w,) = _found(r, "W3006")
+    assert "port 4317, OTLP/gRPC's" in w.message and w.loc.path[-1] == "endpoint"

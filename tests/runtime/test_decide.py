@@ -630,4 +630,4 @@ def test_replies_the_data_plane_makes_are_spans_of_the_request() -> None:
     # A service bundle's own tracing (a MeshTrace naming the service) replaces the mesh's.
     off = ServiceBundle(mesh="default", service="magnanimo", tracing=ServiceTracing(backend=None))
     quiet = _snap(out_engine, _mesh(destinations={"benigno": _plain_dest()}, tracing=zipkin), off)
-    assert quiet.trace_url is None and quiet.trace_sampling is None and not quiet.trace_b3
+    assert quiet.trace_backend is None and quiet.trace_sampling is None and not quiet.trace_b3

@@ -499,6 +499,18 @@ def otel_endpoint_or_ref(
         yield from extra(endpoint)
 
 
+OTLP_GRPC_PORT = (
+    "an endpoint on port 4317, OTLP/gRPC's (the data planes export OTLP/HTTP JSON: point it at "
+    "the collector's OTLP/HTTP receiver, 4318 by convention)"
+)
+
+
+def otlp_grpc_port(endpoint: str) -> bool:
+    """An OpenTelemetry ``endpoint`` on 4317: a collector answers OTLP/gRPC there, so the data
+    planes' OTLP/HTTP exports to it would all fail (meshc says so instead of losing them)."""
+    return endpoint.rpartition(":")[2] == "4317"
+
+
 def includes_gateways(ref: TargetRef) -> bool:
     """``IncludesGateways``: whether a top-level targetRef can select gateway proxies."""
     proxy = ref.proxy_types or []

@@ -3,13 +3,27 @@
 Formats: `Plain` (Envoy's command operators, default Kuma's own line) or `Json` (key/value pairs).
 A policy sets `to` (outbound), `from` (inbound) or `rules` (inbound, replacing `to` and `from`).
 
-meshc compiles `to` into the destination's TrafficLog rule: the first File or Tcp backend, with
-its Plain format string (the sidecar writes File logs; Tcp is carried in the bundle). `from` and
-`rules` (Kuma 2.x inbound rules) are the service's inbound access logs: every rule logs, gated by
-its match (a `spiffeID` match: the callers it covers), to each of its File and Tcp backends, and
-the sidecar writes a JSON line with `direction: inbound` per request to the local app, and per
-request it answers itself (a deny, a rate limit, a fault's abort: no `upstream`). An
-OpenTelemetry backend, a Json format and, in `to`, further backends are not applied (W3006 at each).
+meshc compiles `to` into the destination's log rule, with every backend: each request's line goes
+to each of them. `from` and `rules` (Kuma 2.x inbound rules) are the service's inbound access
+logs: every rule logs, gated by its match (a `spiffeID` match: the callers it covers), to each of
+its backends, per request to the local app (`direction: inbound`) and per request the sidecar
+answers itself (a deny, a rate limit, a fault's abort: no `upstream`).
+
+A File backend appends to its `path`, a Tcp backend sends lines to its `address`, an OpenTelemetry
+backend exports log records as OTLP/HTTP JSON to `http://<endpoint>/v1/logs` (point `endpoint` at
+the collector's OTLP/HTTP receiver, port 4318 by convention; the data planes do not speak
+OTLP/gRPC: an endpoint on 4317 is W3006), with its `body` (default: meshc's JSON line) and
+`attributes`. With no format a line is meshc's JSON object (`time`, `direction`, `source_service`,
+`destination_service`, `upstream`, `method`, `path`, `response_code`, `duration_ms`, `trace_id`);
+`Plain` is a format string, `Json` one JSON object per line of the given keys (a value that is one
+operator alone keeps its type). The data planes fill `%START_TIME%`, `%DURATION%`,
+`%RESPONSE_CODE%`, `%PROTOCOL%`, `%UPSTREAM_HOST%`, `%UPSTREAM_CLUSTER%`, `%TRACE_ID%`,
+`%GRPC_STATUS%`, `%REQ(header)%` (`:method`, `:path`, `:authority` included), `%KUMA_MESH%`,
+`%KUMA_SOURCE_SERVICE%`, `%KUMA_DESTINATION_SERVICE%`, `%KUMA_TRAFFIC_DIRECTION%`, `%KUMA_ZONE%`
+and `%KUMA_WORKLOAD%` (both empty: no zones); any other operator is written as `-` (W3006 at it).
+An OpenTelemetry `backendRef` is not applied (no MeshOpenTelemetryBackend here: W3006). Tcp and
+OpenTelemetry records leave through a bounded queue off the data path: a slow or dead collector
+never slows a request; what is lost is counted in `meshc_accesslog_records_dropped`.
 
 Valid::
 
@@ -30,12 +44,14 @@ Invalid (no backends)::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 from compiler.diagnostics import Path
 from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
+    OTLP_GRPC_PORT,
     BackendResourceRef,
     Bool,
     Found,
@@ -48,6 +64,7 @@ from compiler.kinds.targetref._common import (
     is_url,
     kind_def,
     otel_endpoint_or_ref,
+    otlp_grpc_port,
     target_ref,
     top,
     validate_match,
@@ -244,46 +261,129 @@ def check(spec: MeshAccessLogSpec) -> Found:
         yield from _default(("rules", i, "default"), r.default)
 
 
+def _json_body(body: Any) -> str | None:
+    return None if body is None else json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
 def bundle_backend(x: dict[str, Any]) -> b.LoggingBackend | None:
+    """One backend of a merged ``default`` (snake_case) as the bundle's; None for one the data
+    planes cannot write (an OpenTelemetry ``backendRef``: meshc has no MeshOpenTelemetryBackend)."""
     kind = x.get("type")
+    if kind == "OpenTelemetry":
+        o = x.get("open_telemetry") or {}
+        endpoint = o.get("endpoint") or ""
+        if not endpoint:
+            return None
+        attrs = tuple((a.get("key") or "", a.get("value") or "") for a in o.get("attributes") or ())
+        return b.LoggingBackend(
+            name=f"otel:{endpoint}",
+            type="otel",
+            address=endpoint,
+            body=_json_body(o.get("body")),
+            attributes=attrs,
+        )
     conf = (x.get("file") if kind == "File" else x.get("tcp") if kind == "Tcp" else None) or {}
     if not conf:
         return None
     fmt = conf.get("format") or {}
     plain = fmt.get("plain") if fmt.get("type") == "Plain" else None
-    if kind == "File":
-        path = conf.get("path") or ""
-        return b.LoggingBackend(name=f"file:{path}", type="file", format=plain, path=path)
-    address = conf.get("address") or ""
-    return b.LoggingBackend(name=f"tcp:{address}", type="tcp", format=plain, address=address)
+    pairs = (
+        tuple((kv.get("key") or "", kv.get("value") or "") for kv in fmt.get("json_") or ())
+        if fmt.get("type") == "Json"
+        else ()
+    )
+    omit = bool(fmt.get("omit_empty_values"))
+    where = {"path": conf.get("path") or ""} if kind == "File" else {"address": conf.get("address") or ""}
+    (value,) = where.values()
+    return b.LoggingBackend(
+        name=f"{str(kind).lower()}:{value}",
+        type="file" if kind == "File" else "tcp",
+        format=plain,
+        json_format=pairs,
+        omit_empty_values=omit,
+        **where,
+    )
+
+
+def bundle_backends(m: dict[str, Any]) -> list[b.LoggingBackend]:
+    """Every backend of a merged ``default`` the data planes write, in order."""
+    return [x for x in (bundle_backend(y or {}) for y in m.get("backends") or ()) if x is not None]
 
 
 def traffic_log(m: dict[str, Any]) -> b.TrafficLogConf | None:
-    """A merged ``default`` (snake_case) as the bundle's one log backend: its first File or Tcp
-    backend (``not_applied`` names the rest); None when it has none (``backends: []`` turns
-    logging off)."""
-    for x in m.get("backends") or ():
-        backend = bundle_backend(x or {})
-        if backend is not None:
-            return b.TrafficLogConf(backend=backend)
-    return None
+    """A merged ``default`` (snake_case) as the bundle's log rule: its first backend, the rest in
+    ``also`` (each gets every line); None when it has none (``backends: []`` turns logging off)."""
+    backends = bundle_backends(m)
+    if not backends:
+        return None
+    return b.TrafficLogConf(backend=backends[0], also=tuple(backends[1:]))
+
+
+_OP = re.compile(b.LOG_OPERATOR_RE)
+
+
+def _unknown_operators(text: str) -> list[str]:
+    """The operators of a format string the data planes do not fill (written as ``-``)."""
+    out: list[str] = []
+    for m in _OP.finditer(text):
+        name, arg = m.group(1), m.group(2)
+        if name not in b.LOG_OPERATORS or (arg is not None and name != "REQ"):
+            out.append(m.group(0))
+    return out
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _formats(x: Backend) -> Iterator[tuple[Path, str]]:
+    """(path under the backend, format string) for every string the data plane renders."""
+    inner = x.file if x.type == "File" else x.tcp if x.type == "Tcp" else None
+    if inner is not None and inner.format is not None:
+        f = inner.format
+        if f.type == "Plain" and f.plain:
+            yield (x.type.lower(), "format", "plain"), f.plain
+        for j, kv in enumerate(f.json_ or () if f.type == "Json" else ()):
+            yield (x.type.lower(), "format", "json", j, "value"), kv.value
+    o = x.open_telemetry if x.type == "OpenTelemetry" else None
+    if o is not None:
+        for j, a in enumerate(o.attributes or ()):
+            yield ("openTelemetry", "attributes", j, "value"), a.value
+        for text in _strings(o.body):
+            yield ("openTelemetry", "body"), text
 
 
 def not_applied(conf: Conf | None) -> Iterator[tuple[Path, str]]:
-    """(path under ``default``, what) for each backend or format the bundle's backend cannot hold."""
-    kept = False
+    """(path under ``default``, what) for each backend or operator the data planes cannot honour."""
     for i, x in enumerate((conf.backends if conf else None) or ()):
-        if x.type not in ("File", "Tcp"):
-            yield ("backends", i), f"a {x.type} backend (the sidecar writes File and Tcp logs only)"
+        if (
+            x.type == "OpenTelemetry"
+            and x.open_telemetry is not None
+            and x.open_telemetry.backend_ref is not None
+        ):
+            where = ("backends", i, "openTelemetry", "backendRef")
+            yield where, "an OpenTelemetry backendRef (meshc has no MeshOpenTelemetryBackend; set `endpoint`)"
             continue
-        if kept:
-            yield ("backends", i), "a second backend (a bundle's log rule has one)"
-            continue
-        kept = True
-        inner = x.file if x.type == "File" else x.tcp
-        if inner is not None and inner.format is not None and inner.format.type == "Json":
-            where = ("backends", i, x.type.lower(), "format")
-            yield where, "a Json format (the bundle carries a Plain format string)"
+        if (
+            x.type == "OpenTelemetry"
+            and x.open_telemetry is not None
+            and otlp_grpc_port(x.open_telemetry.endpoint)
+        ):
+            yield ("backends", i, "openTelemetry", "endpoint"), OTLP_GRPC_PORT
+        seen: set[str] = set()
+        for path, text in _formats(x):
+            for op in _unknown_operators(text):
+                if op not in seen:
+                    seen.add(op)
+                    yield ("backends", i, *path), f"the operator {op} (the data planes write it as '-')"
 
 
 KIND = kind_def("MeshAccessLog", MeshAccessLogSpec, check, __doc__ or "", compiled=True)

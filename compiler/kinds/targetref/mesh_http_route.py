@@ -4,7 +4,8 @@ Each `to[]` entry names the destination and its `rules`: `matches` (path Exact/P
 RegularExpression, method, query parameters, headers) select requests; `default.filters`
 change them (header modifiers, redirect, URL rewrite, mirror) and `default.backendRefs` split
 them by weight. Rules of several routes merge by their `matches`. `to` only; `hostnames` only
-for a MeshGateway route.
+for a MeshGateway route. A MeshTimeout or MeshRetry that targets the route (top-level, or in
+`to`) sets its rules' own request timeout and retries, over the destination's.
 
 Valid::
 

@@ -5,6 +5,10 @@ backOff 25ms..250ms, retryOn [5xx, GatewayError, Reset, Retriable4xx, ConnectFai
 EnvoyRatelimited, RefusedStream]; grpc.numRetries 5, retryOn [Canceled, DeadlineExceeded,
 Internal, ResourceExhausted, Unavailable]. `retryOn` also takes HTTP status codes.
 
+On a MeshHTTPRoute (top-level `targetRef`, or a `to` item; by name or labels): the route's rules
+retry by their own `http` and `grpc`, merged over the destination's; `tcp` stays the cluster's
+(W3006).
+
 Valid::
 
     apiVersion: kuma.io/v1alpha1
@@ -115,6 +119,10 @@ class MeshRetrySpec(Spec):
     """The proxies the policy applies to (default: the whole mesh)."""
     to: list[To] | None = None
 
+
+PER_ROUTE = (("http",), ("grpc",))
+"""What a conf for a MeshHTTPRoute sets on the route's rules (Kuma: the route's retry policy);
+``tcp`` is the destination cluster's (``resolve_targetref`` warns W3006 at it)."""
 
 _TOP = ("Mesh", "MeshSubset", "MeshGateway", "MeshService", "MeshServiceSubset", "MeshHTTPRoute", "Dataplane")
 _HTTP_RETRY_ON = {

@@ -4,6 +4,10 @@ Kuma's defaults: connectionTimeout 5s, idleTimeout 1h, http.requestTimeout 15s,
 http.streamIdleTimeout 30m, http.maxStreamDuration 0s (none), http.maxConnectionDuration 0s (none).
 A policy sets `to`, `from` or `rules` (`rules` alone: they replace `to` and `from`).
 
+On a MeshHTTPRoute (top-level `targetRef`, or a `to` item; by name or labels): the route's rules
+get their own http.requestTimeout and http.streamIdleTimeout, merged over the destination's (what
+Kuma puts on the route); its other settings stay the destination cluster's (W3006 at each).
+
 Inbound (`from`, `rules`: Kuma 2.x inbound rules, merged in Kuma's order): the rules without a
 match are the common timeouts of requests to the local app; a `spiffeID` rule's
 `http.requestTimeout` goes over them for the callers it covers. The sidecar applies
@@ -93,6 +97,10 @@ class MeshTimeoutSpec(Spec):
     from_: list[From] | None = alias("from", "from_")
     rules: list[Rule] | None = None
 
+
+PER_ROUTE = (("http", "request_timeout"), ("http", "stream_idle_timeout"))
+"""What a conf for a MeshHTTPRoute sets on the route's rules (Kuma's ``ConfigureRouteAction``);
+its other settings are the destination cluster's (``resolve_targetref`` warns W3006 at them)."""
 
 _ROUTE = "can't be specified when top-level TargetRef is referencing MeshHTTPRoute"
 _SPIFFE = (

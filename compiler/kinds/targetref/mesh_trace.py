@@ -6,18 +6,24 @@ request `header`.
 
 meshc compiles it into the bundles' tracing backend, as Kuma configures Envoy's tracer. The
 top-level `targetRef` selects the proxies: `Mesh` (every data plane), or `MeshService` /
-`MeshSubset` naming a `kuma.io/service` (that service's data planes only); more specific
-policies win and their `default`s merge, as for every targetRef kind. A `Zipkin` backend's
-data planes report spans to its `url` (Zipkin v2 JSON) and propagate B3 (`b3` and `X-B3-*`)
-besides W3C `traceparent`; a new trace is sampled with `random` x `overall` percent (each 100 by
-default; an incoming trace keeps its caller's decision). `backends: []` turns tracing off for
-the proxies it selects. Where a MeshTrace and the Mesh's legacy `tracing` both apply, the
-MeshTrace wins (W3005). What the data planes cannot honour is reported as having no effect
-(W3006): a `Datadog` or `OpenTelemetry` backend (those proxies are not traced), `tags`,
-`sampling.client`, `apiVersion: httpProto`; a top-level `MeshGateway`, `MeshServiceSubset` or
-`Dataplane`, or a `MeshSubset` with tags other than `kuma.io/service`. Every request a data plane
-handles gets a span, those it answers itself too (403, 429, 503, 504, a fault's abort), tagged
-`error` and `meshc.reason`.
+`MeshSubset` naming a `kuma.io/service` (that service's data planes only); more specific policies
+win and their `default`s merge, as for every targetRef kind. A `Zipkin` backend's data planes
+report spans to its `url` (Zipkin v2 JSON) and propagate B3 (`b3` and `X-B3-*`) besides W3C
+`traceparent`; an `OpenTelemetry` backend's export spans as OTLP/HTTP JSON to
+`http://<endpoint>/v1/traces` (point `endpoint` at the collector's OTLP/HTTP receiver, port 4318
+by convention: the data planes do not speak OTLP/gRPC, and an endpoint on 4317 is W3006) and
+propagate `traceparent`. A new trace is sampled with `random` x `overall` percent (each 100 by
+default; an incoming trace keeps its caller's decision). Each of `tags` is an attribute of every
+span: its `literal`, or the request `header`'s value (else its `default`; no attribute when
+neither). Spans leave through a bounded queue off the data path (a dead collector never slows a
+request; lost spans are counted in `meshc_tracing_spans_dropped` / `_failed`). `backends: []`
+turns tracing off for the proxies it selects. Where a MeshTrace and the Mesh's legacy `tracing`
+both apply, the MeshTrace wins (W3005). What the data planes cannot honour is reported as having
+no effect (W3006): a `Datadog` backend and an OpenTelemetry `backendRef` (those proxies are not
+traced), `sampling.client`, `apiVersion: httpProto`; a top-level `MeshGateway`,
+`MeshServiceSubset` or `Dataplane`, or a `MeshSubset` with tags other than `kuma.io/service`.
+Every request a data plane handles gets a span, those it answers itself too (403, 429, 503, 504, a
+fault's abort), tagged `error` and `meshc.reason`.
 
 Valid::
 
@@ -45,6 +51,7 @@ from pydantic import Field
 from compiler.diagnostics import Path
 from compiler.kinds.base import Spec
 from compiler.kinds.targetref._common import (
+    OTLP_GRPC_PORT,
     BackendResourceRef,
     Bool,
     Found,
@@ -56,6 +63,7 @@ from compiler.kinds.targetref._common import (
     is_url,
     kind_def,
     otel_endpoint_or_ref,
+    otlp_grpc_port,
     target_ref,
 )
 from runtime import bundle as b
@@ -211,14 +219,25 @@ def not_applied(conf: Conf | None) -> Iterator[tuple[Path, str]]:
     if conf is None:
         return
     for i, x in enumerate(conf.backends or ()):
-        if x.type in ("Datadog", "OpenTelemetry"):
-            article = "an" if x.type == "OpenTelemetry" else "a"
-            yield ("backends", i), f"{article} {x.type} backend (the data planes report spans to Zipkin only)"
+        if x.type == "Datadog":
+            yield (
+                ("backends", i),
+                "a Datadog backend (the data planes report spans to Zipkin and OpenTelemetry only: "
+                "Datadog's agent takes its own span model with 64-bit ids and its x-datadog-* "
+                "propagation, which they do not speak)",
+            )
+        elif x.type == "OpenTelemetry" and x.open_telemetry is not None and x.open_telemetry.backend_ref:
+            where = ("backends", i, "openTelemetry", "backendRef")
+            yield where, "an OpenTelemetry backendRef (meshc has no MeshOpenTelemetryBackend; set `endpoint`)"
+        elif (
+            x.type == "OpenTelemetry"
+            and x.open_telemetry is not None
+            and otlp_grpc_port(x.open_telemetry.endpoint)
+        ):
+            yield ("backends", i, "openTelemetry", "endpoint"), OTLP_GRPC_PORT
         elif x.zipkin is not None and x.zipkin.api_version == "httpProto":
             where = ("backends", i, "zipkin", "apiVersion")
             yield where, "`apiVersion: httpProto` (the data planes send Zipkin v2 JSON)"
-    if conf.tags:
-        yield ("tags",), "span `tags` (spans carry the HTTP method, path and status, and `error`)"
     if conf.sampling is not None and conf.sampling.client is not None:
         yield (
             ("sampling", "client"),
@@ -231,17 +250,36 @@ def _pct(value: int | str | None) -> Decimal:
     return Decimal(100) if dec is None else dec
 
 
+def _tags(conf: Conf) -> tuple[b.TraceTag, ...]:
+    return tuple(
+        b.TraceTag(name=t.name, literal=t.literal)
+        if t.literal is not None
+        else b.TraceTag(
+            name=t.name,
+            header=t.header.name if t.header is not None else None,
+            default=t.header.default if t.header is not None else None,
+        )
+        for t in conf.tags or ()
+    )
+
+
 def to_backend(conf: Conf, name: str) -> b.TracingBackend | None:
     """A merged, checked ``default`` -> the bundles' tracing backend; None: these proxies are
     not traced (no backend, or one the data planes cannot report to). ``name``: the policy's.
     New traces are sampled with ``random`` x ``overall`` percent: Envoy's random sampling, then
-    its overall cap."""
+    its overall cap. An OpenTelemetry ``endpoint`` is the collector's OTLP/HTTP receiver."""
     backend = conf.backends[0] if conf.backends else None
-    if backend is None or backend.type != "Zipkin" or backend.zipkin is None:
+    if backend is None:
+        return None
+    if backend.type == "Zipkin" and backend.zipkin is not None:
+        kind, url, b3 = "zipkin", backend.zipkin.url, True
+    elif backend.type == "OpenTelemetry" and backend.open_telemetry and backend.open_telemetry.endpoint:
+        kind, url, b3 = "otel", f"http://{backend.open_telemetry.endpoint}/v1/traces", False
+    else:
         return None
     s = conf.sampling or Sampling()
     sampling = float(_pct(s.random) * _pct(s.overall) / 100)
-    return b.TracingBackend(name=name, sampling=sampling, url=backend.zipkin.url, b3=True)
+    return b.TracingBackend(name=name, type=kind, sampling=sampling, url=url, b3=b3, tags=_tags(conf))
 
 
 KIND = kind_def("MeshTrace", MeshTraceSpec, check, __doc__ or "", compiled=True)

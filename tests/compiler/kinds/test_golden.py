@@ -42,6 +42,14 @@ def _fragment(kind: str, bundles: dict[str, Any]) -> Any:
         return out
     if kdef.direction == "inbound":
         return {k: v["inbound"][kdef.bundle_field] for k, v in services.items()}
+    if kind == "MeshAccessLog":
+        out = {k: {d: x["traffic_log"] for d, x in v["destinations"].items()} for k, v in mesh.items()}
+        for k, v in services.items():
+            out[k] = {d: x["traffic_log"] for d, x in v["outbound"].items()}
+            out[k]["<inbound>"] = v["inbound"].get("traffic_log", [])
+        return out
+    if kind == "MeshTrace":
+        return {k: v["tracing"] for k, v in bundles.items()}
     if kind == "Mesh":
         return {k: {f: v[f] for f in ("logging", "mtls", "passthrough", "tracing")} for k, v in mesh.items()}
     if kind == "Service":
