@@ -18,10 +18,13 @@ Phase 2, memory: a 10,000-service repo and 100 registered data planes; the contr
 once all are SYNCED. The data planes here are **stub admin servers sharing one process** (they
 register, heartbeat, check each pushed bundle's digest and ACK), because 100 real sidecars each
 parsing a ~7 MB mesh bundle would not fit 2 cores in reasonable time; the control plane does the
-same work either way.
+same work either way. Then two **real sidecars** join the same mesh, one scoped (delta pushes, the
+default) and one with ``--full-mesh-bundle``, and their RSS is taken once both are SYNCED (issue 11
+item 4: sidecar RSS at 10,000 services, target 60 MB).
 
     .venv/bin/python bench/propagation.py              # full run (several minutes)
     .venv/bin/python bench/propagation.py --quick      # 200 services, 20 sidecars, 6 changes
+    .venv/bin/python bench/propagation.py --memory-only --out bench/results/sidecar_rss_10k.json
     .venv/bin/python bench/propagation.py --compare --dataplanes stub --skip-memory
         # each phase-1 mode twice in the same run: whole mesh bundles (``--full-mesh-bundle``,
         # the baseline, keys ``*_full``) and delta pushes with scoping (``runtime.pieces``)
@@ -170,6 +173,43 @@ def _stop(procs: list[Proc]) -> None:
             p.wait(5)
 
 
+def _sidecar(work: Path, cp: str, service: str, k: int, tag: str, app_port: int, pieces: bool = True) -> Proc:
+    """A real ``meshc sidecar`` process registered with ``cp`` (``pieces``: delta pushes, scoped)."""
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    p = Proc(
+        f"sidecar-{k}",
+        [
+            sys.executable,
+            "-m",
+            "compiler.cli",
+            "sidecar",
+            "--service",
+            service,
+            "--tag",
+            tag,
+            "--app",
+            f"127.0.0.1:{app_port}",
+            "--inbound",
+            f"127.0.0.1:{free_port()}",
+            "--outbound",
+            f"127.0.0.1:{free_port()}",
+            "--admin",
+            f"127.0.0.1:{free_port()}",
+            "--state-dir",
+            str(work / "state" / str(k)),
+            "--control-plane",
+            cp,
+            "--drain-seconds",
+            "0.5",
+            *([] if pieces else ["--full-mesh-bundle"]),
+        ],
+        work / "logs" / f"sidecar-{k}.log",
+        {**_env(), "MESHC_TOKEN": _token(work, service)},
+    )
+    p.start()
+    return p
+
+
 # --- phase 1 -------------------------------------------------------------------------------------
 
 
@@ -214,41 +254,10 @@ def phase_propagation(
         else:
             dead_app = free_port()  # nothing listens there: no traffic is sent in this benchmark
             for k in range(n_sidecars):
-                i = k % n_svc
-                name = gen.service_name(i)
-                p = Proc(
-                    f"sidecar-{k}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "compiler.cli",
-                        "sidecar",
-                        "--service",
-                        name,
-                        "--tag",
-                        f"version=v{1 + k // n_svc % 2}",
-                        "--app",
-                        f"127.0.0.1:{dead_app}",
-                        "--inbound",
-                        f"127.0.0.1:{free_port()}",
-                        "--outbound",
-                        f"127.0.0.1:{free_port()}",
-                        "--admin",
-                        f"127.0.0.1:{free_port()}",
-                        "--state-dir",
-                        str(work / "state" / str(k)),
-                        "--control-plane",
-                        cp,
-                        "--drain-seconds",
-                        "0.5",
-                        *([] if pieces else ["--full-mesh-bundle"]),
-                    ],
-                    work / "logs" / f"sidecar-{k}.log",
-                    {**_env(), "MESHC_TOKEN": _token(work, name)},
+                name = gen.service_name(k % n_svc)
+                procs.append(
+                    _sidecar(work, cp, name, k, f"version=v{1 + k // n_svc % 2}", dead_app, pieces=pieces)
                 )
-                (work / "logs").mkdir(exist_ok=True)
-                p.start()
-                procs.append(p)
         _wait(lambda: _synced(cp, n_sidecars), 900, f"{n_sidecars} sidecars SYNCED", procs, poll=0.5)
         converge_s = time.monotonic() - t1
         rss_1k = _rss_mib(cpp.pid or 0)
@@ -366,19 +375,24 @@ def phase_propagation(
 # --- phase 2 -------------------------------------------------------------------------------------
 
 
-async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pieces: bool = False) -> None:
+async def _stub_dataplanes(
+    cp: str, n: int, services: list[str], work: Path, pieces: bool = False, endpoint_deltas: bool = False
+) -> None:
     """n stub data planes: register, heartbeat, check digests and ACK every push (with
-    ``pieces``: delta pushes, assembled and checked by ``runtime.pieces`` as a sidecar does)."""
+    ``pieces``: delta pushes, assembled and checked by ``runtime.pieces`` as a sidecar does; with
+    ``endpoint_deltas``: per-service endpoint sets, applied by ``runtime.endpoints``)."""
     import aiohttp
     from aiohttp import web
 
     from runtime.bundle import BundleError
+    from runtime.endpoints import EndpointsRefused, apply, running_digest
     from runtime.pieces import MeshSet, MissingPieces, assemble, split_lines
-    from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_PIECES, Heartbeat, Registration
+    from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_PIECES, EndpointSet, Heartbeat, Registration
 
     running: list[dict[str, str]] = [{} for _ in range(n)]
     sets: list[MeshSet | None] = [None] * n
     eps_gen = [0] * n
+    eps_sets: list[EndpointSet | None] = [None] * n
     runners = []
     ports = []
     for k in range(n):
@@ -409,7 +423,12 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
 
         async def endpoints(request: web.Request, k: int = k) -> web.Response:
             body = await request.read()
-            eps_gen[k] = int(json.loads(body)["generation"])
+            try:
+                whole, _ = apply(eps_sets[k], None, EndpointSet.model_validate_json(body))
+            except EndpointsRefused as e:
+                return web.json_response({"nack": str(e)}, status=e.status)
+            eps_sets[k], eps_gen[k] = whole, whole.generation
+            running[k]["endpoints"] = running_digest(whole)
             return web.json_response({"ack": hashlib.sha256(body).hexdigest()})
 
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -434,6 +453,7 @@ async def _stub_dataplanes(cp: str, n: int, services: list[str], work: Path, pie
                 inbound_address=f"127.0.0.1:{free_port()}",
                 admin_address=f"127.0.0.1:{ports[k]}",
                 pieces=pieces,
+                endpoint_deltas=endpoint_deltas,
             )
             token = _token(work, reg.service)
             headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -496,6 +516,20 @@ def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, An
         )
         sync_s = time.monotonic() - t1
         rss_after = _rss_mib(cpp.pid or 0)
+        # Real sidecars in the same mesh (issue 11 item 4: sidecar RSS at 10,000 services): one
+        # scoped (delta pushes, the default) and one taking the whole mesh bundle, measured once
+        # both are SYNCED and have handled their pushes.
+        dead_app = free_port()
+        sidecars = {
+            "scoped": _sidecar(work, cp, services[0], 0, "version=v1", dead_app, pieces=True),
+            "full_mesh_bundle": _sidecar(work, cp, services[1], 1, "version=v1", dead_app, pieces=False),
+        }
+        procs.extend(sidecars.values())
+        t2 = time.monotonic()
+        _wait(lambda: _synced(cp, n_dataplanes + 2), 900, "2 real sidecars SYNCED", procs, poll=0.5)
+        sidecar_sync_s = time.monotonic() - t2
+        time.sleep(2.0)  # not a synchronisation: let the heap settle after the last push
+        sidecar_rss = {k: _rss_mib(p.pid or 0) for k, p in sidecars.items()}
         rel = _get(f"{cp}/api/v1/release")
         mesh_bundle = work / "out" / "bundles" / f"{rel['bundles']['default']}.json"
         mesh_bytes = mesh_bundle.stat().st_size if mesh_bundle.exists() else None
@@ -511,6 +545,9 @@ def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, An
         "mesh_bundle_bytes": mesh_bytes,
         "controlplane_rss_mib_after_compile": rss_before,
         "controlplane_rss_mib_with_dataplanes": rss_after,
+        "sidecar_synced_s": round(sidecar_sync_s, 2),
+        "sidecar_rss_mib": sidecar_rss,
+        "sidecar_target_rss_mib": 60,
     }
 
 
@@ -522,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--changes", type=int, default=30)
     p.add_argument("--rss-services", type=int, default=10000)
     p.add_argument("--skip-memory", action="store_true", help="skip phase 2 (RSS with 10,000 services)")
+    p.add_argument("--memory-only", action="store_true", help="phase 2 only (control plane and sidecar RSS)")
     p.add_argument(
         "--dataplanes",
         choices=("real", "stub", "both"),
@@ -544,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stub-services", help=argparse.SUPPRESS)
     p.add_argument("--stub-work", help=argparse.SUPPRESS)
     p.add_argument("--stub-pieces", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stub-endpoint-deltas", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--compare",
         action="store_true",
@@ -555,7 +594,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
                 _stub_dataplanes(
-                    args.cp, args.stubs, args.stub_services.split(","), Path(args.stub_work), args.stub_pieces
+                    args.cp,
+                    args.stubs,
+                    args.stub_services.split(","),
+                    Path(args.stub_work),
+                    args.stub_pieces,
+                    args.stub_endpoint_deltas,
                 )
             )
         return 0
@@ -615,6 +659,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _phases(args: argparse.Namespace, out: dict[str, Any], tmp: str) -> None:
     modes = ("real", "stub") if args.dataplanes == "both" else (args.dataplanes,)
     runs = [(m, p) for m in modes for p in ((False, True) if args.compare else (True,))]
+    if args.memory_only:
+        runs = []
     for mode, pieces in runs:
         key = ("propagation" if mode == "real" else "propagation_stub") + ("" if pieces else "_full")
         count = args.sidecars if mode == "real" else (args.stub_dataplanes or args.sidecars)

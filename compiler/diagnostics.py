@@ -193,8 +193,9 @@ CODES: dict[str, Code] = _catalog(
         "W3006",
         "targetref-not-resolved",
         "A part of a targetRef policy that meshc does not resolve into bundles yet (a targetRef kind, "
-        "an inbound setting the sidecar does not carry out (MeshTimeout's stream idle, stream and "
-        "connection durations and request headers timeout, MeshCircuitBreaker's outlier detection), "
+        "a timeout or detector the sidecar does not carry out (MeshTimeout's maxConnectionDuration, "
+        "an outbound requestHeadersTimeout, MeshCircuitBreaker's inbound successRate and "
+        "failurePercentage detectors), "
         "an `sni` match, a route "
         "filter or match the bundle cannot express, zone-aware load balancing or hash policies, an "
         "OpenTelemetry log backend, a MeshTrace's Datadog or OpenTelemetry backend, its `tags`, "

@@ -20,7 +20,8 @@ one rule per match. Each plugin then reads that list its own way; the six a bund
   covering rule that sets ``http.requestTimeout`` or ``streamIdleTimeout``, least specific first
   (Kuma copies the inbound route per match, ``mergeSubsumingMatchedRouteConfs``).
 * MeshCircuitBreaker: its rules have no ``matches``; merged, they are the local app's connection
-  limits for every caller (``MatchesAllIncomingTraffic``).
+  limits and outlier detection for every caller (``MatchesAllIncomingTraffic``: Kuma configures
+  the inbound cluster, whose one host is the app).
 * MeshAccessLog: every rule is its own access logs, one per backend, gated by its match (Kuma's
   CEL filter): nothing merges, so the bundle's inbound ``traffic_log`` rules add up.
 
@@ -478,19 +479,28 @@ def limit_rules(
     out: list[Diagnostic],
     tie: Tie,
 ) -> list[Resolved]:
-    """MeshCircuitBreaker: the rules (none has a match) merged are the connection limits of the
-    local app for every caller (``MatchesAllIncomingTraffic``); no rule where none sets them."""
+    """MeshCircuitBreaker: the rules (none has a match) merged are the connection limits and
+    outlier detection of the local app for every caller (``MatchesAllIncomingTraffic``); no rule
+    where they set neither limits nor a detector the sidecar runs."""
     res: list[Resolved] = []
     for svc, when, members in _groups(rules, services):
         common = [r for r in _in_order(members) if r.match is None]
         _ties([r.ranked for r in common], "*", svc, out, tie)
         m = merged(r.ranked.default for r in common)
-        if not m.get("connection_limits"):
+        if not m.get("connection_limits") and not _ejects(m.get("outlier_detection")):
             continue
         conf = convert(m)
         if conf is not None:
             res.append(Resolved(svc, when, (), conf, tuple(r.ranked for r in common)))
     return res
+
+
+def _ejects(od: Any) -> bool:
+    """Whether a merged outlierDetection has a consecutive detector on (the ones the sidecar runs)."""
+    if not isinstance(od, dict) or od.get("disabled"):
+        return False
+    det = od.get("detectors") or {}
+    return any(det.get(k) for k in ("total_failures", "gateway_failures", "local_origin_failures"))
 
 
 def log_rules(

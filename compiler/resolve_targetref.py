@@ -29,15 +29,15 @@ and ``proxyTypes: [Sidecar]`` leave gateways out (a gateway resolves its own ent
 ``proxyTypes: [Gateway]`` names the gateways.
 
 Not resolved yet (W3006 at the place, saying what is not applied): a top-level MeshGateway (but
-for MeshHTTPRoute, ``gateway_routes``), a MeshHTTPRoute for the other kinds (a bundle route has no
-log, limit or load balancer of its own) or on a MeshGateway, what Kuma sets on the cluster rather
-than on a route; a ``to`` item other than Mesh, MeshService or (MeshTimeout, MeshRetry)
-MeshHTTPRoute; the inbound MeshTimeout settings the sidecar does
-not carry out (http streamIdleTimeout, maxStreamDuration, maxConnectionDuration and
-requestHeadersTimeout; idleTimeout on an HTTP service), inbound MeshCircuitBreaker outlier
-detection; an ``sni`` match; a deny or a lifted limit that a broader bundle rule would still
-cover; MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; log
-format operators the data planes do not fill and OpenTelemetry ``backendRef``s
+for MeshHTTPRoute, ``gateway_routes``), a MeshHTTPRoute for the other kinds (a bundle route has
+no log, limit or load balancer of its own) or on a MeshGateway, what Kuma sets on the cluster
+rather than on a route; a ``to`` item other than Mesh, MeshService or (MeshTimeout, MeshRetry)
+MeshHTTPRoute; the MeshTimeout settings the sidecar does not carry out (http
+maxConnectionDuration; inbound, idleTimeout on an HTTP service; outbound,
+requestHeadersTimeout), inbound MeshCircuitBreaker successRate and failurePercentage detectors;
+an ``sni`` match; a deny or a lifted limit that a broader bundle rule would still cover;
+MeshHTTPRoute filters other than header modifiers and URL rewrites, query matches; log format
+operators the data planes do not fill and OpenTelemetry ``backendRef``s
 (``mesh_access_log.not_applied``); what the legacy load balancer has no place for (each kind's
 ``not_applied`` names it). W3007 where, as in Kuma, ``rules`` replace a MeshTrafficPermission's
 or MeshFaultInjection's ``from``.
@@ -283,6 +283,8 @@ def _timeout(m: dict[str, Any]) -> b.TimeoutConf:
         http_max_stream_duration_ms=_g(
             m, "http", "max_stream_duration", default=d.http_max_stream_duration_ms
         ),
+        http_max_connection_duration_ms=_g(m, "http", "max_connection_duration", default=0),
+        http_request_headers_timeout_ms=_g(m, "http", "request_headers_timeout", default=0),
     )
 
 
@@ -375,6 +377,10 @@ def _circuit_breaker(m: dict[str, Any]) -> b.CircuitBreakerConf:
                 threshold=_g(fp, "threshold", default=85),
             ),
         ),
+        # An IntOrString percentage: 0 to 100, "12.5" too.
+        healthy_panic_threshold=None
+        if od.get("healthy_panic_threshold") is None
+        else _percent(str(od["healthy_panic_threshold"])),
     )
 
 
@@ -682,14 +688,9 @@ _INBOUND_ONLY = {kind: field for field, kind in TARGETREF_INBOUND.items()}
 """Kinds whose inbound rules fill an ``Inbound`` field no legacy kind has (filed under themselves)."""
 _RULES_RESOLVED = (_PERMISSION, "MeshRateLimit", "MeshFaultInjection", *sorted(_INBOUND_ONLY))
 """Kinds whose inbound rules ``compiler.resolve_inbound`` compiles."""
-_TIMEOUT_NOT_APPLIED = {
-    "stream_idle_timeout": "streamIdleTimeout",
-    "max_stream_duration": "maxStreamDuration",
-    "max_connection_duration": "maxConnectionDuration",
-    "request_headers_timeout": "requestHeadersTimeout",
-}
-"""MeshTimeout ``http`` settings meshc's inbound does not carry out (connectionTimeout,
-http.requestTimeout and, for TCP services, idleTimeout it does)."""
+_TIMEOUT_NOT_APPLIED = {"max_connection_duration": "maxConnectionDuration"}
+"""MeshTimeout ``http`` settings meshc's inbound does not carry out (``mesh_timeout`` says what
+it does)."""
 
 
 def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
@@ -702,13 +703,19 @@ def _inbound_not_applied(d: Doc, section: str, out: list[Diagnostic]) -> None:
             for key, name in _TIMEOUT_NOT_APPLIED.items():
                 if _g(m, "http", key) is not None:
                     what = (
-                        f"the inbound http.{name} (meshc's inbound applies connectionTimeout, "
-                        "http.requestTimeout and a TCP service's idleTimeout)"
+                        f"the inbound http.{name} (the sidecar's connections to its app are not "
+                        "retired by age)"
                     )
                     out.append(_unresolved(d, what, (*where, "http", name)))
-        elif d.kind == "MeshCircuitBreaker" and m.get("outlier_detection") is not None:
-            what = "inbound outlierDetection (the local app is the inbound's one host: nothing to eject)"
-            out.append(_unresolved(d, what, (*where, "outlierDetection")))
+        elif d.kind == "MeshCircuitBreaker":
+            det = _g(m, "outlier_detection", "detectors") or {}
+            for key, name in (("success_rate", "successRate"), ("failure_percentage", "failurePercentage")):
+                if det.get(key) is not None:
+                    what = (
+                        f"the inbound outlierDetection.detectors.{name} (meshc runs the consecutive "
+                        "detectors; a success rate, compared across hosts, never ejects the app alone)"
+                    )
+                    out.append(_unresolved(d, what, (*where, "outlierDetection", "detectors", name)))
         elif d.kind == _LOG:
             for path, what in mal.not_applied(item.default):
                 out.append(_unresolved(d, what, (*where, *path)))
@@ -956,6 +963,7 @@ _NOT_APPLIED: dict[str, Callable[[Any], Iterator[tuple[Path, str]]]] = {
     _LB: mlbs.not_applied,
     _LOG: mal.not_applied,
     "MeshHealthCheck": mhc.not_applied,
+    "MeshTimeout": mto.not_applied,
 }
 """A kind's settings the bundle has no place for (W3006 at each)."""
 

@@ -332,6 +332,21 @@ class CircuitBreakerConf(_Frozen):
     split_external_and_local_errors: bool = False
     thresholds: Thresholds = Thresholds()
     detectors: Detectors = Detectors()
+    healthy_panic_threshold: float | None = Field(
+        default=None,
+        description=(
+            "MeshCircuitBreaker's outlierDetection.healthyPanicThreshold (percent): below it, "
+            "traffic goes to ejected hosts too (Envoy's panic routing); None: Envoy's 50. Left "
+            "out of the JSON while None."
+        ),
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("healthy_panic_threshold") is None:
+            out.pop("healthy_panic_threshold", None)
+        return out
 
 
 class BackOff(_Frozen):
@@ -367,6 +382,29 @@ class TimeoutConf(_Frozen):
     http_idle_timeout_ms: int = 3600000
     http_stream_idle_timeout_ms: int = 1800000
     http_max_stream_duration_ms: int = 0
+    http_max_connection_duration_ms: int = Field(
+        default=0, description="Connections to the next hop are retired after this long; 0: never."
+    )
+    http_request_headers_timeout_ms: int = Field(
+        default=0,
+        description=(
+            "Inbound: the time a request head may take to arrive (replaces the listener's "
+            "--header-timeout); 0: the listener's."
+        ),
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in TIMEOUT_OPTIONAL:
+            if not out.get(name):
+                out.pop(name, None)
+        return out
+
+
+TIMEOUT_OPTIONAL = ("http_max_connection_duration_ms", "http_request_headers_timeout_ms")
+"""``TimeoutConf`` fields written only when set (MeshTimeout's; bundles without them keep their
+bytes and digests)."""
 
 
 class LoggingBackend(_Sparse):
@@ -489,15 +527,19 @@ class Inbound(_Frozen):
     timeout: tuple[Rule[TimeoutConf], ...] = Field(
         default=(),
         description=(
-            "Requests to the local app: the first matching rule's connect and request timeouts "
-            "(504 when the app does not answer in time); none: no request timeout."
+            "Requests to the local app: the first matching rule's connect, request (504), stream "
+            "idle and max stream duration (408, or a reset once the response began) timeouts; the "
+            "rule for every caller's request headers timeout (408) on the inbound listener; none: "
+            "no request or stream timeout."
         ),
     )
     circuit_breaker: tuple[Rule[CircuitBreakerConf], ...] = Field(
         default=(),
         description=(
             "The first matching rule's connection limits bound the requests in flight to the local "
-            "app (503, counted as an overflow, past them); outlier detection is not used inbound."
+            "app (503, counted as an overflow, past them); its detectors eject the app (the "
+            "inbound's one host), which fails requests fast (503 no healthy upstream) only where "
+            "healthy_panic_threshold is 0: otherwise Envoy's panic routing sends them on."
         ),
     )
     traffic_log: tuple[Rule[TrafficLogConf], ...] = Field(

@@ -48,6 +48,7 @@ __all__ = [
     "Reply",
     "RequestHead",
     "RetryState",
+    "StreamWatch",
     "admit",
     "admit_app",
     "decide_connect",
@@ -58,15 +59,19 @@ __all__ = [
     "decide_tcp_inbound",
     "failure_reply",
     "fetch_failed",
+    "inbound_header_timeout",
     "no_fetcher",
     "passthrough",
     "peer_hop",
     "query_map",
     "release",
     "release_app",
+    "report_app",
     "request_scheme",
     "settle",
     "split_host",
+    "stream_cut",
+    "stream_watch",
     "traced",
 ]
 
@@ -616,9 +621,13 @@ def admit(target: Target, source: str) -> Reply | None:
     return None
 
 
-def admit_app(fwd: Forward) -> Reply | None:
+def admit_app(fwd: Forward, now: float) -> Reply | None:
     """None when the local app may take one more request (a slot of the inbound circuit
-    breaker's limit is taken until ``release_app``), else the 503 overflow."""
+    breaker's limit is taken until ``release_app``), else the 503 overflow; or 503 no healthy
+    upstream while the app is ejected and the panic threshold is 0 (``AppOutlier``)."""
+    outlier = fwd.app.outlier
+    if outlier is not None and outlier.panic <= 0 and outlier.host.is_ejected(now):
+        return Reply(503, NO_HOST, fwd.source, fwd.dest)
     limit = fwd.app.limit
     if limit is None:
         return None
@@ -627,6 +636,20 @@ def admit_app(fwd: Forward) -> Reply | None:
     limit.active += 1
     fwd.holds = True
     return None
+
+
+def report_app(fwd: Forward, outcome: int, now: float) -> bool:
+    """Feed the local app's outlier detector with one request's outcome (``Outcome``, from
+    ``Engine.outcome_for_status`` or the failure); True when it ejected the app (the layer counts
+    it in ``meshc_outlier_ejections``). A no-op without inbound outlier detection."""
+    outlier = fwd.app.outlier
+    if outlier is None:
+        return False
+    host = outlier.host
+    if not host.record(outcome, outlier.cb) or host.is_ejected(now):
+        return False
+    host.eject(now, outlier.cb)  # Envoy ejects at least one host, whatever max_ejection_percent
+    return True
 
 
 def release_app(fwd: Forward | None) -> None:
@@ -810,3 +833,69 @@ class RetryState:
         if outcome == Outcome.TIMEOUT:
             return Reply(504, TIMEOUT_REASON, source, self.target.service)
         return Reply(503, RESET, source, self.target.service)
+
+
+# -- stream timeouts -----------------------------------------------------------------------------
+
+STREAM_IDLE = "stream idle timeout"
+"""Envoy's stream idle timeout: no byte moved either way on the request's exchange for too long."""
+MAX_STREAM = "max stream duration reached"
+"""MeshTimeout's maxStreamDuration: the request and its response took too long, end to end."""
+
+
+class StreamWatch:
+    """One exchange's stream timeouts (sans-io): the byte layer calls ``moved`` when a byte of the
+    request or the response moves, and ``due`` at ``next_check``; ``due`` names the timeout that
+    passed (then the layer answers ``stream_cut``, or resets the stream once a response is out).
+    Envoy's semantics: the idle timer restarts on any progress either way (so a client that opens
+    no window, or an app that stops sending, is cut), the duration counts from the request's head."""
+
+    __slots__ = ("end_at", "idle_s", "last")
+
+    def __init__(self, idle_s: float | None, max_s: float | None, now: float) -> None:
+        self.idle_s = idle_s
+        self.end_at = now + max_s if max_s else 0.0
+        self.last = now
+
+    def moved(self, now: float) -> None:
+        self.last = now
+
+    def next_check(self) -> float:
+        """Loop time at which ``due`` may first say something (the earlier of the two limits)."""
+        idle_at = self.last + self.idle_s if self.idle_s else float("inf")
+        return min(idle_at, self.end_at or float("inf"))
+
+    def due(self, now: float) -> str | None:
+        if self.end_at and now >= self.end_at:
+            return MAX_STREAM
+        if self.idle_s and now - self.last >= self.idle_s:
+            return STREAM_IDLE
+        return None
+
+
+def stream_watch(fwd: Forward, now: float) -> StreamWatch | None:
+    """The stream timeouts of a forwarded request: the caller's inbound ones for the local app
+    (``AppPolicy``), the target's outbound ones (Timeout / MeshTimeout ``to``); None without any."""
+    if fwd.kind == APP:
+        idle_s, max_s = fwd.app.stream_idle_s, fwd.app.max_stream_s
+    elif fwd.target is not None:
+        idle_s, max_s = fwd.target.stream_idle_timeout_s, fwd.target.max_stream_s
+    else:
+        return None
+    if idle_s is None and max_s is None:
+        return None
+    return StreamWatch(idle_s, max_s, now)
+
+
+def stream_cut(source: str, dest: str, why: str) -> Reply:
+    """The answer to a request whose stream timed out before its response began: 408, as Envoy's
+    local reply for a stream timeout (a response already begun is reset instead)."""
+    return Reply(408, why, source, dest)
+
+
+def inbound_header_timeout(snap: Snapshot, listener_s: float) -> float:
+    """How long the inbound listener gives a request head: the MeshTimeout requestHeadersTimeout
+    of the rule for every caller when one sets it, else the listener's ``--header-timeout``
+    (Kuma's 0s, none, keeps that bound: a sidecar never waits for a head without one)."""
+    s = snap.inbound.headers_timeout_s
+    return s if s is not None else listener_s

@@ -101,6 +101,7 @@ class Target:
         "log",
         "max_active",
         "max_retries",
+        "max_stream_s",
         "panic_threshold",
         "request_timeout_s",
         "retries_active",
@@ -138,6 +139,8 @@ class Target:
         self.request_timeout_s = _seconds(timeout.http_request_timeout_ms)
         self.idle_timeout_s = _seconds(timeout.http_idle_timeout_ms)
         self.stream_idle_timeout_s = _seconds(timeout.http_stream_idle_timeout_ms)
+        self.max_stream_s = _seconds(timeout.http_max_stream_duration_ms)
+        """A request and its response, end to end, cut after this long (None: no limit)."""
         self.tcp_idle_timeout_s = _seconds(timeout.tcp_idle_timeout_ms)
         self.retry = retry
         self.grpc_retry = grpc_retry
@@ -310,7 +313,7 @@ class Route:
 class DestinationTable:
     """Everything an outbound request to one mesh service needs."""
 
-    __slots__ = ("pending", "port", "protocol", "routes", "service", "targets", "wheel")
+    __slots__ = ("lacking", "pending", "port", "protocol", "routes", "service", "targets", "wheel")
 
     def __init__(
         self,
@@ -320,10 +323,14 @@ class DestinationTable:
         wheel: Wheel[Target],
         targets: tuple[Target, ...],
         pending: bool = False,
+        lacking: tuple[str, ...] = (),
     ) -> None:
         self.service = service
-        self.pending = pending
-        """Its config is named by the mesh manifest but not held yet (fetched on demand)."""
+        self.lacking = lacking
+        """Services it splits to whose endpoints a scoped set does not hold (``runtime.endpoints``)."""
+        self.pending = pending or bool(lacking)
+        """Its config is named by the mesh manifest but not held yet, or endpoints it routes to
+        are not (fetched on demand)."""
         self.port = catalog.port if catalog else None
         self.protocol = catalog.protocol if catalog else "http"
         self.routes = routes
@@ -357,11 +364,35 @@ class AppLimit:
         self.max_active = max_active
 
 
+class AppOutlier:
+    """Outlier detection of the local app under one inbound circuit breaker rule (Kuma applies
+    MeshCircuitBreaker ``from`` to the inbound cluster, whose one host is the app). Envoy ejects
+    at least one host whatever ``max_ejection_percent`` says, and with that one host ejected 0%
+    of the cluster is healthy: below ``panic`` percent Envoy routes to it anyway, so only a panic
+    threshold of 0 turns an ejection into failing fast. Kept by the engine across reloads."""
+
+    __slots__ = ("cb", "host", "panic")
+
+    def __init__(self, host: Host, cb: CircuitBreakerConf) -> None:
+        self.host = host
+        self.cb = cb
+        self.panic = cb.healthy_panic_threshold if cb.healthy_panic_threshold is not None else 50.0
+
+
 class AppPolicy:
     """What one caller's requests to the local app get: the inbound timeouts, the connection
     limit and the access logs of the rules that match it (``InboundTable.app``)."""
 
-    __slots__ = ("connect_s", "limit", "logs", "request_timeout_s", "tcp_idle_timeout_s")
+    __slots__ = (
+        "connect_s",
+        "limit",
+        "logs",
+        "max_stream_s",
+        "outlier",
+        "request_timeout_s",
+        "stream_idle_s",
+        "tcp_idle_timeout_s",
+    )
 
     def __init__(
         self,
@@ -370,6 +401,9 @@ class AppPolicy:
         tcp_idle_timeout_s: float | None,
         limit: AppLimit | None,
         logs: tuple[TrafficLogConf, ...],
+        stream_idle_s: float | None = None,
+        max_stream_s: float | None = None,
+        outlier: AppOutlier | None = None,
     ) -> None:
         self.connect_s = connect_s
         self.request_timeout_s = request_timeout_s
@@ -377,6 +411,13 @@ class AppPolicy:
         self.tcp_idle_timeout_s = tcp_idle_timeout_s
         self.limit = limit
         self.logs = logs
+        self.stream_idle_s = stream_idle_s
+        """A request whose exchange moves no byte either way for this long is cut (Envoy's
+        stream idle timeout); None: no limit (no inbound timeout rule matches)."""
+        self.max_stream_s = max_stream_s
+        """A request and its response are cut after this long (maxStreamDuration); None: never."""
+        self.outlier = outlier
+        """The local app's outlier detection (``decide.admit_app``, ``decide.report_app``)."""
 
 
 APP_CONNECT_S = 5.0
@@ -396,8 +437,10 @@ class InboundTable:
         "_peer_cache",
         "faults",
         "has_app",
+        "headers_timeout_s",
         "limits",
         "logs",
+        "outliers",
         "permissions",
         "rate_limits",
         "timeouts",
@@ -411,6 +454,7 @@ class InboundTable:
         timeouts: tuple[tuple[Mapping[str, str], TimeoutConf], ...] = (),
         limits: tuple[tuple[Mapping[str, str], AppLimit], ...] = (),
         logs: tuple[tuple[Mapping[str, str], TrafficLogConf], ...] = (),
+        outliers: tuple[tuple[Mapping[str, str], AppOutlier], ...] = (),
     ) -> None:
         self.permissions = permissions
         self.rate_limits = rate_limits
@@ -418,8 +462,13 @@ class InboundTable:
         self.timeouts = timeouts
         self.limits = limits
         self.logs = logs
-        self.has_app = bool(timeouts or limits or logs)
+        self.outliers = outliers
+        self.has_app = bool(timeouts or limits or logs or outliers)
         """Whether any rule shapes requests to the local app (else ``app`` is ``NO_APP_POLICY``)."""
+        common = next((t for p, t in timeouts if not p), None)
+        self.headers_timeout_s = _seconds(common.http_request_headers_timeout_ms) if common else None
+        """The inbound listener's time for a request head (Kuma's requestHeadersTimeout, which a
+        caller's identity cannot condition: the rule for every caller); None: the listener's own."""
         self._cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
         self._peer_cache: dict[str, tuple[RateLimit | None, Fault | None, bool]] = {}
         self._app_cache: dict[str, AppPolicy] = {}
@@ -452,6 +501,9 @@ class InboundTable:
             _seconds(timeout.tcp_idle_timeout_ms) if timeout is not None else APP_TCP_IDLE_S,
             next((lim for p, lim in self.limits if tags_match(p, peer)), None),
             tuple(log for p, log in self.logs if tags_match(p, peer)),
+            _seconds(timeout.http_stream_idle_timeout_ms) if timeout is not None else None,
+            _seconds(timeout.http_max_stream_duration_ms) if timeout is not None else None,
+            next((o for p, o in self.outliers if tags_match(p, peer)), None),
         )
         if len(self._app_cache) < 4096:
             self._app_cache[key] = policy
@@ -656,6 +708,7 @@ class Snapshot:
         inbound: InboundTable,
         gateway: dict[int, GatewayListenerTable],
         targets: tuple[Target, ...],
+        pending: Collection[str] = (),
     ) -> None:
         self.mesh = mesh
         self.service = service
@@ -678,12 +731,15 @@ class Snapshot:
         """Read and send B3 besides ``traceparent`` (a Zipkin backend)."""
         # Hosts an outbound request may name a service by: name, name.mesh (ports are ignored),
         # and for Kuma's Kubernetes names the cluster DNS names of the Service.
-        self._names = dict(destinations)
-        for name, table in destinations.items():
-            self._names.setdefault(f"{name}.mesh", table)
+        # A destination whose piece is pending (``pending``, not in ``destinations``) gets its
+        # table at its first lookup: a scoped sidecar of a 10,000-service mesh has ~10,000 of them.
+        self._names = dict(destinations)  # ``name.mesh`` is looked up as ``name`` (no alias each)
+        self._pending = pending
+        self._catalog = mesh.services if mesh is not None else {}
         own = service.service if service is not None else ""
-        for alias, table in kube_aliases(destinations, own).items():
-            self._names.setdefault(alias, table)
+        every = {n: n for n in destinations}
+        every.update((n, n) for n in pending if n not in destinations)
+        self._aliases = kube_aliases(every, own)
 
     @property
     def ready(self) -> bool:
@@ -692,8 +748,28 @@ class Snapshot:
     def destination(self, host: str) -> DestinationTable | None:
         """The mesh service an outbound Host names (``benigno``, ``benigno.mesh``), port ignored."""
         table = self._names.get(host)
-        if table is None and host and host[-1] == ".":
-            table = self._names.get(host[:-1])
+        if table is not None or not host:
+            return table
+        if host[-1] == ".":
+            host = host[:-1]
+            table = self._names.get(host)
+            if table is not None:
+                return table
+        table = self._lazy(host)
+        if table is None:
+            alias = self._aliases.get(host)
+            table = self._names.get(alias) or self._lazy(alias) if alias is not None else None
+        if table is None and host.endswith(".mesh"):
+            table = self._names.get(host[:-5]) or self._lazy(host[:-5])
+        return table
+
+    def _lazy(self, name: str) -> DestinationTable | None:
+        """The table of a pending destination (nothing routes there before its piece comes)."""
+        if name not in self._pending or name in self._names:
+            return None
+        table = self._names[name] = DestinationTable(
+            name, self._catalog.get(name), (), _NO_WHEEL, (), pending=True
+        )
         return table
 
     def health_checks(self) -> dict[tuple[str, str], tuple[Host, HealthCheckConf, Target]]:
@@ -765,6 +841,9 @@ class Engine:
         self._buckets: dict[str, TokenBucket] = {}
         self._app_limits: dict[str, AppLimit] = {}
         """Inbound circuit breaker limits by rule: their in-flight counts outlive a reload."""
+        self._app_hosts = HostRegistry()
+        """The local app as the inbound's host, one per circuit breaker rule (its ejection
+        outlives a reload)."""
         self.snapshot = Snapshot(None, None, None, {}, InboundTable((), (), ()), {}, ())
 
     def install(self, snapshot: Snapshot) -> None:
@@ -821,6 +900,8 @@ class Engine:
                     hosts.append(host)
                     host_tags[ep.address] = ep.tags
         targets: dict[tuple[str, tuple[tuple[str, str], ...]], Target] = {}
+        held = endpoints.services if endpoints is not None and endpoints.scoped else None
+        """A scoped set: the services it does not name are not held (rather than empty)."""
 
         def config_for(name: str) -> Destination | None:
             if service is not None and name in service.outbound:
@@ -873,11 +954,8 @@ class Engine:
             names |= set(service.outbound)
         for name in sorted(names):
             if name in pending and (service is None or name not in service.outbound):
-                # Nothing routes there before its piece is fetched: no targets to build now (a
-                # scoped data plane has hundreds of these and builds one snapshot per push).
-                destinations[name] = DestinationTable(
-                    name, catalog.get(name), (), _NO_WHEEL, (), pending=True
-                )
+                # Nothing routes there before its piece is fetched: no table now (a scoped data
+                # plane has thousands of these and builds one snapshot per push), see Snapshot.
                 continue
             conf = config_for(name)
             rule = first_rule(conf.route, local, {}) if conf else None
@@ -891,12 +969,14 @@ class Engine:
             used = {id(t): t for t in default.items}
             for r in routes:
                 used.update((id(t), t) for t in r.wheel.items)
+            lacking = () if held is None else tuple(sorted({t.service for t in used.values()} - held.keys()))
             destinations[name] = DestinationTable(
                 name,
                 catalog.get(name),
                 routes,
                 default,
                 tuple(used.values()),
+                lacking=lacking,
             )
 
         gateway: dict[int, GatewayListenerTable] = {}
@@ -941,6 +1021,7 @@ class Engine:
             self._inbound(service, local),
             gateway,
             tuple(targets.values()),
+            pending,
         )
 
     def _inbound(self, service: ServiceBundle | None, local: Mapping[str, str]) -> InboundTable:
@@ -961,6 +1042,7 @@ class Engine:
         permissions = tuple(p.peer for p in inbound.permissions if tags_match(p.when, local))
         timeouts = tuple((t.peer, t.conf) for t in inbound.timeout if tags_match(t.when, local))
         limits: list[tuple[Mapping[str, str], AppLimit]] = []
+        outliers: list[tuple[Mapping[str, str], AppOutlier]] = []
         for i, cb in enumerate(inbound.circuit_breaker):
             if not tags_match(cb.when, local):
                 continue
@@ -971,8 +1053,13 @@ class Engine:
             if limit is None:
                 limit = self._app_limits[key] = AppLimit(most)
             limits.append((cb.peer, limit))
+            if _detects(cb.conf):
+                host = self._app_hosts.get(f"app{i}-{sorted(cb.peer.items())}:0")
+                outliers.append((cb.peer, AppOutlier(host, cb.conf)))
         logs = tuple((x.peer, x.conf) for x in inbound.traffic_log if tags_match(x.when, local))
-        return InboundTable(permissions, tuple(rate_limits), faults, timeouts, tuple(limits), logs)
+        return InboundTable(
+            permissions, tuple(rate_limits), faults, timeouts, tuple(limits), logs, tuple(outliers)
+        )
 
     # -- outcomes ---------------------------------------------------------------------------
 
@@ -982,6 +1069,12 @@ class Engine:
         if status >= 500:
             return Outcome.HTTP_5XX
         return Outcome.OK
+
+
+def _detects(cb: CircuitBreakerConf) -> bool:
+    """Whether a circuit breaker has a detector that ejects (the consecutive ones meshc runs)."""
+    d = cb.detectors
+    return d.total_errors is not None or d.gateway_errors is not None or d.local_errors is not None
 
 
 def _pick(rules: Sequence[Any], local: Mapping[str, str], peer: Mapping[str, str]) -> Any:

@@ -18,6 +18,7 @@ from typing import cast
 from runtime import h1
 from runtime._hosts import Outcome
 from runtime.decide import (
+    APP,
     PASSTHROUGH,
     TARGET,
     Fetch,
@@ -169,6 +170,9 @@ class ClientConn(Exchange):
             self.pause(P_QUEUE)
 
     def request_body(self, req: h1.Request, data: bytes) -> None:
+        watch = self.watch
+        if watch is not None:
+            watch.last = self.plane.loop.time()
         saved = req.saved
         if saved is not None:
             saved.append(data)
@@ -360,13 +364,15 @@ class ClientConn(Exchange):
         plane = self.plane
         fwd = self.fwd
         assert fwd is not None
-        refused = admit_app(fwd)
+        refused = admit_app(fwd, plane.engine.clock())
         if refused is not None:
             self._answer(refused)
             return
         host, port = plane.app
         app = fwd.app
-        self._go(plane.app_key, host, port, app.request_timeout_s, app.connect_s, plane.loop.time())
+        now = plane.loop.time()
+        self._watch(app.stream_idle_s, app.max_stream_s, now)
+        self._go(plane.app_key, host, port, app.request_timeout_s, app.connect_s, now)
 
     def _head(
         self,
@@ -420,6 +426,8 @@ class ClientConn(Exchange):
                 self.host = None
                 self._detach(True)  # discard mode: the connection pools itself once drained
                 return
+        elif (fwd := self.fwd) is not None and fwd.app.outlier is not None and fwd.kind == APP:
+            self._report_app(fwd, self.plane.engine.outcome_for_status(status))
         self._respond_head(resp)
 
     def _respond_head(self, resp: h1.Response) -> None:
@@ -465,6 +473,9 @@ class ClientConn(Exchange):
     def response_body(self, data: bytes) -> None:
         if not self.resp_started:
             return
+        watch = self.watch
+        if watch is not None:
+            watch.last = self.plane.loop.time()
         self.resp_bytes += len(data)
         slow = self.slow
         if slow is not None:

@@ -26,15 +26,18 @@ from runtime.decide import (
     Forward,
     Reply,
     RetryState,
+    StreamWatch,
     admit,
     failure_reply,
     peer_hop,
     release,
     release_app,
+    report_app,
+    stream_cut,
 )
 from runtime.engine import RoutePolicy, Target
 from runtime.fastmetrics import Series
-from runtime.fastplane import TLS_KEY, FastPlane
+from runtime.fastplane import DIRECTION_NAMES, TLS_KEY, FastPlane
 from runtime.fastpool import P_UPSTREAM, Upstream, UpstreamClient
 from runtime.h1 import path_of
 from runtime.headerops import ADD, NO_OPS, REMOVE, HeaderOp
@@ -49,7 +52,7 @@ _NO_TLS: tuple[bool, PeerIdentity | None] = (False, None)
 HASH_KEY_HEADER = "x-meshc-hash-key"
 
 OUTBOUND, INBOUND, GATEWAY = 0, 1, 2
-DIRECTION = ("outbound", "inbound", "gateway")
+DIRECTION = DIRECTION_NAMES
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CRLF = b"\r\n"
 LAST_CHUNK = h1.LAST_CHUNK
@@ -131,6 +134,7 @@ class Exchange(asyncio.Protocol):
         "try_timeout",
         "tunnel",
         "up",
+        "watch",
         "write_paused",
     )
 
@@ -195,6 +199,8 @@ class Exchange(asyncio.Protocol):
         self.tls_peer: tuple[bool, PeerIdentity | None] = _NO_TLS
         self.reply_logs: tuple[TrafficLogConf, ...] = ()
         """The inbound access logs of a request answered before it reached the app."""
+        self.watch: StreamWatch | None = None
+        """The stream timeouts of the exchange in flight (``FastPlane.watch``)."""
 
     # -- reading control --------------------------------------------------------------------
 
@@ -261,7 +267,28 @@ class Exchange(asyncio.Protocol):
             self.key = None
         target.active += 1
         self.target = target
+        self._watch(target.stream_idle_timeout_s, target.max_stream_s, now)
         self._attempt(now)
+
+    def _watch(self, idle_s: float | None, max_s: float | None, now: float) -> None:
+        """Start the exchange's stream timeouts (``decide.StreamWatch``), when it has any."""
+        if idle_s is not None or max_s is not None:
+            self.watch = StreamWatch(idle_s, max_s, now)
+            self.plane.watch(self)
+
+    def stream_timed_out(self, why: str) -> None:
+        """A stream timeout passed (``FastPlane.watch``): 408 before the response began, else the
+        client connection is closed on a truncated response (HTTP/1.1's only reset)."""
+        if self.req is None or self.tunnel:
+            return
+        self.attempt += 1  # what the attempt in flight still has scheduled is void
+        self.close_after = True  # the request's bytes may still be on their way: not reusable
+        if not self.resp_started:
+            self._answer(stream_cut(self.source, self.dest, why))
+            return
+        self.resp_chunked = False
+        self.slow = None
+        self._finish(False)
 
     def _attempt(self, now: float) -> None:
         target = self.target
@@ -405,7 +432,15 @@ class Exchange(asyncio.Protocol):
             return
         fwd = self.fwd
         assert fwd is not None
+        if fwd.kind == APP and fwd.app.outlier is not None:
+            self._report_app(fwd, outcome)
         self._answer(failure_reply(fwd, outcome, type(exc).__name__ if exc else "ServerDisconnectedError"))
+
+    def _report_app(self, fwd: Forward, outcome: int) -> None:
+        """One outcome of the local app for its outlier detector (``decide.report_app``)."""
+        plane = self.plane
+        if report_app(fwd, outcome, plane.engine.clock()):
+            plane.metrics.ejections.labels(fwd.dest, plane.app_key).inc()
 
     def _retry(self, host: Host | None, outcome: int, status: int) -> bool:
         """Schedule another attempt when the policy allows one (``status`` 0: no response)."""
@@ -534,6 +569,8 @@ class Exchange(asyncio.Protocol):
             self._log_app(self.reply_logs, "", req, elapsed)
             self.reply_logs = ()
         self.span = None
+        if self.watch is not None:
+            plane.unwatch(self)
         self._release_target()
         up = self.up
         if up is not None:
@@ -615,6 +652,8 @@ class Exchange(asyncio.Protocol):
         """The client went away with an exchange in flight: close its upstream, undo counts."""
         self._cancel_timer()
         self.reply_logs = ()
+        if self.watch is not None:
+            self.plane.unwatch(self)
         self.attempt += 1
         up = self.up
         if up is not None:

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from runtime._hosts import Outcome
 from runtime.accesslog import AccessLog
-from runtime.decide import Fetcher, Reply, no_fetcher, peer_hop
+from runtime.decide import Fetcher, Reply, StreamWatch, inbound_header_timeout, no_fetcher, peer_hop
 from runtime.engine import Engine, Target
 from runtime.fastmetrics import Series
 from runtime.fastpool import Pool, Upstream
@@ -30,6 +30,8 @@ _KEEPALIVE_S = 75.0
 _UPSTREAM_IDLE_S = 30.0
 _SWEEP_S = 5.0
 _TICK_S = 0.025
+DIRECTION_NAMES = ("outbound", "inbound", "gateway")
+"""The metrics' direction label per listener kind (``fastexchange.DIRECTION``)."""
 
 
 class Conn(Protocol):
@@ -46,6 +48,9 @@ class Conn(Protocol):
     deadline_at: float
     attempt: int
     dest: str
+    kind: int
+    watch: StreamWatch | None
+    """The stream timeouts of the exchange in flight (``FastPlane.watch``)."""
 
     @property
     def req(self) -> object: ...
@@ -54,6 +59,7 @@ class Conn(Protocol):
 
     def on_timeout(self, attempt: int) -> None: ...
     def read_timed_out(self, reason: str) -> None: ...
+    def stream_timed_out(self, why: str) -> None: ...
     def connected(self, attempt: int, up: Upstream) -> None: ...
     def connect_failed(self, attempt: int, outcome: int, exc: BaseException | None) -> None: ...
 
@@ -102,6 +108,10 @@ class FastPlane:
         """Loop time, refreshed by the ticks: good enough for idle bookkeeping."""
         self.series_by_target: tuple[dict[Target, Series], ...] = ({}, {}, {})
         self._ticker: asyncio.TimerHandle | None = None
+        self.watched: set[Conn] = set()
+        """Exchanges in flight with stream timeouts (``decide.StreamWatch``)."""
+        self._watcher: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._service_b: tuple[str, bytes] = ("", b"")
 
@@ -205,6 +215,45 @@ class FastPlane:
                 conn.on_timeout(conn.attempt)
         self._ticker = loop.call_later(_TICK_S, self._tick) if self.timed else None
 
+    def watch(self, conn: Conn) -> None:
+        """Check ``conn.watch`` when it may be due: one loop timer for every watched exchange,
+        set for the earliest (progress only moves a limit later, so an early check re-arms)."""
+        assert conn.watch is not None
+        self.watched.add(conn)
+        at = conn.watch.next_check()
+        if self._watcher is None or at < self._watch_at:
+            self._arm_watcher(at)
+
+    def unwatch(self, conn: Conn) -> None:
+        conn.watch = None
+        self.watched.discard(conn)
+
+    def _arm_watcher(self, at: float) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        loop = self.loop
+        self._watch_at = at
+        self._watcher = loop.call_at(at, self._check_watched)
+
+    def _check_watched(self) -> None:
+        self._watcher = None
+        now = self.loop.time()
+        soonest = float("inf")
+        for conn in list(self.watched):
+            w = conn.watch
+            if w is None:
+                self.watched.discard(conn)
+                continue
+            why = w.due(now)
+            if why is not None:
+                self.unwatch(conn)
+                self.metrics.listener_refusals.labels(DIRECTION_NAMES[conn.kind], why.replace(" ", "_")).inc()
+                conn.stream_timed_out(why)
+            else:
+                soonest = min(soonest, w.next_check())
+        if soonest != float("inf"):
+            self._arm_watcher(soonest)
+
     def release(self, up: Upstream, reusable: bool) -> None:
         if reusable and not up.closed and not self.draining:
             if up.paused and up.transport is not None:
@@ -219,20 +268,23 @@ class FastPlane:
         now = self.now = loop.time()
         self.pool.sweep(now - _UPSTREAM_IDLE_S)
         limit = now - _KEEPALIVE_S
-        head_limit = now - self.limits.header_timeout_s
+        head_s = self.limits.header_timeout_s
+        inbound_s = inbound_header_timeout(self.engine.snapshot, head_s)
+        head_limits = (now - head_s, now - inbound_s, now - head_s)
         body_limit = now - self.limits.body_timeout_s
         for conn in list(self.conns):
             if conn.tunnel or conn.transport is None:
                 continue
             if conn.req is None:
                 if conn.head_at:
-                    if conn.head_at < head_limit:
+                    if conn.head_at < head_limits[conn.kind]:
                         conn.read_timed_out("no complete request head in time")
                 elif conn.idle_since < limit:
                     conn.transport.close()
             elif conn.body_at and not conn.paused and conn.body_at < body_limit:
                 conn.read_timed_out("the request body stopped arriving")
-        self._sweeper = loop.call_later(self._sweep_s, self._sweep)
+        # An inbound requestHeadersTimeout shorter than the listener's is checked as often.
+        self._sweeper = loop.call_later(min(self._sweep_s, inbound_s / 4), self._sweep)
 
     async def drain(self, deadline: float) -> None:
         """Stop keeping connections alive, let exchanges in flight finish (until ``deadline``)."""
@@ -251,6 +303,8 @@ class FastPlane:
                 conn.transport.abort()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._ticker is not None:

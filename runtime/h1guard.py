@@ -57,11 +57,15 @@ class GuardedListener:
         factory: Callable[[], Any],
         limits: ListenerLimits,
         refused: Callable[[str], None] = lambda reason: None,
+        header_timeout: Callable[[], float] | None = None,
     ) -> None:
         self.factory = factory
         self.limits = limits
         self.refused = refused
         self.open = 0
+        self.header_timeout = header_timeout or (lambda: limits.header_timeout_s)
+        """The time a request head may take, asked at each head (an inbound listener's follows
+        the bundle's requestHeadersTimeout, ``decide.inbound_header_timeout``)."""
 
     def __call__(self) -> asyncio.Protocol:
         return _Guard(self)
@@ -120,7 +124,7 @@ class _Guard(asyncio.Protocol):
         self._inner = lst.factory()
         self._watched = _Watched(tr)
         self._inner.connection_made(self._watched)
-        self._arm("header", lst.limits.header_timeout_s)  # a client that sends nothing at all
+        self._arm("header", lst.header_timeout())  # a client that sends nothing at all
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -134,7 +138,7 @@ class _Guard(asyncio.Protocol):
                 self._answer(e.status, e.reason)
                 return
             if not self._passthrough and self._reader.in_head and self._timer_kind != "header":
-                self._arm("header", self._listener.limits.header_timeout_s)  # a later head began
+                self._arm("header", self._listener.header_timeout())  # a later head began
                 if self._watched is not None:
                     self._watched.wrote = False
         self._inner.data_received(data)

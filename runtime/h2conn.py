@@ -26,6 +26,8 @@ __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_HEADER_BLOCK",
     "PREFACE",
+    "RESET_BURST",
+    "RESET_RATE",
     "GoawayFilter",
     "H2Head",
     "Header",
@@ -41,6 +43,7 @@ __all__ = [
     "parse_request",
     "preface_state",
     "reply_headers",
+    "reset_budget",
     "response_headers",
     "server_connection",
 ]
@@ -143,6 +146,24 @@ def goaway_frame(last_stream_id: int, error_code: int = 0) -> bytes:
     """A GOAWAY frame, written beside h2 (see ``GoawayFilter``)."""
     payload = (last_stream_id & 0x7FFFFFFF).to_bytes(4, "big") + error_code.to_bytes(4, "big")
     return len(payload).to_bytes(3, "big") + bytes((_GOAWAY, 0)) + b"\0\0\0\0" + payload
+
+
+RESET_BURST = 1000
+RESET_RATE = 33.0
+"""nghttp2's defaults for ``nghttp2_option_set_stream_reset_rate_limit`` (1.57.0, the fix for
+CVE-2023-44487): a client may reset 1,000 streams at once, then 33 a second."""
+
+
+def reset_budget(tokens: float, last: float, now: float) -> tuple[float, bool]:
+    """One RST_STREAM from a client against its connection's token bucket (sans-io, the clock
+    passed in): (tokens left, whether it was within the budget). A client that resets streams
+    faster than the bucket refills (HTTP/2 rapid reset: each reset stream has cost a decision and
+    an upstream stream, but frees its concurrency slot at once) is out of budget: the connection
+    gets GOAWAY ENHANCE_YOUR_CALM, as nghttp2 does. Start with ``RESET_BURST`` tokens."""
+    tokens = min(RESET_BURST, tokens + (now - last) * RESET_RATE)
+    if tokens < 1.0:
+        return tokens, False
+    return tokens - 1.0, True
 
 
 class GoawayFilter:

@@ -49,6 +49,7 @@ from runtime.decide import (
     Forward,
     Reply,
     RetryState,
+    StreamWatch,
     admit,
     admit_app,
     decide_gateway,
@@ -59,12 +60,16 @@ from runtime.decide import (
     peer_hop,
     release,
     release_app,
+    report_app,
     request_scheme,
     settle,
     split_host,
+    stream_cut,
+    stream_watch,
 )
 from runtime.engine import Engine, Target
 from runtime.h2conn import (
+    RESET_BURST,
     GoawayFilter,
     H2Head,
     Header,
@@ -78,6 +83,7 @@ from runtime.h2conn import (
     parse_request,
     preface_state,
     reply_headers,
+    reset_budget,
     response_headers,
     server_connection,
 )
@@ -177,6 +183,7 @@ class _Side(asyncio.Protocol):
         self.closed = False
         self._flush_soon = False
         self.frames = GoawayFilter(server_side)
+        self.read_paused = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -202,6 +209,18 @@ class _Side(asyncio.Protocol):
         for last, code in goaways:
             self.on_goaway(last, code)
         self.flush_now()
+        tr = self.transport
+        if (
+            not self.read_paused
+            and tr is not None
+            and not tr.is_closing()
+            and tr.get_write_buffer_size() > _MAX_UNREAD  # the peer does not read what it is sent
+        ):
+            # h2 answers PING and SETTINGS by itself: a peer (client or next hop) that floods
+            # them and never reads would grow this buffer without bound. Reading waits for the
+            # writes to drain.
+            self.read_paused = True
+            tr.pause_reading()
 
     def on_goaway(self, last_stream_id: int, error_code: int) -> None:
         """The peer sent GOAWAY: the streams up to ``last_stream_id`` may still complete."""
@@ -211,6 +230,10 @@ class _Side(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writable.set()
+        tr = self.transport
+        if self.read_paused and tr is not None and not tr.is_closing():
+            self.read_paused = False
+            tr.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -345,7 +368,9 @@ class H2Downstream(_Side):
         self.peer = "unknown"
         self.secure = False
         self.tls_peer: tuple[bool, Any] = (False, None)
-        self.read_paused = False
+        self.reset_tokens = float(RESET_BURST)
+        self.reset_at = 0.0
+        """The client's RST_STREAM budget (``h2conn.reset_budget``) and when it was last drawn on."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = tr = cast(asyncio.Transport, transport)
@@ -402,26 +427,25 @@ class H2Downstream(_Side):
             s = self.streams.get(e.stream_id)
             if s is not None and s.task is not None:
                 s.task.cancel()
+            if s is not None and not self.refusing:  # a reset before its answer ended
+                now = self.plane.loop.time()
+                self.reset_tokens, ok = reset_budget(self.reset_tokens, self.reset_at or now, now)
+                self.reset_at = now
+                if not ok:
+                    self.calm_down()
+                    return
         super().on_event(e)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+    def calm_down(self) -> None:
+        """Rapid reset (CVE-2023-44487): GOAWAY ENHANCE_YOUR_CALM and close; no stream after
+        ``last_sid`` is taken, and the ones in flight end with the connection."""
+        self.refusing = True
+        self.plane.metrics.listener_refusals.labels(DIRECTION[self.kind], "rapid_reset").inc()
         tr = self.transport
-        if (
-            not self.read_paused
-            and tr is not None
-            and not tr.is_closing()
-            and tr.get_write_buffer_size() > _MAX_UNREAD  # the client does not read its answers
-        ):
-            self.read_paused = True
-            tr.pause_reading()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        tr = self.transport
-        if self.read_paused and tr is not None and not tr.is_closing():
-            self.read_paused = False
-            tr.resume_reading()
+        if tr is not None and not self.closed and not tr.is_closing():
+            self.flush_now()
+            _write(tr, goaway_frame(self.last_sid, ErrorCodes.ENHANCE_YOUR_CALM))
+            tr.close()
 
     def on_goaway(self, last_stream_id: int, error_code: int) -> None:
         self.refusing = True
@@ -1012,15 +1036,28 @@ class _Exchange:
         self.pump: asyncio.Task[None] | None = None
         self.deadline: float | None = None
         self.t0 = time.perf_counter()
+        self.watch: StreamWatch | None = None
+        self.watch_timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.cut: str | None = None
+        """The stream timeout that cancelled this exchange (``decide.StreamWatch``)."""
 
     async def run(self) -> None:
         try:
             await self._run()
         except asyncio.CancelledError:
             self.status = self.status or 499  # the client reset the stream or went away
+            if self.cut is not None and not self.down.closed:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # our own cancellation: the stream is answered, or reset
+                with contextlib.suppress(StreamGone, asyncio.CancelledError):
+                    await self._cut(self.cut)
         except StreamGone:
             self.status = self.status or 499
         finally:
+            if self.watch_timer is not None:
+                self.watch_timer.cancel()
             self._stop_upstream(ErrorCodes.CANCEL)
             elapsed = time.perf_counter() - self.t0
             target = self.target
@@ -1100,6 +1137,9 @@ class _Exchange:
         fwd = verdict
         self.source, self.dest = fwd.source, fwd.dest
         self.span = fwd.trace
+        watch = stream_watch(fwd, self.plane.loop.time())
+        if watch is not None:
+            self._watch(watch)
         timeout = grpc_timeout_s(head.header_map().get("grpc-timeout")) if head.grpc else None
         if timeout is not None:
             self.deadline = self.plane.loop.time() + timeout
@@ -1116,7 +1156,7 @@ class _Exchange:
             await self._once(head, fwd, f"{name}:{port}", name, port, timeout or _PASSTHROUGH_TIMEOUT_S)
             return
         assert fwd.kind == APP
-        refused = admit_app(fwd)
+        refused = admit_app(fwd, engine.clock())
         if refused is not None:
             await self._answer(refused)
             return
@@ -1126,6 +1166,46 @@ class _Exchange:
         limit = timeout if timeout is not None else fwd.app.request_timeout_s
         await self._once(head, fwd, f"{host}:{port}", host, port, limit)
 
+    # -- stream timeouts ---------------------------------------------------------------------
+
+    def _watch(self, watch: StreamWatch) -> None:
+        self.watch = watch
+        self._task = asyncio.current_task()
+        self.watch_timer = self.plane.loop.call_at(watch.next_check(), self._check_watch)
+
+    def _moved(self) -> None:
+        """A byte of the request or the response moved (the stream idle timer starts again)."""
+        watch = self.watch
+        if watch is not None:
+            watch.last = self.plane.loop.time()
+
+    def _check_watch(self) -> None:
+        watch = self.watch
+        if watch is None:
+            return
+        loop = self.plane.loop
+        why = watch.due(loop.time())
+        if why is None:
+            self.watch_timer = loop.call_at(watch.next_check(), self._check_watch)
+            return
+        self.watch_timer = None
+        self.watch = None
+        self.cut = why
+        self.plane.metrics.listener_refusals.labels(DIRECTION[self.down.kind], why.replace(" ", "_")).inc()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _cut(self, why: str) -> None:
+        """A stream timeout passed: before the response, a 408 (a gRPC status for gRPC) with no
+        body, since a client that opens no window would hold a body; after it, RST_STREAM."""
+        self._stop_upstream(ErrorCodes.CANCEL)
+        if self.started:
+            self.down.reset(self.sid, ErrorCodes.CANCEL)
+            return
+        reply = stream_cut(self.source, self.dest, why)
+        reply.body = ""
+        await self._answer(reply)
+
     # -- carrying out -----------------------------------------------------------------------
 
     async def _once(
@@ -1133,6 +1213,12 @@ class _Exchange:
     ) -> None:
         """One attempt, no retry (the local app, a passthrough address)."""
         outcome, resp = await self._attempt(head, fwd, key, host, port, False, timeout)
+        if fwd.kind == APP and fwd.app.outlier is not None:
+            engine = self.plane.engine
+            if resp is not None:
+                outcome = engine.outcome_for_status(resp[0])
+            if report_app(fwd, outcome, engine.clock()):
+                self.plane.metrics.ejections.labels(fwd.dest, key).inc()
         if resp is None:
             await self._answer(failure_reply(fwd, outcome, "connection failed"))
             return
@@ -1260,6 +1346,7 @@ class _Exchange:
                 kind = item[0]
                 if kind == "data":
                     data: bytes = item[1]
+                    self._moved()
                     try:
                         if self.replay is not None:
                             self.replay_len += len(data)
@@ -1271,6 +1358,7 @@ class _Exchange:
                                 self.replay.append(data)
                         self.req_bytes += len(data)
                         await up.send_data(usid, data)
+                        self._moved()
                     finally:
                         self.down.ack(self.sid, item[2])
                 elif kind == "trailers":
@@ -1291,6 +1379,7 @@ class _Exchange:
         up, usid = self.up, self.usid
         assert up is not None
         down, sid = self.down, self.sid
+        self._moved()  # the response head is progress too
         self.status = status
         out = response_headers(headers, fwd.response_ops)
         if ended:
@@ -1309,12 +1398,14 @@ class _Exchange:
                     item = await stream.inbox.get()
                     kind = item[0]
                     if kind == "data":
+                        self._moved()
                         try:
                             self.resp_bytes += len(item[1])
                             if fwd.bps:  # the bandwidth fault: the body at ``bps`` bits/s
                                 await self._slow_send(item[1], fwd.bps)
                             else:
                                 await down.send_data(sid, item[1])
+                            self._moved()
                         finally:
                             up.ack(usid, item[2])
                     elif kind == "trailers":

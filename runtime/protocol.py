@@ -40,7 +40,12 @@ Control plane -> data plane admin API (``runtime/admin.py``, loopback by default
   older than the running one for that slot), 413 (over ``bundle.MAX_BUNDLE_BYTES``) or 500 (state
   dir not writable). Re-pushing the running digest is acknowledged again and changes nothing.
 * ``PUT /endpoints``: body ``EndpointSet`` -> 200 ``Ack(ack=sha256 hex of the body)`` or a NACK
-  (400 schema or bad address, 409 older generation, 413 over 16 MiB).
+  (400 schema or bad address, 409 older generation, 413 over 16 MiB). A data plane that
+  registered with ``endpoint_deltas`` gets per-service sets (``runtime.endpoints``): a sidecar
+  only the services in its scope (``scoped``: the others are fetched on demand), and after the
+  first push only the services that changed over the set it runs (``base``, ``removed``); the
+  body names the resulting set's ``digest`` (``endpoint_set_digest``, signed with the body),
+  which it checks. 422 ``Nack``: it does not run ``base`` (the control plane sends the whole set).
 * with a trusted control plane key (from registration, ``--trust-key``, or kept in the state dir)
   every push carries ``HDR_SIGNATURE``: Ed25519 over ``push_message(target, slot, digest,
   generation)``, the target being (mesh, service, instance, boot id) of this data plane in this
@@ -54,6 +59,9 @@ On demand, data plane -> control plane: ``POST {URL}/api/v1/pieces`` body ``Piec
 authenticated like a heartbeat -> 200 newline-delimited pieces (each checked against the digest
 asked for), 404 when the control plane holds none of them. A scoped data plane asks for the
 destination piece of a service it lacks at its first request there (Envoy's on-demand CDS).
+``PieceRequest.endpoints`` names services whose endpoints a scoped data plane lacks: they join
+its scope, and the control plane answers once the data plane has ACKed the endpoint push that
+carries them (200, with the pieces asked for if any; 504 when that took too long).
 """
 
 from __future__ import annotations
@@ -62,9 +70,9 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 __all__ = [
     "HDR_BUNDLE_ROLE",
@@ -87,8 +95,10 @@ __all__ = [
     "RegistrationReply",
     "SignedEndpoints",
     "auth_message",
+    "endpoint_set_digest",
     "endpoints_digest",
     "push_message",
+    "service_endpoints_digest",
     "spiffe_uri",
     "tag_uri",
 ]
@@ -140,6 +150,25 @@ def endpoints_digest(services: Mapping[str, Sequence[Endpoint]]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _canonical(doc: object) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def service_endpoints_digest(service: str, endpoints: Sequence[Endpoint]) -> str:
+    """The content digest of one service's endpoints: what a per-service set is built from."""
+    doc = {"endpoints": [e.model_dump(mode="json") for e in endpoints], "service": service}
+    return hashlib.sha256(_canonical(doc)).hexdigest()
+
+
+def endpoint_set_digest(digests: Mapping[str, str], scoped: bool) -> str:
+    """The digest of a per-service endpoint set from its services' digests (``scoped``: the
+    services not named are not held, rather than without endpoints): what a data plane that
+    takes ``endpoint_deltas`` reports as its running ``endpoints`` slot."""
+    return hashlib.sha256(
+        _canonical({"scoped": scoped, "services": dict(sorted(digests.items()))})
+    ).hexdigest()
+
+
 def auth_message(timestamp: int, path: str, body_sha256: str) -> bytes:
     """The exact bytes a data plane signs to authenticate a call with its certificate's key."""
     return f"meshc-auth/v1\n{timestamp}\n{path}\n{body_sha256}".encode()
@@ -166,10 +195,35 @@ class Endpoint(_Msg):
 
 
 class EndpointSet(_Msg):
-    """Body of ``PUT /endpoints``: every instance of every service this data plane routes to."""
+    """Body of ``PUT /endpoints``: every instance of every service this data plane routes to.
+
+    The fields after ``services`` are for data planes that registered with ``endpoint_deltas``
+    (left out of the JSON otherwise, so older data planes get the bytes they always got)."""
 
     generation: int
     services: dict[str, list[Endpoint]]
+    scoped: bool = Field(
+        default=False,
+        description="Only the services named are held; a request to another one fetches its endpoints.",
+    )
+    digest: str | None = Field(
+        default=None,
+        description="endpoint_set_digest of the set after this push (per-service form); checked.",
+    )
+    base: str | None = Field(
+        default=None,
+        description="A delta: only the changed services, over the running set of this digest.",
+    )
+    removed: list[str] = Field(default_factory=list, description="A delta: services no longer in the set.")
+
+    @model_serializer(mode="wrap")
+    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The per-service fields are left out when unused: the JSON older data planes know."""
+        out: dict[str, Any] = handler(self)
+        for key in ("scoped", "digest", "base", "removed"):
+            if key in out and not out[key]:
+                del out[key]
+        return out
 
 
 class SignedEndpoints(_Msg):
@@ -182,6 +236,13 @@ class SignedEndpoints(_Msg):
 
     body: str = Field(description="The pushed EndpointSet JSON, byte for byte.")
     signature: str = Field(description="The push's X-Meshc-Signature (hex).")
+    assembled: str | None = Field(
+        default=None,
+        description=(
+            "When the body was a delta: the whole set it made (EndpointSet JSON), whose "
+            "endpoint_set_digest is the signed body's digest."
+        ),
+    )
 
 
 class Registration(_Msg):
@@ -211,6 +272,13 @@ class Registration(_Msg):
     )
     running_endpoints: SignedEndpoints | None = Field(
         default=None, description="The signed endpoint set this process runs, when it runs one."
+    )
+    endpoint_deltas: bool = Field(
+        default=False,
+        description=(
+            "Takes endpoints per service: scoped (a sidecar: what it reaches, the rest on demand) "
+            "and only what changed (runtime.endpoints)."
+        ),
     )
 
 
@@ -267,3 +335,8 @@ class PieceRequest(_Msg):
 
     instance: str
     digests: list[str] = Field(max_length=1024)
+    endpoints: list[str] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Services whose endpoints it lacks: pushed to it before the answer.",
+    )

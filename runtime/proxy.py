@@ -24,8 +24,10 @@ from runtime.accesslog import AccessLog, app_entry
 from runtime.bundle import TrafficLogConf
 from runtime.decide import (
     APP,
+    MAX_STREAM,
     NO_HOST,
     PASSTHROUGH,
+    STREAM_IDLE,
     TARGET,
     Fetcher,
     Forward,
@@ -40,9 +42,11 @@ from runtime.decide import (
     no_fetcher,
     peer_hop,
     release_app,
+    report_app,
     request_scheme,
     settle,
     split_host,
+    stream_cut,
 )
 from runtime.engine import Engine, Target
 from runtime.headerops import ADD, NO_OPS, SET, HeaderOp
@@ -263,17 +267,23 @@ class HttpProxy:
             return await self._to_target(request, fwd, headers, path_qs, t0, direction)
         connect_s: float | None
         total_s: float | None
+        end: float | None = None
         if fwd.kind == PASSTHROUGH:
             assert fwd.address is not None
             name, port = fwd.address
             url, connect_s, read_s, total_s = f"http://{name}:{port}{path_qs}", 5.0, 300.0, 15.0
         else:
-            refused = admit_app(fwd)
+            refused = admit_app(fwd, self.engine.clock())
             if refused is not None:
                 return self._answer(t0, refused, direction, request=request, span=fwd.trace)
             app = fwd.app
             url = f"http://{self.app_address}{path_qs}"
-            connect_s, read_s, total_s = app.connect_s, 1800.0, app.request_timeout_s
+            # The stream idle timeout is the app's silence (aiohttp's read timeout); the max
+            # stream duration bounds the head and the body relayed after it.
+            connect_s, read_s, total_s = app.connect_s, app.stream_idle_s or 1800.0, app.request_timeout_s
+            if app.max_stream_s is not None:
+                end = asyncio.get_running_loop().time() + app.max_stream_s
+                total_s = min(total_s, app.max_stream_s) if total_s is not None else app.max_stream_s
         assert self.session is not None
         try:
             try:
@@ -286,16 +296,27 @@ class HttpProxy:
                         allow_redirects=False,
                         timeout=self._timeout(connect_s, read_s),
                     )
-            except TimeoutError:
-                reply = failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError")
+            except TimeoutError as e:
+                self._report_app(fwd, Outcome.TIMEOUT)
+                why = self._cut_why(e, end) if fwd.kind == APP else None
+                if why is not None:
+                    reply = stream_cut(fwd.source, fwd.dest, why)
+                else:
+                    reply = failure_reply(fwd, Outcome.TIMEOUT, "TimeoutError")
                 answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
+                if reply.status == 408:
+                    answer.force_close()  # the request's bytes may still be on their way
                 return self._log_app(fwd, request, t0, answer)
             except (aiohttp.ClientError, OSError) as e:
+                self._report_app(fwd, Outcome.CONNECT_FAILURE)
                 reply = failure_reply(fwd, Outcome.CONNECT_FAILURE, type(e).__name__)
                 answer = self._answer(t0, reply, direction, request=request, span=fwd.trace)
                 return self._log_app(fwd, request, t0, answer)
+            self._report_app(fwd, self.engine.outcome_for_status(up.status))
             try:
-                resp = await self._relay(request, up, NO_OPS, fwd.bps)
+                resp = await self._relay(
+                    request, up, NO_OPS, fwd.bps, end, direction if fwd.kind == APP else None
+                )
             finally:
                 up.release()
         finally:
@@ -451,6 +472,8 @@ class HttpProxy:
             body = await request.read() if retry.allowed else request.content
         key = request.headers.get(HASH_KEY_HEADER) or request.path
         timeout = self._timeout(target.connect_timeout_s, retry.stream_idle_s)
+        # The max stream duration bounds the whole exchange, retries included, as on the fast path.
+        end = loop.time() + target.max_stream_s if target.max_stream_s is not None else None
         hop = peer_hop(engine.snapshot, self.creds.client_ctx is not None, source, dest)
         if isinstance(hop, Reply):
             return self._answer(t0, hop, direction, request=request, span=fwd.trace)
@@ -470,12 +493,14 @@ class HttpProxy:
                         request=request,
                         span=fwd.trace,
                     )
-                try_timeout = retry.try_timeout(loop.time())
+                now = loop.time()
+                try_timeout = retry.try_timeout(now)
+                try_end = now + try_timeout if try_timeout is not None else None
                 host.active += 1
                 up: aiohttp.ClientResponse | None = None
                 outcome = Outcome.OK
                 try:
-                    async with asyncio.timeout(try_timeout):
+                    async with asyncio.timeout_at(try_end if end is None else min(end, try_end or end)):
                         up = await self.session.request(
                             request.method,
                             URL(f"{scheme}://{host.address}{path_qs}", encoded=True),
@@ -487,8 +512,21 @@ class HttpProxy:
                             server_hostname=peer_name,
                         )
                     outcome = engine.outcome_for_status(up.status)
-                except TimeoutError:
+                except TimeoutError as e:
                     outcome = Outcome.TIMEOUT
+                    why = self._cut_why(e, end, direction) if end is not None and loop.time() >= end else None
+                    if why is not None:
+                        host.active -= 1
+                        answer = self._answer(
+                            t0,
+                            stream_cut(source, dest, why),
+                            direction,
+                            subset,
+                            request=request,
+                            span=fwd.trace,
+                        )
+                        answer.force_close()  # the request's bytes may still be on their way
+                        return answer
                 except (aiohttp.ClientError, OSError):
                     outcome = Outcome.CONNECT_FAILURE
                 if up is None or outcome != Outcome.OK:
@@ -515,7 +553,9 @@ class HttpProxy:
                         t0, retry.give_up(outcome, source), direction, subset, request=request, span=fwd.trace
                     )
                 try:
-                    resp = await self._relay(request, up, fwd.response_ops)
+                    resp = await self._relay(
+                        request, up, fwd.response_ops, end=end, cut=direction if end is not None else None
+                    )
                 finally:
                     up.release()
                     if outcome == Outcome.OK:
@@ -564,23 +604,51 @@ class HttpProxy:
             request.headers.get,
         )
 
+    def _report_app(self, fwd: Forward, outcome: int) -> None:
+        """One outcome of the local app for its outlier detector (``decide.report_app``)."""
+        if fwd.kind == APP and report_app(fwd, outcome, self.engine.clock()):
+            self.metrics.ejections.labels(fwd.dest, self.app_address or "").inc()
+
+    def _cut_why(self, e: BaseException, end: float | None, direction: str = "inbound") -> str | None:
+        """Which stream timeout ended an exchange, if one did (counted as a listener refusal of
+        ``direction``): the max stream duration, or the peer's silence (aiohttp's read timeout)."""
+        if end is not None and asyncio.get_running_loop().time() >= end:
+            why = MAX_STREAM
+        elif isinstance(e, aiohttp.ServerTimeoutError):
+            why = STREAM_IDLE
+        else:
+            return None
+        self.metrics.listener_refusals.labels(direction, why.replace(" ", "_")).inc()
+        return why
+
     async def _relay(
         self,
         request: web.BaseRequest,
         up: aiohttp.ClientResponse,
         ops: tuple[HeaderOp, ...],
         bps: int = 0,
+        end: float | None = None,
+        cut: str | None = None,
     ) -> web.StreamResponse:
-        """Relay the upstream response: small bodies in one write, larger ones streamed."""
+        """Relay the upstream response: small bodies in one write, larger ones streamed (until
+        the loop time ``end``, a max stream duration: then 408, or a closed connection; ``cut``
+        names the direction such a cut counts against, None where no stream timeout applies)."""
         out: CIMultiDict[str] = _clean_headers(up.headers)
         _apply(out, ops)
         length = up.content_length
         if bps == 0 and length is not None and length <= _SMALL_BODY and request.method != "HEAD":
             # Headers and body leave in one send: half the system calls of streaming.
             try:
-                body = await up.read()
-            except (aiohttp.ClientError, OSError, TimeoutError):
+                async with asyncio.timeout_at(end):
+                    body = await up.read()
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 up.close()
+                why = self._cut_why(e, end, cut) if cut is not None else None
+                if why is not None:
+                    # The head is not relayed yet (a small body is read whole): the cut is a 408.
+                    answer = web.Response(status=408, text=why, headers={REASON_HEADER: why})
+                    answer.force_close()
+                    return answer
                 return web.Response(
                     status=502,
                     text="upstream reset before the body ended",
@@ -590,19 +658,22 @@ class HttpProxy:
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=out)
         try:
             await resp.prepare(request)
-            if bps > 0:
-                await _throttled_copy(up, resp, bps)
-            else:
-                content = up.content
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    await resp.write(chunk)
+            async with asyncio.timeout_at(end):
+                if bps > 0:
+                    await _throttled_copy(up, resp, bps)
+                else:
+                    content = up.content
+                    while True:
+                        chunk = await content.readany()
+                        if not chunk:
+                            break
+                        await resp.write(chunk)
             await resp.write_eof()
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
             # Upstream died mid-body or the client went away: the only honest signal left is
             # to close the client connection, so a truncated body is never taken for whole.
+            if cut is not None:
+                self._cut_why(e, end, cut)
             up.close()
             resp.force_close()
             if request.transport is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import json
 import secrets
@@ -35,10 +36,11 @@ from runtime.bundle import (
     load_bundle,
 )
 from runtime.decide import FETCH_TIMEOUT_S
+from runtime.endpoints import EndpointFetch, EndpointsRefused, apply, running_digest
 from runtime.engine import Engine, Snapshot
 from runtime.metrics import Metrics
 from runtime.pieces import MeshSet, MissingPieces, assemble, split_lines
-from runtime.protocol import EndpointSet, PushTarget, SignedEndpoints, endpoints_digest
+from runtime.protocol import EndpointSet, PushTarget, SignedEndpoints
 from runtime.security import PushTrust
 from runtime.state import Slot, StateDir, StoredState
 
@@ -88,6 +90,10 @@ class Pushes:
         self.fetcher: PieceFetcher | None = None
         """Set once a control plane is known (``runtime.server``)."""
         self._fetching: dict[str, asyncio.Future[str | None]] = {}
+        self.endpoint_fetch = EndpointFetch(engine)
+        """Endpoints a scoped set lacks, on demand (``runtime.endpoints``)."""
+        self._eps_digests: dict[str, str] | None = None
+        """Per-service digests of the running endpoint set (per-service form), for deltas."""
 
     def load(self, mesh_file: Path | None, service_file: Path | None, endpoints_file: Path | None) -> None:
         """The last-known-good state (the state dir, then files given at start), compiled and
@@ -151,7 +157,7 @@ class Pushes:
         digests = {r: s.digest for r, s in self.slots.items()}
         gens = {r: s.generation for r, s in self.slots.items()}
         if self.endpoints is not None:
-            digests["endpoints"] = endpoints_digest(self.endpoints.services)
+            digests["endpoints"] = running_digest(self.endpoints)
             gens["endpoints"] = self.endpoints.generation
         return digests, gens
 
@@ -281,14 +287,22 @@ class Pushes:
                 self.metrics.pieces.labels("pushed", "failed").inc()
                 return self.nack("mesh", 400, str(e))
             self.metrics.pieces.labels("pushed", "ok").inc(len(lines) - 1)
-            return await self._swap("mesh", Slot(lines[0], digest, generation, ms.bundle(), ms))
+            done = await self._swap("mesh", Slot(lines[0], digest, generation, ms.bundle(), ms))
+        if len(body) > 1_000_000:
+            trim_heap()
+        return done
 
     # --- on demand ------------------------------------------------------------------------
 
     async def fetch(self, service: str) -> str | None:
-        """Hold ``service``'s destination piece (fetched from the control plane, bounded by
-        ``FETCH_TIMEOUT_S``): None once it is held, else why not. One fetch per piece at a time,
-        however many requests wait for it."""
+        """Hold ``service``'s destination piece and the endpoints it routes to (fetched from the
+        control plane, each bounded by ``FETCH_TIMEOUT_S``): None once held, else why not."""
+        why = await self._fetch_piece_of(service)
+        return why if why is not None else await self.endpoint_fetch.ensure(service)
+
+    async def _fetch_piece_of(self, service: str) -> str | None:
+        """Hold ``service``'s destination piece: one fetch per piece at a time, however many
+        requests wait for it."""
         for _ in range(2):  # a push may swap the manifest while a fetch is on its way
             slot = self.slots.get("mesh")
             ms = slot.pieces if slot is not None else None
@@ -376,20 +390,30 @@ class Pushes:
                     "endpoints", 409, f"stale generation {endpoints.generation}; running {current.generation}"
                 )
             try:
-                snap = self._build(self.slots, endpoints)
+                whole, digests = apply(current, self._eps_digests, endpoints)
+                snap = self._build(self.slots, whole)
+            except EndpointsRefused as e:
+                return self.nack("endpoints", e.status, str(e))
             except BundleError as e:
                 return self.nack("endpoints", 400, str(e))
-            self.endpoints = endpoints
+            self.endpoints = whole
             try:
                 await self._persist()
             except OSError as e:
                 self.endpoints = current
                 return self.nack("endpoints", 500, f"cannot store the endpoints in the state dir: {e}")
+            self._eps_digests = digests
             self._install(snap)
             self.endpoints_signed = (
-                SignedEndpoints(body=body.decode(), signature=signature) if signature is not None else None
+                SignedEndpoints(
+                    body=body.decode(),
+                    signature=signature,
+                    assembled=whole.model_dump_json() if endpoints.base else None,
+                )
+                if signature is not None
+                else None
             )
-            self.metrics.endpoints_generation.set(endpoints.generation)
+            self.metrics.endpoints_generation.set(whole.generation)
             self.metrics.reloads.labels("endpoints", "ack").inc()
             return 200, {"ack": hashlib.sha256(body).hexdigest()}
 
@@ -401,6 +425,22 @@ class Pushes:
         self.metrics.reloads.labels(kind, "nack").inc()
         print(f"meshc: NACK {kind}: {reason}", file=sys.stderr, flush=True)
         return status, {"nack": reason}
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back after a large push (glibc keeps them): parsing a
+    10,000-service catalog leaves ~2.5 MB of a sidecar's RSS free but held (issue 11 item 4)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 def _slot_of(body: bytes) -> str:

@@ -125,6 +125,16 @@ class Registrar:
             raise OSError(f"pieces answered {status}: {data[:200]!r}")
         return split_lines(data)
 
+    async def fetch_endpoints(self, services: list[str]) -> None:
+        """Have these services' endpoints pushed (on demand): returns once the control plane saw
+        the ACK of the push that carries them; OSError when it did not."""
+        if self.instance is None or not self._started:
+            raise OSError("not registered with the control plane yet")
+        body = PieceRequest(instance=self.instance, digests=[], endpoints=services).model_dump_json().encode()
+        status, data = await self._post("/api/v1/pieces", body, authenticate=True)
+        if status != 200:
+            raise OSError(f"endpoints answered {status}: {data[:200]!r}")
+
     async def renew(self, csr_pem: str) -> CertificateReply | None:
         """A new certificate for ``csr_pem``; None when the control plane forgot this instance
         (the registration loop then registers again, which issues one)."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runtime.bundle import GatewayCertificate, ServiceBundle
+from runtime.decide import inbound_header_timeout
 from runtime.engine import Engine, Snapshot
 from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
@@ -282,6 +283,7 @@ class DataPlane:
             )
             self.registrar.start()
             self.pushes.fetcher = self.registrar.fetch_pieces
+            self.pushes.endpoint_fetch.fetcher = self.registrar.fetch_endpoints
             fetch = self.pushes.fetch
             self.tcp.fetch = fetch
             if self.fast is not None:
@@ -297,8 +299,15 @@ class DataPlane:
         server = (await self._runner(handler)).server
         assert server is not None
         refusals = self.metrics.listener_refusals
+        limits = self.opts.limits
+        engine = self.engine
         return GuardedListener(
-            server, self.opts.limits, lambda reason: refusals.labels(listener, reason).inc()
+            server,
+            limits,
+            lambda reason: refusals.labels(listener, reason).inc(),
+            (lambda: inbound_header_timeout(engine.snapshot, limits.header_timeout_s))
+            if listener == "inbound"
+            else None,
         )
 
     async def _runner(self, handler: Any) -> web.ServerRunner:
@@ -482,6 +491,7 @@ class DataPlane:
             pieces=self.opts.pieces,
             reachable_services=self.opts.reachable,
             running_endpoints=self.pushes.endpoints_signed,
+            endpoint_deltas=self.opts.pieces,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:

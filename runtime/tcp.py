@@ -243,7 +243,7 @@ class TcpProxy:
         if isinstance(verdict, Reply):
             self._refuse(writer, verdict, "inbound", False)
             return
-        refused = admit_app(verdict)
+        refused = admit_app(verdict, self.engine.clock())
         if refused is not None:
             self._refuse(writer, refused, "inbound", False)
             return

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from compiler.controlplane import openapi
 from compiler.controlplane.canary import CanaryController
+from compiler.controlplane.endpoints import ON_DEMAND_WAIT_S
 from compiler.controlplane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from compiler.controlplane.pusher import DataPlaneSync, Pusher
 from compiler.controlplane.registry import DataPlane
@@ -341,6 +342,13 @@ def make_app(cp: ControlPlane) -> web.Application:
             cp.security.authenticate(request.headers, request.path, raw, known.service, known.mesh)
         except AuthError as e:
             return _json({"error": e.reason}, e.status)
+        if req.endpoints:
+            # on demand: they join its scope, and it has them once the push carrying them is
+            # ACKed (within the data plane's own bounded wait)
+            if not await cp.pusher.endpoints_for(known, req.endpoints, ON_DEMAND_WAIT_S):
+                return _json({"error": "the endpoint push was not acknowledged in time"}, 504)
+            if not req.digests:
+                return web.Response(body=b"", content_type="application/x-ndjson")
         found = cp.pusher.pieces_for(known, req.digests)
         if not found:
             return _json({"error": "none of these pieces is in a recent release"}, 404)

@@ -26,6 +26,10 @@ service bundle names (and their split targets), its ``reachable_services`` and t
 for on demand or named as missing in a 422. A gateway gets every destination. A 422 NACK
 (pieces it lacks) is answered at once by a push that carries them; every body's bytes are
 counted (``meshc_controlplane_push_bytes``, and per rollout).
+
+The endpoints slot is planned by ``compiler.controlplane.endpoints``: a data plane that takes
+per-service endpoints gets those of its scope (the mesh slot's, plus those it asked for), as
+deltas over what it ACKed; the others the whole mesh's set, as before.
 """
 
 from __future__ import annotations
@@ -42,9 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiohttp
-from pydantic import TypeAdapter
 
-from compiler.controlplane.endpoints import endpoint_services, endpoints_digest
+from compiler.controlplane.endpoints import EndpointPlans, MeshEndpoints, Scope, endpoint_services
 from compiler.controlplane.generation import Generations
 from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.pieces import PieceStore
@@ -66,7 +69,6 @@ __all__ = ["SLOTS", "DataPlaneSync", "Pusher", "Rollout", "SlotState"]
 SLOTS = ("endpoints", "mesh", "service")
 ENDPOINTS_WINDOW_S = 0.05
 ENDPOINTS_WINDOW_MAX_S = 1.0
-_SERVICES: TypeAdapter[dict[str, list[Endpoint]]] = TypeAdapter(dict[str, list[Endpoint]])
 _TRANSIENT = ("403:", "409:")
 """NACKs that do not say the content is bad: the same digest is pushed again (backing off)."""
 Result = Literal["ack", "nack", "error"]
@@ -201,10 +203,9 @@ class Pusher:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(2.0, timeout_s))
         self._max_backoff_s = max_backoff_s
         self._hold_until = time.time() + endpoints_hold_s
-        self._eps: dict[str, tuple[dict[str, list[Endpoint]], str]] = {}
-        self._eps_json: dict[str, tuple[str, bytes]] = {}
-        """mesh -> (endpoints digest, the set's ``services`` as JSON): serialized once per set,
-        not once per push (1,000 data planes get the same set)."""
+        self._eps: dict[str, MeshEndpoints] = {}
+        self.eps = EndpointPlans()
+        """What each data plane gets of its mesh's endpoint set (``endpoints``)."""
         self._eps_stale: set[str] = set()
         """Meshes whose membership changed since their endpoint set was computed."""
         self._eps_timer: asyncio.TimerHandle | None = None
@@ -242,13 +243,27 @@ class Pusher:
 
     # --- desired state ------------------------------------------------------------------------
 
-    def _mesh_endpoints(self, mesh: str) -> tuple[dict[str, list[Endpoint]], str]:
+    def mesh_endpoints(self, mesh: str, before: MeshEndpoints | None = None) -> MeshEndpoints:
+        """The mesh's current endpoint set (computed once per membership change)."""
         cached = self._eps.get(mesh)
         if cached is None:
             src = self.endpoint_source
             services = src(mesh) if src is not None else endpoint_services(self.registry, mesh)
-            cached = self._eps[mesh] = (services, endpoints_digest(services))
+            cached = self._eps[mesh] = MeshEndpoints(services, before)
         return cached
+
+    def _mesh_endpoints(self, mesh: str) -> tuple[dict[str, list[Endpoint]], str]:
+        """(services, ``endpoints_digest``) of the mesh's whole set."""
+        eps = self.mesh_endpoints(mesh)
+        return eps.services, eps.legacy_digest
+
+    def _eps_scope(self, dp: DataPlane, sync: DataPlaneSync | None) -> Scope:
+        if not self.eps.per_service(dp):
+            return None
+        return self.eps.scope(dp, self.scope(dp, sync))
+
+    def _eps_desired(self, dp: DataPlane, sync: DataPlaneSync | None) -> str:
+        return self.eps.desired(dp, self.mesh_endpoints(dp.mesh), self._eps_scope(dp, sync))
 
     def mesh_pieces(self, rel: Release | None, mesh: str) -> MeshPieces | None:
         """The current release's mesh bundle of ``mesh`` as pieces."""
@@ -264,7 +279,7 @@ class Pusher:
             mp = self.mesh_pieces(rel, dp.mesh)
             mesh = mp.digest if mp is not None else None
         return {
-            "endpoints": self._mesh_endpoints(dp.mesh)[1],
+            "endpoints": self._eps_desired(dp, self.syncs.get(dp.instance)),
             "mesh": mesh,
             "service": digests.get(f"{dp.mesh}/{dp.service}"),
         }
@@ -293,7 +308,20 @@ class Pusher:
             sync.extra.update(names[d] for d in found if d in names)
             sync.have.update(found)
         self.metrics.push_bytes.labels("fetched").inc(sum(len(p) + 1 for p in found.values()))
+        if sync is not None and mp is not None:
+            # its endpoints come with it (pushed now, ahead of the request that waits for them)
+            by_digest = {d: n for n, d in mp.destinations.items()}
+            if self.eps.extend(dp, [by_digest[d] for d in found if d in by_digest]):
+                self._refresh(sync, dp, None)
         return list(found.values())
+
+    async def endpoints_for(self, dp: DataPlane, names: list[str], timeout_s: float) -> bool:
+        """On demand: ``names`` join ``dp``'s endpoint scope; True once it ACKed a set holding
+        them, False when that took longer than ``timeout_s``."""
+        sync = self.syncs.get(dp.instance)
+        if sync is not None and self.eps.extend(dp, names):
+            self._refresh(sync, dp, None)
+        return await self.eps.wait(dp, names, timeout_s)
 
     def _refresh(self, sync: DataPlaneSync, dp: DataPlane, seen_at: float | None) -> list[str]:
         changed = []
@@ -345,7 +373,7 @@ class Pusher:
             if dp is None:
                 continue
             old = before.get(dp.mesh)
-            if old is None or old[1] != self._mesh_endpoints(dp.mesh)[1]:
+            if old is None or self.mesh_endpoints(dp.mesh, old).changed:
                 self._refresh(sync, dp, None)
 
     def _endpoints_window(self) -> float:
@@ -383,8 +411,8 @@ class Pusher:
         changed = set()
         for mesh in stale:
             before = self._eps.pop(mesh, None)
-            after = self._mesh_endpoints(mesh)
-            if before is None or before[1] != after[1]:
+            after = self.mesh_endpoints(mesh, before)
+            if before is None or after.changed:
                 changed.add(mesh)
         if not changed:
             return
@@ -396,11 +424,7 @@ class Pusher:
     def endpoints_body(self, mesh: str, generation: int) -> bytes:
         """``EndpointSet(generation=..., services=...).model_dump_json()`` of the mesh's current
         set, from its services serialized once (the same bytes: a test holds them to it)."""
-        services, digest = self._mesh_endpoints(mesh)
-        cached = self._eps_json.get(mesh)
-        if cached is None or cached[0] != digest:
-            cached = self._eps_json[mesh] = (digest, _SERVICES.dump_json(services))
-        return b'{"generation":%d,"services":%s}' % (generation, cached[1])
+        return self.mesh_endpoints(mesh).legacy_body(generation)
 
     def _on_registry(self, event: str, dp: DataPlane) -> None:
         if event == "heartbeat":
@@ -410,11 +434,13 @@ class Pusher:
             self._eps_stale.add(dp.mesh)
             self._schedule_endpoints()
         if event == "deregistered" or (event == "peer" and not self.registry.local(dp)):
+            self.eps.forget(dp.instance)
             gone = self.syncs.pop(dp.instance, None)
             if gone is not None and gone.task is not None:
                 gone.task.cancel()
             return
         if event == "registered":
+            self.eps.registered(dp)
             old = self.syncs.pop(dp.instance, None)
             if old is not None and old.task is not None:
                 old.task.cancel()
@@ -525,20 +551,11 @@ class Pusher:
                     # its membership changed and the new set is due at the window's end: push
                     # that one, not this (the flush refreshes every data plane of the mesh)
                     return max(0.01, self._eps_timer.when() - asyncio.get_running_loop().time())
-                _, digest = self._mesh_endpoints(dp.mesh)
-                if digest != want:
+                if self._eps_desired(dp, sync) != want:
                     sync.dirty.set()
                     return None
                 gen = self._generation(dp)
-                result, reason, _ = await self._put(
-                    dp,
-                    "/endpoints",
-                    functools.partial(self.endpoints_body, dp.mesh, gen),
-                    {HDR_GENERATION: str(gen)},
-                    st,
-                    want,
-                    gen,
-                )
+                result, reason = await self._push_endpoints(sync, dp, st, want, gen)
             elif slot == "mesh" and dp.pieces:
                 mp = self.mesh_pieces(self.releases.current, dp.mesh)
                 if mp is None or mp.digest != want:
@@ -590,6 +607,34 @@ class Pusher:
             if st.desired != want:
                 return 0.0
         return hold_retry
+
+    async def _push_endpoints(
+        self, sync: DataPlaneSync, dp: DataPlane, st: SlotState, want: str, gen: int
+    ) -> tuple[Result, str]:
+        """The endpoints slot: the whole mesh's set, or (per-service data planes) its scope's, as
+        a delta over what it ACKed; a 422 (it runs another base) is answered with the whole set."""
+        eps = self.mesh_endpoints(dp.mesh)
+        scope = self._eps_scope(dp, sync)
+        made: list[dict[str, str] | None] = []
+
+        def body() -> bytes:
+            data, picked = self.eps.body(dp, eps, scope, gen, st.acked)
+            made.append(picked)
+            return data
+
+        for _ in range(2):
+            made.clear()
+            result, reason, _ = await self._put(
+                dp, "/endpoints", body, {HDR_GENERATION: str(gen)}, st, want, gen
+            )
+            if result == "nack" and reason.startswith("422"):
+                self.eps.unbased(dp)
+                st.acked = None  # it does not run what we believed
+                continue
+            break
+        if result == "ack" and made:
+            self.eps.acked(dp, made[-1], want)
+        return result, reason
 
     async def _push_pieces(
         self, sync: DataPlaneSync, dp: DataPlane, mp: MeshPieces, st: SlotState, gen: int

@@ -54,6 +54,8 @@ class DataPlane:
     """It takes its mesh slot as a manifest and pieces (registration)."""
     reachable: tuple[str, ...] | None = None
     """Kuma's reachableServices, as registered."""
+    endpoint_deltas: bool = False
+    """It takes endpoints per service, scoped and as deltas (registration; ``endpoints``)."""
     replica: str = ""
     """The control plane replica this data plane registered with (and heartbeats to)."""
     observed_at: float = 0.0
@@ -76,6 +78,7 @@ class DataPlane:
             "endpoints_generation": self.endpoints_generation,
             "pieces": self.pieces,
             "reachable_services": list(self.reachable) if self.reachable is not None else None,
+            "endpoint_deltas": self.endpoint_deltas,
             "replica": self.replica,
         }
 
@@ -159,6 +162,7 @@ class Registry:
             last_seen=now,
             boot_id=reg.boot_id,
             pieces=reg.pieces,
+            endpoint_deltas=reg.endpoint_deltas,
             reachable=tuple(reg.reachable_services) if reg.reachable_services is not None else None,
             replica=self.replica,
         )

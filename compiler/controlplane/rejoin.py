@@ -29,7 +29,14 @@ from collections.abc import Callable
 
 from compiler.controlplane.endpoints import endpoint_services
 from compiler.controlplane.registry import DataPlane, Registry
-from runtime.protocol import Endpoint, EndpointSet, PushTarget, SignedEndpoints
+from runtime.protocol import (
+    Endpoint,
+    EndpointSet,
+    PushTarget,
+    SignedEndpoints,
+    endpoint_set_digest,
+    service_endpoints_digest,
+)
 
 __all__ = ["Rejoin"]
 
@@ -44,6 +51,7 @@ class Rejoin:
         self.until = time.time() + window_s
         self._verify = verify
         self._learned: dict[str, EndpointSet] = {}  # mesh -> the newest signed set reported
+        self._seen: dict[tuple[str, str], int] = {}  # (mesh, service) -> generation learned from
         self._back: set[str] = set()  # addresses a sidecar registered with since this start
         self.dead: set[str] = set()
         self._slow: set[str] = set()  # no answer at the last probe
@@ -63,22 +71,42 @@ class Rejoin:
 
     def learn(self, dp: DataPlane, signed: SignedEndpoints) -> bool:
         """Take the set ``dp`` runs if this control plane signed it for ``dp`` and it is newer
-        than the one known for its mesh; True when the mesh's set changed."""
+        than the one known for its mesh; True when the mesh's set changed. A scoped set (a
+        sidecar's, ``endpoints``) speaks for the services it names only, each kept from the
+        newest set that names it; a delta's whole set must make the digest the delta signed."""
         if not self.open or dp.boot_id is None:
             return False
         try:
             got = EndpointSet.model_validate_json(signed.body)
-        except ValueError:
+            whole = got if got.base is None else EndpointSet.model_validate_json(signed.assembled or "")
+        except (ValueError, TypeError):
             return False
         have = self._learned.get(dp.mesh)
-        if have is not None and have.generation >= got.generation:
+        if have is not None and have.generation >= got.generation and not got.scoped:
             return False
         target = PushTarget(dp.mesh, dp.service, dp.instance, dp.boot_id)
         digest = hashlib.sha256(signed.body.encode()).hexdigest()
         if not self._verify(target, "endpoints", digest, got.generation, signed.signature):
             return False
-        self._learned[dp.mesh] = got
-        return True
+        if got.base is not None:
+            made = {n: service_endpoints_digest(n, eps) for n, eps in whole.services.items()}
+            if endpoint_set_digest(made, got.scoped) != got.digest:
+                return False
+        if not got.scoped:
+            self._learned[dp.mesh] = whole
+            self._seen.update({(dp.mesh, n): got.generation for n in whole.services})
+            return True
+        merged = dict(have.services) if have is not None else {}
+        changed = False
+        for name, eps in whole.services.items():
+            if self._seen.get((dp.mesh, name), -1) < got.generation:
+                self._seen[(dp.mesh, name)] = got.generation
+                merged[name] = eps
+                changed = True
+        if changed:
+            gen = max(got.generation, have.generation if have is not None else 0)
+            self._learned[dp.mesh] = EndpointSet(generation=gen, services=merged)
+        return changed
 
     def pending(self) -> set[str]:
         """Learned addresses not registered again and not found dead: the ones to probe."""

@@ -306,13 +306,13 @@ def test_inbound_timeouts_merge_in_kumas_order_and_per_caller(tmp_path: Path) ->
         "      default: {http: {requestTimeout: 1s}}\n",
     )  # fmt: skip
     r = _compile(tmp_path, mesh_wide, api_rules)
-    assert _codes(r) == [("W3006", ("spec", "rules", 0, "default", "http", "streamIdleTimeout"))]
-    assert "the inbound http.streamIdleTimeout" in r.diagnostics[0].message
-    got = [(t["peer"], t["conf"]["connect_timeout_ms"], t["conf"]["http_request_timeout_ms"])
+    assert _codes(r) == []  # streamIdleTimeout is applied inbound
+    got = [(t["peer"], t["conf"]["connect_timeout_ms"], t["conf"]["http_request_timeout_ms"],
+            t["conf"]["http_stream_idle_timeout_ms"])
            for t in _inbound(r, "api", "timeout")]  # fmt: skip
     # Kuma 2.14 reads `rules` and `from` as one list of inbound rules: api-in (MeshService) over
     # all-in (Mesh); web's rule is merged on top of the common ones.
-    assert got == [({"kuma.io/service": "web"}, 4000, 1000), ({}, 4000, 3000)]
+    assert got == [({"kuma.io/service": "web"}, 4000, 1000, 10000), ({}, 4000, 3000, 10000)]
     assert [(t["peer"], t["conf"]["http_request_timeout_ms"]) for t in _inbound(r, "web", "timeout")] == [
         ({}, 9000)
     ]
@@ -330,13 +330,51 @@ def test_inbound_connection_limits_and_what_is_not_applied(tmp_path: Path) -> No
         "  rules: [{default: {connectionLimits: {maxConnections: 7}}}]\n",
     )  # fmt: skip
     r = _compile(tmp_path, cb, v2)
-    (w,) = r.diagnostics
-    assert (w.code, w.loc.path) == ("W3006", ("spec", "from", 0, "default", "outlierDetection"))
-    assert "inbound outlierDetection (the local app is the inbound's one host" in w.message
+    assert r.diagnostics == []  # the consecutive detectors eject the local app
     got = [(c["when"], c["conf"]["thresholds"]) for c in _inbound(r, "api", "circuit_breaker")]
     limits = {"max_connections": 2, "max_pending_requests": 1024, "max_requests": 5, "max_retries": 3}
     assert got == [({"version": "v2"}, {**limits, "max_connections": 7}), ({}, limits)]
+    detectors = [c["conf"]["detectors"]["total_errors"] for c in _inbound(r, "api", "circuit_breaker")]
+    assert detectors == [{"consecutive": 3}, {"consecutive": 3}]
     assert "circuit_breaker" not in json.loads(r.bundles["default/web"])["inbound"]
+
+
+def test_inbound_stream_timeouts_panic_threshold_and_what_stays_not_applied(tmp_path: Path) -> None:
+    """The inbound stream timeouts and requestHeadersTimeout compile into the bundle (the last two
+    JSON fields only where set); maxConnectionDuration, an outbound requestHeadersTimeout and the
+    successRate detector inbound are W3006 each; healthyPanicThreshold reaches the bundle."""
+    timeouts = _policy(
+        "MeshTimeout", "api-in", API,
+        "  from: [{targetRef: {kind: Mesh}, default: {http: {streamIdleTimeout: 2s, maxStreamDuration: 9s,"
+        " requestHeadersTimeout: 1s, maxConnectionDuration: 1h}}}]\n"
+        "  to: [{targetRef: {kind: Mesh}, default: {http: {requestTimeout: 5s,"
+        " requestHeadersTimeout: 1s}}}]\n",
+    )  # fmt: skip
+    cb = _policy(
+        "MeshCircuitBreaker", "api-cb", API,
+        "  from: [{targetRef: {kind: Mesh}, default: {outlierDetection: {healthyPanicThreshold: 0,"
+        " detectors: {gatewayFailures: {consecutive: 2}, successRate: {minimumHosts: 1}}}}}]\n",
+    )  # fmt: skip
+    r = _compile(tmp_path, timeouts, cb)
+    assert sorted(_codes(r), key=str) == sorted(
+        [
+            ("W3006", ("spec", "from", 0, "default", "http", "maxConnectionDuration")),
+            ("W3006", ("spec", "to", 0, "default", "http", "requestHeadersTimeout")),
+            ("W3006", ("spec", "from", 0, "default", "outlierDetection", "detectors", "successRate")),
+        ],
+        key=str,
+    )
+    (t,) = _inbound(r, "api", "timeout")
+    conf = t["conf"]
+    assert (conf["http_stream_idle_timeout_ms"], conf["http_max_stream_duration_ms"]) == (2000, 9000)
+    assert conf["http_request_headers_timeout_ms"] == 1000
+    (c,) = _inbound(r, "api", "circuit_breaker")
+    assert (c["conf"]["healthy_panic_threshold"], c["conf"]["detectors"]["gateway_errors"]) == (
+        0.0,
+        {"consecutive": 2},
+    )
+    web = json.loads(r.bundles["default/web"])
+    assert "http_request_headers_timeout_ms" not in json.dumps(web)  # unset: left out, digests kept
 
 
 def test_inbound_access_logs_add_up_per_rule_and_caller(tmp_path: Path) -> None:
@@ -675,8 +713,8 @@ def test_the_sidecar_applies_compiled_inbound_timeouts_limits_and_logs(tmp_path:
     assert (backend.app.request_timeout_s, backend.app.connect_s) == (3.0, 2.0)
     assert sorted(x.backend.path or "" for x in web.app.logs) == ["/tmp/a.log", "/tmp/w.log"]
     assert [x.backend.path for x in backend.app.logs] == ["/tmp/a.log"]
-    assert admit_app(web) is None and admit_app(backend) is None  # 1 connection + 1 pending
-    over = admit_app(call("api"))
+    assert admit_app(web, 0.0) is None and admit_app(backend, 0.0) is None  # 1 connection + 1 pending
+    over = admit_app(call("api"), 0.0)
     assert isinstance(over, Reply) and (over.status, over.overflow) == (503, True)
 
 

@@ -107,3 +107,44 @@ def test_nothing_is_learned_or_added_once_the_window_has_ended(tmp_path: Path) -
     assert not rejoin.learn(v1, _signed(signer, v1, {"benigno": _eps("127.0.0.1:9001")}, 10))
     assert rejoin.services("default") == {}
     assert rejoin.pending() == set()
+
+
+def test_scoped_sets_speak_for_their_services_and_a_delta_needs_its_whole_set(
+    world: tuple[Registry, Rejoin, PushSigner],
+) -> None:
+    """Per-service endpoint sets (``runtime.endpoints``): a sidecar's scoped set names only what
+    it reaches, so it adds those services and drops no other; a delta is learned through the
+    whole set it made, which must make the digest the signed delta names."""
+    from runtime.endpoints import apply
+    from runtime.protocol import endpoint_set_digest, service_endpoints_digest
+
+    registry, rejoin, signer = world
+    a = _register(registry, "magnanimo", 7101)
+    b = _register(registry, "other", 7102)
+
+    def scoped(services: dict[str, list[Endpoint]]) -> str:
+        return endpoint_set_digest({n: service_endpoints_digest(n, e) for n, e in services.items()}, True)
+
+    def sign(dp: DataPlane, doc: EndpointSet, assembled: str | None = None) -> SignedEndpoints:
+        body = doc.model_dump_json()
+        assert dp.boot_id is not None
+        target = PushTarget(dp.mesh, dp.service, dp.instance, dp.boot_id)
+        sig = signer.sign(target, "endpoints", hashlib.sha256(body.encode()).hexdigest(), doc.generation)
+        return SignedEndpoints(body=body, signature=sig, assembled=assembled)
+
+    one = {"benigno": _eps("127.0.0.1:9001")}
+    first = EndpointSet(generation=10, services=one, scoped=True, digest=scoped(one))
+    assert rejoin.learn(a, sign(a, first))
+    two = {"db": _eps("127.0.0.1:9500")}
+    assert rejoin.learn(b, sign(b, EndpointSet(generation=11, services=two, scoped=True, digest=scoped(two))))
+    assert set(rejoin.services("default")) == {"benigno", "db"}  # neither dropped the other's
+    # A delta over ``first``: benigno gains an instance.
+    more = {"benigno": _eps("127.0.0.1:9001", "127.0.0.1:9002")}
+    delta = EndpointSet(generation=12, services=more, scoped=True, digest=scoped(more), base=first.digest)
+    whole, _ = apply(first, None, delta)
+    assert not rejoin.learn(a, sign(a, delta)), "a delta without the whole set it made"
+    lie = whole.model_copy(update={"services": {"benigno": _eps("127.0.0.1:6666")}}).model_dump_json()
+    assert not rejoin.learn(a, sign(a, delta, lie)), "a whole set that does not make the signed digest"
+    assert rejoin.learn(a, sign(a, delta, whole.model_dump_json()))
+    got = rejoin.services("default")
+    assert [e.address for e in got["benigno"]] == ["127.0.0.1:9001", "127.0.0.1:9002"] and "db" in got

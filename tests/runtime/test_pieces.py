@@ -273,9 +273,8 @@ def delta_mesh(
         beta = mesh.start("beta", "beta")
         caller = mesh.start("caller", "caller")
         wait_until(lambda: _synced(mesh, beta) and _synced(mesh, caller), "beta and caller SYNCED")
-        wait_until(
-            lambda: "beta" in ((caller.config().get("endpoints") or {}).get("services") or {}),
-            "caller to know beta's endpoint",
+        wait_until(  # its scope's endpoints (runtime.endpoints): alpha's, not beta's
+            lambda: (caller.config().get("endpoints") or {}).get("scoped"), "caller's endpoint set"
         )
         yield mesh
     finally:
@@ -297,6 +296,7 @@ def test_a_scoped_sidecar_gets_its_scope_and_fetches_the_rest_on_demand(delta_me
     assert held["held"] == ["alpha"]  # what its policies name; the catalog is whole
     assert "beta" in held["pending"] and len(held["pending"]) == len(SERVICES) - 1
     assert caller.config()["bundles"]["mesh"]["digest"] == delta_mesh.release_mesh().digest
+    assert "beta" not in caller.config()["endpoints"]["services"]  # nor its endpoints
     assert outbound_name(caller, "beta") == "beta-app"  # the first request waits for the fetch
     assert "beta" in _pieces_of(caller)["held"]
     assert metric_value(caller.metrics(), "meshc_mesh_pieces_total", how="fetched", result="ok") == 1

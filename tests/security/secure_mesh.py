@@ -418,10 +418,12 @@ def signed_headers(
 def ready_with_certificate(plane: Plane, peers: int) -> bool:
     cfg = plane.config()
     eps = (cfg.get("endpoints") or {}).get("services") or {}
+    # A scoped set (runtime.endpoints) holds what the policies name: the rest comes on demand.
+    scoped = bool((cfg.get("endpoints") or {}).get("scoped"))
     return bool(
         cfg.get("certificate")
         and cfg.get("ready")
-        and sum(len(v) for v in eps.values()) >= peers
+        and (scoped or sum(len(v) for v in eps.values()) >= peers)
         and cfg.get("trusted_control_plane_key")
     )
 

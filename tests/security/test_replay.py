@@ -30,7 +30,7 @@ from secure_mesh import (
 )
 
 from compiler.ca import PushSigner, TokenIssuer
-from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE, endpoints_digest
+from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE
 
 _PUSH_HEADERS = (HDR_DIGEST, HDR_GENERATION, HDR_SIGNATURE, HDR_BUNDLE_ROLE)
 
@@ -275,9 +275,11 @@ def test_status_shows_what_runs_and_the_control_plane_repairs_it(secure_mesh: Se
 
 
 def endpoints_digest_of(eps: dict[str, Any]) -> str:
+    """What the data plane reports running (per-service sets: their digest, ``runtime.endpoints``)."""
+    from runtime.endpoints import running_digest
     from runtime.protocol import EndpointSet
 
-    return endpoints_digest(EndpointSet.model_validate(eps).services)
+    return running_digest(EndpointSet.model_validate(eps))
 
 
 def test_status_is_stale_with_the_running_digest_while_a_data_plane_runs_another(

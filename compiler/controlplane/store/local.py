@@ -43,6 +43,7 @@ _MEMBERSHIP = (
     "admin_address",
     "pieces",
     "reachable",
+    "endpoint_deltas",
 )
 
 
@@ -126,6 +127,7 @@ class LocalStore:
                     registered_at=float(item["registered_at"]),
                     boot_id=str(item["boot_id"]) if item.get("boot_id") else None,
                     pieces=bool(item.get("pieces", False)),
+                    endpoint_deltas=bool(item.get("endpoint_deltas", False)),
                     reachable=tuple(map(str, item["reachable"]))
                     if item.get("reachable") is not None
                     else None,

@@ -6,8 +6,14 @@ A policy sets `to` (outbound), `from` (inbound) or `rules` (inbound, replacing `
 
 Inbound, the merged `connectionLimits` (for every caller, as Kuma's `MatchesAllIncomingTraffic`)
 bound the requests in flight to the local app: past them the sidecar answers 503 at once (Envoy's
-overflow, counted in `meshc_upstream_overflow`). Inbound `outlierDetection` is not applied (the
-local app is the inbound's one host: W3006).
+overflow, counted in `meshc_upstream_overflow`). Inbound `outlierDetection` is Kuma's outlier
+detection of the inbound cluster, whose one host is the local app: the consecutive detectors
+(totalFailures, gatewayFailures, localOriginFailures) eject it for baseEjectionTime times the
+number of ejections (Envoy ejects one host whatever maxEjectionPercent says; counted in
+`meshc_outlier_ejections`). With the app ejected none of the cluster is healthy, so under
+healthyPanicThreshold (Envoy's default 50) panic routing still sends it every request: only
+`healthyPanicThreshold: 0` makes an ejection fail requests fast (503 no healthy upstream) until it
+ends. successRate and failurePercentage are not applied inbound (W3006).
 
 Valid::
 

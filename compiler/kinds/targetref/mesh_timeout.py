@@ -10,10 +10,26 @@ Kuma puts on the route); its other settings stay the destination cluster's (W300
 
 Inbound (`from`, `rules`: Kuma 2.x inbound rules, merged in Kuma's order): the rules without a
 match are the common timeouts of requests to the local app; a `spiffeID` rule's
-`http.requestTimeout` goes over them for the callers it covers. The sidecar applies
-connectionTimeout (connecting to the app), http.requestTimeout (504 when the app has not answered
-in time; a gRPC caller's `grpc-timeout` replaces it) and, for a TCP service, idleTimeout; the other
-`http` timeouts, and idleTimeout on an HTTP service, are not applied inbound (W3006 at each).
+`http.requestTimeout` and `http.streamIdleTimeout` go over them for the callers it covers. The
+sidecar applies, as Envoy does on Kuma's inbound listener and local app cluster:
+
+* connectionTimeout: connecting to the app;
+* http.requestTimeout: 504 when the app has not answered in time (a gRPC caller's `grpc-timeout`
+  replaces it);
+* http.streamIdleTimeout: a request whose exchange moves no byte either way for this long (a
+  client that stops sending or opens no HTTP/2 window, an app that stops answering) gets 408
+  before its response began, else the stream is reset (HTTP/1.1: the connection is closed);
+* http.maxStreamDuration: the same cut once the request and its response have taken this long;
+* http.requestHeadersTimeout (the rule for every caller; 0s keeps the listener's
+  `--header-timeout`): 408 and close when an HTTP/1.1 request head takes longer to arrive (a
+  slowloris guard; an HTTP/2 header block is bounded in size instead);
+* idleTimeout, for a TCP service: the connection closes after that long without data.
+
+Not applied inbound (W3006 at each): http.maxConnectionDuration, and idleTimeout on an HTTP
+service (both are about the sidecar's pooled connections to its app). Outbound (`to`) the same
+stream timeouts apply to requests to the destination; requestHeadersTimeout (meshc's one outbound
+listener reads a head before it knows the destination) and maxConnectionDuration are not
+applied there (W3006).
 
 Valid::
 
@@ -160,6 +176,19 @@ def _source_conditioned(path: Path, conf: Conf | None) -> Found:
         ):
             if v is not None:
                 yield (*path, "http", f), _SPIFFE
+
+
+def not_applied(conf: Conf | None) -> Found:
+    """A ``to`` item's settings the outbound side does not carry out (see the module doc)."""
+    h = conf.http if conf is not None else None
+    if h is None:
+        return
+    if h.request_headers_timeout is not None:
+        why = "an outbound http.requestHeadersTimeout (the one outbound listener has --header-timeout)"
+        yield ("http", "requestHeadersTimeout"), why
+    if h.max_connection_duration is not None:
+        why = "an outbound http.maxConnectionDuration (pooled connections are not retired by age)"
+        yield ("http", "maxConnectionDuration"), why
 
 
 def check(spec: MeshTimeoutSpec) -> Found:
