@@ -8,7 +8,10 @@ each phase in a fresh subprocess so that peak RSS is the phase's own:
 * ``compile``: the cold compile in-process (``compile_dir``), then writing the release;
 * ``incremental`` (largest repo only): an ``IncrementalCompiler`` warmed by a cold compile, then
   one route edited and recompiled, timed inside the running process; the bundles it rewrote are
-  compared with the bundles whose digest a cold compile of the edited repo changes.
+  compared with the bundles whose digest a cold compile of the edited repo changes;
+* ``release`` (largest repo only): the control plane's whole compile side for a route edit and a
+  Timeout edit (re-read, compile, mesh pieces, rollout diff; target ``release_s``), each checked
+  byte for byte against a cold compile.
 
 Prints docs/s, wall time, peak RSS and the ratio compile / parse-only, and writes JSON to
 ``bench/results/compile.json``. ``--quick`` runs one small repo (for a smoke test).
@@ -35,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "compile.json"
 
-TARGETS = {"cold_s": 10.0, "ratio": 2.5, "rss_mib": 1024.0, "incremental_s": 0.3}
+TARGETS = {"cold_s": 10.0, "ratio": 2.5, "rss_mib": 1024.0, "incremental_s": 0.3, "release_s": 0.3}
 
 MESH = """\
 apiVersion: kuma.io/v1alpha1
@@ -291,7 +294,77 @@ def phase_incremental(root: Path) -> dict[str, Any]:
     }
 
 
-PHASES = {"parse": phase_parse, "compile": phase_compile, "incremental": phase_incremental}
+def _later(m: Any) -> str:
+    return f"requestTimeout: {int(m.group(1)) % 50 + 7}s"
+
+
+def phase_release(root: Path) -> dict[str, Any]:
+    """The control plane's compile side for one-file edits, as ``compile_once`` runs it: re-read
+    the directory (by stat), compile incrementally (writing bundles and the release), cut the
+    mesh bundle's pieces, adopt the release (the rollout diff). A route weight edit and a Timeout
+    edit (one destination's default: the mesh bundle). Each checked against a cold compile."""
+    import re
+
+    from compiler.controlplane.pieces import PieceStore
+    from compiler.controlplane.release import Compiler, ReleaseState
+    from compiler.pipeline import compile_sources
+    from compiler.source import read_policy_dir
+    from runtime.pieces import split_mesh
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        comp, rel, store = Compiler(Path(tmp)), ReleaseState(), PieceStore()
+
+        def release(label: str) -> dict[str, Any]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            src = comp.read(root)
+            t1 = time.perf_counter()
+            result = comp.compile(src)
+            t2 = time.perf_counter()
+            assert not result.errors, result.diagnostics[:3]
+            for d, mp in comp.split_meshes(store, result.bundles, result.digests).items():
+                store.add(d, mp)
+            t3 = time.perf_counter()
+            changed = rel.apply(result, seen_at=time.time(), trigger=label, duration_s=t2 - t0)
+            t4, c4 = time.perf_counter(), time.process_time()
+            return {
+                "read_s": t1 - t0,
+                "compile_s": t2 - t1,
+                "pieces_s": t3 - t2,
+                "apply_s": t4 - t3,
+                "wall_s": t4 - t0,
+                "cpu_s": c4 - c0,
+                "changed": len(changed or ()),
+                "changed_keys": sorted(changed or ())[:10],
+            }
+
+        out["cold"] = release("cold")
+        for kind, i in (("route", 7), ("timeout", 8), ("route_again", 9), ("timeout_again", 10)):
+            path = service_path(root, i)
+            n = len(list((root / "services").iterdir()))
+            text = path.read_text()
+            if kind.startswith("route"):  # the weights of svc-i -> svc-(i+1)
+                text = service_yaml(i, n, w1=65 if "weight: 55\n" in text else 55)
+            else:
+                text = re.sub(r"requestTimeout: (\d+)s", _later, text)
+            path.write_text(text)
+            out[kind] = release(kind)
+            cold = compile_sources(read_policy_dir(root))
+            cur = rel.current
+            assert cur is not None and cur.bundles == cold.bundles and cur.record == cold.release, kind
+            want = split_mesh(cold.bundles["default"])
+            got = store.mesh(cold.digests["default"], b"")
+            assert (got.manifest, dict(got.pieces)) == (want.manifest, dict(want.pieces)), kind
+    out["byte_identical_to_cold"] = True
+    return out
+
+
+PHASES = {
+    "parse": phase_parse,
+    "compile": phase_compile,
+    "incremental": phase_incremental,
+    "release": phase_release,
+}
 
 
 def run_phase(phase: str, root: Path) -> dict[str, Any]:
@@ -344,6 +417,10 @@ def bench(sizes: list[int], incremental: bool) -> dict[str, Any]:
             }
             if incremental and n == max(sizes):
                 run["incremental"] = _rounded(run_phase("incremental", root), None)
+                run["release"] = {
+                    k: _rounded(v, None) if isinstance(v, dict) else v
+                    for k, v in run_phase("release", root).items()
+                }
             _print_run(run)
             report["runs"].append(run)
     return report
@@ -381,6 +458,13 @@ def _print_run(run: dict[str, Any]) -> None:
             f"  no-op update {inc['noop_update_s'] * 1000:.0f} ms; "
             f"re-reading the directory {inc['reread_dir_s'] * 1000:.0f} ms"
         )
+    for kind, r in run.get("release", {}).items():
+        if isinstance(r, dict):
+            print(
+                f"  control plane, {kind:13s}: {r['wall_s'] * 1000:6.0f} ms (read {r['read_s'] * 1000:.0f}, "
+                f"compile {r['compile_s'] * 1000:.0f}, pieces {r['pieces_s'] * 1000:.0f}, "
+                f"apply {r['apply_s'] * 1000:.0f}; cpu {r['cpu_s'] * 1000:.0f}), changed {r['changed']}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

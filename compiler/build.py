@@ -29,7 +29,7 @@ from compiler.parse import Doc
 from compiler.resolve import TARGETREF_INBOUND, Entry, PolicyIndex
 from runtime import bundle as b
 
-__all__ = ["Built", "MeshBuilder", "build_mesh", "canon", "json_object"]
+__all__ = ["Built", "MeshBuilder", "MeshParts", "build_mesh", "canon", "json_key", "json_object"]
 
 canon: Callable[[Any], str] = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False
@@ -157,12 +157,41 @@ class MeshBuilder:
         return json_object(parts)
 
     def mesh_bundle(self) -> tuple[bytes, list[Doc]]:
+        parts = self.mesh_parts()
+        return parts.data(), parts.used()
+
+    def mesh_parts(self, prev: MeshParts | None = None, dirty: Iterable[str] | None = None) -> MeshParts:
+        """The mesh bundle as parts. With ``prev`` (this builder's last parts) only the ``dirty``
+        destinations are rendered again (None: every one); the catalog is kept as it was."""
         mesh = self.mesh
         mtls, passthrough = mesh_settings(mesh.doc.spec if mesh.doc else None)
-        used: list[Doc] = [mesh.doc] if mesh.doc else []
-        used.extend(s.doc for s in self.services.values())
-        services = json_object((n, _catalog_json(s)) for n, s in self.services.items())
-        destinations = json_object((d, self.destination("*", d, used)) for d in self.destinations)
+        base: list[Doc] = [mesh.doc] if mesh.doc else []
+        base.extend(s.doc for s in self.services.values())
+        if prev is None:
+            services = {n: _catalog_json(s) for n, s in self.services.items()}
+            destinations: dict[str, str] = {}
+            dest_used: dict[str, list[Doc]] = {}
+            conflicts: dict[str, dict[frozenset[int], tuple[Entry, Entry]]] = {}
+            todo: Iterable[str] = self.destinations
+        else:
+            services, destinations, dest_used = prev.services, prev.destinations, prev.dest_used
+            conflicts = prev.conflicts
+            todo = self.destinations if dirty is None else sorted(d for d in dirty if d in destinations)
+        outer = self.idx.conflicts  # what a whole build accumulates, first conflict found kept
+        try:
+            for d in todo:
+                used: list[Doc] = []
+                self.idx.conflicts = {}
+                destinations[d] = self.destination("*", d, used)
+                dest_used[d] = used
+                if self.idx.conflicts:
+                    conflicts[d] = self.idx.conflicts
+                    for k, v in self.idx.conflicts.items():
+                        outer.setdefault(k, v)
+                else:
+                    conflicts.pop(d, None)
+        finally:
+            self.idx.conflicts = outer
         head = canon(
             {
                 "format": b.BUNDLE_FORMAT,
@@ -173,21 +202,19 @@ class MeshBuilder:
                 "type": "mesh",
             }
         )
-        # {"destinations":…, <head's keys, all sorting between "destinations" and "services">,
-        #  "services":…, "type":"mesh"}: keys stay sorted.
-        head_items = head[1 : -len(',"type":"mesh"}')]
         resolved = self.idx.tracing
+        tail: list[Doc] = []
         if resolved is not None:
             tracing = resolved.mesh
-            used.extend(resolved.mesh_docs)
+            tail.extend(resolved.mesh_docs)
         else:
             tracing = tracing_backend(mesh.doc.spec if mesh.doc else None)
         trace = canon(tracing.model_dump(mode="json")) if tracing is not None else "null"
-        text = (
-            f'{{"destinations":{destinations},{head_items},"services":{services},'
-            f'"tracing":{trace},"type":"mesh"}}'
+        # {"destinations":…, <head's keys, all sorting between "destinations" and "services">,
+        #  "services":…, "type":"mesh"}: keys stay sorted.
+        return MeshParts(
+            head[1 : -len(',"type":"mesh"}')], services, destinations, trace, base, dest_used, tail, conflicts
         )
-        return text.encode(), used
 
     def service_bundle(self, name: str) -> tuple[bytes, list[Doc]]:
         svc = self.services[name]
@@ -220,6 +247,68 @@ class MeshBuilder:
         if key == self.mesh.name:
             return self.mesh_bundle()
         return self.service_bundle(key[len(self.mesh.name) + 1 :])
+
+
+@dataclass
+class MeshParts:
+    """A mesh bundle in parts (canonical JSON fragments): what the incremental compiler keeps to
+    re-render only the destinations a change reaches, and what the control plane re-splits into
+    pieces (``compiler.controlplane.pieces``) without parsing the bundle again."""
+
+    head: str
+    """The canonical items between ``destinations`` and ``services`` (no braces)."""
+    services: dict[str, str]
+    """Service -> its catalog entry (sorted by name)."""
+    destinations: dict[str, str]
+    """Destination -> its default outbound config (in ``MeshBuilder.destinations`` order once
+    built whole; re-rendered entries keep their place)."""
+    tracing: str
+    base_used: list[Doc]
+    dest_used: dict[str, list[Doc]]
+    tail_used: list[Doc]
+    conflicts: dict[str, dict[frozenset[int], tuple[Entry, Entry]]] = field(default_factory=dict)
+    """Destination -> the conflicts rendering it found (only those with some)."""
+
+    def all_conflicts(self) -> dict[frozenset[int], tuple[Entry, Entry]]:
+        """The conflicts of the whole bundle, as a whole build records them (first one kept)."""
+        out: dict[frozenset[int], tuple[Entry, Entry]] = {}
+        found = self.conflicts
+        for d in self.destinations:
+            if d in found:
+                for k, v in found[d].items():
+                    out.setdefault(k, v)
+        return out
+
+    def data(self) -> bytes:
+        # Both dicts are in name order (built from the sorted services; re-rendered entries keep
+        # their place), which is the order ``canon`` sorts keys in.
+        destinations = "{" + ",".join([f"{json_key(k)}:{v}" for k, v in self.destinations.items()]) + "}"
+        services = "{" + ",".join([f"{json_key(k)}:{v}" for k, v in self.services.items()]) + "}"
+        return (
+            f'{{"destinations":{destinations},{self.head},"services":{services},'
+            f'"tracing":{self.tracing},"type":"mesh"}}'
+        ).encode()
+
+    def used(self) -> list[Doc]:
+        """The documents that shaped the bundle, in the order a whole build finds them."""
+        out = list(self.base_used)
+        for used in self.dest_used.values():
+            out.extend(used)
+        out.extend(self.tail_used)
+        return out
+
+
+_KEYS: dict[str, str] = {}
+
+
+def json_key(name: str) -> str:
+    """``canon(name)``, remembered (a mesh bundle names every service twice per build)."""
+    out = _KEYS.get(name)
+    if out is None:
+        if len(_KEYS) > 200_000:
+            _KEYS.clear()
+        out = _KEYS[name] = canon(name)
+    return out
 
 
 _CATALOG_CACHE: dict[tuple[Any, ...], str] = {}

@@ -22,7 +22,7 @@ from compiler.diagnostics import Diagnostic
 from compiler.kinds.base import selector_service
 from compiler.parse import Doc
 
-__all__ = ["SHAPING_KINDS", "check_denied"]
+__all__ = ["SHAPING_KINDS", "allowed_pairs", "check_denied", "doc_denied", "enforced"]
 
 SHAPING_KINDS = frozenset(
     {"TrafficRoute", "HealthCheck", "CircuitBreaker", "Retry", "Timeout", "FaultInjection", "TrafficLog"}
@@ -46,33 +46,50 @@ def _matches(doc: Doc) -> tuple[list[Mapping[str, str | None]], list[Mapping[str
 def check_denied(docs: list[Doc], cat: Catalog) -> Iterator[Diagnostic]:
     """W2003 for each shaping policy and destination whose sources the permissions deny."""
     for mesh_name, mesh in cat.meshes.items():
-        spec = mesh.doc.spec if mesh.doc else None
-        if not (spec and spec.mtls and spec.mtls.enabled_backend):
+        if not enforced(mesh):
             continue  # permissions have no effect (W2001 says so)
         perms = [d for d in docs if d.kind == "TrafficPermission" and d.mesh == mesh_name]
-        allowed: set[tuple[str, str]] = set()
-        for p in perms:
-            src, dst = _matches(p)
-            for s in {selector_service(m) for m in src}:
-                for t in {selector_service(m) for m in dst}:
-                    allowed.add((s, t))
-
+        allowed = allowed_pairs(perms)
         for d in docs:
-            if d.mesh != mesh_name or d.kind not in SHAPING_KINDS:
-                continue
-            src, dst = _matches(d)
-            explicit = all(selector_service(m) != "*" for m in src)
-            if d.kind != "HealthCheck" and not explicit:
-                continue
-            sources = _services(mesh, src)
-            for dest in _services(mesh, dst):
-                if mesh.services[dest].gateway:
-                    continue
-                denied = [s for s in sources if not _permits(allowed, s, dest)]
-                # a HealthCheck's every denied source is a failing check; any other policy is
-                # reported only when it can never apply (every source it names is denied)
-                if denied and (d.kind == "HealthCheck" or len(denied) == len(sources)):
-                    yield _finding(d, dest, denied, perms)
+            if d.mesh == mesh_name and d.kind in SHAPING_KINDS:
+                yield from doc_denied(d, mesh, allowed, perms)
+
+
+def enforced(mesh: MeshInfo) -> bool:
+    """Whether the mesh's permissions are enforced (mTLS on)."""
+    spec = mesh.doc.spec if mesh.doc else None
+    return bool(spec and spec.mtls and spec.mtls.enabled_backend)
+
+
+def allowed_pairs(perms: list[Doc]) -> set[tuple[str, str]]:
+    """The (source, destination) service pairs a mesh's TrafficPermissions allow (``*`` kept)."""
+    allowed: set[tuple[str, str]] = set()
+    for p in perms:
+        src, dst = _matches(p)
+        for s in {selector_service(m) for m in src}:
+            for t in {selector_service(m) for m in dst}:
+                allowed.add((s, t))
+    return allowed
+
+
+def doc_denied(
+    d: Doc, mesh: MeshInfo, allowed: set[tuple[str, str]], perms: list[Doc]
+) -> Iterator[Diagnostic]:
+    """The W2003 findings of one shaping document (``check_denied`` one document at a time, for
+    the incremental compiler: a change to one policy re-checks that policy only)."""
+    src, dst = _matches(d)
+    explicit = all(selector_service(m) != "*" for m in src)
+    if d.kind != "HealthCheck" and not explicit:
+        return
+    sources = _services(mesh, src)
+    for dest in _services(mesh, dst):
+        if mesh.services[dest].gateway:
+            continue
+        denied = [s for s in sources if not _permits(allowed, s, dest)]
+        # a HealthCheck's every denied source is a failing check; any other policy is
+        # reported only when it can never apply (every source it names is denied)
+        if denied and (d.kind == "HealthCheck" or len(denied) == len(sources)):
+            yield _finding(d, dest, denied, perms)
 
 
 def _permits(allowed: set[tuple[str, str]], source: str, dest: str) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import sys
 from collections.abc import Iterable
@@ -36,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler.build import MeshBuilder, canon
+from compiler.build import MeshBuilder, MeshParts, canon
 from compiler.canary import BuildMesh, canary_findings
 from compiler.catalog import Catalog, MeshInfo, build_catalog
 from compiler.checks import check_doc, check_permissions
-from compiler.denied import SHAPING_KINDS, check_denied
+from compiler.denied import SHAPING_KINDS, allowed_pairs, doc_denied, enforced
 from compiler.diagnostics import Diagnostic
 from compiler.gateway import GatewayBuild, build_gateways
 from compiler.kinds.mesh import logging_backends
@@ -102,6 +103,9 @@ def _reindex_all(d: Doc) -> bool:
     return d.kind in _CATALOG_KINDS or d.kind in RESOLVED_KINDS or is_kube(d)
 
 
+_ProvKey = tuple[str, str, str, int]
+
+
 @dataclass
 class _Mesh:
     info: MeshInfo
@@ -114,6 +118,19 @@ class _Mesh:
     """The bundle keys of the mesh in the cold compile's order."""
     tr_findings: list[Diagnostic] = field(default_factory=list)
     """What resolving its targetRef policies found (recomputed on every full rebuild)."""
+    parts: MeshParts | None = None
+    """The mesh bundle's parts as last built (re-rendered per destination)."""
+    dirty: set[str] = field(default_factory=set)
+    """Destinations of the mesh bundle a change reached (``ALL``: every one)."""
+    prov_keys: dict[str, list[_ProvKey]] = field(default_factory=dict)
+    """Destination -> the provenance keys of the documents that shaped it."""
+    prov_base: list[_ProvKey] = field(default_factory=list)
+    prov_count: dict[_ProvKey, int] = field(default_factory=dict)
+    """The mesh bundle's provenance as a multiset: a re-rendered destination moves it by its
+    own keys, and the sorted list is made again only when a key comes or goes."""
+
+
+ALL = "*"
 
 
 class IncrementalCompiler:
@@ -149,7 +166,11 @@ class IncrementalCompiler:
         self._commit: str | None = None
         self._cat_findings: list[Diagnostic] | None = None
         self._perm_findings: list[Diagnostic] | None = None
-        self._denied_findings: list[Diagnostic] | None = None
+        self._denied_ctx: dict[str, tuple[MeshInfo, set[tuple[str, str]], list[Doc]]] | None = None
+        self._denied: dict[int, list[Diagnostic]] = {}
+        """id(doc) -> its W2003 findings (only documents with some)."""
+        self._used: dict[str, list[Doc]] = {}
+        """Bundle key -> the documents that shaped it as last built (for reusing provenance)."""
         self._declared: list[Declared] = []
         self._kube = KubeExpander()
         self._kube_findings: list[Diagnostic] = []
@@ -159,6 +180,12 @@ class IncrementalCompiler:
     def update(self, src: SourceSet) -> Update:
         with no_gc():
             return self._update(src)
+
+    def mesh_parts(self, mesh: str) -> MeshParts | None:
+        """The parts of the mesh bundle ``mesh`` as last built (``self.result.bundles[mesh]`` is
+        their ``data()`` after an error-free update), for splitting it without parsing it."""
+        m = self._meshes.get(mesh)
+        return m.parts if m is not None else None
 
     # --- files and documents --------------------------------------------------------------------
 
@@ -221,11 +248,32 @@ class IncrementalCompiler:
             assert self._catalog is not None
             perms = [d for d in docs if d.kind in ("TrafficPermission", "MeshTrafficPermission")]
             self._perm_findings = list(check_permissions(perms, self._catalog))
-        if full or self._denied_findings is None or any(d.kind in _DENIED_INPUTS for d in (*added, *removed)):
-            assert self._catalog is not None
-            relevant = [d for d in docs if d.kind in _DENIED_INPUTS]
-            self._denied_findings = list(check_denied(relevant, self._catalog))
+        self._update_denied(docs, added, removed, full)
         return self._result(src, parsed, docs, rebuilt, full, len(todo))
+
+    def _update_denied(self, docs: list[Doc], added: list[Doc], removed: list[Doc], full: bool) -> None:
+        """W2003 per document: all again when the permissions (or the catalog) changed, else only
+        the documents this update added."""
+        cat = self._catalog
+        assert cat is not None
+        if full or self._denied_ctx is None or any(d.kind == "TrafficPermission" for d in (*added, *removed)):
+            ctx = {}
+            for name, mesh in cat.meshes.items():
+                if enforced(mesh):
+                    perms = [d for d in docs if d.kind == "TrafficPermission" and d.mesh == name]
+                    ctx[name] = (mesh, allowed_pairs(perms), perms)
+            self._denied_ctx, self._denied = ctx, {}
+            todo = docs
+        else:
+            ctx = self._denied_ctx
+            for d in removed:
+                self._denied.pop(id(d), None)
+            todo = added
+        for d in todo:
+            if d.kind in SHAPING_KINDS and d.mesh in ctx:
+                found = list(doc_denied(d, *ctx[d.mesh]))
+                if found:
+                    self._denied[id(d)] = found
 
     @staticmethod
     def _keep_equal(
@@ -255,10 +303,15 @@ class IncrementalCompiler:
     def _rebuild_all(self, docs: list[Doc]) -> list[str]:
         cat, _ = build_catalog(docs, self._declared)
         self._catalog = cat
-        self._checks = {id(d): list(check_doc(d, cat)) for d in docs}
+        self._checks = {}
+        for d in docs:
+            found = list(check_doc(d, cat))
+            if found:
+                self._checks[id(d)] = found
         self._meshes = {}
         self._conflicts = {}
         self._prov_json = {}
+        self._used = {}
         bundles: dict[str, bytes] = {}
         prov: dict[str, list[dict[str, Any]]] = {}
         digests: dict[str, str] = {}
@@ -286,12 +339,64 @@ class IncrementalCompiler:
         return rebuilt
 
     def _build(self, m: _Mesh, key: str, prov: dict[str, list[dict[str, Any]]]) -> bytes:
+        if key == m.info.name:
+            return self._build_mesh(m, prov)
         m.idx.conflicts = {}
         data, used = m.builder.build(key)
         self._conflicts[key] = m.idx.conflicts
-        prov[key] = provenance(used, self._lines)
-        self._prov_json[key] = canon(prov[key])
+        old = self._used.get(key)
+        if old is None or len(old) != len(used) or not all(map(operator.is_, old, used)) or key not in prov:
+            # the same document objects at the same lines: the same provenance
+            prov[key] = provenance(used, self._lines)
+            self._prov_json[key] = canon(prov[key])
+        self._used[key] = used
         return data
+
+    def _build_mesh(self, m: _Mesh, prov: dict[str, list[dict[str, Any]]]) -> bytes:
+        """The mesh bundle, re-rendering only its dirty destinations (all on a first build), its
+        provenance kept as a multiset of keys so that it is sorted again only when it changes."""
+        key = m.info.name
+        dirty = None if m.parts is None or ALL in m.dirty else m.dirty
+        m.idx.conflicts = {}
+        parts = m.parts = m.builder.mesh_parts(m.parts, dirty)
+        m.dirty = set()
+        m.idx.conflicts = {}
+        self._conflicts[key] = parts.all_conflicts()
+        lines = self._lines
+        moved = dirty is None
+        if dirty is None:
+            m.prov_base = [_prov_key(d, lines) for d in (*parts.base_used, *parts.tail_used)]
+            m.prov_keys = {d: [_prov_key(x, lines) for x in used] for d, used in parts.dest_used.items()}
+            count: dict[_ProvKey, int] = {}
+            for k in m.prov_base:
+                count[k] = count.get(k, 0) + 1
+            for keys in m.prov_keys.values():
+                for k in keys:
+                    count[k] = count.get(k, 0) + 1
+            m.prov_count = count
+        else:
+            count = m.prov_count
+            for d in dirty:
+                if d not in parts.dest_used:
+                    continue
+                # the new keys first: a key that stays (the usual edit) never drops to zero
+                keys = [_prov_key(x, lines) for x in parts.dest_used[d]]
+                for k in keys:
+                    n = count.get(k, 0)
+                    count[k] = n + 1
+                    moved = moved or not n
+                for k in m.prov_keys.get(d, ()):
+                    n = count[k] - 1
+                    if n:
+                        count[k] = n
+                    else:
+                        del count[k]
+                        moved = True
+                m.prov_keys[d] = keys
+        if moved or key not in prov:
+            prov[key] = [{"kind": k, "name": n, "file": f, "line": ln} for k, n, f, ln in sorted(count)]
+            self._prov_json[key] = canon(prov[key])
+        return parts.data()
 
     def _rebuild_some(self, docs: list[Doc], added: list[Doc], removed: list[Doc]) -> list[str]:
         cat = self._catalog
@@ -299,18 +404,21 @@ class IncrementalCompiler:
         for d in removed:
             self._checks.pop(id(d), None)
         for d in added:
-            self._checks[id(d)] = list(check_doc(d, cat))
+            found = list(check_doc(d, cat))
+            if found:
+                self._checks[id(d)] = found
         affected: dict[str, set[str]] = {}
         for d in removed:
             m = self._meshes.get(d.mesh)
             if m is not None:
-                affected.setdefault(d.mesh, set()).update(self._reach(m, m.idx.by_doc.get(id(d), (d, []))[1]))
+                entries = m.idx.by_doc.get(id(d), (d, []))[1]
+                affected.setdefault(d.mesh, set()).update(self._reach(m, entries, m.dirty))
                 m.idx.remove(d)
         for d in added:
             m = self._meshes.get(d.mesh)
             if m is not None:
                 entries = m.idx.add(d, {d.mesh: m.logging})
-                affected.setdefault(d.mesh, set()).update(self._reach(m, entries))
+                affected.setdefault(d.mesh, set()).update(self._reach(m, entries, m.dirty))
         for name in {d.mesh for d in (*added, *removed) if d.kind == "MeshGatewayRoute"}:
             m = self._meshes.get(name)
             if m is None:
@@ -318,6 +426,7 @@ class IncrementalCompiler:
             mesh_docs = [d for d in docs if d.mesh == name]
             m.gateways, m.gw_findings = build_gateways(cat, name, mesh_docs)
             m.builder = MeshBuilder(m.info, m.idx, m.gateways, m.logging)
+            m.parts = None
             affected.setdefault(name, set()).update(f"{name}/{g}" for g in m.builder.gateways)
         rebuilt = []
         for name, keys in affected.items():
@@ -331,8 +440,9 @@ class IncrementalCompiler:
         return sorted(rebuilt)
 
     @staticmethod
-    def _reach(m: _Mesh, entries: Iterable[Entry]) -> set[str]:
-        """The bundle keys whose content these entries can change."""
+    def _reach(m: _Mesh, entries: Iterable[Entry], dirty: set[str] | None = None) -> set[str]:
+        """The bundle keys whose content these entries can change; ``dirty`` receives the mesh
+        bundle's destinations they can change (``ALL``: every one)."""
         mesh = m.info.name
         services = m.builder.services
         out: set[str] = set()
@@ -343,6 +453,8 @@ class IncrementalCompiler:
                         out.add(f"{mesh}/{e.src}")
                     continue
                 out.add(mesh)
+                if dirty is not None:
+                    dirty.add(ALL if e.dst == "*" else e.dst)
                 if e.dst == "*":
                     out.update(f"{mesh}/{s}" for s in services)
                 else:
@@ -374,11 +486,16 @@ class IncrementalCompiler:
         findings = [d for p in parsed for d in p.findings]
         findings.extend(self._kube_findings)
         findings.extend(self._cat_findings or ())
-        checks = self._checks
+        checks, denied = self._checks, self._denied
         for d in docs:
-            findings.extend(checks[id(d)])
+            found = checks.get(id(d))
+            if found:
+                findings.extend(found)
         findings.extend(self._perm_findings or ())
-        findings.extend(self._denied_findings or ())
+        for d in docs:
+            found = denied.get(id(d))
+            if found:
+                findings.extend(found)
         findings.extend(canary_findings(docs))
         for m in self._meshes.values():
             findings.extend(m.gw_findings)
@@ -484,6 +601,11 @@ def compile_cached(src: SourceSet, policy_dir: str | Path) -> CompileResult:
         result = compile_parsed(src, parse_cached(list(src.files), cache))
     cache.save()
     return result
+
+
+def _prov_key(d: Doc, lines: dict[str, list[int]]) -> _ProvKey:
+    ls = lines.get(d.file, [1])
+    return (d.kind, d.name, d.file, ls[d.index] if d.index < len(ls) else ls[-1])
 
 
 def _identities(docs: list[Doc]) -> list[tuple[str, str, str, str, int, tuple[str | int, ...]]]:

@@ -14,13 +14,14 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
+
+from pydantic import BaseModel
 
 from compiler.diagnostics import Diagnostic, Path
 from compiler.kinds import REGISTRY
 from compiler.kinds.base import PROTOCOL_TAG, ConfContext, Selector, extra_tags, selector_service
-from compiler.parse import Doc
+from compiler.parse import Doc, share_parts
 from runtime import bundle as b
 
 __all__ = [
@@ -48,8 +49,11 @@ field -> the kind their entries are filed under in ``PolicyIndex.by_dst``. ``bui
 only when they hold rules (``runtime.bundle.INBOUND_OPTIONAL``); ``traffic_log`` rules add up."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
+    """One (source, destination) rule of a document. Slotted: a 10,000-service mesh keeps ~80,000
+    of them between compiles, and a ``__dict__`` each cost ~25 MB."""
+
     doc: Doc
     src: str
     dst: str
@@ -62,12 +66,17 @@ class Entry:
     """Other documents merged into ``conf`` (targetRef policies), for provenance."""
     merged: tuple[Any, ...] = ()
     """The targetRef items (``precedence.Ranked``) merged into ``conf``, lowest precedence first."""
+    _rule: str | None = field(default=None, compare=False, repr=False)
 
-    @cached_property
+    @property
     def rule_json(self) -> str:
         """This entry as a bundle ``Rule``, in canonical JSON (serialized once, shared by bundles)."""
-        conf = self.conf.model_dump(mode="json") if self.conf is not None else None
-        return _canon({"when": dict(self.when), "peer": dict(self.peer), "conf": conf})
+        out = self._rule
+        if out is None:
+            conf = self.conf.model_dump(mode="json") if self.conf is not None else None
+            out = _canon({"when": dict(self.when), "peer": dict(self.peer), "conf": conf})
+            object.__setattr__(self, "_rule", out)
+        return out
 
 
 _canon = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
@@ -114,6 +123,8 @@ class PolicyIndex:
             conf = kdef.to_conf(d.spec, ConfContext(logging=log_backends.get(d.mesh, ())))
             if conf is None:
                 return []
+            if isinstance(conf, BaseModel):
+                share_parts(conf)  # kept by the incremental compiler: share its fields sets
         table = self.by_kind.setdefault(d.kind, {})
         inbound = self.by_dst.setdefault(d.kind, {})
         out: list[Entry] = []

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SourceError", "SourceFile", "SourceSet", "git_blob_id", "read_policy_dir"]
+__all__ = ["SourceError", "SourceFile", "SourceSet", "StatCache", "git_blob_id", "read_policy_dir"]
 
 _SUFFIXES = (".yaml", ".yml")
 
@@ -39,6 +40,31 @@ class SourceSet:
     commit: str | None = None
     """The resolved commit when read from Git."""
     repo_root: Path | None = None
+
+
+RACY_NS = 2_000_000_000
+"""A file modified this close before it was read is read again next time (Git's "racily clean"
+rule): an edit in the same clock tick with the same size would otherwise go unseen."""
+
+_Stat = tuple[int, int, int, int]
+
+
+@dataclass
+class StatCache:
+    """What a long-lived reader (the control plane) keeps between reads of one work tree.
+
+    Each file's stat (mtime, ctime, size, inode) and the ``SourceFile`` read with it: a file whose
+    stat is unchanged is neither read nor hashed again, so re-reading 10,000 files after a one-file
+    edit costs their ``stat`` calls only. The repository root is looked up once per directory.
+    """
+
+    files: dict[str, tuple[_Stat, SourceFile]] = field(default_factory=dict)
+    roots: dict[Path, Path | None] = field(default_factory=dict)
+
+    def root_of(self, path: Path) -> Path | None:
+        if path not in self.roots:
+            self.roots[path] = find_repo_root(path)
+        return self.roots[path]
 
 
 def git_blob_id(data: bytes) -> str:
@@ -74,12 +100,17 @@ def find_repo_root(path: Path) -> Path | None:
     return Path(out.decode().strip())
 
 
-def read_policy_dir(policy_dir: str | Path, ref: str | None = None) -> SourceSet:
-    """All ``*.yaml``/``*.yml`` under the directory (hidden folders skipped), sorted by path."""
+def read_policy_dir(
+    policy_dir: str | Path, ref: str | None = None, *, cache: StatCache | None = None
+) -> SourceSet:
+    """All ``*.yaml``/``*.yml`` under the directory (hidden folders skipped), sorted by path.
+
+    ``cache`` (work tree only) skips reading files whose stat has not changed since the last read."""
     root = Path(policy_dir).resolve()
     if ref is None and not root.is_dir():
         raise SourceError(f"{policy_dir}: not a directory")
-    repo = find_repo_root(root if root.exists() else root.parent)
+    at = root if root.exists() else root.parent
+    repo = cache.root_of(at) if cache is not None else find_repo_root(at)
     if ref is not None:
         if repo is None:
             raise SourceError(
@@ -88,19 +119,58 @@ def read_policy_dir(policy_dir: str | Path, ref: str | None = None) -> SourceSet
             )
         return _read_git(repo, root, ref)
     base = repo if repo is not None else root
+    prefix = root.relative_to(base).as_posix()
+    prefix = "" if prefix == "." else prefix + "/"
+    top = str(root)
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: dict[str, tuple[_Stat, SourceFile]] = {}
+    old = cache.files if cache is not None else {}
+    for dirpath, dirnames, filenames in os.walk(top):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+        rel_dir = dirpath[len(top) + 1 :].replace(os.sep, "/")
+        for name in filenames:
             if name.endswith(_SUFFIXES) and not name.startswith("."):
-                full = Path(dirpath) / name
-                try:
-                    data = full.read_bytes()
-                except OSError as e:
-                    raise SourceError(f"{full}: {e.strerror}") from e
-                files.append(SourceFile(full.relative_to(base).as_posix(), data, git_blob_id(data)))
-    files.sort(key=lambda f: f.path)
+                full = f"{dirpath}/{name}"
+                path = f"{prefix}{rel_dir}/{name}" if rel_dir else f"{prefix}{name}"
+                f = _read_file(full, path, old, seen) if cache is not None else _read(full, path)
+                files.append(f)
+    if cache is not None:
+        cache.files = seen
+    files.sort(key=_path_of)
     return SourceSet(tuple(files), None, repo)
+
+
+def _path_of(f: SourceFile) -> str:
+    return f.path
+
+
+def _read(full: str, path: str) -> SourceFile:
+    try:
+        with open(full, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise SourceError(f"{full}: {e.strerror}") from e
+    return SourceFile(path, data, git_blob_id(data))
+
+
+def _read_file(
+    full: str, path: str, old: dict[str, tuple[_Stat, SourceFile]], seen: dict[str, tuple[_Stat, SourceFile]]
+) -> SourceFile:
+    """``full`` from the cache when its stat is the one recorded, else read (and recorded)."""
+    try:
+        st = os.stat(full)
+    except OSError as e:
+        raise SourceError(f"{full}: {e.strerror}") from e
+    key = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+    hit = old.get(full)
+    if hit is not None and hit[0] == key and hit[1].path == path:
+        seen[full] = hit
+        return hit[1]
+    now = time.time_ns()
+    f = _read(full, path)
+    racy = max(st.st_mtime_ns, st.st_ctime_ns) >= now - RACY_NS
+    seen[full] = ((-1, -1, -1, -1) if racy else key, f)
+    return f
 
 
 def _read_git(repo: Path, root: Path, ref: str) -> SourceSet:

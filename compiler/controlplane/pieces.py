@@ -4,6 +4,12 @@
 that lags one release behind still finds what it asks for) and, per service bundle, the
 destinations its policies name: what a scoped data plane gets pushed ahead (the others on
 demand).
+
+A mesh bundle the compiler hands over in parts (``compiler.build.MeshParts``) is split
+incrementally (``split_parts``): only the destinations whose fragment changed since the last
+split are serialized and hashed again, and only the catalog chunks holding them; the pieces are
+byte for byte those ``runtime.pieces.split_mesh`` cuts from the whole bundle (a test holds them
+to it). At 10,000 services that is a few milliseconds instead of a parse of the 6 MB bundle.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.pieces import MeshPieces, split_mesh
+from compiler.build import MeshParts, json_key
+from runtime.bundle import bundle_digest, canonical_json, gc_paused
+from runtime.pieces import MeshPieces, bucket, split_mesh
 
-__all__ = ["PieceStore", "named_destinations"]
+__all__ = ["PieceStore", "SplitState", "named_destinations", "split_parts"]
 
 
 def named_destinations(service_bundle: bytes) -> frozenset[str]:
@@ -37,11 +46,74 @@ def named_destinations(service_bundle: bytes) -> frozenset[str]:
     return frozenset(names)
 
 
+_Member = tuple[str, str, str | None]
+"""A catalog chunk's member: its name, its catalog entry, its destination piece's digest."""
+
+
+@dataclass
+class SplitState:
+    """What the last split of one mesh's parts left, for the next to reuse."""
+
+    dests: dict[str, tuple[str, str, bytes]] = field(default_factory=dict)
+    """Destination -> (its fragment, its piece's digest, the piece)."""
+    chunks: dict[int, tuple[tuple[_Member, ...], str, bytes]] = field(default_factory=dict)
+    """Bucket -> (its members, its digest, the chunk)."""
+
+
+def split_parts(parts: MeshParts, prev: SplitState | None = None) -> tuple[MeshPieces, SplitState]:
+    """``split_mesh(parts.data())``, re-serializing only what changed since ``prev``."""
+    with gc_paused():
+        return _split_parts(parts, prev)
+
+
+def _split_parts(parts: MeshParts, prev: SplitState | None) -> tuple[MeshPieces, SplitState]:
+    old = prev.dests if prev is not None else {}
+    old_chunks = prev.chunks if prev is not None else {}
+    state = SplitState()
+    pieces: dict[str, bytes] = {}
+    dest_digest: dict[str, str] = {}
+    for name, frag in parts.destinations.items():
+        hit = old.get(name)
+        if hit is None or (hit[0] is not frag and hit[0] != frag):
+            piece = f'{{"destination":{frag},"service":{json_key(name)},"type":"destination"}}'.encode()
+            hit = (frag, bundle_digest(piece), piece)
+        state.dests[name] = hit
+        dest_digest[name] = hit[1]
+        pieces[hit[1]] = hit[2]
+    members: dict[int, list[_Member]] = {}
+    for name, entry in parts.services.items():  # in name order, as the bundle has them
+        members.setdefault(bucket(name), []).append((name, entry, dest_digest.get(name)))
+    catalog = []
+    for b, items in sorted(members.items()):
+        sig = tuple(items)
+        found = old_chunks.get(b)
+        if found is None or found[0] != sig:
+            dests = ",".join([f'{json_key(n)}:"{d}"' for n, _, d in items if d is not None])
+            svcs = ",".join([f"{json_key(n)}:{e}" for n, e, _ in items])
+            chunk = f'{{"destinations":{{{dests}}},"services":{{{svcs}}},"type":"catalog"}}'.encode()
+            found = (sig, bundle_digest(chunk), chunk)
+        state.chunks[b] = found
+        pieces[found[1]] = found[2]
+        catalog.append(found[1])
+    head = json.loads(f'{{{parts.head},"tracing":{parts.tracing}}}')
+    manifest = canonical_json({**head, "catalog": catalog, "type": "mesh-manifest"})
+    return MeshPieces(manifest, bundle_digest(manifest), tuple(catalog), dest_digest, pieces), state
+
+
 class PieceStore:
     def __init__(self, keep: int = 4) -> None:
         self._keep = keep
         self._meshes: OrderedDict[str, MeshPieces] = OrderedDict()
         self._named: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._split: dict[str, SplitState] = {}
+        """Mesh name -> what its last split from parts left."""
+
+    def split_parts(self, mesh: str, parts: MeshParts) -> MeshPieces:
+        """The pieces of a mesh bundle from the compiler's parts of it, split incrementally
+        against this mesh's last split. Safe off the event loop (it touches only the split
+        state, which one compile at a time uses); ``add`` the result on the loop."""
+        pieces, self._split[mesh] = split_parts(parts, self._split.get(mesh))
+        return pieces
 
     def mesh(self, digest: str, data: bytes) -> MeshPieces:
         """The pieces of the mesh bundle ``digest`` (split once)."""

@@ -8,21 +8,25 @@ incremental compiler.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from compiler.controlplane.pieces import PieceStore
 from compiler.incremental import IncrementalCompiler
 from compiler.report import render
 from compiler.result import CompileResult
-from compiler.source import SourceSet
+from compiler.source import SourceSet, StatCache, read_policy_dir
 from runtime.bundle import bundle_digest
+from runtime.pieces import MeshPieces, split_mesh
 
-__all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState"]
+__all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState", "trim_heap"]
 
 
 class Compiler:
@@ -34,12 +38,58 @@ class Compiler:
 
     def __init__(self, out: Path | None = None) -> None:
         self._inc = IncrementalCompiler(out=out)
+        self._stat = StatCache()
         self.writes_output = out is not None
         self.incremental = True
         """Always, now; the status API still reports it."""
 
     def compile(self, src: SourceSet) -> CompileResult:
-        return self._inc.update(src).result
+        result = self._inc.update(src).result
+        trim_heap()
+        return result
+
+    def read(self, policy_dir: Path, ref: str | None = None) -> SourceSet:
+        """The policy directory, reading again (work tree) only the files whose stat changed."""
+        return read_policy_dir(policy_dir, ref, cache=self._stat if ref is None else None)
+
+    def split_meshes(
+        self, store: PieceStore, bundles: dict[str, bytes], digests: dict[str, str]
+    ) -> dict[str, MeshPieces]:
+        """The pieces of each mesh bundle that ``store`` lacks (digest -> pieces), to ``add`` to
+        it: from the compiler's parts when they are this result's (only changed destinations
+        re-split), else cut from the bytes. Runs off the event loop; it does not change ``store``."""
+        out: dict[str, MeshPieces] = {}
+        last = self._inc.result.digests if self._inc.result is not None else {}
+        for key, digest in digests.items():
+            if "/" in key or key not in bundles or store.has(digest):
+                continue
+            parts = self._inc.mesh_parts(key)
+            if parts is not None and last.get(key) == digest:
+                out[digest] = store.split_parts(key, parts)
+            else:
+                out[digest] = split_mesh(bundles[key])
+        return out
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``): after a compile,
+    and now and then (the sweep), after pushes.
+
+    A compile of 10,000 services frees tens of MB of multi-MB strings (bundles, the release), a
+    push fan-out as much in bodies; glibc's dynamic mmap threshold puts such blocks on the heap
+    once one has been freed, so without this the control plane's RSS creeps up with each change
+    and stays there. The call releases the GIL (a ``ctypes.CDLL`` call)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: ctypes.CDLL | Literal[False] | None = None
 
 
 @dataclass(frozen=True)

@@ -31,16 +31,15 @@ from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.pusher import SLOTS, DataPlaneSync, Pusher, SlotState
 from compiler.controlplane.registry import DataPlane, Registry
 from compiler.controlplane.rejoin import Rejoin
-from compiler.controlplane.release import Compiler, ReleaseState
+from compiler.controlplane.release import Compiler, ReleaseState, trim_heap
 from compiler.controlplane.security import Security
 from compiler.controlplane.status import overall_status
 from compiler.controlplane.store import Store, StoreError, open_store
 from compiler.controlplane.store.base import StoredRelease
 from compiler.controlplane.traffic import TrafficView
 from compiler.controlplane.watcher import Change, GitRefWatcher, WorkTreeWatcher
-from compiler.source import SourceError, read_policy_dir
+from compiler.source import SourceError
 from runtime.h1guard import GuardedListener
-from runtime.pieces import split_mesh
 from runtime.protocol import SignedEndpoints
 
 REJOIN_INTERVALS = 3.5
@@ -241,7 +240,7 @@ class ControlPlane:
             token = self.elector.fencing_token  # the lead this compile starts under
             t0 = time.perf_counter()
             try:
-                src = await asyncio.to_thread(read_policy_dir, self.config.policy_dir, ref)
+                src = await asyncio.to_thread(self.compiler.read, self.config.policy_dir, ref)
                 result = await asyncio.to_thread(self.compiler.compile, src)
             except SourceError as e:
                 self.releases.fail(str(e), trigger=change.reason)
@@ -302,12 +301,7 @@ class ControlPlane:
         if not any(dp.pieces for dp in self.registry.dataplanes.values()):
             return
         store = self.pusher.pieces
-        todo = {
-            d: bundles[k] for k, d in digests.items() if "/" not in k and k in bundles and not store.has(d)
-        }
-        if not todo:
-            return
-        split = await asyncio.to_thread(lambda: {d: split_mesh(data) for d, data in todo.items()})
+        split = await asyncio.to_thread(self.compiler.split_meshes, store, bundles, digests)
         for d, mp in split.items():
             store.add(d, mp)
 
@@ -569,6 +563,7 @@ class ControlPlane:
             self._update_gauges()
             if self.store.shared:
                 self._save_syncs()
+            trim_heap()  # what pushes freed goes back to the system
 
     def _save_syncs(self) -> None:
         """Queue the sync view of this replica's data planes that changed (what others show)."""
