@@ -61,6 +61,7 @@ __all__ = [
     "MAX_DEPTH",
     "SHAPE",
     "CatalogPiece",
+    "ChunkCache",
     "DestinationPiece",
     "IndexPiece",
     "MeshManifest",
@@ -69,6 +70,7 @@ __all__ = [
     "MissingPieces",
     "TreeShape",
     "assemble",
+    "catalog_tree",
     "join_lines",
     "pieces_json_schema",
     "split_lines",
@@ -298,31 +300,38 @@ def _sections(text: str) -> tuple[dict[str, Any], dict[str, tuple[str, str]], di
     return head, found["destinations"], found["services"]
 
 
-def split_mesh(data: bytes, shape: TreeShape = SHAPE) -> MeshPieces:
-    """The pieces of a (canonical, already checked) mesh bundle."""
-    with gc_paused():
-        try:
-            head, dest_json, svc_json = _sections(data.decode())
-        except (ValueError, KeyError, IndexError, StopIteration):
-            # Not compact JSON (whitespace, say): made canonical first, then cut the same way.
-            head, dest_json, svc_json = _sections(canonical_json(json.loads(data)).decode())
-    pieces: dict[str, bytes] = {}
-    dest_digest: dict[str, str] = {}
-    for name, (raw, conf) in dest_json.items():
-        piece = f'{{"destination":{conf},"service":{raw},"type":"destination"}}'.encode()
-        d = dest_digest[name] = bundle_digest(piece)
-        pieces[d] = piece
-    names = sorted(svc_json)
+ChunkCache = dict[tuple[tuple[str, str, str | None], ...], tuple[str, bytes]]
+"""A catalog chunk by its members (key as written, catalog entry JSON, destination digest)."""
+
+
+def catalog_tree(
+    names: Sequence[str],
+    entries: Mapping[str, tuple[str, str]],
+    dest_digest: Mapping[str, str],
+    pieces: dict[str, bytes],
+    shape: TreeShape = SHAPE,
+    reuse: ChunkCache | None = None,
+    keep: ChunkCache | None = None,
+) -> tuple[tuple[str, ...], list[str], dict[str, tuple[str, ...]]]:
+    """The catalog as a tree of pieces (added to ``pieces``): every node top down, the top
+    nodes, each index piece's children. ``entries`` maps a name (in sorted ``names``) to its key
+    as written and its catalog entry's JSON; a chunk whose members are in ``reuse`` is not
+    serialised again, and every chunk goes into ``keep`` (the control plane's incremental split)."""
     cut = {n: _cut_hash(n) for n in names}
     # A node is (the hash of the last name under it, its digest); level 0 are the chunks.
     level: list[tuple[int, str]] = []
     for run in _groups(names, cut.__getitem__, shape.chunk, shape.max_chunk):
-        dests = ",".join(f'{svc_json[n][0]}:"{dest_digest[n]}"' for n in run if n in dest_digest)
-        svcs = ",".join(f"{svc_json[n][0]}:{svc_json[n][1]}" for n in run)
-        piece = f'{{"destinations":{{{dests}}},"services":{{{svcs}}},"type":"catalog"}}'.encode()
-        d = bundle_digest(piece)
-        pieces[d] = piece
-        level.append((cut[run[-1]], d))
+        sig = tuple((entries[n][0], entries[n][1], dest_digest.get(n)) for n in run)
+        found = reuse.get(sig) if reuse is not None else None
+        if found is None:
+            dests = ",".join(f'{k}:"{d}"' for k, _, d in sig if d is not None)
+            svcs = ",".join(f"{k}:{e}" for k, e, _ in sig)
+            piece = f'{{"destinations":{{{dests}}},"services":{{{svcs}}},"type":"catalog"}}'.encode()
+            found = (bundle_digest(piece), piece)
+        if keep is not None:
+            keep[sig] = found
+        pieces[found[0]] = found[1]
+        level.append((cut[run[-1]], found[0]))
     levels = [[d for _, d in level]]
     children: dict[str, tuple[str, ...]] = {}
     modulus = shape.chunk
@@ -340,11 +349,28 @@ def split_mesh(data: bytes, shape: TreeShape = SHAPE) -> MeshPieces:
             children[d] = kids
             level.append((group[-1][0], d))
         levels.append([d for _, d in level])
-    top = [d for _, d in level]
+    tree = tuple(d for lv in reversed(levels) for d in lv)
+    return tree, [d for _, d in level], children
+
+
+def split_mesh(data: bytes, shape: TreeShape = SHAPE) -> MeshPieces:
+    """The pieces of a (canonical, already checked) mesh bundle."""
+    with gc_paused():
+        try:
+            head, dest_json, svc_json = _sections(data.decode())
+        except (ValueError, KeyError, IndexError, StopIteration):
+            # Not compact JSON (whitespace, say): made canonical first, then cut the same way.
+            head, dest_json, svc_json = _sections(canonical_json(json.loads(data)).decode())
+    pieces: dict[str, bytes] = {}
+    dest_digest: dict[str, str] = {}
+    for name, (raw, conf) in dest_json.items():
+        piece = f'{{"destination":{conf},"service":{raw},"type":"destination"}}'.encode()
+        d = dest_digest[name] = bundle_digest(piece)
+        pieces[d] = piece
+    tree, top, children = catalog_tree(sorted(svc_json), svc_json, dest_digest, pieces, shape)
     # Every mesh setting goes into the manifest: only the catalog and destinations are pieces.
     settings = {k: v for k, v in head.items() if k not in ("type", "format")}
     manifest = canonical_json({**settings, "catalog": top, "format": 2, "type": "mesh-manifest"})
-    tree = tuple(d for lv in reversed(levels) for d in lv)
     return MeshPieces(manifest, bundle_digest(manifest), tree, dest_digest, pieces, children)
 
 
