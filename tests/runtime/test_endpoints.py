@@ -159,8 +159,8 @@ def eps_mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         planes = [
             mesh.start("beta", "beta"),
             mesh.start("caller", "caller"),  # its policies name alpha
-            mesh.start("other", "svc-00"),  # its policies name nothing
-            mesh.start("legacy", "svc-01", "--full-mesh-bundle"),  # the whole set, as before
+            mesh.start("other", "svc-000"),  # its policies name nothing
+            mesh.start("legacy", "svc-001", "--full-mesh-bundle"),  # the whole set, as before
         ]
         wait_until(lambda: all(_synced(mesh, p) for p in planes), "four sidecars SYNCED")
         yield mesh
