@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import json
 import secrets
@@ -433,6 +432,8 @@ def trim_heap() -> None:
     10,000-service catalog leaves ~2.5 MB of a sidecar's RSS free but held (issue 11 item 4)."""
     global _LIBC
     if _LIBC is None:
+        import ctypes  # here, not at start-up: ctypes costs an idle sidecar ~0.5 MB it rarely needs
+
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
         except OSError:
