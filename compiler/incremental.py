@@ -46,7 +46,7 @@ from compiler.diagnostics import Diagnostic
 from compiler.gateway import GatewayBuild, build_gateways
 from compiler.kinds.mesh import logging_backends
 from compiler.kube.derive import KubeExpander, is_kube
-from compiler.parse import Declared, Doc
+from compiler.parse import Declared, Doc, end_batch
 from compiler.pipeline import (
     ParsedFile,
     add_canaries,
@@ -60,7 +60,6 @@ from compiler.pipeline import (
     no_gc,
     parse_files,
     parsed_from,
-    provenance,
 )
 from compiler.resolve import INBOUND, OUTBOUND, Entry, PolicyIndex, conflict_diagnostics
 from compiler.resolve_targetref import RESOLVED_KINDS, index_targetref, legacy_shadowed
@@ -159,8 +158,8 @@ class IncrementalCompiler:
         self._digests: dict[str, str] = {}
         self._prov: dict[str, list[dict[str, Any]]] = {}
         self._prov_json: dict[str, str] = {}
+        self._prov_item: dict[_ProvKey, dict[str, Any]] = {}
         self._key_json: dict[str, str] = {}
-        self._release = b""
         self._conflicts: dict[str, dict[frozenset[int], tuple[Entry, Entry]]] = {}
         self._published: dict[str, str] = {}
         self._commit: str | None = None
@@ -223,7 +222,9 @@ class IncrementalCompiler:
         parsed = [new_files[f.path] for f in src.files]
         unchanged = not todo and len(new_files) == len(old_files)
         if unchanged and self.result is not None and src.commit == self._commit:
-            return Update(self.result, release_bytes=self._release if not self.result.errors else b"")
+            # made again (a join of cached fragments), not kept: 7 MB at 10,000 services
+            release = self._release_bytes(self.result) if not self.result.errors else b""
+            return Update(self.result, release_bytes=release)
         self._commit = src.commit
         declared = declared_of(parsed)
         full = (
@@ -347,7 +348,7 @@ class IncrementalCompiler:
         old = self._used.get(key)
         if old is None or len(old) != len(used) or not all(map(operator.is_, old, used)) or key not in prov:
             # the same document objects at the same lines: the same provenance
-            prov[key] = provenance(used, self._lines)
+            prov[key] = self._prov_items(sorted({_prov_key(d, self._lines) for d in used}))
             self._prov_json[key] = canon(prov[key])
         self._used[key] = used
         return data
@@ -394,9 +395,23 @@ class IncrementalCompiler:
                         moved = True
                 m.prov_keys[d] = keys
         if moved or key not in prov:
-            prov[key] = [{"kind": k, "name": n, "file": f, "line": ln} for k, n, f, ln in sorted(count)]
+            prov[key] = self._prov_items(sorted(count))
             self._prov_json[key] = canon(prov[key])
         return parts.data()
+
+    def _prov_items(self, keys: list[_ProvKey]) -> list[dict[str, Any]]:
+        """Provenance entries, one dict per document shared by every bundle it shaped (the mesh
+        bundle and each service bundle list most documents twice: ~4 MB at 10,000 services)."""
+        items = self._prov_item
+        if len(items) > 4 * max(1024, len(self._lines) * 8):
+            items.clear()
+        out = []
+        for k in keys:
+            item = items.get(k)
+            if item is None:
+                item = items[k] = {"kind": k[0], "name": k[1], "file": k[2], "line": k[3]}
+            out.append(item)
+        return out
 
     def _rebuild_some(self, docs: list[Doc], added: list[Doc], removed: list[Doc]) -> list[str]:
         cat = self._catalog
@@ -522,7 +537,7 @@ class IncrementalCompiler:
             upd.changed = sorted(k for k, v in new.items() if self._published.get(k) != v)
             upd.removed = sorted(k for k in self._published if k not in new)
             self._published = new
-            upd.release_bytes = self._release = self._release_bytes(result)
+            upd.release_bytes = self._release_bytes(result)
             if self.out is not None:
                 upd.written = self._write(result, upd.changed, upd.release_bytes)
         self.result = result
@@ -588,6 +603,7 @@ def parse_cached(files: list[SourceFile], cache: ParseCache, jobs: int | None = 
     for (i, f), p, data in zip(missing, fresh, loaded, strict=True):
         out[i] = p
         cache.put(f.blob, data)
+    end_batch()
     return [out[i] for i in range(len(files))]
 
 

@@ -28,7 +28,7 @@ from compiler.diagnostics import Diagnostic, Related, Span
 from compiler.gateway import GatewayBuild, build_gateways
 from compiler.kinds.mesh import logging_backends
 from compiler.kube import derive as kube
-from compiler.parse import Declared, Doc, parse_documents
+from compiler.parse import Declared, Doc, end_batch, parse_documents
 from compiler.resolve import PolicyIndex, conflict_diagnostics, index_policies
 from compiler.resolve_targetref import index_targetref, legacy_shadowed
 from compiler.result import CompileResult
@@ -111,9 +111,11 @@ def parse_files(
     raws = _load_all(files, _jobs() if jobs is None else jobs, early)
     if loaded is not None:
         loaded.extend(raws)
-    return early + [
+    out = early + [
         parsed_from(f, data) for f, data in zip(files[len(early) :], raws[len(early) :], strict=True)
     ]
+    end_batch()
+    return out
 
 
 def _load_all(

@@ -11,10 +11,11 @@ TrafficPermissions are never ranked: they add up.
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -70,12 +71,18 @@ class Entry:
 
     @property
     def rule_json(self) -> str:
-        """This entry as a bundle ``Rule``, in canonical JSON (serialized once, shared by bundles)."""
+        """This entry as a bundle ``Rule``, in canonical JSON (serialized once, shared by bundles).
+
+        Serializing releases ``conf`` (it becomes None; nothing but this reads it): the bundle
+        models of a 10,000-service mesh's ~40,000 entries, kept by the incremental compiler, cost
+        ~25 MB next to their JSON."""
         out = self._rule
         if out is None:
             conf = self.conf.model_dump(mode="json") if self.conf is not None else None
-            out = _canon({"when": dict(self.when), "peer": dict(self.peer), "conf": conf})
+            # interned: equal rules (the same Retry for many services) share one string
+            out = sys.intern(_canon({"when": dict(self.when), "peer": dict(self.peer), "conf": conf}))
             object.__setattr__(self, "_rule", out)
+            object.__setattr__(self, "conf", None)
         return out
 
 
@@ -146,11 +153,11 @@ class PolicyIndex:
                     d,
                     src,
                     dst,
-                    tuple(sorted(when.items())),
-                    tuple(sorted(peer.items())),
-                    _rank(st, dt),
+                    _shared(tuple(sorted(when.items()))),
+                    _shared(tuple(sorted(peer.items()))),
+                    _shared(_rank(st, dt)),
                     conf,
-                    path,
+                    _shared(path),
                 )
                 table.setdefault((src, dst), []).append(e)
                 inbound.setdefault(dst, []).append(e)
@@ -231,6 +238,18 @@ def split_ranked(entries: Iterable[Entry]) -> tuple[list[Entry], list[Entry]]:
 def _compatible(a: tuple[tuple[str, str], ...], b_: tuple[tuple[str, str], ...]) -> bool:
     da = dict(a)
     return all(k not in da or da[k] == v or "*" in (da[k], v) for k, v in b_)
+
+
+_T = TypeVar("_T", bound=tuple[Any, ...])
+_SHARED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
+def _shared(t: _T) -> _T:
+    """One tuple object per distinct value (ranks, tag sets, paths): ~40,000 entries kept by the
+    incremental compiler hold a handful of distinct ones."""
+    if len(_SHARED) > 200_000:
+        _SHARED.clear()
+    return _SHARED.setdefault(t, t)  # type: ignore[return-value]
 
 
 def _rank(*selectors: dict[str, str | None]) -> tuple[int, int]:

@@ -168,6 +168,10 @@ def _read_file(
         return hit[1]
     now = time.time_ns()
     f = _read(full, path)
+    if hit is not None and hit[1].blob == f.blob and hit[1].path == path:
+        # read again (racy, or touched) with the same content: keep the object the compiler
+        # holds, not a second copy of the bytes (18 MB at 10,000 files once all were re-read)
+        f = hit[1]
     racy = max(st.st_mtime_ns, st.st_ctime_ns) >= now - RACY_NS
     seen[full] = ((-1, -1, -1, -1) if racy else key, f)
     return f

@@ -297,8 +297,12 @@ class ControlPlane:
     async def _split_meshes(self, bundles: dict[str, bytes], digests: dict[str, str]) -> None:
         """Split new mesh bundles into pieces in a thread, before the release is pushed: done
         lazily by the first push, it held the event loop (heartbeats included) ~1 s per change
-        of a 10,000-service mesh. Only when some data plane takes pieces."""
-        if not any(dp.pieces for dp in self.registry.dataplanes.values()):
+        of a 10,000-service mesh. Only when some data plane takes pieces, or none has registered
+        yet (data planes take pieces by default): split from the compiler's parts here, later
+        releases re-split only what changed and share the rest, where a first split done by a
+        push cuts (parses) the bundle and shares nothing with the next (~9 MB more at 10,000)."""
+        dps = self.registry.dataplanes.values()
+        if dps and not any(dp.pieces for dp in dps):
             return
         store = self.pusher.pieces
         split = await asyncio.to_thread(self.compiler.split_meshes, store, bundles, digests)
