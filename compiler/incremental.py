@@ -180,6 +180,16 @@ class IncrementalCompiler:
         with no_gc():
             return self._update(src)
 
+    def pack_sources(self) -> int:
+        """Compress the bytes of the files kept (``SourceFile.pack``); returns how many were
+        packed. Safe from another thread during an update (it packs the last update's files)."""
+        n = 0
+        for p in list(self._files.values()):
+            if not p.file.packed:
+                p.file.pack()
+                n += 1
+        return n
+
     def mesh_parts(self, mesh: str) -> MeshParts | None:
         """The parts of the mesh bundle ``mesh`` as last built (``self.result.bundles[mesh]`` is
         their ``data()`` after an error-free update), for splitting it without parsing it."""

@@ -13,7 +13,8 @@ import hashlib
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
 
 __all__ = ["SourceError", "SourceFile", "SourceSet", "StatCache", "git_blob_id", "read_policy_dir"]
@@ -25,13 +26,67 @@ class SourceError(Exception):
     """The directory or revision cannot be read at all (exit 2)."""
 
 
-@dataclass(frozen=True)
 class SourceFile:
+    """One policy file: a frozen value of ``path``, ``data`` and ``blob``.
+
+    ``pack()`` keeps the bytes zlib-compressed (``data`` inflates them on each read): a
+    long-lived compiler holds every file of the repository and needs the bytes again only to
+    locate a new finding in a file it did not re-read (16 MB of YAML at 10,000 services, ~4.5 MB
+    packed)."""
+
+    __slots__ = ("_data", "_packed", "blob", "path")
+
     path: str
     """Display path (relative to the repository root, or to the policy directory)."""
-    data: bytes
     blob: str
     """Git blob id of ``data`` (sha1 of ``blob <len>\\0<data>``)."""
+    _data: bytes | None
+    _packed: bytes | None
+
+    def __init__(self, path: str, data: bytes, blob: str) -> None:
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "blob", blob)
+        object.__setattr__(self, "_data", data)
+        object.__setattr__(self, "_packed", None)
+
+    @property
+    def data(self) -> bytes:
+        data = self._data
+        if data is None:  # packed: ``pack`` set ``_packed`` before it dropped ``_data``
+            assert self._packed is not None
+            return zlib.decompress(self._packed)
+        return data
+
+    @property
+    def packed(self) -> bool:
+        return self._data is None
+
+    def pack(self) -> None:
+        """Keep the bytes compressed from now on (safe while another thread reads ``data``)."""
+        data = self._data
+        if data is not None:
+            object.__setattr__(self, "_packed", zlib.compress(data, 1))
+            object.__setattr__(self, "_data", None)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SourceFile):
+            return NotImplemented
+        return self.path == other.path and self.blob == other.blob and self.data == other.data
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.blob))
+
+    def __repr__(self) -> str:
+        return f"SourceFile(path={self.path!r}, data={self.data!r}, blob={self.blob!r})"
+
+    def __reduce__(self) -> tuple[type[SourceFile], tuple[str, bytes, str]]:
+        return (SourceFile, (self.path, self.data, self.blob))
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,12 @@ class Compiler:
         trim_heap()
         return result
 
+    def compact(self) -> None:
+        """Pack the source bytes the compiler keeps (``SourceFile.pack``: 16 MB of YAML at
+        10,000 services, ~4.5 MB packed), then give what that freed back. Safe beside a compile."""
+        if self._inc.pack_sources():
+            trim_heap()
+
     def read(self, policy_dir: Path, ref: str | None = None) -> SourceSet:
         """The policy directory, reading again (work tree) only the files whose stat changed."""
         return read_policy_dir(policy_dir, ref, cache=self._stat if ref is None else None)
