@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
@@ -276,7 +276,9 @@ def _parse_one(file: str, index: int, raw: Any) -> tuple[Doc | None, list[Diagno
     assert isinstance(name, str) and isinstance(mesh, str)
     labels = _labels(raw, prefix) if kdef.dialect == "targetref" else ()
     share_parts(spec)
-    if kdef.dialect == "legacy":
+    if kdef.kind == "Service":
+        spec = _intern(spec)[0]  # port, protocol and subsets: many services have the same
+    elif kdef.dialect == "legacy":
         conf = spec.__dict__.get("conf")
         if isinstance(conf, BaseModel):
             spec.__dict__["conf"] = _intern(conf)[0]
@@ -315,13 +317,14 @@ def share_parts(model: BaseModel) -> None:
                 stack.extend(x for x in v.values() if isinstance(x, BaseModel))
 
 
-_MODELS: dict[tuple[Any, ...], BaseModel] = {}
+_M = TypeVar("_M", bound=BaseModel)
+_MODELS: dict[tuple[Any, ...], Any] = {}
 """Validated ``conf`` subtrees by value, while one batch of files is parsed (``end_batch``)."""
 _SCALARS = (str, type(None))
 _NUMBERS = (int, float, bool)
 
 
-def _intern(m: BaseModel) -> tuple[BaseModel, bool]:
+def _intern(m: _M) -> tuple[_M, bool]:
     """``m`` with its sub-models replaced by equal ones seen before in this batch, and the one
     equal to ``m`` itself if there was one; and whether ``m``'s value could be keyed at all.
 
@@ -355,6 +358,8 @@ def _intern(m: BaseModel) -> tuple[BaseModel, bool]:
                     items.append(x)
                 elif tx in _NUMBERS:
                     items.append((tx, x))
+                elif tx is dict and all(type(y) is str for y in x.values()):
+                    items.append((dict, *x.items()))  # in order: equal dicts in another order stay apart
                 elif isinstance(x, BaseModel):
                     c, sub = _intern(x)
                     if c is not x:
@@ -369,7 +374,7 @@ def _intern(m: BaseModel) -> tuple[BaseModel, bool]:
     if not ok:
         return m, False
     key = (type(m), id(m.__pydantic_fields_set__), *vals)
-    found = _MODELS.get(key)
+    found: _M | None = _MODELS.get(key)
     if found is None:
         if len(_MODELS) >= 200_000:
             _MODELS.clear()

@@ -159,10 +159,10 @@ class PolicyIndex:
                     conf,
                     _shared(path),
                 )
-                table.setdefault((src, dst), []).append(e)
-                inbound.setdefault(dst, []).append(e)
+                _append(table, (src, dst), e)
+                _append(inbound, dst, e)
                 out.append(e)
-        self.by_doc[id(d)] = (d, out)
+        self.by_doc[id(d)] = (d, out[:])  # a copy is sized to fit (most documents have one entry)
         return out
 
     def remove(self, d: Doc) -> list[Entry]:
@@ -238,6 +238,19 @@ def split_ranked(entries: Iterable[Entry]) -> tuple[list[Entry], list[Entry]]:
 def _compatible(a: tuple[tuple[str, str], ...], b_: tuple[tuple[str, str], ...]) -> bool:
     da = dict(a)
     return all(k not in da or da[k] == v or "*" in (da[k], v) for k, v in b_)
+
+
+_K = TypeVar("_K")
+
+
+def _append(table: dict[_K, list[Entry]], key: _K, e: Entry) -> None:
+    """``table.setdefault(key, []).append(e)``, a new list sized for the one entry (most keys
+    hold one: ~2 MB less over the 80,000 lists of a 10,000-service mesh)."""
+    lst = table.get(key)
+    if lst is None:
+        table[key] = [e]
+    else:
+        lst.append(e)
 
 
 _T = TypeVar("_T", bound=tuple[Any, ...])

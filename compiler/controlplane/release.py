@@ -51,7 +51,7 @@ class Compiler:
     def compact(self) -> None:
         """Pack the source bytes the compiler keeps (``SourceFile.pack``: 16 MB of YAML at
         10,000 services, ~4.5 MB packed), then give what that freed back. Safe beside a compile."""
-        if self._inc.pack_sources():
+        if self._inc.pack_sources() >= 100:  # a cold compile, a large change (not a one-file edit)
             trim_heap()
 
     def read(self, policy_dir: Path, ref: str | None = None) -> SourceSet:
