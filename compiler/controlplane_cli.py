@@ -169,7 +169,10 @@ def _run_controlplane(args: argparse.Namespace) -> int:
 
     import faulthandler
 
+    from compiler.controlplane.release import tune_heap
+
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
+    tune_heap()  # before any thread starts
 
     async def main() -> int:
         cp = ControlPlane(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from compiler.source import SourceSet, StatCache, read_policy_dir
 from runtime.bundle import bundle_digest
 from runtime.pieces import MeshPieces, split_mesh
 
-__all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState", "trim_heap"]
+__all__ = ["CompileRecord", "Compiler", "Release", "ReleaseState", "trim_heap", "tune_heap"]
 
 
 class Compiler:
@@ -96,6 +97,34 @@ def trim_heap() -> None:
 
 
 _LIBC: ctypes.CDLL | Literal[False] | None = None
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD = 256 * 1024
+ARENA_MAX = 2
+
+
+def tune_heap() -> None:
+    """Set the C heap up for a long-lived control plane (glibc ``mallopt``); call it before any
+    thread starts. ``MESHC_MALLOC_DEFAULTS=1`` leaves glibc's defaults.
+
+    * A fixed mmap threshold (``MMAP_THRESHOLD``): blocks this large (push bodies, bundles, the
+      release) are mapped and unmapped, never carved from the heap. glibc's dynamic threshold
+      rises to the largest block freed (a 7 MB mesh bundle), after which every such block lands
+      on the heap and leaves it fragmented until the next ``trim_heap``.
+    * ``ARENA_MAX`` arenas: every thread (compiles and splits run in worker threads) otherwise
+      gets an arena of its own, up to 8 per core, each holding free memory of its own; with the
+      GIL the threads hardly ever allocate at once, so sharing costs no speed.
+
+    Measured at 10,000 services with 1,000 stub data planes (``bench/cp_memory.py``)."""
+    if os.environ.get("MESHC_MALLOC_DEFAULTS") or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
+    except (OSError, AttributeError):
+        return
 
 
 @dataclass(frozen=True)
