@@ -304,15 +304,21 @@ def share_parts(model: BaseModel) -> None:
         shared = _FIELD_SETS.setdefault(key, fs)
         if shared is not fs:
             object.__setattr__(m, "__pydantic_fields_set__", shared)
-        for v in m.__dict__.values():
+        d = m.__dict__
+        for k, v in d.items():
             if isinstance(v, BaseModel):
                 stack.append(v)
             elif type(v) is list:
+                selectors = bool(v)
                 for i, x in enumerate(v):
                     if type(x) is Selector:
                         v[i] = _selector(x)
-                    elif isinstance(x, BaseModel):
-                        stack.append(x)
+                    else:
+                        selectors = False
+                        if isinstance(x, BaseModel):
+                            stack.append(x)
+                if selectors:
+                    d[k] = _selector_list(v)
             elif type(v) is dict:
                 stack.extend(x for x in v.values() if isinstance(x, BaseModel))
 
@@ -386,6 +392,18 @@ def end_batch() -> None:
     """Forget the ``conf`` values of the files parsed so far (the shared objects stay shared);
     kept, the table would hold a key per distinct model."""
     _MODELS.clear()
+
+
+_SELECTOR_LISTS: dict[tuple[int, ...], list[Selector]] = {}
+
+
+def _selector_list(sels: list[Selector]) -> list[Selector]:
+    """One list per distinct list of shared selectors (``sources: [{kuma.io/service: '*'}]`` in
+    most policies, a service's ``destinations`` in each of its ~4): ~90,000 fewer lists at
+    10,000 services. Keyed by the selectors' ids, which stay valid: the kept list holds them."""
+    if len(_SELECTOR_LISTS) > 200_000:
+        _SELECTOR_LISTS.clear()
+    return _SELECTOR_LISTS.setdefault(tuple(map(id, sels)), sels)
 
 
 def _selector(sel: Selector) -> Selector:
