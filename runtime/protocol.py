@@ -62,6 +62,12 @@ destination piece of a service it lacks at its first request there (Envoy's on-d
 ``PieceRequest.endpoints`` names services whose endpoints a scoped data plane lacks: they join
 its scope, and the control plane answers once the data plane has ACKed the endpoint push that
 carries them (200, with the pieces asked for if any; 504 when that took too long).
+The data plane keeps the services it asked for (in its state dir) and declares them in every
+registration and heartbeat (``endpoints_on_demand``, Envoy's resource subscriptions on a new
+stream): a control plane that never saw it ask (another replica, a restart) keeps them in its
+scope. With ``running_endpoints`` (the set it runs, Envoy's ``initial_resource_versions``) or a
+heartbeat whose running digest the control plane can rebuild, the next push is a delta over
+that set; a delta is only ever sent over a set the data plane ACKed or reported running.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ __all__ = [
     "HDR_PIECES",
     "HDR_PROOF",
     "HDR_SIGNATURE",
+    "MAX_ON_DEMAND",
     "Ack",
     "CertificateReply",
     "CertificateRequest",
@@ -115,6 +122,8 @@ HDR_PROOF = "X-Meshc-Proof"
 """``<unix seconds>.<hex signature>``: the certificate's key signed ``auth_message``."""
 HDR_BUNDLE_ROLE = "X-Meshc-Bundle-Role"
 """``mesh`` or ``service``: which slot of the data plane the pushed bundle fills."""
+MAX_ON_DEMAND = 4096
+"""The most services a registration or heartbeat declares as fetched on demand."""
 HDR_PIECES = "X-Meshc-Pieces"
 """``1``: the mesh slot's push is a manifest and pieces (``runtime.pieces``), not a bundle."""
 
@@ -219,11 +228,16 @@ class EndpointSet(_Msg):
     @model_serializer(mode="wrap")
     def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """The per-service fields are left out when unused: the JSON older data planes know."""
-        out: dict[str, Any] = handler(self)
-        for key in ("scoped", "digest", "base", "removed"):
-            if key in out and not out[key]:
-                del out[key]
-        return out
+        return _without_empty(handler(self), "scoped", "digest", "base", "removed")
+
+
+def _without_empty(out: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``out`` without those of ``keys`` that are unset: the JSON that peers which predate them
+    know (they forbid fields they do not know)."""
+    for key in keys:
+        if key in out and not out[key]:
+            del out[key]
+    return out
 
 
 class SignedEndpoints(_Msg):
@@ -280,6 +294,26 @@ class Registration(_Msg):
             "and only what changed (runtime.endpoints)."
         ),
     )
+    endpoints_on_demand: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ON_DEMAND,
+        description=(
+            "Services whose endpoints it fetched on demand: they stay in its scope with a control "
+            "plane that never saw it ask (another replica, a restart). Left out when empty."
+        ),
+    )
+    endpoints_running: str | None = Field(
+        default=None,
+        description=(
+            "The running endpoint set's digest, as a heartbeat reports it (a set loaded from the "
+            "state dir has no running_endpoints): a control plane that can rebuild that set "
+            "sends a delta over it, or nothing. Left out when unset."
+        ),
+    )
+
+    @model_serializer(mode="wrap")
+    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_empty(handler(self), "endpoints_on_demand", "endpoints_running")
 
 
 class RegistrationReply(_Msg):
@@ -317,6 +351,18 @@ class Heartbeat(_Msg):
     )
     endpoints_generation: int = 0
     boot_id: str | None = Field(default=None, description="As registered; another one makes it register.")
+    endpoints_on_demand: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ON_DEMAND,
+        description=(
+            "As in the registration: a control plane that restarted from its saved registry (no "
+            "registration again) keeps pushing these services' endpoints. Left out when empty."
+        ),
+    )
+
+    @model_serializer(mode="wrap")
+    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_empty(handler(self), "endpoints_on_demand")
 
 
 class Ack(_Msg):

@@ -137,6 +137,7 @@ class Pushes:
         self._on_install(snap)
         changed = slots != stored.slots or endpoints != stored.endpoints
         self.slots, self.endpoints, self.instance = slots, endpoints, stored.instance
+        self.endpoint_fetch.on_demand.update(stored.on_demand)
         for role, slot in slots.items():
             self.metrics.set_bundle(role, slot.digest)
             self.metrics.reloads.labels(role, "loaded").inc()
@@ -170,7 +171,9 @@ class Pushes:
         return self.engine.build(mesh, svc, endpoints, pending)
 
     def _stored(self) -> StoredState:
-        return StoredState(dict(self.slots), self.endpoints, self.instance)
+        return StoredState(
+            dict(self.slots), self.endpoints, self.instance, frozenset(self.endpoint_fetch.on_demand)
+        )
 
     async def persist_quietly(self) -> None:
         """Store the state (a new instance id); a failure waits for the next change."""
@@ -313,6 +316,7 @@ class Pushes:
             digest = ms.index[service]
             fut = self._fetching.get(digest)
             if fut is None:
+                self.endpoint_fetch.on_demand.add(service)  # its endpoints come with its piece
                 fut = self._fetching[digest] = asyncio.ensure_future(self._fetch(service, digest))
                 fut.add_done_callback(self._fetched)
             try:

@@ -492,6 +492,8 @@ class DataPlane:
             reachable_services=self.opts.reachable,
             running_endpoints=self.pushes.endpoints_signed,
             endpoint_deltas=self.opts.pieces,
+            endpoints_on_demand=self.pushes.endpoint_fetch.declared(),
+            endpoints_running=self.pushes.running()[0].get("endpoints") if self.opts.pieces else None,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
@@ -502,6 +504,7 @@ class DataPlane:
             generations=generations,
             endpoints_generation=self.pushes.endpoints.generation if self.pushes.endpoints else 0,
             boot_id=self.pushes.boot_id,
+            endpoints_on_demand=self.pushes.endpoint_fetch.declared(),
         )
 
     def _registered(self, reply: RegistrationReply) -> None:
@@ -632,6 +635,7 @@ class DataPlane:
                 for role, s in sorted(self.pushes.slots.items())
             },
             "endpoints": endpoints.model_dump(mode="json") if endpoints else None,
+            "endpoints_on_demand": self.pushes.endpoint_fetch.declared(),
             "hosts": {
                 h.address: {
                     "healthy": h.hc_healthy,

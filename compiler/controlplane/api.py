@@ -295,6 +295,7 @@ def make_app(cp: ControlPlane) -> web.Application:
             return _json({"error": e.reason}, e.status)
         dp = cp.registry.register(reg)
         cp.rejoined(dp, reg.running_endpoints)
+        cp.pusher.adopt_endpoints(dp, reg.running_endpoints, reg.endpoints_running)
         reply = RegistrationReply(
             instance=dp.instance,
             heartbeat_interval_ms=int(cp.config.heartbeat_interval_s * 1000),

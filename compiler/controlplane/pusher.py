@@ -28,8 +28,12 @@ for on demand or named as missing in a 422. A gateway gets every destination. A 
 counted (``meshc_controlplane_push_bytes``, and per rollout).
 
 The endpoints slot is planned by ``compiler.controlplane.endpoints``: a data plane that takes
-per-service endpoints gets those of its scope (the mesh slot's, plus those it asked for), as
-deltas over what it ACKed; the others the whole mesh's set, as before.
+per-service endpoints gets those of its scope (the mesh slot's, plus those it asked for or
+declares it fetched on demand), as deltas over what it ACKed or reported running; the others
+the whole mesh's set, as before.
+
+A data plane restored from the store (this control plane restarted) is pushed nothing before
+its first heartbeat here: what it runs, and what it fetched on demand, come with that.
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ from runtime.protocol import (
     HDR_PIECES,
     HDR_SIGNATURE,
     Endpoint,
+    EndpointSet,
     PushTarget,
+    SignedEndpoints,
 )
 
 __all__ = ["SLOTS", "DataPlaneSync", "Pusher", "Rollout", "SlotState"]
@@ -463,6 +469,8 @@ class Pusher:
         sync = self.syncs.get(dp.instance)
         if sync is None:
             sync = self._track(dp)
+        if dp.on_demand and self.eps.extend(dp, dp.on_demand):
+            self._refresh(sync, dp, None)  # a control plane that did not see it ask keeps them
         if dp.pieces and sync.base is None and sync.slots["mesh"].inflight is None:
             self._infer_pieces(sync, dp)
         for slot in SLOTS:
@@ -492,8 +500,49 @@ class Pusher:
                 st.last_ack_at = time.time()
                 st.error = None
                 self._rollout_done(dp.instance, slot, ok=True)
+        self._rebuild_endpoints(sync, dp)
         if any(s.desired is not None and s.acked != s.desired for s in sync.slots.values()):
             sync.dirty.set()
+
+    def _rebuild_endpoints(self, sync: DataPlaneSync, dp: DataPlane) -> None:
+        """Its running endpoint set is the base of the next delta once its per-service digests
+        are known (``EndpointPlans.rebuild``): a control plane that restarted sends deltas again
+        at once, not a whole set to every data plane at the next membership change."""
+        running = dp.running.get("endpoints")
+        st = sync.slots["endpoints"]
+        if running is None or st.inflight is not None or running != st.acked:
+            return
+        if self.eps.per_service(dp) and not self.eps.based_on(dp, running):
+            self.eps.rebuild(dp, self.mesh_endpoints(dp.mesh), self._eps_scope(dp, sync), running)
+
+    def adopt_endpoints(self, dp: DataPlane, running: SignedEndpoints | None, reported: str | None) -> None:
+        """A registration said which endpoint set it runs (Envoy's initial resource versions):
+        the set itself (``running``, as it was pushed in this boot) or its digest (``reported``,
+        a set loaded from its state dir). Taken as what it runs, as a heartbeat's would be, and
+        as the base of the next delta when its per-service digests are known: the set's own
+        when they make its digest, else the set this control plane would send it, when its
+        digest is the reported one. A data plane that moved here from another replica, or
+        restarted from its state dir, then gets nothing or a delta instead of its whole set."""
+        sync = self.syncs.get(dp.instance)
+        if sync is None or not self.eps.per_service(dp):
+            return
+        st = sync.slots["endpoints"]
+        if st.inflight is not None or st.acked is not None:
+            return
+        digest, generation = None, None
+        if running is not None:
+            with contextlib.suppress(ValueError):
+                whole = EndpointSet.model_validate_json(running.assembled or running.body)
+                digest, generation = self.eps.adopt(dp, whole), whole.generation
+        if digest is None and reported is not None:
+            digest, generation = reported, None
+            self.eps.rebuild(dp, self.mesh_endpoints(dp.mesh), self._eps_scope(dp, sync), reported)
+        if digest is None:
+            return
+        st.running = st.acked = digest
+        st.acked_generation = generation
+        if digest == st.desired:
+            st.last_ack_at = time.time()
 
     def _infer_pieces(self, sync: DataPlaneSync, dp: DataPlane) -> None:
         """A data plane we know nothing of (this control plane restarted, or it did) that runs a
@@ -517,8 +566,8 @@ class Pusher:
             dp = self.registry.dataplanes.get(sync.instance)
             if dp is None or not self.registry.local(dp):
                 return
-            if not dp.online:
-                continue
+            if not dp.online or dp.restored:
+                continue  # a restored one: its first heartbeat says what it runs (and wakes this)
             retry_in = await self._reconcile(sync, dp)
             if retry_in is None:
                 backoff = 0.1

@@ -56,6 +56,9 @@ class DataPlane:
     """Kuma's reachableServices, as registered."""
     endpoint_deltas: bool = False
     """It takes endpoints per service, scoped and as deltas (registration; ``endpoints``)."""
+    on_demand: tuple[str, ...] = ()
+    """The services it says it fetched on demand (its last registration or heartbeat): kept in
+    its endpoint scope. Not stored: it says so again."""
     replica: str = ""
     """The control plane replica this data plane registered with (and heartbeats to)."""
     observed_at: float = 0.0
@@ -164,6 +167,7 @@ class Registry:
             pieces=reg.pieces,
             endpoint_deltas=reg.endpoint_deltas,
             reachable=tuple(reg.reachable_services) if reg.reachable_services is not None else None,
+            on_demand=tuple(reg.endpoints_on_demand),
             replica=self.replica,
         )
         before = self.dataplanes.get(name)
@@ -192,6 +196,7 @@ class Registry:
         dp.running = dict(hb.running)
         dp.generations = dict(hb.generations)
         dp.endpoints_generation = hb.endpoints_generation
+        dp.on_demand = tuple(hb.endpoints_on_demand)
         dp.heartbeats += 1
         dp.restored = False
         came_back = not dp.online
