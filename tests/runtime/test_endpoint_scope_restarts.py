@@ -20,6 +20,7 @@ plane, real apps, a throw-away PostgreSQL cluster: ``tests/pg_cluster.py``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -149,6 +150,43 @@ def test_a_stored_endpoint_set_that_does_not_add_up_is_refused(
     assert StateDir(tmp_path).load().endpoints == EndpointSet(
         generation=1, services={"alpha": [_ep("127.0.0.1:1")]}
     )
+
+
+def test_both_stores_keep_how_a_data_plane_takes_its_endpoints(pg_url: str, tmp_path: Path) -> None:
+    """A control plane restarted on its store restores each data plane as it registered: one
+    that takes per-service endpoint sets keeps getting them (not the whole mesh's set)."""
+    from compiler.controlplane.store.local import LocalStore
+    from compiler.controlplane.store.postgres import PostgresStore
+
+    async def go() -> None:
+        pg = PostgresStore(pg_url, replica="r0", replica_url="http://r0")
+        await pg.start()
+        for store in (pg, LocalStore(tmp_path, replica="r0", replica_url="http://r0")):
+            registry = Registry(store=store)
+            for port, deltas in ((1, True), (2, False)):
+                registry.register(
+                    Registration(
+                        service="caller",
+                        admin_address=f"127.0.0.1:{port}",
+                        boot_id="b",
+                        pieces=True,
+                        endpoint_deltas=deltas,
+                        endpoints_on_demand=["beta"],
+                    )
+                )
+            if store is pg:
+                assert await pg.flush(timeout=HANG_DEADLINE)
+            else:
+                await store.close()
+            back = {d.instance: d for d in await store.load_dataplanes()}
+            assert {n: (d.pieces, d.endpoint_deltas) for n, d in back.items()} == {
+                "caller-1": (True, True),
+                "caller-2": (True, False),
+            }, store.name
+            assert all(d.on_demand == () for d in back.values())  # not stored: it says so again
+        await pg.close()
+
+    asyncio.run(asyncio.wait_for(go(), 120))
 
 
 # --- real processes ------------------------------------------------------------------------------
