@@ -26,7 +26,13 @@ holds are not parsed again, and only the chunks that changed touch its catalog.
 On the wire (``PUT /bundle`` with ``HDR_PIECES``, and the control plane's pieces answer) a piece
 set is newline-delimited: canonical JSON never holds a raw newline, so each line is one piece's
 exact bytes and its digest is the sha256 of the line. The first line of a push is the manifest.
-Format 1 manifests (a flat list of chunks, from before the tree) still load from a state dir.
+
+Formats (``FORMATS``): a format 1 manifest (before the tree) names the catalog chunks, flat; a
+format 2 one names the top nodes of the tree. Data planes from before format 2 run format 1 only
+(and declare nothing on registration); later ones declare ``Registration.pieces_formats`` and
+the control plane serves the newest format both speak. A release's format 1 view
+(``MeshPieces.as_format``) is its format 2 tree's chunks under a flat manifest: the same pieces,
+so it costs one small manifest, made only when some data plane needs it.
 
 This module imports only pydantic, the standard library and ``runtime.bundle``.
 """
@@ -58,6 +64,7 @@ from runtime.bundle import (
 )
 
 __all__ = [
+    "FORMATS",
     "MAX_DEPTH",
     "SHAPE",
     "CatalogPiece",
@@ -71,6 +78,7 @@ __all__ = [
     "TreeShape",
     "assemble",
     "catalog_tree",
+    "choose_format",
     "join_lines",
     "pieces_json_schema",
     "split_lines",
@@ -93,6 +101,8 @@ class TreeShape:
 
 
 SHAPE = TreeShape()
+FORMATS: tuple[int, ...] = (1, 2)
+"""The manifest formats this version cuts and runs (a data plane declares them on registration)."""
 MAX_DEPTH = 12
 """Levels of index pieces a data plane follows at most (16^12 chunks: a bound, never reached)."""
 
@@ -156,6 +166,16 @@ def pieces_json_schema() -> dict[str, Any]:
     return adapter.json_schema()
 
 
+def choose_format(declared: Collection[int] | None, produced: Collection[int] = FORMATS) -> int | None:
+    """The manifest format to serve a data plane that declared ``declared`` (None: from before
+    the declaration, which runs format 1 only): the newest both sides speak; None if no format
+    is common (the data plane is told so in the control plane's status, and nothing is pushed)."""
+    if declared is None:
+        return 1 if 1 in produced else None
+    common = set(declared) & set(produced)
+    return max(common) if common else None
+
+
 def split_lines(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\n") if line]
 
@@ -181,7 +201,36 @@ class MeshPieces:
     """Digest -> bytes, of every catalog node and destination piece."""
     children: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Index piece -> the nodes it names."""
+    format: int = 2
+    """The manifest's format (``FORMATS``)."""
     _since: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _views: dict[int, MeshPieces] = field(default_factory=dict, compare=False, repr=False)
+
+    def as_format(self, fmt: int) -> MeshPieces:
+        """These pieces under a manifest of format ``fmt`` (made once, on first use).
+
+        Format 1 (data planes from before the tree) names the tree's chunks, flat, in name
+        order: every piece is this release's own, so nothing is split again, a data plane that
+        moves between formats keeps its cache, and from one release to the next a format 1 data
+        plane is sent the chunks that changed, as a format 2 one is."""
+        if fmt == self.format:
+            return self
+        found = self._views.get(fmt)
+        if found is None:
+            if (fmt, self.format) != (1, 2):
+                raise ValueError(f"no format {fmt} view of a format {self.format} manifest")
+            chunks = tuple(d for d in self.catalog if d not in self.children)
+            doc = json.loads(self.manifest)
+            manifest = canonical_json({**doc, "catalog": list(chunks), "format": 1})
+            found = MeshPieces(
+                manifest, bundle_digest(manifest), chunks, self.destinations, self.pieces, format=1
+            )
+            self._views[fmt] = found
+        return found
+
+    def views(self) -> list[MeshPieces]:
+        """This manifest and the views of other formats made so far."""
+        return [self, *self._views.values()]
 
     def wanted(self, names: Collection[str] | None) -> list[str]:
         """The digests a data plane reaching ``names`` (None: every destination) must hold."""

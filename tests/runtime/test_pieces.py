@@ -358,7 +358,8 @@ class DeltaMesh:
     outside: Upstream
     planes: dict[str, Plane]
 
-    def start(self, name: str, service: str, *extra: str) -> Plane:
+    def start(self, name: str, service: str, *extra: str, repo: Path | None = None) -> Plane:
+        """A sidecar of ``service``; ``repo``: another source tree's (an older version's)."""
         args = [
             "--service",
             service,
@@ -382,7 +383,9 @@ class DeltaMesh:
             self.dataplane,
             *extra,
         ]
-        plane = self.planes[name] = Plane(args, self.work, dataplane=self.dataplane)
+        plane = self.planes[name] = Plane(
+            args, self.work, dataplane=self.dataplane, **({"repo": repo} if repo is not None else {})
+        )
         return plane
 
     def release_mesh(self) -> MeshPieces:
