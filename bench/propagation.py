@@ -386,7 +386,7 @@ async def _stub_dataplanes(
 
     from runtime.bundle import BundleError
     from runtime.endpoints import EndpointsRefused, apply, running_digest
-    from runtime.pieces import MeshSet, MissingPieces, assemble, split_lines
+    from runtime.pieces import FORMATS, MeshSet, MissingPieces, assemble, split_lines
     from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_PIECES, EndpointSet, Heartbeat, Registration
 
     running: list[dict[str, str]] = [{} for _ in range(n)]
@@ -458,6 +458,7 @@ async def _stub_dataplanes(
                 admin_address=f"127.0.0.1:{ports[k]}",
                 pieces=pieces,
                 endpoint_deltas=endpoint_deltas,
+                pieces_formats=list(FORMATS) if pieces else None,  # as a sidecar of this version
             )
             token = _token(work, reg.service)
             headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -187,11 +187,11 @@ def mixed_mesh(
     mesh = DeltaMesh(work, policies, cp, tokens, request.param, Upstream("beta-app"), Upstream("outside"), {})
     try:
         cp.start()
-        planes = [
-            mesh.start("beta", "beta"),
-            mesh.start("caller", "caller"),
-            mesh.start("old", "caller", repo=old_tree),
-        ]
+        planes = [mesh.start("beta", "beta"), mesh.start("caller", "caller")]
+        wait_until(lambda: all(_synced(mesh, p) for p in planes), "the new sidecars SYNCED")
+        # No data plane needs format 1 yet: no view of it is made.
+        assert list(cp.api("/api/v1/status")["manifest_formats"]["default"]) == ["2"]
+        planes.append(mesh.start("old", "caller", repo=old_tree))
         wait_until(lambda: all(_synced(mesh, p) for p in planes), "the old and the new sidecars SYNCED")
         yield mesh
     finally:
