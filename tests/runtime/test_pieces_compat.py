@@ -292,6 +292,36 @@ def test_a_sidecar_without_a_common_format_is_told_and_keeps_running(mixed_mesh:
     del mixed_mesh.planes["odd"]
 
 
+def test_each_keeps_its_format_across_control_plane_restarts(mixed_mesh: DeltaMesh) -> None:
+    """Restored from the control plane's registry file, then (that file gone) re-registered:
+    the old sidecar is served format 1 and the new one format 2 both times."""
+    old, new = mixed_mesh.planes["old"], mixed_mesh.planes["caller"]
+    instances = {old.config()["instance"]: 1, new.config()["instance"]: 2}
+    registry = mixed_mesh.cp.secrets / "registry.json"
+    for forget in (False, True):
+        mixed_mesh.cp.stop()
+        if forget:
+            registry.unlink()
+        mixed_mesh.cp.start()
+
+        def served() -> bool:
+            # with the registry gone, a row is there only once that data plane registered again
+            rows = _rows(mixed_mesh)
+            return all(i in rows and rows[i]["pieces_format"] == f for i, f in instances.items()) and all(
+                _synced(mixed_mesh, p) for p in (old, new)
+            )
+
+        wait_until(served, f"both SYNCED in their formats (registry {'gone' if forget else 'kept'})")
+        rows = _rows(mixed_mesh)
+        formats = mixed_mesh.cp.api("/api/v1/status")["manifest_formats"]["default"]
+        assert old.config()["bundles"]["mesh"]["digest"] == formats["1"]
+        assert new.config()["bundles"]["mesh"]["digest"] == formats["2"]
+        assert rows[new.config()["instance"]]["pieces_formats"] == list(FORMATS)
+        assert rows[old.config()["instance"]]["pieces_formats"] is None
+        for plane in (old, new):
+            assert outbound_name(plane, "beta") == "beta-app"
+
+
 @pytest.fixture(scope="module", params=DATAPLANES)
 def old_cp_mesh(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
