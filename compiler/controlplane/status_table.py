@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["WIDTH", "ago", "lag_text", "render_table"]
+__all__ = ["WIDTH", "ago", "format_text", "lag_text", "render_table"]
 
 WIDTH = 100
 
@@ -56,7 +56,7 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
             r["kind"],
             st("endpoints"),
             st("mesh"),
-            _format(r),
+            format_text(r),
             st("service"),
             lag_text(r),
             r.get("admin_address") or "-",
@@ -68,7 +68,8 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
     return row
 
 
-def _format(r: dict[str, Any]) -> str:
+def format_text(r: dict[str, Any]) -> str:
+    """The mesh manifest format a data plane is served: ``2``, ``1``, ``bundle``, ``none``."""
     if "pieces_format" not in r:
         return "-"  # a control plane from before formats
     if not r.get("pieces"):
