@@ -30,7 +30,7 @@ from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
 from runtime.gatewaytls import DEFAULT_SECRETS_DIR, GatewayCerts, certificates_stamp
 from runtime.h1guard import GuardedListener
-from runtime.h2proxy import H2Plane
+from runtime.h2sniff import LazyH2
 from runtime.healthcheck import HealthChecker
 from runtime.limits import ListenerLimits
 from runtime.metrics import Metrics
@@ -178,7 +178,7 @@ class DataPlane:
         self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app, own_addresses=self.own_addresses)
         # HTTP/2 (h2c with prior knowledge, or ALPN h2 under mTLS) on every HTTP listener, whichever
         # data plane serves HTTP/1.1 there: one h2 byte layer under the same decisions.
-        self.h2 = H2Plane(
+        self.h2 = LazyH2(
             self.engine,
             self.metrics,
             self.creds,
