@@ -263,6 +263,21 @@ def test_a_mesh_wide_change_reaches_both_formats(mixed_mesh: DeltaMesh) -> None:
     assert got * 5 < whole, (got, whole)
 
 
+def test_a_current_sidecar_that_declares_format_1_only_is_served_format_1(mixed_mesh: DeltaMesh) -> None:
+    """What a rollback pins (``--pieces-formats 1``): the declared list is what is served."""
+    one = mixed_mesh.start("one", "caller", "--pieces-formats", "1")
+    try:
+        wait_until(lambda: _synced(mixed_mesh, one), "the format 1 sidecar SYNCED")
+        row = mixed_mesh.row(one.config()["instance"])
+        assert row["pieces_formats"] == [1] and row["pieces_format"] == 1
+        formats = mixed_mesh.cp.api("/api/v1/status")["manifest_formats"]["default"]
+        assert one.config()["bundles"]["mesh"]["digest"] == formats["1"]
+        assert outbound_name(one, "beta") == "beta-app"
+    finally:
+        one.close()
+        del mixed_mesh.planes["one"]
+
+
 def test_a_sidecar_without_a_common_format_is_told_and_keeps_running(mixed_mesh: DeltaMesh) -> None:
     odd = mixed_mesh.start("odd", "caller", "--pieces-formats", "7")
 
