@@ -437,7 +437,7 @@ class MeshSet:
     """Service -> its destination piece's digest, from the chunks."""
     held: Mapping[str, Destination]
     pieces: Mapping[str, bytes]
-    """Digest -> bytes of every piece held (catalog nodes and destinations): the cache."""
+    """Digest -> bytes of the pieces held (destinations, and catalog nodes until ``stored``)."""
     nodes: Mapping[str, CatalogPiece | IndexPiece] = field(default_factory=dict)
     """Every node of the catalog tree, parsed: what the next set reuses."""
     chunks: frozenset[str] = frozenset()
@@ -448,16 +448,29 @@ class MeshSet:
         return frozenset(self.index.keys() - self.held.keys())
 
     def bundle(self) -> MeshBundle:
+        """The set as a mesh bundle. Every part was validated when its piece was parsed, and a
+        set's maps are never changed once made, so the bundle shares them instead of copying
+        10,000 catalog entries once more."""
         m = self.manifest
-        return MeshBundle(
+        return MeshBundle.model_construct(
             mesh=m.mesh,
             mtls=m.mtls,
             passthrough=m.passthrough,
             logging=m.logging,
             tracing=m.tracing,
-            services=dict(self.catalog),
-            destinations=dict(self.held),
+            services=self.catalog if isinstance(self.catalog, dict) else dict(self.catalog),
+            destinations=self.held if isinstance(self.held, dict) else dict(self.held),
         )
+
+    def stored(self) -> None:
+        """The state dir holds this set's pieces now: drop the bytes of its catalog nodes. The
+        parsed ``nodes`` are what the next set is diffed against, and a restart reads the bytes
+        back from the state dir; kept, they were 3.4 MB of a scoped sidecar at 10,000 services.
+        Destination pieces keep their bytes (few, and ``with_pieces`` re-checks them)."""
+        pieces = self.pieces
+        if isinstance(pieces, dict):
+            for d in self.nodes:
+                pieces.pop(d, None)
 
     def with_pieces(self, lines: Iterable[bytes]) -> MeshSet:
         """This set with more destination pieces of the same manifest (an on-demand fetch)."""
@@ -505,6 +518,12 @@ def _share_entries(piece: CatalogPiece) -> None:
     for name, entry in services.items():
         key = (entry.port, entry.protocol, entry.gateway, *(tuple(sorted(t.items())) for t in entry.subsets))
         services[name] = _ENTRIES.setdefault(key, entry)
+    # The chunk's two maps name the same services: one string object per name, not two.
+    dests = piece.destinations
+    names = {n: n for n in services}
+    shared = {names.get(n, n): d for n, d in dests.items()}
+    dests.clear()
+    dests.update(shared)
 
 
 def _destination(line: bytes, name: str, digest: str | None = None) -> Destination:

@@ -144,6 +144,9 @@ class Pushes:
             self.metrics.endpoints_generation.set(endpoints.generation)
         if changed and self.state is not None:
             self.state.save(self.engine.service, self._stored())
+        self._stored_pieces()
+        if stored.slots.get("mesh") is not None:
+            trim_heap()  # a restart read the whole catalog from the state dir
 
     def target(self) -> PushTarget | None:
         """Who a push must be signed for; None while registration in this boot is pending."""
@@ -181,6 +184,14 @@ class Pushes:
     async def _persist(self) -> None:
         if self.state is not None:
             await asyncio.to_thread(self.state.save, self.engine.service, self._stored())
+        self._stored_pieces()
+
+    def _stored_pieces(self) -> None:
+        """What runs is stored (or there is no state dir to store it in): the mesh set's catalog
+        node bytes can go (``MeshSet.stored``)."""
+        mesh = self.slots.get("mesh")
+        if mesh is not None and mesh.pieces is not None:
+            mesh.pieces.stored()
 
     async def push_bundle(
         self,

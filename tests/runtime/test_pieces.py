@@ -344,6 +344,35 @@ def test_state_dir_keeps_what_is_intact_of_a_partial_piece_cache(
     assert "mesh" not in state.load().slots
 
 
+def test_catalog_node_bytes_leave_memory_once_stored_and_stay_on_disk(
+    compiled: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """A sidecar keeps the parsed catalog, not its bytes (``MeshSet.stored``): the next delta
+    still assembles from the parsed nodes, the state dir keeps every node the running set names,
+    and a restart from it is the same set."""
+    before, after = split_mesh(compiled[0]), split_mesh(compiled[1])
+    lines = split_lines(before.body(before.wanted({"alpha", "beta"})))
+    first = assemble(lines[0], lines[1:], {}, ())
+    state = StateDir(tmp_path)
+    state.save("caller", StoredState({"mesh": Slot(lines[0], before.digest, 1, first.bundle(), first)}))
+    first.stored()
+    assert first.nodes and not set(first.nodes) & set(first.pieces)
+    assert set(first.held) == {"alpha", "beta"}  # destination pieces keep their bytes
+    # A delta: what changed and nothing else, against the set whose node bytes are gone.
+    came = [d for d in after.wanted({"alpha", "beta"}) if d not in before.pieces]
+    delta = split_lines(after.body(came))
+    second = assemble(delta[0], delta[1:], first.pieces, tuple(first.held), first)
+    cold = split_lines(after.body(after.wanted({"alpha", "beta"})))
+    assert second.bundle() == assemble(cold[0], cold[1:], {}, ()).bundle()
+    state.save("caller", StoredState({"mesh": Slot(delta[0], after.digest, 2, second.bundle(), second)}))
+    second.stored()
+    on_disk = {p.stem for p in (tmp_path / "pieces").glob("*.json")}
+    assert set(second.nodes) <= on_disk and set(second.pieces) <= on_disk
+    assert not set(first.nodes) - set(second.nodes) & on_disk  # nodes that left are removed
+    loaded = state.load().slots["mesh"]
+    assert loaded.pieces is not None and loaded.bundle == second.bundle()
+
+
 # --- real processes ----------------------------------------------------------------------------
 
 
