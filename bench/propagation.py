@@ -96,10 +96,17 @@ def _wait(cond: Any, timeout: float, what: str, procs: list[Proc] = (), poll: fl
 
 
 def _rss_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (the figures held to targets), and RssAnon, RssFile and Pss: a
+    process's own memory against the shared libraries' pages that every process on the host
+    running the same files shares (Pss divides those among them)."""
     out: dict[str, float] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
+        if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
             out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["Pss"] = round(int(line.split()[1]) / 1024, 1)
     return out
 
 

@@ -44,6 +44,7 @@ import functools
 import hashlib
 import json
 import json.scanner
+import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -485,8 +486,10 @@ class MeshSet:
         return dataclasses.replace(self, held=held, pieces=pieces)
 
 
-_PARSED: dict[str, Piece] = {}
-"""Digest -> parsed piece: content-addressed, so a piece held across pushes is parsed once."""
+_PARSED: weakref.WeakValueDictionary[str, Piece] = weakref.WeakValueDictionary()
+"""Digest -> parsed piece while some set holds it: content-addressed, so a piece held across
+pushes (or by many data planes in one process) is parsed once, and one no set holds any more
+is not kept (a dict bounded at 50,000 kept every chunk a sidecar had run since it started)."""
 
 
 def _parse(line: bytes, digest: str | None = None) -> Piece:
@@ -500,8 +503,6 @@ def _parse(line: bytes, digest: str | None = None) -> Piece:
         raise BundleError(f"piece {d[:12]} does not match the schema: {e}") from e
     if isinstance(piece, CatalogPiece):
         _share_entries(piece)
-    if len(_PARSED) > 50_000:
-        _PARSED.clear()
     _PARSED[d] = piece
     return piece
 

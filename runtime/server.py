@@ -499,6 +499,7 @@ class DataPlane:
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
+        self.pushes.settle()
         running, generations = self.pushes.running()
         return Heartbeat(
             instance=instance,

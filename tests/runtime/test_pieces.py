@@ -373,6 +373,28 @@ def test_catalog_node_bytes_leave_memory_once_stored_and_stay_on_disk(
     assert loaded.pieces is not None and loaded.bundle == second.bundle()
 
 
+def test_parsed_pieces_are_shared_while_held_and_not_kept_after(compiled: tuple[bytes, bytes]) -> None:
+    """Two data planes in one process parse a piece once; a piece no running set holds is
+    dropped from the parse cache, so a long-running sidecar does not keep every chunk it ran."""
+    import gc
+
+    from runtime import pieces as pieces_mod
+
+    before, after = split_mesh(compiled[0]), split_mesh(compiled[1])
+    lines = split_lines(before.body(before.wanted({"alpha", "beta"})))
+    one, two = assemble(lines[0], lines[1:], {}, ()), assemble(lines[0], lines[1:], {}, ())
+    assert all(one.nodes[d] is two.nodes[d] for d in one.nodes)
+    came = [d for d in after.wanted({"alpha", "beta"}) if d not in before.pieces]
+    delta = split_lines(after.body(came))
+    gone = set(one.nodes) - set(after.pieces)
+    assert gone  # the change rewrote at least one catalog node
+    newer = assemble(delta[0], delta[1:], one.pieces, tuple(one.held), one)
+    del one, two
+    gc.collect()
+    assert not gone & set(pieces_mod._PARSED.keys())
+    assert set(newer.nodes) <= set(pieces_mod._PARSED.keys())
+
+
 # --- real processes ----------------------------------------------------------------------------
 
 
