@@ -60,6 +60,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "propagation.json"
 TARGET_P99_S = 1.0
+"""Issue 11 item 4: p99 change -> all ACKs at 1,000 services (100 real sidecars)..."""
+TARGET_P99_10K_S = 2.0
+"""...and at 10,000 services (1,000 stub data planes)."""
+
+
+def _target_p99(services: int) -> float:
+    return TARGET_P99_10K_S if services >= 10_000 else TARGET_P99_S
+
 
 sys.path.insert(0, str(ROOT))
 from compiler.demo import Proc, free_port  # noqa: E402
@@ -560,6 +568,7 @@ def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, An
         "sidecar_synced_s": round(sidecar_sync_s, 2),
         "sidecar_rss_mib": sidecar_rss,
         "sidecar_target_rss_mib": 60,
+        "sidecar_meets_target": sidecar_rss.get("scoped", {}).get("VmRSS", float("inf")) <= 60,
     }
 
 
@@ -630,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "target": {"p99_change_to_all_acks_s": TARGET_P99_S},
+        "target": {"p99_change_to_all_acks_s": _target_p99(args.services)},
         "heartbeat_interval_s": HEARTBEAT_S,
     }
     tmp = tempfile.mkdtemp(prefix="meshc-bench-prop-")
@@ -641,7 +650,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     out["verdict"] = {
-        k: {"p99_s": out[k]["all"]["p99_s"], "meets_target": out[k]["all"]["p99_s"] <= TARGET_P99_S}
+        k: {
+            "p99_s": out[k]["all"]["p99_s"],
+            "meets_target": out[k]["all"]["p99_s"] <= _target_p99(args.services),
+        }
         for k in ("propagation", "propagation_stub", "propagation_full", "propagation_stub_full")
         if k in out
     }
