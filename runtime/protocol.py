@@ -32,9 +32,11 @@ Control plane -> data plane admin API (``runtime/admin.py``, loopback by default
   A data plane that registered with ``pieces`` gets its mesh slot as a delta push instead
   (``HDR_PIECES: 1``, role ``mesh``): the body is newline-delimited, the mesh manifest's exact
   bytes and then the pieces it lacks (``runtime.pieces``); ``HDR_DIGEST`` (signed) is the
-  manifest's sha256. It swaps to the whole set at once or NACKs: 400 for a piece the manifest
-  does not name (forged, mismatched), 422 ``Nack(nack, missing=[digests])`` for pieces it needs
-  and neither holds nor was sent (the control plane sends them again).
+  manifest's sha256. The manifest's format is the newest of its ``pieces_formats`` that the
+  control plane makes (format 1 when it declared none: data planes from before format 2).
+  It swaps to the whole set at once or NACKs: 400 for a piece the manifest does not name
+  (forged, mismatched), 422 ``Nack(nack, missing=[digests])`` for pieces it needs and neither
+  holds nor was sent (the control plane sends them again).
   200 ``Ack(ack=digest)`` or ``Nack(nack=reason)`` with 400 (not JSON, schema, unknown format,
   digest mismatch, role mismatch, another service's bundle, cannot be compiled), 409 (generation
   older than the running one for that slot), 413 (over ``bundle.MAX_BUNDLE_BYTES``) or 500 (state
@@ -310,10 +312,21 @@ class Registration(_Msg):
             "sends a delta over it, or nothing. Left out when unset."
         ),
     )
+    pieces_formats: list[int] | None = Field(
+        default=None,
+        description=(
+            "With pieces: the mesh manifest formats it runs (runtime.pieces.FORMATS); the control "
+            "plane serves the newest both speak. Absent: format 1 only (data planes from before)."
+        ),
+    )
 
     @model_serializer(mode="wrap")
-    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _without_empty(handler(self), "endpoints_on_demand", "endpoints_running")
+    def _unset_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields a control plane from before them does not know are left out when unset."""
+        out = _without_empty(handler(self), "endpoints_on_demand", "endpoints_running")
+        if out.get("pieces_formats", 0) is None:
+            del out["pieces_formats"]
+        return out
 
 
 class RegistrationReply(_Msg):

@@ -92,6 +92,7 @@ class Pushes:
         self.endpoint_fetch = EndpointFetch(engine)
         """Endpoints a scoped set lacks, on demand (``runtime.endpoints``)."""
         self._eps_digests: dict[str, str] | None = None
+        self._trim_due = False
         """Per-service digests of the running endpoint set (per-service form), for deltas."""
 
     def load(self, mesh_file: Path | None, service_file: Path | None, endpoints_file: Path | None) -> None:
@@ -145,6 +146,9 @@ class Pushes:
             self.metrics.endpoints_generation.set(endpoints.generation)
         if changed and self.state is not None:
             self.state.save(self.engine.service, self._stored())
+        self._stored_pieces()
+        if stored.slots.get("mesh") is not None:
+            trim_heap()  # a restart read the whole catalog from the state dir
 
     def target(self) -> PushTarget | None:
         """Who a push must be signed for; None while registration in this boot is pending."""
@@ -184,6 +188,14 @@ class Pushes:
     async def _persist(self) -> None:
         if self.state is not None:
             await asyncio.to_thread(self.state.save, self.engine.service, self._stored())
+        self._stored_pieces()
+
+    def _stored_pieces(self) -> None:
+        """What runs is stored (or there is no state dir to store it in): the mesh set's catalog
+        node bytes can go (``MeshSet.stored``)."""
+        mesh = self.slots.get("mesh")
+        if mesh is not None and mesh.pieces is not None:
+            mesh.pieces.stored()
 
     async def push_bundle(
         self,
@@ -424,6 +436,16 @@ class Pushes:
     def _install(self, snap: Snapshot) -> None:
         self.engine.install(snap)
         self._on_install(snap)
+        self._trim_due = True
+
+    def settle(self) -> None:
+        """Called when nothing is being installed (each heartbeat): after an install, give the
+        C heap's free pages back once. Trimming right after a push is too early: the state
+        save, the swap and the first requests on the new snapshot free more (a 10,000-service
+        scoped sidecar held 2.3 MB free that a later ``malloc_trim`` returned)."""
+        if self._trim_due and not self._lock.locked():
+            self._trim_due = False
+            trim_heap()
 
     def nack(self, kind: str, status: int, reason: str) -> tuple[int, dict[str, Any]]:
         self.metrics.reloads.labels(kind, "nack").inc()

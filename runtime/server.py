@@ -34,6 +34,7 @@ from runtime.h2sniff import LazyH2
 from runtime.healthcheck import HealthChecker
 from runtime.limits import ListenerLimits
 from runtime.metrics import Metrics
+from runtime.pieces import FORMATS
 from runtime.protocol import Heartbeat, Registration, RegistrationReply
 from runtime.pushes import Pushes, StartupError
 from runtime.registration import Registrar
@@ -116,6 +117,8 @@ class Options:
     """Allow the admin API on a non-loopback address."""
     pieces: bool = True
     """Register for delta pushes (``runtime.pieces``); False: the whole mesh bundle every time."""
+    pieces_formats: tuple[int, ...] = FORMATS
+    """The mesh manifest formats declared on registration (``runtime.pieces.FORMATS``)."""
     reachable: list[str] | None = None
     """Kuma's reachableServices (registration); None: what the policies name, the rest on demand."""
     limits: ListenerLimits = field(default_factory=ListenerLimits)
@@ -494,9 +497,11 @@ class DataPlane:
             endpoint_deltas=self.opts.pieces,
             endpoints_on_demand=self.pushes.endpoint_fetch.declared(),
             endpoints_running=self.pushes.running()[0].get("endpoints") if self.opts.pieces else None,
+            pieces_formats=list(self.opts.pieces_formats) if self.opts.pieces else None,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
+        self.pushes.settle()
         running, generations = self.pushes.running()
         return Heartbeat(
             instance=instance,

@@ -178,6 +178,9 @@ class StateDir:
         held = {
             d: p for s in state.slots.values() if s.pieces is not None for d, p in s.pieces.pieces.items()
         }
+        # Catalog nodes whose bytes were dropped once stored (``MeshSet.stored``) stay on disk.
+        nodes = [s.pieces.nodes for s in state.slots.values() if s.pieces is not None]
+        named = held.keys() | {d for n in nodes for d in n}
         on_disk = self._pieces_on_disk()
         new = [d for d in held if d not in on_disk]
         if new:
@@ -206,7 +209,7 @@ class StateDir:
             if old.name not in keep:
                 with contextlib.suppress(OSError):
                     old.unlink()
-        for digest in [d for d in on_disk if d not in held]:
+        for digest in [d for d in on_disk if d not in named]:
             on_disk.discard(digest)
             with contextlib.suppress(OSError):
                 (self.pieces / f"{digest}.json").unlink()

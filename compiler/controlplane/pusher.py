@@ -23,7 +23,11 @@ A data plane that registered with ``pieces`` gets its mesh slot as a delta push
 (``runtime.pieces``): the manifest (its digest is the slot's desired digest) and only the pieces
 it is believed to lack, of those in its scope: every catalog chunk, and the destinations its
 service bundle names (and their split targets), its ``reachable_services`` and those it asked
-for on demand or named as missing in a 422. A gateway gets every destination. A 422 NACK
+for on demand or named as missing in a 422. A gateway gets every destination. The manifest is
+of the newest format both it (``pieces_formats``; none declared: format 1, a data plane from
+before format 2) and this control plane speak; the format 1 view of a release is made only when
+some data plane needs it, from the same pieces (``MeshPieces.as_format``). A data plane with no
+format in common is pushed nothing for its mesh slot, and its status says why. A 422 NACK
 (pieces it lacks) is answered at once by a push that carries them; every body's bytes are
 counted (``meshc_controlplane_push_bytes``, and per rollout).
 
@@ -57,7 +61,7 @@ from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.pieces import PieceStore
 from compiler.controlplane.registry import DataPlane, Registry
 from compiler.controlplane.release import Release, ReleaseState
-from runtime.pieces import MeshPieces
+from runtime.pieces import FORMATS, MeshPieces, choose_format
 from runtime.protocol import (
     HDR_BUNDLE_ROLE,
     HDR_DIGEST,
@@ -284,13 +288,21 @@ class Pusher:
         digest = rel.digests.get(mesh) if rel else None
         return self.pieces.mesh(digest, data) if rel and data is not None and digest else None
 
+    @staticmethod
+    def view(dp: DataPlane, mp: MeshPieces) -> MeshPieces | None:
+        """``mp`` as the manifest format ``dp`` is served; None: it runs no format made here."""
+        fmt = choose_format(dp.pieces_formats)
+        return mp.as_format(fmt) if fmt is not None else None
+
     def _desired(self, dp: DataPlane) -> dict[str, str | None]:
         rel = self.releases.current
         digests = rel.digests if rel else {}
         mesh = digests.get(dp.mesh)
         if mesh is not None and dp.pieces:
             mp = self.mesh_pieces(rel, dp.mesh)
-            mesh = mp.digest if mp is not None else None
+            view = self.view(dp, mp) if mp is not None else None
+            # no format in common: the newest manifest stays desired (and is never sent)
+            mesh = (view or mp).digest if mp is not None else None
         return {
             "endpoints": self._eps_desired(dp, self.syncs.get(dp.instance)),
             "mesh": mesh,
@@ -617,11 +629,15 @@ class Pusher:
                 result, reason = await self._push_endpoints(sync, dp, st, want, gen)
             elif slot == "mesh" and dp.pieces:
                 mp = self.mesh_pieces(self.releases.current, dp.mesh)
-                if mp is None or mp.digest != want:
+                view = self.view(dp, mp) if mp is not None else None
+                if mp is None or (view or mp).digest != want:
                     sync.dirty.set()
                     return None
+                if view is None:
+                    self._no_common_format(dp, st, want)
+                    return None
                 gen = self._generation(dp)
-                result, reason = await self._push_pieces(sync, dp, mp, st, gen)
+                result, reason = await self._push_pieces(sync, dp, view, st, gen)
             else:
                 rel = self.releases.current
                 key = dp.mesh if slot == "mesh" else f"{dp.mesh}/{dp.service}"
@@ -666,6 +682,20 @@ class Pusher:
             if st.desired != want:
                 return 0.0
         return hold_retry
+
+    def _no_common_format(self, dp: DataPlane, st: SlotState, want: str) -> None:
+        """A data plane that runs no manifest format made here: nothing is pushed to its mesh
+        slot (nor, after it, to its service slot), and its status says why until it registers
+        with a format this control plane makes (or the control plane is upgraded)."""
+        declared = list(dp.pieces_formats or ())
+        reason = (
+            f"no mesh manifest format in common: the data plane runs formats {declared}, "
+            f"this control plane makes {list(FORMATS)}; upgrade one of them"
+        )
+        if st.nack != reason:
+            print(f"meshc: {dp.instance}: {reason}", flush=True)
+        st.nack, st.nack_digest, st.last_nack_at, st.error = reason, want, time.time(), reason
+        self._rollout_done(dp.instance, "mesh", ok=False)
 
     async def _push_endpoints(
         self, sync: DataPlaneSync, dp: DataPlane, st: SlotState, want: str, gen: int

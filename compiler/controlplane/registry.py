@@ -59,6 +59,8 @@ class DataPlane:
     on_demand: tuple[str, ...] = ()
     """The services it says it fetched on demand (its last registration or heartbeat): kept in
     its endpoint scope. Not stored: it says so again."""
+    pieces_formats: tuple[int, ...] | None = None
+    """The mesh manifest formats it runs, as registered; None: it declared none (format 1 only)."""
     replica: str = ""
     """The control plane replica this data plane registered with (and heartbeats to)."""
     observed_at: float = 0.0
@@ -82,6 +84,7 @@ class DataPlane:
             "pieces": self.pieces,
             "reachable_services": list(self.reachable) if self.reachable is not None else None,
             "endpoint_deltas": self.endpoint_deltas,
+            "pieces_formats": list(self.pieces_formats) if self.pieces_formats is not None else None,
             "replica": self.replica,
         }
 
@@ -166,6 +169,7 @@ class Registry:
             boot_id=reg.boot_id,
             pieces=reg.pieces,
             endpoint_deltas=reg.endpoint_deltas,
+            pieces_formats=tuple(reg.pieces_formats) if reg.pieces_formats is not None else None,
             reachable=tuple(reg.reachable_services) if reg.reachable_services is not None else None,
             on_demand=tuple(reg.endpoints_on_demand),
             replica=self.replica,
