@@ -10,7 +10,11 @@ count (``meshc_controlplane_push_bytes_total{slot="endpoints"}``), with the numb
 
 Two modes in the same run: ``whole`` (the data planes register without ``endpoint_deltas``:
 every one gets the mesh's whole set again, the baseline) and ``scoped`` (per-service sets: only
-the data planes whose scope holds the service get a push, carrying that service only).
+the data planes whose scope holds the service get a push, carrying that service only). A third,
+``scoped_after_restart``, restarts the control plane (its saved registry) once the data planes
+are SYNCED, and counts what the restarted one pushes until they are SYNCED again (nothing
+changed: it rebuilds what each runs from its heartbeat) and then for the same join (deltas, as
+before the restart: ``ratio_bytes_after_restart_over_scoped``, 1.0 when nothing is re-sent).
 
     .venv/bin/python bench/endpoints.py            # 1,000 services, 100 data planes
     .venv/bin/python bench/endpoints.py --quick    # 200 services, 20 data planes
@@ -91,7 +95,9 @@ def _stubs(work: Path, cp: str, n: int, services: list[str], deltas: bool, name:
     return p
 
 
-def phase(n_services: int, n_dataplanes: int, work: Path, deltas: bool) -> dict[str, Any]:
+def phase(
+    n_services: int, n_dataplanes: int, work: Path, deltas: bool, restart: bool = False
+) -> dict[str, Any]:
     gen = P._gen()
     repo = work / "repo"
     gen.generate(repo, n_services)
@@ -104,6 +110,16 @@ def phase(n_services: int, n_dataplanes: int, work: Path, deltas: bool) -> dict[
         services = [gen.service_name(i) for i in range(max(1, n_dataplanes // 10))]
         procs.append(_stubs(work, cp, n_dataplanes, services, deltas, "stubs"))
         P._wait(lambda: P._synced(cp, n_dataplanes), 600, f"{n_dataplanes} stubs SYNCED", procs, poll=0.5)
+        restarted: dict[str, Any] = {}
+        if restart:
+            time.sleep(1.0)  # not a synchronisation: the registry file's write-behind interval
+            P._stop(procs[:1])
+            procs[0] = P._controlplane(work, repo, port)
+            P._wait(lambda: P._get(f"{cp}/healthz")["release"] is not None, 600, "the restart", procs)
+            P._wait(lambda: P._synced(cp, n_dataplanes), 600, "SYNCED after the restart", procs, poll=0.5)
+            time.sleep(2.0)  # late pushes are counted too
+            rb, rp = _cp_endpoint_pushes(cp)
+            restarted = {"restart_endpoint_bytes_pushed": int(rb), "restart_endpoint_pushes": int(rp)}
         time.sleep(2.0)  # not a synchronisation: a quiet moment before the count starts
         bytes0, pushes0 = _cp_endpoint_pushes(cp)
         t0 = time.monotonic()
@@ -122,6 +138,7 @@ def phase(n_services: int, n_dataplanes: int, work: Path, deltas: bool) -> dict[
         "endpoint_bytes_pushed": int(bytes1 - bytes0),
         "endpoint_pushes": int(pushes1 - pushes0),
         "join_to_all_synced_s": round(settle_s, 2),
+        **restarted,
     }
 
 
@@ -140,13 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     tmp = tempfile.mkdtemp(prefix="meshc-bench-eps-")
     try:
-        for key, deltas in (("whole", False), ("scoped", True)):
+        modes = (("whole", False, False), ("scoped", True, False), ("scoped_after_restart", True, True))
+        for key, deltas, restart in modes:
             work = Path(tmp) / key
             print(
                 f"{key}: {args.services} services, {args.dataplanes} data planes, one instance joins",
                 flush=True,
             )
-            r = out[key] = phase(args.services, args.dataplanes, work, deltas)
+            r = out[key] = phase(args.services, args.dataplanes, work, deltas, restart)
             print(f"  {r}", flush=True)
     except BaseException:
         print(f"bench failed; logs kept in {tmp}", file=sys.stderr, flush=True)
@@ -154,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     whole, scoped = out["whole"]["endpoint_bytes_pushed"], out["scoped"]["endpoint_bytes_pushed"]
     out["ratio_bytes_whole_over_scoped"] = round(whole / scoped, 1) if scoped else None
+    again = out["scoped_after_restart"]["endpoint_bytes_pushed"]
+    out["ratio_bytes_after_restart_over_scoped"] = round(again / scoped, 2) if scoped else None
     out["machine"]["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     ratio = out["ratio_bytes_whole_over_scoped"]
-    print(f"bytes pushed: whole {whole}, scoped {scoped} (x{ratio}); wrote {args.out}")
+    print(f"bytes pushed: whole {whole}, scoped {scoped} (x{ratio}), after a restart {again}")
+    print(f"wrote {args.out}")
     return 0
 
 

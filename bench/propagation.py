@@ -60,6 +60,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "propagation.json"
 TARGET_P99_S = 1.0
+"""Issue 11 item 4: p99 change -> all ACKs at 1,000 services (100 real sidecars)..."""
+TARGET_P99_10K_S = 2.0
+"""...and at 10,000 services (1,000 stub data planes)."""
+
+
+def _target_p99(services: int) -> float:
+    return TARGET_P99_10K_S if services >= 10_000 else TARGET_P99_S
+
 
 sys.path.insert(0, str(ROOT))
 from compiler.demo import Proc, free_port  # noqa: E402
@@ -96,10 +104,17 @@ def _wait(cond: Any, timeout: float, what: str, procs: list[Proc] = (), poll: fl
 
 
 def _rss_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (the figures held to targets), and RssAnon, RssFile and Pss: a
+    process's own memory against the shared libraries' pages that every process on the host
+    running the same files shares (Pss divides those among them)."""
     out: dict[str, float] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
+        if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
             out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["Pss"] = round(int(line.split()[1]) / 1024, 1)
     return out
 
 
@@ -386,7 +401,7 @@ async def _stub_dataplanes(
 
     from runtime.bundle import BundleError
     from runtime.endpoints import EndpointsRefused, apply, running_digest
-    from runtime.pieces import MeshSet, MissingPieces, assemble, split_lines
+    from runtime.pieces import FORMATS, MeshSet, MissingPieces, assemble, split_lines
     from runtime.protocol import HDR_BUNDLE_ROLE, HDR_DIGEST, HDR_PIECES, EndpointSet, Heartbeat, Registration
 
     running: list[dict[str, str]] = [{} for _ in range(n)]
@@ -458,6 +473,7 @@ async def _stub_dataplanes(
                 admin_address=f"127.0.0.1:{ports[k]}",
                 pieces=pieces,
                 endpoint_deltas=endpoint_deltas,
+                pieces_formats=list(FORMATS) if pieces else None,  # as a sidecar of this version
             )
             token = _token(work, reg.service)
             headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -552,6 +568,7 @@ def phase_memory(n_services: int, n_dataplanes: int, work: Path) -> dict[str, An
         "sidecar_synced_s": round(sidecar_sync_s, 2),
         "sidecar_rss_mib": sidecar_rss,
         "sidecar_target_rss_mib": 60,
+        "sidecar_meets_target": sidecar_rss.get("scoped", {}).get("VmRSS", float("inf")) <= 60,
     }
 
 
@@ -622,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "target": {"p99_change_to_all_acks_s": TARGET_P99_S},
+        "target": {"p99_change_to_all_acks_s": _target_p99(args.services)},
         "heartbeat_interval_s": HEARTBEAT_S,
     }
     tmp = tempfile.mkdtemp(prefix="meshc-bench-prop-")
@@ -633,7 +650,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     out["verdict"] = {
-        k: {"p99_s": out[k]["all"]["p99_s"], "meets_target": out[k]["all"]["p99_s"] <= TARGET_P99_S}
+        k: {
+            "p99_s": out[k]["all"]["p99_s"],
+            "meets_target": out[k]["all"]["p99_s"] <= _target_p99(args.services),
+        }
         for k in ("propagation", "propagation_stub", "propagation_full", "propagation_stub_full")
         if k in out
     }

@@ -232,14 +232,14 @@ class MeshBuilder:
         outbound = json_object((d, self.destination(name, d, used)) for d in dests)
         gateway = canon(gw.conf.model_dump(mode="json")) if gw is not None else "null"
         traced = self.idx.tracing.services.get(name) if self.idx.tracing is not None else None
-        tracing = "null"
+        tracing = ""  # left out unless set (ServiceBundle._OPTIONAL): the bytes older data planes take
         if traced is not None:
-            tracing = canon(traced[0].model_dump(mode="json"))
+            tracing = f'"tracing":{canon(traced[0].model_dump(mode="json"))},'
             used.extend(traced[1])
         text = (
             f'{{"format":{b.BUNDLE_FORMAT},"gateway":{gateway},"inbound":{inbound},'
             f'"mesh":{canon(self.mesh.name)},"outbound":{outbound},"service":{canon(name)},'
-            f'"tracing":{tracing},"type":"service"}}'
+            f'{tracing}"type":"service"}}'
         )
         return text.encode(), used
 

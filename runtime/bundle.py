@@ -718,7 +718,7 @@ class MeshBundle(_Frozen):
     destinations: dict[str, Destination]
 
 
-class ServiceBundle(_Frozen):
+class ServiceBundle(_Sparse):
     """Sent to the data planes of one service (or one gateway)."""
 
     format: Literal[1] = 1
@@ -729,7 +729,10 @@ class ServiceBundle(_Frozen):
     outbound: dict[str, Destination] = Field(default_factory=dict)
     gateway: GatewayConf | None = None
     tracing: ServiceTracing | None = None
-    """None: the mesh bundle's ``tracing`` applies."""
+    """None: the mesh bundle's ``tracing`` applies (left out of the JSON: the bytes, and the
+    digest, of a service bundle from before the field, which older data planes take)."""
+
+    _OPTIONAL = ("tracing",)
 
 
 AnyBundle = Annotated[MeshBundle | ServiceBundle, Field(discriminator="type")]

@@ -218,6 +218,12 @@ def _run(kind: str, argv: list[str]) -> int:
             help="take the whole mesh bundle at every change (no delta pushes, no scoping), as data "
             "planes did before pieces; for comparisons",
         )
+        p.add_argument(
+            "--pieces-formats",
+            metavar="N,M,...",
+            help="the mesh manifest formats to declare on registration (default: every format this "
+            "version runs); for tests of mixed-version meshes",
+        )
     else:
         p.add_argument(
             "--service",
@@ -271,6 +277,11 @@ def _run(kind: str, argv: list[str]) -> int:
             opts.inbound = parse_addr(ns.inbound) if ns.inbound else None
             opts.outbound = parse_addr(ns.outbound) if ns.outbound else None
             opts.pieces = not ns.full_mesh_bundle
+            if ns.pieces_formats is not None:
+                try:
+                    opts.pieces_formats = tuple(int(f) for f in ns.pieces_formats.split(",") if f.strip())
+                except ValueError:
+                    raise _UsageError("--pieces-formats must be a comma list of integers") from None
             if ns.reachable_services is not None:
                 opts.reachable = [s.strip() for s in ns.reachable_services.split(",") if s.strip()]
             if opts.inbound is not None and not opts.app:

@@ -10,6 +10,9 @@ fields is a whole set as older control planes send it, taken as it is.
 A destination whose split targets a scoped set does not hold is *lacking* (``Engine.build``
 marks its table): the request asks the control plane for them (``EndpointFetch``, on the same
 on-demand path as mesh pieces, bounded by ``decide.FETCH_TIMEOUT_S``) and is decided again.
+What it asked for (``EndpointFetch.on_demand``, kept in the state dir) is declared in every
+registration and heartbeat, so a control plane that never saw the request (another replica, a
+restart) keeps those services in its scope instead of pushing a set without them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from runtime.decide import FETCH_TIMEOUT_S
 from runtime.engine import Engine
-from runtime.protocol import EndpointSet, endpoint_set_digest, endpoints_digest, service_endpoints_digest
+from runtime.protocol import (
+    MAX_ON_DEMAND,
+    EndpointSet,
+    endpoint_set_digest,
+    endpoints_digest,
+    service_endpoints_digest,
+)
 
 __all__ = [
     "EndpointFetch",
@@ -100,6 +109,13 @@ class EndpointFetch:
         self.fetcher: EndpointFetcher | None = None
         """Set once a control plane is known (``runtime.server``)."""
         self._inflight: dict[tuple[str, ...], asyncio.Future[str | None]] = {}
+        self.on_demand: set[str] = set()
+        """Services asked for on demand (their endpoints, or their destination piece, which
+        brings them): recorded before the request goes, so the push answering it stores them."""
+
+    def declared(self) -> list[str]:
+        """What registrations and heartbeats name as fetched on demand (bounded)."""
+        return sorted(self.on_demand)[:MAX_ON_DEMAND]
 
     async def ensure(self, service: str) -> str | None:
         """None once ``service``'s split targets are all held (or it lacks none), else why not."""
@@ -112,6 +128,7 @@ class EndpointFetch:
             names = tuple(sorted({service, *table.lacking}))
             fut = self._inflight.get(names)
             if fut is None:
+                self.on_demand.update(names)
                 fut = self._inflight[names] = asyncio.ensure_future(self._fetch(list(names)))
                 fut.add_done_callback(functools.partial(self._done, names))
             try:

@@ -19,6 +19,7 @@ from h2.exceptions import DenialOfServiceError, FrameTooLargeError
 from h2.settings import SettingCodes
 
 from runtime.decide import Forward, Reply
+from runtime.h2sniff import PREFACE, preface_state
 from runtime.headerops import ADD, REMOVE, HeaderOp
 
 __all__ = [
@@ -50,9 +51,6 @@ __all__ = [
 
 Header = tuple[str, str]
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-"""The client connection preface (RFC 9113 §3.4): how a listener tells h2c from HTTP/1.1."""
-
 STREAM_WINDOW = 1 << 20
 """Initial per-stream receive window we advertise (bytes are acknowledged only once the other
 side of the proxy has taken them, so this bounds what one stream buffers here)."""
@@ -79,15 +77,6 @@ GRPC_NAMES = {
 }
 
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-
-
-def preface_state(buf: bytes) -> bool | None:
-    """True: the bytes start with the HTTP/2 preface; False: they cannot; None: too few to tell."""
-    if buf[: len(PREFACE)] == PREFACE:
-        return True
-    if PREFACE.startswith(buf):
-        return None
-    return False
 
 
 def _config(client_side: bool) -> H2Configuration:

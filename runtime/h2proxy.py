@@ -81,17 +81,17 @@ from runtime.h2conn import (
     h2_response_head,
     next_hop_headers,
     parse_request,
-    preface_state,
     reply_headers,
     reset_budget,
     response_headers,
     server_connection,
 )
+from runtime.h2sniff import PrefaceSniffer
 from runtime.metrics import Metrics
 from runtime.security import Credentials, PeerCache, wrong_peer
 from runtime.tracing import Hop
 
-__all__ = ["H2Downstream", "H2Plane", "H2Upstream", "PrefaceSniffer"]
+__all__ = ["H2Downstream", "H2Plane", "H2Upstream"]
 
 OUTBOUND, INBOUND, GATEWAY = 0, 1, 2
 DIRECTION = ("outbound", "inbound", "gateway")
@@ -107,11 +107,6 @@ _MAX_UNREAD = 1 << 20
 """Bytes queued for a client past which its connection is not read until they drain: h2 answers
 PING and SETTINGS by itself, so a client that sends them and never reads grew this process by
 what it sent (60 MB of PINGs: +52 MB RSS). DATA already waits for ``resume_writing``."""
-
-_TIMED_OUT = (
-    b"HTTP/1.1 408 Request Timeout\r\nx-meshc-reason: no complete request head in time\r\n"
-    b"content-length: 0\r\nconnection: close\r\n\r\n"
-)
 
 Item = tuple[Any, ...]
 """What arrived on a stream: ("head", headers, ended), ("data", bytes, flow), ("trailers",
@@ -709,75 +704,6 @@ class H1Upstream(asyncio.Protocol):
 
 
 Upstream = H2Upstream | H1Upstream
-
-
-class PrefaceSniffer(asyncio.Protocol):
-    """A listener's first protocol: HTTP/2 (ALPN ``h2``, or the h2c preface) or HTTP/1.1."""
-
-    def __init__(
-        self,
-        h1: Callable[[], asyncio.BaseProtocol],
-        h2: Callable[[], asyncio.Protocol],
-        timeout_s: float = 10.0,
-        on_timeout: Callable[[], None] | None = None,
-    ) -> None:
-        self._on_timeout = on_timeout
-        self._h1 = h1
-        self._h2 = h2
-        self._transport: asyncio.Transport | None = None
-        self._buf = b""
-        self._timeout_s = timeout_s
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = tr = cast(asyncio.Transport, transport)
-        sslobj = tr.get_extra_info("ssl_object")
-        if sslobj is not None:
-            alpn = sslobj.selected_alpn_protocol()
-            if alpn is not None:
-                self._hand_over(self._h2 if alpn == "h2" else self._h1, b"")
-                return
-        # Until the first bytes tell (a "P" may be POST or the preface), the header timeout runs.
-        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._timed_out)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        if self._transport is not None:
-            if self._on_timeout is not None:
-                self._on_timeout()
-            self._transport.write(_TIMED_OUT)
-            self._transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        buf = self._buf + data
-        state = preface_state(buf)
-        if state is None:
-            self._buf = buf
-            return
-        self._buf = b""
-        self._hand_over(self._h2 if state else self._h1, buf)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _hand_over(self, factory: Callable[[], asyncio.BaseProtocol], buf: bytes) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        tr = self._transport
-        if tr is None:
-            return
-        proto = factory()
-        tr.set_protocol(proto)
-        proto.connection_made(tr)
-        if buf:
-            cast(asyncio.Protocol, proto).data_received(buf)
 
 
 class H2Plane:

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 from runtime._hosts import Host
 from runtime.bundle import HealthCheckConf
 from runtime.engine import Snapshot
-from runtime.grpchealth import HealthProbe, Verdict
 from runtime.metrics import Metrics
 
 if TYPE_CHECKING:
     import aiohttp
+
+    from runtime.grpchealth import HealthProbe, Verdict
 
 __all__ = ["HealthChecker"]
 
@@ -181,6 +182,8 @@ class HealthChecker:
             c.writer.close()
 
     async def _dial_h2(self, host: Host) -> _H2Conn:
+        from runtime.grpchealth import HealthProbe  # h2 only once a gRPC check runs (runtime.h2sniff)
+
         ctx = self.h2_tls() if self.tls() is not None else None
         if ctx is None:
             reader, writer = await asyncio.open_connection(host.host, host.port)

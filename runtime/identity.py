@@ -17,13 +17,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
 
 from runtime.protocol import (
     HDR_CLIENT_CERT,
@@ -34,6 +33,11 @@ from runtime.protocol import (
     spiffe_uri,
     tag_uri,
 )
+
+if TYPE_CHECKING:
+    # x509 (about 2 MB resident) loads with the first certificate, so a sidecar without mTLS
+    # never pays for it; verifying signed pushes needs only ed25519.
+    from cryptography import x509
 
 __all__ = [
     "Identity",
@@ -53,6 +57,9 @@ def new_private_key() -> ec.EllipticCurvePrivateKey:
 
 def make_csr(key: ec.EllipticCurvePrivateKey, mesh: str, service: str, tags: dict[str, str]) -> str:
     """A CSR naming the identity the data plane asks for; the CA decides what it gets."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     uris = [x509.UniformResourceIdentifier(spiffe_uri(mesh, service))]
     uris += [x509.UniformResourceIdentifier(tag_uri(k, v)) for k, v in sorted(tags.items())]
     csr = (
@@ -95,6 +102,8 @@ def peer_identity(der: bytes | None) -> PeerIdentity | None:
     """The identity in a peer certificate (``SSLObject.getpeercert(binary_form=True)``)."""
     if not der:
         return None
+    from cryptography import x509
+
     cert = x509.load_der_x509_certificate(der)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -122,6 +131,8 @@ class Identity:
     def certificate(self) -> x509.Certificate:
         cert = self._cert
         if cert is None:
+            from cryptography import x509
+
             cert = self._cert = x509.load_pem_x509_certificate(self.cert_pem.encode())
         return cert
 

@@ -26,7 +26,13 @@ holds are not parsed again, and only the chunks that changed touch its catalog.
 On the wire (``PUT /bundle`` with ``HDR_PIECES``, and the control plane's pieces answer) a piece
 set is newline-delimited: canonical JSON never holds a raw newline, so each line is one piece's
 exact bytes and its digest is the sha256 of the line. The first line of a push is the manifest.
-Format 1 manifests (a flat list of chunks, from before the tree) still load from a state dir.
+
+Formats (``FORMATS``): a format 1 manifest (before the tree) names the catalog chunks, flat; a
+format 2 one names the top nodes of the tree. Data planes from before format 2 run format 1 only
+(and declare nothing on registration); later ones declare ``Registration.pieces_formats`` and
+the control plane serves the newest format both speak. A release's format 1 view
+(``MeshPieces.as_format``) is its format 2 tree's chunks under a flat manifest: the same pieces,
+so it costs one small manifest, made only when some data plane needs it.
 
 This module imports only pydantic, the standard library and ``runtime.bundle``.
 """
@@ -38,6 +44,7 @@ import functools
 import hashlib
 import json
 import json.scanner
+import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -58,6 +65,7 @@ from runtime.bundle import (
 )
 
 __all__ = [
+    "FORMATS",
     "MAX_DEPTH",
     "SHAPE",
     "CatalogPiece",
@@ -71,6 +79,7 @@ __all__ = [
     "TreeShape",
     "assemble",
     "catalog_tree",
+    "choose_format",
     "join_lines",
     "pieces_json_schema",
     "split_lines",
@@ -93,6 +102,8 @@ class TreeShape:
 
 
 SHAPE = TreeShape()
+FORMATS: tuple[int, ...] = (1, 2)
+"""The manifest formats this version cuts and runs (a data plane declares them on registration)."""
 MAX_DEPTH = 12
 """Levels of index pieces a data plane follows at most (16^12 chunks: a bound, never reached)."""
 
@@ -156,6 +167,16 @@ def pieces_json_schema() -> dict[str, Any]:
     return adapter.json_schema()
 
 
+def choose_format(declared: Collection[int] | None, produced: Collection[int] = FORMATS) -> int | None:
+    """The manifest format to serve a data plane that declared ``declared`` (None: from before
+    the declaration, which runs format 1 only): the newest both sides speak; None if no format
+    is common (the data plane is told so in the control plane's status, and nothing is pushed)."""
+    if declared is None:
+        return 1 if 1 in produced else None
+    common = set(declared) & set(produced)
+    return max(common) if common else None
+
+
 def split_lines(data: bytes) -> list[bytes]:
     return [line for line in data.split(b"\n") if line]
 
@@ -181,7 +202,36 @@ class MeshPieces:
     """Digest -> bytes, of every catalog node and destination piece."""
     children: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Index piece -> the nodes it names."""
+    format: int = 2
+    """The manifest's format (``FORMATS``)."""
     _since: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _views: dict[int, MeshPieces] = field(default_factory=dict, compare=False, repr=False)
+
+    def as_format(self, fmt: int) -> MeshPieces:
+        """These pieces under a manifest of format ``fmt`` (made once, on first use).
+
+        Format 1 (data planes from before the tree) names the tree's chunks, flat, in name
+        order: every piece is this release's own, so nothing is split again, a data plane that
+        moves between formats keeps its cache, and from one release to the next a format 1 data
+        plane is sent the chunks that changed, as a format 2 one is."""
+        if fmt == self.format:
+            return self
+        found = self._views.get(fmt)
+        if found is None:
+            if (fmt, self.format) != (1, 2):
+                raise ValueError(f"no format {fmt} view of a format {self.format} manifest")
+            chunks = tuple(d for d in self.catalog if d not in self.children)
+            doc = json.loads(self.manifest)
+            manifest = canonical_json({**doc, "catalog": list(chunks), "format": 1})
+            found = MeshPieces(
+                manifest, bundle_digest(manifest), chunks, self.destinations, self.pieces, format=1
+            )
+            self._views[fmt] = found
+        return found
+
+    def views(self) -> list[MeshPieces]:
+        """This manifest and the views of other formats made so far."""
+        return [self, *self._views.values()]
 
     def wanted(self, names: Collection[str] | None) -> list[str]:
         """The digests a data plane reaching ``names`` (None: every destination) must hold."""
@@ -388,7 +438,7 @@ class MeshSet:
     """Service -> its destination piece's digest, from the chunks."""
     held: Mapping[str, Destination]
     pieces: Mapping[str, bytes]
-    """Digest -> bytes of every piece held (catalog nodes and destinations): the cache."""
+    """Digest -> bytes of the pieces held (destinations, and catalog nodes until ``stored``)."""
     nodes: Mapping[str, CatalogPiece | IndexPiece] = field(default_factory=dict)
     """Every node of the catalog tree, parsed: what the next set reuses."""
     chunks: frozenset[str] = frozenset()
@@ -399,16 +449,29 @@ class MeshSet:
         return frozenset(self.index.keys() - self.held.keys())
 
     def bundle(self) -> MeshBundle:
+        """The set as a mesh bundle. Every part was validated when its piece was parsed, and a
+        set's maps are never changed once made, so the bundle shares them instead of copying
+        10,000 catalog entries once more."""
         m = self.manifest
-        return MeshBundle(
+        return MeshBundle.model_construct(
             mesh=m.mesh,
             mtls=m.mtls,
             passthrough=m.passthrough,
             logging=m.logging,
             tracing=m.tracing,
-            services=dict(self.catalog),
-            destinations=dict(self.held),
+            services=self.catalog if isinstance(self.catalog, dict) else dict(self.catalog),
+            destinations=self.held if isinstance(self.held, dict) else dict(self.held),
         )
+
+    def stored(self) -> None:
+        """The state dir holds this set's pieces now: drop the bytes of its catalog nodes. The
+        parsed ``nodes`` are what the next set is diffed against, and a restart reads the bytes
+        back from the state dir; kept, they were 3.4 MB of a scoped sidecar at 10,000 services.
+        Destination pieces keep their bytes (few, and ``with_pieces`` re-checks them)."""
+        pieces = self.pieces
+        if isinstance(pieces, dict):
+            for d in self.nodes:
+                pieces.pop(d, None)
 
     def with_pieces(self, lines: Iterable[bytes]) -> MeshSet:
         """This set with more destination pieces of the same manifest (an on-demand fetch)."""
@@ -423,8 +486,10 @@ class MeshSet:
         return dataclasses.replace(self, held=held, pieces=pieces)
 
 
-_PARSED: dict[str, Piece] = {}
-"""Digest -> parsed piece: content-addressed, so a piece held across pushes is parsed once."""
+_PARSED: weakref.WeakValueDictionary[str, Piece] = weakref.WeakValueDictionary()
+"""Digest -> parsed piece while some set holds it: content-addressed, so a piece held across
+pushes (or by many data planes in one process) is parsed once, and one no set holds any more
+is not kept (a dict bounded at 50,000 kept every chunk a sidecar had run since it started)."""
 
 
 def _parse(line: bytes, digest: str | None = None) -> Piece:
@@ -438,8 +503,6 @@ def _parse(line: bytes, digest: str | None = None) -> Piece:
         raise BundleError(f"piece {d[:12]} does not match the schema: {e}") from e
     if isinstance(piece, CatalogPiece):
         _share_entries(piece)
-    if len(_PARSED) > 50_000:
-        _PARSED.clear()
     _PARSED[d] = piece
     return piece
 
@@ -456,6 +519,12 @@ def _share_entries(piece: CatalogPiece) -> None:
     for name, entry in services.items():
         key = (entry.port, entry.protocol, entry.gateway, *(tuple(sorted(t.items())) for t in entry.subsets))
         services[name] = _ENTRIES.setdefault(key, entry)
+    # The chunk's two maps name the same services: one string object per name, not two.
+    dests = piece.destinations
+    names = {n: n for n in services}
+    shared = {names.get(n, n): d for n, d in dests.items()}
+    dests.clear()
+    dests.update(shared)
 
 
 def _destination(line: bytes, name: str, digest: str | None = None) -> Destination:

@@ -32,9 +32,11 @@ Control plane -> data plane admin API (``runtime/admin.py``, loopback by default
   A data plane that registered with ``pieces`` gets its mesh slot as a delta push instead
   (``HDR_PIECES: 1``, role ``mesh``): the body is newline-delimited, the mesh manifest's exact
   bytes and then the pieces it lacks (``runtime.pieces``); ``HDR_DIGEST`` (signed) is the
-  manifest's sha256. It swaps to the whole set at once or NACKs: 400 for a piece the manifest
-  does not name (forged, mismatched), 422 ``Nack(nack, missing=[digests])`` for pieces it needs
-  and neither holds nor was sent (the control plane sends them again).
+  manifest's sha256. The manifest's format is the newest of its ``pieces_formats`` that the
+  control plane makes (format 1 when it declared none: data planes from before format 2).
+  It swaps to the whole set at once or NACKs: 400 for a piece the manifest does not name
+  (forged, mismatched), 422 ``Nack(nack, missing=[digests])`` for pieces it needs and neither
+  holds nor was sent (the control plane sends them again).
   200 ``Ack(ack=digest)`` or ``Nack(nack=reason)`` with 400 (not JSON, schema, unknown format,
   digest mismatch, role mismatch, another service's bundle, cannot be compiled), 409 (generation
   older than the running one for that slot), 413 (over ``bundle.MAX_BUNDLE_BYTES``) or 500 (state
@@ -62,6 +64,12 @@ destination piece of a service it lacks at its first request there (Envoy's on-d
 ``PieceRequest.endpoints`` names services whose endpoints a scoped data plane lacks: they join
 its scope, and the control plane answers once the data plane has ACKed the endpoint push that
 carries them (200, with the pieces asked for if any; 504 when that took too long).
+The data plane keeps the services it asked for (in its state dir) and declares them in every
+registration and heartbeat (``endpoints_on_demand``, Envoy's resource subscriptions on a new
+stream): a control plane that never saw it ask (another replica, a restart) keeps them in its
+scope. With ``running_endpoints`` (the set it runs, Envoy's ``initial_resource_versions``) or a
+heartbeat whose running digest the control plane can rebuild, the next push is a delta over
+that set; a delta is only ever sent over a set the data plane ACKed or reported running.
 """
 
 from __future__ import annotations
@@ -82,6 +90,7 @@ __all__ = [
     "HDR_PIECES",
     "HDR_PROOF",
     "HDR_SIGNATURE",
+    "MAX_ON_DEMAND",
     "Ack",
     "CertificateReply",
     "CertificateRequest",
@@ -115,6 +124,8 @@ HDR_PROOF = "X-Meshc-Proof"
 """``<unix seconds>.<hex signature>``: the certificate's key signed ``auth_message``."""
 HDR_BUNDLE_ROLE = "X-Meshc-Bundle-Role"
 """``mesh`` or ``service``: which slot of the data plane the pushed bundle fills."""
+MAX_ON_DEMAND = 4096
+"""The most services a registration or heartbeat declares as fetched on demand."""
 HDR_PIECES = "X-Meshc-Pieces"
 """``1``: the mesh slot's push is a manifest and pieces (``runtime.pieces``), not a bundle."""
 
@@ -219,11 +230,16 @@ class EndpointSet(_Msg):
     @model_serializer(mode="wrap")
     def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """The per-service fields are left out when unused: the JSON older data planes know."""
-        out: dict[str, Any] = handler(self)
-        for key in ("scoped", "digest", "base", "removed"):
-            if key in out and not out[key]:
-                del out[key]
-        return out
+        return _without_empty(handler(self), "scoped", "digest", "base", "removed")
+
+
+def _without_empty(out: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``out`` without those of ``keys`` that are unset: the JSON that peers which predate them
+    know (they forbid fields they do not know)."""
+    for key in keys:
+        if key in out and not out[key]:
+            del out[key]
+    return out
 
 
 class SignedEndpoints(_Msg):
@@ -280,6 +296,37 @@ class Registration(_Msg):
             "and only what changed (runtime.endpoints)."
         ),
     )
+    endpoints_on_demand: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ON_DEMAND,
+        description=(
+            "Services whose endpoints it fetched on demand: they stay in its scope with a control "
+            "plane that never saw it ask (another replica, a restart). Left out when empty."
+        ),
+    )
+    endpoints_running: str | None = Field(
+        default=None,
+        description=(
+            "The running endpoint set's digest, as a heartbeat reports it (a set loaded from the "
+            "state dir has no running_endpoints): a control plane that can rebuild that set "
+            "sends a delta over it, or nothing. Left out when unset."
+        ),
+    )
+    pieces_formats: list[int] | None = Field(
+        default=None,
+        description=(
+            "With pieces: the mesh manifest formats it runs (runtime.pieces.FORMATS); the control "
+            "plane serves the newest both speak. Absent: format 1 only (data planes from before)."
+        ),
+    )
+
+    @model_serializer(mode="wrap")
+    def _unset_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Fields a control plane from before them does not know are left out when unset."""
+        out = _without_empty(handler(self), "endpoints_on_demand", "endpoints_running")
+        if out.get("pieces_formats", 0) is None:
+            del out["pieces_formats"]
+        return out
 
 
 class RegistrationReply(_Msg):
@@ -317,6 +364,18 @@ class Heartbeat(_Msg):
     )
     endpoints_generation: int = 0
     boot_id: str | None = Field(default=None, description="As registered; another one makes it register.")
+    endpoints_on_demand: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_ON_DEMAND,
+        description=(
+            "As in the registration: a control plane that restarted from its saved registry (no "
+            "registration again) keeps pushing these services' endpoints. Left out when empty."
+        ),
+    )
+
+    @model_serializer(mode="wrap")
+    def _unused_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_empty(handler(self), "endpoints_on_demand")
 
 
 class Ack(_Msg):

@@ -115,6 +115,28 @@ class Registrar:
             self._use_token = False
         return status, data
 
+    async def _register(self) -> tuple[int, bytes]:
+        """One registration. A control plane from before ``pieces_formats`` refuses the field
+        (400, extra_forbidden): the same registration goes again without it, as data planes
+        from before sent it, and that control plane serves the format it makes (which this
+        data plane runs too). Tried with the field every time: an upgraded control plane hears it."""
+        reg = self._registration()
+        status, body = await self._post("/api/v1/register", reg.model_dump_json().encode(), True)
+        if (
+            status == 400
+            and reg.pieces_formats is not None
+            and b"pieces_formats" in body
+            and b"extra_forbidden" in body
+        ):
+            print(
+                f"meshc: control plane {self.url} does not know pieces_formats; registering without it",
+                file=sys.stderr,
+                flush=True,
+            )
+            plain = reg.model_copy(update={"pieces_formats": None})
+            status, body = await self._post("/api/v1/register", plain.model_dump_json().encode(), True)
+        return status, body
+
     async def fetch_pieces(self, digests: list[str]) -> list[bytes]:
         """Pieces of the running manifest by digest (on demand); OSError when refused."""
         if self.instance is None or not self._started:
@@ -153,9 +175,7 @@ class Registrar:
         while True:
             try:
                 if self.reply is None:
-                    status, body = await self._post(
-                        "/api/v1/register", self._registration().model_dump_json().encode(), True
-                    )
+                    status, body = await self._register()
                     if status != 200:
                         raise OSError(f"register answered {status}: {body[:200]!r}")
                     self.reply = RegistrationReply.model_validate_json(body)

@@ -30,10 +30,11 @@ from runtime.fastmetrics import Identity
 from runtime.fastproxy import FastHttp
 from runtime.gatewaytls import DEFAULT_SECRETS_DIR, GatewayCerts, certificates_stamp
 from runtime.h1guard import GuardedListener
-from runtime.h2proxy import H2Plane
+from runtime.h2sniff import LazyH2
 from runtime.healthcheck import HealthChecker
 from runtime.limits import ListenerLimits
 from runtime.metrics import Metrics
+from runtime.pieces import FORMATS
 from runtime.protocol import Heartbeat, Registration, RegistrationReply
 from runtime.pushes import Pushes, StartupError
 from runtime.registration import Registrar
@@ -116,6 +117,8 @@ class Options:
     """Allow the admin API on a non-loopback address."""
     pieces: bool = True
     """Register for delta pushes (``runtime.pieces``); False: the whole mesh bundle every time."""
+    pieces_formats: tuple[int, ...] = FORMATS
+    """The mesh manifest formats declared on registration (``runtime.pieces.FORMATS``)."""
     reachable: list[str] | None = None
     """Kuma's reachableServices (registration); None: what the policies name, the rest on demand."""
     limits: ListenerLimits = field(default_factory=ListenerLimits)
@@ -175,7 +178,7 @@ class DataPlane:
         self.tcp = TcpProxy(self.engine, self.metrics, app_address=opts.app, own_addresses=self.own_addresses)
         # HTTP/2 (h2c with prior knowledge, or ALPN h2 under mTLS) on every HTTP listener, whichever
         # data plane serves HTTP/1.1 there: one h2 byte layer under the same decisions.
-        self.h2 = H2Plane(
+        self.h2 = LazyH2(
             self.engine,
             self.metrics,
             self.creds,
@@ -492,9 +495,13 @@ class DataPlane:
             reachable_services=self.opts.reachable,
             running_endpoints=self.pushes.endpoints_signed,
             endpoint_deltas=self.opts.pieces,
+            endpoints_on_demand=self.pushes.endpoint_fetch.declared(),
+            endpoints_running=self.pushes.running()[0].get("endpoints") if self.opts.pieces else None,
+            pieces_formats=list(self.opts.pieces_formats) if self.opts.pieces else None,
         )
 
     def _heartbeat(self, instance: str) -> Heartbeat:
+        self.pushes.settle()
         running, generations = self.pushes.running()
         return Heartbeat(
             instance=instance,
@@ -502,6 +509,7 @@ class DataPlane:
             generations=generations,
             endpoints_generation=self.pushes.endpoints.generation if self.pushes.endpoints else 0,
             boot_id=self.pushes.boot_id,
+            endpoints_on_demand=self.pushes.endpoint_fetch.declared(),
         )
 
     def _registered(self, reply: RegistrationReply) -> None:
@@ -632,6 +640,7 @@ class DataPlane:
                 for role, s in sorted(self.pushes.slots.items())
             },
             "endpoints": endpoints.model_dump(mode="json") if endpoints else None,
+            "endpoints_on_demand": self.pushes.endpoint_fetch.declared(),
             "hosts": {
                 h.address: {
                     "healthy": h.hc_healthy,

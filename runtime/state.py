@@ -6,7 +6,8 @@ Layout of ``--state-dir``::
     pieces/<sha256>.json    the mesh pieces held (``runtime.pieces``), each named by its hash
     state.json              {"format": 1, "service": ..., "slots": {"mesh"|"service":
                              {"digest", "generation", "pieces"?: true}}, "endpoints":
-                             EndpointSet | null, "instance": registered instance name | null}
+                             EndpointSet | null, "instance": registered instance name | null,
+                             "on_demand"?: [services whose endpoints it fetched on demand]}
 
 A mesh slot that came as pieces is its manifest in ``bundles/`` and its pieces in ``pieces/``;
 on load it holds every destination whose piece is there and intact (a partial cache is fine: the
@@ -15,6 +16,11 @@ rest is pending and fetched or pushed again), and needs every catalog chunk.
 Every file is written to a temporary name, fsynced and renamed over the old one, bundles before
 ``state.json``, so a crash at any point leaves the previous or the new state, never a mix.
 Bundle and piece files no longer named by ``state.json`` are removed afterwards.
+
+A stored endpoint set of the per-service form (``digest``) is checked on load like a push: its
+services must make its digest, and it must be a whole set (no ``base``); one that does not is
+refused with a warning and the data plane starts without endpoints (routing to none rather than
+to addresses nobody pushed) until the control plane pushes a set.
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ from typing import Any
 
 from runtime.bundle import BundleError, MeshBundle, ServiceBundle, bundle_digest, load_bundle
 from runtime.pieces import MeshSet, assemble
-from runtime.protocol import EndpointSet
+from runtime.protocol import EndpointSet, endpoint_set_digest, service_endpoints_digest
 
-__all__ = ["STATE_FORMAT", "Slot", "StateDir", "StoredState"]
+__all__ = ["STATE_FORMAT", "Slot", "StateDir", "StoredState", "endpoints_refusal"]
 
 STATE_FORMAT = 1
 
@@ -53,6 +59,21 @@ class StoredState:
     slots: dict[str, Slot] = field(default_factory=dict)
     endpoints: EndpointSet | None = None
     instance: str | None = None
+    on_demand: frozenset[str] = frozenset()
+    """Services whose endpoints it fetched on demand (declared to the control plane)."""
+
+
+def endpoints_refusal(eps: EndpointSet) -> str | None:
+    """Why a stored endpoint set cannot be what a control plane pushed; None when it can."""
+    if eps.base is not None or eps.removed:
+        return "it is a delta, not a whole set"
+    if eps.digest is None:
+        return "a scoped set without its digest" if eps.scoped else None
+    digests = {n: service_endpoints_digest(n, lst) for n, lst in eps.services.items()}
+    got = endpoint_set_digest(digests, eps.scoped)
+    if got != eps.digest:
+        return f"its services make {got[:12]}, not the digest it names ({eps.digest[:12]}): altered"
+    return None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -112,9 +133,18 @@ class StateDir:
                 _warn(f"ignoring stored {role} bundle: {e}")
         if raw.get("endpoints") is not None:
             try:
-                out.endpoints = EndpointSet.model_validate(raw["endpoints"])
+                eps = EndpointSet.model_validate(raw["endpoints"])
             except ValueError as e:
                 _warn(f"ignoring stored endpoints: {e}")
+            else:
+                why = endpoints_refusal(eps)
+                if why is None:
+                    out.endpoints = eps
+                else:
+                    _warn(f"refusing the stored endpoint set in {self.path / 'state.json'}: {why}")
+        on_demand = raw.get("on_demand")
+        if isinstance(on_demand, list):
+            out.on_demand = frozenset(n for n in on_demand if isinstance(n, str))
         instance = raw.get("instance")
         out.instance = instance if isinstance(instance, str) else None
         return out
@@ -148,6 +178,9 @@ class StateDir:
         held = {
             d: p for s in state.slots.values() if s.pieces is not None for d, p in s.pieces.pieces.items()
         }
+        # Catalog nodes whose bytes were dropped once stored (``MeshSet.stored``) stay on disk.
+        nodes = [s.pieces.nodes for s in state.slots.values() if s.pieces is not None]
+        named = held.keys() | {d for n in nodes for d in n}
         on_disk = self._pieces_on_disk()
         new = [d for d in held if d not in on_disk]
         if new:
@@ -167,6 +200,8 @@ class StateDir:
             "endpoints": state.endpoints.model_dump(mode="json") if state.endpoints else None,
             "instance": state.instance,
         }
+        if state.on_demand:
+            doc["on_demand"] = sorted(state.on_demand)
         _write_atomic(self.path / "state.json", json.dumps(doc, sort_keys=True).encode())
         _fsync_dir(self.path)
         keep = {f"{s.digest}.json" for s in state.slots.values()}
@@ -174,7 +209,7 @@ class StateDir:
             if old.name not in keep:
                 with contextlib.suppress(OSError):
                     old.unlink()
-        for digest in [d for d in on_disk if d not in held]:
+        for digest in [d for d in on_disk if d not in named]:
             on_disk.discard(digest)
             with contextlib.suppress(OSError):
                 (self.pieces / f"{digest}.json").unlink()

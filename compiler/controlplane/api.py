@@ -119,10 +119,12 @@ def status_data(cp: ControlPlane) -> dict[str, Any]:
     ]
     rel = cp.releases.current
     manifests = {}
+    formats: dict[str, dict[str, str]] = {}
     for key in rel.digests if rel else ():
         mp = cp.pusher.mesh_pieces(rel, key) if "/" not in key else None
         if mp is not None:
             manifests[key] = mp.digest
+            formats[key] = {str(v.format): v.digest for v in mp.views()}
     slow = sorted(
         (r for r in rows if r["lag_s"] is not None or r["last_lag_s"] is not None),
         key=lambda r: (r["lag_s"] is None, -(r["lag_s"] or r["last_lag_s"] or 0.0)),
@@ -132,6 +134,7 @@ def status_data(cp: ControlPlane) -> dict[str, Any]:
         "commit": rel.commit if rel else None,
         "digests": rel.digests if rel else {},
         "manifests": manifests,
+        "manifest_formats": formats,
         "controlplane": cp.ha_data(),
         "dataplanes": rows,
         "slowest": [
@@ -295,6 +298,7 @@ def make_app(cp: ControlPlane) -> web.Application:
             return _json({"error": e.reason}, e.status)
         dp = cp.registry.register(reg)
         cp.rejoined(dp, reg.running_endpoints)
+        cp.pusher.adopt_endpoints(dp, reg.running_endpoints, reg.endpoints_running)
         reply = RegistrationReply(
             instance=dp.instance,
             heartbeat_interval_ms=int(cp.config.heartbeat_interval_s * 1000),

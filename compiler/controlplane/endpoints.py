@@ -20,6 +20,15 @@ What a data plane is sent (``EndpointPlans``):
 So an instance that comes or goes re-sends one service's list, to the data planes whose scope
 holds it. A delta names the set it applies to (``base``, the ACKed digest); a data plane that
 runs another one answers 422 and gets the whole set.
+
+What a control plane that never pushed to it (another replica after a failover, a restart)
+knows of a data plane comes from the data plane, as Envoy's delta xDS client re-sends its
+subscriptions and ``initial_resource_versions`` on a new stream: the services it fetched on
+demand (``endpoints_on_demand``, every registration and heartbeat) join its scope, and a delta
+goes over a set only once its per-service digests are known to make the digest it reports
+running: the whole set in its registration (``adopt``), or the set this control plane would
+send it now, when its digest is the running one (``rebuild``, after a restart). Otherwise the
+next push is whole; a delta is never sent over a set the data plane did not ACK or report.
 """
 
 from __future__ import annotations
@@ -33,7 +42,13 @@ from dataclasses import dataclass, field
 from pydantic import TypeAdapter
 
 from compiler.controlplane.registry import DataPlane, Registry
-from runtime.protocol import Endpoint, endpoint_set_digest, endpoints_digest, service_endpoints_digest
+from runtime.protocol import (
+    Endpoint,
+    EndpointSet,
+    endpoint_set_digest,
+    endpoints_digest,
+    service_endpoints_digest,
+)
 
 __all__ = [
     "ON_DEMAND_WAIT_S",
@@ -251,8 +266,38 @@ class EndpointPlans:
                 view.waiters.remove(entry)
 
     def registered(self, dp: DataPlane) -> None:
-        """A new boot of ``dp``: what it holds is unknown (its scope's extras stay)."""
+        """A new boot of ``dp``: what it holds is unknown (its scope's extras stay, and those
+        it declares join them)."""
         self.unbased(dp)
+        self.extend(dp, dp.on_demand)
+
+    def based_on(self, dp: DataPlane, digest: str) -> bool:
+        """Whether the next delta to ``dp`` can go over ``digest`` (its per-service digests known)."""
+        view = self._views.get(dp.instance)
+        return view is not None and view.held is not None and view.held_digest == digest
+
+    def adopt(self, dp: DataPlane, running: EndpointSet) -> str | None:
+        """``dp`` reported the whole set it runs (its registration): the base of the next delta
+        when its services make the digest it names; that digest, or None."""
+        if not self.per_service(dp) or running.digest is None or running.base is not None:
+            return None
+        digests = {n: service_endpoints_digest(n, lst) for n, lst in running.services.items()}
+        if endpoint_set_digest(digests, running.scoped) != running.digest:
+            return None
+        self.acked(dp, digests, running.digest)
+        return running.digest
+
+    def rebuild(self, dp: DataPlane, eps: MeshEndpoints, scope: Scope, running: str) -> bool:
+        """``dp`` reports running ``running`` and its per-service digests are unknown (this
+        control plane restarted): when the set it would get now has that digest, it is that set
+        (the digest covers every service's), so the next delta can go over it."""
+        if not self.per_service(dp) or self.based_on(dp, running):
+            return False
+        picked, digest = eps.selection(scope)
+        if digest != running:
+            return False
+        self.acked(dp, picked, digest)
+        return True
 
     def forget(self, instance: str) -> None:
         view = self._views.pop(instance, None)

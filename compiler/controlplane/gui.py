@@ -12,7 +12,7 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
-from compiler.controlplane.status_table import lag_text
+from compiler.controlplane.status_table import format_text, lag_text
 
 __all__ = ["FAVICON_SVG", "SECTIONS", "render_page", "render_sections"]
 
@@ -204,6 +204,7 @@ def _dataplanes(d: dict[str, Any]) -> str:
                 _e(r["kind"]),
                 _badge(r["state"]),
                 _badge(r["status"]) + " " + slot_txt,
+                _e(format_text(r)),
                 f"<code>{_e(digest[:12])}</code>",
                 _e(_ago(r["last_seen"], now)),
                 _e(_ago(r["last_ack_at"], now)),
@@ -220,6 +221,7 @@ def _dataplanes(d: dict[str, Any]) -> str:
             "Kind",
             "State",
             "Sync",
+            "Format",
             "Digest",
             "Last seen",
             "Last ACK",

@@ -50,6 +50,15 @@ _ROW = _obj(
     status={"enum": ["SYNCED", "STALE", "NOT SENT"]},
     lag_s={"type": ["number", "null"], "description": "Seconds its oldest unacknowledged change waits."},
     last_lag_s={"type": ["number", "null"], "description": "Change to ACK, for its last ACK."},
+    pieces_formats={
+        "type": ["array", "null"],
+        "items": {"type": "integer"},
+        "description": "The mesh manifest formats it registered as running (null: none declared, format 1).",
+    },
+    pieces_format={
+        "type": ["integer", "null"],
+        "description": "The manifest format it is served (null: whole mesh bundles, or no format in common).",
+    },
 )
 _STATUS = _obj(
     "release",
@@ -65,6 +74,11 @@ _STATUS = _obj(
         "type": "object",
         "additionalProperties": {"type": "string"},
         "description": "Mesh -> the digest of its bundle's manifest: what a data plane taking pieces runs.",
+    },
+    manifest_formats={
+        "type": "object",
+        "additionalProperties": {"type": "object", "additionalProperties": {"type": "string"}},
+        "description": "Mesh -> manifest format -> its digest, of the formats made for some data plane.",
     },
     dataplanes={"type": "array", "items": _ROW},
     slowest={

@@ -128,7 +128,12 @@ class PieceStore:
             self._meshes.popitem(last=False)
 
     def by_manifest(self, digest: str) -> MeshPieces | None:
-        return next((mp for mp in reversed(self._meshes.values()) if mp.digest == digest), None)
+        """The pieces whose manifest (of any format made so far) is ``digest``."""
+        for mp in reversed(self._meshes.values()):
+            for view in mp.views():
+                if view.digest == digest:
+                    return view
+        return None
 
     def named(self, digest: str, data: bytes) -> frozenset[str]:
         found = self._named.get(digest)

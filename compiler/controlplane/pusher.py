@@ -23,13 +23,21 @@ A data plane that registered with ``pieces`` gets its mesh slot as a delta push
 (``runtime.pieces``): the manifest (its digest is the slot's desired digest) and only the pieces
 it is believed to lack, of those in its scope: every catalog chunk, and the destinations its
 service bundle names (and their split targets), its ``reachable_services`` and those it asked
-for on demand or named as missing in a 422. A gateway gets every destination. A 422 NACK
+for on demand or named as missing in a 422. A gateway gets every destination. The manifest is
+of the newest format both it (``pieces_formats``; none declared: format 1, a data plane from
+before format 2) and this control plane speak; the format 1 view of a release is made only when
+some data plane needs it, from the same pieces (``MeshPieces.as_format``). A data plane with no
+format in common is pushed nothing for its mesh slot, and its status says why. A 422 NACK
 (pieces it lacks) is answered at once by a push that carries them; every body's bytes are
 counted (``meshc_controlplane_push_bytes``, and per rollout).
 
 The endpoints slot is planned by ``compiler.controlplane.endpoints``: a data plane that takes
-per-service endpoints gets those of its scope (the mesh slot's, plus those it asked for), as
-deltas over what it ACKed; the others the whole mesh's set, as before.
+per-service endpoints gets those of its scope (the mesh slot's, plus those it asked for or
+declares it fetched on demand), as deltas over what it ACKed or reported running; the others
+the whole mesh's set, as before.
+
+A data plane restored from the store (this control plane restarted) is pushed nothing before
+its first heartbeat here: what it runs, and what it fetched on demand, come with that.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from compiler.controlplane.metrics import ControlPlaneMetrics
 from compiler.controlplane.pieces import PieceStore
 from compiler.controlplane.registry import DataPlane, Registry
 from compiler.controlplane.release import Release, ReleaseState
-from runtime.pieces import MeshPieces
+from runtime.pieces import FORMATS, MeshPieces, choose_format
 from runtime.protocol import (
     HDR_BUNDLE_ROLE,
     HDR_DIGEST,
@@ -61,7 +69,9 @@ from runtime.protocol import (
     HDR_PIECES,
     HDR_SIGNATURE,
     Endpoint,
+    EndpointSet,
     PushTarget,
+    SignedEndpoints,
 )
 
 __all__ = ["SLOTS", "DataPlaneSync", "Pusher", "Rollout", "SlotState"]
@@ -278,13 +288,21 @@ class Pusher:
         digest = rel.digests.get(mesh) if rel else None
         return self.pieces.mesh(digest, data) if rel and data is not None and digest else None
 
+    @staticmethod
+    def view(dp: DataPlane, mp: MeshPieces) -> MeshPieces | None:
+        """``mp`` as the manifest format ``dp`` is served; None: it runs no format made here."""
+        fmt = choose_format(dp.pieces_formats)
+        return mp.as_format(fmt) if fmt is not None else None
+
     def _desired(self, dp: DataPlane) -> dict[str, str | None]:
         rel = self.releases.current
         digests = rel.digests if rel else {}
         mesh = digests.get(dp.mesh)
         if mesh is not None and dp.pieces:
             mp = self.mesh_pieces(rel, dp.mesh)
-            mesh = mp.digest if mp is not None else None
+            view = self.view(dp, mp) if mp is not None else None
+            # no format in common: the newest manifest stays desired (and is never sent)
+            mesh = (view or mp).digest if mp is not None else None
         return {
             "endpoints": self._eps_desired(dp, self.syncs.get(dp.instance)),
             "mesh": mesh,
@@ -463,6 +481,8 @@ class Pusher:
         sync = self.syncs.get(dp.instance)
         if sync is None:
             sync = self._track(dp)
+        if dp.on_demand and self.eps.extend(dp, dp.on_demand):
+            self._refresh(sync, dp, None)  # a control plane that did not see it ask keeps them
         if dp.pieces and sync.base is None and sync.slots["mesh"].inflight is None:
             self._infer_pieces(sync, dp)
         for slot in SLOTS:
@@ -492,8 +512,49 @@ class Pusher:
                 st.last_ack_at = time.time()
                 st.error = None
                 self._rollout_done(dp.instance, slot, ok=True)
+        self._rebuild_endpoints(sync, dp)
         if any(s.desired is not None and s.acked != s.desired for s in sync.slots.values()):
             sync.dirty.set()
+
+    def _rebuild_endpoints(self, sync: DataPlaneSync, dp: DataPlane) -> None:
+        """Its running endpoint set is the base of the next delta once its per-service digests
+        are known (``EndpointPlans.rebuild``): a control plane that restarted sends deltas again
+        at once, not a whole set to every data plane at the next membership change."""
+        running = dp.running.get("endpoints")
+        st = sync.slots["endpoints"]
+        if running is None or st.inflight is not None or running != st.acked:
+            return
+        if self.eps.per_service(dp) and not self.eps.based_on(dp, running):
+            self.eps.rebuild(dp, self.mesh_endpoints(dp.mesh), self._eps_scope(dp, sync), running)
+
+    def adopt_endpoints(self, dp: DataPlane, running: SignedEndpoints | None, reported: str | None) -> None:
+        """A registration said which endpoint set it runs (Envoy's initial resource versions):
+        the set itself (``running``, as it was pushed in this boot) or its digest (``reported``,
+        a set loaded from its state dir). Taken as what it runs, as a heartbeat's would be, and
+        as the base of the next delta when its per-service digests are known: the set's own
+        when they make its digest, else the set this control plane would send it, when its
+        digest is the reported one. A data plane that moved here from another replica, or
+        restarted from its state dir, then gets nothing or a delta instead of its whole set."""
+        sync = self.syncs.get(dp.instance)
+        if sync is None or not self.eps.per_service(dp):
+            return
+        st = sync.slots["endpoints"]
+        if st.inflight is not None or st.acked is not None:
+            return
+        digest, generation = None, None
+        if running is not None:
+            with contextlib.suppress(ValueError):
+                whole = EndpointSet.model_validate_json(running.assembled or running.body)
+                digest, generation = self.eps.adopt(dp, whole), whole.generation
+        if digest is None and reported is not None:
+            digest, generation = reported, None
+            self.eps.rebuild(dp, self.mesh_endpoints(dp.mesh), self._eps_scope(dp, sync), reported)
+        if digest is None:
+            return
+        st.running = st.acked = digest
+        st.acked_generation = generation
+        if digest == st.desired:
+            st.last_ack_at = time.time()
 
     def _infer_pieces(self, sync: DataPlaneSync, dp: DataPlane) -> None:
         """A data plane we know nothing of (this control plane restarted, or it did) that runs a
@@ -517,8 +578,8 @@ class Pusher:
             dp = self.registry.dataplanes.get(sync.instance)
             if dp is None or not self.registry.local(dp):
                 return
-            if not dp.online:
-                continue
+            if not dp.online or dp.restored:
+                continue  # a restored one: its first heartbeat says what it runs (and wakes this)
             retry_in = await self._reconcile(sync, dp)
             if retry_in is None:
                 backoff = 0.1
@@ -568,11 +629,15 @@ class Pusher:
                 result, reason = await self._push_endpoints(sync, dp, st, want, gen)
             elif slot == "mesh" and dp.pieces:
                 mp = self.mesh_pieces(self.releases.current, dp.mesh)
-                if mp is None or mp.digest != want:
+                view = self.view(dp, mp) if mp is not None else None
+                if mp is None or (view or mp).digest != want:
                     sync.dirty.set()
                     return None
+                if view is None:
+                    self._no_common_format(dp, st, want)
+                    return None
                 gen = self._generation(dp)
-                result, reason = await self._push_pieces(sync, dp, mp, st, gen)
+                result, reason = await self._push_pieces(sync, dp, view, st, gen)
             else:
                 rel = self.releases.current
                 key = dp.mesh if slot == "mesh" else f"{dp.mesh}/{dp.service}"
@@ -617,6 +682,20 @@ class Pusher:
             if st.desired != want:
                 return 0.0
         return hold_retry
+
+    def _no_common_format(self, dp: DataPlane, st: SlotState, want: str) -> None:
+        """A data plane that runs no manifest format made here: nothing is pushed to its mesh
+        slot (nor, after it, to its service slot), and its status says why until it registers
+        with a format this control plane makes (or the control plane is upgraded)."""
+        declared = list(dp.pieces_formats or ())
+        reason = (
+            f"no mesh manifest format in common: the data plane runs formats {declared}, "
+            f"this control plane makes {list(FORMATS)}; upgrade one of them"
+        )
+        if st.nack != reason:
+            print(f"meshc: {dp.instance}: {reason}", flush=True)
+        st.nack, st.nack_digest, st.last_nack_at, st.error = reason, want, time.time(), reason
+        self._rollout_done(dp.instance, "mesh", ok=False)
 
     async def _push_endpoints(
         self, sync: DataPlaneSync, dp: DataPlane, st: SlotState, want: str, gen: int

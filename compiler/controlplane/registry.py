@@ -56,6 +56,11 @@ class DataPlane:
     """Kuma's reachableServices, as registered."""
     endpoint_deltas: bool = False
     """It takes endpoints per service, scoped and as deltas (registration; ``endpoints``)."""
+    on_demand: tuple[str, ...] = ()
+    """The services it says it fetched on demand (its last registration or heartbeat): kept in
+    its endpoint scope. Not stored: it says so again."""
+    pieces_formats: tuple[int, ...] | None = None
+    """The mesh manifest formats it runs, as registered; None: it declared none (format 1 only)."""
     replica: str = ""
     """The control plane replica this data plane registered with (and heartbeats to)."""
     observed_at: float = 0.0
@@ -79,6 +84,7 @@ class DataPlane:
             "pieces": self.pieces,
             "reachable_services": list(self.reachable) if self.reachable is not None else None,
             "endpoint_deltas": self.endpoint_deltas,
+            "pieces_formats": list(self.pieces_formats) if self.pieces_formats is not None else None,
             "replica": self.replica,
         }
 
@@ -163,7 +169,9 @@ class Registry:
             boot_id=reg.boot_id,
             pieces=reg.pieces,
             endpoint_deltas=reg.endpoint_deltas,
+            pieces_formats=tuple(reg.pieces_formats) if reg.pieces_formats is not None else None,
             reachable=tuple(reg.reachable_services) if reg.reachable_services is not None else None,
+            on_demand=tuple(reg.endpoints_on_demand),
             replica=self.replica,
         )
         before = self.dataplanes.get(name)
@@ -192,6 +200,7 @@ class Registry:
         dp.running = dict(hb.running)
         dp.generations = dict(hb.generations)
         dp.endpoints_generation = hb.endpoints_generation
+        dp.on_demand = tuple(hb.endpoints_on_demand)
         dp.heartbeats += 1
         dp.restored = False
         came_back = not dp.online

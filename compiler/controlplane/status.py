@@ -14,6 +14,7 @@ from typing import Any
 
 from compiler.controlplane.pusher import SLOTS, DataPlaneSync
 from compiler.controlplane.registry import DataPlane
+from runtime.pieces import choose_format
 
 __all__ = ["dataplane_row", "overall_status"]
 
@@ -48,6 +49,8 @@ def dataplane_row(dp: DataPlane, sync: DataPlaneSync | None, now: float | None =
             "last_error": errors[0] if errors else None,
             "lag_s": max(lags) if lags and dp.online else None,
             "last_lag_s": max(last_lags) if last_lags else None,
+            # the mesh manifest format it is served (None: whole mesh bundles, or none in common)
+            "pieces_format": choose_format(dp.pieces_formats) if dp.pieces else None,
         }
     )
     return row

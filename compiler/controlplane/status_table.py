@@ -2,9 +2,11 @@
 
 It imports nothing of the control plane, so the command starts in a few tens of milliseconds.
 The default table fits 100 columns (names and tags are shortened with ``…`` when they must be);
-``-o wide`` adds the per-slot state, the lag (how long its oldest unacknowledged change has
-waited, else ``=`` and the change-to-ACK time of its last ACK), the addresses, the last ACK, the
-last NACK and the control plane replica the data plane talks to.
+``-o wide`` adds the per-slot state, the mesh manifest format it is served (``FMT``: ``2``,
+``1``; ``bundle`` for whole mesh bundles; ``none`` when it runs no format made here), the lag
+(how long its oldest unacknowledged change has waited, else ``=`` and the change-to-ACK time of
+its last ACK), the addresses, the last ACK, the last NACK and the control plane replica the data
+plane talks to.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["WIDTH", "ago", "lag_text", "render_table"]
+__all__ = ["WIDTH", "ago", "format_text", "lag_text", "render_table"]
 
 WIDTH = 100
 
@@ -54,6 +56,7 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
             r["kind"],
             st("endpoints"),
             st("mesh"),
+            format_text(r),
             st("service"),
             lag_text(r),
             r.get("admin_address") or "-",
@@ -63,6 +66,16 @@ def _cells(r: dict[str, Any], now: float, wide: bool) -> list[str]:
             r.get("replica") or "-",
         ]
     return row
+
+
+def format_text(r: dict[str, Any]) -> str:
+    """The mesh manifest format a data plane is served: ``2``, ``1``, ``bundle``, ``none``."""
+    if "pieces_format" not in r:
+        return "-"  # a control plane from before formats
+    if not r.get("pieces"):
+        return "bundle"
+    fmt = r.get("pieces_format")
+    return str(fmt) if fmt is not None else "none"
 
 
 def lag_text(r: dict[str, Any]) -> str:
@@ -78,6 +91,7 @@ _WIDE = [
     "KIND",
     "EDS",
     "MESH",
+    "FMT",
     "SERVICE-BUNDLE",
     "LAG",
     "ADMIN",

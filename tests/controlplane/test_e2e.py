@@ -145,6 +145,11 @@ def test_dashboard_in_headless_chromium(mesh: DemoMesh, tmp_path: Path) -> None:
             for name in ("magnanimo", "benigno", "edge-gateway", "version=v1", "version=v2"):
                 assert name in text
             assert text.count("Online") == 4 and "Offline" not in text
+            # every data plane of this version is served manifest format 2
+            head = [h.strip() for h in page.locator("#sec-dataplanes thead th").all_inner_texts()]
+            col = head.index("Format")
+            cells = page.locator(f"#sec-dataplanes tbody tr td:nth-child({col + 1})").all_inner_texts()
+            assert [c.strip() for c in cells] == ["2"] * 4, cells
             # no badge breaks inside itself at 1400 px ("NOT SENT" on two lines)
             heights = page.eval_on_selector_all(".badge", "els => els.map(e => e.offsetHeight)")
             assert heights and max(heights) <= min(heights) + 2, heights

@@ -47,6 +47,18 @@ def test_the_default_table_fits_100_columns_and_wide_has_the_rest() -> None:
     first = wide.splitlines()[1]
     assert "127.0.0.1:20000" in first and "127.0.0.1:30000" in first and "403 bad signature" in first
     assert ROWS[0]["instance"] in first  # nothing shortened in wide
+    assert wide.splitlines()[0].split()[9:11] == ["MESH", "FMT"] and first.split()[10] == "-"
+
+
+def test_wide_shows_the_manifest_format_each_data_plane_is_served() -> None:
+    rows = [
+        {**_row(0), "pieces": True, "pieces_format": 2},
+        {**_row(1), "pieces": True, "pieces_format": 1},
+        {**_row(2), "pieces": False, "pieces_format": None},
+        {**_row(3), "pieces": True, "pieces_format": None},
+    ]
+    lines = render_table(rows, now=1.0e9 + 5, wide=True).splitlines()
+    assert [line.split()[10] for line in lines[1:]] == ["2", "1", "bundle", "none"]
 
 
 def test_wide_shows_the_digest_a_stale_slot_runs() -> None:

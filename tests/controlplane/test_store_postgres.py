@@ -85,11 +85,14 @@ def test_registrations_are_written_behind_and_other_replicas_are_notified(pg_url
                 inbound_address="127.0.0.1:1",
                 admin_address="127.0.0.1:2",
                 boot_id="boot1",
+                pieces=True,
+                pieces_formats=[1, 2],
             )
         )
         await _until(lambda: ("dataplane", dp.instance) in heard, "the NOTIFY of a registration")
         row = await b.load_dataplane(dp.instance)
         assert row is not None and row.replica == "a" and row.tags == {"version": "v1"}
+        assert row.pieces and row.pieces_formats == (1, 2)  # the format it is served survives
         events: list[tuple[str, str]] = []
         reg_b.subscribe(lambda e, d: events.append((e, d.instance)))
         reg_b.merge(dp.instance, row)
@@ -227,8 +230,14 @@ def test_the_local_store_keeps_todays_registry_file(tmp_path: Any) -> None:
         s = LocalStore(tmp_path, replica="solo", replica_url="http://solo")
         reg = Registry(store=s)
         dp = reg.register(Registration(service="benigno", admin_address="10.0.0.1:9", boot_id="b"))
+        new = reg.register(
+            Registration(service="magnanimo", admin_address="10.0.0.1:8", pieces=True, pieces_formats=[1, 2])
+        )
+        s._flush_registry()  # written behind (REGISTRY_EVERY_S): now
         again = await LocalStore(tmp_path, replica="solo", replica_url="").load_dataplanes()
-        assert [d.instance for d in again] == [dp.instance] and again[0].restored
+        assert sorted(d.instance for d in again) == sorted([dp.instance, new.instance]) and again[0].restored
+        formats = {d.instance: d.pieces_formats for d in again}
+        assert formats == {dp.instance: None, new.instance: (1, 2)}
         assert isinstance(again[0], DataPlane)
         assert (tmp_path / "registry.json").exists()
 

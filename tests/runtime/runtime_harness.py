@@ -240,19 +240,25 @@ class Plane:
     """A data plane process (``python -m runtime.sidecar`` or ``runtime.gateway``)."""
 
     def __init__(
-        self, args: list[str], workdir: Path, module: str = "runtime.sidecar", dataplane: str = "fast"
+        self,
+        args: list[str],
+        workdir: Path,
+        module: str = "runtime.sidecar",
+        dataplane: str = "fast",
+        repo: Path = REPO,
     ) -> None:
+        """``repo``: the source tree it runs (another commit's, for mixed-version tests)."""
         if "--control-plane" not in args and "--trust-key" not in args:
             args = [*args, "--insecure-admin"]  # these tests push unsigned bundles by hand
         self.stderr_path = workdir / f"stderr-{os.getpid()}-{time.monotonic_ns()}.log"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
         self.dataplane = dataplane
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "MESHC_DATAPLANE": dataplane}
+        env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1", "MESHC_DATAPLANE": dataplane}
         env.pop("HTTP_PROXY", None)
         env.pop("http_proxy", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *args],
-            cwd=REPO,
+            cwd=repo,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             env=env,

@@ -344,6 +344,57 @@ def test_state_dir_keeps_what_is_intact_of_a_partial_piece_cache(
     assert "mesh" not in state.load().slots
 
 
+def test_catalog_node_bytes_leave_memory_once_stored_and_stay_on_disk(
+    compiled: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """A sidecar keeps the parsed catalog, not its bytes (``MeshSet.stored``): the next delta
+    still assembles from the parsed nodes, the state dir keeps every node the running set names,
+    and a restart from it is the same set."""
+    before, after = split_mesh(compiled[0]), split_mesh(compiled[1])
+    lines = split_lines(before.body(before.wanted({"alpha", "beta"})))
+    first = assemble(lines[0], lines[1:], {}, ())
+    state = StateDir(tmp_path)
+    state.save("caller", StoredState({"mesh": Slot(lines[0], before.digest, 1, first.bundle(), first)}))
+    first.stored()
+    assert first.nodes and not set(first.nodes) & set(first.pieces)
+    assert set(first.held) == {"alpha", "beta"}  # destination pieces keep their bytes
+    # A delta: what changed and nothing else, against the set whose node bytes are gone.
+    came = [d for d in after.wanted({"alpha", "beta"}) if d not in before.pieces]
+    delta = split_lines(after.body(came))
+    second = assemble(delta[0], delta[1:], first.pieces, tuple(first.held), first)
+    cold = split_lines(after.body(after.wanted({"alpha", "beta"})))
+    assert second.bundle() == assemble(cold[0], cold[1:], {}, ()).bundle()
+    state.save("caller", StoredState({"mesh": Slot(delta[0], after.digest, 2, second.bundle(), second)}))
+    second.stored()
+    on_disk = {p.stem for p in (tmp_path / "pieces").glob("*.json")}
+    assert set(second.nodes) <= on_disk and set(second.pieces) <= on_disk
+    assert not set(first.nodes) - set(second.nodes) & on_disk  # nodes that left are removed
+    loaded = state.load().slots["mesh"]
+    assert loaded.pieces is not None and loaded.bundle == second.bundle()
+
+
+def test_parsed_pieces_are_shared_while_held_and_not_kept_after(compiled: tuple[bytes, bytes]) -> None:
+    """Two data planes in one process parse a piece once; a piece no running set holds is
+    dropped from the parse cache, so a long-running sidecar does not keep every chunk it ran."""
+    import gc
+
+    from runtime import pieces as pieces_mod
+
+    before, after = split_mesh(compiled[0]), split_mesh(compiled[1])
+    lines = split_lines(before.body(before.wanted({"alpha", "beta"})))
+    one, two = assemble(lines[0], lines[1:], {}, ()), assemble(lines[0], lines[1:], {}, ())
+    assert all(one.nodes[d] is two.nodes[d] for d in one.nodes)
+    came = [d for d in after.wanted({"alpha", "beta"}) if d not in before.pieces]
+    delta = split_lines(after.body(came))
+    gone = set(one.nodes) - set(after.pieces)
+    assert gone  # the change rewrote at least one catalog node
+    newer = assemble(delta[0], delta[1:], one.pieces, tuple(one.held), one)
+    del one, two
+    gc.collect()
+    assert not gone & set(pieces_mod._PARSED.keys())
+    assert set(newer.nodes) <= set(pieces_mod._PARSED.keys())
+
+
 # --- real processes ----------------------------------------------------------------------------
 
 
@@ -358,7 +409,8 @@ class DeltaMesh:
     outside: Upstream
     planes: dict[str, Plane]
 
-    def start(self, name: str, service: str, *extra: str) -> Plane:
+    def start(self, name: str, service: str, *extra: str, repo: Path | None = None) -> Plane:
+        """A sidecar of ``service``; ``repo``: another source tree's (an older version's)."""
         args = [
             "--service",
             service,
@@ -382,7 +434,9 @@ class DeltaMesh:
             self.dataplane,
             *extra,
         ]
-        plane = self.planes[name] = Plane(args, self.work, dataplane=self.dataplane)
+        plane = self.planes[name] = Plane(
+            args, self.work, dataplane=self.dataplane, **({"repo": repo} if repo is not None else {})
+        )
         return plane
 
     def release_mesh(self) -> MeshPieces:

@@ -170,6 +170,8 @@ class ControlPlaneProc:
     logs: list[Path] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     """More ``meshc controlplane`` flags."""
+    repo: Path = REPO
+    """The source tree it runs (another commit's, for mixed-version tests)."""
 
     @property
     def url(self) -> str:
@@ -182,7 +184,7 @@ class ControlPlaneProc:
     def start(self) -> None:
         log = self.work / f"controlplane-{len(self.logs)}.log"
         self.logs.append(log)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(self.repo), "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [
@@ -201,7 +203,7 @@ class ControlPlaneProc:
                     "0.5",
                     *self.extra,
                 ],
-                cwd=REPO,
+                cwd=self.repo,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -44,6 +44,7 @@ _MEMBERSHIP = (
     "pieces",
     "reachable",
     "endpoint_deltas",
+    "pieces_formats",
 )
 
 
@@ -128,6 +129,9 @@ class LocalStore:
                     boot_id=str(item["boot_id"]) if item.get("boot_id") else None,
                     pieces=bool(item.get("pieces", False)),
                     endpoint_deltas=bool(item.get("endpoint_deltas", False)),
+                    pieces_formats=tuple(map(int, item["pieces_formats"]))
+                    if item.get("pieces_formats") is not None
+                    else None,
                     reachable=tuple(map(str, item["reachable"]))
                     if item.get("reachable") is not None
                     else None,

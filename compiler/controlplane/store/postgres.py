@@ -111,7 +111,11 @@ def _row_to_dataplane(row: dict[str, Any]) -> DataPlane:
         online=row["online"],
         boot_id=row["boot_id"],
         pieces=bool(row.get("pieces", False)),
+        endpoint_deltas=bool(row.get("endpoint_deltas", False)),
         reachable=tuple(map(str, row["reachable"])) if row.get("reachable") is not None else None,
+        pieces_formats=tuple(map(int, row["pieces_formats"]))
+        if row.get("pieces_formats") is not None
+        else None,
         replica=row["replica"],
         running={str(k): str(v) for k, v in row["running"].items()},
         generations={str(k): int(v) for k, v in row["generations"].items()},
@@ -566,16 +570,18 @@ class _Refused(Exception):
 
 _UPSERT_DP = """
 INSERT INTO dataplanes (instance, mesh, service, kind, tags, inbound_address, admin_address, boot_id,
-                        registered_at, last_seen, online, replica, running, generations, pieces, reachable)
+                        registered_at, last_seen, online, replica, running, generations, pieces, reachable,
+                        endpoint_deltas, pieces_formats)
 VALUES (%(instance)s, %(mesh)s, %(service)s, %(kind)s, %(tags)s, %(inbound_address)s, %(admin_address)s,
         %(boot_id)s, %(registered_at)s, %(last_seen)s, %(online)s, %(replica)s, %(running)s, %(generations)s,
-        %(pieces)s, %(reachable)s)
+        %(pieces)s, %(reachable)s, %(endpoint_deltas)s, %(pieces_formats)s)
 ON CONFLICT (instance) DO UPDATE SET
     mesh = EXCLUDED.mesh, service = EXCLUDED.service, kind = EXCLUDED.kind, tags = EXCLUDED.tags,
     inbound_address = EXCLUDED.inbound_address, admin_address = EXCLUDED.admin_address,
     boot_id = EXCLUDED.boot_id, registered_at = EXCLUDED.registered_at, last_seen = EXCLUDED.last_seen,
     online = EXCLUDED.online, replica = EXCLUDED.replica, running = EXCLUDED.running,
-    generations = EXCLUDED.generations, pieces = EXCLUDED.pieces, reachable = EXCLUDED.reachable
+    generations = EXCLUDED.generations, pieces = EXCLUDED.pieces, reachable = EXCLUDED.reachable,
+    endpoint_deltas = EXCLUDED.endpoint_deltas, pieces_formats = EXCLUDED.pieces_formats
 -- a replica that lost the data plane to another (a newer registration) does not take it back
 WHERE dataplanes.replica = EXCLUDED.replica OR dataplanes.registered_at <= EXCLUDED.registered_at
 """
@@ -609,6 +615,8 @@ def _dp_params(dp: DataPlane, replica: str) -> dict[str, Any]:
         "generations": Jsonb(dp.generations),
         "pieces": dp.pieces,
         "reachable": Jsonb(list(dp.reachable)) if dp.reachable is not None else None,
+        "endpoint_deltas": dp.endpoint_deltas,
+        "pieces_formats": Jsonb(list(dp.pieces_formats)) if dp.pieces_formats is not None else None,
     }
 
 

@@ -49,7 +49,7 @@ def _fragment(kind: str, bundles: dict[str, Any]) -> Any:
             out[k]["<inbound>"] = v["inbound"].get("traffic_log", [])
         return out
     if kind == "MeshTrace":
-        return {k: v["tracing"] for k, v in bundles.items()}
+        return {k: v.get("tracing") for k, v in bundles.items()}  # a service bundle leaves out None
     if kind == "Mesh":
         return {k: {f: v[f] for f in ("logging", "mtls", "passthrough", "tracing")} for k, v in mesh.items()}
     if kind == "Service":
