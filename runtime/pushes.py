@@ -412,14 +412,11 @@ class Pushes:
                 return self.nack("endpoints", e.status, str(e))
             except BundleError as e:
                 return self.nack("endpoints", 400, str(e))
+            # The set and the signed push that made it change together: a registration made
+            # while the state is being saved reports both, and a control plane that took an
+            # older signed set with the newer digest sent deltas over a base it does not run.
+            signed_before = self.endpoints_signed
             self.endpoints = whole
-            try:
-                await self._persist()
-            except OSError as e:
-                self.endpoints = current
-                return self.nack("endpoints", 500, f"cannot store the endpoints in the state dir: {e}")
-            self._eps_digests = digests
-            self._install(snap)
             self.endpoints_signed = (
                 SignedEndpoints(
                     body=body.decode(),
@@ -429,6 +426,13 @@ class Pushes:
                 if signature is not None
                 else None
             )
+            try:
+                await self._persist()
+            except OSError as e:
+                self.endpoints, self.endpoints_signed = current, signed_before
+                return self.nack("endpoints", 500, f"cannot store the endpoints in the state dir: {e}")
+            self._eps_digests = digests
+            self._install(snap)
             self.metrics.endpoints_generation.set(whole.generation)
             self.metrics.reloads.labels("endpoints", "ack").inc()
             return 200, {"ack": hashlib.sha256(body).hexdigest()}

@@ -55,6 +55,8 @@ class Rejoin:
         self._back: set[str] = set()  # addresses a sidecar registered with since this start
         self.dead: set[str] = set()
         self._slow: set[str] = set()  # no answer at the last probe
+        self.last_found: dict[str, str] = {}
+        """The addresses the last probe found dead, and why (``refused`` or ``slow``)."""
         registry.subscribe(self._on_registry)
 
     def begin(self) -> None:
@@ -108,6 +110,11 @@ class Rejoin:
             self._learned[dp.mesh] = EndpointSet(generation=gen, services=merged)
         return changed
 
+    def learned(self, mesh: str) -> dict[str, list[Endpoint]]:
+        """The endpoints learned for ``mesh`` (the log says what a start took on trust)."""
+        found = self._learned.get(mesh)
+        return dict(found.services) if found is not None else {}
+
     def pending(self) -> set[str]:
         """Learned addresses not registered again and not found dead: the ones to probe."""
         if not self.open:
@@ -146,6 +153,7 @@ class Rejoin:
             else:
                 self._slow.discard(a)
         self.dead |= found
+        self.last_found = {a: r for a, r in zip(addrs, results, strict=True) if a in found}
         return bool(found)
 
 

@@ -162,7 +162,11 @@ class ControlPlane:
     def rejoined(self, dp: DataPlane, signed: SignedEndpoints | None) -> None:
         """A registration reported the endpoint set it runs: learn from it (``rejoin``)."""
         if self.rejoin is not None and signed is not None and self.rejoin.learn(dp, signed):
-            self.log(f"learned the live endpoint set of mesh {dp.mesh!r} from {dp.instance}")
+            eps = self.rejoin.learned(dp.mesh)
+            self.log(
+                f"learned the live endpoint set of mesh {dp.mesh!r} from {dp.instance}: "
+                + (", ".join(f"{n} {len(v)}" for n, v in sorted(eps.items())) or "no endpoints")
+            )
             self.pusher.endpoints_changed()
 
     async def _rejoin_probes(self, rejoin: Rejoin) -> None:
@@ -171,6 +175,8 @@ class ControlPlane:
         half = self.config.heartbeat_interval_s / 2
         while rejoin.open:
             if await rejoin.probe(half):
+                why = ", ".join(f"{a} ({r})" for a, r in sorted(rejoin.last_found.items()))
+                self.log(f"rejoin: dropped learned endpoints that do not accept connections: {why}")
                 self.pusher.endpoints_changed()
             await asyncio.sleep(max(0.0, min(half, rejoin.until - time.time())))
         self.pusher.endpoint_source = None

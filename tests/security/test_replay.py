@@ -6,6 +6,7 @@ whose control plane also serves a second mesh ``other`` with the same service na
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -370,16 +371,31 @@ def test_a_control_plane_started_without_its_registry_drops_a_stopped_upstream_q
         return {e["address"] for e in (eps.get("services") or {}).get("benigno", [])}
 
     silent = FakeDataPlane(cp, "default", "benigno", tokens.mint("default", "benigno"))
+    beating = threading.Event()
+
+    def heartbeats() -> None:
+        """Live until the control plane stops: after a single heartbeat it went Offline at 1.5 s,
+        and on a loaded host the set without it could be pushed, then learned, before the stop."""
+        while not beating.is_set():
+            with contextlib.suppress(OSError):
+                silent.heartbeat({}, {})
+            beating.wait(0.1)
+
+    beat = threading.Thread(target=heartbeats, daemon=True)
     try:
         status, reply = silent.register(inbound_address=silent.admin_address, tags={"version": "v1"})
         assert status == 200, reply
         assert silent.heartbeat({}, {}) == 200
+        beat.start()
         alive, gone = silent.admin_address, benigno.listening["inbound"]
         wait_until(
             lambda: all({alive, gone} <= benigno_addresses(p) for p in (v1, v2)),
             "both benigno endpoints in every endpoint set",
         )
         cp.stop()
+        beating.set()  # not back when the control plane starts again: silent from here on
+        beat.join(HANG_DEADLINE)
+        assert not beat.is_alive(), "the silent data plane's heartbeats did not stop"
         (cp.secrets / "registry.json").unlink()  # a first start, a lost state dir, a new replica
         os.kill(benigno.pid(), signal.SIGKILL)
         benigno.proc.wait(HANG_DEADLINE)
@@ -401,7 +417,16 @@ def test_a_control_plane_started_without_its_registry_drops_a_stopped_upstream_q
                 deadline=HANG_DEADLINE + 30,
             )
         except AssertionError as e:
-            raise AssertionError(f"{e}; control plane log:\n{cp.logs[-1].read_text()[-4000:]}") from None
+            rows = {r["instance"]: r for r in cp.api("/api/v1/status")["dataplanes"]}
+            seen = "\n".join(
+                f"{p.config()['instance']}: benigno {sorted(benigno_addresses(p))}, status "
+                f"{json.dumps(rows.get(p.config()['instance'], {}).get('slots', {}).get('endpoints'))}\n"
+                f"{p.stderr()[-1500:]}"
+                for p in (v1, v2)
+            )
+            raise AssertionError(
+                f"{e}; control plane log:\n{cp.logs[-1].read_text()[-4000:]}\nthe data planes:\n{seen}"
+            ) from None
         # Online again (polled: with 0.5 s heartbeats a loaded host can miss three in a row for a
         # moment, which an instant check would take for a failure of the rejoin)
         names = {plane.config()["instance"] for plane in (v1, v2)}
@@ -412,4 +437,5 @@ def test_a_control_plane_started_without_its_registry_drops_a_stopped_upstream_q
 
         wait_until(online, "both magnanimo sidecars Online")
     finally:
+        beating.set()
         silent.close()
