@@ -310,7 +310,10 @@ class Pusher:
         }
 
     def scope(self, dp: DataPlane, sync: DataPlaneSync | None) -> set[str] | None:
-        """The destinations a data plane gets pushed ahead; None: every one (a gateway)."""
+        """The destinations a data plane gets pushed ahead; None: every one (a gateway). Those
+        it fetched on demand stay in it: asked of this control plane (``sync.extra``) or
+        declared by the data plane (``on_demand``), so that a control plane that restarted
+        knows it holds them and sends their changes with the next push, not after a 422."""
         if dp.kind == "gateway":
             return None
         rel = self.releases.current
@@ -319,6 +322,7 @@ class Pusher:
         digest = rel.digests.get(key) if rel else None
         names = set(self.pieces.named(digest, data)) if data is not None and digest else set()
         names.update(dp.reachable or ())
+        names.update(dp.on_demand)
         if sync is not None:
             names |= sync.extra
         return names

@@ -603,12 +603,17 @@ def test_a_forged_or_mismatched_piece_is_nacked_and_nothing_changes(delta_mesh: 
     assert outbound_name(caller, "beta") == "beta-app"
 
 
-def test_after_a_control_plane_restart_a_422_fetches_what_it_forgot(delta_mesh: DeltaMesh) -> None:
+def test_after_a_control_plane_restart_what_it_fetched_on_demand_stays_in_its_scope(
+    delta_mesh: DeltaMesh,
+) -> None:
     """A restarted control plane knows caller's running manifest (so it does not re-send the
-    catalog) but not that caller fetched beta: the next change to beta is NACKed 422 naming
-    beta's new piece, which the control plane sends at once."""
+    catalog) and, from what caller declares it fetched on demand (registration and heartbeats),
+    that it holds beta: the next change to beta reaches it in one push with beta's new piece,
+    no 422 (a control plane that forgot sent the tree, was NACKed naming the piece, then sent
+    both)."""
     caller = delta_mesh.planes["caller"]
     assert "beta" in _pieces_of(caller)["held"]
+    assert "beta" in caller.config()["endpoints_on_demand"]
     delta_mesh.cp.stop()
     delta_mesh.cp.start()
     wait_until(lambda: _synced(delta_mesh, caller), "caller SYNCED with the restarted control plane")
@@ -624,17 +629,17 @@ def test_after_a_control_plane_restart_a_422_fetches_what_it_forgot(delta_mesh: 
     )
     after = delta_mesh.release_mesh()
     m = caller.metrics()
-    assert metric_value(m, "meshc_reloads_total", kind="mesh", result="nack") == nacks + 1
+    assert metric_value(m, "meshc_reloads_total", kind="mesh", result="nack") == nacks
     assert metric_value(m, "meshc_reloads_total", kind="mesh", result="ack") == acks + 1
     cfg = caller.config()["bundles"]["mesh"]
     assert cfg["digest"] == after.digest and "beta" in cfg["pieces"]["held"]
     assert cfg["bundle"]["destinations"]["beta"]["timeout"][0]["conf"]["http_request_timeout_ms"] == 13000
-    # Two pushes, neither with the whole catalog: the changed path of the tree (the chunk and
-    # the index piece above it), then that and beta's piece.
+    # One push, without the whole catalog: the changed path of the tree (the chunk and the
+    # index piece above it) and beta's piece.
     got = metric_value(m, "meshc_push_received_bytes_total", slot="mesh") - received
     tree = after.catalog_since(before)
     assert set(tree) == {_chunk_of(after, "beta"), *_path_to(after, _chunk_of(after, "beta"))}
-    assert got == len(after.body(tree)) + len(after.body([*tree, after.destinations["beta"]])), got
+    assert got == len(after.body([*tree, after.destinations["beta"]])), got
 
 
 def test_a_reachable_list_is_pushed_ahead(delta_mesh: DeltaMesh) -> None:
