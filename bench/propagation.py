@@ -320,6 +320,7 @@ def phase_propagation(
                 {
                     "kind": kind,
                     "file": path.name,
+                    "written_at": round(t_write, 3),
                     "changed_bundles": ro["changed"],
                     "affected_acks": ro["targets"],
                     "acked": ro["acked"],
