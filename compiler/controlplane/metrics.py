@@ -41,6 +41,14 @@ class ControlPlaneMetrics:
         self.compiles = Counter(
             "meshc_controlplane_compiles", "Compiles by result (ok, failed).", ["result"], registry=r
         )
+        self.gc_pauses = Histogram(
+            "meshc_controlplane_gc_pause_seconds",
+            "Time the cyclic garbage collector held the control plane, by generation (1, 2; "
+            "generation 0 passes are not timed).",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
         self.compile_seconds = Histogram(
             "meshc_controlplane_compile_seconds",
             "Time to read and compile the policies.",

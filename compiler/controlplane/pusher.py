@@ -393,6 +393,12 @@ class Pusher:
             ro.completed_at = time.time()
         self.rollouts.append(ro)
 
+    def rolling_out(self, within_s: float = 60.0) -> bool:
+        """A rollout begun in the last ``within_s`` still waits for ACKs (one whose data plane
+        went away stays pending for good, hence the bound)."""
+        now = time.time()
+        return any(ro.completed_at is None and now - ro.seen_at < within_s for ro in self.rollouts)
+
     def endpoints_changed(self) -> None:
         """The endpoint source changed: refresh the data planes whose mesh's set is different now."""
         self._hold_until = 0.0  # an authoritative source needs no wait for re-registrations
