@@ -50,8 +50,11 @@ class GcPauses:
             self._observe(info["generation"], time.perf_counter() - self._started)
 
     def close(self) -> None:
+        """The control plane stops: a process that embeds one (tests, a library user) gets its
+        collector back as it found it, frozen objects returned to the oldest generation."""
         if self._timed in gc.callbacks:
             gc.callbacks.remove(self._timed)
+        gc.unfreeze()
 
     def settled(self) -> None:
         """A release is in place (or the start is done): what lives now is long-lived."""

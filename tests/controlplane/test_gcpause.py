@@ -96,3 +96,14 @@ def test_generation_1_and_2_passes_are_timed_until_closed() -> None:
     assert all(took >= 0 for _, took in seen)
     gc.collect(2)
     assert len(seen) == 2
+
+
+def test_closing_returns_the_frozen_objects_to_the_collector() -> None:
+    pauses = GcPauses(full_every_s=600, clock=Clock())
+    alive = _cycle()
+    pauses.settled()
+    assert gc.get_freeze_count() > 0
+    pauses.close()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert alive() is None
