@@ -393,18 +393,19 @@ def phase_propagation(
 
 def _gc_pauses(text: str) -> dict[str, dict[str, float]]:
     """The control plane's cyclic GC passes over the whole run, per generation: how many, their
-    total and the share longer than 100 ms (``meshc_controlplane_gc_pause_seconds``)."""
+    total and how many took under 100 ms (``meshc_controlplane_gc_pause_seconds``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        m = re.match(r"meshc_controlplane_gc_pause_seconds_(count|sum|bucket)\{(.*)\} (\S+)$", line)
-        if m is None:
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "meshc_controlplane_gc_pause_seconds":
             continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-        row = out.setdefault(labels["generation"], {})
-        if m.group(1) != "bucket":
-            row[m.group(1)] = round(float(m.group(3)), 4)
-        elif labels.get("le") == "0.1":
-            row["under_100ms"] = float(m.group(3))
+        for sample in fam.samples:
+            row = out.setdefault(sample.labels["generation"], {})
+            if sample.name.endswith(("_count", "_sum")):
+                row[sample.name.rsplit("_", 1)[1]] = round(sample.value, 4)
+            elif sample.labels.get("le") == "0.1":
+                row["under_100ms"] = sample.value
     return out
 
 

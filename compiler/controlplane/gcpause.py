@@ -24,7 +24,7 @@ FULL_EVERY_S = 600.0
 
 class GcPauses:
     """``observe(generation, seconds)``, when given, is called after each generation 1 and 2
-    pass (the metric ``meshc_controlplane_gc_pause_seconds``) until ``close``."""
+    pass (the metric ``meshc_controlplane_gc_pause_seconds``) from ``start`` to ``close``."""
 
     def __init__(
         self,
@@ -38,7 +38,10 @@ class GcPauses:
         self.full_collections = 0
         self._observe = observe
         self._started = 0.0
-        if observe is not None:
+
+    def start(self) -> None:
+        """The control plane starts (one only built, say for its API routes, hooks nothing)."""
+        if self._observe is not None and self._timed not in gc.callbacks:
             gc.callbacks.append(self._timed)
 
     def _timed(self, phase: str, info: dict[str, int]) -> None:

@@ -605,6 +605,7 @@ class ControlPlane:
             commit = await self._git.resolve()
             if commit is None:
                 raise SourceError(f"{self.config.ref}: no such revision in {self._git.repo}")
+        self.gc_pauses.start()
         await self.store.start()
         self._store_started = True
         self.store.on_change(self._on_store_change)

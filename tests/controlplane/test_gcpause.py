@@ -84,6 +84,9 @@ def test_objects_made_after_the_freeze_are_collected_as_usual() -> None:
 def test_generation_1_and_2_passes_are_timed_until_closed() -> None:
     seen: list[tuple[int, float]] = []
     pauses = GcPauses(observe=lambda gen, took: seen.append((gen, took)))
+    gc.collect(2)
+    assert seen == []  # built, not started: nothing hooked
+    pauses.start()
     gc.disable()  # only the passes asked for here
     try:
         gc.collect(2)
